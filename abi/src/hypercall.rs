@@ -1,0 +1,57 @@
+//! Hypercall numbers and the calling convention.
+//!
+//! A guest at CPL 0 executes `VMCALL` (0F 01 C1) or `VMMCALL` (0F 01 D9); both are accepted on
+//! Intel and AMD hosts, so one guest binary runs everywhere. The number goes in RAX and up to
+//! five arguments in RDI, RSI, RDX, R10, R8 (the order Xen and the Linux syscall ABI use). The
+//! result comes back in RAX: non-negative on success, `-errno` ([`crate::Errno`]) on failure.
+//! Every other register is preserved. A call from CPL 1-3 returns `-EPERM`; an unknown number
+//! returns `-ENOSYS`.
+
+/// Length in bytes of both hypercall instructions.
+pub const HYPERCALL_INSN_LEN: u64 = 3;
+/// Intel's `VMCALL` encoding.
+pub const VMCALL_BYTES: [u8; 3] = [0x0f, 0x01, 0xc1];
+/// AMD's `VMMCALL` encoding.
+pub const VMMCALL_BYTES: [u8; 3] = [0x0f, 0x01, 0xd9];
+
+/// Hypercall numbers (RAX).
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Hypercall {
+    /// Returns the ABI version, `major << 16 | minor`. No arguments.
+    Version = 0,
+    /// Console I/O: RDI = [`crate::console::ConsoleOp`], see that module.
+    ConsoleIo = 1,
+    /// Scheduling: RDI = [`crate::sched::SchedOp`], see that module.
+    SchedOp = 2,
+}
+
+impl TryFrom<u64> for Hypercall {
+    type Error = crate::Errno;
+
+    fn try_from(nr: u64) -> Result<Self, Self::Error> {
+        Ok(match nr {
+            0 => Hypercall::Version,
+            1 => Hypercall::ConsoleIo,
+            2 => Hypercall::SchedOp,
+            _ => return Err(crate::Errno::ENOSYS),
+        })
+    }
+}
+
+impl Hypercall {
+    /// Every defined hypercall, in number order.
+    pub const ALL: [Hypercall; 3] = [Hypercall::Version, Hypercall::ConsoleIo, Hypercall::SchedOp];
+    /// Number of slots the hypervisor keeps per-hypercall counters for (one more for unknown).
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// A short name for logs and tables.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Hypercall::Version => "version",
+            Hypercall::ConsoleIo => "console_io",
+            Hypercall::SchedOp => "sched_op",
+        }
+    }
+}

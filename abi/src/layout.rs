@@ -1,0 +1,34 @@
+//! The guest-physical layout of a freshly built domain.
+//!
+//! A domain's RAM is guest-physical `[0, mem_bytes)`. The hypervisor fills the low pages
+//! below with boot structures and enters the kernel in 64-bit long mode with paging on and
+//! every byte of RAM identity-mapped (virtual address == guest-physical address) by 2 MiB
+//! pages. The kernel's ELF segments must lie in `[KERNEL_MIN_GPA, mem_bytes - STACK_BYTES)`.
+
+/// The [`crate::StartInfo`] page. RDI holds this address at entry.
+pub const START_INFO_GPA: u64 = 0x1000;
+/// The domain's command line (NUL-terminated, at most [`CMDLINE_MAX`] bytes before the NUL).
+pub const CMDLINE_GPA: u64 = 0x2000;
+/// Longest command line passed to a guest.
+pub const CMDLINE_MAX: usize = 1023;
+/// The boot GDT: null, 64-bit code ([`BOOT_CODE_SELECTOR`]), data ([`BOOT_DATA_SELECTOR`]).
+pub const BOOT_GDT_GPA: u64 = 0x3000;
+/// The boot page tables: PML4, PDPT, PD (one page each).
+pub const BOOT_PML4_GPA: u64 = 0x4000;
+/// First byte a kernel image may occupy.
+pub const KERNEL_MIN_GPA: u64 = 0x10_0000;
+/// Size of the initial stack at the top of RAM. RSP = `mem_bytes` at entry.
+pub const STACK_BYTES: u64 = 64 * 1024;
+/// 64-bit code segment selector in the boot GDT.
+pub const BOOT_CODE_SELECTOR: u16 = 0x08;
+/// Data segment selector in the boot GDT (loaded in DS, ES, SS).
+pub const BOOT_DATA_SELECTOR: u16 = 0x10;
+
+/// Smallest domain RAM.
+pub const MEM_MIN_BYTES: u64 = 4 << 20;
+/// Largest domain RAM (the boot page tables map one 1 GiB PD).
+pub const MEM_MAX_BYTES: u64 = 1 << 30;
+/// Domain RAM when the command line says nothing.
+pub const MEM_DEFAULT_BYTES: u64 = 16 << 20;
+/// RAM sizes are rounded up to this granule (one large page).
+pub const MEM_GRANULE_BYTES: u64 = 2 << 20;

@@ -1,0 +1,341 @@
+//! The domain builder: turns a guest kernel ELF into a bootable guest-physical image.
+//!
+//! The ELF is validated before a byte is copied: 64-bit x86-64 executable, no interpreter or
+//! dynamic section, loadable segments inside `[KERNEL_MIN_GPA, mem - STACK_BYTES)`, file ranges
+//! inside the module, no overlaps, entry in an executable segment. Then the boot structures of
+//! `lamina_abi::layout` are written: start info, command line, boot GDT and page tables.
+
+use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use core::fmt;
+use lamina_abi::layout::{
+    BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, KERNEL_MIN_GPA, START_INFO_GPA,
+    STACK_BYTES,
+};
+use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC, StartInfo};
+use xmas_elf::ElfFile;
+use xmas_elf::header::{Class, Machine, Type};
+use xmas_elf::program::{ProgramHeader, Type as SegmentType};
+
+/// Most loadable segments a kernel may have.
+const MAX_SEGMENTS: usize = 16;
+
+/// Why a kernel image was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BuildError {
+    /// Not an ELF file at all, or its headers are cut short.
+    NotElf(&'static str),
+    /// An ELF, but not a 64-bit x86-64 executable.
+    WrongKind(&'static str),
+    /// Needs a dynamic loader or relocation.
+    Dynamic,
+    /// No loadable segment, or too many.
+    SegmentCount(usize),
+    /// A segment's file bytes are not inside the module.
+    SegmentOutsideFile { vaddr: u64 },
+    /// A segment does not fit in the kernel area of the domain's RAM.
+    SegmentOutsideRam { vaddr: u64, memsz: u64, limit: u64 },
+    /// Two segments overlap.
+    Overlap { first: u64, second: u64 },
+    /// The entry point is not inside an executable segment.
+    BadEntry(u64),
+    /// The boot structures did not fit (cannot happen with the layout's minimum RAM).
+    NoRoom,
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::NotElf(why) => write!(f, "not an ELF file ({why})"),
+            BuildError::WrongKind(why) => write!(f, "not a 64-bit x86-64 executable ({why})"),
+            BuildError::Dynamic => write!(f, "dynamic or relocatable ELF (link it static, non-PIE)"),
+            BuildError::SegmentCount(n) => write!(f, "{n} loadable segments (1..={MAX_SEGMENTS})"),
+            BuildError::SegmentOutsideFile { vaddr } => {
+                write!(f, "segment at {vaddr:#x} has file bytes outside the module")
+            }
+            BuildError::SegmentOutsideRam { vaddr, memsz, limit } => write!(
+                f,
+                "segment {vaddr:#x}+{memsz:#x} is outside the kernel area {KERNEL_MIN_GPA:#x}..{limit:#x}"
+            ),
+            BuildError::Overlap { first, second } => {
+                write!(f, "segments at {first:#x} and {second:#x} overlap")
+            }
+            BuildError::BadEntry(entry) => {
+                write!(f, "entry {entry:#x} is not in an executable segment")
+            }
+            BuildError::NoRoom => write!(f, "boot structures do not fit"),
+        }
+    }
+}
+
+impl From<OutOfBounds> for BuildError {
+    fn from(_: OutOfBounds) -> Self {
+        BuildError::NoRoom
+    }
+}
+
+/// Where the kernel landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelImage {
+    /// Entry point (RIP at start).
+    pub entry: u64,
+    /// Lowest loaded address.
+    pub start: u64,
+    /// First page-aligned address above the image.
+    pub end: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Segment {
+    vaddr: u64,
+    memsz: u64,
+    offset: u64,
+    filesz: u64,
+    executable: bool,
+}
+
+/// Checks `elf` against a domain of `mem_bytes` RAM without writing anything.
+fn validate(elf: &ElfFile<'_>, file_len: u64, mem_bytes: u64) -> Result<([Option<Segment>; MAX_SEGMENTS], KernelImage), BuildError> {
+    let header = &elf.header;
+    if header.pt1.class() != Class::SixtyFour {
+        return Err(BuildError::WrongKind("not ELF64"));
+    }
+    match header.pt2.machine().as_machine() {
+        Machine::X86_64 => {}
+        _ => return Err(BuildError::WrongKind("machine is not x86-64")),
+    }
+    match header.pt2.type_().as_type() {
+        Type::Executable => {}
+        Type::SharedObject => return Err(BuildError::Dynamic),
+        _ => return Err(BuildError::WrongKind("not an executable")),
+    }
+    let limit = mem_bytes.saturating_sub(STACK_BYTES);
+    let mut segments = [None; MAX_SEGMENTS];
+    let mut count = 0;
+    for ph in elf.program_iter() {
+        let ProgramHeader::Ph64(ph) = ph else {
+            return Err(BuildError::WrongKind("32-bit program header"));
+        };
+        match ph.get_type() {
+            Ok(SegmentType::Load) => {}
+            Ok(SegmentType::Interp) | Ok(SegmentType::Dynamic) => return Err(BuildError::Dynamic),
+            _ => continue,
+        }
+        if ph.mem_size == 0 {
+            continue;
+        }
+        let segment = Segment {
+            vaddr: ph.virtual_addr,
+            memsz: ph.mem_size,
+            offset: ph.offset,
+            filesz: ph.file_size,
+            executable: ph.flags.is_execute(),
+        };
+        let file_end = segment.offset.checked_add(segment.filesz);
+        if segment.filesz > segment.memsz || file_end.is_none_or(|end| end > file_len) {
+            return Err(BuildError::SegmentOutsideFile { vaddr: segment.vaddr });
+        }
+        let ram_end = segment.vaddr.checked_add(segment.memsz);
+        if segment.vaddr < KERNEL_MIN_GPA || ram_end.is_none_or(|end| end > limit) {
+            return Err(BuildError::SegmentOutsideRam { vaddr: segment.vaddr, memsz: segment.memsz, limit });
+        }
+        if count == MAX_SEGMENTS {
+            return Err(BuildError::SegmentCount(count + 1));
+        }
+        for other in segments[..count].iter().flatten() {
+            let other: &Segment = other;
+            if segment.vaddr < other.vaddr + other.memsz && other.vaddr < segment.vaddr + segment.memsz {
+                return Err(BuildError::Overlap { first: other.vaddr, second: segment.vaddr });
+            }
+        }
+        segments[count] = Some(segment);
+        count += 1;
+    }
+    if count == 0 {
+        return Err(BuildError::SegmentCount(0));
+    }
+    let entry = header.pt2.entry_point();
+    let loaded = segments.iter().flatten();
+    if !loaded.clone().any(|s| s.executable && (s.vaddr..s.vaddr + s.memsz).contains(&entry)) {
+        return Err(BuildError::BadEntry(entry));
+    }
+    let start = loaded.clone().map(|s| s.vaddr).min().unwrap_or(KERNEL_MIN_GPA);
+    let end = loaded.map(|s| s.vaddr + s.memsz).max().unwrap_or(KERNEL_MIN_GPA);
+    Ok((segments, KernelImage { entry, start, end: (end + 0xfff) & !0xfff }))
+}
+
+/// Validates `elf_bytes` and copies its segments into `mem` (which must be zeroed).
+pub fn load_kernel(elf_bytes: &[u8], mem: &GuestMemory) -> Result<KernelImage, BuildError> {
+    let elf = ElfFile::new(elf_bytes).map_err(BuildError::NotElf)?;
+    let (segments, image) = validate(&elf, elf_bytes.len() as u64, mem.size())?;
+    for segment in segments.iter().flatten() {
+        // Both ranges were checked by `validate`; the file range cannot be out of bounds.
+        let bytes = &elf_bytes[segment.offset as usize..(segment.offset + segment.filesz) as usize];
+        mem.write(segment.vaddr, bytes)?;
+    }
+    Ok(image)
+}
+
+/// What the builder tells the guest about itself.
+pub struct BootParams<'a> {
+    /// Domain identifier.
+    pub domain_id: u32,
+    /// Domain name (at most 31 bytes are passed).
+    pub name: &'a str,
+    /// Full module command line.
+    pub cmdline: &'a str,
+    /// Privileged domain.
+    pub privileged: bool,
+}
+
+/// Writes start info, command line, boot GDT and identity-mapping page tables into `mem`.
+pub fn write_boot_structures(mem: &GuestMemory, image: &KernelImage, params: &BootParams<'_>) -> Result<(), BuildError> {
+    let cmdline = &params.cmdline.as_bytes()[..params.cmdline.len().min(CMDLINE_MAX)];
+    mem.write(CMDLINE_GPA, cmdline)?;
+    mem.write(CMDLINE_GPA + cmdline.len() as u64, &[0])?;
+
+    let mut name = [0u8; 32];
+    let name_len = params.name.len().min(31);
+    name[..name_len].copy_from_slice(&params.name.as_bytes()[..name_len]);
+    let info = StartInfo {
+        magic: START_INFO_MAGIC,
+        abi_version: lamina_abi::abi_version(),
+        domain_id: params.domain_id,
+        flags: if params.privileged { START_FLAG_PRIVILEGED } else { 0 },
+        mem_bytes: mem.size(),
+        image_start: image.start,
+        image_end: image.end,
+        stack_top: mem.size(),
+        cmdline_gpa: CMDLINE_GPA,
+        cmdline_len: cmdline.len() as u64,
+        nr_vcpus: 1,
+        reserved0: 0,
+        name,
+        reserved: [0; 3],
+    };
+    // SAFETY: StartInfo is repr(C) plain data with no padding (its size is asserted in abi).
+    let bytes = unsafe {
+        core::slice::from_raw_parts((&raw const info).cast::<u8>(), core::mem::size_of::<StartInfo>())
+    };
+    mem.write(START_INFO_GPA, bytes)?;
+
+    // Null, 64-bit code (selector 0x08), data (0x10): the values the vCPU's hidden segment
+    // state is set to at entry, so reloading a selector changes nothing.
+    for (i, descriptor) in [0u64, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff].iter().enumerate() {
+        mem.write_u64(BOOT_GDT_GPA + 8 * i as u64, *descriptor)?;
+    }
+
+    // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] -> 2 MiB page i. Present, writable, user (so a
+    // kernel can run CPL 3 code without building its own tables first).
+    const PRESENT_WRITABLE_USER: u64 = 0b111;
+    const LARGE_PAGE: u64 = 1 << 7;
+    let pdpt = BOOT_PML4_GPA + 0x1000;
+    let pd = BOOT_PML4_GPA + 0x2000;
+    mem.write_u64(BOOT_PML4_GPA, pdpt | PRESENT_WRITABLE_USER)?;
+    mem.write_u64(pdpt, pd | PRESENT_WRITABLE_USER)?;
+    for page in 0..mem.size() >> 21 {
+        mem.write_u64(pd + 8 * page, (page << 21) | PRESENT_WRITABLE_USER | LARGE_PAGE)?;
+    }
+    Ok(())
+}
+
+/// The boot GDT's limit, for GDTR.
+pub const BOOT_GDT_LIMIT: u16 = 3 * 8 - 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::guest_memory::testing::test_memory;
+
+    /// Builds a minimal ELF64 executable with the given (vaddr, memsz, filesz, flags) segments.
+    fn elf(entry: u64, segments: &[(u64, u64, u64, u32)]) -> Vec<u8> {
+        let phoff = 64u64;
+        let data_start = phoff + 56 * segments.len() as u64;
+        let mut out = Vec::new();
+        out.extend_from_slice(b"\x7fELF");
+        out.extend_from_slice(&[2, 1, 1, 0]);
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        out.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&entry.to_le_bytes());
+        out.extend_from_slice(&phoff.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes()); // shoff
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&64u16.to_le_bytes());
+        out.extend_from_slice(&56u16.to_le_bytes());
+        out.extend_from_slice(&(segments.len() as u16).to_le_bytes());
+        out.extend_from_slice(&64u16.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        let mut offset = data_start;
+        for &(vaddr, memsz, filesz, flags) in segments {
+            out.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+            out.extend_from_slice(&flags.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&vaddr.to_le_bytes());
+            out.extend_from_slice(&vaddr.to_le_bytes());
+            out.extend_from_slice(&filesz.to_le_bytes());
+            out.extend_from_slice(&memsz.to_le_bytes());
+            out.extend_from_slice(&0x1000u64.to_le_bytes());
+            offset += filesz;
+        }
+        for (i, &(_, _, filesz, _)) in segments.iter().enumerate() {
+            out.extend(std::iter::repeat_n(0xc0 + i as u8, filesz as usize));
+        }
+        out
+    }
+
+    const RX: u32 = 5;
+    const RW: u32 = 6;
+    const MEM: u64 = 4 << 20;
+
+    #[test]
+    fn a_good_kernel_is_loaded_where_it_asks() {
+        let t = test_memory(MEM);
+        let image = load_kernel(&elf(0x200010, &[(0x200000, 0x100, 0x20, RX), (0x201000, 0x2000, 0x10, RW)]), &t.mem).unwrap();
+        assert_eq!(image, KernelImage { entry: 0x200010, start: 0x200000, end: 0x203000 });
+        let mut byte = [0u8; 1];
+        t.mem.read(0x20001f, &mut byte).unwrap();
+        assert_eq!(byte[0], 0xc0);
+        t.mem.read(0x201000, &mut byte).unwrap();
+        assert_eq!(byte[0], 0xc1);
+        t.mem.read(0x201010, &mut byte).unwrap();
+        assert_eq!(byte[0], 0, "bss stays zero");
+    }
+
+    #[test]
+    fn bad_kernels_are_refused_with_the_reason() {
+        let t = test_memory(MEM);
+        let load = |bytes: Vec<u8>| load_kernel(&bytes, &t.mem);
+        assert!(matches!(load(vec![0xab; 4096]), Err(BuildError::NotElf(_))));
+        assert!(matches!(load(vec![]), Err(BuildError::NotElf(_))));
+        assert_eq!(load(elf(0x200000, &[])), Err(BuildError::SegmentCount(0)));
+        assert!(matches!(load(elf(0x1000, &[(0x1000, 0x100, 0x10, RX)])), Err(BuildError::SegmentOutsideRam { .. })), "below the kernel area");
+        assert!(matches!(load(elf(0x200000, &[(0x200000, MEM, 0x10, RX)])), Err(BuildError::SegmentOutsideRam { .. })), "over the stack");
+        assert!(matches!(load(elf(0x200000, &[(u64::MAX - 0x10, 0x100, 0x10, RX)])), Err(BuildError::SegmentOutsideRam { .. })), "wraps");
+        assert!(matches!(load(elf(0x200000, &[(0x200000, 0x2000, 0x10, RX), (0x201000, 0x1000, 0x10, RW)])), Err(BuildError::Overlap { .. })));
+        assert_eq!(load(elf(0x201000, &[(0x200000, 0x100, 0x10, RX), (0x201000, 0x100, 0x10, RW)])), Err(BuildError::BadEntry(0x201000)), "entry in a data segment");
+        let mut truncated = elf(0x200000, &[(0x200000, 0x100, 0x80, RX)]);
+        truncated.truncate(truncated.len() - 1);
+        assert!(matches!(load(truncated), Err(BuildError::SegmentOutsideFile { .. })));
+        let mut dynamic = elf(0x200000, &[(0x200000, 0x100, 0x10, RX)]);
+        dynamic[16] = 3; // ET_DYN
+        assert_eq!(load(dynamic), Err(BuildError::Dynamic));
+    }
+
+    #[test]
+    fn boot_structures_describe_the_domain() {
+        let t = test_memory(MEM);
+        let image = KernelImage { entry: 0x200000, start: 0x200000, end: 0x210000 };
+        let params = BootParams { domain_id: 3, name: "ping", cmdline: "ping mem=4M", privileged: false };
+        write_boot_structures(&t.mem, &image, &params).unwrap();
+        let mut raw = [0u8; 128];
+        t.mem.read(START_INFO_GPA, &mut raw).unwrap();
+        // SAFETY: StartInfo is plain data of exactly 128 bytes.
+        let info: StartInfo = unsafe { core::ptr::read_unaligned(raw.as_ptr().cast()) };
+        assert_eq!((info.magic, info.domain_id, info.mem_bytes, info.stack_top), (START_INFO_MAGIC, 3, MEM, MEM));
+        assert_eq!(info.name(), "ping");
+        assert_eq!(info.cmdline_len, 11);
+        assert_eq!(t.mem.read_u64(BOOT_PML4_GPA + 0x2000 + 8).unwrap(), (1 << 21) | 0x87, "PD maps 2 MiB pages");
+    }
+}

@@ -1,0 +1,118 @@
+//! Boot-module command lines: `<name> key=value ...` (docs/hv-output-protocol.md).
+//!
+//! The hypervisor reads the domain name and `mem=`; the whole line also goes to the guest.
+
+use alloc::string::String;
+use core::fmt;
+use lamina_abi::layout::{MEM_DEFAULT_BYTES, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES};
+
+/// Longest domain name kept (the StartInfo field holds 32 bytes with a NUL).
+pub const NAME_MAX: usize = 31;
+
+/// What the hypervisor takes from a module's command line.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DomainConfig {
+    /// The domain's name.
+    pub name: String,
+    /// RAM size in bytes, rounded up to the large-page granule.
+    pub mem_bytes: u64,
+}
+
+/// Why a command line was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `mem=` is not a number with an optional K/M/G suffix.
+    BadMemSize,
+    /// `mem=` is outside the supported range.
+    MemOutOfRange(u64),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::BadMemSize => write!(f, "mem= is not a size like 16M"),
+            ConfigError::MemOutOfRange(bytes) => write!(
+                f,
+                "mem={}K is outside {}M..{}M",
+                bytes >> 10,
+                MEM_MIN_BYTES >> 20,
+                MEM_MAX_BYTES >> 20
+            ),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    let value: u64 = digits.parse().ok()?;
+    value.checked_mul(1 << shift)
+}
+
+/// The name a module gets when its command line names none.
+pub fn default_name(index: usize) -> String {
+    alloc::format!("module{index}")
+}
+
+fn sanitize_name(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(NAME_MAX)
+        .collect()
+}
+
+/// The name alone (used in messages even when the rest of the line is bad).
+pub fn name_of(cmdline: &str, index: usize) -> String {
+    let explicit = cmdline.split_whitespace().find_map(|t| t.strip_prefix("name="));
+    let bare = cmdline.split_whitespace().find(|t| !t.contains('='));
+    let name = explicit.or(bare).map(sanitize_name).unwrap_or_default();
+    if name.is_empty() { default_name(index) } else { name }
+}
+
+/// Parses a module command line; `index` numbers the module for the default name.
+pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
+    let mut mem_bytes = MEM_DEFAULT_BYTES;
+    for token in cmdline.split_whitespace() {
+        if let Some(size) = token.strip_prefix("mem=") {
+            let bytes = parse_size(size).ok_or(ConfigError::BadMemSize)?;
+            if !(MEM_MIN_BYTES..=MEM_MAX_BYTES).contains(&bytes) {
+                return Err(ConfigError::MemOutOfRange(bytes));
+            }
+            mem_bytes = bytes.div_ceil(MEM_GRANULE_BYTES) * MEM_GRANULE_BYTES;
+        }
+    }
+    Ok(DomainConfig { name: name_of(cmdline, index), mem_bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_and_memory_come_from_the_command_line() {
+        let c = parse("ping mem=8M test=x", 1).unwrap();
+        assert_eq!((c.name.as_str(), c.mem_bytes), ("ping", 8 << 20));
+        let c = parse("name=pong mem=5M", 2).unwrap();
+        assert_eq!((c.name.as_str(), c.mem_bytes), ("pong", 6 << 20), "rounded up to 2 MiB");
+        let c = parse("", 3).unwrap();
+        assert_eq!((c.name.as_str(), c.mem_bytes), ("module3", MEM_DEFAULT_BYTES));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert_eq!(parse("x mem=lots", 1), Err(ConfigError::BadMemSize));
+        assert_eq!(parse("x mem=1M", 1), Err(ConfigError::MemOutOfRange(1 << 20)));
+        assert_eq!(parse("x mem=2G", 1), Err(ConfigError::MemOutOfRange(2 << 30)));
+        assert_eq!(parse("x mem=99999999999999999999G", 1), Err(ConfigError::BadMemSize));
+    }
+
+    #[test]
+    fn names_are_sanitized_and_bounded() {
+        assert_eq!(name_of("we;ird/name mem=4M", 1), "weirdname");
+        assert_eq!(name_of(&"a".repeat(100), 1).len(), NAME_MAX);
+    }
+}

@@ -1,0 +1,300 @@
+//! Vendor-neutral exit handling: what a [`VmExit`] means for the domain.
+//!
+//! Hypercalls go to [`hypercall`]; the trapping path (CPUID, COM1 port I/O, MSRs, HLT) is
+//! emulated here so unported kernels work; faults stop the domain with a report while every
+//! other domain runs on.
+
+use crate::common::cpuid;
+use crate::common::domain::{Domain, Ending};
+use crate::common::guest_paging;
+use crate::common::hypercall::{self, Next};
+use crate::common::stats::ExitKind;
+use crate::common::uart::{COM1_BASE, COM1_PORTS};
+use crate::common::vcpu::{ArchMsr, VirtualCpu, VmExit, reg, vector};
+use alloc::format;
+use alloc::string::String;
+use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
+
+/// Handles one exit of `vcpu`, which belongs to `domain`.
+pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExit) -> Next {
+    match exit {
+        VmExit::Hypercall => {
+            domain.stats.count(ExitKind::Hypercall);
+            let next = hypercall::handle(domain, vcpu);
+            if next != Next::Stop {
+                vcpu.skip_instruction();
+            }
+            next
+        }
+        VmExit::InvalidOpcode => invalid_opcode(domain, vcpu),
+        VmExit::Cpuid => {
+            domain.stats.count(ExitKind::Cpuid);
+            let regs = vcpu.regs();
+            let (leaf, subleaf) = (regs.gpr[reg::RAX] as u32, regs.gpr[reg::RCX] as u32);
+            let [eax, ebx, ecx, edx] = cpuid::emulate(leaf, subleaf, host_cpuid);
+            regs.gpr[reg::RAX] = eax.into();
+            regs.gpr[reg::RBX] = ebx.into();
+            regs.gpr[reg::RCX] = ecx.into();
+            regs.gpr[reg::RDX] = edx.into();
+            vcpu.skip_instruction();
+            Next::Resume
+        }
+        VmExit::Hlt => {
+            domain.stats.count(ExitKind::Hlt);
+            // ABI v0.1 has no event or timer that could wake a halted vCPU: halting is final.
+            stop(domain, vcpu, String::from("HLT with nothing that can ever wake the vCPU"))
+        }
+        VmExit::Io { port, size, write } => port_io(domain, vcpu, port, size, write),
+        VmExit::MsrRead => {
+            domain.stats.count(ExitKind::MsrRead);
+            let index = vcpu.regs().gpr[reg::RCX] as u32;
+            match ArchMsr::from_index(index) {
+                Some(msr) => {
+                    let value = vcpu.read_msr(msr);
+                    let regs = vcpu.regs();
+                    regs.gpr[reg::RAX] = value & 0xffff_ffff;
+                    regs.gpr[reg::RDX] = value >> 32;
+                    vcpu.skip_instruction();
+                }
+                None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+            }
+            Next::Resume
+        }
+        VmExit::MsrWrite => {
+            domain.stats.count(ExitKind::MsrWrite);
+            let regs = vcpu.regs();
+            let index = regs.gpr[reg::RCX] as u32;
+            let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
+            match ArchMsr::from_index(index).filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr))) {
+                Some(msr) => {
+                    vcpu.write_msr(msr, value);
+                    vcpu.skip_instruction();
+                }
+                None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+            }
+            Next::Resume
+        }
+        VmExit::NestedPageFault { gpa, write } => {
+            domain.stats.count(ExitKind::NestedPageFault);
+            let access = if write { "write to" } else { "access to" };
+            stop(domain, vcpu, format!("{access} guest-physical {gpa:#x} outside its memory"))
+        }
+        VmExit::TripleFault => {
+            domain.stats.count(ExitKind::TripleFault);
+            stop(domain, vcpu, String::from("triple fault"))
+        }
+        VmExit::ExternalInterrupt => {
+            domain.stats.count(ExitKind::ExternalInterrupt);
+            Next::Resume
+        }
+        VmExit::Unexpected { code, info1, info2 } => {
+            domain.stats.count(ExitKind::Other);
+            stop(domain, vcpu, format!("unexpected exit {code:#x} (info {info1:#x} {info2:#x})"))
+        }
+    }
+}
+
+/// A #UD: the other vendor's hypercall instruction is a hypercall; anything else is
+/// reflected to the guest.
+fn invalid_opcode<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
+    let mut bytes = [0u8; HYPERCALL_INSN_LEN as usize];
+    let rip = vcpu.rip();
+    let found = guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
+    if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
+        domain.stats.count(ExitKind::Hypercall);
+        let next = hypercall::handle(domain, vcpu);
+        if next != Next::Stop {
+            vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
+        }
+        return next;
+    }
+    domain.stats.count(ExitKind::InvalidOpcode);
+    vcpu.inject_exception(vector::INVALID_OPCODE, None);
+    Next::Resume
+}
+
+fn port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, port: u16, size: u8, write: bool) -> Next {
+    let mask: u64 = match size {
+        1 => 0xff,
+        2 => 0xffff,
+        _ => 0xffff_ffff,
+    };
+    let uart_offset = port.wrapping_sub(COM1_BASE);
+    let is_uart = uart_offset < COM1_PORTS && size == 1;
+    domain.stats.count(if is_uart { ExitKind::IoUart } else { ExitKind::IoOther });
+    let regs = vcpu.regs();
+    if write {
+        if is_uart {
+            if let Some(byte) = domain.uart.write(uart_offset, regs.gpr[reg::RAX] as u8) {
+                domain.console.write(domain.id, &[byte]);
+            }
+        }
+        // Writes to ports nothing emulates are dropped, as on a bus with nothing behind them.
+    } else {
+        // Reads of ports nothing emulates float high, as on real hardware.
+        let value = if is_uart { u64::from(domain.uart.read(uart_offset)) } else { mask };
+        regs.gpr[reg::RAX] = (regs.gpr[reg::RAX] & !mask) | value;
+    }
+    vcpu.skip_instruction();
+    Next::Resume
+}
+
+fn is_canonical(address: u64) -> bool {
+    ((address as i64) << 16 >> 16) as u64 == address
+}
+
+/// Whether a WRMSR value is architecturally valid; an invalid one raises #GP, as on hardware.
+fn msr_write_allowed(msr: ArchMsr, value: u64, current: u64) -> bool {
+    const EFER_SCE: u64 = 1 << 0;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    const EFER_NXE: u64 = 1 << 11;
+    match msr {
+        // The guest may toggle SCE and NXE; leaving long mode this way is not allowed, and
+        // LMA is read-only.
+        ArchMsr::Efer => {
+            value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) == 0
+                && (value ^ current) & (EFER_LME | EFER_LMA) == 0
+        }
+        ArchMsr::FsBase | ArchMsr::GsBase | ArchMsr::KernelGsBase | ArchMsr::Lstar | ArchMsr::Cstar => {
+            is_canonical(value)
+        }
+        ArchMsr::SysenterEsp | ArchMsr::SysenterEip => is_canonical(value),
+        ArchMsr::Pat => value.to_le_bytes().iter().all(|t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7)),
+        ArchMsr::Sfmask => value >> 32 == 0,
+        ArchMsr::Star | ArchMsr::SysenterCs => true,
+        // Writing the TSC would move this domain's clock; not offered.
+        ArchMsr::Tsc => false,
+    }
+}
+
+fn stop<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, why: String) -> Next {
+    report_registers(domain, vcpu);
+    domain.end(Ending::Fault(why));
+    Next::Stop
+}
+
+fn report_registers<V: VirtualCpu>(domain: &Domain, vcpu: &mut V) {
+    let mut text = String::new();
+    let rip = vcpu.rip();
+    let g = vcpu.regs().gpr;
+    let _ = core::fmt::Write::write_fmt(
+        &mut text,
+        format_args!(
+            "rip={rip:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x} ",
+            g[0], g[3], g[1], g[2], g[6], g[7], g[5], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+        ),
+    );
+    let _ = vcpu.dump(&mut text);
+    log::error!("d{} {}: {}", domain.id, domain.name, text);
+}
+
+fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::domain::DomainState;
+    use crate::common::guest_memory::GuestMemory;
+    use crate::common::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::output::testing::take_lines;
+    use crate::common::testing::MockVcpu;
+
+    fn domain() -> (TestMemory, Domain) {
+        let t = test_memory(4 << 20);
+        // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
+        let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
+        (t, Domain::new(2, "t".into(), mem))
+    }
+
+    #[test]
+    fn uart_bytes_reach_the_console_one_exit_each() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        for &byte in b"ok\n" {
+            v.regs.gpr[reg::RAX] = byte.into();
+            handle_exit(&mut d, &mut v, VmExit::Io { port: 0x3f8, size: 1, write: true });
+        }
+        assert_eq!(take_lines(), ["(d2) ok"]);
+        assert_eq!(d.stats.of(ExitKind::IoUart), 3);
+        assert_eq!(v.skipped, 3);
+        v.regs.gpr[reg::RAX] = 0x1234_5600;
+        handle_exit(&mut d, &mut v, VmExit::Io { port: 0x3fd, size: 1, write: false });
+        assert_eq!(v.regs.gpr[reg::RAX], 0x1234_5660, "LSR: transmitter empty, upper bytes kept");
+    }
+
+    #[test]
+    fn unemulated_ports_read_all_ones_and_ignore_writes() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        for (size, expected) in [(1, 0xff), (2, 0xffff), (4, 0xffff_ffff)] {
+            v.regs.gpr[reg::RAX] = 0;
+            handle_exit(&mut d, &mut v, VmExit::Io { port: 0x2f0, size, write: false });
+            assert_eq!(v.regs.gpr[reg::RAX], expected);
+        }
+        handle_exit(&mut d, &mut v, VmExit::Io { port: 0x2f0, size: 1, write: true });
+        assert!(d.is_runnable());
+    }
+
+    #[test]
+    fn unknown_msrs_and_bad_values_raise_gp() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RCX] = 0x1234_5678;
+        handle_exit(&mut d, &mut v, VmExit::MsrRead);
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!(v.skipped, 0, "a faulting instruction is not skipped");
+        v.injected = None;
+        v.regs.gpr[reg::RCX] = 0xc000_0100; // FS base
+        v.regs.gpr[reg::RDX] = 0x8000;
+        v.regs.gpr[reg::RAX] = 0;
+        handle_exit(&mut d, &mut v, VmExit::MsrWrite);
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))), "non-canonical base");
+        v.injected = None;
+        v.regs.gpr[reg::RDX] = 0;
+        v.regs.gpr[reg::RAX] = 0x1000;
+        handle_exit(&mut d, &mut v, VmExit::MsrWrite);
+        assert_eq!((v.injected, v.msr_writes.as_slice()), (None, &[(ArchMsr::FsBase, 0x1000)][..]));
+    }
+
+    #[test]
+    fn the_other_vendors_hypercall_instruction_is_a_hypercall() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu { rip: 0x20_0000, ..Default::default() };
+        for bytes in [VMCALL_BYTES, VMMCALL_BYTES] {
+            t.mem.write(0x20_0000, &bytes).unwrap();
+            v.rip = 0x20_0000;
+            v.regs.gpr[reg::RAX] = 0;
+            handle_exit(&mut d, &mut v, VmExit::InvalidOpcode);
+            assert_eq!((v.rip, v.regs.gpr[reg::RAX]), (0x20_0003, lamina_abi::abi_version().into()));
+        }
+        t.mem.write(0x20_0000, &[0x0f, 0x0b, 0x90]).unwrap(); // ud2
+        v.rip = 0x20_0000;
+        handle_exit(&mut d, &mut v, VmExit::InvalidOpcode);
+        assert_eq!((v.rip, v.injected), (0x20_0000, Some((vector::INVALID_OPCODE, None))));
+    }
+
+    #[test]
+    fn faults_stop_only_the_faulting_domain_with_a_reason() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        assert_eq!(handle_exit(&mut d, &mut v, VmExit::TripleFault), Next::Stop);
+        assert_eq!(d.state, DomainState::Ended(Ending::Fault("triple fault".into())));
+        let (_t2, mut d2) = domain();
+        handle_exit(&mut d2, &mut v, VmExit::NestedPageFault { gpa: 0x1_0000_0000, write: true });
+        assert!(matches!(&d2.state, DomainState::Ended(Ending::Fault(why)) if why.contains("0x100000000")));
+    }
+
+    #[test]
+    fn cpuid_exits_return_the_lamina_leaves() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RAX] = 0x4000_0001;
+        handle_exit(&mut d, &mut v, VmExit::Cpuid);
+        assert_eq!(v.regs.gpr[reg::RAX], lamina_abi::abi_version().into());
+        assert_eq!(v.skipped, 1);
+    }
+}

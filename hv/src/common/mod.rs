@@ -1,0 +1,18 @@
+//! Vendor-neutral hypervisor logic: domains, the domain builder, exit and hypercall handling,
+//! device emulation, scheduling. Nothing here knows whether VT-x or AMD-V is underneath.
+
+pub mod builder;
+pub mod config;
+pub mod cpuid;
+pub mod domain;
+pub mod exits;
+pub mod guest_memory;
+pub mod guest_paging;
+pub mod hypercall;
+pub mod output;
+pub mod stats;
+pub mod uart;
+pub mod vcpu;
+
+#[cfg(test)]
+mod testing;

@@ -1,0 +1,27 @@
+//! Where guest console lines go: the hypervisor's serial console as `(d<ID>) text`, or, in
+//! host unit tests, a per-thread list the test can inspect.
+
+/// Emits one complete guest console line.
+pub fn guest_line(domain_id: u32, line: &[u8]) {
+    let text = core::str::from_utf8(line).unwrap_or("<invalid UTF-8>");
+    #[cfg(target_os = "none")]
+    crate::hv_println!("(d{domain_id}) {text}");
+    #[cfg(test)]
+    testing::LINES.with(|lines| lines.borrow_mut().push(format!("(d{domain_id}) {text}")));
+    #[cfg(not(any(test, target_os = "none")))]
+    let _ = (domain_id, text);
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::cell::RefCell;
+
+    thread_local! {
+        pub(crate) static LINES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Takes the lines emitted so far on this thread.
+    pub(crate) fn take_lines() -> Vec<String> {
+        LINES.with(|lines| core::mem::take(&mut *lines.borrow_mut()))
+    }
+}

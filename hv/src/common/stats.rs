@@ -1,0 +1,108 @@
+//! Exit accounting: how many exits of each kind a domain caused, and which hypercalls.
+
+use lamina_abi::Hypercall;
+
+/// Exit kinds as counted and reported in the summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum ExitKind {
+    Hypercall,
+    Cpuid,
+    Hlt,
+    IoUart,
+    IoOther,
+    MsrRead,
+    MsrWrite,
+    InvalidOpcode,
+    NestedPageFault,
+    TripleFault,
+    ExternalInterrupt,
+    Other,
+}
+
+impl ExitKind {
+    /// All kinds, in report order.
+    pub const ALL: [ExitKind; 12] = [
+        ExitKind::Hypercall,
+        ExitKind::Cpuid,
+        ExitKind::Hlt,
+        ExitKind::IoUart,
+        ExitKind::IoOther,
+        ExitKind::MsrRead,
+        ExitKind::MsrWrite,
+        ExitKind::InvalidOpcode,
+        ExitKind::NestedPageFault,
+        ExitKind::TripleFault,
+        ExitKind::ExternalInterrupt,
+        ExitKind::Other,
+    ];
+
+    /// Name used in the summary (`hypercall=3`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            ExitKind::Hypercall => "hypercall",
+            ExitKind::Cpuid => "cpuid",
+            ExitKind::Hlt => "hlt",
+            ExitKind::IoUart => "io_uart",
+            ExitKind::IoOther => "io_other",
+            ExitKind::MsrRead => "rdmsr",
+            ExitKind::MsrWrite => "wrmsr",
+            ExitKind::InvalidOpcode => "invalid_opcode",
+            ExitKind::NestedPageFault => "npf",
+            ExitKind::TripleFault => "triple_fault",
+            ExitKind::ExternalInterrupt => "interrupt",
+            ExitKind::Other => "other",
+        }
+    }
+}
+
+/// Per-domain exit counters.
+#[derive(Clone, Debug, Default)]
+pub struct ExitStats {
+    by_kind: [u64; ExitKind::ALL.len()],
+    /// Hypercalls by number; the last slot counts unknown numbers.
+    by_hypercall: [u64; Hypercall::COUNT + 1],
+}
+
+impl ExitStats {
+    /// Counts one exit.
+    pub fn count(&mut self, kind: ExitKind) {
+        self.by_kind[kind as usize] += 1;
+    }
+
+    /// Counts one hypercall by number.
+    pub fn count_hypercall(&mut self, nr: u64) {
+        let slot = (nr as usize).min(Hypercall::COUNT);
+        self.by_hypercall[slot] += 1;
+    }
+
+    /// Exits of one kind.
+    pub fn of(&self, kind: ExitKind) -> u64 {
+        self.by_kind[kind as usize]
+    }
+
+    /// All exits.
+    pub fn total(&self) -> u64 {
+        self.by_kind.iter().sum()
+    }
+
+    /// Writes ` kind=n` for every non-zero kind, then ` hc.<name>=n` per hypercall.
+    pub fn write_summary(&self, out: &mut dyn core::fmt::Write) -> core::fmt::Result {
+        for kind in ExitKind::ALL {
+            if self.of(kind) != 0 {
+                write!(out, " {}={}", kind.name(), self.of(kind))?;
+            }
+        }
+        for call in Hypercall::ALL {
+            let n = self.by_hypercall[call as usize];
+            if n != 0 {
+                write!(out, " hc.{}={}", call.name(), n)?;
+            }
+        }
+        let unknown = self.by_hypercall[Hypercall::COUNT];
+        if unknown != 0 {
+            write!(out, " hc.unknown={unknown}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,161 @@
+//! The one interface between vendor-neutral code and the two hardware backends.
+//!
+//! A backend (`hw::vmx` or `hw::svm`) runs a vCPU until an exit that common code must see,
+//! handles the exits that only matter to its architecture itself (CR access under VMX, SVM
+//! instructions a guest must not use...), and translates the rest into [`VmExit`]. Everything
+//! else (hypercalls, devices, MSR policy, CPUID policy, scheduling) is written once against
+//! [`VirtualCpu`].
+
+use crate::common::guest_paging::PagingMode;
+use core::fmt;
+
+/// General-purpose registers in x86 encoding order (rax=0, rcx=1, ..., r15=15), so a
+/// register number from exit information indexes [`GuestRegisters::gpr`] directly.
+/// Slot 4 (RSP) is unused here: RSP lives in the VMCS/VMCB.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestRegisters {
+    /// The registers, indexed by encoding.
+    pub gpr: [u64; 16],
+}
+const _: () = assert!(core::mem::size_of::<GuestRegisters>() == 128);
+
+/// Register numbers.
+#[allow(missing_docs)]
+pub mod reg {
+    pub const RAX: usize = 0;
+    pub const RCX: usize = 1;
+    pub const RDX: usize = 2;
+    pub const RBX: usize = 3;
+    pub const RBP: usize = 5;
+    pub const RSI: usize = 6;
+    pub const RDI: usize = 7;
+    pub const R8: usize = 8;
+    pub const R10: usize = 10;
+}
+
+/// Why a vCPU stopped running, in vendor-neutral terms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmExit {
+    /// VMCALL on Intel or VMMCALL on AMD; RIP still points at it.
+    Hypercall,
+    /// The guest executed an undefined instruction (possibly the other vendor's hypercall
+    /// instruction); nothing was injected yet.
+    InvalidOpcode,
+    /// CPUID with EAX/ECX as the guest set them.
+    Cpuid,
+    /// HLT.
+    Hlt,
+    /// IN or OUT of `size` bytes (1, 2, 4) at `port`; string forms arrive as `Unexpected`.
+    Io {
+        /// The I/O port.
+        port: u16,
+        /// Access size in bytes.
+        size: u8,
+        /// OUT (true) or IN (false).
+        write: bool,
+    },
+    /// RDMSR with ECX as the MSR.
+    MsrRead,
+    /// WRMSR with ECX as the MSR and EDX:EAX as the value.
+    MsrWrite,
+    /// The guest touched a guest-physical address its nested page tables do not map.
+    NestedPageFault {
+        /// The guest-physical address.
+        gpa: u64,
+        /// The access was a write.
+        write: bool,
+    },
+    /// The guest triple-faulted (SVM: shutdown intercept; VMX: exit reason 2).
+    TripleFault,
+    /// A host interrupt arrived while the guest ran; nothing for the guest.
+    ExternalInterrupt,
+    /// Anything else: the domain is stopped and the vendor details reported.
+    Unexpected {
+        /// Vendor exit code (VMX basic exit reason or SVM EXITCODE).
+        code: u64,
+        /// Exit qualification / EXITINFO1.
+        info1: u64,
+        /// Guest-physical or linear address / EXITINFO2 where relevant.
+        info2: u64,
+    },
+}
+
+/// MSRs whose state lives in the VMCS/VMCB (or must be switched per vCPU) and that guests
+/// may use. Every other MSR raises #GP in the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum ArchMsr {
+    Tsc,
+    Efer,
+    FsBase,
+    GsBase,
+    KernelGsBase,
+    Star,
+    Lstar,
+    Cstar,
+    Sfmask,
+    SysenterCs,
+    SysenterEsp,
+    SysenterEip,
+    Pat,
+}
+
+impl ArchMsr {
+    /// The MSR for an index, if guests may use it.
+    pub fn from_index(index: u32) -> Option<Self> {
+        Some(match index {
+            0x10 => ArchMsr::Tsc,
+            0xc000_0080 => ArchMsr::Efer,
+            0xc000_0100 => ArchMsr::FsBase,
+            0xc000_0101 => ArchMsr::GsBase,
+            0xc000_0102 => ArchMsr::KernelGsBase,
+            0xc000_0081 => ArchMsr::Star,
+            0xc000_0082 => ArchMsr::Lstar,
+            0xc000_0083 => ArchMsr::Cstar,
+            0xc000_0084 => ArchMsr::Sfmask,
+            0x174 => ArchMsr::SysenterCs,
+            0x175 => ArchMsr::SysenterEsp,
+            0x176 => ArchMsr::SysenterEip,
+            0x277 => ArchMsr::Pat,
+            _ => return None,
+        })
+    }
+}
+
+/// Exception vectors the common code injects.
+pub mod vector {
+    /// #UD.
+    pub const INVALID_OPCODE: u8 = 6;
+    /// #GP.
+    pub const GENERAL_PROTECTION: u8 = 13;
+}
+
+/// A virtual CPU as common code drives it.
+pub trait VirtualCpu {
+    /// Enters the guest and runs it until the next exit common code must handle.
+    fn run(&mut self) -> VmExit;
+    /// The guest's general-purpose registers (RAX included; RSP is not).
+    fn regs(&mut self) -> &mut GuestRegisters;
+    /// Guest RIP.
+    fn rip(&self) -> u64;
+    /// Sets guest RIP.
+    fn set_rip(&mut self, rip: u64);
+    /// Moves RIP past the instruction that caused the last exit (the backend knows its
+    /// length; under SVM without NRIP-save it was computed from the exit kind).
+    fn skip_instruction(&mut self);
+    /// Current privilege level of the guest.
+    fn cpl(&self) -> u8;
+    /// The guest's paging mode, for walking its page tables.
+    fn paging_mode(&self) -> PagingMode;
+    /// Queues an exception for delivery at the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Reads an MSR whose state the hardware keeps per vCPU.
+    fn read_msr(&self, msr: ArchMsr) -> u64;
+    /// Writes such an MSR; the value was already validated by common code.
+    fn write_msr(&mut self, msr: ArchMsr, value: u64);
+    /// Writes the vendor state that explains a failure (control registers, segments, exit
+    /// information) for a report.
+    fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result;
+}

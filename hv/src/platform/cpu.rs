@@ -1,0 +1,232 @@
+//! The hypervisor's own descriptor tables and exception handling.
+//!
+//! Owns the GDT (code, data, TSS), the TSS with a separate stack for double faults, and the IDT
+//! whose 32 exception vectors print a diagnostic (vector, error code, RIP, CPU, registers) and
+//! end the machine with a failure status: a fault in the hypervisor is never a silent hang.
+
+use core::arch::global_asm;
+use spin::Once;
+use x86_64::VirtAddr;
+use x86_64::instructions::segmentation::{CS, DS, ES, SS, Segment};
+use x86_64::instructions::tables::{lidt, load_tss};
+use x86_64::structures::DescriptorTablePointer;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::tss::TaskStateSegment;
+
+/// IST slot (1-based in the IDT entry) used for double faults.
+const DOUBLE_FAULT_IST: u16 = 1;
+const FAULT_STACK_BYTES: usize = 16 * 1024;
+
+#[repr(C, align(16))]
+struct FaultStack([u8; FAULT_STACK_BYTES]);
+static mut DOUBLE_FAULT_STACK: FaultStack = FaultStack([0; FAULT_STACK_BYTES]);
+
+struct Tables {
+    gdt: GlobalDescriptorTable,
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+}
+
+static TSS: Once<TaskStateSegment> = Once::new();
+static TABLES: Once<Tables> = Once::new();
+static IDT: Once<[IdtEntry; 256]> = Once::new();
+
+/// An interrupt gate descriptor (Intel SDM Vol. 3A 6.14.1, "64-Bit Mode IDT").
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct IdtEntry {
+    offset_low: u16,
+    selector: u16,
+    ist: u16,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<IdtEntry>() == 16);
+
+impl IdtEntry {
+    fn interrupt_gate(handler: u64, selector: u16, ist: u16) -> Self {
+        IdtEntry {
+            offset_low: handler as u16,
+            selector,
+            // Type 0xE (64-bit interrupt gate), present, DPL 0.
+            ist: ist | 0x8e00,
+            offset_mid: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            reserved: 0,
+        }
+    }
+}
+
+unsafe extern "C" {
+    /// Addresses of the 32 exception entry stubs, defined in the assembly below.
+    static exception_stub_table: [u64; 32];
+}
+
+/// Loads the GDT, TSS and IDT on the bootstrap CPU.
+pub fn init() {
+    let tss = TSS.call_once(|| {
+        let mut tss = TaskStateSegment::new();
+        let stack = VirtAddr::from_ptr(&raw const DOUBLE_FAULT_STACK) + FAULT_STACK_BYTES as u64;
+        tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] = stack;
+        tss
+    });
+    let tables = TABLES.call_once(|| {
+        let mut gdt = GlobalDescriptorTable::new();
+        let code = gdt.append(Descriptor::kernel_code_segment());
+        let data = gdt.append(Descriptor::kernel_data_segment());
+        let tss = gdt.append(Descriptor::tss_segment(tss));
+        Tables { gdt, code, data, tss }
+    });
+    tables.gdt.load();
+    // SAFETY: the selectors index the GDT just loaded, which lives for the rest of the run.
+    unsafe {
+        CS::set_reg(tables.code);
+        DS::set_reg(tables.data);
+        ES::set_reg(tables.data);
+        SS::set_reg(tables.data);
+        load_tss(tables.tss);
+    }
+    let idt = IDT.call_once(|| {
+        let mut idt = [IdtEntry::default(); 256];
+        // SAFETY: the table is defined in the assembly below and never written.
+        let stubs = unsafe { &exception_stub_table };
+        for (vector, stub) in stubs.iter().enumerate() {
+            let ist = if vector == 8 { DOUBLE_FAULT_IST } else { 0 };
+            idt[vector] = IdtEntry::interrupt_gate(*stub, tables.code.0, ist);
+        }
+        idt
+    });
+    let pointer = DescriptorTablePointer {
+        limit: (core::mem::size_of_val(idt) - 1) as u16,
+        base: VirtAddr::from_ptr(idt.as_ptr()),
+    };
+    // SAFETY: the IDT is static and its gates point at the stubs below.
+    unsafe { lidt(&pointer) };
+}
+
+/// What the exception stubs push, lowest address first.
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    r15: u64,
+    r14: u64,
+    r13: u64,
+    r12: u64,
+    r11: u64,
+    r10: u64,
+    r9: u64,
+    r8: u64,
+    rdi: u64,
+    rsi: u64,
+    rbp: u64,
+    rbx: u64,
+    rdx: u64,
+    rcx: u64,
+    rax: u64,
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+/// Called by the stubs; reports the fault and ends the machine.
+#[unsafe(no_mangle)]
+extern "C" fn hv_exception(frame: &ExceptionFrame) -> ! {
+    // The lock may be held by the faulting code: take the port over rather than deadlock.
+    // SAFETY: nothing else runs after this point; the machine is about to stop.
+    unsafe { super::serial::SERIAL.force_unlock() };
+    let cr2 = x86_64::registers::control::Cr2::read_raw();
+    crate::hv_println!(
+        "lamina: PANIC exception vector {} error code {:#x} at RIP {:#x} on cpu0 (cr2 {:#x}, rsp {:#x})",
+        frame.vector,
+        frame.error_code,
+        frame.rip,
+        cr2,
+        frame.rsp
+    );
+    crate::hv_println!("lamina: PANIC registers {:x?}", frame);
+    crate::hv_println!("lamina: result: failure");
+    super::exit::end_machine(false)
+}
+
+global_asm!(
+    r#"
+    .macro EXCEPTION_STUB vector, has_error_code
+    .balign 16
+exception_stub_\vector:
+    .if \has_error_code == 0
+    push 0
+    .endif
+    push \vector
+    jmp exception_common
+    .endm
+
+    .section .text
+exception_common:
+    push rax
+    push rcx
+    push rdx
+    push rbx
+    push rbp
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    push r12
+    push r13
+    push r14
+    push r15
+    mov rdi, rsp
+    and rsp, -16
+    call hv_exception
+    ud2
+
+    EXCEPTION_STUB 0, 0
+    EXCEPTION_STUB 1, 0
+    EXCEPTION_STUB 2, 0
+    EXCEPTION_STUB 3, 0
+    EXCEPTION_STUB 4, 0
+    EXCEPTION_STUB 5, 0
+    EXCEPTION_STUB 6, 0
+    EXCEPTION_STUB 7, 0
+    EXCEPTION_STUB 8, 1
+    EXCEPTION_STUB 9, 0
+    EXCEPTION_STUB 10, 1
+    EXCEPTION_STUB 11, 1
+    EXCEPTION_STUB 12, 1
+    EXCEPTION_STUB 13, 1
+    EXCEPTION_STUB 14, 1
+    EXCEPTION_STUB 15, 0
+    EXCEPTION_STUB 16, 0
+    EXCEPTION_STUB 17, 1
+    EXCEPTION_STUB 18, 0
+    EXCEPTION_STUB 19, 0
+    EXCEPTION_STUB 20, 0
+    EXCEPTION_STUB 21, 1
+    EXCEPTION_STUB 22, 0
+    EXCEPTION_STUB 23, 0
+    EXCEPTION_STUB 24, 0
+    EXCEPTION_STUB 25, 0
+    EXCEPTION_STUB 26, 0
+    EXCEPTION_STUB 27, 0
+    EXCEPTION_STUB 28, 0
+    EXCEPTION_STUB 29, 1
+    EXCEPTION_STUB 30, 1
+    EXCEPTION_STUB 31, 0
+
+    .section .rodata
+    .balign 8
+    .global exception_stub_table
+exception_stub_table:
+    .irp vector, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad exception_stub_\vector
+    .endr
+"#
+);

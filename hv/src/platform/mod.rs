@@ -1,0 +1,15 @@
+//! Platform code: everything about the machine the hypervisor itself runs on (boot, console,
+//! descriptor tables, memory), nothing about virtualization.
+
+#[cfg(target_os = "none")]
+pub mod boot;
+#[cfg(target_os = "none")]
+pub mod cpu;
+#[cfg(target_os = "none")]
+pub mod exit;
+#[cfg(target_os = "none")]
+pub mod memory;
+pub mod multiboot;
+pub mod phys_alloc;
+#[cfg(target_os = "none")]
+pub mod serial;

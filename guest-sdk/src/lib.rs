@@ -1,1 +1,74 @@
-//! placeholder
+//! What a Rust kernel links to run as a Lamina domain.
+//!
+//! The SDK owns the guest side of the ABI in `lamina-abi` and `docs/abi.md`:
+//!
+//! - [`entry!`] and the `_start` symbol: the kernel writes no assembly. `_start` aligns the
+//!   stack, validates and copies [`StartInfo`], picks the hypercall instruction native to the
+//!   CPU, and calls the kernel's main function.
+//! - [`hypercall`]: raw hypercalls with either instruction, and typed wrappers.
+//! - [`console`]: [`print!`]/[`println!`] through the console hypercall, one hypercall per line.
+//! - [`uart`]: the trapping path, bytes written to the emulated COM1 one `out` at a time.
+//! - [`cpuid`]: Lamina discovery through CPUID leaves `0x4000_0000` and `0x4000_0001`.
+//! - [`start_info()`], [`cmdline()`], [`cmdline_value()`]: what the hypervisor said at boot.
+//! - a panic handler that prints `panic: <message> at <location>` and shuts down with
+//!   [`ShutdownReason::Crash`](lamina_abi::sched::ShutdownReason::Crash).
+//!
+//! The SDK keeps the boot identity map: it passes the address of a buffer as its guest-physical
+//! address. A kernel that builds its own page tables must keep RAM identity-mapped or call the
+//! raw [`hypercall`] functions with translated addresses.
+//!
+//! ```ignore
+//! #![no_std]
+//! #![no_main]
+//! use lamina_guest_sdk::{println, StartInfo};
+//!
+//! lamina_guest_sdk::entry!(kernel_main);
+//!
+//! fn kernel_main(start: &'static StartInfo) {
+//!     println!("hello from domain {}", start.domain_id);
+//! } // returning powers the domain off
+//! ```
+#![cfg_attr(not(test), no_std)]
+#![warn(missing_docs)]
+
+pub mod cmdline;
+pub mod console;
+pub mod cpuid;
+pub mod hypercall;
+pub mod port;
+pub mod start;
+pub mod uart;
+
+mod panic;
+mod sync;
+
+pub use lamina_abi as abi;
+pub use lamina_abi::{Errno, StartInfo};
+pub use start::{cmdline, cmdline_value, start_info, start_info_gpa};
+
+/// Declares the kernel's main function, which `_start` calls once the SDK is set up.
+///
+/// The function takes the domain's [`StartInfo`] (the SDK's validated copy) and either never
+/// returns (`-> !`, for example by calling [`hypercall::shutdown`]) or returns `()`, which
+/// powers the domain off with [`ShutdownReason::Poweroff`](lamina_abi::sched::ShutdownReason).
+///
+/// ```ignore
+/// lamina_guest_sdk::entry!(kernel_main);
+/// fn kernel_main(start: &'static lamina_guest_sdk::StartInfo) -> ! { ... }
+/// ```
+///
+/// Use it exactly once, in the kernel's binary crate.
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        /// The kernel's main function as the SDK's start code calls it (see [`entry!`]).
+        #[unsafe(no_mangle)]
+        // When the kernel's main returns `!`, the shutdown below is unreachable.
+        #[allow(unreachable_code, clippy::diverging_sub_expression)]
+        fn __lamina_kernel_main(start: &'static $crate::StartInfo) -> ! {
+            // `()` or `!`: any other return type is a compile error here.
+            let () = $main(start);
+            $crate::hypercall::shutdown($crate::abi::sched::ShutdownReason::Poweroff)
+        }
+    };
+}

@@ -1,0 +1,218 @@
+//! The paravirtual console: [`print!`](crate::print) and [`println!`](crate::println) through
+//! the console hypercall (docs/abi.md 3.2).
+//!
+//! Output is gathered in a line buffer and handed to the hypervisor one line per hypercall:
+//! one exit per line instead of one per byte on the UART, which is the point of the PV console.
+//! A line longer than [`LINE_MAX`] bytes goes out in pieces. Should the console hypercall fail
+//! (a hypervisor without it), the line goes to the [`uart`](crate::uart) instead.
+//!
+//! The buffer is guarded by a lock that is tried, never waited for: an exception handler that
+//! prints while the interrupted code holds it writes straight through, unbuffered.
+
+use core::fmt::{self, Write};
+
+use crate::sync::TryLock;
+
+/// Bytes buffered before a partial line is sent anyway.
+pub const LINE_MAX: usize = 512;
+
+/// Gathers bytes into lines: every complete line (ending in `\n`), and every `N` bytes without
+/// one, goes to an `emit` callback in one piece.
+#[derive(Debug)]
+pub struct LineBuffer<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> LineBuffer<N> {
+    /// An empty buffer.
+    pub const fn new() -> Self {
+        const { assert!(N > 0, "a line buffer needs room for a byte") };
+        LineBuffer {
+            bytes: [0; N],
+            len: 0,
+        }
+    }
+
+    /// Appends `input`, calling `emit` with each line it completes (newline included) and with
+    /// each `N` bytes that contain no newline.
+    pub fn push(&mut self, mut input: &[u8], mut emit: impl FnMut(&[u8])) {
+        while !input.is_empty() {
+            let room = N - self.len;
+            let take = match input.iter().position(|&byte| byte == b'\n') {
+                Some(newline) if newline < room => newline + 1,
+                _ => room.min(input.len()),
+            };
+            self.bytes[self.len..self.len + take].copy_from_slice(&input[..take]);
+            self.len += take;
+            input = &input[take..];
+            if self.len == N || self.bytes[self.len - 1] == b'\n' {
+                self.flush(&mut emit);
+            }
+        }
+    }
+
+    /// Sends what is buffered (a partial line), if anything.
+    pub fn flush(&mut self, mut emit: impl FnMut(&[u8])) {
+        if self.len > 0 {
+            emit(&self.bytes[..self.len]);
+            self.len = 0;
+        }
+    }
+
+    /// The bytes of the unfinished line.
+    pub fn pending(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl<const N: usize> Default for LineBuffer<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static CONSOLE: TryLock<LineBuffer<LINE_MAX>> = TryLock::new(LineBuffer::new());
+
+/// Sends one piece of output: the console hypercall, or the UART if that fails.
+fn emit(bytes: &[u8]) {
+    if crate::hypercall::console_write(bytes).is_err() {
+        crate::uart::write_bytes(bytes);
+    }
+}
+
+/// A `fmt::Write` adapter that fills the line buffer.
+struct Buffered<'a>(&'a mut LineBuffer<LINE_MAX>);
+
+impl Write for Buffered<'_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        self.0.push(text.as_bytes(), emit);
+        Ok(())
+    }
+}
+
+/// A `fmt::Write` adapter that sends every piece at once (the buffer is busy).
+struct Unbuffered;
+
+impl Write for Unbuffered {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        emit(text.as_bytes());
+        Ok(())
+    }
+}
+
+/// Formats `args` (and a newline if `newline`) into the console.
+fn write(args: fmt::Arguments<'_>, newline: bool) {
+    let suffix = if newline { "\n" } else { "" };
+    // Formatting into our own sinks cannot fail: they always return `Ok`.
+    let buffered = CONSOLE.try_with(|buffer| {
+        let _ = Buffered(buffer).write_fmt(format_args!("{args}{suffix}"));
+    });
+    if buffered.is_none() {
+        let _ = Unbuffered.write_fmt(format_args!("{args}{suffix}"));
+    }
+}
+
+/// What [`print!`](crate::print) expands to.
+#[doc(hidden)]
+pub fn _print(args: fmt::Arguments<'_>) {
+    write(args, false);
+}
+
+/// What [`println!`](crate::println) expands to: the line and its newline in one piece.
+#[doc(hidden)]
+pub fn _print_line(args: fmt::Arguments<'_>) {
+    write(args, true);
+}
+
+/// Sends a partial line now, without waiting for its newline.
+pub fn flush() {
+    CONSOLE.try_with(|buffer| buffer.flush(emit));
+}
+
+/// Ends a partial line with a newline, so that what follows starts a line of its own (used
+/// before a panic message).
+pub fn finish_line() {
+    CONSOLE.try_with(|buffer| {
+        if !buffer.pending().is_empty() {
+            buffer.push(b"\n", emit);
+        }
+    });
+}
+
+/// Prints to the domain's console through the console hypercall, buffered up to a newline.
+#[macro_export]
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::console::_print(::core::format_args!($($arg)*))
+    };
+}
+
+/// Prints a line to the domain's console: one console hypercall per line.
+#[macro_export]
+macro_rules! println {
+    () => {
+        $crate::console::_print_line(::core::format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::console::_print_line(::core::format_args!($($arg)*))
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push_all<const N: usize>(buffer: &mut LineBuffer<N>, input: &[u8]) -> Vec<Vec<u8>> {
+        let mut emitted = Vec::new();
+        buffer.push(input, |piece| emitted.push(piece.to_vec()));
+        emitted
+    }
+
+    #[test]
+    fn complete_lines_go_out_one_piece_each() {
+        let mut buffer = LineBuffer::<16>::new();
+        assert_eq!(
+            push_all(&mut buffer, b"ab\ncd\nef"),
+            [b"ab\n".to_vec(), b"cd\n".to_vec()]
+        );
+        assert_eq!(buffer.pending(), b"ef");
+        assert_eq!(push_all(&mut buffer, b"g\n"), [b"efg\n".to_vec()]);
+        assert!(buffer.pending().is_empty());
+    }
+
+    #[test]
+    fn a_line_built_from_pieces_goes_out_once() {
+        let mut buffer = LineBuffer::<16>::new();
+        assert!(push_all(&mut buffer, b"Test: ").is_empty());
+        assert!(push_all(&mut buffer, b"name").is_empty());
+        assert_eq!(push_all(&mut buffer, b"\n"), [b"Test: name\n".to_vec()]);
+    }
+
+    #[test]
+    fn long_lines_go_out_in_buffer_sized_pieces() {
+        let mut buffer = LineBuffer::<4>::new();
+        assert_eq!(
+            push_all(&mut buffer, b"abcdefghij\n"),
+            [b"abcd".to_vec(), b"efgh".to_vec(), b"ij\n".to_vec()]
+        );
+    }
+
+    #[test]
+    fn a_newline_that_fills_the_buffer_ends_the_piece() {
+        let mut buffer = LineBuffer::<4>::new();
+        assert_eq!(push_all(&mut buffer, b"abc\nd"), [b"abc\n".to_vec()]);
+        assert_eq!(push_all(&mut buffer, b"efgh"), [b"defg".to_vec()]);
+        assert_eq!(buffer.pending(), b"h");
+    }
+
+    #[test]
+    fn flush_sends_the_partial_line_once() {
+        let mut buffer = LineBuffer::<8>::new();
+        push_all(&mut buffer, b"abc");
+        let mut emitted = Vec::new();
+        buffer.flush(|piece| emitted.push(piece.to_vec()));
+        buffer.flush(|piece| emitted.push(piece.to_vec()));
+        assert_eq!(emitted, [b"abc".to_vec()]);
+    }
+}

@@ -1,0 +1,68 @@
+//! Tests of CPUID discovery (docs/abi.md section 5).
+
+use lamina_abi::abi_version;
+use lamina_abi::cpuid::{LEAF_MAX, LEAF_SIGNATURE, LEAF_VERSION, features, signature_regs};
+use lamina_guest_sdk::cpuid::{self, cpuid};
+
+use crate::framework::{Hex, check_eq};
+
+pub(super) fn cpuid_signature_and_version() {
+    check_eq!(
+        "CPUID.1:ECX bit 31 (hypervisor present)",
+        true,
+        cpuid::hypervisor_bit()
+    );
+
+    let signature = cpuid(LEAF_SIGNATURE, 0);
+    check_eq!(
+        format_args!("CPUID {LEAF_SIGNATURE:#x} EAX (highest leaf)"),
+        Hex(LEAF_MAX),
+        Hex(signature.eax)
+    );
+    let [ebx, ecx, edx] = signature_regs();
+    check_eq!(
+        format_args!("CPUID {LEAF_SIGNATURE:#x} EBX"),
+        Hex(ebx),
+        Hex(signature.ebx)
+    );
+    check_eq!(
+        format_args!("CPUID {LEAF_SIGNATURE:#x} ECX"),
+        Hex(ecx),
+        Hex(signature.ecx)
+    );
+    check_eq!(
+        format_args!("CPUID {LEAF_SIGNATURE:#x} EDX"),
+        Hex(edx),
+        Hex(signature.edx)
+    );
+
+    let version = cpuid(LEAF_VERSION, 0);
+    check_eq!(
+        format_args!("CPUID {LEAF_VERSION:#x} EAX (ABI version)"),
+        Hex(abi_version()),
+        Hex(version.eax)
+    );
+    check_eq!(
+        format_args!("CPUID {LEAF_VERSION:#x} EBX (features)"),
+        Hex(features::ALL),
+        Hex(version.ebx)
+    );
+    check_eq!(
+        format_args!("CPUID {LEAF_VERSION:#x} ECX (reserved)"),
+        Hex(0),
+        Hex(version.ecx)
+    );
+    check_eq!(
+        format_args!("CPUID {LEAF_VERSION:#x} EDX (reserved)"),
+        Hex(0),
+        Hex(version.edx)
+    );
+
+    // The SDK's view agrees.
+    check_eq!("lamina_present()", true, cpuid::lamina_present());
+    check_eq!(
+        "lamina_version()",
+        Some(abi_version()),
+        cpuid::lamina_version()
+    );
+}

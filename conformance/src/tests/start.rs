@@ -1,0 +1,314 @@
+//! Tests of the start-of-day state (docs/abi.md section 4): CPU state at entry, the boot page
+//! tables, StartInfo. They run before anything else changes that state: the conformance
+//! kernel loads its own GDT and IDT only in the tests that need them.
+
+use lamina_abi::abi_version;
+use lamina_abi::layout::{
+    BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX,
+    KERNEL_MIN_GPA, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES, STACK_BYTES, START_INFO_GPA,
+};
+use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC};
+use lamina_guest_sdk::{cmdline, start_info, start_info_gpa};
+
+use crate::framework::{Hex, check, check_eq};
+use crate::x86;
+
+/// RFLAGS bits that must be clear at entry: TF, IF, DF, IOPL, NT, AC.
+const RFLAGS_CLEAR_AT_ENTRY: u64 = 1 << 8 | 1 << 9 | 1 << 10 | 3 << 12 | 1 << 14 | 1 << 18;
+const CR0_PE: u64 = 1 << 0;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_SMEP: u64 = 1 << 20;
+const CR4_SMAP: u64 = 1 << 21;
+
+pub(super) fn entry_state_matches_spec() {
+    for (name, selector) in x86::segment_selectors() {
+        let expected = if name == "CS" {
+            BOOT_CODE_SELECTOR
+        } else {
+            BOOT_DATA_SELECTOR
+        };
+        check_eq!(
+            format_args!("{name} selector"),
+            Hex(expected),
+            Hex(selector)
+        );
+    }
+    let rflags = x86::read_rflags();
+    check_eq!(
+        "RFLAGS & (TF|IF|DF|IOPL|NT|AC)",
+        Hex(0),
+        Hex(rflags & RFLAGS_CLEAR_AT_ENTRY)
+    );
+
+    let gdtr = x86::sgdt();
+    let (gdt_base, gdt_limit) = (gdtr.base, gdtr.limit);
+    check_eq!("GDTR base", Hex(BOOT_GDT_GPA), Hex(gdt_base));
+    check!(
+        gdt_limit >= 3 * 8 - 1,
+        "GDTR limit {gdt_limit:#x} too small for null, code, data"
+    );
+    let idt_limit = x86::sidt().limit;
+    check_eq!("IDTR limit", Hex(0), Hex(idt_limit));
+
+    let cr0 = x86::read_cr0();
+    check_eq!(
+        "CR0.PE and CR0.PG",
+        Hex(CR0_PE | CR0_PG),
+        Hex(cr0 & (CR0_PE | CR0_PG))
+    );
+    let cr4 = x86::read_cr4();
+    check_eq!("CR4.PAE", Hex(CR4_PAE), Hex(cr4 & CR4_PAE));
+    check_eq!(
+        "CR4.SMEP and CR4.SMAP",
+        Hex(0),
+        Hex(cr4 & (CR4_SMEP | CR4_SMAP))
+    );
+    check_eq!(
+        "CR3 page-table base",
+        Hex(BOOT_PML4_GPA),
+        Hex(x86::read_cr3() & PAGE_ADDRESS)
+    );
+
+    let mem = start_info().mem_bytes;
+    let rsp = x86::read_rsp();
+    check!(
+        rsp < mem && rsp >= mem - STACK_BYTES,
+        "RSP {rsp:#x} outside the initial stack [{:#x}, {mem:#x})",
+        mem - STACK_BYTES
+    );
+}
+
+/// Bits 12-51 of a page-table entry or CR3: the address of the next table.
+const PAGE_ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+/// Bits 21-51 of a 2 MiB page entry: the page's address.
+const LARGE_PAGE_ADDRESS: u64 = 0x000f_ffff_ffe0_0000;
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const LARGE: u64 = 1 << 7;
+const LARGE_PAGE_BYTES: u64 = 2 << 20;
+
+/// Entry `index` of the page table at `table`.
+fn table_entry(table: u64, index: u64) -> u64 {
+    // SAFETY: the tables lie in RAM below the kernel (checked by the caller), which is
+    // identity-mapped; reading a page-table entry has no side effect.
+    unsafe { core::ptr::read_volatile((table + index * 8) as *const u64) }
+}
+
+/// Checks that the table at `table` lies among the boot structures.
+fn check_table_placement(what: &str, table: u64) -> bool {
+    check!(
+        (BOOT_PML4_GPA..KERNEL_MIN_GPA).contains(&table),
+        "{what} at {table:#x}, outside the boot area [{BOOT_PML4_GPA:#x}, {KERNEL_MIN_GPA:#x})"
+    )
+}
+
+pub(super) fn boot_page_tables_identity_map_ram() {
+    let mem = start_info().mem_bytes;
+    let pml4 = x86::read_cr3() & PAGE_ADDRESS;
+    if !check_table_placement("PML4", pml4) {
+        return;
+    }
+    let pml4e = table_entry(pml4, 0);
+    check_eq!(
+        "PML4[0] P, RW, U",
+        Hex(PRESENT | WRITABLE | USER),
+        Hex(pml4e & (PRESENT | WRITABLE | USER))
+    );
+    let pdpt = pml4e & PAGE_ADDRESS;
+    if !check_table_placement("PDPT", pdpt) {
+        return;
+    }
+    let pdpte = table_entry(pdpt, 0);
+    let wanted = PRESENT | WRITABLE | USER | LARGE;
+    check_eq!(
+        "PDPT[0] P, RW, U, PS (no 1 GiB page)",
+        Hex(wanted & !LARGE),
+        Hex(pdpte & wanted)
+    );
+    let pd = pdpte & PAGE_ADDRESS;
+    if !check_table_placement("PD", pd) {
+        return;
+    }
+    for index in 0..mem / LARGE_PAGE_BYTES {
+        let pde = table_entry(pd, index);
+        let ok = check_eq!(
+            format_args!("PD[{index}] P, RW, U, PS"),
+            Hex(wanted),
+            Hex(pde & wanted)
+        ) && check_eq!(
+            format_args!("PD[{index}] address"),
+            Hex(index * LARGE_PAGE_BYTES),
+            Hex(pde & LARGE_PAGE_ADDRESS)
+        );
+        if !ok {
+            return; // one bad entry says enough
+        }
+    }
+    check_ram_is_distinct_and_writable();
+}
+
+/// Writes a different word into every 2 MiB page of free RAM (between the image and the
+/// stack), then reads them all back: each page must be real, writable and not an alias.
+fn check_ram_is_distinct_and_writable() {
+    let info = start_info();
+    let free = info.image_end..info.mem_bytes - STACK_BYTES - 8;
+    let probe_address = |page: u64| page * LARGE_PAGE_BYTES + 0x800;
+    let pages = || {
+        (0..info.mem_bytes / LARGE_PAGE_BYTES).filter(|&page| free.contains(&probe_address(page)))
+    };
+    for page in pages() {
+        // SAFETY: the word lies in free RAM, above the image and below the stack, which no one
+        // else uses in this domain.
+        unsafe {
+            core::ptr::write_volatile(
+                probe_address(page) as *mut u64,
+                0x1a31_4a00_0000_0000 | page,
+            )
+        };
+    }
+    for page in pages() {
+        // SAFETY: as above; we wrote this word.
+        let read = unsafe { core::ptr::read_volatile(probe_address(page) as *const u64) };
+        check_eq!(
+            format_args!("word written at {:#x}", probe_address(page)),
+            Hex(0x1a31_4a00_0000_0000 | page),
+            Hex(read)
+        );
+    }
+    check!(
+        pages().count() > 0,
+        "no free 2 MiB page to write to in [{:#x}, {:#x})",
+        free.start,
+        free.end
+    );
+}
+
+unsafe extern "C" {
+    /// The ELF header, the first byte of the image (defined by the linker).
+    static __ehdr_start: u8;
+    /// The end of `.bss`, the last byte of the image (defined by the linker).
+    static _end: u8;
+}
+
+pub(super) fn start_info_fields_valid() {
+    let info = start_info();
+    check_eq!(
+        "StartInfo address (RDI at entry)",
+        Hex(START_INFO_GPA),
+        Hex(start_info_gpa())
+    );
+    check_eq!("magic", Hex(START_INFO_MAGIC), Hex(info.magic));
+    check_eq!("abi_version", Hex(abi_version()), Hex(info.abi_version));
+    check!(
+        info.domain_id >= 1,
+        "domain_id {} (domains count from 1)",
+        info.domain_id
+    );
+    check_eq!(
+        "flags other than PRIVILEGED",
+        Hex(0),
+        Hex(info.flags & !START_FLAG_PRIVILEGED)
+    );
+    check_eq!("nr_vcpus >= 1", true, info.nr_vcpus >= 1);
+    check_eq!("reserved0", 0, info.reserved0);
+    check_eq!("reserved", [0; 3], info.reserved);
+
+    let mem = info.mem_bytes;
+    check!(
+        (MEM_MIN_BYTES..=MEM_MAX_BYTES).contains(&mem) && mem.is_multiple_of(MEM_GRANULE_BYTES),
+        "mem_bytes {mem:#x} not a multiple of {MEM_GRANULE_BYTES:#x} in [{MEM_MIN_BYTES:#x}, {MEM_MAX_BYTES:#x}]"
+    );
+    check_eq!("stack_top", Hex(mem), Hex(info.stack_top));
+
+    let image_first = &raw const __ehdr_start as u64;
+    let image_last = &raw const _end as u64;
+    check_eq!(
+        "image_start (our first PT_LOAD address)",
+        Hex(image_first),
+        Hex(info.image_start)
+    );
+    check_eq!(
+        "image_end (the page above our .bss)",
+        Hex(image_last.next_multiple_of(4096)),
+        Hex(info.image_end)
+    );
+    check!(
+        info.image_start >= KERNEL_MIN_GPA,
+        "image_start {:#x} below {KERNEL_MIN_GPA:#x}",
+        info.image_start
+    );
+    check!(
+        info.image_end <= mem - STACK_BYTES,
+        "image_end {:#x} reaches into the stack at {:#x}",
+        info.image_end,
+        mem - STACK_BYTES
+    );
+
+    check_eq!("cmdline_gpa", Hex(CMDLINE_GPA), Hex(info.cmdline_gpa));
+    check!(
+        info.cmdline_len <= CMDLINE_MAX as u64,
+        "cmdline_len {} > {CMDLINE_MAX}",
+        info.cmdline_len
+    );
+    if info.cmdline_gpa == CMDLINE_GPA && info.cmdline_len <= CMDLINE_MAX as u64 {
+        // SAFETY: the command line page lies in identity-mapped RAM and nobody writes it; we
+        // read `cmdline_len` bytes and the NUL after them, inside that page.
+        let raw = unsafe {
+            core::slice::from_raw_parts(CMDLINE_GPA as *const u8, info.cmdline_len as usize + 1)
+        };
+        let (line, nul) = raw.split_at(raw.len() - 1);
+        check_eq!("byte after the command line", 0, nul[0]);
+        check_eq!(
+            "NUL bytes inside the command line",
+            0,
+            line.iter().filter(|&&b| b == 0).count()
+        );
+        check_eq!(
+            "command line as the SDK copied it",
+            line,
+            cmdline().as_bytes()
+        );
+    }
+
+    check_name(info);
+}
+
+/// The name is the first bare word of the command line, or `d<ID>` without one; NUL-padded.
+fn check_name(info: &lamina_abi::StartInfo) {
+    let name = info.name();
+    let used = info
+        .name
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(info.name.len());
+    check!(
+        !name.is_empty() && name != "?",
+        "name {:?} empty or not UTF-8",
+        info.name
+    );
+    check!(
+        info.name[used..].iter().all(|&b| b == 0),
+        "name {:?} not NUL-padded",
+        info.name
+    );
+    match lamina_guest_sdk::cmdline::first_bare_word(cmdline()) {
+        Some(word) => {
+            check!(
+                word.starts_with(name),
+                "name {name:?}, but the command line names {word:?}"
+            );
+        }
+        None => {
+            let id = name
+                .strip_prefix('d')
+                .and_then(|digits| digits.parse::<u32>().ok());
+            check_eq!(
+                format_args!("default name {name:?} as d<ID>"),
+                Some(info.domain_id),
+                id
+            );
+        }
+    }
+}

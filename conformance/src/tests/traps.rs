@@ -1,0 +1,87 @@
+//! Tests of faults (docs/abi.md 7.3 and 7.5): #GP for MSRs the hypervisor does not
+//! implement, and a triple fault that stops the domain.
+
+use core::arch::asm;
+
+use lamina_guest_sdk::println;
+
+use crate::framework::{Hex, check_eq};
+use crate::x86::idt::{self, GENERAL_PROTECTION, TrapRecord};
+
+/// Neither real nor paravirtual on Lamina: made up, Hyper-V's guest OS ID, KVM's wall clock.
+const UNIMPLEMENTED_MSRS: [u32; 3] = [0x1234_5678, 0x4000_0000, 0x4b56_4d00];
+/// RDMSR (0F 32) and WRMSR (0F 30) are two bytes long.
+const MSR_INSN_LEN: u8 = 2;
+
+/// Checks that `taken` is #GP(0) at `rip`.
+fn check_general_protection(what: core::fmt::Arguments<'_>, taken: Option<TrapRecord>, rip: u64) {
+    let Some(record) = taken else {
+        crate::framework::fail(format_args!(
+            "{what}: expected #GP, but no exception was raised"
+        ));
+        return;
+    };
+    check_eq!(
+        format_args!("{what}: exception vector"),
+        idt::exception_name(GENERAL_PROTECTION.into()),
+        idt::exception_name(record.vector.into())
+    );
+    check_eq!(
+        format_args!("{what}: error code"),
+        Hex(0),
+        Hex(record.error_code)
+    );
+    check_eq!(
+        format_args!("{what}: RIP of the fault (the instruction itself)"),
+        Hex(rip),
+        Hex(record.rip)
+    );
+}
+
+pub(super) fn unknown_msr_injects_gp() {
+    for msr in UNIMPLEMENTED_MSRS {
+        let mut rip = 0;
+        let taken = idt::expect_trap(GENERAL_PROTECTION, MSR_INSN_LEN, || {
+            // SAFETY: the MSR does not exist, so RDMSR faults and the armed handler resumes
+            // after it; should it not fault, it only reads.
+            unsafe {
+                asm!(
+                    "lea {rip}, [rip + 2f]",
+                    "2:",
+                    "rdmsr",
+                    rip = out(reg) rip,
+                    in("ecx") msr,
+                    out("eax") _,
+                    out("edx") _,
+                    options(nostack),
+                )
+            };
+        });
+        check_general_protection(format_args!("RDMSR {msr:#x}"), taken, rip);
+
+        let taken = idt::expect_trap(GENERAL_PROTECTION, MSR_INSN_LEN, || {
+            // SAFETY: as above; should the write be accepted, it writes an MSR no one uses.
+            unsafe {
+                asm!(
+                    "lea {rip}, [rip + 2f]",
+                    "2:",
+                    "wrmsr",
+                    rip = out(reg) rip,
+                    in("ecx") msr,
+                    in("eax") 0,
+                    in("edx") 0,
+                    options(nostack),
+                )
+            };
+        });
+        check_general_protection(format_args!("WRMSR {msr:#x}"), taken, rip);
+    }
+}
+
+pub(super) fn triple_fault() {
+    println!("triple_fault: loading an IDT of limit 0, then executing UD2");
+    idt::load_empty();
+    // SAFETY: the point of the test: #UD cannot be delivered, nor #GP, nor #DF, and the
+    // hypervisor must stop the domain. Should it return, `main` reports the failure.
+    unsafe { asm!("ud2", options(nomem, nostack)) };
+}

@@ -1,0 +1,116 @@
+//! Running a few instructions at CPL 3 and coming back (SDM 6.12.1 privilege changes on
+//! interrupts, 6.14.2 IRETQ frame).
+//!
+//! [`run_at_cpl3`] saves the callee-saved registers and RSP, then IRETQs to user code on a user
+//! stack with interrupts off. The user code executes a hypercall and `int USER_RETURN_VECTOR`,
+//! whose DPL 3 gate lands on the RSP0 stack of our TSS in a stub that reloads the saved RSP and
+//! returns from [`run_at_cpl3`] with the user's RAX and CS. The boot page tables set U=1 in
+//! every entry (docs/abi.md 4.2), so user code may run from the kernel image as it is.
+
+use core::arch::global_asm;
+
+use lamina_abi::Hypercall;
+use lamina_guest_sdk::hypercall::HypercallInsn;
+
+use super::gdt::{self, KERNEL_DATA, USER_CODE, USER_DATA};
+use super::{RacyCell, Stack, idt};
+
+/// The vector user code raises to come back to CPL 0.
+pub(crate) const USER_RETURN_VECTOR: u8 = 0x80;
+
+/// What the user code left in RAX and CS when it came back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct UserReturn {
+    /// RAX after the hypercall.
+    pub(crate) rax: u64,
+    /// CS while running the hypercall (its low two bits are the CPL).
+    pub(crate) cs: u64,
+}
+
+static USER_STACK: RacyCell<Stack<4096>> = RacyCell::new(Stack::new());
+
+global_asm!(
+    ".section .text.lamina_conf_user,\"ax\",@progbits",
+    // extern "sysv64" fn(rip: u64 /* RDI */, rsp: u64 /* RSI */) -> UserReturn (RAX:RDX)
+    ".global lamina_conf_enter_user",
+    "lamina_conf_enter_user:",
+    "    push rbx",
+    "    push rbp",
+    "    push r12",
+    "    push r13",
+    "    push r14",
+    "    push r15",
+    "    mov [rip + lamina_conf_kernel_rsp], rsp",
+    "    push {user_ss}",
+    "    push rsi",
+    "    push 0x2", // RFLAGS: interrupts off, IOPL 0
+    "    push {user_cs}",
+    "    push rdi",
+    "    iretq",
+    // The DPL 3 gate of USER_RETURN_VECTOR: RAX and RDX hold the user's results.
+    ".global lamina_conf_user_return",
+    "lamina_conf_user_return:",
+    "    mov rsp, [rip + lamina_conf_kernel_rsp]",
+    // Back at CPL 0 SS is null and IRETQ to CPL 3 nulled DS and ES: reload them.
+    "    mov ecx, {kernel_ds}",
+    "    mov ss, cx",
+    "    mov ds, cx",
+    "    mov es, cx",
+    "    pop r15",
+    "    pop r14",
+    "    pop r13",
+    "    pop r12",
+    "    pop rbp",
+    "    pop rbx",
+    "    ret",
+    // The user code: the version hypercall with each instruction, then back.
+    ".global lamina_conf_user_vmcall",
+    "lamina_conf_user_vmcall:",
+    "    mov eax, {version}",
+    "    vmcall",
+    "    mov rdx, cs",
+    "    int {user_return}",
+    "    ud2",
+    ".global lamina_conf_user_vmmcall",
+    "lamina_conf_user_vmmcall:",
+    "    mov eax, {version}",
+    "    vmmcall",
+    "    mov rdx, cs",
+    "    int {user_return}",
+    "    ud2",
+    ".section .bss.lamina_conf_kernel_rsp,\"aw\",@nobits",
+    ".balign 8",
+    "lamina_conf_kernel_rsp:",
+    "    .zero 8",
+    user_ss = const USER_DATA,
+    user_cs = const USER_CODE,
+    kernel_ds = const KERNEL_DATA,
+    version = const Hypercall::Version as u64,
+    user_return = const USER_RETURN_VECTOR,
+);
+
+unsafe extern "sysv64" {
+    fn lamina_conf_enter_user(rip: u64, rsp: u64) -> UserReturn;
+    fn lamina_conf_user_return();
+    fn lamina_conf_user_vmcall();
+    fn lamina_conf_user_vmmcall();
+}
+
+/// Executes the version hypercall with `insn` at CPL 3 and returns RAX and CS from there.
+pub(crate) fn version_hypercall_at_cpl3(insn: HypercallInsn) -> UserReturn {
+    gdt::install();
+    idt::set_gate(
+        USER_RETURN_VECTOR,
+        lamina_conf_user_return as *const () as u64,
+        3,
+    );
+    let code = match insn {
+        HypercallInsn::Vmcall => lamina_conf_user_vmcall as *const () as u64,
+        HypercallInsn::Vmmcall => lamina_conf_user_vmmcall as *const () as u64,
+    };
+    // SAFETY: our GDT, TSS (RSP0) and the return gate are installed; the user code only runs
+    // the hypercall and comes back through the gate, which restores every register the
+    // SysV ABI asks a callee to preserve, and RSP. The user stack is ours alone.
+    unsafe { lamina_conf_enter_user(code, USER_STACK.top()) }
+}

@@ -9,4 +9,170 @@
 extern crate alloc;
 
 pub mod common;
+#[cfg(target_os = "none")]
+pub mod hw;
 pub mod platform;
+
+#[cfg(target_os = "none")]
+mod start {
+    use crate::common::builder::{self, BOOT_GDT_LIMIT, BootParams};
+    use crate::common::config;
+    use crate::common::domain::{Domain, DomainState, Ending};
+    use crate::common::guest_memory::GuestMemory;
+    use crate::common::scheduler::{Slot, run_all};
+    use crate::hv_println;
+    use crate::hw::{self, EntryState, Vendor, Virtualization};
+    use crate::platform::multiboot::{self, BootInfo, Module};
+    use crate::platform::{cpu, exit, memory, serial};
+    use alloc::format;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+    use lamina_abi::layout::{BOOT_GDT_GPA, BOOT_PML4_GPA, START_INFO_GPA};
+
+    /// Called by the boot trampoline with GRUB's magic and boot-information address.
+    #[unsafe(no_mangle)]
+    extern "C" fn hv_entry(magic: u32, info_address: u64) -> ! {
+        serial::init(log::LevelFilter::Info);
+        cpu::init();
+        if magic != multiboot::BOOTLOADER_MAGIC {
+            fail(format_args!("not started by a Multiboot2 loader (magic {magic:#x})"));
+        }
+        // SAFETY: GRUB put the boot information at `info_address`, identity-mapped; its
+        // first word is its total size, and nothing else uses that memory.
+        let bytes = unsafe {
+            let total = (info_address as *const u32).read();
+            core::slice::from_raw_parts(info_address as *const u8, total as usize)
+        };
+        let info = match multiboot::parse(bytes) {
+            Ok(info) => info,
+            Err(error) => fail(format_args!("bad Multiboot2 information: {error:?}")),
+        };
+        log::set_max_level(log_level(info.cmdline));
+        memory::init(&info, (info_address, info_address + bytes.len() as u64));
+        log::info!(
+            "Lamina {} (ABI {}.{}): {} MiB free, {} boot module(s)",
+            env!("CARGO_PKG_VERSION"),
+            lamina_abi::ABI_VERSION_MAJOR,
+            lamina_abi::ABI_VERSION_MINOR,
+            memory::PHYS.lock().free_bytes() >> 20,
+            info.modules.len()
+        );
+        match hw::detect_vendor() {
+            Some(Vendor::Intel) => run::<hw::vmx::Vmx>(&info),
+            Some(Vendor::Amd) => run::<hw::svm::Svm>(&info),
+            None => fail(format_args!("no Intel VT-x or AMD-V on this CPU")),
+        }
+    }
+
+    fn log_level(cmdline: &str) -> log::LevelFilter {
+        let level = cmdline.split_whitespace().find_map(|t| t.strip_prefix("loglevel="));
+        level.and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info)
+    }
+
+    fn fail(why: core::fmt::Arguments<'_>) -> ! {
+        hv_println!("lamina: PANIC {why}");
+        hv_println!("lamina: result: failure");
+        exit::end_machine(false)
+    }
+
+    struct Rejected {
+        index: usize,
+        name: String,
+        why: String,
+    }
+
+    fn run<B: Virtualization>(info: &BootInfo<'_>) -> ! {
+        let mut hw = match B::enable() {
+            Ok(hw) => hw,
+            Err(error) => fail(format_args!("cannot enable {}: {error}", B::NAME)),
+        };
+        log::info!("virtualization: {}", B::NAME);
+        let mut slots: Vec<Slot<B::Vcpu>> = Vec::new();
+        let mut rejected = Vec::new();
+        for (i, module) in info.modules.iter().enumerate() {
+            let index = i + 1;
+            let id = slots.len() as u32 + 1;
+            match build_domain(&mut hw, module, index, id) {
+                Ok(slot) => {
+                    hv_println!("lamina: domain {id} {} started mem={}M", slot.domain.name, slot.domain.memory.size() >> 20);
+                    slots.push(slot);
+                }
+                Err(why) => {
+                    let name = config::name_of(module.cmdline, index);
+                    hv_println!("lamina: module {index} {name} rejected: {why}");
+                    rejected.push(Rejected { index, name, why });
+                }
+            }
+        }
+        run_all(&mut slots);
+        summarize(&slots, &rejected)
+    }
+
+    fn build_domain<B: Virtualization>(hw: &mut B, module: &Module<'_>, index: usize, id: u32) -> Result<Slot<B::Vcpu>, String> {
+        let config = config::parse(module.cmdline, index).map_err(|e| format!("{e}"))?;
+        // SAFETY: the module's bytes were taken out of the physical allocator and stay intact.
+        let elf = unsafe { core::slice::from_raw_parts(module.start as *const u8, (module.end - module.start) as usize) };
+        let ram = memory::allocate_zeroed(config.mem_bytes, lamina_abi::layout::MEM_GRANULE_BYTES)
+            .ok_or_else(|| format!("not enough memory for mem={}M", config.mem_bytes >> 20))?;
+        // SAFETY: `ram` is a fresh allocation of `mem_bytes`, owned by this domain from now on.
+        let memory = unsafe { GuestMemory::new(ram as *mut u8, config.mem_bytes) };
+        let built = builder::load_kernel(elf, &memory).and_then(|image| {
+            let params = BootParams { domain_id: id, name: &config.name, cmdline: module.cmdline, privileged: false };
+            builder::write_boot_structures(&memory, &image, &params).map(|()| image)
+        });
+        let image = match built {
+            Ok(image) => image,
+            Err(error) => {
+                memory::release(ram, config.mem_bytes);
+                return Err(format!("{error}"));
+            }
+        };
+        let entry = EntryState {
+            rip: image.entry,
+            rsp: memory.size(),
+            rdi: START_INFO_GPA,
+            cr3: BOOT_PML4_GPA,
+            gdt: (BOOT_GDT_GPA, BOOT_GDT_LIMIT),
+            tlb_tag: id as u16,
+        };
+        let vcpu = match hw.create_vcpu(&memory, &entry) {
+            Ok(vcpu) => vcpu,
+            Err(error) => {
+                memory::release(ram, config.mem_bytes);
+                return Err(format!("{error}"));
+            }
+        };
+        Ok(Slot { domain: Domain::new(id, config.name, memory), vcpu })
+    }
+
+    fn summarize<V>(slots: &[Slot<V>], rejected: &[Rejected]) -> ! {
+        hv_println!("lamina: summary");
+        let mut success = !slots.is_empty() && rejected.is_empty();
+        for slot in slots {
+            let d = &slot.domain;
+            let ending = match &d.state {
+                DomainState::Ended(ending) => ending,
+                DomainState::Runnable => &Ending::Fault(String::from("still running")),
+            };
+            success &= *ending == Ending::Poweroff;
+            let mut counts = String::new();
+            let _ = d.stats.write_summary(&mut counts);
+            hv_println!("lamina: domain {} {} end={} exits={}{}", d.id, d.name, ending.word(), d.stats.total(), counts);
+        }
+        for r in rejected {
+            hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);
+        }
+        hv_println!("lamina: result: {}", if success { "success" } else { "failure" });
+        exit::end_machine(success)
+    }
+
+    #[panic_handler]
+    fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+        // SAFETY: the machine stops after this; taking the port over avoids a deadlock when
+        // the panic happened while printing.
+        unsafe { serial::SERIAL.force_unlock() };
+        hv_println!("lamina: PANIC {info}");
+        hv_println!("lamina: result: failure");
+        exit::end_machine(false)
+    }
+}

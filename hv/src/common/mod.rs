@@ -10,6 +10,7 @@ pub mod guest_memory;
 pub mod guest_paging;
 pub mod hypercall;
 pub mod output;
+pub mod scheduler;
 pub mod stats;
 pub mod uart;
 pub mod vcpu;

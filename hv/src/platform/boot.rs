@@ -82,8 +82,9 @@ _start:
     or eax, 0x80010021      /* PG | WP | NE | PE */
     mov cr0, eax
     lgdt [boot_gdt_pointer]
+    mov eax, offset long_mode_entry
     push 0x08
-    push offset long_mode_entry
+    push eax
     retf
 
     .code64

@@ -106,6 +106,13 @@ pub fn init() {
     unsafe { lidt(&pointer) };
 }
 
+/// The hypervisor's task register: selector and TSS base (for the VMCS host state).
+pub fn task_register() -> (u16, u64) {
+    let selector = TABLES.get().map_or(0, |t| t.tss.0);
+    let base = TSS.get().map_or(0, |tss| tss as *const TaskStateSegment as u64);
+    (selector, base)
+}
+
 /// What the exception stubs push, lowest address first.
 #[repr(C)]
 #[derive(Debug)]

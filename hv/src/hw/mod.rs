@@ -1,0 +1,118 @@
+//! The two hardware backends and what they share.
+//!
+//! `vmx` (Intel VT-x: VMX, EPT, VPID) and `svm` (AMD-V: SVM, NPT, ASID) mirror each other file
+//! for file; one is chosen at run time from CPUID, so a single image runs on both. Each fills
+//! the [`Virtualization`] trait; nothing outside this folder knows which vendor is underneath.
+
+pub mod nested_paging;
+pub mod svm;
+pub mod vmx;
+
+use crate::common::guest_memory::GuestMemory;
+use crate::common::vcpu::VirtualCpu;
+use core::fmt;
+
+/// The CPU's virtualization extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    /// Intel VT-x.
+    Intel,
+    /// AMD-V.
+    Amd,
+}
+
+/// Why the hardware could not be used.
+#[derive(Debug)]
+pub enum HwError {
+    /// The CPU lacks a feature Lamina needs.
+    Missing(&'static str),
+    /// Firmware disabled or locked the extension.
+    Disabled(&'static str),
+    /// A VMX instruction failed; the VM-instruction error number, if any.
+    VmxInstruction(&'static str, u64),
+    /// No physical memory for control structures or page tables.
+    OutOfMemory,
+}
+
+impl fmt::Display for HwError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HwError::Missing(what) => write!(f, "the CPU has no {what}"),
+            HwError::Disabled(what) => write!(f, "{what} is disabled by firmware"),
+            HwError::VmxInstruction(what, error) => write!(f, "{what} failed (VM-instruction error {error})"),
+            HwError::OutOfMemory => write!(f, "out of memory for virtualization structures"),
+        }
+    }
+}
+
+/// The architectural state a vCPU starts in (docs/abi.md, "Start of day").
+#[derive(Clone, Copy, Debug)]
+pub struct EntryState {
+    /// First instruction.
+    pub rip: u64,
+    /// Initial stack pointer.
+    pub rsp: u64,
+    /// First argument register: the start-info address.
+    pub rdi: u64,
+    /// Root of the guest's boot page tables.
+    pub cr3: u64,
+    /// Boot GDT base and limit.
+    pub gdt: (u64, u16),
+    /// TLB tag of the domain (VPID or ASID), never 0.
+    pub tlb_tag: u16,
+}
+
+/// A virtualization extension, enabled on the current CPU.
+pub trait Virtualization: Sized {
+    /// The backend's vCPU.
+    type Vcpu: VirtualCpu;
+    /// Human-readable name ("Intel VT-x", "AMD-V").
+    const NAME: &'static str;
+
+    /// Checks the CPU's features and turns the extension on for this CPU.
+    fn enable() -> Result<Self, HwError>;
+
+    /// Builds a vCPU for a domain with RAM `memory`, mapped through its own nested page table.
+    fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<Self::Vcpu, HwError>;
+}
+
+/// Detects the vendor's virtualization extension from CPUID.
+pub fn detect_vendor() -> Option<Vendor> {
+    let leaf0 = core::arch::x86_64::__cpuid(0);
+    let mut vendor = [0u8; 12];
+    vendor[..4].copy_from_slice(&leaf0.ebx.to_le_bytes());
+    vendor[4..8].copy_from_slice(&leaf0.edx.to_le_bytes());
+    vendor[8..].copy_from_slice(&leaf0.ecx.to_le_bytes());
+    match &vendor {
+        b"GenuineIntel" => Some(Vendor::Intel),
+        b"AuthenticAMD" => Some(Vendor::Amd),
+        _ => {
+            // Emulators may report another vendor string; go by the feature bits instead.
+            let vmx = core::arch::x86_64::__cpuid(1).ecx & (1 << 5) != 0;
+            let svm = core::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 2) != 0;
+            match (vmx, svm) {
+                (true, _) => Some(Vendor::Intel),
+                (_, true) => Some(Vendor::Amd),
+                _ => None,
+            }
+        }
+    }
+}
+
+/// Reads an MSR.
+///
+/// # Safety
+/// `msr` must exist on this CPU (otherwise #GP in the hypervisor).
+pub unsafe fn rdmsr(msr: u32) -> u64 {
+    // SAFETY: the caller guarantees the MSR exists.
+    unsafe { x86_64::registers::model_specific::Msr::new(msr).read() }
+}
+
+/// Writes an MSR.
+///
+/// # Safety
+/// `msr` must exist and `value` must be valid for it; the write must not break the hypervisor.
+pub unsafe fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller guarantees the MSR and value are valid.
+    unsafe { x86_64::registers::model_specific::Msr::new(msr).write(value) }
+}

@@ -1,0 +1,79 @@
+//! AMD-V: SVM with nested paging (NPT) and ASIDs (AMD APM Vol. 2, chapter 15).
+//!
+//! Enabling sets EFER.SVME and the host save area (15.4, 15.30.4); each vCPU gets a VMCB,
+//! an I/O and an MSR permission map that intercept everything, and its own ASID. Under QEMU
+//! TCG there is no NRIP-save, so the next RIP is computed from the exit kind.
+
+mod npt;
+mod vcpu;
+mod vmcb;
+
+use crate::common::guest_memory::GuestMemory;
+use crate::hw::nested_paging::NestedPageTable;
+use crate::hw::{EntryState, HwError, Virtualization, rdmsr, wrmsr};
+use crate::platform::memory;
+pub use vcpu::SvmVcpu;
+
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_VM_CR: u32 = 0xc001_0114;
+const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
+const EFER_SVME: u64 = 1 << 12;
+const VM_CR_SVMDIS: u64 = 1 << 4;
+
+/// SVM enabled on this CPU.
+pub struct Svm {
+    /// Page where VMSAVE keeps the host's FS/GS/TR/LDTR and syscall MSRs while a guest runs.
+    host_state_vmcb: u64,
+    /// Permission maps shared by all vCPUs: every port and every MSR is intercepted.
+    io_permission_map: u64,
+    msr_permission_map: u64,
+    asids: u32,
+}
+
+impl Virtualization for Svm {
+    type Vcpu = SvmVcpu;
+    const NAME: &'static str = "AMD-V (SVM + NPT)";
+
+    fn enable() -> Result<Self, HwError> {
+        use core::arch::x86_64::__cpuid;
+        if __cpuid(0x8000_0001).ecx & (1 << 2) == 0 {
+            return Err(HwError::Missing("SVM"));
+        }
+        let svm_features = __cpuid(0x8000_000a);
+        if svm_features.edx & 1 == 0 {
+            return Err(HwError::Missing("nested paging (NPT)"));
+        }
+        // SAFETY: VM_CR exists on every CPU with SVM (APM Vol. 2 15.30.1).
+        if unsafe { rdmsr(MSR_VM_CR) } & VM_CR_SVMDIS != 0 {
+            return Err(HwError::Disabled("SVM"));
+        }
+        let host_save_area = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        let host_state_vmcb = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        let io_permission_map = memory::allocate_zeroed(0x3000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        let msr_permission_map = memory::allocate_zeroed(0x2000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        // SAFETY: both maps were just allocated with these sizes and are ours alone.
+        unsafe {
+            core::ptr::write_bytes(io_permission_map as *mut u8, 0xff, 0x3000);
+            core::ptr::write_bytes(msr_permission_map as *mut u8, 0xff, 0x2000);
+        }
+        // SAFETY: SVM is present and not disabled; the host save area is a fresh page.
+        unsafe {
+            wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
+            wrmsr(MSR_VM_HSAVE_PA, host_save_area);
+            // The world switch VMLOADs this page after every exit: it must hold the host's
+            // own FS, GS, TR, LDTR and syscall MSRs.
+            core::arch::asm!("vmsave rax", in("rax") host_state_vmcb);
+        }
+        log::info!("SVM on: {} ASIDs, NRIP-save {}", svm_features.ebx, svm_features.edx & (1 << 3) != 0);
+        Ok(Svm { host_state_vmcb, io_permission_map, msr_permission_map, asids: svm_features.ebx })
+    }
+
+    fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<SvmVcpu, HwError> {
+        if u32::from(entry.tlb_tag) >= self.asids {
+            return Err(HwError::Missing("a free ASID"));
+        }
+        let mut npt = NestedPageTable::<npt::Npt>::new()?;
+        npt.map_large(0, memory.host_base(), memory.size())?;
+        SvmVcpu::new(npt, self, entry)
+    }
+}

@@ -1,0 +1,325 @@
+//! An SVM vCPU: VMCB set-up for a 64-bit guest, the VMRUN world switch, and the translation
+//! of #VMEXIT codes (AMD APM Vol. 2, Appendix C) into [`VmExit`].
+
+use super::npt::Npt;
+use super::vmcb::{self, Vmcb};
+use super::{EFER_SVME, Svm};
+use crate::common::guest_paging::PagingMode;
+use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
+use crate::hw::nested_paging::NestedPageTable;
+use crate::hw::{EntryState, HwError};
+use crate::platform::memory;
+use core::arch::global_asm;
+use core::fmt;
+
+mod exit_code {
+    pub(super) const EXCEPTION_UD: u64 = 0x46;
+    pub(super) const INTR: u64 = 0x60;
+    pub(super) const CPUID: u64 = 0x72;
+    pub(super) const HLT: u64 = 0x78;
+    pub(super) const IOIO: u64 = 0x7b;
+    pub(super) const MSR: u64 = 0x7c;
+    pub(super) const SHUTDOWN: u64 = 0x7f;
+    pub(super) const VMRUN: u64 = 0x80;
+    pub(super) const VMMCALL: u64 = 0x81;
+    pub(super) const SKINIT: u64 = 0x86;
+    pub(super) const NPF: u64 = 0x400;
+}
+
+// Intercept bits (APM Vol. 2, Table B-1).
+const MISC1_INTR: u32 = 1 << 0;
+const MISC1_CPUID: u32 = 1 << 18;
+const MISC1_HLT: u32 = 1 << 24;
+const MISC1_IOIO: u32 = 1 << 27;
+const MISC1_MSR: u32 = 1 << 28;
+const MISC1_SHUTDOWN: u32 = 1 << 31;
+/// VMRUN (mandatory), VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
+const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
+
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const CR0_PG: u64 = 1 << 31;
+
+/// A guest vCPU on AMD-V.
+pub struct SvmVcpu {
+    vmcb: Vmcb,
+    regs: GuestRegisters,
+    host_state_vmcb: u64,
+    /// Length of the instruction behind the last exit (0: not an instruction exit).
+    instruction_len: u64,
+    /// Next RIP reported by an IOIO exit (EXITINFO2).
+    io_next_rip: u64,
+    _npt: NestedPageTable<Npt>,
+}
+
+unsafe extern "C" {
+    /// Loads the guest registers, runs the guest, stores them back (assembly below).
+    fn svm_world_switch(regs: *mut GuestRegisters, guest_vmcb: u64, host_vmcb: u64);
+}
+
+impl SvmVcpu {
+    pub(super) fn new(npt: NestedPageTable<Npt>, svm: &Svm, entry: &EntryState) -> Result<Self, HwError> {
+        let page = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        // SAFETY: a fresh zeroed page owned by this vCPU.
+        let mut v = unsafe { Vmcb::new(page) };
+        v.write(vmcb::INTERCEPT_EXCEPTIONS, 1u32 << vector::INVALID_OPCODE);
+        v.write(vmcb::INTERCEPT_MISC1, MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN);
+        v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS);
+        v.write(vmcb::IOPM_BASE, svm.io_permission_map);
+        v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
+        v.write(vmcb::GUEST_ASID, u32::from(entry.tlb_tag));
+        v.write(vmcb::TLB_CONTROL, 1u8); // flush everything on the first run
+        v.write(vmcb::NP_ENABLE, 1u64);
+        v.write(vmcb::N_CR3, npt.root());
+
+        // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
+        let (code, data) = (lamina_abi::layout::BOOT_CODE_SELECTOR, lamina_abi::layout::BOOT_DATA_SELECTOR);
+        v.write_segment(vmcb::CS, code, 0x029b, 0xffff_ffff, 0);
+        for seg in [vmcb::DS, vmcb::ES, vmcb::SS, vmcb::FS, vmcb::GS] {
+            v.write_segment(seg, data, 0x0c93, 0xffff_ffff, 0);
+        }
+        v.write_segment(vmcb::TR, 0, 0x008b, 0x67, 0);
+        v.write_segment(vmcb::LDTR, 0, 0x0082, 0, 0);
+        v.write_segment(vmcb::GDTR, 0, 0, u32::from(entry.gdt.1), entry.gdt.0);
+        v.write_segment(vmcb::IDTR, 0, 0, 0, 0);
+        v.write(vmcb::CPL, 0u8);
+        v.write(vmcb::EFER, EFER_LME | EFER_LMA | EFER_SVME);
+        v.write(vmcb::CR0, 0x8001_0033u64); // PG WP NE ET MP PE
+        v.write(vmcb::CR3, entry.cr3);
+        v.write(vmcb::CR4, 0x0620u64); // OSXMMEXCPT OSFXSR PAE
+        v.write(vmcb::DR6, 0xffff_0ff0u64);
+        v.write(vmcb::DR7, 0x400u64);
+        v.write(vmcb::RFLAGS, 0x2u64);
+        v.write(vmcb::RIP, entry.rip);
+        v.write(vmcb::RSP, entry.rsp);
+        v.write(vmcb::G_PAT, 0x0007_0406_0007_0406u64);
+        let mut regs = GuestRegisters::default();
+        regs.gpr[reg::RDI] = entry.rdi;
+        Ok(SvmVcpu { vmcb: v, regs, host_state_vmcb: svm.host_state_vmcb, instruction_len: 0, io_next_rip: 0, _npt: npt })
+    }
+
+    fn enter(&mut self) {
+        self.vmcb.write(vmcb::RAX, self.regs.gpr[reg::RAX]);
+        // SAFETY: the VMCB is valid for a 64-bit guest, its nested page table maps only this
+        // domain's RAM, and the host VMCB page was given to this CPU by `Svm::enable`.
+        unsafe { svm_world_switch(&mut self.regs, self.vmcb.address(), self.host_state_vmcb) };
+        self.regs.gpr[reg::RAX] = self.vmcb.read(vmcb::RAX);
+        self.vmcb.write(vmcb::TLB_CONTROL, 0u8);
+    }
+}
+
+impl VirtualCpu for SvmVcpu {
+    fn run(&mut self) -> VmExit {
+        loop {
+            self.enter();
+            let code: u64 = self.vmcb.read(vmcb::EXIT_CODE);
+            let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
+            let info2: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
+            self.instruction_len = 0;
+            let exit = match code {
+                exit_code::VMMCALL => {
+                    self.instruction_len = 3;
+                    VmExit::Hypercall
+                }
+                exit_code::CPUID => {
+                    self.instruction_len = 2;
+                    VmExit::Cpuid
+                }
+                exit_code::HLT => {
+                    self.instruction_len = 1;
+                    VmExit::Hlt
+                }
+                exit_code::MSR => {
+                    self.instruction_len = 2;
+                    if info1 & 1 == 0 { VmExit::MsrRead } else { VmExit::MsrWrite }
+                }
+                // EXITINFO1: bit 0 IN, bit 2 string, bits 4-6 size, bits 16-31 port (APM 15.10.2).
+                exit_code::IOIO if info1 & (1 << 2) == 0 => {
+                    self.io_next_rip = info2;
+                    let size = ((info1 >> 4) & 0x7) as u8;
+                    VmExit::Io { port: (info1 >> 16) as u16, size, write: info1 & 1 == 0 }
+                }
+                exit_code::EXCEPTION_UD => VmExit::InvalidOpcode,
+                exit_code::INTR => VmExit::ExternalInterrupt,
+                exit_code::SHUTDOWN => VmExit::TripleFault,
+                exit_code::NPF => VmExit::NestedPageFault { gpa: info2, write: info1 & (1 << 1) != 0 },
+                exit_code::VMRUN..=exit_code::SKINIT => {
+                    // SVM instructions are not offered to guests: they see #UD.
+                    self.inject_exception(vector::INVALID_OPCODE, None);
+                    continue;
+                }
+                _ => VmExit::Unexpected { code, info1, info2 },
+            };
+            return exit;
+        }
+    }
+
+    fn regs(&mut self) -> &mut GuestRegisters {
+        &mut self.regs
+    }
+
+    fn rip(&self) -> u64 {
+        self.vmcb.read(vmcb::RIP)
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.vmcb.write(vmcb::RIP, rip);
+    }
+
+    fn skip_instruction(&mut self) {
+        // No NRIP-save under QEMU TCG: IOIO exits carry the next RIP, the rest have fixed lengths.
+        let code: u64 = self.vmcb.read(vmcb::EXIT_CODE);
+        let next = if code == exit_code::IOIO { self.io_next_rip } else { self.rip() + self.instruction_len };
+        self.set_rip(next);
+    }
+
+    fn cpl(&self) -> u8 {
+        self.vmcb.read(vmcb::CPL)
+    }
+
+    fn paging_mode(&self) -> PagingMode {
+        let cr0: u64 = self.vmcb.read(vmcb::CR0);
+        let efer: u64 = self.vmcb.read(vmcb::EFER);
+        PagingMode { paging: cr0 & CR0_PG != 0, long_mode: efer & EFER_LMA != 0, cr3: self.vmcb.read(vmcb::CR3) }
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        // EVENTINJ: vector, type 3 (exception), EV, V (APM Vol. 2 15.20).
+        let mut event = u64::from(vector) | (3 << 8) | (1 << 31);
+        if let Some(code) = error_code {
+            event |= (1 << 11) | (u64::from(code) << 32);
+        }
+        self.vmcb.write(vmcb::EVENT_INJECTION, event);
+    }
+
+    fn read_msr(&self, msr: ArchMsr) -> u64 {
+        let v = &self.vmcb;
+        match msr {
+            ArchMsr::Tsc => {
+                // SAFETY: RDTSC has no side effects; guests run with TSC offset 0.
+                unsafe { core::arch::x86_64::_rdtsc() }
+            }
+            ArchMsr::Efer => v.read::<u64>(vmcb::EFER) & !EFER_SVME,
+            ArchMsr::FsBase => v.read(vmcb::FS + vmcb::SEGMENT_BASE),
+            ArchMsr::GsBase => v.read(vmcb::GS + vmcb::SEGMENT_BASE),
+            ArchMsr::KernelGsBase => v.read(vmcb::KERNEL_GS_BASE),
+            ArchMsr::Star => v.read(vmcb::STAR),
+            ArchMsr::Lstar => v.read(vmcb::LSTAR),
+            ArchMsr::Cstar => v.read(vmcb::CSTAR),
+            ArchMsr::Sfmask => v.read(vmcb::SFMASK),
+            ArchMsr::SysenterCs => v.read(vmcb::SYSENTER_CS),
+            ArchMsr::SysenterEsp => v.read(vmcb::SYSENTER_ESP),
+            ArchMsr::SysenterEip => v.read(vmcb::SYSENTER_EIP),
+            ArchMsr::Pat => v.read(vmcb::G_PAT),
+        }
+    }
+
+    fn write_msr(&mut self, msr: ArchMsr, value: u64) {
+        let field = match msr {
+            ArchMsr::Tsc => return,
+            // SVME stays set under a guest (APM Vol. 2 15.5.1); the guest never sees it.
+            ArchMsr::Efer => return self.vmcb.write(vmcb::EFER, value | EFER_SVME),
+            ArchMsr::FsBase => vmcb::FS + vmcb::SEGMENT_BASE,
+            ArchMsr::GsBase => vmcb::GS + vmcb::SEGMENT_BASE,
+            ArchMsr::KernelGsBase => vmcb::KERNEL_GS_BASE,
+            ArchMsr::Star => vmcb::STAR,
+            ArchMsr::Lstar => vmcb::LSTAR,
+            ArchMsr::Cstar => vmcb::CSTAR,
+            ArchMsr::Sfmask => vmcb::SFMASK,
+            ArchMsr::SysenterCs => vmcb::SYSENTER_CS,
+            ArchMsr::SysenterEsp => vmcb::SYSENTER_ESP,
+            ArchMsr::SysenterEip => vmcb::SYSENTER_EIP,
+            ArchMsr::Pat => vmcb::G_PAT,
+        };
+        self.vmcb.write(field, value);
+    }
+
+    fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        let v = &self.vmcb;
+        write!(
+            out,
+            "svm: exitcode={:#x} exitinfo1={:#x} exitinfo2={:#x} exitintinfo={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rsp={:#x} rflags={:#x} cpl={} cs={:#x}",
+            v.read::<u64>(vmcb::EXIT_CODE),
+            v.read::<u64>(vmcb::EXIT_INFO1),
+            v.read::<u64>(vmcb::EXIT_INFO2),
+            v.read::<u64>(vmcb::EXIT_INT_INFO),
+            v.read::<u64>(vmcb::CR0),
+            v.read::<u64>(vmcb::CR3),
+            v.read::<u64>(vmcb::CR4),
+            v.read::<u64>(vmcb::EFER),
+            v.read::<u64>(vmcb::RSP),
+            v.read::<u64>(vmcb::RFLAGS),
+            v.read::<u8>(vmcb::CPL),
+            v.read::<u16>(vmcb::CS),
+        )
+    }
+}
+
+// The world switch (APM Vol. 2 15.5): VMRUN saves and restores the host's RSP, RIP, RAX and
+// control state itself; the other general registers are ours to switch. VMLOAD/VMSAVE move
+// the guest's FS, GS, TR, LDTR and syscall MSRs in and out, and a final VMLOAD puts the
+// host's back. GIF stays clear across the switch so no host interrupt lands in between.
+global_asm!(
+    r#"
+    .section .text
+    .global svm_world_switch
+svm_world_switch:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdx                /* host VMCB */
+    push rdi                /* guest registers */
+    push rsi                /* guest VMCB */
+    mov rax, rdi
+    mov rcx, [rax + 8]
+    mov rdx, [rax + 16]
+    mov rbx, [rax + 24]
+    mov rbp, [rax + 40]
+    mov rsi, [rax + 48]
+    mov rdi, [rax + 56]
+    mov r8, [rax + 64]
+    mov r9, [rax + 72]
+    mov r10, [rax + 80]
+    mov r11, [rax + 88]
+    mov r12, [rax + 96]
+    mov r13, [rax + 104]
+    mov r14, [rax + 112]
+    mov r15, [rax + 120]
+    mov rax, [rsp]
+    clgi
+    vmload rax
+    vmrun rax
+    vmsave rax
+    push rdi
+    mov rdi, [rsp + 16]
+    mov [rdi + 8], rcx
+    mov [rdi + 16], rdx
+    mov [rdi + 24], rbx
+    mov [rdi + 40], rbp
+    mov [rdi + 48], rsi
+    mov [rdi + 64], r8
+    mov [rdi + 72], r9
+    mov [rdi + 80], r10
+    mov [rdi + 88], r11
+    mov [rdi + 96], r12
+    mov [rdi + 104], r13
+    mov [rdi + 112], r14
+    mov [rdi + 120], r15
+    pop rax
+    mov [rdi + 56], rax
+    add rsp, 16
+    pop rax                 /* host VMCB */
+    vmload rax
+    stgi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+"#
+);

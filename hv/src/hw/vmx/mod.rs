@@ -1,0 +1,124 @@
+//! Intel VT-x: VMX with EPT and VPID (Intel SDM Vol. 3C, chapters 24-29).
+//!
+//! Enabling follows SDM 24.7 ("Enabling and Entering VMX Operation"): IA32_FEATURE_CONTROL,
+//! the CR0/CR4 fixed bits, a VMXON region with the revision identifier. Each vCPU has its own
+//! VMCS, EPT and VPID. Controls are adjusted against the capability MSRs (SDM Appendix A), so
+//! a required control the CPU cannot provide is reported instead of failing VM entry.
+
+mod ept;
+mod vcpu;
+mod vmcs;
+
+use crate::common::guest_memory::GuestMemory;
+use crate::hw::nested_paging::NestedPageTable;
+use crate::hw::{EntryState, HwError, Virtualization, rdmsr, wrmsr};
+use crate::platform::memory;
+use core::arch::asm;
+pub use vcpu::VmxVcpu;
+
+const MSR_FEATURE_CONTROL: u32 = 0x3a;
+const MSR_VMX_BASIC: u32 = 0x480;
+const MSR_VMX_PINBASED: u32 = 0x481;
+const MSR_VMX_PROCBASED: u32 = 0x482;
+const MSR_VMX_EXIT: u32 = 0x483;
+const MSR_VMX_ENTRY: u32 = 0x484;
+const MSR_VMX_CR0_FIXED0: u32 = 0x486;
+const MSR_VMX_CR0_FIXED1: u32 = 0x487;
+const MSR_VMX_CR4_FIXED0: u32 = 0x488;
+const MSR_VMX_CR4_FIXED1: u32 = 0x489;
+const MSR_VMX_PROCBASED2: u32 = 0x48b;
+const MSR_VMX_TRUE_PINBASED: u32 = 0x48d;
+const MSR_VMX_TRUE_PROCBASED: u32 = 0x48e;
+const MSR_VMX_TRUE_EXIT: u32 = 0x48f;
+const MSR_VMX_TRUE_ENTRY: u32 = 0x490;
+
+const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
+const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
+const CR4_VMXE: u64 = 1 << 13;
+
+/// The controls this CPU accepts, read once from the capability MSRs.
+#[derive(Clone, Copy)]
+struct ControlCapabilities {
+    revision: u32,
+    pin: u64,
+    primary: u64,
+    secondary: u64,
+    exit: u64,
+    entry: u64,
+    cr0_fixed: (u64, u64),
+    cr4_fixed: (u64, u64),
+}
+
+/// Applies a capability MSR (allowed-0 settings low, allowed-1 high) to `wanted`; `Err` when a
+/// wanted bit cannot be set.
+fn adjust(capability: u64, wanted: u32, what: &'static str) -> Result<u32, HwError> {
+    let must_be_one = capability as u32;
+    let may_be_one = (capability >> 32) as u32;
+    if wanted & !may_be_one != 0 {
+        return Err(HwError::Missing(what));
+    }
+    Ok((wanted | must_be_one) & may_be_one)
+}
+
+/// VMX operation on this CPU.
+pub struct Vmx {
+    caps: ControlCapabilities,
+}
+
+impl Virtualization for Vmx {
+    type Vcpu = VmxVcpu;
+    const NAME: &'static str = "Intel VT-x (VMX + EPT + VPID)";
+
+    fn enable() -> Result<Self, HwError> {
+        if core::arch::x86_64::__cpuid(1).ecx & (1 << 5) == 0 {
+            return Err(HwError::Missing("VMX"));
+        }
+        // SAFETY: every MSR read here is architectural on a CPU that reports VMX.
+        let caps = unsafe {
+            let feature_control = rdmsr(MSR_FEATURE_CONTROL);
+            if feature_control & FEATURE_CONTROL_LOCKED == 0 {
+                wrmsr(MSR_FEATURE_CONTROL, feature_control | FEATURE_CONTROL_LOCKED | FEATURE_CONTROL_VMX_OUTSIDE_SMX);
+            } else if feature_control & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
+                return Err(HwError::Disabled("VMX (IA32_FEATURE_CONTROL locked without it)"));
+            }
+            let basic = rdmsr(MSR_VMX_BASIC);
+            let true_controls = basic & (1 << 55) != 0;
+            let pick = |plain, true_msr| if true_controls { rdmsr(true_msr) } else { rdmsr(plain) };
+            let primary = pick(MSR_VMX_PROCBASED, MSR_VMX_TRUE_PROCBASED);
+            let secondary = if primary >> 32 & (1 << 31) != 0 { rdmsr(MSR_VMX_PROCBASED2) } else { 0 };
+            ControlCapabilities {
+                revision: basic as u32 & 0x7fff_ffff,
+                pin: pick(MSR_VMX_PINBASED, MSR_VMX_TRUE_PINBASED),
+                primary,
+                secondary,
+                exit: pick(MSR_VMX_EXIT, MSR_VMX_TRUE_EXIT),
+                entry: pick(MSR_VMX_ENTRY, MSR_VMX_TRUE_ENTRY),
+                cr0_fixed: (rdmsr(MSR_VMX_CR0_FIXED0), rdmsr(MSR_VMX_CR0_FIXED1)),
+                cr4_fixed: (rdmsr(MSR_VMX_CR4_FIXED0), rdmsr(MSR_VMX_CR4_FIXED1)),
+            }
+        };
+        let vmxon_region = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        // SAFETY: the region is a fresh page; CR0/CR4 get only the bits VMX operation requires
+        // (SDM 24.8), which the hypervisor's own code does not depend on.
+        unsafe {
+            (vmxon_region as *mut u32).write(caps.revision);
+            let cr0 = x86_64::registers::control::Cr0::read_raw();
+            x86_64::registers::control::Cr0::write_raw((cr0 | caps.cr0_fixed.0) & caps.cr0_fixed.1);
+            let cr4 = x86_64::registers::control::Cr4::read_raw();
+            x86_64::registers::control::Cr4::write_raw((cr4 | CR4_VMXE | caps.cr4_fixed.0) & caps.cr4_fixed.1);
+            let failed: u8;
+            asm!("vmxon [{}]", "setna {}", in(reg) &vmxon_region, out(reg_byte) failed);
+            if failed != 0 {
+                return Err(HwError::VmxInstruction("VMXON", 0));
+            }
+        }
+        log::info!("VMX on: VMCS revision {:#x}", caps.revision);
+        Ok(Vmx { caps })
+    }
+
+    fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<VmxVcpu, HwError> {
+        let mut ept = NestedPageTable::<ept::Ept>::new()?;
+        ept.map_large(0, memory.host_base(), memory.size())?;
+        VmxVcpu::new(ept, &self.caps, entry)
+    }
+}

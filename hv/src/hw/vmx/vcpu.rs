@@ -1,0 +1,543 @@
+//! A VMX vCPU: VMCS set-up for a 64-bit guest (Intel SDM Vol. 3C 26.3 lists the checks it
+//! must pass), the VMLAUNCH/VMRESUME world switch, and the translation of exit reasons (SDM
+//! Vol. 3D Appendix C) into [`VmExit`]. Control-register writes are handled here: they exist
+//! only because VMX fixes some CR0/CR4 bits.
+
+use super::ept::{Ept, eptp};
+use super::vmcs::{self, read, write, write_unchecked};
+use super::{ControlCapabilities, adjust};
+use crate::common::guest_paging::PagingMode;
+use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
+use crate::hw::nested_paging::NestedPageTable;
+use crate::hw::{EntryState, HwError, rdmsr, wrmsr};
+use crate::platform::memory;
+use core::arch::{asm, global_asm};
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+mod reason {
+    pub(super) const EXCEPTION_OR_NMI: u64 = 0;
+    pub(super) const EXTERNAL_INTERRUPT: u64 = 1;
+    pub(super) const TRIPLE_FAULT: u64 = 2;
+    pub(super) const CPUID: u64 = 10;
+    pub(super) const HLT: u64 = 12;
+    pub(super) const VMCALL: u64 = 18;
+    pub(super) const VMCLEAR: u64 = 19;
+    pub(super) const VMXON: u64 = 27;
+    pub(super) const CR_ACCESS: u64 = 28;
+    pub(super) const IO: u64 = 30;
+    pub(super) const RDMSR: u64 = 31;
+    pub(super) const WRMSR: u64 = 32;
+    pub(super) const EPT_VIOLATION: u64 = 48;
+    pub(super) const INVEPT: u64 = 50;
+    pub(super) const INVVPID: u64 = 53;
+}
+
+// Controls (SDM Vol. 3C 25.6, 25.7, 25.8).
+const PRIMARY_HLT_EXITING: u32 = 1 << 7;
+const PRIMARY_UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
+const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
+const SECONDARY_ENABLE_EPT: u32 = 1 << 1;
+const SECONDARY_ENABLE_RDTSCP: u32 = 1 << 3;
+const SECONDARY_ENABLE_VPID: u32 = 1 << 5;
+const EXIT_HOST_64BIT: u32 = 1 << 9;
+const EXIT_SAVE_EFER: u32 = 1 << 20;
+const EXIT_LOAD_EFER: u32 = 1 << 21;
+const ENTRY_IA32E_GUEST: u32 = 1 << 9;
+const ENTRY_LOAD_EFER: u32 = 1 << 15;
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_TS: u64 = 1 << 3;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_VMXE: u64 = 1 << 13;
+const EFER_LMA: u64 = 1 << 10;
+const MSR_EFER: u32 = 0xc000_0080;
+/// The syscall MSRs VMX does not switch; loaded by hand when another vCPU's VMCS becomes current.
+const SWITCHED_MSRS: [(ArchMsr, u32); 5] = [
+    (ArchMsr::Star, 0xc000_0081),
+    (ArchMsr::Lstar, 0xc000_0082),
+    (ArchMsr::Cstar, 0xc000_0083),
+    (ArchMsr::Sfmask, 0xc000_0084),
+    (ArchMsr::KernelGsBase, 0xc000_0102),
+];
+
+/// The VMCS that is current on this CPU (its physical address).
+static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+
+/// A guest vCPU on VT-x.
+pub struct VmxVcpu {
+    vmcs: u64,
+    regs: GuestRegisters,
+    launched: bool,
+    cr0_fixed: (u64, u64),
+    cr4_fixed: (u64, u64),
+    switched_msrs: [u64; SWITCHED_MSRS.len()],
+    cr8: u64,
+    _ept: NestedPageTable<Ept>,
+}
+
+unsafe extern "C" {
+    /// Runs the guest until the next VM exit (returns 0) or a failed VM entry (returns 1).
+    fn vmx_world_switch(regs: *mut GuestRegisters, launched: u64) -> u64;
+    /// Where the CPU continues after a VM exit (HOST_RIP).
+    fn vmx_exit_entry();
+}
+
+fn load_vmcs(vmcs: u64) -> Result<(), HwError> {
+    let failed: u8;
+    // SAFETY: `vmcs` is a VMCS page with the right revision identifier, owned by one vCPU.
+    unsafe { asm!("vmptrld [{}]", "setna {}", in(reg) &vmcs, out(reg_byte) failed) };
+    if failed != 0 {
+        return Err(HwError::VmxInstruction("VMPTRLD", 0));
+    }
+    CURRENT_VMCS.store(vmcs, Ordering::Relaxed);
+    Ok(())
+}
+
+impl VmxVcpu {
+    pub(super) fn new(ept: NestedPageTable<Ept>, caps: &ControlCapabilities, entry: &EntryState) -> Result<Self, HwError> {
+        let vmcs = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        // SAFETY: a fresh page owned by this vCPU; VMCLEAR initialises it (SDM 24.11.3).
+        unsafe {
+            (vmcs as *mut u32).write(caps.revision);
+            let failed: u8;
+            asm!("vmclear [{}]", "setna {}", in(reg) &vmcs, out(reg_byte) failed);
+            if failed != 0 {
+                return Err(HwError::VmxInstruction("VMCLEAR", 0));
+            }
+        }
+        load_vmcs(vmcs)?;
+        let vcpu = VmxVcpu {
+            vmcs,
+            regs: GuestRegisters::default(),
+            launched: false,
+            cr0_fixed: caps.cr0_fixed,
+            cr4_fixed: caps.cr4_fixed,
+            switched_msrs: [0; SWITCHED_MSRS.len()],
+            cr8: 0,
+            _ept: ept,
+        };
+        vcpu.write_controls(caps, entry)?;
+        vcpu.write_host_state()?;
+        let mut vcpu = vcpu;
+        vcpu.write_guest_state(entry)?;
+        vcpu.regs.gpr[reg::RDI] = entry.rdi;
+        // SAFETY: writing zeros to the syscall MSRs the hypervisor never uses.
+        unsafe { vcpu.load_switched_msrs() };
+        Ok(vcpu)
+    }
+
+    fn write_controls(&self, caps: &ControlCapabilities, entry: &EntryState) -> Result<(), HwError> {
+        write(vmcs::PIN_BASED_CONTROLS, adjust(caps.pin, 0, "pin-based controls")?.into())?;
+        let primary = PRIMARY_HLT_EXITING | PRIMARY_UNCONDITIONAL_IO_EXITING | PRIMARY_ACTIVATE_SECONDARY;
+        write(vmcs::PRIMARY_PROCESSOR_CONTROLS, adjust(caps.primary, primary, "HLT/I/O exiting")?.into())?;
+        let mut secondary = SECONDARY_ENABLE_EPT | SECONDARY_ENABLE_VPID;
+        if (caps.secondary >> 32) as u32 & SECONDARY_ENABLE_RDTSCP != 0 {
+            secondary |= SECONDARY_ENABLE_RDTSCP;
+        }
+        write(vmcs::SECONDARY_PROCESSOR_CONTROLS, adjust(caps.secondary, secondary, "EPT and VPID")?.into())?;
+        let exit = EXIT_HOST_64BIT | EXIT_SAVE_EFER | EXIT_LOAD_EFER;
+        write(vmcs::EXIT_CONTROLS, adjust(caps.exit, exit, "64-bit host exit controls")?.into())?;
+        let entry_controls = ENTRY_IA32E_GUEST | ENTRY_LOAD_EFER;
+        write(vmcs::ENTRY_CONTROLS, adjust(caps.entry, entry_controls, "IA-32e guest entry")?.into())?;
+        write(vmcs::EXCEPTION_BITMAP, 1 << vector::INVALID_OPCODE)?;
+        write(vmcs::EPT_POINTER, eptp(self._ept.root()))?;
+        write(vmcs::VPID, entry.tlb_tag.into())?;
+        write(vmcs::VMCS_LINK_POINTER, u64::MAX)?;
+        // Bits VMX fixes in CR0/CR4 are owned by the hypervisor: the guest reads its own view
+        // from the shadow and a write that would change them exits (handled in `cr_access`).
+        let cr0_mask = self.cr0_fixed.0 | !self.cr0_fixed.1 & 0xffff_ffff;
+        let cr4_mask = self.cr4_fixed.0 | !self.cr4_fixed.1 & 0xffff_ffff;
+        write(vmcs::CR0_GUEST_HOST_MASK, cr0_mask)?;
+        write(vmcs::CR4_GUEST_HOST_MASK, cr4_mask)?;
+        Ok(())
+    }
+
+    fn write_host_state(&self) -> Result<(), HwError> {
+        use x86_64::instructions::segmentation::{CS, SS, Segment};
+        use x86_64::instructions::tables::{sgdt, sidt};
+        use x86_64::registers::control::{Cr0, Cr3, Cr4};
+        let (cr3_frame, cr3_flags) = Cr3::read_raw();
+        write(vmcs::HOST_CR0, Cr0::read_raw())?;
+        write(vmcs::HOST_CR3, cr3_frame.start_address().as_u64() | u64::from(cr3_flags))?;
+        write(vmcs::HOST_CR4, Cr4::read_raw())?;
+        let data = SS::get_reg().0;
+        write(vmcs::HOST_CS_SELECTOR, CS::get_reg().0.into())?;
+        for field in [vmcs::HOST_SS_SELECTOR, vmcs::HOST_DS_SELECTOR, vmcs::HOST_ES_SELECTOR] {
+            write(field, data.into())?;
+        }
+        write(vmcs::HOST_FS_SELECTOR, 0)?;
+        write(vmcs::HOST_GS_SELECTOR, 0)?;
+        let (tr_selector, tr_base) = crate::platform::cpu::task_register();
+        write(vmcs::HOST_TR_SELECTOR, tr_selector.into())?;
+        write(vmcs::HOST_TR_BASE, tr_base)?;
+        write(vmcs::HOST_FS_BASE, 0)?;
+        write(vmcs::HOST_GS_BASE, 0)?;
+        write(vmcs::HOST_GDTR_BASE, sgdt().base.as_u64())?;
+        write(vmcs::HOST_IDTR_BASE, sidt().base.as_u64())?;
+        write(vmcs::HOST_SYSENTER_CS, 0)?;
+        write(vmcs::HOST_SYSENTER_ESP, 0)?;
+        write(vmcs::HOST_SYSENTER_EIP, 0)?;
+        // SAFETY: EFER exists on every 64-bit CPU.
+        write(vmcs::HOST_IA32_EFER, unsafe { rdmsr(MSR_EFER) })?;
+        write(vmcs::HOST_RIP, vmx_exit_entry as usize as u64)?;
+        Ok(())
+    }
+
+    fn write_guest_state(&mut self, entry: &EntryState) -> Result<(), HwError> {
+        let (code, data) = (lamina_abi::layout::BOOT_CODE_SELECTOR, lamina_abi::layout::BOOT_DATA_SELECTOR);
+        // ES, CS, SS, DS, FS, GS, LDTR, TR: selector, base, limit, access rights (SDM 24.4.1).
+        let segments: [(u16, u32, u32); 8] = [
+            (data, 0xffff_ffff, 0xc093),
+            (code, 0xffff_ffff, 0xa09b),
+            (data, 0xffff_ffff, 0xc093),
+            (data, 0xffff_ffff, 0xc093),
+            (data, 0xffff_ffff, 0xc093),
+            (data, 0xffff_ffff, 0xc093),
+            (0, 0, 0x1_0000), // LDTR unusable
+            (0, 0x67, 0x008b), // TR: busy 64-bit TSS
+        ];
+        for (i, (selector, limit, rights)) in segments.into_iter().enumerate() {
+            let i = i as u64 * vmcs::SEGMENT_STRIDE;
+            write(vmcs::GUEST_ES_SELECTOR + i, selector.into())?;
+            write(vmcs::GUEST_ES_BASE + i, 0)?;
+            write(vmcs::GUEST_ES_LIMIT + i, limit.into())?;
+            write(vmcs::GUEST_ES_ACCESS_RIGHTS + i, rights.into())?;
+        }
+        write(vmcs::GUEST_GDTR_BASE, entry.gdt.0)?;
+        write(vmcs::GUEST_GDTR_LIMIT, entry.gdt.1.into())?;
+        write(vmcs::GUEST_IDTR_BASE, 0)?;
+        write(vmcs::GUEST_IDTR_LIMIT, 0)?;
+        let cr0 = 0x8001_0033; // PG WP NE ET MP PE
+        write(vmcs::GUEST_CR0, (cr0 | self.cr0_fixed.0) & self.cr0_fixed.1)?;
+        write(vmcs::CR0_READ_SHADOW, cr0)?;
+        let cr4 = 0x0620; // OSXMMEXCPT OSFXSR PAE
+        write(vmcs::GUEST_CR4, (cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1)?;
+        write(vmcs::CR4_READ_SHADOW, cr4)?;
+        write(vmcs::GUEST_CR3, entry.cr3)?;
+        write(vmcs::GUEST_IA32_EFER, 0x500)?; // LME LMA
+        write(vmcs::GUEST_DR7, 0x400)?;
+        write(vmcs::GUEST_RFLAGS, 0x2)?;
+        write(vmcs::GUEST_RIP, entry.rip)?;
+        write(vmcs::GUEST_RSP, entry.rsp)?;
+        write(vmcs::GUEST_INTERRUPTIBILITY, 0)?;
+        write(vmcs::GUEST_ACTIVITY_STATE, 0)?;
+        write(vmcs::GUEST_PENDING_DEBUG, 0)?;
+        write(vmcs::GUEST_SYSENTER_CS, 0)?;
+        write(vmcs::GUEST_SYSENTER_ESP, 0)?;
+        write(vmcs::GUEST_SYSENTER_EIP, 0)?;
+        Ok(())
+    }
+
+    /// # Safety
+    /// Only the guest's syscall MSRs are written; the hypervisor never uses SYSCALL or SWAPGS.
+    unsafe fn load_switched_msrs(&self) {
+        for ((_, index), value) in SWITCHED_MSRS.iter().zip(self.switched_msrs) {
+            // SAFETY: per the function contract.
+            unsafe { wrmsr(*index, value) };
+        }
+    }
+
+    fn make_current(&mut self) -> Result<(), HwError> {
+        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs {
+            load_vmcs(self.vmcs)?;
+            // SAFETY: see `load_switched_msrs`.
+            unsafe { self.load_switched_msrs() };
+        }
+        Ok(())
+    }
+
+    /// MOV to/from CR0, CR3, CR4, CR8 and CLTS (SDM Vol. 3C Table 28-3); `false` = #GP.
+    fn cr_access(&mut self) -> bool {
+        let qualification = read(vmcs::EXIT_QUALIFICATION);
+        let cr = qualification & 0xf;
+        let access = (qualification >> 4) & 0x3;
+        let gpr = ((qualification >> 8) & 0xf) as usize;
+        let value = if gpr == 4 { read(vmcs::GUEST_RSP) } else { self.regs.gpr[gpr] };
+        match (access, cr) {
+            (0, 0) => {
+                // Leaving protected mode or paging is not possible from 64-bit mode.
+                if value & (CR0_PE | CR0_PG) != (CR0_PE | CR0_PG) || value >> 32 != 0 {
+                    return false;
+                }
+                write_unchecked(vmcs::GUEST_CR0, (value | self.cr0_fixed.0) & self.cr0_fixed.1);
+                write_unchecked(vmcs::CR0_READ_SHADOW, value);
+            }
+            (0, 4) => {
+                let allowed = self.cr4_fixed.1 & !CR4_VMXE;
+                if value & !allowed != 0 || value & CR4_PAE == 0 {
+                    return false;
+                }
+                write_unchecked(vmcs::GUEST_CR4, value | CR4_VMXE | self.cr4_fixed.0);
+                write_unchecked(vmcs::CR4_READ_SHADOW, value);
+            }
+            (0, 3) => write_unchecked(vmcs::GUEST_CR3, value),
+            (1, 3) => self.set_gpr(gpr, read(vmcs::GUEST_CR3)),
+            (0, 8) if value <= 0xf => self.cr8 = value,
+            (1, 8) => self.set_gpr(gpr, self.cr8),
+            (2, _) => {
+                write_unchecked(vmcs::GUEST_CR0, read(vmcs::GUEST_CR0) & !CR0_TS);
+                write_unchecked(vmcs::CR0_READ_SHADOW, read(vmcs::CR0_READ_SHADOW) & !CR0_TS);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    fn set_gpr(&mut self, gpr: usize, value: u64) {
+        if gpr == 4 {
+            write_unchecked(vmcs::GUEST_RSP, value);
+        } else {
+            self.regs.gpr[gpr] = value;
+        }
+    }
+}
+
+impl VirtualCpu for VmxVcpu {
+    fn run(&mut self) -> VmExit {
+        if let Err(error) = self.make_current() {
+            log::error!("vmx: {error}");
+            return VmExit::Unexpected { code: u64::MAX, info1: 0, info2: 0 };
+        }
+        loop {
+            // SAFETY: the VMCS is current and fully initialised; its EPT maps only this
+            // domain's RAM; host state points back into `vmx_world_switch`.
+            let failed = unsafe { vmx_world_switch(&mut self.regs, self.launched.into()) };
+            if failed != 0 {
+                let error = read(vmcs::VM_INSTRUCTION_ERROR);
+                return VmExit::Unexpected { code: u64::MAX, info1: error, info2: 0 };
+            }
+            self.launched = true;
+            let exit_reason = read(vmcs::EXIT_REASON);
+            let basic = exit_reason & 0xffff;
+            if exit_reason & (1 << 31) != 0 {
+                return VmExit::Unexpected { code: exit_reason, info1: read(vmcs::EXIT_QUALIFICATION), info2: 0 };
+            }
+            return match basic {
+                reason::VMCALL => VmExit::Hypercall,
+                reason::CPUID => VmExit::Cpuid,
+                reason::HLT => VmExit::Hlt,
+                reason::RDMSR => VmExit::MsrRead,
+                reason::WRMSR => VmExit::MsrWrite,
+                reason::IO => {
+                    // Qualification: size-1 in bits 0-2, IN in bit 3, string in bit 4, port in 16-31.
+                    let q = read(vmcs::EXIT_QUALIFICATION);
+                    if q & (1 << 4) != 0 {
+                        VmExit::Unexpected { code: basic, info1: q, info2: 0 }
+                    } else {
+                        VmExit::Io { port: (q >> 16) as u16, size: ((q & 7) + 1) as u8, write: q & (1 << 3) == 0 }
+                    }
+                }
+                reason::EXCEPTION_OR_NMI => {
+                    let info = read(vmcs::EXIT_INTERRUPTION_INFO);
+                    if info & 0xff == u64::from(vector::INVALID_OPCODE) {
+                        VmExit::InvalidOpcode
+                    } else {
+                        VmExit::Unexpected { code: basic, info1: info, info2: 0 }
+                    }
+                }
+                reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
+                reason::TRIPLE_FAULT => VmExit::TripleFault,
+                reason::EPT_VIOLATION => VmExit::NestedPageFault {
+                    gpa: read(vmcs::GUEST_PHYSICAL_ADDRESS),
+                    write: read(vmcs::EXIT_QUALIFICATION) & (1 << 1) != 0,
+                },
+                reason::CR_ACCESS => {
+                    if self.cr_access() {
+                        self.skip_instruction();
+                    } else {
+                        self.inject_exception(vector::GENERAL_PROTECTION, Some(0));
+                    }
+                    continue;
+                }
+                reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID => {
+                    // VMX instructions are not offered to guests: they see #UD.
+                    self.inject_exception(vector::INVALID_OPCODE, None);
+                    continue;
+                }
+                _ => VmExit::Unexpected { code: basic, info1: read(vmcs::EXIT_QUALIFICATION), info2: read(vmcs::GUEST_PHYSICAL_ADDRESS) },
+            };
+        }
+    }
+
+    fn regs(&mut self) -> &mut GuestRegisters {
+        &mut self.regs
+    }
+
+    fn rip(&self) -> u64 {
+        read(vmcs::GUEST_RIP)
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        write_unchecked(vmcs::GUEST_RIP, rip);
+    }
+
+    fn skip_instruction(&mut self) {
+        let next = self.rip() + read(vmcs::EXIT_INSTRUCTION_LENGTH);
+        self.set_rip(next);
+    }
+
+    fn cpl(&self) -> u8 {
+        // CPL is SS.DPL (SDM Vol. 3C 26.3.1.2); SS access rights are the third segment.
+        ((read(vmcs::GUEST_ES_ACCESS_RIGHTS + 2 * vmcs::SEGMENT_STRIDE) >> 5) & 3) as u8
+    }
+
+    fn paging_mode(&self) -> PagingMode {
+        PagingMode {
+            paging: read(vmcs::GUEST_CR0) & CR0_PG != 0,
+            long_mode: read(vmcs::GUEST_IA32_EFER) & EFER_LMA != 0,
+            cr3: read(vmcs::GUEST_CR3),
+        }
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        // Interruption information: vector, type 3 (hardware exception), valid (SDM 25.8.3).
+        let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
+        if let Some(code) = error_code {
+            info |= 1 << 11;
+            write_unchecked(vmcs::ENTRY_EXCEPTION_ERROR_CODE, code.into());
+        }
+        write_unchecked(vmcs::ENTRY_INTERRUPTION_INFO, info);
+    }
+
+    fn read_msr(&self, msr: ArchMsr) -> u64 {
+        match msr {
+            ArchMsr::Tsc => {
+                // SAFETY: RDTSC has no side effects; guests run with TSC offset 0.
+                unsafe { core::arch::x86_64::_rdtsc() }
+            }
+            ArchMsr::Efer => read(vmcs::GUEST_IA32_EFER),
+            ArchMsr::FsBase => read(vmcs::GUEST_FS_BASE),
+            ArchMsr::GsBase => read(vmcs::GUEST_GS_BASE),
+            ArchMsr::SysenterCs => read(vmcs::GUEST_SYSENTER_CS),
+            ArchMsr::SysenterEsp => read(vmcs::GUEST_SYSENTER_ESP),
+            ArchMsr::SysenterEip => read(vmcs::GUEST_SYSENTER_EIP),
+            // Not loaded on entry: reads return what the guest wrote (write-back memory).
+            ArchMsr::Pat => 0x0007_0406_0007_0406,
+            _ => SWITCHED_MSRS.iter().position(|(m, _)| *m == msr).map_or(0, |i| self.switched_msrs[i]),
+        }
+    }
+
+    fn write_msr(&mut self, msr: ArchMsr, value: u64) {
+        match msr {
+            ArchMsr::Tsc | ArchMsr::Pat => {}
+            ArchMsr::Efer => write_unchecked(vmcs::GUEST_IA32_EFER, value),
+            ArchMsr::FsBase => write_unchecked(vmcs::GUEST_FS_BASE, value),
+            ArchMsr::GsBase => write_unchecked(vmcs::GUEST_GS_BASE, value),
+            ArchMsr::SysenterCs => write_unchecked(vmcs::GUEST_SYSENTER_CS, value),
+            ArchMsr::SysenterEsp => write_unchecked(vmcs::GUEST_SYSENTER_ESP, value),
+            ArchMsr::SysenterEip => write_unchecked(vmcs::GUEST_SYSENTER_EIP, value),
+            _ => {
+                if let Some(i) = SWITCHED_MSRS.iter().position(|(m, _)| *m == msr) {
+                    self.switched_msrs[i] = value;
+                    // SAFETY: this vCPU's VMCS is current, so its syscall MSRs are live; the
+                    // hypervisor does not use them.
+                    unsafe { wrmsr(SWITCHED_MSRS[i].1, value) };
+                }
+            }
+        }
+    }
+
+    fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+        write!(
+            out,
+            "vmx: reason={:#x} qualification={:#x} interruption={:#x} idt_vectoring={:#x} gpa={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rsp={:#x} rflags={:#x} cs_ar={:#x}",
+            read(vmcs::EXIT_REASON),
+            read(vmcs::EXIT_QUALIFICATION),
+            read(vmcs::EXIT_INTERRUPTION_INFO),
+            read(vmcs::IDT_VECTORING_INFO),
+            read(vmcs::GUEST_PHYSICAL_ADDRESS),
+            read(vmcs::GUEST_CR0),
+            read(vmcs::GUEST_CR3),
+            read(vmcs::GUEST_CR4),
+            read(vmcs::GUEST_IA32_EFER),
+            read(vmcs::GUEST_RSP),
+            read(vmcs::GUEST_RFLAGS),
+            read(vmcs::GUEST_ES_ACCESS_RIGHTS + vmcs::SEGMENT_STRIDE),
+        )
+    }
+}
+
+// The world switch (SDM Vol. 3C 27.5, 28.5): VM exit restores the host's RSP and RIP from the
+// VMCS, nothing else of the general registers, so they are switched here. HOST_RSP is set on
+// every entry because the caller's stack depth may differ between calls.
+global_asm!(
+    r#"
+    .section .text
+    .global vmx_world_switch
+vmx_world_switch:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    push rdi                /* guest registers */
+    mov rax, 0x6c14         /* HOST_RSP */
+    vmwrite rax, rsp
+    test rsi, rsi
+    mov rax, rdi
+    mov rcx, [rax + 8]
+    mov rdx, [rax + 16]
+    mov rbx, [rax + 24]
+    mov rbp, [rax + 40]
+    mov rsi, [rax + 48]
+    mov rdi, [rax + 56]
+    mov r8, [rax + 64]
+    mov r9, [rax + 72]
+    mov r10, [rax + 80]
+    mov r11, [rax + 88]
+    mov r12, [rax + 96]
+    mov r13, [rax + 104]
+    mov r14, [rax + 112]
+    mov r15, [rax + 120]
+    mov rax, [rax]
+    jnz 1f
+    vmlaunch
+    jmp 2f
+1:
+    vmresume
+2:
+    /* VM entry failed: nothing of the guest ran. */
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    mov eax, 1
+    ret
+
+    .global vmx_exit_entry
+vmx_exit_entry:
+    push rax
+    mov rax, [rsp + 8]
+    mov [rax + 8], rcx
+    mov [rax + 16], rdx
+    mov [rax + 24], rbx
+    mov [rax + 40], rbp
+    mov [rax + 48], rsi
+    mov [rax + 56], rdi
+    mov [rax + 64], r8
+    mov [rax + 72], r9
+    mov [rax + 80], r10
+    mov [rax + 88], r11
+    mov [rax + 96], r12
+    mov [rax + 104], r13
+    mov [rax + 112], r14
+    mov [rax + 120], r15
+    pop rcx
+    mov [rax], rcx
+    pop rdi
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    xor eax, eax
+    ret
+"#
+);

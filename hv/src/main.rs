@@ -5,6 +5,8 @@
 //! `hw::vmx` (Intel VT-x) and `hw::svm` (AMD-V), chosen at run time from CPUID.
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
+// A binary crate: `pub` marks what a module offers the rest of the hypervisor.
+#![allow(unreachable_pub)]
 
 extern crate alloc;
 

@@ -7,6 +7,10 @@ use x86_64::instructions::port::Port;
 
 /// Ends the machine; `success` picks the QEMU status (1 for success, 3 for failure).
 pub fn end_machine(success: bool) -> ! {
+    // Emulators stop at once: let the last line reach the log first.
+    // SAFETY: nothing else runs any more; the lock may be held by an interrupted printer.
+    unsafe { super::serial::SERIAL.force_unlock() };
+    super::serial::SERIAL.lock().drain();
     // SAFETY: these ports belong to emulator debug devices; writing them has no other effect.
     unsafe {
         Port::<u32>::new(0xf4).write(if success { 0 } else { 1 });

@@ -10,6 +10,7 @@ use x86_64::instructions::port::Port;
 
 const COM1: u16 = 0x3f8;
 const LINE_STATUS_THR_EMPTY: u8 = 1 << 5;
+const LINE_STATUS_TRANSMITTER_EMPTY: u8 = 1 << 6;
 
 /// The hypervisor's serial port. Lock it to write; `log` and the guest consoles share it.
 pub static SERIAL: Mutex<SerialPort> = Mutex::new(SerialPort { base: COM1 });
@@ -33,6 +34,15 @@ impl SerialPort {
         for (offset, value) in writes {
             // SAFETY: programming COM1, which only the hypervisor owns (guests get an emulated one).
             unsafe { Port::new(self.base + offset).write(value) };
+        }
+    }
+
+    /// Waits until every byte has left the transmitter (before the machine is switched off).
+    pub fn drain(&mut self) {
+        let mut status: Port<u8> = Port::new(self.base + 5);
+        // SAFETY: reading the line status register of COM1 has no side effects.
+        while unsafe { status.read() } & LINE_STATUS_TRANSMITTER_EMPTY == 0 {
+            core::hint::spin_loop();
         }
     }
 

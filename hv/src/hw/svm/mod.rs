@@ -69,11 +69,15 @@ impl Virtualization for Svm {
     }
 
     fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<SvmVcpu, HwError> {
-        if u32::from(entry.tlb_tag) >= self.asids {
-            return Err(HwError::Missing("a free ASID"));
-        }
         let mut npt = NestedPageTable::<npt::Npt>::new()?;
         npt.map_large(0, memory.host_base(), memory.size())?;
-        SvmVcpu::new(npt, self, entry)
+        // ASID 0 is the host's. With more domains than ASIDs, tags are shared and the TLB is
+        // flushed whenever the CPU switches between vCPUs (APM Vol. 2 15.16).
+        let usable = self.asids.saturating_sub(1).max(1);
+        let asid = 1 + (u32::from(entry.tlb_tag).saturating_sub(1)) % usable;
+        if u32::from(entry.tlb_tag) > usable {
+            vcpu::ASIDS_SHARED.store(true, core::sync::atomic::Ordering::Relaxed);
+        }
+        SvmVcpu::new(npt, self, entry, asid)
     }
 }

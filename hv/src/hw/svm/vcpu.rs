@@ -11,6 +11,12 @@ use crate::hw::{EntryState, HwError};
 use crate::platform::memory;
 use core::arch::global_asm;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// Set once two vCPUs share an ASID: then a switch between vCPUs must flush the TLB.
+pub(super) static ASIDS_SHARED: AtomicBool = AtomicBool::new(false);
+/// The VMCB that ran last on this CPU.
+static LAST_VMCB: AtomicU64 = AtomicU64::new(0);
 
 mod exit_code {
     pub(super) const EXCEPTION_UD: u64 = 0x46;
@@ -58,7 +64,7 @@ unsafe extern "C" {
 }
 
 impl SvmVcpu {
-    pub(super) fn new(npt: NestedPageTable<Npt>, svm: &Svm, entry: &EntryState) -> Result<Self, HwError> {
+    pub(super) fn new(npt: NestedPageTable<Npt>, svm: &Svm, entry: &EntryState, asid: u32) -> Result<Self, HwError> {
         let page = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: a fresh zeroed page owned by this vCPU.
         let mut v = unsafe { Vmcb::new(page) };
@@ -67,7 +73,7 @@ impl SvmVcpu {
         v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS);
         v.write(vmcb::IOPM_BASE, svm.io_permission_map);
         v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
-        v.write(vmcb::GUEST_ASID, u32::from(entry.tlb_tag));
+        v.write(vmcb::GUEST_ASID, asid);
         v.write(vmcb::TLB_CONTROL, 1u8); // flush everything on the first run
         v.write(vmcb::NP_ENABLE, 1u64);
         v.write(vmcb::N_CR3, npt.root());
@@ -99,6 +105,10 @@ impl SvmVcpu {
     }
 
     fn enter(&mut self) {
+        let previous = LAST_VMCB.swap(self.vmcb.address(), Ordering::Relaxed);
+        if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
+            self.vmcb.write(vmcb::TLB_CONTROL, 1u8);
+        }
         self.vmcb.write(vmcb::RAX, self.regs.gpr[reg::RAX]);
         // SAFETY: the VMCB is valid for a 64-bit guest, its nested page table maps only this
         // domain's RAM, and the host VMCB page was given to this CPU by `Svm::enable`.

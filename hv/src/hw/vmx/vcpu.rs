@@ -181,7 +181,7 @@ impl VmxVcpu {
         write(vmcs::HOST_SYSENTER_EIP, 0)?;
         // SAFETY: EFER exists on every 64-bit CPU.
         write(vmcs::HOST_IA32_EFER, unsafe { rdmsr(MSR_EFER) })?;
-        write(vmcs::HOST_RIP, vmx_exit_entry as usize as u64)?;
+        write(vmcs::HOST_RIP, vmx_exit_entry as *const () as u64)?;
         Ok(())
     }
 

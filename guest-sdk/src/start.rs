@@ -2,8 +2,9 @@
 //! (docs/abi.md section 4).
 //!
 //! The hypervisor enters `_start` in 64-bit mode with RSP = top of RAM and RDI = the address
-//! of [`StartInfo`]. `_start` clears RBP (the end of frame-pointer chains), aligns the stack and
-//! calls [`lamina_sdk_start`], which
+//! of [`StartInfo`]. `_start` clears RBP (the end of frame-pointer chains), aligns the stack,
+//! leaves the top [`TOP_OF_RAM_SCRATCH`] bytes of RAM unused and calls `lamina_sdk_start`,
+//! which
 //! 1. makes the hypercall instruction native to the CPU the default,
 //! 2. checks StartInfo (magic, ABI major version, command line inside RAM, UTF-8),
 //! 3. copies StartInfo and the command line into the SDK's own memory, so that the kernel may
@@ -33,6 +34,11 @@ struct Boot {
 }
 
 static BOOT: WriteOnce<Boot> = WriteOnce::new();
+
+/// Bytes at the very top of RAM, `[mem_bytes - 16, mem_bytes)`, that `_start` leaves out of the
+/// stack and nothing in the SDK uses: the kernel may use them, for example to test a buffer
+/// that ends exactly at the end of RAM.
+pub const TOP_OF_RAM_SCRATCH: u64 = 16;
 
 /// Why the SDK refused to start the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -189,11 +195,13 @@ core::arch::global_asm!(
     "_start:",
     "    xor ebp, ebp",
     "    and rsp, -16",
+    "    sub rsp, {scratch}",
     // RDI (the StartInfo address) is the first argument as it stands.
     "    call {start}",
     "    ud2",
     ".size _start, . - _start",
     start = sym lamina_sdk_start,
+    scratch = const TOP_OF_RAM_SCRATCH,
 );
 
 #[cfg(target_os = "none")]

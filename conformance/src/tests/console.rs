@@ -3,6 +3,7 @@
 use lamina_abi::console::{CONSOLE_WRITE_MAX, ConsoleOp};
 use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::hypercall::{HypercallInsn, gpa_of, hypercall3, hypercall3_with};
+use lamina_guest_sdk::start::TOP_OF_RAM_SCRATCH;
 use lamina_guest_sdk::start_info;
 
 use crate::framework::{Status, check_eq};
@@ -90,6 +91,18 @@ pub(super) fn console_write_out_of_bounds_efault() {
             console_io(WRITE, gpa, len)
         );
     }
+    // The last bytes of RAM are inside it: the SDK leaves them out of the stack.
+    let line: &[u8; TOP_OF_RAM_SCRATCH as usize] = b"top of RAM: ok!\n";
+    let last = mem - TOP_OF_RAM_SCRATCH;
+    // SAFETY: `_start` leaves `[mem - TOP_OF_RAM_SCRATCH, mem)` unused, and RAM is
+    // identity-mapped.
+    unsafe { core::ptr::copy_nonoverlapping(line.as_ptr(), last as *mut u8, line.len()) };
+    check_eq!(
+        "console write of the last bytes of RAM",
+        Status(line.len() as u64),
+        console_io(WRITE, last, line.len() as u64)
+    );
+
     // An empty buffer is never out of bounds (docs/abi.md 2.5, 3.2).
     check_eq!(
         "console write of 0 bytes at the end of RAM",

@@ -154,9 +154,17 @@ pub(super) fn boot_page_tables_identity_map_ram() {
 fn check_ram_is_distinct_and_writable() {
     let info = start_info();
     let free = info.image_end..info.mem_bytes - STACK_BYTES - 8;
-    let probe_address = |page: u64| page * LARGE_PAGE_BYTES + 0x800;
+    // The first free word of each 2 MiB page that has one.
+    let probe_address = |page: u64| {
+        (page * LARGE_PAGE_BYTES)
+            .max(free.start)
+            .next_multiple_of(8)
+    };
     let pages = || {
-        (0..info.mem_bytes / LARGE_PAGE_BYTES).filter(|&page| free.contains(&probe_address(page)))
+        (0..info.mem_bytes / LARGE_PAGE_BYTES).filter(|&page| {
+            let address = probe_address(page);
+            free.contains(&address) && address < (page + 1) * LARGE_PAGE_BYTES
+        })
     };
     for page in pages() {
         // SAFETY: the word lies in free RAM, above the image and below the stack, which no one

@@ -9,7 +9,8 @@
 #[non_exhaustive]
 pub enum ConsoleOp {
     /// Write `len` bytes to the domain's console. Returns the number of bytes written (all of
-    /// them). `len == 0` writes nothing and returns 0; `len > CONSOLE_WRITE_MAX` is `-EINVAL`.
+    /// them). `len == 0` writes nothing and returns 0, whatever the address; `len >
+    /// CONSOLE_WRITE_MAX` is `-EINVAL` (checked before the address, see docs/abi.md 2.4).
     Write = 0,
 }
 

@@ -4,8 +4,9 @@
 //! Intel and AMD hosts, so one guest binary runs everywhere. The number goes in RAX and up to
 //! five arguments in RDI, RSI, RDX, R10, R8 (the order Xen and the Linux syscall ABI use). The
 //! result comes back in RAX: non-negative on success, `-errno` ([`crate::Errno`]) on failure.
-//! Every other register is preserved. A call from CPL 1-3 returns `-EPERM`; an unknown number
-//! returns `-ENOSYS`.
+//! Every other register is preserved, except that the arithmetic flags of RFLAGS are undefined
+//! afterwards. A call from CPL 1-3 returns `-EPERM`; an unknown number returns `-ENOSYS`.
+//! docs/abi.md section 2 is the full convention, including the order of the error checks.
 
 /// Length in bytes of both hypercall instructions.
 pub const HYPERCALL_INSN_LEN: u64 = 3;

@@ -48,7 +48,11 @@ const _: () = assert!(core::mem::offset_of!(StartInfo, name) == 72);
 impl StartInfo {
     /// The domain's name as text (up to the first NUL; invalid UTF-8 yields `"?"`).
     pub fn name(&self) -> &str {
-        let len = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
+        let len = self
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.name.len());
         core::str::from_utf8(&self.name[..len]).unwrap_or("?")
     }
 }

@@ -61,7 +61,11 @@ impl Errno {
         if signed >= 0 {
             return Ok(rax);
         }
-        Err(Self::ALL.iter().copied().find(|e| *e as i64 == -signed).ok_or(signed))
+        Err(Self::ALL
+            .iter()
+            .copied()
+            .find(|e| *e as i64 == -signed)
+            .ok_or(signed))
     }
 
     /// The conventional name, e.g. `"EFAULT"`.

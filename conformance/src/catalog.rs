@@ -62,7 +62,7 @@ pub const CATALOG: &[TestInfo] = &[
         expect: Expect::Success,
     },
     TestInfo {
-        name: "console_write_out_of_bounds_efault",
+        name: "console_write_oob_efault",
         title: "console writes from buffers not inside RAM return -EFAULT, and the domain runs on",
         section: "2.5 Guest-physical buffers",
         expect: Expect::Success,
@@ -116,7 +116,7 @@ pub const CATALOG: &[TestInfo] = &[
         expect: Expect::Success,
     },
     TestInfo {
-        name: "boot_page_tables_identity_map_ram",
+        name: "boot_tables_identity_map_ram",
         title: "the boot page tables map all RAM 1:1 with writable user 2 MiB pages",
         section: "4.2 Guest-physical layout",
         expect: Expect::Success,
@@ -156,5 +156,17 @@ pub const CATALOG: &[TestInfo] = &[
         title: "an exception without an IDT triple-faults and the hypervisor stops the domain",
         section: "7.5 Triple faults",
         expect: Expect::StoppedByHv("triple fault"),
+    },
+    TestInfo {
+        name: "hlt_without_wake_source_stopped",
+        title: "HLT with nothing that could ever wake the vCPU stops the domain instead of spinning",
+        section: "7.2 HLT",
+        expect: Expect::StoppedByHv("HLT with nothing that can ever wake the vCPU"),
+    },
+    TestInfo {
+        name: "access_outside_ram_stopped",
+        title: "a write to a guest-physical address outside RAM stops the domain",
+        section: "4.2 Guest-physical layout",
+        expect: Expect::StoppedByHv("outside its memory"),
     },
 ];

@@ -37,7 +37,9 @@ mod start {
         serial::init(log::LevelFilter::Info);
         cpu::init();
         if magic != multiboot::BOOTLOADER_MAGIC {
-            fail(format_args!("not started by a Multiboot2 loader (magic {magic:#x})"));
+            fail(format_args!(
+                "not started by a Multiboot2 loader (magic {magic:#x})"
+            ));
         }
         // SAFETY: GRUB put the boot information at `info_address`, identity-mapped; its
         // first word is its total size, and nothing else uses that memory.
@@ -67,8 +69,12 @@ mod start {
     }
 
     fn log_level(cmdline: &str) -> log::LevelFilter {
-        let level = cmdline.split_whitespace().find_map(|t| t.strip_prefix("loglevel="));
-        level.and_then(|l| l.parse().ok()).unwrap_or(log::LevelFilter::Info)
+        let level = cmdline
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix("loglevel="));
+        level
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(log::LevelFilter::Info)
     }
 
     fn fail(why: core::fmt::Arguments<'_>) -> ! {
@@ -96,7 +102,11 @@ mod start {
             let id = slots.len() as u32 + 1;
             match build_domain(&mut hw, module, index, id) {
                 Ok(slot) => {
-                    hv_println!("lamina: domain {id} {} started mem={}M", slot.domain.name, slot.domain.memory.size() >> 20);
+                    hv_println!(
+                        "lamina: domain {id} {} started mem={}M",
+                        slot.domain.name,
+                        slot.domain.memory.size() >> 20
+                    );
                     slots.push(slot);
                 }
                 Err(why) => {
@@ -110,16 +120,31 @@ mod start {
         summarize(&slots, &rejected)
     }
 
-    fn build_domain<B: Virtualization>(hw: &mut B, module: &Module<'_>, index: usize, id: u32) -> Result<Slot<B::Vcpu>, String> {
+    fn build_domain<B: Virtualization>(
+        hw: &mut B,
+        module: &Module<'_>,
+        index: usize,
+        id: u32,
+    ) -> Result<Slot<B::Vcpu>, String> {
         let config = config::parse(module.cmdline, index).map_err(|e| format!("{e}"))?;
         // SAFETY: the module's bytes were taken out of the physical allocator and stay intact.
-        let elf = unsafe { core::slice::from_raw_parts(module.start as *const u8, (module.end - module.start) as usize) };
+        let elf = unsafe {
+            core::slice::from_raw_parts(
+                module.start as *const u8,
+                (module.end - module.start) as usize,
+            )
+        };
         let ram = memory::allocate_zeroed(config.mem_bytes, lamina_abi::layout::MEM_GRANULE_BYTES)
             .ok_or_else(|| format!("not enough memory for mem={}M", config.mem_bytes >> 20))?;
         // SAFETY: `ram` is a fresh allocation of `mem_bytes`, owned by this domain from now on.
         let memory = unsafe { GuestMemory::new(ram as *mut u8, config.mem_bytes) };
         let built = builder::load_kernel(elf, &memory).and_then(|image| {
-            let params = BootParams { domain_id: id, name: &config.name, cmdline: module.cmdline, privileged: false };
+            let params = BootParams {
+                domain_id: id,
+                name: &config.name,
+                cmdline: module.cmdline,
+                privileged: false,
+            };
             builder::write_boot_structures(&memory, &image, &params).map(|()| image)
         });
         let image = match built {
@@ -144,7 +169,10 @@ mod start {
                 return Err(format!("{error}"));
             }
         };
-        Ok(Slot { domain: Domain::new(id, config.name, memory), vcpu })
+        Ok(Slot {
+            domain: Domain::new(id, config.name, memory),
+            vcpu,
+        })
     }
 
     fn summarize<V>(slots: &[Slot<V>], rejected: &[Rejected]) -> ! {
@@ -159,12 +187,22 @@ mod start {
             success &= *ending == Ending::Poweroff;
             let mut counts = String::new();
             let _ = d.stats.write_summary(&mut counts);
-            hv_println!("lamina: domain {} {} end={} exits={}{}", d.id, d.name, ending.word(), d.stats.total(), counts);
+            hv_println!(
+                "lamina: domain {} {} end={} exits={}{}",
+                d.id,
+                d.name,
+                ending.word(),
+                d.stats.total(),
+                counts
+            );
         }
         for r in rejected {
             hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);
         }
-        hv_println!("lamina: result: {}", if success { "success" } else { "failure" });
+        hv_println!(
+            "lamina: result: {}",
+            if success { "success" } else { "failure" }
+        );
         exit::end_machine(success)
     }
 

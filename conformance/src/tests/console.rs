@@ -73,7 +73,7 @@ pub(super) fn console_write_max_length_ok() {
     );
 }
 
-pub(super) fn console_write_out_of_bounds_efault() {
+pub(super) fn console_write_oob_efault() {
     let mem = start_info().mem_bytes;
     let cases: [(&str, u64, u64); 7] = [
         ("buffer starting at the end of RAM", mem, 16),
@@ -116,7 +116,7 @@ pub(super) fn console_write_out_of_bounds_efault() {
     );
 
     // The domain carries on.
-    let line = b"console_write_out_of_bounds_efault: still running\n";
+    let line = b"console_write_oob_efault: still running\n";
     check_eq!(
         "console write after the faults",
         Status(line.len() as u64),

@@ -104,7 +104,7 @@ fn check_table_placement(what: &str, table: u64) -> bool {
     )
 }
 
-pub(super) fn boot_page_tables_identity_map_ram() {
+pub(super) fn boot_tables_identity_map_ram() {
     let mem = start_info().mem_bytes;
     let pml4 = x86::read_cr3() & PAGE_ADDRESS;
     if !check_table_placement("PML4", pml4) {

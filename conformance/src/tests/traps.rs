@@ -85,3 +85,30 @@ pub(super) fn triple_fault() {
     // hypervisor must stop the domain. Should it return, `main` reports the failure.
     unsafe { asm!("ud2", options(nomem, nostack)) };
 }
+
+/// HLT with interrupts off and no event source: the domain can never wake, and the
+/// hypervisor must say so rather than spin. Should it return, `main` reports the failure.
+pub(super) fn hlt_without_wake_source_stopped() {
+    println!("hlt_without_wake_source_stopped: executing HLT with nothing to wake it");
+    // SAFETY: the point of the test: the hypervisor stops the domain here.
+    unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+}
+
+/// Maps the 2 MiB of guest-physical space just above RAM into the boot page tables and writes
+/// there: no guest page fault, so the access reaches the nested page tables, which map only
+/// RAM, and the hypervisor must stop the domain.
+pub(super) fn access_outside_ram_stopped() {
+    let start = lamina_guest_sdk::start_info();
+    let above_ram = start.mem_bytes;
+    // The boot PD sits two pages above the PML4 (docs/abi.md 4.2).
+    let pd = (lamina_abi::layout::BOOT_PML4_GPA + 0x2000) as *mut u64;
+    let index = (above_ram >> 21) as usize;
+    println!("access_outside_ram_stopped: writing to guest-physical {above_ram:#x}");
+    // SAFETY: RAM is identity-mapped, so the PD is writable at its guest-physical address; the
+    // entry added maps the 2 MiB above RAM (present, writable, large) and nothing else uses it.
+    unsafe {
+        pd.add(index).write_volatile(above_ram | 0x83);
+        asm!("invlpg [{}]", in(reg) above_ram, options(nostack));
+        (above_ram as *mut u64).write_volatile(0x5a5a);
+    }
+}

@@ -8,8 +8,8 @@
 use crate::common::guest_memory::{GuestMemory, OutOfBounds};
 use core::fmt;
 use lamina_abi::layout::{
-    BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, KERNEL_MIN_GPA, START_INFO_GPA,
-    STACK_BYTES,
+    BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, KERNEL_MIN_GPA, STACK_BYTES,
+    START_INFO_GPA,
 };
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC, StartInfo};
 use xmas_elf::ElfFile;
@@ -47,12 +47,18 @@ impl fmt::Display for BuildError {
         match self {
             BuildError::NotElf(why) => write!(f, "not an ELF file ({why})"),
             BuildError::WrongKind(why) => write!(f, "not a 64-bit x86-64 executable ({why})"),
-            BuildError::Dynamic => write!(f, "dynamic or relocatable ELF (link it static, non-PIE)"),
+            BuildError::Dynamic => {
+                write!(f, "dynamic or relocatable ELF (link it static, non-PIE)")
+            }
             BuildError::SegmentCount(n) => write!(f, "{n} loadable segments (1..={MAX_SEGMENTS})"),
             BuildError::SegmentOutsideFile { vaddr } => {
                 write!(f, "segment at {vaddr:#x} has file bytes outside the module")
             }
-            BuildError::SegmentOutsideRam { vaddr, memsz, limit } => write!(
+            BuildError::SegmentOutsideRam {
+                vaddr,
+                memsz,
+                limit,
+            } => write!(
                 f,
                 "segment {vaddr:#x}+{memsz:#x} is outside the kernel area {KERNEL_MIN_GPA:#x}..{limit:#x}"
             ),
@@ -94,7 +100,11 @@ struct Segment {
 }
 
 /// Checks `elf` against a domain of `mem_bytes` RAM without writing anything.
-fn validate(elf: &ElfFile<'_>, file_len: u64, mem_bytes: u64) -> Result<([Option<Segment>; MAX_SEGMENTS], KernelImage), BuildError> {
+fn validate(
+    elf: &ElfFile<'_>,
+    file_len: u64,
+    mem_bytes: u64,
+) -> Result<([Option<Segment>; MAX_SEGMENTS], KernelImage), BuildError> {
     let header = &elf.header;
     if header.pt1.class() != Class::SixtyFour {
         return Err(BuildError::WrongKind("not ELF64"));
@@ -132,19 +142,30 @@ fn validate(elf: &ElfFile<'_>, file_len: u64, mem_bytes: u64) -> Result<([Option
         };
         let file_end = segment.offset.checked_add(segment.filesz);
         if segment.filesz > segment.memsz || file_end.is_none_or(|end| end > file_len) {
-            return Err(BuildError::SegmentOutsideFile { vaddr: segment.vaddr });
+            return Err(BuildError::SegmentOutsideFile {
+                vaddr: segment.vaddr,
+            });
         }
         let ram_end = segment.vaddr.checked_add(segment.memsz);
         if segment.vaddr < KERNEL_MIN_GPA || ram_end.is_none_or(|end| end > limit) {
-            return Err(BuildError::SegmentOutsideRam { vaddr: segment.vaddr, memsz: segment.memsz, limit });
+            return Err(BuildError::SegmentOutsideRam {
+                vaddr: segment.vaddr,
+                memsz: segment.memsz,
+                limit,
+            });
         }
         if count == MAX_SEGMENTS {
             return Err(BuildError::SegmentCount(count + 1));
         }
         for other in segments[..count].iter().flatten() {
             let other: &Segment = other;
-            if segment.vaddr < other.vaddr + other.memsz && other.vaddr < segment.vaddr + segment.memsz {
-                return Err(BuildError::Overlap { first: other.vaddr, second: segment.vaddr });
+            if segment.vaddr < other.vaddr + other.memsz
+                && other.vaddr < segment.vaddr + segment.memsz
+            {
+                return Err(BuildError::Overlap {
+                    first: other.vaddr,
+                    second: segment.vaddr,
+                });
             }
         }
         segments[count] = Some(segment);
@@ -155,12 +176,29 @@ fn validate(elf: &ElfFile<'_>, file_len: u64, mem_bytes: u64) -> Result<([Option
     }
     let entry = header.pt2.entry_point();
     let loaded = segments.iter().flatten();
-    if !loaded.clone().any(|s| s.executable && (s.vaddr..s.vaddr + s.memsz).contains(&entry)) {
+    if !loaded
+        .clone()
+        .any(|s| s.executable && (s.vaddr..s.vaddr + s.memsz).contains(&entry))
+    {
         return Err(BuildError::BadEntry(entry));
     }
-    let start = loaded.clone().map(|s| s.vaddr).min().unwrap_or(KERNEL_MIN_GPA);
-    let end = loaded.map(|s| s.vaddr + s.memsz).max().unwrap_or(KERNEL_MIN_GPA);
-    Ok((segments, KernelImage { entry, start, end: (end + 0xfff) & !0xfff }))
+    let start = loaded
+        .clone()
+        .map(|s| s.vaddr)
+        .min()
+        .unwrap_or(KERNEL_MIN_GPA);
+    let end = loaded
+        .map(|s| s.vaddr + s.memsz)
+        .max()
+        .unwrap_or(KERNEL_MIN_GPA);
+    Ok((
+        segments,
+        KernelImage {
+            entry,
+            start,
+            end: (end + 0xfff) & !0xfff,
+        },
+    ))
 }
 
 /// Validates `elf_bytes` and copies its segments into `mem` (which must be zeroed).
@@ -188,7 +226,11 @@ pub struct BootParams<'a> {
 }
 
 /// Writes start info, command line, boot GDT and identity-mapping page tables into `mem`.
-pub fn write_boot_structures(mem: &GuestMemory, image: &KernelImage, params: &BootParams<'_>) -> Result<(), BuildError> {
+pub fn write_boot_structures(
+    mem: &GuestMemory,
+    image: &KernelImage,
+    params: &BootParams<'_>,
+) -> Result<(), BuildError> {
     let cmdline = &params.cmdline.as_bytes()[..params.cmdline.len().min(CMDLINE_MAX)];
     mem.write(CMDLINE_GPA, cmdline)?;
     mem.write(CMDLINE_GPA + cmdline.len() as u64, &[0])?;
@@ -200,7 +242,11 @@ pub fn write_boot_structures(mem: &GuestMemory, image: &KernelImage, params: &Bo
         magic: START_INFO_MAGIC,
         abi_version: lamina_abi::abi_version(),
         domain_id: params.domain_id,
-        flags: if params.privileged { START_FLAG_PRIVILEGED } else { 0 },
+        flags: if params.privileged {
+            START_FLAG_PRIVILEGED
+        } else {
+            0
+        },
         mem_bytes: mem.size(),
         image_start: image.start,
         image_end: image.end,
@@ -214,13 +260,19 @@ pub fn write_boot_structures(mem: &GuestMemory, image: &KernelImage, params: &Bo
     };
     // SAFETY: StartInfo is repr(C) plain data with no padding (its size is asserted in abi).
     let bytes = unsafe {
-        core::slice::from_raw_parts((&raw const info).cast::<u8>(), core::mem::size_of::<StartInfo>())
+        core::slice::from_raw_parts(
+            (&raw const info).cast::<u8>(),
+            core::mem::size_of::<StartInfo>(),
+        )
     };
     mem.write(START_INFO_GPA, bytes)?;
 
     // Null, 64-bit code (selector 0x08), data (0x10): the values the vCPU's hidden segment
     // state is set to at entry, so reloading a selector changes nothing.
-    for (i, descriptor) in [0u64, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff].iter().enumerate() {
+    for (i, descriptor) in [0u64, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff]
+        .iter()
+        .enumerate()
+    {
         mem.write_u64(BOOT_GDT_GPA + 8 * i as u64, *descriptor)?;
     }
 
@@ -233,7 +285,10 @@ pub fn write_boot_structures(mem: &GuestMemory, image: &KernelImage, params: &Bo
     mem.write_u64(BOOT_PML4_GPA, pdpt | PRESENT_WRITABLE_USER)?;
     mem.write_u64(pdpt, pd | PRESENT_WRITABLE_USER)?;
     for page in 0..mem.size() >> 21 {
-        mem.write_u64(pd + 8 * page, (page << 21) | PRESENT_WRITABLE_USER | LARGE_PAGE)?;
+        mem.write_u64(
+            pd + 8 * page,
+            (page << 21) | PRESENT_WRITABLE_USER | LARGE_PAGE,
+        )?;
     }
     Ok(())
 }
@@ -292,8 +347,22 @@ mod tests {
     #[test]
     fn a_good_kernel_is_loaded_where_it_asks() {
         let t = test_memory(MEM);
-        let image = load_kernel(&elf(0x200010, &[(0x200000, 0x100, 0x20, RX), (0x201000, 0x2000, 0x10, RW)]), &t.mem).unwrap();
-        assert_eq!(image, KernelImage { entry: 0x200010, start: 0x200000, end: 0x203000 });
+        let image = load_kernel(
+            &elf(
+                0x200010,
+                &[(0x200000, 0x100, 0x20, RX), (0x201000, 0x2000, 0x10, RW)],
+            ),
+            &t.mem,
+        )
+        .unwrap();
+        assert_eq!(
+            image,
+            KernelImage {
+                entry: 0x200010,
+                start: 0x200000,
+                end: 0x203000
+            }
+        );
         let mut byte = [0u8; 1];
         t.mem.read(0x20001f, &mut byte).unwrap();
         assert_eq!(byte[0], 0xc0);
@@ -310,14 +379,48 @@ mod tests {
         assert!(matches!(load(vec![0xab; 4096]), Err(BuildError::NotElf(_))));
         assert!(matches!(load(vec![]), Err(BuildError::NotElf(_))));
         assert_eq!(load(elf(0x200000, &[])), Err(BuildError::SegmentCount(0)));
-        assert!(matches!(load(elf(0x1000, &[(0x1000, 0x100, 0x10, RX)])), Err(BuildError::SegmentOutsideRam { .. })), "below the kernel area");
-        assert!(matches!(load(elf(0x200000, &[(0x200000, MEM, 0x10, RX)])), Err(BuildError::SegmentOutsideRam { .. })), "over the stack");
-        assert!(matches!(load(elf(0x200000, &[(u64::MAX - 0x10, 0x100, 0x10, RX)])), Err(BuildError::SegmentOutsideRam { .. })), "wraps");
-        assert!(matches!(load(elf(0x200000, &[(0x200000, 0x2000, 0x10, RX), (0x201000, 0x1000, 0x10, RW)])), Err(BuildError::Overlap { .. })));
-        assert_eq!(load(elf(0x201000, &[(0x200000, 0x100, 0x10, RX), (0x201000, 0x100, 0x10, RW)])), Err(BuildError::BadEntry(0x201000)), "entry in a data segment");
+        assert!(
+            matches!(
+                load(elf(0x1000, &[(0x1000, 0x100, 0x10, RX)])),
+                Err(BuildError::SegmentOutsideRam { .. })
+            ),
+            "below the kernel area"
+        );
+        assert!(
+            matches!(
+                load(elf(0x200000, &[(0x200000, MEM, 0x10, RX)])),
+                Err(BuildError::SegmentOutsideRam { .. })
+            ),
+            "over the stack"
+        );
+        assert!(
+            matches!(
+                load(elf(0x200000, &[(u64::MAX - 0x10, 0x100, 0x10, RX)])),
+                Err(BuildError::SegmentOutsideRam { .. })
+            ),
+            "wraps"
+        );
+        assert!(matches!(
+            load(elf(
+                0x200000,
+                &[(0x200000, 0x2000, 0x10, RX), (0x201000, 0x1000, 0x10, RW)]
+            )),
+            Err(BuildError::Overlap { .. })
+        ));
+        assert_eq!(
+            load(elf(
+                0x201000,
+                &[(0x200000, 0x100, 0x10, RX), (0x201000, 0x100, 0x10, RW)]
+            )),
+            Err(BuildError::BadEntry(0x201000)),
+            "entry in a data segment"
+        );
         let mut truncated = elf(0x200000, &[(0x200000, 0x100, 0x80, RX)]);
         truncated.truncate(truncated.len() - 1);
-        assert!(matches!(load(truncated), Err(BuildError::SegmentOutsideFile { .. })));
+        assert!(matches!(
+            load(truncated),
+            Err(BuildError::SegmentOutsideFile { .. })
+        ));
         let mut dynamic = elf(0x200000, &[(0x200000, 0x100, 0x10, RX)]);
         dynamic[16] = 3; // ET_DYN
         assert_eq!(load(dynamic), Err(BuildError::Dynamic));
@@ -326,16 +429,32 @@ mod tests {
     #[test]
     fn boot_structures_describe_the_domain() {
         let t = test_memory(MEM);
-        let image = KernelImage { entry: 0x200000, start: 0x200000, end: 0x210000 };
-        let params = BootParams { domain_id: 3, name: "ping", cmdline: "ping mem=4M", privileged: false };
+        let image = KernelImage {
+            entry: 0x200000,
+            start: 0x200000,
+            end: 0x210000,
+        };
+        let params = BootParams {
+            domain_id: 3,
+            name: "ping",
+            cmdline: "ping mem=4M",
+            privileged: false,
+        };
         write_boot_structures(&t.mem, &image, &params).unwrap();
         let mut raw = [0u8; 128];
         t.mem.read(START_INFO_GPA, &mut raw).unwrap();
         // SAFETY: StartInfo is plain data of exactly 128 bytes.
         let info: StartInfo = unsafe { core::ptr::read_unaligned(raw.as_ptr().cast()) };
-        assert_eq!((info.magic, info.domain_id, info.mem_bytes, info.stack_top), (START_INFO_MAGIC, 3, MEM, MEM));
+        assert_eq!(
+            (info.magic, info.domain_id, info.mem_bytes, info.stack_top),
+            (START_INFO_MAGIC, 3, MEM, MEM)
+        );
         assert_eq!(info.name(), "ping");
         assert_eq!(info.cmdline_len, 11);
-        assert_eq!(t.mem.read_u64(BOOT_PML4_GPA + 0x2000 + 8).unwrap(), (1 << 21) | 0x87, "PD maps 2 MiB pages");
+        assert_eq!(
+            t.mem.read_u64(BOOT_PML4_GPA + 0x2000 + 8).unwrap(),
+            (1 << 21) | 0x87,
+            "PD maps 2 MiB pages"
+        );
     }
 }

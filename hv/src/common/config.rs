@@ -67,10 +67,16 @@ fn sanitize_name(raw: &str) -> String {
 
 /// The name alone (used in messages even when the rest of the line is bad).
 pub fn name_of(cmdline: &str, index: usize) -> String {
-    let explicit = cmdline.split_whitespace().find_map(|t| t.strip_prefix("name="));
+    let explicit = cmdline
+        .split_whitespace()
+        .find_map(|t| t.strip_prefix("name="));
     let bare = cmdline.split_whitespace().find(|t| !t.contains('='));
     let name = explicit.or(bare).map(sanitize_name).unwrap_or_default();
-    if name.is_empty() { default_name(index) } else { name }
+    if name.is_empty() {
+        default_name(index)
+    } else {
+        name
+    }
 }
 
 /// Parses a module command line; `index` numbers the module for the default name.
@@ -85,7 +91,10 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
             mem_bytes = bytes.div_ceil(MEM_GRANULE_BYTES) * MEM_GRANULE_BYTES;
         }
     }
-    Ok(DomainConfig { name: name_of(cmdline, index), mem_bytes })
+    Ok(DomainConfig {
+        name: name_of(cmdline, index),
+        mem_bytes,
+    })
 }
 
 #[cfg(test)]
@@ -97,17 +106,33 @@ mod tests {
         let c = parse("ping mem=8M test=x", 1).unwrap();
         assert_eq!((c.name.as_str(), c.mem_bytes), ("ping", 8 << 20));
         let c = parse("name=pong mem=5M", 2).unwrap();
-        assert_eq!((c.name.as_str(), c.mem_bytes), ("pong", 6 << 20), "rounded up to 2 MiB");
+        assert_eq!(
+            (c.name.as_str(), c.mem_bytes),
+            ("pong", 6 << 20),
+            "rounded up to 2 MiB"
+        );
         let c = parse("", 3).unwrap();
-        assert_eq!((c.name.as_str(), c.mem_bytes), ("module3", MEM_DEFAULT_BYTES));
+        assert_eq!(
+            (c.name.as_str(), c.mem_bytes),
+            ("module3", MEM_DEFAULT_BYTES)
+        );
     }
 
     #[test]
     fn bad_sizes_are_refused() {
         assert_eq!(parse("x mem=lots", 1), Err(ConfigError::BadMemSize));
-        assert_eq!(parse("x mem=1M", 1), Err(ConfigError::MemOutOfRange(1 << 20)));
-        assert_eq!(parse("x mem=2G", 1), Err(ConfigError::MemOutOfRange(2 << 30)));
-        assert_eq!(parse("x mem=99999999999999999999G", 1), Err(ConfigError::BadMemSize));
+        assert_eq!(
+            parse("x mem=1M", 1),
+            Err(ConfigError::MemOutOfRange(1 << 20))
+        );
+        assert_eq!(
+            parse("x mem=2G", 1),
+            Err(ConfigError::MemOutOfRange(2 << 30))
+        );
+        assert_eq!(
+            parse("x mem=99999999999999999999G", 1),
+            Err(ConfigError::BadMemSize)
+        );
     }
 
     #[test]

@@ -57,6 +57,10 @@ mod tests {
         let basic = emulate(1, 0, host);
         assert_eq!(basic[2], (1 << 31) | 1);
         assert_eq!(emulate(0x8000_0001, 0, host)[2], 1);
-        assert_eq!(emulate(7, 0, host), [7, 1, 2, 3], "other leaves pass through");
+        assert_eq!(
+            emulate(7, 0, host),
+            [7, 1, 2, 3],
+            "other leaves pass through"
+        );
     }
 }

@@ -52,7 +52,10 @@ pub struct ConsoleLine {
 
 impl Default for ConsoleLine {
     fn default() -> Self {
-        ConsoleLine { bytes: [0; CONSOLE_LINE_MAX], len: 0 }
+        ConsoleLine {
+            bytes: [0; CONSOLE_LINE_MAX],
+            len: 0,
+        }
     }
 }
 

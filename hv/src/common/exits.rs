@@ -42,7 +42,11 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
         VmExit::Hlt => {
             domain.stats.count(ExitKind::Hlt);
             // ABI v0.1 has no event or timer that could wake a halted vCPU: halting is final.
-            stop(domain, vcpu, String::from("HLT with nothing that can ever wake the vCPU"))
+            stop(
+                domain,
+                vcpu,
+                String::from("HLT with nothing that can ever wake the vCPU"),
+            )
         }
         VmExit::Io { port, size, write } => port_io(domain, vcpu, port, size, write),
         VmExit::MsrRead => {
@@ -65,7 +69,9 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
             let regs = vcpu.regs();
             let index = regs.gpr[reg::RCX] as u32;
             let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
-            match ArchMsr::from_index(index).filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr))) {
+            match ArchMsr::from_index(index)
+                .filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr)))
+            {
                 Some(msr) => {
                     vcpu.write_msr(msr, value);
                     vcpu.skip_instruction();
@@ -76,8 +82,16 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
         }
         VmExit::NestedPageFault { gpa, write } => {
             domain.stats.count(ExitKind::NestedPageFault);
-            let access = if write { "write to" } else { "access to" };
-            stop(domain, vcpu, format!("{access} guest-physical {gpa:#x} outside its memory"))
+            let access = if write {
+                "write to"
+            } else {
+                "read or fetch at"
+            };
+            stop(
+                domain,
+                vcpu,
+                format!("outside its memory: {access} guest-physical {gpa:#x}"),
+            )
         }
         VmExit::TripleFault => {
             domain.stats.count(ExitKind::TripleFault);
@@ -89,7 +103,11 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
         }
         VmExit::Unexpected { code, info1, info2 } => {
             domain.stats.count(ExitKind::Other);
-            stop(domain, vcpu, format!("unexpected exit {code:#x} (info {info1:#x} {info2:#x})"))
+            stop(
+                domain,
+                vcpu,
+                format!("unexpected exit {code:#x} (info {info1:#x} {info2:#x})"),
+            )
         }
     }
 }
@@ -99,7 +117,8 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
 fn invalid_opcode<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
     let mut bytes = [0u8; HYPERCALL_INSN_LEN as usize];
     let rip = vcpu.rip();
-    let found = guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
+    let found =
+        guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
     if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
         domain.stats.count(ExitKind::Hypercall);
         let next = hypercall::handle(domain, vcpu);
@@ -113,7 +132,13 @@ fn invalid_opcode<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
     Next::Resume
 }
 
-fn port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, port: u16, size: u8, write: bool) -> Next {
+fn port_io<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu: &mut V,
+    port: u16,
+    size: u8,
+    write: bool,
+) -> Next {
     let mask: u64 = match size {
         1 => 0xff,
         2 => 0xffff,
@@ -121,7 +146,11 @@ fn port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, port: u16, size: u8
     };
     let uart_offset = port.wrapping_sub(COM1_BASE);
     let is_uart = uart_offset < COM1_PORTS && size == 1;
-    domain.stats.count(if is_uart { ExitKind::IoUart } else { ExitKind::IoOther });
+    domain.stats.count(if is_uart {
+        ExitKind::IoUart
+    } else {
+        ExitKind::IoOther
+    });
     let regs = vcpu.regs();
     if write {
         if is_uart {
@@ -132,7 +161,11 @@ fn port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, port: u16, size: u8
         // Writes to ports nothing emulates are dropped, as on a bus with nothing behind them.
     } else {
         // Reads of ports nothing emulates float high, as on real hardware.
-        let value = if is_uart { u64::from(domain.uart.read(uart_offset)) } else { mask };
+        let value = if is_uart {
+            u64::from(domain.uart.read(uart_offset))
+        } else {
+            mask
+        };
         regs.gpr[reg::RAX] = (regs.gpr[reg::RAX] & !mask) | value;
     }
     vcpu.skip_instruction();
@@ -156,11 +189,16 @@ fn msr_write_allowed(msr: ArchMsr, value: u64, current: u64) -> bool {
             value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) == 0
                 && (value ^ current) & (EFER_LME | EFER_LMA) == 0
         }
-        ArchMsr::FsBase | ArchMsr::GsBase | ArchMsr::KernelGsBase | ArchMsr::Lstar | ArchMsr::Cstar => {
-            is_canonical(value)
-        }
+        ArchMsr::FsBase
+        | ArchMsr::GsBase
+        | ArchMsr::KernelGsBase
+        | ArchMsr::Lstar
+        | ArchMsr::Cstar => is_canonical(value),
         ArchMsr::SysenterEsp | ArchMsr::SysenterEip => is_canonical(value),
-        ArchMsr::Pat => value.to_le_bytes().iter().all(|t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7)),
+        ArchMsr::Pat => value
+            .to_le_bytes()
+            .iter()
+            .all(|t| matches!(t, 0 | 1 | 4 | 5 | 6 | 7)),
         ArchMsr::Sfmask => value >> 32 == 0,
         ArchMsr::Star | ArchMsr::SysenterCs => true,
         // Writing the TSC would move this domain's clock; not offered.
@@ -182,7 +220,21 @@ fn report_registers<V: VirtualCpu>(domain: &Domain, vcpu: &mut V) {
         &mut text,
         format_args!(
             "rip={rip:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x} ",
-            g[0], g[3], g[1], g[2], g[6], g[7], g[5], g[8], g[9], g[10], g[11], g[12], g[13], g[14], g[15]
+            g[0],
+            g[3],
+            g[1],
+            g[2],
+            g[6],
+            g[7],
+            g[5],
+            g[8],
+            g[9],
+            g[10],
+            g[11],
+            g[12],
+            g[13],
+            g[14],
+            g[15]
         ),
     );
     let _ = vcpu.dump(&mut text);
@@ -216,14 +268,34 @@ mod tests {
         let mut v = MockVcpu::default();
         for &byte in b"ok\n" {
             v.regs.gpr[reg::RAX] = byte.into();
-            handle_exit(&mut d, &mut v, VmExit::Io { port: 0x3f8, size: 1, write: true });
+            handle_exit(
+                &mut d,
+                &mut v,
+                VmExit::Io {
+                    port: 0x3f8,
+                    size: 1,
+                    write: true,
+                },
+            );
         }
         assert_eq!(take_lines(), ["(d2) ok"]);
         assert_eq!(d.stats.of(ExitKind::IoUart), 3);
         assert_eq!(v.skipped, 3);
         v.regs.gpr[reg::RAX] = 0x1234_5600;
-        handle_exit(&mut d, &mut v, VmExit::Io { port: 0x3fd, size: 1, write: false });
-        assert_eq!(v.regs.gpr[reg::RAX], 0x1234_5660, "LSR: transmitter empty, upper bytes kept");
+        handle_exit(
+            &mut d,
+            &mut v,
+            VmExit::Io {
+                port: 0x3fd,
+                size: 1,
+                write: false,
+            },
+        );
+        assert_eq!(
+            v.regs.gpr[reg::RAX],
+            0x1234_5660,
+            "LSR: transmitter empty, upper bytes kept"
+        );
     }
 
     #[test]
@@ -232,10 +304,26 @@ mod tests {
         let mut v = MockVcpu::default();
         for (size, expected) in [(1, 0xff), (2, 0xffff), (4, 0xffff_ffff)] {
             v.regs.gpr[reg::RAX] = 0;
-            handle_exit(&mut d, &mut v, VmExit::Io { port: 0x2f0, size, write: false });
+            handle_exit(
+                &mut d,
+                &mut v,
+                VmExit::Io {
+                    port: 0x2f0,
+                    size,
+                    write: false,
+                },
+            );
             assert_eq!(v.regs.gpr[reg::RAX], expected);
         }
-        handle_exit(&mut d, &mut v, VmExit::Io { port: 0x2f0, size: 1, write: true });
+        handle_exit(
+            &mut d,
+            &mut v,
+            VmExit::Io {
+                port: 0x2f0,
+                size: 1,
+                write: true,
+            },
+        );
         assert!(d.is_runnable());
     }
 
@@ -252,29 +340,45 @@ mod tests {
         v.regs.gpr[reg::RDX] = 0x8000;
         v.regs.gpr[reg::RAX] = 0;
         handle_exit(&mut d, &mut v, VmExit::MsrWrite);
-        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))), "non-canonical base");
+        assert_eq!(
+            v.injected,
+            Some((vector::GENERAL_PROTECTION, Some(0))),
+            "non-canonical base"
+        );
         v.injected = None;
         v.regs.gpr[reg::RDX] = 0;
         v.regs.gpr[reg::RAX] = 0x1000;
         handle_exit(&mut d, &mut v, VmExit::MsrWrite);
-        assert_eq!((v.injected, v.msr_writes.as_slice()), (None, &[(ArchMsr::FsBase, 0x1000)][..]));
+        assert_eq!(
+            (v.injected, v.msr_writes.as_slice()),
+            (None, &[(ArchMsr::FsBase, 0x1000)][..])
+        );
     }
 
     #[test]
     fn the_other_vendors_hypercall_instruction_is_a_hypercall() {
         let (t, mut d) = domain();
-        let mut v = MockVcpu { rip: 0x20_0000, ..Default::default() };
+        let mut v = MockVcpu {
+            rip: 0x20_0000,
+            ..Default::default()
+        };
         for bytes in [VMCALL_BYTES, VMMCALL_BYTES] {
             t.mem.write(0x20_0000, &bytes).unwrap();
             v.rip = 0x20_0000;
             v.regs.gpr[reg::RAX] = 0;
             handle_exit(&mut d, &mut v, VmExit::InvalidOpcode);
-            assert_eq!((v.rip, v.regs.gpr[reg::RAX]), (0x20_0003, lamina_abi::abi_version().into()));
+            assert_eq!(
+                (v.rip, v.regs.gpr[reg::RAX]),
+                (0x20_0003, lamina_abi::abi_version().into())
+            );
         }
         t.mem.write(0x20_0000, &[0x0f, 0x0b, 0x90]).unwrap(); // ud2
         v.rip = 0x20_0000;
         handle_exit(&mut d, &mut v, VmExit::InvalidOpcode);
-        assert_eq!((v.rip, v.injected), (0x20_0000, Some((vector::INVALID_OPCODE, None))));
+        assert_eq!(
+            (v.rip, v.injected),
+            (0x20_0000, Some((vector::INVALID_OPCODE, None)))
+        );
     }
 
     #[test]
@@ -282,10 +386,22 @@ mod tests {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
         assert_eq!(handle_exit(&mut d, &mut v, VmExit::TripleFault), Next::Stop);
-        assert_eq!(d.state, DomainState::Ended(Ending::Fault("triple fault".into())));
+        assert_eq!(
+            d.state,
+            DomainState::Ended(Ending::Fault("triple fault".into()))
+        );
         let (_t2, mut d2) = domain();
-        handle_exit(&mut d2, &mut v, VmExit::NestedPageFault { gpa: 0x1_0000_0000, write: true });
-        assert!(matches!(&d2.state, DomainState::Ended(Ending::Fault(why)) if why.contains("0x100000000")));
+        handle_exit(
+            &mut d2,
+            &mut v,
+            VmExit::NestedPageFault {
+                gpa: 0x1_0000_0000,
+                write: true,
+            },
+        );
+        assert!(
+            matches!(&d2.state, DomainState::Ended(Ending::Fault(why)) if why.contains("0x100000000"))
+        );
     }
 
     #[test]

@@ -64,7 +64,9 @@ impl GuestMemory {
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), OutOfBounds> {
         let offset = self.check(gpa, buf.len() as u64)?;
         // SAFETY: the range was checked to lie inside this domain's RAM.
-        unsafe { core::ptr::copy_nonoverlapping(self.host_base.add(offset), buf.as_mut_ptr(), buf.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(self.host_base.add(offset), buf.as_mut_ptr(), buf.len())
+        };
         Ok(())
     }
 
@@ -72,7 +74,9 @@ impl GuestMemory {
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), OutOfBounds> {
         let offset = self.check(gpa, data.len() as u64)?;
         // SAFETY: the range was checked to lie inside this domain's RAM.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), self.host_base.add(offset), data.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), self.host_base.add(offset), data.len())
+        };
         Ok(())
     }
 
@@ -113,7 +117,10 @@ pub(crate) mod testing {
         // SAFETY: the vector outlives `mem` (both live in the returned struct) and is never
         // reallocated.
         let mem = unsafe { GuestMemory::new(backing.as_mut_ptr().cast(), size) };
-        TestMemory { _backing: backing, mem }
+        TestMemory {
+            _backing: backing,
+            mem,
+        }
     }
 }
 
@@ -128,9 +135,18 @@ mod tests {
         t.mem.write(0x3ff8, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
         assert_eq!(t.mem.read_u64(0x3ff8).unwrap(), 0x0807060504030201);
         assert!(t.mem.write(0x3ff9, &[0; 8]).is_err(), "straddles the end");
-        assert!(t.mem.read(0x4000, &mut [0; 1]).is_err(), "just past the end");
+        assert!(
+            t.mem.read(0x4000, &mut [0; 1]).is_err(),
+            "just past the end"
+        );
         assert!(t.mem.check(u64::MAX - 3, 8).is_err(), "wraps around");
-        assert!(t.mem.check(0x4000, 0).is_ok(), "an empty range at the end is inside");
-        assert_eq!(Errno::from(t.mem.check(0x5000, 1).unwrap_err()), Errno::EFAULT);
+        assert!(
+            t.mem.check(0x4000, 0).is_ok(),
+            "an empty range at the end is inside"
+        );
+        assert_eq!(
+            Errno::from(t.mem.check(0x5000, 1).unwrap_err()),
+            Errno::EFAULT
+        );
     }
 }

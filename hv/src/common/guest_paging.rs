@@ -73,13 +73,30 @@ mod tests {
         m.write_u64(0x3000, 0x4000 | 3).unwrap();
         m.write_u64(0x3008, 0x20_0000 | 3 | LARGE).unwrap();
         m.write_u64(0x4000 + 5 * 8, 0x7000 | 3).unwrap();
-        let mode = PagingMode { paging: true, long_mode: true, cr3: 0x1000 };
+        let mode = PagingMode {
+            paging: true,
+            long_mode: true,
+            cr3: 0x1000,
+        };
         assert_eq!(translate(m, mode, 0x5123), Some(0x7123));
         assert_eq!(translate(m, mode, 0x20_1234), Some(0x20_1234));
         assert_eq!(translate(m, mode, 0x6000), None, "PTE not present");
         assert_eq!(translate(m, mode, 1 << 39), None, "PML4E not present");
-        let outside = PagingMode { cr3: 0x100_0000_0000, ..mode };
+        let outside = PagingMode {
+            cr3: 0x100_0000_0000,
+            ..mode
+        };
         assert_eq!(translate(m, outside, 0x5123), None, "tables outside RAM");
-        assert_eq!(translate(m, PagingMode { paging: false, ..mode }, 0x5123), Some(0x5123));
+        assert_eq!(
+            translate(
+                m,
+                PagingMode {
+                    paging: false,
+                    ..mode
+                },
+                0x5123
+            ),
+            Some(0x5123)
+        );
     }
 }

@@ -32,9 +32,19 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
     let cpl = vcpu.cpl();
     let regs = vcpu.regs();
     let nr = regs.gpr[reg::RAX];
-    let args = [regs.gpr[reg::RDI], regs.gpr[reg::RSI], regs.gpr[reg::RDX], regs.gpr[reg::R10], regs.gpr[reg::R8]];
+    let args = [
+        regs.gpr[reg::RDI],
+        regs.gpr[reg::RSI],
+        regs.gpr[reg::RDX],
+        regs.gpr[reg::R10],
+        regs.gpr[reg::R8],
+    ];
     domain.stats.count_hypercall(nr);
-    let result = if cpl != 0 { Err(Errno::EPERM) } else { dispatch(domain, nr, args) };
+    let result = if cpl != 0 {
+        Err(Errno::EPERM)
+    } else {
+        dispatch(domain, nr, args)
+    };
     let (rax, next) = match result {
         Ok(Done::Return(value)) => (value, Next::Resume),
         Ok(Done::Yield) => (0, Next::Yield),
@@ -59,6 +69,10 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
         ConsoleOp::Write => {
             if len > CONSOLE_WRITE_MAX {
                 return Err(Errno::EINVAL);
+            }
+            if len == 0 {
+                // An empty buffer is never out of bounds, wherever it points (docs/abi.md 2.5).
+                return Ok(Done::Return(0));
             }
             let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
             let bytes = &mut buffer[..len as usize];
@@ -98,7 +112,12 @@ mod tests {
     fn domain() -> (TestMemory, Domain) {
         let t = test_memory(4 << 20);
         // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
-        let mem = unsafe { crate::common::guest_memory::GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
+        let mem = unsafe {
+            crate::common::guest_memory::GuestMemory::new(
+                t.mem.host_base() as *mut u8,
+                t.mem.size(),
+            )
+        };
         (t, Domain::new(1, "t".into(), mem))
     }
 
@@ -121,6 +140,11 @@ mod tests {
         assert_eq!(call(&mut d, &mut v, 1, [0, 0x1000, 9]), (9, Next::Resume));
         assert_eq!(take_lines(), ["(d1) hi there"]);
         assert_eq!(call(&mut d, &mut v, 1, [0, 0x1000, 0]).0, 0, "empty write");
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, u64::MAX, 0]).0,
+            0,
+            "empty write anywhere"
+        );
     }
 
     #[test]
@@ -128,11 +152,30 @@ mod tests {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
         let end = 4u64 << 20;
-        assert_eq!(call(&mut d, &mut v, 1, [0, end, 1]).0, EFAULT, "just past the end");
-        assert_eq!(call(&mut d, &mut v, 1, [0, end - 1, 2]).0, EFAULT, "straddles the end");
-        assert_eq!(call(&mut d, &mut v, 1, [0, u64::MAX - 1, 16]).0, EFAULT, "wraps around");
-        assert_eq!(call(&mut d, &mut v, 1, [0, 0, CONSOLE_WRITE_MAX + 1]).0, -(Errno::EINVAL as i64));
-        assert_eq!(call(&mut d, &mut v, 1, [7, 0, 1]).0, -(Errno::ENOSYS as i64), "unknown op");
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, end, 1]).0,
+            EFAULT,
+            "just past the end"
+        );
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, end - 1, 2]).0,
+            EFAULT,
+            "straddles the end"
+        );
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, u64::MAX - 1, 16]).0,
+            EFAULT,
+            "wraps around"
+        );
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, 0, CONSOLE_WRITE_MAX + 1]).0,
+            -(Errno::EINVAL as i64)
+        );
+        assert_eq!(
+            call(&mut d, &mut v, 1, [7, 0, 1]).0,
+            -(Errno::ENOSYS as i64),
+            "unknown op"
+        );
         assert!(d.is_runnable());
     }
 
@@ -151,7 +194,10 @@ mod tests {
     fn shutdown_ends_the_domain_with_its_reason_and_bad_reasons_are_einval() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        assert_eq!(call(&mut d, &mut v, 2, [2, 99, 0]).0, -(Errno::EINVAL as i64));
+        assert_eq!(
+            call(&mut d, &mut v, 2, [2, 99, 0]).0,
+            -(Errno::EINVAL as i64)
+        );
         assert!(d.is_runnable());
         assert_eq!(call(&mut d, &mut v, 2, [2, 2, 0]).1, Next::Stop);
         assert_eq!(d.state, DomainState::Ended(Ending::Crash));
@@ -161,7 +207,10 @@ mod tests {
     fn version_returns_the_abi_version() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        assert_eq!(call(&mut d, &mut v, 0, [0; 3]).0, lamina_abi::abi_version() as i64);
+        assert_eq!(
+            call(&mut d, &mut v, 0, [0; 3]).0,
+            lamina_abi::abi_version() as i64
+        );
         assert_eq!(call(&mut d, &mut v, 2, [0, 0, 0]), (0, Next::Yield));
     }
 }

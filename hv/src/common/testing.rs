@@ -35,7 +35,11 @@ impl VirtualCpu for MockVcpu {
         self.cpl
     }
     fn paging_mode(&self) -> PagingMode {
-        PagingMode { paging: false, long_mode: true, cr3: 0 }
+        PagingMode {
+            paging: false,
+            long_mode: true,
+            cr3: 0,
+        }
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected = Some((vector, error_code));

@@ -39,7 +39,9 @@ impl fmt::Display for HwError {
         match self {
             HwError::Missing(what) => write!(f, "the CPU has no {what}"),
             HwError::Disabled(what) => write!(f, "{what} is disabled by firmware"),
-            HwError::VmxInstruction(what, error) => write!(f, "{what} failed (VM-instruction error {error})"),
+            HwError::VmxInstruction(what, error) => {
+                write!(f, "{what} failed (VM-instruction error {error})")
+            }
             HwError::OutOfMemory => write!(f, "out of memory for virtualization structures"),
         }
     }
@@ -73,7 +75,11 @@ pub trait Virtualization: Sized {
     fn enable() -> Result<Self, HwError>;
 
     /// Builds a vCPU for a domain with RAM `memory`, mapped through its own nested page table.
-    fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<Self::Vcpu, HwError>;
+    fn create_vcpu(
+        &mut self,
+        memory: &GuestMemory,
+        entry: &EntryState,
+    ) -> Result<Self::Vcpu, HwError>;
 }
 
 /// Detects the vendor's virtualization extension from CPUID.

@@ -38,7 +38,11 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// An empty table (nothing mapped).
     pub fn new() -> Result<Self, HwError> {
         let root = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
-        Ok(NestedPageTable { root, tables: alloc::vec![root], _format: PhantomData })
+        Ok(NestedPageTable {
+            root,
+            tables: alloc::vec![root],
+            _format: PhantomData,
+        })
     }
 
     /// Host-physical address of the top-level table (for EPTP / nCR3).

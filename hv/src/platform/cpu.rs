@@ -77,7 +77,12 @@ pub fn init() {
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
         let tss = gdt.append(Descriptor::tss_segment(tss));
-        Tables { gdt, code, data, tss }
+        Tables {
+            gdt,
+            code,
+            data,
+            tss,
+        }
     });
     tables.gdt.load();
     // SAFETY: the selectors index the GDT just loaded, which lives for the rest of the run.
@@ -109,7 +114,9 @@ pub fn init() {
 /// The hypervisor's task register: selector and TSS base (for the VMCS host state).
 pub fn task_register() -> (u16, u64) {
     let selector = TABLES.get().map_or(0, |t| t.tss.0);
-    let base = TSS.get().map_or(0, |tss| tss as *const TaskStateSegment as u64);
+    let base = TSS
+        .get()
+        .map_or(0, |tss| tss as *const TaskStateSegment as u64);
     (selector, base)
 }
 

@@ -41,7 +41,10 @@ pub fn init(info: &BootInfo<'_>, boot_info: (u64, u64)) {
     }
     // The first MiB holds firmware data; the rest are in use by the hypervisor.
     phys.remove(0, 1 << 20);
-    let image = (&raw const __hv_image_start as u64, &raw const __hv_image_end as u64);
+    let image = (
+        &raw const __hv_image_start as u64,
+        &raw const __hv_image_end as u64,
+    );
     phys.remove(image.0, image.1);
     phys.remove(boot_info.0, boot_info.1);
     for module in info.modules.iter() {

@@ -56,11 +56,15 @@ pub enum ParseError {
 }
 
 fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        bytes.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(bytes.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        bytes.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 fn c_string(bytes: &[u8]) -> &str {
@@ -80,7 +84,9 @@ pub fn parse(bytes: &[u8]) -> Result<BootInfo<'_>, ParseError> {
         if tag == TAG_END {
             break;
         }
-        let body = bytes.get(at + 8..at + size.max(8)).ok_or(ParseError::BadTag(tag))?;
+        let body = bytes
+            .get(at + 8..at + size.max(8))
+            .ok_or(ParseError::BadTag(tag))?;
         match tag {
             TAG_CMDLINE => info.cmdline = c_string(body),
             TAG_MODULE => {
@@ -104,7 +110,9 @@ pub fn parse(bytes: &[u8]) -> Result<BootInfo<'_>, ParseError> {
                     let len = read_u64(body, entry + 8).ok_or(ParseError::BadTag(tag))?;
                     let kind = read_u32(body, entry + 16).ok_or(ParseError::BadTag(tag))?;
                     if kind == MEMORY_AVAILABLE {
-                        info.ram.push(RamRange { start, len }).map_err(|_| ParseError::TooMany)?;
+                        info.ram
+                            .push(RamRange { start, len })
+                            .map_err(|_| ParseError::TooMany)?;
                     }
                     entry += entry_size;
                 }
@@ -127,7 +135,10 @@ pub mod heapless_vec {
 
     impl<T, const N: usize> Default for Vec<T, N> {
         fn default() -> Self {
-            Vec { items: [const { None }; N], len: 0 }
+            Vec {
+                items: [const { None }; N],
+                len: 0,
+            }
         }
     }
 
@@ -185,7 +196,11 @@ mod tests {
         let mut map = std::vec::Vec::new();
         map.extend_from_slice(&24u32.to_le_bytes());
         map.extend_from_slice(&0u32.to_le_bytes());
-        for (start, len, kind) in [(0u64, 0x9fc00u64, 1u32), (0x10_0000, 0x7ef_0000, 1), (0xfffc_0000, 0x4_0000, 2)] {
+        for (start, len, kind) in [
+            (0u64, 0x9fc00u64, 1u32),
+            (0x10_0000, 0x7ef_0000, 1),
+            (0xfffc_0000, 0x4_0000, 2),
+        ] {
             map.extend_from_slice(&start.to_le_bytes());
             map.extend_from_slice(&len.to_le_bytes());
             map.extend_from_slice(&kind.to_le_bytes());
@@ -204,7 +219,14 @@ mod tests {
         let info = parse(&bytes).unwrap();
         assert_eq!(info.cmdline, "loglevel=debug");
         let modules: std::vec::Vec<_> = info.modules.iter().copied().collect();
-        assert_eq!(modules, [Module { start: 0x40_0000, end: 0x40_1000, cmdline: "ping mem=8M" }]);
+        assert_eq!(
+            modules,
+            [Module {
+                start: 0x40_0000,
+                end: 0x40_1000,
+                cmdline: "ping mem=8M"
+            }]
+        );
         assert_eq!(info.ram.len(), 2, "reserved ranges are left out");
     }
 

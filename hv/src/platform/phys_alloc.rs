@@ -34,7 +34,11 @@ impl Default for PhysAllocator {
 impl PhysAllocator {
     /// An allocator with nothing to give.
     pub const fn new() -> Self {
-        PhysAllocator { free: [Range { start: 0, end: 0 }; MAX_RANGES], len: 0, total_bytes: 0 }
+        PhysAllocator {
+            free: [Range { start: 0, end: 0 }; MAX_RANGES],
+            len: 0,
+            total_bytes: 0,
+        }
     }
 
     /// Bytes currently free.
@@ -76,10 +80,16 @@ impl PhysAllocator {
             }
             self.delete(i);
             if r.start < start {
-                self.insert(Range { start: r.start, end: start });
+                self.insert(Range {
+                    start: r.start,
+                    end: start,
+                });
             }
             if r.end > end {
-                self.insert(Range { start: end, end: r.end });
+                self.insert(Range {
+                    start: end,
+                    end: r.end,
+                });
             }
             i = 0;
         }
@@ -112,7 +122,10 @@ impl PhysAllocator {
         while i < self.len {
             let r = self.free[i];
             if r.end == range.start || range.end == r.start {
-                range = Range { start: r.start.min(range.start), end: r.end.max(range.end) };
+                range = Range {
+                    start: r.start.min(range.start),
+                    end: r.end.max(range.end),
+                };
                 self.delete(i);
                 continue;
             }
@@ -121,7 +134,11 @@ impl PhysAllocator {
         if self.len == MAX_RANGES {
             return false;
         }
-        let at = self.ranges().iter().position(|r| r.start > range.start).unwrap_or(self.len);
+        let at = self
+            .ranges()
+            .iter()
+            .position(|r| r.start > range.start)
+            .unwrap_or(self.len);
         self.free.copy_within(at..self.len, at + 1);
         self.free[at] = range;
         self.len += 1;
@@ -150,7 +167,10 @@ mod tests {
         assert!(big >= 3 * MIB + 0x1000);
         let page = a.allocate(0x1000, 0x1000).unwrap();
         assert!(page + 0x1000 <= big || page >= big + 16 * MIB);
-        assert_eq!(a.free_bytes(), 64 * MIB - (3 * MIB + 0x1000) + MIB - 16 * MIB - 0x1000 - MIB);
+        assert_eq!(
+            a.free_bytes(),
+            64 * MIB - (3 * MIB + 0x1000) + MIB - 16 * MIB - 0x1000 - MIB
+        );
     }
 
     #[test]
@@ -158,7 +178,9 @@ mod tests {
         let mut a = PhysAllocator::new();
         a.add(0, 32 * MIB);
         let before = a.free_bytes();
-        let blocks: Vec<u64> = (0..8).map(|_| a.allocate(2 * MIB, 2 * MIB).unwrap()).collect();
+        let blocks: Vec<u64> = (0..8)
+            .map(|_| a.allocate(2 * MIB, 2 * MIB).unwrap())
+            .collect();
         for b in blocks.iter().rev() {
             a.release(*b, 2 * MIB);
         }

@@ -48,9 +48,12 @@ impl Virtualization for Svm {
             return Err(HwError::Disabled("SVM"));
         }
         let host_save_area = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
-        let host_state_vmcb = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
-        let io_permission_map = memory::allocate_zeroed(0x3000, 0x1000).ok_or(HwError::OutOfMemory)?;
-        let msr_permission_map = memory::allocate_zeroed(0x2000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        let host_state_vmcb =
+            memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        let io_permission_map =
+            memory::allocate_zeroed(0x3000, 0x1000).ok_or(HwError::OutOfMemory)?;
+        let msr_permission_map =
+            memory::allocate_zeroed(0x2000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: both maps were just allocated with these sizes and are ours alone.
         unsafe {
             core::ptr::write_bytes(io_permission_map as *mut u8, 0xff, 0x3000);
@@ -64,11 +67,24 @@ impl Virtualization for Svm {
             // own FS, GS, TR, LDTR and syscall MSRs.
             core::arch::asm!("vmsave rax", in("rax") host_state_vmcb);
         }
-        log::info!("SVM on: {} ASIDs, NRIP-save {}", svm_features.ebx, svm_features.edx & (1 << 3) != 0);
-        Ok(Svm { host_state_vmcb, io_permission_map, msr_permission_map, asids: svm_features.ebx })
+        log::info!(
+            "SVM on: {} ASIDs, NRIP-save {}",
+            svm_features.ebx,
+            svm_features.edx & (1 << 3) != 0
+        );
+        Ok(Svm {
+            host_state_vmcb,
+            io_permission_map,
+            msr_permission_map,
+            asids: svm_features.ebx,
+        })
     }
 
-    fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<SvmVcpu, HwError> {
+    fn create_vcpu(
+        &mut self,
+        memory: &GuestMemory,
+        entry: &EntryState,
+    ) -> Result<SvmVcpu, HwError> {
         let mut npt = NestedPageTable::<npt::Npt>::new()?;
         npt.map_large(0, memory.host_base(), memory.size())?;
         // ASID 0 is the host's. With more domains than ASIDs, tags are shared and the TLB is

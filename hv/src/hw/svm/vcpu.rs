@@ -64,12 +64,20 @@ unsafe extern "C" {
 }
 
 impl SvmVcpu {
-    pub(super) fn new(npt: NestedPageTable<Npt>, svm: &Svm, entry: &EntryState, asid: u32) -> Result<Self, HwError> {
+    pub(super) fn new(
+        npt: NestedPageTable<Npt>,
+        svm: &Svm,
+        entry: &EntryState,
+        asid: u32,
+    ) -> Result<Self, HwError> {
         let page = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: a fresh zeroed page owned by this vCPU.
         let mut v = unsafe { Vmcb::new(page) };
         v.write(vmcb::INTERCEPT_EXCEPTIONS, 1u32 << vector::INVALID_OPCODE);
-        v.write(vmcb::INTERCEPT_MISC1, MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN);
+        v.write(
+            vmcb::INTERCEPT_MISC1,
+            MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN,
+        );
         v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS);
         v.write(vmcb::IOPM_BASE, svm.io_permission_map);
         v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
@@ -79,7 +87,10 @@ impl SvmVcpu {
         v.write(vmcb::N_CR3, npt.root());
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
-        let (code, data) = (lamina_abi::layout::BOOT_CODE_SELECTOR, lamina_abi::layout::BOOT_DATA_SELECTOR);
+        let (code, data) = (
+            lamina_abi::layout::BOOT_CODE_SELECTOR,
+            lamina_abi::layout::BOOT_DATA_SELECTOR,
+        );
         v.write_segment(vmcb::CS, code, 0x029b, 0xffff_ffff, 0);
         for seg in [vmcb::DS, vmcb::ES, vmcb::SS, vmcb::FS, vmcb::GS] {
             v.write_segment(seg, data, 0x0c93, 0xffff_ffff, 0);
@@ -101,7 +112,14 @@ impl SvmVcpu {
         v.write(vmcb::G_PAT, 0x0007_0406_0007_0406u64);
         let mut regs = GuestRegisters::default();
         regs.gpr[reg::RDI] = entry.rdi;
-        Ok(SvmVcpu { vmcb: v, regs, host_state_vmcb: svm.host_state_vmcb, instruction_len: 0, io_next_rip: 0, _npt: npt })
+        Ok(SvmVcpu {
+            vmcb: v,
+            regs,
+            host_state_vmcb: svm.host_state_vmcb,
+            instruction_len: 0,
+            io_next_rip: 0,
+            _npt: npt,
+        })
     }
 
     fn enter(&mut self) {
@@ -141,18 +159,29 @@ impl VirtualCpu for SvmVcpu {
                 }
                 exit_code::MSR => {
                     self.instruction_len = 2;
-                    if info1 & 1 == 0 { VmExit::MsrRead } else { VmExit::MsrWrite }
+                    if info1 & 1 == 0 {
+                        VmExit::MsrRead
+                    } else {
+                        VmExit::MsrWrite
+                    }
                 }
                 // EXITINFO1: bit 0 IN, bit 2 string, bits 4-6 size, bits 16-31 port (APM 15.10.2).
                 exit_code::IOIO if info1 & (1 << 2) == 0 => {
                     self.io_next_rip = info2;
                     let size = ((info1 >> 4) & 0x7) as u8;
-                    VmExit::Io { port: (info1 >> 16) as u16, size, write: info1 & 1 == 0 }
+                    VmExit::Io {
+                        port: (info1 >> 16) as u16,
+                        size,
+                        write: info1 & 1 == 0,
+                    }
                 }
                 exit_code::EXCEPTION_UD => VmExit::InvalidOpcode,
                 exit_code::INTR => VmExit::ExternalInterrupt,
                 exit_code::SHUTDOWN => VmExit::TripleFault,
-                exit_code::NPF => VmExit::NestedPageFault { gpa: info2, write: info1 & (1 << 1) != 0 },
+                exit_code::NPF => VmExit::NestedPageFault {
+                    gpa: info2,
+                    write: info1 & (1 << 1) != 0,
+                },
                 exit_code::VMRUN..=exit_code::SKINIT => {
                     // SVM instructions are not offered to guests: they see #UD.
                     self.inject_exception(vector::INVALID_OPCODE, None);
@@ -179,7 +208,11 @@ impl VirtualCpu for SvmVcpu {
     fn skip_instruction(&mut self) {
         // No NRIP-save under QEMU TCG: IOIO exits carry the next RIP, the rest have fixed lengths.
         let code: u64 = self.vmcb.read(vmcb::EXIT_CODE);
-        let next = if code == exit_code::IOIO { self.io_next_rip } else { self.rip() + self.instruction_len };
+        let next = if code == exit_code::IOIO {
+            self.io_next_rip
+        } else {
+            self.rip() + self.instruction_len
+        };
         self.set_rip(next);
     }
 
@@ -190,7 +223,11 @@ impl VirtualCpu for SvmVcpu {
     fn paging_mode(&self) -> PagingMode {
         let cr0: u64 = self.vmcb.read(vmcb::CR0);
         let efer: u64 = self.vmcb.read(vmcb::EFER);
-        PagingMode { paging: cr0 & CR0_PG != 0, long_mode: efer & EFER_LMA != 0, cr3: self.vmcb.read(vmcb::CR3) }
+        PagingMode {
+            paging: cr0 & CR0_PG != 0,
+            long_mode: efer & EFER_LMA != 0,
+            cr3: self.vmcb.read(vmcb::CR3),
+        }
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {

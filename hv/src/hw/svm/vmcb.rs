@@ -137,7 +137,14 @@ impl Vmcb {
     }
 
     /// Writes a segment record.
-    pub fn write_segment(&mut self, at: usize, selector: u16, attributes: u16, limit: u32, base: u64) {
+    pub fn write_segment(
+        &mut self,
+        at: usize,
+        selector: u16,
+        attributes: u16,
+        limit: u32,
+        base: u64,
+    ) {
         self.write(at, selector);
         self.write(at + 2, attributes);
         self.write(at + 4, limit);

@@ -77,15 +77,30 @@ impl Virtualization for Vmx {
         let caps = unsafe {
             let feature_control = rdmsr(MSR_FEATURE_CONTROL);
             if feature_control & FEATURE_CONTROL_LOCKED == 0 {
-                wrmsr(MSR_FEATURE_CONTROL, feature_control | FEATURE_CONTROL_LOCKED | FEATURE_CONTROL_VMX_OUTSIDE_SMX);
+                wrmsr(
+                    MSR_FEATURE_CONTROL,
+                    feature_control | FEATURE_CONTROL_LOCKED | FEATURE_CONTROL_VMX_OUTSIDE_SMX,
+                );
             } else if feature_control & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
-                return Err(HwError::Disabled("VMX (IA32_FEATURE_CONTROL locked without it)"));
+                return Err(HwError::Disabled(
+                    "VMX (IA32_FEATURE_CONTROL locked without it)",
+                ));
             }
             let basic = rdmsr(MSR_VMX_BASIC);
             let true_controls = basic & (1 << 55) != 0;
-            let pick = |plain, true_msr| if true_controls { rdmsr(true_msr) } else { rdmsr(plain) };
+            let pick = |plain, true_msr| {
+                if true_controls {
+                    rdmsr(true_msr)
+                } else {
+                    rdmsr(plain)
+                }
+            };
             let primary = pick(MSR_VMX_PROCBASED, MSR_VMX_TRUE_PROCBASED);
-            let secondary = if primary >> 32 & (1 << 31) != 0 { rdmsr(MSR_VMX_PROCBASED2) } else { 0 };
+            let secondary = if primary >> 32 & (1 << 31) != 0 {
+                rdmsr(MSR_VMX_PROCBASED2)
+            } else {
+                0
+            };
             ControlCapabilities {
                 revision: basic as u32 & 0x7fff_ffff,
                 pin: pick(MSR_VMX_PINBASED, MSR_VMX_TRUE_PINBASED),
@@ -105,7 +120,9 @@ impl Virtualization for Vmx {
             let cr0 = x86_64::registers::control::Cr0::read_raw();
             x86_64::registers::control::Cr0::write_raw((cr0 | caps.cr0_fixed.0) & caps.cr0_fixed.1);
             let cr4 = x86_64::registers::control::Cr4::read_raw();
-            x86_64::registers::control::Cr4::write_raw((cr4 | CR4_VMXE | caps.cr4_fixed.0) & caps.cr4_fixed.1);
+            x86_64::registers::control::Cr4::write_raw(
+                (cr4 | CR4_VMXE | caps.cr4_fixed.0) & caps.cr4_fixed.1,
+            );
             let failed: u8;
             asm!("vmxon [{}]", "setna {}", in(reg) &vmxon_region, out(reg_byte) failed);
             if failed != 0 {
@@ -116,7 +133,11 @@ impl Virtualization for Vmx {
         Ok(Vmx { caps })
     }
 
-    fn create_vcpu(&mut self, memory: &GuestMemory, entry: &EntryState) -> Result<VmxVcpu, HwError> {
+    fn create_vcpu(
+        &mut self,
+        memory: &GuestMemory,
+        entry: &EntryState,
+    ) -> Result<VmxVcpu, HwError> {
         let mut ept = NestedPageTable::<ept::Ept>::new()?;
         ept.map_large(0, memory.host_base(), memory.size())?;
         VmxVcpu::new(ept, &self.caps, entry)

@@ -96,7 +96,11 @@ fn load_vmcs(vmcs: u64) -> Result<(), HwError> {
 }
 
 impl VmxVcpu {
-    pub(super) fn new(ept: NestedPageTable<Ept>, caps: &ControlCapabilities, entry: &EntryState) -> Result<Self, HwError> {
+    pub(super) fn new(
+        ept: NestedPageTable<Ept>,
+        caps: &ControlCapabilities,
+        entry: &EntryState,
+    ) -> Result<Self, HwError> {
         let vmcs = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: a fresh page owned by this vCPU; VMCLEAR initialises it (SDM 24.11.3).
         unsafe {
@@ -128,19 +132,39 @@ impl VmxVcpu {
         Ok(vcpu)
     }
 
-    fn write_controls(&self, caps: &ControlCapabilities, entry: &EntryState) -> Result<(), HwError> {
-        write(vmcs::PIN_BASED_CONTROLS, adjust(caps.pin, 0, "pin-based controls")?.into())?;
-        let primary = PRIMARY_HLT_EXITING | PRIMARY_UNCONDITIONAL_IO_EXITING | PRIMARY_ACTIVATE_SECONDARY;
-        write(vmcs::PRIMARY_PROCESSOR_CONTROLS, adjust(caps.primary, primary, "HLT/I/O exiting")?.into())?;
+    fn write_controls(
+        &self,
+        caps: &ControlCapabilities,
+        entry: &EntryState,
+    ) -> Result<(), HwError> {
+        write(
+            vmcs::PIN_BASED_CONTROLS,
+            adjust(caps.pin, 0, "pin-based controls")?.into(),
+        )?;
+        let primary =
+            PRIMARY_HLT_EXITING | PRIMARY_UNCONDITIONAL_IO_EXITING | PRIMARY_ACTIVATE_SECONDARY;
+        write(
+            vmcs::PRIMARY_PROCESSOR_CONTROLS,
+            adjust(caps.primary, primary, "HLT/I/O exiting")?.into(),
+        )?;
         let mut secondary = SECONDARY_ENABLE_EPT | SECONDARY_ENABLE_VPID;
         if (caps.secondary >> 32) as u32 & SECONDARY_ENABLE_RDTSCP != 0 {
             secondary |= SECONDARY_ENABLE_RDTSCP;
         }
-        write(vmcs::SECONDARY_PROCESSOR_CONTROLS, adjust(caps.secondary, secondary, "EPT and VPID")?.into())?;
+        write(
+            vmcs::SECONDARY_PROCESSOR_CONTROLS,
+            adjust(caps.secondary, secondary, "EPT and VPID")?.into(),
+        )?;
         let exit = EXIT_HOST_64BIT | EXIT_SAVE_EFER | EXIT_LOAD_EFER;
-        write(vmcs::EXIT_CONTROLS, adjust(caps.exit, exit, "64-bit host exit controls")?.into())?;
+        write(
+            vmcs::EXIT_CONTROLS,
+            adjust(caps.exit, exit, "64-bit host exit controls")?.into(),
+        )?;
         let entry_controls = ENTRY_IA32E_GUEST | ENTRY_LOAD_EFER;
-        write(vmcs::ENTRY_CONTROLS, adjust(caps.entry, entry_controls, "IA-32e guest entry")?.into())?;
+        write(
+            vmcs::ENTRY_CONTROLS,
+            adjust(caps.entry, entry_controls, "IA-32e guest entry")?.into(),
+        )?;
         write(vmcs::EXCEPTION_BITMAP, 1 << vector::INVALID_OPCODE)?;
         write(vmcs::EPT_POINTER, eptp(self._ept.root()))?;
         write(vmcs::VPID, entry.tlb_tag.into())?;
@@ -160,11 +184,18 @@ impl VmxVcpu {
         use x86_64::registers::control::{Cr0, Cr3, Cr4};
         let (cr3_frame, cr3_flags) = Cr3::read_raw();
         write(vmcs::HOST_CR0, Cr0::read_raw())?;
-        write(vmcs::HOST_CR3, cr3_frame.start_address().as_u64() | u64::from(cr3_flags))?;
+        write(
+            vmcs::HOST_CR3,
+            cr3_frame.start_address().as_u64() | u64::from(cr3_flags),
+        )?;
         write(vmcs::HOST_CR4, Cr4::read_raw())?;
         let data = SS::get_reg().0;
         write(vmcs::HOST_CS_SELECTOR, CS::get_reg().0.into())?;
-        for field in [vmcs::HOST_SS_SELECTOR, vmcs::HOST_DS_SELECTOR, vmcs::HOST_ES_SELECTOR] {
+        for field in [
+            vmcs::HOST_SS_SELECTOR,
+            vmcs::HOST_DS_SELECTOR,
+            vmcs::HOST_ES_SELECTOR,
+        ] {
             write(field, data.into())?;
         }
         write(vmcs::HOST_FS_SELECTOR, 0)?;
@@ -186,7 +217,10 @@ impl VmxVcpu {
     }
 
     fn write_guest_state(&mut self, entry: &EntryState) -> Result<(), HwError> {
-        let (code, data) = (lamina_abi::layout::BOOT_CODE_SELECTOR, lamina_abi::layout::BOOT_DATA_SELECTOR);
+        let (code, data) = (
+            lamina_abi::layout::BOOT_CODE_SELECTOR,
+            lamina_abi::layout::BOOT_DATA_SELECTOR,
+        );
         // ES, CS, SS, DS, FS, GS, LDTR, TR: selector, base, limit, access rights (SDM 24.4.1).
         let segments: [(u16, u32, u32); 8] = [
             (data, 0xffff_ffff, 0xc093),
@@ -195,7 +229,7 @@ impl VmxVcpu {
             (data, 0xffff_ffff, 0xc093),
             (data, 0xffff_ffff, 0xc093),
             (data, 0xffff_ffff, 0xc093),
-            (0, 0, 0x1_0000), // LDTR unusable
+            (0, 0, 0x1_0000),  // LDTR unusable
             (0, 0x67, 0x008b), // TR: busy 64-bit TSS
         ];
         for (i, (selector, limit, rights)) in segments.into_iter().enumerate() {
@@ -213,7 +247,10 @@ impl VmxVcpu {
         write(vmcs::GUEST_CR0, (cr0 | self.cr0_fixed.0) & self.cr0_fixed.1)?;
         write(vmcs::CR0_READ_SHADOW, cr0)?;
         let cr4 = 0x0620; // OSXMMEXCPT OSFXSR PAE
-        write(vmcs::GUEST_CR4, (cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1)?;
+        write(
+            vmcs::GUEST_CR4,
+            (cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1,
+        )?;
         write(vmcs::CR4_READ_SHADOW, cr4)?;
         write(vmcs::GUEST_CR3, entry.cr3)?;
         write(vmcs::GUEST_IA32_EFER, 0x500)?; // LME LMA
@@ -254,14 +291,21 @@ impl VmxVcpu {
         let cr = qualification & 0xf;
         let access = (qualification >> 4) & 0x3;
         let gpr = ((qualification >> 8) & 0xf) as usize;
-        let value = if gpr == 4 { read(vmcs::GUEST_RSP) } else { self.regs.gpr[gpr] };
+        let value = if gpr == 4 {
+            read(vmcs::GUEST_RSP)
+        } else {
+            self.regs.gpr[gpr]
+        };
         match (access, cr) {
             (0, 0) => {
                 // Leaving protected mode or paging is not possible from 64-bit mode.
                 if value & (CR0_PE | CR0_PG) != (CR0_PE | CR0_PG) || value >> 32 != 0 {
                     return false;
                 }
-                write_unchecked(vmcs::GUEST_CR0, (value | self.cr0_fixed.0) & self.cr0_fixed.1);
+                write_unchecked(
+                    vmcs::GUEST_CR0,
+                    (value | self.cr0_fixed.0) & self.cr0_fixed.1,
+                );
                 write_unchecked(vmcs::CR0_READ_SHADOW, value);
             }
             (0, 4) => {
@@ -298,7 +342,11 @@ impl VirtualCpu for VmxVcpu {
     fn run(&mut self) -> VmExit {
         if let Err(error) = self.make_current() {
             log::error!("vmx: {error}");
-            return VmExit::Unexpected { code: u64::MAX, info1: 0, info2: 0 };
+            return VmExit::Unexpected {
+                code: u64::MAX,
+                info1: 0,
+                info2: 0,
+            };
         }
         loop {
             // SAFETY: the VMCS is current and fully initialised; its EPT maps only this
@@ -306,13 +354,21 @@ impl VirtualCpu for VmxVcpu {
             let failed = unsafe { vmx_world_switch(&mut self.regs, self.launched.into()) };
             if failed != 0 {
                 let error = read(vmcs::VM_INSTRUCTION_ERROR);
-                return VmExit::Unexpected { code: u64::MAX, info1: error, info2: 0 };
+                return VmExit::Unexpected {
+                    code: u64::MAX,
+                    info1: error,
+                    info2: 0,
+                };
             }
             self.launched = true;
             let exit_reason = read(vmcs::EXIT_REASON);
             let basic = exit_reason & 0xffff;
             if exit_reason & (1 << 31) != 0 {
-                return VmExit::Unexpected { code: exit_reason, info1: read(vmcs::EXIT_QUALIFICATION), info2: 0 };
+                return VmExit::Unexpected {
+                    code: exit_reason,
+                    info1: read(vmcs::EXIT_QUALIFICATION),
+                    info2: 0,
+                };
             }
             return match basic {
                 reason::VMCALL => VmExit::Hypercall,
@@ -324,9 +380,17 @@ impl VirtualCpu for VmxVcpu {
                     // Qualification: size-1 in bits 0-2, IN in bit 3, string in bit 4, port in 16-31.
                     let q = read(vmcs::EXIT_QUALIFICATION);
                     if q & (1 << 4) != 0 {
-                        VmExit::Unexpected { code: basic, info1: q, info2: 0 }
+                        VmExit::Unexpected {
+                            code: basic,
+                            info1: q,
+                            info2: 0,
+                        }
                     } else {
-                        VmExit::Io { port: (q >> 16) as u16, size: ((q & 7) + 1) as u8, write: q & (1 << 3) == 0 }
+                        VmExit::Io {
+                            port: (q >> 16) as u16,
+                            size: ((q & 7) + 1) as u8,
+                            write: q & (1 << 3) == 0,
+                        }
                     }
                 }
                 reason::EXCEPTION_OR_NMI => {
@@ -334,7 +398,11 @@ impl VirtualCpu for VmxVcpu {
                     if info & 0xff == u64::from(vector::INVALID_OPCODE) {
                         VmExit::InvalidOpcode
                     } else {
-                        VmExit::Unexpected { code: basic, info1: info, info2: 0 }
+                        VmExit::Unexpected {
+                            code: basic,
+                            info1: info,
+                            info2: 0,
+                        }
                     }
                 }
                 reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
@@ -356,7 +424,11 @@ impl VirtualCpu for VmxVcpu {
                     self.inject_exception(vector::INVALID_OPCODE, None);
                     continue;
                 }
-                _ => VmExit::Unexpected { code: basic, info1: read(vmcs::EXIT_QUALIFICATION), info2: read(vmcs::GUEST_PHYSICAL_ADDRESS) },
+                _ => VmExit::Unexpected {
+                    code: basic,
+                    info1: read(vmcs::EXIT_QUALIFICATION),
+                    info2: read(vmcs::GUEST_PHYSICAL_ADDRESS),
+                },
             };
         }
     }
@@ -415,7 +487,10 @@ impl VirtualCpu for VmxVcpu {
             ArchMsr::SysenterEip => read(vmcs::GUEST_SYSENTER_EIP),
             // Not loaded on entry: reads return what the guest wrote (write-back memory).
             ArchMsr::Pat => 0x0007_0406_0007_0406,
-            _ => SWITCHED_MSRS.iter().position(|(m, _)| *m == msr).map_or(0, |i| self.switched_msrs[i]),
+            _ => SWITCHED_MSRS
+                .iter()
+                .position(|(m, _)| *m == msr)
+                .map_or(0, |i| self.switched_msrs[i]),
         }
     }
 

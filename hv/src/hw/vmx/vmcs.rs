@@ -104,8 +104,17 @@ pub fn write(field: u64, value: u64) -> Result<(), HwError> {
     let failed: u8;
     // SAFETY: VMWRITE changes only the current VMCS, which this CPU owns; host-state fields are
     // written only with the hypervisor's own values.
-    unsafe { asm!("vmwrite {}, {}", "setna {}", in(reg) field, in(reg) value, out(reg_byte) failed, options(nostack)) };
-    if failed != 0 { Err(HwError::VmxInstruction("VMWRITE", read(VM_INSTRUCTION_ERROR))) } else { Ok(()) }
+    unsafe {
+        asm!("vmwrite {}, {}", "setna {}", in(reg) field, in(reg) value, out(reg_byte) failed, options(nostack))
+    };
+    if failed != 0 {
+        Err(HwError::VmxInstruction(
+            "VMWRITE",
+            read(VM_INSTRUCTION_ERROR),
+        ))
+    } else {
+        Ok(())
+    }
 }
 
 /// Writes a field on the hot path, where the field is known to exist.

@@ -1,1 +1,270 @@
-fn main() {}
+//! `cargo xtask`: builds Lamina, boots it under emulators, and runs its tests.
+//!
+//! AMD-V runs use QEMU's TCG (SVM + NPT), Intel VT-x runs use Bochs (VMX + EPT): KVM on the
+//! development and CI machines cannot nest. Everything xtask writes goes to `target/lamina/`.
+// A binary crate: `pub` marks what a module offers the rest of xtask.
+#![allow(unreachable_pub)]
+
+mod bochs;
+mod build_images;
+mod conformance;
+mod emulator;
+mod error;
+mod iso;
+mod qemu;
+mod report;
+mod scenarios;
+mod serial_log;
+mod suite;
+mod tools;
+mod workspace;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::emulator::{RunDir, RunOutcome, RunRequest, Streaming, Vendor, show_path};
+use crate::error::{Context, Error, Result};
+use crate::iso::BootModule;
+use crate::suite::SuiteOptions;
+use crate::workspace::Artifact;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, boot and test the Lamina hypervisor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand, Debug)]
+enum Task {
+    /// Build the hypervisor and the guests (release, x86_64-unknown-none).
+    Build,
+    /// Boot the hypervisor and guests under an emulator, with the serial console on stdout.
+    /// Exits 0 only if the hypervisor reports `lamina: result: success`.
+    Run(RunArgs),
+    /// Run the host unit tests, every emulated scenario and the conformance suite.
+    Test(SuiteArgs),
+    /// Run only the conformance suite; writes target/lamina/conformance.{tap,junit.xml}.
+    Conformance(SuiteArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Which virtualization extension to run on: amd (QEMU TCG) or intel (Bochs).
+    #[arg(long, value_enum, default_value_t = Vendor::Amd)]
+    vendor: Vendor,
+    /// A guest ELF to boot, with its module command line (default: the file name as the domain
+    /// name). Repeatable; without it, the sample guest runs.
+    #[arg(long = "guest", value_name = "PATH[:CMDLINE]", value_parser = parse_guest)]
+    guests: Vec<BootModule>,
+    /// Wall-clock limit in seconds [default: 60 for amd, 120 for intel].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// The hypervisor's command line, e.g. `loglevel=debug`.
+    #[arg(long, value_name = "STR", default_value = "")]
+    hv_cmdline: String,
+    /// Boot this hypervisor ELF instead of the one built from hv/.
+    #[arg(long, value_name = "PATH")]
+    hv: Option<PathBuf>,
+    /// QEMU only: `-icount shift=0`, so the TSC counts emulated instructions (for benchmarks).
+    #[arg(long)]
+    icount: bool,
+}
+
+/// `--vendor` for suites, which may cover both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum VendorChoice {
+    Amd,
+    Intel,
+    All,
+}
+
+#[derive(Args, Debug)]
+struct SuiteArgs {
+    /// Which virtualization extensions to test.
+    #[arg(long, value_enum, default_value_t = VendorChoice::All)]
+    vendor: VendorChoice,
+    /// Only what contains this text: scenario names, `conformance/<test>`, `host-unit-tests`.
+    #[arg(long, value_name = "PAT")]
+    filter: Option<String>,
+    /// Base wall-clock limit per run in seconds [default: 60 for amd, 120 for intel; the
+    /// conformance run adds 3 s (amd) or 5 s (intel) per test].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// How many emulators run at the same time.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    jobs: u16,
+    /// Stream every run's serial console, lines prefixed with the run's name.
+    #[arg(long, short)]
+    verbose: bool,
+}
+
+impl SuiteArgs {
+    fn options(&self) -> SuiteOptions {
+        let vendors = match self.vendor {
+            VendorChoice::Amd => vec![Vendor::Amd],
+            VendorChoice::Intel => vec![Vendor::Intel],
+            VendorChoice::All => Vendor::ALL.to_vec(),
+        };
+        SuiteOptions {
+            vendors,
+            filter: self.filter.clone(),
+            timeout: self.timeout.map(Duration::from_secs),
+            jobs: usize::from(self.jobs),
+            verbose: self.verbose,
+        }
+    }
+}
+
+/// `PATH[:CMDLINE]` of `--guest`: the file must exist; the command line defaults to the file's
+/// stem, which the hypervisor takes as the domain name.
+fn parse_guest(spec: &str) -> std::result::Result<BootModule, String> {
+    let (path, cmdline) = match spec.split_once(':') {
+        Some((path, cmdline)) => (path, cmdline.trim().to_string()),
+        None => (spec, String::new()),
+    };
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    let cmdline = if cmdline.is_empty() {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        cmdline
+    };
+    iso::check_cmdline(&cmdline).map_err(|err| err.to_string())?;
+    let path = path
+        .canonicalize()
+        .map_err(|err| format!("{}: {err}", path.display()))?;
+    Ok(BootModule { path, cmdline })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli.task) {
+        Ok(code) => code,
+        Err(Error::MissingTools(message)) => {
+            eprintln!("xtask: {message}");
+            ExitCode::from(2)
+        }
+        Err(Error::Failed(message)) => {
+            eprintln!("xtask: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(task: Task) -> Result<ExitCode> {
+    let passed = match task {
+        Task::Build => build_images::build_images().map(|()| true)?,
+        Task::Run(args) => run(args)?,
+        Task::Test(args) => suite::test(&args.options())?,
+        Task::Conformance(args) => suite::conformance(&args.options())?,
+    };
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `cargo xtask run`; returns whether the hypervisor reported success.
+fn run(args: RunArgs) -> Result<bool> {
+    let vendor = args.vendor;
+    tools::ensure(&[vendor])?;
+    // With both a hypervisor and guests given there is nothing of ours to build.
+    if args.hv.is_none() || args.guests.is_empty() {
+        build_images::build_images()?;
+    }
+    let hv = args.hv.unwrap_or_else(|| Artifact::Hypervisor.path());
+    let modules = if args.guests.is_empty() {
+        vec![BootModule {
+            path: Artifact::SampleGuest.path(),
+            cmdline: "sample-guest".to_string(),
+        }]
+    } else {
+        args.guests
+    };
+    let dir = RunDir::new(workspace::lamina_dir().join("run").join(vendor.name()));
+    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
+    iso::build_iso(&hv, &args.hv_cmdline, &modules, &dir.staging(), &dir.iso())?;
+
+    let timeout = args
+        .timeout
+        .map_or_else(|| vendor.default_timeout(), Duration::from_secs);
+    let emulator = match vendor {
+        Vendor::Amd => "QEMU (AMD-V)",
+        Vendor::Intel => "Bochs (Intel VT-x)",
+    };
+    eprintln!(
+        "xtask: booting {} under {emulator}, timeout {} s; serial log: {}",
+        show_path(&dir.iso()),
+        timeout.as_secs(),
+        show_path(&dir.serial_log())
+    );
+    let record = emulator::run(&RunRequest {
+        vendor,
+        dir: &dir,
+        timeout,
+        streaming: &Streaming::Plain,
+        icount: args.icount,
+    })?;
+    let seconds = record.elapsed.as_secs_f64();
+    let result_at = record.time_to_result.map_or(0.0, |at| at.as_secs_f64());
+    match record.outcome() {
+        RunOutcome::Success => {
+            eprintln!(
+                "xtask: SUCCESS (result line after {result_at:.2} s, {})",
+                record.ending()
+            )
+        }
+        RunOutcome::Failure => {
+            eprintln!(
+                "xtask: FAILURE (result line after {result_at:.2} s, {})",
+                record.ending()
+            )
+        }
+        RunOutcome::Crash => eprintln!(
+            "xtask: CRASH: no result line; {} after {seconds:.1} s (see {})",
+            record.ending(),
+            show_path(&dir.emulator_output())
+        ),
+        RunOutcome::Timeout => eprintln!(
+            "xtask: TIMEOUT: no result line within {} s; emulator killed",
+            timeout.as_secs()
+        ),
+    }
+    Ok(record.outcome() == RunOutcome::Success)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn guest_specs() {
+        let path = std::env::current_exe().unwrap();
+        let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+        let plain = parse_guest(path.to_str().unwrap()).unwrap();
+        assert_eq!(plain.cmdline, stem);
+        let named = parse_guest(&format!("{}:dom mem=8M", path.display())).unwrap();
+        assert_eq!(named.cmdline, "dom mem=8M");
+        assert!(parse_guest("/no/such/guest.elf").is_err());
+        assert!(parse_guest(&format!("{}:a;b", path.display())).is_err());
+    }
+}

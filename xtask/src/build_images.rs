@@ -1,0 +1,51 @@
+//! Cargo invocations: the release build of the bare-metal images, and the host unit tests.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Result, failed};
+use crate::workspace::{self, Artifact, BARE_METAL_TARGET};
+
+/// Packages whose unit tests run on the host (the hypervisor and the SDK keep their logic in
+/// host-testable modules).
+const HOST_TESTED_PACKAGES: [&str; 4] = ["lamina-abi", "lamina-hv", "lamina-guest-sdk", "xtask"];
+
+/// Builds the hypervisor and the guests for `x86_64-unknown-none` in release mode.
+pub fn build_images() -> Result<()> {
+    let mut command = workspace::cargo();
+    command.args(["build", "--release", "--target", BARE_METAL_TARGET]);
+    for artifact in Artifact::ALL {
+        command.args(["-p", artifact.package()]);
+    }
+    run_to_completion(&mut command, "cargo build")?
+        .then_some(())
+        .ok_or_else(|| failed("cargo build failed (see its output above)"))?;
+    for artifact in Artifact::ALL {
+        let path = artifact.path();
+        if !path.is_file() {
+            return Err(failed(format!(
+                "cargo build succeeded but {} is missing",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs the host unit tests; returns whether they passed and how long they took.
+pub fn run_host_unit_tests() -> Result<(bool, Duration)> {
+    let mut command = workspace::cargo();
+    command.arg("test");
+    for package in HOST_TESTED_PACKAGES {
+        command.args(["-p", package]);
+    }
+    let started = Instant::now();
+    let passed = run_to_completion(&mut command, "cargo test")?;
+    Ok((passed, started.elapsed()))
+}
+
+/// Runs a command with inherited stdio; `Ok(true)` if it exited with status 0.
+fn run_to_completion(command: &mut Command, what: &str) -> Result<bool> {
+    let status = command.status().context(|| format!("starting {what}"))?;
+    Ok(status.success())
+}

@@ -1,0 +1,391 @@
+//! Running an ISO under an emulator and watching its serial console.
+//!
+//! Both emulators write COM1 to `serial.log` in the run directory; we follow that file while the
+//! emulator runs (streaming complete lines to stdout if asked), and stop as soon as the
+//! hypervisor's result line has appeared and the emulator has exited. An emulator that lingers
+//! after the result line is killed after [`LINGER_AFTER_RESULT`]; one that produces no result line
+//! within the timeout is killed and the run reported as a timeout.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Context, Result};
+use crate::serial_log::{self, SerialLog};
+use crate::{bochs, qemu};
+
+/// How long an emulator may keep running after the result line before we kill it (the
+/// hypervisor ends the emulator itself right after printing it).
+const LINGER_AFTER_RESULT: Duration = Duration::from_secs(3);
+/// How often we look at the serial log and the emulator.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Which hardware virtualization extension a run exercises, and thus which emulator runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Vendor {
+    /// AMD-V (SVM + NPT) under QEMU TCG.
+    Amd,
+    /// Intel VT-x (VMX + EPT) under Bochs.
+    Intel,
+}
+
+impl Vendor {
+    pub const ALL: [Vendor; 2] = [Vendor::Amd, Vendor::Intel];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Vendor::Amd => "amd",
+            Vendor::Intel => "intel",
+        }
+    }
+
+    /// The default wall-clock limit for one run: BIOS + GRUB take under 1 s on QEMU and about
+    /// 2 s on Bochs; the rest is for the hypervisor and its guests.
+    pub fn default_timeout(self) -> Duration {
+        match self {
+            Vendor::Amd => Duration::from_secs(60),
+            Vendor::Intel => Duration::from_secs(120),
+        }
+    }
+}
+
+/// Where serial output goes besides the log file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Streaming {
+    Off,
+    /// Each line as it arrives, unchanged.
+    Plain,
+    /// Each line as it arrives, after this prefix (for runs in parallel).
+    Prefixed(String),
+}
+
+/// The files of one emulator run, all in one directory.
+#[derive(Clone, Debug)]
+pub struct RunDir {
+    pub path: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(path: PathBuf) -> Self {
+        RunDir { path }
+    }
+    pub fn iso(&self) -> PathBuf {
+        self.path.join(Self::ISO)
+    }
+    pub fn staging(&self) -> PathBuf {
+        self.path.join("iso-root")
+    }
+    pub fn serial_log(&self) -> PathBuf {
+        self.path.join(Self::SERIAL_LOG)
+    }
+    /// The emulator's own stdout and stderr.
+    pub fn emulator_output(&self) -> PathBuf {
+        self.path.join("emulator.out")
+    }
+    /// The emulator's command line, for running it again by hand.
+    pub fn command_file(&self) -> PathBuf {
+        self.path.join("emulator.cmd")
+    }
+
+    /// File names the emulators get relative to the run directory (their working directory),
+    /// so that no path ends up inside QEMU's comma-separated option syntax.
+    pub const ISO: &str = "image.iso";
+    pub const SERIAL_LOG: &str = "serial.log";
+}
+
+/// How one run ended, as far as the emulator is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// `lamina: result: success`.
+    Success,
+    /// `lamina: result: failure`.
+    Failure,
+    /// The emulator exited without a result line.
+    Crash,
+    /// No result line before the timeout; the emulator was killed.
+    Timeout,
+}
+
+/// Everything a finished run left behind.
+#[derive(Debug)]
+pub struct RunRecord {
+    pub vendor: Vendor,
+    pub dir: RunDir,
+    pub log: SerialLog,
+    pub timed_out: bool,
+    /// From start to the emulator's end (or our kill).
+    pub elapsed: Duration,
+    /// From start to the result line, if there was one.
+    pub time_to_result: Option<Duration>,
+    /// `None` when we killed the emulator.
+    pub exit_status: Option<ExitStatus>,
+}
+
+impl RunRecord {
+    pub fn outcome(&self) -> RunOutcome {
+        match self.log.result() {
+            Some(serial_log::HvResult::Success) => RunOutcome::Success,
+            Some(serial_log::HvResult::Failure) => RunOutcome::Failure,
+            None if self.timed_out => RunOutcome::Timeout,
+            None => RunOutcome::Crash,
+        }
+    }
+
+    /// A one-line account of how the emulator ended.
+    pub fn ending(&self) -> String {
+        match (self.exit_status, self.timed_out) {
+            (_, true) => format!(
+                "killed after the {:.0} s timeout",
+                self.elapsed.as_secs_f64()
+            ),
+            (Some(status), false) => format!("emulator exited ({status})"),
+            (None, false) => "emulator killed after the result line".to_string(),
+        }
+    }
+}
+
+/// One emulator run.
+pub struct RunRequest<'a> {
+    pub vendor: Vendor,
+    /// Holds `image.iso`; the logs are written next to it.
+    pub dir: &'a RunDir,
+    pub timeout: Duration,
+    pub streaming: &'a Streaming,
+    /// QEMU only: `-icount shift=0`, one TSC tick per instruction (for benchmarks).
+    pub icount: bool,
+}
+
+/// Boots `request.dir`'s ISO and waits for the result (or the timeout).
+pub fn run(request: &RunRequest<'_>) -> Result<RunRecord> {
+    let dir = request.dir;
+    let serial_path = dir.serial_log();
+    // A stale log would be read as this run's output.
+    if serial_path.exists() {
+        fs::remove_file(&serial_path).context(|| format!("removing {}", serial_path.display()))?;
+    }
+    let mut command = match request.vendor {
+        Vendor::Amd => qemu::command(request.icount),
+        Vendor::Intel => bochs::command(dir)?,
+    };
+    let output_path = dir.emulator_output();
+    let output =
+        File::create(&output_path).context(|| format!("creating {}", output_path.display()))?;
+    let output_for_stderr = output
+        .try_clone()
+        .context(|| format!("opening {}", output_path.display()))?;
+    command
+        .current_dir(&dir.path)
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(output_for_stderr);
+    let command_file = dir.command_file();
+    fs::write(
+        &command_file,
+        format!("cd {} && {}\n", dir.path.display(), describe(&command)),
+    )
+    .context(|| format!("writing {}", command_file.display()))?;
+    kill_with_parent(&mut command);
+
+    let started = Instant::now();
+    let program = command.get_program().to_string_lossy().into_owned();
+    let mut child = command.spawn().context(|| format!("starting {program}"))?;
+    let watched = watch(&mut child, request, started);
+    // Whatever happened while watching, the emulator must not outlive this function.
+    let exit_status = match watched {
+        Ok(watched) => watched,
+        Err(err) => {
+            kill(&mut child);
+            return Err(err);
+        }
+    };
+
+    let bytes = fs::read(&serial_path).unwrap_or_default();
+    Ok(RunRecord {
+        vendor: request.vendor,
+        dir: dir.clone(),
+        log: SerialLog::from_bytes(&bytes),
+        timed_out: exit_status.timed_out,
+        elapsed: started.elapsed(),
+        time_to_result: exit_status.time_to_result,
+        exit_status: exit_status.status,
+    })
+}
+
+struct Watched {
+    status: Option<ExitStatus>,
+    timed_out: bool,
+    time_to_result: Option<Duration>,
+}
+
+fn watch(child: &mut Child, request: &RunRequest<'_>, started: Instant) -> Result<Watched> {
+    let mut follower = LogFollower::new(request.dir.serial_log());
+    let mut time_to_result = None;
+    loop {
+        let lines = follower.poll()?;
+        for line in &lines {
+            stream_line(request.streaming, line);
+            if time_to_result.is_none() && serial_log::result_of_line(line).is_some() {
+                time_to_result = Some(started.elapsed());
+            }
+        }
+        let finished = child
+            .try_wait()
+            .context(|| "waiting for the emulator".to_string())?;
+        let overtime = match time_to_result {
+            Some(at) => started.elapsed() > at + LINGER_AFTER_RESULT,
+            None => started.elapsed() > request.timeout,
+        };
+        if finished.is_some() || overtime {
+            if finished.is_none() {
+                kill(child);
+            }
+            // What the emulator wrote last, including a line it never finished.
+            for line in follower.poll()?.iter().chain(follower.finish().iter()) {
+                stream_line(request.streaming, line);
+                if time_to_result.is_none() && serial_log::result_of_line(line).is_some() {
+                    time_to_result = Some(started.elapsed());
+                }
+            }
+            let timed_out = finished.is_none() && time_to_result.is_none();
+            return Ok(Watched {
+                status: finished,
+                timed_out,
+                time_to_result,
+            });
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Kills the emulator and reaps it.
+fn kill(child: &mut Child) {
+    // Both fail only if it already exited and was reaped, which is what we want anyway.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn stream_line(streaming: &Streaming, line: &str) {
+    let mut stdout = io::stdout().lock();
+    // A closed stdout (e.g. `| head`) must not stop the run; the log file has everything.
+    let _ = match streaming {
+        Streaming::Off => return,
+        Streaming::Plain => writeln!(stdout, "{line}"),
+        Streaming::Prefixed(prefix) => writeln!(stdout, "{prefix}{line}"),
+    };
+    let _ = stdout.flush();
+}
+
+/// The command as a shell line (arguments with blanks quoted), for `emulator.cmd`.
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|word| {
+            let word = word.to_string_lossy();
+            if word.chars().any(|c| c.is_whitespace() || c == '"') {
+                format!("'{word}'")
+            } else {
+                word.into_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Follows a growing file and hands out complete lines.
+struct LogFollower {
+    path: PathBuf,
+    file: Option<File>,
+    partial: Vec<u8>,
+}
+
+impl LogFollower {
+    fn new(path: PathBuf) -> Self {
+        LogFollower {
+            path,
+            file: None,
+            partial: Vec::new(),
+        }
+    }
+
+    /// The lines completed since the last call.
+    fn poll(&mut self) -> Result<Vec<String>> {
+        if self.file.is_none() {
+            // The emulator creates the file when it starts (Bochs only at the first byte).
+            match File::open(&self.path) {
+                Ok(file) => self.file = Some(file),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(err) => {
+                    return Err(crate::error::failed(format!(
+                        "{}: {err}",
+                        self.path.display()
+                    )));
+                }
+            }
+        }
+        if let Some(file) = &mut self.file {
+            file.read_to_end(&mut self.partial)
+                .context(|| format!("reading {}", self.path.display()))?;
+        }
+        let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let rest = self.partial.split_off(last_newline + 1);
+        let complete = std::mem::replace(&mut self.partial, rest);
+        Ok(serial_log::split_lines(&complete))
+    }
+
+    /// The unterminated last line, if any.
+    fn finish(&mut self) -> Vec<String> {
+        serial_log::split_lines(&std::mem::take(&mut self.partial))
+    }
+}
+
+/// Makes the kernel kill the emulator when we die, whatever kills us (Ctrl-C reaches the
+/// emulator anyway, being in our process group, but SIGTERM or SIGKILL to xtask alone would
+/// leave an orphan that runs until its guest stops, possibly never).
+///
+/// The signal fires when the *thread* that started the child exits; every caller waits for its
+/// emulator on the thread that started it.
+#[cfg(target_os = "linux")]
+fn kill_with_parent(command: &mut Command) {
+    use std::ffi::{c_int, c_ulong};
+    use std::os::unix::process::CommandExt;
+
+    unsafe extern "C" {
+        fn prctl(option: c_int, ...) -> c_int;
+        fn getppid() -> c_int;
+    }
+    const PR_SET_PDEATHSIG: c_int = 1;
+    const SIGKILL: c_ulong = 9;
+
+    let our_pid = std::process::id() as c_int;
+    // SAFETY: the hook runs in the forked child before exec; prctl and getppid are
+    // async-signal-safe system calls that read and write none of our memory.
+    unsafe {
+        command.pre_exec(move || {
+            if prctl(PR_SET_PDEATHSIG, SIGKILL) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            // We may have died between fork and prctl: then nobody would kill the child.
+            if getppid() != our_pid {
+                return Err(io::Error::other("xtask exited while starting the emulator"));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn kill_with_parent(_command: &mut Command) {}
+
+/// For messages: a path relative to the workspace root when it is inside it.
+pub fn show_path(path: &Path) -> String {
+    let root = crate::workspace::root();
+    path.strip_prefix(&root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}

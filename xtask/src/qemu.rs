@@ -1,0 +1,29 @@
+//! AMD-V runs: QEMU's TCG emulates SVM with nested paging (KVM on these machines cannot nest).
+
+use std::process::Command;
+
+use crate::emulator::RunDir;
+
+/// The QEMU command line; it runs inside the run directory, so files are named relatively.
+///
+/// - `qemu64,+svm,+npt`: plain `qemu64` has SVM but not nested paging.
+/// - `-net none`: otherwise iPXE's option ROM writes to the serial console.
+/// - `isa-debug-exit` at 0xf4: the hypervisor ends QEMU by writing its result there.
+/// - `-no-reboot`: a triple fault of the hypervisor ends the run instead of rebooting into it.
+pub fn command(icount: bool) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    command.args(["-cpu", "qemu64,+svm,+npt", "-m", "512M", "-smp", "1"]);
+    command.args(["-cdrom", RunDir::ISO, "-boot", "d"]);
+    command.args(["-net", "none", "-display", "none", "-monitor", "none"]);
+    command.args(["-serial", &format!("file:{}", RunDir::SERIAL_LOG)]);
+    command.args([
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-no-reboot",
+    ]);
+    if icount {
+        // One TSC tick per emulated instruction: repeatable instruction counts for benchmarks.
+        command.args(["-icount", "shift=0"]);
+    }
+    command
+}

@@ -1,0 +1,406 @@
+//! `cargo xtask test` and `cargo xtask conformance`: the emulated runs as jobs, up to
+//! `--jobs` emulators at a time, then the tables and reports.
+
+use std::fs;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crate::conformance::{self, TestInfo};
+use crate::emulator::{
+    self, RunDir, RunOutcome, RunRecord, RunRequest, Streaming, Vendor, show_path,
+};
+use crate::error::{Context, Result};
+use crate::iso::{self, BootModule};
+use crate::report::{self, Judgement, Status, Suite, Table};
+use crate::scenarios::{self, Scenario};
+use crate::workspace::{self, Artifact};
+use crate::{build_images, tools};
+
+/// Name of the host unit test step, for `--filter`.
+const HOST_UNIT_TESTS: &str = "host-unit-tests";
+/// How many serial lines a failure report shows.
+const TAIL_LINES: usize = 25;
+
+/// What `test` and `conformance` were asked to do.
+#[derive(Clone, Debug)]
+pub struct SuiteOptions {
+    pub vendors: Vec<Vendor>,
+    pub filter: Option<String>,
+    /// Overrides each vendor's base timeout.
+    pub timeout: Option<Duration>,
+    /// Emulators running at the same time.
+    pub jobs: usize,
+    /// Stream every run's serial output, each line prefixed with the run's name.
+    pub verbose: bool,
+}
+
+/// One emulator run to do.
+enum Job {
+    Scenario(&'static Scenario, Vendor),
+    Conformance(Vec<&'static TestInfo>, Vendor),
+}
+
+impl Job {
+    fn name(&self) -> &'static str {
+        match self {
+            Job::Scenario(scenario, _) => scenario.name,
+            Job::Conformance(..) => conformance::SUITE_NAME,
+        }
+    }
+
+    fn vendor(&self) -> Vendor {
+        match self {
+            Job::Scenario(_, vendor) | Job::Conformance(_, vendor) => *vendor,
+        }
+    }
+
+    fn dir(&self) -> RunDir {
+        RunDir::new(
+            workspace::lamina_dir()
+                .join(self.name())
+                .join(self.vendor().name()),
+        )
+    }
+}
+
+/// What one job came to.
+struct JobOutcome {
+    name: &'static str,
+    vendor: Vendor,
+    /// The run's overall verdict (for conformance: all its tests together).
+    judgement: Judgement,
+    seconds: f64,
+    record: Option<RunRecord>,
+    /// Conformance runs only: the per-test results.
+    suite: Option<Suite>,
+}
+
+/// `cargo xtask test`: host unit tests, then every scenario and the conformance suite.
+/// Returns whether everything passed.
+pub fn test(options: &SuiteOptions) -> Result<bool> {
+    tools::ensure(&options.vendors)?;
+    let filter = options.filter.as_deref();
+    let unit_tests = if filter.is_none_or(|f| HOST_UNIT_TESTS.contains(f)) {
+        eprintln!("xtask: host unit tests");
+        Some(build_images::run_host_unit_tests()?)
+    } else {
+        None
+    };
+    let mut jobs = conformance_jobs(options);
+    for scenario in scenarios::select(filter) {
+        jobs.extend(
+            options
+                .vendors
+                .iter()
+                .map(|&vendor| Job::Scenario(scenario, vendor)),
+        );
+    }
+    let outcomes = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        eprintln!("xtask: building the images");
+        build_images::build_images()?;
+        run_jobs(jobs, options)
+    };
+
+    println!();
+    if let Some((passed, took)) = unit_tests {
+        let status = if passed { Status::Pass } else { Status::Fail };
+        println!(
+            "{HOST_UNIT_TESTS}: {} ({:.1} s)\n",
+            status.label(),
+            took.as_secs_f64()
+        );
+    }
+    let all_passed = report(&outcomes, options)? && unit_tests.is_none_or(|(passed, _)| passed);
+    if unit_tests.is_none() && outcomes.is_empty() {
+        eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
+        return Ok(false);
+    }
+    Ok(all_passed)
+}
+
+/// `cargo xtask conformance`: only the conformance suite. Returns whether every test passed.
+pub fn conformance(options: &SuiteOptions) -> Result<bool> {
+    tools::ensure(&options.vendors)?;
+    let jobs = conformance_jobs(options);
+    if jobs.is_empty() {
+        eprintln!(
+            "xtask: no conformance test matches --filter {}",
+            options.filter.as_deref().unwrap_or("")
+        );
+        return Ok(false);
+    }
+    eprintln!("xtask: building the images");
+    build_images::build_images()?;
+    let outcomes = run_jobs(jobs, options);
+    println!();
+    report(&outcomes, options)
+}
+
+fn conformance_jobs(options: &SuiteOptions) -> Vec<Job> {
+    let tests = conformance::select(options.filter.as_deref());
+    if tests.is_empty() {
+        return Vec::new();
+    }
+    options
+        .vendors
+        .iter()
+        .map(|&vendor| Job::Conformance(tests.clone(), vendor))
+        .collect()
+}
+
+/// Runs the jobs on `options.jobs` threads, in order of submission, and returns the outcomes
+/// in the same order. Each finished job is announced right away.
+fn run_jobs(jobs: Vec<Job>, options: &SuiteOptions) -> Vec<JobOutcome> {
+    let next = AtomicUsize::new(0);
+    let finished = AtomicUsize::new(0);
+    let outcomes: Mutex<Vec<Option<JobOutcome>>> = Mutex::new(jobs.iter().map(|_| None).collect());
+    let workers = options.jobs.clamp(1, jobs.len().max(1));
+    thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(job) = jobs.get(index) else { break };
+                    let outcome = run_job(job, options);
+                    let done = finished.fetch_add(1, Ordering::SeqCst) + 1;
+                    eprintln!(
+                        "xtask: [{done}/{}] {:<7} {} on {} ({:.1} s)",
+                        jobs.len(),
+                        outcome.judgement.status.label(),
+                        outcome.name,
+                        outcome.vendor.name(),
+                        outcome.seconds
+                    );
+                    if let Ok(mut slots) = outcomes.lock() {
+                        slots[index] = Some(outcome);
+                    }
+                }
+            });
+        }
+    });
+    outcomes
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
+    let name = job.name();
+    let vendor = job.vendor();
+    let prepared = prepare(job, options);
+    let (record, judgement, suite) = match prepared {
+        Err(err) => {
+            let why = err.to_string();
+            let suite = match job {
+                Job::Conformance(tests, _) => Some(conformance::errored_suite(vendor, tests, &why)),
+                Job::Scenario(..) => None,
+            };
+            (None, Judgement::new(Status::Error, why), suite)
+        }
+        Ok(record) => match job {
+            Job::Scenario(scenario, _) => {
+                let judgement = scenarios::judge(scenario, &record);
+                (Some(record), judgement, None)
+            }
+            Job::Conformance(tests, _) => {
+                let suite = conformance::suite(vendor, tests, &record);
+                let judgement = summarize(&suite, &record);
+                (Some(record), judgement, Some(suite))
+            }
+        },
+    };
+    let seconds = record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64());
+    JobOutcome {
+        name,
+        vendor,
+        judgement,
+        seconds,
+        record,
+        suite,
+    }
+}
+
+/// Builds the job's ISO and boots it.
+fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
+    let dir = job.dir();
+    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
+    let vendor = job.vendor();
+    let (modules, timeout): (Vec<BootModule>, Duration) = match job {
+        Job::Scenario(scenario, _) => (
+            scenarios::boot_modules(scenario, &dir)?,
+            options.timeout.unwrap_or_else(|| vendor.default_timeout()),
+        ),
+        Job::Conformance(tests, _) => (
+            conformance::boot_modules(tests),
+            conformance::timeout(vendor, options.timeout, tests.len()),
+        ),
+    };
+    iso::build_iso(
+        &Artifact::Hypervisor.path(),
+        "",
+        &modules,
+        &dir.staging(),
+        &dir.iso(),
+    )?;
+    let streaming = if options.verbose {
+        Streaming::Prefixed(format!("[{} {}] ", job.name(), vendor.name()))
+    } else {
+        Streaming::Off
+    };
+    emulator::run(&RunRequest {
+        vendor,
+        dir: &dir,
+        timeout,
+        streaming: &streaming,
+        icount: false,
+    })
+}
+
+/// One verdict for a whole conformance run, for the scenario table.
+fn summarize(suite: &Suite, record: &RunRecord) -> Judgement {
+    let failed: Vec<&str> = suite
+        .cases
+        .iter()
+        .filter(|c| !c.judgement.status.is_ok())
+        .map(|c| c.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        return Judgement::pass();
+    }
+    let status = match record.outcome() {
+        RunOutcome::Timeout => Status::Timeout,
+        RunOutcome::Crash => Status::Crash,
+        RunOutcome::Success | RunOutcome::Failure => Status::Fail,
+    };
+    Judgement::new(
+        status,
+        format!("{} of {} tests failed", failed.len(), suite.cases.len()),
+    )
+}
+
+/// Prints the tables and the failure details, writes the conformance reports; returns whether
+/// every job passed.
+fn report(outcomes: &[JobOutcome], options: &SuiteOptions) -> Result<bool> {
+    let vendors = &options.vendors;
+    let cell = |judgement: &Judgement, seconds: f64| {
+        format!("{} {:.1}s", judgement.status.label(), seconds)
+    };
+
+    // Scenario x vendor.
+    let mut names: Vec<&str> = Vec::new();
+    for outcome in outcomes {
+        if !names.contains(&outcome.name) {
+            names.push(outcome.name);
+        }
+    }
+    if !names.is_empty() {
+        let mut header = vec!["scenario".to_string()];
+        header.extend(vendors.iter().map(|v| v.name().to_string()));
+        let mut table = Table::new(header);
+        for name in &names {
+            let mut row = vec![name.to_string()];
+            for vendor in vendors {
+                let found = outcomes
+                    .iter()
+                    .find(|o| o.name == *name && o.vendor == *vendor);
+                row.push(found.map_or_else(|| "-".to_string(), |o| cell(&o.judgement, o.seconds)));
+            }
+            table.add_row(row);
+        }
+        println!("{}", table.render());
+    }
+
+    // Conformance test x vendor, and the machine-readable reports.
+    let suites: Vec<Suite> = outcomes.iter().filter_map(|o| o.suite.clone()).collect();
+    if let Some(first) = suites.first() {
+        let mut header = vec!["conformance test".to_string()];
+        header.extend(suites.iter().map(|s| s.name.clone()));
+        let mut table = Table::new(header);
+        for (index, case) in first.cases.iter().enumerate() {
+            let mut row = vec![case.name.clone()];
+            row.extend(
+                suites
+                    .iter()
+                    .map(|s| s.cases[index].judgement.status.label().to_string()),
+            );
+            table.add_row(row);
+        }
+        println!("{}", table.render());
+        let dir = workspace::lamina_dir();
+        fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+        let tap_path = dir.join("conformance.tap");
+        fs::write(&tap_path, report::tap(&suites))
+            .context(|| format!("writing {}", tap_path.display()))?;
+        let junit_path = dir.join("conformance.junit.xml");
+        fs::write(&junit_path, report::junit("lamina-conformance", &suites))
+            .context(|| format!("writing {}", junit_path.display()))?;
+        println!(
+            "reports: {}, {}\n",
+            show_path(&tap_path),
+            show_path(&junit_path)
+        );
+    }
+
+    for outcome in outcomes.iter().filter(|o| !o.judgement.status.is_ok()) {
+        print_failure(outcome);
+    }
+    Ok(outcomes.iter().all(|o| o.judgement.status.is_ok()))
+}
+
+fn print_failure(outcome: &JobOutcome) {
+    println!(
+        "{} {} on {} ({:.1} s)",
+        outcome.judgement.status.label(),
+        outcome.name,
+        outcome.vendor.name(),
+        outcome.seconds
+    );
+    for problem in &outcome.judgement.problems {
+        println!("  - {problem}");
+    }
+    if let Some(suite) = &outcome.suite {
+        for case in suite.cases.iter().filter(|c| !c.judgement.status.is_ok()) {
+            println!(
+                "  {} {}: {}",
+                case.judgement.status.label(),
+                case.name,
+                case.judgement.problems.join("; ")
+            );
+            for line in case.output.iter().rev().take(5).rev() {
+                println!("      | {line}");
+            }
+        }
+    }
+    if let Some(record) = &outcome.record {
+        // A conformance run that got to its result line is explained by its tests.
+        let whole_run_failed = outcome.suite.is_none()
+            || matches!(record.outcome(), RunOutcome::Crash | RunOutcome::Timeout);
+        if whole_run_failed {
+            println!("  {}; last lines of the serial log:", record.ending());
+            for line in record.log.tail(TAIL_LINES) {
+                println!("    | {line}");
+            }
+            if record.log.lines.is_empty() {
+                println!("    (empty: the hypervisor printed nothing)");
+            }
+        }
+        println!("  serial log: {}", show_path(&record.dir.serial_log()));
+        println!(
+            "  emulator output: {}",
+            show_path(&record.dir.emulator_output())
+        );
+        if record.vendor == Vendor::Intel {
+            println!(
+                "  Bochs log: {}",
+                show_path(&record.dir.path.join(crate::bochs::BOCHS_LOG))
+            );
+        }
+    }
+    println!();
+}

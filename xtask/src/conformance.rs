@@ -125,7 +125,7 @@ pub fn suite(vendor: Vendor, tests: &[&TestInfo], record: &RunRecord) -> Suite {
             };
             CaseReport {
                 name: test.name.to_string(),
-                class: test.section.to_string(),
+                section: test.section.to_string(),
                 title: test.title.to_string(),
                 judgement: judge(test, record),
                 output,
@@ -145,7 +145,7 @@ pub fn errored_suite(vendor: Vendor, tests: &[&TestInfo], why: &str) -> Suite {
         .iter()
         .map(|test| CaseReport {
             name: test.name.to_string(),
-            class: test.section.to_string(),
+            section: test.section.to_string(),
             title: test.title.to_string(),
             judgement: Judgement::new(Status::Error, why),
             output: Vec::new(),

@@ -35,6 +35,7 @@ use crate::workspace::Artifact;
 #[derive(Parser, Debug)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "Build, boot and test the Lamina hypervisor"
 )]
 struct Cli {

@@ -108,8 +108,8 @@ impl Table {
 #[derive(Clone, Debug)]
 pub struct CaseReport {
     pub name: String,
-    /// Grouping below the suite (for conformance tests: the docs/abi.md section).
-    pub class: String,
+    /// The docs/abi.md section the test checks.
+    pub section: String,
     pub title: String,
     pub judgement: Judgement,
     /// What the test printed, for the report's output field.
@@ -150,7 +150,7 @@ pub fn tap(suites: &[Suite]) -> String {
                     "  message: {}",
                     yaml_quoted(&case.judgement.problems.join("; "))
                 );
-                let _ = writeln!(out, "  section: {}", yaml_quoted(&case.class));
+                let _ = writeln!(out, "  section: {}", yaml_quoted(&case.section));
                 let _ = writeln!(out, "  title: {}", yaml_quoted(&case.title));
                 if !case.output.is_empty() {
                     out.push_str("  output: |-\n");
@@ -187,7 +187,8 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// JUnit XML as CI systems read it: `<testsuites>` with one `<testsuite>` per run. Fail maps to
+/// JUnit XML as CI systems read it: `<testsuites>` with one `<testsuite>` per run, test cases
+/// classed `<name>.<suite>` (dots split packages in some viewers, so no section). Fail maps to
 /// `<failure>`; Error, Crash and Timeout to `<error>`; Skip to `<skipped>`.
 pub fn junit(name: &str, suites: &[Suite]) -> String {
     let count = |suite: &Suite, wanted: &[Status]| {
@@ -231,8 +232,8 @@ pub fn junit(name: &str, suites: &[Suite]) -> String {
                 out,
                 "    <testcase name=\"{}\" classname=\"{}.{}\" time=\"0\">",
                 xml(&case.name),
+                xml(name),
                 xml(&suite.name),
-                xml(&case.class),
             );
             let message = xml(&case.judgement.problems.join("; "));
             let status = case.judgement.status;
@@ -300,7 +301,7 @@ mod tests {
     fn case(name: &str, status: Status, problem: &str, output: &[&str]) -> CaseReport {
         CaseReport {
             name: name.to_string(),
-            class: "2.1 Hypercall instructions".to_string(),
+            section: "2.1 Hypercall instructions".to_string(),
             title: "what it checks".to_string(),
             judgement: Judgement {
                 status,
@@ -380,7 +381,7 @@ not ok 4 - intel/crashes
         let xml = junit("lamina-conformance", &suites());
         assert!(xml.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"lamina-conformance\" tests=\"4\" failures=\"1\" errors=\"1\" skipped=\"1\" time=\"9.750\">\n"));
         assert!(xml.contains("  <testsuite name=\"amd\" tests=\"2\" failures=\"0\" errors=\"0\" skipped=\"1\" time=\"2.500\">\n"));
-        assert!(xml.contains("    <testcase name=\"passes\" classname=\"amd.2.1 Hypercall instructions\" time=\"0\"></testcase>\n"));
+        assert!(xml.contains("    <testcase name=\"passes\" classname=\"lamina-conformance.amd\" time=\"0\"></testcase>\n"));
         assert!(xml.contains("<skipped message=\"the guest reported SKIP\"/>"));
         assert!(xml.contains("<failure message=\"Test result: FAILURE\" type=\"FAIL\"/>"));
         assert!(

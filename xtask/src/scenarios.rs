@@ -24,6 +24,48 @@ pub enum ModuleSource {
         len: usize,
         byte: u8,
     },
+    /// A well-formed x86-64 executable whose one segment lies below `KERNEL_MIN_GPA` (1 MiB),
+    /// which docs/abi.md 4.2 forbids, see [`elf_below_kernel_area`].
+    ElfBelowKernelArea { file_name: &'static str },
+}
+
+/// Where [`elf_below_kernel_area`] puts its segment: low memory, where the boot structures live.
+const LOW_SEGMENT_GPA: u64 = 0x8000;
+
+/// A minimal valid ELF64 `ET_EXEC` for x86-64: one `PT_LOAD` (read + execute) at
+/// [`LOW_SEGMENT_GPA`] covering the whole file, entry on a `hlt; jmp` loop inside it. Everything
+/// about it is right except where it wants to be loaded.
+pub fn elf_below_kernel_area() -> Vec<u8> {
+    const EHDR_SIZE: u16 = 64;
+    const PHDR_SIZE: u16 = 56;
+    const CODE: [u8; 3] = [0xf4, 0xeb, 0xfd]; // hlt; jmp back to hlt
+    let code_offset = u64::from(EHDR_SIZE + PHDR_SIZE);
+    let file_len = code_offset + CODE.len() as u64;
+
+    let mut elf = Vec::with_capacity(file_len as usize);
+    // e_ident: magic, ELFCLASS64, little endian, version 1, System V ABI, padding.
+    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // e_type: ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // e_machine: x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // e_version
+    elf.extend_from_slice(&(LOW_SEGMENT_GPA + code_offset).to_le_bytes()); // e_entry
+    elf.extend_from_slice(&u64::from(EHDR_SIZE).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff: no sections
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+    for half in [EHDR_SIZE, PHDR_SIZE, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // p_type: PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // p_flags: R + X
+    elf.extend_from_slice(&0u64.to_le_bytes()); // p_offset
+    elf.extend_from_slice(&LOW_SEGMENT_GPA.to_le_bytes()); // p_vaddr
+    elf.extend_from_slice(&LOW_SEGMENT_GPA.to_le_bytes()); // p_paddr
+    elf.extend_from_slice(&file_len.to_le_bytes()); // p_filesz
+    elf.extend_from_slice(&file_len.to_le_bytes()); // p_memsz
+    elf.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
+    elf.extend_from_slice(&CODE);
+    elf
 }
 
 /// One boot module of a scenario.
@@ -81,10 +123,13 @@ pub const SCENARIOS: &[Scenario] = &[
                 },
                 cmdline: "bad-elf",
             },
-            // A valid ELF linked at 1 MiB, below the area guests may occupy.
+            // A valid ELF that must not be loaded. (Not the hv's own ELF: it is linked at
+            // 1 MiB = KERNEL_MIN_GPA and fits a 16 MiB domain, so the hv rightly accepts it.)
             ModuleSpec {
-                source: ModuleSource::Built(Artifact::Hypervisor),
-                cmdline: "hv-as-guest",
+                source: ModuleSource::ElfBelowKernelArea {
+                    file_name: "elf-below-kernel-area",
+                },
+                cmdline: "elf-below-kernel-area",
             },
             ModuleSpec {
                 source: ModuleSource::Built(Artifact::SampleGuest),
@@ -95,7 +140,7 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: HvResult::Failure,
         required_lines: &[
             LinePattern::Contains("lamina: module 1 bad-elf rejected:"),
-            LinePattern::Contains("lamina: module 2 hv-as-guest rejected:"),
+            LinePattern::Contains("lamina: module 2 elf-below-kernel-area rejected:"),
             // Rejected modules take no domain id: the good guest is still domain 1.
             LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
         ],
@@ -124,6 +169,12 @@ pub fn boot_modules(scenario: &Scenario, dir: &RunDir) -> Result<Vec<BootModule>
             } => {
                 let path = dir.path.join(file_name);
                 fs::write(&path, vec![byte; len])
+                    .context(|| format!("writing {}", path.display()))?;
+                path
+            }
+            ModuleSource::ElfBelowKernelArea { file_name } => {
+                let path = dir.path.join(file_name);
+                fs::write(&path, elf_below_kernel_area())
                     .context(|| format!("writing {}", path.display()))?;
                 path
             }
@@ -246,6 +297,26 @@ lamina: result: success
             judge(&SCENARIOS[0], &record(&text, false)).status,
             Status::Fail
         );
+    }
+
+    #[test]
+    fn the_low_elf_is_well_formed() {
+        let elf = elf_below_kernel_area();
+        let u16_at = |at: usize| u16::from_le_bytes([elf[at], elf[at + 1]]);
+        let u64_at = |at: usize| u64::from_le_bytes(elf[at..at + 8].try_into().unwrap());
+        assert_eq!(&elf[..4], b"\x7fELF");
+        assert_eq!((u16_at(16), u16_at(18)), (2, 0x3e), "ET_EXEC for x86-64");
+        assert_eq!(
+            (u64_at(32), u16_at(54), u16_at(56)),
+            (64, 56, 1),
+            "one program header"
+        );
+        let (vaddr, filesz) = (u64_at(64 + 16), u64_at(64 + 32));
+        assert_eq!(filesz, elf.len() as u64, "the segment covers the file");
+        assert!(vaddr < 0x10_0000, "below KERNEL_MIN_GPA");
+        let entry = u64_at(24);
+        assert!((vaddr..vaddr + filesz).contains(&entry));
+        assert_eq!(elf[(entry - vaddr) as usize], 0xf4, "entry is the hlt");
     }
 
     #[test]

@@ -387,7 +387,9 @@ fn print_failure(outcome: &JobOutcome) {
                 println!("    | {line}");
             }
             if record.log.lines.is_empty() {
-                println!("    (empty: the hypervisor printed nothing)");
+                println!(
+                    "    (empty: nothing reached COM1; GRUB and firmware errors appear only on the emulated screen)"
+                );
             }
         }
         println!("  serial log: {}", show_path(&record.dir.serial_log()));

@@ -223,14 +223,17 @@ struct Watched {
 fn watch(child: &mut Child, request: &RunRequest<'_>, started: Instant) -> Result<Watched> {
     let mut follower = LogFollower::new(request.dir.serial_log());
     let mut time_to_result = None;
-    loop {
-        let lines = follower.poll()?;
+    // Streams new lines and notes when the result line came.
+    let take = |lines: Vec<String>, time_to_result: &mut Option<Duration>| {
         for line in &lines {
             stream_line(request.streaming, line);
             if time_to_result.is_none() && serial_log::result_of_line(line).is_some() {
-                time_to_result = Some(started.elapsed());
+                *time_to_result = Some(started.elapsed());
             }
         }
+    };
+    loop {
+        take(follower.poll()?, &mut time_to_result);
         let finished = child
             .try_wait()
             .context(|| "waiting for the emulator".to_string())?;
@@ -243,12 +246,8 @@ fn watch(child: &mut Child, request: &RunRequest<'_>, started: Instant) -> Resul
                 kill(child);
             }
             // What the emulator wrote last, including a line it never finished.
-            for line in follower.poll()?.iter().chain(follower.finish().iter()) {
-                stream_line(request.streaming, line);
-                if time_to_result.is_none() && serial_log::result_of_line(line).is_some() {
-                    time_to_result = Some(started.elapsed());
-                }
-            }
+            take(follower.poll()?, &mut time_to_result);
+            take(follower.finish(), &mut time_to_result);
             let timed_out = finished.is_none() && time_to_result.is_none();
             return Ok(Watched {
                 status: finished,

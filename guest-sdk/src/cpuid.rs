@@ -2,12 +2,13 @@
 //!
 //! CPUID.1:ECX bit 31 says "a hypervisor is present"; leaf `0x4000_0000` then names it
 //! ("LaminaLamina" in EBX, ECX, EDX; highest leaf in EAX) and leaf `0x4000_0001` gives the ABI
-//! version (EAX) and feature bits (EBX, [`lamina_abi::cpuid::features`]).
+//! version (EAX) and feature bits (EBX, [`lamina_abi::cpuid::features`]); leaf `0x4000_0010`
+//! gives the TSC and APIC timer frequencies ([`timing`]).
 
 use core::arch::x86_64::{__cpuid_count, CpuidResult};
 use core::fmt;
 
-use lamina_abi::cpuid::{LEAF_SIGNATURE, LEAF_VERSION, features, signature_regs};
+use lamina_abi::cpuid::{LEAF_SIGNATURE, LEAF_TIMING, LEAF_VERSION, features, signature_regs};
 
 /// Executes CPUID with EAX = `leaf`, ECX = `subleaf`.
 pub fn cpuid(leaf: u32, subleaf: u32) -> CpuidResult {
@@ -70,6 +71,28 @@ pub fn lamina_version() -> Option<u32> {
     lamina_leaves().map(|leaves| leaves.version)
 }
 
+/// What the timing leaf `0x4000_0010` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    /// TSC frequency in kHz (EAX).
+    pub tsc_khz: u32,
+    /// Emulated local APIC timer frequency in kHz, before the divider (EBX).
+    pub apic_timer_khz: u32,
+}
+
+/// Reads the timing leaf, if we run on Lamina and it is there.
+pub fn timing() -> Option<Timing> {
+    let leaves = lamina_leaves()?;
+    if leaves.max_leaf < LEAF_TIMING {
+        return None;
+    }
+    let timing = cpuid(LEAF_TIMING, 0);
+    Some(Timing {
+        tsc_khz: timing.eax,
+        apic_timer_khz: timing.ebx,
+    })
+}
+
 /// Feature bits of leaf `0x4000_0001` EBX. `Display` names them, e.g.
 /// `any-hypercall-insn console-io`, and shows unknown bits in hex.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,11 +100,18 @@ pub struct Features(pub u32);
 
 impl Features {
     /// Every defined bit with its name, in bit order.
-    pub const NAMES: [(u32, &'static str); 4] = [
+    pub const NAMES: [(u32, &'static str); 11] = [
         (features::ANY_HYPERCALL_INSN, "any-hypercall-insn"),
         (features::CONSOLE_IO, "console-io"),
         (features::SCHED_OP, "sched-op"),
         (features::EMULATED_UART, "emulated-uart"),
+        (features::EVENT_CHANNELS, "event-channels"),
+        (features::PVCLOCK, "pvclock"),
+        (features::PV_TIMERS, "pv-timers"),
+        (features::MULTICALL, "multicall"),
+        (features::MEMORY_OP, "memory-op"),
+        (features::CONSOLE_RING, "console-ring"),
+        (features::EMULATED_X2APIC, "emulated-x2apic"),
     ];
 
     /// Whether every bit of `bits` is set.
@@ -118,7 +148,8 @@ mod tests {
         assert_eq!(Features(0).to_string(), "none");
         assert_eq!(
             Features(features::ALL).to_string(),
-            "any-hypercall-insn console-io sched-op emulated-uart"
+            "any-hypercall-insn console-io sched-op emulated-uart event-channels pvclock \
+             pv-timers multicall memory-op console-ring emulated-x2apic"
         );
         assert_eq!(
             Features(features::CONSOLE_IO | 1 << 20).to_string(),

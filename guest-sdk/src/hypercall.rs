@@ -258,6 +258,17 @@ pub fn decode(rax: u64) -> Result<u64, HypercallError> {
     })
 }
 
+/// Makes hypercall `nr` with `args` in RDI, RSI, RDX, R10, R8 (unused ones zero; the ABI
+/// ignores them) and decodes RAX. The typed wrappers of the other modules go through this.
+///
+/// # Safety
+/// As for [`hypercall0_with`].
+pub(crate) unsafe fn call(nr: Hypercall, args: [u64; 5]) -> Result<u64, HypercallError> {
+    let [a1, a2, a3, a4, a5] = args;
+    // SAFETY: forwarded; the caller keeps the contract.
+    decode(unsafe { hypercall5(nr as u64, a1, a2, a3, a4, a5) })
+}
+
 /// The guest-physical address of `bytes` under the SDK's identity map.
 pub fn gpa_of(bytes: &[u8]) -> u64 {
     bytes.as_ptr() as u64
@@ -295,12 +306,13 @@ pub fn sched_yield() -> Result<(), HypercallError> {
     decode(unsafe { hypercall1(Hypercall::SchedOp as u64, SchedOp::Yield as u64) }).map(|_| ())
 }
 
-/// Stops the domain for good with `reason` (docs/abi.md 3.3).
+/// Stops the domain for good with `reason` (docs/abi.md 3.3), after handing a partial console
+/// line to the console backend (the hypervisor drains the console ring at shutdown).
 ///
 /// Should the hypervisor ever return from the call, the vCPU disables interrupts and halts,
 /// which the hypervisor treats as a domain that can never run again.
 pub fn shutdown(reason: ShutdownReason) -> ! {
-    crate::console::flush();
+    crate::console::flush_line_buffer();
     // SAFETY: shutdown takes no buffer; the domain ends here, and we flushed the console.
     unsafe {
         hypercall2(

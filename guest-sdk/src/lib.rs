@@ -6,12 +6,28 @@
 //!   stack, validates and copies [`StartInfo`], picks the hypercall instruction native to the
 //!   CPU, and calls the kernel's main function.
 //! - [`hypercall`]: raw hypercalls with either instruction, and typed wrappers.
-//! - [`console`]: [`print!`]/[`println!`] through the console hypercall, one hypercall per line.
-//! - [`uart`]: the trapping path, bytes written to the emulated COM1 one `out` at a time.
-//! - [`cpuid`]: Lamina discovery through CPUID leaves `0x4000_0000` and `0x4000_0001`.
+//! - [`console`]: [`print!`]/[`println!`], line-buffered, through the console backend
+//!   ([`console::ring`] for the console ring); [`uart`]: the trapped COM1.
+//! - [`time`]: system time from the pvclock, a monotonic clock, the wall clock; no exits.
+//! - [`timer`]: the paravirtual periodic and one-shot timers (VIRQ_TIMER).
+//! - [`events`]: event channels (bind, send, close, mask) and the dispatcher that runs a
+//!   kernel's handlers from the upcall with Xen's two-level scan.
+//! - [`sched`]: yield, block, poll, shutdown.
+//! - [`multicall`]: a typed batch of hypercalls made with one exit.
+//! - [`memory`], [`vcpu`]: the memory map and size; per-vCPU registrations and timers.
+//! - [`interrupts`]: a static IDT with exception reports, handlers by vector, and a hook where
+//!   a scheduler switches tasks on the way out of an interrupt.
+//! - [`pvops`]: operation groups (console, idle, timer, time, cpu) with a native and a
+//!   paravirtual backend each, selected per group at boot.
+//! - [`shared`]: atomic access to the shared-info page; [`msr`], [`x2apic`], [`port`]: the
+//!   trapping instructions and the emulated x2APIC.
+//! - [`cpuid`]: Lamina discovery through CPUID leaves `0x4000_0000`, `0x4000_0001` and
+//!   `0x4000_0010`.
 //! - [`start_info()`], [`cmdline()`], [`cmdline_value()`]: what the hypervisor said at boot.
 //! - a panic handler that prints `panic: <message> at <location>` and shuts down with
 //!   [`ShutdownReason::Crash`](lamina_abi::sched::ShutdownReason::Crash).
+//!
+//! The SDK runs on the boot vCPU (vCPU 0) only.
 //!
 //! The SDK keeps the boot identity map: it passes the address of a buffer as its guest-physical
 //! address. A kernel that builds its own page tables must keep RAM identity-mapped or call the
@@ -34,10 +50,22 @@
 pub mod cmdline;
 pub mod console;
 pub mod cpuid;
+pub mod events;
 pub mod hypercall;
+pub mod interrupts;
+pub mod memory;
+pub mod msr;
+pub mod multicall;
 pub mod port;
+pub mod pvops;
+pub mod sched;
+pub mod shared;
 pub mod start;
+pub mod time;
+pub mod timer;
 pub mod uart;
+pub mod vcpu;
+pub mod x2apic;
 
 mod panic;
 mod sync;

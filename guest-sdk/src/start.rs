@@ -246,9 +246,11 @@ mod tests {
             cmdline_gpa: CMDLINE_GPA,
             cmdline_len: 10,
             nr_vcpus: 1,
-            reserved0: 0,
+            console_port: 1,
             name: [0; 32],
-            reserved: [0; 3],
+            shared_info_gpa: lamina_abi::layout::SHARED_INFO_GPA,
+            console_ring_gpa: lamina_abi::layout::CONSOLE_RING_GPA,
+            tsc_khz: 1_000_000,
         }
     }
 

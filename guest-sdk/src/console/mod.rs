@@ -1,13 +1,16 @@
-//! The paravirtual console: [`print!`](crate::print) and [`println!`](crate::println) through
-//! the console hypercall (docs/abi.md 3.2).
+//! The console: [`print!`](crate::print) and [`println!`](crate::println), line-buffered, through
+//! the console backend of [`crate::pvops`] (docs/abi.md 3.2, 7.1 and 13).
 //!
-//! Output is gathered in a line buffer and handed to the hypervisor one line per hypercall:
-//! one exit per line instead of one per byte on the UART, which is the point of the PV console.
-//! A line longer than [`LINE_MAX`] bytes goes out in pieces. Should the console hypercall fail
-//! (a hypervisor without it), the line goes to the [`uart`](crate::uart) instead.
+//! Output is gathered in a line buffer and handed to the backend one line at a time. Until a
+//! kernel selects its backends, that is the console hypercall (one exit per line instead of one
+//! per byte on the UART); the paravirtual backend is the console ring (no exit per line,
+//! [`ring`]), the native one the trapped [`uart`](crate::uart). A line longer than
+//! [`LINE_MAX`] bytes goes out in pieces.
 //!
 //! The buffer is guarded by a lock that is tried, never waited for: an exception handler that
 //! prints while the interrupted code holds it writes straight through, unbuffered.
+
+pub mod ring;
 
 use core::fmt::{self, Write};
 
@@ -74,11 +77,9 @@ impl<const N: usize> Default for LineBuffer<N> {
 
 static CONSOLE: TryLock<LineBuffer<LINE_MAX>> = TryLock::new(LineBuffer::new());
 
-/// Sends one piece of output: the console hypercall, or the UART if that fails.
+/// Sends one piece of output through the selected console backend.
 fn emit(bytes: &[u8]) {
-    if crate::hypercall::console_write(bytes).is_err() {
-        crate::uart::write_bytes(bytes);
-    }
+    crate::pvops::console().write(bytes);
 }
 
 /// A `fmt::Write` adapter that fills the line buffer.
@@ -125,9 +126,39 @@ pub fn _print_line(args: fmt::Arguments<'_>) {
     write(args, true);
 }
 
-/// Sends a partial line now, without waiting for its newline.
+/// Sends a partial line now, without waiting for its newline, and has the backend print
+/// everything it holds (for the ring: a send on the console port).
 pub fn flush() {
+    flush_line_buffer();
+    crate::pvops::console().flush();
+}
+
+/// Hands a partial line to the backend without asking it to print at once (the ring is
+/// drained at the domain's next exit anyway, at the latest at shutdown).
+pub fn flush_line_buffer() {
     CONSOLE.try_with(|buffer| buffer.flush(emit));
+}
+
+/// Reads up to `buffer.len()` bytes of console input through the console hypercall
+/// (`console_io` read, docs/abi.md 3.2): returns how many, 0 when none is waiting.
+pub fn read_input(buffer: &mut [u8]) -> Result<usize, crate::hypercall::HypercallError> {
+    let len = buffer
+        .len()
+        .min(lamina_abi::console::CONSOLE_WRITE_MAX as usize);
+    // SAFETY: the hypervisor writes at most `len` bytes into the buffer we borrow mutably.
+    let read = unsafe {
+        crate::hypercall::call(
+            lamina_abi::Hypercall::ConsoleIo,
+            [
+                lamina_abi::console::ConsoleOp::Read as u64,
+                buffer.as_mut_ptr() as u64,
+                len as u64,
+                0,
+                0,
+            ],
+        )
+    }?;
+    Ok(read as usize)
 }
 
 /// Ends a partial line with a newline, so that what follows starts a line of its own (used
@@ -140,7 +171,7 @@ pub fn finish_line() {
     });
 }
 
-/// Prints to the domain's console through the console hypercall, buffered up to a newline.
+/// Prints to the domain's console through the selected backend, buffered up to a newline.
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => {
@@ -148,7 +179,7 @@ macro_rules! print {
     };
 }
 
-/// Prints a line to the domain's console: one console hypercall per line.
+/// Prints a line to the domain's console: one piece for the backend per line.
 #[macro_export]
 macro_rules! println {
     () => {

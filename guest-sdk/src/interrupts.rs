@@ -157,6 +157,8 @@ static SWITCH_HOOK: AtomicPtr<()> = AtomicPtr::new(core::ptr::null_mut());
 core::arch::global_asm!(
     ".pushsection .text.lamina_idt,\"ax\",@progbits",
     ".balign 16",
+    ".global lamina_idt_stubs",
+    ".hidden lamina_idt_stubs",
     "lamina_idt_stubs:",
     ".set lamina_vector, 0",
     ".rept 256",

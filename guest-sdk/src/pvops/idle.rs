@@ -25,8 +25,12 @@ impl IdleOps for HltIdle {
     }
 }
 
-/// Paravirtual: `sched_op` block with interrupts still off, which returns once an event is
-/// pending for this vCPU, then `sti`, which lets the upcall in (docs/abi.md 3.3).
+/// Paravirtual: Xen's idiom, where the upcall mask plays the part of IF. Mask upcalls, `sti`,
+/// then `sched_op` block, which clears the mask and sleeps until an event is pending
+/// (returning at once if one already is): an event that arrives after the kernel's check is
+/// held back by the mask and ends the block rather than being lost. The upcall is injected on
+/// the very entry that returns from block, with no interrupt-window exit (docs/abi.md 3.3,
+/// 8.3).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockIdle;
 
@@ -36,9 +40,10 @@ impl IdleOps for BlockIdle {
     }
 
     fn idle(&self) {
+        crate::events::mask_upcalls();
+        crate::interrupts::enable();
         if let Err(error) = crate::sched::block() {
             panic!("sched_op block failed: {error}");
         }
-        crate::interrupts::enable();
     }
 }

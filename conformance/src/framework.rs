@@ -10,7 +10,9 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use lamina_abi::Errno;
 use lamina_abi::sched::ShutdownReason;
-use lamina_guest_sdk::{hypercall, println};
+
+use crate::console::println;
+use crate::hv;
 
 /// A test's verdict, in increasing severity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -66,7 +68,7 @@ pub(crate) fn error(why: fmt::Arguments<'_>) {
 /// Prints the verdict line and powers off.
 pub(crate) fn finish() -> ! {
     println!("Test result: {}", outcome().name());
-    hypercall::shutdown(ShutdownReason::Poweroff)
+    hv::shutdown(ShutdownReason::Poweroff)
 }
 
 /// Prints `FAIL: <what>: expected <x>, got <y>` and records a failure.
@@ -125,6 +127,26 @@ impl Status {
     pub(crate) const fn err(errno: Errno) -> Status {
         Status(errno.to_return_value())
     }
+
+    /// The value of a successful call (RAX >= 0).
+    pub(crate) const fn value(self) -> Option<u64> {
+        if (self.0 as i64) < 0 {
+            None
+        } else {
+            Some(self.0)
+        }
+    }
+}
+
+/// Checks that a call the test relies on succeeded: evaluates to its value, or records a
+/// failure (the hypervisor refused a documented valid call) and evaluates to `None`.
+pub(crate) fn expect_ok(what: impl fmt::Display, status: Status) -> Option<u64> {
+    let value = status.value();
+    if value.is_none() {
+        println!("FAIL: {what}: expected success, got {status:?}");
+        record(Outcome::Failure);
+    }
+    value
 }
 
 impl fmt::Debug for Status {

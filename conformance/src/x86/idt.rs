@@ -1,14 +1,19 @@
-//! An IDT for exceptions 0-31 and a way to expect one (SDM 6.10 IDT, 6.14.1 64-bit gates,
-//! 6.14.2 stack frame, 6.15 exception reference).
+//! An IDT for all 256 vectors, a way to expect an exception, and a hook for interrupts
+//! (SDM 6.10 IDT, 6.14.1 64-bit gates, 6.14.2 stack frame, 6.15 exception reference).
 //!
-//! Every exception enters a small stub that pushes a dummy error code where the CPU pushes
-//! none, then the vector, then jumps to a common path that saves the general registers into a
-//! [`TrapFrame`] and calls [`trap_handler`]. A test that provokes a fault arms
-//! [`expect_trap`]: the handler records the fault and resumes after the faulting instruction.
-//! Any other exception is a test failure, reported before the domain powers off.
+//! Every vector enters a small stub that pushes a dummy error code where the CPU pushes none,
+//! then the vector, then jumps to a common path that saves the general registers into a
+//! [`TrapFrame`] and calls [`trap_handler`], which returns with `iretq`.
+//!
+//! - Exceptions (0-31): a test that provokes a fault arms [`expect_trap`]: the handler records
+//!   the fault and resumes after the faulting instruction. Any other exception is a test
+//!   failure, reported before the domain powers off.
+//! - Interrupts (32-255): the handler calls the function set with [`set_interrupt_handler`]
+//!   (see `crate::irq`). Without one, an interrupt is a test failure: nothing should send
+//!   one to a test that did not ask for it.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::gdt::KERNEL_CODE;
 use super::{DescriptorTablePointer, RacyCell};
@@ -96,6 +101,24 @@ global_asm!(
     "LAMINA_TRAP_STUB 29, 1",
     "LAMINA_TRAP_STUB 30, 1",
     "LAMINA_TRAP_STUB 31, 0",
+    // Vectors 32-255: no error code. One 16-byte slot per vector, so that the stub of vector
+    // `v` is at `lamina_conf_interrupt_stubs + (v - 32) * 16` (each is at most 12 bytes).
+    ".balign 16",
+    ".global lamina_conf_interrupt_stubs",
+    "lamina_conf_interrupt_stubs:",
+    ".altmacro",
+    ".macro LAMINA_INTERRUPT_STUB vector",
+    "    .balign 16",
+    "    push 0",
+    "    push \\vector",
+    "    jmp lamina_conf_trap_common",
+    ".endm",
+    ".set lamina_conf_vector, 32",
+    ".rept 224",
+    "    LAMINA_INTERRUPT_STUB %lamina_conf_vector",
+    "    .set lamina_conf_vector, lamina_conf_vector + 1",
+    ".endr",
+    ".noaltmacro",
     // The CPU aligned RSP to 16 before pushing its 5-word frame; with the error code and the
     // vector that is 7 words, and 15 registers more make 22: RSP is 16-byte aligned at the call.
     "lamina_conf_trap_common:",
@@ -148,7 +171,12 @@ global_asm!(
 unsafe extern "C" {
     /// The entry stubs of vectors 0-31 (above).
     static lamina_conf_trap_stubs: [u64; 32];
+    /// The first of the 16-byte entry stubs of vectors 32-255 (above).
+    fn lamina_conf_interrupt_stubs();
 }
+
+/// Bytes between the entry stubs of two consecutive interrupt vectors.
+const INTERRUPT_STUB_BYTES: u64 = 16;
 
 /// An IDT gate descriptor (SDM 6.14.1, figure 6-8).
 #[repr(C)]
@@ -194,7 +222,7 @@ const IDT_ENTRIES: usize = 256;
 static IDT: RacyCell<[Gate; IDT_ENTRIES]> = RacyCell::new([Gate::MISSING; IDT_ENTRIES]);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
-/// Fills vectors 0-31 and loads the IDT (once per domain).
+/// Fills all 256 vectors and loads the IDT (once per domain).
 pub(crate) fn install() {
     if INSTALLED.swap(true, Ordering::Relaxed) {
         return;
@@ -206,13 +234,28 @@ pub(crate) fn install() {
         // SAFETY: the IDT is not loaded yet; nothing reads it concurrently.
         unsafe { (*idt)[vector] = Gate::interrupt(stub, 0) };
     }
+    let first_interrupt_stub = lamina_conf_interrupt_stubs as *const () as u64;
+    for vector in 32..IDT_ENTRIES {
+        let stub = first_interrupt_stub + (vector as u64 - 32) * INTERRUPT_STUB_BYTES;
+        // SAFETY: as above.
+        unsafe { (*idt)[vector] = Gate::interrupt(stub, 0) };
+    }
     let idtr = DescriptorTablePointer {
         limit: (size_of::<[Gate; IDT_ENTRIES]>() - 1) as u16,
         base: IDT.get() as u64,
     };
-    // SAFETY: the IDT is static and its 32 exception gates point at valid stubs; the other
-    // gates are not present, so a stray interrupt raises #GP, which is handled.
+    // SAFETY: the IDT is static and every gate points at a valid stub of its own vector.
     unsafe { asm!("lidt [{}]", in(reg) &raw const idtr, options(nostack, preserves_flags)) };
+}
+
+/// What vectors 32-255 call, with the vector; 0 while none is set.
+static INTERRUPT_HANDLER: AtomicUsize = AtomicUsize::new(0);
+
+/// Has every interrupt (vectors 32-255) call `handler` with its vector, with interrupts off,
+/// and loads the IDT if it is not yet. The handler returns to the interrupted code.
+pub(crate) fn set_interrupt_handler(handler: fn(u8)) {
+    install();
+    INTERRUPT_HANDLER.store(handler as usize, Ordering::SeqCst);
 }
 
 /// Points `vector` (32-255) at `handler`, callable with `int vector` from `dpl`.
@@ -281,6 +324,24 @@ pub(crate) fn exception_name(vector: u64) -> &'static str {
 
 /// Called by the common trap path with the saved state, which it may change.
 extern "sysv64" fn trap_handler(frame: &mut TrapFrame) {
+    if frame.vector >= 32 {
+        let vector = frame.vector as u8;
+        match INTERRUPT_HANDLER.load(Ordering::SeqCst) {
+            0 => {
+                framework::fail(format_args!(
+                    "unexpected interrupt, vector {vector:#x}, at RIP {:#x}",
+                    frame.rip
+                ));
+                framework::finish()
+            }
+            handler => {
+                // SAFETY: only `set_interrupt_handler` stores here, and it stores a `fn(u8)`.
+                let handler: fn(u8) = unsafe { core::mem::transmute::<usize, fn(u8)>(handler) };
+                handler(vector);
+                return;
+            }
+        }
+    }
     let armed = ARMED.load(Ordering::SeqCst);
     let from_cpl0 = frame.cs & 3 == 0;
     if armed != NOT_ARMED && frame.vector == armed & 0xff && from_cpl0 {

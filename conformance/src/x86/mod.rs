@@ -1,11 +1,14 @@
 //! The x86 machinery tests need that a kernel would normally own: reading the CPU state left
-//! at entry, our own GDT/TSS and IDT, dropping to CPL 3, and a register-exact hypercall probe.
+//! at entry, our own GDT/TSS and IDT, dropping to CPL 3, a register-exact hypercall probe,
+//! MSRs and the local APIC, and opening windows for interrupts.
 //!
 //! References are to the Intel SDM, Volume 3A (system programming); AMD's APM Volume 2 says
 //! the same for everything used here.
 
+pub(crate) mod apic;
 pub(crate) mod gdt;
 pub(crate) mod idt;
+pub(crate) mod msr;
 pub(crate) mod probe;
 pub(crate) mod user;
 
@@ -134,4 +137,47 @@ pub(crate) fn read_rsp() -> u64 {
     // SAFETY: copying RSP has no side effect.
     unsafe { asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack, preserves_flags)) };
     rsp
+}
+
+/// The time-stamp counter, read after every earlier instruction has completed (`LFENCE`
+/// first, SDM Vol. 2B RDTSC).
+pub(crate) fn rdtsc() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: LFENCE and RDTSC only read the TSC into EDX:EAX.
+    unsafe {
+        asm!("lfence", "rdtsc", out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
+    };
+    u64::from(high) << 32 | u64::from(low)
+}
+
+/// Disables maskable interrupts (CLI).
+pub(crate) fn disable_interrupts() {
+    // SAFETY: CLI only clears RFLAGS.IF. Not `nomem`: interrupt handlers change memory, and
+    // the compiler must not move accesses across the point where they stop.
+    unsafe { asm!("cli", options(nostack)) };
+}
+
+/// Enables maskable interrupts (STI); they can arrive after the next instruction. The IDT
+/// with an interrupt handler (`crate::irq::install`) must be in place.
+pub(crate) fn enable_interrupts() {
+    // SAFETY: STI only sets RFLAGS.IF; every vector has a gate once the IDT is installed. Not
+    // `nomem`: interrupt handlers change memory from here on.
+    unsafe { asm!("sti", options(nostack)) };
+}
+
+/// Enables interrupts for a few instructions and disables them again: any interrupt that is
+/// deliverable, or becomes so in the window (the hypervisor asks for an interrupt-window
+/// exit when IF is 0), is taken inside it. STI delays recognition by one instruction (SDM
+/// Vol. 2B STI), so the window is several NOPs long.
+pub(crate) fn interrupt_window() {
+    // SAFETY: as for `enable_interrupts`; the handlers run on this stack and return.
+    unsafe { asm!("sti", "nop", "nop", "nop", "nop", "cli", options(nostack)) };
+}
+
+/// `STI; HLT; CLI`: waits with interrupts enabled until an interrupt arrives and has been
+/// handled, then disables them. STI's one-instruction shadow makes `STI; HLT` atomic: an
+/// interrupt cannot slip in between and leave HLT waiting for the next one.
+pub(crate) fn halt_with_interrupts() {
+    // SAFETY: as for `enable_interrupts`; HLT only waits.
+    unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
 }

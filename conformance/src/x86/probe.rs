@@ -26,6 +26,8 @@ pub(crate) const RSP: usize = 4;
 pub(crate) const RSI: usize = 6;
 /// Index of RDI (first argument).
 pub(crate) const RDI: usize = 7;
+/// Index of R10 (fourth argument).
+pub(crate) const R10: usize = 10;
 
 /// General registers in encoding order.
 pub(crate) type Registers = [u64; 16];

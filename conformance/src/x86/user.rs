@@ -1,11 +1,12 @@
 //! Running a few instructions at CPL 3 and coming back (SDM 6.12.1 privilege changes on
 //! interrupts, 6.14.2 IRETQ frame).
 //!
-//! [`run_at_cpl3`] saves the callee-saved registers and RSP, then IRETQs to user code on a user
-//! stack with interrupts off. The user code executes a hypercall and `int USER_RETURN_VECTOR`,
-//! whose DPL 3 gate lands on the RSP0 stack of our TSS in a stub that reloads the saved RSP and
-//! returns from [`run_at_cpl3`] with the user's RAX and CS. The boot page tables set U=1 in
-//! every entry (docs/abi.md 4.2), so user code may run from the kernel image as it is.
+//! [`hypercall_at_cpl3`] saves the callee-saved registers and RSP, loads the hypercall's
+//! registers, then IRETQs to user code on a user stack with interrupts off. The user code
+//! executes the hypercall instruction and `int USER_RETURN_VECTOR`, whose DPL 3 gate lands on
+//! the RSP0 stack of our TSS in a stub that reloads the saved RSP and returns with the user's
+//! RAX and CS. The boot page tables set U=1 in every entry (docs/abi.md 4.2), so user code may
+//! run from the kernel image as it is.
 
 use core::arch::global_asm;
 
@@ -32,7 +33,8 @@ static USER_STACK: RacyCell<Stack<4096>> = RacyCell::new(Stack::new());
 
 global_asm!(
     ".section .text.lamina_conf_user,\"ax\",@progbits",
-    // extern "sysv64" fn(rip: u64 /* RDI */, rsp: u64 /* RSI */) -> UserReturn (RAX:RDX)
+    // extern "sysv64" fn(rip: u64 /* RDI */, rsp: u64 /* RSI */, registers: &UserRegisters
+    // /* RDX */) -> UserReturn (RAX:RDX)
     ".global lamina_conf_enter_user",
     "lamina_conf_enter_user:",
     "    push rbx",
@@ -47,6 +49,13 @@ global_asm!(
     "    push 0x2", // RFLAGS: interrupts off, IOPL 0
     "    push {user_cs}",
     "    push rdi",
+    // The hypercall's registers, RDX last: it holds their address.
+    "    mov rax, [rdx + 0]",
+    "    mov rdi, [rdx + 8]",
+    "    mov rsi, [rdx + 16]",
+    "    mov r10, [rdx + 32]",
+    "    mov r8, [rdx + 40]",
+    "    mov rdx, [rdx + 24]",
     "    iretq",
     // The DPL 3 gate of USER_RETURN_VECTOR: RAX and RDX hold the user's results.
     ".global lamina_conf_user_return",
@@ -64,17 +73,15 @@ global_asm!(
     "    pop rbp",
     "    pop rbx",
     "    ret",
-    // The user code: the version hypercall with each instruction, then back.
+    // The user code: the hypercall with each instruction, then back.
     ".global lamina_conf_user_vmcall",
     "lamina_conf_user_vmcall:",
-    "    mov eax, {version}",
     "    vmcall",
     "    mov rdx, cs",
     "    int {user_return}",
     "    ud2",
     ".global lamina_conf_user_vmmcall",
     "lamina_conf_user_vmmcall:",
-    "    mov eax, {version}",
     "    vmmcall",
     "    mov rdx, cs",
     "    int {user_return}",
@@ -86,19 +93,29 @@ global_asm!(
     user_ss = const USER_DATA,
     user_cs = const USER_CODE,
     kernel_ds = const KERNEL_DATA,
-    version = const Hypercall::Version as u64,
     user_return = const USER_RETURN_VECTOR,
 );
 
+/// The registers a hypercall at CPL 3 starts with: RAX, then the arguments RDI, RSI, RDX, R10,
+/// R8 (the offsets the assembly above reads).
+#[repr(C)]
+struct UserRegisters([u64; 6]);
+
 unsafe extern "sysv64" {
-    fn lamina_conf_enter_user(rip: u64, rsp: u64) -> UserReturn;
+    fn lamina_conf_enter_user(rip: u64, rsp: u64, registers: &UserRegisters) -> UserReturn;
     fn lamina_conf_user_return();
     fn lamina_conf_user_vmcall();
     fn lamina_conf_user_vmmcall();
 }
 
-/// Executes the version hypercall with `insn` at CPL 3 and returns RAX and CS from there.
-pub(crate) fn version_hypercall_at_cpl3(insn: HypercallInsn) -> UserReturn {
+/// Executes hypercall `number` with `arguments` (RDI, RSI, RDX, R10, R8) through `insn` at
+/// CPL 3 and returns RAX and CS from there. The hypervisor must refuse it (docs/abi.md 2.3);
+/// should it not, the arguments must describe a call that cannot break the kernel.
+pub(crate) fn hypercall_at_cpl3(
+    insn: HypercallInsn,
+    number: u64,
+    arguments: [u64; 5],
+) -> UserReturn {
     gdt::install();
     idt::set_gate(
         USER_RETURN_VECTOR,
@@ -109,8 +126,15 @@ pub(crate) fn version_hypercall_at_cpl3(insn: HypercallInsn) -> UserReturn {
         HypercallInsn::Vmcall => lamina_conf_user_vmcall as *const () as u64,
         HypercallInsn::Vmmcall => lamina_conf_user_vmmcall as *const () as u64,
     };
+    let [a1, a2, a3, a4, a5] = arguments;
+    let registers = UserRegisters([number, a1, a2, a3, a4, a5]);
     // SAFETY: our GDT, TSS (RSP0) and the return gate are installed; the user code only runs
     // the hypercall and comes back through the gate, which restores every register the
     // SysV ABI asks a callee to preserve, and RSP. The user stack is ours alone.
-    unsafe { lamina_conf_enter_user(code, USER_STACK.top()) }
+    unsafe { lamina_conf_enter_user(code, USER_STACK.top(), &registers) }
+}
+
+/// Executes the version hypercall with `insn` at CPL 3 and returns RAX and CS from there.
+pub(crate) fn version_hypercall_at_cpl3(insn: HypercallInsn) -> UserReturn {
+    hypercall_at_cpl3(insn, Hypercall::Version as u64, [0; 5])
 }

@@ -8,20 +8,31 @@
 //! - [`catalog`]: names, titles, docs/abi.md sections, expected endings (shared with xtask),
 //! - [`tests`]: the bodies, by ABI family, and the registry,
 //! - [`framework`]: outcomes and assertion helpers,
-//! - [`x86`]: the CPU machinery the tests need (GDT, IDT, CPL 3, a register probe).
+//! - [`hv`]: the hypercalls, raw, and [`console`]: `println!` through them,
+//! - [`shared`]: the shared-info page, the pvclock and the console ring,
+//! - [`irq`]: the tests' interrupt handler and what it saw,
+//! - [`x86`]: the CPU machinery the tests need (GDT, IDT, CPL 3, a register probe, MSRs, the
+//!   local APIC).
+//!
+//! Every test runs in a domain of 4 MiB (the smallest, `mem=4M`) as well as in a larger one.
 #![no_std]
 #![no_main]
 
 // `pub` items because xtask includes the same file with `#[path]` and reads them.
 #[allow(unreachable_pub)]
 mod catalog;
+mod console;
 mod framework;
+mod hv;
+mod irq;
+mod shared;
 mod tests;
 mod x86;
 
-use lamina_guest_sdk::{StartInfo, cmdline_value, println};
+use lamina_guest_sdk::{StartInfo, cmdline_value};
 
 use crate::catalog::{CATALOG, Expect};
+use crate::console::println;
 use crate::framework::Outcome;
 
 lamina_guest_sdk::entry!(conformance_main);

@@ -1,4 +1,4 @@
-//! Tests of `console_io` (docs/abi.md 3.2) and of guest-physical buffers (2.5).
+//! Tests of `console_io` write and read (docs/abi.md 3.2) and of guest-physical buffers (2.5).
 
 use lamina_abi::console::{CONSOLE_WRITE_MAX, ConsoleOp};
 use lamina_abi::{Errno, Hypercall};
@@ -6,7 +6,7 @@ use lamina_guest_sdk::hypercall::{HypercallInsn, gpa_of, hypercall3, hypercall3_
 use lamina_guest_sdk::start::TOP_OF_RAM_SCRATCH;
 use lamina_guest_sdk::start_info;
 
-use crate::framework::{Status, check_eq};
+use crate::framework::{Status, check, check_eq};
 
 /// `console_io(op, gpa, len)` through `insn`; returns RAX.
 fn console_io_with(insn: HypercallInsn, op: u64, gpa: u64, len: u64) -> Status {
@@ -147,8 +147,9 @@ pub(super) fn console_write_too_long_einval() {
 
 pub(super) fn console_unknown_op_enosys() {
     let line = b"console_unknown_op_enosys: must not be printed\n";
-    // 1 is Xen's console read; 1 << 32 would be write to a hypervisor that looks at EDI only.
-    for op in [1, 2, 0xffff, 1 << 32, u64::MAX] {
+    // 2 is the first unassigned operation (ABI 1.0: write 0, read 1); 1 << 32 would be write
+    // to a hypervisor that looks at EDI only.
+    for op in [2, 3, 0xffff, 1 << 32, u64::MAX] {
         check_eq!(
             format_args!("console_io operation {op:#x}"),
             Status::err(Errno::ENOSYS),
@@ -157,8 +158,81 @@ pub(super) fn console_unknown_op_enosys() {
     }
     // The operation is checked before the buffer.
     check_eq!(
-        "console_io operation 1 with a buffer beyond RAM",
+        "console_io operation 2 with a buffer beyond RAM",
         Status::err(Errno::ENOSYS),
-        console_io(1, start_info().mem_bytes, 16)
+        console_io(2, start_info().mem_bytes, 16)
+    );
+}
+
+/// A console read into `[gpa, gpa + len)`, an address the hypervisor must refuse or the
+/// SDK's unused top of RAM.
+fn console_read_refused_or_scratch(gpa: u64, len: u64) -> Status {
+    // SAFETY: the hypervisor must refuse every address outside RAM; the only RAM these
+    // buffers reach is the top `TOP_OF_RAM_SCRATCH` bytes, which `_start` leaves unused.
+    unsafe { crate::hv::console_read_at(gpa, len) }
+}
+
+pub(super) fn console_read_no_input_zero() {
+    // Nobody types on a conformance run's serial line.
+    let mut buffer = [0xa5u8; 64];
+    check_eq!(
+        "console read of 64 bytes with no input waiting",
+        Status(0),
+        crate::hv::console_read(&mut buffer)
+    );
+    check!(
+        buffer.iter().all(|&byte| byte == 0xa5),
+        "a console read that returned 0 wrote the buffer: {:02x?}",
+        &buffer[..16]
+    );
+    // An empty read looks at nothing else.
+    let mem = start_info().mem_bytes;
+    for gpa in [gpa_of(&buffer), mem, u64::MAX] {
+        check_eq!(
+            format_args!("console read of 0 bytes at {gpa:#x}"),
+            Status(0),
+            console_read_refused_or_scratch(gpa, 0)
+        );
+    }
+}
+
+pub(super) fn console_read_too_long_einval() {
+    let mem = start_info().mem_bytes;
+    // The length is checked before the buffer.
+    for (gpa, len) in [
+        (0x10_0000, CONSOLE_WRITE_MAX + 1),
+        (0x10_0000, u64::MAX),
+        (mem, CONSOLE_WRITE_MAX + 1),
+        (0x10_0000, 1 << 32 | 16),
+    ] {
+        check_eq!(
+            format_args!("console read of {len:#x} bytes at {gpa:#x}"),
+            Status::err(Errno::EINVAL),
+            console_read_refused_or_scratch(gpa, len)
+        );
+    }
+}
+
+pub(super) fn console_read_oob_efault() {
+    let mem = start_info().mem_bytes;
+    let cases: [(&str, u64, u64); 6] = [
+        ("buffer starting at the end of RAM", mem, 16),
+        ("buffer 1 GiB above the end of RAM", mem + (1 << 30), 1),
+        ("buffer straddling the end of RAM by one byte", mem - 15, 16),
+        ("buffer at the highest address", u64::MAX, 1),
+        ("buffer wrapping around to low RAM", u64::MAX - 0xf, 0x100),
+        ("buffer at a non-canonical address", 1 << 63, 16),
+    ];
+    for (what, gpa, len) in cases {
+        check_eq!(
+            format_args!("console read, {what} (gpa {gpa:#x}, len {len:#x})"),
+            Status::err(Errno::EFAULT),
+            console_read_refused_or_scratch(gpa, len)
+        );
+    }
+    check_eq!(
+        "console read into the last bytes of RAM",
+        Status(0),
+        console_read_refused_or_scratch(mem - TOP_OF_RAM_SCRATCH, TOP_OF_RAM_SCRATCH)
     );
 }

@@ -1,10 +1,13 @@
-//! Tests of CPUID discovery (docs/abi.md section 5).
+//! Tests of CPUID discovery (docs/abi.md section 5): the signature, version and feature
+//! leaves, and the timing leaf.
 
 use lamina_abi::abi_version;
-use lamina_abi::cpuid::{LEAF_MAX, LEAF_SIGNATURE, LEAF_VERSION, features, signature_regs};
+use lamina_abi::cpuid::{
+    LEAF_MAX, LEAF_SIGNATURE, LEAF_TIMING, LEAF_VERSION, features, signature_regs,
+};
 use lamina_guest_sdk::cpuid::{self, cpuid};
 
-use crate::framework::{Hex, check_eq};
+use crate::framework::{Hex, check, check_eq};
 
 pub(super) fn cpuid_signature_and_version() {
     check_eq!(
@@ -64,5 +67,21 @@ pub(super) fn cpuid_signature_and_version() {
         "lamina_version()",
         Some(abi_version()),
         cpuid::lamina_version()
+    );
+}
+
+pub(super) fn cpuid_timing_leaf() {
+    let timing = cpuid(LEAF_TIMING, 0);
+    let tsc_khz = lamina_guest_sdk::start_info().tsc_khz;
+    check_eq!(
+        format_args!("CPUID {LEAF_TIMING:#x} EAX (TSC kHz) against StartInfo.tsc_khz"),
+        tsc_khz,
+        u64::from(timing.eax)
+    );
+    check!(timing.eax != 0, "CPUID {LEAF_TIMING:#x} EAX (TSC kHz) is 0");
+    check_eq!(
+        format_args!("CPUID {LEAF_TIMING:#x} EBX (APIC timer kHz: 1 GHz)"),
+        1_000_000,
+        timing.ebx
     );
 }

@@ -1,14 +1,22 @@
 //! Tests of the calling convention itself (docs/abi.md section 2): both instructions, the
-//! registers a call may change, calls from CPL 3, unknown numbers.
+//! registers a call may change (for the calls of ABI 0.1 and 1.0), calls from CPL 3, unknown
+//! numbers.
 
+use crate::console::println;
 use lamina_abi::cpuid::LEAF_VERSION;
 use lamina_abi::{Errno, Hypercall, abi_version};
 use lamina_guest_sdk::cpuid::cpuid;
 use lamina_guest_sdk::hypercall::{self, HypercallInsn, hypercall0_with};
-use lamina_guest_sdk::println;
 
-use crate::framework::{Hex, Status, check_eq};
-use crate::x86::probe::{self, NAMES, RAX, RDI, RDX, RSI, RSP, Registers};
+use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp};
+use lamina_abi::memory::MemoryOp;
+use lamina_abi::multicall::MulticallEntry;
+use lamina_abi::sched::{SchedOp, ShutdownReason};
+use lamina_abi::vcpu::VcpuOp;
+use lamina_guest_sdk::start_info;
+
+use crate::framework::{Hex, Status, check, check_eq, expect_ok};
+use crate::x86::probe::{self, NAMES, R10, RAX, RDI, RDX, RSI, RSP, Registers};
 use crate::x86::user;
 
 /// The version hypercall through `insn`, three times (a hypervisor that does not move RIP past
@@ -109,9 +117,15 @@ pub(super) fn hypercall_preserves_registers() {
 }
 
 pub(super) fn unknown_hypercall_enosys() {
-    // 3 is the first unassigned number; 1 << 32 would be `version` to a hypervisor that looks
-    // at EAX only.
-    const UNKNOWN: [u64; 5] = [3, 0x1000, 1 << 32, 1 << 63, u64::MAX];
+    // 7 is the first unassigned number (ABI 1.0); 1 << 32 would be `version` to a hypervisor
+    // that looks at EAX only.
+    const UNKNOWN: [u64; 5] = [
+        Hypercall::ALL.len() as u64,
+        0x1000,
+        1 << 32,
+        1 << 63,
+        u64::MAX,
+    ];
     for insn in HypercallInsn::ALL {
         for number in UNKNOWN {
             println!(
@@ -152,5 +166,178 @@ pub(super) fn hypercall_from_cpl3_eperm() {
         "version at CPL 0 afterwards",
         Ok(u64::from(abi_version())),
         hypercall::version()
+    );
+}
+
+pub(super) fn v1_calls_preserve_registers() {
+    let idle_ports = [0u32];
+    let console_status = expect_ok("Status(1)", crate::hv::port_status(1));
+    for insn in HypercallInsn::ALL {
+        if let Some(packed) = console_status {
+            check_registers_across(
+                insn,
+                "event_channel_op Status(1)",
+                &[
+                    (RAX, Hypercall::EventChannelOp as u64),
+                    (RDI, EventChannelOp::Status as u64),
+                    (RSI, 1),
+                ],
+                Status(packed),
+            );
+        }
+        check_registers_across(
+            insn,
+            "event_channel_op Send(5000), refused",
+            &[
+                (RAX, Hypercall::EventChannelOp as u64),
+                (RDI, EventChannelOp::Send as u64),
+                (RSI, 5000),
+            ],
+            Status::err(Errno::EINVAL),
+        );
+        check_registers_across(
+            insn,
+            "vcpu_op SetSingleshotTimer(0, 0)",
+            &[
+                (RAX, Hypercall::VcpuOp as u64),
+                (RDI, VcpuOp::SetSingleshotTimer as u64),
+                (RSI, 0),
+                (RDX, 0),
+            ],
+            Status(0),
+        );
+        check_registers_across(
+            insn,
+            "memory_op CurrentReservation",
+            &[
+                (RAX, Hypercall::MemoryOp as u64),
+                (RDI, MemoryOp::CurrentReservation as u64),
+            ],
+            Status(start_info().mem_bytes),
+        );
+        check_registers_across(
+            insn,
+            "multicall of 0 entries",
+            &[(RAX, Hypercall::Multicall as u64), (RDI, 0), (RSI, 0)],
+            Status(0),
+        );
+        // R10 carries the deadline: 1 ns, long past.
+        check_registers_across(
+            insn,
+            "sched_op Poll([0], deadline 1 ns)",
+            &[
+                (RAX, Hypercall::SchedOp as u64),
+                (RDI, SchedOp::Poll as u64),
+                (RSI, idle_ports.as_ptr() as u64),
+                (RDX, 1),
+                (R10, 1),
+            ],
+            Status::err(Errno::ETIMEDOUT),
+        );
+    }
+}
+
+/// A hypercall made at CPL 3, refused, with what it would have done at CPL 0.
+struct UserCall {
+    what: &'static str,
+    number: u64,
+    arguments: [u64; 5],
+}
+
+pub(super) fn all_hypercalls_cpl3_eperm() {
+    let line = b"FAIL: a console write from CPL 3 was printed\n";
+    let mut batch = [MulticallEntry {
+        op: Hypercall::EventChannelOp as u64,
+        args: [EventChannelOp::AllocUnbound as u64, DOMID_SELF, 0, 0, 0],
+        result: 0x5a5a,
+    }];
+    let calls = [
+        UserCall {
+            what: "version",
+            number: Hypercall::Version as u64,
+            arguments: [0; 5],
+        },
+        UserCall {
+            what: "console_io write",
+            number: Hypercall::ConsoleIo as u64,
+            arguments: [0, hypercall::gpa_of(line), line.len() as u64, 0, 0],
+        },
+        UserCall {
+            what: "sched_op yield",
+            number: Hypercall::SchedOp as u64,
+            arguments: [SchedOp::Yield as u64, 0, 0, 0, 0],
+        },
+        UserCall {
+            what: "sched_op block",
+            number: Hypercall::SchedOp as u64,
+            arguments: [SchedOp::Block as u64, 0, 0, 0, 0],
+        },
+        UserCall {
+            what: "sched_op shutdown(poweroff)",
+            number: Hypercall::SchedOp as u64,
+            arguments: [
+                SchedOp::Shutdown as u64,
+                ShutdownReason::Poweroff as u64,
+                0,
+                0,
+                0,
+            ],
+        },
+        UserCall {
+            what: "event_channel_op AllocUnbound",
+            number: Hypercall::EventChannelOp as u64,
+            arguments: [EventChannelOp::AllocUnbound as u64, DOMID_SELF, 0, 0, 0],
+        },
+        UserCall {
+            what: "vcpu_op SetPeriodicTimer",
+            number: Hypercall::VcpuOp as u64,
+            arguments: [VcpuOp::SetPeriodicTimer as u64, 0, 1_000_000, 0, 0],
+        },
+        UserCall {
+            what: "memory_op CurrentReservation",
+            number: Hypercall::MemoryOp as u64,
+            arguments: [MemoryOp::CurrentReservation as u64, 0, 0, 0, 0],
+        },
+        UserCall {
+            what: "multicall of an AllocUnbound",
+            number: Hypercall::Multicall as u64,
+            arguments: [batch.as_mut_ptr() as u64, 1, 0, 0, 0],
+        },
+        UserCall {
+            what: "unknown hypercall 7",
+            number: Hypercall::ALL.len() as u64,
+            arguments: [0; 5],
+        },
+    ];
+    for insn in HypercallInsn::ALL {
+        for call in &calls {
+            let from_user = user::hypercall_at_cpl3(insn, call.number, call.arguments);
+            check_eq!(
+                format_args!(
+                    "CPL while executing {} via {} (CS & 3)",
+                    call.what,
+                    insn.name()
+                ),
+                3,
+                from_user.cs & 3
+            );
+            check_eq!(
+                format_args!("{} via {} at CPL 3", call.what, insn.name()),
+                Status::err(Errno::EPERM),
+                Status(from_user.rax)
+            );
+        }
+    }
+    // None of them had an effect: no port allocated, the batch's entry not run.
+    check_eq!(
+        "AllocUnbound at CPL 0 afterwards (the first free port)",
+        Status(2),
+        crate::hv::alloc_unbound(DOMID_SELF)
+    );
+    // SAFETY: the array is ours; the hypervisor wrote it only if it ran the batch.
+    let result = unsafe { core::ptr::read_volatile(&raw const batch[0].result) };
+    check!(
+        result == 0x5a5a,
+        "the multicall from CPL 3 ran its entry (result {result:#x})"
     );
 }

@@ -6,13 +6,23 @@
 //! [`REGISTRY`] lists the bodies in [`CATALOG`] order; a compile-time check keeps the two in
 //! step, so a test cannot be listed without a body or written without being listed.
 
+mod apic;
+mod common;
 mod console;
 mod cpuid;
+mod event_channel;
 mod hypercall;
 mod io;
+mod memory;
+mod multicall;
+mod ring;
 mod sched;
 mod start;
+mod time;
+mod timer;
 mod traps;
+mod upcall;
+mod vcpu;
 
 use crate::catalog::CATALOG;
 
@@ -28,8 +38,16 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         hypercall::hypercall_preserves_registers,
     ),
     (
+        "v1_calls_preserve_registers",
+        hypercall::v1_calls_preserve_registers,
+    ),
+    (
         "hypercall_from_cpl3_eperm",
         hypercall::hypercall_from_cpl3_eperm,
+    ),
+    (
+        "all_hypercalls_cpl3_eperm",
+        hypercall::all_hypercalls_cpl3_eperm,
     ),
     (
         "unknown_hypercall_enosys",
@@ -52,25 +70,76 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "console_unknown_op_enosys",
         console::console_unknown_op_enosys,
     ),
+    (
+        "console_read_no_input_zero",
+        console::console_read_no_input_zero,
+    ),
+    (
+        "console_read_too_long_einval",
+        console::console_read_too_long_einval,
+    ),
+    ("console_read_oob_efault", console::console_read_oob_efault),
     ("sched_yield_returns_zero", sched::sched_yield_returns_zero),
     ("sched_unknown_op_enosys", sched::sched_unknown_op_enosys),
     (
         "shutdown_unknown_reason_einval",
         sched::shutdown_unknown_reason_einval,
     ),
+    (
+        "block_returns_if_event_pending",
+        sched::block_returns_if_event_pending,
+    ),
+    ("block_wakes_on_timer", sched::block_wakes_on_timer),
+    (
+        "block_without_wake_stopped",
+        sched::block_without_wake_stopped,
+    ),
+    (
+        "poll_pending_returns_at_once",
+        sched::poll_pending_returns_at_once,
+    ),
+    ("poll_deadline_etimedout", sched::poll_deadline_etimedout),
+    ("poll_bad_args_einval", sched::poll_bad_args_einval),
+    ("poll_array_oob_efault", sched::poll_array_oob_efault),
+    (
+        "poll_wakes_on_masked_timer",
+        sched::poll_wakes_on_masked_timer,
+    ),
+    (
+        "poll_without_wake_stopped",
+        sched::poll_without_wake_stopped,
+    ),
     ("entry_state_matches_spec", start::entry_state_matches_spec),
     (
         "boot_tables_identity_map_ram",
         start::boot_tables_identity_map_ram,
+    ),
+    (
+        "access_outside_ram_stopped",
+        traps::access_outside_ram_stopped,
     ),
     ("start_info_fields_valid", start::start_info_fields_valid),
     (
         "cpuid_signature_and_version",
         cpuid::cpuid_signature_and_version,
     ),
+    ("cpuid_timing_leaf", cpuid::cpuid_timing_leaf),
     (
         "uart_output_reaches_console",
         io::uart_output_reaches_console,
+    ),
+    (
+        "hlt_without_wake_source_stopped",
+        traps::hlt_without_wake_source_stopped,
+    ),
+    ("hlt_wakes_on_apic_timer", apic::hlt_wakes_on_apic_timer),
+    (
+        "hlt_wakes_on_pv_timer_upcall",
+        upcall::hlt_wakes_on_pv_timer_upcall,
+    ),
+    (
+        "hlt_sti_without_source_stopped",
+        apic::hlt_sti_without_source_stopped,
     ),
     ("unknown_msr_injects_gp", traps::unknown_msr_injects_gp),
     (
@@ -79,13 +148,226 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ),
     ("triple_fault", traps::triple_fault),
     (
-        "hlt_without_wake_source_stopped",
-        traps::hlt_without_wake_source_stopped,
+        "evtchn_unknown_op_enosys",
+        event_channel::evtchn_unknown_op_enosys,
+    ),
+    ("evtchn_boot_state", event_channel::evtchn_boot_state),
+    (
+        "alloc_unbound_lowest_free",
+        event_channel::alloc_unbound_lowest_free,
     ),
     (
-        "access_outside_ram_stopped",
-        traps::access_outside_ram_stopped,
+        "alloc_unbound_own_id_loopback",
+        event_channel::alloc_unbound_own_id_loopback,
     ),
+    (
+        "alloc_unbound_no_domain_enoent",
+        event_channel::alloc_unbound_no_domain_enoent,
+    ),
+    (
+        "alloc_unbound_full_enospc",
+        event_channel::alloc_unbound_full_enospc,
+    ),
+    (
+        "bind_virq_timer_and_console",
+        event_channel::bind_virq_timer_and_console,
+    ),
+    (
+        "bind_virq_twice_eexist",
+        event_channel::bind_virq_twice_eexist,
+    ),
+    (
+        "bind_virq_bad_virq_einval",
+        event_channel::bind_virq_bad_virq_einval,
+    ),
+    (
+        "bind_virq_bad_vcpu_enoent",
+        event_channel::bind_virq_bad_vcpu_enoent,
+    ),
+    (
+        "bind_ipi_send_raises_event",
+        event_channel::bind_ipi_send_raises_event,
+    ),
+    (
+        "bind_ipi_bad_vcpu_enoent",
+        event_channel::bind_ipi_bad_vcpu_enoent,
+    ),
+    (
+        "send_sets_pending_and_selector",
+        event_channel::send_sets_pending_and_selector,
+    ),
+    ("send_bad_port_einval", event_channel::send_bad_port_einval),
+    (
+        "send_masked_sets_pending_only",
+        event_channel::send_masked_sets_pending_only,
+    ),
+    (
+        "send_already_pending_no_upcall",
+        event_channel::send_already_pending_no_upcall,
+    ),
+    (
+        "close_clears_pending_frees_port",
+        event_channel::close_clears_pending_frees_port,
+    ),
+    (
+        "close_bad_port_einval",
+        event_channel::close_bad_port_einval,
+    ),
+    ("close_twice_einval", event_channel::close_twice_einval),
+    (
+        "masked_event_held_until_unmask",
+        upcall::masked_event_held_until_unmask,
+    ),
+    (
+        "unmask_bad_port_einval",
+        event_channel::unmask_bad_port_einval,
+    ),
+    (
+        "unmask_clears_mask_bit",
+        event_channel::unmask_clears_mask_bit,
+    ),
+    (
+        "status_reports_each_state",
+        event_channel::status_reports_each_state,
+    ),
+    (
+        "status_bad_port_einval",
+        event_channel::status_bad_port_einval,
+    ),
+    ("upcall_injected_on_send", upcall::upcall_injected_on_send),
+    (
+        "upcall_held_while_if_clear",
+        upcall::upcall_held_while_if_clear,
+    ),
+    (
+        "upcall_mask_defers_delivery",
+        upcall::upcall_mask_defers_delivery,
+    ),
+    ("no_upcall_without_vector", upcall::no_upcall_without_vector),
+    (
+        "block_idle_loop_gets_upcall",
+        upcall::block_idle_loop_gets_upcall,
+    ),
+    ("vcpu_unknown_op_enosys", vcpu::vcpu_unknown_op_enosys),
+    ("vcpu_bad_vcpu_enoent", vcpu::vcpu_bad_vcpu_enoent),
+    (
+        "vcpu_info_moves_upcall_state",
+        vcpu::vcpu_info_moves_upcall_state,
+    ),
+    (
+        "vcpu_info_misaligned_einval",
+        vcpu::vcpu_info_misaligned_einval,
+    ),
+    ("vcpu_info_oob_efault", vcpu::vcpu_info_oob_efault),
+    ("vcpu_info_twice_eexist", vcpu::vcpu_info_twice_eexist),
+    ("runstate_tracks_states", vcpu::runstate_tracks_states),
+    (
+        "runstate_misaligned_einval",
+        vcpu::runstate_misaligned_einval,
+    ),
+    ("runstate_oob_efault", vcpu::runstate_oob_efault),
+    ("runstate_zero_unregisters", vcpu::runstate_zero_unregisters),
+    (
+        "singleshot_timer_never_early",
+        timer::singleshot_timer_never_early,
+    ),
+    (
+        "singleshot_past_fires_at_once",
+        timer::singleshot_past_fires_at_once,
+    ),
+    ("singleshot_zero_cancels", timer::singleshot_zero_cancels),
+    (
+        "periodic_timer_keeps_period",
+        timer::periodic_timer_keeps_period,
+    ),
+    (
+        "periodic_bad_period_einval",
+        timer::periodic_bad_period_einval,
+    ),
+    ("periodic_zero_stops", timer::periodic_zero_stops),
+    (
+        "timer_without_virq_dropped",
+        timer::timer_without_virq_dropped,
+    ),
+    ("upcall_vector_bad_einval", upcall::upcall_vector_bad_einval),
+    ("upcall_vector_0_disables", upcall::upcall_vector_0_disables),
+    ("tsc_khz_agrees_everywhere", time::tsc_khz_agrees_everywhere),
+    ("pvclock_published_at_boot", time::pvclock_published_at_boot),
+    ("pvclock_monotonic", time::pvclock_monotonic),
+    (
+        "pvclock_rate_matches_tsc_khz",
+        time::pvclock_rate_matches_tsc_khz,
+    ),
+    (
+        "pvclock_rewritten_on_schedule",
+        time::pvclock_rewritten_on_schedule,
+    ),
+    ("wall_clock_published", time::wall_clock_published),
+    ("memory_op_unknown_enosys", memory::memory_op_unknown_enosys),
+    ("memory_map_lists_regions", memory::memory_map_lists_regions),
+    ("memory_map_short_buffer", memory::memory_map_short_buffer),
+    ("memory_map_oob_efault", memory::memory_map_oob_efault),
+    ("reservation_is_mem_bytes", memory::reservation_is_mem_bytes),
+    (
+        "multicall_runs_in_order",
+        multicall::multicall_runs_in_order,
+    ),
+    (
+        "multicall_failure_does_not_stop",
+        multicall::multicall_failure_does_not_stop,
+    ),
+    ("multicall_count_limits", multicall::multicall_count_limits),
+    (
+        "multicall_oob_efault_runs_none",
+        multicall::multicall_oob_efault_runs_none,
+    ),
+    (
+        "multicall_nested_block_einval",
+        multicall::multicall_nested_block_einval,
+    ),
+    (
+        "multicall_shutdown_ends_batch",
+        multicall::multicall_shutdown_ends_batch,
+    ),
+    (
+        "console_ring_drained_on_send",
+        ring::console_ring_drained_on_send,
+    ),
+    ("console_ring_wraps_around", ring::console_ring_wraps_around),
+    (
+        "console_ring_bogus_prod_reset",
+        ring::console_ring_bogus_prod_reset,
+    ),
+    (
+        "console_ring_drained_on_yield",
+        ring::console_ring_drained_on_yield,
+    ),
+    ("x2apic_cpuid_bits_set", apic::x2apic_cpuid_bits_set),
+    (
+        "apic_base_reads_x2apic_mode",
+        apic::apic_base_reads_x2apic_mode,
+    ),
+    ("x2apic_id_and_version", apic::x2apic_id_and_version),
+    ("x2apic_reserved_msr_gp", apic::x2apic_reserved_msr_gp),
+    ("x2apic_readonly_msrs_gp", apic::x2apic_readonly_msrs_gp),
+    ("apic_oneshot_never_early", apic::apic_oneshot_never_early),
+    (
+        "apic_tsc_deadline_never_early",
+        apic::apic_tsc_deadline_never_early,
+    ),
+    ("apic_periodic_timer_ticks", apic::apic_periodic_timer_ticks),
+    (
+        "apic_current_count_counts_down",
+        apic::apic_current_count_counts_down,
+    ),
+    ("apic_masked_timer_no_irq", apic::apic_masked_timer_no_irq),
+    ("apic_eoi_clears_isr", apic::apic_eoi_clears_isr),
+    (
+        "apic_tpr_blocks_low_priority",
+        apic::apic_tpr_blocks_low_priority,
+    ),
+    ("apic_isr_priority_nesting", apic::apic_isr_priority_nesting),
+    ("apic_self_ipi_delivered", apic::apic_self_ipi_delivered),
 ];
 
 /// The body registered for test `name`.

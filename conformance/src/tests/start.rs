@@ -5,7 +5,8 @@
 use lamina_abi::abi_version;
 use lamina_abi::layout::{
     BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX,
-    KERNEL_MIN_GPA, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES, STACK_BYTES, START_INFO_GPA,
+    CONSOLE_RING_GPA, KERNEL_MIN_GPA, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES,
+    SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
 };
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC};
 use lamina_guest_sdk::{cmdline, start_info, start_info_gpa};
@@ -220,8 +221,22 @@ pub(super) fn start_info_fields_valid() {
         Hex(info.flags & !START_FLAG_PRIVILEGED)
     );
     check_eq!("nr_vcpus >= 1", true, info.nr_vcpus >= 1);
-    check_eq!("reserved0", 0, info.reserved0);
-    check_eq!("reserved", [0; 3], info.reserved);
+    check_eq!(
+        "console_port (allocated by the hypervisor at boot)",
+        1,
+        info.console_port
+    );
+    check_eq!(
+        "shared_info_gpa",
+        Hex(SHARED_INFO_GPA),
+        Hex(info.shared_info_gpa)
+    );
+    check_eq!(
+        "console_ring_gpa",
+        Hex(CONSOLE_RING_GPA),
+        Hex(info.console_ring_gpa)
+    );
+    check!(info.tsc_khz > 0, "tsc_khz is 0");
 
     let mem = info.mem_bytes;
     check!(

@@ -3,7 +3,7 @@
 
 use core::arch::asm;
 
-use lamina_guest_sdk::println;
+use crate::console::println;
 
 use crate::framework::{Hex, check_eq};
 use crate::x86::idt::{self, GENERAL_PROTECTION, TrapRecord};

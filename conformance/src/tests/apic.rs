@@ -1,0 +1,525 @@
+//! Tests of the emulated x2APIC (docs/abi.md 14), for kernels not yet ported to events: the
+//! MSR interface, the timer in its three modes, priorities, EOI and self-IPIs.
+//!
+//! Timers never fire early: the handler stamps each interrupt with pvclock time (or the TSC,
+//! for TSC-deadline), which must be at or past the programmed expiry, and less than
+//! `LATE_BOUND_NS` (50 ms) after it: generous, since emulators are slow and every test domain
+//! of a run shares one CPU.
+
+use lamina_abi::Errno;
+use lamina_guest_sdk::cpuid::cpuid;
+use lamina_guest_sdk::start_info;
+
+use super::common::{check_on_time, loopback_port};
+use crate::framework::{Hex, Status, check, check_eq};
+use crate::hv;
+use crate::irq::{self, Arrivals};
+use crate::shared::{self, LATE_BOUND_NS, MS};
+use crate::x86::apic::{self, write};
+use crate::x86::idt::{self, GENERAL_PROTECTION, TrapRecord};
+use crate::x86::{self, msr};
+
+/// Checks that an MSR access raised `#GP(0)`.
+fn check_gp<T: core::fmt::Debug>(what: core::fmt::Arguments<'_>, result: Result<T, TrapRecord>) {
+    match result {
+        Ok(value) => {
+            crate::framework::fail(format_args!(
+                "{what}: expected #GP, but it succeeded ({value:x?})"
+            ));
+        }
+        Err(record) => {
+            check_eq!(
+                format_args!("{what}: exception"),
+                idt::exception_name(GENERAL_PROTECTION.into()),
+                idt::exception_name(record.vector.into())
+            );
+            check_eq!(
+                format_args!("{what}: error code"),
+                Hex(0),
+                Hex(record.error_code)
+            );
+        }
+    }
+}
+
+/// Installs the interrupt recorder for the APIC's vectors and software-enables the APIC.
+fn set_up(auto_eoi: bool) {
+    irq::install();
+    irq::use_apic(auto_eoi);
+    apic::enable();
+}
+
+/// Waits with `STI; HLT` until `vector` has arrived `count` times.
+fn wait_for(vector: u8, count: u32) {
+    while irq::count(vector) < count {
+        x86::halt_with_interrupts();
+    }
+}
+
+/// Programs the LVT timer.
+fn program_timer(lvt: u64, initial_count: u64) {
+    // SAFETY: the interrupts the timer raises go to the recorder installed by `set_up`.
+    unsafe {
+        write(apic::LVT_TIMER, lvt);
+        write(apic::TIMER_INITIAL_COUNT, initial_count);
+    }
+}
+
+/// Stops and masks the timer.
+fn stop_timer() {
+    program_timer(apic::LVT_MASKED, 0);
+}
+
+pub(super) fn x2apic_cpuid_bits_set() {
+    let leaf1 = cpuid(1, 0);
+    check_eq!("CPUID.1:ECX bit 21 (x2APIC)", 1, leaf1.ecx >> 21 & 1);
+    check_eq!("CPUID.1:ECX bit 24 (TSC-deadline)", 1, leaf1.ecx >> 24 & 1);
+}
+
+pub(super) fn apic_base_reads_x2apic_mode() {
+    let expected =
+        apic::APIC_BASE_ADDRESS | apic::APIC_BASE_BSP | apic::APIC_BASE_EXTD | apic::APIC_BASE_EN;
+    check_eq!(
+        "IA32_APIC_BASE",
+        Hex(expected),
+        Hex(msr::read(apic::APIC_BASE))
+    );
+    // SAFETY: the value it already holds.
+    let same = unsafe { msr::try_write(apic::APIC_BASE, expected) };
+    check_eq!("WRMSR IA32_APIC_BASE of its own value", Ok(()), same);
+    for (what, value) in [
+        ("xAPIC mode (EXTD clear)", expected & !apic::APIC_BASE_EXTD),
+        (
+            "disabled",
+            expected & !(apic::APIC_BASE_EN | apic::APIC_BASE_EXTD),
+        ),
+        ("moved", expected + 0x10_0000),
+        ("not BSP", expected & !apic::APIC_BASE_BSP),
+    ] {
+        // SAFETY: the write must be refused; should it be taken, the APIC is emulated and no
+        // interrupt is programmed.
+        let result = unsafe { msr::try_write(apic::APIC_BASE, value) };
+        check_gp(
+            format_args!("WRMSR IA32_APIC_BASE {value:#x}, {what}"),
+            result,
+        );
+    }
+    check_eq!(
+        "IA32_APIC_BASE after the refused writes",
+        Hex(expected),
+        Hex(msr::read(apic::APIC_BASE))
+    );
+}
+
+pub(super) fn x2apic_id_and_version() {
+    check_eq!("x2APIC ID (vCPU 0)", Hex(0), Hex(msr::read(apic::ID)));
+    check_eq!(
+        "x2APIC version",
+        Hex(apic::LAMINA_VERSION),
+        Hex(msr::read(apic::VERSION))
+    );
+    for (what, register) in [("LDR", apic::LDR), ("PPR", apic::PPR), ("ESR", 0x828)] {
+        check!(
+            msr::try_read(register).is_ok(),
+            "RDMSR {register:#x} ({what}) raised #GP"
+        );
+    }
+    for index in 0..8 {
+        check_eq!(
+            format_args!("TMR{index}"),
+            Hex(0),
+            Hex(msr::read(apic::TMR0 + index))
+        );
+    }
+}
+
+pub(super) fn x2apic_reserved_msr_gp() {
+    // Not registers of the x2APIC (SDM table 11-6), or not emulated (docs/abi.md 14).
+    const RESERVED: [u32; 19] = [
+        0x800, 0x801, 0x804, 0x805, 0x806, 0x807, 0x809, 0x80c, 0x80e, 0x829, 0x82a, 0x82e, 0x831,
+        0x83a, 0x83b, 0x83c, 0x83d, 0x840, 0x8ff,
+    ];
+    for register in RESERVED {
+        check_gp(format_args!("RDMSR {register:#x}"), msr::try_read(register));
+        // SAFETY: the write must be refused; should it be taken, it lands in an emulated
+        // APIC register nothing uses.
+        let result = unsafe { msr::try_write(register, 0) };
+        check_gp(format_args!("WRMSR {register:#x}"), result);
+    }
+}
+
+pub(super) fn x2apic_readonly_msrs_gp() {
+    let read_only = [
+        ("PPR", apic::PPR),
+        ("LDR", apic::LDR),
+        ("ISR0", apic::ISR0),
+        ("ISR7", apic::ISR0 + 7),
+        ("TMR0", apic::TMR0),
+        ("IRR0", apic::IRR0),
+        ("IRR7", apic::IRR0 + 7),
+        ("timer current count", apic::TIMER_CURRENT_COUNT),
+    ];
+    for (what, register) in read_only {
+        check!(
+            msr::try_read(register).is_ok(),
+            "RDMSR {register:#x} ({what}) raised #GP"
+        );
+        // SAFETY: the write must be refused; a read-only register taking it changes nothing
+        // the test relies on.
+        let result = unsafe { msr::try_write(register, 0) };
+        check_gp(format_args!("WRMSR {register:#x} ({what})"), result);
+    }
+    // EOI takes 0 only.
+    // SAFETY: nothing is in service; should the write be taken, it ends nothing.
+    let result = unsafe { msr::try_write(apic::EOI, 1) };
+    check_gp(format_args!("WRMSR EOI of 1"), result);
+    // SAFETY: as above.
+    let result = unsafe { msr::try_write(apic::EOI, 0) };
+    check_eq!("WRMSR EOI of 0 with nothing in service", Ok(()), result);
+}
+
+pub(super) fn apic_oneshot_never_early() {
+    const VECTOR: u8 = 0x40;
+    set_up(true);
+    for (round, delay) in [MS, 2 * MS, 3 * MS].into_iter().enumerate() {
+        let start = shared::now();
+        program_timer(apic::TIMER_ONE_SHOT | u64::from(VECTOR), delay);
+        wait_for(VECTOR, round as u32 + 1);
+        check_on_time(
+            format_args!("one-shot APIC timer of {delay} ns"),
+            start + delay,
+            irq::last_ns(VECTOR),
+        );
+        check_eq!(
+            "current count after the one-shot expired",
+            0,
+            msr::read(apic::TIMER_CURRENT_COUNT)
+        );
+    }
+    stop_timer();
+}
+
+pub(super) fn apic_tsc_deadline_never_early() {
+    const VECTOR: u8 = 0x41;
+    set_up(true);
+    let khz = start_info().tsc_khz;
+    // SAFETY: the timer is not armed until IA32_TSC_DEADLINE is written.
+    unsafe {
+        write(
+            apic::LVT_TIMER,
+            apic::TIMER_TSC_DEADLINE | u64::from(VECTOR),
+        )
+    };
+    for round in 1..=3u32 {
+        let deadline = x86::rdtsc() + khz * 2; // 2 ms of TSC ticks
+        // SAFETY: the interrupt goes to the recorder.
+        unsafe { msr::write(apic::TSC_DEADLINE, deadline) };
+        wait_for(VECTOR, round);
+        let at = irq::last_tsc(VECTOR);
+        check!(
+            at >= deadline,
+            "TSC-deadline interrupt at TSC {at:#x}, {} ticks before the deadline {deadline:#x}",
+            deadline.saturating_sub(at)
+        );
+        check!(
+            at < deadline + khz * (LATE_BOUND_NS / MS),
+            "TSC-deadline interrupt {} ticks ({} kHz) after its deadline",
+            at.saturating_sub(deadline),
+            khz
+        );
+    }
+    stop_timer();
+}
+
+pub(super) fn apic_periodic_timer_ticks() {
+    const VECTOR: u8 = 0x42;
+    const TICKS: u64 = 5;
+    set_up(true);
+    let start = shared::now();
+    program_timer(apic::TIMER_PERIODIC | u64::from(VECTOR), MS);
+    // A tick handled late may merge with the next (one IRR bit): the k-th seen is never
+    // before start + k ms.
+    for tick in 1..=TICKS {
+        wait_for(VECTOR, tick as u32);
+        let at = irq::last_ns(VECTOR);
+        if !check!(
+            at >= start + tick * MS,
+            "periodic APIC tick {tick} at {} ns after programming, before {} ns",
+            at - start,
+            tick * MS
+        ) {
+            break;
+        }
+    }
+    let last = irq::last_ns(VECTOR);
+    check!(
+        last < start + TICKS * MS + LATE_BOUND_NS,
+        "{TICKS} periodic APIC ticks of 1 ms took {} ns",
+        last - start
+    );
+    // Writing 0 to the initial count stops it (a tick already requested is taken first).
+    program_timer(apic::TIMER_PERIODIC | u64::from(VECTOR), 0);
+    x86::interrupt_window();
+    let ticks = irq::count(VECTOR);
+    if let Some(idle) = loopback_port() {
+        x86::enable_interrupts();
+        let _ = hv::poll(&[idle as u32], shared::now() + 3 * MS);
+        x86::disable_interrupts();
+    }
+    check_eq!(
+        "periodic APIC ticks after writing initial count 0",
+        ticks,
+        irq::count(VECTOR)
+    );
+    stop_timer();
+}
+
+/// Programs a masked one-shot of 100 ms with `divide`, and measures how many counts pass
+/// during a 2 ms sleep, against the pvclock: returns (counts, shortest and longest ns the
+/// two reads of the current count can have been apart).
+fn count_down_during_sleep(divide: u64, idle: u64) -> (u64, u64, u64) {
+    // SAFETY: the timer is masked: it raises no interrupt.
+    unsafe { write(apic::TIMER_DIVIDE, divide) };
+    program_timer(apic::LVT_MASKED | 0x43, 100 * MS);
+    let t0 = shared::now();
+    let first = msr::read(apic::TIMER_CURRENT_COUNT);
+    let t1 = shared::now();
+    let _ = hv::poll(&[idle as u32], t1 + 2 * MS);
+    let t2 = shared::now();
+    let second = msr::read(apic::TIMER_CURRENT_COUNT);
+    let t3 = shared::now();
+    check!(
+        first <= 100 * MS && first > second,
+        "current count {first}, then {second} (initial count 100000000)"
+    );
+    (first.saturating_sub(second), t2 - t1, t3 - t0)
+}
+
+pub(super) fn apic_current_count_counts_down() {
+    let Some(idle) = loopback_port() else { return };
+    set_up(true);
+    // The timer counts at 1 GHz (CPUID 0x4000_0010 EBX) before the divider.
+    for (divide, by) in [(apic::DIVIDE_BY_1, 1), (apic::DIVIDE_BY_2, 2)] {
+        let (counts, shortest, longest) = count_down_during_sleep(divide, idle);
+        let slack = 5_000 + longest / 100;
+        check!(
+            counts + slack / by >= shortest / by && counts <= (longest + slack) / by,
+            "divide by {by}: {counts} counts passed in between {shortest} and {longest} ns"
+        );
+    }
+    stop_timer();
+}
+
+pub(super) fn apic_masked_timer_no_irq() {
+    const VECTOR: u8 = 0x44;
+    let Some(idle) = loopback_port() else { return };
+    set_up(true);
+    program_timer(
+        apic::LVT_MASKED | apic::TIMER_ONE_SHOT | u64::from(VECTOR),
+        MS,
+    );
+    x86::enable_interrupts();
+    let status = hv::poll(&[idle as u32], shared::now() + 3 * MS);
+    x86::disable_interrupts();
+    check_eq!(
+        "Poll for 3 ms with the masked timer running",
+        Status::err(Errno::ETIMEDOUT),
+        status
+    );
+    check_eq!(
+        "current count after the masked one-shot expired",
+        0,
+        msr::read(apic::TIMER_CURRENT_COUNT)
+    );
+    check_eq!("interrupts from a masked timer", 0, irq::total());
+    check!(
+        !apic::requested(VECTOR),
+        "a masked timer set its vector in the IRR"
+    );
+    stop_timer();
+}
+
+pub(super) fn apic_eoi_clears_isr() {
+    const VECTOR: u8 = 0x50;
+    set_up(false);
+    apic::self_ipi(VECTOR);
+    // Interrupts are off: the vector waits in the IRR.
+    check!(
+        apic::requested(VECTOR),
+        "self-IPI {VECTOR:#x} not in the IRR"
+    );
+    check!(
+        !apic::in_service(VECTOR),
+        "self-IPI {VECTOR:#x} in service too early"
+    );
+    x86::interrupt_window();
+    check_eq!("deliveries of the self-IPI", 1, irq::count(VECTOR));
+    check!(
+        irq::was_in_service(VECTOR),
+        "vector {VECTOR:#x} not in service while its handler ran"
+    );
+    // No EOI yet: still in service, and it sets the processor priority.
+    check!(
+        !apic::requested(VECTOR),
+        "vector {VECTOR:#x} still requested"
+    );
+    check!(
+        apic::in_service(VECTOR),
+        "vector {VECTOR:#x} left service without EOI"
+    );
+    check_eq!(
+        "PPR with 0x50 in service",
+        Hex(0x50),
+        Hex(msr::read(apic::PPR))
+    );
+    apic::eoi();
+    check!(
+        !apic::in_service(VECTOR),
+        "vector {VECTOR:#x} still in service after EOI"
+    );
+    check_eq!("PPR after EOI", Hex(0), Hex(msr::read(apic::PPR)));
+}
+
+pub(super) fn apic_tpr_blocks_low_priority() {
+    set_up(true);
+    // SAFETY: TPR only holds interrupts back.
+    let set_tpr = |tpr: u64| unsafe { write(apic::TPR, tpr) };
+    set_tpr(0x60);
+    check_eq!("TPR read back", Hex(0x60), Hex(msr::read(apic::TPR)));
+    check_eq!(
+        "PPR with TPR 0x60 and nothing in service",
+        Hex(0x60),
+        Hex(msr::read(apic::PPR))
+    );
+    apic::self_ipi(0x55);
+    apic::self_ipi(0x65);
+    apic::self_ipi(0x75);
+    x86::interrupt_window();
+    // Only class 7 is above TPR class 6.
+    check_eq!(
+        "vectors delivered with TPR 0x60",
+        Arrivals::of(&[0x75]),
+        irq::arrivals()
+    );
+    set_tpr(0x50);
+    x86::interrupt_window();
+    check_eq!(
+        "vectors delivered with TPR 0x50",
+        Arrivals::of(&[0x75, 0x65]),
+        irq::arrivals()
+    );
+    check!(
+        apic::requested(0x55),
+        "vector 0x55 left the IRR with TPR 0x50"
+    );
+    set_tpr(0);
+    x86::interrupt_window();
+    check_eq!(
+        "vectors delivered with TPR 0",
+        Arrivals::of(&[0x75, 0x65, 0x55]),
+        irq::arrivals()
+    );
+}
+
+pub(super) fn apic_isr_priority_nesting() {
+    set_up(false);
+    apic::self_ipi(0x61);
+    apic::self_ipi(0x71);
+    x86::interrupt_window();
+    // The highest first; 0x61 waits: class 6 is not above 0x71 in service.
+    check_eq!("delivered first", Arrivals::of(&[0x71]), irq::arrivals());
+    apic::self_ipi(0x72);
+    x86::interrupt_window();
+    check_eq!(
+        "after 0x72 (same class as 0x71 in service)",
+        Arrivals::of(&[0x71]),
+        irq::arrivals()
+    );
+    apic::self_ipi(0x81);
+    x86::interrupt_window();
+    check_eq!(
+        "after 0x81 (a higher class nests)",
+        Arrivals::of(&[0x71, 0x81]),
+        irq::arrivals()
+    );
+    // EOI ends the highest in service: 0x81, then 0x71.
+    apic::eoi();
+    x86::interrupt_window();
+    check_eq!(
+        "after the first EOI (0x71 still in service)",
+        Arrivals::of(&[0x71, 0x81]),
+        irq::arrivals()
+    );
+    check!(
+        apic::in_service(0x71),
+        "0x71 not in service after the first EOI"
+    );
+    apic::eoi();
+    x86::interrupt_window();
+    check_eq!(
+        "after the second EOI",
+        Arrivals::of(&[0x71, 0x81, 0x72]),
+        irq::arrivals()
+    );
+    apic::eoi();
+    x86::interrupt_window();
+    check_eq!(
+        "after the third EOI",
+        Arrivals::of(&[0x71, 0x81, 0x72, 0x61]),
+        irq::arrivals()
+    );
+    apic::eoi();
+    for vector in [0x61, 0x71, 0x72, 0x81] {
+        check!(
+            !apic::in_service(vector) && !apic::requested(vector),
+            "vector {vector:#x} still in service or requested at the end"
+        );
+    }
+}
+
+pub(super) fn apic_self_ipi_delivered() {
+    set_up(true);
+    apic::self_ipi(0x45);
+    // SAFETY: fixed delivery to this vCPU; the interrupts go to the recorder.
+    unsafe {
+        write(apic::ICR, apic::ICR_SELF | 0x46);
+        // Destination (bits 32-63): our own x2APIC ID, 0; no shorthand.
+        write(apic::ICR, 0x47);
+    }
+    x86::interrupt_window();
+    check_eq!(
+        "self-IPIs through SELF_IPI, ICR (self), ICR (own ID)",
+        Arrivals::of(&[0x47, 0x46, 0x45]),
+        irq::arrivals()
+    );
+    // Other destinations are ignored (there is no other vCPU).
+    // SAFETY: ignored, or delivered to the recorder by mistake.
+    unsafe { write(apic::ICR, 1 << 32 | 0x48) };
+    x86::interrupt_window();
+    check_eq!("IPIs to x2APIC ID 1", 0, irq::count(0x48));
+}
+
+pub(super) fn hlt_wakes_on_apic_timer() {
+    const VECTOR: u8 = 0x40;
+    set_up(true);
+    let start = shared::now();
+    program_timer(apic::TIMER_ONE_SHOT | u64::from(VECTOR), 2 * MS);
+    // One HLT: it must end because the timer's interrupt arrived, not before.
+    x86::halt_with_interrupts();
+    check_eq!("timer interrupts when HLT returned", 1, irq::count(VECTOR));
+    check_on_time(
+        format_args!("APIC timer that ended HLT"),
+        start + 2 * MS,
+        irq::last_ns(VECTOR),
+    );
+}
+
+/// `STI; HLT` with no APIC timer armed and no event source: nothing can ever wake the vCPU,
+/// and the hypervisor must stop the domain.
+pub(super) fn hlt_sti_without_source_stopped() {
+    set_up(true);
+    crate::console::println!(
+        "hlt_sti_without_source_stopped: STI; HLT with no timer armed and no event source"
+    );
+    x86::halt_with_interrupts();
+}

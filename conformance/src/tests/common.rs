@@ -1,0 +1,98 @@
+//! Set-up steps and checks that tests of several families share: ports, upcalls, waiting for
+//! events, and the timing checks ("never early, not absurdly late").
+
+use core::sync::atomic::Ordering;
+
+use lamina_abi::event_channel::{DOMID_SELF, PortStatus, Virq};
+use lamina_guest_sdk::start_info;
+
+use crate::framework::{check, expect_ok};
+use crate::irq::{self, UPCALL_VECTOR};
+use crate::shared::{self, LATE_BOUND_NS};
+use crate::{hv, x86};
+
+/// A loopback port (AllocUnbound for DOMID_SELF), or `None` after recording why not.
+pub(super) fn loopback_port() -> Option<u64> {
+    expect_ok("AllocUnbound(DOMID_SELF)", hv::alloc_unbound(DOMID_SELF))
+}
+
+/// A port bound to VIRQ_TIMER of vCPU 0, or `None` after recording why not.
+pub(super) fn timer_port() -> Option<u64> {
+    expect_ok(
+        "BindVirq(VIRQ_TIMER, vCPU 0)",
+        hv::bind_virq(Virq::Timer as u64, 0),
+    )
+}
+
+/// The decoded status of `port`, or `None` after recording why not.
+pub(super) fn port_status(port: u64) -> Option<PortStatus> {
+    expect_ok(format_args!("Status({port})"), hv::port_status(port)).map(PortStatus::unpack)
+}
+
+/// Installs the interrupt recorder and registers [`UPCALL_VECTOR`] for vCPU 0; the upcall
+/// mask and RFLAGS.IF are left as they are. Returns whether the vector was accepted.
+pub(super) fn register_upcall_vector() -> bool {
+    irq::install();
+    expect_ok(
+        format_args!("SetUpcallVector(vCPU 0, {UPCALL_VECTOR:#x})"),
+        hv::set_upcall_vector(0, u64::from(UPCALL_VECTOR)),
+    )
+    .is_some()
+}
+
+/// Clears vCPU 0's upcall mask (the guest's side: a byte of `VcpuInfo`).
+pub(super) fn unmask_upcalls() {
+    shared::upcall_mask().store(0, Ordering::SeqCst);
+}
+
+/// Waits (Poll without deadline) until `port` is pending; records a failure if Poll says
+/// otherwise. Returns system time right after.
+pub(super) fn wait_until_pending(what: &str, port: u64) -> u64 {
+    let ports = [port as u32];
+    let status = hv::poll(&ports, 0);
+    let now = shared::now();
+    expect_ok(format_args!("{what}: Poll([{port}], no deadline)"), status);
+    now
+}
+
+/// Checks that an event observed at system time `at` came no earlier than `deadline`, and
+/// less than [`LATE_BOUND_NS`] after it.
+pub(super) fn check_on_time(what: core::fmt::Arguments<'_>, deadline: u64, at: u64) -> bool {
+    check!(
+        at >= deadline,
+        "{what}: observed at {at} ns, {} ns before its deadline {deadline} ns",
+        deadline.saturating_sub(at)
+    ) && check!(
+        at < deadline + LATE_BOUND_NS,
+        "{what}: observed {} ns after its deadline {deadline} ns (allowed: {LATE_BOUND_NS} ns)",
+        at - deadline
+    )
+}
+
+/// vCPU numbers that do not exist in this domain, including ones a hypervisor that truncates
+/// the argument to 32 or 8 bits would take for vCPU 0.
+pub(super) fn bad_vcpus() -> [u64; 6] {
+    let nr = u64::from(start_info().nr_vcpus);
+    [
+        nr,
+        nr + 1,
+        lamina_abi::shared_info::MAX_VCPUS as u64,
+        0x100,
+        1 << 32,
+        u64::MAX,
+    ]
+}
+
+/// Port numbers that no domain has: at or past 1024, including ones a hypervisor that
+/// truncates the argument would take for `valid`.
+pub(super) fn bad_ports(valid: u64) -> [u64; 4] {
+    [1024, 1024 + valid, 1 << 32 | valid, u64::MAX]
+}
+
+/// Enables interrupts, runs `body`, disables them again.
+pub(super) fn with_interrupts<R>(body: impl FnOnce() -> R) -> R {
+    x86::enable_interrupts();
+    let result = body();
+    x86::disable_interrupts();
+    result
+}

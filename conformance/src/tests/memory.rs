@@ -1,0 +1,141 @@
+//! Tests of `memory_op` (docs/abi.md 11): the memory map and the reservation.
+
+use lamina_abi::Errno;
+use lamina_abi::layout::BOOT_AREA_END;
+use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
+use lamina_guest_sdk::start::TOP_OF_RAM_SCRATCH;
+use lamina_guest_sdk::start_info;
+
+use crate::framework::{Hex, Status, check, check_eq};
+use crate::hv;
+
+/// A region no hypervisor writes: the sentinel left in unwritten slots.
+const UNTOUCHED: MemoryRegion = MemoryRegion {
+    base: 0x5a5a_5a5a_5a5a_5a5a,
+    length: 0xa5a5_a5a5_a5a5_a5a5,
+    kind: 0x5a5a_5a5a,
+    reserved: 0xa5a5_a5a5,
+};
+
+/// The map docs/abi.md 11 describes.
+fn expected_map() -> [MemoryRegion; 2] {
+    let mem = start_info().mem_bytes;
+    [
+        MemoryRegion {
+            base: 0,
+            length: BOOT_AREA_END,
+            kind: region_kind::BOOT,
+            reserved: 0,
+        },
+        MemoryRegion {
+            base: BOOT_AREA_END,
+            length: mem - BOOT_AREA_END,
+            kind: region_kind::RAM,
+            reserved: 0,
+        },
+    ]
+}
+
+/// GetMemoryMap at `gpa` for `capacity` entries: an address the hypervisor must refuse, or
+/// our own.
+fn memory_map_at(gpa: u64, capacity: u64) -> Status {
+    // SAFETY: the hypervisor must refuse every address these tests pass outside RAM; their
+    // part inside RAM is the SDK's unused top of RAM or unused page 0.
+    unsafe { hv::memory_op(MemoryOp::GetMemoryMap as u64, gpa, capacity) }
+}
+
+pub(super) fn memory_op_unknown_enosys() {
+    // 2 is the first unassigned operation; 1 << 32 would be GetMemoryMap to a hypervisor
+    // that looks at EDI only (with capacity 0 it writes nothing).
+    for op in [2, 3, 99, 1 << 32, u64::MAX] {
+        // SAFETY: unknown operations do nothing; see above for 1 << 32.
+        let status = unsafe { hv::memory_op(op, 0, 0) };
+        check_eq!(
+            format_args!("memory_op operation {op:#x}"),
+            Status::err(Errno::ENOSYS),
+            status
+        );
+    }
+}
+
+pub(super) fn memory_map_lists_regions() {
+    let mut map = [UNTOUCHED; 4];
+    check_eq!(
+        "GetMemoryMap with room for 4 regions",
+        Status(2),
+        hv::memory_map(&mut map)
+    );
+    let expected = expected_map();
+    check_eq!("memory map region 0 (boot area)", expected[0], map[0]);
+    check_eq!("memory map region 1 (the rest of RAM)", expected[1], map[1]);
+    check_eq!(
+        "memory map slots 2-3 (unused)",
+        [UNTOUCHED; 2],
+        [map[2], map[3]]
+    );
+    // Together they cover RAM exactly.
+    check_eq!(
+        "end of the last region",
+        Hex(start_info().mem_bytes),
+        Hex(map[1].base + map[1].length)
+    );
+}
+
+pub(super) fn memory_map_short_buffer() {
+    let mut map = [UNTOUCHED; 2];
+    check_eq!(
+        "GetMemoryMap with room for 1 region (returns the full count)",
+        Status(2),
+        hv::memory_map(&mut map[..1])
+    );
+    check_eq!("the one region written", expected_map()[0], map[0]);
+    check_eq!("the slot past the capacity", UNTOUCHED, map[1]);
+    // Capacity 0 writes nothing, wherever the array is.
+    let mem = start_info().mem_bytes;
+    for gpa in [map.as_ptr() as u64, mem, u64::MAX] {
+        check_eq!(
+            format_args!("GetMemoryMap with capacity 0 at {gpa:#x}"),
+            Status(2),
+            memory_map_at(gpa, 0)
+        );
+    }
+}
+
+pub(super) fn memory_map_oob_efault() {
+    let mem = start_info().mem_bytes;
+    let top = mem - TOP_OF_RAM_SCRATCH;
+    let scratch_before = read_top_of_ram();
+    let cases: [(&str, u64, u64); 5] = [
+        ("at the end of RAM", mem, 1),
+        ("straddling the end of RAM", top, 1),
+        ("1 GiB above RAM", mem + (1 << 30), 2),
+        ("wrapping around to low RAM", u64::MAX - 7, 2),
+        ("at a non-canonical address", 1 << 63, 1),
+    ];
+    for (what, gpa, capacity) in cases {
+        check_eq!(
+            format_args!("GetMemoryMap, array {what} (gpa {gpa:#x}, {capacity} regions)"),
+            Status::err(Errno::EFAULT),
+            memory_map_at(gpa, capacity)
+        );
+    }
+    check!(
+        read_top_of_ram() == scratch_before,
+        "a refused GetMemoryMap wrote the top of RAM"
+    );
+}
+
+/// The SDK's unused top of RAM.
+fn read_top_of_ram() -> [u8; TOP_OF_RAM_SCRATCH as usize] {
+    let top = start_info().mem_bytes - TOP_OF_RAM_SCRATCH;
+    // SAFETY: `_start` leaves these bytes unused; RAM is identity-mapped.
+    unsafe { core::ptr::read_volatile(top as *const [u8; TOP_OF_RAM_SCRATCH as usize]) }
+}
+
+pub(super) fn reservation_is_mem_bytes() {
+    check_eq!(
+        "CurrentReservation",
+        Status(start_info().mem_bytes),
+        hv::current_reservation()
+    );
+}

@@ -1,0 +1,192 @@
+//! Tests of the paravirtual timers (docs/abi.md 9.3): one-shot and periodic, checked against
+//! the pvclock the guest reads.
+//!
+//! A timer never fires early: each test reads system time (pvclock) right after it saw the
+//! VIRQ_TIMER port pending and checks that it is at or past the deadline. It may be late, but
+//! by less than `LATE_BOUND_NS` (50 ms): a generous bound, because emulators are slow and
+//! every test domain of a run shares one CPU.
+
+use lamina_abi::Errno;
+use lamina_abi::vcpu::PERIOD_MIN_NS;
+
+use super::common::{check_on_time, loopback_port, timer_port, wait_until_pending};
+use crate::framework::{Status, check, check_eq, expect_ok};
+use crate::hv;
+use crate::shared::{self, LATE_BOUND_NS, MS};
+
+/// Arms the one-shot timer of vCPU 0 at `deadline`; records a failure if refused.
+fn arm_singleshot(deadline: u64) -> bool {
+    expect_ok(
+        format_args!("SetSingleshotTimer(vCPU 0, {deadline} ns)"),
+        hv::set_singleshot_timer(0, deadline),
+    )
+    .is_some()
+}
+
+/// Checks that `port` stays idle until `deadline` (Poll times out).
+fn check_stays_idle(what: &str, port: u64, deadline: u64) {
+    check_eq!(
+        format_args!("{what}: Poll([{port}]) until {deadline} ns"),
+        Status::err(Errno::ETIMEDOUT),
+        hv::poll(&[port as u32], deadline)
+    );
+    check!(!shared::is_pending(port), "{what}: port {port} pending");
+}
+
+pub(super) fn singleshot_timer_never_early() {
+    let Some(timer) = timer_port() else { return };
+    for delay in [MS, 2 * MS, 3 * MS, MS / 2, 5 * MS] {
+        let deadline = shared::now() + delay;
+        if !arm_singleshot(deadline) {
+            return;
+        }
+        let at = wait_until_pending("one-shot timer", timer);
+        check_on_time(
+            format_args!("one-shot timer armed {delay} ns ahead"),
+            deadline,
+            at,
+        );
+        shared::clear_pending(timer);
+    }
+}
+
+pub(super) fn singleshot_past_fires_at_once() {
+    let Some(timer) = timer_port() else { return };
+    // A deadline just past, and one long past (1 ns after the hypervisor started).
+    for deadline in [shared::now().saturating_sub(MS), 1] {
+        let armed_at = shared::now();
+        if !arm_singleshot(deadline) {
+            return;
+        }
+        let status = hv::poll(&[timer as u32], armed_at + LATE_BOUND_NS);
+        check_eq!(
+            format_args!("Poll for a one-shot timer at {deadline} ns, in the past"),
+            Status(0),
+            status
+        );
+        check!(
+            shared::now() < armed_at + LATE_BOUND_NS,
+            "a one-shot timer in the past fired {} ns after it was armed",
+            shared::now() - armed_at
+        );
+        shared::clear_pending(timer);
+    }
+}
+
+pub(super) fn singleshot_zero_cancels() {
+    let Some(timer) = timer_port() else { return };
+    let now = shared::now();
+    if !arm_singleshot(now + 2 * MS) {
+        return;
+    }
+    check_eq!(
+        "SetSingleshotTimer(vCPU 0, 0)",
+        Status(0),
+        hv::set_singleshot_timer(0, 0)
+    );
+    check_stays_idle("cancelled one-shot timer", timer, now + 6 * MS);
+}
+
+pub(super) fn periodic_timer_keeps_period() {
+    const PERIOD: u64 = MS;
+    const TICKS: u64 = 10;
+    let Some(timer) = timer_port() else { return };
+    let armed = shared::now();
+    if expect_ok(
+        "SetPeriodicTimer(vCPU 0, 1 ms)",
+        hv::set_periodic_timer(0, PERIOD),
+    )
+    .is_none()
+    {
+        return;
+    }
+    let accepted = shared::now();
+    // Ticks are at T + k * PERIOD for T, the time of the call, in [armed, accepted]. A tick
+    // handled late may merge with the next one (one pending bit), so the k-th tick seen is
+    // tick k or a later one: never before armed + k * PERIOD.
+    let mut last = 0;
+    for tick in 1..=TICKS {
+        let at = wait_until_pending("periodic timer", timer);
+        shared::clear_pending(timer);
+        if !check!(
+            at >= armed + tick * PERIOD,
+            "periodic tick {tick} seen at {} ns after arming, before {} ns",
+            at - armed,
+            tick * PERIOD
+        ) {
+            break;
+        }
+        last = at;
+    }
+    // Ten periods, and the slack for the last one: the period is kept, not stretched.
+    check!(
+        last < accepted + TICKS * PERIOD + LATE_BOUND_NS,
+        "{TICKS} periodic ticks of 1 ms took {} ns",
+        last - armed
+    );
+    expect_ok("SetPeriodicTimer(vCPU 0, 0)", hv::set_periodic_timer(0, 0));
+}
+
+pub(super) fn periodic_bad_period_einval() {
+    for period in [1, 1000, PERIOD_MIN_NS - 1] {
+        check_eq!(
+            format_args!("SetPeriodicTimer(vCPU 0, {period} ns)"),
+            Status::err(Errno::EINVAL),
+            hv::set_periodic_timer(0, period)
+        );
+    }
+    check_eq!(
+        format_args!("SetPeriodicTimer(vCPU 0, {PERIOD_MIN_NS} ns), the shortest"),
+        Status(0),
+        hv::set_periodic_timer(0, PERIOD_MIN_NS)
+    );
+    check_eq!(
+        "SetPeriodicTimer(vCPU 0, 0)",
+        Status(0),
+        hv::set_periodic_timer(0, 0)
+    );
+}
+
+pub(super) fn periodic_zero_stops() {
+    let Some(timer) = timer_port() else { return };
+    if expect_ok(
+        "SetPeriodicTimer(vCPU 0, 1 ms)",
+        hv::set_periodic_timer(0, MS),
+    )
+    .is_none()
+    {
+        return;
+    }
+    wait_until_pending("periodic timer", timer);
+    check_eq!(
+        "SetPeriodicTimer(vCPU 0, 0)",
+        Status(0),
+        hv::set_periodic_timer(0, 0)
+    );
+    shared::clear_pending(timer);
+    check_stays_idle("stopped periodic timer", timer, shared::now() + 5 * MS);
+}
+
+pub(super) fn timer_without_virq_dropped() {
+    let Some(idle) = loopback_port() else { return };
+    let now = shared::now();
+    if !arm_singleshot(now + MS) {
+        return;
+    }
+    // The timer expires with no port bound to VIRQ_TIMER: the tick goes nowhere.
+    check_eq!(
+        "Poll on an idle port past the timer's deadline",
+        Status::err(Errno::ETIMEDOUT),
+        hv::poll(&[idle as u32], now + 3 * MS)
+    );
+    let Some(timer) = timer_port() else { return };
+    check!(
+        !shared::is_pending(timer),
+        "VIRQ_TIMER bound after its tick was dropped is pending"
+    );
+    check_stays_idle(
+        "VIRQ_TIMER after a dropped tick",
+        timer,
+        shared::now() + 3 * MS,
+    );
+}

@@ -7,7 +7,7 @@
 //! [`install_upcall`]: the hypervisor then injects that interrupt vector whenever an event is
 //! pending, upcalls are unmasked ([`unmask_upcalls`]) and RFLAGS.IF is set.
 //!
-//! The upcall handler does what Xen's two-level ABI prescribes (docs/abi.md 8.3), in this
+//! The upcall handler does what Xen's two-level ABI prescribes (docs/abi.md 8.8), in this
 //! order:
 //! 1. clear `evtchn_upcall_pending` (otherwise the hypervisor injects again on return),
 //! 2. take the selector `evtchn_pending_sel` (swap it to 0),
@@ -85,7 +85,7 @@ fn port_from(value: u64) -> Port {
 }
 
 /// A new port that domain `remote` may bind to later; [`alloc_loopback`] for the usual case
-/// of a port the caller sends to itself (docs/abi.md 8.4).
+/// of a port the caller sends to itself (docs/abi.md 8.1).
 pub fn alloc_unbound(remote: u64) -> Result<Port, HypercallError> {
     op(EventChannelOp::AllocUnbound, remote, 0).map(port_from)
 }
@@ -262,7 +262,7 @@ pub fn mask_upcalls() -> bool {
 
 /// Lets upcalls through on this vCPU. If an event is already waiting, makes a cheap
 /// hypercall (`version`) so the hypervisor delivers it now rather than at the next exit
-/// (docs/abi.md 8.3); it arrives once RFLAGS.IF is set.
+/// (docs/abi.md 8.8); it arrives once RFLAGS.IF is set.
 pub fn unmask_upcalls() {
     let vcpu = crate::shared::this_vcpu();
     vcpu.upcall_mask().store(0, Ordering::SeqCst);

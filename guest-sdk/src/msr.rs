@@ -6,9 +6,9 @@
 
 use core::arch::asm;
 
-/// IA32_APIC_BASE (SDM Vol. 3A 11.4.4): reads `0xfee00000 | BSP | EXTD | EN` on Lamina.
+/// IA32_APIC_BASE (SDM Vol. 3A 12.4.4): reads `0xfee00000 | BSP | EXTD | EN` on Lamina.
 pub const IA32_APIC_BASE: u32 = 0x1b;
-/// IA32_TSC_DEADLINE (SDM Vol. 3A 11.5.4.1).
+/// IA32_TSC_DEADLINE (SDM Vol. 3A 12.5.4.1).
 pub const IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// Reads MSR `msr`.

@@ -82,7 +82,7 @@ impl Default for VcpuInfoArea {
     }
 }
 
-/// Moves `vcpu`'s [`VcpuInfo`] out of the shared-info page into `area` (docs/abi.md 9.2); the
+/// Moves `vcpu`'s [`VcpuInfo`] out of the shared-info page into `area` (docs/abi.md 9.1); the
 /// SDK then uses the new place. Once per vCPU (`EEXIST` after).
 pub fn register_vcpu_info(vcpu: u32, area: &'static VcpuInfoArea) -> Result<(), HypercallError> {
     let gpa = area.0.get() as u64;

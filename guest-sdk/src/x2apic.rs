@@ -1,5 +1,5 @@
-//! The emulated x2APIC, through its MSRs (docs/abi.md 14; Intel SDM Vol. 3A 11.12 x2APIC,
-//! 11.5.4 APIC timer): what the native timer backend of [`crate::pvops`] drives.
+//! The emulated x2APIC, through its MSRs (docs/abi.md 14; Intel SDM Vol. 3A 12.12 x2APIC,
+//! 12.5.4 APIC timer): what the native timer backend of [`crate::pvops`] drives.
 //!
 //! Every access is an `RDMSR` or `WRMSR`, so every access is an exit; the paravirtual timer
 //! (`vcpu_op` timers and event upcalls) replaces the timer programming and the EOI.
@@ -45,7 +45,7 @@ pub const SELF_IPI: u32 = 0x83f;
 pub const SVR_ENABLE: u64 = 1 << 8;
 /// LVT bit 16: masked.
 pub const LVT_MASKED: u64 = 1 << 16;
-/// Divide configuration value for "divide by 1" (SDM figure 11-10).
+/// Divide configuration value for "divide by 1" (SDM Vol. 3A figure 12-10).
 pub const DIVIDE_BY_1: u64 = 0b1011;
 
 /// LVT timer modes (bits 17-18).

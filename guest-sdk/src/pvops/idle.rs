@@ -30,7 +30,7 @@ impl IdleOps for HltIdle {
 /// (returning at once if one already is): an event that arrives after the kernel's check is
 /// held back by the mask and ends the block rather than being lost. The upcall is injected on
 /// the very entry that returns from block, with no interrupt-window exit (docs/abi.md 3.3,
-/// 8.3).
+/// 8.8).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BlockIdle;
 

@@ -81,7 +81,7 @@ fn apic_tick(_frame: &mut TrapFrame) {
 }
 
 fn apic_spurious(_frame: &mut TrapFrame) {
-    // Spurious interrupts take no EOI (SDM Vol. 3A 11.9).
+    // Spurious interrupts take no EOI (SDM Vol. 3A 12.9).
 }
 
 impl TimerOps for ApicTimer {

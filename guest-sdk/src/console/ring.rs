@@ -164,6 +164,8 @@ pub struct RingWriteError {
 }
 
 /// Writes `bytes` to the ring, sending on the console port (and yielding) when it is full.
+/// The ring takes one producer at a time: callers serialize (the console backend of
+/// [`crate::pvops`] writes with interrupts off).
 pub fn write(bytes: &[u8]) -> Result<(), RingWriteError> {
     let mut failure = None;
     let result = ring().write(bytes, || match flush() {

@@ -66,7 +66,10 @@ impl ConsoleOps for RingConsole {
             HypercallConsole.write(bytes);
             return;
         }
-        if let Err(stalled) = crate::console::ring::write(bytes) {
+        // With interrupts off, a task preempted in the middle of a write cannot let another
+        // task's output in between its bytes and the index that publishes them: the ring has
+        // one producer at a time, as it must.
+        if let Err(stalled) = crate::interrupts::without(|| crate::console::ring::write(bytes)) {
             // Not hidden: one line says what the hypervisor refused.
             RING_REFUSED.store(true, Ordering::Relaxed);
             let _ = core::fmt::Write::write_fmt(

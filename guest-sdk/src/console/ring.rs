@@ -153,7 +153,7 @@ pub fn flush() -> Result<(), HypercallError> {
     events::send(console_port())
 }
 
-/// A [`write`] that stopped early.
+/// A [`write()`] that stopped early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingWriteError {
     /// Bytes that went into the ring before it stopped.

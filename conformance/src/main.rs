@@ -11,6 +11,7 @@
 //! - [`hv`]: the hypercalls, raw, and [`console`]: `println!` through them,
 //! - [`shared`]: the shared-info page, the pvclock and the console ring,
 //! - [`irq`]: the tests' interrupt handler and what it saw,
+//! - [`timing`]: "never early, not absurdly late", corrected for steal time,
 //! - [`x86`]: the CPU machinery the tests need (GDT, IDT, CPL 3, a register probe, MSRs, the
 //!   local APIC).
 //!
@@ -27,6 +28,7 @@ mod hv;
 mod irq;
 mod shared;
 mod tests;
+mod timing;
 mod x86;
 
 use lamina_guest_sdk::{StartInfo, cmdline_value};

@@ -186,15 +186,6 @@ pub(crate) fn now() -> u64 {
     pvclock_ns(&time, tsc)
 }
 
-/// How much later than its deadline a timer may be observed before a test calls it late.
-/// Generous on purpose: the emulators are slow, and in a conformance run every test domain
-/// shares one CPU. "Never early" is checked exactly; this bound only catches timers that do
-/// not fire at all or fire on another scale.
-pub(crate) const LATE_BOUND_NS: u64 = 50_000_000;
-
-/// One millisecond in ns.
-pub(crate) const MS: u64 = 1_000_000;
-
 /// The wall clock at system time 0: `(wc_version, wc_sec, wc_nsec)`, read as a seqlock.
 pub(crate) fn wall_clock() -> (u32, u64, u32) {
     let info = shared_info();

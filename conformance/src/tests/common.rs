@@ -6,9 +6,9 @@ use core::sync::atomic::Ordering;
 use lamina_abi::event_channel::{DOMID_SELF, PortStatus, Virq};
 use lamina_guest_sdk::start_info;
 
-use crate::framework::{check, expect_ok};
+use crate::framework::expect_ok;
 use crate::irq::{self, UPCALL_VECTOR};
-use crate::shared::{self, LATE_BOUND_NS};
+use crate::shared;
 use crate::{hv, x86};
 
 /// A loopback port (AllocUnbound for DOMID_SELF), or `None` after recording why not.
@@ -53,20 +53,6 @@ pub(super) fn wait_until_pending(what: &str, port: u64) -> u64 {
     let now = shared::now();
     expect_ok(format_args!("{what}: Poll([{port}], no deadline)"), status);
     now
-}
-
-/// Checks that an event observed at system time `at` came no earlier than `deadline`, and
-/// less than [`LATE_BOUND_NS`] after it.
-pub(super) fn check_on_time(what: core::fmt::Arguments<'_>, deadline: u64, at: u64) -> bool {
-    check!(
-        at >= deadline,
-        "{what}: observed at {at} ns, {} ns before its deadline {deadline} ns",
-        deadline.saturating_sub(at)
-    ) && check!(
-        at < deadline + LATE_BOUND_NS,
-        "{what}: observed {} ns after its deadline {deadline} ns (allowed: {LATE_BOUND_NS} ns)",
-        at - deadline
-    )
 }
 
 /// vCPU numbers that do not exist in this domain, including ones a hypervisor that truncates

@@ -12,7 +12,8 @@ use lamina_guest_sdk::start_info;
 use super::common::loopback_port;
 use crate::framework::{Status, check_eq, expect_ok};
 use crate::hv;
-use crate::shared::{self, MS, ring_out_cons, ring_out_prod, ring_write};
+use crate::shared::{self, ring_out_cons, ring_out_prod, ring_write};
+use crate::timing::MS;
 
 /// A line formatted on the stack.
 struct Line {

@@ -9,7 +9,8 @@ use lamina_guest_sdk::start_info;
 
 use super::common::loopback_port;
 use crate::framework::{Hex, Status, check, check_eq};
-use crate::shared::{self, MS};
+use crate::shared;
+use crate::timing::MS;
 use crate::{hv, x86};
 
 /// One hour in ns: far more than any run takes from the hypervisor's start.

@@ -7,12 +7,11 @@
 
 use core::sync::atomic::Ordering;
 
-use super::common::{
-    check_on_time, loopback_port, register_upcall_vector, unmask_upcalls, with_interrupts,
-};
+use super::common::{loopback_port, register_upcall_vector, unmask_upcalls, with_interrupts};
 use crate::framework::{Status, check, check_eq, expect_ok};
 use crate::irq::{self, UPCALL_VECTOR};
-use crate::shared::{self, MS};
+use crate::shared;
+use crate::timing::{MS, Stopwatch};
 use crate::{hv, x86};
 
 /// Checks that exactly `expected` upcalls arrived so far, and no other interrupt.
@@ -154,6 +153,7 @@ pub(super) fn block_idle_loop_gets_upcall() {
     // The idle loop of a paravirtual kernel: interrupts on, Block (which clears the upcall
     // mask), and the upcall arrives as Block returns.
     with_interrupts(|| {
+        let watch = Stopwatch::start();
         let deadline = shared::now() + 2 * MS;
         expect_ok(
             "SetSingleshotTimer(now + 2 ms)",
@@ -161,7 +161,7 @@ pub(super) fn block_idle_loop_gets_upcall() {
         );
         check_eq!("Block", Status(0), hv::block());
         check_upcalls("right after Block returned", 1);
-        check_on_time(
+        watch.check_on_time(
             format_args!("VIRQ_TIMER upcall"),
             deadline,
             irq::last_ns(UPCALL_VECTOR),
@@ -223,6 +223,7 @@ pub(super) fn hlt_wakes_on_pv_timer_upcall() {
         return;
     }
     unmask_upcalls();
+    let watch = Stopwatch::start();
     let deadline = shared::now() + 2 * MS;
     expect_ok(
         "SetSingleshotTimer(now + 2 ms)",
@@ -232,7 +233,7 @@ pub(super) fn hlt_wakes_on_pv_timer_upcall() {
     // vCPU sleeps until the upcall can be injected.
     x86::halt_with_interrupts();
     check_upcalls("when HLT returned", 1);
-    check_on_time(
+    watch.check_on_time(
         format_args!("VIRQ_TIMER upcall that ended HLT"),
         deadline,
         irq::last_ns(UPCALL_VECTOR),

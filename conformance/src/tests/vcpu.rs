@@ -12,7 +12,8 @@ use lamina_guest_sdk::start_info;
 use super::common::{bad_vcpus, loopback_port};
 use crate::framework::{Hex, Status, check, check_eq, expect_ok};
 use crate::hv;
-use crate::shared::{self, MS};
+use crate::shared;
+use crate::timing::MS;
 use crate::x86::RacyCell;
 
 /// Room for a `VcpuInfo` on a 64-byte boundary, and for misaligned attempts after it.

@@ -1,7 +1,10 @@
-//! Console I/O (`Hypercall::ConsoleIo`).
+//! Console I/O (`Hypercall::ConsoleIo`) and the shared console ring.
 //!
-//! `RDI` = operation, `RSI` = guest-physical address of the buffer, `RDX` = length in bytes.
-//! The whole buffer must lie inside the caller's RAM (otherwise `-EFAULT`).
+//! Two ways to print. The hypercall: `RDI` = operation, `RSI` = guest-physical address of the
+//! buffer, `RDX` = length; one exit per call. The ring: a page of guest RAM
+//! ([`crate::layout::CONSOLE_RING_GPA`]) that the guest fills and the hypervisor drains at the
+//! domain's next exit of any kind, or at once when the guest sends on
+//! [`crate::StartInfo::console_port`]; many lines, no exit of their own.
 
 /// Console operations (RDI).
 #[repr(u64)]
@@ -12,6 +15,10 @@ pub enum ConsoleOp {
     /// them). `len == 0` writes nothing and returns 0, whatever the address; `len >
     /// CONSOLE_WRITE_MAX` is `-EINVAL` (checked before the address, see docs/abi.md 2.4).
     Write = 0,
+    /// Read up to `len` bytes of console input into the buffer. Returns the number of bytes
+    /// read, 0 when none is waiting (it never blocks; VIRQ_CONSOLE signals new input).
+    /// `len > CONSOLE_WRITE_MAX` is `-EINVAL`.
+    Read = 1,
 }
 
 impl TryFrom<u64> for ConsoleOp {
@@ -20,10 +27,43 @@ impl TryFrom<u64> for ConsoleOp {
     fn try_from(op: u64) -> Result<Self, Self::Error> {
         match op {
             0 => Ok(ConsoleOp::Write),
+            1 => Ok(ConsoleOp::Read),
             _ => Err(crate::Errno::ENOSYS),
         }
     }
 }
 
-/// Largest buffer one console write accepts.
+/// Largest buffer one console write or read accepts.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+
+/// Size of the ring's input buffer.
+pub const CONSOLE_RING_INPUT_BYTES: usize = 1024;
+/// Size of the ring's output buffer.
+pub const CONSOLE_RING_OUTPUT_BYTES: usize = 2048;
+
+/// The console ring page (as Xen's `xencons_interface`). Indices run freely and are reduced
+/// modulo the buffer size; `prod - cons` is the number of bytes waiting.
+///
+/// Output: the guest writes bytes at `output[out_prod % size]`, then advances `out_prod`
+/// (after a release fence); the hypervisor consumes and advances `out_cons`. Input: the
+/// hypervisor produces into `input` and raises VIRQ_CONSOLE; the guest consumes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConsoleRing {
+    /// Console input, produced by the hypervisor.
+    pub input: [u8; CONSOLE_RING_INPUT_BYTES],
+    /// Console output, produced by the guest.
+    pub output: [u8; CONSOLE_RING_OUTPUT_BYTES],
+    /// Input consumer index (guest).
+    pub in_cons: u32,
+    /// Input producer index (hypervisor).
+    pub in_prod: u32,
+    /// Output consumer index (hypervisor).
+    pub out_cons: u32,
+    /// Output producer index (guest).
+    pub out_prod: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ConsoleRing>() == 3088);
+const _: () = assert!(core::mem::offset_of!(ConsoleRing, in_cons) == 3072);
+const _: () = assert!(core::mem::offset_of!(ConsoleRing, out_prod) == 3084);

@@ -2,14 +2,19 @@
 //!
 //! CPUID.1:ECX bit 31 ("hypervisor present") is set. Leaf [`LEAF_SIGNATURE`] returns the
 //! highest Lamina leaf in EAX and the signature "LaminaLamina" in EBX, ECX, EDX; leaf
-//! [`LEAF_VERSION`] returns the ABI version in EAX and [`Features`] bits in EBX.
+//! [`LEAF_VERSION`] returns the ABI version in EAX and [`features`] bits in EBX;
+//! [`LEAF_TIMING`] returns the TSC frequency in kHz in EAX and the frequency of the emulated
+//! local APIC timer in kHz in EBX (the VMware convention), so a native kernel needs no
+//! calibration loop.
 
 /// Signature leaf.
 pub const LEAF_SIGNATURE: u32 = 0x4000_0000;
 /// Version and features leaf.
 pub const LEAF_VERSION: u32 = 0x4000_0001;
+/// Timing leaf: EAX = TSC kHz, EBX = APIC timer kHz.
+pub const LEAF_TIMING: u32 = 0x4000_0010;
 /// Highest Lamina leaf.
-pub const LEAF_MAX: u32 = LEAF_VERSION;
+pub const LEAF_MAX: u32 = LEAF_TIMING;
 
 /// The signature, as EBX, ECX, EDX of [`LEAF_SIGNATURE`] spell it.
 pub const SIGNATURE: [u8; 12] = *b"LaminaLamina";
@@ -34,6 +39,30 @@ pub mod features {
     pub const SCHED_OP: u32 = 1 << 2;
     /// A 16550 UART is emulated at I/O port 0x3f8 (COM1) for unported kernels.
     pub const EMULATED_UART: u32 = 1 << 3;
+    /// Event channels, the shared-info page and the upcall vector.
+    pub const EVENT_CHANNELS: u32 = 1 << 4;
+    /// The pvclock in the shared-info page and the timing leaf.
+    pub const PVCLOCK: u32 = 1 << 5;
+    /// One-shot and periodic timers (`vcpu_op`).
+    pub const PV_TIMERS: u32 = 1 << 6;
+    /// `multicall`.
+    pub const MULTICALL: u32 = 1 << 7;
+    /// `memory_op`.
+    pub const MEMORY_OP: u32 = 1 << 8;
+    /// The console ring page.
+    pub const CONSOLE_RING: u32 = 1 << 9;
+    /// An x2APIC (timer, EOI, TPR, self-IPI) is emulated through MSRs for unported kernels.
+    pub const EMULATED_X2APIC: u32 = 1 << 10;
     /// Everything this build offers.
-    pub const ALL: u32 = ANY_HYPERCALL_INSN | CONSOLE_IO | SCHED_OP | EMULATED_UART;
+    pub const ALL: u32 = ANY_HYPERCALL_INSN
+        | CONSOLE_IO
+        | SCHED_OP
+        | EMULATED_UART
+        | EVENT_CHANNELS
+        | PVCLOCK
+        | PV_TIMERS
+        | MULTICALL
+        | MEMORY_OP
+        | CONSOLE_RING
+        | EMULATED_X2APIC;
 }

@@ -26,6 +26,15 @@ pub enum Hypercall {
     ConsoleIo = 1,
     /// Scheduling: RDI = [`crate::sched::SchedOp`], see that module.
     SchedOp = 2,
+    /// Event channels: RDI = [`crate::event_channel::EventChannelOp`].
+    EventChannelOp = 3,
+    /// Per-vCPU state and timers: RDI = [`crate::vcpu::VcpuOp`].
+    VcpuOp = 4,
+    /// The domain's memory: RDI = [`crate::memory::MemoryOp`].
+    MemoryOp = 5,
+    /// A batch of calls in one exit: RDI = entries' address, RSI = count
+    /// ([`crate::multicall`]).
+    Multicall = 6,
 }
 
 impl TryFrom<u64> for Hypercall {
@@ -36,6 +45,10 @@ impl TryFrom<u64> for Hypercall {
             0 => Hypercall::Version,
             1 => Hypercall::ConsoleIo,
             2 => Hypercall::SchedOp,
+            3 => Hypercall::EventChannelOp,
+            4 => Hypercall::VcpuOp,
+            5 => Hypercall::MemoryOp,
+            6 => Hypercall::Multicall,
             _ => return Err(crate::Errno::ENOSYS),
         })
     }
@@ -43,7 +56,15 @@ impl TryFrom<u64> for Hypercall {
 
 impl Hypercall {
     /// Every defined hypercall, in number order.
-    pub const ALL: [Hypercall; 3] = [Hypercall::Version, Hypercall::ConsoleIo, Hypercall::SchedOp];
+    pub const ALL: [Hypercall; 7] = [
+        Hypercall::Version,
+        Hypercall::ConsoleIo,
+        Hypercall::SchedOp,
+        Hypercall::EventChannelOp,
+        Hypercall::VcpuOp,
+        Hypercall::MemoryOp,
+        Hypercall::Multicall,
+    ];
     /// Number of slots the hypervisor keeps per-hypercall counters for (one more for unknown).
     pub const COUNT: usize = Self::ALL.len();
 
@@ -53,6 +74,10 @@ impl Hypercall {
             Hypercall::Version => "version",
             Hypercall::ConsoleIo => "console_io",
             Hypercall::SchedOp => "sched_op",
+            Hypercall::EventChannelOp => "event_channel_op",
+            Hypercall::VcpuOp => "vcpu_op",
+            Hypercall::MemoryOp => "memory_op",
+            Hypercall::Multicall => "multicall",
         }
     }
 }

@@ -15,6 +15,14 @@ pub const CMDLINE_MAX: usize = 1023;
 pub const BOOT_GDT_GPA: u64 = 0x3000;
 /// The boot page tables: PML4, PDPT, PD (one page each).
 pub const BOOT_PML4_GPA: u64 = 0x4000;
+/// The boot page directory (2 MiB entries) of the identity map.
+pub const BOOT_PD_GPA: u64 = 0x6000;
+/// The shared-info page ([`crate::shared_info::SharedInfo`]).
+pub const SHARED_INFO_GPA: u64 = 0x7000;
+/// The console ring page ([`crate::console::ConsoleRing`]).
+pub const CONSOLE_RING_GPA: u64 = 0x8000;
+/// End of the boot area: `[0, BOOT_AREA_END)` holds the structures above.
+pub const BOOT_AREA_END: u64 = 0x1_0000;
 /// First byte a kernel image may occupy.
 pub const KERNEL_MIN_GPA: u64 = 0x10_0000;
 /// Size of the initial stack at the top of RAM. RSP = `mem_bytes` at entry.

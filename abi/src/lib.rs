@@ -10,20 +10,25 @@
 
 pub mod console;
 pub mod cpuid;
+pub mod event_channel;
 pub mod hypercall;
 pub mod layout;
+pub mod memory;
+pub mod multicall;
 pub mod sched;
+pub mod shared_info;
 pub mod start_info;
 pub mod status;
+pub mod vcpu;
 
 pub use hypercall::Hypercall;
 pub use start_info::StartInfo;
 pub use status::Errno;
 
 /// ABI major version: incremented on incompatible changes.
-pub const ABI_VERSION_MAJOR: u16 = 0;
+pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: incremented when calls or fields are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 1;
+pub const ABI_VERSION_MINOR: u16 = 0;
 
 /// The ABI version as one word, `major << 16 | minor`, as returned by the version hypercall and
 /// CPUID leaf [`cpuid::LEAF_VERSION`].

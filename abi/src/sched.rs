@@ -1,6 +1,6 @@
 //! Scheduling operations (`Hypercall::SchedOp`).
 //!
-//! `RDI` = operation, `RSI` = its argument.
+//! `RDI` = operation, `RSI`.. = its arguments.
 
 /// Scheduling operations (RDI).
 #[repr(u64)]
@@ -9,9 +9,19 @@
 pub enum SchedOp {
     /// Give up the CPU to other runnable vCPUs. Returns 0.
     Yield = 0,
+    /// The replacement for HLT: clears this vCPU's upcall mask and waits until an event is
+    /// pending for it (`upcall_pending`), returning 0 at once when one already is. A vCPU
+    /// with no timer armed and no event channel that could ever fire is stopped, as for HLT.
+    Block = 1,
     /// Stop the domain for good. RSI = [`ShutdownReason`]. Does not return; an unknown
     /// reason returns `-EINVAL` and the domain runs on.
     Shutdown = 2,
+    /// Wait until one of a set of ports is pending, or a deadline. RSI = guest-physical
+    /// address of an array of `u32` ports, RDX = their number (1..=[`POLL_PORTS_MAX`]),
+    /// R10 = absolute system time in ns to give up at (0: no deadline). Returns 0 when a
+    /// listed port is pending (at once if one already is), `-ETIMEDOUT` at the deadline.
+    /// Upcall delivery is not changed: poll works with events masked.
+    Poll = 3,
 }
 
 impl TryFrom<u64> for SchedOp {
@@ -20,11 +30,16 @@ impl TryFrom<u64> for SchedOp {
     fn try_from(op: u64) -> Result<Self, Self::Error> {
         match op {
             0 => Ok(SchedOp::Yield),
+            1 => Ok(SchedOp::Block),
             2 => Ok(SchedOp::Shutdown),
+            3 => Ok(SchedOp::Poll),
             _ => Err(crate::Errno::ENOSYS),
         }
     }
 }
+
+/// Most ports one poll may wait on.
+pub const POLL_PORTS_MAX: u64 = 128;
 
 /// Why a domain shut down (RSI of `SchedOp::Shutdown`).
 #[repr(u64)]

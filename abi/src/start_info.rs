@@ -32,18 +32,23 @@ pub struct StartInfo {
     pub cmdline_len: u64,
     /// Number of vCPUs of this domain.
     pub nr_vcpus: u32,
-    /// Reserved, zero.
-    pub reserved0: u32,
+    /// Event-channel port of the console ring: send on it to have the ring drained at once.
+    pub console_port: u32,
     /// The domain's name, NUL-padded.
     pub name: [u8; 32],
-    /// Reserved for later ABI minor versions, zero.
-    pub reserved: [u64; 3],
+    /// Address of the shared-info page.
+    pub shared_info_gpa: u64,
+    /// Address of the console ring page.
+    pub console_ring_gpa: u64,
+    /// TSC frequency in kHz.
+    pub tsc_khz: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<StartInfo>() == 128);
 const _: () = assert!(core::mem::offset_of!(StartInfo, mem_bytes) == 16);
 const _: () = assert!(core::mem::offset_of!(StartInfo, nr_vcpus) == 64);
 const _: () = assert!(core::mem::offset_of!(StartInfo, name) == 72);
+const _: () = assert!(core::mem::offset_of!(StartInfo, shared_info_gpa) == 104);
 
 impl StartInfo {
     /// The domain's name as text (up to the first NUL; invalid UTF-8 yields `"?"`).

@@ -31,11 +31,13 @@ pub enum Errno {
     ENOSPC = 28,
     /// Unknown hypercall number or sub-operation.
     ENOSYS = 38,
+    /// A wait ended because its timeout passed.
+    ETIMEDOUT = 110,
 }
 
 impl Errno {
     /// Every defined code, for tables and tests.
-    pub const ALL: [Errno; 11] = [
+    pub const ALL: [Errno; 12] = [
         Errno::EPERM,
         Errno::ENOENT,
         Errno::E2BIG,
@@ -47,6 +49,7 @@ impl Errno {
         Errno::EINVAL,
         Errno::ENOSPC,
         Errno::ENOSYS,
+        Errno::ETIMEDOUT,
     ];
 
     /// The value a hypercall puts in RAX for this error.
@@ -82,6 +85,7 @@ impl Errno {
             Errno::EINVAL => "EINVAL",
             Errno::ENOSPC => "ENOSPC",
             Errno::ENOSYS => "ENOSYS",
+            Errno::ETIMEDOUT => "ETIMEDOUT",
         }
     }
 }

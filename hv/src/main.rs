@@ -22,10 +22,12 @@ mod start {
     use crate::common::domain::{Domain, DomainState, Ending};
     use crate::common::guest_memory::GuestMemory;
     use crate::common::scheduler::{Slot, run_all};
+    use crate::common::time::TimeBase;
     use crate::hv_println;
     use crate::hw::{self, EntryState, Vendor, Virtualization};
+    use crate::platform::host::MachineHost;
     use crate::platform::multiboot::{self, BootInfo, Module};
-    use crate::platform::{cpu, exit, memory, serial};
+    use crate::platform::{apic, clock, cpu, exit, memory, serial};
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
@@ -61,9 +63,24 @@ mod start {
             memory::PHYS.lock().free_bytes() >> 20,
             info.modules.len()
         );
+        apic::init();
+        let rates = clock::calibrate(apic::timer_count);
+        let time = TimeBase::new(
+            rates.tsc_hz,
+            crate::common::domain::read_tsc(),
+            clock::wall_clock_seconds(),
+            0,
+        );
+        log::info!(
+            "clocks: TSC {} kHz, APIC timer {} kHz, wall clock {} s",
+            rates.tsc_hz / 1000,
+            rates.apic_timer_hz / 1000,
+            time.wall_sec
+        );
+        let host = MachineHost::new(time, rates.apic_timer_hz);
         match hw::detect_vendor() {
-            Some(Vendor::Intel) => run::<hw::vmx::Vmx>(&info),
-            Some(Vendor::Amd) => run::<hw::svm::Svm>(&info),
+            Some(Vendor::Intel) => run::<hw::vmx::Vmx>(&info, time, host),
+            Some(Vendor::Amd) => run::<hw::svm::Svm>(&info, time, host),
             None => fail(format_args!("no Intel VT-x or AMD-V on this CPU")),
         }
     }
@@ -89,7 +106,7 @@ mod start {
         why: String,
     }
 
-    fn run<B: Virtualization>(info: &BootInfo<'_>) -> ! {
+    fn run<B: Virtualization>(info: &BootInfo<'_>, time: TimeBase, mut host: MachineHost) -> ! {
         let mut hw = match B::enable() {
             Ok(hw) => hw,
             Err(error) => fail(format_args!("cannot enable {}: {error}", B::NAME)),
@@ -100,7 +117,7 @@ mod start {
         for (i, module) in info.modules.iter().enumerate() {
             let index = i + 1;
             let id = slots.len() as u32 + 1;
-            match build_domain(&mut hw, module, index, id) {
+            match build_domain(&mut hw, module, index, id, time) {
                 Ok(slot) => {
                     hv_println!(
                         "lamina: domain {id} {} started mem={}M",
@@ -116,7 +133,9 @@ mod start {
                 }
             }
         }
-        run_all(&mut slots);
+        crate::common::domain::DOMAIN_COUNT
+            .store(slots.len() as u32, core::sync::atomic::Ordering::Relaxed);
+        run_all(&mut slots, &mut host);
         summarize(&slots, &rejected)
     }
 
@@ -125,6 +144,7 @@ mod start {
         module: &Module<'_>,
         index: usize,
         id: u32,
+        time: TimeBase,
     ) -> Result<Slot<B::Vcpu>, String> {
         let config = config::parse(module.cmdline, index).map_err(|e| format!("{e}"))?;
         // SAFETY: the module's bytes were taken out of the physical allocator and stay intact.
@@ -144,6 +164,7 @@ mod start {
                 name: &config.name,
                 cmdline: module.cmdline,
                 privileged: false,
+                time,
             };
             builder::write_boot_structures(&memory, &image, &params).map(|()| image)
         });
@@ -170,7 +191,7 @@ mod start {
             }
         };
         Ok(Slot {
-            domain: Domain::new(id, config.name, memory),
+            domain: Domain::new(id, config.name, memory, time),
             vcpu,
         })
     }

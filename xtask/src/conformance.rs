@@ -30,13 +30,14 @@ pub fn select(filter: Option<&str>) -> Vec<&'static TestInfo> {
         .collect()
 }
 
-/// One module per test, named after the test.
+/// One module per test, named after the test, with the smallest RAM a domain can have
+/// (every test fits in it, and a boot holds dozens of them).
 pub fn boot_modules(tests: &[&TestInfo]) -> Vec<BootModule> {
     tests
         .iter()
         .map(|t| BootModule {
             path: Artifact::Conformance.path(),
-            cmdline: t.name.to_string(),
+            cmdline: format!("{} mem=4M", t.name),
         })
         .collect()
 }

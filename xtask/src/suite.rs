@@ -193,6 +193,9 @@ fn run_jobs(jobs: Vec<Job>, options: &SuiteOptions) -> Vec<JobOutcome> {
 fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
     let name = job.name();
     let vendor = job.vendor();
+    if let Job::Conformance(tests, _) = job {
+        return run_conformance(name, vendor, tests, &job.dir(), options);
+    }
     let prepared = prepare(job, options);
     let (record, judgement, suite) = match prepared {
         Err(err) => {
@@ -208,11 +211,7 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
                 let judgement = scenarios::judge(scenario, &record);
                 (Some(record), judgement, None)
             }
-            Job::Conformance(tests, _) => {
-                let suite = conformance::suite(vendor, tests, &record);
-                let judgement = summarize(&suite, &record);
-                (Some(record), judgement, Some(suite))
-            }
+            Job::Conformance(..) => unreachable!("conformance jobs are prepared in batches"),
         },
     };
     let seconds = record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64());
@@ -226,10 +225,64 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
     }
 }
 
+/// Tests per hypervisor boot: bounds each boot's memory (4 MiB per test) and time, and
+/// keeps one crashing hypervisor from taking the whole suite with it.
+const CONFORMANCE_BATCH: usize = 36;
+
+/// Runs the conformance tests in batches, one boot each, and merges them into one suite.
+fn run_conformance(
+    name: &'static str,
+    vendor: Vendor,
+    tests: &[&'static TestInfo],
+    dir: &RunDir,
+    options: &SuiteOptions,
+) -> JobOutcome {
+    let mut cases = Vec::new();
+    let mut seconds = 0.0;
+    // The record shown with the verdict: the first failing batch's, else the first one's.
+    let mut shown: Option<RunRecord> = None;
+    let mut shown_failed = false;
+    for (batch, tests) in tests.chunks(CONFORMANCE_BATCH).enumerate() {
+        let dir = RunDir::new(dir.path.join(format!("batch-{batch}")));
+        let modules = conformance::boot_modules(tests);
+        let timeout = conformance::timeout(vendor, options.timeout, tests.len());
+        let suite = match boot(&dir, vendor, &modules, timeout, name, options) {
+            Ok(record) => {
+                let suite = conformance::suite(vendor, tests, &record);
+                seconds += record.elapsed.as_secs_f64();
+                let failed = suite.cases.iter().any(|c| !c.judgement.status.is_ok());
+                if shown.is_none() || (failed && !shown_failed) {
+                    shown = Some(record);
+                    shown_failed = failed;
+                }
+                suite
+            }
+            Err(err) => conformance::errored_suite(vendor, tests, &err.to_string()),
+        };
+        cases.extend(suite.cases);
+    }
+    let suite = Suite {
+        name: vendor.name().to_string(),
+        seconds,
+        cases,
+    };
+    let judgement = match &shown {
+        Some(record) => summarize(&suite, record),
+        None => Judgement::new(Status::Error, "no batch could be booted".to_string()),
+    };
+    JobOutcome {
+        name,
+        vendor,
+        judgement,
+        seconds,
+        record: shown,
+        suite: Some(suite),
+    }
+}
+
 /// Builds the job's ISO and boots it.
 fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
     let dir = job.dir();
-    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
     let vendor = job.vendor();
     let (modules, timeout): (Vec<BootModule>, Duration) = match job {
         Job::Scenario(scenario, _) => (
@@ -241,6 +294,19 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
             conformance::timeout(vendor, options.timeout, tests.len()),
         ),
     };
+    boot(&dir, vendor, &modules, timeout, job.name(), options)
+}
+
+/// Builds an ISO of the hypervisor and `modules` in `dir` and boots it.
+fn boot(
+    dir: &RunDir,
+    vendor: Vendor,
+    modules: &[BootModule],
+    timeout: Duration,
+    name: &str,
+    options: &SuiteOptions,
+) -> Result<RunRecord> {
+    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
     iso::build_iso(
         &Artifact::Hypervisor.path(),
         "",
@@ -249,13 +315,13 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
         &dir.iso(),
     )?;
     let streaming = if options.verbose {
-        Streaming::Prefixed(format!("[{} {}] ", job.name(), vendor.name()))
+        Streaming::Prefixed(format!("[{} {}] ", name, vendor.name()))
     } else {
         Streaming::Off
     };
     emulator::run(&RunRequest {
         vendor,
-        dir: &dir,
+        dir,
         timeout,
         streaming: &streaming,
         icount: false,

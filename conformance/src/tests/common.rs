@@ -1,5 +1,5 @@
-//! Set-up steps and checks that tests of several families share: ports, upcalls, waiting for
-//! events, and the timing checks ("never early, not absurdly late").
+//! Set-up steps that tests of several families share: ports, upcalls, waiting for events,
+//! and the argument values a hypervisor must refuse.
 
 use core::sync::atomic::Ordering;
 

@@ -5,12 +5,15 @@
 //! inside the module, no overlaps, entry in an executable segment. Then the boot structures of
 //! `lamina_abi::layout` are written: start info, command line, boot GDT and page tables.
 
+use crate::common::events::{CONSOLE_PORT, default_vcpu_info_gpa};
 use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use crate::common::time::{TimeBase, publish_vcpu_time, publish_wall_clock};
 use core::fmt;
 use lamina_abi::layout::{
-    BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, KERNEL_MIN_GPA, STACK_BYTES,
-    START_INFO_GPA,
+    BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA, KERNEL_MIN_GPA,
+    SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
 };
+use lamina_abi::shared_info::VcpuInfo;
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC, StartInfo};
 use xmas_elf::ElfFile;
 use xmas_elf::header::{Class, Machine, Type};
@@ -223,6 +226,8 @@ pub struct BootParams<'a> {
     pub cmdline: &'a str,
     /// Privileged domain.
     pub privileged: bool,
+    /// The clock published in the shared-info page.
+    pub time: TimeBase,
 }
 
 /// Writes start info, command line, boot GDT and identity-mapping page tables into `mem`.
@@ -254,9 +259,11 @@ pub fn write_boot_structures(
         cmdline_gpa: CMDLINE_GPA,
         cmdline_len: cmdline.len() as u64,
         nr_vcpus: 1,
-        reserved0: 0,
+        console_port: CONSOLE_PORT,
         name,
-        reserved: [0; 3],
+        shared_info_gpa: SHARED_INFO_GPA,
+        console_ring_gpa: CONSOLE_RING_GPA,
+        tsc_khz: params.time.tsc_khz(),
     };
     // SAFETY: StartInfo is repr(C) plain data with no padding (its size is asserted in abi).
     let bytes = unsafe {
@@ -266,6 +273,15 @@ pub fn write_boot_structures(
         )
     };
     mem.write(START_INFO_GPA, bytes)?;
+
+    // Shared info: upcalls start masked (like interrupts at reset), the clocks published.
+    let vcpu_info = default_vcpu_info_gpa(SHARED_INFO_GPA, 0);
+    mem.write(
+        vcpu_info + core::mem::offset_of!(VcpuInfo, evtchn_upcall_mask) as u64,
+        &[1],
+    )?;
+    publish_vcpu_time(mem, vcpu_info, &params.time, params.time.tsc_at_zero)?;
+    publish_wall_clock(mem, SHARED_INFO_GPA, &params.time)?;
 
     // Null, 64-bit code (selector 0x08), data (0x10): the values the vCPU's hidden segment
     // state is set to at entry, so reloading a selector changes nothing.
@@ -439,6 +455,7 @@ mod tests {
             name: "ping",
             cmdline: "ping mem=4M",
             privileged: false,
+            time: TimeBase::new(1_000_000_000, 0, 0, 0),
         };
         write_boot_structures(&t.mem, &image, &params).unwrap();
         let mut raw = [0u8; 128];

@@ -1,11 +1,18 @@
 //! A domain: one isolated guest with its RAM, devices, console, counters and lifecycle.
 
+use crate::common::events::EventChannels;
 use crate::common::guest_memory::GuestMemory;
 use crate::common::output;
 use crate::common::stats::ExitStats;
+use crate::common::time::TimeBase;
 use crate::common::uart::Uart16550;
+use crate::common::vcpu_state::VcpuState;
 use alloc::string::String;
+use alloc::vec::Vec;
 use core::fmt;
+use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
+use lamina_abi::event_channel::Virq;
+use lamina_abi::layout::{CONSOLE_RING_GPA, SHARED_INFO_GPA};
 
 /// Longest console line kept before it is flushed without a newline.
 const CONSOLE_LINE_MAX: usize = 256;
@@ -105,11 +112,18 @@ pub struct Domain {
     pub uart: Uart16550,
     /// Exit counters.
     pub stats: ExitStats,
+    /// Event channels.
+    pub events: EventChannels,
+    /// Per-vCPU hypervisor state.
+    pub vcpus: Vec<VcpuState>,
+    /// The clock.
+    pub time: TimeBase,
 }
 
 impl Domain {
-    /// A runnable domain with fresh devices.
-    pub fn new(id: u32, name: String, memory: GuestMemory) -> Self {
+    /// A runnable domain with fresh devices and one vCPU.
+    pub fn new(id: u32, name: String, memory: GuestMemory, time: TimeBase) -> Self {
+        let now = time.ns_at(read_tsc());
         Domain {
             id,
             name,
@@ -118,7 +132,89 @@ impl Domain {
             console: ConsoleLine::default(),
             uart: Uart16550::default(),
             stats: ExitStats::default(),
+            events: EventChannels::new(SHARED_INFO_GPA, 1),
+            vcpus: alloc::vec![VcpuState::new(0, now, time.tsc_hz)],
+            time,
         }
+    }
+
+    /// System time now.
+    pub fn now(&self) -> u64 {
+        self.time.ns_at(read_tsc())
+    }
+
+    /// Puts a byte of serial input into the console ring's input buffer (dropped when full)
+    /// and raises VIRQ_CONSOLE (docs/abi.md 13).
+    pub fn receive_console_input(&mut self, byte: u8) {
+        const CONS: u64 = core::mem::offset_of!(ConsoleRing, in_cons) as u64;
+        const PROD: u64 = core::mem::offset_of!(ConsoleRing, in_prod) as u64;
+        let Ok(indices) = self.memory.read_u64(CONSOLE_RING_GPA + CONS) else {
+            return;
+        };
+        let (cons, prod) = (indices as u32, (indices >> 32) as u32);
+        if prod.wrapping_sub(cons) as usize >= CONSOLE_RING_INPUT_BYTES {
+            return;
+        }
+        let at = CONSOLE_RING_GPA + (prod as usize % CONSOLE_RING_INPUT_BYTES) as u64;
+        if self.memory.write(at, &[byte]).is_err() {
+            return;
+        }
+        let _ = self
+            .memory
+            .write(CONSOLE_RING_GPA + PROD, &prod.wrapping_add(1).to_le_bytes());
+        if let Some(port) = self.events.virq_port(0, Virq::Console) {
+            crate::common::hypercall::raise_port(self, port);
+        }
+    }
+
+    /// Whether console input could wake this domain (VIRQ_CONSOLE is bound).
+    pub fn console_input_can_wake(&self) -> bool {
+        self.events.virq_port(0, Virq::Console).is_some()
+    }
+
+    /// Prints what the guest put in its console ring. A ring whose indices make no sense is
+    /// treated as empty (the guest only garbles its own output).
+    pub fn drain_console_ring(&mut self) {
+        const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
+        const _: () = assert!(core::mem::offset_of!(ConsoleRing, out_prod) as u64 == CONS + 4);
+        const OUTPUT: u64 = core::mem::offset_of!(ConsoleRing, output) as u64;
+        let mut indices = [0u8; 8];
+        if self
+            .memory
+            .read(CONSOLE_RING_GPA + CONS, &mut indices)
+            .is_err()
+        {
+            return;
+        }
+        let cons = u32::from_le_bytes([indices[0], indices[1], indices[2], indices[3]]);
+        let prod = u32::from_le_bytes([indices[4], indices[5], indices[6], indices[7]]);
+        let waiting = prod.wrapping_sub(cons) as usize;
+        if waiting == 0 {
+            return;
+        }
+        if waiting <= CONSOLE_RING_OUTPUT_BYTES {
+            let mut bytes = [0u8; CONSOLE_RING_OUTPUT_BYTES];
+            let mut copied = 0;
+            while copied < waiting {
+                let at = (cons as usize + copied) % CONSOLE_RING_OUTPUT_BYTES;
+                let run = (CONSOLE_RING_OUTPUT_BYTES - at).min(waiting - copied);
+                if self
+                    .memory
+                    .read(
+                        CONSOLE_RING_GPA + OUTPUT + at as u64,
+                        &mut bytes[copied..copied + run],
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                copied += run;
+            }
+            self.console.write(self.id, &bytes[..waiting]);
+        }
+        let _ = self
+            .memory
+            .write(CONSOLE_RING_GPA + CONS, &prod.to_le_bytes());
     }
 
     /// Ends the domain (once: a second ending is ignored).
@@ -126,6 +222,7 @@ impl Domain {
         if self.state != DomainState::Runnable {
             return;
         }
+        self.drain_console_ring();
         if self.console.is_pending() {
             self.console.flush(self.id);
         }
@@ -139,6 +236,24 @@ impl Domain {
     pub fn is_runnable(&self) -> bool {
         self.state == DomainState::Runnable
     }
+}
+
+/// Number of domains built at boot: identifiers `1..=DOMAIN_COUNT` exist.
+pub static DOMAIN_COUNT: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Whether domain `id` exists (was built at boot).
+pub fn domain_exists(id: u64) -> bool {
+    id >= 1 && id <= u64::from(DOMAIN_COUNT.load(core::sync::atomic::Ordering::Relaxed))
+}
+
+/// The time-stamp counter (in host unit tests, the fake one when a test set it).
+pub fn read_tsc() -> u64 {
+    #[cfg(test)]
+    if let Some(tsc) = crate::common::testing::FAKE_TSC.with(|t| t.get()) {
+        return tsc;
+    }
+    // SAFETY: RDTSC has no side effects and is available on every x86-64 CPU.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 fn report_stop(id: u32, name: &str, why: &str) {

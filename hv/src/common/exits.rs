@@ -5,22 +5,31 @@
 //! other domain runs on.
 
 use crate::common::cpuid;
+use crate::common::domain::read_tsc;
 use crate::common::domain::{Domain, Ending};
 use crate::common::guest_paging;
 use crate::common::hypercall::{self, Next};
 use crate::common::stats::ExitKind;
 use crate::common::uart::{COM1_BASE, COM1_PORTS};
 use crate::common::vcpu::{ArchMsr, VirtualCpu, VmExit, reg, vector};
+use crate::common::vcpu_state::Wait;
+use crate::common::vlapic::VirtualLapic;
 use alloc::format;
 use alloc::string::String;
 use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
 
-/// Handles one exit of `vcpu`, which belongs to `domain`.
+/// Handles one exit of `vcpu`, vCPU 0 of `domain`.
 pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExit) -> Next {
+    const VCPU: usize = 0;
     match exit {
         VmExit::Hypercall => {
             domain.stats.count(ExitKind::Hypercall);
-            let next = hypercall::handle(domain, vcpu);
+            // The guest may have unmasked upcalls with one pending: any hypercall delivers it
+            // (docs/abi.md 8.8). Guests without an upcall vector pay nothing for this.
+            if domain.vcpus[VCPU].upcall_vector != 0 {
+                domain.vcpus[VCPU].attention = true;
+            }
+            let next = hypercall::handle(domain, VCPU, vcpu);
             if next != Next::Stop {
                 vcpu.skip_instruction();
             }
@@ -31,7 +40,8 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
             domain.stats.count(ExitKind::Cpuid);
             let regs = vcpu.regs();
             let (leaf, subleaf) = (regs.gpr[reg::RAX] as u32, regs.gpr[reg::RCX] as u32);
-            let [eax, ebx, ecx, edx] = cpuid::emulate(leaf, subleaf, host_cpuid);
+            let [eax, ebx, ecx, edx] =
+                cpuid::emulate(leaf, subleaf, domain.time.tsc_khz() as u32, host_cpuid);
             regs.gpr[reg::RAX] = eax.into();
             regs.gpr[reg::RBX] = ebx.into();
             regs.gpr[reg::RCX] = ecx.into();
@@ -41,17 +51,33 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
         }
         VmExit::Hlt => {
             domain.stats.count(ExitKind::Hlt);
-            // ABI v0.1 has no event or timer that could wake a halted vCPU: halting is final.
-            stop(
-                domain,
-                vcpu,
-                String::from("HLT with nothing that can ever wake the vCPU"),
-            )
+            vcpu.skip_instruction();
+            halt(domain, VCPU, vcpu)
+        }
+        VmExit::InterruptWindow => {
+            domain.stats.count(ExitKind::InterruptWindow);
+            vcpu.set_interrupt_window_exiting(false);
+            domain.vcpus[VCPU].attention = true;
+            Next::Resume
         }
         VmExit::Io { port, size, write } => port_io(domain, vcpu, port, size, write),
         VmExit::MsrRead => {
             domain.stats.count(ExitKind::MsrRead);
             let index = vcpu.regs().gpr[reg::RCX] as u32;
+            if VirtualLapic::owns_msr(index) {
+                let tsc = read_tsc();
+                let now = domain.time.ns_at(tsc);
+                match domain.vcpus[VCPU].vlapic.read_msr(index, now, tsc) {
+                    Ok(value) => {
+                        let regs = vcpu.regs();
+                        regs.gpr[reg::RAX] = value & 0xffff_ffff;
+                        regs.gpr[reg::RDX] = value >> 32;
+                        vcpu.skip_instruction();
+                    }
+                    Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+                }
+                return Next::Resume;
+            }
             match ArchMsr::from_index(index) {
                 Some(msr) => {
                     let value = vcpu.read_msr(msr);
@@ -69,6 +95,20 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
             let regs = vcpu.regs();
             let index = regs.gpr[reg::RCX] as u32;
             let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
+            if VirtualLapic::owns_msr(index) {
+                let tsc = read_tsc();
+                let now = domain.time.ns_at(tsc);
+                let state = &mut domain.vcpus[VCPU];
+                match state.vlapic.write_msr(index, value, now, tsc) {
+                    Ok(()) => {
+                        // A timer, EOI or TPR change may make an interrupt due or deliverable.
+                        state.attention = true;
+                        vcpu.skip_instruction();
+                    }
+                    Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+                }
+                return Next::Resume;
+            }
             match ArchMsr::from_index(index)
                 .filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr)))
             {
@@ -112,6 +152,37 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
     }
 }
 
+/// HLT (RIP already past it): sleep until an interrupt can be injected, or stop the domain
+/// when none ever can (docs/abi.md 7.2).
+fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next {
+    let state = &domain.vcpus[index];
+    let upcall_due = state.upcall_vector != 0
+        && matches!(
+            domain.events.upcall_flags(&domain.memory, index),
+            Ok((true, false))
+        );
+    if vcpu.interrupt_flag() && (upcall_due || state.vlapic.deliverable_vector().is_some()) {
+        // An interrupt is already due (it may have come while the vCPU was preempted between
+        // STI and HLT): it is injected at the next entry and ends the HLT at once.
+        domain.vcpus[index].attention = true;
+        return Next::Resume;
+    }
+    let upcall_can_come =
+        state.upcall_vector != 0 && domain.events.can_wake(index, state.timers.armed());
+    let apic_can_interrupt = state.vlapic.timer_armed();
+    if !vcpu.interrupt_flag() || !(upcall_can_come || apic_can_interrupt) {
+        return stop(
+            domain,
+            vcpu,
+            String::from("HLT with nothing that can ever wake the vCPU"),
+        );
+    }
+    let state = &mut domain.vcpus[index];
+    state.wait = Wait::Halt;
+    state.attention = true;
+    Next::Sleep
+}
+
 /// A #UD: the other vendor's hypercall instruction is a hypercall; anything else is
 /// reflected to the guest.
 fn invalid_opcode<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
@@ -121,7 +192,7 @@ fn invalid_opcode<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
         guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
     if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
         domain.stats.count(ExitKind::Hypercall);
-        let next = hypercall::handle(domain, vcpu);
+        let next = hypercall::handle(domain, 0, vcpu);
         if next != Next::Stop {
             vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
         }
@@ -259,7 +330,15 @@ mod tests {
         let t = test_memory(4 << 20);
         // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
         let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
-        (t, Domain::new(2, "t".into(), mem))
+        (
+            t,
+            Domain::new(
+                2,
+                "t".into(),
+                mem,
+                crate::common::time::TimeBase::new(1_000_000_000, 0, 0, 0),
+            ),
+        )
     }
 
     #[test]

@@ -1,34 +1,49 @@
-//! Hypercall dispatch and the handlers of ABI v0.1 (docs/abi.md section 3).
+//! Hypercall dispatch and the handlers of ABI 1.0 (docs/abi.md sections 3, 8, 9, 11, 12).
 //!
 //! Every argument is validated here before use: unknown numbers and sub-operations are
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
-use crate::common::domain::{Domain, Ending};
+use crate::common::domain::{Domain, Ending, domain_exists};
+use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, reg};
-use lamina_abi::console::{CONSOLE_WRITE_MAX, ConsoleOp};
-use lamina_abi::sched::{SchedOp, ShutdownReason};
+use crate::common::vcpu_state::Wait;
+use alloc::string::String;
+use alloc::vec::Vec;
+use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
+use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
+use lamina_abi::layout::{BOOT_AREA_END, CONSOLE_RING_GPA};
+use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
+use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
+use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
+use lamina_abi::vcpu::{PERIOD_MIN_NS, VcpuOp};
 use lamina_abi::{Errno, Hypercall};
 
-/// What the vCPU does after a hypercall.
+/// What the vCPU does after an exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Next {
     /// Re-enter the same vCPU.
     Resume,
     /// Let other vCPUs run first.
     Yield,
+    /// The vCPU waits (its [`Wait`] says for what); RAX already holds the result it will see.
+    Sleep,
     /// The domain ended.
     Stop,
 }
 
+/// How a domain whose only vCPU waits for nothing is reported.
+pub const NEVER_WAKES: &str = "blocked with nothing that can ever wake the vCPU";
+
 enum Done {
     Return(u64),
     Yield,
+    Sleep,
     Ended,
 }
 
-/// Handles the hypercall in the vCPU's registers. RIP is left alone.
-pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
+/// Handles the hypercall in the registers of vCPU `vcpu_index`. RIP is left alone.
+pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
     let cpl = vcpu.cpl();
     let regs = vcpu.regs();
     let nr = regs.gpr[reg::RAX];
@@ -43,11 +58,12 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
     let result = if cpl != 0 {
         Err(Errno::EPERM)
     } else {
-        dispatch(domain, nr, args)
+        dispatch(domain, vcpu_index, nr, args)
     };
     let (rax, next) = match result {
         Ok(Done::Return(value)) => (value, Next::Resume),
         Ok(Done::Yield) => (0, Next::Yield),
+        Ok(Done::Sleep) => (0, Next::Sleep),
         Ok(Done::Ended) => return Next::Stop,
         Err(errno) => (errno.to_return_value(), Next::Resume),
     };
@@ -55,37 +71,85 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
     next
 }
 
-fn dispatch(domain: &mut Domain, nr: u64, args: [u64; 5]) -> Result<Done, Errno> {
+fn dispatch(domain: &mut Domain, vcpu: usize, nr: u64, args: [u64; 5]) -> Result<Done, Errno> {
     match Hypercall::try_from(nr)? {
         Hypercall::Version => Ok(Done::Return(lamina_abi::abi_version().into())),
         Hypercall::ConsoleIo => console_io(domain, args),
-        Hypercall::SchedOp => sched_op(domain, args),
+        Hypercall::SchedOp => sched_op(domain, vcpu, args),
+        Hypercall::EventChannelOp => event_channel_op(domain, vcpu, args).map(Done::Return),
+        Hypercall::VcpuOp => vcpu_op(domain, args).map(Done::Return),
+        Hypercall::MemoryOp => memory_op(domain, args).map(Done::Return),
+        Hypercall::Multicall => multicall(domain, vcpu, args),
         _ => Err(Errno::ENOSYS),
     }
 }
 
 fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done, Errno> {
-    match ConsoleOp::try_from(op)? {
+    let op = ConsoleOp::try_from(op)?;
+    if len > CONSOLE_WRITE_MAX {
+        return Err(Errno::EINVAL);
+    }
+    if len == 0 {
+        // An empty buffer is never out of bounds, wherever it points (docs/abi.md 2.5).
+        return Ok(Done::Return(0));
+    }
+    let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
+    let bytes = &mut buffer[..len as usize];
+    match op {
         ConsoleOp::Write => {
-            if len > CONSOLE_WRITE_MAX {
-                return Err(Errno::EINVAL);
-            }
-            if len == 0 {
-                // An empty buffer is never out of bounds, wherever it points (docs/abi.md 2.5).
-                return Ok(Done::Return(0));
-            }
-            let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
-            let bytes = &mut buffer[..len as usize];
             domain.memory.read(gpa, bytes)?;
             domain.console.write(domain.id, bytes);
             Ok(Done::Return(len))
+        }
+        ConsoleOp::Read => {
+            domain.memory.check(gpa, len)?;
+            let read = read_console_input(domain, bytes);
+            domain.memory.write(gpa, &bytes[..read])?;
+            Ok(Done::Return(read as u64))
         }
         _ => Err(Errno::ENOSYS),
     }
 }
 
-fn sched_op(domain: &mut Domain, [op, arg, ..]: [u64; 5]) -> Result<Done, Errno> {
-    match SchedOp::try_from(op)? {
+/// Takes waiting console input out of the ring's input buffer (docs/abi.md 13).
+fn read_console_input(domain: &mut Domain, out: &mut [u8]) -> usize {
+    const CONS: u64 = core::mem::offset_of!(ConsoleRing, in_cons) as u64;
+    const PROD: u64 = core::mem::offset_of!(ConsoleRing, in_prod) as u64;
+    const _: () = assert!(PROD == CONS + 4, "one 8-byte read takes both indices");
+    let mem = &domain.memory;
+    let Ok(indices) = mem.read_u64(CONSOLE_RING_GPA + CONS) else {
+        return 0;
+    };
+    let (cons, prod) = (indices as u32, (indices >> 32) as u32);
+    let waiting = (prod.wrapping_sub(cons) as usize)
+        .min(CONSOLE_RING_INPUT_BYTES)
+        .min(out.len());
+    for (i, byte) in out[..waiting].iter_mut().enumerate() {
+        let at = (cons as usize + i) % CONSOLE_RING_INPUT_BYTES;
+        let mut one = [0u8];
+        if mem.read(CONSOLE_RING_GPA + at as u64, &mut one).is_err() {
+            return 0;
+        }
+        *byte = one[0];
+    }
+    let _ = mem.write(
+        CONSOLE_RING_GPA + CONS,
+        &cons.wrapping_add(waiting as u32).to_le_bytes(),
+    );
+    waiting
+}
+
+fn sched_op(
+    domain: &mut Domain,
+    vcpu: usize,
+    [op, arg, count, deadline, _]: [u64; 5],
+) -> Result<Done, Errno> {
+    let op = SchedOp::try_from(op)?;
+    if matches!(op, SchedOp::Yield | SchedOp::Block | SchedOp::Poll) {
+        // A vCPU about to give up the CPU has its console ring printed (docs/abi.md 13).
+        domain.drain_console_ring();
+    }
+    match op {
         SchedOp::Yield => Ok(Done::Yield),
         SchedOp::Shutdown => {
             let ending = match ShutdownReason::try_from(arg)? {
@@ -97,8 +161,253 @@ fn sched_op(domain: &mut Domain, [op, arg, ..]: [u64; 5]) -> Result<Done, Errno>
             domain.end(ending);
             Ok(Done::Ended)
         }
+        SchedOp::Block => {
+            domain.events.set_upcall_mask(&domain.memory, vcpu, false)?;
+            let (pending, _) = domain.events.upcall_flags(&domain.memory, vcpu)?;
+            domain.vcpus[vcpu].attention = true;
+            if pending {
+                return Ok(Done::Return(0));
+            }
+            if !domain
+                .events
+                .can_wake(vcpu, domain.vcpus[vcpu].timers.armed())
+            {
+                domain.end(Ending::Fault(String::from(NEVER_WAKES)));
+                return Ok(Done::Ended);
+            }
+            domain.vcpus[vcpu].wait = Wait::Block;
+            Ok(Done::Sleep)
+        }
+        SchedOp::Poll => {
+            if count == 0 || count > POLL_PORTS_MAX {
+                return Err(Errno::EINVAL);
+            }
+            let mut raw = [0u8; 4 * POLL_PORTS_MAX as usize];
+            let raw = &mut raw[..4 * count as usize];
+            domain.memory.read(arg, raw)?;
+            let ports: Vec<u32> = raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if ports.iter().any(|&p| p >= NR_PORTS) {
+                return Err(Errno::EINVAL);
+            }
+            for &port in &ports {
+                if domain.events.is_pending(&domain.memory, port)? {
+                    return Ok(Done::Return(0));
+                }
+            }
+            let deadline = (deadline != 0).then_some(deadline);
+            if deadline.is_some_and(|d| d <= domain.now()) {
+                return Err(Errno::ETIMEDOUT);
+            }
+            if deadline.is_none()
+                && !domain
+                    .events
+                    .can_wake(vcpu, domain.vcpus[vcpu].timers.armed())
+            {
+                domain.end(Ending::Fault(String::from(NEVER_WAKES)));
+                return Ok(Done::Ended);
+            }
+            domain.vcpus[vcpu].wait = Wait::Poll { ports, deadline };
+            Ok(Done::Sleep)
+        }
         _ => Err(Errno::ENOSYS),
     }
+}
+
+/// Raises `port` of `domain` and wakes or flags the vCPU it concerns.
+pub fn raise_port(domain: &mut Domain, port: u32) {
+    match domain.events.raise(&domain.memory, port) {
+        Ok(Some(vcpu)) => domain.vcpus[vcpu].attention = true,
+        Ok(None) => {}
+        Err(_) => return,
+    }
+    // A poller waits on pending bits, masked or not.
+    for state in domain.vcpus.iter_mut() {
+        if matches!(&state.wait, Wait::Poll { ports, .. } if ports.contains(&port)) {
+            state.attention = true;
+        }
+    }
+}
+
+fn event_channel_op(
+    domain: &mut Domain,
+    _vcpu: usize,
+    [op, arg, arg2, ..]: [u64; 5],
+) -> Result<u64, Errno> {
+    let events = &mut domain.events;
+    match EventChannelOp::try_from(op)? {
+        EventChannelOp::AllocUnbound => {
+            if arg != DOMID_SELF && arg != u64::from(domain.id) {
+                // Inter-domain channels are not part of ABI 1.0.
+                return Err(if domain_exists(arg) {
+                    Errno::EINVAL
+                } else {
+                    Errno::ENOENT
+                });
+            }
+            Ok(events.alloc_unbound(domain.id as u16)?.into())
+        }
+        EventChannelOp::BindVirq => Ok(events.bind_virq(arg, arg2)?.into()),
+        EventChannelOp::BindIpi => Ok(events.bind_ipi(arg)?.into()),
+        EventChannelOp::Send => {
+            let (port, binding) = events.send_target(arg)?;
+            match binding {
+                Binding::Console => domain.drain_console_ring(),
+                _ => raise_port(domain, port),
+            }
+            Ok(0)
+        }
+        EventChannelOp::Close => {
+            events.close(&domain.memory, arg)?;
+            Ok(0)
+        }
+        EventChannelOp::Unmask => {
+            if let Some(vcpu) = events.unmask(&domain.memory, arg)? {
+                domain.vcpus[vcpu].attention = true;
+            }
+            Ok(0)
+        }
+        EventChannelOp::Status => events.status(&domain.memory, arg),
+        _ => Err(Errno::ENOSYS),
+    }
+}
+
+fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Errno> {
+    let op = VcpuOp::try_from(op)?;
+    let index = domain.events.check_vcpu(vcpu)?;
+    let now = domain.now();
+    let state = &mut domain.vcpus[index];
+    match op {
+        VcpuOp::RegisterVcpuInfo => {
+            if arg % 64 != 0 {
+                return Err(Errno::EINVAL);
+            }
+            domain.memory.check(arg, 64)?;
+            if state.vcpu_info_moved {
+                return Err(Errno::EEXIST);
+            }
+            domain.events.move_vcpu_info(&domain.memory, index, arg)?;
+            state.vcpu_info_moved = true;
+            state.attention = true;
+        }
+        VcpuOp::RegisterRunstate => {
+            if arg % 8 != 0 {
+                return Err(Errno::EINVAL);
+            }
+            if arg == 0 {
+                state.runstate.gpa = None;
+            } else {
+                domain
+                    .memory
+                    .check(arg, size_of::<lamina_abi::vcpu::RunstateInfo>() as u64)?;
+                state.runstate.gpa = Some(arg);
+                state.runstate.publish(&domain.memory)?;
+            }
+        }
+        VcpuOp::SetPeriodicTimer => {
+            state.timers.periodic = match arg {
+                0 => None,
+                period if period < PERIOD_MIN_NS => return Err(Errno::EINVAL),
+                period => Some((now.saturating_add(period), period)),
+            };
+            state.attention = true;
+        }
+        VcpuOp::SetSingleshotTimer => {
+            state.timers.singleshot = (arg != 0).then_some(arg);
+            state.attention = true;
+        }
+        VcpuOp::SetUpcallVector => {
+            if arg != 0 && !(32..=255).contains(&arg) {
+                return Err(Errno::EINVAL);
+            }
+            state.upcall_vector = arg as u8;
+            state.attention = true;
+        }
+        _ => return Err(Errno::ENOSYS),
+    }
+    Ok(0)
+}
+
+fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u64, Errno> {
+    let size = domain.memory.size();
+    match MemoryOp::try_from(op)? {
+        MemoryOp::CurrentReservation => Ok(size),
+        MemoryOp::GetMemoryMap => {
+            let regions = [
+                MemoryRegion {
+                    base: 0,
+                    length: BOOT_AREA_END,
+                    kind: region_kind::BOOT,
+                    reserved: 0,
+                },
+                MemoryRegion {
+                    base: BOOT_AREA_END,
+                    length: size - BOOT_AREA_END,
+                    kind: region_kind::RAM,
+                    reserved: 0,
+                },
+            ];
+            let written = (capacity as usize).min(regions.len());
+            let entry = size_of::<MemoryRegion>() as u64;
+            if written > 0 {
+                domain.memory.check(gpa, written as u64 * entry)?;
+            }
+            for (i, region) in regions[..written].iter().enumerate() {
+                // SAFETY: MemoryRegion is repr(C) plain data without padding (size asserted in abi).
+                let bytes = unsafe {
+                    core::slice::from_raw_parts(
+                        (region as *const MemoryRegion).cast::<u8>(),
+                        entry as usize,
+                    )
+                };
+                domain.memory.write(gpa + i as u64 * entry, bytes)?;
+            }
+            Ok(regions.len() as u64)
+        }
+        _ => Err(Errno::ENOSYS),
+    }
+}
+
+fn multicall(domain: &mut Domain, vcpu: usize, [gpa, count, ..]: [u64; 5]) -> Result<Done, Errno> {
+    if count > MULTICALL_MAX {
+        return Err(Errno::E2BIG);
+    }
+    let entry_size = size_of::<MulticallEntry>() as u64;
+    if count == 0 {
+        // An empty batch is never out of bounds, wherever it points (docs/abi.md 2.5).
+        return Ok(Done::Return(0));
+    }
+    domain.memory.check(gpa, count * entry_size)?;
+    let mut run = 0;
+    for i in 0..count {
+        let at = gpa + i * entry_size;
+        let mut raw = [0u8; size_of::<MulticallEntry>()];
+        domain.memory.read(at, &mut raw)?;
+        let word =
+            |n: usize| u64::from_le_bytes(raw[n * 8..n * 8 + 8].try_into().unwrap_or([0; 8]));
+        let (op, args) = (word(0), [word(1), word(2), word(3), word(4), word(5)]);
+        let waits = op == Hypercall::SchedOp as u64
+            && (args[0] == SchedOp::Block as u64 || args[0] == SchedOp::Poll as u64);
+        let result = if op == Hypercall::Multicall as u64 || waits {
+            Err(Errno::EINVAL)
+        } else {
+            dispatch(domain, vcpu, op, args)
+        };
+        run += 1;
+        let value = match result {
+            Ok(Done::Return(v)) => v,
+            Ok(Done::Yield) | Ok(Done::Sleep) => 0,
+            Ok(Done::Ended) => return Ok(Done::Ended),
+            Err(e) => e.to_return_value(),
+        };
+        domain.memory.write_u64(
+            at + core::mem::offset_of!(MulticallEntry, result) as u64,
+            value,
+        )?;
+    }
+    Ok(Done::Return(run))
 }
 
 #[cfg(test)]
@@ -118,7 +427,15 @@ mod tests {
                 t.mem.size(),
             )
         };
-        (t, Domain::new(1, "t".into(), mem))
+        (
+            t,
+            Domain::new(
+                1,
+                "t".into(),
+                mem,
+                crate::common::time::TimeBase::new(1_000_000_000, 0, 0, 0),
+            ),
+        )
     }
 
     fn call(domain: &mut Domain, vcpu: &mut MockVcpu, nr: u64, args: [u64; 3]) -> (i64, Next) {
@@ -126,7 +443,7 @@ mod tests {
         vcpu.regs.gpr[reg::RDI] = args[0];
         vcpu.regs.gpr[reg::RSI] = args[1];
         vcpu.regs.gpr[reg::RDX] = args[2];
-        let next = handle(domain, vcpu);
+        let next = handle(domain, 0, vcpu);
         (vcpu.regs.gpr[reg::RAX] as i64, next)
     }
 
@@ -183,7 +500,7 @@ mod tests {
     fn unknown_numbers_and_user_mode_callers_are_refused() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        for nr in [3, 0x1000, u64::MAX] {
+        for nr in [7, 0x1000, u64::MAX] {
             assert_eq!(call(&mut d, &mut v, nr, [0; 3]).0, -(Errno::ENOSYS as i64));
         }
         v.cpl = 3;

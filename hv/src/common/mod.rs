@@ -5,6 +5,7 @@ pub mod builder;
 pub mod config;
 pub mod cpuid;
 pub mod domain;
+pub mod events;
 pub mod exits;
 pub mod guest_memory;
 pub mod guest_paging;
@@ -12,8 +13,11 @@ pub mod hypercall;
 pub mod output;
 pub mod scheduler;
 pub mod stats;
+pub mod time;
 pub mod uart;
 pub mod vcpu;
+pub mod vcpu_state;
+pub mod vlapic;
 
 #[cfg(test)]
 mod testing;

@@ -1,12 +1,41 @@
-//! The run loop: round-robin over runnable domains, one vCPU each.
+//! The run loop: round-robin over runnable vCPUs with a time slice, timers, waits, and the
+//! injection of interrupts before each entry.
 //!
-//! A vCPU runs until it yields or its domain ends; then the next runnable domain gets the
-//! CPU. Preemption by the hypervisor's timer comes with the multi-domain scheduler.
+//! A vCPU runs until it yields, waits (block, poll, HLT), its domain ends, or the host timer
+//! interrupts it (its slice ended or some timer is due). When nothing can run, the physical
+//! CPU halts until the next timer: no busy waiting. The machine-specific parts (clock, host
+//! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 use crate::common::domain::Domain;
 use crate::common::exits::handle_exit;
-use crate::common::hypercall::Next;
-use crate::common::vcpu::VirtualCpu;
+use crate::common::hypercall::{Next, raise_port};
+use crate::common::stats::ExitKind;
+use crate::common::time::publish_vcpu_time;
+use crate::common::vcpu::{VirtualCpu, VmExit, reg};
+use crate::common::vcpu_state::Wait;
+use lamina_abi::Errno;
+use lamina_abi::event_channel::Virq;
+use lamina_abi::vcpu::runstate;
+
+/// How long a vCPU runs before others get the CPU.
+pub const TIME_SLICE_NS: u64 = 10_000_000;
+
+/// What the scheduler needs from the machine.
+pub trait Host {
+    /// System time now.
+    fn now_ns(&self) -> u64;
+    /// Have a host interrupt at system time `deadline` (`None`: no timer needed).
+    fn arm_timer(&mut self, deadline: Option<u64>);
+    /// Halts the CPU until a host interrupt arrives (and handles it).
+    fn wait_for_interrupt(&mut self);
+    /// Lets host interrupts that arrived while a guest ran be handled.
+    fn service_interrupts(&mut self);
+    /// A byte of console input from the machine's serial port, if one arrived.
+    fn console_input(&mut self) -> Option<u8>;
+}
+
+/// How often console input is polled while a domain could be woken by it.
+pub const CONSOLE_POLL_NS: u64 = 10_000_000;
 
 /// A domain and its vCPU.
 pub struct Slot<V> {
@@ -16,17 +45,370 @@ pub struct Slot<V> {
     pub vcpu: V,
 }
 
+fn is_ready<V>(slot: &Slot<V>) -> bool {
+    slot.domain.is_runnable() && slot.domain.vcpus[0].is_runnable()
+}
+
+/// The earliest time something of this domain is due.
+fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
+    if !slot.domain.is_runnable() {
+        return None;
+    }
+    let state = &slot.domain.vcpus[0];
+    let poll = match &state.wait {
+        Wait::Poll { deadline, .. } => *deadline,
+        _ => None,
+    };
+    [
+        state.timers.next_deadline(),
+        poll,
+        state.vlapic.next_timer_deadline_ns(),
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+/// The interrupt to inject into vCPU 0 now, if any: the emulated APIC's first (a kernel
+/// using it acknowledges through EOI), then the event upcall.
+fn deliverable_interrupt(domain: &Domain) -> Option<(u8, bool)> {
+    if let Some(vector) = domain.vcpus[0].vlapic.deliverable_vector() {
+        return Some((vector, true));
+    }
+    upcall_deliverable(domain).then_some((domain.vcpus[0].upcall_vector, false))
+}
+
+/// Whether an upcall can be delivered to vCPU 0 right now (pending, unmasked, vector set).
+fn upcall_deliverable(domain: &Domain) -> bool {
+    let state = &domain.vcpus[0];
+    state.upcall_vector != 0
+        && matches!(
+            domain.events.upcall_flags(&domain.memory, 0),
+            Ok((true, false))
+        )
+}
+
+/// Fires due timers and ends waits that are over.
+fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
+    if !slot.domain.is_runnable() {
+        return;
+    }
+    let domain = &mut slot.domain;
+    let apic = &mut domain.vcpus[0].vlapic;
+    let apic_was_quiet = apic.deliverable_vector().is_none();
+    apic.advance(now, domain.time.tsc_at(now));
+    if apic_was_quiet && apic.deliverable_vector().is_some() {
+        domain.vcpus[0].attention = true;
+    }
+    if domain.vcpus[0].timers.expire(now) {
+        if let Some(port) = domain.events.virq_port(0, Virq::Timer) {
+            raise_port(domain, port);
+        }
+        domain.vcpus[0].attention = true;
+    }
+    let woken = match &domain.vcpus[0].wait {
+        Wait::None => return,
+        Wait::Block => matches!(domain.events.upcall_flags(&domain.memory, 0), Ok((true, _))),
+        Wait::Halt => deliverable_interrupt(domain).is_some(),
+        Wait::Poll { ports, deadline } => {
+            let pending = ports
+                .iter()
+                .any(|&p| domain.events.is_pending(&domain.memory, p).unwrap_or(false));
+            if !pending && deadline.is_some_and(|d| d <= now) {
+                slot.vcpu.regs().gpr[reg::RAX] = Errno::ETIMEDOUT.to_return_value();
+            }
+            pending || deadline.is_some_and(|d| d <= now)
+        }
+    };
+    if woken {
+        let state = &mut domain.vcpus[0];
+        state.wait = Wait::None;
+        state.attention = true;
+        state.boosted = true;
+        let _ = state
+            .runstate
+            .enter(runstate::RUNNABLE, now, &domain.memory);
+    }
+}
+
+/// Injects what is due before entering the guest; asks for an interrupt-window exit when
+/// the guest cannot take it yet. Costs nothing unless something changed (`attention`).
+fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
+    if !domain.vcpus[0].attention {
+        return;
+    }
+    domain.vcpus[0].attention = false;
+    let Some((vector, from_apic)) = deliverable_interrupt(domain) else {
+        return;
+    };
+    if vcpu.interrupt_window_open() {
+        vcpu.inject_interrupt(vector);
+        if from_apic {
+            domain.vcpus[0].vlapic.acknowledge(vector);
+        }
+        // Look again at the next entry: more may be due (the upcall handler clears its flag).
+        domain.vcpus[0].attention = true;
+    } else {
+        vcpu.set_interrupt_window_exiting(true);
+    }
+}
+
 /// Runs every domain until all have ended.
-pub fn run_all<V: VirtualCpu>(slots: &mut [Slot<V>]) {
-    while slots.iter().any(|s| s.domain.is_runnable()) {
-        for slot in slots.iter_mut().filter(|s| s.domain.is_runnable()) {
-            loop {
-                let exit = slot.vcpu.run();
-                match handle_exit(&mut slot.domain, &mut slot.vcpu, exit) {
-                    Next::Resume => {}
-                    Next::Yield | Next::Stop => break,
-                }
+pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
+    let mut cursor = slots.len().saturating_sub(1);
+    // The vCPU that ran last and may still be RUNNING in its run-state area.
+    let mut last: Option<usize> = None;
+    loop {
+        let now = host.now_ns();
+        // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
+        if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
+            while let Some(byte) = host.console_input() {
+                first.domain.receive_console_input(byte);
             }
         }
+        for slot in slots.iter_mut() {
+            update(slot, now);
+        }
+        if !slots.iter().any(|s| s.domain.is_runnable()) {
+            return;
+        }
+        let count = slots.len();
+        let order = || (1..=count).map(|i| (cursor + i) % count);
+        let boosted = order().find(|&i| is_ready(&slots[i]) && slots[i].domain.vcpus[0].boosted);
+        let Some(index) = boosted.or_else(|| order().find(|&i| is_ready(&slots[i]))) else {
+            let input_wakes = slots
+                .iter()
+                .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
+            let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
+            host.arm_timer(slots.iter().filter_map(next_deadline).chain(poll).min());
+            host.wait_for_interrupt();
+            continue;
+        };
+        if !slots[index].domain.vcpus[0].boosted {
+            cursor = index;
+        }
+        slots[index].domain.vcpus[0].boosted = false;
+        if let Some(previous) = last.filter(|&p| p != index) {
+            let domain = &mut slots[previous].domain;
+            if domain.is_runnable() && domain.vcpus[0].runstate.state() == runstate::RUNNING {
+                let _ = domain.vcpus[0]
+                    .runstate
+                    .enter(runstate::RUNNABLE, now, &domain.memory);
+            }
+        }
+        last = Some(index);
+        let others = slots
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .filter_map(|(_, s)| next_deadline(s))
+            .min();
+        let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+        run_slice(&mut slots[index], host, now, slice_end);
+    }
+}
+
+/// Runs one vCPU until it stops being the right one to run.
+fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64, slice_end: u64) {
+    slot.vcpu.activate();
+    let domain = &mut slot.domain;
+    if domain.vcpus[0].runstate.state() != runstate::RUNNING {
+        let _ = domain.vcpus[0]
+            .runstate
+            .enter(runstate::RUNNING, now, &domain.memory);
+    }
+    // Schedule-in: refresh the pvclock and look for interrupts the guest made deliverable
+    // while it ran (for example by unmasking upcalls in memory).
+    let tsc = crate::common::domain::read_tsc();
+    let _ = publish_vcpu_time(
+        &domain.memory,
+        domain.events.vcpu_info_gpa(0),
+        &domain.time,
+        tsc,
+    );
+    domain.vcpus[0].attention = true;
+    let arm = |domain: &Domain, host: &mut H| {
+        let state = &domain.vcpus[0];
+        let own = [
+            state.timers.next_deadline(),
+            state.vlapic.next_timer_deadline_ns(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        host.arm_timer(Some(own.map_or(slice_end, |d| d.min(slice_end))));
+    };
+    arm(domain, host);
+    loop {
+        if domain.vcpus[0].attention {
+            arm(domain, host);
+        }
+        prepare_entry(domain, &mut slot.vcpu);
+        let exit = slot.vcpu.run();
+        let next = if exit == VmExit::ExternalInterrupt {
+            domain.stats.count(ExitKind::ExternalInterrupt);
+            host.service_interrupts();
+            Next::Yield
+        } else {
+            handle_exit(domain, &mut slot.vcpu, exit)
+        };
+        match next {
+            Next::Resume => continue,
+            Next::Stop => return,
+            // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
+            Next::Yield => {}
+            Next::Sleep => {
+                let now = host.now_ns();
+                let _ = domain.vcpus[0]
+                    .runstate
+                    .enter(runstate::BLOCKED, now, &domain.memory);
+            }
+        }
+        domain.drain_console_ring();
+        return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::domain::{DomainState, Ending};
+    use crate::common::guest_memory::GuestMemory;
+    use crate::common::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::testing::{MockVcpu, hypercall};
+    use crate::common::time::TimeBase;
+    use std::cell::Cell;
+
+    /// A clock that jumps to the armed deadline when the CPU halts. With a 1 GHz TimeBase
+    /// starting at TSC 0, system time and the (fake) TSC are the same number.
+    struct FakeHost {
+        now: Cell<u64>,
+        armed: Option<u64>,
+        halts: u32,
+    }
+
+    impl Host for FakeHost {
+        fn now_ns(&self) -> u64 {
+            crate::common::testing::FAKE_TSC.with(|t| t.set(Some(self.now.get())));
+            self.now.get()
+        }
+        fn arm_timer(&mut self, deadline: Option<u64>) {
+            self.armed = deadline;
+        }
+        fn wait_for_interrupt(&mut self) {
+            self.halts += 1;
+            let deadline = self.armed.expect("halting with no timer armed would hang");
+            self.now.set(self.now.get().max(deadline));
+            crate::common::testing::FAKE_TSC.with(|t| t.set(Some(self.now.get())));
+        }
+        fn service_interrupts(&mut self) {}
+        fn console_input(&mut self) -> Option<u8> {
+            None
+        }
+    }
+
+    fn slot(
+        script: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+    ) -> (TestMemory, Slot<MockVcpu>) {
+        let t = test_memory(4 << 20);
+        // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
+        let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
+        let domain = Domain::new(1, "t".into(), mem, TimeBase::new(1_000_000_000, 0, 0, 0));
+        let vcpu = MockVcpu {
+            script: script.into(),
+            interrupt_flag: true,
+            ..Default::default()
+        };
+        (t, Slot { domain, vcpu })
+    }
+
+    const EVTCHN: u64 = 3;
+    const VCPU_OP: u64 = 4;
+    const SCHED: u64 = 2;
+    const POWEROFF: [u64; 3] = [2, 0, 0];
+
+    #[test]
+    fn block_with_nothing_that_can_wake_stops_the_domain() {
+        let (_t, mut s) = slot(vec![hypercall(SCHED, [1, 0, 0])]);
+        let mut host = FakeHost {
+            now: Cell::new(0),
+            armed: None,
+            halts: 0,
+        };
+        host.now_ns();
+        run_all(std::slice::from_mut(&mut s), &mut host);
+        assert!(
+            matches!(&s.domain.state, DomainState::Ended(Ending::Fault(why)) if why.contains("blocked")),
+            "{:?}",
+            s.domain.state
+        );
+    }
+
+    #[test]
+    fn a_periodic_timer_wakes_a_blocked_vcpu_and_injects_the_upcall() {
+        let (_t, mut s) = slot(vec![
+            hypercall(EVTCHN, [1, 0, 0]),     // bind VIRQ_TIMER on vCPU 0 -> port 2
+            hypercall(VCPU_OP, [4, 0, 0xf0]), // upcall vector 0xf0
+            hypercall(VCPU_OP, [2, 0, 1_000_000]), // periodic 1 ms
+            hypercall(SCHED, [1, 0, 0]),      // block
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let mut host = FakeHost {
+            now: Cell::new(0),
+            armed: None,
+            halts: 0,
+        };
+        host.now_ns();
+        run_all(std::slice::from_mut(&mut s), &mut host);
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(host.halts, 1, "the CPU halted while the vCPU blocked");
+        assert!(
+            host.now.get() >= 1_000_000,
+            "woken no earlier than the tick"
+        );
+        assert_eq!(
+            s.vcpu.injected_interrupts,
+            [0xf0],
+            "the upcall was delivered once"
+        );
+    }
+
+    #[test]
+    fn block_with_an_event_already_pending_returns_at_once() {
+        let (_t, mut s) = slot(vec![
+            hypercall(EVTCHN, [2, 0, 0]), // bind IPI on vCPU 0 -> port 2
+            hypercall(EVTCHN, [3, 2, 0]), // send on it
+            hypercall(SCHED, [1, 0, 0]),  // block: returns at once
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let mut host = FakeHost {
+            now: Cell::new(0),
+            armed: None,
+            halts: 0,
+        };
+        host.now_ns();
+        run_all(std::slice::from_mut(&mut s), &mut host);
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(host.halts, 0);
+    }
+
+    #[test]
+    fn poll_times_out_at_its_deadline() {
+        let (t, mut s) = slot(vec![
+            hypercall(EVTCHN, [2, 0, 0]),
+            hypercall(SCHED, [3, 0x9000, 1]),
+        ]);
+        t.mem.write(0x9000, &2u32.to_le_bytes()).unwrap();
+        s.vcpu.script[1].1.gpr[crate::common::vcpu::reg::R10] = 5_000_000;
+        s.vcpu.script.push_back(hypercall(SCHED, POWEROFF));
+        let mut host = FakeHost {
+            now: Cell::new(0),
+            armed: None,
+            halts: 0,
+        };
+        host.now_ns();
+        run_all(std::slice::from_mut(&mut s), &mut host);
+        assert_eq!(host.now.get(), 5_000_000);
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
     }
 }

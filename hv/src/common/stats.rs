@@ -17,12 +17,13 @@ pub enum ExitKind {
     NestedPageFault,
     TripleFault,
     ExternalInterrupt,
+    InterruptWindow,
     Other,
 }
 
 impl ExitKind {
     /// All kinds, in report order.
-    pub const ALL: [ExitKind; 12] = [
+    pub const ALL: [ExitKind; 13] = [
         ExitKind::Hypercall,
         ExitKind::Cpuid,
         ExitKind::Hlt,
@@ -34,6 +35,7 @@ impl ExitKind {
         ExitKind::NestedPageFault,
         ExitKind::TripleFault,
         ExitKind::ExternalInterrupt,
+        ExitKind::InterruptWindow,
         ExitKind::Other,
     ];
 
@@ -51,6 +53,7 @@ impl ExitKind {
             ExitKind::NestedPageFault => "npf",
             ExitKind::TripleFault => "triple_fault",
             ExitKind::ExternalInterrupt => "interrupt",
+            ExitKind::InterruptWindow => "irq_window",
             ExitKind::Other => "other",
         }
     }

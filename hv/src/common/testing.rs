@@ -4,20 +4,39 @@ use crate::common::guest_paging::PagingMode;
 use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit};
 use core::fmt;
 
-/// Records what common code asked of it.
+std::thread_local! {
+    /// When set, `domain::read_tsc` returns this instead of the real TSC.
+    pub(crate) static FAKE_TSC: core::cell::Cell<Option<u64>> = const { core::cell::Cell::new(None) };
+}
+
+/// Records what common code asked of it; `run` plays back `script` (then halts with IF=0).
 #[derive(Default)]
 pub(crate) struct MockVcpu {
+    pub(crate) script: std::collections::VecDeque<(VmExit, GuestRegisters)>,
     pub(crate) regs: GuestRegisters,
     pub(crate) rip: u64,
     pub(crate) cpl: u8,
     pub(crate) skipped: u32,
     pub(crate) injected: Option<(u8, Option<u32>)>,
     pub(crate) msr_writes: Vec<(ArchMsr, u64)>,
+    pub(crate) interrupt_flag: bool,
+    pub(crate) injected_interrupts: Vec<u8>,
+    pub(crate) window_exiting: bool,
 }
 
 impl VirtualCpu for MockVcpu {
+    fn activate(&mut self) {}
     fn run(&mut self) -> VmExit {
-        VmExit::Hlt
+        match self.script.pop_front() {
+            Some((exit, regs)) => {
+                self.regs = regs;
+                exit
+            }
+            None => {
+                self.interrupt_flag = false;
+                VmExit::Hlt
+            }
+        }
     }
     fn regs(&mut self) -> &mut GuestRegisters {
         &mut self.regs
@@ -44,6 +63,18 @@ impl VirtualCpu for MockVcpu {
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected = Some((vector, error_code));
     }
+    fn interrupt_flag(&self) -> bool {
+        self.interrupt_flag
+    }
+    fn interrupt_window_open(&self) -> bool {
+        self.interrupt_flag
+    }
+    fn inject_interrupt(&mut self, vector: u8) {
+        self.injected_interrupts.push(vector);
+    }
+    fn set_interrupt_window_exiting(&mut self, enabled: bool) {
+        self.window_exiting = enabled;
+    }
     fn read_msr(&self, _msr: ArchMsr) -> u64 {
         0x500 // EFER: LME | LMA
     }
@@ -53,4 +84,14 @@ impl VirtualCpu for MockVcpu {
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
         write!(out, "mock")
     }
+}
+
+/// A hypercall exit with these registers (RAX = number, then RDI, RSI, RDX).
+pub(crate) fn hypercall(nr: u64, args: [u64; 3]) -> (VmExit, GuestRegisters) {
+    let mut regs = GuestRegisters::default();
+    regs.gpr[crate::common::vcpu::reg::RAX] = nr;
+    regs.gpr[crate::common::vcpu::reg::RDI] = args[0];
+    regs.gpr[crate::common::vcpu::reg::RSI] = args[1];
+    regs.gpr[crate::common::vcpu::reg::RDX] = args[2];
+    (VmExit::Hypercall, regs)
 }

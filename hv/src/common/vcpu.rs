@@ -71,6 +71,9 @@ pub enum VmExit {
     TripleFault,
     /// A host interrupt arrived while the guest ran; nothing for the guest.
     ExternalInterrupt,
+    /// The guest can now take an external interrupt (asked for with
+    /// [`VirtualCpu::set_interrupt_window_exiting`]).
+    InterruptWindow,
     /// Anything else: the domain is stopped and the vendor details reported.
     Unexpected {
         /// Vendor exit code (VMX basic exit reason or SVM EXITCODE).
@@ -134,6 +137,9 @@ pub mod vector {
 
 /// A virtual CPU as common code drives it.
 pub trait VirtualCpu {
+    /// Makes this vCPU the one whose hardware state the accessors below reach (VMX: loads
+    /// its VMCS). Called when the vCPU is scheduled in, before anything else touches it.
+    fn activate(&mut self);
     /// Enters the guest and runs it until the next exit common code must handle.
     fn run(&mut self) -> VmExit;
     /// The guest's general-purpose registers (RAX included; RSP is not).
@@ -151,6 +157,15 @@ pub trait VirtualCpu {
     fn paging_mode(&self) -> PagingMode;
     /// Queues an exception for delivery at the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// RFLAGS.IF of the guest.
+    fn interrupt_flag(&self) -> bool;
+    /// Whether an external interrupt can be injected at the next entry: RFLAGS.IF set, no
+    /// interrupt shadow (STI, MOV SS), and no other event already queued.
+    fn interrupt_window_open(&self) -> bool;
+    /// Queues external interrupt `vector` for the next entry (the window must be open).
+    fn inject_interrupt(&mut self, vector: u8);
+    /// Exit as soon as the guest can take an external interrupt ([`VmExit::InterruptWindow`]).
+    fn set_interrupt_window_exiting(&mut self, enabled: bool);
     /// Reads an MSR whose state the hardware keeps per vCPU.
     fn read_msr(&self, msr: ArchMsr) -> u64;
     /// Writes such an MSR; the value was already validated by common code.

@@ -1,5 +1,5 @@
 //! The local APIC an unported guest kernel sees, in x2APIC mode only (Intel SDM Vol. 3A
-//! chapter 12; docs/abi-v1-notes.md "Emulated x2APIC"): the registers behind RDMSR/WRMSR of
+//! chapter 12; docs/abi.md section 14 "Emulated x2APIC"): the registers behind RDMSR/WRMSR of
 //! IA32_APIC_BASE, IA32_TSC_DEADLINE and 0x800-0x8ff, the timer (one-shot, periodic,
 //! TSC-deadline), task and processor priority, IRR/ISR and EOI, and self-IPIs.
 //!

@@ -124,6 +124,7 @@ boot_pml4:
     .skip 4096
 boot_pdpt:
     .skip 4096
+    .global boot_pds
 boot_pds:
     .skip 4096 * 4
     .balign 16
@@ -135,3 +136,21 @@ boot_stack_top:
 "#,
     stack = const BOOT_STACK_BYTES,
 );
+
+unsafe extern "C" {
+    /// The four page directories of the boot identity map (2 MiB pages, first 4 GiB).
+    static mut boot_pds: [u64; 2048];
+}
+
+/// Marks the 2 MiB page holding `address` (below 4 GiB) uncacheable, for device registers.
+pub fn make_uncached(address: u64) {
+    const PWT_PCD: u64 = 0b11 << 3;
+    let index = (address >> 21) as usize;
+    // SAFETY: the boot page directories are the live identity map; setting PCD|PWT on one
+    // entry only changes its caching, and the INVLPG drops the stale translation.
+    unsafe {
+        let entry = &raw mut boot_pds[index];
+        entry.write_volatile(entry.read_volatile() | PWT_PCD);
+        core::arch::asm!("invlpg [{}]", in(reg) address, options(nostack));
+    }
+}

@@ -62,6 +62,10 @@ impl IdtEntry {
 unsafe extern "C" {
     /// Addresses of the 32 exception entry stubs, defined in the assembly below.
     static exception_stub_table: [u64; 32];
+    /// Entry of the hypervisor's timer interrupt.
+    fn timer_interrupt_stub();
+    /// Entry of the APIC's spurious interrupt (nothing to do, no EOI).
+    fn spurious_interrupt_stub();
 }
 
 /// Loads the GDT, TSS and IDT on the bootstrap CPU.
@@ -101,6 +105,15 @@ pub fn init() {
             let ist = if vector == 8 { DOUBLE_FAULT_IST } else { 0 };
             idt[vector] = IdtEntry::interrupt_gate(*stub, tables.code.0, ist);
         }
+        let timer = usize::from(super::apic::TIMER_VECTOR);
+        idt[timer] =
+            IdtEntry::interrupt_gate(timer_interrupt_stub as *const () as u64, tables.code.0, 0);
+        let spurious = usize::from(super::apic::SPURIOUS_VECTOR);
+        idt[spurious] = IdtEntry::interrupt_gate(
+            spurious_interrupt_stub as *const () as u64,
+            tables.code.0,
+            0,
+        );
         idt
     });
     let pointer = DescriptorTablePointer {
@@ -234,6 +247,37 @@ exception_common:
     EXCEPTION_STUB 29, 1
     EXCEPTION_STUB 30, 1
     EXCEPTION_STUB 31, 0
+
+    /* Host interrupts: save the registers a C call may clobber. The CPU aligned RSP to 16
+       before pushing its 5-word frame; 9 pushes restore 16-byte alignment for the call. */
+    .balign 16
+    .global timer_interrupt_stub
+timer_interrupt_stub:
+    push rax
+    push rcx
+    push rdx
+    push rsi
+    push rdi
+    push r8
+    push r9
+    push r10
+    push r11
+    call hv_timer_interrupt
+    pop r11
+    pop r10
+    pop r9
+    pop r8
+    pop rdi
+    pop rsi
+    pop rdx
+    pop rcx
+    pop rax
+    iretq
+
+    .balign 16
+    .global spurious_interrupt_stub
+spurious_interrupt_stub:
+    iretq
 
     .section .rodata
     .balign 8

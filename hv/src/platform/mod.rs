@@ -2,11 +2,17 @@
 //! descriptor tables, memory), nothing about virtualization.
 
 #[cfg(target_os = "none")]
+pub mod apic;
+#[cfg(target_os = "none")]
 pub mod boot;
+#[cfg(target_os = "none")]
+pub mod clock;
 #[cfg(target_os = "none")]
 pub mod cpu;
 #[cfg(target_os = "none")]
 pub mod exit;
+#[cfg(target_os = "none")]
+pub mod host;
 #[cfg(target_os = "none")]
 pub mod memory;
 pub mod multiboot;

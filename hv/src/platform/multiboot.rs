@@ -39,7 +39,7 @@ pub struct BootInfo<'a> {
     /// The hypervisor's own command line.
     pub cmdline: &'a str,
     /// Boot modules in GRUB order.
-    pub modules: heapless_vec::Vec<Module<'a>, 64>,
+    pub modules: heapless_vec::Vec<Module<'a>, 256>,
     /// Available RAM.
     pub ram: heapless_vec::Vec<RamRange, 64>,
 }

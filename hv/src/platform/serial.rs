@@ -46,6 +46,13 @@ impl SerialPort {
         }
     }
 
+    /// A received byte, if one is waiting (LSR bit 0: data ready).
+    pub fn try_receive(&mut self) -> Option<u8> {
+        let mut status: Port<u8> = Port::new(self.base + 5);
+        // SAFETY: reading LSR and, when data is ready, RBR of COM1, which only the hypervisor owns.
+        unsafe { (status.read() & 1 != 0).then(|| Port::<u8>::new(self.base).read()) }
+    }
+
     fn send(&mut self, byte: u8) {
         let mut status: Port<u8> = Port::new(self.base + 5);
         // SAFETY: reading the line status register and writing the transmit register of COM1.

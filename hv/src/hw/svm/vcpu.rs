@@ -21,6 +21,7 @@ static LAST_VMCB: AtomicU64 = AtomicU64::new(0);
 mod exit_code {
     pub(super) const EXCEPTION_UD: u64 = 0x46;
     pub(super) const INTR: u64 = 0x60;
+    pub(super) const VINTR: u64 = 0x64;
     pub(super) const CPUID: u64 = 0x72;
     pub(super) const HLT: u64 = 0x78;
     pub(super) const IOIO: u64 = 0x7b;
@@ -34,6 +35,7 @@ mod exit_code {
 
 // Intercept bits (APM Vol. 2, Table B-1).
 const MISC1_INTR: u32 = 1 << 0;
+const MISC1_VINTR: u32 = 1 << 4;
 const MISC1_CPUID: u32 = 1 << 18;
 const MISC1_HLT: u32 = 1 << 24;
 const MISC1_IOIO: u32 = 1 << 27;
@@ -41,6 +43,15 @@ const MISC1_MSR: u32 = 1 << 28;
 const MISC1_SHUTDOWN: u32 = 1 << 31;
 /// VMRUN (mandatory), VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
 const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
+
+// V_INTR bits (APM Vol. 2 15.21).
+const V_IRQ: u64 = 1 << 8;
+const V_INTR_PRIO_HIGHEST: u64 = 0xf << 16;
+const V_IGN_TPR: u64 = 1 << 20;
+/// Physical interrupts are masked by the host's RFLAGS.IF, not the guest's (APM 15.21.1).
+const V_INTR_MASKING: u64 = 1 << 24;
+const EVENT_VALID: u64 = 1 << 31;
+const RFLAGS_IF: u64 = 1 << 9;
 
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
@@ -84,6 +95,7 @@ impl SvmVcpu {
         v.write(vmcb::GUEST_ASID, asid);
         v.write(vmcb::TLB_CONTROL, 1u8); // flush everything on the first run
         v.write(vmcb::NP_ENABLE, 1u64);
+        v.write(vmcb::V_INTR, V_INTR_MASKING);
         v.write(vmcb::N_CR3, npt.root());
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
@@ -137,6 +149,10 @@ impl SvmVcpu {
 }
 
 impl VirtualCpu for SvmVcpu {
+    fn activate(&mut self) {
+        // Every VMCB is its own page: nothing to load.
+    }
+
     fn run(&mut self) -> VmExit {
         loop {
             self.enter();
@@ -144,6 +160,12 @@ impl VirtualCpu for SvmVcpu {
             let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
             let info2: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
             self.instruction_len = 0;
+            // An event whose delivery this exit interrupted is delivered again at the next
+            // entry (APM Vol. 2 15.7.2).
+            let interrupted: u64 = self.vmcb.read(vmcb::EXIT_INT_INFO);
+            if interrupted & EVENT_VALID != 0 {
+                self.vmcb.write(vmcb::EVENT_INJECTION, interrupted);
+            }
             let exit = match code {
                 exit_code::VMMCALL => {
                     self.instruction_len = 3;
@@ -177,6 +199,7 @@ impl VirtualCpu for SvmVcpu {
                 }
                 exit_code::EXCEPTION_UD => VmExit::InvalidOpcode,
                 exit_code::INTR => VmExit::ExternalInterrupt,
+                exit_code::VINTR => VmExit::InterruptWindow,
                 exit_code::SHUTDOWN => VmExit::TripleFault,
                 exit_code::NPF => VmExit::NestedPageFault {
                     gpa: info2,
@@ -237,6 +260,39 @@ impl VirtualCpu for SvmVcpu {
             event |= (1 << 11) | (u64::from(code) << 32);
         }
         self.vmcb.write(vmcb::EVENT_INJECTION, event);
+    }
+
+    fn interrupt_flag(&self) -> bool {
+        self.vmcb.read::<u64>(vmcb::RFLAGS) & RFLAGS_IF != 0
+    }
+
+    fn interrupt_window_open(&self) -> bool {
+        self.interrupt_flag()
+            && self.vmcb.read::<u64>(vmcb::INTERRUPT_SHADOW) & 1 == 0
+            && self.vmcb.read::<u64>(vmcb::EVENT_INJECTION) & EVENT_VALID == 0
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        // EVENTINJ type 0: external interrupt.
+        self.vmcb
+            .write(vmcb::EVENT_INJECTION, u64::from(vector) | EVENT_VALID);
+    }
+
+    fn set_interrupt_window_exiting(&mut self, enabled: bool) {
+        // A virtual interrupt of the highest priority is made pending; the VINTR intercept
+        // exits when the guest is about to take it, which is when it could take ours.
+        let control: u64 = self.vmcb.read(vmcb::V_INTR);
+        let intercepts: u32 = self.vmcb.read(vmcb::INTERCEPT_MISC1);
+        let window = V_IRQ | V_INTR_PRIO_HIGHEST | V_IGN_TPR;
+        if enabled {
+            self.vmcb.write(vmcb::V_INTR, control | window);
+            self.vmcb
+                .write(vmcb::INTERCEPT_MISC1, intercepts | MISC1_VINTR);
+        } else {
+            self.vmcb.write(vmcb::V_INTR, control & !window);
+            self.vmcb
+                .write(vmcb::INTERCEPT_MISC1, intercepts & !MISC1_VINTR);
+        }
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {
@@ -305,7 +361,9 @@ impl VirtualCpu for SvmVcpu {
 // The world switch (APM Vol. 2 15.5): VMRUN saves and restores the host's RSP, RIP, RAX and
 // control state itself; the other general registers are ours to switch. VMLOAD/VMSAVE move
 // the guest's FS, GS, TR, LDTR and syscall MSRs in and out, and a final VMLOAD puts the
-// host's back. GIF stays clear across the switch so no host interrupt lands in between.
+// host's back. GIF stays clear across the switch so no host interrupt lands in between; the
+// host's IF is set at VMRUN so that, with V_INTR_MASKING, a host interrupt exits the guest
+// (and stays pending in the APIC until the scheduler lets it in).
 global_asm!(
     r#"
     .section .text
@@ -337,9 +395,11 @@ svm_world_switch:
     mov r15, [rax + 120]
     mov rax, [rsp]
     clgi
+    sti                     /* held off by GIF = 0 until VMRUN; lets host interrupts exit the guest */
     vmload rax
     vmrun rax
     vmsave rax
+    cli
     push rdi
     mov rdi, [rsp + 16]
     mov [rdi + 8], rcx

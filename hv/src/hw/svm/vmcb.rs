@@ -20,6 +20,11 @@ pub const MSRPM_BASE: usize = 0x048;
 pub const GUEST_ASID: usize = 0x058;
 /// TLB control (u8).
 pub const TLB_CONTROL: usize = 0x05c;
+/// Virtual interrupt control: V_TPR, V_IRQ (bit 8), V_INTR_PRIO (16-19), V_IGN_TPR (20),
+/// V_INTR_MASKING (24).
+pub const V_INTR: usize = 0x060;
+/// Interrupt shadow (bit 0).
+pub const INTERRUPT_SHADOW: usize = 0x068;
 /// EXITCODE.
 pub const EXIT_CODE: usize = 0x070;
 /// EXITINFO1.

@@ -19,6 +19,7 @@ mod reason {
     pub(super) const EXCEPTION_OR_NMI: u64 = 0;
     pub(super) const EXTERNAL_INTERRUPT: u64 = 1;
     pub(super) const TRIPLE_FAULT: u64 = 2;
+    pub(super) const INTERRUPT_WINDOW: u64 = 7;
     pub(super) const CPUID: u64 = 10;
     pub(super) const HLT: u64 = 12;
     pub(super) const VMCALL: u64 = 18;
@@ -34,7 +35,11 @@ mod reason {
 }
 
 // Controls (SDM Vol. 3C 25.6, 25.7, 25.8).
+const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
+const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
+/// Without a TPR shadow, MOV to/from CR8 would reach the real TPR (SDM Vol. 3C 25.6.2).
+const PRIMARY_CR8_EXITING: u32 = (1 << 19) | (1 << 20);
 const PRIMARY_UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
 const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
 const SECONDARY_ENABLE_EPT: u32 = 1 << 1;
@@ -74,8 +79,13 @@ pub struct VmxVcpu {
     cr4_fixed: (u64, u64),
     switched_msrs: [u64; SWITCHED_MSRS.len()],
     cr8: u64,
+    /// The primary processor-based controls as written (interrupt-window exiting toggles).
+    primary_controls: u64,
     _ept: NestedPageTable<Ept>,
 }
+
+const EVENT_VALID: u64 = 1 << 31;
+const RFLAGS_IF: u64 = 1 << 9;
 
 unsafe extern "C" {
     /// Runs the guest until the next VM exit (returns 0) or a failed VM entry (returns 1).
@@ -120,11 +130,12 @@ impl VmxVcpu {
             cr4_fixed: caps.cr4_fixed,
             switched_msrs: [0; SWITCHED_MSRS.len()],
             cr8: 0,
+            primary_controls: 0,
             _ept: ept,
         };
+        let mut vcpu = vcpu;
         vcpu.write_controls(caps, entry)?;
         vcpu.write_host_state()?;
-        let mut vcpu = vcpu;
         vcpu.write_guest_state(entry)?;
         vcpu.regs.gpr[reg::RDI] = entry.rdi;
         // SAFETY: writing zeros to the syscall MSRs the hypervisor never uses.
@@ -133,20 +144,26 @@ impl VmxVcpu {
     }
 
     fn write_controls(
-        &self,
+        &mut self,
         caps: &ControlCapabilities,
         entry: &EntryState,
     ) -> Result<(), HwError> {
-        write(
-            vmcs::PIN_BASED_CONTROLS,
-            adjust(caps.pin, 0, "pin-based controls")?.into(),
+        let pin = adjust(
+            caps.pin,
+            PIN_EXTERNAL_INTERRUPT_EXITING,
+            "external-interrupt exiting",
         )?;
-        let primary =
-            PRIMARY_HLT_EXITING | PRIMARY_UNCONDITIONAL_IO_EXITING | PRIMARY_ACTIVATE_SECONDARY;
-        write(
-            vmcs::PRIMARY_PROCESSOR_CONTROLS,
-            adjust(caps.primary, primary, "HLT/I/O exiting")?.into(),
-        )?;
+        write(vmcs::PIN_BASED_CONTROLS, pin.into())?;
+        let primary = PRIMARY_HLT_EXITING
+            | PRIMARY_UNCONDITIONAL_IO_EXITING
+            | PRIMARY_CR8_EXITING
+            | PRIMARY_ACTIVATE_SECONDARY;
+        let primary = adjust(caps.primary, primary, "HLT/I/O/CR8 exiting")?;
+        if (caps.primary >> 32) as u32 & PRIMARY_INTERRUPT_WINDOW_EXITING == 0 {
+            return Err(HwError::Missing("interrupt-window exiting"));
+        }
+        self.primary_controls = primary.into();
+        write(vmcs::PRIMARY_PROCESSOR_CONTROLS, self.primary_controls)?;
         let mut secondary = SECONDARY_ENABLE_EPT | SECONDARY_ENABLE_VPID;
         if (caps.secondary >> 32) as u32 & SECONDARY_ENABLE_RDTSCP != 0 {
             secondary |= SECONDARY_ENABLE_RDTSCP;
@@ -329,6 +346,29 @@ impl VmxVcpu {
         true
     }
 
+    /// An event whose delivery this exit interrupted is delivered again at the next entry
+    /// (SDM Vol. 3C 28.2.4 and 27.2.4).
+    fn reinject_interrupted_event(&mut self) {
+        let info = read(vmcs::IDT_VECTORING_INFO);
+        if info & EVENT_VALID == 0 {
+            return;
+        }
+        write_unchecked(vmcs::ENTRY_INTERRUPTION_INFO, info & !(1 << 12));
+        if info & (1 << 11) != 0 {
+            write_unchecked(
+                vmcs::ENTRY_EXCEPTION_ERROR_CODE,
+                read(vmcs::IDT_VECTORING_ERROR_CODE),
+            );
+        }
+        // Software interrupts and exceptions need their instruction length again.
+        if matches!((info >> 8) & 7, 4..=6) {
+            write_unchecked(
+                vmcs::ENTRY_INSTRUCTION_LENGTH,
+                read(vmcs::EXIT_INSTRUCTION_LENGTH),
+            );
+        }
+    }
+
     fn set_gpr(&mut self, gpr: usize, value: u64) {
         if gpr == 4 {
             write_unchecked(vmcs::GUEST_RSP, value);
@@ -339,6 +379,13 @@ impl VmxVcpu {
 }
 
 impl VirtualCpu for VmxVcpu {
+    fn activate(&mut self) {
+        // VMREAD and VMWRITE reach the current VMCS only: every accessor below relies on this.
+        if let Err(error) = self.make_current() {
+            log::error!("vmx: {error}");
+        }
+    }
+
     fn run(&mut self) -> VmExit {
         if let Err(error) = self.make_current() {
             log::error!("vmx: {error}");
@@ -361,6 +408,7 @@ impl VirtualCpu for VmxVcpu {
                 };
             }
             self.launched = true;
+            self.reinject_interrupted_event();
             let exit_reason = read(vmcs::EXIT_REASON);
             let basic = exit_reason & 0xffff;
             if exit_reason & (1 << 31) != 0 {
@@ -406,6 +454,7 @@ impl VirtualCpu for VmxVcpu {
                     }
                 }
                 reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
+                reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
                 reason::TRIPLE_FAULT => VmExit::TripleFault,
                 reason::EPT_VIOLATION => VmExit::NestedPageFault {
                     gpa: read(vmcs::GUEST_PHYSICAL_ADDRESS),
@@ -448,6 +497,11 @@ impl VirtualCpu for VmxVcpu {
     fn skip_instruction(&mut self) {
         let next = self.rip() + read(vmcs::EXIT_INSTRUCTION_LENGTH);
         self.set_rip(next);
+        // The instruction after STI or MOV SS completed: its blocking ends with it (SDM 25.4.2).
+        let interruptibility = read(vmcs::GUEST_INTERRUPTIBILITY);
+        if interruptibility & 0b11 != 0 {
+            write_unchecked(vmcs::GUEST_INTERRUPTIBILITY, interruptibility & !0b11);
+        }
     }
 
     fn cpl(&self) -> u8 {
@@ -471,6 +525,34 @@ impl VirtualCpu for VmxVcpu {
             write_unchecked(vmcs::ENTRY_EXCEPTION_ERROR_CODE, code.into());
         }
         write_unchecked(vmcs::ENTRY_INTERRUPTION_INFO, info);
+    }
+
+    fn interrupt_flag(&self) -> bool {
+        read(vmcs::GUEST_RFLAGS) & RFLAGS_IF != 0
+    }
+
+    fn interrupt_window_open(&self) -> bool {
+        // Blocking by STI or MOV SS is bits 0 and 1 of the interruptibility state.
+        self.interrupt_flag()
+            && read(vmcs::GUEST_INTERRUPTIBILITY) & 0b11 == 0
+            && read(vmcs::ENTRY_INTERRUPTION_INFO) & EVENT_VALID == 0
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) {
+        // Interruption type 0: external interrupt.
+        write_unchecked(
+            vmcs::ENTRY_INTERRUPTION_INFO,
+            u64::from(vector) | EVENT_VALID,
+        );
+    }
+
+    fn set_interrupt_window_exiting(&mut self, enabled: bool) {
+        if enabled {
+            self.primary_controls |= u64::from(PRIMARY_INTERRUPT_WINDOW_EXITING);
+        } else {
+            self.primary_controls &= !u64::from(PRIMARY_INTERRUPT_WINDOW_EXITING);
+        }
+        write_unchecked(vmcs::PRIMARY_PROCESSOR_CONTROLS, self.primary_controls);
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {

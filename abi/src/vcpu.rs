@@ -1,0 +1,75 @@
+//! Per-vCPU operations (`Hypercall::VcpuOp`): where the vCPU's shared structures live, its
+//! timers and its upcall vector.
+//!
+//! `RDI` = operation, `RSI` = vCPU number (`0..nr_vcpus`, otherwise `-ENOENT`), `RDX` = the
+//! operation's argument. Times are system time: nanoseconds since the hypervisor started, as
+//! the pvclock in [`crate::shared_info::VcpuTimeInfo`] computes it.
+
+/// vCPU operations (RDI).
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VcpuOp {
+    /// Move this vCPU's [`crate::shared_info::VcpuInfo`] out of the shared-info page to
+    /// guest-physical `RDX` (64-byte aligned, otherwise `-EINVAL`; inside RAM, otherwise
+    /// `-EFAULT`). The current contents are copied there. Once per vCPU (`-EEXIST` after).
+    RegisterVcpuInfo = 0,
+    /// Have the hypervisor keep a [`RunstateInfo`] at guest-physical `RDX` (8-byte aligned)
+    /// current; 0 stops it.
+    RegisterRunstate = 1,
+    /// Raise VIRQ_TIMER every `RDX` ns from now (0 stops; below [`PERIOD_MIN_NS`] is
+    /// `-EINVAL`). Periods are kept on a fixed grid: a late tick does not shift later ones.
+    SetPeriodicTimer = 2,
+    /// Raise VIRQ_TIMER once, when system time reaches `RDX` (0 cancels). A deadline already
+    /// past fires at once. Never fires early.
+    SetSingleshotTimer = 3,
+    /// Deliver this vCPU's event upcall as interrupt vector `RDX` (32..=255; 0 = none, events
+    /// then only end `block` and `poll`). Other values are `-EINVAL`.
+    SetUpcallVector = 4,
+}
+
+impl TryFrom<u64> for VcpuOp {
+    type Error = crate::Errno;
+
+    fn try_from(op: u64) -> Result<Self, Self::Error> {
+        Ok(match op {
+            0 => VcpuOp::RegisterVcpuInfo,
+            1 => VcpuOp::RegisterRunstate,
+            2 => VcpuOp::SetPeriodicTimer,
+            3 => VcpuOp::SetSingleshotTimer,
+            4 => VcpuOp::SetUpcallVector,
+            _ => return Err(crate::Errno::ENOSYS),
+        })
+    }
+}
+
+/// Shortest periodic timer period.
+pub const PERIOD_MIN_NS: u64 = 50_000;
+
+/// Run states, as in [`RunstateInfo::state`] and the index of [`RunstateInfo::time`].
+pub mod runstate {
+    /// Running on a physical CPU.
+    pub const RUNNING: u32 = 0;
+    /// Ready, waiting for a physical CPU (steal time).
+    pub const RUNNABLE: u32 = 1;
+    /// Waiting for an event (block, poll).
+    pub const BLOCKED: u32 = 2;
+    /// Not started or stopped.
+    pub const OFFLINE: u32 = 3;
+}
+
+/// Where a vCPU's time went (Xen's `vcpu_runstate_info`); steal time is `time[RUNNABLE]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunstateInfo {
+    /// Current [`runstate`].
+    pub state: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// System time at which `state` was entered.
+    pub state_entry_time: u64,
+    /// Nanoseconds spent in each state, indexed by [`runstate`].
+    pub time: [u64; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<RunstateInfo>() == 48);

@@ -1,0 +1,389 @@
+//! Event channels: the port table of one domain and the two-level pending/mask protocol
+//! (docs/abi.md section 8; Xen's `event_channel.h` is the model).
+//!
+//! The pending and mask bitmaps and the per-vCPU selector and upcall flags live in guest RAM
+//! (the shared-info page and the vCPU-info areas), so the guest reads them with no exit; the
+//! port table (what each port is bound to) lives here, out of the guest's reach. Every access
+//! to guest RAM goes through [`GuestMemory`] bounds checks: a guest that scribbles over its
+//! shared page only confuses itself.
+
+use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use alloc::boxed::Box;
+use lamina_abi::Errno;
+use lamina_abi::event_channel::{NR_PORTS, NR_VIRQS, PortState, PortStatus, Virq};
+use lamina_abi::shared_info::{SharedInfo, VcpuInfo};
+
+/// What a port is bound to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Binding {
+    /// Not allocated.
+    Free,
+    /// A loopback port: sends raise it on its own vCPU.
+    Unbound {
+        /// The domain that may bind it (the owner itself in ABI 1.0).
+        remote: u16,
+    },
+    /// The console ring's doorbell: sends are handled by the hypervisor.
+    Console,
+    /// A virtual IRQ delivered to a vCPU.
+    Virq {
+        /// Which VIRQ.
+        virq: u8,
+    },
+    /// An IPI port.
+    Ipi,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Port {
+    binding: Binding,
+    vcpu: u8,
+}
+
+const FREE: Port = Port {
+    binding: Binding::Free,
+    vcpu: 0,
+};
+
+/// Where a vCPU's `VcpuInfo` lives in guest RAM.
+pub fn default_vcpu_info_gpa(shared_info: u64, vcpu: usize) -> u64 {
+    shared_info + (vcpu * core::mem::size_of::<VcpuInfo>()) as u64
+}
+
+const PENDING_OFFSET: u64 = core::mem::offset_of!(SharedInfo, evtchn_pending) as u64;
+const MASK_OFFSET: u64 = core::mem::offset_of!(SharedInfo, evtchn_mask) as u64;
+const SELECTOR_OFFSET: u64 = core::mem::offset_of!(VcpuInfo, evtchn_pending_sel) as u64;
+const UPCALL_PENDING_OFFSET: u64 = core::mem::offset_of!(VcpuInfo, evtchn_upcall_pending) as u64;
+const UPCALL_MASK_OFFSET: u64 = core::mem::offset_of!(VcpuInfo, evtchn_upcall_mask) as u64;
+
+/// A domain's event channels.
+pub struct EventChannels {
+    ports: Box<[Port; NR_PORTS as usize]>,
+    /// Port bound to each VIRQ, per vCPU (0: none).
+    virq_ports: alloc::vec::Vec<[u16; NR_VIRQS as usize]>,
+    shared_info: u64,
+    /// Guest-physical address of each vCPU's VcpuInfo.
+    vcpu_info: alloc::vec::Vec<u64>,
+}
+
+/// The console port every domain starts with.
+pub const CONSOLE_PORT: u32 = 1;
+
+impl EventChannels {
+    /// The channels of a domain with `nr_vcpus` vCPUs whose shared-info page is at
+    /// `shared_info`; port 1 is the console doorbell.
+    pub fn new(shared_info: u64, nr_vcpus: usize) -> Self {
+        let mut ports = Box::new([FREE; NR_PORTS as usize]);
+        ports[CONSOLE_PORT as usize] = Port {
+            binding: Binding::Console,
+            vcpu: 0,
+        };
+        EventChannels {
+            ports,
+            virq_ports: alloc::vec![[0; NR_VIRQS as usize]; nr_vcpus],
+            shared_info,
+            vcpu_info: (0..nr_vcpus)
+                .map(|v| default_vcpu_info_gpa(shared_info, v))
+                .collect(),
+        }
+    }
+
+    /// Number of vCPUs.
+    pub fn nr_vcpus(&self) -> usize {
+        self.vcpu_info.len()
+    }
+
+    /// Guest-physical address of `vcpu`'s VcpuInfo.
+    pub fn vcpu_info_gpa(&self, vcpu: usize) -> u64 {
+        self.vcpu_info[vcpu]
+    }
+
+    /// Moves `vcpu`'s VcpuInfo to `gpa` (already validated), copying its contents.
+    pub fn move_vcpu_info(
+        &mut self,
+        mem: &GuestMemory,
+        vcpu: usize,
+        gpa: u64,
+    ) -> Result<(), OutOfBounds> {
+        let mut bytes = [0u8; core::mem::size_of::<VcpuInfo>()];
+        mem.read(self.vcpu_info[vcpu], &mut bytes)?;
+        mem.write(gpa, &bytes)?;
+        self.vcpu_info[vcpu] = gpa;
+        Ok(())
+    }
+
+    fn port(&self, port: u64) -> Result<(u32, Port), Errno> {
+        if port >= u64::from(NR_PORTS) {
+            return Err(Errno::EINVAL);
+        }
+        Ok((port as u32, self.ports[port as usize]))
+    }
+
+    fn allocate(&mut self, binding: Binding, vcpu: u8) -> Result<u32, Errno> {
+        let free = (2..NR_PORTS).find(|&p| self.ports[p as usize].binding == Binding::Free);
+        let port = free.ok_or(Errno::ENOSPC)?;
+        self.ports[port as usize] = Port { binding, vcpu };
+        Ok(port)
+    }
+
+    /// `alloc_unbound` for a loopback port (remote already validated as the caller).
+    pub fn alloc_unbound(&mut self, remote: u16) -> Result<u32, Errno> {
+        self.allocate(Binding::Unbound { remote }, 0)
+    }
+
+    /// `bind_virq`.
+    pub fn bind_virq(&mut self, virq: u64, vcpu: u64) -> Result<u32, Errno> {
+        let virq = Virq::try_from(virq)? as u64 as usize;
+        let vcpu = self.check_vcpu(vcpu)?;
+        if self.virq_ports[vcpu][virq] != 0 {
+            return Err(Errno::EEXIST);
+        }
+        let port = self.allocate(Binding::Virq { virq: virq as u8 }, vcpu as u8)?;
+        self.virq_ports[vcpu][virq] = port as u16;
+        Ok(port)
+    }
+
+    /// `bind_ipi`.
+    pub fn bind_ipi(&mut self, vcpu: u64) -> Result<u32, Errno> {
+        let vcpu = self.check_vcpu(vcpu)?;
+        self.allocate(Binding::Ipi, vcpu as u8)
+    }
+
+    /// Validates a vCPU number.
+    pub fn check_vcpu(&self, vcpu: u64) -> Result<usize, Errno> {
+        if vcpu < self.nr_vcpus() as u64 {
+            Ok(vcpu as usize)
+        } else {
+            Err(Errno::ENOENT)
+        }
+    }
+
+    /// What a `send` on `port` does: the binding, after validation.
+    pub fn send_target(&self, port: u64) -> Result<(u32, Binding), Errno> {
+        let (port, entry) = self.port(port)?;
+        match entry.binding {
+            Binding::Free | Binding::Virq { .. } => Err(Errno::EINVAL),
+            binding => Ok((port, binding)),
+        }
+    }
+
+    /// `close`.
+    pub fn close(&mut self, mem: &GuestMemory, port: u64) -> Result<(), Errno> {
+        let (port, entry) = self.port(port)?;
+        if port == 0 || entry.binding == Binding::Free {
+            return Err(Errno::EINVAL);
+        }
+        if let Binding::Virq { virq } = entry.binding {
+            self.virq_ports[usize::from(entry.vcpu)][usize::from(virq)] = 0;
+        }
+        self.ports[port as usize] = FREE;
+        self.update_bit(mem, PENDING_OFFSET, port, false)?;
+        Ok(())
+    }
+
+    /// `status`.
+    pub fn status(&self, mem: &GuestMemory, port: u64) -> Result<u64, Errno> {
+        let (port, entry) = self.port(port)?;
+        let (state, detail) = match entry.binding {
+            Binding::Free => (PortState::Free, 0),
+            Binding::Unbound { remote } => (PortState::Unbound, remote),
+            Binding::Console => (PortState::Interdomain, 0),
+            Binding::Virq { virq } => (PortState::Virq, u16::from(virq)),
+            Binding::Ipi => (PortState::Ipi, 0),
+        };
+        Ok(PortStatus {
+            state: state as u8,
+            vcpu: entry.vcpu,
+            detail,
+            pending: self.bit(mem, PENDING_OFFSET, port)?,
+            masked: self.bit(mem, MASK_OFFSET, port)?,
+        }
+        .pack())
+    }
+
+    /// The port bound to `virq` on `vcpu`, if any.
+    pub fn virq_port(&self, vcpu: usize, virq: Virq) -> Option<u32> {
+        let port = self.virq_ports.get(vcpu)?[virq as u64 as usize];
+        (port != 0).then_some(u32::from(port))
+    }
+
+    /// Whether anything is bound that could raise an event on `vcpu` while it sleeps
+    /// (given whether its timer is armed): its timer VIRQ, or console input. Every other
+    /// port of ABI 1.0 is raised by the domain itself.
+    pub fn can_wake(&self, vcpu: usize, timer_armed: bool) -> bool {
+        (timer_armed && self.virq_port(vcpu, Virq::Timer).is_some())
+            || (vcpu == 0 && self.virq_port(vcpu, Virq::Console).is_some())
+    }
+
+    /// Raises `port`: sets its pending bit; if that is new and the port is not masked, marks
+    /// the upcall pending on its vCPU. Returns the vCPU to wake, if any.
+    pub fn raise(&self, mem: &GuestMemory, port: u32) -> Result<Option<usize>, OutOfBounds> {
+        let was_pending = self.bit(mem, PENDING_OFFSET, port)?;
+        self.update_bit(mem, PENDING_OFFSET, port, true)?;
+        if was_pending || self.bit(mem, MASK_OFFSET, port)? {
+            return Ok(None);
+        }
+        self.notify_vcpu(mem, port).map(Some)
+    }
+
+    /// `unmask`: clears the mask bit and delivers the port if it is pending.
+    pub fn unmask(&self, mem: &GuestMemory, port: u64) -> Result<Option<usize>, Errno> {
+        let (port, _) = self.port(port)?;
+        self.update_bit(mem, MASK_OFFSET, port, false)?;
+        if self.bit(mem, PENDING_OFFSET, port)? {
+            return Ok(Some(self.notify_vcpu(mem, port)?));
+        }
+        Ok(None)
+    }
+
+    fn notify_vcpu(&self, mem: &GuestMemory, port: u32) -> Result<usize, OutOfBounds> {
+        let vcpu = usize::from(self.ports[port as usize].vcpu);
+        let info = self.vcpu_info[vcpu];
+        let selector = mem.read_u64(info + SELECTOR_OFFSET)?;
+        mem.write_u64(info + SELECTOR_OFFSET, selector | 1 << (port / 64))?;
+        mem.write(info + UPCALL_PENDING_OFFSET, &[1])?;
+        Ok(vcpu)
+    }
+
+    /// Whether port `port` is pending.
+    pub fn is_pending(&self, mem: &GuestMemory, port: u32) -> Result<bool, OutOfBounds> {
+        self.bit(mem, PENDING_OFFSET, port)
+    }
+
+    /// `(evtchn_upcall_pending, evtchn_upcall_mask)` of `vcpu`.
+    pub fn upcall_flags(
+        &self,
+        mem: &GuestMemory,
+        vcpu: usize,
+    ) -> Result<(bool, bool), OutOfBounds> {
+        let mut flags = [0u8; 2];
+        mem.read(self.vcpu_info[vcpu] + UPCALL_PENDING_OFFSET, &mut flags)?;
+        Ok((flags[0] != 0, flags[1] != 0))
+    }
+
+    /// Sets `vcpu`'s upcall mask.
+    pub fn set_upcall_mask(
+        &self,
+        mem: &GuestMemory,
+        vcpu: usize,
+        masked: bool,
+    ) -> Result<(), OutOfBounds> {
+        mem.write(
+            self.vcpu_info[vcpu] + UPCALL_MASK_OFFSET,
+            &[u8::from(masked)],
+        )
+    }
+
+    fn bit(&self, mem: &GuestMemory, bitmap: u64, port: u32) -> Result<bool, OutOfBounds> {
+        let word = mem.read_u64(self.shared_info + bitmap + u64::from(port / 64) * 8)?;
+        Ok(word & (1 << (port % 64)) != 0)
+    }
+
+    fn update_bit(
+        &self,
+        mem: &GuestMemory,
+        bitmap: u64,
+        port: u32,
+        set: bool,
+    ) -> Result<(), OutOfBounds> {
+        let at = self.shared_info + bitmap + u64::from(port / 64) * 8;
+        let word = mem.read_u64(at)?;
+        let bit = 1u64 << (port % 64);
+        mem.write_u64(at, if set { word | bit } else { word & !bit })
+    }
+
+    /// Sets or clears a mask bit (tests and boot).
+    pub fn set_masked(
+        &self,
+        mem: &GuestMemory,
+        port: u32,
+        masked: bool,
+    ) -> Result<(), OutOfBounds> {
+        self.update_bit(mem, MASK_OFFSET, port, masked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::guest_memory::testing::test_memory;
+
+    const SHARED: u64 = 0x7000;
+
+    #[test]
+    fn a_send_on_an_unmasked_port_marks_the_upcall_once() {
+        let t = test_memory(1 << 20);
+        let ev = EventChannels::new(SHARED, 1);
+        let mut ev = ev;
+        let port = ev.alloc_unbound(1).unwrap();
+        assert_eq!(port, 2, "port 0 is never used, port 1 is the console");
+        assert_eq!(ev.raise(&t.mem, port).unwrap(), Some(0));
+        assert_eq!(ev.upcall_flags(&t.mem, 0).unwrap(), (true, false));
+        let selector = t.mem.read_u64(SHARED + SELECTOR_OFFSET).unwrap();
+        assert_eq!(selector, 1);
+        assert_eq!(
+            ev.raise(&t.mem, port).unwrap(),
+            None,
+            "already pending: no new edge"
+        );
+    }
+
+    #[test]
+    fn a_masked_port_stays_pending_and_unmask_delivers_it() {
+        let t = test_memory(1 << 20);
+        let mut ev = EventChannels::new(SHARED, 1);
+        let port = ev.bind_ipi(0).unwrap();
+        ev.set_masked(&t.mem, port, true).unwrap();
+        assert_eq!(ev.raise(&t.mem, port).unwrap(), None);
+        assert_eq!(
+            ev.upcall_flags(&t.mem, 0).unwrap().0,
+            false,
+            "masked: no upcall"
+        );
+        assert!(ev.is_pending(&t.mem, port).unwrap());
+        assert_eq!(ev.unmask(&t.mem, u64::from(port)).unwrap(), Some(0));
+        assert_eq!(
+            ev.upcall_flags(&t.mem, 0).unwrap().0,
+            true,
+            "the edge is not lost"
+        );
+    }
+
+    #[test]
+    fn bad_ports_and_double_binds_are_refused() {
+        let t = test_memory(1 << 20);
+        let mut ev = EventChannels::new(SHARED, 1);
+        assert_eq!(ev.close(&t.mem, 1024), Err(Errno::EINVAL));
+        assert_eq!(ev.close(&t.mem, 0), Err(Errno::EINVAL));
+        assert_eq!(ev.close(&t.mem, 77), Err(Errno::EINVAL), "free port");
+        let virq = ev.bind_virq(0, 0).unwrap();
+        assert_eq!(ev.bind_virq(0, 0), Err(Errno::EEXIST));
+        assert_eq!(ev.bind_virq(5, 0), Err(Errno::EINVAL));
+        assert_eq!(ev.bind_virq(0, 1), Err(Errno::ENOENT));
+        assert_eq!(
+            ev.send_target(u64::from(virq)),
+            Err(Errno::EINVAL),
+            "VIRQ ports are not sent on"
+        );
+        ev.close(&t.mem, u64::from(virq)).unwrap();
+        assert_eq!(
+            ev.close(&t.mem, u64::from(virq)),
+            Err(Errno::EINVAL),
+            "double close"
+        );
+        assert!(ev.bind_virq(0, 0).is_ok(), "closing unbinds the VIRQ");
+        let status = PortStatus::unpack(ev.status(&t.mem, u64::from(CONSOLE_PORT)).unwrap());
+        assert_eq!(status.state, PortState::Interdomain as u8);
+    }
+
+    #[test]
+    fn the_table_fills_up_with_enospc() {
+        let t = test_memory(1 << 20);
+        let _ = &t;
+        let mut ev = EventChannels::new(SHARED, 1);
+        for _ in 2..NR_PORTS {
+            ev.alloc_unbound(1).unwrap();
+        }
+        assert_eq!(ev.alloc_unbound(1), Err(Errno::ENOSPC));
+    }
+}

@@ -1,0 +1,71 @@
+//! The scheduler's view of this machine ([`Host`]): system time from the TSC, the local APIC
+//! timer as the one host timer, and halting until an interrupt.
+
+use super::apic;
+use crate::common::domain::read_tsc;
+use crate::common::scheduler::Host;
+use crate::common::time::TimeBase;
+
+/// This machine, as the scheduler uses it.
+pub struct MachineHost {
+    time: TimeBase,
+    apic_timer_hz: u64,
+    /// The deadline the APIC timer is armed for (None: not armed or already fired).
+    armed: Option<u64>,
+}
+
+impl MachineHost {
+    /// A host whose clock is `time` and whose APIC timer ticks at `apic_timer_hz`.
+    pub fn new(time: TimeBase, apic_timer_hz: u64) -> Self {
+        MachineHost {
+            time,
+            apic_timer_hz,
+            armed: None,
+        }
+    }
+
+    fn after_interrupts(&mut self) {
+        if apic::take_timer_fired() {
+            self.armed = None;
+        }
+    }
+}
+
+impl Host for MachineHost {
+    fn now_ns(&self) -> u64 {
+        self.time.ns_at(read_tsc())
+    }
+
+    fn arm_timer(&mut self, deadline: Option<u64>) {
+        if deadline == self.armed {
+            return;
+        }
+        self.armed = deadline;
+        let Some(deadline) = deadline else {
+            apic::arm_one_shot(0);
+            return;
+        };
+        let delay = u128::from(deadline.saturating_sub(self.now_ns()));
+        let ticks = (delay * u128::from(self.apic_timer_hz)).div_ceil(1_000_000_000);
+        // A due deadline fires at once; a far one fires early and the scheduler re-arms.
+        apic::arm_one_shot(ticks.clamp(1, u128::from(u32::MAX)) as u32);
+    }
+
+    fn wait_for_interrupt(&mut self) {
+        // STI's one-instruction shadow makes `sti; hlt` wait without missing a wake-up.
+        // SAFETY: the IDT handles every vector the APIC can deliver; interrupts go off again
+        // before anything else runs.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        self.after_interrupts();
+    }
+
+    fn console_input(&mut self) -> Option<u8> {
+        super::serial::SERIAL.lock().try_receive()
+    }
+
+    fn service_interrupts(&mut self) {
+        // SAFETY: as above; the NOP gives a pending interrupt its chance after STI's shadow.
+        unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+        self.after_interrupts();
+    }
+}

@@ -23,7 +23,7 @@ pub fn command(icount: bool) -> Command {
     ]);
     if icount {
         // One TSC tick per emulated instruction: repeatable instruction counts for benchmarks.
-        command.args(["-icount", "shift=0"]);
+        command.args(["-icount", "shift=0,sleep=off"]);
     }
     command
 }

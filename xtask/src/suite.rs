@@ -324,7 +324,7 @@ fn boot(
         dir,
         timeout,
         streaming: &streaming,
-        icount: false,
+        icount: true,
     })
 }
 

@@ -18,9 +18,11 @@ const HOUR: u64 = 3600 * 1_000_000_000;
 
 pub(super) fn tsc_khz_agrees_everywhere() {
     let from_start_info = start_info().tsc_khz;
+    // Bochs runs its TSC at 100 MHz and calibration may land a few kHz either side: any
+    // frequency from 10 MHz up is plausible.
     check!(
-        (100_000..100_000_000).contains(&from_start_info),
-        "StartInfo.tsc_khz {from_start_info} is not a frequency between 100 MHz and 100 GHz"
+        (10_000..100_000_000).contains(&from_start_info),
+        "StartInfo.tsc_khz {from_start_info} is not a frequency between 10 MHz and 100 GHz"
     );
     check_eq!(
         "SharedInfo.tsc_khz against StartInfo.tsc_khz",

@@ -32,6 +32,9 @@ pub trait Host {
     fn service_interrupts(&mut self);
     /// A byte of console input from the machine's serial port, if one arrived.
     fn console_input(&mut self) -> Option<u8>;
+    /// The machine's own background work (moving console output to the wire); returns when
+    /// it wants to be called again.
+    fn housekeeping(&mut self) -> Option<u64>;
 }
 
 /// How often console input is polled while a domain could be woken by it.
@@ -160,6 +163,7 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
     let mut last: Option<usize> = None;
     loop {
         let now = host.now_ns();
+        let host_work = host.housekeeping();
         // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
         if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
             while let Some(byte) = host.console_input() {
@@ -180,7 +184,14 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
                 .iter()
                 .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
             let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-            host.arm_timer(slots.iter().filter_map(next_deadline).chain(poll).min());
+            host.arm_timer(
+                slots
+                    .iter()
+                    .filter_map(next_deadline)
+                    .chain(poll)
+                    .chain(host_work)
+                    .min(),
+            );
             host.wait_for_interrupt();
             continue;
         };
@@ -203,6 +214,7 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
             .filter(|(i, _)| *i != index)
             .filter_map(|(_, s)| next_deadline(s))
             .min();
+        let others = others.into_iter().chain(host_work).min();
         let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
         run_slice(&mut slots[index], host, now, slice_end);
     }
@@ -303,6 +315,9 @@ mod tests {
         }
         fn service_interrupts(&mut self) {}
         fn console_input(&mut self) -> Option<u8> {
+            None
+        }
+        fn housekeeping(&mut self) -> Option<u64> {
             None
         }
     }

@@ -28,6 +28,11 @@ pub(crate) const MS: u64 = 1_000_000;
 /// waited for the CPU.
 pub(crate) const LATE_BOUND_NS: u64 = 50 * MS;
 
+/// How long a test waits for an event that does not come before it calls it lost: long
+/// past any deadline it sets, short enough that a lost event fails the test rather than the
+/// whole run (which ends only when every test domain has ended).
+pub(crate) const GIVE_UP_NS: u64 = 2_000 * MS;
+
 /// The runstate area the stopwatches read.
 static RUNSTATE: RacyCell<RunstateInfo> = RacyCell::new(RunstateInfo {
     state: 0,

@@ -9,6 +9,7 @@ use lamina_guest_sdk::start_info;
 use crate::framework::expect_ok;
 use crate::irq::{self, UPCALL_VECTOR};
 use crate::shared;
+use crate::timing::GIVE_UP_NS;
 use crate::{hv, x86};
 
 /// A loopback port (AllocUnbound for DOMID_SELF), or `None` after recording why not.
@@ -45,13 +46,16 @@ pub(super) fn unmask_upcalls() {
     shared::upcall_mask().store(0, Ordering::SeqCst);
 }
 
-/// Waits (Poll without deadline) until `port` is pending; records a failure if Poll says
-/// otherwise. Returns system time right after.
+/// Waits (Poll) until `port` is pending, for at most [`GIVE_UP_NS`]; records a failure if
+/// Poll returns anything but 0. Returns system time right after.
 pub(super) fn wait_until_pending(what: &str, port: u64) -> u64 {
     let ports = [port as u32];
-    let status = hv::poll(&ports, 0);
+    let status = hv::poll(&ports, shared::now() + GIVE_UP_NS);
     let now = shared::now();
-    expect_ok(format_args!("{what}: Poll([{port}], no deadline)"), status);
+    expect_ok(
+        format_args!("{what}: Poll([{port}]) for up to {GIVE_UP_NS} ns"),
+        status,
+    );
     now
 }
 

@@ -84,4 +84,42 @@ pub(super) fn cpuid_timing_leaf() {
         1_000_000,
         timing.ebx
     );
+    check_eq!(
+        format_args!("CPUID {LEAF_TIMING:#x} ECX, EDX (reserved)"),
+        (0, 0),
+        (timing.ecx, timing.edx)
+    );
+}
+
+pub(super) fn cpuid_unused_hv_leaves_zero() {
+    // Leaves of the hypervisor range that Lamina does not define.
+    for leaf in [
+        0x4000_0002,
+        0x4000_0003,
+        0x4000_000f,
+        0x4000_0011,
+        0x4000_0100,
+        0x4fff_ffff,
+    ] {
+        let regs = cpuid(leaf, 0);
+        check_eq!(
+            format_args!("CPUID {leaf:#x} EAX, EBX, ECX, EDX"),
+            (0, 0, 0, 0),
+            (regs.eax, regs.ebx, regs.ecx, regs.edx)
+        );
+    }
+}
+
+pub(super) fn cpuid_hides_vmx_and_svm() {
+    let leaf1 = cpuid(1, 0);
+    check_eq!("CPUID.1:ECX bit 5 (VMX)", 0, leaf1.ecx >> 5 & 1);
+    check_eq!("CPUID.1:ECX bit 3 (MONITOR/MWAIT)", 0, leaf1.ecx >> 3 & 1);
+    let extended = cpuid(0x8000_0001, 0);
+    check_eq!("CPUID.80000001h:ECX bit 2 (SVM)", 0, extended.ecx >> 2 & 1);
+    let svm = cpuid(0x8000_000a, 0);
+    check_eq!(
+        "CPUID 0x8000000a (SVM features) EAX, EBX, ECX, EDX",
+        (0, 0, 0, 0),
+        (svm.eax, svm.ebx, svm.ecx, svm.edx)
+    );
 }

@@ -125,6 +125,11 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ),
     ("cpuid_timing_leaf", cpuid::cpuid_timing_leaf),
     (
+        "cpuid_unused_hv_leaves_zero",
+        cpuid::cpuid_unused_hv_leaves_zero,
+    ),
+    ("cpuid_hides_vmx_and_svm", cpuid::cpuid_hides_vmx_and_svm),
+    (
         "uart_output_reaches_console",
         io::uart_output_reaches_console,
     ),
@@ -289,6 +294,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "timer_without_virq_dropped",
         timer::timer_without_virq_dropped,
     ),
+    (
+        "singleshot_rearm_replaces",
+        timer::singleshot_rearm_replaces,
+    ),
     ("upcall_vector_bad_einval", upcall::upcall_vector_bad_einval),
     ("upcall_vector_0_disables", upcall::upcall_vector_0_disables),
     ("tsc_khz_agrees_everywhere", time::tsc_khz_agrees_everywhere),
@@ -342,6 +351,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "console_ring_drained_on_yield",
         ring::console_ring_drained_on_yield,
     ),
+    (
+        "console_port_close_keeps_ring",
+        ring::console_port_close_keeps_ring,
+    ),
     ("x2apic_cpuid_bits_set", apic::x2apic_cpuid_bits_set),
     (
         "apic_base_reads_x2apic_mode",
@@ -368,6 +381,15 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ),
     ("apic_isr_priority_nesting", apic::apic_isr_priority_nesting),
     ("apic_self_ipi_delivered", apic::apic_self_ipi_delivered),
+    ("x2apic_reserved_bits_gp", apic::x2apic_reserved_bits_gp),
+    (
+        "apic_disabled_delivers_nothing",
+        apic::apic_disabled_delivers_nothing,
+    ),
+    (
+        "apic_tsc_deadline_past_zero",
+        apic::apic_tsc_deadline_past_zero,
+    ),
 ];
 
 /// The body registered for test `name`.

@@ -69,6 +69,13 @@ pub(super) fn console_ring_drained_on_send() {
     ring_write(b"console_ring_drained_on_send: a line through the console ring\n");
     kick();
     check_drained(format_args!("after Send on the console port"));
+    // The hypervisor is the port's other end: a send sets no pending bit here.
+    let port = u64::from(start_info().console_port);
+    check_eq!(
+        format_args!("pending bit of the console port {port} after Send"),
+        false,
+        shared::is_pending(port)
+    );
     ring_write(b"console_ring_drained_on_send: two lines\nconsole_ring_drained_on_send: at once\n");
     kick();
     check_drained(format_args!("after a second Send"));
@@ -145,6 +152,37 @@ pub(super) fn console_ring_bogus_prod_reset() {
     );
     kick();
     check_drained(format_args!("after lines across the index wrap"));
+}
+
+pub(super) fn console_port_close_keeps_ring() {
+    let port = u64::from(start_info().console_port);
+    check_eq!(
+        format_args!("Close({port}), the console port"),
+        Status(0),
+        hv::close(port)
+    );
+    if let Some(status) = super::common::port_status(port) {
+        check_eq!(
+            "state of the closed console port",
+            lamina_abi::event_channel::PortState::Free as u8,
+            status.state
+        );
+    }
+    check_eq!(
+        format_args!("Send({port}) after closing it"),
+        Status::err(lamina_abi::Errno::EINVAL),
+        hv::send(port)
+    );
+    // The ring is still printed, at the domain's exits.
+    ring_write(b"console_port_close_keeps_ring: printed at a yield, the console port closed\n");
+    check_eq!("yield", Status(0), hv::sched_yield());
+    check_drained(format_args!("after a yield, with the console port closed"));
+    // Allocations still start at 2.
+    check_eq!(
+        "AllocUnbound after the console port was closed",
+        Status(2),
+        hv::alloc_unbound(lamina_abi::event_channel::DOMID_SELF)
+    );
 }
 
 pub(super) fn console_ring_drained_on_yield() {

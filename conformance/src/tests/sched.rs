@@ -141,7 +141,12 @@ pub(super) fn poll_pending_returns_at_once() {
     );
     let took = shared::now() - before;
     watch.check_prompt(format_args!("two polls on a pending port"), took);
-    // Poll does not touch the upcall mask (set at boot).
+    // Poll clears no pending bit (the guest consumes the event) and does not touch the
+    // upcall mask (set at boot).
+    check!(
+        shared::is_pending(port),
+        "Poll cleared the pending bit of port {port}"
+    );
     check_eq!(
         "evtchn_upcall_mask after Poll",
         1,

@@ -91,6 +91,28 @@ pub(super) fn singleshot_zero_cancels() {
     check_stays_idle("cancelled one-shot timer", timer, now + 6 * MS);
 }
 
+pub(super) fn singleshot_rearm_replaces() {
+    let Some(timer) = timer_port() else { return };
+    let watch = Stopwatch::start();
+    let now = shared::now();
+    // A new deadline replaces the old one, earlier or later.
+    if !arm_singleshot(now + MS) || !arm_singleshot(now + 4 * MS) {
+        return;
+    }
+    let at = wait_until_pending("re-armed one-shot timer", timer);
+    watch.check_on_time(
+        format_args!("one-shot timer re-armed from 1 ms to 4 ms ahead"),
+        now + 4 * MS,
+        at,
+    );
+    shared::clear_pending(timer);
+    check_stays_idle(
+        "one-shot timer after its only expiry",
+        timer,
+        shared::now() + 2 * MS,
+    );
+}
+
 pub(super) fn periodic_timer_keeps_period() {
     const PERIOD: u64 = MS;
     const TICKS: u64 = 10;

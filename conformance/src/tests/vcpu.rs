@@ -110,6 +110,22 @@ pub(super) fn vcpu_bad_vcpu_enoent() {
             );
         }
     }
+    // The vCPU is checked before the operation's own arguments (docs/abi.md 9).
+    let mem = start_info().mem_bytes;
+    for (op, bad_arg) in [
+        (VcpuOp::RegisterVcpuInfo, vcpu_info_area() + 8),
+        (VcpuOp::RegisterRunstate, mem),
+        (VcpuOp::SetPeriodicTimer, 1),
+        (VcpuOp::SetUpcallVector, 16),
+    ] {
+        // SAFETY: refused twice over: no vCPU 1, and an argument that is refused too.
+        let status = unsafe { hv::vcpu_op(op as u64, 1, bad_arg) };
+        check_eq!(
+            format_args!("{op:?}({bad_arg:#x}), invalid, on vCPU 1"),
+            Status::err(Errno::ENOENT),
+            status
+        );
+    }
     // None of them registered anything for vCPU 0.
     check_eq!(
         "RegisterVcpuInfo of vCPU 0 afterwards",
@@ -269,6 +285,12 @@ pub(super) fn runstate_tracks_states() {
     {
         return;
     }
+    // Written at once.
+    check_eq!(
+        "runstate state right after registering",
+        runstate::RUNNING,
+        read_runstate().state
+    );
     hv::sched_yield();
     let first = read_runstate();
     let now = shared::now();

@@ -40,6 +40,8 @@ pub(crate) const ISR0: u32 = 0x810;
 pub(crate) const TMR0: u32 = 0x818;
 /// Interrupt-request register, 8 MSRs (read-only).
 pub(crate) const IRR0: u32 = 0x820;
+/// Error status (write 0).
+pub(crate) const ESR: u32 = 0x828;
 /// Interrupt command register.
 pub(crate) const ICR: u32 = 0x830;
 /// LVT timer.

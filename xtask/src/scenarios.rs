@@ -92,6 +92,10 @@ pub struct Scenario {
 /// A hypervisor panic is never a pass.
 const NO_PANIC: LinePattern = LinePattern::Contains("lamina: PANIC");
 
+/// What sample-guest's kernel computes, identical whichever operation groups it uses.
+const SAMPLE_GUEST_RESULTS: &str =
+    "(d1) sample-guest: results: ticks=20 counter=21 fibonacci=11:89 cpu-probes=6/6 reports=5";
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "sample-guest-powers-off",
@@ -109,6 +113,24 @@ pub const SCENARIOS: &[Scenario] = &[
             },
             // The emulated UART path.
             LinePattern::Contains("(d1) hello from the trapped UART"),
+            // The kernel's work, paravirtual: the same line as in native mode below.
+            LinePattern::Contains("(d1) sample-guest: mode=pv "),
+            LinePattern::Contains(SAMPLE_GUEST_RESULTS),
+        ],
+        forbidden_lines: &[NO_PANIC],
+    },
+    Scenario {
+        name: "sample-guest-native-ops",
+        modules: &[ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleGuest),
+            cmdline: "sample-guest ops=native",
+        }],
+        expect: HvResult::Success,
+        required_lines: &[
+            LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
+            // Every operation group trapping: UART, HLT, x2APIC timer and EOI, TSC, CPUID.
+            LinePattern::Contains("(d1) sample-guest: mode=native "),
+            LinePattern::Contains(SAMPLE_GUEST_RESULTS),
         ],
         forbidden_lines: &[NO_PANIC],
     },

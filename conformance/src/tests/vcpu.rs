@@ -320,11 +320,14 @@ pub(super) fn runstate_tracks_states() {
         runstate::RUNNING,
         second.state
     );
-    let blocked = second.time[runstate::BLOCKED as usize]
-        .wrapping_sub(first.time[runstate::BLOCKED as usize]);
+    let grew = |state: u32| second.time[state as usize].wrapping_sub(first.time[state as usize]);
+    let blocked = grew(runstate::BLOCKED);
+    // Blocked from the call until the deadline woke it: 3 ms, less what the vCPU spent
+    // getting to the call (running, or preempted: every test domain shares one CPU).
+    let before_the_call = grew(runstate::RUNNING) + grew(runstate::RUNNABLE);
     check!(
-        (MS..=end - start).contains(&blocked),
-        "time BLOCKED grew by {blocked} ns over a 3 ms poll that took {} ns",
+        blocked > 0 && blocked + before_the_call >= 3 * MS - MS / 10 && blocked <= end - start,
+        "time BLOCKED grew by {blocked} ns (RUNNING and RUNNABLE by {before_the_call} ns) over a 3 ms poll that took {} ns",
         end - start
     );
     check!(

@@ -100,7 +100,7 @@ pub struct Features(pub u32);
 
 impl Features {
     /// Every defined bit with its name, in bit order.
-    pub const NAMES: [(u32, &'static str); 11] = [
+    pub const NAMES: [(u32, &'static str); 12] = [
         (features::ANY_HYPERCALL_INSN, "any-hypercall-insn"),
         (features::CONSOLE_IO, "console-io"),
         (features::SCHED_OP, "sched-op"),
@@ -112,6 +112,7 @@ impl Features {
         (features::MEMORY_OP, "memory-op"),
         (features::CONSOLE_RING, "console-ring"),
         (features::EMULATED_X2APIC, "emulated-x2apic"),
+        (features::EXIT_STATS, "exit-stats"),
     ];
 
     /// Whether every bit of `bits` is set.
@@ -149,7 +150,7 @@ mod tests {
         assert_eq!(
             Features(features::ALL).to_string(),
             "any-hypercall-insn console-io sched-op emulated-uart event-channels pvclock \
-             pv-timers multicall memory-op console-ring emulated-x2apic"
+             pv-timers multicall memory-op console-ring emulated-x2apic exit-stats"
         );
         assert_eq!(
             Features(features::CONSOLE_IO | 1 << 20).to_string(),

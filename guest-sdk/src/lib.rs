@@ -15,6 +15,7 @@
 //! - [`sched`]: yield, block, poll, shutdown.
 //! - [`multicall`]: a typed batch of hypercalls made with one exit.
 //! - [`memory`], [`vcpu`]: the memory map and size; per-vCPU registrations and timers.
+//! - [`stats`]: exit accounting, the exits a vCPU caused by kind and hypercall (ABI 1.1).
 //! - [`interrupts`]: a static IDT with exception reports, handlers by vector, and a hook where
 //!   a scheduler switches tasks on the way out of an interrupt.
 //! - [`pvops`]: operation groups (console, idle, timer, time, cpu) with a native and a
@@ -61,6 +62,7 @@ pub mod pvops;
 pub mod sched;
 pub mod shared;
 pub mod start;
+pub mod stats;
 pub mod time;
 pub mod timer;
 pub mod uart;

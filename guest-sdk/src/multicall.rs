@@ -23,6 +23,7 @@ use lamina_abi::event_channel::{EventChannelOp, Virq};
 use lamina_abi::memory::MemoryOp;
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{SchedOp, ShutdownReason};
+use lamina_abi::stats::{ExitCounters, StatsOp};
 use lamina_abi::vcpu::VcpuOp;
 
 use crate::events::Port;
@@ -142,6 +143,28 @@ impl<'a> Call<'a> {
                     hypercall::gpa_of(bytes),
                     len as u64,
                     0,
+                    0,
+                ],
+                result: 0,
+            },
+            buffers: PhantomData,
+        }
+    }
+
+    /// `stats_op` exit_counters of vCPU `vcpu` of `domain` (`DOMID_SELF` or an id) into `out`,
+    /// which the batch borrows until it is dropped; the result is 0 (docs/abi.md 15).
+    ///
+    /// A read of the caller's own counters in a batch counts the `multicall` exit (one exit,
+    /// one hypercall: number 6), not a `stats_op` one: entries are not exits.
+    pub fn exit_counters(domain: u64, vcpu: u32, out: &'a mut ExitCounters) -> Call<'a> {
+        Call {
+            entry: MulticallEntry {
+                op: Hypercall::StatsOp as u64,
+                args: [
+                    StatsOp::ExitCounters as u64,
+                    domain,
+                    u64::from(vcpu),
+                    core::ptr::from_mut(out) as u64,
                     0,
                 ],
                 result: 0,
@@ -295,6 +318,14 @@ mod tests {
         let call = Call::console_write(text);
         assert_eq!(call.entry().args[1], text.as_ptr() as u64);
         assert_eq!(call.entry().args[2], 6);
+        let mut counters = ExitCounters::default();
+        let address = &raw const counters as u64;
+        let call = Call::exit_counters(0x7ff0, 0, &mut counters);
+        assert_eq!(call.entry().op, Hypercall::StatsOp as u64);
+        assert_eq!(
+            call.entry().args,
+            [StatsOp::ExitCounters as u64, 0x7ff0, 0, address, 0]
+        );
     }
 
     #[test]

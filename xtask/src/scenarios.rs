@@ -278,6 +278,8 @@ mod tests {
 lamina: domain 1 sample-guest started mem=16M
 (d1) Lamina sample guest, ABI 0.1
 (d1) hello from the trapped UART
+(d1) sample-guest: mode=pv (console=pv idle=pv timer=pv time=pv cpu=pv)
+(d1) sample-guest: results: ticks=20 counter=21 fibonacci=11:89 cpu-probes=6/6 reports=5
 lamina: summary
 lamina: domain 1 sample-guest end=poweroff exits=12 vmcall=10 io=2
 lamina: result: success

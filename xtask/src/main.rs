@@ -5,8 +5,10 @@
 // A binary crate: `pub` marks what a module offers the rest of xtask.
 #![allow(unreachable_pub)]
 
+mod bench;
 mod bochs;
 mod build_images;
+mod chart;
 mod conformance;
 mod emulator;
 mod error;
@@ -54,6 +56,29 @@ enum Task {
     Test(SuiteArgs),
     /// Run only the conformance suite; writes target/lamina/conformance.{tap,junit.xml}.
     Conformance(SuiteArgs),
+    /// Benchmark paravirtual against trapping operations (instructions and exits per
+    /// operation); writes target/lamina/bench.{csv,svg}.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// Which virtualization extensions to measure.
+    #[arg(long, value_enum, default_value_t = VendorChoice::All)]
+    vendor: VendorChoice,
+    /// Compare with bench/baseline.csv; fail if a figure got more than 10% worse.
+    #[arg(long)]
+    check: bool,
+    /// Measured iterations of each operation.
+    #[arg(long, value_name = "N", default_value_t = bench::DEFAULT_ITERATIONS,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    iterations: u64,
+    /// Wall-clock limit per run in seconds [default: grows with the iterations].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// Stream the serial consoles, lines prefixed with the vendor.
+    #[arg(long, short)]
+    verbose: bool,
 }
 
 #[derive(Args, Debug)]
@@ -107,15 +132,20 @@ struct SuiteArgs {
     verbose: bool,
 }
 
-impl SuiteArgs {
-    fn options(&self) -> SuiteOptions {
-        let vendors = match self.vendor {
+impl VendorChoice {
+    fn vendors(self) -> Vec<Vendor> {
+        match self {
             VendorChoice::Amd => vec![Vendor::Amd],
             VendorChoice::Intel => vec![Vendor::Intel],
             VendorChoice::All => Vendor::ALL.to_vec(),
-        };
+        }
+    }
+}
+
+impl SuiteArgs {
+    fn options(&self) -> SuiteOptions {
         SuiteOptions {
-            vendors,
+            vendors: self.vendor.vendors(),
             filter: self.filter.clone(),
             timeout: self.timeout.map(Duration::from_secs),
             jobs: usize::from(self.jobs),
@@ -170,6 +200,13 @@ fn execute(task: Task) -> Result<ExitCode> {
         Task::Run(args) => run(args)?,
         Task::Test(args) => suite::test(&args.options())?,
         Task::Conformance(args) => suite::conformance(&args.options())?,
+        Task::Bench(args) => bench::bench(&bench::BenchOptions {
+            vendors: args.vendor.vendors(),
+            iterations: args.iterations,
+            check: args.check,
+            timeout: args.timeout.map(Duration::from_secs),
+            verbose: args.verbose,
+        })?,
     };
     Ok(if passed {
         ExitCode::SUCCESS

@@ -16,7 +16,7 @@ use crate::iso::{self, BootModule};
 use crate::report::{self, Judgement, Status, Suite, Table};
 use crate::scenarios::{self, Scenario};
 use crate::workspace::{self, Artifact};
-use crate::{build_images, tools};
+use crate::{bench, build_images, tools};
 
 /// Name of the host unit test step, for `--filter`.
 const HOST_UNIT_TESTS: &str = "host-unit-tests";
@@ -40,6 +40,8 @@ pub struct SuiteOptions {
 enum Job {
     Scenario(&'static Scenario, Vendor),
     Conformance(Vec<&'static TestInfo>, Vendor),
+    /// The benchmark with few iterations, held against its baseline.
+    Bench(Vendor),
 }
 
 impl Job {
@@ -47,12 +49,13 @@ impl Job {
         match self {
             Job::Scenario(scenario, _) => scenario.name,
             Job::Conformance(..) => conformance::SUITE_NAME,
+            Job::Bench(_) => bench::FAST_NAME,
         }
     }
 
     fn vendor(&self) -> Vendor {
         match self {
-            Job::Scenario(_, vendor) | Job::Conformance(_, vendor) => *vendor,
+            Job::Scenario(_, vendor) | Job::Conformance(_, vendor) | Job::Bench(vendor) => *vendor,
         }
     }
 
@@ -77,8 +80,9 @@ struct JobOutcome {
     suite: Option<Suite>,
 }
 
-/// `cargo xtask test`: host unit tests, then every scenario and the conformance suite.
-/// Returns whether everything passed.
+/// `cargo xtask test`: host unit tests, then every scenario, the conformance suite and the
+/// benchmark subset (`bench-fast`, held against bench/baseline.csv). Returns whether
+/// everything passed.
 pub fn test(options: &SuiteOptions) -> Result<bool> {
     tools::ensure(&options.vendors)?;
     let filter = options.filter.as_deref();
@@ -96,6 +100,9 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
                 .iter()
                 .map(|&vendor| Job::Scenario(scenario, vendor)),
         );
+    }
+    if filter.is_none_or(|f| bench::FAST_NAME.contains(f)) {
+        jobs.extend(options.vendors.iter().map(|&vendor| Job::Bench(vendor)));
     }
     let outcomes = if jobs.is_empty() {
         Vec::new()
@@ -196,13 +203,29 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
     if let Job::Conformance(tests, _) = job {
         return run_conformance(name, vendor, tests, &job.dir(), options);
     }
+    if let Job::Bench(_) = job {
+        let (judgement, record) = bench::fast_check(
+            vendor,
+            &job.dir(),
+            options.timeout,
+            &streaming(name, vendor, options),
+        );
+        return JobOutcome {
+            name,
+            vendor,
+            judgement,
+            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+            record,
+            suite: None,
+        };
+    }
     let prepared = prepare(job, options);
     let (record, judgement, suite) = match prepared {
         Err(err) => {
             let why = err.to_string();
             let suite = match job {
                 Job::Conformance(tests, _) => Some(conformance::errored_suite(vendor, tests, &why)),
-                Job::Scenario(..) => None,
+                Job::Scenario(..) | Job::Bench(_) => None,
             };
             (None, Judgement::new(Status::Error, why), suite)
         }
@@ -211,7 +234,9 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
                 let judgement = scenarios::judge(scenario, &record);
                 (Some(record), judgement, None)
             }
-            Job::Conformance(..) => unreachable!("conformance jobs are prepared in batches"),
+            Job::Conformance(..) | Job::Bench(_) => {
+                unreachable!("conformance and bench jobs are run on their own")
+            }
         },
     };
     let seconds = record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64());
@@ -293,6 +318,7 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
             conformance::boot_modules(tests),
             conformance::timeout(vendor, options.timeout, tests.len()),
         ),
+        Job::Bench(_) => unreachable!("bench jobs boot through bench::fast_check"),
     };
     boot(&dir, vendor, &modules, timeout, job.name(), options)
 }
@@ -310,22 +336,26 @@ fn boot(
     iso::build_iso(
         &Artifact::Hypervisor.path(),
         "",
-        &modules,
+        modules,
         &dir.staging(),
         &dir.iso(),
     )?;
-    let streaming = if options.verbose {
-        Streaming::Prefixed(format!("[{} {}] ", name, vendor.name()))
-    } else {
-        Streaming::Off
-    };
     emulator::run(&RunRequest {
         vendor,
         dir,
         timeout,
-        streaming: &streaming,
+        streaming: &streaming(name, vendor, options),
         icount: true,
     })
+}
+
+/// Where a run's serial lines go: nowhere, or with `--verbose` to stdout after its name.
+fn streaming(name: &str, vendor: Vendor, options: &SuiteOptions) -> Streaming {
+    if options.verbose {
+        Streaming::Prefixed(format!("[{} {}] ", name, vendor.name()))
+    } else {
+        Streaming::Off
+    }
 }
 
 /// One verdict for a whole conformance run, for the scenario table.

@@ -48,13 +48,15 @@ pub enum Artifact {
     Hypervisor,
     SampleGuest,
     Conformance,
+    Bench,
 }
 
 impl Artifact {
-    pub const ALL: [Artifact; 3] = [
+    pub const ALL: [Artifact; 4] = [
         Artifact::Hypervisor,
         Artifact::SampleGuest,
         Artifact::Conformance,
+        Artifact::Bench,
     ];
 
     /// The cargo package that builds it.
@@ -63,6 +65,7 @@ impl Artifact {
             Artifact::Hypervisor => "lamina-hv",
             Artifact::SampleGuest => "sample-guest",
             Artifact::Conformance => "lamina-conformance",
+            Artifact::Bench => "lamina-bench",
         }
     }
 
@@ -72,6 +75,7 @@ impl Artifact {
             Artifact::Hypervisor => "lamina-hv",
             Artifact::SampleGuest => "sample-guest",
             Artifact::Conformance => "lamina-conformance",
+            Artifact::Bench => "lamina-bench",
         }
     }
 

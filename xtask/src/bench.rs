@@ -1,0 +1,902 @@
+//! `cargo xtask bench`: boots the benchmark guest (`bench/`, `lamina-bench`) under QEMU with
+//! `-icount shift=0` (AMD-V) and under Bochs (VT-x), where the TSC counts emulated
+//! instructions, reads its `BENCH` lines, and
+//! - prints a table (operation, group, path, instructions per operation, exits per operation,
+//!   vendor),
+//! - writes `target/lamina/bench.csv` and the chart `target/lamina/bench.svg` ([`crate::chart`]),
+//! - with `--check`, compares with the committed baseline `bench/baseline.csv` and fails when
+//!   a figure got more than [`TOLERANCE_PERCENT`] worse (higher).
+//!
+//! Figures keep the guest's two decimals as integers ([`Figure`]), so two runs, the CSV and
+//! the baseline compare exactly. `cargo xtask test` runs a small instance of the same
+//! benchmark on each vendor ([`fast_check`]) and holds it against the same baseline.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs;
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use crate::emulator::{self, RunDir, RunOutcome, RunRecord, RunRequest, Streaming, Vendor};
+use crate::error::{Context, Result, failed};
+use crate::iso::{self, BootModule};
+use crate::report::{Judgement, Status, Table};
+use crate::serial_log::SerialLog;
+use crate::workspace::{self, Artifact};
+use crate::{build_images, chart, tools};
+
+/// The guest's domain name (its module command line starts with it).
+pub const DOMAIN_NAME: &str = "lamina-bench";
+/// Iterations of a full run (the guest's default too).
+pub const DEFAULT_ITERATIONS: u64 = 2000;
+/// Iterations of the subset `cargo xtask test` runs.
+pub const FAST_ITERATIONS: u64 = 200;
+/// Name of the subset in the `cargo xtask test` table (and for `--filter`).
+pub const FAST_NAME: &str = "bench-fast";
+/// How much worse (higher) than the baseline a figure may get.
+pub const TOLERANCE_PERCENT: u64 = 10;
+
+/// The committed baseline.
+pub fn baseline_path() -> PathBuf {
+    workspace::root().join("bench").join("baseline.csv")
+}
+
+/// What `cargo xtask bench` was asked to do.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub vendors: Vec<Vendor>,
+    pub iterations: u64,
+    /// Compare with the baseline; fail on a regression.
+    pub check: bool,
+    /// Overrides the wall-clock limit per run.
+    pub timeout: Option<Duration>,
+    /// Stream the serial consoles.
+    pub verbose: bool,
+}
+
+/// A figure with two decimals, as the guest prints it: `Figure(12345)` is 123.45.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Figure(pub u64);
+
+impl Figure {
+    /// Parses `123.45`, `123.4` or `123`.
+    pub fn parse(text: &str) -> Option<Figure> {
+        let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+        if whole.is_empty()
+            || fraction.len() > 2
+            || !whole.bytes().all(|b| b.is_ascii_digit())
+            || !fraction.bytes().all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let whole: u64 = whole.parse().ok()?;
+        let fraction: u64 = match fraction.len() {
+            0 => 0,
+            1 => fraction.parse::<u64>().ok()? * 10,
+            _ => fraction.parse().ok()?,
+        };
+        whole.checked_mul(100)?.checked_add(fraction).map(Figure)
+    }
+
+    pub fn as_f64(self) -> f64 {
+        self.0 as f64 / 100.0
+    }
+}
+
+impl fmt::Display for Figure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{:02}", self.0 / 100, self.0 % 100)
+    }
+}
+
+/// One operation measured on one vendor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Measurement {
+    pub op: String,
+    pub group: String,
+    /// `pv` or `trap`.
+    pub path: String,
+    pub vendor: String,
+    pub iterations: u64,
+    /// TSC ticks per operation: instructions, guest and hypervisor, under -icount and Bochs.
+    /// `None` when skipped.
+    pub instructions: Option<Figure>,
+    /// `None` when skipped or when the hypervisor has no `stats_op`.
+    pub exits: Option<Figure>,
+    /// Ticks per operation the vCPU spent blocked (not in `instructions`).
+    pub blocked: Option<Figure>,
+    /// Why the operation was not measured.
+    pub skipped: Option<String>,
+}
+
+impl Measurement {
+    fn key(&self) -> (&str, &str) {
+        (&self.op, &self.vendor)
+    }
+}
+
+/// `-` for a figure that is not there.
+fn show(figure: Option<Figure>) -> String {
+    figure.map_or_else(|| "-".to_string(), |f| f.to_string())
+}
+
+/// Reads one guest line; `Ok(None)` when it is not a `BENCH` line.
+pub fn parse_line(line: &str, vendor: &str) -> std::result::Result<Option<Measurement>, String> {
+    let Some(rest) = line.strip_prefix("BENCH ") else {
+        return Ok(None);
+    };
+    let mut fields = Vec::new();
+    for word in rest.split_whitespace() {
+        let (key, value) = word
+            .split_once('=')
+            .ok_or_else(|| format!("`{word}` is not key=value in {line:?}"))?;
+        fields.push((key, value));
+    }
+    let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let need = |key: &str| get(key).ok_or_else(|| format!("no {key}= in {line:?}"));
+    let figure = |key: &str| -> std::result::Result<Option<Figure>, String> {
+        match get(key) {
+            None | Some("-") => Ok(None),
+            Some(text) => Figure::parse(text)
+                .map(Some)
+                .ok_or_else(|| format!("{key}={text} is not a number in {line:?}")),
+        }
+    };
+    let path = need("path")?;
+    if path != "pv" && path != "trap" {
+        return Err(format!("path={path} is neither pv nor trap in {line:?}"));
+    }
+    let iterations = need("iterations")?;
+    let iterations = iterations
+        .parse()
+        .map_err(|_| format!("iterations={iterations} is not a count in {line:?}"))?;
+    let skipped = get("skipped").map(str::to_string);
+    let instructions = figure("tsc_per_op")?;
+    if instructions.is_none() && skipped.is_none() {
+        return Err(format!("no tsc_per_op= in {line:?}"));
+    }
+    Ok(Some(Measurement {
+        op: need("op")?.to_string(),
+        group: need("group")?.to_string(),
+        path: path.to_string(),
+        vendor: vendor.to_string(),
+        iterations,
+        instructions,
+        exits: figure("exits_per_op")?,
+        blocked: figure("blocked_tsc_per_op")?,
+        skipped,
+    }))
+}
+
+/// The measurements of a finished run, or why there are none: the hypervisor must report
+/// success and the guest must not have printed an error.
+pub fn parse_log(log: &SerialLog, vendor: Vendor) -> std::result::Result<Vec<Measurement>, String> {
+    let id = log
+        .domain_id(DOMAIN_NAME)
+        .ok_or_else(|| format!("no `lamina: domain <ID> {DOMAIN_NAME} started` line"))?;
+    let mut measurements: Vec<Measurement> = Vec::new();
+    let mut errors = Vec::new();
+    for line in log.guest_lines(id) {
+        if let Some(error) = line.strip_prefix("bench: error: ") {
+            errors.push(error.to_string());
+        }
+        if let Some(measurement) = parse_line(line, vendor.name())? {
+            if measurements.iter().any(|m| m.op == measurement.op) {
+                return Err(format!("{} reported twice", measurement.op));
+            }
+            measurements.push(measurement);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(format!("the guest reported: {}", errors.join("; ")));
+    }
+    match log.end_of(id) {
+        Some("poweroff") => {}
+        Some(end) => return Err(format!("the guest ended with {end}, not poweroff")),
+        None => return Err("the guest did not end (no summary line)".to_string()),
+    }
+    if measurements.is_empty() {
+        return Err("no BENCH lines".to_string());
+    }
+    Ok(measurements)
+}
+
+const CSV_HEADER: &str =
+    "op,group,path,vendor,iterations,instructions_per_op,exits_per_op,blocked_ticks_per_op,skipped";
+
+/// The measurements as CSV, one line per operation and vendor; missing figures are empty.
+pub fn to_csv(measurements: &[Measurement]) -> String {
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    let cell = |figure: Option<Figure>| figure.map(|f| f.to_string()).unwrap_or_default();
+    for m in measurements {
+        let fields = [
+            m.op.clone(),
+            m.group.clone(),
+            m.path.clone(),
+            m.vendor.clone(),
+            m.iterations.to_string(),
+            cell(m.instructions),
+            cell(m.exits),
+            cell(m.blocked),
+            m.skipped.clone().unwrap_or_default(),
+        ];
+        // Names and reasons are single words: no quoting is ever needed.
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+/// Reads what [`to_csv`] wrote (blank lines and `#` comments allowed).
+pub fn from_csv(text: &str) -> std::result::Result<Vec<Measurement>, String> {
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty() && !line.starts_with('#'));
+    match lines.next() {
+        Some((_, header)) if header.trim() == CSV_HEADER => {}
+        Some((number, header)) => {
+            return Err(format!(
+                "line {}: expected the header `{CSV_HEADER}`, found `{header}`",
+                number + 1
+            ));
+        }
+        None => return Err("empty file".to_string()),
+    }
+    let mut measurements = Vec::new();
+    for (number, line) in lines {
+        let at = |what: String| format!("line {}: {what}", number + 1);
+        let fields: Vec<&str> = line.trim().split(',').collect();
+        let [
+            op,
+            group,
+            path,
+            vendor,
+            iterations,
+            instructions,
+            exits,
+            blocked,
+            skipped,
+        ] = fields[..]
+        else {
+            return Err(at(format!("{} fields, expected 9", fields.len())));
+        };
+        let figure = |text: &str| -> std::result::Result<Option<Figure>, String> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            Figure::parse(text)
+                .map(Some)
+                .ok_or_else(|| at(format!("`{text}` is not a number")))
+        };
+        measurements.push(Measurement {
+            op: op.to_string(),
+            group: group.to_string(),
+            path: path.to_string(),
+            vendor: vendor.to_string(),
+            iterations: iterations
+                .parse()
+                .map_err(|_| at(format!("`{iterations}` is not a count")))?,
+            instructions: figure(instructions)?,
+            exits: figure(exits)?,
+            blocked: figure(blocked)?,
+            skipped: (!skipped.is_empty()).then(|| skipped.to_string()),
+        });
+    }
+    Ok(measurements)
+}
+
+/// How a run compares with the baseline.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Comparison {
+    /// Figures more than the tolerance worse: these fail a check.
+    pub regressions: Vec<String>,
+    /// Figures more than the tolerance better: time to update the baseline.
+    pub improvements: Vec<String>,
+    /// Operations the baseline does not have.
+    pub new: Vec<String>,
+    /// Baseline operations the run did not measure (or skipped, or measured without exits).
+    pub missing: Vec<String>,
+    /// Figures compared.
+    pub compared: usize,
+}
+
+impl Comparison {
+    pub fn passed(&self) -> bool {
+        self.regressions.is_empty()
+    }
+
+    /// A human-readable account, one item per line.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let mut section = |title: &str, items: &[String]| {
+            if !items.is_empty() {
+                out.push_str(&format!("{title}:\n"));
+                for item in items {
+                    out.push_str(&format!("  {item}\n"));
+                }
+            }
+        };
+        section(
+            &format!("worse than the baseline by more than {TOLERANCE_PERCENT}%"),
+            &self.regressions,
+        );
+        section(
+            &format!(
+                "better than the baseline by more than {TOLERANCE_PERCENT}% (update bench/baseline.csv)"
+            ),
+            &self.improvements,
+        );
+        section("not in the baseline", &self.new);
+        section("in the baseline but not measured", &self.missing);
+        out.push_str(&format!(
+            "{} figures compared, {} regressions\n",
+            self.compared,
+            self.regressions.len()
+        ));
+        out
+    }
+}
+
+/// Whether `current` is more than the tolerance above `baseline` (a baseline of 0 allows
+/// nothing above it).
+fn worse(baseline: Figure, current: Figure) -> bool {
+    u128::from(current.0) * 100 > u128::from(baseline.0) * u128::from(100 + TOLERANCE_PERCENT)
+}
+
+/// Compares the figures of every (operation, vendor) that both have. Only vendors present in
+/// `current` are looked at, so a one-vendor run is not missing the other's operations.
+pub fn compare(baseline: &[Measurement], current: &[Measurement]) -> Comparison {
+    let mut comparison = Comparison::default();
+    let vendors: BTreeSet<&str> = current.iter().map(|m| m.vendor.as_str()).collect();
+    for old in baseline
+        .iter()
+        .filter(|m| vendors.contains(m.vendor.as_str()))
+    {
+        let name = format!("{} ({})", old.op, old.vendor);
+        let Some(new) = current.iter().find(|m| m.key() == old.key()) else {
+            comparison.missing.push(name);
+            continue;
+        };
+        for (what, old_figure, new_figure) in [
+            ("instructions/op", old.instructions, new.instructions),
+            ("exits/op", old.exits, new.exits),
+        ] {
+            match (old_figure, new_figure) {
+                (Some(before), Some(now)) => {
+                    comparison.compared += 1;
+                    let change = format!("{name} {what}: {before} -> {now}");
+                    if worse(before, now) {
+                        comparison.regressions.push(change);
+                    } else if worse(now, before) {
+                        comparison.improvements.push(change);
+                    }
+                }
+                (Some(before), None) => comparison
+                    .missing
+                    .push(format!("{name} {what}: {before} -> not measured")),
+                (None, _) => {}
+            }
+        }
+    }
+    for new in current {
+        if !baseline.iter().any(|m| m.key() == new.key()) {
+            comparison.new.push(format!("{} ({})", new.op, new.vendor));
+        }
+    }
+    comparison
+}
+
+/// The console table: one row per operation and vendor.
+pub fn table(measurements: &[Measurement]) -> String {
+    let mut table = Table::new(
+        [
+            "operation",
+            "group",
+            "path",
+            "instructions/op",
+            "exits/op",
+            "vendor",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    for m in sorted(measurements) {
+        let (instructions, exits) = match &m.skipped {
+            Some(_) => ("n/a".to_string(), "n/a".to_string()),
+            None => (show(m.instructions), show(m.exits)),
+        };
+        table.add_row(vec![
+            m.op.clone(),
+            m.group.clone(),
+            m.path.clone(),
+            instructions,
+            exits,
+            m.vendor.clone(),
+        ]);
+    }
+    let mut out = table.render();
+    let notes: BTreeSet<String> = measurements
+        .iter()
+        .filter_map(|m| {
+            m.skipped
+                .as_ref()
+                .map(|why| format!("{}: n/a ({why})", m.op))
+        })
+        .collect();
+    for note in notes {
+        out.push_str(&note);
+        out.push('\n');
+    }
+    out
+}
+
+/// Measurements in report order: by operation as the guest printed them, then by vendor.
+pub fn sorted(measurements: &[Measurement]) -> Vec<&Measurement> {
+    let mut order: Vec<&str> = Vec::new();
+    for m in measurements {
+        if !order.contains(&m.op.as_str()) {
+            order.push(&m.op);
+        }
+    }
+    let mut sorted: Vec<&Measurement> = measurements.iter().collect();
+    sorted.sort_by_key(|m| {
+        (
+            order
+                .iter()
+                .position(|op| *op == m.op)
+                .unwrap_or(usize::MAX),
+            m.vendor.clone(),
+        )
+    });
+    sorted
+}
+
+/// Wall-clock limit of one run: the emulators manage about 1e5 exits per second, and the
+/// full benchmark makes about 60 exits per iteration.
+fn timeout(vendor: Vendor, iterations: u64, overridden: Option<Duration>) -> Duration {
+    overridden.unwrap_or_else(|| {
+        let per_iteration_ms = match vendor {
+            Vendor::Amd => 2,
+            Vendor::Intel => 4,
+        };
+        vendor.default_timeout() + Duration::from_millis(per_iteration_ms * iterations)
+    })
+}
+
+/// Boots the benchmark with `iterations` on `vendor` in `dir`.
+fn boot(
+    vendor: Vendor,
+    iterations: u64,
+    dir: &RunDir,
+    timeout: Duration,
+    streaming: &Streaming,
+) -> Result<RunRecord> {
+    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
+    let modules = [BootModule {
+        path: Artifact::Bench.path(),
+        cmdline: format!("{DOMAIN_NAME} iterations={iterations}"),
+    }];
+    iso::build_iso(
+        &Artifact::Hypervisor.path(),
+        "",
+        &modules,
+        &dir.staging(),
+        &dir.iso(),
+    )?;
+    emulator::run(&RunRequest {
+        vendor,
+        dir,
+        timeout,
+        streaming,
+        // QEMU: the TSC counts instructions. Bochs counts them anyway.
+        icount: true,
+    })
+}
+
+/// Why a run gave no measurements, with the end of its serial log.
+fn run_failure(record: &RunRecord, why: &str) -> String {
+    let mut message = format!(
+        "{} run: {why} ({}; serial log {})",
+        record.vendor.name(),
+        match record.outcome() {
+            RunOutcome::Timeout => "timed out".to_string(),
+            _ => record.ending(),
+        },
+        emulator::show_path(&record.dir.serial_log())
+    );
+    for line in record.log.tail(10) {
+        message.push_str(&format!("\n    | {line}"));
+    }
+    message
+}
+
+/// One vendor's figures and run, or why there are none.
+type VendorRun = std::result::Result<(Vec<Measurement>, RunRecord), String>;
+
+/// Runs the benchmark on one vendor and reads its figures.
+fn measure(
+    vendor: Vendor,
+    iterations: u64,
+    dir: &RunDir,
+    timeout: Duration,
+    streaming: &Streaming,
+) -> VendorRun {
+    let record =
+        boot(vendor, iterations, dir, timeout, streaming).map_err(|err| err.to_string())?;
+    match parse_log(&record.log, vendor) {
+        Ok(measurements) => Ok((measurements, record)),
+        Err(why) => Err(run_failure(&record, &why)),
+    }
+}
+
+/// `cargo xtask bench`; returns whether every run worked and, with `--check`, nothing got
+/// worse than the baseline.
+pub fn bench(options: &BenchOptions) -> Result<bool> {
+    tools::ensure(&options.vendors)?;
+    eprintln!("xtask: building the images");
+    build_images::build_images()?;
+    let iterations = options.iterations;
+    eprintln!(
+        "xtask: benchmarking with {iterations} iterations on {}",
+        options
+            .vendors
+            .iter()
+            .map(|v| v.name())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    );
+    let results: Vec<(Vendor, VendorRun)> = thread::scope(|scope| {
+        let handles: Vec<_> = options
+            .vendors
+            .iter()
+            .map(|&vendor| {
+                scope.spawn(move || {
+                    let dir =
+                        RunDir::new(workspace::lamina_dir().join("bench").join(vendor.name()));
+                    let streaming = if options.verbose {
+                        Streaming::Prefixed(format!("[bench {}] ", vendor.name()))
+                    } else {
+                        Streaming::Off
+                    };
+                    let timeout = timeout(vendor, iterations, options.timeout);
+                    let result = measure(vendor, iterations, &dir, timeout, &streaming);
+                    if let Ok((_, record)) = &result {
+                        eprintln!(
+                            "xtask: {} done in {:.1} s",
+                            vendor.name(),
+                            record.elapsed.as_secs_f64()
+                        );
+                    }
+                    (vendor, result)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("a benchmark thread panicked"))
+            .collect()
+    });
+
+    let mut measurements = Vec::new();
+    let mut all_ran = true;
+    for (vendor, result) in results {
+        match result {
+            Ok((found, _)) => measurements.extend(found),
+            Err(why) => {
+                all_ran = false;
+                eprintln!("xtask: {} benchmark failed: {why}", vendor.name());
+            }
+        }
+    }
+    if measurements.is_empty() {
+        return Ok(false);
+    }
+    println!();
+    print!("{}", table(&measurements));
+
+    let dir = workspace::lamina_dir();
+    fs::create_dir_all(&dir).context(|| format!("creating {}", dir.display()))?;
+    let csv_path = dir.join("bench.csv");
+    fs::write(&csv_path, to_csv(&measurements))
+        .context(|| format!("writing {}", csv_path.display()))?;
+    let svg_path = dir.join("bench.svg");
+    fs::write(&svg_path, chart::svg(&measurements))
+        .context(|| format!("writing {}", svg_path.display()))?;
+    println!(
+        "\nwritten: {}, {}",
+        emulator::show_path(&csv_path),
+        emulator::show_path(&svg_path)
+    );
+
+    if !options.check {
+        return Ok(all_ran);
+    }
+    let baseline = read_baseline()?;
+    let comparison = compare(&baseline, &measurements);
+    println!(
+        "\ncompared with {}:\n{}",
+        emulator::show_path(&baseline_path()),
+        comparison.describe()
+    );
+    Ok(all_ran && comparison.passed())
+}
+
+/// The committed baseline.
+pub fn read_baseline() -> Result<Vec<Measurement>> {
+    let path = baseline_path();
+    let text = fs::read_to_string(&path).context(|| format!("reading {}", path.display()))?;
+    from_csv(&text).map_err(|why| failed(format!("{}: {why}", path.display())))
+}
+
+/// The subset `cargo xtask test` runs: the benchmark with [`FAST_ITERATIONS`] on `vendor`,
+/// held against the baseline. Returns the verdict and the run, if it got that far.
+pub fn fast_check(
+    vendor: Vendor,
+    dir: &RunDir,
+    timeout_override: Option<Duration>,
+    streaming: &Streaming,
+) -> (Judgement, Option<RunRecord>) {
+    let baseline = match read_baseline() {
+        Ok(baseline) => baseline,
+        Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
+    };
+    let timeout = timeout(vendor, FAST_ITERATIONS, timeout_override);
+    let record = match boot(vendor, FAST_ITERATIONS, dir, timeout, streaming) {
+        Ok(record) => record,
+        Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
+    };
+    let measurements = match parse_log(&record.log, vendor) {
+        Ok(measurements) => measurements,
+        Err(why) => {
+            let status = match record.outcome() {
+                RunOutcome::Timeout => Status::Timeout,
+                RunOutcome::Crash => Status::Crash,
+                RunOutcome::Success | RunOutcome::Failure => Status::Fail,
+            };
+            return (Judgement::new(status, why), Some(record));
+        }
+    };
+    let comparison = compare(&baseline, &measurements);
+    let judgement = if comparison.passed() {
+        Judgement::pass()
+    } else {
+        Judgement {
+            status: Status::Fail,
+            problems: comparison
+                .regressions
+                .iter()
+                .map(|r| {
+                    format!("more than {TOLERANCE_PERCENT}% worse than bench/baseline.csv: {r}")
+                })
+                .collect(),
+        }
+    };
+    (judgement, Some(record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measurement(op: &str, vendor: &str, instructions: u64, exits: Option<u64>) -> Measurement {
+        Measurement {
+            op: op.to_string(),
+            group: "hypercall".to_string(),
+            path: "pv".to_string(),
+            vendor: vendor.to_string(),
+            iterations: 2000,
+            instructions: Some(Figure(instructions)),
+            exits: exits.map(Figure),
+            blocked: None,
+            skipped: None,
+        }
+    }
+
+    #[test]
+    fn figures_keep_two_decimals_exactly() {
+        assert_eq!(Figure::parse("123.45"), Some(Figure(12345)));
+        assert_eq!(Figure::parse("0.04"), Some(Figure(4)));
+        assert_eq!(Figure::parse("7.5"), Some(Figure(750)));
+        assert_eq!(Figure::parse("80"), Some(Figure(8000)));
+        for bad in ["", "-", ".5", "1.234", "1,5", "x", "-1.00", "1e3"] {
+            assert_eq!(Figure::parse(bad), None, "{bad:?}");
+        }
+        assert_eq!(Figure(12345).to_string(), "123.45");
+        assert_eq!(Figure(4).to_string(), "0.04");
+        assert_eq!(Figure(100).to_string(), "1.00");
+    }
+
+    #[test]
+    fn bench_lines_are_parsed() {
+        let line = "BENCH op=null_hypercall group=hypercall path=pv iterations=2000 tsc_per_op=161.03 exits_per_op=1.00";
+        let m = parse_line(line, "amd").unwrap().unwrap();
+        assert_eq!(m.op, "null_hypercall");
+        assert_eq!(m.group, "hypercall");
+        assert_eq!(m.path, "pv");
+        assert_eq!(m.vendor, "amd");
+        assert_eq!(m.iterations, 2000);
+        assert_eq!(m.instructions, Some(Figure(16103)));
+        assert_eq!(m.exits, Some(Figure(100)));
+        assert_eq!(m.blocked, None);
+        assert_eq!(m.skipped, None);
+
+        let timer = "BENCH op=timer_pv group=timer path=pv iterations=5 tsc_per_op=900.00 exits_per_op=- blocked_tsc_per_op=9100.20";
+        let m = parse_line(timer, "intel").unwrap().unwrap();
+        assert_eq!(m.exits, None, "no stats_op: exits are -");
+        assert_eq!(m.blocked, Some(Figure(910020)));
+
+        let skipped = "BENCH op=event_pingpong group=pingpong path=pv iterations=0 tsc_per_op=- exits_per_op=- skipped=needs-interdomain-events";
+        let m = parse_line(skipped, "amd").unwrap().unwrap();
+        assert_eq!(m.instructions, None);
+        assert_eq!(m.skipped.as_deref(), Some("needs-interdomain-events"));
+
+        assert_eq!(parse_line("bench: done", "amd"), Ok(None));
+        assert_eq!(parse_line("BENCHMARK op=x", "amd"), Ok(None));
+    }
+
+    #[test]
+    fn malformed_bench_lines_are_errors() {
+        for bad in [
+            "BENCH op=x group=g path=pv iterations=1",
+            "BENCH op=x group=g path=pv iterations=1 tsc_per_op=abc exits_per_op=1.00",
+            "BENCH op=x group=g path=sideways iterations=1 tsc_per_op=1.00",
+            "BENCH op=x group=g path=pv iterations=many tsc_per_op=1.00",
+            "BENCH group=g path=pv iterations=1 tsc_per_op=1.00",
+            "BENCH op=x group=g path=pv iterations=1 tsc_per_op=1.00 stray",
+        ] {
+            assert!(parse_line(bad, "amd").is_err(), "{bad}");
+        }
+    }
+
+    const LOG: &str = "\
+lamina: domain 1 lamina-bench started mem=16M
+(d1) bench: domain 1, 10 iterations
+(d1) BENCH op=null_hypercall group=hypercall path=pv iterations=10 tsc_per_op=161.03 exits_per_op=1.00
+(d1) BENCH op=pvclock_read group=time path=pv iterations=10 tsc_per_op=52.10 exits_per_op=0.00
+(d1) bench: done
+lamina: summary
+lamina: domain 1 lamina-bench end=poweroff exits=99
+lamina: result: success
+";
+
+    #[test]
+    fn a_log_yields_its_measurements() {
+        let log = SerialLog::from_bytes(LOG.as_bytes());
+        let found = parse_log(&log, Vendor::Intel).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[1].op, "pvclock_read");
+        assert_eq!(found[1].vendor, "intel");
+        assert_eq!(found[1].exits, Some(Figure(0)));
+    }
+
+    #[test]
+    fn a_log_with_errors_or_a_crash_yields_none() {
+        let errors = LOG.replace("(d1) bench: done", "(d1) bench: error: timer_pv: no fire");
+        let why = parse_log(&SerialLog::from_bytes(errors.as_bytes()), Vendor::Amd).unwrap_err();
+        assert!(why.contains("timer_pv: no fire"), "{why}");
+        let crashed = LOG.replace("end=poweroff", "end=crash");
+        assert!(parse_log(&SerialLog::from_bytes(crashed.as_bytes()), Vendor::Amd).is_err());
+        let twice = LOG.replace("(d1) bench: done", LOG.lines().nth(2).unwrap());
+        let why = parse_log(&SerialLog::from_bytes(twice.as_bytes()), Vendor::Amd).unwrap_err();
+        assert!(why.contains("twice"), "{why}");
+        let none = "lamina: result: failure\n";
+        assert!(parse_log(&SerialLog::from_bytes(none.as_bytes()), Vendor::Amd).is_err());
+    }
+
+    #[test]
+    fn csv_round_trips() {
+        let mut skipped = measurement("event_pingpong", "amd", 0, None);
+        skipped.instructions = None;
+        skipped.iterations = 0;
+        skipped.skipped = Some("needs-interdomain-events".to_string());
+        let mut timer = measurement("timer_pv", "intel", 90_000, Some(200));
+        timer.blocked = Some(Figure(910_020));
+        let all = vec![
+            measurement("null_hypercall", "amd", 16_103, Some(100)),
+            measurement("null_hypercall", "intel", 20_000, None),
+            timer,
+            skipped,
+        ];
+        let csv = to_csv(&all);
+        assert!(csv.starts_with(CSV_HEADER));
+        assert!(csv.contains("\nnull_hypercall,hypercall,pv,amd,2000,161.03,1.00,,\n"));
+        assert!(csv.contains("\nevent_pingpong,hypercall,pv,amd,0,,,,needs-interdomain-events\n"));
+        assert_eq!(from_csv(&csv).unwrap(), all);
+        let commented = format!("# a note\n\n{csv}");
+        assert_eq!(from_csv(&commented).unwrap(), all);
+    }
+
+    #[test]
+    fn bad_csv_is_refused() {
+        assert!(from_csv("").is_err());
+        assert!(from_csv("op,vendor\n").is_err());
+        let short = format!("{CSV_HEADER}\nnull_hypercall,hypercall,pv\n");
+        assert!(from_csv(&short).unwrap_err().starts_with("line 2:"));
+        let bad = format!("{CSV_HEADER}\nx,g,pv,amd,10,fast,1.00,,\n");
+        assert!(from_csv(&bad).is_err());
+    }
+
+    #[test]
+    fn the_check_fails_only_on_more_than_ten_percent_worse() {
+        let baseline = vec![
+            measurement("a", "amd", 10_000, Some(100)),
+            measurement("b", "amd", 10_000, Some(100)),
+            measurement("c", "amd", 10_000, Some(0)),
+            measurement("d", "amd", 10_000, Some(4)),
+            measurement("gone", "amd", 10_000, Some(100)),
+            measurement("a", "intel", 10_000, Some(100)),
+        ];
+        let current = vec![
+            // Exactly 10% worse passes; better is fine.
+            measurement("a", "amd", 11_000, Some(100)),
+            // Just over 10% worse in instructions.
+            measurement("b", "amd", 11_001, Some(100)),
+            // An exit where there was none.
+            measurement("c", "amd", 5_000, Some(1)),
+            // 0.04 -> 0.05 exits is 25% worse.
+            measurement("d", "amd", 10_000, Some(5)),
+            measurement("new", "amd", 10_000, Some(100)),
+        ];
+        let comparison = compare(&baseline, &current);
+        assert_eq!(
+            comparison.regressions,
+            [
+                "b (amd) instructions/op: 100.00 -> 110.01",
+                "c (amd) exits/op: 0.00 -> 0.01",
+                "d (amd) exits/op: 0.04 -> 0.05",
+            ]
+        );
+        assert_eq!(
+            comparison.improvements,
+            ["c (amd) instructions/op: 100.00 -> 50.00"]
+        );
+        assert_eq!(comparison.new, ["new (amd)"]);
+        // Intel did not run: its baseline rows are not missing.
+        assert_eq!(comparison.missing, ["gone (amd)"]);
+        assert_eq!(comparison.compared, 8);
+        assert!(!comparison.passed());
+        assert!(comparison.describe().contains("3 regressions"));
+
+        let same = compare(&baseline, &baseline);
+        assert!(same.passed());
+        assert!(same.improvements.is_empty() && same.new.is_empty() && same.missing.is_empty());
+    }
+
+    #[test]
+    fn unmeasured_exits_and_skipped_operations_are_reported_not_failed() {
+        let baseline = vec![measurement("a", "amd", 10_000, Some(100))];
+        let mut skipped = measurement("a", "amd", 0, None);
+        skipped.instructions = None;
+        skipped.skipped = Some("why".to_string());
+        let comparison = compare(&baseline, &[skipped]);
+        assert!(comparison.passed());
+        assert_eq!(comparison.missing.len(), 2, "{:?}", comparison.missing);
+        let no_stats = compare(&baseline, &[measurement("a", "amd", 10_000, None)]);
+        assert!(no_stats.passed());
+        assert_eq!(no_stats.missing, ["a (amd) exits/op: 1.00 -> not measured"]);
+    }
+
+    #[test]
+    fn the_table_shows_every_vendor_and_skips_as_na() {
+        let mut skipped = measurement("event_pingpong", "amd", 0, None);
+        skipped.instructions = None;
+        skipped.skipped = Some("needs-interdomain-events".to_string());
+        let rows = vec![
+            measurement("null_hypercall", "intel", 20_000, None),
+            measurement("null_hypercall", "amd", 16_103, Some(100)),
+            skipped,
+        ];
+        let text = table(&rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("operation"));
+        assert!(lines[2].contains("161.03") && lines[2].ends_with("amd"));
+        assert!(
+            lines[3].contains("200.00") && lines[3].contains(" - ") && lines[3].ends_with("intel")
+        );
+        assert!(lines[4].contains("n/a"));
+        assert_eq!(lines[5], "event_pingpong: n/a (needs-interdomain-events)");
+    }
+}

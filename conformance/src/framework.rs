@@ -65,6 +65,13 @@ pub(crate) fn error(why: fmt::Arguments<'_>) {
     record(Outcome::Error);
 }
 
+/// The test cannot check something in this run (what it needs is not there): prints
+/// `SKIP: <why>`. A run whose worst outcome is a skip is reported as skipped, not passed.
+pub(crate) fn skip(why: fmt::Arguments<'_>) {
+    println!("SKIP: {why}");
+    record(Outcome::Skip);
+}
+
 /// Prints the verdict line and powers off.
 pub(crate) fn finish() -> ! {
     println!("Test result: {}", outcome().name());

@@ -1,4 +1,4 @@
-//! The hypercalls of ABI 1.0 as the conformance kernel makes them: the `lamina_abi` numbers,
+//! The hypercalls of ABI 1.1 as the conformance kernel makes them: the `lamina_abi` numbers,
 //! the instruction native to the CPU, RAX returned as a [`Status`] (docs/abi.md 2 and 3).
 //!
 //! The tests call the hypervisor here rather than through the guest SDK, so that they check
@@ -15,6 +15,7 @@ use lamina_abi::event_channel::EventChannelOp;
 use lamina_abi::memory::{MemoryOp, MemoryRegion};
 use lamina_abi::multicall::MulticallEntry;
 use lamina_abi::sched::{SchedOp, ShutdownReason};
+use lamina_abi::stats::{ExitCounters, StatsOp};
 use lamina_abi::vcpu::VcpuOp;
 
 use crate::framework::Status;
@@ -306,4 +307,28 @@ pub(crate) unsafe fn multicall_at(gpa: u64, count: u64) -> Status {
 pub(crate) unsafe fn multicall(entries: &mut [MulticallEntry]) -> Status {
     // SAFETY: the entries are ours, borrowed mutably; the caller vouches for their calls.
     unsafe { multicall_at(entries.as_mut_ptr() as u64, entries.len() as u64) }
+}
+
+// ----- stats_op (15) -----
+
+/// `stats_op` operation `op` for vCPU `vcpu` of `domain` into the 272 bytes at `gpa`.
+///
+/// # Safety
+/// ExitCounters writes an `ExitCounters` at `gpa`: it must be ours to overwrite.
+pub(crate) unsafe fn stats_op(op: u64, domain: u64, vcpu: u64, gpa: u64) -> Status {
+    // SAFETY: forwarded.
+    unsafe { hypercall(Hypercall::StatsOp as u64, [op, domain, vcpu, gpa, 0]) }
+}
+
+/// ExitCounters of vCPU `vcpu` of `domain` into `out`.
+pub(crate) fn exit_counters(domain: u64, vcpu: u64, out: &mut ExitCounters) -> Status {
+    // SAFETY: `out` is ours, borrowed mutably for the call; any bit pattern is valid.
+    unsafe {
+        stats_op(
+            StatsOp::ExitCounters as u64,
+            domain,
+            vcpu,
+            core::ptr::from_mut(out) as u64,
+        )
+    }
 }

@@ -31,13 +31,17 @@ pub fn select(filter: Option<&str>) -> Vec<&'static TestInfo> {
 }
 
 /// One module per test, named after the test, with the smallest RAM a domain can have
-/// (every test fits in it, and a boot holds dozens of them).
+/// (every test fits in it, and a boot holds dozens of them), and the words the test asks for
+/// in its catalog entry (`privileged=1`).
 pub fn boot_modules(tests: &[&TestInfo]) -> Vec<BootModule> {
     tests
         .iter()
         .map(|t| BootModule {
             path: Artifact::Conformance.path(),
-            cmdline: format!("{} mem=4M", t.name),
+            cmdline: match t.cmdline_extra {
+                "" => format!("{} mem=4M", t.name),
+                extra => format!("{} mem=4M {extra}", t.name),
+            },
         })
         .collect()
 }
@@ -171,12 +175,14 @@ mod tests {
         title: "t",
         section: "1 s",
         expect: Expect::Success,
+        cmdline_extra: "",
     };
     const STOPPED_TEST: TestInfo = TestInfo {
         name: "tf_test",
         title: "t",
         section: "1 s",
         expect: Expect::StoppedByHv("triple fault"),
+        cmdline_extra: "",
     };
 
     fn record(text: &str, timed_out: bool) -> RunRecord {
@@ -285,6 +291,28 @@ mod tests {
         let first = CATALOG[0].name;
         assert!(select(Some(first)).iter().any(|t| t.name == first));
         assert!(select(Some("no-such-test-anywhere")).is_empty());
+    }
+
+    #[test]
+    fn command_lines_carry_the_name_the_size_and_the_extra_words() {
+        let privileged = TestInfo {
+            name: "priv_test",
+            cmdline_extra: "privileged=1",
+            ..SUCCESS_TEST
+        };
+        let modules = boot_modules(&[&SUCCESS_TEST, &privileged]);
+        assert_eq!(modules[0].cmdline, "ok_test mem=4M");
+        assert_eq!(modules[1].cmdline, "priv_test mem=4M privileged=1");
+        // Every catalog test that asks for privilege gets it, and only those.
+        let all: Vec<&TestInfo> = CATALOG.iter().collect();
+        for (test, module) in all.iter().zip(boot_modules(&all)) {
+            assert_eq!(
+                module.cmdline.ends_with(" privileged=1"),
+                test.cmdline_extra.contains("privileged=1"),
+                "{}",
+                test.name
+            );
+        }
     }
 
     #[test]

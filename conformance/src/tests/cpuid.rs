@@ -50,6 +50,17 @@ pub(super) fn cpuid_signature_and_version() {
         Hex(features::ALL),
         Hex(version.ebx)
     );
+    // ABI 1.1 added stats_op (docs/abi.md 15), announced by bit 11.
+    check_eq!(
+        format_args!("CPUID {LEAF_VERSION:#x} EBX bit 11 (EXIT_STATS)"),
+        Hex(features::EXIT_STATS),
+        Hex(version.ebx & features::EXIT_STATS)
+    );
+    check!(
+        version.eax >> 16 == 1 && version.eax & 0xffff >= 1,
+        "CPUID {LEAF_VERSION:#x} EAX {:#x}: expected ABI 1.1 or a later 1.x",
+        version.eax
+    );
     check_eq!(
         format_args!("CPUID {LEAF_VERSION:#x} ECX (reserved)"),
         Hex(0),

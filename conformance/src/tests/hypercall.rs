@@ -1,6 +1,6 @@
 //! Tests of the calling convention itself (docs/abi.md section 2): both instructions, the
-//! registers a call may change (for the calls of ABI 0.1 and 1.0), calls from CPL 3, unknown
-//! numbers.
+//! registers a call may change (for the calls of ABI 0.1, 1.0 and 1.1), calls from CPL 3,
+//! unknown numbers.
 
 use crate::console::println;
 use lamina_abi::cpuid::LEAF_VERSION;
@@ -12,6 +12,7 @@ use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp};
 use lamina_abi::memory::MemoryOp;
 use lamina_abi::multicall::MulticallEntry;
 use lamina_abi::sched::{SchedOp, ShutdownReason};
+use lamina_abi::stats::{ExitCounters, StatsOp};
 use lamina_abi::vcpu::VcpuOp;
 use lamina_guest_sdk::start_info;
 
@@ -117,7 +118,7 @@ pub(super) fn hypercall_preserves_registers() {
 }
 
 pub(super) fn unknown_hypercall_enosys() {
-    // 7 is the first unassigned number (ABI 1.0); 1 << 32 would be `version` to a hypervisor
+    // 8 is the first unassigned number (ABI 1.1); 1 << 32 would be `version` to a hypervisor
     // that looks at EAX only.
     const UNKNOWN: [u64; 5] = [
         Hypercall::ALL.len() as u64,
@@ -171,6 +172,8 @@ pub(super) fn hypercall_from_cpl3_eperm() {
 
 pub(super) fn v1_calls_preserve_registers() {
     let idle_ports = [0u32];
+    let mut counters = ExitCounters::default();
+    let counters_gpa = core::ptr::from_mut(&mut counters) as u64;
     let console_status = expect_ok("Status(1)", crate::hv::port_status(1));
     for insn in HypercallInsn::ALL {
         if let Some(packed) = console_status {
@@ -234,7 +237,26 @@ pub(super) fn v1_calls_preserve_registers() {
             ],
             Status::err(Errno::ETIMEDOUT),
         );
+        // R10 carries the buffer, which the hypervisor writes.
+        check_registers_across(
+            insn,
+            "stats_op ExitCounters(DOMID_SELF, vCPU 0)",
+            &[
+                (RAX, Hypercall::StatsOp as u64),
+                (RDI, StatsOp::ExitCounters as u64),
+                (RSI, DOMID_SELF),
+                (RDX, 0),
+                (R10, counters_gpa),
+            ],
+            Status(0),
+        );
     }
+    // SAFETY: ours; the hypervisor wrote it during the calls above.
+    let total = unsafe { core::ptr::read_volatile(&raw const counters.total) };
+    check!(
+        total != 0,
+        "stats_op through the register probe wrote no counters"
+    );
 }
 
 /// A hypercall made at CPL 3, refused, with what it would have done at CPL 0.
@@ -245,7 +267,13 @@ struct UserCall {
 }
 
 pub(super) fn all_hypercalls_cpl3_eperm() {
+    const FIRST_UNDEFINED: u64 = Hypercall::ALL.len() as u64;
     let line = b"FAIL: a console write from CPL 3 was printed\n";
+    let untouched = 0x5a5a_5a5a_5a5a_5a5a;
+    let mut counters = ExitCounters {
+        total: untouched,
+        ..ExitCounters::default()
+    };
     let mut batch = [MulticallEntry {
         op: Hypercall::EventChannelOp as u64,
         args: [EventChannelOp::AllocUnbound as u64, DOMID_SELF, 0, 0, 0],
@@ -304,11 +332,30 @@ pub(super) fn all_hypercalls_cpl3_eperm() {
             arguments: [batch.as_mut_ptr() as u64, 1, 0, 0, 0],
         },
         UserCall {
-            what: "unknown hypercall 7",
-            number: Hypercall::ALL.len() as u64,
+            what: "stats_op ExitCounters(DOMID_SELF, vCPU 0)",
+            number: Hypercall::StatsOp as u64,
+            arguments: [
+                StatsOp::ExitCounters as u64,
+                DOMID_SELF,
+                0,
+                core::ptr::from_mut(&mut counters) as u64,
+                0,
+            ],
+        },
+        UserCall {
+            what: "the first undefined hypercall number",
+            number: FIRST_UNDEFINED,
             arguments: [0; 5],
         },
     ];
+    // Every defined hypercall has a call in the list.
+    for defined in Hypercall::ALL {
+        check!(
+            calls.iter().any(|call| call.number == defined as u64),
+            "all_hypercalls_cpl3_eperm makes no {} call: add one",
+            defined.name()
+        );
+    }
     for insn in HypercallInsn::ALL {
         for call in &calls {
             let from_user = user::hypercall_at_cpl3(insn, call.number, call.arguments);
@@ -339,5 +386,11 @@ pub(super) fn all_hypercalls_cpl3_eperm() {
     check!(
         result == 0x5a5a,
         "the multicall from CPL 3 ran its entry (result {result:#x})"
+    );
+    // SAFETY: ours; the hypervisor wrote it only if it ran the stats_op.
+    let total = unsafe { core::ptr::read_volatile(&raw const counters.total) };
+    check!(
+        total == untouched,
+        "the stats_op from CPL 3 wrote the counters (total {total:#x})"
     );
 }

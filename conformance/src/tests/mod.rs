@@ -18,6 +18,7 @@ mod multicall;
 mod ring;
 mod sched;
 mod start;
+mod stats;
 mod time;
 mod timer;
 mod traps;
@@ -390,6 +391,38 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "apic_tsc_deadline_past_zero",
         apic::apic_tsc_deadline_past_zero,
     ),
+    ("stats_other_domain_eperm", stats::stats_other_domain_eperm),
+    (
+        "stats_privileged_reads_other",
+        stats::stats_privileged_reads_other,
+    ),
+    (
+        "stats_own_counters_readable",
+        stats::stats_own_counters_readable,
+    ),
+    ("stats_read_counts_itself", stats::stats_read_counts_itself),
+    (
+        "stats_cpuid_counted_exactly",
+        stats::stats_cpuid_counted_exactly,
+    ),
+    (
+        "stats_hypercalls_by_number",
+        stats::stats_hypercalls_by_number,
+    ),
+    (
+        "stats_trapped_exits_by_kind",
+        stats::stats_trapped_exits_by_kind,
+    ),
+    (
+        "stats_total_is_sum_of_kinds",
+        stats::stats_total_is_sum_of_kinds,
+    ),
+    ("stats_handling_tsc_grows", stats::stats_handling_tsc_grows),
+    ("stats_unknown_op_enosys", stats::stats_unknown_op_enosys),
+    ("stats_misaligned_einval", stats::stats_misaligned_einval),
+    ("stats_buffer_oob_efault", stats::stats_buffer_oob_efault),
+    ("stats_bad_vcpu_enoent", stats::stats_bad_vcpu_enoent),
+    ("stats_no_domain_enoent", stats::stats_no_domain_enoent),
 ];
 
 /// The body registered for test `name`.

@@ -11,16 +11,15 @@
 use core::fmt;
 
 use lamina_abi::vcpu::runstate;
+use lamina_guest_sdk::stats::{self, ExitCounters, exit_kind};
 use lamina_guest_sdk::vcpu::{self, RunstateArea};
-use lamina_guest_sdk::{println, stats, time};
+use lamina_guest_sdk::{println, time};
 
-/// This domain's total exit count (vCPU 0), through `stats_op` (the SDK's
+/// This domain's exit counters (vCPU 0), through `stats_op` (the SDK's
 /// [`stats::own_exit_counters`]); `None` when the hypervisor does not offer the call
-/// (`-ENOSYS`). The call is an exit itself, counted in the total it returns.
-pub(crate) fn exits_so_far() -> Option<u64> {
-    stats::own_exit_counters()
-        .ok()
-        .map(|counters| counters.total)
+/// (`-ENOSYS`). The call is an exit itself, counted in the counters it returns.
+fn exits_so_far() -> Option<ExitCounters> {
+    stats::own_exit_counters().ok()
 }
 
 /// Whether `stats_op` answers; printed once at the start.
@@ -54,9 +53,9 @@ pub(crate) struct Sample {
     pub(crate) ticks: u64,
     /// TSC ticks of those that the vCPU spent blocked.
     pub(crate) blocked_ticks: u64,
-    /// Exits the loop caused, without the `stats_op` calls around it; `None` without
+    /// The exits the loop caused, without the `stats_op` calls around it; `None` without
     /// `stats_op`.
-    pub(crate) exits: Option<u64>,
+    pub(crate) exits: Option<ExitCounters>,
 }
 
 impl Sample {
@@ -96,9 +95,15 @@ pub(crate) fn run(
     let exits_after = exits_so_far();
     let blocked_after = blocked_ns();
     let exits = match (exits_before, exits_after) {
-        // The second `stats_op` is counted in the total it returned; the first is not in the
-        // difference.
-        (Some(before), Some(after)) => Some(after.saturating_sub(before).saturating_sub(1)),
+        // The second `stats_op` is counted in the counters it returned; the first is not in
+        // the difference.
+        (Some(before), Some(after)) => {
+            let mut delta = stats::delta(&after, &before);
+            delta.total = delta.total.saturating_sub(1);
+            delta.by_kind[exit_kind::HYPERCALL] =
+                delta.by_kind[exit_kind::HYPERCALL].saturating_sub(1);
+            Some(delta)
+        }
         _ => None,
     };
     Sample {
@@ -191,23 +196,52 @@ pub(crate) struct OpInfo {
 /// Prints the machine-readable line of a measured operation:
 /// `BENCH op=<name> group=<group> path=<pv|trap> iterations=<n> tsc_per_op=<x.yy>
 /// exits_per_op=<x.yy|->`, plus ` blocked_tsc_per_op=<x.yy>` when the vCPU waited (those
-/// ticks are not in `tsc_per_op`).
+/// ticks are not in `tsc_per_op`) and ` kinds=<kind>:<x.yy>,...`, the exits per operation by
+/// kind (the hypervisor summary's names).
 pub(crate) fn report(info: OpInfo, sample: &Sample) {
     let tsc = Hundredths::ratio(sample.work_ticks(), sample.iterations);
     let exits = Optional(
         sample
             .exits
-            .map(|exits| Hundredths::ratio(exits, sample.iterations)),
+            .map(|exits| Hundredths::ratio(exits.total, sample.iterations)),
     );
     let blocked = Hundredths::ratio(sample.blocked_ticks, sample.iterations);
     let blocked = BlockedSuffix((blocked.0 != 0).then_some(blocked));
+    let kinds = KindsSuffix {
+        exits: sample.exits,
+        iterations: sample.iterations,
+    };
     println!(
-        "BENCH op={} group={} path={} iterations={} tsc_per_op={tsc} exits_per_op={exits}{blocked}",
+        "BENCH op={} group={} path={} iterations={} tsc_per_op={tsc} exits_per_op={exits}{blocked}{kinds}",
         info.name,
         info.group.name(),
         info.path.name(),
         sample.iterations,
     );
+}
+
+/// ` kinds=hypercall:1.00,irq_window:0.01`: the kinds with exits, per operation; nothing
+/// without `stats_op` or without exits.
+struct KindsSuffix {
+    exits: Option<ExitCounters>,
+    iterations: u64,
+}
+
+impl fmt::Display for KindsSuffix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(exits) = &self.exits else {
+            return Ok(());
+        };
+        let mut separator = " kinds=";
+        for (kind, &count) in exits.by_kind.iter().enumerate() {
+            if count != 0 {
+                let per_op = Hundredths::ratio(count, self.iterations);
+                write!(f, "{separator}{}:{per_op}", stats::kind_name(kind))?;
+                separator = ",";
+            }
+        }
+        Ok(())
+    }
 }
 
 /// ` blocked_tsc_per_op=<x.yy>`, or nothing.

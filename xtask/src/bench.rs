@@ -723,7 +723,7 @@ mod tests {
         assert_eq!(m.blocked, None);
         assert_eq!(m.skipped, None);
 
-        let timer = "BENCH op=timer_pv group=timer path=pv iterations=5 tsc_per_op=900.00 exits_per_op=- blocked_tsc_per_op=9100.20";
+        let timer = "BENCH op=timer_pv group=timer path=pv iterations=5 tsc_per_op=900.00 exits_per_op=- blocked_tsc_per_op=9100.20 kinds=hypercall:2.00,interrupt:0.01";
         let m = parse_line(timer, "intel").unwrap().unwrap();
         assert_eq!(m.exits, None, "no stats_op: exits are -");
         assert_eq!(m.blocked, Some(Figure(910020)));

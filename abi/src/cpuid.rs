@@ -53,8 +53,11 @@ pub mod features {
     pub const CONSOLE_RING: u32 = 1 << 9;
     /// An x2APIC (timer, EOI, TPR, self-IPI) is emulated through MSRs for unported kernels.
     pub const EMULATED_X2APIC: u32 = 1 << 10;
+    /// `stats_op`: exit accounting.
+    pub const EXIT_STATS: u32 = 1 << 11;
     /// Everything this build offers.
-    pub const ALL: u32 = ANY_HYPERCALL_INSN
+    pub const ALL: u32 = EXIT_STATS
+        | ANY_HYPERCALL_INSN
         | CONSOLE_IO
         | SCHED_OP
         | EMULATED_UART

@@ -35,6 +35,8 @@ pub enum Hypercall {
     /// A batch of calls in one exit: RDI = entries' address, RSI = count
     /// ([`crate::multicall`]).
     Multicall = 6,
+    /// Exit accounting: RDI = [`crate::stats::StatsOp`].
+    StatsOp = 7,
 }
 
 impl TryFrom<u64> for Hypercall {
@@ -49,6 +51,7 @@ impl TryFrom<u64> for Hypercall {
             4 => Hypercall::VcpuOp,
             5 => Hypercall::MemoryOp,
             6 => Hypercall::Multicall,
+            7 => Hypercall::StatsOp,
             _ => return Err(crate::Errno::ENOSYS),
         })
     }
@@ -56,7 +59,7 @@ impl TryFrom<u64> for Hypercall {
 
 impl Hypercall {
     /// Every defined hypercall, in number order.
-    pub const ALL: [Hypercall; 7] = [
+    pub const ALL: [Hypercall; 8] = [
         Hypercall::Version,
         Hypercall::ConsoleIo,
         Hypercall::SchedOp,
@@ -64,6 +67,7 @@ impl Hypercall {
         Hypercall::VcpuOp,
         Hypercall::MemoryOp,
         Hypercall::Multicall,
+        Hypercall::StatsOp,
     ];
     /// Number of slots the hypervisor keeps per-hypercall counters for (one more for unknown).
     pub const COUNT: usize = Self::ALL.len();
@@ -78,6 +82,7 @@ impl Hypercall {
             Hypercall::VcpuOp => "vcpu_op",
             Hypercall::MemoryOp => "memory_op",
             Hypercall::Multicall => "multicall",
+            Hypercall::StatsOp => "stats_op",
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod multicall;
 pub mod sched;
 pub mod shared_info;
 pub mod start_info;
+pub mod stats;
 pub mod status;
 pub mod vcpu;
 
@@ -28,7 +29,7 @@ pub use status::Errno;
 /// ABI major version: incremented on incompatible changes.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: incremented when calls or fields are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 0;
+pub const ABI_VERSION_MINOR: u16 = 1;
 
 /// The ABI version as one word, `major << 16 | minor`, as returned by the version hypercall and
 /// CPUID leaf [`cpuid::LEAF_VERSION`].

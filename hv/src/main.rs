@@ -163,7 +163,7 @@ mod start {
                 domain_id: id,
                 name: &config.name,
                 cmdline: module.cmdline,
-                privileged: false,
+                privileged: config.privileged,
                 time,
             };
             builder::write_boot_structures(&memory, &image, &params).map(|()| image)
@@ -191,7 +191,10 @@ mod start {
             }
         };
         Ok(Slot {
-            domain: Domain::new(id, config.name, memory, time),
+            domain: Domain {
+                privileged: config.privileged,
+                ..Domain::new(id, config.name, memory, time)
+            },
             vcpu,
         })
     }

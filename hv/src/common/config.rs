@@ -16,6 +16,8 @@ pub struct DomainConfig {
     pub name: String,
     /// RAM size in bytes, rounded up to the large-page granule.
     pub mem_bytes: u64,
+    /// May read and (later) control other domains: `privileged=1`.
+    pub privileged: bool,
 }
 
 /// Why a command line was refused.
@@ -25,12 +27,15 @@ pub enum ConfigError {
     BadMemSize,
     /// `mem=` is outside the supported range.
     MemOutOfRange(u64),
+    /// `privileged=` is not 0 or 1.
+    BadPrivileged,
 }
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::BadMemSize => write!(f, "mem= is not a size like 16M"),
+            ConfigError::BadPrivileged => write!(f, "privileged= is not 0 or 1"),
             ConfigError::MemOutOfRange(bytes) => write!(
                 f,
                 "mem={}K is outside {}M..{}M",
@@ -82,7 +87,15 @@ pub fn name_of(cmdline: &str, index: usize) -> String {
 /// Parses a module command line; `index` numbers the module for the default name.
 pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     let mut mem_bytes = MEM_DEFAULT_BYTES;
+    let mut privileged = false;
     for token in cmdline.split_whitespace() {
+        if let Some(flag) = token.strip_prefix("privileged=") {
+            privileged = match flag {
+                "0" => false,
+                "1" => true,
+                _ => return Err(ConfigError::BadPrivileged),
+            };
+        }
         if let Some(size) = token.strip_prefix("mem=") {
             let bytes = parse_size(size).ok_or(ConfigError::BadMemSize)?;
             if !(MEM_MIN_BYTES..=MEM_MAX_BYTES).contains(&bytes) {
@@ -94,6 +107,7 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     Ok(DomainConfig {
         name: name_of(cmdline, index),
         mem_bytes,
+        privileged,
     })
 }
 
@@ -111,7 +125,14 @@ mod tests {
             ("pong", 6 << 20),
             "rounded up to 2 MiB"
         );
+        let c = parse("ctl privileged=1", 4).unwrap();
+        assert!(c.privileged);
+        assert_eq!(
+            parse("x privileged=yes", 1),
+            Err(ConfigError::BadPrivileged)
+        );
         let c = parse("", 3).unwrap();
+        assert!(!c.privileged);
         assert_eq!(
             (c.name.as_str(), c.mem_bytes),
             ("module3", MEM_DEFAULT_BYTES)

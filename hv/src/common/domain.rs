@@ -118,6 +118,8 @@ pub struct Domain {
     pub vcpus: Vec<VcpuState>,
     /// The clock.
     pub time: TimeBase,
+    /// May read other domains' state (`privileged=1`).
+    pub privileged: bool,
 }
 
 impl Domain {
@@ -135,6 +137,7 @@ impl Domain {
             events: EventChannels::new(SHARED_INFO_GPA, 1),
             vcpus: alloc::vec![VcpuState::new(0, now, time.tsc_hz)],
             time,
+            privileged: false,
         }
     }
 
@@ -236,6 +239,21 @@ impl Domain {
     pub fn is_runnable(&self) -> bool {
         self.state == DomainState::Runnable
     }
+}
+
+/// Each domain's exit counters as of the last time it stopped running, by domain id - 1: a
+/// domain's counters change only while it runs, so for any other domain this is exact.
+pub static STATS_SNAPSHOTS: spin::Mutex<Vec<lamina_abi::stats::ExitCounters>> =
+    spin::Mutex::new(Vec::new());
+
+/// Records `domain`'s counters for other domains to read.
+pub fn publish_stats(domain: &Domain) {
+    let mut table = STATS_SNAPSHOTS.lock();
+    let index = domain.id as usize - 1;
+    if table.len() <= index {
+        table.resize(index + 1, Default::default());
+    }
+    table[index] = domain.stats.to_counters();
 }
 
 /// Number of domains built at boot: identifiers `1..=DOMAIN_COUNT` exist.

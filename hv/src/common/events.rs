@@ -335,16 +335,11 @@ mod tests {
         let port = ev.bind_ipi(0).unwrap();
         ev.set_masked(&t.mem, port, true).unwrap();
         assert_eq!(ev.raise(&t.mem, port).unwrap(), None);
-        assert_eq!(
-            ev.upcall_flags(&t.mem, 0).unwrap().0,
-            false,
-            "masked: no upcall"
-        );
+        assert!(!ev.upcall_flags(&t.mem, 0).unwrap().0, "masked: no upcall");
         assert!(ev.is_pending(&t.mem, port).unwrap());
         assert_eq!(ev.unmask(&t.mem, u64::from(port)).unwrap(), Some(0));
-        assert_eq!(
+        assert!(
             ev.upcall_flags(&t.mem, 0).unwrap().0,
-            true,
             "the edge is not lost"
         );
     }

@@ -18,23 +18,29 @@ use alloc::format;
 use alloc::string::String;
 use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
 
+/// A hypercall exit: the hot path, small enough to inline into the run loop.
+#[inline(always)]
+pub fn hypercall_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
+    const VCPU: usize = 0;
+    domain.stats.count(ExitKind::Hypercall);
+    // The guest may have unmasked upcalls with one pending: any hypercall delivers it
+    // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
+    if domain.vcpus[VCPU].upcall_maybe_pending {
+        domain.vcpus[VCPU].attention = true;
+    }
+    let next = hypercall::handle(domain, VCPU, vcpu);
+    if next != Next::Stop {
+        vcpu.skip_instruction();
+    }
+    next
+}
+
 /// Handles one exit of `vcpu`, vCPU 0 of `domain`.
+#[inline(never)]
 pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExit) -> Next {
     const VCPU: usize = 0;
     match exit {
-        VmExit::Hypercall => {
-            domain.stats.count(ExitKind::Hypercall);
-            // The guest may have unmasked upcalls with one pending: any hypercall delivers it
-            // (docs/abi.md 8.8). Guests without an upcall vector pay nothing for this.
-            if domain.vcpus[VCPU].upcall_vector != 0 {
-                domain.vcpus[VCPU].attention = true;
-            }
-            let next = hypercall::handle(domain, VCPU, vcpu);
-            if next != Next::Stop {
-                vcpu.skip_instruction();
-            }
-            next
-        }
+        VmExit::Hypercall => hypercall_exit(domain, vcpu),
         VmExit::InvalidOpcode => invalid_opcode(domain, vcpu),
         VmExit::Cpuid => {
             domain.stats.count(ExitKind::Cpuid);
@@ -103,6 +109,7 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
                     Ok(()) => {
                         // A timer, EOI or TPR change may make an interrupt due or deliverable.
                         state.attention = true;
+                        state.timers_changed = true;
                         vcpu.skip_instruction();
                     }
                     Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
@@ -224,10 +231,8 @@ fn port_io<V: VirtualCpu>(
     });
     let regs = vcpu.regs();
     if write {
-        if is_uart {
-            if let Some(byte) = domain.uart.write(uart_offset, regs.gpr[reg::RAX] as u8) {
-                domain.console.write(domain.id, &[byte]);
-            }
+        if is_uart && let Some(byte) = domain.uart.write(uart_offset, regs.gpr[reg::RAX] as u8) {
+            domain.console.write(domain.id, &[byte]);
         }
         // Writes to ports nothing emulates are dropped, as on a bus with nothing behind them.
     } else {

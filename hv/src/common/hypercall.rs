@@ -4,7 +4,7 @@
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
-use crate::common::domain::{Domain, Ending, domain_exists};
+use crate::common::domain::{Domain, Ending, STATS_SNAPSHOTS, domain_exists};
 use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, reg};
 use crate::common::vcpu_state::Wait;
@@ -16,6 +16,7 @@ use lamina_abi::layout::{BOOT_AREA_END, CONSOLE_RING_GPA};
 use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
+use lamina_abi::stats::{ExitCounters, StatsOp};
 use lamina_abi::vcpu::{PERIOD_MIN_NS, VcpuOp};
 use lamina_abi::{Errno, Hypercall};
 
@@ -43,10 +44,28 @@ enum Done {
 }
 
 /// Handles the hypercall in the registers of vCPU `vcpu_index`. RIP is left alone.
+#[inline(always)]
 pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    let nr = vcpu.regs().gpr[reg::RAX];
+    domain.stats.count_hypercall(nr);
+    // The hot path (benchmarks' null hypercall): version and undefined numbers need no
+    // arguments and no state, so they are answered before anything else is loaded.
+    let quick = match nr {
+        0 => Some(lamina_abi::abi_version().into()),
+        nr if nr >= Hypercall::COUNT as u64 => Some(Errno::ENOSYS.to_return_value()),
+        _ => None,
+    };
+    if let Some(rax) = quick {
+        let rax = if vcpu.cpl() != 0 {
+            Errno::EPERM.to_return_value()
+        } else {
+            rax
+        };
+        vcpu.regs().gpr[reg::RAX] = rax;
+        return Next::Resume;
+    }
     let cpl = vcpu.cpl();
     let regs = vcpu.regs();
-    let nr = regs.gpr[reg::RAX];
     let args = [
         regs.gpr[reg::RDI],
         regs.gpr[reg::RSI],
@@ -54,7 +73,6 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut 
         regs.gpr[reg::R10],
         regs.gpr[reg::R8],
     ];
-    domain.stats.count_hypercall(nr);
     let result = if cpl != 0 {
         Err(Errno::EPERM)
     } else {
@@ -71,6 +89,7 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut 
     next
 }
 
+#[inline(never)]
 fn dispatch(domain: &mut Domain, vcpu: usize, nr: u64, args: [u64; 5]) -> Result<Done, Errno> {
     match Hypercall::try_from(nr)? {
         Hypercall::Version => Ok(Done::Return(lamina_abi::abi_version().into())),
@@ -80,6 +99,7 @@ fn dispatch(domain: &mut Domain, vcpu: usize, nr: u64, args: [u64; 5]) -> Result
         Hypercall::VcpuOp => vcpu_op(domain, args).map(Done::Return),
         Hypercall::MemoryOp => memory_op(domain, args).map(Done::Return),
         Hypercall::Multicall => multicall(domain, vcpu, args),
+        Hypercall::StatsOp => stats_op(domain, args).map(Done::Return),
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -219,7 +239,10 @@ fn sched_op(
 /// Raises `port` of `domain` and wakes or flags the vCPU it concerns.
 pub fn raise_port(domain: &mut Domain, port: u32) {
     match domain.events.raise(&domain.memory, port) {
-        Ok(Some(vcpu)) => domain.vcpus[vcpu].attention = true,
+        Ok(Some(vcpu)) => {
+            domain.vcpus[vcpu].attention = true;
+            domain.vcpus[vcpu].upcall_maybe_pending = true;
+        }
         Ok(None) => {}
         Err(_) => return,
     }
@@ -266,6 +289,7 @@ fn event_channel_op(
         EventChannelOp::Unmask => {
             if let Some(vcpu) = events.unmask(&domain.memory, arg)? {
                 domain.vcpus[vcpu].attention = true;
+                domain.vcpus[vcpu].upcall_maybe_pending = true;
             }
             Ok(0)
         }
@@ -291,6 +315,7 @@ fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Er
             domain.events.move_vcpu_info(&domain.memory, index, arg)?;
             state.vcpu_info_moved = true;
             state.attention = true;
+            state.upcall_maybe_pending = true;
         }
         VcpuOp::RegisterRunstate => {
             if arg % 8 != 0 {
@@ -313,10 +338,12 @@ fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Er
                 period => Some((now.saturating_add(period), period)),
             };
             state.attention = true;
+            state.timers_changed = true;
         }
         VcpuOp::SetSingleshotTimer => {
             state.timers.singleshot = (arg != 0).then_some(arg);
             state.attention = true;
+            state.timers_changed = true;
         }
         VcpuOp::SetUpcallVector => {
             if arg != 0 && !(32..=255).contains(&arg) {
@@ -324,6 +351,7 @@ fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Er
             }
             state.upcall_vector = arg as u8;
             state.attention = true;
+            state.upcall_maybe_pending = true;
         }
         _ => return Err(Errno::ENOSYS),
     }
@@ -365,6 +393,46 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u
                 domain.memory.write(gpa + i as u64 * entry, bytes)?;
             }
             Ok(regions.len() as u64)
+        }
+        _ => Err(Errno::ENOSYS),
+    }
+}
+
+fn stats_op(domain: &mut Domain, [op, target, vcpu, gpa, _]: [u64; 5]) -> Result<u64, Errno> {
+    match StatsOp::try_from(op)? {
+        StatsOp::ExitCounters => {
+            let own = target == DOMID_SELF || target == u64::from(domain.id);
+            if !own && !domain_exists(target) {
+                return Err(Errno::ENOENT);
+            }
+            if !own && !domain.privileged {
+                return Err(Errno::EPERM);
+            }
+            // One vCPU per domain in ABI 1.x.
+            if vcpu != 0 {
+                return Err(Errno::ENOENT);
+            }
+            if gpa % 8 != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let counters = if own {
+                domain.stats.to_counters()
+            } else {
+                STATS_SNAPSHOTS
+                    .lock()
+                    .get(target as usize - 1)
+                    .copied()
+                    .unwrap_or_default()
+            };
+            // SAFETY: ExitCounters is repr(C) plain data without padding (size asserted in abi).
+            let bytes = unsafe {
+                core::slice::from_raw_parts(
+                    (&raw const counters).cast::<u8>(),
+                    size_of::<ExitCounters>(),
+                )
+            };
+            domain.memory.write(gpa, bytes)?;
+            Ok(0)
         }
         _ => Err(Errno::ENOSYS),
     }
@@ -500,7 +568,7 @@ mod tests {
     fn unknown_numbers_and_user_mode_callers_are_refused() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        for nr in [7, 0x1000, u64::MAX] {
+        for nr in [8, 0x1000, u64::MAX] {
             assert_eq!(call(&mut d, &mut v, nr, [0; 3]).0, -(Errno::ENOSYS as i64));
         }
         v.cpl = 3;

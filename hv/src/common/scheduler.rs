@@ -6,8 +6,8 @@
 //! CPU halts until the next timer: no busy waiting. The machine-specific parts (clock, host
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
-use crate::common::domain::Domain;
-use crate::common::exits::handle_exit;
+use crate::common::domain::{Domain, publish_stats, read_tsc};
+use crate::common::exits::{handle_exit, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::ExitKind;
 use crate::common::time::publish_vcpu_time;
@@ -91,6 +91,18 @@ fn upcall_deliverable(domain: &Domain) -> bool {
         )
 }
 
+/// Forgets a possible upcall once the guest's flag shows none is pending.
+fn settle_upcall_flag(domain: &mut Domain) {
+    if domain.vcpus[0].upcall_maybe_pending
+        && matches!(
+            domain.events.upcall_flags(&domain.memory, 0),
+            Ok((false, _))
+        )
+    {
+        domain.vcpus[0].upcall_maybe_pending = false;
+    }
+}
+
 /// Fires due timers and ends waits that are over.
 fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
     if !slot.domain.is_runnable() {
@@ -142,6 +154,7 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
     }
     domain.vcpus[0].attention = false;
     let Some((vector, from_apic)) = deliverable_interrupt(domain) else {
+        settle_upcall_flag(domain);
         return;
     };
     if vcpu.interrupt_window_open() {
@@ -239,6 +252,7 @@ fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64,
         tsc,
     );
     domain.vcpus[0].attention = true;
+    domain.vcpus[0].upcall_maybe_pending = true;
     let arm = |domain: &Domain, host: &mut H| {
         let state = &domain.vcpus[0];
         let own = [
@@ -251,13 +265,21 @@ fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64,
         host.arm_timer(Some(own.map_or(slice_end, |d| d.min(slice_end))));
     };
     arm(domain, host);
+    let mut exited_at = None;
     loop {
-        if domain.vcpus[0].attention {
+        if domain.vcpus[0].timers_changed {
+            domain.vcpus[0].timers_changed = false;
             arm(domain, host);
         }
         prepare_entry(domain, &mut slot.vcpu);
+        if let Some(exited_at) = exited_at {
+            domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+        }
         let exit = slot.vcpu.run();
-        let next = if exit == VmExit::ExternalInterrupt {
+        exited_at = Some(read_tsc());
+        let next = if exit == VmExit::Hypercall {
+            hypercall_exit(domain, &mut slot.vcpu)
+        } else if exit == VmExit::ExternalInterrupt {
             domain.stats.count(ExitKind::ExternalInterrupt);
             host.service_interrupts();
             Next::Yield
@@ -266,7 +288,10 @@ fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64,
         };
         match next {
             Next::Resume => continue,
-            Next::Stop => return,
+            Next::Stop => {
+                publish_stats(domain);
+                return;
+            }
             // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
             Next::Yield => {}
             Next::Sleep => {
@@ -277,6 +302,7 @@ fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64,
             }
         }
         domain.drain_console_ring();
+        publish_stats(domain);
         return;
     }
 }

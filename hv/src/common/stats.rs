@@ -1,6 +1,14 @@
 //! Exit accounting: how many exits of each kind a domain caused, and which hypercalls.
 
 use lamina_abi::Hypercall;
+use lamina_abi::stats::{ExitCounters, HYPERCALL_SLOTS, exit_kind};
+
+// The report order is the ABI's numbering of exit kinds (docs/abi.md 15).
+const _: () = assert!(ExitKind::Hypercall as usize == exit_kind::HYPERCALL);
+const _: () = assert!(ExitKind::NestedPageFault as usize == exit_kind::NESTED_PAGE_FAULT);
+const _: () = assert!(ExitKind::InterruptWindow as usize == exit_kind::INTERRUPT_WINDOW);
+const _: () = assert!(ExitKind::Other as usize == exit_kind::OTHER);
+const _: () = assert!(ExitKind::ALL.len() == exit_kind::COUNT);
 
 /// Exit kinds as counted and reported in the summary.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,13 +67,18 @@ impl ExitKind {
     }
 }
 
-/// Per-domain exit counters.
+/// A vCPU's exit counters.
 #[derive(Clone, Debug, Default)]
 pub struct ExitStats {
     by_kind: [u64; ExitKind::ALL.len()],
-    /// Hypercalls by number; the last slot counts unknown numbers.
-    by_hypercall: [u64; Hypercall::COUNT + 1],
+    /// Hypercalls by number; the last slot counts numbers the ABI does not define.
+    by_hypercall: [u64; HYPERCALL_SLOTS],
+    /// TSC ticks spent in the hypervisor between exits and the following entries.
+    pub handling_tsc: u64,
 }
+
+/// The slot counting undefined hypercall numbers.
+const UNDEFINED_SLOT: usize = HYPERCALL_SLOTS - 1;
 
 impl ExitStats {
     /// Counts one exit.
@@ -75,8 +88,24 @@ impl ExitStats {
 
     /// Counts one hypercall by number.
     pub fn count_hypercall(&mut self, nr: u64) {
-        let slot = (nr as usize).min(Hypercall::COUNT);
+        let slot = if nr < Hypercall::COUNT as u64 {
+            nr as usize
+        } else {
+            UNDEFINED_SLOT
+        };
         self.by_hypercall[slot] += 1;
+    }
+
+    /// The counters as the ABI publishes them.
+    pub fn to_counters(&self) -> ExitCounters {
+        let mut counters = ExitCounters {
+            total: self.total(),
+            handling_tsc: self.handling_tsc,
+            ..Default::default()
+        };
+        counters.by_kind[..self.by_kind.len()].copy_from_slice(&self.by_kind);
+        counters.by_hypercall = self.by_hypercall;
+        counters
     }
 
     /// Exits of one kind.
@@ -102,7 +131,7 @@ impl ExitStats {
                 write!(out, " hc.{}={}", call.name(), n)?;
             }
         }
-        let unknown = self.by_hypercall[Hypercall::COUNT];
+        let unknown = self.by_hypercall[UNDEFINED_SLOT];
         if unknown != 0 {
             write!(out, " hc.unknown={unknown}")?;
         }

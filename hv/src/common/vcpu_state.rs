@@ -56,12 +56,12 @@ impl PvTimers {
             self.singleshot = None;
             fired = true;
         }
-        if let Some((next, period)) = self.periodic {
-            if next <= now {
-                let missed = (now - next) / period;
-                self.periodic = Some((next + (missed + 1) * period, period));
-                fired = true;
-            }
+        if let Some((next, period)) = self.periodic
+            && next <= now
+        {
+            let missed = (now - next) / period;
+            self.periodic = Some((next + (missed + 1) * period, period));
+            fired = true;
         }
         fired
     }
@@ -128,6 +128,11 @@ pub struct VcpuState {
     /// Something may need injecting before the next entry (events raised, timers fired,
     /// APIC state changed). Keeps the hot path free of checks when nothing happens.
     pub attention: bool,
+    /// The host timer must be re-armed before the next entry (a timer of this vCPU changed).
+    pub timers_changed: bool,
+    /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
+    /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory).
+    pub upcall_maybe_pending: bool,
     /// The VcpuInfo was moved by `register_vcpu_info`.
     pub vcpu_info_moved: bool,
     /// Woken from a wait and not run since: runs before vCPUs that used up their slice, so
@@ -153,6 +158,8 @@ impl VcpuState {
             upcall_vector: 0,
             attention: false,
             vcpu_info_moved: false,
+            timers_changed: false,
+            upcall_maybe_pending: false,
             boosted: false,
             runstate: Runstate::new(now),
         }

@@ -53,7 +53,7 @@ impl<F: EntryFormat> NestedPageTable<F> {
     /// Maps guest-physical `[gpa, gpa + bytes)` to host-physical `[hpa, hpa + bytes)`; all
     /// three must be 2 MiB multiples.
     pub fn map_large(&mut self, gpa: u64, hpa: u64, bytes: u64) -> Result<(), HwError> {
-        debug_assert!((gpa | hpa | bytes) % LARGE_PAGE == 0);
+        debug_assert!((gpa | hpa | bytes).is_multiple_of(LARGE_PAGE));
         for offset in (0..bytes).step_by(LARGE_PAGE as usize) {
             let address = gpa + offset;
             let mut table = self.root;

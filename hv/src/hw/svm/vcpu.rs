@@ -64,8 +64,8 @@ pub struct SvmVcpu {
     host_state_vmcb: u64,
     /// Length of the instruction behind the last exit (0: not an instruction exit).
     instruction_len: u64,
-    /// Next RIP reported by an IOIO exit (EXITINFO2).
-    io_next_rip: u64,
+    /// TLB_CONTROL asks for a flush at the next entry.
+    tlb_flush_requested: bool,
     _npt: NestedPageTable<Npt>,
 }
 
@@ -129,89 +129,108 @@ impl SvmVcpu {
             regs,
             host_state_vmcb: svm.host_state_vmcb,
             instruction_len: 0,
-            io_next_rip: 0,
+            tlb_flush_requested: true,
             _npt: npt,
         })
     }
 
     fn enter(&mut self) {
-        let previous = LAST_VMCB.swap(self.vmcb.address(), Ordering::Relaxed);
-        if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
-            self.vmcb.write(vmcb::TLB_CONTROL, 1u8);
-        }
         self.vmcb.write(vmcb::RAX, self.regs.gpr[reg::RAX]);
         // SAFETY: the VMCB is valid for a 64-bit guest, its nested page table maps only this
         // domain's RAM, and the host VMCB page was given to this CPU by `Svm::enable`.
         unsafe { svm_world_switch(&mut self.regs, self.vmcb.address(), self.host_state_vmcb) };
         self.regs.gpr[reg::RAX] = self.vmcb.read(vmcb::RAX);
-        self.vmcb.write(vmcb::TLB_CONTROL, 0u8);
+        if self.tlb_flush_requested {
+            // The flush happened with that entry.
+            self.tlb_flush_requested = false;
+            self.vmcb.write(vmcb::TLB_CONTROL, 0u8);
+        }
     }
 }
 
 impl VirtualCpu for SvmVcpu {
     fn activate(&mut self) {
-        // Every VMCB is its own page: nothing to load.
+        // Every VMCB is its own page: nothing to load. With more domains than ASIDs, a vCPU
+        // that follows another on this CPU must not see that one's translations.
+        let previous = LAST_VMCB.swap(self.vmcb.address(), Ordering::Relaxed);
+        if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
+            self.vmcb.write(vmcb::TLB_CONTROL, 1u8);
+            self.tlb_flush_requested = true;
+        }
     }
 
+    #[inline]
     fn run(&mut self) -> VmExit {
         loop {
             self.enter();
             let code: u64 = self.vmcb.read(vmcb::EXIT_CODE);
-            let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
-            let info2: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
-            self.instruction_len = 0;
             // An event whose delivery this exit interrupted is delivered again at the next
             // entry (APM Vol. 2 15.7.2).
             let interrupted: u64 = self.vmcb.read(vmcb::EXIT_INT_INFO);
             if interrupted & EVENT_VALID != 0 {
                 self.vmcb.write(vmcb::EVENT_INJECTION, interrupted);
             }
-            let exit = match code {
-                exit_code::VMMCALL => {
-                    self.instruction_len = 3;
-                    VmExit::Hypercall
-                }
-                exit_code::CPUID => {
-                    self.instruction_len = 2;
-                    VmExit::Cpuid
-                }
-                exit_code::HLT => {
-                    self.instruction_len = 1;
-                    VmExit::Hlt
-                }
+            // Instruction lengths for the exits common code completes: there is no NRIP-save
+            // under QEMU TCG, and VMMCALL, CPUID, HLT, RDMSR and WRMSR have fixed encodings.
+            let (exit, length) = match code {
+                exit_code::VMMCALL => (VmExit::Hypercall, 3),
+                exit_code::CPUID => (VmExit::Cpuid, 2),
+                exit_code::HLT => (VmExit::Hlt, 1),
                 exit_code::MSR => {
-                    self.instruction_len = 2;
-                    if info1 & 1 == 0 {
-                        VmExit::MsrRead
+                    let write = self.vmcb.read::<u64>(vmcb::EXIT_INFO1) & 1 != 0;
+                    (
+                        if write {
+                            VmExit::MsrWrite
+                        } else {
+                            VmExit::MsrRead
+                        },
+                        2,
+                    )
+                }
+                exit_code::IOIO => {
+                    // EXITINFO1: bit 0 IN, bit 2 string, bits 4-6 size, bits 16-31 port;
+                    // EXITINFO2: the next RIP (APM 15.10.2).
+                    let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
+                    let next: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
+                    if info1 & (1 << 2) != 0 {
+                        (
+                            VmExit::Unexpected {
+                                code,
+                                info1,
+                                info2: next,
+                            },
+                            0,
+                        )
                     } else {
-                        VmExit::MsrWrite
+                        let io = VmExit::Io {
+                            port: (info1 >> 16) as u16,
+                            size: ((info1 >> 4) & 0x7) as u8,
+                            write: info1 & 1 == 0,
+                        };
+                        (io, next.wrapping_sub(self.rip()))
                     }
                 }
-                // EXITINFO1: bit 0 IN, bit 2 string, bits 4-6 size, bits 16-31 port (APM 15.10.2).
-                exit_code::IOIO if info1 & (1 << 2) == 0 => {
-                    self.io_next_rip = info2;
-                    let size = ((info1 >> 4) & 0x7) as u8;
-                    VmExit::Io {
-                        port: (info1 >> 16) as u16,
-                        size,
-                        write: info1 & 1 == 0,
-                    }
+                exit_code::EXCEPTION_UD => (VmExit::InvalidOpcode, 0),
+                exit_code::INTR => (VmExit::ExternalInterrupt, 0),
+                exit_code::VINTR => (VmExit::InterruptWindow, 0),
+                exit_code::SHUTDOWN => (VmExit::TripleFault, 0),
+                exit_code::NPF => {
+                    let gpa = self.vmcb.read(vmcb::EXIT_INFO2);
+                    let write = self.vmcb.read::<u64>(vmcb::EXIT_INFO1) & (1 << 1) != 0;
+                    (VmExit::NestedPageFault { gpa, write }, 0)
                 }
-                exit_code::EXCEPTION_UD => VmExit::InvalidOpcode,
-                exit_code::INTR => VmExit::ExternalInterrupt,
-                exit_code::VINTR => VmExit::InterruptWindow,
-                exit_code::SHUTDOWN => VmExit::TripleFault,
-                exit_code::NPF => VmExit::NestedPageFault {
-                    gpa: info2,
-                    write: info1 & (1 << 1) != 0,
-                },
                 exit_code::VMRUN..=exit_code::SKINIT => {
                     // SVM instructions are not offered to guests: they see #UD.
                     self.inject_exception(vector::INVALID_OPCODE, None);
                     continue;
                 }
-                _ => VmExit::Unexpected { code, info1, info2 },
+                _ => {
+                    let info1 = self.vmcb.read(vmcb::EXIT_INFO1);
+                    let info2 = self.vmcb.read(vmcb::EXIT_INFO2);
+                    (VmExit::Unexpected { code, info1, info2 }, 0)
+                }
             };
+            self.instruction_len = length;
             return exit;
         }
     }
@@ -228,15 +247,12 @@ impl VirtualCpu for SvmVcpu {
         self.vmcb.write(vmcb::RIP, rip);
     }
 
+    #[inline]
     fn skip_instruction(&mut self) {
-        // No NRIP-save under QEMU TCG: IOIO exits carry the next RIP, the rest have fixed lengths.
-        let code: u64 = self.vmcb.read(vmcb::EXIT_CODE);
-        let next = if code == exit_code::IOIO {
-            self.io_next_rip
-        } else {
-            self.rip() + self.instruction_len
-        };
+        let next = self.rip().wrapping_add(self.instruction_len);
         self.set_rip(next);
+        // The instruction after STI or MOV SS completed: its interrupt shadow ends with it.
+        self.vmcb.write(vmcb::INTERRUPT_SHADOW, 0u64);
     }
 
     fn cpl(&self) -> u8 {
@@ -377,31 +393,28 @@ svm_world_switch:
     push r15
     push rdx                /* host VMCB */
     push rdi                /* guest registers */
-    push rsi                /* guest VMCB */
-    mov rax, rdi
-    mov rcx, [rax + 8]
-    mov rdx, [rax + 16]
-    mov rbx, [rax + 24]
-    mov rbp, [rax + 40]
-    mov rsi, [rax + 48]
-    mov rdi, [rax + 56]
-    mov r8, [rax + 64]
-    mov r9, [rax + 72]
-    mov r10, [rax + 80]
-    mov r11, [rax + 88]
-    mov r12, [rax + 96]
-    mov r13, [rax + 104]
-    mov r14, [rax + 112]
-    mov r15, [rax + 120]
-    mov rax, [rsp]
+    mov rax, rsi            /* guest VMCB: VMRUN hands it back in RAX after the exit */
+    mov rcx, [rdi + 8]
+    mov rdx, [rdi + 16]
+    mov rbx, [rdi + 24]
+    mov rbp, [rdi + 40]
+    mov rsi, [rdi + 48]
+    mov r8, [rdi + 64]
+    mov r9, [rdi + 72]
+    mov r10, [rdi + 80]
+    mov r11, [rdi + 88]
+    mov r12, [rdi + 96]
+    mov r13, [rdi + 104]
+    mov r14, [rdi + 112]
+    mov r15, [rdi + 120]
+    mov rdi, [rdi + 56]
     clgi
     sti                     /* held off by GIF = 0 until VMRUN; lets host interrupts exit the guest */
     vmload rax
     vmrun rax
     vmsave rax
     cli
-    push rdi
-    mov rdi, [rsp + 16]
+    xchg rdi, [rsp]         /* RDI = guest registers, the stack slot = the guest's RDI */
     mov [rdi + 8], rcx
     mov [rdi + 16], rdx
     mov [rdi + 24], rbx
@@ -417,7 +430,6 @@ svm_world_switch:
     mov [rdi + 120], r15
     pop rax
     mov [rdi + 56], rax
-    add rsp, 16
     pop rax                 /* host VMCB */
     vmload rax
     stgi

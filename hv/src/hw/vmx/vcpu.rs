@@ -386,15 +386,10 @@ impl VirtualCpu for VmxVcpu {
         }
     }
 
+    #[inline]
     fn run(&mut self) -> VmExit {
-        if let Err(error) = self.make_current() {
-            log::error!("vmx: {error}");
-            return VmExit::Unexpected {
-                code: u64::MAX,
-                info1: 0,
-                info2: 0,
-            };
-        }
+        // `activate` made this VMCS current when the vCPU was scheduled in.
+        debug_assert_eq!(CURRENT_VMCS.load(Ordering::Relaxed), self.vmcs);
         loop {
             // SAFETY: the VMCS is current and fully initialised; its EPT maps only this
             // domain's RAM; host state points back into `vmx_world_switch`.
@@ -494,6 +489,7 @@ impl VirtualCpu for VmxVcpu {
         write_unchecked(vmcs::GUEST_RIP, rip);
     }
 
+    #[inline]
     fn skip_instruction(&mut self) {
         let next = self.rip() + read(vmcs::EXIT_INSTRUCTION_LENGTH);
         self.set_rip(next);

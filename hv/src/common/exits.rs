@@ -63,6 +63,7 @@ pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExi
         VmExit::InterruptWindow => {
             domain.stats.count(ExitKind::InterruptWindow);
             vcpu.set_interrupt_window_exiting(false);
+            domain.vcpus[VCPU].window_requested = false;
             domain.vcpus[VCPU].attention = true;
             Next::Resume
         }

@@ -157,15 +157,23 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
         settle_upcall_flag(domain);
         return;
     };
+    let state = &mut domain.vcpus[0];
     if vcpu.interrupt_window_open() {
         vcpu.inject_interrupt(vector);
         if from_apic {
-            domain.vcpus[0].vlapic.acknowledge(vector);
+            state.vlapic.acknowledge(vector);
+        }
+        // Injected another way (after HLT, say): a window exit asked for earlier would only
+        // cost an exit now.
+        if state.window_requested {
+            vcpu.set_interrupt_window_exiting(false);
+            state.window_requested = false;
         }
         // Look again at the next entry: more may be due (the upcall handler clears its flag).
-        domain.vcpus[0].attention = true;
-    } else {
+        state.attention = true;
+    } else if !state.window_requested {
         vcpu.set_interrupt_window_exiting(true);
+        state.window_requested = true;
     }
 }
 

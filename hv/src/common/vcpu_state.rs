@@ -128,6 +128,8 @@ pub struct VcpuState {
     /// Something may need injecting before the next entry (events raised, timers fired,
     /// APIC state changed). Keeps the hot path free of checks when nothing happens.
     pub attention: bool,
+    /// An interrupt-window exit is requested from the hardware.
+    pub window_requested: bool,
     /// The host timer must be re-armed before the next entry (a timer of this vCPU changed).
     pub timers_changed: bool,
     /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
@@ -159,6 +161,7 @@ impl VcpuState {
             attention: false,
             vcpu_info_moved: false,
             timers_changed: false,
+            window_requested: false,
             upcall_maybe_pending: false,
             boosted: false,
             runstate: Runstate::new(now),

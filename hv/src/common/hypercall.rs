@@ -598,4 +598,93 @@ mod tests {
         );
         assert_eq!(call(&mut d, &mut v, 2, [0, 0, 0]), (0, Next::Yield));
     }
+
+    fn write_entry(t: &TestMemory, at: u64, op: u64, args: [u64; 5]) {
+        t.mem.write_u64(at, op).unwrap();
+        for (i, arg) in args.iter().enumerate() {
+            t.mem.write_u64(at + 8 + 8 * i as u64, *arg).unwrap();
+        }
+        t.mem.write_u64(at + 48, 0xdead).unwrap();
+    }
+
+    #[test]
+    fn multicall_runs_every_entry_in_order_and_reports_each_result() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        write_entry(&t, 0x9000, 0, [0; 5]); // version
+        write_entry(&t, 0x9038, 0x7fff, [0; 5]); // undefined: -ENOSYS
+        write_entry(&t, 0x9070, 1, [0, 4 << 20, 8, 0, 0]); // console write outside RAM: -EFAULT
+        write_entry(&t, 0x90a8, 6, [0x9000, 1, 0, 0, 0]); // nested multicall: -EINVAL
+        write_entry(&t, 0x90e0, 2, [1, 0, 0, 0, 0]); // block inside a batch: -EINVAL
+        assert_eq!(call(&mut d, &mut v, 6, [0x9000, 5, 0]), (5, Next::Resume));
+        let results: Vec<i64> = (0..5)
+            .map(|i| t.mem.read_u64(0x9000 + 56 * i + 48).unwrap() as i64)
+            .collect();
+        let e = |errno: Errno| -(errno as i64);
+        assert_eq!(
+            results,
+            [
+                lamina_abi::abi_version() as i64,
+                e(Errno::ENOSYS),
+                e(Errno::EFAULT),
+                e(Errno::EINVAL),
+                e(Errno::EINVAL)
+            ]
+        );
+        assert!(
+            d.is_runnable(),
+            "a failing entry does not stop the batch or the domain"
+        );
+    }
+
+    #[test]
+    fn multicall_bounds_and_shutdown_end_the_batch() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        assert_eq!(
+            call(&mut d, &mut v, 6, [0x9000, 65, 0]).0,
+            -(Errno::E2BIG as i64)
+        );
+        assert_eq!(
+            call(&mut d, &mut v, 6, [u64::MAX, 0, 0]).0,
+            0,
+            "an empty batch is never out of bounds"
+        );
+        assert_eq!(
+            call(&mut d, &mut v, 6, [(4 << 20) - 56, 2, 0]).0,
+            -(Errno::EFAULT as i64),
+            "straddles the end: nothing runs"
+        );
+        write_entry(&t, 0x9000, 2, [2, 0, 0, 0, 0]); // shutdown(poweroff)
+        write_entry(&t, 0x9038, 0, [0; 5]);
+        assert_eq!(call(&mut d, &mut v, 6, [0x9000, 2, 0]).1, Next::Stop);
+        assert_eq!(
+            t.mem.read_u64(0x9038 + 48).unwrap(),
+            0xdead,
+            "the entry after the shutdown did not run"
+        );
+    }
+
+    #[test]
+    fn serial_input_lands_in_the_ring_and_console_read_takes_it() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        let port = d.events.bind_virq(1, 0).unwrap(); // VIRQ_CONSOLE
+        for &byte in b"ok" {
+            d.receive_console_input(byte);
+        }
+        assert!(
+            d.events.is_pending(&t.mem, port).unwrap(),
+            "VIRQ_CONSOLE raised"
+        );
+        assert_eq!(call(&mut d, &mut v, 1, [1, 0x9000, 16]).0, 2);
+        let mut read = [0u8; 2];
+        t.mem.read(0x9000, &mut read).unwrap();
+        assert_eq!(&read, b"ok");
+        assert_eq!(
+            call(&mut d, &mut v, 1, [1, 0x9000, 16]).0,
+            0,
+            "nothing more waiting"
+        );
+    }
 }

@@ -308,6 +308,8 @@ fn run_conformance(
 /// Builds the job's ISO and boots it.
 fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
     let dir = job.dir();
+    // Scenarios write generated modules into the directory before the boot.
+    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
     let vendor = job.vendor();
     let (modules, timeout): (Vec<BootModule>, Duration) = match job {
         Job::Scenario(scenario, _) => (

@@ -105,7 +105,24 @@ fn bench_counted(info: OpInfo, iterations: u64, counter: &AtomicU64, op: impl Fn
     measure::report(info, &sample);
 }
 
+/// `spin_until_ms=<t>`: a CPU hog for the scheduler's fairness scenario. Spins until system
+/// time reaches `t` ms, then reports how many loop rounds it got and powers off; domains of
+/// different weights spinning over the same interval share the CPU in proportion.
+fn spin_until(deadline_ms: u64) -> ! {
+    let deadline = deadline_ms * 1_000_000;
+    let mut rounds: u64 = 0;
+    while time::now_ns() < deadline {
+        rounds += 1;
+        core::hint::spin_loop();
+    }
+    println!("spin: {rounds} rounds until {deadline_ms} ms");
+    hypercall::shutdown(ShutdownReason::Poweroff)
+}
+
 fn bench_main(start: &'static StartInfo) {
+    if let Some(deadline) = cmdline_value("spin_until_ms").and_then(|v| v.parse::<u64>().ok()) {
+        spin_until(deadline);
+    }
     let iterations = match cmdline_value("iterations").map(str::parse::<u64>) {
         None => DEFAULT_ITERATIONS,
         Some(Ok(n)) if n > 0 => n,

@@ -193,6 +193,7 @@ mod start {
         Ok(Slot {
             domain: Domain {
                 privileged: config.privileged,
+                weight: config.weight,
                 ..Domain::new(id, config.name, memory, time)
             },
             vcpu,
@@ -212,10 +213,11 @@ mod start {
             let mut counts = String::new();
             let _ = d.stats.write_summary(&mut counts);
             hv_println!(
-                "lamina: domain {} {} end={} exits={}{}",
+                "lamina: domain {} {} end={} cpu_ms={} exits={}{}",
                 d.id,
                 d.name,
                 ending.word(),
+                d.cpu_ns / 1_000_000,
                 d.stats.total(),
                 counts
             );

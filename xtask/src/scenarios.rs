@@ -10,6 +10,7 @@ use crate::emulator::{RunDir, RunOutcome, RunRecord};
 use crate::error::{Context, Result};
 use crate::iso::BootModule;
 use crate::report::{Judgement, Status};
+use crate::serial_log::SerialLog;
 use crate::serial_log::{HvResult, LinePattern};
 use crate::workspace::Artifact;
 
@@ -87,6 +88,8 @@ pub struct Scenario {
     pub required_lines: &'static [LinePattern],
     /// None may match any line.
     pub forbidden_lines: &'static [LinePattern],
+    /// A check of the whole log beyond line patterns: `Ok(report)` or `Err(problem)`.
+    pub check: Option<fn(&SerialLog) -> std::result::Result<String, String>>,
 }
 
 /// A hypervisor panic is never a pass.
@@ -95,6 +98,50 @@ const NO_PANIC: LinePattern = LinePattern::Contains("lamina: PANIC");
 /// What sample-guest's kernel computes, identical whichever operation groups it uses.
 const SAMPLE_GUEST_RESULTS: &str =
     "(d1) sample-guest: results: ticks=20 counter=21 fibonacci=11:89 cpu-probes=6/6 reports=5";
+
+/// The fairness scenario's domains: (name, weight); they spin over the same interval.
+const FAIRNESS_DOMAINS: [(&str, u32); 3] = [("w100", 100), ("w200", 200), ("w400", 400)];
+/// How far a domain's CPU share may be from its weight's share (relative).
+const FAIRNESS_TOLERANCE: f64 = 0.10;
+
+/// CPU time shares of the spinning domains (`cpu_ms=` of the summary) against their weights.
+fn check_fair_shares(log: &SerialLog) -> std::result::Result<String, String> {
+    let mut cpu_ms = Vec::new();
+    for (name, _) in FAIRNESS_DOMAINS {
+        let needle = format!(" {name} end=poweroff cpu_ms=");
+        let value = log
+            .lines
+            .iter()
+            .find_map(|line| line.split_once(&needle).map(|(_, rest)| rest.to_string()))
+            .and_then(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
+            .ok_or_else(|| format!("no summary line with cpu_ms= for {name}"))?;
+        cpu_ms.push(value);
+    }
+    let total: f64 = cpu_ms.iter().sum();
+    let weights: f64 = FAIRNESS_DOMAINS.iter().map(|(_, w)| f64::from(*w)).sum();
+    let mut report = Vec::new();
+    let mut worst: f64 = 0.0;
+    for ((name, weight), ms) in FAIRNESS_DOMAINS.iter().zip(&cpu_ms) {
+        let share = ms / total;
+        let ideal = f64::from(*weight) / weights;
+        worst = worst.max((share - ideal).abs() / ideal);
+        report.push(format!(
+            "{name} {:.1}% (ideal {:.1}%)",
+            share * 100.0,
+            ideal * 100.0
+        ));
+    }
+    let report = format!(
+        "CPU shares {} over {total:.0} ms; worst {:.1}% off",
+        report.join(", "),
+        worst * 100.0
+    );
+    if worst <= FAIRNESS_TOLERANCE {
+        Ok(report)
+    } else {
+        Err(report)
+    }
+}
 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -118,6 +165,7 @@ pub const SCENARIOS: &[Scenario] = &[
             LinePattern::Contains(SAMPLE_GUEST_RESULTS),
         ],
         forbidden_lines: &[NO_PANIC],
+        check: None,
     },
     Scenario {
         name: "sample-guest-native-ops",
@@ -133,6 +181,28 @@ pub const SCENARIOS: &[Scenario] = &[
             LinePattern::Contains(SAMPLE_GUEST_RESULTS),
         ],
         forbidden_lines: &[NO_PANIC],
+        check: None,
+    },
+    Scenario {
+        name: "fairness-by-weight",
+        modules: &[
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "w100 weight=100 spin_until_ms=1500 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "w200 weight=200 spin_until_ms=1500 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "w400 weight=400 spin_until_ms=1500 mem=4M",
+            },
+        ],
+        expect: HvResult::Success,
+        required_lines: &[LinePattern::Contains("(d3) spin: ")],
+        forbidden_lines: &[NO_PANIC],
+        check: Some(check_fair_shares),
     },
     Scenario {
         name: "bad-elf-rejected-good-runs",
@@ -167,6 +237,7 @@ pub const SCENARIOS: &[Scenario] = &[
             LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
         ],
         forbidden_lines: &[NO_PANIC],
+        check: None,
     },
 ];
 
@@ -244,6 +315,16 @@ pub fn judge(scenario: &Scenario, record: &RunRecord) -> Judgement {
     for &pattern in scenario.forbidden_lines {
         if let Some(line) = log.lines.iter().find(|line| pattern.matches(line)) {
             problems.push(format!("forbidden line: {line}"));
+        }
+    }
+    if let Some(check) = scenario.check {
+        match check(log) {
+            Ok(report) => eprintln!(
+                "xtask: {} on {}: {report}",
+                scenario.name,
+                record.vendor.name()
+            ),
+            Err(problem) => problems.push(problem),
         }
     }
     let status = if status == Status::Pass && !problems.is_empty() {

@@ -18,7 +18,12 @@ pub struct DomainConfig {
     pub mem_bytes: u64,
     /// May read and (later) control other domains: `privileged=1`.
     pub privileged: bool,
+    /// Scheduling weight: CPU time is shared in proportion (`weight=`, 1..=65535).
+    pub weight: u32,
 }
+
+/// Weight of a domain whose command line names none.
+pub const DEFAULT_WEIGHT: u32 = 256;
 
 /// Why a command line was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -29,6 +34,8 @@ pub enum ConfigError {
     MemOutOfRange(u64),
     /// `privileged=` is not 0 or 1.
     BadPrivileged,
+    /// `weight=` is not a number in 1..=65535.
+    BadWeight,
 }
 
 impl fmt::Display for ConfigError {
@@ -36,6 +43,7 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::BadMemSize => write!(f, "mem= is not a size like 16M"),
             ConfigError::BadPrivileged => write!(f, "privileged= is not 0 or 1"),
+            ConfigError::BadWeight => write!(f, "weight= is not a number from 1 to 65535"),
             ConfigError::MemOutOfRange(bytes) => write!(
                 f,
                 "mem={}K is outside {}M..{}M",
@@ -88,7 +96,14 @@ pub fn name_of(cmdline: &str, index: usize) -> String {
 pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     let mut mem_bytes = MEM_DEFAULT_BYTES;
     let mut privileged = false;
+    let mut weight = DEFAULT_WEIGHT;
     for token in cmdline.split_whitespace() {
+        if let Some(value) = token.strip_prefix("weight=") {
+            weight = match value.parse::<u32>() {
+                Ok(w @ 1..=65535) => w,
+                _ => return Err(ConfigError::BadWeight),
+            };
+        }
         if let Some(flag) = token.strip_prefix("privileged=") {
             privileged = match flag {
                 "0" => false,
@@ -108,6 +123,7 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
         name: name_of(cmdline, index),
         mem_bytes,
         privileged,
+        weight,
     })
 }
 

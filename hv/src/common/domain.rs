@@ -120,6 +120,13 @@ pub struct Domain {
     pub time: TimeBase,
     /// May read other domains' state (`privileged=1`).
     pub privileged: bool,
+    /// Scheduling weight (`weight=`).
+    pub weight: u32,
+    /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight`; the scheduler runs the
+    /// ready vCPU with the least, so CPU time is shared in proportion to weights.
+    pub vruntime: u64,
+    /// CPU time the domain has had, in ns.
+    pub cpu_ns: u64,
 }
 
 impl Domain {
@@ -138,6 +145,9 @@ impl Domain {
             vcpus: alloc::vec![VcpuState::new(0, now, time.tsc_hz)],
             time,
             privileged: false,
+            weight: crate::common::config::DEFAULT_WEIGHT,
+            vruntime: 0,
+            cpu_ns: 0,
         }
     }
 

@@ -6,6 +6,7 @@
 //! CPU halts until the next timer: no busy waiting. The machine-specific parts (clock, host
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
+use crate::common::config::DEFAULT_WEIGHT;
 use crate::common::domain::{Domain, publish_stats, read_tsc};
 use crate::common::exits::{handle_exit, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
@@ -199,8 +200,25 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         }
         let count = slots.len();
         let order = || (1..=count).map(|i| (cursor + i) % count);
+        // A woken vCPU must not bank the time it slept: it starts level with the others.
+        let least = order()
+            .filter(|&i| is_ready(&slots[i]) && !slots[i].domain.vcpus[0].boosted)
+            .map(|i| slots[i].domain.vruntime)
+            .min();
+        if let Some(least) = least {
+            for slot in slots.iter_mut().filter(|s| s.domain.vcpus[0].boosted) {
+                slot.domain.vruntime = slot.domain.vruntime.max(least);
+            }
+        }
+        // Woken vCPUs first (short latency for timers and events), then the ready vCPU that
+        // had the least CPU time for its weight (ties in round-robin order).
         let boosted = order().find(|&i| is_ready(&slots[i]) && slots[i].domain.vcpus[0].boosted);
-        let Some(index) = boosted.or_else(|| order().find(|&i| is_ready(&slots[i]))) else {
+        let fairest = || {
+            order()
+                .filter(|&i| is_ready(&slots[i]))
+                .min_by_key(|&i| slots[i].domain.vruntime)
+        };
+        let Some(index) = boosted.or_else(fairest) else {
             let input_wakes = slots
                 .iter()
                 .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
@@ -238,6 +256,10 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         let others = others.into_iter().chain(host_work).min();
         let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
         run_slice(&mut slots[index], host, now, slice_end);
+        let ran = host.now_ns().saturating_sub(now);
+        let domain = &mut slots[index].domain;
+        domain.cpu_ns += ran;
+        domain.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(domain.weight);
     }
 }
 
@@ -273,6 +295,9 @@ fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64,
         host.arm_timer(Some(own.map_or(slice_end, |d| d.min(slice_end))));
     };
     arm(domain, host);
+    // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
+    let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
+    slot.vcpu.set_preemption_deadline(slice_ticks);
     let mut exited_at = None;
     loop {
         if domain.vcpus[0].timers_changed {

@@ -20,6 +20,8 @@ pub struct TimeBase {
     /// Wall clock at system time 0: nanoseconds.
     pub wall_nsec: u32,
     scale: (u32, i8),
+    /// TSC ticks per ns as a 32.32 fixed-point number, for cheap duration conversions.
+    ticks_per_ns_q32: u64,
 }
 
 impl TimeBase {
@@ -31,6 +33,7 @@ impl TimeBase {
             wall_sec,
             wall_nsec,
             scale: pvclock_scale(tsc_hz),
+            ticks_per_ns_q32: ((u128::from(tsc_hz) << 32) / 1_000_000_000) as u64,
         }
     }
 
@@ -74,6 +77,12 @@ impl TimeBase {
             tsc -= 1;
         }
         tsc
+    }
+
+    /// About how many TSC ticks `ns` nanoseconds take (a duration, not a deadline: rounding
+    /// may be off by a tick).
+    pub fn ticks_for(&self, ns: u64) -> u64 {
+        ((u128::from(ns) * u128::from(self.ticks_per_ns_q32)) >> 32) as u64
     }
 
     /// TSC frequency in kHz, as published.

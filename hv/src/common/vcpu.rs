@@ -166,6 +166,12 @@ pub trait VirtualCpu {
     fn inject_interrupt(&mut self, vector: u8);
     /// Exit as soon as the guest can take an external interrupt ([`VmExit::InterruptWindow`]).
     fn set_interrupt_window_exiting(&mut self, enabled: bool);
+    /// Exit (as [`VmExit::ExternalInterrupt`]) once `tsc_ticks` have passed in the guest, even
+    /// if no host interrupt can reach it: a backstop for the end of a time slice. Backends
+    /// whose host timer always preempts the guest need not do anything.
+    fn set_preemption_deadline(&mut self, tsc_ticks: u64) {
+        let _ = tsc_ticks;
+    }
     /// Reads an MSR whose state the hardware keeps per vCPU.
     fn read_msr(&self, msr: ArchMsr) -> u64;
     /// Writes such an MSR; the value was already validated by common code.

@@ -22,6 +22,7 @@ const MSR_VMX_PINBASED: u32 = 0x481;
 const MSR_VMX_PROCBASED: u32 = 0x482;
 const MSR_VMX_EXIT: u32 = 0x483;
 const MSR_VMX_ENTRY: u32 = 0x484;
+const MSR_VMX_MISC: u32 = 0x485;
 const MSR_VMX_CR0_FIXED0: u32 = 0x486;
 const MSR_VMX_CR0_FIXED1: u32 = 0x487;
 const MSR_VMX_CR4_FIXED0: u32 = 0x488;
@@ -47,6 +48,8 @@ struct ControlCapabilities {
     entry: u64,
     cr0_fixed: (u64, u64),
     cr4_fixed: (u64, u64),
+    /// IA32_VMX_MISC bits 4:0: the preemption timer ticks once per 2^this TSC ticks.
+    preemption_timer_shift: u8,
 }
 
 /// Applies a capability MSR (allowed-0 settings low, allowed-1 high) to `wanted`; `Err` when a
@@ -110,6 +113,7 @@ impl Virtualization for Vmx {
                 entry: pick(MSR_VMX_ENTRY, MSR_VMX_TRUE_ENTRY),
                 cr0_fixed: (rdmsr(MSR_VMX_CR0_FIXED0), rdmsr(MSR_VMX_CR0_FIXED1)),
                 cr4_fixed: (rdmsr(MSR_VMX_CR4_FIXED0), rdmsr(MSR_VMX_CR4_FIXED1)),
+                preemption_timer_shift: (rdmsr(MSR_VMX_MISC) & 0x1f) as u8,
             }
         };
         let vmxon_region = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;

@@ -20,6 +20,7 @@ mod reason {
     pub(super) const EXTERNAL_INTERRUPT: u64 = 1;
     pub(super) const TRIPLE_FAULT: u64 = 2;
     pub(super) const INTERRUPT_WINDOW: u64 = 7;
+    pub(super) const PREEMPTION_TIMER: u64 = 52;
     pub(super) const CPUID: u64 = 10;
     pub(super) const HLT: u64 = 12;
     pub(super) const VMCALL: u64 = 18;
@@ -36,6 +37,8 @@ mod reason {
 
 // Controls (SDM Vol. 3C 25.6, 25.7, 25.8).
 const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
+const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
+const EXIT_SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PRIMARY_HLT_EXITING: u32 = 1 << 7;
 /// Without a TPR shadow, MOV to/from CR8 would reach the real TPR (SDM Vol. 3C 25.6.2).
@@ -81,6 +84,8 @@ pub struct VmxVcpu {
     cr8: u64,
     /// The primary processor-based controls as written (interrupt-window exiting toggles).
     primary_controls: u64,
+    /// The VMX-preemption timer counts TSC >> this (IA32_VMX_MISC bits 4:0), when in use.
+    preemption_timer_shift: Option<u8>,
     _ept: NestedPageTable<Ept>,
 }
 
@@ -131,6 +136,7 @@ impl VmxVcpu {
             switched_msrs: [0; SWITCHED_MSRS.len()],
             cr8: 0,
             primary_controls: 0,
+            preemption_timer_shift: None,
             _ept: ept,
         };
         let mut vcpu = vcpu;
@@ -148,11 +154,18 @@ impl VmxVcpu {
         caps: &ControlCapabilities,
         entry: &EntryState,
     ) -> Result<(), HwError> {
-        let pin = adjust(
-            caps.pin,
-            PIN_EXTERNAL_INTERRUPT_EXITING,
-            "external-interrupt exiting",
-        )?;
+        // External interrupts exit the guest; the VMX-preemption timer ends a slice even where
+        // they do not (Bochs delivers them only while the guest's IF is set, unlike SDM 26.3).
+        let mut wanted_pin = PIN_EXTERNAL_INTERRUPT_EXITING;
+        let mut wanted_exit = 0;
+        if (caps.pin >> 32) as u32 & PIN_PREEMPTION_TIMER != 0
+            && (caps.exit >> 32) as u32 & EXIT_SAVE_PREEMPTION_TIMER != 0
+        {
+            wanted_pin |= PIN_PREEMPTION_TIMER;
+            wanted_exit = EXIT_SAVE_PREEMPTION_TIMER;
+            self.preemption_timer_shift = Some(caps.preemption_timer_shift);
+        }
+        let pin = adjust(caps.pin, wanted_pin, "external-interrupt exiting")?;
         write(vmcs::PIN_BASED_CONTROLS, pin.into())?;
         let primary = PRIMARY_HLT_EXITING
             | PRIMARY_UNCONDITIONAL_IO_EXITING
@@ -172,7 +185,7 @@ impl VmxVcpu {
             vmcs::SECONDARY_PROCESSOR_CONTROLS,
             adjust(caps.secondary, secondary, "EPT and VPID")?.into(),
         )?;
-        let exit = EXIT_HOST_64BIT | EXIT_SAVE_EFER | EXIT_LOAD_EFER;
+        let exit = EXIT_HOST_64BIT | EXIT_SAVE_EFER | EXIT_LOAD_EFER | wanted_exit;
         write(
             vmcs::EXIT_CONTROLS,
             adjust(caps.exit, exit, "64-bit host exit controls")?.into(),
@@ -450,6 +463,7 @@ impl VirtualCpu for VmxVcpu {
                 }
                 reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
                 reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
+                reason::PREEMPTION_TIMER => VmExit::ExternalInterrupt,
                 reason::TRIPLE_FAULT => VmExit::TripleFault,
                 reason::EPT_VIOLATION => VmExit::NestedPageFault {
                     gpa: read(vmcs::GUEST_PHYSICAL_ADDRESS),
@@ -549,6 +563,13 @@ impl VirtualCpu for VmxVcpu {
             self.primary_controls &= !u64::from(PRIMARY_INTERRUPT_WINDOW_EXITING);
         }
         write_unchecked(vmcs::PRIMARY_PROCESSOR_CONTROLS, self.primary_controls);
+    }
+
+    fn set_preemption_deadline(&mut self, tsc_ticks: u64) {
+        if let Some(shift) = self.preemption_timer_shift {
+            let value = (tsc_ticks >> shift).clamp(1, u64::from(u32::MAX));
+            write_unchecked(vmcs::PREEMPTION_TIMER_VALUE, value);
+        }
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {

@@ -54,6 +54,7 @@ pub const GUEST_ES_ACCESS_RIGHTS: u64 = 0x4814;
 pub const GUEST_INTERRUPTIBILITY: u64 = 0x4824;
 pub const GUEST_ACTIVITY_STATE: u64 = 0x4826;
 pub const GUEST_SYSENTER_CS: u64 = 0x482a;
+pub const PREEMPTION_TIMER_VALUE: u64 = 0x482e;
 pub const HOST_SYSENTER_CS: u64 = 0x4c00;
 
 // Natural-width fields.

@@ -30,6 +30,9 @@ pub enum Expect {
     /// The hypervisor stops the domain: it prints `lamina: domain <ID> <name> stopped: <detail>`
     /// with this detail, and the guest prints no result line.
     StoppedByHv(&'static str),
+    /// The guest shuts the domain down itself with a reason other than poweroff: the summary
+    /// says `end=<this word>` and the guest prints no result line.
+    Ends(&'static str),
 }
 
 /// Every test, grouped by docs/abi.md section.
@@ -158,6 +161,20 @@ pub const CATALOG: &[TestInfo] = &[
         title: "shutdown with an unknown reason returns -EINVAL and the domain runs on",
         section: "3.3 sched_op",
         expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "shutdown_reboot_reported",
+        title: "shutdown with reason reboot ends the domain, reported as end=reboot",
+        section: "3.3 sched_op",
+        expect: Expect::Ends("reboot"),
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "shutdown_crash_reported",
+        title: "shutdown with reason crash ends the domain, reported as end=crash",
+        section: "3.3 sched_op",
+        expect: Expect::Ends("crash"),
         cmdline_extra: "",
     },
     TestInfo {

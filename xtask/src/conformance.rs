@@ -97,6 +97,20 @@ pub fn judge(test: &TestInfo, record: &RunRecord) -> Judgement {
             ),
             (None, None) => unfinished("the domain neither stopped nor ended"),
         },
+        Expect::Ends(expected) => match (end, stop) {
+            (Some(end), None) if end == expected && result.is_none() => Judgement::pass(),
+            (Some(end), None) => Judgement::new(
+                Status::Fail,
+                format!(
+                    "end={end} (test result {}), expected end={expected} and no result",
+                    result.unwrap_or("none")
+                ),
+            ),
+            (_, Some(detail)) => {
+                Judgement::new(Status::Fail, format!("the hv stopped the domain: {detail}"))
+            }
+            (None, None) => unfinished("the domain did not end"),
+        },
         Expect::Success => match (result, end, stop) {
             (Some("SUCCESS"), Some("poweroff"), _) => Judgement::pass(),
             (Some("SKIP"), Some("poweroff"), _) => Judgement {
@@ -249,6 +263,37 @@ mod tests {
         );
         let panicked = format!("{partial}lamina: PANIC #GP\nlamina: result: failure\n");
         assert_eq!(status(&SUCCESS_TEST, &panicked), Status::Crash);
+    }
+
+    const REBOOT_TEST: TestInfo = TestInfo {
+        name: "rb_test",
+        title: "t",
+        section: "1 s",
+        expect: Expect::Ends("reboot"),
+        cmdline_extra: "",
+    };
+
+    #[test]
+    fn an_expected_ending_needs_that_end_word_and_no_result() {
+        let run = |end: &str, result: &str| {
+            let text = format!(
+                "lamina: domain 4 rb_test started mem=4M\n{result}lamina: summary\n\
+                 lamina: domain 4 rb_test end={end} cpu_ms=0 exits=3\nlamina: result: failure\n"
+            );
+            status(&REBOOT_TEST, &text)
+        };
+        assert_eq!(run("reboot", ""), Status::Pass);
+        assert_eq!(
+            run("poweroff", ""),
+            Status::Fail,
+            "a reboot reported as power-off"
+        );
+        assert_eq!(run("crash", ""), Status::Fail);
+        assert_eq!(
+            run("reboot", "(d4) Test result: SUCCESS\n"),
+            Status::Fail,
+            "it came back"
+        );
     }
 
     #[test]

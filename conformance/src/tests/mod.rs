@@ -86,6 +86,8 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "shutdown_unknown_reason_einval",
         sched::shutdown_unknown_reason_einval,
     ),
+    ("shutdown_reboot_reported", sched::shutdown_reboot_reported),
+    ("shutdown_crash_reported", sched::shutdown_crash_reported),
     (
         "block_returns_if_event_pending",
         sched::block_returns_if_event_pending,

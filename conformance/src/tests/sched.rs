@@ -3,7 +3,7 @@
 
 use core::sync::atomic::Ordering;
 
-use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp};
+use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
 use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::hypercall::{self, HypercallInsn, hypercall1_with, hypercall2};
 use lamina_guest_sdk::start::TOP_OF_RAM_SCRATCH;
@@ -291,4 +291,21 @@ pub(super) fn poll_without_wake_stopped() {
     let Some(idle) = loopback_port() else { return };
     println!("poll_without_wake_stopped: polling port {idle} with no deadline and no wake source");
     hv::poll(&[idle as u32], 0);
+}
+
+/// Shuts down with `reason`: the hypervisor reports the ending in its summary, which the
+/// runner checks (no result line: the domain does not come back).
+fn shut_down_with(reason: u64) {
+    println!("shutting down with reason {reason}");
+    // SAFETY: shutdown with a valid reason does not return; should it, `main` reports a
+    // result line, which fails the test (the runner expects none).
+    let _ = unsafe { hypercall2(SCHED_OP, SchedOp::Shutdown as u64, reason) };
+}
+
+pub(super) fn shutdown_reboot_reported() {
+    shut_down_with(ShutdownReason::Reboot as u64);
+}
+
+pub(super) fn shutdown_crash_reported() {
+    shut_down_with(ShutdownReason::Crash as u64);
 }

@@ -2,7 +2,12 @@
 //! dispatcher that runs a kernel's handlers from the upcall.
 //!
 //! A port is one bit of the shared-info page's pending bitmap. [`bind_virq`], [`bind_ipi`]
-//! and [`alloc_unbound`] make ports, [`send`] raises one, [`close`] frees it. A kernel
+//! and [`alloc_unbound`] make ports, [`send`] raises one, [`close`] frees it.
+//!
+//! Inter-domain channels (ABI 1.2, CPUID feature bit 12, docs/abi.md 8.9) connect two
+//! domains: one offers a port with [`alloc_unbound_for`] the other domain, which connects to
+//! it with [`bind_interdomain`]. A send on either end raises the other. There is no directory
+//! service: the two find each other's domain id and port by convention or on the command line. A kernel
 //! registers a handler per port with [`set_handler`] and installs the upcall with
 //! [`install_upcall`]: the hypervisor then injects that interrupt vector whenever an event is
 //! pending, upcalls are unmasked ([`unmask_upcalls`]) and RFLAGS.IF is set.
@@ -28,7 +33,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use lamina_abi::Hypercall;
 use lamina_abi::event_channel::{
-    DOMID_SELF, EventChannelOp, NR_PORT_WORDS, NR_PORTS, PortStatus, Virq,
+    DOMID_SELF, EventChannelOp, NR_PORT_WORDS, NR_PORTS, PortState, PortStatus, Virq,
 };
 
 use crate::hypercall::{self, HypercallError};
@@ -90,6 +95,33 @@ pub fn alloc_unbound(remote: u64) -> Result<Port, HypercallError> {
     op(EventChannelOp::AllocUnbound, remote, 0).map(port_from)
 }
 
+/// A port that domain `domain` may connect to with [`bind_interdomain`] (docs/abi.md 8.1):
+/// the offering side of an inter-domain channel. Until then its [`status`] is
+/// [`PortState::Unbound`] with `domain` as [`PortInfo::peer`].
+///
+/// Errors: `ENOENT` when no such domain exists; `ENOSPC` when every port is in use.
+pub fn alloc_unbound_for(domain: u32) -> Result<Port, HypercallError> {
+    alloc_unbound(u64::from(domain))
+}
+
+/// Connects to `port` of domain `domain`, which that domain allocated with
+/// [`alloc_unbound_for`] this domain (docs/abi.md 8.9); returns this domain's end, the lowest
+/// free port. Both ends are then [`PortState::Interdomain`]: a [`send`] on one raises the
+/// other. Closing one end turns the other back into an unbound port for the closer, raised.
+///
+/// A domain may also bind to its own port allocated for itself: both ends in one domain.
+///
+/// Errors: `ENOENT` when no such domain exists; `EINVAL` when `port` is not an unbound port
+/// for this domain (free, of another kind, offered to another domain, or out of range).
+pub fn bind_interdomain(domain: u32, port: Port) -> Result<Port, HypercallError> {
+    op(
+        EventChannelOp::BindInterdomain,
+        u64::from(domain),
+        u64::from(port.0),
+    )
+    .map(port_from)
+}
+
 /// A new loopback port: sends on it raise it on vCPU 0 of the caller.
 pub fn alloc_loopback() -> Result<Port, HypercallError> {
     alloc_unbound(DOMID_SELF)
@@ -124,9 +156,82 @@ pub fn unmask(port: Port) -> Result<(), HypercallError> {
     op(EventChannelOp::Unmask, u64::from(port.0), 0).map(|_| ())
 }
 
-/// What the hypervisor knows about `port`.
+/// What the hypervisor knows about `port`, as the ABI packs it.
 pub fn status(port: Port) -> Result<PortStatus, HypercallError> {
     op(EventChannelOp::Status, u64::from(port.0), 0).map(PortStatus::unpack)
+}
+
+/// What the hypervisor knows about `port`, decoded ([`PortInfo::from`]).
+pub fn port_info(port: Port) -> Result<PortInfo, HypercallError> {
+    status(port).map(PortInfo::from)
+}
+
+/// A decoded [`PortStatus`]: the state with the meaning of its detail field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    /// What the port is (`None`: a state this SDK does not know, raw value in `raw_state`).
+    pub state: Option<PortState>,
+    /// The raw state byte.
+    pub raw_state: u8,
+    /// The vCPU the port is delivered to.
+    pub vcpu: u8,
+    /// For `Unbound` and `Interdomain` ports: the remote domain (the one that may bind, or
+    /// the one at the other end).
+    pub peer: Option<u16>,
+    /// For `Virq` ports: the VIRQ number.
+    pub virq: Option<u16>,
+    /// Its pending bit.
+    pub pending: bool,
+    /// Its mask bit.
+    pub masked: bool,
+}
+
+impl From<PortStatus> for PortInfo {
+    fn from(status: PortStatus) -> Self {
+        let state = match status.state {
+            0 => Some(PortState::Free),
+            1 => Some(PortState::Unbound),
+            2 => Some(PortState::Interdomain),
+            3 => Some(PortState::Virq),
+            4 => Some(PortState::Ipi),
+            _ => None,
+        };
+        let peer = matches!(state, Some(PortState::Unbound | PortState::Interdomain))
+            .then_some(status.detail);
+        let virq = matches!(state, Some(PortState::Virq)).then_some(status.detail);
+        PortInfo {
+            state,
+            raw_state: status.state,
+            vcpu: status.vcpu,
+            peer,
+            virq,
+            pending: status.pending,
+            masked: status.masked,
+        }
+    }
+}
+
+impl fmt::Display for PortInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.state, self.peer, self.virq) {
+            (Some(PortState::Unbound), Some(peer), _) => write!(f, "unbound for domain {peer}")?,
+            (Some(PortState::Interdomain), Some(peer), _) => {
+                write!(f, "inter-domain with domain {peer}")?
+            }
+            (Some(PortState::Virq), _, Some(virq)) => write!(f, "VIRQ {virq}")?,
+            (Some(PortState::Free), ..) => f.write_str("free")?,
+            (Some(PortState::Ipi), ..) => f.write_str("IPI")?,
+            _ => write!(f, "state {}", self.raw_state)?,
+        }
+        write!(f, ", vCPU {}", self.vcpu)?;
+        if self.pending {
+            f.write_str(", pending")?;
+        }
+        if self.masked {
+            f.write_str(", masked")?;
+        }
+        Ok(())
+    }
 }
 
 /// Sets `port`'s mask bit in the shared-info page: its events stay pending and raise no
@@ -391,6 +496,36 @@ mod tests {
         assert_eq!(calls, MAX_SCAN_ROUNDS);
         // What is left is still flagged, so the hypervisor injects the upcall again.
         assert_eq!(page.vcpu_slot(0).upcall_pending().load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn port_info_names_the_peer_of_inter_domain_and_unbound_ports() {
+        let status = |state: PortState, detail: u16| PortStatus {
+            state: state as u8,
+            vcpu: 0,
+            detail,
+            pending: true,
+            masked: false,
+        };
+        let info = PortInfo::from(status(PortState::Interdomain, 7));
+        assert_eq!(info.state, Some(PortState::Interdomain));
+        assert_eq!(info.peer, Some(7));
+        assert_eq!(info.virq, None);
+        assert!(info.pending && !info.masked);
+        assert_eq!(info.to_string(), "inter-domain with domain 7, vCPU 0, pending");
+
+        let info = PortInfo::from(PortStatus::unpack(status(PortState::Unbound, 3).pack()));
+        assert_eq!((info.state, info.peer), (Some(PortState::Unbound), Some(3)));
+        assert_eq!(info.to_string(), "unbound for domain 3, vCPU 0, pending");
+
+        let info = PortInfo::from(status(PortState::Virq, 1));
+        assert_eq!((info.peer, info.virq), (None, Some(1)));
+        assert_eq!(info.to_string(), "VIRQ 1, vCPU 0, pending");
+
+        let info = PortInfo::from(PortStatus::unpack(9 | 1 << 33));
+        assert_eq!((info.state, info.raw_state, info.peer), (None, 9, None));
+        assert_eq!(info.to_string(), "state 9, vCPU 0, masked");
+        assert_eq!(PortInfo::from(PortStatus::unpack(0)).to_string(), "free, vCPU 0");
     }
 
     #[test]

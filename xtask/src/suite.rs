@@ -254,6 +254,41 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
 /// keeps one crashing hypervisor from taking the whole suite with it.
 const CONFORMANCE_BATCH: usize = 36;
 
+/// One boot's share of the conformance tests.
+type Batch<'a> = &'a [&'static TestInfo];
+
+/// Splits `tests` into boots of at most `max` tests each (`max` >= 2), as evenly sized as the
+/// fewest boots allow (147 tests: 30+30+30+30+27 rather than 36+36+36+36+3), never between
+/// the two tests of a pair (`<x>_a` right before `<x>_b`): a pair talks across domains and
+/// finds its partner by domain id, so both must be in the same boot, next to each other.
+fn conformance_batches<'a>(tests: &'a [&'static TestInfo], max: usize) -> Vec<Batch<'a>> {
+    let is_pair = |i: usize| {
+        i + 1 < tests.len()
+            && tests[i]
+                .name
+                .strip_suffix("_a")
+                .is_some_and(|stem| tests[i + 1].name.strip_suffix("_b") == Some(stem))
+    };
+    let boots = tests.len().div_ceil(max).max(1);
+    let size = tests.len().div_ceil(boots);
+    let mut batches = Vec::new();
+    let mut rest = tests;
+    let mut start = 0;
+    while !rest.is_empty() {
+        let mut len = size.min(rest.len());
+        // A cut right after the first test of a pair moves before it (or, in a batch of one,
+        // after the pair).
+        if len < rest.len() && is_pair(start + len - 1) {
+            if len > 1 { len -= 1 } else { len += 1 }
+        }
+        let (batch, tail) = rest.split_at(len);
+        batches.push(batch);
+        rest = tail;
+        start += len;
+    }
+    batches
+}
+
 /// Runs the conformance tests in batches, one boot each, and merges them into one suite.
 fn run_conformance(
     name: &'static str,
@@ -267,7 +302,10 @@ fn run_conformance(
     // The record shown with the verdict: the first failing batch's, else the first one's.
     let mut shown: Option<RunRecord> = None;
     let mut shown_failed = false;
-    for (batch, tests) in tests.chunks(CONFORMANCE_BATCH).enumerate() {
+    for (batch, tests) in conformance_batches(tests, CONFORMANCE_BATCH)
+        .into_iter()
+        .enumerate()
+    {
         let dir = RunDir::new(dir.path.join(format!("batch-{batch}")));
         let modules = conformance::boot_modules(tests);
         let timeout = conformance::timeout(vendor, options.timeout, tests.len());
@@ -503,4 +541,57 @@ fn print_failure(outcome: &JobOutcome) {
         }
     }
     println!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::Expect;
+
+    fn infos(names: &[&'static str]) -> Vec<&'static TestInfo> {
+        names
+            .iter()
+            .map(|&name| {
+                &*Box::leak(Box::new(TestInfo {
+                    name,
+                    title: "t",
+                    section: "1 s",
+                    expect: Expect::Success,
+                    cmdline_extra: "",
+                }))
+            })
+            .collect()
+    }
+
+    fn sizes(batches: &[&[&TestInfo]]) -> Vec<usize> {
+        batches.iter().map(|b| b.len()).collect()
+    }
+
+    #[test]
+    fn batches_are_even_and_at_most_max() {
+        let names: Vec<&'static str> = (0..147)
+            .map(|i| &*Box::leak(format!("t{i}").into_boxed_str()))
+            .collect();
+        let tests = infos(&names);
+        let batches = conformance_batches(&tests, 36);
+        assert_eq!(sizes(&batches), [30, 30, 30, 30, 27]);
+        assert_eq!(batches.concat(), tests);
+        assert_eq!(sizes(&conformance_batches(&tests[..36], 36)), [36]);
+        assert_eq!(sizes(&conformance_batches(&tests[..37], 36)), [19, 18]);
+        assert!(conformance_batches(&[], 36).is_empty());
+    }
+
+    #[test]
+    fn a_pair_is_never_split() {
+        let tests = infos(&["x", "p_a", "p_b", "y", "q_a", "q_b"]);
+        let batches = conformance_batches(&tests, 2);
+        assert_eq!(sizes(&batches), [1, 2, 1, 2]);
+        assert_eq!(batches[1][0].name, "p_a");
+        // Not a pair: different stems, or the wrong order.
+        let tests = infos(&["x", "p_a", "r_b", "q_b", "q_a"]);
+        assert_eq!(sizes(&conformance_batches(&tests, 2)), [2, 2, 1]);
+        // A batch of one keeps the pair whole.
+        let tests = infos(&["p_a", "p_b", "x"]);
+        assert_eq!(sizes(&conformance_batches(&tests, 1)), [2, 1]);
+    }
 }

@@ -37,11 +37,12 @@
 
 mod measure;
 mod ops;
+mod pingpong;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lamina_abi::sched::ShutdownReason;
-use lamina_guest_sdk::{StartInfo, cmdline_value, cpuid, hypercall, println, time};
+use lamina_guest_sdk::{StartInfo, cmdline_value, cpuid, events, hypercall, println, time};
 
 use crate::measure::{Group, OpInfo, Path};
 
@@ -131,6 +132,15 @@ fn bench_main(start: &'static StartInfo) {
             hypercall::shutdown(ShutdownReason::Crash)
         }
     };
+    if let Some(peer) = cmdline_value("pong") {
+        match peer.parse::<u32>() {
+            Ok(peer) => pingpong::pong(peer, WARMUP + iterations),
+            Err(_) => {
+                println!("pong: error: pong= wants ping's domain id");
+                hypercall::shutdown(ShutdownReason::Crash)
+            }
+        }
+    }
     let vendor = cpuid::vendor();
     println!(
         "bench: domain {}, {} iterations after {WARMUP} warm-up runs each, CPU {}, TSC {} kHz, {}",
@@ -169,10 +179,7 @@ fn bench_main(start: &'static StartInfo) {
     events_and_idle(iterations, &setup);
     timers(iterations, &setup);
     console(iterations);
-    measure::report_skipped(
-        info("event_pingpong", Group::Pingpong, Path::Pv),
-        "needs-interdomain-events",
-    );
+    event_pingpong(iterations);
 
     if FAILED.load(Ordering::Relaxed) {
         println!("bench: done, with errors");
@@ -310,4 +317,62 @@ fn console(n: u64) {
     settle(REPORT_LINE_BYTES + (WARMUP_LINES * 2 + lines) * line_bytes);
     let sample = measure::run(0, lines, ops::console_line_ring, ops::console_ring_flush);
     measure::report(info("console_line_ring", Group::Console, Path::Pv), &sample);
+}
+
+/// `event_pingpong` against the domain named by `pingpong_peer=` (see [`pingpong`]); skipped
+/// without one, or when the hypervisor has no inter-domain channels.
+fn event_pingpong(n: u64) {
+    let info = info("event_pingpong", Group::Pingpong, Path::Pv);
+    let Some(peer) = cmdline_value("pingpong_peer") else {
+        measure::report_skipped(info, "needs-pingpong_peer");
+        return;
+    };
+    let Ok(peer) = peer.parse::<u32>() else {
+        fail(format_args!("pingpong_peer={peer} is not a domain id"));
+        return;
+    };
+    let port = match pingpong::connect(peer) {
+        Ok(port) => port,
+        Err(pingpong::ConnectError::Unsupported) => {
+            measure::report_skipped(info, "needs-interdomain-events");
+            return;
+        }
+        Err(pingpong::ConnectError::NeverAllocated) => {
+            fail(format_args!(
+                "event_pingpong: domain {peer} never allocated {}",
+                pingpong::PONG_PORT
+            ));
+            return;
+        }
+        Err(pingpong::ConnectError::Failed(error)) => {
+            fail(format_args!(
+                "event_pingpong: bind_interdomain to domain {peer} {} failed: {error}",
+                pingpong::PONG_PORT
+            ));
+            return;
+        }
+    };
+    settle(REPORT_LINE_BYTES);
+    let mut counts = pingpong::Counts::default();
+    // Ping's blocked time is pong's work and the switches: it is part of the round trip.
+    let sample =
+        measure::run_counting_blocked(WARMUP, n, || pingpong::round_trip(port, &mut counts));
+    if let Err(error) = events::close(port) {
+        fail(format_args!(
+            "event_pingpong: closing {port} failed: {error}"
+        ));
+    }
+    let expected = WARMUP + n;
+    if counts.sent != expected || counts.received != expected || counts.errors != 0 {
+        fail(format_args!(
+            "event_pingpong: {expected} round trips, but sent {}, received {}, {} refused calls",
+            counts.sent, counts.received, counts.errors
+        ));
+    }
+    measure::report(info, &sample.0);
+    println!(
+        "bench: event_pingpong: {port} to domain {peer}; ping was blocked (pong and the switches ran) for {} of the {} ticks per round trip; exits are ping's own (pong's are on its console line)",
+        measure::Hundredths::ratio(sample.1, n),
+        measure::Hundredths::ratio(sample.0.work_ticks(), n),
+    );
 }

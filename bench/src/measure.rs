@@ -117,6 +117,19 @@ pub(crate) fn run(
     }
 }
 
+/// [`run`] without a tail, for an operation whose waiting is work
+/// done elsewhere (the peer domain of `event_pingpong`): the blocked ticks stay in the figure.
+/// Returns the sample (with no blocked ticks) and the ticks the vCPU spent blocked.
+pub(crate) fn run_counting_blocked(
+    warmup: u64,
+    iterations: u64,
+    op: impl FnMut(),
+) -> (Sample, u64) {
+    let mut sample = run(warmup, iterations, op, || {});
+    let blocked = core::mem::take(&mut sample.blocked_ticks);
+    (sample, blocked)
+}
+
 /// `total / count` with two decimals, rounded: `Hundredths(12345)` prints `123.45`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Hundredths(pub(crate) u64);

@@ -28,6 +28,11 @@ use crate::{build_images, chart, tools};
 
 /// The guest's domain name (its module command line starts with it).
 pub const DOMAIN_NAME: &str = "lamina-bench";
+/// The second module: the same guest in `pong` mode, `event_pingpong`'s partner.
+pub const PONG_NAME: &str = "pong";
+/// Domain ids count from 1 in boot-module order: the benchmark first, then pong.
+pub const BENCH_DOMAIN_ID: u32 = 1;
+pub const PONG_DOMAIN_ID: u32 = 2;
 /// Iterations of a full run (the guest's default too).
 pub const DEFAULT_ITERATIONS: u64 = 2000;
 /// Iterations of the subset `cargo xtask test` runs.
@@ -170,7 +175,8 @@ pub fn parse_line(line: &str, vendor: &str) -> std::result::Result<Option<Measur
 }
 
 /// The measurements of a finished run, or why there are none: the hypervisor must report
-/// success and the guest must not have printed an error.
+/// success and the guest must not have printed an error. When `event_pingpong` was measured,
+/// its partner (the pong domain) must have powered off without printing an error too.
 pub fn parse_log(log: &SerialLog, vendor: Vendor) -> std::result::Result<Vec<Measurement>, String> {
     let id = log
         .domain_id(DOMAIN_NAME)
@@ -188,6 +194,14 @@ pub fn parse_log(log: &SerialLog, vendor: Vendor) -> std::result::Result<Vec<Mea
             measurements.push(measurement);
         }
     }
+    let pong = log.domain_id(PONG_NAME);
+    if let Some(pong) = pong {
+        for line in log.guest_lines(pong) {
+            if let Some(error) = line.strip_prefix("pong: error: ") {
+                errors.push(format!("{PONG_NAME}: {error}"));
+            }
+        }
+    }
     if !errors.is_empty() {
         return Err(format!("the guest reported: {}", errors.join("; ")));
     }
@@ -196,10 +210,43 @@ pub fn parse_log(log: &SerialLog, vendor: Vendor) -> std::result::Result<Vec<Mea
         Some(end) => return Err(format!("the guest ended with {end}, not poweroff")),
         None => return Err("the guest did not end (no summary line)".to_string()),
     }
+    let pingpong_measured = measurements
+        .iter()
+        .any(|m| m.group == "pingpong" && m.skipped.is_none());
+    if pingpong_measured {
+        let pong = pong.ok_or_else(|| {
+            format!(
+                "event_pingpong was measured, but no `lamina: domain <ID> {PONG_NAME} started` line"
+            )
+        })?;
+        match log.end_of(pong) {
+            Some("poweroff") => {}
+            Some(end) => return Err(format!("{PONG_NAME} ended with {end}, not poweroff")),
+            None => return Err(format!("{PONG_NAME} did not end (no summary line)")),
+        }
+    }
     if measurements.is_empty() {
         return Err("no BENCH lines".to_string());
     }
     Ok(measurements)
+}
+
+/// The boot modules of a run: the benchmark domain, told its `event_pingpong` partner, and
+/// the partner (the same guest in `pong` mode, told the benchmark domain's id and the same
+/// iteration count, so that it knows how many round trips to answer).
+pub fn boot_modules(iterations: u64) -> [BootModule; 2] {
+    [
+        BootModule {
+            path: Artifact::Bench.path(),
+            cmdline: format!(
+                "{DOMAIN_NAME} iterations={iterations} pingpong_peer={PONG_DOMAIN_ID}"
+            ),
+        },
+        BootModule {
+            path: Artifact::Bench.path(),
+            cmdline: format!("{PONG_NAME} pong={BENCH_DOMAIN_ID} iterations={iterations} mem=4M"),
+        },
+    ]
 }
 
 const CSV_HEADER: &str =
@@ -475,10 +522,7 @@ fn boot(
     streaming: &Streaming,
 ) -> Result<RunRecord> {
     fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
-    let modules = [BootModule {
-        path: Artifact::Bench.path(),
-        cmdline: format!("{DOMAIN_NAME} iterations={iterations}"),
-    }];
+    let modules = boot_modules(iterations);
     iso::build_iso(
         &Artifact::Hypervisor.path(),
         "",
@@ -784,6 +828,54 @@ lamina: result: success
         assert!(why.contains("twice"), "{why}");
         let none = "lamina: result: failure\n";
         assert!(parse_log(&SerialLog::from_bytes(none.as_bytes()), Vendor::Amd).is_err());
+    }
+
+    const PINGPONG_LOG: &str = "\
+lamina: domain 1 lamina-bench started mem=16M
+lamina: domain 2 pong started mem=4M
+(d2) pong: port 2 for domain 1, 42 round trips
+(d1) BENCH op=event_pingpong group=pingpong path=pv iterations=10 tsc_per_op=5000.00 exits_per_op=2.00
+(d2) pong: 42 round trips answered, ping closed
+(d1) bench: done
+lamina: summary
+lamina: domain 1 lamina-bench end=poweroff exits=99
+lamina: domain 2 pong end=poweroff exits=99
+lamina: result: success
+";
+
+    #[test]
+    fn the_second_module_is_pong_for_domain_one() {
+        let [bench, pong] = boot_modules(200);
+        assert_eq!(bench.path, pong.path, "one guest, two modes");
+        assert_eq!(bench.cmdline, "lamina-bench iterations=200 pingpong_peer=2");
+        assert_eq!(pong.cmdline, "pong pong=1 iterations=200 mem=4M");
+    }
+
+    #[test]
+    fn pingpong_needs_pong_to_power_off_cleanly() {
+        let log = SerialLog::from_bytes(PINGPONG_LOG.as_bytes());
+        let found = parse_log(&log, Vendor::Amd).unwrap();
+        assert_eq!(found[0].instructions, Some(Figure(500_000)));
+
+        let crashed = PINGPONG_LOG.replace("pong end=poweroff", "pong end=crash");
+        let why = parse_log(&SerialLog::from_bytes(crashed.as_bytes()), Vendor::Amd).unwrap_err();
+        assert!(why.contains("pong ended with crash"), "{why}");
+        let errors = PINGPONG_LOG.replace(
+            "(d2) pong: 42 round trips answered",
+            "(d2) pong: error: 42 round trips expected, received 41",
+        );
+        let why = parse_log(&SerialLog::from_bytes(errors.as_bytes()), Vendor::Amd).unwrap_err();
+        assert!(why.contains("received 41"), "{why}");
+        let no_pong: String = PINGPONG_LOG
+            .lines()
+            .filter(|line| !line.starts_with("(d2)") && !line.starts_with("lamina: domain 2"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let why = parse_log(&SerialLog::from_bytes(no_pong.as_bytes()), Vendor::Amd).unwrap_err();
+        assert!(
+            why.contains("no `lamina: domain <ID> pong started`"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The hypercalls of ABI 1.1 as the conformance kernel makes them: the `lamina_abi` numbers,
+//! The hypercalls of ABI 1.2 as the conformance kernel makes them: the `lamina_abi` numbers,
 //! the instruction native to the CPU, RAX returned as a [`Status`] (docs/abi.md 2 and 3).
 //!
 //! The tests call the hypervisor here rather than through the guest SDK, so that they check
@@ -192,6 +192,11 @@ pub(crate) fn close(port: u64) -> Status {
 /// Unmask `port`.
 pub(crate) fn unmask(port: u64) -> Status {
     event_channel_op(EventChannelOp::Unmask as u64, port, 0)
+}
+
+/// BindInterdomain to `port` of domain `remote`.
+pub(crate) fn bind_interdomain(remote: u64, port: u64) -> Status {
+    event_channel_op(EventChannelOp::BindInterdomain as u64, remote, port)
 }
 
 /// Status of `port` (packed `PortStatus`).

@@ -56,9 +56,15 @@ pub(super) fn cpuid_signature_and_version() {
         Hex(features::EXIT_STATS),
         Hex(version.ebx & features::EXIT_STATS)
     );
+    // ABI 1.2 added inter-domain event channels (docs/abi.md 8.9), announced by bit 12.
+    check_eq!(
+        format_args!("CPUID {LEAF_VERSION:#x} EBX bit 12 (INTERDOMAIN_EVENTS)"),
+        Hex(features::INTERDOMAIN_EVENTS),
+        Hex(version.ebx & features::INTERDOMAIN_EVENTS)
+    );
     check!(
-        version.eax >> 16 == 1 && version.eax & 0xffff >= 1,
-        "CPUID {LEAF_VERSION:#x} EAX {:#x}: expected ABI 1.1 or a later 1.x",
+        version.eax >> 16 == 1 && version.eax & 0xffff >= 2,
+        "CPUID {LEAF_VERSION:#x} EAX {:#x}: expected ABI 1.2 or a later 1.x",
         version.eax
     );
     check_eq!(

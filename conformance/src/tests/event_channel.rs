@@ -48,9 +48,9 @@ fn check_free(what: &str, port: u64) {
 }
 
 pub(super) fn evtchn_unknown_op_enosys() {
-    // 7 is the first unassigned operation; 1 << 32 would be AllocUnbound to a hypervisor that
-    // looks at EDI only.
-    for op in [7, 8, 99, 1 << 32, u64::MAX] {
+    // 8 is the first unassigned operation (ABI 1.2); 1 << 32 would be AllocUnbound to a
+    // hypervisor that looks at EDI only.
+    for op in [8, 9, 99, 1 << 32, u64::MAX] {
         check_eq!(
             format_args!("event_channel_op operation {op:#x}"),
             Status::err(Errno::ENOSYS),
@@ -59,9 +59,9 @@ pub(super) fn evtchn_unknown_op_enosys() {
     }
     // The operation is checked before its arguments (docs/abi.md 2.4).
     check_eq!(
-        "event_channel_op operation 7 with port 5000",
+        "event_channel_op operation 8 with port 5000",
         Status::err(Errno::ENOSYS),
-        hv::event_channel_op(7, 5000, 5000)
+        hv::event_channel_op(8, 5000, 5000)
     );
     check_free("after the unknown operations", FIRST_FREE_PORT);
 }

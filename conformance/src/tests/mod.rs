@@ -12,6 +12,7 @@ mod console;
 mod cpuid;
 mod event_channel;
 mod hypercall;
+mod interdomain;
 mod io;
 mod memory;
 mod multicall;
@@ -173,6 +174,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         event_channel::alloc_unbound_no_domain_enoent,
     ),
     (
+        "alloc_unbound_other_domain",
+        interdomain::alloc_unbound_other_domain,
+    ),
+    (
         "alloc_unbound_full_enospc",
         event_channel::alloc_unbound_full_enospc,
     ),
@@ -255,6 +260,22 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     (
         "block_idle_loop_gets_upcall",
         upcall::block_idle_loop_gets_upcall,
+    ),
+    ("interdomain_pair_a", interdomain::interdomain_pair_a),
+    ("interdomain_pair_b", interdomain::interdomain_pair_b),
+    ("interdomain_upcall_a", interdomain::interdomain_upcall_a),
+    ("interdomain_upcall_b", interdomain::interdomain_upcall_b),
+    (
+        "bind_interdomain_loopback",
+        interdomain::bind_interdomain_loopback,
+    ),
+    (
+        "bind_interdomain_einval",
+        interdomain::bind_interdomain_einval,
+    ),
+    (
+        "bind_interdomain_no_dom_enoent",
+        interdomain::bind_interdomain_no_dom_enoent,
     ),
     ("vcpu_unknown_op_enosys", vcpu::vcpu_unknown_op_enosys),
     ("vcpu_bad_vcpu_enoent", vcpu::vcpu_bad_vcpu_enoent),

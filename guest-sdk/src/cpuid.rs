@@ -100,7 +100,7 @@ pub struct Features(pub u32);
 
 impl Features {
     /// Every defined bit with its name, in bit order.
-    pub const NAMES: [(u32, &'static str); 12] = [
+    pub const NAMES: [(u32, &'static str); 13] = [
         (features::ANY_HYPERCALL_INSN, "any-hypercall-insn"),
         (features::CONSOLE_IO, "console-io"),
         (features::SCHED_OP, "sched-op"),
@@ -113,6 +113,7 @@ impl Features {
         (features::CONSOLE_RING, "console-ring"),
         (features::EMULATED_X2APIC, "emulated-x2apic"),
         (features::EXIT_STATS, "exit-stats"),
+        (features::INTERDOMAIN_EVENTS, "interdomain-events"),
     ];
 
     /// Whether every bit of `bits` is set.
@@ -150,7 +151,8 @@ mod tests {
         assert_eq!(
             Features(features::ALL).to_string(),
             "any-hypercall-insn console-io sched-op emulated-uart event-channels pvclock \
-             pv-timers multicall memory-op console-ring emulated-x2apic exit-stats"
+             pv-timers multicall memory-op console-ring emulated-x2apic exit-stats \
+             interdomain-events"
         );
         assert_eq!(
             Features(features::CONSOLE_IO | 1 << 20).to_string(),

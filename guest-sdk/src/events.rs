@@ -512,7 +512,10 @@ mod tests {
         assert_eq!(info.peer, Some(7));
         assert_eq!(info.virq, None);
         assert!(info.pending && !info.masked);
-        assert_eq!(info.to_string(), "inter-domain with domain 7, vCPU 0, pending");
+        assert_eq!(
+            info.to_string(),
+            "inter-domain with domain 7, vCPU 0, pending"
+        );
 
         let info = PortInfo::from(PortStatus::unpack(status(PortState::Unbound, 3).pack()));
         assert_eq!((info.state, info.peer), (Some(PortState::Unbound), Some(3)));
@@ -525,7 +528,10 @@ mod tests {
         let info = PortInfo::from(PortStatus::unpack(9 | 1 << 33));
         assert_eq!((info.state, info.raw_state, info.peer), (None, 9, None));
         assert_eq!(info.to_string(), "state 9, vCPU 0, masked");
-        assert_eq!(PortInfo::from(PortStatus::unpack(0)).to_string(), "free, vCPU 0");
+        assert_eq!(
+            PortInfo::from(PortStatus::unpack(0)).to_string(),
+            "free, vCPU 0"
+        );
     }
 
     #[test]

@@ -55,8 +55,11 @@ pub mod features {
     pub const EMULATED_X2APIC: u32 = 1 << 10;
     /// `stats_op`: exit accounting.
     pub const EXIT_STATS: u32 = 1 << 11;
+    /// Inter-domain event channels (`alloc_unbound` for another domain, `bind_interdomain`).
+    pub const INTERDOMAIN_EVENTS: u32 = 1 << 12;
     /// Everything this build offers.
-    pub const ALL: u32 = EXIT_STATS
+    pub const ALL: u32 = INTERDOMAIN_EVENTS
+        | EXIT_STATS
         | ANY_HYPERCALL_INSN
         | CONSOLE_IO
         | SCHED_OP

@@ -21,8 +21,9 @@ pub const NR_PORT_WORDS: usize = (NR_PORTS / 64) as usize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EventChannelOp {
-    /// A port that `RSI` = remote domain may bind to later ([`DOMID_SELF`] for a loopback
-    /// port the caller itself sends on). Returns the port.
+    /// A port that `RSI` = remote domain may bind to later with [`EventChannelOp::BindInterdomain`]
+    /// ([`DOMID_SELF`] or the caller's own id: a loopback port the caller itself sends on).
+    /// Returns the port; `-ENOENT` when no such domain exists.
     AllocUnbound = 0,
     /// Bind virtual IRQ `RSI` ([`Virq`]) to a new port delivered to vCPU `RDX`. Returns the
     /// port. `-EEXIST` when that VIRQ is already bound on that vCPU.
@@ -30,15 +31,21 @@ pub enum EventChannelOp {
     /// A port whose sends raise an event on vCPU `RSI` of the caller (an IPI). Returns it.
     BindIpi = 2,
     /// Raise port `RSI`: for an unbound or IPI port, on the caller; for an inter-domain port,
-    /// on the peer. Returns 0.
+    /// on the peer's end. Returns 0.
     Send = 3,
     /// Close port `RSI` (its pending bit is cleared, the number may be reused). Returns 0;
-    /// closing a free port is `-EINVAL`.
+    /// closing a free port is `-EINVAL`. Closing one end of an inter-domain channel turns the
+    /// peer's end back into an unbound port for the closer and raises it, so the peer notices.
     Close = 4,
     /// Clear port `RSI`'s mask bit; if it is pending, deliver it now. Returns 0.
     Unmask = 5,
     /// The state of port `RSI`, packed: see [`PortStatus`]. Returns the packed value.
     Status = 6,
+    /// Connect to port `RDX` of domain `RSI`, which that domain allocated with
+    /// [`EventChannelOp::AllocUnbound`] for the caller: both become the two ends of an
+    /// inter-domain channel. Returns the caller's new port. `-ENOENT`: no such domain;
+    /// `-EINVAL`: that port is not unbound for the caller.
+    BindInterdomain = 7,
 }
 
 impl TryFrom<u64> for EventChannelOp {
@@ -53,6 +60,7 @@ impl TryFrom<u64> for EventChannelOp {
             4 => EventChannelOp::Close,
             5 => EventChannelOp::Unmask,
             6 => EventChannelOp::Status,
+            7 => EventChannelOp::BindInterdomain,
             _ => return Err(crate::Errno::ENOSYS),
         })
     }

@@ -141,7 +141,7 @@ impl Domain {
             console: ConsoleLine::default(),
             uart: Uart16550::default(),
             stats: ExitStats::default(),
-            events: EventChannels::new(SHARED_INFO_GPA, 1),
+            events: EventChannels::new(id as u16, SHARED_INFO_GPA, 1),
             vcpus: alloc::vec![VcpuState::new(0, now, time.tsc_hz)],
             time,
             privileged: false,
@@ -248,6 +248,22 @@ impl Domain {
     /// True until the domain ended.
     pub fn is_runnable(&self) -> bool {
         self.state == DomainState::Runnable
+    }
+}
+
+/// The other domains, as a hypercall of the running one may reach them (inter-domain event
+/// channels). The running domain itself is not in the table: it is passed separately.
+pub trait DomainTable {
+    /// The domain with this id, if it exists and is not the running one.
+    fn get_mut(&mut self, id: u32) -> Option<&mut Domain>;
+}
+
+/// A table with no other domains (host tests, and a machine with one domain).
+pub struct NoPeers;
+
+impl DomainTable for NoPeers {
+    fn get_mut(&mut self, _id: u32) -> Option<&mut Domain> {
+        None
     }
 }
 

@@ -23,6 +23,13 @@ pub enum Binding {
         /// The domain that may bind it (the owner itself in ABI 1.0).
         remote: u16,
     },
+    /// One end of a channel to another domain (or to another port of the same domain).
+    Interdomain {
+        /// The peer's domain.
+        remote: u16,
+        /// The peer's port.
+        remote_port: u32,
+    },
     /// The console ring's doorbell: sends are handled by the hypervisor.
     Console,
     /// A virtual IRQ delivered to a vCPU.
@@ -64,6 +71,8 @@ pub struct EventChannels {
     shared_info: u64,
     /// Guest-physical address of each vCPU's VcpuInfo.
     vcpu_info: alloc::vec::Vec<u64>,
+    /// The domain these channels belong to.
+    owner: u16,
 }
 
 /// The console port every domain starts with.
@@ -72,7 +81,7 @@ pub const CONSOLE_PORT: u32 = 1;
 impl EventChannels {
     /// The channels of a domain with `nr_vcpus` vCPUs whose shared-info page is at
     /// `shared_info`; port 1 is the console doorbell.
-    pub fn new(shared_info: u64, nr_vcpus: usize) -> Self {
+    pub fn new(owner: u16, shared_info: u64, nr_vcpus: usize) -> Self {
         let mut ports = Box::new([FREE; NR_PORTS as usize]);
         ports[CONSOLE_PORT as usize] = Port {
             binding: Binding::Console,
@@ -85,6 +94,7 @@ impl EventChannels {
             vcpu_info: (0..nr_vcpus)
                 .map(|v| default_vcpu_info_gpa(shared_info, v))
                 .collect(),
+            owner,
         }
     }
 
@@ -126,9 +136,44 @@ impl EventChannels {
         Ok(port)
     }
 
-    /// `alloc_unbound` for a loopback port (remote already validated as the caller).
+    /// `alloc_unbound`: a port `remote` (validated by the caller) may bind.
     pub fn alloc_unbound(&mut self, remote: u16) -> Result<u32, Errno> {
         self.allocate(Binding::Unbound { remote }, 0)
+    }
+
+    /// Whether `port` is an unbound port that domain `binder` may bind.
+    pub fn is_unbound_for(&self, port: u64, binder: u16) -> bool {
+        matches!(self.port(port), Ok((_, p)) if p.binding == Binding::Unbound { remote: binder })
+    }
+
+    /// A new port at this end of a channel to (`remote`, `remote_port`).
+    pub fn bind_end(&mut self, remote: u16, remote_port: u32) -> Result<u32, Errno> {
+        self.allocate(
+            Binding::Interdomain {
+                remote,
+                remote_port,
+            },
+            0,
+        )
+    }
+
+    /// Turns `port` into this end of a channel to (`remote`, `remote_port`).
+    pub fn connect(&mut self, port: u32, remote: u16, remote_port: u32) {
+        if let Some(entry) = self.ports.get_mut(port as usize) {
+            entry.binding = Binding::Interdomain {
+                remote,
+                remote_port,
+            };
+        }
+    }
+
+    /// The peer closed its end: `port` is again an unbound port for `remote`.
+    pub fn disconnect(&mut self, port: u32, remote: u16) {
+        if let Some(entry) = self.ports.get_mut(port as usize) {
+            if matches!(entry.binding, Binding::Interdomain { .. }) {
+                entry.binding = Binding::Unbound { remote };
+            }
+        }
     }
 
     /// `bind_virq`.
@@ -167,8 +212,8 @@ impl EventChannels {
         }
     }
 
-    /// `close`.
-    pub fn close(&mut self, mem: &GuestMemory, port: u64) -> Result<(), Errno> {
+    /// `close`; returns what the port was bound to (so an inter-domain peer can be told).
+    pub fn close(&mut self, mem: &GuestMemory, port: u64) -> Result<Binding, Errno> {
         let (port, entry) = self.port(port)?;
         if port == 0 || entry.binding == Binding::Free {
             return Err(Errno::EINVAL);
@@ -178,7 +223,7 @@ impl EventChannels {
         }
         self.ports[port as usize] = FREE;
         self.update_bit(mem, PENDING_OFFSET, port, false)?;
-        Ok(())
+        Ok(entry.binding)
     }
 
     /// `status`.
@@ -187,6 +232,7 @@ impl EventChannels {
         let (state, detail) = match entry.binding {
             Binding::Free => (PortState::Free, 0),
             Binding::Unbound { remote } => (PortState::Unbound, remote),
+            Binding::Interdomain { remote, .. } => (PortState::Interdomain, remote),
             Binding::Console => (PortState::Interdomain, 0),
             Binding::Virq { virq } => (PortState::Virq, u16::from(virq)),
             Binding::Ipi => (PortState::Ipi, 0),
@@ -213,6 +259,21 @@ impl EventChannels {
     pub fn can_wake(&self, vcpu: usize, timer_armed: bool) -> bool {
         (timer_armed && self.virq_port(vcpu, Virq::Timer).is_some())
             || (vcpu == 0 && self.virq_port(vcpu, Virq::Console).is_some())
+            || self.has_other_domain_port(vcpu)
+    }
+
+    /// Whether another domain can raise a port of `vcpu`: an inter-domain end, or a port
+    /// allocated for another domain to bind.
+    fn has_other_domain_port(&self, vcpu: usize) -> bool {
+        self.ports.iter().any(|p| {
+            usize::from(p.vcpu) == vcpu
+                && match p.binding {
+                    Binding::Unbound { remote } | Binding::Interdomain { remote, .. } => {
+                        remote != self.owner
+                    }
+                    _ => false,
+                }
+        })
     }
 
     /// Raises `port`: sets its pending bit; if that is new and the port is not masked, marks
@@ -313,7 +374,7 @@ mod tests {
     #[test]
     fn a_send_on_an_unmasked_port_marks_the_upcall_once() {
         let t = test_memory(1 << 20);
-        let ev = EventChannels::new(SHARED, 1);
+        let ev = EventChannels::new(1, SHARED, 1);
         let mut ev = ev;
         let port = ev.alloc_unbound(1).unwrap();
         assert_eq!(port, 2, "port 0 is never used, port 1 is the console");
@@ -331,7 +392,7 @@ mod tests {
     #[test]
     fn a_masked_port_stays_pending_and_unmask_delivers_it() {
         let t = test_memory(1 << 20);
-        let mut ev = EventChannels::new(SHARED, 1);
+        let mut ev = EventChannels::new(1, SHARED, 1);
         let port = ev.bind_ipi(0).unwrap();
         ev.set_masked(&t.mem, port, true).unwrap();
         assert_eq!(ev.raise(&t.mem, port).unwrap(), None);
@@ -347,7 +408,7 @@ mod tests {
     #[test]
     fn bad_ports_and_double_binds_are_refused() {
         let t = test_memory(1 << 20);
-        let mut ev = EventChannels::new(SHARED, 1);
+        let mut ev = EventChannels::new(1, SHARED, 1);
         assert_eq!(ev.close(&t.mem, 1024), Err(Errno::EINVAL));
         assert_eq!(ev.close(&t.mem, 0), Err(Errno::EINVAL));
         assert_eq!(ev.close(&t.mem, 77), Err(Errno::EINVAL), "free port");
@@ -375,7 +436,7 @@ mod tests {
     fn the_table_fills_up_with_enospc() {
         let t = test_memory(1 << 20);
         let _ = &t;
-        let mut ev = EventChannels::new(SHARED, 1);
+        let mut ev = EventChannels::new(1, SHARED, 1);
         for _ in 2..NR_PORTS {
             ev.alloc_unbound(1).unwrap();
         }

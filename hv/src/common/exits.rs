@@ -5,8 +5,8 @@
 //! other domain runs on.
 
 use crate::common::cpuid;
-use crate::common::domain::read_tsc;
 use crate::common::domain::{Domain, Ending};
+use crate::common::domain::{DomainTable, read_tsc};
 use crate::common::guest_paging;
 use crate::common::hypercall::{self, Next};
 use crate::common::stats::ExitKind;
@@ -20,7 +20,11 @@ use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
 
 /// A hypercall exit: the hot path, small enough to inline into the run loop.
 #[inline(always)]
-pub fn hypercall_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
+pub fn hypercall_exit<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
     const VCPU: usize = 0;
     domain.stats.count(ExitKind::Hypercall);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
@@ -28,7 +32,7 @@ pub fn hypercall_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next 
     if domain.vcpus[VCPU].upcall_maybe_pending {
         domain.vcpus[VCPU].attention = true;
     }
-    let next = hypercall::handle(domain, VCPU, vcpu);
+    let next = hypercall::handle(domain, VCPU, vcpu, peers);
     if next != Next::Stop {
         vcpu.skip_instruction();
     }
@@ -37,11 +41,16 @@ pub fn hypercall_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next 
 
 /// Handles one exit of `vcpu`, vCPU 0 of `domain`.
 #[inline(never)]
-pub fn handle_exit<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, exit: VmExit) -> Next {
+pub fn handle_exit<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu: &mut V,
+    exit: VmExit,
+    peers: &mut dyn DomainTable,
+) -> Next {
     const VCPU: usize = 0;
     match exit {
-        VmExit::Hypercall => hypercall_exit(domain, vcpu),
-        VmExit::InvalidOpcode => invalid_opcode(domain, vcpu),
+        VmExit::Hypercall => hypercall_exit(domain, vcpu, peers),
+        VmExit::InvalidOpcode => invalid_opcode(domain, vcpu, peers),
         VmExit::Cpuid => {
             domain.stats.count(ExitKind::Cpuid);
             let regs = vcpu.regs();
@@ -193,14 +202,18 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
 
 /// A #UD: the other vendor's hypercall instruction is a hypercall; anything else is
 /// reflected to the guest.
-fn invalid_opcode<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) -> Next {
+fn invalid_opcode<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
     let mut bytes = [0u8; HYPERCALL_INSN_LEN as usize];
     let rip = vcpu.rip();
     let found =
         guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
     if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
         domain.stats.count(ExitKind::Hypercall);
-        let next = hypercall::handle(domain, 0, vcpu);
+        let next = hypercall::handle(domain, 0, vcpu, peers);
         if next != Next::Stop {
             vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
         }
@@ -325,6 +338,11 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 
 #[cfg(test)]
 mod tests {
+    /// `handle_exit` for a domain with no other domains around.
+    fn exit_alone(d: &mut Domain, v: &mut MockVcpu, exit: VmExit) -> Next {
+        handle_exit(d, v, exit, &mut crate::common::domain::NoPeers)
+    }
+
     use super::*;
     use crate::common::domain::DomainState;
     use crate::common::guest_memory::GuestMemory;
@@ -353,7 +371,7 @@ mod tests {
         let mut v = MockVcpu::default();
         for &byte in b"ok\n" {
             v.regs.gpr[reg::RAX] = byte.into();
-            handle_exit(
+            exit_alone(
                 &mut d,
                 &mut v,
                 VmExit::Io {
@@ -367,7 +385,7 @@ mod tests {
         assert_eq!(d.stats.of(ExitKind::IoUart), 3);
         assert_eq!(v.skipped, 3);
         v.regs.gpr[reg::RAX] = 0x1234_5600;
-        handle_exit(
+        exit_alone(
             &mut d,
             &mut v,
             VmExit::Io {
@@ -389,7 +407,7 @@ mod tests {
         let mut v = MockVcpu::default();
         for (size, expected) in [(1, 0xff), (2, 0xffff), (4, 0xffff_ffff)] {
             v.regs.gpr[reg::RAX] = 0;
-            handle_exit(
+            exit_alone(
                 &mut d,
                 &mut v,
                 VmExit::Io {
@@ -400,7 +418,7 @@ mod tests {
             );
             assert_eq!(v.regs.gpr[reg::RAX], expected);
         }
-        handle_exit(
+        exit_alone(
             &mut d,
             &mut v,
             VmExit::Io {
@@ -417,14 +435,14 @@ mod tests {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
         v.regs.gpr[reg::RCX] = 0x1234_5678;
-        handle_exit(&mut d, &mut v, VmExit::MsrRead);
+        exit_alone(&mut d, &mut v, VmExit::MsrRead);
         assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
         assert_eq!(v.skipped, 0, "a faulting instruction is not skipped");
         v.injected = None;
         v.regs.gpr[reg::RCX] = 0xc000_0100; // FS base
         v.regs.gpr[reg::RDX] = 0x8000;
         v.regs.gpr[reg::RAX] = 0;
-        handle_exit(&mut d, &mut v, VmExit::MsrWrite);
+        exit_alone(&mut d, &mut v, VmExit::MsrWrite);
         assert_eq!(
             v.injected,
             Some((vector::GENERAL_PROTECTION, Some(0))),
@@ -433,7 +451,7 @@ mod tests {
         v.injected = None;
         v.regs.gpr[reg::RDX] = 0;
         v.regs.gpr[reg::RAX] = 0x1000;
-        handle_exit(&mut d, &mut v, VmExit::MsrWrite);
+        exit_alone(&mut d, &mut v, VmExit::MsrWrite);
         assert_eq!(
             (v.injected, v.msr_writes.as_slice()),
             (None, &[(ArchMsr::FsBase, 0x1000)][..])
@@ -451,7 +469,7 @@ mod tests {
             t.mem.write(0x20_0000, &bytes).unwrap();
             v.rip = 0x20_0000;
             v.regs.gpr[reg::RAX] = 0;
-            handle_exit(&mut d, &mut v, VmExit::InvalidOpcode);
+            exit_alone(&mut d, &mut v, VmExit::InvalidOpcode);
             assert_eq!(
                 (v.rip, v.regs.gpr[reg::RAX]),
                 (0x20_0003, lamina_abi::abi_version().into())
@@ -459,7 +477,7 @@ mod tests {
         }
         t.mem.write(0x20_0000, &[0x0f, 0x0b, 0x90]).unwrap(); // ud2
         v.rip = 0x20_0000;
-        handle_exit(&mut d, &mut v, VmExit::InvalidOpcode);
+        exit_alone(&mut d, &mut v, VmExit::InvalidOpcode);
         assert_eq!(
             (v.rip, v.injected),
             (0x20_0000, Some((vector::INVALID_OPCODE, None)))
@@ -470,13 +488,13 @@ mod tests {
     fn faults_stop_only_the_faulting_domain_with_a_reason() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        assert_eq!(handle_exit(&mut d, &mut v, VmExit::TripleFault), Next::Stop);
+        assert_eq!(exit_alone(&mut d, &mut v, VmExit::TripleFault), Next::Stop);
         assert_eq!(
             d.state,
             DomainState::Ended(Ending::Fault("triple fault".into()))
         );
         let (_t2, mut d2) = domain();
-        handle_exit(
+        exit_alone(
             &mut d2,
             &mut v,
             VmExit::NestedPageFault {
@@ -494,7 +512,7 @@ mod tests {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
         v.regs.gpr[reg::RAX] = 0x4000_0001;
-        handle_exit(&mut d, &mut v, VmExit::Cpuid);
+        exit_alone(&mut d, &mut v, VmExit::Cpuid);
         assert_eq!(v.regs.gpr[reg::RAX], lamina_abi::abi_version().into());
         assert_eq!(v.skipped, 1);
     }

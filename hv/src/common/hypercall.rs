@@ -4,7 +4,7 @@
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
-use crate::common::domain::{Domain, Ending, STATS_SNAPSHOTS, domain_exists};
+use crate::common::domain::{Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists};
 use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, reg};
 use crate::common::vcpu_state::Wait;
@@ -45,7 +45,12 @@ enum Done {
 
 /// Handles the hypercall in the registers of vCPU `vcpu_index`. RIP is left alone.
 #[inline(always)]
-pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+pub fn handle<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
     let nr = vcpu.regs().gpr[reg::RAX];
     domain.stats.count_hypercall(nr);
     // The hot path (benchmarks' null hypercall): version and undefined numbers need no
@@ -76,7 +81,7 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut 
     let result = if cpl != 0 {
         Err(Errno::EPERM)
     } else {
-        dispatch(domain, vcpu_index, nr, args)
+        dispatch(domain, vcpu_index, nr, args, peers)
     };
     let (rax, next) = match result {
         Ok(Done::Return(value)) => (value, Next::Resume),
@@ -90,15 +95,21 @@ pub fn handle<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut 
 }
 
 #[inline(never)]
-fn dispatch(domain: &mut Domain, vcpu: usize, nr: u64, args: [u64; 5]) -> Result<Done, Errno> {
+fn dispatch(
+    domain: &mut Domain,
+    vcpu: usize,
+    nr: u64,
+    args: [u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
     match Hypercall::try_from(nr)? {
         Hypercall::Version => Ok(Done::Return(lamina_abi::abi_version().into())),
         Hypercall::ConsoleIo => console_io(domain, args),
         Hypercall::SchedOp => sched_op(domain, vcpu, args),
-        Hypercall::EventChannelOp => event_channel_op(domain, vcpu, args).map(Done::Return),
+        Hypercall::EventChannelOp => event_channel_op(domain, args, peers).map(Done::Return),
         Hypercall::VcpuOp => vcpu_op(domain, args).map(Done::Return),
         Hypercall::MemoryOp => memory_op(domain, args).map(Done::Return),
-        Hypercall::Multicall => multicall(domain, vcpu, args),
+        Hypercall::Multicall => multicall(domain, vcpu, args, peers),
         Hypercall::StatsOp => stats_op(domain, args).map(Done::Return),
         _ => Err(Errno::ENOSYS),
     }
@@ -256,44 +267,97 @@ pub fn raise_port(domain: &mut Domain, port: u32) {
 
 fn event_channel_op(
     domain: &mut Domain,
-    _vcpu: usize,
     [op, arg, arg2, ..]: [u64; 5],
+    peers: &mut dyn DomainTable,
 ) -> Result<u64, Errno> {
-    let events = &mut domain.events;
+    let own = domain.id as u16;
     match EventChannelOp::try_from(op)? {
         EventChannelOp::AllocUnbound => {
-            if arg != DOMID_SELF && arg != u64::from(domain.id) {
-                // Inter-domain channels are not part of ABI 1.0.
-                return Err(if domain_exists(arg) {
-                    Errno::EINVAL
-                } else {
-                    Errno::ENOENT
-                });
+            let remote = if arg == DOMID_SELF {
+                u64::from(domain.id)
+            } else {
+                arg
+            };
+            if remote != u64::from(domain.id) && !domain_exists(remote) {
+                return Err(Errno::ENOENT);
             }
-            Ok(events.alloc_unbound(domain.id as u16)?.into())
+            Ok(domain.events.alloc_unbound(remote as u16)?.into())
         }
-        EventChannelOp::BindVirq => Ok(events.bind_virq(arg, arg2)?.into()),
-        EventChannelOp::BindIpi => Ok(events.bind_ipi(arg)?.into()),
+        EventChannelOp::BindVirq => Ok(domain.events.bind_virq(arg, arg2)?.into()),
+        EventChannelOp::BindIpi => Ok(domain.events.bind_ipi(arg)?.into()),
+        EventChannelOp::BindInterdomain => {
+            let remote = if arg == DOMID_SELF {
+                u64::from(domain.id)
+            } else {
+                arg
+            };
+            if remote == u64::from(domain.id) {
+                // Both ends in this domain.
+                if !domain.events.is_unbound_for(arg2, own) {
+                    return Err(Errno::EINVAL);
+                }
+                let port = domain.events.bind_end(own, arg2 as u32)?;
+                domain.events.connect(arg2 as u32, own, port);
+                return Ok(port.into());
+            }
+            if !domain_exists(remote) {
+                return Err(Errno::ENOENT);
+            }
+            let peer = peers.get_mut(remote as u32).ok_or(Errno::ENOENT)?;
+            if !peer.is_runnable() || !peer.events.is_unbound_for(arg2, own) {
+                return Err(Errno::EINVAL);
+            }
+            let port = domain.events.bind_end(remote as u16, arg2 as u32)?;
+            peer.events.connect(arg2 as u32, own, port);
+            Ok(port.into())
+        }
         EventChannelOp::Send => {
-            let (port, binding) = events.send_target(arg)?;
+            let (port, binding) = domain.events.send_target(arg)?;
             match binding {
                 Binding::Console => domain.drain_console_ring(),
+                Binding::Interdomain {
+                    remote,
+                    remote_port,
+                } if remote == own => raise_port(domain, remote_port),
+                Binding::Interdomain {
+                    remote,
+                    remote_port,
+                } => {
+                    if let Some(peer) = peers.get_mut(u32::from(remote)) {
+                        raise_port(peer, remote_port);
+                    }
+                }
                 _ => raise_port(domain, port),
             }
             Ok(0)
         }
         EventChannelOp::Close => {
-            events.close(&domain.memory, arg)?;
+            if let Binding::Interdomain {
+                remote,
+                remote_port,
+            } = domain.events.close(&domain.memory, arg)?
+            {
+                // The peer's end turns unbound and is raised, so the peer notices.
+                let peer = if remote == own {
+                    Some(&mut *domain)
+                } else {
+                    peers.get_mut(u32::from(remote))
+                };
+                if let Some(peer) = peer {
+                    peer.events.disconnect(remote_port, own);
+                    raise_port(peer, remote_port);
+                }
+            }
             Ok(0)
         }
         EventChannelOp::Unmask => {
-            if let Some(vcpu) = events.unmask(&domain.memory, arg)? {
+            if let Some(vcpu) = domain.events.unmask(&domain.memory, arg)? {
                 domain.vcpus[vcpu].attention = true;
                 domain.vcpus[vcpu].upcall_maybe_pending = true;
             }
             Ok(0)
         }
-        EventChannelOp::Status => events.status(&domain.memory, arg),
+        EventChannelOp::Status => domain.events.status(&domain.memory, arg),
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -438,7 +502,12 @@ fn stats_op(domain: &mut Domain, [op, target, vcpu, gpa, _]: [u64; 5]) -> Result
     }
 }
 
-fn multicall(domain: &mut Domain, vcpu: usize, [gpa, count, ..]: [u64; 5]) -> Result<Done, Errno> {
+fn multicall(
+    domain: &mut Domain,
+    vcpu: usize,
+    [gpa, count, ..]: [u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
     if count > MULTICALL_MAX {
         return Err(Errno::E2BIG);
     }
@@ -461,7 +530,7 @@ fn multicall(domain: &mut Domain, vcpu: usize, [gpa, count, ..]: [u64; 5]) -> Re
         let result = if op == Hypercall::Multicall as u64 || waits {
             Err(Errno::EINVAL)
         } else {
-            dispatch(domain, vcpu, op, args)
+            dispatch(domain, vcpu, op, args, peers)
         };
         run += 1;
         let value = match result {
@@ -511,7 +580,7 @@ mod tests {
         vcpu.regs.gpr[reg::RDI] = args[0];
         vcpu.regs.gpr[reg::RSI] = args[1];
         vcpu.regs.gpr[reg::RDX] = args[2];
-        let next = handle(domain, 0, vcpu);
+        let next = handle(domain, 0, vcpu, &mut crate::common::domain::NoPeers);
         (vcpu.regs.gpr[reg::RAX] as i64, next)
     }
 

@@ -7,7 +7,7 @@
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 use crate::common::config::DEFAULT_WEIGHT;
-use crate::common::domain::{Domain, publish_stats, read_tsc};
+use crate::common::domain::{Domain, DomainTable, publish_stats, read_tsc};
 use crate::common::exits::{handle_exit, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::ExitKind;
@@ -47,6 +47,23 @@ pub struct Slot<V> {
     pub domain: Domain,
     /// Its only vCPU.
     pub vcpu: V,
+}
+
+/// The domains other than the running one, for hypercalls that reach another domain.
+struct Peers<'a, V> {
+    before: &'a mut [Slot<V>],
+    after: &'a mut [Slot<V>],
+}
+
+impl<V> DomainTable for Peers<'_, V> {
+    fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+        let slot = self
+            .before
+            .iter_mut()
+            .chain(self.after.iter_mut())
+            .find(|s| s.domain.id == id)?;
+        Some(&mut slot.domain)
+    }
 }
 
 fn is_ready<V>(slot: &Slot<V>) -> bool {
@@ -255,7 +272,9 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
             .min();
         let others = others.into_iter().chain(host_work).min();
         let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-        run_slice(&mut slots[index], host, now, slice_end);
+        let (before, rest) = slots.split_at_mut(index);
+        let (current, after) = rest.split_first_mut().expect("index is in range");
+        run_slice(current, &mut Peers { before, after }, host, now, slice_end);
         let ran = host.now_ns().saturating_sub(now);
         let domain = &mut slots[index].domain;
         domain.cpu_ns += ran;
@@ -264,7 +283,13 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
 }
 
 /// Runs one vCPU until it stops being the right one to run.
-fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64, slice_end: u64) {
+fn run_slice<V: VirtualCpu, H: Host>(
+    slot: &mut Slot<V>,
+    peers: &mut Peers<'_, V>,
+    host: &mut H,
+    now: u64,
+    slice_end: u64,
+) {
     slot.vcpu.activate();
     let domain = &mut slot.domain;
     if domain.vcpus[0].runstate.state() != runstate::RUNNING {
@@ -311,13 +336,13 @@ fn run_slice<V: VirtualCpu, H: Host>(slot: &mut Slot<V>, host: &mut H, now: u64,
         let exit = slot.vcpu.run();
         exited_at = Some(read_tsc());
         let next = if exit == VmExit::Hypercall {
-            hypercall_exit(domain, &mut slot.vcpu)
+            hypercall_exit(domain, &mut slot.vcpu, peers)
         } else if exit == VmExit::ExternalInterrupt {
             domain.stats.count(ExitKind::ExternalInterrupt);
             host.service_interrupts();
             Next::Yield
         } else {
-            handle_exit(domain, &mut slot.vcpu, exit)
+            handle_exit(domain, &mut slot.vcpu, exit, peers)
         };
         match next {
             Next::Resume => continue,
@@ -484,5 +509,65 @@ mod tests {
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(host.now.get(), 5_000_000);
         assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+    }
+
+    fn slot_with_id(
+        id: u32,
+        script: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+    ) -> (TestMemory, Slot<MockVcpu>) {
+        let (t, mut s) = slot(script);
+        // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
+        let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
+        s.domain = Domain::new(id, "t".into(), mem, TimeBase::new(1_000_000_000, 0, 0, 0));
+        (t, s)
+    }
+
+    #[test]
+    fn a_send_across_domains_wakes_the_blocked_peer() {
+        use core::sync::atomic::Ordering;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, Ordering::Relaxed);
+        let (_t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(EVTCHN, [0, 2, 0]), // alloc_unbound for domain 2 -> port 2
+                hypercall(SCHED, [1, 0, 0]),  // block until domain 2 sends
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let (_t2, two) = slot_with_id(
+            2,
+            vec![
+                hypercall(EVTCHN, [7, 1, 2]), // bind_interdomain(domain 1, port 2) -> port 2
+                hypercall(EVTCHN, [3, 2, 0]), // send on it
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut slots = [one, two];
+        let mut host = FakeHost {
+            now: Cell::new(0),
+            armed: None,
+            halts: 0,
+        };
+        host.now_ns();
+        run_all(&mut slots, &mut host);
+        for s in &slots {
+            assert_eq!(
+                s.domain.state,
+                DomainState::Ended(Ending::Poweroff),
+                "d{}",
+                s.domain.id
+            );
+        }
+        // Both ends were connected.
+        for s in &slots {
+            let status = lamina_abi::event_channel::PortStatus::unpack(
+                s.domain.events.status(&s.domain.memory, 2).unwrap(),
+            );
+            assert_eq!(
+                status.state,
+                lamina_abi::event_channel::PortState::Interdomain as u8
+            );
+            assert_eq!(u32::from(status.detail), 3 - s.domain.id, "the peer's id");
+        }
     }
 }

@@ -169,10 +169,10 @@ impl EventChannels {
 
     /// The peer closed its end: `port` is again an unbound port for `remote`.
     pub fn disconnect(&mut self, port: u32, remote: u16) {
-        if let Some(entry) = self.ports.get_mut(port as usize) {
-            if matches!(entry.binding, Binding::Interdomain { .. }) {
-                entry.binding = Binding::Unbound { remote };
-            }
+        if let Some(entry) = self.ports.get_mut(port as usize)
+            && matches!(entry.binding, Binding::Interdomain { .. })
+        {
+            entry.binding = Binding::Unbound { remote };
         }
     }
 

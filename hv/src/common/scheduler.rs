@@ -273,7 +273,9 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         let others = others.into_iter().chain(host_work).min();
         let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
         let (before, rest) = slots.split_at_mut(index);
-        let (current, after) = rest.split_first_mut().expect("index is in range");
+        let Some((current, after)) = rest.split_first_mut() else {
+            continue;
+        };
         run_slice(current, &mut Peers { before, after }, host, now, slice_end);
         let ran = host.now_ns().saturating_sub(now);
         let domain = &mut slots[index].domain;
@@ -409,10 +411,18 @@ mod tests {
     fn slot(
         script: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
     ) -> (TestMemory, Slot<MockVcpu>) {
+        slot_with_id(1, script)
+    }
+
+    /// Domain `id`, 4 MiB of test memory, a vCPU that plays `script` with interrupts on.
+    fn slot_with_id(
+        id: u32,
+        script: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+    ) -> (TestMemory, Slot<MockVcpu>) {
         let t = test_memory(4 << 20);
         // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
         let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
-        let domain = Domain::new(1, "t".into(), mem, TimeBase::new(1_000_000_000, 0, 0, 0));
+        let domain = Domain::new(id, "t".into(), mem, TimeBase::new(1_000_000_000, 0, 0, 0));
         let vcpu = MockVcpu {
             script: script.into(),
             interrupt_flag: true,
@@ -509,17 +519,6 @@ mod tests {
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(host.now.get(), 5_000_000);
         assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
-    }
-
-    fn slot_with_id(
-        id: u32,
-        script: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
-    ) -> (TestMemory, Slot<MockVcpu>) {
-        let (t, mut s) = slot(script);
-        // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
-        let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
-        s.domain = Domain::new(id, "t".into(), mem, TimeBase::new(1_000_000_000, 0, 0, 0));
-        (t, s)
     }
 
     #[test]

@@ -88,9 +88,12 @@ pub struct Scenario {
     pub required_lines: &'static [LinePattern],
     /// None may match any line.
     pub forbidden_lines: &'static [LinePattern],
-    /// A check of the whole log beyond line patterns: `Ok(report)` or `Err(problem)`.
-    pub check: Option<fn(&SerialLog) -> std::result::Result<String, String>>,
+    /// A check of the whole log beyond line patterns.
+    pub check: Option<LogCheck>,
 }
+
+/// A check of a whole serial log: `Ok(report)` or `Err(problem)`.
+pub type LogCheck = fn(&SerialLog) -> std::result::Result<String, String>;
 
 /// A hypervisor panic is never a pass.
 const NO_PANIC: LinePattern = LinePattern::Contains("lamina: PANIC");

@@ -73,6 +73,9 @@ pub struct EventChannels {
     vcpu_info: alloc::vec::Vec<u64>,
     /// The domain these channels belong to.
     owner: u16,
+    /// Ports another domain can raise (inter-domain ends, ports offered to another domain),
+    /// counted as they change so that a wake-up check never scans the table.
+    foreign_ports: u32,
 }
 
 /// The console port every domain starts with.
@@ -95,7 +98,30 @@ impl EventChannels {
                 .map(|v| default_vcpu_info_gpa(shared_info, v))
                 .collect(),
             owner,
+            foreign_ports: 0,
         }
+    }
+
+    /// Whether another domain can raise a port bound this way.
+    fn is_foreign(&self, binding: Binding) -> bool {
+        match binding {
+            Binding::Unbound { remote } | Binding::Interdomain { remote, .. } => {
+                remote != self.owner
+            }
+            _ => false,
+        }
+    }
+
+    /// Replaces a port's binding, keeping [`Self::foreign_ports`] right.
+    fn rebind(&mut self, port: u32, binding: Binding) {
+        let old = self.ports[port as usize].binding;
+        if self.is_foreign(old) {
+            self.foreign_ports -= 1;
+        }
+        if self.is_foreign(binding) {
+            self.foreign_ports += 1;
+        }
+        self.ports[port as usize].binding = binding;
     }
 
     /// Number of vCPUs.
@@ -132,7 +158,8 @@ impl EventChannels {
     fn allocate(&mut self, binding: Binding, vcpu: u8) -> Result<u32, Errno> {
         let free = (2..NR_PORTS).find(|&p| self.ports[p as usize].binding == Binding::Free);
         let port = free.ok_or(Errno::ENOSPC)?;
-        self.ports[port as usize] = Port { binding, vcpu };
+        self.ports[port as usize].vcpu = vcpu;
+        self.rebind(port, binding);
         Ok(port)
     }
 
@@ -169,10 +196,13 @@ impl EventChannels {
 
     /// The peer closed its end: `port` is again an unbound port for `remote`.
     pub fn disconnect(&mut self, port: u32, remote: u16) {
-        if let Some(entry) = self.ports.get_mut(port as usize)
-            && matches!(entry.binding, Binding::Interdomain { .. })
+        if port < NR_PORTS
+            && matches!(
+                self.ports[port as usize].binding,
+                Binding::Interdomain { .. }
+            )
         {
-            entry.binding = Binding::Unbound { remote };
+            self.rebind(port, Binding::Unbound { remote });
         }
     }
 
@@ -221,6 +251,7 @@ impl EventChannels {
         if let Binding::Virq { virq } = entry.binding {
             self.virq_ports[usize::from(entry.vcpu)][usize::from(virq)] = 0;
         }
+        self.rebind(port, Binding::Free);
         self.ports[port as usize] = FREE;
         self.update_bit(mem, PENDING_OFFSET, port, false)?;
         Ok(entry.binding)
@@ -264,16 +295,9 @@ impl EventChannels {
 
     /// Whether another domain can raise a port of `vcpu`: an inter-domain end, or a port
     /// allocated for another domain to bind.
+    /// (Such ports are delivered to vCPU 0, the only vCPU in ABI 1.x.)
     fn has_other_domain_port(&self, vcpu: usize) -> bool {
-        self.ports.iter().any(|p| {
-            usize::from(p.vcpu) == vcpu
-                && match p.binding {
-                    Binding::Unbound { remote } | Binding::Interdomain { remote, .. } => {
-                        remote != self.owner
-                    }
-                    _ => false,
-                }
-        })
+        vcpu == 0 && self.foreign_ports != 0
     }
 
     /// Raises `port`: sets its pending bit; if that is new and the port is not masked, marks
@@ -441,5 +465,27 @@ mod tests {
             ev.alloc_unbound(1).unwrap();
         }
         assert_eq!(ev.alloc_unbound(1), Err(Errno::ENOSPC));
+    }
+
+    #[test]
+    fn ports_another_domain_can_raise_are_counted_as_they_change() {
+        let t = test_memory(1 << 20);
+        let mut ev = EventChannels::new(1, SHARED, 1);
+        assert!(!ev.can_wake(0, false));
+        let offered = ev.alloc_unbound(2).unwrap();
+        assert!(ev.can_wake(0, false), "domain 2 may bind and send");
+        ev.connect(offered, 2, 5);
+        assert!(ev.can_wake(0, false));
+        ev.disconnect(offered, 2);
+        assert!(ev.can_wake(0, false), "unbound for domain 2 again");
+        ev.close(&t.mem, u64::from(offered)).unwrap();
+        assert!(!ev.can_wake(0, false));
+        let own = ev.alloc_unbound(1).unwrap();
+        assert!(
+            !ev.can_wake(0, false),
+            "a loopback port is raised by the domain itself"
+        );
+        ev.close(&t.mem, u64::from(own)).unwrap();
+        assert_eq!(ev.foreign_ports, 0);
     }
 }

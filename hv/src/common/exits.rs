@@ -184,10 +184,10 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
         domain.vcpus[index].attention = true;
         return Next::Resume;
     }
-    let upcall_can_come =
-        state.upcall_vector != 0 && domain.events.can_wake(index, state.timers.armed());
-    let apic_can_interrupt = state.vlapic.timer_armed();
-    if !vcpu.interrupt_flag() || !(upcall_can_come || apic_can_interrupt) {
+    // The APIC timer first: the cheap and, for an unported kernel, the usual wake source.
+    let can_wake = state.vlapic.timer_armed()
+        || (state.upcall_vector != 0 && domain.events.can_wake(index, state.timers.armed()));
+    if !vcpu.interrupt_flag() || !can_wake {
         return stop(
             domain,
             vcpu,

@@ -408,6 +408,17 @@ mod tests {
         }
     }
 
+    /// A fake host at time 0, with the fake TSC set to match.
+    fn fake_host() -> FakeHost {
+        let host = FakeHost {
+            now: Cell::new(0),
+            armed: None,
+            halts: 0,
+        };
+        host.now_ns();
+        host
+    }
+
     fn slot(
         script: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
     ) -> (TestMemory, Slot<MockVcpu>) {
@@ -439,12 +450,7 @@ mod tests {
     #[test]
     fn block_with_nothing_that_can_wake_stops_the_domain() {
         let (_t, mut s) = slot(vec![hypercall(SCHED, [1, 0, 0])]);
-        let mut host = FakeHost {
-            now: Cell::new(0),
-            armed: None,
-            halts: 0,
-        };
-        host.now_ns();
+        let mut host = fake_host();
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert!(
             matches!(&s.domain.state, DomainState::Ended(Ending::Fault(why)) if why.contains("blocked")),
@@ -462,12 +468,7 @@ mod tests {
             hypercall(SCHED, [1, 0, 0]),      // block
             hypercall(SCHED, POWEROFF),
         ]);
-        let mut host = FakeHost {
-            now: Cell::new(0),
-            armed: None,
-            halts: 0,
-        };
-        host.now_ns();
+        let mut host = fake_host();
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
         assert_eq!(host.halts, 1, "the CPU halted while the vCPU blocked");
@@ -490,12 +491,7 @@ mod tests {
             hypercall(SCHED, [1, 0, 0]),  // block: returns at once
             hypercall(SCHED, POWEROFF),
         ]);
-        let mut host = FakeHost {
-            now: Cell::new(0),
-            armed: None,
-            halts: 0,
-        };
-        host.now_ns();
+        let mut host = fake_host();
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
         assert_eq!(host.halts, 0);
@@ -510,12 +506,7 @@ mod tests {
         t.mem.write(0x9000, &2u32.to_le_bytes()).unwrap();
         s.vcpu.script[1].1.gpr[crate::common::vcpu::reg::R10] = 5_000_000;
         s.vcpu.script.push_back(hypercall(SCHED, POWEROFF));
-        let mut host = FakeHost {
-            now: Cell::new(0),
-            armed: None,
-            halts: 0,
-        };
-        host.now_ns();
+        let mut host = fake_host();
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(host.now.get(), 5_000_000);
         assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
@@ -542,12 +533,7 @@ mod tests {
             ],
         );
         let mut slots = [one, two];
-        let mut host = FakeHost {
-            now: Cell::new(0),
-            armed: None,
-            halts: 0,
-        };
-        host.now_ns();
+        let mut host = fake_host();
         run_all(&mut slots, &mut host);
         for s in &slots {
             assert_eq!(

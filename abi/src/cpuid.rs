@@ -57,8 +57,14 @@ pub mod features {
     pub const EXIT_STATS: u32 = 1 << 11;
     /// Inter-domain event channels (`alloc_unbound` for another domain, `bind_interdomain`).
     pub const INTERDOMAIN_EVENTS: u32 = 1 << 12;
+    /// Grant tables (`grant_table_op`) and the grant window.
+    pub const GRANT_TABLES: u32 = 1 << 13;
+    /// Domain control (`domctl_op`) for privileged domains.
+    pub const DOMAIN_CONTROL: u32 = 1 << 14;
     /// Everything this build offers.
-    pub const ALL: u32 = INTERDOMAIN_EVENTS
+    pub const ALL: u32 = GRANT_TABLES
+        | DOMAIN_CONTROL
+        | INTERDOMAIN_EVENTS
         | EXIT_STATS
         | ANY_HYPERCALL_INSN
         | CONSOLE_IO

@@ -37,6 +37,10 @@ pub enum Hypercall {
     Multicall = 6,
     /// Exit accounting: RDI = [`crate::stats::StatsOp`].
     StatsOp = 7,
+    /// Grant tables: RDI = [`crate::grant_table::GrantTableOp`] (ABI 1.3).
+    GrantTableOp = 8,
+    /// Domain control, privileged domains only: RDI = [`crate::domctl::DomctlOp`] (ABI 1.3).
+    DomctlOp = 9,
 }
 
 impl TryFrom<u64> for Hypercall {
@@ -52,6 +56,8 @@ impl TryFrom<u64> for Hypercall {
             5 => Hypercall::MemoryOp,
             6 => Hypercall::Multicall,
             7 => Hypercall::StatsOp,
+            8 => Hypercall::GrantTableOp,
+            9 => Hypercall::DomctlOp,
             _ => return Err(crate::Errno::ENOSYS),
         })
     }
@@ -59,7 +65,7 @@ impl TryFrom<u64> for Hypercall {
 
 impl Hypercall {
     /// Every defined hypercall, in number order.
-    pub const ALL: [Hypercall; 8] = [
+    pub const ALL: [Hypercall; 10] = [
         Hypercall::Version,
         Hypercall::ConsoleIo,
         Hypercall::SchedOp,
@@ -68,6 +74,8 @@ impl Hypercall {
         Hypercall::MemoryOp,
         Hypercall::Multicall,
         Hypercall::StatsOp,
+        Hypercall::GrantTableOp,
+        Hypercall::DomctlOp,
     ];
     /// Number of slots the hypervisor keeps per-hypercall counters for (one more for unknown).
     pub const COUNT: usize = Self::ALL.len();
@@ -83,6 +91,8 @@ impl Hypercall {
             Hypercall::MemoryOp => "memory_op",
             Hypercall::Multicall => "multicall",
             Hypercall::StatsOp => "stats_op",
+            Hypercall::GrantTableOp => "grant_table_op",
+            Hypercall::DomctlOp => "domctl_op",
         }
     }
 }

@@ -21,6 +21,8 @@ pub const BOOT_PD_GPA: u64 = 0x6000;
 pub const SHARED_INFO_GPA: u64 = 0x7000;
 /// The console ring page ([`crate::console::ConsoleRing`]).
 pub const CONSOLE_RING_GPA: u64 = 0x8000;
+/// The boot page directory that maps the grant window (ABI 1.3).
+pub const BOOT_GRANT_PD_GPA: u64 = 0x9000;
 /// End of the boot area: `[0, BOOT_AREA_END)` holds the structures above.
 pub const BOOT_AREA_END: u64 = 0x1_0000;
 /// First byte a kernel image may occupy.
@@ -40,3 +42,18 @@ pub const MEM_MAX_BYTES: u64 = 1 << 30;
 pub const MEM_DEFAULT_BYTES: u64 = 16 << 20;
 /// RAM sizes are rounded up to this granule (one large page).
 pub const MEM_GRANULE_BYTES: u64 = 2 << 20;
+
+/// The grant window: guest-physical pages where grants of other domains are mapped (ABI 1.3).
+/// It starts just above the largest RAM and is identity-mapped by the boot page tables with one
+/// 2 MiB page; a page of it that has no grant mapped is outside the domain's memory.
+pub const GRANT_WINDOW_GPA: u64 = MEM_MAX_BYTES;
+/// Pages in the grant window.
+pub const GRANT_WINDOW_PAGES: u64 = 512;
+/// Bytes in the grant window.
+pub const GRANT_WINDOW_BYTES: u64 = GRANT_WINDOW_PAGES * 4096;
+
+const _: () = assert!(GRANT_WINDOW_GPA >= MEM_MAX_BYTES);
+const _: () = assert!(
+    GRANT_WINDOW_BYTES == MEM_GRANULE_BYTES,
+    "one boot 2 MiB page maps it"
+);

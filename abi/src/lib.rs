@@ -10,7 +10,9 @@
 
 pub mod console;
 pub mod cpuid;
+pub mod domctl;
 pub mod event_channel;
+pub mod grant_table;
 pub mod hypercall;
 pub mod layout;
 pub mod memory;
@@ -29,7 +31,7 @@ pub use status::Errno;
 /// ABI major version: incremented on incompatible changes.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: incremented when calls or fields are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 2;
+pub const ABI_VERSION_MINOR: u16 = 3;
 
 /// The ABI version as one word, `major << 16 | minor`, as returned by the version hypercall and
 /// CPUID leaf [`cpuid::LEAF_VERSION`].

@@ -50,4 +50,6 @@ pub mod region_kind {
     /// RAM holding the boot and shared structures (`crate::layout`): the kernel may read it
     /// and must keep the shared pages (shared info, console ring) where they are.
     pub const BOOT: u32 = 2;
+    /// The grant window: not RAM; pages granted by other domains are mapped here (ABI 1.3).
+    pub const GRANT_WINDOW: u32 = 3;
 }

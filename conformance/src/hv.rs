@@ -1,4 +1,4 @@
-//! The hypercalls of ABI 1.2 as the conformance kernel makes them: the `lamina_abi` numbers,
+//! The hypercalls of ABI 1.3 as the conformance kernel makes them: the `lamina_abi` numbers,
 //! the instruction native to the CPU, RAX returned as a [`Status`] (docs/abi.md 2 and 3).
 //!
 //! The tests call the hypervisor here rather than through the guest SDK, so that they check
@@ -11,6 +11,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use lamina_abi::Hypercall;
 use lamina_abi::console::ConsoleOp;
+use lamina_abi::domctl::{DomainInfo, DomctlOp, PhysInfo};
 use lamina_abi::event_channel::EventChannelOp;
 use lamina_abi::memory::{MemoryOp, MemoryRegion};
 use lamina_abi::multicall::MulticallEntry;
@@ -334,6 +335,68 @@ pub(crate) fn exit_counters(domain: u64, vcpu: u64, out: &mut ExitCounters) -> S
             domain,
             vcpu,
             core::ptr::from_mut(out) as u64,
+        )
+    }
+}
+
+// ----- domctl_op (17) -----
+
+/// `domctl_op` operation `op` with RSI, RDX, R10, R8 = `args`.
+///
+/// # Safety
+/// ListDomains, ReadConsole and PhysInfo write guest memory at the address they are given:
+/// it must be ours to overwrite.
+pub(crate) unsafe fn domctl_op(op: u64, args: [u64; 4]) -> Status {
+    let [a2, a3, a4, a5] = args;
+    // SAFETY: forwarded.
+    unsafe { hypercall(Hypercall::DomctlOp as u64, [op, a2, a3, a4, a5]) }
+}
+
+/// Pause, unpause or destroy (or an unknown operation) on `domain`: writes no guest memory.
+pub(crate) fn domctl(op: u64, domain: u64) -> Status {
+    debug_assert!(
+        op != DomctlOp::ListDomains as u64
+            && op != DomctlOp::ReadConsole as u64
+            && op != DomctlOp::PhysInfo as u64
+    );
+    // SAFETY: these operations write no guest memory.
+    unsafe { domctl_op(op, [domain, 0, 0, 0]) }
+}
+
+/// ListDomains into `infos`.
+pub(crate) fn list_domains(infos: &mut [DomainInfo]) -> Status {
+    // SAFETY: the entries are ours, borrowed mutably; any bytes are a valid DomainInfo.
+    unsafe {
+        domctl_op(
+            DomctlOp::ListDomains as u64,
+            [infos.as_mut_ptr() as u64, infos.len() as u64, 0, 0],
+        )
+    }
+}
+
+/// ReadConsole of `domain` from stream offset `offset` into `buffer`.
+pub(crate) fn read_console(domain: u64, offset: u64, buffer: &mut [u8]) -> Status {
+    // SAFETY: the buffer is ours, borrowed mutably for the call.
+    unsafe {
+        domctl_op(
+            DomctlOp::ReadConsole as u64,
+            [
+                domain,
+                offset,
+                buffer.as_mut_ptr() as u64,
+                buffer.len() as u64,
+            ],
+        )
+    }
+}
+
+/// PhysInfo into `out`.
+pub(crate) fn phys_info(out: &mut PhysInfo) -> Status {
+    // SAFETY: `out` is ours, borrowed mutably; any bytes are a valid PhysInfo.
+    unsafe {
+        domctl_op(
+            DomctlOp::PhysInfo as u64,
+            [core::ptr::from_mut(out) as u64, 0, 0, 0],
         )
     }
 }

@@ -100,7 +100,7 @@ pub struct Features(pub u32);
 
 impl Features {
     /// Every defined bit with its name, in bit order.
-    pub const NAMES: [(u32, &'static str); 13] = [
+    pub const NAMES: [(u32, &'static str); 15] = [
         (features::ANY_HYPERCALL_INSN, "any-hypercall-insn"),
         (features::CONSOLE_IO, "console-io"),
         (features::SCHED_OP, "sched-op"),
@@ -114,6 +114,8 @@ impl Features {
         (features::EMULATED_X2APIC, "emulated-x2apic"),
         (features::EXIT_STATS, "exit-stats"),
         (features::INTERDOMAIN_EVENTS, "interdomain-events"),
+        (features::GRANT_TABLES, "grant-tables"),
+        (features::DOMAIN_CONTROL, "domain-control"),
     ];
 
     /// Whether every bit of `bits` is set.
@@ -152,7 +154,7 @@ mod tests {
             Features(features::ALL).to_string(),
             "any-hypercall-insn console-io sched-op emulated-uart event-channels pvclock \
              pv-timers multicall memory-op console-ring emulated-x2apic exit-stats \
-             interdomain-events"
+             interdomain-events grant-tables domain-control"
         );
         assert_eq!(
             Features(features::CONSOLE_IO | 1 << 20).to_string(),

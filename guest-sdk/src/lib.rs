@@ -16,6 +16,8 @@
 //! - [`multicall`]: a typed batch of hypercalls made with one exit.
 //! - [`memory`], [`vcpu`]: the memory map and size; per-vCPU registrations and timers.
 //! - [`stats`]: exit accounting, the exits a vCPU caused by kind and hypercall (ABI 1.1).
+//! - [`grant`]: grant tables, pages shared with other domains (ABI 1.3); [`domctl`]: domain
+//!   control for privileged domains: list, console, pause, unpause, destroy (ABI 1.3).
 //! - [`interrupts`]: a static IDT with exception reports, handlers by vector, and a hook where
 //!   a scheduler switches tasks on the way out of an interrupt.
 //! - [`pvops`]: operation groups (console, idle, timer, time, cpu) with a native and a
@@ -51,7 +53,9 @@
 pub mod cmdline;
 pub mod console;
 pub mod cpuid;
+pub mod domctl;
 pub mod events;
+pub mod grant;
 pub mod hypercall;
 pub mod interrupts;
 pub mod memory;

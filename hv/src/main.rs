@@ -20,7 +20,7 @@ mod start {
     use crate::common::builder::{self, BOOT_GDT_LIMIT, BootParams};
     use crate::common::config;
     use crate::common::domain::{Domain, DomainState, Ending};
-    use crate::common::guest_memory::GuestMemory;
+    use crate::common::guest_memory::{GuestMemory, OwnedRam};
     use crate::common::scheduler::{Slot, run_all};
     use crate::common::time::TimeBase;
     use crate::hv_println;
@@ -112,6 +112,8 @@ mod start {
             Err(error) => fail(format_args!("cannot enable {}: {error}", B::NAME)),
         };
         log::info!("virtualization: {}", B::NAME);
+        // What the domains are measured against: everything they take must come back.
+        let free_before_domains = memory::figures().1;
         let mut slots: Vec<Slot<B::Vcpu>> = Vec::new();
         let mut rejected = Vec::new();
         for (i, module) in info.modules.iter().enumerate() {
@@ -136,7 +138,7 @@ mod start {
         crate::common::domain::DOMAIN_COUNT
             .store(slots.len() as u32, core::sync::atomic::Ordering::Relaxed);
         run_all(&mut slots, &mut host);
-        summarize(&slots, &rejected)
+        summarize(&slots, &rejected, free_before_domains)
     }
 
     fn build_domain<B: Virtualization>(
@@ -156,7 +158,9 @@ mod start {
         };
         let ram = memory::allocate_zeroed(config.mem_bytes, lamina_abi::layout::MEM_GRANULE_BYTES)
             .ok_or_else(|| format!("not enough memory for mem={}M", config.mem_bytes >> 20))?;
-        // SAFETY: `ram` is a fresh allocation of `mem_bytes`, owned by this domain from now on.
+        let owned_ram = OwnedRam::new(ram, config.mem_bytes, memory::release);
+        // SAFETY: `ram` is a fresh allocation of `mem_bytes`, owned by this domain from now on
+        // (`owned_ram` returns it once the domain no longer uses this view).
         let memory = unsafe { GuestMemory::new(ram as *mut u8, config.mem_bytes) };
         let built = builder::load_kernel(elf, &memory).and_then(|image| {
             let params = BootParams {
@@ -168,13 +172,8 @@ mod start {
             };
             builder::write_boot_structures(&memory, &image, &params).map(|()| image)
         });
-        let image = match built {
-            Ok(image) => image,
-            Err(error) => {
-                memory::release(ram, config.mem_bytes);
-                return Err(format!("{error}"));
-            }
-        };
+        // On an error `owned_ram` is dropped: the RAM goes back.
+        let image = built.map_err(|error| format!("{error}"))?;
         let entry = EntryState {
             rip: image.entry,
             rsp: memory.size(),
@@ -183,24 +182,22 @@ mod start {
             gdt: (BOOT_GDT_GPA, BOOT_GDT_LIMIT),
             tlb_tag: id as u16,
         };
-        let vcpu = match hw.create_vcpu(&memory, &entry) {
-            Ok(vcpu) => vcpu,
-            Err(error) => {
-                memory::release(ram, config.mem_bytes);
-                return Err(format!("{error}"));
-            }
-        };
+        let (vcpu, nested) = hw
+            .create_vcpu(&memory, &entry)
+            .map_err(|error| format!("{error}"))?;
         Ok(Slot {
             domain: Domain {
                 privileged: config.privileged,
                 weight: config.weight,
+                nested: Some(nested),
+                ram: Some(owned_ram),
                 ..Domain::new(id, config.name, memory, time)
             },
-            vcpu,
+            vcpu: Some(vcpu),
         })
     }
 
-    fn summarize<V>(slots: &[Slot<V>], rejected: &[Rejected]) -> ! {
+    fn summarize<V>(slots: &[Slot<V>], rejected: &[Rejected], free_before_domains: u64) -> ! {
         hv_println!("lamina: summary");
         let mut success = !slots.is_empty() && rejected.is_empty();
         for slot in slots {
@@ -225,6 +222,14 @@ mod start {
         for r in rejected {
             hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);
         }
+        // Every domain was torn down: all it took must be back.
+        let free_at_end = memory::figures().1;
+        hv_println!(
+            "lamina: memory: {} KiB free before domains, {} KiB at the end, {} KiB leaked",
+            free_before_domains >> 10,
+            free_at_end >> 10,
+            free_before_domains.saturating_sub(free_at_end) >> 10
+        );
         hv_println!(
             "lamina: result: {}",
             if success { "success" } else { "failure" }

@@ -8,7 +8,13 @@ use crate::workspace::{self, Artifact, BARE_METAL_TARGET};
 
 /// Packages whose unit tests run on the host (the hypervisor and the SDK keep their logic in
 /// host-testable modules).
-const HOST_TESTED_PACKAGES: [&str; 4] = ["lamina-abi", "lamina-hv", "lamina-guest-sdk", "xtask"];
+const HOST_TESTED_PACKAGES: [&str; 5] = [
+    "lamina-abi",
+    "lamina-hv",
+    "lamina-guest-sdk",
+    "sample-domains",
+    "xtask",
+];
 
 /// Builds the hypervisor and the guests for `x86_64-unknown-none` in release mode.
 pub fn build_images() -> Result<()> {

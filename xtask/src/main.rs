@@ -49,7 +49,8 @@ struct Cli {
 enum Task {
     /// Build the hypervisor and the guests (release, x86_64-unknown-none).
     Build,
-    /// Boot the hypervisor and guests under an emulator, with the serial console on stdout.
+    /// Boot the hypervisor and guests (by default the sample guest and the ping/pong pair)
+    /// under an emulator, with the serial console on stdout.
     /// Exits 0 only if the hypervisor reports `lamina: result: success`.
     Run(RunArgs),
     /// Run the host unit tests, every emulated scenario and the conformance suite.
@@ -87,7 +88,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = Vendor::Amd)]
     vendor: Vendor,
     /// A guest ELF to boot, with its module command line (default: the file name as the domain
-    /// name). Repeatable; without it, the sample guest runs.
+    /// name). Repeatable; without it, the sample guest runs, with the ping/pong pair of
+    /// sample-domains next to it.
     #[arg(long = "guest", value_name = "PATH[:CMDLINE]", value_parser = parse_guest)]
     guests: Vec<BootModule>,
     /// Wall-clock limit in seconds [default: 60 for amd, 120 for intel].
@@ -215,6 +217,26 @@ fn execute(task: Task) -> Result<ExitCode> {
     })
 }
 
+/// What `cargo xtask run` boots without `--guest`: the sample guest (domain 1), then the
+/// ping/pong pair of `sample-domains` (domains 2 and 3), which exchange messages over a ring in
+/// a page ping grants to pong, with inter-domain event notifications.
+fn default_modules() -> Vec<BootModule> {
+    [
+        (Artifact::SampleGuest, "sample-guest"),
+        (
+            Artifact::SampleDomains,
+            "ping role=ping peer=3 messages=10000 mem=4M",
+        ),
+        (Artifact::SampleDomains, "pong role=pong peer=2 mem=4M"),
+    ]
+    .into_iter()
+    .map(|(artifact, cmdline)| BootModule {
+        path: artifact.path(),
+        cmdline: cmdline.to_string(),
+    })
+    .collect()
+}
+
 /// `cargo xtask run`; returns whether the hypervisor reported success.
 fn run(args: RunArgs) -> Result<bool> {
     let vendor = args.vendor;
@@ -225,10 +247,7 @@ fn run(args: RunArgs) -> Result<bool> {
     }
     let hv = args.hv.unwrap_or_else(|| Artifact::Hypervisor.path());
     let modules = if args.guests.is_empty() {
-        vec![BootModule {
-            path: Artifact::SampleGuest.path(),
-            cmdline: "sample-guest".to_string(),
-        }]
+        default_modules()
     } else {
         args.guests
     };
@@ -280,6 +299,10 @@ fn run(args: RunArgs) -> Result<bool> {
             "xtask: TIMEOUT: no result line within {} s; emulator killed",
             timeout.as_secs()
         ),
+    }
+    if let Some(problem) = record.log.memory_problem() {
+        eprintln!("xtask: FAILURE: {problem}");
+        return Ok(false);
     }
     Ok(record.outcome() == RunOutcome::Success)
 }

@@ -4,6 +4,8 @@
 //! is not listed here: its modules and expectations come from the conformance catalog (see
 //! `conformance.rs`).
 
+mod domains;
+
 use std::fs;
 
 use crate::emulator::{RunDir, RunOutcome, RunRecord};
@@ -146,6 +148,56 @@ fn check_fair_shares(log: &SerialLog) -> std::result::Result<String, String> {
     }
 }
 
+/// A `sample-domains` role reporting a check that failed (`<role>: error: ...`).
+const PING_ERROR: LinePattern = LinePattern::Contains("ping: error:");
+const PONG_ERROR: LinePattern = LinePattern::Contains("pong: error:");
+const SNOOP_ERROR: LinePattern = LinePattern::Contains("snoop: error:");
+const CONTROL_ERROR: LinePattern = LinePattern::Contains("control: error:");
+const WORKER_ERROR: LinePattern = LinePattern::Contains("worker: error:");
+
+/// The ping/pong pair of `sample-domains` as domains 1 and 2, ping with `ping_cmdline`.
+const fn ping_pong_pair(ping_cmdline: &'static str) -> [ModuleSpec; 2] {
+    [
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleDomains),
+            cmdline: ping_cmdline,
+        },
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleDomains),
+            cmdline: "pong role=pong peer=1 mem=4M",
+        },
+    ]
+}
+
+const PING_PONG_MODULES: [ModuleSpec; 2] =
+    ping_pong_pair("ping role=ping peer=2 messages=10000 mem=4M");
+
+const GRANT_REQUIRED_MODULES: [ModuleSpec; 3] = {
+    let [ping, pong] = ping_pong_pair("ping role=ping peer=2 messages=2000 mem=4M");
+    [
+        ping,
+        pong,
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleDomains),
+            cmdline: "snoop role=snoop peer=1 mem=4M",
+        },
+    ]
+};
+
+const CRASH_CONTAINED_MODULES: [ModuleSpec; 2] =
+    ping_pong_pair("ping role=ping peer=2 messages=5000 crash_after=500 mem=4M");
+
+const CONTROL_OPS_MODULES: [ModuleSpec; 2] = [
+    ModuleSpec {
+        source: ModuleSource::Built(Artifact::SampleDomains),
+        cmdline: "control role=control privileged=1 worker=2 mem=4M",
+    },
+    ModuleSpec {
+        source: ModuleSource::Built(Artifact::SampleDomains),
+        cmdline: "worker role=worker peer=1 mem=4M",
+    },
+];
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "sample-guest-powers-off",
@@ -230,17 +282,110 @@ pub const SCENARIOS: &[Scenario] = &[
                 source: ModuleSource::Built(Artifact::SampleGuest),
                 cmdline: "sample-guest",
             },
+            // A good kernel with a command line the hv refuses: one vCPU per domain until SMP.
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleGuest),
+                cmdline: "two-vcpus vcpus=2",
+            },
         ],
         // A rejected module makes the whole run a failure, by the protocol.
         expect: HvResult::Failure,
         required_lines: &[
             LinePattern::Contains("lamina: module 1 bad-elf rejected:"),
             LinePattern::Contains("lamina: module 2 elf-below-kernel-area rejected:"),
+            LinePattern::Contains("lamina: module 4 two-vcpus rejected: vcpus= is not 1"),
             // Rejected modules take no domain id: the good guest is still domain 1.
             LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
         ],
         forbidden_lines: &[NO_PANIC],
         check: None,
+    },
+    Scenario {
+        name: "ping-pong-grant",
+        modules: &PING_PONG_MODULES,
+        expect: HvResult::Success,
+        required_lines: &[
+            LinePattern::Contains("(d1) ping: pong connected; sending 10000 messages"),
+            LinePattern::Contains("(d2) pong: mapped domain 1's grant 0 at 0x40000000"),
+            LinePattern::Contains("(d1) ping: grant ended, port closed; powering off"),
+            LinePattern::Contains("(d2) pong: unmapped; ping ended its grant and closed its port"),
+            LinePattern::Contains("lamina: domain 1 ping end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 pong end=poweroff"),
+            LinePattern::Contains("lamina: domain 1 ping torn down: "),
+            LinePattern::Contains("lamina: domain 2 pong torn down: "),
+        ],
+        forbidden_lines: &[NO_PANIC, PING_ERROR, PONG_ERROR],
+        check: Some(domains::check_ping_pong),
+    },
+    Scenario {
+        name: "grant-required",
+        modules: &GRANT_REQUIRED_MODULES,
+        // The snoop ends stopped by the hypervisor, which makes the run a failure.
+        expect: HvResult::Failure,
+        required_lines: &[
+            LinePattern::Contains(
+                "(d3) snoop: map of grant 0 (granted to another domain), read-only: EPERM",
+            ),
+            LinePattern::Contains("(d3) snoop: map of grant 17 (never granted): ENOENT"),
+            LinePattern::Contains("(d3) snoop: copy from grant 0: EPERM"),
+            LinePattern::Contains("(d3) snoop: copy from grant 17 (never granted): ENOENT"),
+            LinePattern::Contains("(d3) snoop: 7 of 7 attempts refused"),
+            LinePattern::Contains("lamina: domain 3 snoop stopped: "),
+            LinePattern::Contains("lamina: domain 3 snoop end=fault"),
+            LinePattern::Contains("lamina: domain 1 ping end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 pong end=poweroff"),
+            LinePattern::Contains("lamina: domain 3 snoop torn down: "),
+            LinePattern::Contains("lamina: domain 1 ping torn down: "),
+            LinePattern::Contains("lamina: domain 2 pong torn down: "),
+        ],
+        forbidden_lines: &[NO_PANIC, PING_ERROR, PONG_ERROR, SNOOP_ERROR],
+        check: Some(domains::check_grant_required),
+    },
+    Scenario {
+        name: "crash-contained",
+        modules: &CRASH_CONTAINED_MODULES,
+        // Ping's crash makes the run a failure.
+        expect: HvResult::Failure,
+        required_lines: &[
+            LinePattern::Contains("(d1) ping: crash_after=500: "),
+            LinePattern::Contains("(d1) panic: crash_after=500 reached"),
+            LinePattern::Contains("lamina: domain 1 ping end=crash"),
+            LinePattern::Contains("lamina: domain 1 ping torn down: "),
+            LinePattern::Contains("(d2) pong: domain 1 is gone after "),
+            LinePattern::Contains(
+                "(d2) pong: the mapped page of domain 1 now reads 4096 of 4096 bytes as zero",
+            ),
+            LinePattern::Contains("(d2) pong: mapping domain 1's grant again: ENOENT"),
+            LinePattern::Contains("(d2) pong: unmapped the page"),
+            LinePattern::Contains(
+                "(d2) pong: still running: 2000 more messages through a ring of its own, 0 errors",
+            ),
+            LinePattern::Contains("lamina: domain 2 pong end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 pong torn down: "),
+        ],
+        forbidden_lines: &[NO_PANIC, PONG_ERROR],
+        check: Some(domains::check_crash_contained),
+    },
+    Scenario {
+        name: "control-ops",
+        modules: &CONTROL_OPS_MODULES,
+        // A destroyed domain did not power off, which makes the run a failure.
+        expect: HvResult::Failure,
+        required_lines: &[
+            LinePattern::Contains("(d2) worker: domctl refused with EPERM: 6 of 6 operations"),
+            LinePattern::Contains("(d1) control: read the worker's console"),
+            LinePattern::Contains("(d1) control: paused the worker: state=paused"),
+            LinePattern::Contains("(d1) control: unpaused the worker: state="),
+            LinePattern::Contains(
+                "(d1) control: destroyed the worker: state=shutdown ending=destroyed memory_bytes=0",
+            ),
+            LinePattern::Contains("lamina: domain 1 control end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 worker end=destroyed"),
+            LinePattern::Contains("lamina: domain 2 worker torn down: "),
+            LinePattern::Contains("lamina: domain 1 control torn down: "),
+        ],
+        forbidden_lines: &[NO_PANIC, CONTROL_ERROR, WORKER_ERROR],
+        check: Some(domains::check_control_ops),
     },
 ];
 
@@ -315,6 +460,7 @@ pub fn judge(scenario: &Scenario, record: &RunRecord) -> Judgement {
             problems.push(format!("missing {}", pattern.describe()));
         }
     }
+    problems.extend(log.memory_problem());
     for &pattern in scenario.forbidden_lines {
         if let Some(line) = log.lines.iter().find(|line| pattern.matches(line)) {
             problems.push(format!("forbidden line: {line}"));
@@ -366,6 +512,7 @@ lamina: domain 1 sample-guest started mem=16M
 (d1) sample-guest: results: ticks=20 counter=21 fibonacci=11:89 cpu-probes=6/6 reports=5
 lamina: summary
 lamina: domain 1 sample-guest end=poweroff exits=12 vmcall=10 io=2
+lamina: memory: 500000 KiB free before domains, 500000 KiB at the end, 0 KiB leaked
 lamina: result: success
 ";
 
@@ -383,6 +530,21 @@ lamina: result: success
         let judgement = judge(&SCENARIOS[0], &record(&text, false));
         assert_eq!(judgement.status, Status::Fail);
         assert_eq!(judgement.problems.len(), 2, "{:?}", judgement.problems);
+    }
+
+    #[test]
+    fn a_leak_fails_the_run() {
+        let text = GOOD_SAMPLE_RUN.replace(
+            "500000 KiB at the end, 0 KiB",
+            "499996 KiB at the end, 4 KiB",
+        );
+        let judgement = judge(&SCENARIOS[0], &record(&text, false));
+        assert_eq!(judgement.status, Status::Fail);
+        assert!(
+            judgement.problems[0].contains("leaked 4 KiB"),
+            "{:?}",
+            judgement.problems
+        );
     }
 
     #[test]

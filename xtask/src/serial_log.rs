@@ -174,6 +174,34 @@ impl SerialLog {
         })
     }
 
+    /// The KiB of physical memory the hypervisor did not get back from its domains, from the
+    /// summary's `lamina: memory: ... <L> KiB leaked` line.
+    pub fn leaked_kib(&self) -> Option<u64> {
+        self.lines.iter().find_map(|line| {
+            let figures = line.strip_prefix("lamina: memory: ")?;
+            let (_, leaked) = figures.rsplit_once(", ")?;
+            leaked.strip_suffix(" KiB leaked")?.parse().ok()
+        })
+    }
+
+    /// What is wrong with the memory accounting of a run that got to its result line: memory
+    /// not returned, or no `lamina: memory:` line. `None` for a run without a result line
+    /// (judged by its timeout or crash).
+    pub fn memory_problem(&self) -> Option<String> {
+        self.result()?;
+        let line = || {
+            self.lines
+                .iter()
+                .find(|line| line.starts_with("lamina: memory: "))
+                .map_or("", String::as_str)
+        };
+        match self.leaked_kib() {
+            Some(0) => None,
+            Some(kib) => Some(format!("the hypervisor leaked {kib} KiB: `{}`", line())),
+            None => Some("no `lamina: memory: ... KiB leaked` line in the summary".to_string()),
+        }
+    }
+
     /// The last `count` lines, for failure reports.
     pub fn tail(&self, count: usize) -> &[String] {
         &self.lines[self.lines.len().saturating_sub(count)..]
@@ -200,6 +228,7 @@ lamina: summary
 lamina: domain 1 sample-guest end=poweroff exits=42 vmcall=40 io=2
 lamina: domain 2 triple_fault end=fault exits=3
 lamina: module 1 bad-elf rejected: not an ELF file
+lamina: memory: 1000 KiB free before domains, 1000 KiB at the end, 0 KiB leaked
 lamina: result: failure
 ";
 
@@ -260,6 +289,26 @@ lamina: result: failure
     }
 
     #[test]
+    fn leaks_and_a_missing_memory_line_are_problems_of_finished_runs() {
+        assert_eq!(log().leaked_kib(), Some(0));
+        assert_eq!(log().memory_problem(), None);
+        let leaked = RUN.replace("1000 KiB at the end, 0 KiB", "984 KiB at the end, 16 KiB");
+        let leaked = SerialLog::from_bytes(leaked.as_bytes());
+        assert_eq!(leaked.leaked_kib(), Some(16));
+        assert!(leaked.memory_problem().unwrap().contains("leaked 16 KiB"));
+        let without: String = RUN
+            .lines()
+            .filter(|l| !l.starts_with("lamina: memory:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let without = SerialLog::from_bytes(without.as_bytes());
+        assert_eq!(without.leaked_kib(), None);
+        assert!(without.memory_problem().is_some());
+        let unfinished = SerialLog::from_bytes(b"lamina: domain 1 x started mem=4M\n");
+        assert_eq!(unfinished.memory_problem(), None, "judged otherwise");
+    }
+
+    #[test]
     fn line_patterns() {
         let log = log();
         assert!(log.has_line(LinePattern::Contains("lamina: module 1 bad-elf rejected:")));
@@ -275,7 +324,7 @@ lamina: result: failure
         assert_eq!(
             log.tail(2),
             [
-                "lamina: module 1 bad-elf rejected: not an ELF file",
+                "lamina: memory: 1000 KiB free before domains, 1000 KiB at the end, 0 KiB leaked",
                 "lamina: result: failure"
             ]
         );

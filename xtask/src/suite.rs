@@ -210,6 +210,8 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
             options.timeout,
             &streaming(name, vendor, options),
         );
+        let memory = record.as_ref().and_then(|r| r.log.memory_problem());
+        let judgement = with_problems(judgement, memory.into_iter().collect());
         return JobOutcome {
             name,
             vendor,
@@ -258,16 +260,20 @@ const CONFORMANCE_BATCH: usize = 36;
 type Batch<'a> = &'a [&'static TestInfo];
 
 /// Splits `tests` into boots of at most `max` tests each (`max` >= 2), as evenly sized as the
-/// fewest boots allow (147 tests: 30+30+30+30+27 rather than 36+36+36+36+3), never between
-/// the two tests of a pair (`<x>_a` right before `<x>_b`): a pair talks across domains and
-/// finds its partner by domain id, so both must be in the same boot, next to each other.
+/// fewest boots allow (147 tests: 30+30+30+30+27 rather than 36+36+36+36+3), never inside a
+/// group of partners (`<x>_a` right before `<x>_b`, and `<x>_c` right after those): partners
+/// talk across domains and find each other by domain id, so all must be in the same boot,
+/// next to each other.
 fn conformance_batches<'a>(tests: &'a [&'static TestInfo], max: usize) -> Vec<Batch<'a>> {
-    let is_pair = |i: usize| {
+    // Whether test `i` and test `i + 1` are partners.
+    let joined = |i: usize| {
         i + 1 < tests.len()
-            && tests[i]
-                .name
-                .strip_suffix("_a")
-                .is_some_and(|stem| tests[i + 1].name.strip_suffix("_b") == Some(stem))
+            && [("_a", "_b"), ("_b", "_c")].iter().any(|(this, next)| {
+                tests[i]
+                    .name
+                    .strip_suffix(this)
+                    .is_some_and(|stem| tests[i + 1].name.strip_suffix(next) == Some(stem))
+            })
     };
     let boots = tests.len().div_ceil(max).max(1);
     let size = tests.len().div_ceil(boots);
@@ -276,11 +282,19 @@ fn conformance_batches<'a>(tests: &'a [&'static TestInfo], max: usize) -> Vec<Ba
     let mut start = 0;
     while !rest.is_empty() {
         let mut len = size.min(rest.len());
-        // A cut right after the first test of a pair moves before it (or, in a batch of one,
-        // after the pair).
-        if len < rest.len() && is_pair(start + len - 1) {
-            if len > 1 { len -= 1 } else { len += 1 }
+        // A cut inside a group moves before the group (or, when the group is the whole
+        // batch, after it).
+        let mut cut = len;
+        while cut > 0 && cut < rest.len() && joined(start + cut - 1) {
+            cut -= 1;
         }
+        if cut == 0 {
+            cut = len;
+            while cut < rest.len() && joined(start + cut - 1) {
+                cut += 1;
+            }
+        }
+        len = cut;
         let (batch, tail) = rest.split_at(len);
         batches.push(batch);
         rest = tail;
@@ -302,6 +316,8 @@ fn run_conformance(
     // The record shown with the verdict: the first failing batch's, else the first one's.
     let mut shown: Option<RunRecord> = None;
     let mut shown_failed = false;
+    // Memory a batch's hypervisor did not get back fails the run, whatever its tests say.
+    let mut memory_problems = Vec::new();
     for (batch, tests) in conformance_batches(tests, CONFORMANCE_BATCH)
         .into_iter()
         .enumerate()
@@ -312,6 +328,9 @@ fn run_conformance(
         let suite = match boot(&dir, vendor, &modules, timeout, name, options) {
             Ok(record) => {
                 let suite = conformance::suite(vendor, tests, &record);
+                if let Some(problem) = record.log.memory_problem() {
+                    memory_problems.push(format!("batch {batch}: {problem}"));
+                }
                 seconds += record.elapsed.as_secs_f64();
                 let failed = suite.cases.iter().any(|c| !c.judgement.status.is_ok());
                 if shown.is_none() || (failed && !shown_failed) {
@@ -333,6 +352,7 @@ fn run_conformance(
         Some(record) => summarize(&suite, record),
         None => Judgement::new(Status::Error, "no batch could be booted".to_string()),
     };
+    let judgement = with_problems(judgement, memory_problems);
     JobOutcome {
         name,
         vendor,
@@ -396,6 +416,18 @@ fn streaming(name: &str, vendor: Vendor, options: &SuiteOptions) -> Streaming {
     } else {
         Streaming::Off
     }
+}
+
+/// `judgement` with `problems` added: a run that passed fails with them.
+fn with_problems(mut judgement: Judgement, problems: Vec<String>) -> Judgement {
+    if problems.is_empty() {
+        return judgement;
+    }
+    if judgement.status.is_ok() {
+        judgement.status = Status::Fail;
+    }
+    judgement.problems.extend(problems);
+    judgement
 }
 
 /// One verdict for a whole conformance run, for the scenario table.
@@ -593,5 +625,24 @@ mod tests {
         // A batch of one keeps the pair whole.
         let tests = infos(&["p_a", "p_b", "x"]);
         assert_eq!(sizes(&conformance_batches(&tests, 1)), [2, 1]);
+    }
+
+    #[test]
+    fn a_group_of_three_is_never_split() {
+        let tests = infos(&["x", "y", "t_a", "t_b", "t_c", "z"]);
+        // A cut after t_a moves before it.
+        assert_eq!(sizes(&conformance_batches(&tests, 3)), [2, 3, 1]);
+        // A cut after t_b too.
+        let tests = infos(&["x", "y", "t_a", "t_b", "t_c", "w", "v", "u"]);
+        assert_eq!(sizes(&conformance_batches(&tests, 5)), [2, 4, 2]);
+        // A cut after t_c is fine.
+        let tests = infos(&["t_a", "t_b", "t_c", "x", "y", "z"]);
+        assert_eq!(sizes(&conformance_batches(&tests, 3)), [3, 3]);
+        // A group larger than a batch stays whole.
+        let tests = infos(&["t_a", "t_b", "t_c", "x"]);
+        assert_eq!(sizes(&conformance_batches(&tests, 2)), [3, 1]);
+        // `_c` alone, or after another stem's `_b`, is no partner.
+        let tests = infos(&["p_a", "p_b", "q_c", "x"]);
+        assert_eq!(sizes(&conformance_batches(&tests, 2)), [2, 2]);
     }
 }

@@ -47,14 +47,17 @@ pub fn cargo() -> Command {
 pub enum Artifact {
     Hypervisor,
     SampleGuest,
+    /// The multi-domain samples: ping, pong, snoop, control, worker (`role=`).
+    SampleDomains,
     Conformance,
     Bench,
 }
 
 impl Artifact {
-    pub const ALL: [Artifact; 4] = [
+    pub const ALL: [Artifact; 5] = [
         Artifact::Hypervisor,
         Artifact::SampleGuest,
+        Artifact::SampleDomains,
         Artifact::Conformance,
         Artifact::Bench,
     ];
@@ -64,6 +67,7 @@ impl Artifact {
         match self {
             Artifact::Hypervisor => "lamina-hv",
             Artifact::SampleGuest => "sample-guest",
+            Artifact::SampleDomains => "sample-domains",
             Artifact::Conformance => "lamina-conformance",
             Artifact::Bench => "lamina-bench",
         }
@@ -74,6 +78,7 @@ impl Artifact {
         match self {
             Artifact::Hypervisor => "lamina-hv",
             Artifact::SampleGuest => "sample-guest",
+            Artifact::SampleDomains => "sample-domains",
             Artifact::Conformance => "lamina-conformance",
             Artifact::Bench => "lamina-bench",
         }

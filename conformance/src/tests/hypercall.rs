@@ -8,7 +8,9 @@ use lamina_abi::{Errno, Hypercall, abi_version};
 use lamina_guest_sdk::cpuid::cpuid;
 use lamina_guest_sdk::hypercall::{self, HypercallInsn, hypercall0_with};
 
+use lamina_abi::domctl::{DomctlOp, PhysInfo};
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp};
+use lamina_abi::grant_table::GrantTableOp;
 use lamina_abi::memory::MemoryOp;
 use lamina_abi::multicall::MulticallEntry;
 use lamina_abi::sched::{SchedOp, ShutdownReason};
@@ -274,6 +276,10 @@ pub(super) fn all_hypercalls_cpl3_eperm() {
         total: untouched,
         ..ExitCounters::default()
     };
+    let mut phys = PhysInfo {
+        total_bytes: untouched,
+        ..PhysInfo::default()
+    };
     let mut batch = [MulticallEntry {
         op: Hypercall::EventChannelOp as u64,
         args: [EventChannelOp::AllocUnbound as u64, DOMID_SELF, 0, 0, 0],
@@ -343,6 +349,22 @@ pub(super) fn all_hypercalls_cpl3_eperm() {
             ],
         },
         UserCall {
+            what: "grant_table_op EndAccess(0)",
+            number: Hypercall::GrantTableOp as u64,
+            arguments: [GrantTableOp::EndAccess as u64, 0, 0, 0, 0],
+        },
+        UserCall {
+            what: "domctl_op PhysInfo",
+            number: Hypercall::DomctlOp as u64,
+            arguments: [
+                DomctlOp::PhysInfo as u64,
+                core::ptr::from_mut(&mut phys) as u64,
+                0,
+                0,
+                0,
+            ],
+        },
+        UserCall {
             what: "the first undefined hypercall number",
             number: FIRST_UNDEFINED,
             arguments: [0; 5],
@@ -392,5 +414,11 @@ pub(super) fn all_hypercalls_cpl3_eperm() {
     check!(
         total == untouched,
         "the stats_op from CPL 3 wrote the counters (total {total:#x})"
+    );
+    // SAFETY: ours; the hypervisor wrote it only if it ran the domctl_op.
+    let total = unsafe { core::ptr::read_volatile(&raw const phys.total_bytes) };
+    check!(
+        total == untouched,
+        "the domctl_op from CPL 3 wrote its PhysInfo (total_bytes {total:#x})"
     );
 }

@@ -1,7 +1,7 @@
 //! Tests of `memory_op` (docs/abi.md 11): the memory map and the reservation.
 
 use lamina_abi::Errno;
-use lamina_abi::layout::BOOT_AREA_END;
+use lamina_abi::layout::{BOOT_AREA_END, GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
 use lamina_guest_sdk::start::TOP_OF_RAM_SCRATCH;
 use lamina_guest_sdk::start_info;
@@ -17,8 +17,8 @@ const UNTOUCHED: MemoryRegion = MemoryRegion {
     reserved: 0xa5a5_a5a5,
 };
 
-/// The map docs/abi.md 11 describes.
-fn expected_map() -> [MemoryRegion; 2] {
+/// The map docs/abi.md 11 describes (the grant window since ABI 1.3).
+fn expected_map() -> [MemoryRegion; 3] {
     let mem = start_info().mem_bytes;
     [
         MemoryRegion {
@@ -31,6 +31,12 @@ fn expected_map() -> [MemoryRegion; 2] {
             base: BOOT_AREA_END,
             length: mem - BOOT_AREA_END,
             kind: region_kind::RAM,
+            reserved: 0,
+        },
+        MemoryRegion {
+            base: GRANT_WINDOW_GPA,
+            length: GRANT_WINDOW_BYTES,
+            kind: region_kind::GRANT_WINDOW,
             reserved: 0,
         },
     ]
@@ -59,43 +65,65 @@ pub(super) fn memory_op_unknown_enosys() {
 }
 
 pub(super) fn memory_map_lists_regions() {
-    let mut map = [UNTOUCHED; 4];
+    let mut map = [UNTOUCHED; 5];
     check_eq!(
-        "GetMemoryMap with room for 4 regions",
-        Status(2),
+        "GetMemoryMap with room for 5 regions",
+        Status(3),
         hv::memory_map(&mut map)
     );
     let expected = expected_map();
     check_eq!("memory map region 0 (boot area)", expected[0], map[0]);
     check_eq!("memory map region 1 (the rest of RAM)", expected[1], map[1]);
     check_eq!(
-        "memory map slots 2-3 (unused)",
-        [UNTOUCHED; 2],
-        [map[2], map[3]]
+        "memory map region 2 (the grant window)",
+        expected[2],
+        map[2]
     );
-    // Together they cover RAM exactly.
     check_eq!(
-        "end of the last region",
+        "memory map slots 3-4 (unused)",
+        [UNTOUCHED; 2],
+        [map[3], map[4]]
+    );
+    // The first two cover RAM exactly; the window lies above it.
+    check_eq!(
+        "end of the RAM region",
         Hex(start_info().mem_bytes),
         Hex(map[1].base + map[1].length)
+    );
+    check!(
+        map[2].base >= map[1].base + map[1].length,
+        "the grant window {:#x} overlaps RAM",
+        map[2].base
     );
 }
 
 pub(super) fn memory_map_short_buffer() {
-    let mut map = [UNTOUCHED; 2];
+    let mut map = [UNTOUCHED; 3];
     check_eq!(
         "GetMemoryMap with room for 1 region (returns the full count)",
-        Status(2),
+        Status(3),
         hv::memory_map(&mut map[..1])
     );
     check_eq!("the one region written", expected_map()[0], map[0]);
     check_eq!("the slot past the capacity", UNTOUCHED, map[1]);
+    check_eq!(
+        "GetMemoryMap with room for 2 regions (returns the full count)",
+        Status(3),
+        hv::memory_map(&mut map[..2])
+    );
+    let expected = expected_map();
+    check_eq!(
+        "the two regions written",
+        [expected[0], expected[1]],
+        [map[0], map[1]]
+    );
+    check_eq!("the slot past the capacity", UNTOUCHED, map[2]);
     // Capacity 0 writes nothing, wherever the array is.
     let mem = start_info().mem_bytes;
     for gpa in [map.as_ptr() as u64, mem, u64::MAX] {
         check_eq!(
             format_args!("GetMemoryMap with capacity 0 at {gpa:#x}"),
-            Status(2),
+            Status(3),
             memory_map_at(gpa, 0)
         );
     }

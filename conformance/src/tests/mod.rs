@@ -10,7 +10,9 @@ mod apic;
 mod common;
 mod console;
 mod cpuid;
+mod domctl;
 mod event_channel;
+mod grant;
 mod hypercall;
 mod interdomain;
 mod io;
@@ -446,6 +448,54 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ("stats_buffer_oob_efault", stats::stats_buffer_oob_efault),
     ("stats_bad_vcpu_enoent", stats::stats_bad_vcpu_enoent),
     ("stats_no_domain_enoent", stats::stats_no_domain_enoent),
+    (
+        "grant_cpuid_bit_and_version",
+        grant::grant_cpuid_bit_and_version,
+    ),
+    (
+        "grant_window_in_boot_tables",
+        grant::grant_window_in_boot_tables,
+    ),
+    ("grant_unknown_op_enosys", grant::grant_unknown_op_enosys),
+    ("grant_access_errors", grant::grant_access_errors),
+    ("grant_end_access_enoent", grant::grant_end_access_enoent),
+    ("grant_map_local_errors", grant::grant_map_local_errors),
+    ("grant_unmap_errors", grant::grant_unmap_errors),
+    ("grant_copy_local_errors", grant::grant_copy_local_errors),
+    ("grant_in_multicall", grant::grant_in_multicall),
+    (
+        "grant_window_unmapped_stopped",
+        grant::grant_window_unmapped_stopped,
+    ),
+    ("grant_map_rw_a", grant::grant_map_rw_a),
+    ("grant_map_rw_b", grant::grant_map_rw_b),
+    ("grant_readonly_a", grant::grant_readonly_a),
+    ("grant_readonly_b", grant::grant_readonly_b),
+    ("grant_ro_write_a", grant::grant_ro_write_a),
+    ("grant_ro_write_b", grant::grant_ro_write_b),
+    ("grant_revoke_a", grant::grant_revoke_a),
+    ("grant_revoke_b", grant::grant_revoke_b),
+    ("grant_errors_a", grant::grant_errors_a),
+    ("grant_errors_b", grant::grant_errors_b),
+    ("grant_errors_c", grant::grant_errors_c),
+    ("grant_unmap_access_a", grant::grant_unmap_access_a),
+    ("grant_unmap_access_b", grant::grant_unmap_access_b),
+    (
+        "domctl_unprivileged_eperm",
+        domctl::domctl_unprivileged_eperm,
+    ),
+    (
+        "domctl_self_and_unknown_ids",
+        domctl::domctl_self_and_unknown_ids,
+    ),
+    ("domctl_list_a", domctl::domctl_list_a),
+    ("domctl_list_b", domctl::domctl_list_b),
+    ("domctl_console_a", domctl::domctl_console_a),
+    ("domctl_console_b", domctl::domctl_console_b),
+    ("domctl_pause_a", domctl::domctl_pause_a),
+    ("domctl_pause_b", domctl::domctl_pause_b),
+    ("domctl_destroy_a", domctl::domctl_destroy_a),
+    ("domctl_destroy_b", domctl::domctl_destroy_b),
 ];
 
 /// The body registered for test `name`.

@@ -10,8 +10,8 @@ use crate::common::guest_memory::{GuestMemory, OutOfBounds};
 use crate::common::time::{TimeBase, publish_vcpu_time, publish_wall_clock};
 use core::fmt;
 use lamina_abi::layout::{
-    BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA, KERNEL_MIN_GPA,
-    SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
+    BOOT_GDT_GPA, BOOT_GRANT_PD_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA,
+    GRANT_WINDOW_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
 };
 use lamina_abi::shared_info::VcpuInfo;
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC, StartInfo};
@@ -306,6 +306,14 @@ pub fn write_boot_structures(
             (page << 21) | PRESENT_WRITABLE_USER | LARGE_PAGE,
         )?;
     }
+    // PDPT[1] -> the grant window's PD, whose entry 0 maps the window with one 2 MiB page
+    // (docs/abi.md 4.2, 16): a kernel reaches a mapped grant at its guest-physical address.
+    const _: () = assert!(GRANT_WINDOW_GPA == 1 << 30, "PDPT entry 1, PD entry 0");
+    mem.write_u64(pdpt + 8, BOOT_GRANT_PD_GPA | PRESENT_WRITABLE_USER)?;
+    mem.write_u64(
+        BOOT_GRANT_PD_GPA,
+        GRANT_WINDOW_GPA | PRESENT_WRITABLE_USER | LARGE_PAGE,
+    )?;
     Ok(())
 }
 
@@ -473,5 +481,16 @@ mod tests {
             (1 << 21) | 0x87,
             "PD maps 2 MiB pages"
         );
+        assert_eq!(
+            t.mem.read_u64(BOOT_PML4_GPA + 0x1000 + 8).unwrap(),
+            BOOT_GRANT_PD_GPA | 0x7,
+            "PDPT[1] points to the grant window's PD"
+        );
+        assert_eq!(
+            t.mem.read_u64(BOOT_GRANT_PD_GPA).unwrap(),
+            GRANT_WINDOW_GPA | 0x87,
+            "the grant window is one 2 MiB page"
+        );
+        assert_eq!(t.mem.read_u64(BOOT_GRANT_PD_GPA + 8).unwrap(), 0);
     }
 }

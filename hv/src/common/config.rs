@@ -1,6 +1,7 @@
 //! Boot-module command lines: `<name> key=value ...` (docs/hv-output-protocol.md).
 //!
-//! The hypervisor reads the domain name and `mem=`; the whole line also goes to the guest.
+//! The hypervisor reads the domain name, `mem=`, `weight=`, `privileged=` and `vcpus=`; the
+//! whole line also goes to the guest.
 
 use alloc::string::String;
 use core::fmt;
@@ -36,6 +37,8 @@ pub enum ConfigError {
     BadPrivileged,
     /// `weight=` is not a number in 1..=65535.
     BadWeight,
+    /// `vcpus=` is not 1, the only number of vCPUs a domain can have until SMP.
+    BadVcpus,
 }
 
 impl fmt::Display for ConfigError {
@@ -44,6 +47,7 @@ impl fmt::Display for ConfigError {
             ConfigError::BadMemSize => write!(f, "mem= is not a size like 16M"),
             ConfigError::BadPrivileged => write!(f, "privileged= is not 0 or 1"),
             ConfigError::BadWeight => write!(f, "weight= is not a number from 1 to 65535"),
+            ConfigError::BadVcpus => write!(f, "vcpus= is not 1 (a domain has one vCPU)"),
             ConfigError::MemOutOfRange(bytes) => write!(
                 f,
                 "mem={}K is outside {}M..{}M",
@@ -98,6 +102,11 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     let mut privileged = false;
     let mut weight = DEFAULT_WEIGHT;
     for token in cmdline.split_whitespace() {
+        if let Some(count) = token.strip_prefix("vcpus=")
+            && count != "1"
+        {
+            return Err(ConfigError::BadVcpus);
+        }
         if let Some(value) = token.strip_prefix("weight=") {
             weight = match value.parse::<u32>() {
                 Ok(w @ 1..=65535) => w,
@@ -169,6 +178,22 @@ mod tests {
         assert_eq!(
             parse("x mem=99999999999999999999G", 1),
             Err(ConfigError::BadMemSize)
+        );
+    }
+
+    #[test]
+    fn one_vcpu_is_the_only_count_accepted() {
+        assert!(parse("x vcpus=1", 1).is_ok());
+        for bad in ["vcpus=2", "vcpus=0", "vcpus=", "vcpus=01", "vcpus=one"] {
+            assert_eq!(
+                parse(&format!("x {bad}"), 1),
+                Err(ConfigError::BadVcpus),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            ConfigError::BadVcpus.to_string(),
+            "vcpus= is not 1 (a domain has one vCPU)"
         );
     }
 

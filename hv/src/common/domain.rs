@@ -1,16 +1,20 @@
 //! A domain: one isolated guest with its RAM, devices, console, counters and lifecycle.
 
 use crate::common::events::EventChannels;
-use crate::common::guest_memory::GuestMemory;
+use crate::common::grant_table::GrantTable;
+use crate::common::guest_memory::{GuestMemory, OwnedRam};
+use crate::common::nested_map::NestedMap;
 use crate::common::output;
 use crate::common::stats::ExitStats;
 use crate::common::time::TimeBase;
 use crate::common::uart::Uart16550;
-use crate::common::vcpu_state::VcpuState;
+use crate::common::vcpu_state::{VcpuState, Wait};
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
+use lamina_abi::domctl::CONSOLE_HISTORY_BYTES;
 use lamina_abi::event_channel::Virq;
 use lamina_abi::layout::{CONSOLE_RING_GPA, SHARED_INFO_GPA};
 
@@ -28,7 +32,14 @@ pub enum Ending {
     Crash,
     /// The hypervisor stopped it; the text says why.
     Fault(String),
+    /// A privileged domain destroyed it (`domctl_op` destroy).
+    Destroyed,
+    /// It was paused and no privileged domain was left to unpause it.
+    Paused,
 }
+
+/// How a paused domain that no one can unpause any more is reported when it is stopped.
+pub const PAUSED_FOR_GOOD: &str = "paused, and no privileged domain is left to unpause it";
 
 impl Ending {
     /// The word the summary uses (`end=...`).
@@ -38,6 +49,8 @@ impl Ending {
             Ending::Reboot => "reboot",
             Ending::Crash => "crash",
             Ending::Fault(_) => "fault",
+            Ending::Destroyed => "destroyed",
+            Ending::Paused => "paused",
         }
     }
 }
@@ -51,10 +64,70 @@ pub enum DomainState {
     Ended(Ending),
 }
 
-/// Console bytes waiting for their newline.
+/// The end of a domain's console output as printed (`domctl_op` read_console, docs/abi.md
+/// 17): the text after `(d<ID>) ` and one `\n` per line, counted from offset 0, of which the
+/// last [`CONSOLE_HISTORY_BYTES`] are kept.
+pub struct ConsoleHistory {
+    kept: Box<[u8; CONSOLE_HISTORY_BYTES as usize]>,
+    end: u64,
+}
+
+impl Default for ConsoleHistory {
+    fn default() -> Self {
+        ConsoleHistory {
+            kept: Box::new([0; CONSOLE_HISTORY_BYTES as usize]),
+            end: 0,
+        }
+    }
+}
+
+impl ConsoleHistory {
+    /// The stream offset after the last byte: how many bytes were ever printed.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// The offset of the oldest byte kept.
+    pub fn start(&self) -> u64 {
+        self.end.saturating_sub(CONSOLE_HISTORY_BYTES)
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        const KEPT: usize = CONSOLE_HISTORY_BYTES as usize;
+        // Only the last KEPT bytes can stay; they go in at most two copies (on the console's
+        // path, so not byte by byte).
+        let skipped = bytes.len().saturating_sub(KEPT);
+        let mut at = ((self.end + skipped as u64) % CONSOLE_HISTORY_BYTES) as usize;
+        let mut rest = &bytes[skipped..];
+        while !rest.is_empty() {
+            let run = rest.len().min(KEPT - at);
+            self.kept[at..at + run].copy_from_slice(&rest[..run]);
+            rest = &rest[run..];
+            at = 0;
+        }
+        self.end += bytes.len() as u64;
+    }
+
+    /// Copies bytes from stream offset `offset` into `out`; returns how many. Nothing is
+    /// copied from outside `[start, end)`.
+    pub fn copy_from(&self, offset: u64, out: &mut [u8]) -> usize {
+        if offset < self.start() || offset > self.end {
+            return 0;
+        }
+        let count = out.len().min((self.end - offset) as usize);
+        for (i, byte) in out[..count].iter_mut().enumerate() {
+            *byte = self.kept[((offset + i as u64) % CONSOLE_HISTORY_BYTES) as usize];
+        }
+        count
+    }
+}
+
+/// Console bytes waiting for their newline, and the history of the lines printed.
 pub struct ConsoleLine {
     bytes: [u8; CONSOLE_LINE_MAX],
     len: usize,
+    /// What was printed so far.
+    pub history: ConsoleHistory,
 }
 
 impl Default for ConsoleLine {
@@ -62,6 +135,7 @@ impl Default for ConsoleLine {
         ConsoleLine {
             bytes: [0; CONSOLE_LINE_MAX],
             len: 0,
+            history: ConsoleHistory::default(),
         }
     }
 }
@@ -86,7 +160,10 @@ impl ConsoleLine {
 
     /// Emits what is buffered, if anything.
     pub fn flush(&mut self, domain_id: u32) {
-        output::guest_line(domain_id, &self.bytes[..self.len]);
+        let line = &self.bytes[..self.len];
+        output::guest_line(domain_id, line);
+        self.history.append(output::printed_text(line).as_bytes());
+        self.history.append(b"\n");
         self.len = 0;
     }
 
@@ -127,6 +204,20 @@ pub struct Domain {
     pub vruntime: u64,
     /// CPU time the domain has had, in ns.
     pub cpu_ns: u64,
+    /// The nested page table (EPT/NPT) its vCPU runs on, built by the backend; `None` in host
+    /// tests without one, and once the domain was released (it never runs again).
+    pub nested: Option<Box<dyn NestedMap>>,
+    /// A nested mapping went away or lost permissions: the vCPU's cached guest-physical
+    /// translations must be dropped before it next enters the guest.
+    pub nested_tlb_stale: bool,
+    /// Grants it made and the grants mapped in its grant window (docs/abi.md 16).
+    pub grants: GrantTable,
+    /// Not scheduled until unpaused (`domctl_op` pause); its timers and events go on.
+    pub paused: bool,
+    /// The host memory behind [`Self::memory`] (`None` in host tests, and once returned).
+    pub ram: Option<OwnedRam>,
+    /// Ended and its resources returned (docs/abi.md 17, Teardown).
+    pub torn_down: bool,
 }
 
 impl Domain {
@@ -148,6 +239,12 @@ impl Domain {
             weight: crate::common::config::DEFAULT_WEIGHT,
             vruntime: 0,
             cpu_ns: 0,
+            nested: None,
+            nested_tlb_stale: false,
+            grants: GrantTable::default(),
+            paused: false,
+            ram: None,
+            torn_down: false,
         }
     }
 
@@ -239,9 +336,12 @@ impl Domain {
         if self.console.is_pending() {
             self.console.flush(self.id);
         }
-        if let Ending::Fault(why) = &ending {
-            report_stop(self.id, &self.name, why);
+        match &ending {
+            Ending::Fault(why) => report_stop(self.id, &self.name, why),
+            Ending::Paused => report_stop(self.id, &self.name, PAUSED_FOR_GOOD),
+            _ => {}
         }
+        self.paused = false;
         self.state = DomainState::Ended(ending);
     }
 
@@ -249,13 +349,45 @@ impl Domain {
     pub fn is_runnable(&self) -> bool {
         self.state == DomainState::Runnable
     }
+
+    /// Why vCPU 0, which waits, can never be woken (docs/abi.md 3.3, 7.2), or `None` if
+    /// something still could wake it (or it does not wait).
+    pub fn never_wakes(&self) -> Option<&'static str> {
+        let state = &self.vcpus[0];
+        let events_can_wake = self.events.can_wake(0, state.timers.armed());
+        let stuck = match &state.wait {
+            Wait::None
+            | Wait::Poll {
+                deadline: Some(_), ..
+            } => false,
+            Wait::Block | Wait::Poll { deadline: None, .. } => !events_can_wake,
+            Wait::Halt => {
+                let can_wake =
+                    state.vlapic.timer_armed() || (state.upcall_vector != 0 && events_can_wake);
+                return (!can_wake).then_some(HALT_NEVER_WAKES);
+            }
+        };
+        stuck.then_some(crate::common::hypercall::NEVER_WAKES)
+    }
 }
 
+/// How a domain whose only vCPU halted with nothing that can wake it is reported.
+pub const HALT_NEVER_WAKES: &str = "HLT with nothing that can ever wake the vCPU";
+
 /// The other domains, as a hypercall of the running one may reach them (inter-domain event
-/// channels). The running domain itself is not in the table: it is passed separately.
+/// channels, domain control). The running domain itself is not in the table: it is passed
+/// separately.
 pub trait DomainTable {
     /// The domain with this id, if it exists and is not the running one.
     fn get_mut(&mut self, id: u32) -> Option<&mut Domain>;
+
+    /// Tears down domain `id` of the table, which has ended, with the rest of the table and
+    /// `caller` (the running domain) as its peers (docs/abi.md 17, Teardown). False when this
+    /// table cannot: `id` is not in it, or it holds no vCPUs.
+    fn tear_down(&mut self, id: u32, caller: &mut Domain) -> bool {
+        let _ = (id, caller);
+        false
+    }
 }
 
 /// A table with no other domains (host tests, and a machine with one domain).
@@ -310,5 +442,25 @@ fn report_stop(id: u32, name: &str, why: &str) {
 impl fmt::Debug for Domain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "d{} {} {:?}", self.id, self.name, self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_appends_wrap_and_keep_the_last_bytes_of_long_runs() {
+        let mut history = ConsoleHistory::default();
+        let long: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        history.append(&long);
+        history.append(b"tail");
+        assert_eq!((history.start(), history.end()), (5004 - 4096, 5004));
+        let mut all = [0u8; 4096];
+        assert_eq!(history.copy_from(history.start(), &mut all), 4096);
+        assert_eq!(&all[..4092], &long[5000 - 4092..]);
+        assert_eq!(&all[4092..], b"tail");
+        let mut one = [0u8; 1];
+        assert_eq!(history.copy_from(history.start() - 1, &mut one), 0);
     }
 }

@@ -74,8 +74,11 @@ pub struct EventChannels {
     /// The domain these channels belong to.
     owner: u16,
     /// Ports another domain can raise (inter-domain ends, ports offered to another domain),
-    /// counted as they change so that a wake-up check never scans the table.
+    /// counted as they change so that a wake-up check never scans the table. A domain that
+    /// ended raises nothing, so ports naming it do not count.
     foreign_ports: u32,
+    /// Domains that ended (torn down): they will never bind or send again.
+    ended_remotes: alloc::vec::Vec<u16>,
 }
 
 /// The console port every domain starts with.
@@ -99,17 +102,34 @@ impl EventChannels {
                 .collect(),
             owner,
             foreign_ports: 0,
+            ended_remotes: alloc::vec::Vec::new(),
         }
     }
 
-    /// Whether another domain can raise a port bound this way.
+    /// Whether another domain, still alive, can raise a port bound this way.
     fn is_foreign(&self, binding: Binding) -> bool {
         match binding {
             Binding::Unbound { remote } | Binding::Interdomain { remote, .. } => {
-                remote != self.owner
+                remote != self.owner && !self.ended_remotes.contains(&remote)
             }
             _ => false,
         }
+    }
+
+    /// Domain `remote` ended: ports naming it no longer count as something that can wake
+    /// this domain (docs/abi.md 3.3). Its ends were closed by its teardown, which turned ours
+    /// Unbound for it; ports we offered it stay, for us to close.
+    pub fn remote_ended(&mut self, remote: u16) {
+        if remote == self.owner || self.ended_remotes.contains(&remote) {
+            return;
+        }
+        self.ended_remotes.push(remote);
+        let foreign = self
+            .ports
+            .iter()
+            .filter(|port| self.is_foreign(port.binding))
+            .count();
+        self.foreign_ports = foreign as u32;
     }
 
     /// Replaces a port's binding, keeping [`Self::foreign_ports`] right.
@@ -487,5 +507,24 @@ mod tests {
         );
         ev.close(&t.mem, u64::from(own)).unwrap();
         assert_eq!(ev.foreign_ports, 0);
+    }
+
+    #[test]
+    fn ports_naming_a_domain_that_ended_cannot_wake() {
+        let t = test_memory(1 << 20);
+        let mut ev = EventChannels::new(1, SHARED, 1);
+        let offered = ev.alloc_unbound(2).unwrap();
+        let bound = ev.bind_end(3, 7).unwrap();
+        ev.remote_ended(2);
+        assert!(ev.can_wake(0, false), "domain 3 can still send");
+        ev.disconnect(bound, 3);
+        ev.remote_ended(3);
+        assert!(!ev.can_wake(0, false), "domains 2 and 3 are gone");
+        assert_eq!(ev.foreign_ports, 0);
+        ev.close(&t.mem, u64::from(offered)).unwrap();
+        ev.close(&t.mem, u64::from(bound)).unwrap();
+        assert_eq!(ev.foreign_ports, 0, "closing them keeps the count right");
+        ev.alloc_unbound(4).unwrap();
+        assert!(ev.can_wake(0, false));
     }
 }

@@ -7,6 +7,7 @@
 use crate::common::cpuid;
 use crate::common::domain::{Domain, Ending};
 use crate::common::domain::{DomainTable, read_tsc};
+use crate::common::grant_table::{self, WindowFault};
 use crate::common::guest_paging;
 use crate::common::hypercall::{self, Next};
 use crate::common::stats::ExitKind;
@@ -144,11 +145,24 @@ pub fn handle_exit<V: VirtualCpu>(
             } else {
                 "read or fetch at"
             };
-            stop(
-                domain,
-                vcpu,
-                format!("outside its memory: {access} guest-physical {gpa:#x}"),
-            )
+            let why = match grant_table::window_fault(domain, gpa, write) {
+                None => format!("outside its memory: {access} guest-physical {gpa:#x}"),
+                Some(WindowFault::ReadOnlyWrite) => {
+                    format!("write to a read-only grant at {gpa:#x}")
+                }
+                Some(WindowFault::Unmapped) => format!(
+                    "outside its memory: {access} guest-physical {gpa:#x} (a grant window page with nothing mapped)"
+                ),
+                Some(WindowFault::RevokedWithoutPage) => format!(
+                    "{access} guest-physical {gpa:#x}: a revoked grant (no memory was left for its page of zeros)"
+                ),
+                Some(WindowFault::Stale) => {
+                    // The page allows this access now: drop the old translation and retry.
+                    domain.nested_tlb_stale = true;
+                    return Next::Resume;
+                }
+            };
+            stop(domain, vcpu, why)
         }
         VmExit::TripleFault => {
             domain.stats.count(ExitKind::TripleFault);
@@ -191,7 +205,7 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
         return stop(
             domain,
             vcpu,
-            String::from("HLT with nothing that can ever wake the vCPU"),
+            String::from(crate::common::domain::HALT_NEVER_WAKES),
         );
     }
     let state = &mut domain.vcpus[index];

@@ -42,6 +42,16 @@ impl GuestMemory {
         GuestMemory { host_base, size }
     }
 
+    /// No RAM at all: every access but an empty one is out of bounds. What a domain is left
+    /// with once its RAM went back to the hypervisor, so nothing can reach freed memory.
+    pub fn empty() -> Self {
+        GuestMemory {
+            // Never dereferenced for a non-empty range; non-null so that an empty copy is valid.
+            host_base: core::ptr::NonNull::dangling().as_ptr(),
+            size: 0,
+        }
+    }
+
     /// Size of RAM in bytes.
     pub fn size(&self) -> u64 {
         self.size
@@ -98,6 +108,48 @@ impl GuestMemory {
         // SAFETY: the range was checked to lie inside this domain's RAM.
         unsafe { core::ptr::write_bytes(self.host_base.add(offset), 0, len as usize) };
         Ok(())
+    }
+}
+
+/// The host memory behind a domain's RAM, which the domain owns: released (scrubbed and given
+/// back to the allocator) when dropped.
+#[derive(Debug)]
+pub struct OwnedRam {
+    start: u64,
+    bytes: u64,
+    release: fn(u64, u64),
+}
+
+impl OwnedRam {
+    /// Takes ownership of `[start, start + bytes)`, which `release` gives back.
+    pub fn new(start: u64, bytes: u64, release: fn(u64, u64)) -> Self {
+        OwnedRam {
+            start,
+            bytes,
+            release,
+        }
+    }
+
+    /// Bytes still owned.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Gives back (scrubbed, by `release`) up to `max` bytes from the start; returns how many.
+    pub fn release_front(&mut self, max: u64) -> u64 {
+        let count = self.bytes.min(max);
+        if count > 0 {
+            (self.release)(self.start, count);
+            self.start += count;
+            self.bytes -= count;
+        }
+        count
+    }
+}
+
+impl Drop for OwnedRam {
+    fn drop(&mut self) {
+        self.release_front(self.bytes);
     }
 }
 

@@ -1,4 +1,5 @@
-//! Hypercall dispatch and the handlers of ABI 1.0 (docs/abi.md sections 3, 8, 9, 11, 12).
+//! Hypercall dispatch and the handlers of ABI 1.0 (docs/abi.md sections 3, 8, 9, 11, 12);
+//! domain control (17) is in [`crate::common::domctl`].
 //!
 //! Every argument is validated here before use: unknown numbers and sub-operations are
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
@@ -12,7 +13,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
-use lamina_abi::layout::{BOOT_AREA_END, CONSOLE_RING_GPA};
+use lamina_abi::layout::{BOOT_AREA_END, CONSOLE_RING_GPA, GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
@@ -111,6 +112,12 @@ fn dispatch(
         Hypercall::MemoryOp => memory_op(domain, args).map(Done::Return),
         Hypercall::Multicall => multicall(domain, vcpu, args, peers),
         Hypercall::StatsOp => stats_op(domain, args).map(Done::Return),
+        Hypercall::GrantTableOp => {
+            crate::common::grant_table::grant_table_op(domain, args, peers).map(Done::Return)
+        }
+        Hypercall::DomctlOp => {
+            crate::common::domctl::domctl_op(domain, args, peers).map(Done::Return)
+        }
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -440,6 +447,12 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u
                     kind: region_kind::RAM,
                     reserved: 0,
                 },
+                MemoryRegion {
+                    base: GRANT_WINDOW_GPA,
+                    length: GRANT_WINDOW_BYTES,
+                    kind: region_kind::GRANT_WINDOW,
+                    reserved: 0,
+                },
             ];
             let written = (capacity as usize).min(regions.len());
             let entry = size_of::<MemoryRegion>() as u64;
@@ -637,7 +650,7 @@ mod tests {
     fn unknown_numbers_and_user_mode_callers_are_refused() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        for nr in [8, 0x1000, u64::MAX] {
+        for nr in [Hypercall::COUNT as u64, 0x1000, u64::MAX] {
             assert_eq!(call(&mut d, &mut v, nr, [0; 3]).0, -(Errno::ENOSYS as i64));
         }
         v.cpl = 3;

@@ -7,13 +7,16 @@
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 use crate::common::config::DEFAULT_WEIGHT;
-use crate::common::domain::{Domain, DomainTable, publish_stats, read_tsc};
+use crate::common::domain::{Domain, DomainTable, Ending, publish_stats, read_tsc};
 use crate::common::exits::{handle_exit, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::ExitKind;
+use crate::common::teardown::{Scrub, tear_down};
 use crate::common::time::publish_vcpu_time;
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
 use crate::common::vcpu_state::Wait;
+use alloc::collections::VecDeque;
+use alloc::string::String;
 use lamina_abi::Errno;
 use lamina_abi::event_channel::Virq;
 use lamina_abi::vcpu::runstate;
@@ -45,34 +48,83 @@ pub const CONSOLE_POLL_NS: u64 = 10_000_000;
 pub struct Slot<V> {
     /// The domain.
     pub domain: Domain,
-    /// Its only vCPU.
-    pub vcpu: V,
+    /// Its only vCPU, until the domain is torn down.
+    pub vcpu: Option<V>,
 }
 
-/// The domains other than the running one, for hypercalls that reach another domain.
+/// All domains but one: the slots in `parts` and, when the one left out is not the running
+/// domain (it is torn down by the running domain's hypercall), the running domain.
 struct Peers<'a, V> {
-    before: &'a mut [Slot<V>],
-    after: &'a mut [Slot<V>],
+    parts: [&'a mut [Slot<V>]; 3],
+    caller: Option<&'a mut Domain>,
+}
+
+impl<'a, V> Peers<'a, V> {
+    /// The slots before and after the one left out.
+    fn around(before: &'a mut [Slot<V>], after: &'a mut [Slot<V>]) -> Self {
+        Peers {
+            parts: [before, after, &mut []],
+            caller: None,
+        }
+    }
 }
 
 impl<V> DomainTable for Peers<'_, V> {
     fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+        if let Some(caller) = self.caller.as_deref_mut()
+            && caller.id == id
+        {
+            return Some(caller);
+        }
         let slot = self
-            .before
+            .parts
             .iter_mut()
-            .chain(self.after.iter_mut())
+            .flat_map(|part| part.iter_mut())
             .find(|s| s.domain.id == id)?;
         Some(&mut slot.domain)
+    }
+
+    fn tear_down(&mut self, id: u32, caller: &mut Domain) -> bool {
+        // Only the table of the running domain's peers (two parts, no caller) is split here.
+        if self.caller.is_some() || !self.parts[2].is_empty() {
+            return false;
+        }
+        let [first, second, _] = &mut self.parts;
+        let (part, other) = if first.iter().any(|s| s.domain.id == id) {
+            (&mut **first, &mut **second)
+        } else {
+            (&mut **second, &mut **first)
+        };
+        let Some(index) = part.iter().position(|s| s.domain.id == id) else {
+            return false;
+        };
+        let (left, rest) = part.split_at_mut(index);
+        let Some((slot, right)) = rest.split_first_mut() else {
+            return false;
+        };
+        let scrub = tear_down(
+            slot,
+            &mut Peers {
+                parts: [left, right, other],
+                caller: Some(caller),
+            },
+        );
+        // Destroy returns once the RAM is back (docs/abi.md 17).
+        if let Some(scrub) = scrub {
+            scrub.finish();
+        }
+        true
     }
 }
 
 fn is_ready<V>(slot: &Slot<V>) -> bool {
-    slot.domain.is_runnable() && slot.domain.vcpus[0].is_runnable()
+    slot.domain.is_runnable() && !slot.domain.paused && slot.domain.vcpus[0].is_runnable()
 }
 
-/// The earliest time something of this domain is due.
+/// The earliest time something of this domain is due (nothing while it is paused: what falls
+/// due meanwhile is handled when it is unpaused).
 fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
-    if !slot.domain.is_runnable() {
+    if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
     }
     let state = &slot.domain.vcpus[0];
@@ -147,8 +199,11 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
             let pending = ports
                 .iter()
                 .any(|&p| domain.events.is_pending(&domain.memory, p).unwrap_or(false));
-            if !pending && deadline.is_some_and(|d| d <= now) {
-                slot.vcpu.regs().gpr[reg::RAX] = Errno::ETIMEDOUT.to_return_value();
+            if !pending
+                && deadline.is_some_and(|d| d <= now)
+                && let Some(vcpu) = slot.vcpu.as_mut()
+            {
+                vcpu.regs().gpr[reg::RAX] = Errno::ETIMEDOUT.to_return_value();
             }
             pending || deadline.is_some_and(|d| d <= now)
         }
@@ -161,7 +216,49 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
         let _ = state
             .runstate
             .enter(runstate::RUNNABLE, now, &domain.memory);
+    } else if core::mem::take(&mut domain.vcpus[0].wake_sources_changed)
+        && let Some(why) = domain.never_wakes()
+    {
+        domain.end(Ending::Fault(String::from(why)));
     }
+}
+
+/// Tears down every domain that ended and was not torn down yet, with all the others as its
+/// peers; their RAM joins `scrubbing`. Returns whether it tore down any.
+fn tear_down_ended<V>(slots: &mut [Slot<V>], scrubbing: &mut VecDeque<Scrub>) -> bool {
+    let mut any = false;
+    for index in 0..slots.len() {
+        if slots[index].domain.is_runnable() || slots[index].domain.torn_down {
+            continue;
+        }
+        let (before, rest) = slots.split_at_mut(index);
+        if let Some((slot, after)) = rest.split_first_mut() {
+            scrubbing.extend(tear_down(slot, &mut Peers::around(before, after)));
+            any = true;
+        }
+    }
+    any
+}
+
+/// Ends the paused domains that no one can unpause any more: no privileged domain is left
+/// running, or nothing at all is due (so no domain will ever run again). Returns whether it
+/// ended any. Called when no vCPU is ready, so that a machine always ends (docs/abi.md 17).
+fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
+    let unpauser_left = slots
+        .iter()
+        .any(|s| s.domain.is_runnable() && s.domain.privileged && !s.domain.paused);
+    if unpauser_left && !nothing_due {
+        return false;
+    }
+    let mut stopped = false;
+    for slot in slots
+        .iter_mut()
+        .filter(|s| s.domain.is_runnable() && s.domain.paused)
+    {
+        slot.domain.end(Ending::Paused);
+        stopped = true;
+    }
+    stopped
 }
 
 /// Injects what is due before entering the guest; asks for an interrupt-window exit when
@@ -198,6 +295,8 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
 /// Runs every domain until all have ended.
 pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
     let mut cursor = slots.len().saturating_sub(1);
+    // RAM of torn-down domains, scrubbed and returned a slice per pass.
+    let mut scrubbing = VecDeque::new();
     // The vCPU that ran last and may still be RUNNING in its run-state area.
     let mut last: Option<usize> = None;
     loop {
@@ -212,8 +311,21 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         for slot in slots.iter_mut() {
             update(slot, now);
         }
+        // A teardown can wake other domains, or leave them waiting for nothing (which ends
+        // them, to be torn down in turn).
+        while tear_down_ended(slots, &mut scrubbing) {
+            for slot in slots.iter_mut() {
+                update(slot, now);
+            }
+        }
         if !slots.iter().any(|s| s.domain.is_runnable()) {
+            scrubbing.into_iter().for_each(Scrub::finish);
             return;
+        }
+        if let Some(scrub) = scrubbing.front_mut()
+            && scrub.step()
+        {
+            scrubbing.pop_front();
         }
         let count = slots.len();
         let order = || (1..=count).map(|i| (cursor + i) % count);
@@ -240,14 +352,18 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
                 .iter()
                 .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
             let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-            host.arm_timer(
-                slots
-                    .iter()
-                    .filter_map(next_deadline)
-                    .chain(poll)
-                    .chain(host_work)
-                    .min(),
-            );
+            let deadline = slots
+                .iter()
+                .filter_map(next_deadline)
+                .chain(poll)
+                .chain(host_work)
+                .min();
+            if stop_unpausable(slots, deadline.is_none()) || !scrubbing.is_empty() {
+                // Scrubbing goes on while nothing else runs (a slice per pass, looking at
+                // timers in between).
+                continue;
+            }
+            host.arm_timer(deadline);
             host.wait_for_interrupt();
             continue;
         };
@@ -276,7 +392,13 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         let Some((current, after)) = rest.split_first_mut() else {
             continue;
         };
-        run_slice(current, &mut Peers { before, after }, host, now, slice_end);
+        run_slice(
+            current,
+            &mut Peers::around(before, after),
+            host,
+            now,
+            slice_end,
+        );
         let ran = host.now_ns().saturating_sub(now);
         let domain = &mut slots[index].domain;
         domain.cpu_ns += ran;
@@ -292,8 +414,11 @@ fn run_slice<V: VirtualCpu, H: Host>(
     now: u64,
     slice_end: u64,
 ) {
-    slot.vcpu.activate();
-    let domain = &mut slot.domain;
+    let Slot { domain, vcpu } = slot;
+    let Some(vcpu) = vcpu.as_mut() else {
+        return;
+    };
+    vcpu.activate();
     if domain.vcpus[0].runstate.state() != runstate::RUNNING {
         let _ = domain.vcpus[0]
             .runstate
@@ -324,27 +449,33 @@ fn run_slice<V: VirtualCpu, H: Host>(
     arm(domain, host);
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
-    slot.vcpu.set_preemption_deadline(slice_ticks);
+    vcpu.set_preemption_deadline(slice_ticks);
     let mut exited_at = None;
     loop {
         if domain.vcpus[0].timers_changed {
             domain.vcpus[0].timers_changed = false;
             arm(domain, host);
         }
-        prepare_entry(domain, &mut slot.vcpu);
+        prepare_entry(domain, vcpu);
+        if domain.nested_tlb_stale {
+            // A grant mapping went away or changed (docs/abi.md 16): no stale translation
+            // may survive into the guest.
+            domain.nested_tlb_stale = false;
+            vcpu.invalidate_nested_translations();
+        }
         if let Some(exited_at) = exited_at {
             domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
         }
-        let exit = slot.vcpu.run();
+        let exit = vcpu.run();
         exited_at = Some(read_tsc());
         let next = if exit == VmExit::Hypercall {
-            hypercall_exit(domain, &mut slot.vcpu, peers)
+            hypercall_exit(domain, vcpu, peers)
         } else if exit == VmExit::ExternalInterrupt {
             domain.stats.count(ExitKind::ExternalInterrupt);
             host.service_interrupts();
             Next::Yield
         } else {
-            handle_exit(domain, &mut slot.vcpu, exit, peers)
+            handle_exit(domain, vcpu, exit, peers)
         };
         match next {
             Next::Resume => continue,
@@ -373,7 +504,7 @@ mod tests {
     use crate::common::domain::{DomainState, Ending};
     use crate::common::guest_memory::GuestMemory;
     use crate::common::guest_memory::testing::{TestMemory, test_memory};
-    use crate::common::testing::{MockVcpu, hypercall};
+    use crate::common::testing::{MockVcpu, Traced, hypercall, results_of, take_trace};
     use crate::common::time::TimeBase;
     use std::cell::Cell;
 
@@ -437,9 +568,16 @@ mod tests {
         let vcpu = MockVcpu {
             script: script.into(),
             interrupt_flag: true,
+            tag: id,
             ..Default::default()
         };
-        (t, Slot { domain, vcpu })
+        (
+            t,
+            Slot {
+                domain,
+                vcpu: Some(vcpu),
+            },
+        )
     }
 
     const EVTCHN: u64 = 3;
@@ -469,6 +607,7 @@ mod tests {
             hypercall(SCHED, POWEROFF),
         ]);
         let mut host = fake_host();
+        take_trace();
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
         assert_eq!(host.halts, 1, "the CPU halted while the vCPU blocked");
@@ -476,9 +615,13 @@ mod tests {
             host.now.get() >= 1_000_000,
             "woken no earlier than the tick"
         );
+        let injected: Vec<Traced> = take_trace()
+            .into_iter()
+            .filter(|t| matches!(t, Traced::Injected(..)))
+            .collect();
         assert_eq!(
-            s.vcpu.injected_interrupts,
-            [0xf0],
+            injected,
+            [Traced::Injected(1, 0xf0)],
             "the upcall was delivered once"
         );
     }
@@ -504,8 +647,9 @@ mod tests {
             hypercall(SCHED, [3, 0x9000, 1]),
         ]);
         t.mem.write(0x9000, &2u32.to_le_bytes()).unwrap();
-        s.vcpu.script[1].1.gpr[crate::common::vcpu::reg::R10] = 5_000_000;
-        s.vcpu.script.push_back(hypercall(SCHED, POWEROFF));
+        let vcpu = s.vcpu.as_mut().unwrap();
+        vcpu.script[1].1.gpr[crate::common::vcpu::reg::R10] = 5_000_000;
+        vcpu.script.push_back(hypercall(SCHED, POWEROFF));
         let mut host = fake_host();
         run_all(std::slice::from_mut(&mut s), &mut host);
         assert_eq!(host.now.get(), 5_000_000);
@@ -521,6 +665,7 @@ mod tests {
             vec![
                 hypercall(EVTCHN, [0, 2, 0]), // alloc_unbound for domain 2 -> port 2
                 hypercall(SCHED, [1, 0, 0]),  // block until domain 2 sends
+                hypercall(EVTCHN, [6, 2, 0]), // status of port 2
                 hypercall(SCHED, POWEROFF),
             ],
         );
@@ -528,13 +673,16 @@ mod tests {
             2,
             vec![
                 hypercall(EVTCHN, [7, 1, 2]), // bind_interdomain(domain 1, port 2) -> port 2
+                hypercall(EVTCHN, [6, 2, 0]), // status of port 2
                 hypercall(EVTCHN, [3, 2, 0]), // send on it
                 hypercall(SCHED, POWEROFF),
             ],
         );
         let mut slots = [one, two];
         let mut host = fake_host();
+        take_trace();
         run_all(&mut slots, &mut host);
+        let trace = take_trace();
         for s in &slots {
             assert_eq!(
                 s.domain.state,
@@ -543,16 +691,271 @@ mod tests {
                 s.domain.id
             );
         }
-        // Both ends were connected.
+        use lamina_abi::event_channel::{PortState, PortStatus};
+        // Domain 2 saw both ends connected; domain 1 woke after domain 2 had powered off and
+        // been torn down, which turned its end back into a raised port unbound for domain 2.
+        let two = PortStatus::unpack(results_of(&trace, 2)[1] as u64);
+        assert_eq!((two.state, two.detail), (PortState::Interdomain as u8, 1));
+        let one = PortStatus::unpack(results_of(&trace, 1)[2] as u64);
+        assert_eq!(
+            (one.state, one.detail, one.pending),
+            (PortState::Unbound as u8, 2, true)
+        );
+    }
+
+    const DOMCTL: u64 = 9;
+    const YIELD: [u64; 3] = [0, 0, 0];
+
+    /// Two domains: 1 privileged, both playing their scripts.
+    fn pair(
+        one: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+        two: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+    ) -> ([TestMemory; 2], [Slot<MockVcpu>; 2]) {
+        use core::sync::atomic::Ordering;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, Ordering::Relaxed);
+        let (t1, mut s1) = slot_with_id(1, one);
+        s1.domain.privileged = true;
+        let (t2, s2) = slot_with_id(2, two);
+        ([t1, t2], [s1, s2])
+    }
+
+    #[test]
+    fn a_paused_domain_gets_no_cpu_until_it_is_unpaused() {
+        let (_t, mut slots) = pair(
+            vec![
+                hypercall(DOMCTL, [2, 2, 0]), // pause domain 2
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(DOMCTL, [3, 2, 0]), // unpause it
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, POWEROFF),
+            ],
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut host = fake_host();
+        take_trace();
+        run_all(&mut slots, &mut host);
+        let trace = take_trace();
+        let runs: Vec<u32> = trace
+            .iter()
+            .filter_map(|t| match t {
+                Traced::Ran(who, _) => Some(*who),
+                _ => None,
+            })
+            .collect();
+        // Domain 1's fifth entry is the unpause: domain 2 never ran before it.
+        let unpause = runs
+            .iter()
+            .enumerate()
+            .filter(|(_, who)| **who == 1)
+            .nth(4)
+            .map(|(at, _)| at)
+            .unwrap();
+        assert!(!runs[..unpause].contains(&2), "{runs:?}");
+        assert_eq!(runs.iter().filter(|who| **who == 2).count(), 3, "{runs:?}");
+        assert_eq!(results_of(&trace, 1)[..5], [0, 0, 0, 0, 0]);
         for s in &slots {
-            let status = lamina_abi::event_channel::PortStatus::unpack(
-                s.domain.events.status(&s.domain.memory, 2).unwrap(),
-            );
-            assert_eq!(
-                status.state,
-                lamina_abi::event_channel::PortState::Interdomain as u8
-            );
-            assert_eq!(u32::from(status.detail), 3 - s.domain.id, "the peer's id");
+            assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
         }
+    }
+
+    #[test]
+    fn a_paused_domain_no_one_can_unpause_is_stopped() {
+        let (_t, mut slots) = pair(
+            vec![
+                hypercall(DOMCTL, [2, 2, 0]), // pause domain 2
+                hypercall(SCHED, POWEROFF),
+            ],
+            vec![hypercall(SCHED, POWEROFF)],
+        );
+        let mut host = fake_host();
+        take_trace();
+        run_all(&mut slots, &mut host);
+        assert!(!take_trace().contains(&Traced::Ran(2, 0)), "it never ran");
+        assert_eq!(slots[1].domain.state, DomainState::Ended(Ending::Paused));
+        assert!(slots.iter().all(|s| s.domain.torn_down && s.vcpu.is_none()));
+        assert_eq!(host.halts, 0);
+    }
+
+    #[test]
+    fn destroy_tears_the_domain_down_before_returning_and_its_peer_is_notified() {
+        use crate::common::guest_memory::OwnedRam;
+        use crate::common::output::testing::take_lines;
+        use crate::common::phys;
+        use lamina_abi::event_channel::{PortState, PortStatus};
+        let (_t, mut slots) = pair(
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(EVTCHN, [7, 2, 2]), // bind_interdomain(domain 2, port 2) -> port 2
+                hypercall(DOMCTL, [4, 2, 0]), // destroy domain 2
+                hypercall(EVTCHN, [6, 2, 0]), // status of port 2
+                hypercall(SCHED, POWEROFF),
+            ],
+            vec![
+                hypercall(EVTCHN, [0, 1, 0]), // alloc_unbound for domain 1 -> port 2
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        phys::testing::set(64 << 20, 0);
+        slots[1].domain.ram = Some(OwnedRam::new(0, 4 << 20, phys::testing::release));
+        let mut host = fake_host();
+        take_trace();
+        take_lines();
+        run_all(&mut slots, &mut host);
+        let trace = take_trace();
+        assert_eq!(
+            results_of(&trace, 1)[..3],
+            [0, 2, 0],
+            "yield, bind, destroy"
+        );
+        let status = PortStatus::unpack(results_of(&trace, 1)[3] as u64);
+        assert_eq!(
+            (status.state, status.detail, status.pending),
+            (PortState::Unbound as u8, 2, true),
+            "when destroy returned, the peer's end was closed"
+        );
+        let two = &slots[1];
+        assert_eq!(two.domain.state, DomainState::Ended(Ending::Destroyed));
+        assert!(two.domain.torn_down && two.vcpu.is_none() && two.domain.ram.is_none());
+        assert_eq!(two.domain.memory.size(), 0);
+        assert_eq!(phys::figures(), (64 << 20, 4 << 20), "its RAM went back");
+        let lines = take_lines();
+        assert!(
+            lines.contains(&String::from(
+                "lamina: domain 2 t torn down: 4096 KiB RAM and 0 KiB of hypervisor structures scrubbed and returned, 4096 KiB free"
+            )),
+            "{lines:?}"
+        );
+        assert_eq!(slots[0].domain.state, DomainState::Ended(Ending::Poweroff));
+    }
+
+    #[test]
+    fn a_vcpu_waiting_only_for_a_domain_that_ended_is_stopped() {
+        let (_t, mut slots) = pair(
+            vec![
+                hypercall(EVTCHN, [0, 2, 0]), // offer a port to domain 2, which never binds
+                hypercall(SCHED, [1, 0, 0]),  // block: domain 2 could send
+                hypercall(SCHED, POWEROFF),
+            ],
+            vec![hypercall(SCHED, YIELD), hypercall(SCHED, POWEROFF)],
+        );
+        let mut host = fake_host();
+        run_all(&mut slots, &mut host);
+        assert_eq!(
+            slots[0].domain.state,
+            DomainState::Ended(Ending::Fault(String::from(
+                crate::common::hypercall::NEVER_WAKES
+            ))),
+            "reported instead of halting for ever"
+        );
+        assert_eq!(host.halts, 0);
+    }
+
+    #[test]
+    fn the_ram_of_a_torn_down_domain_comes_back_a_slice_at_a_time() {
+        use crate::common::domain::NoPeers;
+        use crate::common::guest_memory::OwnedRam;
+        use crate::common::output::testing::take_lines;
+        use crate::common::phys;
+        use crate::common::teardown::SCRUB_SLICE_BYTES;
+        let (_t, mut s) = slot(vec![]);
+        phys::testing::set(64 << 20, 0);
+        s.domain.ram = Some(OwnedRam::new(
+            0,
+            4 * SCRUB_SLICE_BYTES,
+            phys::testing::release,
+        ));
+        assert!(tear_down(&mut s, &mut NoPeers).is_none(), "still running");
+        s.domain.end(Ending::Crash);
+        take_lines();
+        let mut scrub = tear_down(&mut s, &mut NoPeers).unwrap();
+        assert!(s.domain.torn_down && s.vcpu.is_none() && s.domain.memory.size() == 0);
+        assert!(tear_down(&mut s, &mut NoPeers).is_none(), "only once");
+        for slice in 1..4 {
+            assert!(!scrub.step());
+            assert_eq!(phys::figures().1, slice * SCRUB_SLICE_BYTES);
+        }
+        assert!(take_lines().is_empty(), "reported once all is back");
+        assert!(scrub.step());
+        assert_eq!(
+            take_lines(),
+            [
+                "lamina: domain 1 t torn down: 1024 KiB RAM and 0 KiB of hypervisor structures scrubbed and returned, 1024 KiB free"
+            ]
+        );
+    }
+
+    #[test]
+    fn run_all_returns_once_every_domain_and_all_their_ram_are_back() {
+        use crate::common::guest_memory::OwnedRam;
+        use crate::common::phys;
+        let (_t, mut slots) = pair(
+            vec![hypercall(SCHED, YIELD), hypercall(SCHED, POWEROFF)],
+            vec![hypercall(SCHED, POWEROFF)],
+        );
+        phys::testing::set(64 << 20, 0);
+        for s in &mut slots {
+            s.domain.ram = Some(OwnedRam::new(0, 8 << 20, phys::testing::release));
+        }
+        run_all(&mut slots, &mut fake_host());
+        assert_eq!(phys::figures().1, 16 << 20);
+        assert!(slots.iter().all(|s| s.domain.ram.is_none()));
+    }
+
+    #[test]
+    fn a_revoked_grant_flushes_the_grantees_translations_before_it_runs_again() {
+        use crate::common::nested_map::testing::fake_nested_map;
+        use core::sync::atomic::Ordering;
+        use lamina_abi::layout::GRANT_WINDOW_GPA;
+        const GRANT_OP: u64 = 8;
+        const YIELD: [u64; 3] = [0, 0, 0];
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, Ordering::Relaxed);
+        // Domain 1 grants a page to 2 and powers off once 2 has mapped it.
+        let (_t1, mut one) = slot_with_id(
+            1,
+            vec![
+                hypercall(GRANT_OP, [0, 2, 0x20000]), // grant_access -> reference 0
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut map = hypercall(GRANT_OP, [2, 1, 0]); // map(domain 1, reference 0, ...)
+        map.1.gpr[reg::R10] = GRANT_WINDOW_GPA;
+        let (_t2, mut two) = slot_with_id(
+            2,
+            vec![map, hypercall(SCHED, YIELD), hypercall(SCHED, POWEROFF)],
+        );
+        one.domain.nested = Some(fake_nested_map().0);
+        two.domain.nested = Some(fake_nested_map().0);
+        let mut slots = [one, two];
+        let mut host = fake_host();
+        take_trace();
+        run_all(&mut slots, &mut host);
+        let trace = take_trace();
+        let invalidations = |tag| {
+            trace
+                .iter()
+                .filter(|t| **t == Traced::NestedInvalidated(tag))
+                .count()
+        };
+        let [one, two] = &slots;
+        assert_eq!(one.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert!(one.domain.nested.is_none(), "released when it ended");
+        assert_eq!(invalidations(1), 0, "its own mappings never changed");
+        assert_eq!(
+            invalidations(2),
+            1,
+            "the revocation was flushed before the grantee ran again"
+        );
+        // Domain 2 ended too and was released: its page of zeros is gone.
+        assert_eq!(two.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(two.domain.grants.slot_at(GRANT_WINDOW_GPA), None);
     }
 }

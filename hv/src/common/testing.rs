@@ -7,6 +7,43 @@ use core::fmt;
 std::thread_local! {
     /// When set, `domain::read_tsc` returns this instead of the real TSC.
     pub(crate) static FAKE_TSC: core::cell::Cell<Option<u64>> = const { core::cell::Cell::new(None) };
+    /// What the mock vCPUs of this thread did, in order, by their `tag`: it outlives them
+    /// (a domain's teardown drops its vCPU).
+    static TRACE: core::cell::RefCell<Vec<Traced>> = const { core::cell::RefCell::new(Vec::new()) };
+}
+
+/// One thing a mock vCPU did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Traced {
+    /// The vCPU tagged so ran (one script entry), with RAX as the hypervisor left it: the
+    /// result of the hypercall before.
+    Ran(u32, u64),
+    /// The vCPU tagged so had this interrupt vector injected.
+    Injected(u32, u8),
+    /// The vCPU tagged so had its nested translations invalidated.
+    NestedInvalidated(u32),
+}
+
+/// The results of the hypercalls of the vCPU tagged `tag` in `trace`, in order: RAX as each
+/// run began (the first one is before any call, so it is left out).
+pub(crate) fn results_of(trace: &[Traced], tag: u32) -> Vec<i64> {
+    trace
+        .iter()
+        .filter_map(|t| match *t {
+            Traced::Ran(who, rax) if who == tag => Some(rax as i64),
+            _ => None,
+        })
+        .skip(1)
+        .collect()
+}
+
+/// Takes what the mock vCPUs of this thread did so far.
+pub(crate) fn take_trace() -> Vec<Traced> {
+    TRACE.with(|t| core::mem::take(&mut *t.borrow_mut()))
+}
+
+fn trace(what: Traced) {
+    TRACE.with(|t| t.borrow_mut().push(what));
 }
 
 /// Records what common code asked of it; `run` plays back `script` (then halts with IF=0).
@@ -22,11 +59,19 @@ pub(crate) struct MockVcpu {
     pub(crate) interrupt_flag: bool,
     pub(crate) injected_interrupts: Vec<u8>,
     pub(crate) window_exiting: bool,
+    /// Times the nested translations were invalidated.
+    pub(crate) nested_invalidations: u32,
+    /// Names the vCPU in the trace ([`take_trace`]).
+    pub(crate) tag: u32,
 }
 
 impl VirtualCpu for MockVcpu {
     fn activate(&mut self) {}
     fn run(&mut self) -> VmExit {
+        trace(Traced::Ran(
+            self.tag,
+            self.regs.gpr[crate::common::vcpu::reg::RAX],
+        ));
         match self.script.pop_front() {
             Some((exit, regs)) => {
                 self.regs = regs;
@@ -71,9 +116,14 @@ impl VirtualCpu for MockVcpu {
     }
     fn inject_interrupt(&mut self, vector: u8) {
         self.injected_interrupts.push(vector);
+        trace(Traced::Injected(self.tag, vector));
     }
     fn set_interrupt_window_exiting(&mut self, enabled: bool) {
         self.window_exiting = enabled;
+    }
+    fn invalidate_nested_translations(&mut self) {
+        self.nested_invalidations += 1;
+        trace(Traced::NestedInvalidated(self.tag));
     }
     fn read_msr(&self, _msr: ArchMsr) -> u64 {
         0x500 // EFER: LME | LMA

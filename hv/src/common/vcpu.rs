@@ -172,6 +172,10 @@ pub trait VirtualCpu {
     fn set_preemption_deadline(&mut self, tsc_ticks: u64) {
         let _ = tsc_ticks;
     }
+    /// Drops the guest-physical translations the TLB may hold for this vCPU's nested page
+    /// table, effective before the next entry (VMX: INVEPT; SVM: a VMCB TLB flush). Called
+    /// after a nested mapping of its domain went away or lost permissions.
+    fn invalidate_nested_translations(&mut self);
     /// Reads an MSR whose state the hardware keeps per vCPU.
     fn read_msr(&self, msr: ArchMsr) -> u64;
     /// Writes such an MSR; the value was already validated by common code.

@@ -141,6 +141,9 @@ pub struct VcpuState {
     /// timers and events reach a sleeping vCPU with the latency of one switch (as Xen's
     /// credit scheduler boosts woken vCPUs).
     pub boosted: bool,
+    /// Another domain was torn down: what could wake this vCPU may be gone, so its wait is
+    /// checked again (a vCPU that can never wake is stopped, docs/abi.md 3.3).
+    pub wake_sources_changed: bool,
     /// Run-state accounting.
     pub runstate: Runstate,
     /// The emulated x2APIC (for kernels that were not ported).
@@ -164,6 +167,7 @@ impl VcpuState {
             window_requested: false,
             upcall_maybe_pending: false,
             boosted: false,
+            wake_sources_changed: false,
             runstate: Runstate::new(now),
         }
     }

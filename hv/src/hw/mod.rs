@@ -9,7 +9,9 @@ pub mod svm;
 pub mod vmx;
 
 use crate::common::guest_memory::GuestMemory;
+use crate::common::nested_map::NestedMap;
 use crate::common::vcpu::VirtualCpu;
+use alloc::boxed::Box;
 use core::fmt;
 
 /// The CPU's virtualization extension.
@@ -32,6 +34,8 @@ pub enum HwError {
     VmxInstruction(&'static str, u64),
     /// No physical memory for control structures or page tables.
     OutOfMemory,
+    /// Nested page tables asked for an impossible layout (a hypervisor bug).
+    Layout(&'static str),
 }
 
 impl fmt::Display for HwError {
@@ -43,6 +47,7 @@ impl fmt::Display for HwError {
                 write!(f, "{what} failed (VM-instruction error {error})")
             }
             HwError::OutOfMemory => write!(f, "out of memory for virtualization structures"),
+            HwError::Layout(what) => write!(f, "nested paging layout: {what}"),
         }
     }
 }
@@ -74,12 +79,14 @@ pub trait Virtualization: Sized {
     /// Checks the CPU's features and turns the extension on for this CPU.
     fn enable() -> Result<Self, HwError>;
 
-    /// Builds a vCPU for a domain with RAM `memory`, mapped through its own nested page table.
+    /// Builds a vCPU for a domain with RAM `memory`, mapped through its own nested page table,
+    /// which is returned alongside for the domain to own (the grant window is prepared for
+    /// 4 KiB pages, with nothing mapped). The vCPU must not run once that table is dropped.
     fn create_vcpu(
         &mut self,
         memory: &GuestMemory,
         entry: &EntryState,
-    ) -> Result<Self::Vcpu, HwError>;
+    ) -> Result<(Self::Vcpu, Box<dyn NestedMap>), HwError>;
 }
 
 /// Detects the vendor's virtualization extension from CPUID.

@@ -7,6 +7,7 @@
 
 use super::multiboot::BootInfo;
 use super::phys_alloc::PhysAllocator;
+use core::sync::atomic::{AtomicU64, Ordering};
 use linked_list_allocator::LockedHeap;
 use spin::Mutex;
 
@@ -23,6 +24,9 @@ static mut HEAP_AREA: HeapArea = HeapArea([0; HEAP_BYTES]);
 
 /// Free physical memory for domains, page tables and VMCS/VMCB pages.
 pub static PHYS: Mutex<PhysAllocator> = Mutex::new(PhysAllocator::new());
+
+/// What [`PHYS`] manages: the memory that was free once boot took its share.
+static MANAGED_BYTES: AtomicU64 = AtomicU64::new(0);
 
 unsafe extern "C" {
     static __hv_image_start: u8;
@@ -50,6 +54,13 @@ pub fn init(info: &BootInfo<'_>, boot_info: (u64, u64)) {
     for module in info.modules.iter() {
         phys.remove(module.start, module.end);
     }
+    MANAGED_BYTES.store(phys.free_bytes(), Ordering::Relaxed);
+}
+
+/// Bytes the allocator manages (free or in use), and bytes free now.
+pub fn figures() -> (u64, u64) {
+    let free = PHYS.lock().free_bytes();
+    (MANAGED_BYTES.load(Ordering::Relaxed), free)
 }
 
 /// Allocates `bytes` of zeroed, `align`-aligned physical memory; returns its address.

@@ -9,9 +9,12 @@ mod vcpu;
 mod vmcb;
 
 use crate::common::guest_memory::GuestMemory;
+use crate::common::nested_map::NestedMap;
 use crate::hw::nested_paging::NestedPageTable;
 use crate::hw::{EntryState, HwError, Virtualization, rdmsr, wrmsr};
 use crate::platform::memory;
+use alloc::boxed::Box;
+use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 pub use vcpu::SvmVcpu;
 
 const MSR_EFER: u32 = 0xc000_0080;
@@ -19,6 +22,8 @@ const MSR_VM_CR: u32 = 0xc001_0114;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
 const EFER_SVME: u64 = 1 << 12;
 const VM_CR_SVMDIS: u64 = 1 << 4;
+/// CPUID 0x8000_000a EDX: TLB_CONTROL can flush one ASID (APM Vol. 2 15.16.1).
+const FEATURE_FLUSH_BY_ASID: u32 = 1 << 6;
 
 /// SVM enabled on this CPU.
 pub struct Svm {
@@ -28,6 +33,8 @@ pub struct Svm {
     io_permission_map: u64,
     msr_permission_map: u64,
     asids: u32,
+    /// TLB_CONTROL 3 (flush this guest's entries) exists; otherwise only 1 (flush all).
+    flush_by_asid: bool,
 }
 
 impl Virtualization for Svm {
@@ -67,16 +74,19 @@ impl Virtualization for Svm {
             // own FS, GS, TR, LDTR and syscall MSRs.
             core::arch::asm!("vmsave rax", in("rax") host_state_vmcb);
         }
+        let flush_by_asid = svm_features.edx & FEATURE_FLUSH_BY_ASID != 0;
         log::info!(
-            "SVM on: {} ASIDs, NRIP-save {}",
+            "SVM on: {} ASIDs, NRIP-save {}, flush by ASID {}",
             svm_features.ebx,
-            svm_features.edx & (1 << 3) != 0
+            svm_features.edx & (1 << 3) != 0,
+            flush_by_asid
         );
         Ok(Svm {
             host_state_vmcb,
             io_permission_map,
             msr_permission_map,
             asids: svm_features.ebx,
+            flush_by_asid,
         })
     }
 
@@ -84,9 +94,10 @@ impl Virtualization for Svm {
         &mut self,
         memory: &GuestMemory,
         entry: &EntryState,
-    ) -> Result<SvmVcpu, HwError> {
+    ) -> Result<(SvmVcpu, Box<dyn NestedMap>), HwError> {
         let mut npt = NestedPageTable::<npt::Npt>::new()?;
         npt.map_large(0, memory.host_base(), memory.size())?;
+        npt.prepare_small_pages(GRANT_WINDOW_GPA, GRANT_WINDOW_BYTES)?;
         // ASID 0 is the host's. With more domains than ASIDs, tags are shared and the TLB is
         // flushed whenever the CPU switches between vCPUs (APM Vol. 2 15.16).
         let usable = self.asids.saturating_sub(1).max(1);
@@ -94,6 +105,7 @@ impl Virtualization for Svm {
         if u32::from(entry.tlb_tag) > usable {
             vcpu::ASIDS_SHARED.store(true, core::sync::atomic::Ordering::Relaxed);
         }
-        SvmVcpu::new(npt, self, entry, asid)
+        let vcpu = SvmVcpu::new(npt.root(), self, entry, asid)?;
+        Ok((vcpu, Box::new(npt)))
     }
 }

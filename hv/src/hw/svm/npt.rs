@@ -18,6 +18,11 @@ impl EntryFormat for Npt {
     fn large_leaf(host: u64) -> u64 {
         host | PRESENT | WRITABLE | USER | LARGE
     }
+    fn small_leaf(host: u64, writable: bool) -> u64 {
+        // A 4 KiB PTE; R/W clear makes a write fault as a nested page fault (APM Vol. 2 15.25.5).
+        let write = if writable { WRITABLE } else { 0 };
+        host | PRESENT | write | USER
+    }
     fn is_present(entry: u64) -> bool {
         entry & PRESENT != 0
     }

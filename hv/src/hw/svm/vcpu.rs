@@ -1,12 +1,10 @@
 //! An SVM vCPU: VMCB set-up for a 64-bit guest, the VMRUN world switch, and the translation
 //! of #VMEXIT codes (AMD APM Vol. 2, Appendix C) into [`VmExit`].
 
-use super::npt::Npt;
 use super::vmcb::{self, Vmcb};
 use super::{EFER_SVME, Svm};
 use crate::common::guest_paging::PagingMode;
 use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
-use crate::hw::nested_paging::NestedPageTable;
 use crate::hw::{EntryState, HwError};
 use crate::platform::memory;
 use core::arch::global_asm;
@@ -51,6 +49,9 @@ const V_IGN_TPR: u64 = 1 << 20;
 /// Physical interrupts are masked by the host's RFLAGS.IF, not the guest's (APM 15.21.1).
 const V_INTR_MASKING: u64 = 1 << 24;
 const EVENT_VALID: u64 = 1 << 31;
+// TLB_CONTROL values (APM Vol. 2 15.16.1).
+const TLB_FLUSH_ALL: u8 = 1;
+const TLB_FLUSH_THIS_ASID: u8 = 3;
 const RFLAGS_IF: u64 = 1 << 9;
 
 const EFER_LME: u64 = 1 << 8;
@@ -66,7 +67,8 @@ pub struct SvmVcpu {
     instruction_len: u64,
     /// TLB_CONTROL asks for a flush at the next entry.
     tlb_flush_requested: bool,
-    _npt: NestedPageTable<Npt>,
+    /// TLB_CONTROL can flush this guest's ASID alone.
+    flush_by_asid: bool,
 }
 
 unsafe extern "C" {
@@ -76,7 +78,7 @@ unsafe extern "C" {
 
 impl SvmVcpu {
     pub(super) fn new(
-        npt: NestedPageTable<Npt>,
+        npt_root: u64,
         svm: &Svm,
         entry: &EntryState,
         asid: u32,
@@ -93,10 +95,10 @@ impl SvmVcpu {
         v.write(vmcb::IOPM_BASE, svm.io_permission_map);
         v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
         v.write(vmcb::GUEST_ASID, asid);
-        v.write(vmcb::TLB_CONTROL, 1u8); // flush everything on the first run
+        v.write(vmcb::TLB_CONTROL, TLB_FLUSH_ALL); // on the first run
         v.write(vmcb::NP_ENABLE, 1u64);
         v.write(vmcb::V_INTR, V_INTR_MASKING);
-        v.write(vmcb::N_CR3, npt.root());
+        v.write(vmcb::N_CR3, npt_root);
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
         let (code, data) = (
@@ -130,7 +132,7 @@ impl SvmVcpu {
             host_state_vmcb: svm.host_state_vmcb,
             instruction_len: 0,
             tlb_flush_requested: true,
-            _npt: npt,
+            flush_by_asid: svm.flush_by_asid,
         })
     }
 
@@ -148,13 +150,29 @@ impl SvmVcpu {
     }
 }
 
+impl Drop for SvmVcpu {
+    fn drop(&mut self) {
+        // Not the last VMCB run any more: a VMCB later allocated at the same address must not
+        // be taken for it.
+        let _ = LAST_VMCB.compare_exchange(
+            self.vmcb.address(),
+            0,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        // No VMRUN uses the VMCB again (the CPU keeps nothing of it between VMRUNs: no clean
+        // bits are set). The nested page tables belong to the domain, which frees them.
+        memory::release(self.vmcb.address(), 0x1000);
+    }
+}
+
 impl VirtualCpu for SvmVcpu {
     fn activate(&mut self) {
         // Every VMCB is its own page: nothing to load. With more domains than ASIDs, a vCPU
         // that follows another on this CPU must not see that one's translations.
         let previous = LAST_VMCB.swap(self.vmcb.address(), Ordering::Relaxed);
         if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
-            self.vmcb.write(vmcb::TLB_CONTROL, 1u8);
+            self.vmcb.write(vmcb::TLB_CONTROL, TLB_FLUSH_ALL);
             self.tlb_flush_requested = true;
         }
     }
@@ -309,6 +327,21 @@ impl VirtualCpu for SvmVcpu {
             self.vmcb
                 .write(vmcb::INTERCEPT_MISC1, intercepts & !MISC1_VINTR);
         }
+    }
+
+    fn invalidate_nested_translations(&mut self) {
+        // TLB_CONTROL (APM Vol. 2 15.16.1): 3 flushes this guest's ASID, global entries
+        // included; without FlushByAsid (QEMU TCG) 1, the whole TLB, is the only choice. A
+        // whole flush already asked for (activate) is kept.
+        let control = if self.flush_by_asid {
+            TLB_FLUSH_THIS_ASID
+        } else {
+            TLB_FLUSH_ALL
+        };
+        if self.vmcb.read::<u8>(vmcb::TLB_CONTROL) != TLB_FLUSH_ALL {
+            self.vmcb.write(vmcb::TLB_CONTROL, control);
+        }
+        self.tlb_flush_requested = true;
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {

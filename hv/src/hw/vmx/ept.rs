@@ -2,7 +2,10 @@
 
 use crate::hw::nested_paging::EntryFormat;
 
-const READ_WRITE_EXECUTE: u64 = 0b111;
+const READ: u64 = 1 << 0;
+const WRITE: u64 = 1 << 1;
+const EXECUTE: u64 = 1 << 2;
+const READ_WRITE_EXECUTE: u64 = READ | WRITE | EXECUTE;
 const MEMORY_TYPE_WRITE_BACK: u64 = 6 << 3;
 const LARGE: u64 = 1 << 7;
 
@@ -15,6 +18,11 @@ impl EntryFormat for Ept {
     }
     fn large_leaf(host: u64) -> u64 {
         host | READ_WRITE_EXECUTE | MEMORY_TYPE_WRITE_BACK | LARGE
+    }
+    fn small_leaf(host: u64, writable: bool) -> u64 {
+        // A 4 KiB leaf: bits 2:0 access rights, bits 5:3 memory type (SDM Vol. 3C 29.3.2).
+        let write = if writable { WRITE } else { 0 };
+        host | READ | write | EXECUTE | MEMORY_TYPE_WRITE_BACK
     }
     fn is_present(entry: u64) -> bool {
         entry & READ_WRITE_EXECUTE != 0

@@ -10,10 +10,13 @@ mod vcpu;
 mod vmcs;
 
 use crate::common::guest_memory::GuestMemory;
+use crate::common::nested_map::NestedMap;
 use crate::hw::nested_paging::NestedPageTable;
 use crate::hw::{EntryState, HwError, Virtualization, rdmsr, wrmsr};
 use crate::platform::memory;
+use alloc::boxed::Box;
 use core::arch::asm;
+use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 pub use vcpu::VmxVcpu;
 
 const MSR_FEATURE_CONTROL: u32 = 0x3a;
@@ -28,6 +31,7 @@ const MSR_VMX_CR0_FIXED1: u32 = 0x487;
 const MSR_VMX_CR4_FIXED0: u32 = 0x488;
 const MSR_VMX_CR4_FIXED1: u32 = 0x489;
 const MSR_VMX_PROCBASED2: u32 = 0x48b;
+const MSR_VMX_EPT_VPID_CAP: u32 = 0x48c;
 const MSR_VMX_TRUE_PINBASED: u32 = 0x48d;
 const MSR_VMX_TRUE_PROCBASED: u32 = 0x48e;
 const MSR_VMX_TRUE_EXIT: u32 = 0x48f;
@@ -36,6 +40,22 @@ const MSR_VMX_TRUE_ENTRY: u32 = 0x490;
 const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 const CR4_VMXE: u64 = 1 << 13;
+// IA32_VMX_EPT_VPID_CAP bits (SDM Vol. 3D A.10).
+const EPT_CAP_INVEPT: u64 = 1 << 20;
+const EPT_CAP_INVEPT_SINGLE_CONTEXT: u64 = 1 << 25;
+const EPT_CAP_INVEPT_ALL_CONTEXT: u64 = 1 << 26;
+/// Secondary controls "enable EPT" and "enable VPID": either makes IA32_VMX_EPT_VPID_CAP exist.
+const SECONDARY_EPT_OR_VPID: u64 = (1 << 1) | (1 << 5);
+
+/// INVEPT types (SDM Vol. 3C 31.3, INVEPT).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+enum InveptType {
+    /// Translations derived from one EPTP.
+    SingleContext = 1,
+    /// Translations derived from every EPTP.
+    AllContext = 2,
+}
 
 /// The controls this CPU accepts, read once from the capability MSRs.
 #[derive(Clone, Copy)]
@@ -50,6 +70,8 @@ struct ControlCapabilities {
     cr4_fixed: (u64, u64),
     /// IA32_VMX_MISC bits 4:0: the preemption timer ticks once per 2^this TSC ticks.
     preemption_timer_shift: u8,
+    /// How stale EPT translations are dropped: single-context when supported.
+    invept: InveptType,
 }
 
 /// Applies a capability MSR (allowed-0 settings low, allowed-1 high) to `wanted`; `Err` when a
@@ -104,6 +126,20 @@ impl Virtualization for Vmx {
             } else {
                 0
             };
+            let ept_vpid = if (secondary >> 32) & SECONDARY_EPT_OR_VPID != 0 {
+                rdmsr(MSR_VMX_EPT_VPID_CAP)
+            } else {
+                0
+            };
+            let invept = if ept_vpid & EPT_CAP_INVEPT == 0 {
+                return Err(HwError::Missing("INVEPT"));
+            } else if ept_vpid & EPT_CAP_INVEPT_SINGLE_CONTEXT != 0 {
+                InveptType::SingleContext
+            } else if ept_vpid & EPT_CAP_INVEPT_ALL_CONTEXT != 0 {
+                InveptType::AllContext
+            } else {
+                return Err(HwError::Missing("INVEPT single- or all-context"));
+            };
             ControlCapabilities {
                 revision: basic as u32 & 0x7fff_ffff,
                 pin: pick(MSR_VMX_PINBASED, MSR_VMX_TRUE_PINBASED),
@@ -114,6 +150,7 @@ impl Virtualization for Vmx {
                 cr0_fixed: (rdmsr(MSR_VMX_CR0_FIXED0), rdmsr(MSR_VMX_CR0_FIXED1)),
                 cr4_fixed: (rdmsr(MSR_VMX_CR4_FIXED0), rdmsr(MSR_VMX_CR4_FIXED1)),
                 preemption_timer_shift: (rdmsr(MSR_VMX_MISC) & 0x1f) as u8,
+                invept,
             }
         };
         let vmxon_region = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
@@ -133,7 +170,11 @@ impl Virtualization for Vmx {
                 return Err(HwError::VmxInstruction("VMXON", 0));
             }
         }
-        log::info!("VMX on: VMCS revision {:#x}", caps.revision);
+        log::info!(
+            "VMX on: VMCS revision {:#x}, INVEPT {:?}",
+            caps.revision,
+            caps.invept
+        );
         Ok(Vmx { caps })
     }
 
@@ -141,9 +182,11 @@ impl Virtualization for Vmx {
         &mut self,
         memory: &GuestMemory,
         entry: &EntryState,
-    ) -> Result<VmxVcpu, HwError> {
+    ) -> Result<(VmxVcpu, Box<dyn NestedMap>), HwError> {
         let mut ept = NestedPageTable::<ept::Ept>::new()?;
         ept.map_large(0, memory.host_base(), memory.size())?;
-        VmxVcpu::new(ept, &self.caps, entry)
+        ept.prepare_small_pages(GRANT_WINDOW_GPA, GRANT_WINDOW_BYTES)?;
+        let vcpu = VmxVcpu::new(ept.root(), &self.caps, entry)?;
+        Ok((vcpu, Box::new(ept)))
     }
 }

@@ -3,12 +3,11 @@
 //! Vol. 3D Appendix C) into [`VmExit`]. Control-register writes are handled here: they exist
 //! only because VMX fixes some CR0/CR4 bits.
 
-use super::ept::{Ept, eptp};
+use super::ept::eptp;
 use super::vmcs::{self, read, write, write_unchecked};
-use super::{ControlCapabilities, adjust};
+use super::{ControlCapabilities, InveptType, adjust};
 use crate::common::guest_paging::PagingMode;
 use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
-use crate::hw::nested_paging::NestedPageTable;
 use crate::hw::{EntryState, HwError, rdmsr, wrmsr};
 use crate::platform::memory;
 use core::arch::{asm, global_asm};
@@ -86,7 +85,9 @@ pub struct VmxVcpu {
     primary_controls: u64,
     /// The VMX-preemption timer counts TSC >> this (IA32_VMX_MISC bits 4:0), when in use.
     preemption_timer_shift: Option<u8>,
-    _ept: NestedPageTable<Ept>,
+    /// The EPT pointer of the domain's nested page table (the domain owns the table).
+    eptp: u64,
+    invept: InveptType,
 }
 
 const EVENT_VALID: u64 = 1 << 31;
@@ -112,7 +113,7 @@ fn load_vmcs(vmcs: u64) -> Result<(), HwError> {
 
 impl VmxVcpu {
     pub(super) fn new(
-        ept: NestedPageTable<Ept>,
+        ept_root: u64,
         caps: &ControlCapabilities,
         entry: &EntryState,
     ) -> Result<Self, HwError> {
@@ -123,11 +124,12 @@ impl VmxVcpu {
             let failed: u8;
             asm!("vmclear [{}]", "setna {}", in(reg) &vmcs, out(reg_byte) failed);
             if failed != 0 {
+                memory::release(vmcs, 0x1000);
                 return Err(HwError::VmxInstruction("VMCLEAR", 0));
             }
         }
-        load_vmcs(vmcs)?;
-        let vcpu = VmxVcpu {
+        // From here on, dropping the vCPU (on an error too) gives the VMCS back.
+        let mut vcpu = VmxVcpu {
             vmcs,
             regs: GuestRegisters::default(),
             launched: false,
@@ -137,9 +139,10 @@ impl VmxVcpu {
             cr8: 0,
             primary_controls: 0,
             preemption_timer_shift: None,
-            _ept: ept,
+            eptp: eptp(ept_root),
+            invept: caps.invept,
         };
-        let mut vcpu = vcpu;
+        load_vmcs(vcpu.vmcs)?;
         vcpu.write_controls(caps, entry)?;
         vcpu.write_host_state()?;
         vcpu.write_guest_state(entry)?;
@@ -196,7 +199,7 @@ impl VmxVcpu {
             adjust(caps.entry, entry_controls, "IA-32e guest entry")?.into(),
         )?;
         write(vmcs::EXCEPTION_BITMAP, 1 << vector::INVALID_OPCODE)?;
-        write(vmcs::EPT_POINTER, eptp(self._ept.root()))?;
+        write(vmcs::EPT_POINTER, self.eptp)?;
         write(vmcs::VPID, entry.tlb_tag.into())?;
         write(vmcs::VMCS_LINK_POINTER, u64::MAX)?;
         // Bits VMX fixes in CR0/CR4 are owned by the hypervisor: the guest reads its own view
@@ -391,6 +394,28 @@ impl VmxVcpu {
     }
 }
 
+impl Drop for VmxVcpu {
+    fn drop(&mut self) {
+        let failed: u8;
+        // SAFETY: `vmcs` is this vCPU's VMCS, which no VMX instruction uses after this. VMCLEAR
+        // writes back what the CPU keeps of it and makes it inactive (and no longer current),
+        // so that the page can be reused (SDM Vol. 3C 24.11.3).
+        unsafe { asm!("vmclear [{}]", "setna {}", in(reg) &self.vmcs, out(reg_byte) failed) };
+        let _ = CURRENT_VMCS.compare_exchange(self.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        if failed != 0 {
+            // The CPU may still write the page: better lost (the summary reports it as leaked)
+            // than handed to someone else.
+            log::error!(
+                "vmx: VMCLEAR of VMCS {:#x} failed; not freeing it",
+                self.vmcs
+            );
+            return;
+        }
+        memory::release(self.vmcs, 0x1000);
+        // The EPT belongs to the domain, which frees it (grant_table::release_domain).
+    }
+}
+
 impl VirtualCpu for VmxVcpu {
     fn activate(&mut self) {
         // VMREAD and VMWRITE reach the current VMCS only: every accessor below relies on this.
@@ -569,6 +594,22 @@ impl VirtualCpu for VmxVcpu {
         if let Some(shift) = self.preemption_timer_shift {
             let value = (tsc_ticks >> shift).clamp(1, u64::from(u32::MAX));
             write_unchecked(vmcs::PREEMPTION_TIMER_VALUE, value);
+        }
+    }
+
+    fn invalidate_nested_translations(&mut self) {
+        // INVEPT (SDM Vol. 3C 31.3; 29.4.3.1): single-context drops the guest-physical and
+        // combined mappings derived from this EPTP, for every VPID; all-context those of all.
+        let descriptor: [u64; 2] = [self.eptp, 0];
+        let failed: u8;
+        // SAFETY: INVEPT only drops cached translations; the descriptor is a valid 128-bit
+        // operand (EPTP, reserved 0) and the type one the CPU reports it supports.
+        unsafe {
+            asm!("invept {}, [{}]", "setna {}", in(reg) self.invept as u64,
+                 in(reg) descriptor.as_ptr(), out(reg_byte) failed, options(nostack));
+        }
+        if failed != 0 {
+            log::error!("vmx: INVEPT {:?} failed", self.invept);
         }
     }
 

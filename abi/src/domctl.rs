@@ -116,12 +116,7 @@ const _: () = assert!(core::mem::offset_of!(DomainInfo, name) == 48);
 impl DomainInfo {
     /// The name as text (up to the first NUL; invalid UTF-8 yields `"?"`).
     pub fn name(&self) -> &str {
-        let len = self
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.name.len());
-        core::str::from_utf8(&self.name[..len]).unwrap_or("?")
+        crate::nul_padded_str(&self.name)
     }
 }
 

@@ -38,3 +38,9 @@ pub const ABI_VERSION_MINOR: u16 = 3;
 pub const fn abi_version() -> u32 {
     (ABI_VERSION_MAJOR as u32) << 16 | ABI_VERSION_MINOR as u32
 }
+
+/// The text of a NUL-padded name field (up to the first NUL; invalid UTF-8 yields `"?"`).
+pub fn nul_padded_str(bytes: &[u8]) -> &str {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    core::str::from_utf8(&bytes[..len]).unwrap_or("?")
+}

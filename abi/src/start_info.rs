@@ -53,11 +53,6 @@ const _: () = assert!(core::mem::offset_of!(StartInfo, shared_info_gpa) == 104);
 impl StartInfo {
     /// The domain's name as text (up to the first NUL; invalid UTF-8 yields `"?"`).
     pub fn name(&self) -> &str {
-        let len = self
-            .name
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.name.len());
-        core::str::from_utf8(&self.name[..len]).unwrap_or("?")
+        crate::nul_padded_str(&self.name)
     }
 }

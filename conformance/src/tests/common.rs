@@ -86,3 +86,17 @@ pub(super) fn with_interrupts<R>(body: impl FnOnce() -> R) -> R {
     x86::disable_interrupts();
     result
 }
+
+/// Yields until `done` holds or [`GIVE_UP_NS`] passes; returns whether it held.
+pub(super) fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = shared::now() + GIVE_UP_NS;
+    loop {
+        if done() {
+            return true;
+        }
+        if shared::now() > deadline {
+            return false;
+        }
+        hv::sched_yield();
+    }
+}

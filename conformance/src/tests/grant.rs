@@ -22,10 +22,11 @@ use lamina_abi::multicall::MulticallEntry;
 use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::start_info;
 
+use super::common::wait_for;
 use crate::console::println;
 use crate::framework::{Hex, Status, check, check_eq, expect_ok, fail, skip};
 use crate::timing::{GIVE_UP_NS, MS};
-use crate::{hv, shared, x86};
+use crate::{hv, x86};
 
 const WINDOW: u64 = GRANT_WINDOW_GPA;
 const PAGE: u64 = GRANT_PAGE_BYTES;
@@ -197,20 +198,6 @@ fn check_filled(what: &str, gpa: u64) -> bool {
 }
 
 // ----- waiting for partners -----
-
-/// Yields until `done` holds or [`GIVE_UP_NS`] passes; returns whether it held.
-fn wait_for(mut done: impl FnMut() -> bool) -> bool {
-    let deadline = shared::now() + GIVE_UP_NS;
-    loop {
-        if done() {
-            return true;
-        }
-        if shared::now() > deadline {
-            return false;
-        }
-        hv::sched_yield();
-    }
-}
 
 /// Waits until the word at `gpa` holds `value`; records a failure naming `awaited` if not.
 fn wait_word(gpa: u64, value: u64, awaited: &str) -> bool {

@@ -16,8 +16,8 @@ use lamina_abi::event_channel::{DOMID_SELF, PortState, Virq};
 use lamina_guest_sdk::start_info;
 
 use super::common::{
-    bad_ports, port_status, register_upcall_vector, timer_port, unmask_upcalls, wait_until_pending,
-    with_interrupts,
+    bad_ports, port_status, register_upcall_vector, timer_port, unmask_upcalls, wait_for,
+    wait_until_pending, with_interrupts,
 };
 use crate::framework::{Hex, Status, check, check_eq, expect_ok, fail, skip};
 use crate::hv;
@@ -50,20 +50,6 @@ fn check_port(what: &str, port: u64, state: PortState, detail: u64) -> Option<bo
         );
     }
     state_ok.then_some(status.pending)
-}
-
-/// Yields until `done` holds or [`GIVE_UP_NS`] passes; returns whether it held.
-fn wait_for(mut done: impl FnMut() -> bool) -> bool {
-    let deadline = shared::now() + GIVE_UP_NS;
-    loop {
-        if done() {
-            return true;
-        }
-        if shared::now() > deadline {
-            return false;
-        }
-        hv::sched_yield();
-    }
 }
 
 /// The state of `port` (or `None` if Status failed).

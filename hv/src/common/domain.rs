@@ -248,6 +248,16 @@ impl Domain {
         }
     }
 
+    /// A nested mapping went away or lost permissions: the vCPUs drop their cached
+    /// translations before they next enter the guest (through `attention`, so an exit that
+    /// changed nothing pays nothing for it).
+    pub fn mark_nested_stale(&mut self) {
+        self.nested_tlb_stale = true;
+        for state in self.vcpus.iter_mut() {
+            state.attention = true;
+        }
+    }
+
     /// System time now.
     pub fn now(&self) -> u64 {
         self.time.ns_at(read_tsc())

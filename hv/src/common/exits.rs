@@ -158,7 +158,7 @@ pub fn handle_exit<V: VirtualCpu>(
                 ),
                 Some(WindowFault::Stale) => {
                     // The page allows this access now: drop the old translation and retry.
-                    domain.nested_tlb_stale = true;
+                    domain.mark_nested_stale();
                     return Next::Resume;
                 }
             };

@@ -6,7 +6,7 @@
 //! writable or not). The table lives in the hypervisor, never in guest memory, so a guest can
 //! only reach it through the checks below. A mapping is a 4 KiB leaf of the grantee's nested
 //! page table ([`NestedMap`]) that points into the granter's RAM; whenever one goes away or
-//! is replaced, the domain that had it gets `nested_tlb_stale`, and the run loop drops its
+//! is replaced, the domain that had it is marked (`Domain::mark_nested_stale`), and the run loop drops its
 //! cached translations before it runs again.
 
 use crate::common::domain::{Domain, DomainTable, domain_exists};
@@ -241,7 +241,7 @@ fn drop_mapping(domain: &mut Domain, slot: u64, mapping: WindowSlot, peers: &mut
     if let Some(nested) = domain.nested.as_mut() {
         nested.unmap_page(window_gpa(slot));
     }
-    domain.nested_tlb_stale = true;
+    domain.mark_nested_stale();
     match mapping {
         WindowSlot::Grant {
             granter, grant_ref, ..
@@ -390,6 +390,7 @@ pub fn release_domain(domain: &mut Domain, peers: &mut dyn DomainTable) {
 /// Switches every slot of `grantee` that maps grant `grant_ref` of `granter` to a page of
 /// zeros of its own, mapped with the same access.
 fn revoke(grantee: &mut Domain, granter: u32, grant_ref: u32) {
+    let mut revoked_any = false;
     for (&slot, mapping) in grantee.grants.slots.iter_mut() {
         let WindowSlot::Grant {
             granter: from,
@@ -421,7 +422,10 @@ fn revoke(grantee: &mut Domain, granter: u32, grant_ref: u32) {
             zero_page,
             writable,
         };
-        grantee.nested_tlb_stale = true;
+        revoked_any = true;
+    }
+    if revoked_any {
+        grantee.mark_nested_stale();
     }
 }
 

@@ -4,8 +4,8 @@
 //! The backend builds the table with the domain's RAM already mapped and hands it over as a
 //! `Box<dyn NestedMap>` owned by the [`Domain`](crate::common::domain::Domain), so that a
 //! hypercall of one domain can change another's (revocation). Dropping it frees every table
-//! page. After a change that removes or narrows a mapping, the caller sets the domain's
-//! `nested_tlb_stale` flag: the run loop invalidates the vCPU's cached guest-physical
+//! page. After a change that removes or narrows a mapping, the caller marks the domain
+//! (`Domain::mark_nested_stale`): the run loop invalidates the vCPU's cached guest-physical
 //! translations before it next enters the guest.
 
 /// Why a page could not be mapped.

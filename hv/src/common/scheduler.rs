@@ -262,12 +262,19 @@ fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
 }
 
 /// Injects what is due before entering the guest; asks for an interrupt-window exit when
-/// the guest cannot take it yet. Costs nothing unless something changed (`attention`).
+/// the guest cannot take it yet; drops stale nested translations. Costs nothing unless
+/// something changed (`attention`).
 fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
     if !domain.vcpus[0].attention {
         return;
     }
     domain.vcpus[0].attention = false;
+    if domain.nested_tlb_stale {
+        // A grant mapping went away or changed (docs/abi.md 16): no stale translation may
+        // survive into the guest.
+        domain.nested_tlb_stale = false;
+        vcpu.invalidate_nested_translations();
+    }
     let Some((vector, from_apic)) = deliverable_interrupt(domain) else {
         settle_upcall_flag(domain);
         return;
@@ -457,12 +464,6 @@ fn run_slice<V: VirtualCpu, H: Host>(
             arm(domain, host);
         }
         prepare_entry(domain, vcpu);
-        if domain.nested_tlb_stale {
-            // A grant mapping went away or changed (docs/abi.md 16): no stale translation
-            // may survive into the guest.
-            domain.nested_tlb_stale = false;
-            vcpu.invalidate_nested_translations();
-        }
         if let Some(exited_at) = exited_at {
             domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
         }

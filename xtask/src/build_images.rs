@@ -4,6 +4,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Result, failed};
+use crate::toolchain;
 use crate::workspace::{self, Artifact, BARE_METAL_TARGET};
 
 /// Packages whose unit tests run on the host (the hypervisor and the SDK keep their logic in
@@ -18,6 +19,7 @@ const HOST_TESTED_PACKAGES: [&str; 5] = [
 
 /// Builds the hypervisor and the guests for `x86_64-unknown-none` in release mode.
 pub fn build_images() -> Result<()> {
+    toolchain::ensure_bare_metal_target()?;
     let mut command = workspace::cargo();
     command.args(["build", "--release", "--target", BARE_METAL_TARGET]);
     for artifact in Artifact::ALL {

@@ -18,6 +18,7 @@ mod report;
 mod scenarios;
 mod serial_log;
 mod suite;
+mod toolchain;
 mod tools;
 mod workspace;
 

@@ -99,7 +99,8 @@ pub struct DomainInfo {
     pub weight: u32,
     /// Reserved, zero.
     pub reserved: u32,
-    /// RAM the domain holds now, in bytes (0 once torn down).
+    /// RAM not yet back with the hypervisor, in bytes: all of it while the domain lives, then
+    /// what teardown has still to scrub; 0 once it is all counted in `PhysInfo::free_bytes`.
     pub memory_bytes: u64,
     /// CPU time it has had, in ns.
     pub cpu_ns: u64,

@@ -13,10 +13,14 @@ pub const CMDLINE_GPA: u64 = 0x2000;
 pub const CMDLINE_MAX: usize = 1023;
 /// The boot GDT: null, 64-bit code ([`BOOT_CODE_SELECTOR`]), data ([`BOOT_DATA_SELECTOR`]).
 pub const BOOT_GDT_GPA: u64 = 0x3000;
-/// The boot page tables: PML4, PDPT, PD (one page each).
+/// The boot page tables: PML4, PDPT, PD (one page each); CR3 at entry.
 pub const BOOT_PML4_GPA: u64 = 0x4000;
+/// The boot page-directory-pointer table, PML4 entry 0.
+pub const BOOT_PDPT_GPA: u64 = 0x5000;
 /// The boot page directory (2 MiB entries) of the identity map.
 pub const BOOT_PD_GPA: u64 = 0x6000;
+const _: () =
+    assert!(BOOT_PDPT_GPA == BOOT_PML4_GPA + 0x1000 && BOOT_PD_GPA == BOOT_PDPT_GPA + 0x1000);
 /// The shared-info page ([`crate::shared_info::SharedInfo`]).
 pub const SHARED_INFO_GPA: u64 = 0x7000;
 /// The console ring page ([`crate::console::ConsoleRing`]).

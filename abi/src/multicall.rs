@@ -1,7 +1,8 @@
 //! Multicall (`Hypercall::Multicall`): several hypercalls for the price of one exit.
 //!
 //! `RDI` = guest-physical address of an array of [`MulticallEntry`], `RSI` = their number
-//! (0..=[`MULTICALL_MAX`]; more is `-E2BIG`). The entries run in order; each one's result
+//! (0..=[`MULTICALL_MAX`]; more is `-E2BIG`). The whole array is copied first (so an entry
+//! that writes over a later one does not change what it does); the entries run in order; each one's result
 //! (as it would have been returned in RAX) is written to its `result`. A failing entry does
 //! not stop the batch. Entries may not be `Multicall` nor a sched_op that waits
 //! (`Block`, `Poll`): those get `-EINVAL`. An entry that shuts the domain down ends the

@@ -823,6 +823,13 @@ pub const CATALOG: &[TestInfo] = &[
         cmdline_extra: "",
     },
     TestInfo {
+        name: "memory_map_huge_capacity",
+        title: "get_memory_map with a capacity far beyond RAM (its size in bytes overflowing) writes the regions there are",
+        section: "11 memory_op",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
         name: "reservation_is_mem_bytes",
         title: "current_reservation returns the domain's RAM size",
         section: "11 memory_op",
@@ -853,6 +860,13 @@ pub const CATALOG: &[TestInfo] = &[
     TestInfo {
         name: "multicall_oob_efault_runs_none",
         title: "an entry array not inside RAM returns -EFAULT and runs no entry",
+        section: "12 multicall",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "multicall_array_copied_first",
+        title: "the entry array is copied before any entry runs: an entry that writes over a later one does not change what it does",
         section: "12 multicall",
         expect: Expect::Success,
         cmdline_extra: "",
@@ -1362,5 +1376,19 @@ pub const CATALOG: &[TestInfo] = &[
         section: "17 Domain control",
         expect: Expect::Ends("destroyed"),
         cmdline_extra: "",
+    },
+    TestInfo {
+        name: "domctl_scrub_a",
+        title: "with domctl_scrub_b: after the partner powers off, its memory_bytes only counts down, and once it is 0 free_bytes has grown by all of its RAM",
+        section: "17 Domain control",
+        expect: Expect::Success,
+        cmdline_extra: "privileged=1",
+    },
+    TestInfo {
+        name: "domctl_scrub_b",
+        title: "offers domctl_scrub_a a port, waits for its event and powers off (32 MiB of RAM to scrub)",
+        section: "17 Domain control",
+        expect: Expect::Success,
+        cmdline_extra: "mem=32M",
     },
 ];

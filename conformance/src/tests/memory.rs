@@ -167,3 +167,36 @@ pub(super) fn reservation_is_mem_bytes() {
         hv::current_reservation()
     );
 }
+
+pub(super) fn memory_map_huge_capacity() {
+    // Only the written part is a buffer (2.5, 11): a capacity far beyond RAM, even one whose
+    // size in bytes overflows 64 bits, writes the regions there are and nothing more.
+    let mut reference = [UNTOUCHED; 16];
+    let Some(count) = hv::memory_map(&mut reference).value() else {
+        check!(false, "GetMemoryMap with room for 16 regions failed");
+        return;
+    };
+    let count = count as usize;
+    check!(
+        (1..16).contains(&count),
+        "the map has {count} regions; this test has room for 15"
+    );
+    for capacity in [u64::MAX, u64::MAX / 24 + 1, 1 << 40] {
+        let mut map = [UNTOUCHED; 16];
+        check_eq!(
+            format_args!("GetMemoryMap with capacity {capacity:#x}"),
+            Status(count as u64),
+            memory_map_at(map.as_mut_ptr() as u64, capacity)
+        );
+        check_eq!(
+            format_args!("the regions written with capacity {capacity:#x}"),
+            &reference[..count],
+            &map[..count]
+        );
+        check_eq!(
+            format_args!("the slot after the last region (capacity {capacity:#x})"),
+            UNTOUCHED,
+            map[count]
+        );
+    }
+}

@@ -342,6 +342,7 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ("memory_map_lists_regions", memory::memory_map_lists_regions),
     ("memory_map_short_buffer", memory::memory_map_short_buffer),
     ("memory_map_oob_efault", memory::memory_map_oob_efault),
+    ("memory_map_huge_capacity", memory::memory_map_huge_capacity),
     ("reservation_is_mem_bytes", memory::reservation_is_mem_bytes),
     (
         "multicall_runs_in_order",
@@ -355,6 +356,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     (
         "multicall_oob_efault_runs_none",
         multicall::multicall_oob_efault_runs_none,
+    ),
+    (
+        "multicall_array_copied_first",
+        multicall::multicall_array_copied_first,
     ),
     (
         "multicall_nested_block_einval",
@@ -496,6 +501,8 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ("domctl_pause_b", domctl::domctl_pause_b),
     ("domctl_destroy_a", domctl::domctl_destroy_a),
     ("domctl_destroy_b", domctl::domctl_destroy_b),
+    ("domctl_scrub_a", domctl::domctl_scrub_a),
+    ("domctl_scrub_b", domctl::domctl_scrub_b),
 ];
 
 /// The body registered for test `name`.

@@ -323,3 +323,40 @@ pub(super) fn multicall_shutdown_ends_batch() {
     println!("multicall_shutdown_ends_batch: shutting down with reason crash: not a pass");
     hv::shutdown(ShutdownReason::Crash)
 }
+
+pub(super) fn multicall_array_copied_first() {
+    // Entry 0 writes three memory-map regions (72 bytes) over entry 1, whose `op` becomes the
+    // first region's base, 0 (version). The array is copied before any entry runs (2.5, 12),
+    // so entry 1 runs as written: an undefined hypercall.
+    const UNDEFINED: u64 = 0x7fff;
+    let mut entries = [
+        call(Hypercall::MemoryOp, [0, 0, 3, 0, 0]),
+        MulticallEntry {
+            op: UNDEFINED,
+            args: [0; 5],
+            result: NOT_RUN,
+        },
+    ];
+    entries[0].args[0] = lamina_abi::memory::MemoryOp::GetMemoryMap as u64;
+    entries[0].args[1] = core::ptr::addr_of_mut!(entries[1]) as u64;
+    // SAFETY: the memory map is written into the array itself, which is ours.
+    let status = unsafe { hv::multicall(&mut entries) };
+    check_eq!("multicall of 2 entries", Status(2), status);
+    // SAFETY: the hypervisor wrote the array during the call; read it back as it is now.
+    let after = unsafe { core::ptr::read_volatile(&entries) };
+    check!(
+        after[0].result >= 3,
+        "entry 0 (get_memory_map) returned {:#x}, not the number of regions",
+        after[0].result
+    );
+    check_eq!(
+        "entry 1's op after entry 0 wrote the map over it",
+        0,
+        after[1].op
+    );
+    check_eq!(
+        "result of entry 1: it ran as copied before the batch",
+        Status::err(Errno::ENOSYS),
+        Status(after[1].result)
+    );
+}

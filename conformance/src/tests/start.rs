@@ -4,9 +4,9 @@
 
 use lamina_abi::abi_version;
 use lamina_abi::layout::{
-    BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX,
-    CONSOLE_RING_GPA, KERNEL_MIN_GPA, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES,
-    SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
+    BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_GPA, BOOT_PD_GPA, BOOT_PDPT_GPA,
+    BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA, KERNEL_MIN_GPA, MEM_GRANULE_BYTES,
+    MEM_MAX_BYTES, MEM_MIN_BYTES, SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
 };
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC};
 use lamina_guest_sdk::{cmdline, start_info, start_info_gpa};
@@ -118,6 +118,7 @@ pub(super) fn boot_tables_identity_map_ram() {
         Hex(pml4e & (PRESENT | WRITABLE | USER))
     );
     let pdpt = pml4e & PAGE_ADDRESS;
+    check_eq!("PDPT address (4.2)", Hex(BOOT_PDPT_GPA), Hex(pdpt));
     if !check_table_placement("PDPT", pdpt) {
         return;
     }
@@ -129,6 +130,7 @@ pub(super) fn boot_tables_identity_map_ram() {
         Hex(pdpte & wanted)
     );
     let pd = pdpte & PAGE_ADDRESS;
+    check_eq!("PD address (4.2)", Hex(BOOT_PD_GPA), Hex(pd));
     if !check_table_placement("PD", pd) {
         return;
     }

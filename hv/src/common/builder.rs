@@ -10,8 +10,9 @@ use crate::common::guest_memory::{GuestMemory, OutOfBounds};
 use crate::common::time::{TimeBase, publish_vcpu_time, publish_wall_clock};
 use core::fmt;
 use lamina_abi::layout::{
-    BOOT_GDT_GPA, BOOT_GRANT_PD_GPA, BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA,
-    GRANT_WINDOW_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
+    BOOT_GDT_GPA, BOOT_GRANT_PD_GPA, BOOT_PD_GPA, BOOT_PDPT_GPA, BOOT_PML4_GPA, CMDLINE_GPA,
+    CMDLINE_MAX, CONSOLE_RING_GPA, GRANT_WINDOW_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA, STACK_BYTES,
+    START_INFO_GPA,
 };
 use lamina_abi::shared_info::VcpuInfo;
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC, StartInfo};
@@ -296,8 +297,8 @@ pub fn write_boot_structures(
     // kernel can run CPL 3 code without building its own tables first).
     const PRESENT_WRITABLE_USER: u64 = 0b111;
     const LARGE_PAGE: u64 = 1 << 7;
-    let pdpt = BOOT_PML4_GPA + 0x1000;
-    let pd = BOOT_PML4_GPA + 0x2000;
+    let pdpt = BOOT_PDPT_GPA;
+    let pd = BOOT_PD_GPA;
     mem.write_u64(BOOT_PML4_GPA, pdpt | PRESENT_WRITABLE_USER)?;
     mem.write_u64(pdpt, pd | PRESENT_WRITABLE_USER)?;
     for page in 0..mem.size() >> 21 {

@@ -11,8 +11,10 @@ use crate::common::uart::Uart16550;
 use crate::common::vcpu_state::{VcpuState, Wait};
 use alloc::boxed::Box;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
 use lamina_abi::domctl::CONSOLE_HISTORY_BYTES;
 use lamina_abi::event_channel::Virq;
@@ -218,6 +220,9 @@ pub struct Domain {
     pub ram: Option<OwnedRam>,
     /// Ended and its resources returned (docs/abi.md 17, Teardown).
     pub torn_down: bool,
+    /// Once torn down: the bytes of its RAM not yet scrubbed and returned, counted down by
+    /// the scrub that owns the RAM (`DomainInfo::memory_bytes`).
+    pub ram_unreturned: Arc<AtomicU64>,
 }
 
 impl Domain {
@@ -245,6 +250,17 @@ impl Domain {
             paused: false,
             ram: None,
             torn_down: false,
+            ram_unreturned: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// RAM it holds (docs/abi.md 17, `memory_bytes`): all of it while it lives, then what
+    /// teardown has still to scrub and return; 0 once all of it is back.
+    pub fn memory_bytes(&self) -> u64 {
+        if self.torn_down {
+            self.ram_unreturned.load(Ordering::Relaxed)
+        } else {
+            self.memory.size()
         }
     }
 

@@ -81,7 +81,7 @@ pub fn domain_info(domain: &Domain) -> DomainInfo {
         },
         weight: domain.weight,
         reserved: 0,
-        memory_bytes: domain.memory.size(),
+        memory_bytes: domain.memory_bytes(),
         cpu_ns: domain.cpu_ns,
         console_bytes: domain.console.history.end(),
         name,

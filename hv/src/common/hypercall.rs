@@ -529,12 +529,15 @@ fn multicall(
         // An empty batch is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
-    domain.memory.check(gpa, count * entry_size)?;
+    // The whole array is copied before any entry runs (docs/abi.md 2.5, 12): an entry whose
+    // output lands on a later entry, or another vCPU rewriting the array, cannot change what
+    // the later entries do. 64 entries are 3.5 KiB of the hypervisor's stack.
+    let mut batch = [0u8; MULTICALL_MAX as usize * size_of::<MulticallEntry>()];
+    let batch = &mut batch[..(count * entry_size) as usize];
+    domain.memory.read(gpa, batch)?;
     let mut run = 0;
-    for i in 0..count {
+    for (i, raw) in (0..count).zip(batch.chunks_exact(size_of::<MulticallEntry>())) {
         let at = gpa + i * entry_size;
-        let mut raw = [0u8; size_of::<MulticallEntry>()];
-        domain.memory.read(at, &mut raw)?;
         let word =
             |n: usize| u64::from_le_bytes(raw[n * 8..n * 8 + 8].try_into().unwrap_or([0; 8]));
         let (op, args) = (word(0), [word(1), word(2), word(3), word(4), word(5)]);
@@ -716,6 +719,31 @@ mod tests {
         assert!(
             d.is_runnable(),
             "a failing entry does not stop the batch or the domain"
+        );
+    }
+
+    #[test]
+    fn multicall_copies_the_array_before_running_any_entry() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        // Entry 0 writes the memory map (3 regions, 72 bytes) over entry 1, whose op becomes
+        // the first region's base, 0 (version). Entry 1 must still run as it was written.
+        write_entry(&t, 0x9000, 5, [0, 0x9038, 3, 0, 0]); // memory_op get_memory_map
+        write_entry(&t, 0x9038, 0x7fff, [0; 5]); // undefined: -ENOSYS
+        assert_eq!(call(&mut d, &mut v, 6, [0x9000, 2, 0]), (2, Next::Resume));
+        assert!(
+            t.mem.read_u64(0x9000 + 48).unwrap() >= 3,
+            "the map was written"
+        );
+        assert_eq!(
+            t.mem.read_u64(0x9038).unwrap(),
+            0,
+            "entry 1 was overwritten"
+        );
+        assert_eq!(
+            t.mem.read_u64(0x9038 + 48).unwrap() as i64,
+            -(Errno::ENOSYS as i64),
+            "entry 1 ran as copied before the batch, not as rewritten by entry 0"
         );
     }
 

@@ -878,13 +878,20 @@ mod tests {
         take_lines();
         let mut scrub = tear_down(&mut s, &mut NoPeers).unwrap();
         assert!(s.domain.torn_down && s.vcpu.is_none() && s.domain.memory.size() == 0);
+        assert_eq!(
+            s.domain.memory_bytes(),
+            4 * SCRUB_SLICE_BYTES,
+            "memory_bytes counts the RAM until it is back"
+        );
         assert!(tear_down(&mut s, &mut NoPeers).is_none(), "only once");
         for slice in 1..4 {
             assert!(!scrub.step());
             assert_eq!(phys::figures().1, slice * SCRUB_SLICE_BYTES);
+            assert_eq!(s.domain.memory_bytes(), (4 - slice) * SCRUB_SLICE_BYTES);
         }
         assert!(take_lines().is_empty(), "reported once all is back");
         assert!(scrub.step());
+        assert_eq!(s.domain.memory_bytes(), 0);
         assert_eq!(
             take_lines(),
             [

@@ -15,7 +15,8 @@ use crate::common::hypercall::raise_port;
 use crate::common::scheduler::Slot;
 use crate::common::{output, phys};
 use alloc::string::String;
-use core::sync::atomic::Ordering;
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU64, Ordering};
 use lamina_abi::event_channel::NR_PORTS;
 
 /// RAM scrubbed and returned per step: about 20 us on hardware, 0.3 ms under Bochs.
@@ -26,6 +27,8 @@ pub struct Scrub {
     id: u32,
     name: String,
     ram: Option<OwnedRam>,
+    /// The domain's count of RAM not yet returned, which each step brings down.
+    unreturned: Arc<AtomicU64>,
     /// Bytes of RAM given back so far.
     returned: u64,
     /// Bytes of hypervisor structures (VMCS or VMCB, nested page tables) given back.
@@ -37,11 +40,15 @@ impl Scrub {
     /// line printed).
     pub fn step(&mut self) -> bool {
         let Some(ram) = self.ram.as_mut() else {
+            self.unreturned.store(0, Ordering::Relaxed);
             return true;
         };
         let before = phys::figures().1;
         ram.release_front(SCRUB_SLICE_BYTES);
         self.returned += phys::figures().1.saturating_sub(before);
+        // Only after the allocator has the bytes: a supervisor that sees memory_bytes drop
+        // finds free_bytes grown by as much (docs/abi.md 17).
+        self.unreturned.store(ram.bytes(), Ordering::Relaxed);
         if ram.bytes() > 0 {
             return false;
         }
@@ -87,10 +94,15 @@ pub fn tear_down<V>(slot: &mut Slot<V>, peers: &mut dyn DomainTable) -> Option<S
     // Nothing may reach the RAM once it is handed back: the domain keeps an empty view.
     domain.memory = GuestMemory::empty();
     domain.torn_down = true;
+    let ram = domain.ram.take();
+    domain
+        .ram_unreturned
+        .store(ram.as_ref().map_or(0, OwnedRam::bytes), Ordering::Relaxed);
     Some(Scrub {
         id: domain.id,
         name: domain.name.clone(),
-        ram: domain.ram.take(),
+        ram,
+        unreturned: domain.ram_unreturned.clone(),
         returned: 0,
         structures,
     })

@@ -550,6 +550,13 @@ pub const CATALOG: &[TestInfo] = &[
         cmdline_extra: "",
     },
     TestInfo {
+        name: "upcall_on_unmask_either_insn",
+        title: "after the guest clears the upcall mask, a hypercall by either instruction (the other vendor's one arrives as #UD) delivers the pending upcall",
+        section: "8.8 Upcalls",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
         name: "no_upcall_without_vector",
         title: "without an upcall vector no interrupt comes; the event still ends block",
         section: "8.8 Upcalls",

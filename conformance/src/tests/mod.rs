@@ -258,6 +258,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "upcall_mask_defers_delivery",
         upcall::upcall_mask_defers_delivery,
     ),
+    (
+        "upcall_on_unmask_either_insn",
+        upcall::upcall_on_unmask_either_insn,
+    ),
     ("no_upcall_without_vector", upcall::no_upcall_without_vector),
     (
         "block_idle_loop_gets_upcall",

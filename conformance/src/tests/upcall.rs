@@ -7,6 +7,9 @@
 
 use core::sync::atomic::Ordering;
 
+use lamina_abi::Hypercall;
+use lamina_guest_sdk::hypercall::{HypercallInsn, hypercall0_with};
+
 use super::common::{loopback_port, register_upcall_vector, unmask_upcalls, with_interrupts};
 use crate::framework::{Status, check, check_eq, expect_ok};
 use crate::irq::{self, UPCALL_VECTOR};
@@ -243,4 +246,35 @@ pub(super) fn hlt_wakes_on_pv_timer_upcall() {
         irq::last_ns(UPCALL_VECTOR),
     );
     check_delivered(timer);
+}
+
+pub(super) fn upcall_on_unmask_either_insn() {
+    // 8.8: any hypercall delivers an upcall the guest unmasked meanwhile, with either
+    // instruction (2.1): the other vendor's one arrives as #UD and must take the same path.
+    let Some(port) = loopback_port() else { return };
+    if !register_upcall_vector() {
+        return;
+    }
+    with_interrupts(|| {
+        for (delivered, insn) in (0u32..).zip(HypercallInsn::ALL) {
+            shared::upcall_mask().store(1, Ordering::SeqCst);
+            check_eq!(format_args!("Send({port})"), Status(0), hv::send(port));
+            hv::version();
+            check_upcalls("with evtchn_upcall_mask set", delivered);
+            unmask_upcalls();
+            // SAFETY: version writes no guest memory.
+            let version = unsafe { hypercall0_with(insn, Hypercall::Version as u64) };
+            check_eq!(
+                format_args!("version via {insn:?}"),
+                Status(u64::from(lamina_abi::abi_version())),
+                Status(version)
+            );
+            let what = match insn {
+                HypercallInsn::Vmcall => "after clearing the mask and a version via vmcall",
+                HypercallInsn::Vmmcall => "after clearing the mask and a version via vmmcall",
+            };
+            check_upcalls(what, delivered + 1);
+            check_delivered(port);
+        }
+    });
 }

@@ -26,6 +26,21 @@ pub fn hypercall_exit<V: VirtualCpu>(
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
+    let next = enter_hypercall(domain, vcpu, peers);
+    if next != Next::Stop {
+        vcpu.skip_instruction();
+    }
+    next
+}
+
+/// The one entry of every hypercall, by either instruction (docs/abi.md 2.1): counted, the
+/// upcall check of 8.8, dispatched. The caller moves RIP past the instruction.
+#[inline(always)]
+fn enter_hypercall<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
     const VCPU: usize = 0;
     domain.stats.count(ExitKind::Hypercall);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
@@ -33,11 +48,7 @@ pub fn hypercall_exit<V: VirtualCpu>(
     if domain.vcpus[VCPU].upcall_maybe_pending {
         domain.vcpus[VCPU].attention = true;
     }
-    let next = hypercall::handle(domain, VCPU, vcpu, peers);
-    if next != Next::Stop {
-        vcpu.skip_instruction();
-    }
-    next
+    hypercall::handle(domain, VCPU, vcpu, peers)
 }
 
 /// Handles one exit of `vcpu`, vCPU 0 of `domain`.
@@ -226,8 +237,7 @@ fn invalid_opcode<V: VirtualCpu>(
     let found =
         guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
     if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
-        domain.stats.count(ExitKind::Hypercall);
-        let next = hypercall::handle(domain, 0, vcpu, peers);
+        let next = enter_hypercall(domain, vcpu, peers);
         if next != Next::Stop {
             vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
         }

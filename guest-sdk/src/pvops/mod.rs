@@ -37,7 +37,7 @@ pub use clock::{ClockOps, PvClock, TscClockOps};
 pub use console::{ConsoleOps, HypercallConsole, RingConsole, UartConsole};
 pub use cpu::{CACHED_LEAVES, CACHED_MSRS, CachedCpu, CpuOps, CpuidResult, TrappingCpu};
 pub use idle::{BlockIdle, HltIdle, IdleOps};
-pub use timer::{ApicTimer, PvTimer, TimerError, TimerOps};
+pub use timer::{ApicTimer, PvTimer, TimerError, TimerOps, handle_timer_interrupt};
 
 /// Interrupt vectors the backends use (Linux's numbers for the same purposes).
 pub mod vectors {

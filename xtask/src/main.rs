@@ -16,6 +16,7 @@ mod guest;
 mod iso;
 mod qemu;
 mod report;
+mod rustdoc;
 mod scenarios;
 mod serial_log;
 mod suite;

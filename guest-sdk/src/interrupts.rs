@@ -522,6 +522,24 @@ mod tests {
     }
 
     #[test]
+    fn handle_vector_runs_the_registered_handler_with_the_vector() {
+        use core::sync::atomic::AtomicU64;
+        static SEEN: AtomicU64 = AtomicU64::new(0);
+        fn record(frame: &mut TrapFrame) {
+            SEEN.store(frame.vector, Ordering::SeqCst);
+        }
+        const VECTOR: u8 = 0xa7;
+        assert!(!handle_vector(VECTOR), "no handler yet");
+        set_handler(VECTOR, record);
+        assert!(handle_vector(VECTOR));
+        assert_eq!(SEEN.load(Ordering::SeqCst), u64::from(VECTOR));
+        remove_handler(VECTOR);
+        SEEN.store(0, Ordering::SeqCst);
+        assert!(!handle_vector(VECTOR));
+        assert_eq!(SEEN.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
     fn a_thread_frame_starts_the_entry_with_its_argument() {
         extern "sysv64" fn entry(_: u64) -> ! {
             unreachable!()

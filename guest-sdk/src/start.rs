@@ -400,6 +400,31 @@ mod tests {
     }
 
     #[test]
+    fn init_keeps_the_start_info_once_and_refuses_a_second_start() {
+        let line = b"own-entry mem=16M\0";
+        let info = StartInfo {
+            cmdline_gpa: line.as_ptr() as u64,
+            cmdline_len: line.len() as u64 - 1,
+            mem_bytes: u64::MAX,
+            domain_id: 7,
+            ..good_info()
+        };
+        let gpa = &info as *const StartInfo as u64;
+        // SAFETY: `gpa` points at a StartInfo whose command line is ours, as at entry.
+        let kept = unsafe { init(gpa) }.unwrap();
+        assert_eq!(kept.domain_id, 7);
+        assert_eq!(start_info().domain_id, 7);
+        assert_eq!(start_info_gpa(), gpa);
+        assert_eq!(cmdline(), "own-entry mem=16M");
+        assert_eq!(cmdline_value("mem"), Some("16M"));
+        // SAFETY: as above.
+        assert!(matches!(
+            unsafe { init(gpa) },
+            Err(StartError::AlreadyStarted)
+        ));
+    }
+
+    #[test]
     fn errors_explain_themselves() {
         let text = StartError::BadMagic(0x1234).to_string();
         assert_eq!(text, "StartInfo magic 0x00001234, expected 0x414e4d4c");

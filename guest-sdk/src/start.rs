@@ -418,10 +418,8 @@ mod tests {
         assert_eq!(cmdline(), "own-entry mem=16M");
         assert_eq!(cmdline_value("mem"), Some("16M"));
         // SAFETY: as above.
-        assert!(matches!(
-            unsafe { init(gpa) },
-            Err(StartError::AlreadyStarted)
-        ));
+        let again = unsafe { init(gpa) };
+        assert!(matches!(again, Err(StartError::AlreadyStarted)));
     }
 
     #[test]

@@ -347,7 +347,8 @@ pub fn scan(page: &SharedPage, vcpu: &VcpuShared, mut handle: impl FnMut(Port)) 
 
 /// Runs the handlers of every pending, unmasked event of this vCPU now. The upcall calls it;
 /// a kernel may also call it after [`sched::block`](crate::sched::block) with upcalls
-/// masked. Returns how many events it handled.
+/// masked. A kernel whose own IDT has its own handler for the upcall vector calls it from
+/// there (no EOI: the upcall is not an APIC interrupt). Returns how many events it handled.
 pub fn dispatch_pending() -> usize {
     scan(
         &crate::shared::shared_page(),
@@ -396,16 +397,20 @@ fn upcall_handler(_frame: &mut crate::interrupts::TrapFrame) {
     dispatch_pending();
 }
 
-/// Installs the event dispatcher as the handler of interrupt `vector` in the SDK's IDT
-/// ([`crate::interrupts::init`] must have run), without telling the hypervisor: for kernels
-/// that batch `VcpuOp::SetUpcallVector` with other calls.
+/// Installs the event dispatcher as the handler of interrupt `vector` in the SDK's dispatcher,
+/// without telling the hypervisor: for kernels that batch `VcpuOp::SetUpcallVector` with
+/// other calls. The vector must reach the dispatcher: through the SDK's IDT
+/// ([`crate::interrupts::init`]), or through the kernel's own IDT routing it to
+/// [`crate::interrupts::entry_point`] (or calling [`dispatch_pending`] from its own handler).
 pub fn install_upcall_handler(vector: u8) {
     crate::interrupts::set_handler(vector, upcall_handler);
 }
 
-/// Routes this vCPU's upcall to interrupt `vector` (32..=255): installs the dispatcher in the
-/// SDK's IDT ([`crate::interrupts::init`] must have run) and tells the hypervisor
-/// (`VcpuOp::SetUpcallVector`). Upcalls stay masked until [`unmask_upcalls`].
+/// Routes this vCPU's upcall to interrupt `vector` (32..=255): installs the dispatcher as the
+/// vector's handler and tells the hypervisor (`VcpuOp::SetUpcallVector`). Upcalls stay masked
+/// until [`unmask_upcalls`]. The vector must reach the dispatcher, through the SDK's IDT
+/// ([`crate::interrupts::init`]) or the kernel's own ([`install_upcall_handler`]); it never
+/// loads an IDT itself.
 pub fn install_upcall(vector: u8) -> Result<(), HypercallError> {
     install_upcall_handler(vector);
     crate::vcpu::set_upcall_vector(crate::shared::current_vcpu(), vector)

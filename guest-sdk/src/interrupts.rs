@@ -18,6 +18,29 @@
 //! 3. returns that frame's address; the common path loads it into RSP, restores the registers
 //!    from it and `iretq`s.
 //!
+//! # Bring your own IDT
+//!
+//! A kernel that keeps its own IDT (usually the `x86_64` crate's `InterruptDescriptorTable`)
+//! does not call [`init`], and asks the SDK's helpers for the same
+//! ([`Routing::KernelIdt`], e.g. [`TimerOps::start_periodic_routed`](crate::pvops::TimerOps::start_periodic_routed)):
+//! they then register their handlers with the dispatcher and set up the hardware or the
+//! hypervisor, but never load an IDT. The kernel routes each vector the helper names
+//! ([`TimerOps::vectors`](crate::pvops::TimerOps::vectors), or the vector it passed to
+//! [`events::install_upcall`](crate::events::install_upcall)) in one of two ways:
+//!
+//! - to the SDK's stub for that vector, [`entry_point`]: the gate runs the same path as in
+//!   the SDK's IDT (registers saved, the handler of [`set_handler`], the switch hook, `iretq`).
+//!   Works on stable Rust; with the `x86_64` crate:
+//!   `unsafe { idt[vector].set_handler_addr(VirtAddr::new(interrupts::entry_point(vector))) };`
+//! - or to a handler of its own (an `extern "x86-interrupt"` function on nightly) that calls
+//!   the SDK's function for the vector: [`events::dispatch_pending`](crate::events::dispatch_pending)
+//!   for the upcall, [`pvops::handle_timer_interrupt`](crate::pvops::handle_timer_interrupt)
+//!   for the native timer, nothing for the spurious vector; or [`handle_vector`] for any
+//!   vector with a handler registered here.
+//!
+//! Exceptions stay the kernel's: vectors it leaves to [`entry_point`] without a handler are
+//! reported and crash the domain, as in the SDK's IDT.
+//!
 //! All gates are interrupt gates: handlers run with interrupts off and are never nested
 //! (except by an exception inside a handler, which crashes). There is no TSS and no IST: the
 //! handler runs on the interrupted stack, which is fine at CPL 0 with the red zone disabled
@@ -216,6 +239,49 @@ core::arch::global_asm!(
     options(att_syntax),
 );
 
+/// Whose IDT an SDK helper that takes interrupts routes its vectors through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// The SDK's IDT: the helper calls [`init`] (loading the SDK's IDT over whatever was
+    /// loaded, the first time) and registers its handlers with [`set_handler`].
+    SdkIdt,
+    /// The kernel's own IDT, which the helper never touches: it registers its handlers with
+    /// [`set_handler`], and the kernel routes the vectors to them (module documentation, "Bring
+    /// your own IDT").
+    KernelIdt,
+}
+
+/// The address of the SDK's entry stub for `vector`, for a gate in the kernel's own IDT (an
+/// interrupt gate, DPL 0, through the kernel's 64-bit code segment). The stub saves the
+/// registers, runs the handler registered with [`set_handler`] (or reports and crashes), the
+/// switch hook, and returns with `iretq`, exactly as through the SDK's IDT.
+#[cfg(target_os = "none")]
+pub fn entry_point(vector: u8) -> u64 {
+    stub_address(vector)
+}
+
+/// Runs the handler registered with [`set_handler`] for `vector`, for a kernel whose own
+/// interrupt handler (`extern "x86-interrupt"`, say) owns the CPU's frame: the handler gets a
+/// [`TrapFrame`] that carries only the vector (the registers and the CPU's frame read as 0,
+/// and what the handler changes in it is dropped), and the switch hook is not called. The
+/// SDK's own handlers (upcall, timer, spurious) need nothing else. Returns false, and does
+/// nothing, when no handler is registered.
+pub fn handle_vector(vector: u8) -> bool {
+    let raw = HANDLERS[usize::from(vector)].load(Ordering::Acquire);
+    if raw.is_null() {
+        return false;
+    }
+    // SAFETY: `set_handler` is the only writer of non-null values, each an
+    // `InterruptHandler` cast to a pointer.
+    let handler = unsafe { core::mem::transmute::<*mut (), InterruptHandler>(raw) };
+    let mut frame = TrapFrame {
+        vector: u64::from(vector),
+        ..TrapFrame::default()
+    };
+    handler(&mut frame);
+    true
+}
+
 /// Address of vector `vector`'s stub.
 #[cfg(target_os = "none")]
 fn stub_address(vector: u8) -> u64 {
@@ -248,7 +314,8 @@ pub fn stack_selector() -> u16 {
 }
 
 /// Fills the SDK's IDT (every vector to its stub, through the current code segment) and loads
-/// it with `lidt`. Only the first call does anything. Interrupts stay as they are.
+/// it with `lidt`. Only the first call does anything. Interrupts stay as they are. A kernel
+/// that keeps its own IDT never calls it (module documentation, "Bring your own IDT").
 pub fn init() {
     if IDT_LOADED.swap(true, Ordering::AcqRel) {
         return;
@@ -282,7 +349,8 @@ pub fn initialized() -> bool {
 }
 
 /// Has the dispatcher call `handler` for `vector`. For an exception vector (0-31) it replaces
-/// the report-and-crash default.
+/// the report-and-crash default. The dispatcher serves the SDK's IDT and the [`entry_point`]s
+/// a kernel's own IDT routes to alike.
 pub fn set_handler(vector: u8, handler: InterruptHandler) {
     HANDLERS[usize::from(vector)].store(handler as *mut (), Ordering::Release);
 }
@@ -451,6 +519,24 @@ mod tests {
         assert_eq!(with, [8, 10, 11, 12, 13, 14, 17, 21, 29, 30]);
         assert_eq!(EXCEPTION_NAMES[13], "#GP");
         assert_eq!(EXCEPTION_NAMES[14], "#PF");
+    }
+
+    #[test]
+    fn handle_vector_runs_the_registered_handler_with_the_vector() {
+        use core::sync::atomic::AtomicU64;
+        static SEEN: AtomicU64 = AtomicU64::new(0);
+        fn record(frame: &mut TrapFrame) {
+            SEEN.store(frame.vector, Ordering::SeqCst);
+        }
+        const VECTOR: u8 = 0xa7;
+        assert!(!handle_vector(VECTOR), "no handler yet");
+        set_handler(VECTOR, record);
+        assert!(handle_vector(VECTOR));
+        assert_eq!(SEEN.load(Ordering::SeqCst), u64::from(VECTOR));
+        remove_handler(VECTOR);
+        SEEN.store(0, Ordering::SeqCst);
+        assert!(!handle_vector(VECTOR));
+        assert_eq!(SEEN.load(Ordering::SeqCst), 0);
     }
 
     #[test]

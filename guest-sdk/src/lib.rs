@@ -2,12 +2,14 @@
 //!
 //! The SDK owns the guest side of the ABI in `lamina-abi` and `docs/abi.md`:
 //!
-//! - [`entry!`] and the `_start` symbol: the kernel writes no assembly. `_start` aligns the
-//!   stack, validates and copies [`StartInfo`], picks the hypercall instruction native to the
-//!   CPU, and calls the kernel's main function.
+//! - `entry!` and the `_start` symbol (feature `entry`, on by default): the kernel writes no
+//!   assembly. `_start` aligns the stack, validates and copies [`StartInfo`], picks the
+//!   hypercall instruction native to the CPU, and calls the kernel's main function. A kernel
+//!   with its own `_start` calls [`start::init`] instead.
 //! - [`hypercall`]: raw hypercalls with either instruction, and typed wrappers.
 //! - [`console`]: [`print!`]/[`println!`], line-buffered, through the console backend
-//!   ([`console::ring`] for the console ring); [`uart`]: the trapped COM1.
+//!   ([`console::ring`] for the console ring), and the same machinery for a kernel's own
+//!   macros ([`console::Console`], [`console::print`]); [`uart`]: the trapped COM1.
 //! - [`time`]: system time from the pvclock, a monotonic clock, the wall clock; no exits.
 //! - [`timer`]: the paravirtual periodic and one-shot timers (VIRQ_TIMER).
 //! - [`events`]: event channels (bind, send, close, mask) and the dispatcher that runs a
@@ -19,7 +21,8 @@
 //! - [`grant`]: grant tables, pages shared with other domains (ABI 1.3); [`domctl`]: domain
 //!   control for privileged domains: list, console, pause, unpause, destroy (ABI 1.3).
 //! - [`interrupts`]: a static IDT with exception reports, handlers by vector, and a hook where
-//!   a scheduler switches tasks on the way out of an interrupt.
+//!   a scheduler switches tasks on the way out of an interrupt; or, for a kernel that keeps its
+//!   own IDT, entry points and handler functions to route from it ([`interrupts::Routing`]).
 //! - [`pvops`]: operation groups (console, idle, timer, time, cpu) with a native and a
 //!   paravirtual backend each, selected per group at boot.
 //! - [`shared`]: atomic access to the shared-info page; [`msr`], [`x2apic`], [`port`]: the
@@ -27,8 +30,22 @@
 //! - [`cpuid`]: Lamina discovery through CPUID leaves `0x4000_0000`, `0x4000_0001` and
 //!   `0x4000_0010`.
 //! - [`start_info()`], [`cmdline()`], [`cmdline_value()`]: what the hypervisor said at boot.
-//! - a panic handler that prints `panic: <message> at <location>` and shuts down with
-//!   [`ShutdownReason::Crash`](lamina_abi::sched::ShutdownReason::Crash).
+//! - [`panic`](mod@panic): a panic handler (feature `panic-handler`, on by default) that prints
+//!   `panic: <message> at <location>` and shuts down with
+//!   [`ShutdownReason::Crash`](lamina_abi::sched::ShutdownReason::Crash); its report
+//!   ([`panic::report`]) for a kernel's own handler.
+//!
+//! # Cargo features
+//!
+//! | feature | default | what |
+//! |---|---|---|
+//! | `entry` | on | the SDK's `_start` and the `entry!` macro; off: the kernel's own `_start` calls [`start::init`] |
+//! | `panic-handler` | on | the SDK's `#[panic_handler]`; off: the kernel's own handler may call [`panic::report`] |
+//!
+//! A kernel that defines its own of either turns the defaults off:
+//! `lamina-guest-sdk = { path = "...", default-features = false }` (duplicate lang item
+//! `panic_impl`, or a duplicate symbol `_start`, otherwise). docs/porting.md walks through
+//! porting an existing kernel.
 //!
 //! The SDK runs on the boot vCPU (vCPU 0) only.
 //!
@@ -61,6 +78,7 @@ pub mod interrupts;
 pub mod memory;
 pub mod msr;
 pub mod multicall;
+pub mod panic;
 pub mod port;
 pub mod pvops;
 pub mod sched;
@@ -73,7 +91,6 @@ pub mod uart;
 pub mod vcpu;
 pub mod x2apic;
 
-mod panic;
 mod sync;
 
 pub use lamina_abi as abi;
@@ -91,7 +108,9 @@ pub use start::{cmdline, cmdline_value, start_info, start_info_gpa};
 /// fn kernel_main(start: &'static lamina_guest_sdk::StartInfo) -> ! { ... }
 /// ```
 ///
-/// Use it exactly once, in the kernel's binary crate.
+/// Use it exactly once, in the kernel's binary crate. Needs the feature `entry` (on by
+/// default), which also defines `_start`.
+#[cfg(feature = "entry")]
 #[macro_export]
 macro_rules! entry {
     ($main:path) => {

@@ -2,17 +2,45 @@
 //! (docs/abi.md section 4).
 //!
 //! The hypervisor enters `_start` in 64-bit mode with RSP = top of RAM and RDI = the address
-//! of [`StartInfo`]. `_start` clears RBP (the end of frame-pointer chains), aligns the stack,
-//! leaves the top [`TOP_OF_RAM_SCRATCH`] bytes of RAM unused and calls `lamina_sdk_start`,
-//! which
+//! of [`StartInfo`]. With the default feature `entry`, the SDK defines `_start`: it clears RBP
+//! (the end of frame-pointer chains), aligns the stack, leaves the top [`TOP_OF_RAM_SCRATCH`]
+//! bytes of RAM unused and calls the SDK's start code, which runs [`init`] and then the
+//! kernel's main function declared with [`entry!`](crate::entry).
+//!
+//! [`init`]
 //! 1. makes the hypercall instruction native to the CPU the default,
 //! 2. checks StartInfo (magic, ABI major version, command line inside RAM, UTF-8),
 //! 3. copies StartInfo and the command line into the SDK's own memory, so that the kernel may
-//!    reuse the low pages, and
-//! 4. calls the kernel's main function declared with [`entry!`](crate::entry).
+//!    reuse the low pages.
 //!
 //! A StartInfo that fails a check is reported on the console and ends the domain with
 //! [`ShutdownReason::Crash`](lamina_abi::sched::ShutdownReason::Crash).
+//!
+//! # Keeping your own `_start`
+//!
+//! A kernel with an entry of its own (its own stack, its own assembly) turns the `entry`
+//! feature off (`default-features = false, features = ["panic-handler"]`) and calls [`init`]
+//! with the RDI it was entered with, before anything else of the SDK (the accessors
+//! [`start_info()`], [`cmdline()`] and everything that reads them need it):
+//!
+//! ```ignore
+//! #![no_std]
+//! #![no_main]
+//!
+//! /// The hypervisor jumps here with RDI = the StartInfo address (docs/abi.md 4.1). RSP is
+//! /// the top of RAM, 16-byte aligned; a kernel that cares about the ABI's alignment at
+//! /// function entry switches to its own stack first.
+//! #[unsafe(no_mangle)]
+//! pub extern "sysv64" fn _start(start_info_gpa: u64) -> ! {
+//!     // SAFETY: called once, first, with the address the hypervisor passed in RDI.
+//!     let start = match unsafe { lamina_guest_sdk::start::init(start_info_gpa) } {
+//!         Ok(start) => start,
+//!         Err(error) => lamina_guest_sdk::start::refuse(error),
+//!     };
+//!     lamina_guest_sdk::println!("hello from domain {}", start.domain_id);
+//!     lamina_guest_sdk::hypercall::shutdown(lamina_guest_sdk::abi::sched::ShutdownReason::Poweroff)
+//! }
+//! ```
 
 use core::fmt;
 
@@ -67,6 +95,8 @@ pub enum StartError {
     },
     /// The command line is not UTF-8.
     CmdlineNotUtf8,
+    /// [`init`] already ran (the SDK's own `_start` runs it too).
+    AlreadyStarted,
 }
 
 impl fmt::Display for StartError {
@@ -100,6 +130,7 @@ impl fmt::Display for StartError {
                 "command line at {gpa:#x} ({len} bytes and a NUL) outside RAM of {mem_bytes:#x} bytes"
             ),
             StartError::CmdlineNotUtf8 => f.write_str("command line is not UTF-8"),
+            StartError::AlreadyStarted => f.write_str("the SDK's start code ran twice"),
         }
     }
 }
@@ -134,7 +165,6 @@ pub fn check(info: &StartInfo) -> Result<(), StartError> {
 }
 
 /// Reads and checks the hypervisor's StartInfo at `gpa` and copies what we keep.
-#[cfg_attr(not(target_os = "none"), allow(dead_code))] // only the guest's start code calls it
 fn read_boot(gpa: u64) -> Result<Boot, StartError> {
     if gpa == 0 || !gpa.is_multiple_of(align_of::<StartInfo>() as u64) {
         return Err(StartError::BadStartInfoAddress(gpa));
@@ -187,7 +217,35 @@ pub fn cmdline_value(key: &str) -> Option<&'static str> {
     crate::cmdline::value(cmdline(), key)
 }
 
-#[cfg(target_os = "none")]
+/// Sets the SDK up from the StartInfo the hypervisor passed (RDI at entry): picks the
+/// hypercall instruction native to the CPU, checks StartInfo and keeps a copy of it and of the
+/// command line. Returns the SDK's copy, the one [`start_info()`] returns from now on.
+///
+/// The SDK's own `_start` (feature `entry`) calls it; a kernel with its own `_start` calls it
+/// first thing (see the module documentation). A second call returns
+/// [`StartError::AlreadyStarted`].
+///
+/// # Safety
+/// `start_info_gpa` must be the address the hypervisor passed in RDI, with RAM still
+/// identity-mapped as at entry (the SDK reads StartInfo and the command line through it).
+pub unsafe fn init(start_info_gpa: u64) -> Result<&'static StartInfo, StartError> {
+    crate::hypercall::set_default_insn(crate::hypercall::native_insn());
+    let boot = read_boot(start_info_gpa)?;
+    match BOOT.set(boot) {
+        Some(boot) => Ok(&boot.info),
+        None => Err(StartError::AlreadyStarted),
+    }
+}
+
+/// Reports why [`init`] refused to start the kernel and ends the domain with
+/// [`ShutdownReason::Crash`](lamina_abi::sched::ShutdownReason::Crash), as the SDK's own
+/// `_start` does.
+pub fn refuse(error: StartError) -> ! {
+    crate::println!("lamina-guest-sdk: cannot start the kernel: {error}");
+    crate::hypercall::shutdown(lamina_abi::sched::ShutdownReason::Crash)
+}
+
+#[cfg(all(target_os = "none", feature = "entry"))]
 core::arch::global_asm!(
     ".section .text._start,\"ax\",@progbits",
     ".global _start",
@@ -204,28 +262,23 @@ core::arch::global_asm!(
     scratch = const TOP_OF_RAM_SCRATCH,
 );
 
-#[cfg(target_os = "none")]
+#[cfg(all(target_os = "none", feature = "entry"))]
 unsafe extern "Rust" {
     /// Defined by [`entry!`](crate::entry) in the kernel's crate.
     fn __lamina_kernel_main(start: &'static StartInfo) -> !;
 }
 
 /// The Rust side of `_start` (see the module documentation).
-#[cfg(target_os = "none")]
+#[cfg(all(target_os = "none", feature = "entry"))]
 extern "sysv64" fn lamina_sdk_start(start_info_gpa: u64) -> ! {
-    crate::hypercall::set_default_insn(crate::hypercall::native_insn());
-    let stored = read_boot(start_info_gpa).map(|boot| BOOT.set(boot));
-    let boot = match stored {
-        Ok(Some(boot)) => boot,
-        Ok(None) => panic!("lamina-guest-sdk: start code entered twice"),
-        Err(error) => {
-            crate::println!("lamina-guest-sdk: cannot start the kernel: {error}");
-            crate::hypercall::shutdown(lamina_abi::sched::ShutdownReason::Crash)
-        }
+    // SAFETY: `_start` passes RDI as the hypervisor set it, and runs once.
+    let info = match unsafe { init(start_info_gpa) } {
+        Ok(info) => info,
+        Err(error) => refuse(error),
     };
     // SAFETY: `entry!` defines `__lamina_kernel_main` with exactly this signature; it is
     // called once, here.
-    unsafe { __lamina_kernel_main(&boot.info) }
+    unsafe { __lamina_kernel_main(info) }
 }
 
 #[cfg(test)]
@@ -344,6 +397,29 @@ mod tests {
             read_boot(0x1004),
             Err(StartError::BadStartInfoAddress(0x1004))
         ));
+    }
+
+    #[test]
+    fn init_keeps_the_start_info_once_and_refuses_a_second_start() {
+        let line = b"own-entry mem=16M\0";
+        let info = StartInfo {
+            cmdline_gpa: line.as_ptr() as u64,
+            cmdline_len: line.len() as u64 - 1,
+            mem_bytes: u64::MAX,
+            domain_id: 7,
+            ..good_info()
+        };
+        let gpa = &info as *const StartInfo as u64;
+        // SAFETY: `gpa` points at a StartInfo whose command line is ours, as at entry.
+        let kept = unsafe { init(gpa) }.unwrap();
+        assert_eq!(kept.domain_id, 7);
+        assert_eq!(start_info().domain_id, 7);
+        assert_eq!(start_info_gpa(), gpa);
+        assert_eq!(cmdline(), "own-entry mem=16M");
+        assert_eq!(cmdline_value("mem"), Some("16M"));
+        // SAFETY: as above.
+        let again = unsafe { init(gpa) };
+        assert!(matches!(again, Err(StartError::AlreadyStarted)));
     }
 
     #[test]

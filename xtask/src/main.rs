@@ -12,9 +12,11 @@ mod chart;
 mod conformance;
 mod emulator;
 mod error;
+mod guest;
 mod iso;
 mod qemu;
 mod report;
+mod rustdoc;
 mod scenarios;
 mod serial_log;
 mod suite;
@@ -61,6 +63,41 @@ enum Task {
     /// Benchmark paravirtual against trapping operations (instructions and exits per
     /// operation); writes target/lamina/bench.{csv,svg}.
     Bench(BenchArgs),
+    /// The cargo runner of guest crates: boots ELF as domain 1 and exits 0 when it powered
+    /// off. A guest's .cargo/config.toml names it (see `new-guest`), so that `cargo run` and
+    /// `cargo test` boot the kernel on Lamina.
+    Runner(RunnerArgs),
+    /// Write a minimal guest crate into PATH (a new directory): the SDK as a path
+    /// dependency, the bare-metal target and the runner in .cargo/config.toml, a main.rs that
+    /// prints and powers off.
+    NewGuest(NewGuestArgs),
+}
+
+#[derive(Args, Debug)]
+struct RunnerArgs {
+    /// amd (QEMU TCG) or intel (Bochs) [default: $LAMINA_VENDOR, else amd].
+    #[arg(long, value_enum)]
+    vendor: Option<Vendor>,
+    /// Wall-clock limit in seconds [default: $LAMINA_TIMEOUT, else 60 for amd, 120 for intel].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
+    /// The hypervisor's command line, e.g. `loglevel=debug`.
+    #[arg(long, value_name = "STR", default_value = "")]
+    hv_cmdline: String,
+    /// The directory a relative ELF path is relative to (the guest's runner line passes it).
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// The kernel ELF cargo built.
+    elf: PathBuf,
+    /// Words for the kernel's command line, after its name (what follows `cargo run --`).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct NewGuestArgs {
+    /// The directory to create; its name becomes the crate's.
+    path: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -199,6 +236,24 @@ fn main() -> ExitCode {
 
 fn execute(task: Task) -> Result<ExitCode> {
     let passed = match task {
+        Task::Runner(args) => {
+            return guest::runner(guest::RunnerOptions {
+                vendor: args.vendor,
+                timeout: args.timeout.map(Duration::from_secs),
+                hv_cmdline: args.hv_cmdline,
+                from: args.from,
+                elf: args.elf,
+                args: args.args,
+            });
+        }
+        Task::NewGuest(args) => {
+            let name = guest::new_guest(&args.path)?;
+            eprintln!(
+                "xtask: wrote the guest crate {name} in {}; `cargo run` there boots it on Lamina",
+                show_path(&args.path)
+            );
+            true
+        }
         Task::Build => build_images::build_images().map(|()| true)?,
         Task::Run(args) => run(args)?,
         Task::Test(args) => suite::test(&args.options())?,

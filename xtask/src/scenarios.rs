@@ -5,6 +5,7 @@
 //! `conformance.rs`).
 
 mod domains;
+pub mod out_of_tree;
 
 use std::fs;
 

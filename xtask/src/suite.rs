@@ -14,9 +14,9 @@ use crate::emulator::{
 use crate::error::{Context, Result};
 use crate::iso::{self, BootModule};
 use crate::report::{self, Judgement, Status, Suite, Table};
-use crate::scenarios::{self, Scenario};
+use crate::scenarios::{self, Scenario, out_of_tree};
 use crate::workspace::{self, Artifact};
-use crate::{bench, build_images, tools};
+use crate::{bench, build_images, rustdoc, tools};
 
 /// Name of the host unit test step, for `--filter`.
 const HOST_UNIT_TESTS: &str = "host-unit-tests";
@@ -42,6 +42,8 @@ enum Job {
     Conformance(Vec<&'static TestInfo>, Vendor),
     /// The benchmark with few iterations, held against its baseline.
     Bench(Vendor),
+    /// A guest crate outside the workspace, built and booted with `cargo run`/`cargo test`.
+    OutOfTree(Vendor),
 }
 
 impl Job {
@@ -50,12 +52,16 @@ impl Job {
             Job::Scenario(scenario, _) => scenario.name,
             Job::Conformance(..) => conformance::SUITE_NAME,
             Job::Bench(_) => bench::FAST_NAME,
+            Job::OutOfTree(_) => out_of_tree::NAME,
         }
     }
 
     fn vendor(&self) -> Vendor {
         match self {
-            Job::Scenario(_, vendor) | Job::Conformance(_, vendor) | Job::Bench(vendor) => *vendor,
+            Job::Scenario(_, vendor)
+            | Job::Conformance(_, vendor)
+            | Job::Bench(vendor)
+            | Job::OutOfTree(vendor) => *vendor,
         }
     }
 
@@ -92,6 +98,12 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     } else {
         None
     };
+    let rustdoc = if filter.is_none_or(|f| rustdoc::NAME.contains(f)) {
+        eprintln!("xtask: rustdoc of lamina-abi and lamina-guest-sdk, warnings denied");
+        Some(rustdoc::run_rustdoc()?)
+    } else {
+        None
+    };
     let mut jobs = conformance_jobs(options);
     for scenario in scenarios::select(filter) {
         jobs.extend(
@@ -103,6 +115,9 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     }
     if filter.is_none_or(|f| bench::FAST_NAME.contains(f)) {
         jobs.extend(options.vendors.iter().map(|&vendor| Job::Bench(vendor)));
+    }
+    if filter.is_none_or(|f| out_of_tree::NAME.contains(f)) {
+        jobs.extend(options.vendors.iter().map(|&vendor| Job::OutOfTree(vendor)));
     }
     let outcomes = if jobs.is_empty() {
         Vec::new()
@@ -121,8 +136,19 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             took.as_secs_f64()
         );
     }
-    let all_passed = report(&outcomes, options)? && unit_tests.is_none_or(|(passed, _)| passed);
-    if unit_tests.is_none() && outcomes.is_empty() {
+    if let Some((passed, took)) = rustdoc {
+        let status = if passed { Status::Pass } else { Status::Fail };
+        println!(
+            "{}: {} ({:.1} s)\n",
+            rustdoc::NAME,
+            status.label(),
+            took.as_secs_f64()
+        );
+    }
+    let all_passed = report(&outcomes, options)?
+        && unit_tests.is_none_or(|(passed, _)| passed)
+        && rustdoc.is_none_or(|(passed, _)| passed);
+    if unit_tests.is_none() && rustdoc.is_none() && outcomes.is_empty() {
         eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
         return Ok(false);
     }
@@ -221,13 +247,24 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
             suite: None,
         };
     }
+    if let Job::OutOfTree(_) = job {
+        let (judgement, record) = out_of_tree::run(vendor, &job.dir(), options.timeout);
+        return JobOutcome {
+            name,
+            vendor,
+            judgement,
+            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+            record,
+            suite: None,
+        };
+    }
     let prepared = prepare(job, options);
     let (record, judgement, suite) = match prepared {
         Err(err) => {
             let why = err.to_string();
             let suite = match job {
                 Job::Conformance(tests, _) => Some(conformance::errored_suite(vendor, tests, &why)),
-                Job::Scenario(..) | Job::Bench(_) => None,
+                Job::Scenario(..) | Job::Bench(_) | Job::OutOfTree(_) => None,
             };
             (None, Judgement::new(Status::Error, why), suite)
         }
@@ -236,8 +273,8 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
                 let judgement = scenarios::judge(scenario, &record);
                 (Some(record), judgement, None)
             }
-            Job::Conformance(..) | Job::Bench(_) => {
-                unreachable!("conformance and bench jobs are run on their own")
+            Job::Conformance(..) | Job::Bench(_) | Job::OutOfTree(_) => {
+                unreachable!("conformance, bench and out-of-tree jobs are run on their own")
             }
         },
     };
@@ -379,6 +416,7 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
             conformance::timeout(vendor, options.timeout, tests.len()),
         ),
         Job::Bench(_) => unreachable!("bench jobs boot through bench::fast_check"),
+        Job::OutOfTree(_) => unreachable!("out-of-tree jobs boot through cargo run"),
     };
     boot(&dir, vendor, &modules, timeout, job.name(), options)
 }

@@ -9,6 +9,31 @@
 //!
 //! The buffer is guarded by a lock that is tried, never waited for: an exception handler that
 //! prints while the interrupted code holds it writes straight through, unbuffered.
+//!
+//! # The machinery behind `print!`, for a kernel's own macros
+//!
+//! A kernel that has its own `print!`/`println!` (or a logger, or anything that takes a
+//! [`core::fmt::Write`]) keeps them and points them here:
+//!
+//! - [`Console`]: a [`Write`] sink into the same line buffer as [`print!`](crate::print);
+//! - [`print`] and [`print_line`]: what the SDK's macros expand to;
+//! - [`write_bytes`]: raw bytes into the line buffer;
+//! - the backends themselves, unbuffered, each a [`Write`] sink too:
+//!   [`HypercallConsole`](crate::pvops::HypercallConsole) (one `console_io` exit per write),
+//!   [`RingConsole`](crate::pvops::RingConsole) (the console ring, no exit) and
+//!   [`UartConsole`](crate::pvops::UartConsole) (COM1, an exit per byte); or whichever the
+//!   console group selected, [`crate::pvops::console`].
+//!
+//! ```ignore
+//! macro_rules! kprintln {
+//!     ($($arg:tt)*) => {
+//!         lamina_guest_sdk::console::print_line(format_args!($($arg)*))
+//!     };
+//! }
+//!
+//! use core::fmt::Write;
+//! let _ = writeln!(lamina_guest_sdk::console::Console, "{} ticks", 42);
+//! ```
 
 pub mod ring;
 
@@ -114,16 +139,47 @@ fn write(args: fmt::Arguments<'_>, newline: bool) {
     }
 }
 
-/// What [`print!`](crate::print) expands to.
-#[doc(hidden)]
-pub fn _print(args: fmt::Arguments<'_>) {
+/// Formats `args` into the console's line buffer: what [`print!`](crate::print) expands to.
+pub fn print(args: fmt::Arguments<'_>) {
     write(args, false);
 }
 
-/// What [`println!`](crate::println) expands to: the line and its newline in one piece.
-#[doc(hidden)]
-pub fn _print_line(args: fmt::Arguments<'_>) {
+/// Formats `args` and a newline into the console's line buffer, so the line reaches the
+/// backend in one piece: what [`println!`](crate::println) expands to.
+pub fn print_line(args: fmt::Arguments<'_>) {
     write(args, true);
+}
+
+/// Appends raw bytes to the console's line buffer (each complete line goes to the backend).
+pub fn write_bytes(bytes: &[u8]) {
+    if CONSOLE
+        .try_with(|buffer| buffer.push(bytes, emit))
+        .is_none()
+    {
+        emit(bytes);
+    }
+}
+
+/// The console as a [`Write`] sink: the same line buffer and backend as
+/// [`print!`](crate::print). Writing never fails.
+///
+/// ```ignore
+/// use core::fmt::Write;
+/// writeln!(lamina_guest_sdk::console::Console, "x = {x}").ok();
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Console;
+
+impl Write for Console {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        write_bytes(text.as_bytes());
+        Ok(())
+    }
+
+    fn write_fmt(&mut self, args: fmt::Arguments<'_>) -> fmt::Result {
+        print(args);
+        Ok(())
+    }
 }
 
 /// Sends a partial line now, without waiting for its newline, and has the backend print
@@ -175,7 +231,7 @@ pub fn finish_line() {
 #[macro_export]
 macro_rules! print {
     ($($arg:tt)*) => {
-        $crate::console::_print(::core::format_args!($($arg)*))
+        $crate::console::print(::core::format_args!($($arg)*))
     };
 }
 
@@ -183,10 +239,10 @@ macro_rules! print {
 #[macro_export]
 macro_rules! println {
     () => {
-        $crate::console::_print_line(::core::format_args!(""))
+        $crate::console::print_line(::core::format_args!(""))
     };
     ($($arg:tt)*) => {
-        $crate::console::_print_line(::core::format_args!($($arg)*))
+        $crate::console::print_line(::core::format_args!($($arg)*))
     };
 }
 

@@ -100,3 +100,19 @@ impl core::fmt::Write for ThroughHypercall {
         Ok(())
     }
 }
+
+/// Each backend is also a [`core::fmt::Write`] sink, unbuffered: `write!(RingConsole, ...)`
+/// hands every formatted piece to the backend as it comes (the hypervisor joins the pieces of
+/// one source into lines). For a kernel's own console macros or logger.
+macro_rules! impl_fmt_write {
+    ($($backend:ty),*) => {$(
+        impl core::fmt::Write for $backend {
+            fn write_str(&mut self, text: &str) -> core::fmt::Result {
+                ConsoleOps::write(self, text.as_bytes());
+                Ok(())
+            }
+        }
+    )*};
+}
+
+impl_fmt_write!(UartConsole, HypercallConsole, RingConsole);

@@ -20,6 +20,11 @@
 //! `ops=pv` (the default) for every group, then `pv.<group>=native|pv` per group, e.g.
 //! `ops=pv pv.console=native`.
 //!
+//! The timer group takes interrupts: [`TimerOps::start_periodic`] routes them through the
+//! SDK's IDT (loading it), [`TimerOps::start_periodic_routed`] with
+//! [`Routing::KernelIdt`](crate::interrupts::Routing::KernelIdt) through the kernel's own,
+//! which routes [`TimerOps::vectors`] to the SDK ([`crate::interrupts`], "Bring your own IDT").
+//!
 //! One combination is refused: `idle=pv` with `timer=native`. Block waits for an *event*, and
 //! the x2APIC timer raises an *interrupt*, which does not end a block: the hypervisor would
 //! stop the vCPU as one that can never wake (docs/abi.md 3.3). Port the timer first.
@@ -37,7 +42,7 @@ pub use clock::{ClockOps, PvClock, TscClockOps};
 pub use console::{ConsoleOps, HypercallConsole, RingConsole, UartConsole};
 pub use cpu::{CACHED_LEAVES, CACHED_MSRS, CachedCpu, CpuOps, CpuidResult, TrappingCpu};
 pub use idle::{BlockIdle, HltIdle, IdleOps};
-pub use timer::{ApicTimer, PvTimer, TimerError, TimerOps};
+pub use timer::{ApicTimer, PvTimer, TimerError, TimerOps, handle_timer_interrupt};
 
 /// Interrupt vectors the backends use (Linux's numbers for the same purposes).
 pub mod vectors {

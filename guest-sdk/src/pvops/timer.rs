@@ -5,7 +5,7 @@ use core::sync::atomic::{AtomicPtr, Ordering};
 
 use crate::events::Port;
 use crate::hypercall::HypercallError;
-use crate::interrupts::TrapFrame;
+use crate::interrupts::{Routing, TrapFrame};
 use crate::multicall::{Batch, Call};
 use crate::pvops::vectors;
 use crate::x2apic::{self, TimerMode};
@@ -17,8 +17,27 @@ pub trait TimerOps: Sync {
     /// Calls `tick` every `period_ns`, the first time one period from now, from interrupt
     /// context with interrupts off. Installs what the backend needs in the SDK's IDT (loading
     /// it if needed) and lets its interrupts through; the kernel still has to enable
-    /// interrupts (`sti`).
-    fn start_periodic(&self, period_ns: u64, tick: fn()) -> Result<(), TimerError>;
+    /// interrupts (`sti`). [`start_periodic_routed`](Self::start_periodic_routed) with
+    /// [`Routing::SdkIdt`].
+    fn start_periodic(&self, period_ns: u64, tick: fn()) -> Result<(), TimerError> {
+        self.start_periodic_routed(period_ns, tick, Routing::SdkIdt)
+    }
+    /// [`start_periodic`](Self::start_periodic) with the IDT chosen: with
+    /// [`Routing::KernelIdt`] the backend loads no IDT, and the kernel's own IDT must route
+    /// each of [`vectors`](Self::vectors) to [`interrupts::entry_point`](crate::interrupts::entry_point)
+    /// or to a handler that calls [`handle_timer_interrupt`](crate::pvops::handle_timer_interrupt)
+    /// (native timer) or [`events::dispatch_pending`](crate::events::dispatch_pending) (the
+    /// paravirtual upcall); see [`crate::interrupts`], "Bring your own IDT".
+    fn start_periodic_routed(
+        &self,
+        period_ns: u64,
+        tick: fn(),
+        routing: Routing,
+    ) -> Result<(), TimerError>;
+    /// The interrupt vectors the backend takes, which a kernel's own IDT must route:
+    /// [`vectors::TIMER`] and [`vectors::SPURIOUS`] natively, [`vectors::UPCALL`] for the
+    /// paravirtual timer.
+    fn vectors(&self) -> &'static [u8];
     /// Stops the tick (a tick already raised may still arrive once).
     fn stop(&self) -> Result<(), TimerError>;
     /// Acknowledges the interrupt being handled: an x2APIC EOI natively, nothing for the
@@ -76,8 +95,22 @@ fn call_tick() {
 pub struct ApicTimer;
 
 fn apic_tick(_frame: &mut TrapFrame) {
+    handle_timer_interrupt();
+}
+
+/// The native timer's interrupt work: the kernel's tick, then the x2APIC EOI. For a kernel
+/// whose own IDT has its own handler for [`vectors::TIMER`] (with [`Routing::KernelIdt`]); a
+/// gate to [`interrupts::entry_point`](crate::interrupts::entry_point) does the same.
+pub fn handle_timer_interrupt() {
     call_tick();
     ApicTimer.acknowledge();
+}
+
+/// The SDK's IDT when asked for, loaded the first time.
+fn prepare_idt(routing: Routing) {
+    if routing == Routing::SdkIdt {
+        crate::interrupts::init();
+    }
 }
 
 fn apic_spurious(_frame: &mut TrapFrame) {
@@ -89,7 +122,12 @@ impl TimerOps for ApicTimer {
         "x2apic"
     }
 
-    fn start_periodic(&self, period_ns: u64, tick: fn()) -> Result<(), TimerError> {
+    fn start_periodic_routed(
+        &self,
+        period_ns: u64,
+        tick: fn(),
+        routing: Routing,
+    ) -> Result<(), TimerError> {
         if !x2apic::available() {
             return Err(TimerError::NoX2apic);
         }
@@ -98,16 +136,21 @@ impl TimerOps for ApicTimer {
             return Err(TimerError::NoTimerClock);
         }
         TICK.store(tick as *mut (), Ordering::Release);
-        crate::interrupts::init();
+        prepare_idt(routing);
         crate::interrupts::set_handler(vectors::TIMER, apic_tick);
         crate::interrupts::set_handler(vectors::SPURIOUS, apic_spurious);
         let counts = x2apic::counts_for(period_ns, timer_khz) as u32;
-        // SAFETY: CPUID says the x2APIC is there, and the IDT handles both vectors.
+        // SAFETY: CPUID says the x2APIC is there, and the IDT (the SDK's, or the kernel's as
+        // `start_periodic_routed` requires) handles both vectors.
         unsafe {
             x2apic::enable(vectors::SPURIOUS);
             x2apic::start_timer(vectors::TIMER, TimerMode::Periodic, counts);
         }
         Ok(())
+    }
+
+    fn vectors(&self) -> &'static [u8] {
+        &[vectors::TIMER, vectors::SPURIOUS]
     }
 
     fn stop(&self) -> Result<(), TimerError> {
@@ -142,9 +185,14 @@ impl TimerOps for PvTimer {
         "vcpu_op"
     }
 
-    fn start_periodic(&self, period_ns: u64, tick: fn()) -> Result<(), TimerError> {
+    fn start_periodic_routed(
+        &self,
+        period_ns: u64,
+        tick: fn(),
+        routing: Routing,
+    ) -> Result<(), TimerError> {
         TICK.store(tick as *mut (), Ordering::Release);
-        crate::interrupts::init();
+        prepare_idt(routing);
         crate::timer::bind(pv_tick).map_err(failed("event_channel_op bind_virq(TIMER)"))?;
         crate::events::install_upcall_handler(vectors::UPCALL);
         let vcpu = crate::shared::current_vcpu();
@@ -172,6 +220,10 @@ impl TimerOps for PvTimer {
         }
         crate::events::unmask_upcalls();
         Ok(())
+    }
+
+    fn vectors(&self) -> &'static [u8] {
+        &[vectors::UPCALL]
     }
 
     fn stop(&self) -> Result<(), TimerError> {

@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::Duration;
 
-use crate::emulator::{self, RunDir, RunOutcome, RunRecord, RunRequest, Streaming, Vendor};
+use crate::emulator::{self, RunDir, RunOutcome, RunRecord, Streaming, Vendor};
 use crate::error::{Context, Result, failed};
-use crate::iso::{self, BootModule};
+use crate::iso::BootModule;
 use crate::report::{Judgement, Status, Table};
 use crate::serial_log::SerialLog;
 use crate::workspace::{self, Artifact};
@@ -521,22 +521,16 @@ fn boot(
     timeout: Duration,
     streaming: &Streaming,
 ) -> Result<RunRecord> {
-    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
-    let modules = boot_modules(iterations);
-    iso::build_iso(
-        &Artifact::Hypervisor.path(),
-        "",
-        &modules,
-        &dir.staging(),
-        &dir.iso(),
-    )?;
-    emulator::run(&RunRequest {
+    emulator::boot(&emulator::Boot {
         vendor,
         dir,
+        hv_cmdline: "",
+        modules: &boot_modules(iterations),
         timeout,
         streaming,
         // QEMU: the TSC counts instructions. Bochs counts them anyway.
         icount: true,
+        extras: emulator::RunExtras::default(),
     })
 }
 

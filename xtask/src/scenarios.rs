@@ -5,6 +5,9 @@
 //! `conformance.rs`).
 
 mod domains;
+pub mod driven;
+mod gdb;
+mod input;
 
 use std::fs;
 

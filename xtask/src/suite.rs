@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use crate::conformance::{self, TestInfo};
 use crate::emulator::{
-    self, RunDir, RunOutcome, RunRecord, RunRequest, Streaming, Vendor, show_path,
+    self, RunDir, RunExtras, RunOutcome, RunRecord, Streaming, Vendor, show_path,
 };
 use crate::error::{Context, Result};
-use crate::iso::{self, BootModule};
+use crate::iso::BootModule;
 use crate::report::{self, Judgement, Status, Suite, Table};
+use crate::scenarios::driven::{self, Driven};
 use crate::scenarios::{self, Scenario};
-use crate::workspace::{self, Artifact};
+use crate::workspace;
 use crate::{bench, build_images, tools};
 
 /// Name of the host unit test step, for `--filter`.
@@ -39,6 +40,8 @@ pub struct SuiteOptions {
 /// One emulator run to do.
 enum Job {
     Scenario(&'static Scenario, Vendor),
+    /// A scenario that drives the run (gdb, console input, trace).
+    Driven(&'static Driven, Vendor),
     Conformance(Vec<&'static TestInfo>, Vendor),
     /// The benchmark with few iterations, held against its baseline.
     Bench(Vendor),
@@ -48,6 +51,7 @@ impl Job {
     fn name(&self) -> &'static str {
         match self {
             Job::Scenario(scenario, _) => scenario.name,
+            Job::Driven(driven, _) => driven.scenario.name,
             Job::Conformance(..) => conformance::SUITE_NAME,
             Job::Bench(_) => bench::FAST_NAME,
         }
@@ -55,7 +59,10 @@ impl Job {
 
     fn vendor(&self) -> Vendor {
         match self {
-            Job::Scenario(_, vendor) | Job::Conformance(_, vendor) | Job::Bench(vendor) => *vendor,
+            Job::Scenario(_, vendor)
+            | Job::Driven(_, vendor)
+            | Job::Conformance(_, vendor)
+            | Job::Bench(vendor) => *vendor,
         }
     }
 
@@ -99,6 +106,15 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
                 .vendors
                 .iter()
                 .map(|&vendor| Job::Scenario(scenario, vendor)),
+        );
+    }
+    for driven in driven::select(filter) {
+        jobs.extend(
+            options
+                .vendors
+                .iter()
+                .filter(|vendor| driven.vendors.contains(vendor))
+                .map(|&vendor| Job::Driven(driven, vendor)),
         );
     }
     if filter.is_none_or(|f| bench::FAST_NAME.contains(f)) {
@@ -221,13 +237,30 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
             suite: None,
         };
     }
+    if let Job::Driven(driven, _) = job {
+        let dir = job.dir();
+        let (record, judgement) = driven.run(&driven::Context {
+            vendor,
+            dir: &dir,
+            timeout: options.timeout.unwrap_or_else(|| vendor.default_timeout()),
+            streaming: &streaming(name, vendor, options),
+        });
+        return JobOutcome {
+            name,
+            vendor,
+            judgement,
+            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+            record,
+            suite: None,
+        };
+    }
     let prepared = prepare(job, options);
     let (record, judgement, suite) = match prepared {
         Err(err) => {
             let why = err.to_string();
             let suite = match job {
                 Job::Conformance(tests, _) => Some(conformance::errored_suite(vendor, tests, &why)),
-                Job::Scenario(..) | Job::Bench(_) => None,
+                Job::Scenario(..) | Job::Driven(..) | Job::Bench(_) => None,
             };
             (None, Judgement::new(Status::Error, why), suite)
         }
@@ -236,8 +269,8 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
                 let judgement = scenarios::judge(scenario, &record);
                 (Some(record), judgement, None)
             }
-            Job::Conformance(..) | Job::Bench(_) => {
-                unreachable!("conformance and bench jobs are run on their own")
+            Job::Conformance(..) | Job::Driven(..) | Job::Bench(_) => {
+                unreachable!("conformance, driven and bench jobs are run on their own")
             }
         },
     };
@@ -378,12 +411,14 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
             conformance::boot_modules(tests),
             conformance::timeout(vendor, options.timeout, tests.len()),
         ),
-        Job::Bench(_) => unreachable!("bench jobs boot through bench::fast_check"),
+        Job::Driven(..) | Job::Bench(_) => {
+            unreachable!("driven and bench jobs boot on their own")
+        }
     };
     boot(&dir, vendor, &modules, timeout, job.name(), options)
 }
 
-/// Builds an ISO of the hypervisor and `modules` in `dir` and boots it.
+/// Boots the hypervisor with `modules` in `dir`.
 fn boot(
     dir: &RunDir,
     vendor: Vendor,
@@ -392,20 +427,15 @@ fn boot(
     name: &str,
     options: &SuiteOptions,
 ) -> Result<RunRecord> {
-    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
-    iso::build_iso(
-        &Artifact::Hypervisor.path(),
-        "",
-        modules,
-        &dir.staging(),
-        &dir.iso(),
-    )?;
-    emulator::run(&RunRequest {
+    emulator::boot(&emulator::Boot {
         vendor,
         dir,
+        hv_cmdline: "",
+        modules,
         timeout,
         streaming: &streaming(name, vendor, options),
         icount: true,
+        extras: RunExtras::default(),
     })
 }
 

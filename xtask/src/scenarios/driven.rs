@@ -39,11 +39,13 @@ pub fn select(filter: Option<&str>) -> Vec<&'static Driven> {
 }
 
 impl Driven {
-    /// Boots the scenario's modules with `hv_cmdline` and `extras`.
+    /// Boots the scenario's modules with `hv_cmdline` and `extras`; `icount`: QEMU's TSC
+    /// counts instructions (and idle time passes at once, so not for runs that wait for input).
     pub fn boot(
         &self,
         context: &Context<'_>,
         hv_cmdline: &str,
+        icount: bool,
         extras: RunExtras,
     ) -> Result<RunRecord> {
         let modules = boot_modules(&self.scenario, context.dir)?;
@@ -54,7 +56,7 @@ impl Driven {
             modules: &modules,
             timeout: context.timeout,
             streaming: context.streaming,
-            icount: true,
+            icount,
             extras,
         })
     }

@@ -213,7 +213,7 @@ fn drive(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<Strin
     };
     // The emulator is waited for on its own thread (it must outlive gdb's detach).
     let (record, gdb_output) = thread::scope(|scope| {
-        let emulator = scope.spawn(|| driven.boot(context, "", extras));
+        let emulator = scope.spawn(|| driven.boot(context, "", true, extras));
         let gdb_output = gdb::batch(context.dir, &commands(port, entry), GDB_TIMEOUT);
         let record = emulator
             .join()

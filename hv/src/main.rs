@@ -71,6 +71,7 @@ mod start {
             clock::wall_clock_seconds(),
             0,
         );
+        crate::common::trace::init(info.cmdline, time.tsc_khz());
         log::info!(
             "clocks: TSC {} kHz, APIC timer {} kHz, wall clock {} s",
             rates.tsc_hz / 1000,
@@ -230,6 +231,7 @@ mod start {
             free_at_end >> 10,
             free_before_domains.saturating_sub(free_at_end) >> 10
         );
+        crate::common::trace::dump(&mut |line| hv_println!("{line}"));
         hv_println!(
             "lamina: result: {}",
             if success { "success" } else { "failure" }

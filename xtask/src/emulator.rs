@@ -446,6 +446,14 @@ fn kill(child: &mut Child) {
 }
 
 fn stream_line(streaming: &Streaming, line: &str) {
+    // The trace's records are for the decoder, not for reading (its header and end lines are
+    // shown).
+    if line
+        .strip_prefix(crate::trace::LINE_PREFIX)
+        .is_some_and(|rest| !rest.starts_with("cpu=") && !rest.starts_with("end"))
+    {
+        return;
+    }
     let mut stdout = io::stdout().lock();
     // A closed stdout (e.g. `| head`) must not stop the run; the log file has everything.
     let _ = match streaming {

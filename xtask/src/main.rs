@@ -21,6 +21,7 @@ mod serial_log;
 mod suite;
 mod toolchain;
 mod tools;
+mod trace;
 mod workspace;
 
 use std::fs;
@@ -117,6 +118,10 @@ struct RunArgs {
     /// domain 1 (docs/abi.md 13); typing starts once domain 1 has started.
     #[arg(long, value_name = "FILE|-")]
     input: Option<PathBuf>,
+    /// Record a timeline in the hypervisor (`trace=1`) and write it as Chrome trace-event
+    /// JSON to target/lamina/run/<vendor>/trace.json (open it in https://ui.perfetto.dev).
+    #[arg(long)]
+    trace: bool,
 }
 
 /// `--vendor` for suites, which may cover both.
@@ -280,7 +285,12 @@ fn run(args: RunArgs) -> Result<bool> {
     };
     let dir = RunDir::new(workspace::lamina_dir().join("run").join(vendor.name()));
     fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
-    iso::build_iso(&hv, &args.hv_cmdline, &modules, &dir.staging(), &dir.iso())?;
+    let hv_cmdline = if args.trace {
+        format!("{} trace=1", args.hv_cmdline).trim().to_string()
+    } else {
+        args.hv_cmdline.clone()
+    };
+    iso::build_iso(&hv, &hv_cmdline, &modules, &dir.staging(), &dir.iso())?;
 
     // Under gdb the run waits for a person: it has no timeout unless asked.
     let timeout = match (args.timeout, args.gdb) {
@@ -344,6 +354,21 @@ fn run(args: RunArgs) -> Result<bool> {
             "xtask: TIMEOUT: no result line within {} s; emulator killed",
             timeout.as_secs()
         ),
+    }
+    if args.trace {
+        let path = dir.path.join("trace.json");
+        let traces = trace::parse(&record.log).map_err(error::failed)?;
+        if traces.is_empty() {
+            return Err(error::failed("the hypervisor printed no trace"));
+        }
+        let file = trace::chrome_json(&traces, &trace::domain_names(&record.log));
+        fs::write(&path, file.to_string()).context(|| format!("writing {}", path.display()))?;
+        let records: usize = traces.iter().map(|t| t.records.len()).sum();
+        let lost: u64 = traces.iter().map(|t| t.lost).sum();
+        eprintln!(
+            "xtask: trace: {records} records ({lost} overwritten) in {}; open it in https://ui.perfetto.dev",
+            show_path(&path)
+        );
     }
     if let Some(problem) = record.log.memory_problem() {
         eprintln!("xtask: FAILURE: {problem}");

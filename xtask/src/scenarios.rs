@@ -8,6 +8,7 @@ mod domains;
 pub mod driven;
 mod gdb;
 mod input;
+mod trace;
 
 use std::fs;
 

@@ -83,11 +83,13 @@ const UNDEFINED_SLOT: usize = HYPERCALL_SLOTS - 1;
 impl ExitStats {
     /// Counts one exit.
     pub fn count(&mut self, kind: ExitKind) {
+        crate::common::trace::exit(kind as u32);
         self.by_kind[kind as usize] += 1;
     }
 
     /// Counts one hypercall by number.
     pub fn count_hypercall(&mut self, nr: u64) {
+        crate::common::trace::hypercall(nr);
         let slot = if nr < Hypercall::COUNT as u64 {
             nr as usize
         } else {

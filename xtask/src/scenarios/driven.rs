@@ -8,7 +8,7 @@ use crate::emulator::{self, RunDir, RunExtras, RunRecord, Streaming, Vendor};
 use crate::error::Result;
 use crate::report::{Judgement, Status};
 
-use super::{Scenario, boot_modules, gdb, input, judge};
+use super::{Scenario, boot_modules, gdb, input, judge, trace};
 
 /// A scenario with a driver.
 pub struct Driven {
@@ -28,7 +28,11 @@ pub struct Context<'a> {
     pub streaming: &'a Streaming,
 }
 
-pub const DRIVEN: &[Driven] = &[gdb::GDB_BREAKPOINTS, input::CONSOLE_INPUT];
+pub const DRIVEN: &[Driven] = &[
+    gdb::GDB_BREAKPOINTS,
+    input::CONSOLE_INPUT,
+    trace::TRACE_PING_PONG,
+];
 
 /// The driven scenarios whose name contains `filter` (all without a filter).
 pub fn select(filter: Option<&str>) -> Vec<&'static Driven> {

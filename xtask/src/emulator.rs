@@ -281,11 +281,11 @@ pub fn run_with(request: &RunRequest<'_>, extras: &RunExtras) -> Result<RunRecor
     let started = Instant::now();
     let program = command.get_program().to_string_lossy().into_owned();
     let mut child = command.spawn().context(|| format!("starting {program}"))?;
-    if let (Some(listener), Some(input)) = (listener, &extras.input) {
-        if let Err(err) = connect_serial(listener, &serial_path, input.clone(), &mut child) {
-            kill(&mut child);
-            return Err(err);
-        }
+    if let (Some(listener), Some(input)) = (listener, &extras.input)
+        && let Err(err) = connect_serial(listener, &serial_path, input.clone(), &mut child)
+    {
+        kill(&mut child);
+        return Err(err);
     }
     let watched = watch(&mut child, request, started);
     // Whatever happened while watching, the emulator must not outlive this function.

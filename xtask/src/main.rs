@@ -137,7 +137,8 @@ struct SuiteArgs {
     /// Which virtualization extensions to test.
     #[arg(long, value_enum, default_value_t = VendorChoice::All)]
     vendor: VendorChoice,
-    /// Only what contains this text: scenario names, `conformance/<test>`, `host-unit-tests`.
+    /// Only what contains this text: scenario names, `conformance/<test>`, `host-unit-tests`,
+    /// `fmt`, `clippy-host`, `clippy-bare-metal`.
     #[arg(long, value_name = "PAT")]
     filter: Option<String>,
     /// Base wall-clock limit per run in seconds [default: 60 for amd, 120 for intel; the

@@ -99,6 +99,13 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     } else {
         None
     };
+    let mut lints = Vec::new();
+    for step in build_images::LINT_STEPS {
+        if filter.is_none_or(|f| step.contains(f)) {
+            eprintln!("xtask: {step}");
+            lints.push((step, build_images::run_lint_step(step)?));
+        }
+    }
     let mut jobs = conformance_jobs(options);
     for scenario in scenarios::select(filter) {
         jobs.extend(
@@ -137,8 +144,17 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             took.as_secs_f64()
         );
     }
-    let all_passed = report(&outcomes, options)? && unit_tests.is_none_or(|(passed, _)| passed);
-    if unit_tests.is_none() && outcomes.is_empty() {
+    for (step, (passed, took)) in &lints {
+        let status = if *passed { Status::Pass } else { Status::Fail };
+        println!("{step}: {} ({:.1} s)", status.label(), took.as_secs_f64());
+    }
+    if !lints.is_empty() {
+        println!();
+    }
+    let all_passed = report(&outcomes, options)?
+        && unit_tests.is_none_or(|(passed, _)| passed)
+        && lints.iter().all(|(_, (passed, _))| *passed);
+    if unit_tests.is_none() && lints.is_empty() && outcomes.is_empty() {
         eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
         return Ok(false);
     }

@@ -17,8 +17,11 @@ pub struct Driven {
     /// Where it can run (QEMU alone has a gdb stub).
     pub vendors: &'static [Vendor],
     /// Boots and drives the run; returns the record and the problems its own checks found.
-    pub drive: fn(&Driven, &Context<'_>) -> Result<(RunRecord, Vec<String>)>,
+    pub drive: fn(&Driven, &Context<'_>) -> Result<DriveOutcome>,
 }
+
+/// What a driver returns: the run's record and the problems its own checks found.
+pub type DriveOutcome = (RunRecord, Vec<String>);
 
 /// Where and how long a driven run goes.
 pub struct Context<'a> {

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use crate::bench::{Figure, Measurement, sorted};
+use crate::measurement::{Figure, Measurement, sorted};
 
 const WIDTH: f64 = 1000.0;
 /// Left edge of the bars (operation names go to its left).

@@ -14,6 +14,7 @@ mod emulator;
 mod error;
 mod gdb;
 mod iso;
+mod measurement;
 mod qemu;
 mod report;
 mod scenarios;

@@ -184,7 +184,7 @@ pub fn chrome_json(traces: &[CpuTrace], names: &BTreeMap<u16, String>) -> Value 
         let mut running: Option<&Record> = None;
         let mut blocked: BTreeMap<(u16, u8), &Record> = BTreeMap::new();
         let records = &trace.records;
-        for (index, record) in records.iter().enumerate() {
+        for record in records {
             match record.kind {
                 kind::VCPU_IN => running = Some(record),
                 kind::VCPU_OUT => {
@@ -199,18 +199,16 @@ pub fn chrome_json(traces: &[CpuTrace], names: &BTreeMap<u16, String>) -> Value 
                     }
                 }
                 kind::EXIT => {
-                    let next = records.get(index + 1);
-                    let name = match next {
-                        Some(next) if next.kind == kind::HYPERCALL => {
-                            format!("hypercall {}", hypercall_name(next.detail))
-                        }
-                        _ => format!(
-                            "exit {}",
-                            EXIT_NAMES.get(record.detail as usize).unwrap_or(&"unknown")
-                        ),
-                    };
-                    events.push(instant(name, "exit", 0, cpu, record));
+                    let name = EXIT_NAMES.get(record.detail as usize).unwrap_or(&"unknown");
+                    events.push(instant(format!("exit {name}"), "exit", 0, cpu, record));
                 }
+                kind::HYPERCALL => events.push(instant(
+                    format!("hypercall {}", hypercall_name(record.detail)),
+                    "exit",
+                    0,
+                    cpu,
+                    record,
+                )),
                 kind::EVENT => events.push(instant(
                     format!("event port {}", record.detail),
                     "event",
@@ -257,7 +255,6 @@ pub fn chrome_json(traces: &[CpuTrace], names: &BTreeMap<u16, String>) -> Value 
                     ));
                 }
                 kind::IDLE => events.push(instant("idle".to_string(), "idle", 0, cpu, record)),
-                // The hypercall record names the exit before it.
                 _ => {}
             }
         }
@@ -310,7 +307,7 @@ mod tests {
 lamina: domain 1 ping started mem=4M
 lamina: domain 2 pong started mem=4M
 lamina: trace: cpu=0 tsc_khz=1000000 records=9 lost=0
-lamina: trace: 1.1.0.0.3e8 3.1.0.0.3e8 4.1.0.3.0 5.2.0.2.a 8.1.0.0.a
+lamina: trace: 1.1.0.0.3e8 3.1.0.1.3e8 4.1.0.3.0 5.2.0.2.a 8.1.0.0.a
 lamina: trace: 2.1.0.0.a 9.2.0.0.a 1.2.0.0.a 2.2.0.0.7d0
 lamina: trace: end cpu=0
 lamina: result: success
@@ -340,6 +337,7 @@ lamina: result: success
         );
         let text = file.to_string();
         assert!(text.contains("\"hypercall event_channel_op\""), "{text}");
+        assert!(text.contains("\"exit cpuid\""), "{text}");
         assert!(text.contains("\"d1 ping v0\""));
         assert!(
             !text.contains("\"blocked\""),

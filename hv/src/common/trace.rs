@@ -23,9 +23,10 @@ pub enum Kind {
     VcpuIn = 1,
     /// The slice ended.
     VcpuOut = 2,
-    /// An exit of the running vCPU; detail: [`crate::common::stats::ExitKind`] number.
+    /// An exit of the running vCPU other than a hypercall; detail: its
+    /// [`crate::common::stats::ExitKind`] number.
     Exit = 3,
-    /// The exit was a hypercall; detail: its number (RAX).
+    /// A hypercall exit; detail: the hypercall number (RAX).
     Hypercall = 4,
     /// An event-channel port of `domain` was raised; detail: the port.
     Event = 5,
@@ -172,7 +173,8 @@ pub fn exit(kind: u32) {
     }
 }
 
-/// The running vCPU's exit was hypercall `nr` (numbers past `u32` are recorded as `u32::MAX`).
+/// A hypercall exit of the running vCPU, hypercall `nr` (numbers past `u32` are recorded
+/// as `u32::MAX`).
 #[inline(always)]
 pub fn hypercall(nr: u64) {
     if enabled() {

@@ -303,6 +303,19 @@ mod tests {
     }
 
     #[test]
+    fn without_trace_1_nothing_is_recorded_or_dumped() {
+        init("loglevel=debug tracing=1", 1_000_000);
+        vcpu_in(1);
+        exit(1);
+        hypercall(3);
+        vcpu_out(1);
+        let mut lines = 0;
+        dump(&mut |_| lines += 1);
+        assert_eq!(lines, 0);
+        assert!(RINGS[0].lock().is_none(), "no ring allocated");
+    }
+
+    #[test]
     fn a_full_ring_keeps_the_newest_records_in_order() {
         let mut ring = Ring {
             records: Vec::new(),

@@ -3,8 +3,10 @@
 //! Layout: `platform` is the machine the hypervisor runs on (boot, console, memory);
 //! `common` is vendor-neutral virtualization logic; `hw` holds the two hardware backends,
 //! `hw::vmx` (Intel VT-x) and `hw::svm` (AMD-V), chosen at run time from CPUID.
-#![cfg_attr(not(test), no_std)]
-#![cfg_attr(not(test), no_main)]
+// Bare metal only: on the host the crate builds as a std program (unit tests, and clippy of the
+// whole workspace) that says where it runs.
+#![cfg_attr(target_os = "none", no_std)]
+#![cfg_attr(target_os = "none", no_main)]
 // A binary crate: `pub` marks what a module offers the rest of the hypervisor.
 #![allow(unreachable_pub)]
 
@@ -14,6 +16,15 @@ pub mod common;
 #[cfg(target_os = "none")]
 pub mod hw;
 pub mod platform;
+
+/// On the host: the hypervisor runs only on bare metal.
+#[cfg(not(any(test, target_os = "none")))]
+fn main() {
+    eprintln!(
+        "lamina-hv runs on bare metal: `cargo xtask build` builds it, `cargo xtask run` boots it"
+    );
+    std::process::exit(2);
+}
 
 #[cfg(target_os = "none")]
 mod start {
@@ -71,6 +82,7 @@ mod start {
             clock::wall_clock_seconds(),
             0,
         );
+        crate::common::trace::init(info.cmdline, time.tsc_khz());
         log::info!(
             "clocks: TSC {} kHz, APIC timer {} kHz, wall clock {} s",
             rates.tsc_hz / 1000,
@@ -230,6 +242,7 @@ mod start {
             free_at_end >> 10,
             free_before_domains.saturating_sub(free_at_end) >> 10
         );
+        crate::common::trace::dump(&mut |line| hv_println!("{line}"));
         hv_println!(
             "lamina: result: {}",
             if success { "success" } else { "failure" }

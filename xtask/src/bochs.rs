@@ -6,7 +6,7 @@
 use std::fs;
 use std::process::Command;
 
-use crate::emulator::RunDir;
+use crate::emulator::{RunDir, SerialPort};
 use crate::error::{Context, Result};
 
 pub const BIOS_IMAGE: &str = "/usr/share/bochs/BIOS-bochs-latest";
@@ -18,7 +18,8 @@ const DEBUGGER_SCRIPT: &str = "bochs.cmds";
 pub const BOCHS_LOG: &str = "bochs.log";
 
 /// The machine: one Skylake-X CPU (VMX with EPT, VPID, unrestricted guest), 512 MiB, the ISO
-/// as CD-ROM, COM1 into the serial log.
+/// as CD-ROM, COM1 into the serial log (or, for console input, to a socket xtask listens on:
+/// Bochs' `file` mode only writes).
 ///
 /// - `reset_on_triple_fault=0`: a triple fault of the hypervisor stops Bochs instead of rebooting.
 /// - `rfb` with `timeout=0`: the Debian build has no `nogui`; this one does not wait for a
@@ -26,7 +27,11 @@ pub const BOCHS_LOG: &str = "bochs.log";
 /// - `sound: driver=dummy`: the ALSA plugin aborts Bochs without it.
 /// - `clock: sync=none` with a fixed `ips`: emulated time follows instructions, as repeatable
 ///   as it gets.
-pub fn config() -> String {
+pub fn config(serial: SerialPort) -> String {
+    let com1 = match serial {
+        SerialPort::File => format!("mode=file, dev={}", RunDir::SERIAL_LOG),
+        SerialPort::Socket(port) => format!("mode=socket-client, dev=127.0.0.1:{port}"),
+    };
     format!(
         "\
 megs: 512
@@ -38,7 +43,7 @@ ata0-master: type=cdrom, path={iso}, status=inserted
 boot: cdrom
 display_library: rfb, options=\"timeout=0\"
 sound: driver=dummy
-com1: enabled=1, mode=file, dev={serial}
+com1: enabled=1, {com1}
 log: {BOCHS_LOG}
 panic: action=fatal
 error: action=report
@@ -46,16 +51,16 @@ info: action=report
 clock: sync=none, time0=local
 ",
         iso = RunDir::ISO,
-        serial = RunDir::SERIAL_LOG,
     )
 }
 
 /// Writes the configuration and the debugger script into `dir` and returns the command, which
 /// runs inside `dir`. Bochs exits with status 1 even on a clean shutdown: only the serial log
 /// tells how the run went.
-pub fn command(dir: &RunDir) -> Result<Command> {
+pub fn command(dir: &RunDir, serial: SerialPort) -> Result<Command> {
     let config_path = dir.path.join(CONFIG_FILE);
-    fs::write(&config_path, config()).context(|| format!("writing {}", config_path.display()))?;
+    fs::write(&config_path, config(serial))
+        .context(|| format!("writing {}", config_path.display()))?;
     let script_path = dir.path.join(DEBUGGER_SCRIPT);
     // `c` runs the machine; `quit` ends Bochs should the debugger ever get control back
     // (Ctrl-C, or a breakpoint-like stop).

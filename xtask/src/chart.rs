@@ -7,9 +7,10 @@
 //! The trapped UART is measured per byte and the console calls per 80-byte line, so the
 //! chart adds a derived bar, 80 times the byte, for the line the other two print.
 
-use std::fmt::Write as _;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::bench::{Figure, Measurement, sorted};
+use crate::measurement::{Figure, Measurement, sorted};
 
 const WIDTH: f64 = 1000.0;
 /// Left edge of the bars (operation names go to its left).
@@ -21,7 +22,7 @@ const BAR_HEIGHT: f64 = 10.0;
 const BAR_GAP: f64 = 2.0;
 const ROW_GAP: f64 = 8.0;
 const GROUP_HEADING: f64 = 24.0;
-const FONT: &str = "DejaVu Sans, Verdana, Arial, sans-serif";
+const FONT: &str = "sans-serif";
 
 /// Bars computed from a measured one: (measured operation, name, factor).
 const DERIVED: &[(&str, &str, u64)] = &[("uart_byte", "uart_byte x 80 (a line)", 80)];
@@ -69,14 +70,6 @@ fn colour(path: &str, vendor: &str) -> &'static str {
         (_, true) => "#1f5fa8",
         (_, false) => "#6fa3dc",
     }
-}
-
-/// `&`, `<`, `>` and quotes as XML entities.
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 /// 29541.37 as `29 541`, 71.5 as `71.5`: thin-space thousands, one decimal below 100.
@@ -147,7 +140,33 @@ fn decade_label(exp: i32) -> String {
     }
 }
 
-/// The chart of `measurements` (any number of vendors; the order is the guest's).
+/// `#rrggbb` as a colour.
+fn rgb(hex: &str) -> RGBColor {
+    let channel = |at: usize| u8::from_str_radix(hex.get(at..at + 2).unwrap_or("00"), 16);
+    RGBColor(
+        channel(1).unwrap_or(0),
+        channel(3).unwrap_or(0),
+        channel(5).unwrap_or(0),
+    )
+}
+
+/// Text of `size` pixels in `colour`, anchored at `h` (left, centre or right) on its baseline.
+fn text_style(size: f64, colour: &str, h: HPos) -> TextStyle<'static> {
+    // The SVG backend writes font-size as size / 1.24 (its font box to em): undo that.
+    TextStyle {
+        font: (FONT, size * 1.24).into_font(),
+        color: rgb(colour).to_backend_color(),
+        pos: Pos::new(h, VPos::Bottom),
+    }
+}
+
+/// A pixel position.
+fn at(x: f64, y: f64) -> (i32, i32) {
+    (x.round() as i32, y.round() as i32)
+}
+
+/// The chart of `measurements` (any number of vendors; the order is the guest's), drawn by
+/// plotters' SVG backend (elements, escaping); the layout and the log axis are ours.
 pub fn svg(measurements: &[Measurement]) -> String {
     let measurements = with_derived(measurements);
     let rows = sorted(&measurements);
@@ -171,139 +190,178 @@ pub fn svg(measurements: &[Measurement]) -> String {
         }
     }
     let row_height = vendors.len().max(1) as f64 * (BAR_HEIGHT + BAR_GAP) + ROW_GAP;
+    let body_height: f64 = groups
+        .iter()
+        .map(|g| {
+            GROUP_HEADING + 4.0 + ops.iter().filter(|o| o.group == *g).count() as f64 * row_height
+        })
+        .sum();
+    let axis_bottom = TOP + body_height + 6.0;
+    let height = axis_bottom + 36.0 + 15.0 * FOOTNOTES.len() as f64;
 
-    let mut body = String::new();
+    let mut out = String::new();
+    let drawn = draw(
+        &mut out,
+        (WIDTH, height),
+        &Layout {
+            rows: &rows,
+            axis: &axis,
+            vendors: &vendors,
+            groups: &groups,
+            ops: &ops,
+            row_height,
+            axis_bottom,
+        },
+    );
+    if let Err(err) = drawn {
+        return format!("<!-- plotters could not draw the chart: {err} -->\n");
+    }
+    out
+}
+
+/// What [`draw`] lays out.
+struct Layout<'a> {
+    rows: &'a [&'a Measurement],
+    axis: &'a Axis,
+    vendors: &'a [&'a str],
+    groups: &'a [&'a str],
+    ops: &'a [&'a Measurement],
+    row_height: f64,
+    axis_bottom: f64,
+}
+
+type Drawn = Result<(), DrawingAreaErrorKind<std::io::Error>>;
+
+fn draw(out: &mut String, (width, height): (f64, f64), layout: &Layout<'_>) -> Drawn {
+    let root =
+        SVGBackend::with_string(out, (width as u32, height.ceil() as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let text = |text: &str, x: f64, y: f64, style: &TextStyle<'static>| {
+        root.draw(&Text::new(text.to_string(), at(x, y), style.clone()))
+    };
+    let left = |size: f64, colour: &str| text_style(size, colour, HPos::Left);
+    text(
+        "Lamina: cost per operation, paravirtual vs trapping",
+        12.0,
+        24.0,
+        &left(17.0, "#000000"),
+    )?;
+    text(
+        "Instructions per operation, guest and hypervisor together (TSC under QEMU -icount shift=0 for AMD-V, Bochs for VT-x), logarithmic axis; exits per operation in the labels.",
+        12.0,
+        44.0,
+        &left(11.0, "#444444"),
+    )?;
+    // Legend.
+    let mut legend_x = 12.0;
+    for vendor in layout.vendors {
+        for (path, name) in [("pv", "paravirtual"), ("trap", "trapping")] {
+            root.draw(&Rectangle::new(
+                [at(legend_x, 56.0), at(legend_x + 14.0, 66.0)],
+                rgb(colour(path, vendor)).filled(),
+            ))?;
+            text(
+                &format!("{vendor} {name}"),
+                legend_x + 18.0,
+                65.0,
+                &left(11.0, "#000000"),
+            )?;
+            legend_x += 150.0;
+        }
+    }
+    // Axis: a gridline and a label per decade, top and bottom.
+    let axis = layout.axis;
+    let grid = rgb("#dddddd");
+    for exp in axis.low_exp..=axis.high_exp {
+        let x = axis.x(10f64.powi(exp));
+        root.draw(&PathElement::new(
+            vec![at(x, TOP), at(x, layout.axis_bottom)],
+            grid.stroke_width(1),
+        ))?;
+        for label_y in [TOP - 4.0, layout.axis_bottom + 14.0] {
+            text(
+                &decade_label(exp),
+                x,
+                label_y,
+                &text_style(10.0, "#555555", HPos::Center),
+            )?;
+        }
+    }
+    text(
+        "instructions / operation",
+        WIDTH - 12.0,
+        layout.axis_bottom + 14.0,
+        &text_style(10.0, "#555555", HPos::Right),
+    )?;
+    for (index, note) in FOOTNOTES.iter().enumerate() {
+        text(
+            note,
+            12.0,
+            layout.axis_bottom + 36.0 + 15.0 * index as f64,
+            &left(10.5, "#444444"),
+        )?;
+    }
+    // The groups, their operations and a bar per vendor.
     let mut y = TOP;
-    for group in &groups {
+    for group in layout.groups {
         y += GROUP_HEADING;
-        let _ = writeln!(
-            body,
-            r##"<text x="12" y="{:.1}" font-weight="bold" font-size="14">{}</text>"##,
-            y - 7.0,
-            escape(group)
-        );
-        let _ = writeln!(
-            body,
-            r##"<line x1="12" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#999" stroke-width="0.5"/>"##,
-            WIDTH - 12.0
-        );
+        text(group, 12.0, y - 7.0, &left(14.0, "#000000"))?;
+        root.draw(&PathElement::new(
+            vec![at(12.0, y), at(WIDTH - 12.0, y)],
+            rgb("#999999").stroke_width(1),
+        ))?;
         y += 4.0;
-        for op in ops.iter().filter(|o| o.group == *group) {
-            let label_y = y + row_height / 2.0 - ROW_GAP / 2.0 + 4.0;
-            let _ = writeln!(
-                body,
-                r##"<text x="{:.1}" y="{label_y:.1}" text-anchor="end" font-size="12">{} <tspan fill="#777">{}</tspan></text>"##,
+        for op in layout.ops.iter().filter(|o| o.group == *group) {
+            let label_y = y + layout.row_height / 2.0 - ROW_GAP / 2.0 + 4.0;
+            text(
+                &format!("{} {}", op.op, op.path),
                 PLOT_LEFT - 8.0,
-                escape(&op.op),
-                escape(&op.path)
-            );
-            for (index, vendor) in vendors.iter().enumerate() {
+                label_y,
+                &text_style(12.0, "#000000", HPos::Right),
+            )?;
+            for (index, vendor) in layout.vendors.iter().enumerate() {
                 let bar_y = y + index as f64 * (BAR_HEIGHT + BAR_GAP);
                 let text_y = bar_y + BAR_HEIGHT - 1.5;
-                let Some(m) = rows.iter().find(|m| m.op == op.op && m.vendor == *vendor) else {
+                let Some(m) = layout
+                    .rows
+                    .iter()
+                    .find(|m| m.op == op.op && m.vendor == *vendor)
+                else {
                     continue;
                 };
                 match m.instructions.filter(|_| m.skipped.is_none()) {
                     None => {
                         let why = m.skipped.as_deref().unwrap_or("no figure");
-                        let _ = writeln!(
-                            body,
-                            r##"<text x="{:.1}" y="{text_y:.1}" font-size="10" fill="#777">{}: n/a ({})</text>"##,
+                        text(
+                            &format!("{vendor}: n/a ({why})"),
                             PLOT_LEFT + 4.0,
-                            escape(vendor),
-                            escape(why)
-                        );
+                            text_y,
+                            &left(10.0, "#777777"),
+                        )?;
                     }
                     Some(instructions) => {
-                        let end = axis.x(instructions.as_f64());
-                        let _ = writeln!(
-                            body,
-                            r##"<rect x="{PLOT_LEFT:.1}" y="{bar_y:.1}" width="{:.1}" height="{BAR_HEIGHT:.1}" fill="{}"><title>{} {}: {} instructions/op, {}</title></rect>"##,
-                            (end - PLOT_LEFT).max(1.0),
-                            colour(&m.path, vendor),
-                            escape(&m.op),
-                            escape(vendor),
-                            instructions,
-                            exits_label(m.exits)
-                        );
-                        let _ = writeln!(
-                            body,
-                            r##"<text x="{:.1}" y="{text_y:.1}" font-size="10">{} <tspan fill="#555">· {} · {}</tspan></text>"##,
+                        let end = axis.x(instructions.as_f64()).max(PLOT_LEFT + 1.0);
+                        root.draw(&Rectangle::new(
+                            [at(PLOT_LEFT, bar_y), at(end, bar_y + BAR_HEIGHT)],
+                            rgb(colour(&m.path, vendor)).filled(),
+                        ))?;
+                        text(
+                            &format!(
+                                "{} \u{b7} {} \u{b7} {vendor}",
+                                instructions_label(instructions),
+                                exits_label(m.exits)
+                            ),
                             end + 4.0,
-                            instructions_label(instructions),
-                            exits_label(m.exits),
-                            escape(vendor)
-                        );
+                            text_y,
+                            &left(10.0, "#000000"),
+                        )?;
                     }
                 }
             }
-            y += row_height;
+            y += layout.row_height;
         }
     }
-    let axis_bottom = y + 6.0;
-    let height = axis_bottom + 36.0 + 15.0 * FOOTNOTES.len() as f64;
-
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH:.0}" height="{height:.0}" viewBox="0 0 {WIDTH:.0} {height:.0}" font-family="{FONT}">"##
-    );
-    let _ = writeln!(out, r##"<rect width="100%" height="100%" fill="white"/>"##);
-    let _ = writeln!(
-        out,
-        r##"<text x="12" y="24" font-size="17" font-weight="bold">Lamina: cost per operation, paravirtual vs trapping</text>"##
-    );
-    let _ = writeln!(
-        out,
-        r##"<text x="12" y="44" font-size="11" fill="#444">Instructions per operation, guest and hypervisor together (TSC under QEMU -icount shift=0 for AMD-V, Bochs for VT-x), logarithmic axis; exits per operation in the labels.</text>"##
-    );
-    // Legend.
-    let mut legend_x = 12.0;
-    for vendor in &vendors {
-        for (path, name) in [("pv", "paravirtual"), ("trap", "trapping")] {
-            let _ = writeln!(
-                out,
-                r##"<rect x="{legend_x:.1}" y="56" width="14" height="10" fill="{}"/><text x="{:.1}" y="65" font-size="11">{} {name}</text>"##,
-                colour(path, vendor),
-                legend_x + 18.0,
-                escape(vendor)
-            );
-            legend_x += 150.0;
-        }
-    }
-    // Axis: a gridline and a label per decade, top and bottom.
-    for exp in axis.low_exp..=axis.high_exp {
-        let x = axis.x(10f64.powi(exp));
-        let _ = writeln!(
-            out,
-            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#ddd" stroke-width="1"/>"##,
-            TOP, axis_bottom
-        );
-        for label_y in [TOP - 4.0, axis_bottom + 14.0] {
-            let _ = writeln!(
-                out,
-                r##"<text x="{x:.1}" y="{label_y:.1}" text-anchor="middle" font-size="10" fill="#555">{}</text>"##,
-                decade_label(exp)
-            );
-        }
-    }
-    let _ = writeln!(
-        out,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10" fill="#555">instructions / operation</text>"##,
-        WIDTH - 12.0,
-        axis_bottom + 14.0
-    );
-    for (index, note) in FOOTNOTES.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            r##"<text x="12" y="{:.1}" font-size="10.5" fill="#444">{}</text>"##,
-            axis_bottom + 36.0 + 15.0 * index as f64,
-            escape(note)
-        );
-    }
-    out.push_str(&body);
-    out.push_str("</svg>\n");
-    out
+    root.present()
 }
 
 #[cfg(test)]
@@ -342,23 +400,35 @@ mod tests {
     #[test]
     fn the_chart_is_one_well_formed_svg_with_a_bar_per_figure() {
         let svg = svg(&sample());
-        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(svg.starts_with("<svg "), "{svg}");
+        assert!(svg.contains("xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("<svg").count(), 1);
         // Every element is closed: a crude but effective balance check.
         assert_eq!(svg.matches("<text").count(), svg.matches("</text>").count());
         assert_eq!(
-            svg.matches("<rect x=\"250.0\"").count(),
+            svg.matches("<rect x=\"250\"").count(),
             7,
             "one bar per measured figure, and two for the UART line"
         );
-        assert!(svg.contains(">uart_byte x 80 (a line) <tspan"));
+        assert!(svg.contains("\nuart_byte x 80 (a line) trap\n"));
         for group in ["hypercall", "console", "time", "pingpong"] {
-            assert!(svg.contains(&format!(">{group}</text>")), "{group}");
+            assert!(svg.contains(&format!("\n{group}\n</text>")), "{group}");
         }
-        assert!(svg.contains("n/a (needs-interdomain-events)"));
-        assert!(svg.contains("30\u{2009}000"), "30000 labelled");
-        assert!(svg.contains(">70 <tspan"), "70 labelled");
+        assert!(svg.contains("amd: n/a (needs-interdomain-events)"));
+        assert!(
+            svg.contains("30\u{2009}000 \u{b7} 1 exit \u{b7} amd"),
+            "30000 labelled"
+        );
+        assert!(svg.contains("\n70 \u{b7} 1 exit \u{b7} amd"), "70 labelled");
+    }
+
+    #[test]
+    fn names_are_escaped() {
+        let mut odd = sample();
+        odd[0].op = "a<b&\"c\"".to_string();
+        let svg = svg(&odd);
+        assert!(svg.contains("a&lt;b&amp;&quot;c&quot; pv"), "{svg}");
     }
 
     #[test]
@@ -422,6 +492,5 @@ mod tests {
         assert_eq!(decade_label(1), "10");
         assert_eq!(decade_label(4), "10k");
         assert_eq!(decade_label(6), "1M");
-        assert_eq!(escape("a<b & \"c\""), "a&lt;b &amp; &quot;c&quot;");
     }
 }

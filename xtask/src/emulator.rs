@@ -8,13 +8,18 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{Context, Result};
+use crate::iso::{self, BootModule};
 use crate::serial_log::{self, SerialLog};
+use crate::workspace::Artifact;
 use crate::{bochs, qemu};
 
 /// How long an emulator may keep running after the result line before we kill it (the
@@ -158,17 +163,101 @@ pub struct RunRequest<'a> {
     pub icount: bool,
 }
 
-/// Boots `request.dir`'s ISO and waits for the result (or the timeout).
-pub fn run(request: &RunRequest<'_>) -> Result<RunRecord> {
+/// Where the emulator's COM1 goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SerialPort {
+    /// Output only, straight into `serial.log`.
+    File,
+    /// Both ways, through a TCP connection the emulator opens to xtask on this port: xtask
+    /// writes the log and types the input.
+    Socket(u16),
+}
+
+/// Console input typed into COM1, and so into domain 1 (docs/abi.md 13).
+#[derive(Clone, Debug)]
+pub enum ConsoleInput {
+    File(PathBuf),
+    /// xtask's own standard input, as it comes.
+    Stdin,
+    Bytes(Vec<u8>),
+}
+
+/// What a run may add to a plain boot.
+#[derive(Clone, Debug, Default)]
+pub struct RunExtras {
+    /// QEMU only: the gdb stub on this port, the CPU stopped until gdb continues it.
+    pub gdb_port: Option<u16>,
+    /// Typed once the hypervisor has started domain 1 (earlier, GRUB's serial terminal or the
+    /// hypervisor's UART set-up could take or drop it).
+    pub input: Option<ConsoleInput>,
+}
+
+/// One boot of the hypervisor built from hv/ with `modules`: the ISO is built in `dir`.
+pub struct Boot<'a> {
+    pub vendor: Vendor,
+    pub dir: &'a RunDir,
+    /// The hypervisor's command line (e.g. `trace=1`).
+    pub hv_cmdline: &'a str,
+    pub modules: &'a [BootModule],
+    pub timeout: Duration,
+    pub streaming: &'a Streaming,
+    /// QEMU: `-icount shift=0` (Bochs counts instructions anyway).
+    pub icount: bool,
+    pub extras: RunExtras,
+}
+
+/// Builds the ISO of a [`Boot`] and runs it: what every scenario, the conformance suite and
+/// the benchmark do.
+pub fn boot(boot: &Boot<'_>) -> Result<RunRecord> {
+    let dir = boot.dir;
+    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
+    iso::build_iso(
+        &Artifact::Hypervisor.path(),
+        boot.hv_cmdline,
+        boot.modules,
+        &dir.staging(),
+        &dir.iso(),
+    )?;
+    run_with(
+        &RunRequest {
+            vendor: boot.vendor,
+            dir,
+            timeout: boot.timeout,
+            streaming: boot.streaming,
+            icount: boot.icount,
+        },
+        &boot.extras,
+    )
+}
+
+/// Boots `request.dir`'s ISO, with a gdb stub or console input if asked, and waits for the
+/// result (or the timeout).
+pub fn run_with(request: &RunRequest<'_>, extras: &RunExtras) -> Result<RunRecord> {
     let dir = request.dir;
     let serial_path = dir.serial_log();
     // A stale log would be read as this run's output.
     if serial_path.exists() {
         fs::remove_file(&serial_path).context(|| format!("removing {}", serial_path.display()))?;
     }
+    let listener = match extras.input {
+        Some(_) => Some(
+            TcpListener::bind("127.0.0.1:0")
+                .context(|| "opening a socket for the serial port".to_string())?,
+        ),
+        None => None,
+    };
+    let serial = match &listener {
+        Some(listener) => SerialPort::Socket(
+            listener
+                .local_addr()
+                .context(|| "reading the serial socket's port".to_string())?
+                .port(),
+        ),
+        None => SerialPort::File,
+    };
     let mut command = match request.vendor {
-        Vendor::Amd => qemu::command(request.icount),
-        Vendor::Intel => bochs::command(dir)?,
+        Vendor::Amd => qemu::command(request.icount, serial, extras.gdb_port),
+        Vendor::Intel => bochs::command(dir, serial)?,
     };
     let output_path = dir.emulator_output();
     let output =
@@ -192,6 +281,12 @@ pub fn run(request: &RunRequest<'_>) -> Result<RunRecord> {
     let started = Instant::now();
     let program = command.get_program().to_string_lossy().into_owned();
     let mut child = command.spawn().context(|| format!("starting {program}"))?;
+    if let (Some(listener), Some(input)) = (listener, &extras.input)
+        && let Err(err) = connect_serial(listener, &serial_path, input.clone(), &mut child)
+    {
+        kill(&mut child);
+        return Err(err);
+    }
     let watched = watch(&mut child, request, started);
     // Whatever happened while watching, the emulator must not outlive this function.
     let exit_status = match watched {
@@ -212,6 +307,90 @@ pub fn run(request: &RunRequest<'_>) -> Result<RunRecord> {
         time_to_result: exit_status.time_to_result,
         exit_status: exit_status.status,
     })
+}
+
+/// What the hypervisor prints when domain 1 exists: from then on input reaches it.
+const INPUT_READY: &[u8] = b"lamina: domain 1 ";
+/// How long the emulator may take to connect its serial port.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Takes the emulator's serial connection: one thread copies its output into the serial log
+/// (which [`watch`] follows as usual), another types `input` once domain 1 has started.
+fn connect_serial(
+    listener: TcpListener,
+    log_path: &Path,
+    input: ConsoleInput,
+    child: &mut Child,
+) -> Result<()> {
+    listener
+        .set_nonblocking(true)
+        .context(|| "configuring the serial socket".to_string())?;
+    let started = Instant::now();
+    let stream = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break stream,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                let exited = child.try_wait().ok().flatten();
+                if exited.is_some() || started.elapsed() > CONNECT_TIMEOUT {
+                    return Err(crate::error::failed(format!(
+                        "the emulator did not connect its serial port ({})",
+                        exited.map_or("timeout".to_string(), |status| status.to_string())
+                    )));
+                }
+                thread::sleep(POLL_INTERVAL);
+            }
+            Err(err) => return Err(crate::error::failed(format!("serial socket: {err}"))),
+        }
+    };
+    stream
+        .set_nonblocking(false)
+        .context(|| "configuring the serial connection".to_string())?;
+    let mut log = File::create(log_path).context(|| format!("creating {}", log_path.display()))?;
+    let mut reader = stream
+        .try_clone()
+        .context(|| "cloning the serial connection".to_string())?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let closed = Arc::new(AtomicBool::new(false));
+    let (ready_for_reader, closed_for_reader) = (Arc::clone(&ready), Arc::clone(&closed));
+    // Both threads end when the emulator closes the connection (or, for standard input, when
+    // xtask exits).
+    thread::spawn(move || {
+        let mut buffer = [0u8; 4096];
+        let mut seen: Vec<u8> = Vec::new();
+        while let Ok(count @ 1..) = reader.read(&mut buffer) {
+            if log.write_all(&buffer[..count]).is_err() {
+                break;
+            }
+            if !ready_for_reader.load(Ordering::Relaxed) {
+                seen.extend_from_slice(&buffer[..count]);
+                if seen.windows(INPUT_READY.len()).any(|w| w == INPUT_READY) {
+                    ready_for_reader.store(true, Ordering::Release);
+                }
+                // Only the tail can still start a match.
+                let keep = seen.len().saturating_sub(INPUT_READY.len());
+                seen.drain(..keep);
+            }
+        }
+        closed_for_reader.store(true, Ordering::Release);
+    });
+    thread::spawn(move || type_input(stream, input, &ready, &closed));
+    Ok(())
+}
+
+/// Writes `input` into the serial connection once `ready`; the emulator takes the bytes as
+/// fast as the guest UART's receive buffer empties.
+fn type_input(mut stream: TcpStream, input: ConsoleInput, ready: &AtomicBool, closed: &AtomicBool) {
+    while !ready.load(Ordering::Acquire) {
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+    let _ = match input {
+        ConsoleInput::Bytes(bytes) => stream.write_all(&bytes),
+        ConsoleInput::File(path) => fs::read(&path).and_then(|bytes| stream.write_all(&bytes)),
+        ConsoleInput::Stdin => io::copy(&mut io::stdin().lock(), &mut stream).map(|_| ()),
+    };
 }
 
 struct Watched {
@@ -267,6 +446,14 @@ fn kill(child: &mut Child) {
 }
 
 fn stream_line(streaming: &Streaming, line: &str) {
+    // The trace's records are for the decoder, not for reading (its header and end lines are
+    // shown).
+    if line
+        .strip_prefix(crate::trace::LINE_PREFIX)
+        .is_some_and(|rest| !rest.starts_with("cpu=") && !rest.starts_with("end"))
+    {
+        return;
+    }
     let mut stdout = io::stdout().lock();
     // A closed stdout (e.g. `| head`) must not stop the run; the log file has everything.
     let _ = match streaming {

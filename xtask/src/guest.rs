@@ -189,13 +189,16 @@ pub fn runner(options: RunnerOptions) -> Result<ExitCode> {
         timeout.as_secs(),
         emulator::show_path(&dir.serial_log())
     );
-    let record = emulator::run(&RunRequest {
-        vendor,
-        dir: &dir,
-        timeout,
-        streaming: &Streaming::Plain,
-        icount: false,
-    })?;
+    let record = emulator::run_with(
+        &RunRequest {
+            vendor,
+            dir: &dir,
+            timeout,
+            streaming: &Streaming::Plain,
+            icount: false,
+        },
+        &emulator::RunExtras::default(),
+    )?;
     let passed = verdict(&record);
     Ok(if passed {
         ExitCode::SUCCESS

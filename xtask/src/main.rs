@@ -12,8 +12,10 @@ mod chart;
 mod conformance;
 mod emulator;
 mod error;
+mod gdb;
 mod guest;
 mod iso;
+mod measurement;
 mod qemu;
 mod report;
 mod rustdoc;
@@ -22,6 +24,7 @@ mod serial_log;
 mod suite;
 mod toolchain;
 mod tools;
+mod trace;
 mod workspace;
 
 use std::fs;
@@ -31,7 +34,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::emulator::{RunDir, RunOutcome, RunRequest, Streaming, Vendor, show_path};
+use crate::emulator::{
+    ConsoleInput, RunDir, RunExtras, RunOutcome, RunRequest, Streaming, Vendor, show_path,
+};
 use crate::error::{Context, Error, Result};
 use crate::iso::BootModule;
 use crate::suite::SuiteOptions;
@@ -142,6 +147,19 @@ struct RunArgs {
     /// QEMU only: `-icount shift=0`, so the TSC counts emulated instructions (for benchmarks).
     #[arg(long)]
     icount: bool,
+    /// QEMU only: start QEMU's gdb stub (port 1234, or a free one), stopped before the first
+    /// instruction, and print the gdb command that loads the symbols of the hypervisor and the
+    /// guests. No timeout unless --timeout is given.
+    #[arg(long)]
+    gdb: bool,
+    /// Type this file (`-` for standard input) into COM1, which the hypervisor hands to
+    /// domain 1 (docs/abi.md 13); typing starts once domain 1 has started.
+    #[arg(long, value_name = "FILE|-")]
+    input: Option<PathBuf>,
+    /// Record a timeline in the hypervisor (`trace=1`) and write it as Chrome trace-event
+    /// JSON to target/lamina/run/<vendor>/trace.json (open it in https://ui.perfetto.dev).
+    #[arg(long)]
+    trace: bool,
 }
 
 /// `--vendor` for suites, which may cover both.
@@ -157,7 +175,8 @@ struct SuiteArgs {
     /// Which virtualization extensions to test.
     #[arg(long, value_enum, default_value_t = VendorChoice::All)]
     vendor: VendorChoice,
-    /// Only what contains this text: scenario names, `conformance/<test>`, `host-unit-tests`.
+    /// Only what contains this text: scenario names, `conformance/<test>`, `host-unit-tests`,
+    /// `fmt`, `clippy-host`, `clippy-bare-metal`.
     #[arg(long, value_name = "PAT")]
     filter: Option<String>,
     /// Base wall-clock limit per run in seconds [default: 60 for amd, 120 for intel; the
@@ -296,6 +315,20 @@ fn default_modules() -> Vec<BootModule> {
 /// `cargo xtask run`; returns whether the hypervisor reported success.
 fn run(args: RunArgs) -> Result<bool> {
     let vendor = args.vendor;
+    if args.gdb && vendor == Vendor::Intel {
+        return Err(error::failed(gdb::NO_BOCHS_STUB.to_string()));
+    }
+    let input = match args.input.as_deref() {
+        None => None,
+        Some(path) if path.as_os_str() == "-" => Some(ConsoleInput::Stdin),
+        Some(path) if path.is_file() => Some(ConsoleInput::File(path.to_path_buf())),
+        Some(path) => {
+            return Err(error::failed(format!(
+                "--input {}: no such file",
+                path.display()
+            )));
+        }
+    };
     tools::ensure(&[vendor])?;
     // With both a hypervisor and guests given there is nothing of ours to build.
     if args.hv.is_none() || args.guests.is_empty() {
@@ -309,11 +342,31 @@ fn run(args: RunArgs) -> Result<bool> {
     };
     let dir = RunDir::new(workspace::lamina_dir().join("run").join(vendor.name()));
     fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
-    iso::build_iso(&hv, &args.hv_cmdline, &modules, &dir.staging(), &dir.iso())?;
+    let hv_cmdline = if args.trace {
+        format!("{} trace=1", args.hv_cmdline).trim().to_string()
+    } else {
+        args.hv_cmdline.clone()
+    };
+    iso::build_iso(&hv, &hv_cmdline, &modules, &dir.staging(), &dir.iso())?;
 
-    let timeout = args
-        .timeout
-        .map_or_else(|| vendor.default_timeout(), Duration::from_secs);
+    // Under gdb the run waits for a person: it has no timeout unless asked.
+    let timeout = match (args.timeout, args.gdb) {
+        (Some(seconds), _) => Duration::from_secs(seconds),
+        (None, true) => gdb::NO_TIMEOUT,
+        (None, false) => vendor.default_timeout(),
+    };
+    let gdb_port = if args.gdb {
+        let port = gdb::free_port(gdb::DEFAULT_PORT)?;
+        let script = gdb::write_script(&dir, &hv, &modules, port)?;
+        eprintln!(
+            "xtask: QEMU waits for gdb on 127.0.0.1:{port}, stopped before the first instruction. In another terminal:\n\n  gdb -x {}\n\n{}",
+            show_path(&script),
+            gdb::NOTES
+        );
+        Some(port)
+    } else {
+        None
+    };
     let emulator = match vendor {
         Vendor::Amd => "QEMU (AMD-V)",
         Vendor::Intel => "Bochs (Intel VT-x)",
@@ -324,13 +377,16 @@ fn run(args: RunArgs) -> Result<bool> {
         timeout.as_secs(),
         show_path(&dir.serial_log())
     );
-    let record = emulator::run(&RunRequest {
-        vendor,
-        dir: &dir,
-        timeout,
-        streaming: &Streaming::Plain,
-        icount: args.icount,
-    })?;
+    let record = emulator::run_with(
+        &RunRequest {
+            vendor,
+            dir: &dir,
+            timeout,
+            streaming: &Streaming::Plain,
+            icount: args.icount,
+        },
+        &RunExtras { gdb_port, input },
+    )?;
     let seconds = record.elapsed.as_secs_f64();
     let result_at = record.time_to_result.map_or(0.0, |at| at.as_secs_f64());
     match record.outcome() {
@@ -355,6 +411,21 @@ fn run(args: RunArgs) -> Result<bool> {
             "xtask: TIMEOUT: no result line within {} s; emulator killed",
             timeout.as_secs()
         ),
+    }
+    if args.trace {
+        let path = dir.path.join("trace.json");
+        let traces = trace::parse(&record.log).map_err(error::failed)?;
+        if traces.is_empty() {
+            return Err(error::failed("the hypervisor printed no trace"));
+        }
+        let file = trace::chrome_json(&traces, &trace::domain_names(&record.log));
+        fs::write(&path, file.to_string()).context(|| format!("writing {}", path.display()))?;
+        let records: usize = traces.iter().map(|t| t.records.len()).sum();
+        let lost: u64 = traces.iter().map(|t| t.lost).sum();
+        eprintln!(
+            "xtask: trace: {records} records ({lost} overwritten) in {}; open it in https://ui.perfetto.dev",
+            show_path(&path)
+        );
     }
     if let Some(problem) = record.log.memory_problem() {
         eprintln!("xtask: FAILURE: {problem}");

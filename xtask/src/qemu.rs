@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::emulator::RunDir;
+use crate::emulator::{RunDir, SerialPort};
 
 /// The QEMU command line; it runs inside the run directory, so files are named relatively.
 ///
@@ -10,12 +10,18 @@ use crate::emulator::RunDir;
 /// - `-net none`: otherwise iPXE's option ROM writes to the serial console.
 /// - `isa-debug-exit` at 0xf4: the hypervisor ends QEMU by writing its result there.
 /// - `-no-reboot`: a triple fault of the hypervisor ends the run instead of rebooting into it.
-pub fn command(icount: bool) -> Command {
+/// - `-gdb tcp:127.0.0.1:<port> -S`: the gdb stub, with the CPU stopped until gdb continues.
+pub fn command(icount: bool, serial: SerialPort, gdb_port: Option<u16>) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command.args(["-cpu", "qemu64,+svm,+npt", "-m", "512M", "-smp", "1"]);
     command.args(["-cdrom", RunDir::ISO, "-boot", "d"]);
     command.args(["-net", "none", "-display", "none", "-monitor", "none"]);
-    command.args(["-serial", &format!("file:{}", RunDir::SERIAL_LOG)]);
+    let serial = match serial {
+        SerialPort::File => format!("file:{}", RunDir::SERIAL_LOG),
+        // QEMU connects to xtask, which types the input and writes the log.
+        SerialPort::Socket(port) => format!("tcp:127.0.0.1:{port}"),
+    };
+    command.args(["-serial", &serial]);
     command.args([
         "-device",
         "isa-debug-exit,iobase=0xf4,iosize=0x04",
@@ -24,6 +30,9 @@ pub fn command(icount: bool) -> Command {
     if icount {
         // One TSC tick per emulated instruction: repeatable instruction counts for benchmarks.
         command.args(["-icount", "shift=0,sleep=off"]);
+    }
+    if let Some(port) = gdb_port {
+        command.args(["-gdb", &format!("tcp:127.0.0.1:{port}"), "-S"]);
     }
     command
 }

@@ -5,7 +5,11 @@
 //! `conformance.rs`).
 
 mod domains;
+pub mod driven;
+mod gdb;
+mod input;
 pub mod out_of_tree;
+mod trace;
 
 use std::fs;
 

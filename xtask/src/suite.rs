@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use crate::conformance::{self, TestInfo};
 use crate::emulator::{
-    self, RunDir, RunOutcome, RunRecord, RunRequest, Streaming, Vendor, show_path,
+    self, RunDir, RunExtras, RunOutcome, RunRecord, Streaming, Vendor, show_path,
 };
 use crate::error::{Context, Result};
-use crate::iso::{self, BootModule};
+use crate::iso::BootModule;
 use crate::report::{self, Judgement, Status, Suite, Table};
+use crate::scenarios::driven::{self, Driven};
 use crate::scenarios::{self, Scenario, out_of_tree};
-use crate::workspace::{self, Artifact};
+use crate::workspace;
 use crate::{bench, build_images, rustdoc, tools};
 
 /// Name of the host unit test step, for `--filter`.
@@ -39,6 +40,8 @@ pub struct SuiteOptions {
 /// One emulator run to do.
 enum Job {
     Scenario(&'static Scenario, Vendor),
+    /// A scenario that drives the run (gdb, console input, trace).
+    Driven(&'static Driven, Vendor),
     Conformance(Vec<&'static TestInfo>, Vendor),
     /// The benchmark with few iterations, held against its baseline.
     Bench(Vendor),
@@ -50,6 +53,7 @@ impl Job {
     fn name(&self) -> &'static str {
         match self {
             Job::Scenario(scenario, _) => scenario.name,
+            Job::Driven(driven, _) => driven.scenario.name,
             Job::Conformance(..) => conformance::SUITE_NAME,
             Job::Bench(_) => bench::FAST_NAME,
             Job::OutOfTree(_) => out_of_tree::NAME,
@@ -59,6 +63,7 @@ impl Job {
     fn vendor(&self) -> Vendor {
         match self {
             Job::Scenario(_, vendor)
+            | Job::Driven(_, vendor)
             | Job::Conformance(_, vendor)
             | Job::Bench(vendor)
             | Job::OutOfTree(vendor) => *vendor,
@@ -104,6 +109,13 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     } else {
         None
     };
+    let mut lints = Vec::new();
+    for step in build_images::LINT_STEPS {
+        if filter.is_none_or(|f| step.contains(f)) {
+            eprintln!("xtask: {step}");
+            lints.push((step, build_images::run_lint_step(step)?));
+        }
+    }
     let mut jobs = conformance_jobs(options);
     for scenario in scenarios::select(filter) {
         jobs.extend(
@@ -111,6 +123,15 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
                 .vendors
                 .iter()
                 .map(|&vendor| Job::Scenario(scenario, vendor)),
+        );
+    }
+    for driven in driven::select(filter) {
+        jobs.extend(
+            options
+                .vendors
+                .iter()
+                .filter(|vendor| driven.vendors.contains(vendor))
+                .map(|&vendor| Job::Driven(driven, vendor)),
         );
     }
     if filter.is_none_or(|f| bench::FAST_NAME.contains(f)) {
@@ -145,10 +166,18 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             took.as_secs_f64()
         );
     }
+    for (step, (passed, took)) in &lints {
+        let status = if *passed { Status::Pass } else { Status::Fail };
+        println!("{step}: {} ({:.1} s)", status.label(), took.as_secs_f64());
+    }
+    if !lints.is_empty() {
+        println!();
+    }
     let all_passed = report(&outcomes, options)?
         && unit_tests.is_none_or(|(passed, _)| passed)
-        && rustdoc.is_none_or(|(passed, _)| passed);
-    if unit_tests.is_none() && rustdoc.is_none() && outcomes.is_empty() {
+        && rustdoc.is_none_or(|(passed, _)| passed)
+        && lints.iter().all(|(_, (passed, _))| *passed);
+    if unit_tests.is_none() && rustdoc.is_none() && lints.is_empty() && outcomes.is_empty() {
         eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
         return Ok(false);
     }
@@ -258,13 +287,30 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
             suite: None,
         };
     }
+    if let Job::Driven(driven, _) = job {
+        let dir = job.dir();
+        let (record, judgement) = driven.run(&driven::Context {
+            vendor,
+            dir: &dir,
+            timeout: options.timeout.unwrap_or_else(|| vendor.default_timeout()),
+            streaming: &streaming(name, vendor, options),
+        });
+        return JobOutcome {
+            name,
+            vendor,
+            judgement,
+            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+            record,
+            suite: None,
+        };
+    }
     let prepared = prepare(job, options);
     let (record, judgement, suite) = match prepared {
         Err(err) => {
             let why = err.to_string();
             let suite = match job {
                 Job::Conformance(tests, _) => Some(conformance::errored_suite(vendor, tests, &why)),
-                Job::Scenario(..) | Job::Bench(_) | Job::OutOfTree(_) => None,
+                Job::Scenario(..) | Job::Driven(..) | Job::Bench(_) | Job::OutOfTree(_) => None,
             };
             (None, Judgement::new(Status::Error, why), suite)
         }
@@ -273,8 +319,8 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
                 let judgement = scenarios::judge(scenario, &record);
                 (Some(record), judgement, None)
             }
-            Job::Conformance(..) | Job::Bench(_) | Job::OutOfTree(_) => {
-                unreachable!("conformance, bench and out-of-tree jobs are run on their own")
+            Job::Conformance(..) | Job::Driven(..) | Job::Bench(_) | Job::OutOfTree(_) => {
+                unreachable!("conformance, driven, bench and out-of-tree jobs are run on their own")
             }
         },
     };
@@ -415,13 +461,15 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
             conformance::boot_modules(tests),
             conformance::timeout(vendor, options.timeout, tests.len()),
         ),
-        Job::Bench(_) => unreachable!("bench jobs boot through bench::fast_check"),
+        Job::Driven(..) | Job::Bench(_) => {
+            unreachable!("driven and bench jobs boot on their own")
+        }
         Job::OutOfTree(_) => unreachable!("out-of-tree jobs boot through cargo run"),
     };
     boot(&dir, vendor, &modules, timeout, job.name(), options)
 }
 
-/// Builds an ISO of the hypervisor and `modules` in `dir` and boots it.
+/// Boots the hypervisor with `modules` in `dir`.
 fn boot(
     dir: &RunDir,
     vendor: Vendor,
@@ -430,20 +478,15 @@ fn boot(
     name: &str,
     options: &SuiteOptions,
 ) -> Result<RunRecord> {
-    fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
-    iso::build_iso(
-        &Artifact::Hypervisor.path(),
-        "",
-        modules,
-        &dir.staging(),
-        &dir.iso(),
-    )?;
-    emulator::run(&RunRequest {
+    emulator::boot(&emulator::Boot {
         vendor,
         dir,
+        hv_cmdline: "",
+        modules,
         timeout,
         streaming: &streaming(name, vendor, options),
         icount: true,
+        extras: RunExtras::default(),
     })
 }
 

@@ -34,6 +34,30 @@ pub fn ensure_component(component: &str) -> Result<()> {
     ensure_with_rustup(&["component", "add", component])
 }
 
+/// Makes sure `cargo <subcommand>` runs, adding rustup `component` when it does not (a
+/// fresh machine's toolchain may lack rustfmt or clippy).
+pub fn ensure_cargo_tool(subcommand: &str, component: &str) -> Result<()> {
+    let works = |subcommand: &str| {
+        workspace::cargo()
+            .args([subcommand, "--version"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if works(subcommand) {
+        return Ok(());
+    }
+    ensure_component(component)?;
+    if works(subcommand) {
+        Ok(())
+    } else {
+        Err(failed(format!(
+            "`rustup component add {component}` succeeded but `cargo {subcommand}` still fails"
+        )))
+    }
+}
+
 /// Runs `rustup <arguments>` in the workspace root, so that rust-toolchain.toml picks the
 /// toolchain; without rustup, says what to install.
 fn ensure_with_rustup(arguments: &[&str]) -> Result<()> {

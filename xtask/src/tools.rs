@@ -1,6 +1,6 @@
 //! The system tools runs need (emulators, firmware, GRUB), installed with apt when missing.
 //!
-//! Only what the requested vendors need is checked: QEMU for AMD-V, Bochs and its firmware for
+//! Only what the requested vendors need is checked: QEMU and gdb for AMD-V, Bochs and its firmware for
 //! VT-x, GRUB and its helpers for both.
 
 use std::env;
@@ -62,10 +62,11 @@ const FOR_ISO: &[Requirement] = &[
     Requirement::program("mformat", "mtools"),
     Requirement::path("/usr/lib/grub/i386-pc", "grub-pc-bin"),
 ];
-const FOR_AMD: &[Requirement] = &[Requirement::program(
-    "qemu-system-x86_64",
-    "qemu-system-x86",
-)];
+/// QEMU, and gdb for its stub (`cargo xtask run --gdb` and the `gdb-breakpoints` scenario).
+const FOR_AMD: &[Requirement] = &[
+    Requirement::program("qemu-system-x86_64", "qemu-system-x86"),
+    Requirement::program("gdb", "gdb"),
+];
 const FOR_INTEL: &[Requirement] = &[
     Requirement::program("bochs", "bochs"),
     Requirement::path(bochs::BIOS_IMAGE, "bochsbios"),

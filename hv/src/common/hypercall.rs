@@ -256,6 +256,7 @@ fn sched_op(
 
 /// Raises `port` of `domain` and wakes or flags the vCPU it concerns.
 pub fn raise_port(domain: &mut Domain, port: u32) {
+    crate::common::trace::event(domain.id, port);
     match domain.events.raise(&domain.memory, port) {
         Ok(Some(vcpu)) => {
             domain.vcpus[vcpu].attention = true;

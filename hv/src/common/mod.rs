@@ -19,6 +19,7 @@ pub mod scheduler;
 pub mod stats;
 pub mod teardown;
 pub mod time;
+pub mod trace;
 pub mod uart;
 pub mod vcpu;
 pub mod vcpu_state;

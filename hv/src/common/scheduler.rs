@@ -13,6 +13,7 @@ use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::ExitKind;
 use crate::common::teardown::{Scrub, tear_down};
 use crate::common::time::publish_vcpu_time;
+use crate::common::trace;
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
 use crate::common::vcpu_state::Wait;
 use alloc::collections::VecDeque;
@@ -186,6 +187,7 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
         domain.vcpus[0].attention = true;
     }
     if domain.vcpus[0].timers.expire(now) {
+        trace::timer(domain.id);
         if let Some(port) = domain.events.virq_port(0, Virq::Timer) {
             raise_port(domain, port);
         }
@@ -209,6 +211,7 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
         }
     };
     if woken {
+        trace::wake(domain.id);
         let state = &mut domain.vcpus[0];
         state.wait = Wait::None;
         state.attention = true;
@@ -282,6 +285,7 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
     let state = &mut domain.vcpus[0];
     if vcpu.interrupt_window_open() {
         vcpu.inject_interrupt(vector);
+        trace::inject(domain.id, vector);
         if from_apic {
             state.vlapic.acknowledge(vector);
         }
@@ -371,6 +375,7 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
                 continue;
             }
             host.arm_timer(deadline);
+            trace::idle();
             host.wait_for_interrupt();
             continue;
         };
@@ -399,6 +404,7 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         let Some((current, after)) = rest.split_first_mut() else {
             continue;
         };
+        trace::vcpu_in(current.domain.id);
         run_slice(
             current,
             &mut Peers::around(before, after),
@@ -406,6 +412,7 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
             now,
             slice_end,
         );
+        trace::vcpu_out(current.domain.id);
         let ran = host.now_ns().saturating_sub(now);
         let domain = &mut slots[index].domain;
         domain.cpu_ns += ran;
@@ -487,6 +494,7 @@ fn run_slice<V: VirtualCpu, H: Host>(
             // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
             Next::Yield => {}
             Next::Sleep => {
+                trace::block(domain.id);
                 let now = host.now_ns();
                 let _ = domain.vcpus[0]
                     .runstate

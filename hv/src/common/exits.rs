@@ -259,8 +259,8 @@ fn port_io<V: VirtualCpu>(
     });
     let regs = vcpu.regs();
     if write {
-        if is_uart && let Some(byte) = domain.uart.write(uart_offset, regs.gpr[reg::RAX] as u8) {
-            domain.console.write(domain.id, &[byte]);
+        if is_uart {
+            domain.uart_write(uart_offset, regs.gpr[reg::RAX] as u8);
         }
         // Writes to ports nothing emulates are dropped, as on a bus with nothing behind them.
     } else {

@@ -5,7 +5,9 @@
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
-use crate::common::domain::{Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists};
+use crate::common::domain::{
+    ConsoleSource, Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists,
+};
 use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, reg};
 use crate::common::vcpu_state::Wait;
@@ -136,7 +138,9 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
     match op {
         ConsoleOp::Write => {
             domain.memory.read(gpa, bytes)?;
-            domain.console.write(domain.id, bytes);
+            domain
+                .console
+                .write(ConsoleSource::Paravirtual, domain.id, bytes);
             Ok(Done::Return(len))
         }
         ConsoleOp::Read => {

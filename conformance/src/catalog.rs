@@ -305,6 +305,27 @@ pub const CATALOG: &[TestInfo] = &[
         cmdline_extra: "",
     },
     TestInfo {
+        name: "uart_16550_crate_sequences",
+        title: "the uart_16550 crate's init (0.3) and init, loopback self-test and connection check (0.5) pass, and only their lines are printed",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "uart_linux_8250_probe",
+        title: "Linux's 8250 probe finds a 16550A: IER test, loopback MSR 0x90, FIFOs in IIR",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "console_sources_own_lines",
+        title: "half a UART line, a console_io line, the UART line's end: two whole lines",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
         name: "hlt_without_wake_source_stopped",
         title: "HLT with nothing that could ever wake the vCPU stops the domain instead of spinning",
         section: "7.2 HLT",
@@ -1362,5 +1383,42 @@ pub const CATALOG: &[TestInfo] = &[
         section: "17 Domain control",
         expect: Expect::Ends("destroyed"),
         cmdline_extra: "",
+    },
+];
+
+/// Console output a test must produce, checked by xtask beyond the verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpectedOutput {
+    /// The test (a name in [`CATALOG`]).
+    pub test: &'static str,
+    /// Lines the domain must print, each whole, as one console line of its own.
+    pub lines: &'static [&'static str],
+    /// The domain prints no other line than these and the framework's own (`Test:`,
+    /// `Checks:`, `<name>: all checks passed`, `Test result:`): nothing stray.
+    pub only: bool,
+}
+
+/// The tests whose console output xtask checks line by line.
+pub const EXPECTED_OUTPUT: &[ExpectedOutput] = &[
+    ExpectedOutput {
+        test: "uart_16550_crate_sequences",
+        lines: &[
+            "uart_16550 0.3: init() done, this line went out through THR",
+            "uart_16550 0.5: init, test_loopback and check_connected passed",
+        ],
+        only: true,
+    },
+    ExpectedOutput {
+        test: "uart_linux_8250_probe",
+        lines: &["uart_linux_8250_probe: probed as a 16550A, printing works"],
+        only: true,
+    },
+    ExpectedOutput {
+        test: "console_sources_own_lines",
+        lines: &[
+            "console_sources_own_lines: the UART's line, begun and ended after it",
+            "console_sources_own_lines: a whole line through console_io",
+        ],
+        only: true,
     },
 ];

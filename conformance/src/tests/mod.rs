@@ -120,6 +120,7 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "boot_tables_identity_map_ram",
         start::boot_tables_identity_map_ram,
     ),
+    ("stack_guard_page_faults", start::stack_guard_page_faults),
     (
         "access_outside_ram_stopped",
         traps::access_outside_ram_stopped,

@@ -1,5 +1,6 @@
 //! A domain: one isolated guest with its RAM, devices, console, counters and lifecycle.
 
+use crate::common::builder::{KernelImage, MemoryMap};
 use crate::common::events::EventChannels;
 use crate::common::grant_table::GrantTable;
 use crate::common::guest_memory::{GuestMemory, OwnedRam};
@@ -16,7 +17,7 @@ use core::fmt;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
 use lamina_abi::domctl::CONSOLE_HISTORY_BYTES;
 use lamina_abi::event_channel::Virq;
-use lamina_abi::layout::{CONSOLE_RING_GPA, SHARED_INFO_GPA};
+use lamina_abi::layout::{CONSOLE_RING_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA};
 
 /// Longest console line kept before it is flushed without a newline.
 const CONSOLE_LINE_MAX: usize = 256;
@@ -248,6 +249,8 @@ pub struct Domain {
     pub name: String,
     /// RAM.
     pub memory: GuestMemory,
+    /// Its memory map (docs/abi.md 11), fixed when it is built.
+    pub memory_map: MemoryMap,
     /// Lifecycle.
     pub state: DomainState,
     /// Console output in progress.
@@ -291,9 +294,15 @@ impl Domain {
     /// A runnable domain with fresh devices and one vCPU.
     pub fn new(id: u32, name: String, memory: GuestMemory, time: TimeBase) -> Self {
         let now = time.ns_at(read_tsc());
+        let no_image = KernelImage {
+            entry: KERNEL_MIN_GPA,
+            start: KERNEL_MIN_GPA,
+            end: KERNEL_MIN_GPA,
+        };
         Domain {
             id,
             name,
+            memory_map: MemoryMap::new(memory.size(), &no_image),
             memory,
             state: DomainState::Runnable,
             console: ConsoleLine::default(),

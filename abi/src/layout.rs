@@ -40,8 +40,9 @@ pub const STACK_GUARD_BYTES: u64 = 4096;
 
 /// The guard page of a domain with `mem_bytes` of RAM: `[stack_guard_gpa, + STACK_GUARD_BYTES)`,
 /// just below the initial stack. It is also the end of the kernel area.
+/// (0 for a size below the smallest RAM, which no domain has.)
 pub const fn stack_guard_gpa(mem_bytes: u64) -> u64 {
-    mem_bytes - STACK_BYTES - STACK_GUARD_BYTES
+    mem_bytes.saturating_sub(STACK_BYTES + STACK_GUARD_BYTES)
 }
 /// 64-bit code segment selector in the boot GDT.
 pub const BOOT_CODE_SELECTOR: u16 = 0x08;

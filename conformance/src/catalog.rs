@@ -333,6 +333,13 @@ pub const CATALOG: &[TestInfo] = &[
         cmdline_extra: "",
     },
     TestInfo {
+        name: "console_long_line_wraps",
+        title: "a 300-byte console_io line comes out as two lines broken between words",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
         name: "hlt_without_wake_source_stopped",
         title: "HLT with nothing that could ever wake the vCPU stops the domain instead of spinning",
         section: "7.2 HLT",
@@ -1425,6 +1432,14 @@ pub const EXPECTED_OUTPUT: &[ExpectedOutput] = &[
         lines: &[
             "console_sources_own_lines: the UART's line, begun and ended after it",
             "console_sources_own_lines: a whole line through console_io",
+        ],
+        only: true,
+    },
+    ExpectedOutput {
+        test: "console_long_line_wraps",
+        lines: &[
+            "word00 word01 word02 word03 word04 word05 word06 word07 word08 word09 word10 word11 word12 word13 word14 word15 word16 word17 word18 word19 word20 word21 word22 word23 word24 word25 word26 word27 word28 word29 word30 word31 word32 word33 word34 word35",
+            "word36 word37 word38 word39 word40 word41 word42",
         ],
         only: true,
     },

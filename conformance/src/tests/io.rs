@@ -289,3 +289,27 @@ pub(super) fn console_sources_own_lines() {
     );
     uart::write_str("and ended after it\n");
 }
+
+/// One `console_io` line of 300 bytes, 43 six-letter words: the console wraps it after the
+/// last space before 256 bytes (xtask checks the two lines, word36 starting the second).
+pub(super) fn console_long_line_wraps() {
+    let mut line = [0u8; 301];
+    for (i, word) in line[..300].chunks_mut(7).enumerate() {
+        let text = [
+            b'w',
+            b'o',
+            b'r',
+            b'd',
+            b'0' + (i / 10) as u8,
+            b'0' + (i % 10) as u8,
+            b' ',
+        ];
+        word.copy_from_slice(&text[..word.len()]);
+    }
+    line[300] = b'\n';
+    check_eq!(
+        "console_io write of 301 bytes",
+        Status(301),
+        crate::hv::console_write(&line)
+    );
+}

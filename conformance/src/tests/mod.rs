@@ -143,6 +143,7 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ("uart_16550_crate_sequences", io::uart_16550_crate_sequences),
     ("uart_linux_8250_probe", io::uart_linux_8250_probe),
     ("console_sources_own_lines", io::console_sources_own_lines),
+    ("console_long_line_wraps", io::console_long_line_wraps),
     (
         "hlt_without_wake_source_stopped",
         traps::hlt_without_wake_source_stopped,

@@ -263,6 +263,13 @@ pub const CATALOG: &[TestInfo] = &[
         cmdline_extra: "",
     },
     TestInfo {
+        name: "stack_overflow_double_faults",
+        title: "a boot stack overflow faults in the guard page and, with an IST #DF gate, ends in the kernel's #DF handler",
+        section: "4.2 Guest-physical layout",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
         name: "access_outside_ram_stopped",
         title: "a write to a guest-physical address outside RAM stops the domain",
         section: "4.2 Guest-physical layout",

@@ -122,6 +122,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ),
     ("stack_guard_page_faults", start::stack_guard_page_faults),
     (
+        "stack_overflow_double_faults",
+        start::stack_overflow_double_faults,
+    ),
+    (
         "access_outside_ram_stopped",
         traps::access_outside_ram_stopped,
     ),

@@ -447,3 +447,74 @@ pub(super) fn stack_guard_page_faults() {
         }
     }
 }
+
+/// #DF.
+const DOUBLE_FAULT: u8 = 8;
+
+core::arch::global_asm!(
+    ".global lamina_conf_overflow_double_fault",
+    "lamina_conf_overflow_double_fault:",
+    // On the IST stack: RSP points at the CPU's frame (error code, RIP, CS, RFLAGS, RSP, SS).
+    "mov rdi, rsp",
+    "and rsp, -16",
+    "call {handler}",
+    "ud2",
+    handler = sym overflow_double_fault,
+);
+
+unsafe extern "C" {
+    fn lamina_conf_overflow_double_fault();
+}
+
+/// The #DF handler of [`stack_overflow_double_faults`]: the overflow ended here, on the IST
+/// stack. Checks what the CPU reports and ends the test (there is no going back to the
+/// overflowed stack).
+extern "sysv64" fn overflow_double_fault(frame: *const [u64; 6]) -> ! {
+    // SAFETY: the stub passes the frame the CPU pushed on the IST stack.
+    let [error_code, _rip, _cs, _rflags, rsp, _ss] = unsafe { *frame };
+    let guard = stack_guard_gpa(start_info().mem_bytes);
+    let cr2 = x86::read_cr2();
+    check_eq!("#DF error code", Hex(0), Hex(error_code));
+    check!(
+        (guard..guard + 4096).contains(&cr2),
+        "CR2 {cr2:#x} is not in the guard page [{guard:#x}, {:#x})",
+        guard + 4096
+    );
+    check_eq!(
+        "the overflowed RSP in the #DF frame",
+        Hex(guard + 4096),
+        Hex(rsp)
+    );
+    crate::console::println!(
+        "stack_overflow_double_faults: #PF at {cr2:#x} in the guard page, then #DF on the IST stack"
+    );
+    framework::finish()
+}
+
+/// The tutorial's double-fault test: the boot stack overflows into the guard page; the #PF
+/// cannot push its frame there either, so it becomes a #DF, which a gate with an IST stack
+/// takes. The handler ends the test.
+pub(super) fn stack_overflow_double_faults() {
+    let guard = stack_guard_gpa(start_info().mem_bytes);
+    idt::set_exception_gate_on_ist(
+        DOUBLE_FAULT,
+        lamina_conf_overflow_double_fault as *const () as u64,
+        x86::gdt::DOUBLE_FAULT_IST,
+    );
+    // SAFETY: RSP is moved to the bottom of the boot stack (far below where we run, nothing
+    // lives there) and a push goes below it, into the guard page: it faults, and the #DF
+    // handler never returns here. Should the push not fault, RSP is restored at once.
+    unsafe {
+        asm!(
+            "mov {saved}, rsp",
+            "mov rsp, {bottom}",
+            "push rax",
+            "mov rsp, {saved}",
+            saved = out(reg) _,
+            bottom = in(reg) guard + 4096,
+        )
+    };
+    framework::fail(format_args!(
+        "a push below the boot stack, into the guard page at {guard:#x}, did not fault"
+    ));
+}

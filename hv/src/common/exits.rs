@@ -416,6 +416,35 @@ mod tests {
     }
 
     #[test]
+    fn in_uart_loopback_bytes_come_back_through_in_and_print_nothing() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        let mut io = |d: &mut Domain, v: &mut MockVcpu, port: u16, write: bool| {
+            exit_alone(
+                d,
+                v,
+                VmExit::Io {
+                    port,
+                    size: 1,
+                    write,
+                },
+            );
+        };
+        for (port, value) in [(0x3fc, 0x10), (0x3f8, 0xae)] {
+            v.regs.gpr[reg::RAX] = value;
+            io(&mut d, &mut v, port, true);
+        }
+        io(&mut d, &mut v, 0x3fd, false);
+        assert_eq!(v.regs.gpr[reg::RAX], 0x61, "LSR: data ready");
+        io(&mut d, &mut v, 0x3f8, false);
+        assert_eq!(v.regs.gpr[reg::RAX], 0xae, "RBR: the byte written");
+        v.regs.gpr[reg::RAX] = 0x0b;
+        io(&mut d, &mut v, 0x3fc, true);
+        d.end(Ending::Poweroff);
+        assert!(take_lines().is_empty(), "nothing printed");
+    }
+
+    #[test]
     fn unemulated_ports_read_all_ones_and_ignore_writes() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();

@@ -419,7 +419,7 @@ mod tests {
     fn in_uart_loopback_bytes_come_back_through_in_and_print_nothing() {
         let (_t, mut d) = domain();
         let mut v = MockVcpu::default();
-        let mut io = |d: &mut Domain, v: &mut MockVcpu, port: u16, write: bool| {
+        let io = |d: &mut Domain, v: &mut MockVcpu, port: u16, write: bool| {
             exit_alone(
                 d,
                 v,

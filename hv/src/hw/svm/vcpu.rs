@@ -101,8 +101,8 @@ impl SvmVcpu {
         v.write(vmcb::N_CR3, npt_root);
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
-        // Data selectors are null (docs/abi.md 4.1), legal at CPL 0 in 64-bit mode (APM Vol. 2
-        // 4.5.3); the hidden state stays a flat writable data segment of DPL 0.
+        // Data selectors are null (docs/abi.md 4.1), legal at CPL 0 in 64-bit mode (SDM Vol. 3A
+        // 5.4.1.1; AMD64 alike); the hidden state stays a flat writable data segment of DPL 0.
         let (code, null) = (lamina_abi::layout::BOOT_CODE_SELECTOR, 0);
         v.write_segment(vmcb::CS, code, 0x029b, 0xffff_ffff, 0);
         for seg in [vmcb::DS, vmcb::ES, vmcb::SS, vmcb::FS, vmcb::GS] {

@@ -3,7 +3,9 @@
 //! A domain's RAM is guest-physical `[0, mem_bytes)`. The hypervisor fills the low pages
 //! below with boot structures and enters the kernel in 64-bit long mode with paging on and
 //! every byte of RAM identity-mapped (virtual address == guest-physical address) by 2 MiB
-//! pages. The kernel's ELF segments must lie in `[KERNEL_MIN_GPA, mem_bytes - STACK_BYTES)`.
+//! pages, except the top 2 MiB, mapped by 4 KiB pages so that the guard page below the stack
+//! is not mapped (ABI 1.4). The kernel's ELF segments must lie in
+//! `[KERNEL_MIN_GPA, stack_guard_gpa(mem_bytes))`.
 
 /// The [`crate::StartInfo`] page. RDI holds this address at entry.
 pub const START_INFO_GPA: u64 = 0x1000;
@@ -27,15 +29,29 @@ pub const SHARED_INFO_GPA: u64 = 0x7000;
 pub const CONSOLE_RING_GPA: u64 = 0x8000;
 /// The boot page directory that maps the grant window (ABI 1.3).
 pub const BOOT_GRANT_PD_GPA: u64 = 0x9000;
+/// The boot page table of the top 2 MiB of RAM (4 KiB pages), whose entry for the stack's
+/// guard page is not present (ABI 1.4).
+pub const BOOT_STACK_PT_GPA: u64 = 0xa000;
 /// End of the boot area: `[0, BOOT_AREA_END)` holds the structures above.
 pub const BOOT_AREA_END: u64 = 0x1_0000;
 /// First byte a kernel image may occupy.
 pub const KERNEL_MIN_GPA: u64 = 0x10_0000;
 /// Size of the initial stack at the top of RAM. RSP = `mem_bytes` at entry.
 pub const STACK_BYTES: u64 = 64 * 1024;
+/// The guard page just below the initial stack: RAM, but not mapped by the boot page tables,
+/// so a stack overflow page-faults instead of overwriting what lies below (ABI 1.4).
+pub const STACK_GUARD_BYTES: u64 = 4096;
+
+/// The guard page of a domain with `mem_bytes` of RAM: `[stack_guard_gpa, + STACK_GUARD_BYTES)`,
+/// just below the initial stack. It is also the end of the kernel area.
+/// (0 for a size below the smallest RAM, which no domain has.)
+pub const fn stack_guard_gpa(mem_bytes: u64) -> u64 {
+    mem_bytes.saturating_sub(STACK_BYTES + STACK_GUARD_BYTES)
+}
 /// 64-bit code segment selector in the boot GDT.
 pub const BOOT_CODE_SELECTOR: u16 = 0x08;
-/// Data segment selector in the boot GDT (loaded in DS, ES, SS).
+/// Data segment selector in the boot GDT. Since ABI 1.4 the kernel enters with null data
+/// selectors (DS, ES, SS, FS, GS = 0); this descriptor is there for a kernel that loads it.
 pub const BOOT_DATA_SELECTOR: u16 = 0x10;
 
 /// Smallest domain RAM.
@@ -61,3 +77,8 @@ const _: () = assert!(
     GRANT_WINDOW_BYTES == MEM_GRANULE_BYTES,
     "one boot 2 MiB page maps it"
 );
+const _: () = assert!(
+    STACK_BYTES + STACK_GUARD_BYTES <= MEM_GRANULE_BYTES,
+    "the guard page lies in the top 2 MiB, which BOOT_STACK_PT_GPA maps"
+);
+const _: () = assert!(BOOT_STACK_PT_GPA + 0x1000 <= BOOT_AREA_END);

@@ -43,13 +43,29 @@ pub struct MemoryRegion {
 
 const _: () = assert!(core::mem::size_of::<MemoryRegion>() == 24);
 
-/// Values of [`MemoryRegion::kind`].
+/// Values of [`MemoryRegion::kind`]. Since ABI 1.4 every RAM region that is not free has a
+/// kind of its own, so a frame allocator may take every [`region_kind::RAM`] region as free.
 pub mod region_kind {
-    /// RAM the kernel owns (its image and stack included).
+    /// Free RAM: the kernel's to use, with nothing in it (before 1.4 this region also held the
+    /// kernel image and the stack).
     pub const RAM: u32 = 1;
-    /// RAM holding the boot and shared structures (`crate::layout`): the kernel may read it
-    /// and must keep the shared pages (shared info, console ring) where they are.
+    /// Boot information: page 0 (unused), StartInfo, the command line and the boot GDT. The
+    /// kernel's once it has read them and loaded a GDT of its own. Before 1.4 this kind was
+    /// the whole boot area, shared pages and page tables included.
     pub const BOOT: u32 = 2;
     /// The grant window: not RAM; pages granted by other domains are mapped here (ABI 1.3).
     pub const GRANT_WINDOW: u32 = 3;
+    /// The kernel image: its ELF segments, from the first page to `image_end` (ABI 1.4).
+    pub const KERNEL_IMAGE: u32 = 4;
+    /// The initial stack and, below it, its unmapped guard page (ABI 1.4).
+    pub const BOOT_STACK: u32 = 5;
+    /// The boot page tables (`CR3` at entry): the kernel's once it runs on tables of its own
+    /// (ABI 1.4).
+    pub const BOOT_PAGE_TABLES: u32 = 6;
+    /// The shared-info page and the console ring, which the hypervisor writes for the
+    /// domain's life: never the kernel's to reuse (ABI 1.4).
+    pub const SHARED: u32 = 7;
 }
+
+/// Most regions a memory map has (ABI 1.4: nine).
+pub const MEMORY_MAP_MAX_REGIONS: usize = 9;

@@ -243,14 +243,28 @@ pub const CATALOG: &[TestInfo] = &[
     },
     TestInfo {
         name: "entry_state_matches_spec",
-        title: "segments, flags, control registers and descriptor tables at entry are as specified",
+        title: "segments (null data selectors, 1.4), flags, control registers and descriptor tables at entry are as specified",
         section: "4.1 Entry state",
         expect: Expect::Success,
         cmdline_extra: "",
     },
     TestInfo {
         name: "boot_tables_identity_map_ram",
-        title: "the boot page tables map all RAM 1:1 with writable user 2 MiB pages",
+        title: "the boot page tables map all RAM 1:1, writable and user, by 2 MiB pages and the top 2 MiB by 4 KiB pages without the guard page",
+        section: "4.2 Guest-physical layout",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "stack_guard_page_faults",
+        title: "a write and a read of the guard page below the boot stack raise #PF with CR2 = its address",
+        section: "4.2 Guest-physical layout",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "stack_overflow_double_faults",
+        title: "a boot stack overflow faults in the guard page and, with an IST #DF gate, ends in the kernel's #DF handler",
         section: "4.2 Guest-physical layout",
         expect: Expect::Success,
         cmdline_extra: "",
@@ -300,6 +314,34 @@ pub const CATALOG: &[TestInfo] = &[
     TestInfo {
         name: "uart_output_reaches_console",
         title: "the emulated UART reports an empty transmitter and takes a line",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "uart_16550_crate_sequences",
+        title: "the uart_16550 crate's init (0.3) and init, loopback self-test and connection check (0.5) pass, and only their lines are printed",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "uart_linux_8250_probe",
+        title: "Linux's 8250 probe finds a 16550A: IER test, loopback MSR 0x90, FIFOs in IIR",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "console_sources_own_lines",
+        title: "half a UART line, a console_io line, the UART line's end: two whole lines",
+        section: "7.1 Emulated UART",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "console_long_line_wraps",
+        title: "a 300-byte console_io line comes out as two lines broken between words",
         section: "7.1 Emulated UART",
         expect: Expect::Success,
         cmdline_extra: "",
@@ -810,14 +852,14 @@ pub const CATALOG: &[TestInfo] = &[
     },
     TestInfo {
         name: "memory_map_lists_regions",
-        title: "get_memory_map returns the boot area, the rest of RAM and the grant window (1.3), and writes only those entries",
+        title: "get_memory_map gives boot information, page tables, shared pages, image and stack kinds of their own, free RAM the rest, and the grant window (1.4)",
         section: "11 memory_op",
         expect: Expect::Success,
         cmdline_extra: "",
     },
     TestInfo {
         name: "memory_map_short_buffer",
-        title: "get_memory_map with room for fewer regions writes that many and returns 3; capacity 0 writes none",
+        title: "get_memory_map with room for fewer regions writes that many and returns 9; capacity 0 writes none",
         section: "11 memory_op",
         expect: Expect::Success,
         cmdline_extra: "",
@@ -1397,5 +1439,50 @@ pub const CATALOG: &[TestInfo] = &[
         section: "17 Domain control",
         expect: Expect::Success,
         cmdline_extra: "mem=32M",
+    },
+];
+
+/// Console output a test must produce, checked by xtask beyond the verdict.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExpectedOutput {
+    /// The test (a name in [`CATALOG`]).
+    pub test: &'static str,
+    /// Lines the domain must print, each whole, as one console line of its own.
+    pub lines: &'static [&'static str],
+    /// The domain prints no other line than these and the framework's own (`Test:`,
+    /// `Checks:`, `<name>: all checks passed`, `Test result:`): nothing stray.
+    pub only: bool,
+}
+
+/// The tests whose console output xtask checks line by line.
+pub const EXPECTED_OUTPUT: &[ExpectedOutput] = &[
+    ExpectedOutput {
+        test: "uart_16550_crate_sequences",
+        lines: &[
+            "uart_16550 0.3: init() done, this line went out through THR",
+            "uart_16550 0.5: init, test_loopback and check_connected passed",
+        ],
+        only: true,
+    },
+    ExpectedOutput {
+        test: "uart_linux_8250_probe",
+        lines: &["uart_linux_8250_probe: probed as a 16550A, printing works"],
+        only: true,
+    },
+    ExpectedOutput {
+        test: "console_sources_own_lines",
+        lines: &[
+            "console_sources_own_lines: the UART's line, begun and ended after it",
+            "console_sources_own_lines: a whole line through console_io",
+        ],
+        only: true,
+    },
+    ExpectedOutput {
+        test: "console_long_line_wraps",
+        lines: &[
+            "word00 word01 word02 word03 word04 word05 word06 word07 word08 word09 word10 word11 word12 word13 word14 word15 word16 word17 word18 word19 word20 word21 word22 word23 word24 word25 word26 word27 word28 word29 word30 word31 word32 word33 word34 word35",
+            "word36 word37 word38 word39 word40 word41 word42",
+        ],
+        only: true,
     },
 ];

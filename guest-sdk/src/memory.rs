@@ -41,6 +41,37 @@ pub const fn kind_name(kind: u32) -> &'static str {
     match kind {
         region_kind::RAM => "ram",
         region_kind::BOOT => "boot",
+        region_kind::GRANT_WINDOW => "grant-window",
+        region_kind::KERNEL_IMAGE => "kernel-image",
+        region_kind::BOOT_STACK => "boot-stack",
+        region_kind::BOOT_PAGE_TABLES => "boot-page-tables",
+        region_kind::SHARED => "shared",
         _ => "unknown",
+    }
+}
+
+/// Whether a frame allocator may take a region as free: since ABI 1.4 exactly the RAM-kind
+/// regions (before 1.4 the RAM region also held the kernel image and the boot stack, which a
+/// kernel had to carve out itself, from `StartInfo`'s `image_start`/`image_end` and
+/// `stack_top`).
+pub const fn is_free(region: &MemoryRegion) -> bool {
+    region.kind == region_kind::RAM
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_name_and_only_ram_is_free() {
+        for kind in 1..=7 {
+            assert_ne!(kind_name(kind), "unknown", "kind {kind}");
+            let region = MemoryRegion {
+                kind,
+                ..MemoryRegion::default()
+            };
+            assert_eq!(is_free(&region), kind == region_kind::RAM);
+        }
+        assert_eq!(kind_name(8), "unknown");
     }
 }

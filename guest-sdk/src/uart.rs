@@ -3,8 +3,9 @@
 //! This is how an unported kernel prints: every byte written to the transmit holding register
 //! costs one exit, where the console hypercall carries a whole line for one. The writer polls
 //! the line status register (LSR) bit 5, "transmit holding register empty", before each byte,
-//! as a driver for a real 16550 must; Lamina's LSR always reads 0x60. Bytes go out as given
-//! (no `\n` to `\r\n` translation): the hypervisor splits the console into lines at `\n`.
+//! as a driver for a real 16550 must; Lamina's UART is always ready to send (bit 5 always
+//! set). Bytes go out as given (no `\n` to `\r\n` translation): the hypervisor splits the
+//! console into lines at `\n`, apart from the lines of the console hypercall and ring.
 
 use core::fmt;
 

@@ -203,6 +203,7 @@ mod start {
                 weight: config.weight,
                 nested: Some(nested),
                 ram: Some(owned_ram),
+                memory_map: builder::MemoryMap::new(memory.size(), &image),
                 ..Domain::new(id, config.name, memory, time)
             },
             vcpu: Some(vcpu),

@@ -28,7 +28,7 @@ mod tasks;
 use core::fmt::Display;
 use core::sync::atomic::Ordering;
 
-use lamina_abi::memory::MemoryRegion;
+use lamina_abi::memory::{MEMORY_MAP_MAX_REGIONS, MemoryRegion};
 use lamina_abi::sched::ShutdownReason;
 use lamina_guest_sdk::multicall::{Batch, Call};
 use lamina_guest_sdk::pvops::{self, Backend, Selection};
@@ -125,7 +125,7 @@ fn check_version() {
 
 /// Prints the memory map, and the version and RAM size fetched with one multicall.
 fn describe_memory() {
-    let mut regions = [MemoryRegion::default(); 4];
+    let mut regions = [MemoryRegion::default(); MEMORY_MAP_MAX_REGIONS];
     let count = match memory::memory_map(&mut regions) {
         Ok(count) => count,
         Err(error) => fail(format_args!("memory_op get_memory_map failed: {error}")),

@@ -16,7 +16,7 @@ use crate::workspace::Artifact;
 #[path = "../../conformance/src/catalog.rs"]
 mod catalog;
 
-pub use catalog::{CATALOG, Expect, TestInfo};
+pub use catalog::{CATALOG, EXPECTED_OUTPUT, Expect, ExpectedOutput, TestInfo};
 
 /// The name conformance tests go by in filters and reports (`conformance/<test>`).
 pub const SUITE_NAME: &str = "conformance";
@@ -81,7 +81,7 @@ pub fn judge(test: &TestInfo, record: &RunRecord) -> Judgement {
     let end = log.end_of(id);
     let result = log.test_result(id);
 
-    match test.expect {
+    let verdict = match test.expect {
         Expect::StoppedByHv(expected) => match (stop, end) {
             (Some(detail), _) if detail.contains(expected) => Judgement::pass(),
             (Some(detail), _) => Judgement::new(
@@ -130,7 +130,47 @@ pub fn judge(test: &TestInfo, record: &RunRecord) -> Judgement {
             }
             (_, None, None) => unfinished("the domain did not end"),
         },
+    };
+    match EXPECTED_OUTPUT.iter().find(|o| o.test == test.name) {
+        Some(expected) if verdict.status == Status::Pass => {
+            let lines: Vec<&str> = log.guest_lines(id).collect();
+            match output_problems(test.name, expected, &lines) {
+                problems if problems.is_empty() => verdict,
+                problems => Judgement {
+                    status: Status::Fail,
+                    problems,
+                },
+            }
+        }
+        _ => verdict,
     }
+}
+
+/// What is wrong with a test domain's console `lines` against what it must print: a line
+/// missing (or not whole, e.g. cut by another line), or, when only those lines may appear,
+/// any other line besides the framework's own.
+pub fn output_problems(name: &str, expected: &ExpectedOutput, lines: &[&str]) -> Vec<String> {
+    let mut problems: Vec<String> = expected
+        .lines
+        .iter()
+        .filter(|want| !lines.contains(want))
+        .map(|want| format!("the console has no whole line `{want}`"))
+        .collect();
+    if expected.only {
+        let framework = |line: &str| {
+            line.starts_with("Test: ")
+                || line.starts_with("Checks: ")
+                || line.starts_with("Test result: ")
+                || line == format!("{name}: all checks passed")
+        };
+        problems.extend(
+            lines
+                .iter()
+                .filter(|line| !framework(line) && !expected.lines.contains(line))
+                .map(|line| format!("stray console line `{}`", line.escape_debug())),
+        );
+    }
+    problems
 }
 
 /// The report of one vendor's run.
@@ -183,6 +223,44 @@ mod tests {
     use crate::emulator::RunDir;
     use crate::serial_log::SerialLog;
     use std::path::PathBuf;
+
+    #[test]
+    fn expected_output_needs_whole_lines_and_nothing_stray() {
+        let expected = ExpectedOutput {
+            test: "t",
+            lines: &["first line", "second line"],
+            only: true,
+        };
+        let good = [
+            "Test: t: x",
+            "Checks: y",
+            "first line",
+            "second line",
+            "t: all checks passed",
+            "Test result: SUCCESS",
+        ];
+        assert!(output_problems("t", &expected, &good).is_empty());
+        let interleaved = ["first second line", "line"];
+        let problems = output_problems("t", &expected, &interleaved);
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        let stray = ["Bfirst line", "first line", "second line"];
+        assert_eq!(
+            output_problems("t", &expected, &stray),
+            ["stray console line `Bfirst line`"]
+        );
+        let lenient = ExpectedOutput {
+            only: false,
+            ..expected
+        };
+        assert!(output_problems("t", &lenient, &stray).is_empty());
+        for output in EXPECTED_OUTPUT {
+            assert!(
+                CATALOG.iter().any(|t| t.name == output.test),
+                "{}",
+                output.test
+            );
+        }
+    }
 
     const SUCCESS_TEST: TestInfo = TestInfo {
         name: "ok_test",

@@ -292,6 +292,11 @@ pub const SCENARIOS: &[Scenario] = &[
                 source: ModuleSource::Built(Artifact::SampleGuest),
                 cmdline: "two-vcpus vcpus=2",
             },
+            // A name longer than StartInfo holds is refused, not cut.
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleGuest),
+                cmdline: "name-longer-than-thirty-one-bytes",
+            },
         ],
         // A rejected module makes the whole run a failure, by the protocol.
         expect: HvResult::Failure,
@@ -299,6 +304,9 @@ pub const SCENARIOS: &[Scenario] = &[
             LinePattern::Contains("lamina: module 1 bad-elf rejected:"),
             LinePattern::Contains("lamina: module 2 elf-below-kernel-area rejected:"),
             LinePattern::Contains("lamina: module 4 two-vcpus rejected: vcpus= is not 1"),
+            LinePattern::Contains(
+                "lamina: module 5 name-longer-than-thirty-one-bytes rejected: the domain name is 33 bytes long, more than 31",
+            ),
             // Rejected modules take no domain id: the good guest is still domain 1.
             LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
         ],

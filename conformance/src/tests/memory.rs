@@ -1,7 +1,7 @@
 //! Tests of `memory_op` (docs/abi.md 11): the memory map and the reservation.
 
 use lamina_abi::Errno;
-use lamina_abi::layout::{BOOT_AREA_END, GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
+use lamina_abi::layout::{CONSOLE_RING_GPA, GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA, START_INFO_GPA};
 use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
 use lamina_guest_sdk::start::TOP_OF_RAM_SCRATCH;
 use lamina_guest_sdk::start_info;
@@ -17,28 +17,37 @@ const UNTOUCHED: MemoryRegion = MemoryRegion {
     reserved: 0xa5a5_a5a5,
 };
 
-/// The map docs/abi.md 11 describes (the grant window since ABI 1.3).
-fn expected_map() -> [MemoryRegion; 3] {
-    let mem = start_info().mem_bytes;
+/// Regions in the map since ABI 1.4 (all of them for this conformance kernel, whose image
+/// never reaches the guard page).
+const REGIONS: usize = 9;
+
+/// The map docs/abi.md 11 describes (the grant window since ABI 1.3, the kinds of their own
+/// for the boot structures, the image and the stack since 1.4), spelled out from the document.
+fn expected_map() -> [MemoryRegion; REGIONS] {
+    let info = start_info();
+    let mem = info.mem_bytes;
+    let image_start = info.image_start & !0xfff;
+    let guard = mem - 64 * 1024 - 4096;
+    let region = |base: u64, end: u64, kind: u32| MemoryRegion {
+        base,
+        length: end - base,
+        kind,
+        reserved: 0,
+    };
     [
-        MemoryRegion {
-            base: 0,
-            length: BOOT_AREA_END,
-            kind: region_kind::BOOT,
-            reserved: 0,
-        },
-        MemoryRegion {
-            base: BOOT_AREA_END,
-            length: mem - BOOT_AREA_END,
-            kind: region_kind::RAM,
-            reserved: 0,
-        },
-        MemoryRegion {
-            base: GRANT_WINDOW_GPA,
-            length: GRANT_WINDOW_BYTES,
-            kind: region_kind::GRANT_WINDOW,
-            reserved: 0,
-        },
+        region(0, 0x4000, region_kind::BOOT),
+        region(0x4000, 0x7000, region_kind::BOOT_PAGE_TABLES),
+        region(0x7000, 0x9000, region_kind::SHARED),
+        region(0x9000, 0xb000, region_kind::BOOT_PAGE_TABLES),
+        region(0xb000, image_start, region_kind::RAM),
+        region(image_start, info.image_end, region_kind::KERNEL_IMAGE),
+        region(info.image_end, guard, region_kind::RAM),
+        region(guard, mem, region_kind::BOOT_STACK),
+        region(
+            GRANT_WINDOW_GPA,
+            GRANT_WINDOW_GPA + GRANT_WINDOW_BYTES,
+            region_kind::GRANT_WINDOW,
+        ),
     ]
 }
 
@@ -65,50 +74,70 @@ pub(super) fn memory_op_unknown_enosys() {
 }
 
 pub(super) fn memory_map_lists_regions() {
-    let mut map = [UNTOUCHED; 5];
+    let mut map = [UNTOUCHED; REGIONS + 2];
     check_eq!(
-        "GetMemoryMap with room for 5 regions",
-        Status(3),
+        "GetMemoryMap with room for 11 regions",
+        Status(REGIONS as u64),
         hv::memory_map(&mut map)
     );
-    let expected = expected_map();
-    check_eq!("memory map region 0 (boot area)", expected[0], map[0]);
-    check_eq!("memory map region 1 (the rest of RAM)", expected[1], map[1]);
+    let names = [
+        "page 0, StartInfo, command line, boot GDT",
+        "boot page tables (PML4, PDPT, PD)",
+        "shared info and console ring",
+        "boot page tables (grant window PD, stack PT)",
+        "free RAM below the image",
+        "the kernel image",
+        "free RAM above the image",
+        "guard page and initial stack",
+        "the grant window",
+    ];
+    for ((name, expected), got) in names.iter().zip(expected_map()).zip(map) {
+        check_eq!(format_args!("memory map region: {name}"), expected, got);
+    }
     check_eq!(
-        "memory map region 2 (the grant window)",
-        expected[2],
-        map[2]
-    );
-    check_eq!(
-        "memory map slots 3-4 (unused)",
+        "memory map slots past the map (unused)",
         [UNTOUCHED; 2],
-        [map[3], map[4]]
+        [map[REGIONS], map[REGIONS + 1]]
     );
-    // The first two cover RAM exactly; the window lies above it.
-    check_eq!(
-        "end of the RAM region",
-        Hex(start_info().mem_bytes),
-        Hex(map[1].base + map[1].length)
-    );
-    check!(
-        map[2].base >= map[1].base + map[1].length,
-        "the grant window {:#x} overlaps RAM",
-        map[2].base
-    );
+    // The RAM regions tile [0, mem_bytes) with no gap or overlap; the window lies above it.
+    let mut end = 0;
+    for region in &map[..REGIONS - 1] {
+        check_eq!(
+            "a region starts where the one before ends",
+            Hex(end),
+            Hex(region.base)
+        );
+        end = region.base + region.length;
+    }
+    check_eq!("end of RAM", Hex(start_info().mem_bytes), Hex(end));
+    // What we are made of and run on is never in a free region.
+    let probes = [
+        ("our code", memory_map_lists_regions as *const () as u64),
+        ("our stack", crate::x86::read_rsp()),
+        ("StartInfo", START_INFO_GPA),
+        ("the boot page tables", crate::x86::read_cr3() & !0xfff),
+        ("the console ring", CONSOLE_RING_GPA),
+    ];
+    for (what, address) in probes {
+        let free = map[..REGIONS]
+            .iter()
+            .any(|r| r.kind == region_kind::RAM && (r.base..r.base + r.length).contains(&address));
+        check!(!free, "{what} at {address:#x} lies in a free RAM region");
+    }
 }
 
 pub(super) fn memory_map_short_buffer() {
     let mut map = [UNTOUCHED; 3];
     check_eq!(
         "GetMemoryMap with room for 1 region (returns the full count)",
-        Status(3),
+        Status(REGIONS as u64),
         hv::memory_map(&mut map[..1])
     );
     check_eq!("the one region written", expected_map()[0], map[0]);
     check_eq!("the slot past the capacity", UNTOUCHED, map[1]);
     check_eq!(
         "GetMemoryMap with room for 2 regions (returns the full count)",
-        Status(3),
+        Status(REGIONS as u64),
         hv::memory_map(&mut map[..2])
     );
     let expected = expected_map();
@@ -123,7 +152,7 @@ pub(super) fn memory_map_short_buffer() {
     for gpa in [map.as_ptr() as u64, mem, u64::MAX] {
         check_eq!(
             format_args!("GetMemoryMap with capacity 0 at {gpa:#x}"),
-            Status(3),
+            Status(REGIONS as u64),
             memory_map_at(gpa, 0)
         );
     }

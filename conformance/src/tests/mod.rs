@@ -28,7 +28,7 @@ mod traps;
 mod upcall;
 mod vcpu;
 
-use crate::catalog::CATALOG;
+use crate::catalog::{CATALOG, EXPECTED_OUTPUT};
 
 /// A test body.
 pub(crate) type TestFn = fn();
@@ -120,6 +120,11 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "boot_tables_identity_map_ram",
         start::boot_tables_identity_map_ram,
     ),
+    ("stack_guard_page_faults", start::stack_guard_page_faults),
+    (
+        "stack_overflow_double_faults",
+        start::stack_overflow_double_faults,
+    ),
     (
         "access_outside_ram_stopped",
         traps::access_outside_ram_stopped,
@@ -139,6 +144,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         "uart_output_reaches_console",
         io::uart_output_reaches_console,
     ),
+    ("uart_16550_crate_sequences", io::uart_16550_crate_sequences),
+    ("uart_linux_8250_probe", io::uart_linux_8250_probe),
+    ("console_sources_own_lines", io::console_sources_own_lines),
+    ("console_long_line_wraps", io::console_long_line_wraps),
     (
         "hlt_without_wake_source_stopped",
         traps::hlt_without_wake_source_stopped,
@@ -582,4 +591,26 @@ const fn names_fit_a_domain_name() -> bool {
 const _: () = assert!(
     names_fit_a_domain_name(),
     "a catalog::CATALOG name is longer than 31 bytes"
+);
+
+/// Every test whose console output xtask checks is in the catalog.
+const fn expected_output_names_tests() -> bool {
+    let mut i = 0;
+    while i < EXPECTED_OUTPUT.len() {
+        let mut found = false;
+        let mut j = 0;
+        while j < CATALOG.len() {
+            found |= same_str(EXPECTED_OUTPUT[i].test, CATALOG[j].name);
+            j += 1;
+        }
+        if !found {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+const _: () = assert!(
+    expected_output_names_tests(),
+    "catalog::EXPECTED_OUTPUT names a test that is not in catalog::CATALOG"
 );

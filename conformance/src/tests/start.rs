@@ -2,17 +2,19 @@
 //! tables, StartInfo. They run before anything else changes that state: the conformance
 //! kernel loads its own GDT and IDT only in the tests that need them.
 
+use core::arch::asm;
+
 use lamina_abi::abi_version;
 use lamina_abi::layout::{
-    BOOT_CODE_SELECTOR, BOOT_DATA_SELECTOR, BOOT_GDT_GPA, BOOT_PD_GPA, BOOT_PDPT_GPA,
-    BOOT_PML4_GPA, CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA, KERNEL_MIN_GPA, MEM_GRANULE_BYTES,
-    MEM_MAX_BYTES, MEM_MIN_BYTES, SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA,
+    BOOT_CODE_SELECTOR, BOOT_GDT_GPA, BOOT_PD_GPA, BOOT_PDPT_GPA, BOOT_PML4_GPA, CMDLINE_GPA,
+    CMDLINE_MAX, CONSOLE_RING_GPA, KERNEL_MIN_GPA, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES,
+    SHARED_INFO_GPA, STACK_BYTES, START_INFO_GPA, stack_guard_gpa,
 };
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC};
 use lamina_guest_sdk::{cmdline, start_info, start_info_gpa};
 
-use crate::framework::{Hex, check, check_eq};
-use crate::x86;
+use crate::framework::{self, Hex, check, check_eq};
+use crate::x86::{self, idt};
 
 /// RFLAGS bits that must be clear at entry: TF, IF, DF, IOPL, NT, AC.
 const RFLAGS_CLEAR_AT_ENTRY: u64 = 1 << 8 | 1 << 9 | 1 << 10 | 3 << 12 | 1 << 14 | 1 << 18;
@@ -23,12 +25,9 @@ const CR4_SMEP: u64 = 1 << 20;
 const CR4_SMAP: u64 = 1 << 21;
 
 pub(super) fn entry_state_matches_spec() {
+    // Null data selectors since 1.4: in a kernel's own GDT 0x10 may be anything (a TSS).
     for (name, selector) in x86::segment_selectors() {
-        let expected = if name == "CS" {
-            BOOT_CODE_SELECTOR
-        } else {
-            BOOT_DATA_SELECTOR
-        };
+        let expected = if name == "CS" { BOOT_CODE_SELECTOR } else { 0 };
         check_eq!(
             format_args!("{name} selector"),
             Hex(expected),
@@ -134,7 +133,8 @@ pub(super) fn boot_tables_identity_map_ram() {
     if !check_table_placement("PD", pd) {
         return;
     }
-    for index in 0..mem / LARGE_PAGE_BYTES {
+    let top = mem / LARGE_PAGE_BYTES - 1;
+    for index in 0..top {
         let pde = table_entry(pd, index);
         let ok = check_eq!(
             format_args!("PD[{index}] P, RW, U, PS"),
@@ -149,6 +149,34 @@ pub(super) fn boot_tables_identity_map_ram() {
             return; // one bad entry says enough
         }
     }
+    // Since 1.4 the top 2 MiB by 4 KiB pages, all present but the stack's guard page.
+    let pde = table_entry(pd, top);
+    check_eq!(
+        "PD[top] P, RW, U, no PS (a page table)",
+        Hex(PRESENT | WRITABLE | USER),
+        Hex(pde & wanted)
+    );
+    let pt = pde & PAGE_ADDRESS;
+    if !check_table_placement("stack PT", pt) {
+        return;
+    }
+    let guard = stack_guard_gpa(mem);
+    for index in 0..512 {
+        let page = top * LARGE_PAGE_BYTES + index * 4096;
+        let pte = table_entry(pt, index);
+        let ok = if page == guard {
+            check_eq!("PT entry of the guard page", Hex(0), Hex(pte & PRESENT))
+        } else {
+            check_eq!(
+                format_args!("PT[{index}] P, RW, U and address"),
+                Hex(page | PRESENT | WRITABLE | USER),
+                Hex(pte & (PAGE_ADDRESS | PRESENT | WRITABLE | USER))
+            )
+        };
+        if !ok {
+            return;
+        }
+    }
     check_ram_is_distinct_and_writable();
 }
 
@@ -156,7 +184,7 @@ pub(super) fn boot_tables_identity_map_ram() {
 /// stack), then reads them all back: each page must be real, writable and not an alias.
 fn check_ram_is_distinct_and_writable() {
     let info = start_info();
-    let free = info.image_end..info.mem_bytes - STACK_BYTES - 8;
+    let free = info.image_end..stack_guard_gpa(info.mem_bytes) - 8;
     // The first free word of each 2 MiB page that has one.
     let probe_address = |page: u64| {
         (page * LARGE_PAGE_BYTES)
@@ -265,10 +293,10 @@ pub(super) fn start_info_fields_valid() {
         info.image_start
     );
     check!(
-        info.image_end <= mem - STACK_BYTES,
-        "image_end {:#x} reaches into the stack at {:#x}",
+        info.image_end <= stack_guard_gpa(mem),
+        "image_end {:#x} reaches into the stack's guard page at {:#x}",
         info.image_end,
-        mem - STACK_BYTES
+        stack_guard_gpa(mem)
     );
 
     check_eq!("cmdline_gpa", Hex(CMDLINE_GPA), Hex(info.cmdline_gpa));
@@ -336,4 +364,159 @@ fn check_name(info: &lamina_abi::StartInfo) {
             );
         }
     }
+}
+
+/// #PF.
+const PAGE_FAULT: u8 = 14;
+/// `mov [rax], rcx` and `mov rcx, [rax]`: REX.W, opcode, ModRM.
+const MOV_RAX_INDIRECT_LEN: u8 = 3;
+/// #PF error code bit 1: the access was a write (bit 0 clear: the page was not present).
+const PF_WRITE: u64 = 1 << 1;
+
+pub(super) fn stack_guard_page_faults() {
+    let mem = start_info().mem_bytes;
+    let guard = mem - STACK_BYTES - 4096;
+    check_eq!(
+        "the guard page (layout::stack_guard_gpa)",
+        Hex(guard),
+        Hex(stack_guard_gpa(mem))
+    );
+    // Where a push would land first when the stack overflows: its last 8 bytes.
+    let target = guard + 4096 - 8;
+    for (what, write) in [("write", true), ("read", false)] {
+        let mut rip = 0;
+        let taken = idt::expect_trap(PAGE_FAULT, MOV_RAX_INDIRECT_LEN, || {
+            // SAFETY: the guard page is not mapped, so the access faults and the armed handler
+            // resumes after it; were it mapped, it is RAM no one uses (below the stack).
+            unsafe {
+                if write {
+                    asm!(
+                        "lea {rip}, [rip + 2f]",
+                        "2:",
+                        "mov [rax], rcx",
+                        rip = out(reg) rip,
+                        in("rax") target,
+                        in("rcx") 0x5741_5244_u64,
+                        options(nostack),
+                    )
+                } else {
+                    asm!(
+                        "lea {rip}, [rip + 2f]",
+                        "2:",
+                        "mov rcx, [rax]",
+                        rip = out(reg) rip,
+                        in("rax") target,
+                        out("rcx") _,
+                        options(nostack),
+                    )
+                }
+            };
+        });
+        let cr2 = x86::read_cr2();
+        let Some(record) = taken else {
+            framework::fail(format_args!(
+                "a {what} of the guard page at {target:#x} did not fault"
+            ));
+            continue;
+        };
+        check_eq!(format_args!("{what}: vector"), PAGE_FAULT, record.vector);
+        check_eq!(
+            format_args!("{what}: #PF error code (not present, kernel)"),
+            Hex(if write { PF_WRITE } else { 0 }),
+            Hex(record.error_code)
+        );
+        check_eq!(
+            format_args!("{what}: RIP of the fault"),
+            Hex(rip),
+            Hex(record.rip)
+        );
+        check_eq!(format_args!("{what}: CR2"), Hex(target), Hex(cr2));
+    }
+    // The pages around it are mapped: the stack above, free RAM below.
+    for address in [guard + 4096, guard - 8] {
+        // SAFETY: mapped RAM (the bottom of the initial stack, far below where we run, and
+        // free RAM below the guard page); reading has no side effect.
+        let _ = unsafe { core::ptr::read_volatile(address as *const u64) };
+    }
+    // The exceptions were taken and returned (iretq) with the null data selectors of entry.
+    for (name, selector) in x86::segment_selectors() {
+        if name != "CS" {
+            check_eq!(
+                format_args!("{name} after an exception and iretq"),
+                Hex(0),
+                Hex(selector)
+            );
+        }
+    }
+}
+
+/// #DF.
+const DOUBLE_FAULT: u8 = 8;
+
+core::arch::global_asm!(
+    ".global lamina_conf_overflow_double_fault",
+    "lamina_conf_overflow_double_fault:",
+    // On the IST stack: RSP points at the CPU's frame (error code, RIP, CS, RFLAGS, RSP, SS).
+    "mov rdi, rsp",
+    "and rsp, -16",
+    "call {handler}",
+    "ud2",
+    handler = sym overflow_double_fault,
+);
+
+unsafe extern "C" {
+    fn lamina_conf_overflow_double_fault();
+}
+
+/// The #DF handler of [`stack_overflow_double_faults`]: the overflow ended here, on the IST
+/// stack. Checks what the CPU reports and ends the test (there is no going back to the
+/// overflowed stack).
+extern "sysv64" fn overflow_double_fault(frame: *const [u64; 6]) -> ! {
+    // SAFETY: the stub passes the frame the CPU pushed on the IST stack.
+    let [error_code, _rip, _cs, _rflags, rsp, _ss] = unsafe { *frame };
+    let guard = stack_guard_gpa(start_info().mem_bytes);
+    let cr2 = x86::read_cr2();
+    check_eq!("#DF error code", Hex(0), Hex(error_code));
+    check!(
+        (guard..guard + 4096).contains(&cr2),
+        "CR2 {cr2:#x} is not in the guard page [{guard:#x}, {:#x})",
+        guard + 4096
+    );
+    check_eq!(
+        "the overflowed RSP in the #DF frame",
+        Hex(guard + 4096),
+        Hex(rsp)
+    );
+    crate::console::println!(
+        "stack_overflow_double_faults: #PF at {cr2:#x} in the guard page, then #DF on the IST stack"
+    );
+    framework::finish()
+}
+
+/// The tutorial's double-fault test: the boot stack overflows into the guard page; the #PF
+/// cannot push its frame there either, so it becomes a #DF, which a gate with an IST stack
+/// takes. The handler ends the test.
+pub(super) fn stack_overflow_double_faults() {
+    let guard = stack_guard_gpa(start_info().mem_bytes);
+    idt::set_exception_gate_on_ist(
+        DOUBLE_FAULT,
+        lamina_conf_overflow_double_fault as *const () as u64,
+        x86::gdt::DOUBLE_FAULT_IST,
+    );
+    // SAFETY: RSP is moved to the bottom of the boot stack (far below where we run, nothing
+    // lives there) and a push goes below it, into the guard page: it faults, and the #DF
+    // handler never returns here. Should the push not fault, RSP is restored at once.
+    unsafe {
+        asm!(
+            "mov {saved}, rsp",
+            "mov rsp, {bottom}",
+            "push rax",
+            "mov rsp, {saved}",
+            saved = out(reg) _,
+            bottom = in(reg) guard + 4096,
+        )
+    };
+    framework::fail(format_args!(
+        "a push below the boot stack, into the guard page at {guard:#x}, did not fault"
+    ));
 }

@@ -57,6 +57,9 @@ static GDT: RacyCell<[u64; GDT_ENTRIES]> = RacyCell::new([0; GDT_ENTRIES]);
 
 /// The stack for interrupts and exceptions taken from CPL 3.
 static RSP0_STACK: RacyCell<Stack<16384>> = RacyCell::new(Stack::new());
+/// IST slot 1: a known-good stack for exceptions that cannot use the current one (#DF).
+pub(crate) const DOUBLE_FAULT_IST: u8 = 1;
+static IST1_STACK: RacyCell<Stack<16384>> = RacyCell::new(Stack::new());
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
@@ -77,7 +80,10 @@ pub(crate) fn install() {
     }
     let tss = TSS_TABLE.get();
     // SAFETY: nothing else touches the TSS before `ltr` below; interrupts are off.
-    unsafe { (*tss).rsp[0] = RSP0_STACK.top() };
+    unsafe {
+        (*tss).rsp[0] = RSP0_STACK.top();
+        (*tss).ist[usize::from(DOUBLE_FAULT_IST) - 1] = IST1_STACK.top();
+    }
     let [tss_low, tss_high] = tss_descriptor(tss as u64);
     let gdt = GDT.get();
     // SAFETY: the GDT is not loaded yet, so the CPU does not read it while we fill it.

@@ -267,6 +267,17 @@ pub(crate) fn set_gate(vector: u8, handler: u64, dpl: u8) {
     unsafe { (*IDT.get())[usize::from(vector)] = Gate::interrupt(handler, dpl) };
 }
 
+/// Points exception `vector` at `handler` with its own stack, IST slot `ist` of the TSS, which
+/// [`super::gdt::install`] loads (SDM 6.14.5). `handler` gets the CPU's frame as it is.
+pub(crate) fn set_exception_gate_on_ist(vector: u8, handler: u64, ist: u8) {
+    super::gdt::install();
+    install();
+    let mut gate = Gate::interrupt(handler, 0);
+    gate.ist = ist & 7;
+    // SAFETY: interrupts are off and the exception is not being taken while we write.
+    unsafe { (*IDT.get())[usize::from(vector)] = gate };
+}
+
 /// Loads an IDT of limit 0: any exception after this triple-faults.
 pub(crate) fn load_empty() {
     let idtr = DescriptorTablePointer { limit: 0, base: 0 };

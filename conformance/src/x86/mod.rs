@@ -91,6 +91,11 @@ pub(crate) fn read_cr0() -> u64 {
     read_cr!("cr0")
 }
 
+/// CR2: the address of the last page fault.
+pub(crate) fn read_cr2() -> u64 {
+    read_cr!("cr2")
+}
+
 /// CR3.
 pub(crate) fn read_cr3() -> u64 {
     read_cr!("cr3")
@@ -113,13 +118,15 @@ macro_rules! read_segment {
     }};
 }
 
-/// The selectors in CS, DS, ES and SS.
-pub(crate) fn segment_selectors() -> [(&'static str, u16); 4] {
+/// The selectors in CS, DS, ES, SS, FS and GS.
+pub(crate) fn segment_selectors() -> [(&'static str, u16); 6] {
     [
         ("CS", read_segment!("cs")),
         ("DS", read_segment!("ds")),
         ("ES", read_segment!("es")),
         ("SS", read_segment!("ss")),
+        ("FS", read_segment!("fs")),
+        ("GS", read_segment!("gs")),
     ]
 }
 

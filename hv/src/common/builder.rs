@@ -1,19 +1,22 @@
 //! The domain builder: turns a guest kernel ELF into a bootable guest-physical image.
 //!
 //! The ELF is validated before a byte is copied: 64-bit x86-64 executable, no interpreter or
-//! dynamic section, loadable segments inside `[KERNEL_MIN_GPA, mem - STACK_BYTES)`, file ranges
-//! inside the module, no overlaps, entry in an executable segment. Then the boot structures of
-//! `lamina_abi::layout` are written: start info, command line, boot GDT and page tables.
+//! dynamic section, loadable segments inside `[KERNEL_MIN_GPA, stack_guard_gpa(mem))`, file
+//! ranges inside the module, no overlaps, entry in an executable segment. Then the boot
+//! structures of `lamina_abi::layout` are written: start info, command line, boot GDT and page
+//! tables (with the stack's guard page left unmapped). The memory map (docs/abi.md 11) is
+//! derived from the same layout here.
 
 use crate::common::events::{CONSOLE_PORT, default_vcpu_info_gpa};
 use crate::common::guest_memory::{GuestMemory, OutOfBounds};
 use crate::common::time::{TimeBase, publish_vcpu_time, publish_wall_clock};
 use core::fmt;
 use lamina_abi::layout::{
-    BOOT_GDT_GPA, BOOT_GRANT_PD_GPA, BOOT_PD_GPA, BOOT_PDPT_GPA, BOOT_PML4_GPA, CMDLINE_GPA,
-    CMDLINE_MAX, CONSOLE_RING_GPA, GRANT_WINDOW_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA, STACK_BYTES,
-    START_INFO_GPA,
+    BOOT_GDT_GPA, BOOT_GRANT_PD_GPA, BOOT_PD_GPA, BOOT_PDPT_GPA, BOOT_PML4_GPA, BOOT_STACK_PT_GPA,
+    CMDLINE_GPA, CMDLINE_MAX, CONSOLE_RING_GPA, GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA,
+    KERNEL_MIN_GPA, SHARED_INFO_GPA, STACK_GUARD_BYTES, START_INFO_GPA, stack_guard_gpa,
 };
+use lamina_abi::memory::{MEMORY_MAP_MAX_REGIONS, MemoryRegion, region_kind};
 use lamina_abi::shared_info::VcpuInfo;
 use lamina_abi::start_info::{START_FLAG_PRIVILEGED, START_INFO_MAGIC, StartInfo};
 use xmas_elf::ElfFile;
@@ -122,7 +125,7 @@ fn validate(
         Type::SharedObject => return Err(BuildError::Dynamic),
         _ => return Err(BuildError::WrongKind("not an executable")),
     }
-    let limit = mem_bytes.saturating_sub(STACK_BYTES);
+    let limit = stack_guard_gpa(mem_bytes);
     let mut segments = [None; MAX_SEGMENTS];
     let mut count = 0;
     for ph in elf.program_iter() {
@@ -301,11 +304,27 @@ pub fn write_boot_structures(
     let pd = BOOT_PD_GPA;
     mem.write_u64(BOOT_PML4_GPA, pdpt | PRESENT_WRITABLE_USER)?;
     mem.write_u64(pdpt, pd | PRESENT_WRITABLE_USER)?;
-    for page in 0..mem.size() >> 21 {
+    let top = (mem.size() >> 21)
+        .checked_sub(1)
+        .ok_or(BuildError::NoRoom)?;
+    for page in 0..top {
         mem.write_u64(
             pd + 8 * page,
             (page << 21) | PRESENT_WRITABLE_USER | LARGE_PAGE,
         )?;
+    }
+    // The top 2 MiB, which holds the stack, by 4 KiB pages, all but the guard page below the
+    // stack: an overflow raises #PF in the guest (docs/abi.md 4.2).
+    mem.write_u64(pd + 8 * top, BOOT_STACK_PT_GPA | PRESENT_WRITABLE_USER)?;
+    let guard = stack_guard_gpa(mem.size());
+    for index in 0..512 {
+        let page = (top << 21) + (index << 12);
+        let entry = if (guard..guard + STACK_GUARD_BYTES).contains(&page) {
+            0
+        } else {
+            page | PRESENT_WRITABLE_USER
+        };
+        mem.write_u64(BOOT_STACK_PT_GPA + 8 * index, entry)?;
     }
     // PDPT[1] -> the grant window's PD, whose entry 0 maps the window with one 2 MiB page
     // (docs/abi.md 4.2, 16): a kernel reaches a mapped grant at its guest-physical address.
@@ -316,6 +335,70 @@ pub fn write_boot_structures(
         GRANT_WINDOW_GPA | PRESENT_WRITABLE_USER | LARGE_PAGE,
     )?;
     Ok(())
+}
+
+/// A domain's memory map (docs/abi.md 11): its regions in address order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryMap {
+    regions: [MemoryRegion; MEMORY_MAP_MAX_REGIONS],
+    len: usize,
+}
+
+impl MemoryMap {
+    /// The map of a domain of `mem_bytes` RAM whose kernel image is `image` (as loaded; an
+    /// empty image has no region).
+    pub fn new(mem_bytes: u64, image: &KernelImage) -> Self {
+        let mut map = MemoryMap {
+            regions: [MemoryRegion::default(); MEMORY_MAP_MAX_REGIONS],
+            len: 0,
+        };
+        let image_start = image.start & !0xfff;
+        let guard = stack_guard_gpa(mem_bytes);
+        let boot_tables_end = BOOT_PML4_GPA + 0x3000;
+        const _: () = assert!(SHARED_INFO_GPA == BOOT_PML4_GPA + 0x3000);
+        const _: () = assert!(CONSOLE_RING_GPA == SHARED_INFO_GPA + 0x1000);
+        const _: () = assert!(BOOT_GRANT_PD_GPA == CONSOLE_RING_GPA + 0x1000);
+        const _: () = assert!(BOOT_STACK_PT_GPA == BOOT_GRANT_PD_GPA + 0x1000);
+        for (start, end, kind) in [
+            (0, BOOT_PML4_GPA, region_kind::BOOT),
+            (
+                BOOT_PML4_GPA,
+                boot_tables_end,
+                region_kind::BOOT_PAGE_TABLES,
+            ),
+            (SHARED_INFO_GPA, BOOT_GRANT_PD_GPA, region_kind::SHARED),
+            (
+                BOOT_GRANT_PD_GPA,
+                BOOT_STACK_PT_GPA + 0x1000,
+                region_kind::BOOT_PAGE_TABLES,
+            ),
+            (BOOT_STACK_PT_GPA + 0x1000, image_start, region_kind::RAM),
+            (image_start, image.end, region_kind::KERNEL_IMAGE),
+            (image.end, guard, region_kind::RAM),
+            (guard, mem_bytes, region_kind::BOOT_STACK),
+            (
+                GRANT_WINDOW_GPA,
+                GRANT_WINDOW_GPA + GRANT_WINDOW_BYTES,
+                region_kind::GRANT_WINDOW,
+            ),
+        ] {
+            if start < end && map.len < MEMORY_MAP_MAX_REGIONS {
+                map.regions[map.len] = MemoryRegion {
+                    base: start,
+                    length: end - start,
+                    kind,
+                    reserved: 0,
+                };
+                map.len += 1;
+            }
+        }
+        map
+    }
+
+    /// The regions, in address order.
+    pub fn regions(&self) -> &[MemoryRegion] {
+        &self.regions[..self.len]
+    }
 }
 
 /// The boot GDT's limit, for GDTR.
@@ -478,10 +561,26 @@ mod tests {
         assert_eq!(info.name(), "ping");
         assert_eq!(info.cmdline_len, 11);
         assert_eq!(
-            t.mem.read_u64(BOOT_PML4_GPA + 0x2000 + 8).unwrap(),
-            (1 << 21) | 0x87,
+            t.mem.read_u64(BOOT_PML4_GPA + 0x2000).unwrap(),
+            0x87,
             "PD maps 2 MiB pages"
         );
+        assert_eq!(
+            t.mem.read_u64(BOOT_PML4_GPA + 0x2000 + 8).unwrap(),
+            BOOT_STACK_PT_GPA | 0x7,
+            "the top 2 MiB by 4 KiB pages"
+        );
+        let guard = MEM - 0x11000;
+        let pte = |gpa: u64| {
+            t.mem
+                .read_u64(BOOT_STACK_PT_GPA + 8 * ((gpa >> 12) & 511))
+                .unwrap()
+        };
+        assert_eq!(pte(guard), 0, "the guard page is not mapped");
+        assert_eq!(pte(guard - 0x1000), (guard - 0x1000) | 0x7);
+        assert_eq!(pte(guard + 0x1000), (guard + 0x1000) | 0x7, "the stack");
+        assert_eq!(pte(MEM - 0x1000), (MEM - 0x1000) | 0x7);
+        assert_eq!(pte(MEM - (2 << 20)), (MEM - (2 << 20)) | 0x7);
         assert_eq!(
             t.mem.read_u64(BOOT_PML4_GPA + 0x1000 + 8).unwrap(),
             BOOT_GRANT_PD_GPA | 0x7,
@@ -493,5 +592,63 @@ mod tests {
             "the grant window is one 2 MiB page"
         );
         assert_eq!(t.mem.read_u64(BOOT_GRANT_PD_GPA + 8).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_memory_map_gives_every_boot_structure_a_kind_and_leaves_ram_free() {
+        use region_kind::*;
+        let image = KernelImage {
+            entry: 0x200000,
+            start: 0x200010,
+            end: 0x213000,
+        };
+        let map = MemoryMap::new(MEM, &image);
+        let got: Vec<(u64, u64, u32)> = map
+            .regions()
+            .iter()
+            .map(|r| (r.base, r.base + r.length, r.kind))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 0x4000, BOOT),
+                (0x4000, 0x7000, BOOT_PAGE_TABLES),
+                (0x7000, 0x9000, SHARED),
+                (0x9000, 0xb000, BOOT_PAGE_TABLES),
+                (0xb000, 0x200000, RAM),
+                (0x200000, 0x213000, KERNEL_IMAGE),
+                (0x213000, MEM - 0x11000, RAM),
+                (MEM - 0x11000, MEM, BOOT_STACK),
+                (GRANT_WINDOW_GPA, GRANT_WINDOW_GPA + (2 << 20), GRANT_WINDOW),
+            ]
+        );
+        // An image that reaches the guard page leaves no free RAM above it.
+        let full = KernelImage {
+            end: MEM - 0x11000,
+            ..image
+        };
+        let map = MemoryMap::new(MEM, &full);
+        assert_eq!(map.regions().len(), 8);
+        assert!(map.regions().iter().all(|r| r.length > 0));
+    }
+
+    #[test]
+    fn a_kernel_may_not_reach_the_guard_page() {
+        let t = test_memory(MEM);
+        let guard = MEM - 0x11000;
+        assert!(matches!(
+            load_kernel(
+                &elf(0x200000, &[(0x200000, guard + 1 - 0x200000, 0x10, RX)]),
+                &t.mem
+            ),
+            Err(BuildError::SegmentOutsideRam { .. })
+        ));
+        assert!(
+            load_kernel(
+                &elf(0x200000, &[(0x200000, guard - 0x200000, 0x10, RX)]),
+                &t.mem
+            )
+            .is_ok()
+        );
     }
 }

@@ -7,8 +7,11 @@ use alloc::string::String;
 use core::fmt;
 use lamina_abi::layout::{MEM_DEFAULT_BYTES, MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES};
 
-/// Longest domain name kept (the StartInfo field holds 32 bytes with a NUL).
+/// Longest domain name (the StartInfo field holds 32 bytes with a NUL); a longer one rejects
+/// the module rather than being cut (docs/abi.md 4.4).
 pub const NAME_MAX: usize = 31;
+/// Longest name shown in a message about a module (names are never longer in a domain).
+const NAME_SHOWN_MAX: usize = 64;
 
 /// What the hypervisor takes from a module's command line.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,6 +42,8 @@ pub enum ConfigError {
     BadWeight,
     /// `vcpus=` is not 1, the only number of vCPUs a domain can have until SMP.
     BadVcpus,
+    /// The name is longer than [`NAME_MAX`] bytes (its length).
+    NameTooLong(usize),
 }
 
 impl fmt::Display for ConfigError {
@@ -48,6 +53,10 @@ impl fmt::Display for ConfigError {
             ConfigError::BadPrivileged => write!(f, "privileged= is not 0 or 1"),
             ConfigError::BadWeight => write!(f, "weight= is not a number from 1 to 65535"),
             ConfigError::BadVcpus => write!(f, "vcpus= is not 1 (a domain has one vCPU)"),
+            ConfigError::NameTooLong(len) => write!(
+                f,
+                "the domain name is {len} bytes long, more than {NAME_MAX} (StartInfo.name holds {NAME_MAX})"
+            ),
             ConfigError::MemOutOfRange(bytes) => write!(
                 f,
                 "mem={}K is outside {}M..{}M",
@@ -75,20 +84,27 @@ pub fn default_name(index: usize) -> String {
     alloc::format!("module{index}")
 }
 
-fn sanitize_name(raw: &str) -> String {
+/// Keeps the characters a name may have (letters, digits, `-`, `_`, `.`), at most `limit`.
+fn sanitize_name(raw: &str, limit: usize) -> String {
     raw.chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        .take(NAME_MAX)
+        .take(limit)
         .collect()
 }
 
-/// The name alone (used in messages even when the rest of the line is bad).
-pub fn name_of(cmdline: &str, index: usize) -> String {
+fn raw_name(cmdline: &str) -> Option<&str> {
     let explicit = cmdline
         .split_whitespace()
         .find_map(|t| t.strip_prefix("name="));
-    let bare = cmdline.split_whitespace().find(|t| !t.contains('='));
-    let name = explicit.or(bare).map(sanitize_name).unwrap_or_default();
+    explicit.or_else(|| cmdline.split_whitespace().find(|t| !t.contains('=')))
+}
+
+/// The name alone, as messages show it even when the line is bad (a name too long for a
+/// domain is shown whole, up to 64 characters).
+pub fn name_of(cmdline: &str, index: usize) -> String {
+    let name = raw_name(cmdline)
+        .map(|raw| sanitize_name(raw, NAME_SHOWN_MAX))
+        .unwrap_or_default();
     if name.is_empty() {
         default_name(index)
     } else {
@@ -101,6 +117,12 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     let mut mem_bytes = MEM_DEFAULT_BYTES;
     let mut privileged = false;
     let mut weight = DEFAULT_WEIGHT;
+    if let Some(raw) = raw_name(cmdline) {
+        let len = sanitize_name(raw, usize::MAX).len();
+        if len > NAME_MAX {
+            return Err(ConfigError::NameTooLong(len));
+        }
+    }
     for token in cmdline.split_whitespace() {
         if let Some(count) = token.strip_prefix("vcpus=")
             && count != "1"
@@ -200,6 +222,23 @@ mod tests {
     #[test]
     fn names_are_sanitized_and_bounded() {
         assert_eq!(name_of("we;ird/name mem=4M", 1), "weirdname");
-        assert_eq!(name_of(&"a".repeat(100), 1).len(), NAME_MAX);
+        assert_eq!(
+            name_of(&"a".repeat(100), 1).len(),
+            64,
+            "shown whole, up to 64"
+        );
+        assert_eq!(parse(&"a".repeat(31), 1).unwrap().name, "a".repeat(31));
+        assert_eq!(
+            parse(&format!("{} mem=4M", "b".repeat(32)), 1),
+            Err(ConfigError::NameTooLong(32))
+        );
+        assert_eq!(
+            parse(&format!("name={}", "c".repeat(40)), 1),
+            Err(ConfigError::NameTooLong(40))
+        );
+        assert_eq!(
+            ConfigError::NameTooLong(40).to_string(),
+            "the domain name is 40 bytes long, more than 31 (StartInfo.name holds 31)"
+        );
     }
 }

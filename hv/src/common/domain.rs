@@ -1,5 +1,6 @@
 //! A domain: one isolated guest with its RAM, devices, console, counters and lifecycle.
 
+use crate::common::builder::{KernelImage, MemoryMap};
 use crate::common::events::EventChannels;
 use crate::common::grant_table::GrantTable;
 use crate::common::guest_memory::{GuestMemory, OwnedRam};
@@ -18,7 +19,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
 use lamina_abi::domctl::CONSOLE_HISTORY_BYTES;
 use lamina_abi::event_channel::Virq;
-use lamina_abi::layout::{CONSOLE_RING_GPA, SHARED_INFO_GPA};
+use lamina_abi::layout::{CONSOLE_RING_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA};
 
 /// Longest console line kept before it is flushed without a newline.
 const CONSOLE_LINE_MAX: usize = 256;
@@ -124,54 +125,121 @@ impl ConsoleHistory {
     }
 }
 
-/// Console bytes waiting for their newline, and the history of the lines printed.
-pub struct ConsoleLine {
-    bytes: [u8; CONSOLE_LINE_MAX],
-    len: usize,
-    /// What was printed so far.
-    pub history: ConsoleHistory,
+/// Where guest console bytes come from. Each source is assembled into lines of its own, so
+/// a line half written through one is never cut by a line of the other (docs/abi.md 7.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsoleSource {
+    /// The emulated UART's transmit register (7.1).
+    Uart,
+    /// `console_io` write (3.2) and the console ring (13).
+    Paravirtual,
 }
 
-impl Default for ConsoleLine {
+/// Bytes of one source waiting for their newline.
+struct LineBuffer {
+    bytes: [u8; CONSOLE_LINE_MAX],
+    len: usize,
+}
+
+impl Default for LineBuffer {
     fn default() -> Self {
-        ConsoleLine {
+        LineBuffer {
             bytes: [0; CONSOLE_LINE_MAX],
             len: 0,
-            history: ConsoleHistory::default(),
         }
     }
 }
 
+impl LineBuffer {
+    /// Where to break a full buffer: after the last space (the space itself is dropped), so
+    /// a long line is wrapped between words; a single word longer than the buffer is broken
+    /// at the last UTF-8 character boundary. Returns (end of this line, start of the rest).
+    fn break_point(&self) -> (usize, usize) {
+        let full = &self.bytes[..self.len];
+        if let Some(space) = full.iter().rposition(|&b| b == b' ')
+            && space > 0
+        {
+            return (space, space + 1);
+        }
+        // Back off over UTF-8 continuation bytes (10xxxxxx) to the start of a character.
+        let start = (1..self.len)
+            .rev()
+            .find(|&i| full[i] & 0xc0 != 0x80)
+            .unwrap_or(self.len);
+        (start, start)
+    }
+}
+
+/// A domain's console: a line buffer per source, and the history of the lines printed.
+#[derive(Default)]
+pub struct ConsoleLine {
+    uart: LineBuffer,
+    paravirtual: LineBuffer,
+    /// What was printed so far.
+    pub history: ConsoleHistory,
+}
+
 impl ConsoleLine {
-    /// Adds bytes, emitting each completed line as `(d<ID>) ...`.
-    pub fn write(&mut self, domain_id: u32, data: &[u8]) {
+    /// Adds bytes from `source`, emitting each completed line as `(d<ID>) ...`. A line
+    /// longer than [`CONSOLE_LINE_MAX`] bytes is wrapped at a word boundary.
+    pub fn write(&mut self, source: ConsoleSource, domain_id: u32, data: &[u8]) {
         for &byte in data {
             match byte {
-                b'\n' => self.flush(domain_id),
+                b'\n' => self.flush(source, domain_id),
                 b'\r' => {}
                 _ => {
-                    self.bytes[self.len] = byte;
-                    self.len += 1;
-                    if self.len == CONSOLE_LINE_MAX {
-                        self.flush(domain_id);
+                    let buffer = self.buffer(source);
+                    buffer.bytes[buffer.len] = byte;
+                    buffer.len += 1;
+                    if buffer.len == CONSOLE_LINE_MAX {
+                        self.wrap(source, domain_id);
                     }
                 }
             }
         }
     }
 
-    /// Emits what is buffered, if anything.
-    pub fn flush(&mut self, domain_id: u32) {
-        let line = &self.bytes[..self.len];
+    fn buffer(&mut self, source: ConsoleSource) -> &mut LineBuffer {
+        match source {
+            ConsoleSource::Uart => &mut self.uart,
+            ConsoleSource::Paravirtual => &mut self.paravirtual,
+        }
+    }
+
+    /// Emits the full buffer of `source` up to its break point and keeps the rest.
+    fn wrap(&mut self, source: ConsoleSource, domain_id: u32) {
+        let buffer = self.buffer(source);
+        let (end, rest) = buffer.break_point();
+        let mut line = [0u8; CONSOLE_LINE_MAX];
+        line[..end].copy_from_slice(&buffer.bytes[..end]);
+        let len = buffer.len;
+        buffer.bytes.copy_within(rest..len, 0);
+        buffer.len = len - rest;
+        self.emit(domain_id, &line[..end]);
+    }
+
+    /// Emits what `source` has buffered (an empty line if nothing).
+    pub fn flush(&mut self, source: ConsoleSource, domain_id: u32) {
+        let buffer = self.buffer(source);
+        let mut line = [0u8; CONSOLE_LINE_MAX];
+        let len = core::mem::take(&mut buffer.len);
+        line[..len].copy_from_slice(&buffer.bytes[..len]);
+        self.emit(domain_id, &line[..len]);
+    }
+
+    /// Emits what either source has buffered, UART first (at the domain's end).
+    pub fn flush_pending(&mut self, domain_id: u32) {
+        for source in [ConsoleSource::Uart, ConsoleSource::Paravirtual] {
+            if self.buffer(source).len != 0 {
+                self.flush(source, domain_id);
+            }
+        }
+    }
+
+    fn emit(&mut self, domain_id: u32, line: &[u8]) {
         output::guest_line(domain_id, line);
         self.history.append(output::printed_text(line).as_bytes());
         self.history.append(b"\n");
-        self.len = 0;
-    }
-
-    /// True when bytes wait for a newline.
-    pub fn is_pending(&self) -> bool {
-        self.len != 0
     }
 }
 
@@ -183,6 +251,8 @@ pub struct Domain {
     pub name: String,
     /// RAM.
     pub memory: GuestMemory,
+    /// Its memory map (docs/abi.md 11), fixed when it is built.
+    pub memory_map: MemoryMap,
     /// Lifecycle.
     pub state: DomainState,
     /// Console output in progress.
@@ -229,9 +299,15 @@ impl Domain {
     /// A runnable domain with fresh devices and one vCPU.
     pub fn new(id: u32, name: String, memory: GuestMemory, time: TimeBase) -> Self {
         let now = time.ns_at(read_tsc());
+        let no_image = KernelImage {
+            entry: KERNEL_MIN_GPA,
+            start: KERNEL_MIN_GPA,
+            end: KERNEL_MIN_GPA,
+        };
         Domain {
             id,
             name,
+            memory_map: MemoryMap::new(memory.size(), &no_image),
             memory,
             state: DomainState::Runnable,
             console: ConsoleLine::default(),
@@ -277,6 +353,14 @@ impl Domain {
     /// System time now.
     pub fn now(&self) -> u64 {
         self.time.ns_at(read_tsc())
+    }
+
+    /// The guest writes `value` to register `offset` of its emulated UART; a byte it
+    /// transmits goes to the console as UART output (docs/abi.md 7.1).
+    pub fn uart_write(&mut self, offset: u16, value: u8) {
+        if let Some(byte) = self.uart.write(offset, value) {
+            self.console.write(ConsoleSource::Uart, self.id, &[byte]);
+        }
     }
 
     /// Puts a byte of serial input into the console ring's input buffer (dropped when full)
@@ -346,7 +430,8 @@ impl Domain {
                 }
                 copied += run;
             }
-            self.console.write(self.id, &bytes[..waiting]);
+            self.console
+                .write(ConsoleSource::Paravirtual, self.id, &bytes[..waiting]);
         }
         let _ = self
             .memory
@@ -359,9 +444,7 @@ impl Domain {
             return;
         }
         self.drain_console_ring();
-        if self.console.is_pending() {
-            self.console.flush(self.id);
-        }
+        self.console.flush_pending(self.id);
         match &ending {
             Ending::Fault(why) => report_stop(self.id, &self.name, why),
             Ending::Paused => report_stop(self.id, &self.name, PAUSED_FOR_GOOD),
@@ -488,5 +571,60 @@ mod tests {
         assert_eq!(&all[4092..], b"tail");
         let mut one = [0u8; 1];
         assert_eq!(history.copy_from(history.start() - 1, &mut one), 0);
+    }
+
+    #[test]
+    fn uart_and_paravirtual_lines_never_interleave() {
+        use crate::common::output::testing::take_lines;
+        let mut console = ConsoleLine::default();
+        console.write(ConsoleSource::Uart, 4, b"half of a UART ");
+        console.write(ConsoleSource::Paravirtual, 4, b"a whole hypercall line\n");
+        console.write(ConsoleSource::Uart, 4, b"line, finished\n");
+        console.write(ConsoleSource::Paravirtual, 4, b"left open");
+        console.flush_pending(4);
+        assert_eq!(
+            take_lines(),
+            [
+                "(d4) a whole hypercall line",
+                "(d4) half of a UART line, finished",
+                "(d4) left open"
+            ]
+        );
+    }
+
+    #[test]
+    fn long_lines_are_wrapped_between_words() {
+        use crate::common::output::testing::take_lines;
+        let mut console = ConsoleLine::default();
+        let words: Vec<String> = (0..60).map(|i| format!("word{i:02}")).collect();
+        let text = words.join(" ");
+        console.write(ConsoleSource::Paravirtual, 1, text.as_bytes());
+        console.write(ConsoleSource::Paravirtual, 1, b"\n");
+        let lines = take_lines();
+        assert!(lines.len() > 1);
+        let mut rejoined = Vec::new();
+        for line in &lines {
+            let text = line.strip_prefix("(d1) ").unwrap();
+            assert!(text.len() <= CONSOLE_LINE_MAX);
+            assert!(
+                text.split(' ').all(|w| w.len() == 6),
+                "cut in a word: {text}"
+            );
+            rejoined.push(text.to_string());
+        }
+        assert_eq!(rejoined.join(" "), text);
+    }
+
+    #[test]
+    fn a_word_longer_than_a_line_is_broken_at_a_character_boundary() {
+        use crate::common::output::testing::take_lines;
+        let mut console = ConsoleLine::default();
+        let word = "\u{e9}".repeat(200); // 400 bytes, two each
+        console.write(ConsoleSource::Uart, 1, word.as_bytes());
+        console.flush_pending(1);
+        let lines = take_lines();
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|l| !l.contains("invalid")), "{lines:?}");
+        assert_eq!(lines[0].len() - 5 + lines[1].len() - 5, 400);
     }
 }

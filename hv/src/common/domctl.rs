@@ -220,6 +220,7 @@ fn phys_info(domain: &mut Domain, gpa: u64, peers: &mut dyn DomainTable) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::domain::ConsoleSource;
     use crate::common::guest_memory::GuestMemory;
     use crate::common::guest_memory::testing::{TestMemory, test_memory};
     use crate::common::time::TimeBase;
@@ -370,7 +371,7 @@ mod tests {
         let ([t1, ..], mut one, mut others) = three();
         one.weight = 512;
         one.cpu_ns = 7;
-        one.console.write(1, b"hi\n");
+        one.console.write(ConsoleSource::Paravirtual, 1, b"hi\n");
         others[0].paused = true;
         others[1].vcpus[0].wait = Wait::Block;
         let list = op(DomctlOp::ListDomains);
@@ -447,13 +448,16 @@ mod tests {
             out.truncate(n);
             out
         };
-        d.console.write(2, b"hello\r\nwor");
+        d.console
+            .write(ConsoleSource::Paravirtual, 2, b"hello\r\nwor");
         assert_eq!(d.console.history.end(), 6, "a line counts once printed");
-        d.console.write(2, b"ld\n\n\xff\n");
+        d.console
+            .write(ConsoleSource::Paravirtual, 2, b"ld\n\n\xff\n");
         assert_eq!(history(&d, 0, 100), b"hello\nworld\n\n<invalid UTF-8>\n");
         for i in 0..50 {
             let line = alloc::format!("{i:02}{}\n", "x".repeat(97));
-            d.console.write(2, line.as_bytes());
+            d.console
+                .write(ConsoleSource::Paravirtual, 2, line.as_bytes());
         }
         let end = 29 + 50 * 100;
         assert_eq!(d.console.history.end(), end);
@@ -470,7 +474,9 @@ mod tests {
         let r = |one: &mut Domain, others: &mut [Domain], [a, b, c, d]: [u64; 4]| {
             call(one, others, [op(DomctlOp::ReadConsole), a, b, c, d])
         };
-        others[0].console.write(2, b"hello\nworld\n");
+        others[0]
+            .console
+            .write(ConsoleSource::Paravirtual, 2, b"hello\nworld\n");
         let (o, d) = (&mut one, &mut others);
         // The order: the domain, the length, the buffer, the offset.
         assert_eq!(r(o, d, [9999, 99, u64::MAX, 5000]), Err(Errno::ENOENT));
@@ -491,8 +497,9 @@ mod tests {
         assert_eq!(r(o, d, [2, 12, u64::MAX, 0]), Ok(0), "an empty buffer");
         assert_eq!(r(o, d, [3, 0, BUFFER, 16]), Ok(0), "nothing printed yet");
         for _ in 0..50 {
-            d[0].console.write(2, &[b'x'; 99]);
-            d[0].console.write(2, b"\n");
+            d[0].console
+                .write(ConsoleSource::Paravirtual, 2, &[b'x'; 99]);
+            d[0].console.write(ConsoleSource::Paravirtual, 2, b"\n");
         }
         let end = 12 + 5000;
         assert_eq!(
@@ -502,7 +509,7 @@ mod tests {
         );
         assert_eq!(r(o, d, [2, end - 4096, BUFFER, 4096]), Ok(4096));
         // Its own console too, and a domain's after it ended.
-        o.console.write(1, b"me\n");
+        o.console.write(ConsoleSource::Paravirtual, 1, b"me\n");
         assert_eq!(r(o, d, [1, 0, BUFFER, 16]), Ok(3));
         d[0].end(Ending::Destroyed);
         assert_eq!(r(o, d, [2, end - 1, BUFFER, 16]), Ok(1));

@@ -5,7 +5,9 @@
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
-use crate::common::domain::{Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists};
+use crate::common::domain::{
+    ConsoleSource, Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists,
+};
 use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, reg};
 use crate::common::vcpu_state::Wait;
@@ -13,8 +15,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
-use lamina_abi::layout::{BOOT_AREA_END, CONSOLE_RING_GPA, GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
-use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
+use lamina_abi::layout::CONSOLE_RING_GPA;
+use lamina_abi::memory::{MemoryOp, MemoryRegion};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
 use lamina_abi::stats::{ExitCounters, StatsOp};
@@ -136,7 +138,9 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
     match op {
         ConsoleOp::Write => {
             domain.memory.read(gpa, bytes)?;
-            domain.console.write(domain.id, bytes);
+            domain
+                .console
+                .write(ConsoleSource::Paravirtual, domain.id, bytes);
             Ok(Done::Return(len))
         }
         ConsoleOp::Read => {
@@ -435,26 +439,8 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u
     match MemoryOp::try_from(op)? {
         MemoryOp::CurrentReservation => Ok(size),
         MemoryOp::GetMemoryMap => {
-            let regions = [
-                MemoryRegion {
-                    base: 0,
-                    length: BOOT_AREA_END,
-                    kind: region_kind::BOOT,
-                    reserved: 0,
-                },
-                MemoryRegion {
-                    base: BOOT_AREA_END,
-                    length: size - BOOT_AREA_END,
-                    kind: region_kind::RAM,
-                    reserved: 0,
-                },
-                MemoryRegion {
-                    base: GRANT_WINDOW_GPA,
-                    length: GRANT_WINDOW_BYTES,
-                    kind: region_kind::GRANT_WINDOW,
-                    reserved: 0,
-                },
-            ];
+            let map = domain.memory_map;
+            let regions = map.regions();
             let written = (capacity as usize).min(regions.len());
             let entry = size_of::<MemoryRegion>() as u64;
             if written > 0 {

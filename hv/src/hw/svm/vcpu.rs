@@ -101,13 +101,12 @@ impl SvmVcpu {
         v.write(vmcb::N_CR3, npt_root);
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
-        let (code, data) = (
-            lamina_abi::layout::BOOT_CODE_SELECTOR,
-            lamina_abi::layout::BOOT_DATA_SELECTOR,
-        );
+        // Data selectors are null (docs/abi.md 4.1), legal at CPL 0 in 64-bit mode (SDM Vol. 3A
+        // 5.4.1.1; AMD64 alike); the hidden state stays a flat writable data segment of DPL 0.
+        let (code, null) = (lamina_abi::layout::BOOT_CODE_SELECTOR, 0);
         v.write_segment(vmcb::CS, code, 0x029b, 0xffff_ffff, 0);
         for seg in [vmcb::DS, vmcb::ES, vmcb::SS, vmcb::FS, vmcb::GS] {
-            v.write_segment(seg, data, 0x0c93, 0xffff_ffff, 0);
+            v.write_segment(seg, null, 0x0c93, 0xffff_ffff, 0);
         }
         v.write_segment(vmcb::TR, 0, 0x008b, 0x67, 0);
         v.write_segment(vmcb::LDTR, 0, 0x0082, 0, 0);

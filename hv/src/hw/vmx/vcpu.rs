@@ -250,18 +250,18 @@ impl VmxVcpu {
     }
 
     fn write_guest_state(&mut self, entry: &EntryState) -> Result<(), HwError> {
-        let (code, data) = (
-            lamina_abi::layout::BOOT_CODE_SELECTOR,
-            lamina_abi::layout::BOOT_DATA_SELECTOR,
-        );
+        // Data selectors are null (docs/abi.md 4.1), legal at CPL 0 in 64-bit mode (SDM Vol. 3A
+        // 5.4.1.1). The hidden state stays a usable flat data segment of DPL 0: SS.DPL is the
+        // CPL (SDM 26.3.1.2), and 64-bit mode ignores the rest for DS, ES, FS and GS.
+        let (code, null) = (lamina_abi::layout::BOOT_CODE_SELECTOR, 0);
         // ES, CS, SS, DS, FS, GS, LDTR, TR: selector, base, limit, access rights (SDM 24.4.1).
         let segments: [(u16, u32, u32); 8] = [
-            (data, 0xffff_ffff, 0xc093),
+            (null, 0xffff_ffff, 0xc093),
             (code, 0xffff_ffff, 0xa09b),
-            (data, 0xffff_ffff, 0xc093),
-            (data, 0xffff_ffff, 0xc093),
-            (data, 0xffff_ffff, 0xc093),
-            (data, 0xffff_ffff, 0xc093),
+            (null, 0xffff_ffff, 0xc093),
+            (null, 0xffff_ffff, 0xc093),
+            (null, 0xffff_ffff, 0xc093),
+            (null, 0xffff_ffff, 0xc093),
             (0, 0, 0x1_0000),  // LDTR unusable
             (0, 0x67, 0x008b), // TR: busy 64-bit TSS
         ];

@@ -72,6 +72,7 @@ pub mod timer;
 pub mod uart;
 pub mod vcpu;
 pub mod x2apic;
+pub mod xstate;
 
 mod panic;
 mod sync;

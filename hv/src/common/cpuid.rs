@@ -54,12 +54,14 @@ const LEAF7_EDX_UNSAVED: u32 =
 const LEAF_D1_EAX_OFFERED: u32 = (1 << 0) | (1 << 2);
 
 /// What the guest's CPUID(`leaf`, `subleaf`) returns, given the host's answer `host`, the
-/// TSC frequency in kHz and the asking vCPU's extended state.
+/// TSC frequency in kHz and the asking vCPU's extended state (asked for only by the leaves
+/// that show it: 1, 7 and 0xD). Inlined into the CPUID exit, which is a hot trapping path.
+#[inline(always)]
 pub fn emulate(
     leaf: u32,
     subleaf: u32,
     tsc_khz: u32,
-    xstate: XstateView,
+    xstate: impl FnOnce() -> XstateView,
     host: impl Fn(u32, u32) -> CpuidResult,
 ) -> CpuidResult {
     if HYPERVISOR_RANGE.contains(&leaf) {
@@ -80,6 +82,28 @@ pub fn emulate(
             regs[2] &= !(1 << 5); // VMX
             regs[2] &= !(1 << 3); // MONITOR/MWAIT: not offered to guests
             regs[2] |= (1 << 21) | (1 << 24); // the emulated x2APIC, with TSC-deadline mode
+            show_extended_state(leaf, subleaf, &mut regs, xstate(), &host);
+        }
+        7 | 0xd => show_extended_state(leaf, subleaf, &mut regs, xstate(), &host),
+        0x8000_0001 => regs[2] &= !(1 << 2), // SVM
+        0x8000_000a => regs = [0; 4],        // SVM features
+        _ => {}
+    }
+    regs
+}
+
+/// Leaves 1, 7 and 0xD as the vCPU's extended state has them (docs/abi.md 18). Out of line:
+/// the other leaves stay cheap.
+#[inline(never)]
+fn show_extended_state(
+    leaf: u32,
+    subleaf: u32,
+    regs: &mut CpuidResult,
+    xstate: XstateView,
+    host: &impl Fn(u32, u32) -> CpuidResult,
+) {
+    match leaf {
+        1 => {
             regs[2] &= !LEAF1_ECX_OSXSAVE;
             if xstate.mask == 0 {
                 regs[2] &= !(LEAF1_ECX_XSAVE | LEAF1_ECX_AVX | LEAF1_ECX_FMA | LEAF1_ECX_F16C);
@@ -98,12 +122,9 @@ pub fn emulate(
             regs[2] &= !LEAF7_ECX_UNSAVED;
             regs[3] &= !LEAF7_EDX_UNSAVED;
         }
-        0xd => regs = extended_state_leaf(subleaf, xstate, &host),
-        0x8000_0001 => regs[2] &= !(1 << 2), // SVM
-        0x8000_000a => regs = [0; 4],        // SVM features
+        0xd => *regs = extended_state_leaf(subleaf, xstate, host),
         _ => {}
     }
-    regs
 }
 
 /// Leaf 0xD (SDM Vol. 2, CPUID): the components guests may enable, the area for the guest's
@@ -151,24 +172,27 @@ mod tests {
 
     #[test]
     fn the_guest_sees_lamina_and_no_virtualization_extensions() {
-        let sig = emulate(LEAF_SIGNATURE, 0, 2_000_000, NO_XSAVE, host);
+        let sig = emulate(LEAF_SIGNATURE, 0, 2_000_000, || NO_XSAVE, host);
         let bytes: Vec<u8> = sig[1..].iter().flat_map(|r| r.to_le_bytes()).collect();
         assert_eq!(&bytes, b"LaminaLamina");
         assert_eq!(sig[0], LEAF_MAX);
         assert_eq!(
-            emulate(LEAF_VERSION, 0, 2_000_000, NO_XSAVE, host)[0],
+            emulate(LEAF_VERSION, 0, 2_000_000, || NO_XSAVE, host)[0],
             lamina_abi::abi_version()
         );
-        assert_eq!(emulate(0x4000_0100, 0, 2_000_000, NO_XSAVE, host), [0; 4]);
-        let basic = emulate(1, 0, 2_000_000, NO_XSAVE, host);
+        assert_eq!(
+            emulate(0x4000_0100, 0, 2_000_000, || NO_XSAVE, host),
+            [0; 4]
+        );
+        let basic = emulate(1, 0, 2_000_000, || NO_XSAVE, host);
         assert_eq!(basic[2], (1 << 31) | (1 << 24) | (1 << 21) | 1);
         assert_eq!(
-            emulate(LEAF_TIMING, 0, 2_000_000, NO_XSAVE, host),
+            emulate(LEAF_TIMING, 0, 2_000_000, || NO_XSAVE, host),
             [2_000_000, APIC_TIMER_KHZ, 0, 0]
         );
-        assert_eq!(emulate(0x8000_0001, 0, 2_000_000, NO_XSAVE, host)[2], 1);
+        assert_eq!(emulate(0x8000_0001, 0, 2_000_000, || NO_XSAVE, host)[2], 1);
         assert_eq!(
-            emulate(6, 0, 2_000_000, NO_XSAVE, host),
+            emulate(6, 0, 2_000_000, || NO_XSAVE, host),
             [6, 1, 2, 3],
             "other leaves pass through"
         );
@@ -194,17 +218,21 @@ mod tests {
             xcr0: 0b11,
             osxsave: false,
         };
-        let ecx = emulate(1, 0, 1, view, avx_host)[2];
+        let ecx = emulate(1, 0, 1, || view, avx_host)[2];
         assert_eq!(
             ecx & (0xf << 26),
             0b1101 << 26,
             "XSAVE, AVX, F16C; no OSXSAVE"
         );
         view.osxsave = true;
-        assert_ne!(emulate(1, 0, 1, view, avx_host)[2] & (1 << 27), 0);
+        assert_ne!(emulate(1, 0, 1, || view, avx_host)[2] & (1 << 27), 0);
         let without = XstateView { mask: 0, ..view };
-        assert_eq!(emulate(1, 0, 1, without, avx_host)[2] & (0xf << 26), 0);
-        assert_eq!(emulate(1, 0, 1, without, avx_host)[2] & (1 << 12), 0, "FMA");
+        assert_eq!(emulate(1, 0, 1, || without, avx_host)[2] & (0xf << 26), 0);
+        assert_eq!(
+            emulate(1, 0, 1, || without, avx_host)[2] & (1 << 12),
+            0,
+            "FMA"
+        );
     }
 
     #[test]
@@ -214,17 +242,17 @@ mod tests {
             xcr0: 0b11,
             osxsave: true,
         };
-        assert_eq!(emulate(0xd, 0, 1, view, avx_host), [0b111, 576, 832, 0]);
+        assert_eq!(emulate(0xd, 0, 1, || view, avx_host), [0b111, 576, 832, 0]);
         view.xcr0 = 0b111;
-        assert_eq!(emulate(0xd, 0, 1, view, avx_host), [0b111, 832, 832, 0]);
-        assert_eq!(emulate(0xd, 1, 1, view, avx_host), [0b101, 832, 0, 0]);
-        assert_eq!(emulate(0xd, 2, 1, view, avx_host), [256, 576, 0, 0]);
+        assert_eq!(emulate(0xd, 0, 1, || view, avx_host), [0b111, 832, 832, 0]);
+        assert_eq!(emulate(0xd, 1, 1, || view, avx_host), [0b101, 832, 0, 0]);
+        assert_eq!(emulate(0xd, 2, 1, || view, avx_host), [256, 576, 0, 0]);
         assert_eq!(
-            emulate(0xd, 5, 1, view, avx_host),
+            emulate(0xd, 5, 1, || view, avx_host),
             [0; 4],
             "AVX-512 not offered"
         );
-        let leaf7 = emulate(7, 0, 1, view, avx_host);
+        let leaf7 = emulate(7, 0, 1, || view, avx_host);
         assert_eq!(
             (leaf7[1], leaf7[2]),
             (1 << 5, 0),
@@ -232,7 +260,7 @@ mod tests {
         );
         view.mask = 0b11;
         assert_eq!(
-            emulate(7, 0, 1, view, avx_host)[1],
+            emulate(7, 0, 1, || view, avx_host)[1],
             0,
             "no AVX2 without AVX"
         );

@@ -57,14 +57,14 @@ pub fn handle_exit<V: VirtualCpu>(
             domain.stats.count(ExitKind::Cpuid);
             let regs = vcpu.regs();
             let (leaf, subleaf) = (regs.gpr[reg::RAX] as u32, regs.gpr[reg::RCX] as u32);
-            let view = cpuid::XstateView {
+            let view = || cpuid::XstateView {
                 mask: xstate::guest_mask(),
                 xcr0: vcpu.xcr0(),
                 osxsave: vcpu.osxsave_enabled(),
             };
             let tsc_khz = domain.time.tsc_khz() as u32;
-            let regs = vcpu.regs();
             let [eax, ebx, ecx, edx] = cpuid::emulate(leaf, subleaf, tsc_khz, view, host_cpuid);
+            let regs = vcpu.regs();
             regs.gpr[reg::RAX] = eax.into();
             regs.gpr[reg::RBX] = ebx.into();
             regs.gpr[reg::RCX] = ecx.into();

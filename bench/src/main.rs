@@ -187,7 +187,14 @@ fn bench_main(start: &'static StartInfo) {
     events_and_idle(iterations, &setup);
     timers(iterations, &setup);
     console(iterations);
-    event_pingpong(iterations);
+    if event_pingpong(iterations) {
+        domain_switch(iterations);
+    } else {
+        measure::report_skipped(
+            info("domain_switch", Group::Pingpong, Path::Pv),
+            "needs-pingpong_peer",
+        );
+    }
 
     if FAILED.load(Ordering::Relaxed) {
         println!("bench: done, with errors");
@@ -328,36 +335,37 @@ fn console(n: u64) {
 }
 
 /// `event_pingpong` against the domain named by `pingpong_peer=` (see [`pingpong`]); skipped
-/// without one, or when the hypervisor has no inter-domain channels.
-fn event_pingpong(n: u64) {
+/// without one, or when the hypervisor has no inter-domain channels. Returns whether it ran
+/// (and the partner goes on to `domain_switch`).
+fn event_pingpong(n: u64) -> bool {
     let info = info("event_pingpong", Group::Pingpong, Path::Pv);
     let Some(peer) = cmdline_value("pingpong_peer") else {
         measure::report_skipped(info, "needs-pingpong_peer");
-        return;
+        return false;
     };
     let Ok(peer) = peer.parse::<u32>() else {
         fail(format_args!("pingpong_peer={peer} is not a domain id"));
-        return;
+        return false;
     };
     let port = match pingpong::connect(peer) {
         Ok(port) => port,
         Err(pingpong::ConnectError::Unsupported) => {
             measure::report_skipped(info, "needs-interdomain-events");
-            return;
+            return false;
         }
         Err(pingpong::ConnectError::NeverAllocated) => {
             fail(format_args!(
                 "event_pingpong: domain {peer} never allocated {}",
                 pingpong::PONG_PORT
             ));
-            return;
+            return false;
         }
         Err(pingpong::ConnectError::Failed(error)) => {
             fail(format_args!(
                 "event_pingpong: bind_interdomain to domain {peer} {} failed: {error}",
                 pingpong::PONG_PORT
             ));
-            return;
+            return false;
         }
     };
     settle(REPORT_LINE_BYTES);
@@ -383,4 +391,26 @@ fn event_pingpong(n: u64) {
         measure::Hundredths::ratio(sample.1, n),
         measure::Hundredths::ratio(sample.0.work_ticks(), n),
     );
+    true
+}
+
+/// `domain_switch`: round trips of yields between this domain and pong (see [`pingpong`]),
+/// each two switches between vCPUs with their extended-state switch (docs/abi.md 18.1) and two
+/// `sched_op` yields.
+fn domain_switch(n: u64) {
+    let info = info("domain_switch", Group::Pingpong, Path::Pv);
+    settle(REPORT_LINE_BYTES * 2);
+    let mut stuck = 0;
+    let sample = measure::run(
+        WARMUP + pingpong::SWITCH_SYNC_ROUNDS,
+        n,
+        || pingpong::switch_round_trip(&mut stuck),
+        || {},
+    );
+    if stuck != 0 {
+        fail(format_args!(
+            "domain_switch: {stuck} round trips without a switch to the partner"
+        ));
+    }
+    measure::report(info, &sample);
 }

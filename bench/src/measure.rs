@@ -44,6 +44,12 @@ fn blocked_ns() -> u64 {
     RUNSTATE.read().time[runstate::BLOCKED as usize]
 }
 
+/// When vCPU 0's run state last changed (0 when the area is not registered): it changes when
+/// another vCPU takes the CPU from this one, and again when this one runs again.
+pub(crate) fn runstate_entry_time() -> u64 {
+    RUNSTATE.read().state_entry_time
+}
+
 /// What one measured loop came to.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Sample {

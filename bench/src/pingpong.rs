@@ -18,6 +18,12 @@
 //! sends and two `sched_op` polls, and the two domain switches in between. Both count what they
 //! sent and received and fail (crash) on a mismatch.
 //!
+//! `domain_switch` follows with the same two domains: after ping's close, pong yields in a loop
+//! ([`pong_yields`]) and ping measures round trips of yields ([`switch_round_trip`]): ping
+//! yields, the hypervisor switches to pong (saving ping's x87/SSE/AVX state and restoring
+//! pong's, docs/abi.md 18.1), pong yields, and the hypervisor switches back. A switch is seen in
+//! the run-state area, whose entry time changes when another vCPU took the CPU.
+//!
 //! The measured ticks include the time ping is blocked: that is when pong and the hypervisor's
 //! switches run, which is what a round trip costs. Ping cannot read pong's exit counters
 //! (`stats_op` on another domain needs privilege), so `exits_per_op` is ping's own; pong prints
@@ -28,7 +34,7 @@ use lamina_abi::event_channel::PortState;
 use lamina_abi::sched::ShutdownReason;
 use lamina_guest_sdk::events::{self, Port};
 use lamina_guest_sdk::hypercall::HypercallError;
-use lamina_guest_sdk::{println, sched, stats};
+use lamina_guest_sdk::{println, sched, stats, time};
 
 use crate::measure::Hundredths;
 
@@ -104,6 +110,58 @@ pub(crate) fn round_trip(port: Port, counts: &mut Counts) {
     wait_and_clear(port, counts);
 }
 
+/// Yields before giving up on a switch to the partner (it ended, or never started).
+const MAX_YIELDS_PER_SWITCH: u64 = 64;
+/// Round trips of `domain_switch` before the measured ones, after [`crate::WARMUP`]: long
+/// enough for the two vCPUs' run times (which decide who runs after a yield) to even out.
+pub(crate) const SWITCH_SYNC_ROUNDS: u64 = 256;
+/// How long pong goes on yielding without ping taking the CPU: longer than ping's settle
+/// before the measurement, and, once all round trips were seen, a short grace.
+const PONG_IDLE_NS: u64 = 500_000_000;
+const PONG_GRACE_NS: u64 = 5_000_000;
+
+/// One `domain_switch` round trip from ping: yields until another vCPU (pong) took the CPU and
+/// gave it back. Counts a round trip where that never happened in `stuck`.
+pub(crate) fn switch_round_trip(stuck: &mut u64) {
+    let before = crate::measure::runstate_entry_time();
+    for _ in 0..MAX_YIELDS_PER_SWITCH {
+        let _ = sched::yield_now();
+        if crate::measure::runstate_entry_time() != before {
+            return;
+        }
+    }
+    *stuck += 1;
+}
+
+/// Pong's side of `domain_switch`: yields, counting the times ping took the CPU in between,
+/// until it saw `rounds` of them (and a short grace passed without another), or ping has not
+/// run for [`PONG_IDLE_NS`]. Returns how many it saw.
+fn pong_yields(rounds: u64) -> u64 {
+    if !crate::measure::register_runstate() {
+        println!("pong: no run-state area: no domain_switch partner");
+        return 0;
+    }
+    let mut seen = 0;
+    let mut last_switch = time::now_ns();
+    loop {
+        let before = crate::measure::runstate_entry_time();
+        let _ = sched::yield_now();
+        let now = time::now_ns();
+        if crate::measure::runstate_entry_time() != before {
+            seen += 1;
+            last_switch = now;
+        }
+        let idle = if seen >= rounds {
+            PONG_GRACE_NS
+        } else {
+            PONG_IDLE_NS
+        };
+        if now.saturating_sub(last_switch) > idle {
+            return seen;
+        }
+    }
+}
+
 /// The partner domain (`pong=<ping's id>`): answers `rounds` events from `peer`, then waits for
 /// ping to close its end, and powers off (or crashes when anything did not add up).
 pub(crate) fn pong(peer: u32, rounds: u64) -> ! {
@@ -170,6 +228,11 @@ pub(crate) fn pong(peer: u32, rounds: u64) -> ! {
             "pong: {} round trips answered, ping closed",
             counts.received
         ),
+    }
+    if ok {
+        // Ping's round trips: as many as the event round trips, and the synchronising ones.
+        let seen = pong_yields(rounds + SWITCH_SYNC_ROUNDS);
+        println!("pong: domain_switch: ping took the CPU {seen} times between pong's yields");
     }
     sched::shutdown(if ok {
         ShutdownReason::Poweroff

@@ -1440,6 +1440,92 @@ pub const CATALOG: &[TestInfo] = &[
         expect: Expect::Success,
         cmdline_extra: "mem=32M",
     },
+    // Section 18: the isolation groups run at once (a, b and c next to each other in a boot)
+    // and only need each other running, not each other's ids.
+    TestInfo {
+        name: "xstate_at_reset",
+        title: "a new vCPU's x87 control word is 0x37f, MXCSR 0x1f80, XMM (and YMM upper halves) 0, CR4.OSFXSR set and OSXSAVE clear, XCR0 x87|SSE; leaf 0xD offers x87, SSE and at most AVX, with the area for XCR0",
+        section: "18.1 Extended state (x87, SSE, AVX)",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xstate_kept_yield_a",
+        title: "with xstate_kept_yield_b: 3000 yields, each domain's own pattern in XMM0-15 (YMM0-15 in the second half where AVX is offered), the x87 control word and MXCSR, checked after every return: no register is ever another domain's",
+        section: "18.1 Extended state (x87, SSE, AVX)",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xstate_kept_yield_b",
+        title: "with xstate_kept_yield_a: the same, its own pattern",
+        section: "18.1 Extended state (x87, SSE, AVX)",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xstate_kept_block_a",
+        title: "with xstate_kept_block_b and _c: 2000 polls of 20 us each (blocked, so the others run), its own pattern in XMM/YMM, the x87 control word and MXCSR checked after every return",
+        section: "18.1 Extended state (x87, SSE, AVX)",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xstate_kept_block_b",
+        title: "with xstate_kept_block_a and _c: the same, its own pattern",
+        section: "18.1 Extended state (x87, SSE, AVX)",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xstate_kept_block_c",
+        title: "with xstate_kept_block_a and _b: the same, its own pattern",
+        section: "18.1 Extended state (x87, SSE, AVX)",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "osxsave_mirrored_in_cpuid",
+        title: "CPUID.1:ECX.OSXSAVE is 0 at entry, 1 once CR4.OSXSAVE is set and 0 again when it is cleared; XSAVE is offered where leaf 0xD is",
+        section: "18.2 XCR0 and XSETBV",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xsetbv_valid_values",
+        title: "XSETBV of x87, x87|SSE and x87|SSE|AVX (where offered) takes effect (XGETBV reads it back) and leaf 0xD EBX follows XCR0",
+        section: "18.2 XCR0 and XSETBV",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xsetbv_invalid_values_gp",
+        title: "XSETBV without x87, AVX without SSE, reserved bit 63, a component not offered, AVX-512, or ECX = 1 raises #GP(0) and XCR0 keeps its value",
+        section: "18.2 XCR0 and XSETBV",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xsetbv_at_cpl3_gp",
+        title: "XSETBV at CPL 3 raises #GP(0) and XCR0 keeps its value",
+        section: "18.2 XCR0 and XSETBV",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "xsetbv_without_osxsave_ud",
+        title: "XSETBV and XGETBV with CR4.OSXSAVE clear raise #UD; XCR0 keeps its value",
+        section: "18.2 XCR0 and XSETBV",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
+        name: "avx_after_xsetbv",
+        title: "VADDPS on YMM raises #UD until XSETBV enables AVX, then adds all eight lanes",
+        section: "18.2 XCR0 and XSETBV",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
 ];
 
 /// Console output a test must produce, checked by xtask beyond the verdict.

@@ -90,6 +90,7 @@ pub mod timer;
 pub mod uart;
 pub mod vcpu;
 pub mod x2apic;
+pub mod xstate;
 
 mod sync;
 

@@ -38,7 +38,7 @@ mod start {
     use crate::hw::{self, EntryState, Vendor, Virtualization};
     use crate::platform::host::MachineHost;
     use crate::platform::multiboot::{self, BootInfo, Module};
-    use crate::platform::{apic, clock, cpu, exit, memory, serial};
+    use crate::platform::{apic, clock, cpu, exit, memory, serial, xstate};
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
@@ -74,6 +74,8 @@ mod start {
             memory::PHYS.lock().free_bytes() >> 20,
             info.modules.len()
         );
+        // Before any vCPU: the VMX host state takes CR4 as it is now.
+        xstate::init();
         apic::init();
         let rates = clock::calibrate(apic::timer_count);
         let time = TimeBase::new(

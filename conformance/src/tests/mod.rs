@@ -27,6 +27,7 @@ mod timer;
 mod traps;
 mod upcall;
 mod vcpu;
+mod xstate;
 
 use crate::catalog::{CATALOG, EXPECTED_OUTPUT};
 
@@ -516,6 +517,24 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ("domctl_destroy_b", domctl::domctl_destroy_b),
     ("domctl_scrub_a", domctl::domctl_scrub_a),
     ("domctl_scrub_b", domctl::domctl_scrub_b),
+    ("xstate_at_reset", xstate::xstate_at_reset),
+    ("xstate_kept_yield_a", xstate::xstate_kept_yield_a),
+    ("xstate_kept_yield_b", xstate::xstate_kept_yield_b),
+    ("xstate_kept_block_a", xstate::xstate_kept_block_a),
+    ("xstate_kept_block_b", xstate::xstate_kept_block_b),
+    ("xstate_kept_block_c", xstate::xstate_kept_block_c),
+    (
+        "osxsave_mirrored_in_cpuid",
+        xstate::osxsave_mirrored_in_cpuid,
+    ),
+    ("xsetbv_valid_values", xstate::xsetbv_valid_values),
+    ("xsetbv_invalid_values_gp", xstate::xsetbv_invalid_values_gp),
+    ("xsetbv_at_cpl3_gp", xstate::xsetbv_at_cpl3_gp),
+    (
+        "xsetbv_without_osxsave_ud",
+        xstate::xsetbv_without_osxsave_ud,
+    ),
+    ("avx_after_xsetbv", xstate::avx_after_xsetbv),
 ];
 
 /// The body registered for test `name`.

@@ -297,6 +297,8 @@ const NOT_ARMED: u64 = u64::MAX;
 /// `vector | instruction length << 8` while armed.
 static ARMED: AtomicU64 = AtomicU64::new(NOT_ARMED);
 static TAKEN: AtomicU64 = AtomicU64::new(NOT_ARMED);
+/// The armed exception may come from CPL 3 too ([`expect_trap_from_user`]).
+static ARMED_FOR_USER: AtomicBool = AtomicBool::new(false);
 static TAKEN_ERROR_CODE: AtomicU64 = AtomicU64::new(0);
 static TAKEN_RIP: AtomicU64 = AtomicU64::new(0);
 
@@ -321,6 +323,19 @@ pub(crate) fn expect_trap(vector: u8, insn_len: u8, provoke: impl FnOnce()) -> O
             rip: TAKEN_RIP.load(Ordering::SeqCst),
         }),
     }
+}
+
+/// [`expect_trap`] for an exception that user code `provoke` runs raises at CPL 3: the
+/// handler resumes the user code `insn_len` bytes after the faulting instruction.
+pub(crate) fn expect_trap_from_user(
+    vector: u8,
+    insn_len: u8,
+    provoke: impl FnOnce(),
+) -> Option<TrapRecord> {
+    ARMED_FOR_USER.store(true, Ordering::SeqCst);
+    let taken = expect_trap(vector, insn_len, provoke);
+    ARMED_FOR_USER.store(false, Ordering::SeqCst);
+    taken
 }
 
 /// The conventional mnemonic of exception `vector`.
@@ -354,7 +369,7 @@ extern "sysv64" fn trap_handler(frame: &mut TrapFrame) {
         }
     }
     let armed = ARMED.load(Ordering::SeqCst);
-    let from_cpl0 = frame.cs & 3 == 0;
+    let from_cpl0 = frame.cs & 3 == 0 || ARMED_FOR_USER.load(Ordering::SeqCst);
     if armed != NOT_ARMED && frame.vector == armed & 0xff && from_cpl0 {
         ARMED.store(NOT_ARMED, Ordering::SeqCst);
         TAKEN_ERROR_CODE.store(frame.error_code, Ordering::SeqCst);

@@ -86,6 +86,14 @@ global_asm!(
     "    mov rdx, cs",
     "    int {user_return}",
     "    ud2",
+    // XSETBV of EDX:EAX to XCR0 (a #GP is expected and resumes after it), then back.
+    ".global lamina_conf_user_xsetbv",
+    "lamina_conf_user_xsetbv:",
+    "    xor ecx, ecx",
+    "    xsetbv",
+    "    mov rdx, cs",
+    "    int {user_return}",
+    "    ud2",
     ".section .bss.lamina_conf_kernel_rsp,\"aw\",@nobits",
     ".balign 8",
     "lamina_conf_kernel_rsp:",
@@ -106,6 +114,7 @@ unsafe extern "sysv64" {
     fn lamina_conf_user_return();
     fn lamina_conf_user_vmcall();
     fn lamina_conf_user_vmmcall();
+    fn lamina_conf_user_xsetbv();
 }
 
 /// Executes hypercall `number` with `arguments` (RDI, RSI, RDX, R10, R8) through `insn` at
@@ -137,4 +146,26 @@ pub(crate) fn hypercall_at_cpl3(
 /// Executes the version hypercall with `insn` at CPL 3 and returns RAX and CS from there.
 pub(crate) fn version_hypercall_at_cpl3(insn: HypercallInsn) -> UserReturn {
     hypercall_at_cpl3(insn, Hypercall::Version as u64, [0; 5])
+}
+
+/// Executes XSETBV of `value` to XCR0 at CPL 3 and returns CS from there (RDX). The hypervisor
+/// and CPU must refuse it with #GP(0), which the caller expects
+/// ([`idt::expect_trap_from_user`]) so the user code goes on after it.
+pub(crate) fn xsetbv_at_cpl3(value: u64) -> UserReturn {
+    gdt::install();
+    idt::set_gate(
+        USER_RETURN_VECTOR,
+        lamina_conf_user_return as *const () as u64,
+        3,
+    );
+    let registers = UserRegisters([value & 0xffff_ffff, 0, 0, value >> 32, 0, 0]);
+    // SAFETY: as for `hypercall_at_cpl3`; the user code changes only RCX, RDX, RAX and XCR0,
+    // which a refused XSETBV leaves as it was.
+    unsafe {
+        lamina_conf_enter_user(
+            lamina_conf_user_xsetbv as *const () as u64,
+            USER_STACK.top(),
+            &registers,
+        )
+    }
 }

@@ -15,6 +15,7 @@ use crate::common::uart::{COM1_BASE, COM1_PORTS};
 use crate::common::vcpu::{ArchMsr, VirtualCpu, VmExit, reg, vector};
 use crate::common::vcpu_state::Wait;
 use crate::common::vlapic::VirtualLapic;
+use crate::common::xstate;
 use alloc::format;
 use alloc::string::String;
 use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
@@ -67,13 +68,24 @@ pub fn handle_exit<V: VirtualCpu>(
             domain.stats.count(ExitKind::Cpuid);
             let regs = vcpu.regs();
             let (leaf, subleaf) = (regs.gpr[reg::RAX] as u32, regs.gpr[reg::RCX] as u32);
-            let [eax, ebx, ecx, edx] =
-                cpuid::emulate(leaf, subleaf, domain.time.tsc_khz() as u32, host_cpuid);
+            let view = || cpuid::XstateView {
+                mask: xstate::guest_mask(),
+                xcr0: vcpu.xcr0(),
+                osxsave: vcpu.osxsave_enabled(),
+            };
+            let tsc_khz = domain.time.tsc_khz() as u32;
+            let [eax, ebx, ecx, edx] = cpuid::emulate(leaf, subleaf, tsc_khz, view, host_cpuid);
+            let regs = vcpu.regs();
             regs.gpr[reg::RAX] = eax.into();
             regs.gpr[reg::RBX] = ebx.into();
             regs.gpr[reg::RCX] = ecx.into();
             regs.gpr[reg::RDX] = edx.into();
             vcpu.skip_instruction();
+            Next::Resume
+        }
+        VmExit::Xsetbv => {
+            domain.stats.count(ExitKind::Other);
+            xsetbv(vcpu);
             Next::Resume
         }
         VmExit::Hlt => {
@@ -190,6 +202,26 @@ pub fn handle_exit<V: VirtualCpu>(
                 vcpu,
                 format!("unexpected exit {code:#x} (info {info1:#x} {info2:#x})"),
             )
+        }
+    }
+}
+
+/// XSETBV (docs/abi.md 18.2): XCR0 takes the value, or the guest gets the fault a CPU raises.
+fn xsetbv<V: VirtualCpu>(vcpu: &mut V) {
+    let regs = vcpu.regs().gpr;
+    let value = (regs[reg::RDX] << 32) | (regs[reg::RAX] & 0xffff_ffff);
+    let fault = xstate::xsetbv_fault(
+        vcpu.osxsave_enabled(),
+        vcpu.cpl(),
+        regs[reg::RCX] as u32,
+        value,
+        xstate::guest_mask(),
+    );
+    match fault {
+        Some((vector, error_code)) => vcpu.inject_exception(vector, error_code),
+        None => {
+            vcpu.set_xcr0(value);
+            vcpu.skip_instruction();
         }
     }
 }
@@ -558,6 +590,40 @@ mod tests {
         assert!(
             matches!(&d2.state, DomainState::Ended(Ending::Fault(why)) if why.contains("0x100000000"))
         );
+    }
+
+    #[test]
+    fn xsetbv_sets_xcr0_or_raises_the_cpus_fault() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        let try_xsetbv = |v: &mut MockVcpu, d: &mut Domain, ecx: u64, value: u64| {
+            v.injected = None;
+            v.regs.gpr[reg::RCX] = ecx;
+            v.regs.gpr[reg::RAX] = value & 0xffff_ffff | 0xdead_0000_0000_0000;
+            v.regs.gpr[reg::RDX] = value >> 32;
+            exit_alone(d, v, VmExit::Xsetbv);
+            v.injected
+        };
+        // The mask is the machine's: whatever a test CPU offers, x87 alone is always valid
+        // once XSAVE is there, and nothing is without it.
+        xstate::set_guest_mask(xstate::guest_xcr0_mask(host_cpuid));
+        let mask = xstate::guest_mask();
+        let gp = Some((vector::GENERAL_PROTECTION, Some(0)));
+        let ud = Some((vector::INVALID_OPCODE, None));
+        assert_eq!(try_xsetbv(&mut v, &mut d, 0, 1), ud, "CR4.OSXSAVE clear");
+        v.osxsave = true;
+        if mask == 0 {
+            assert_eq!(try_xsetbv(&mut v, &mut d, 0, 1), ud, "no XSAVE");
+            return;
+        }
+        assert_eq!(try_xsetbv(&mut v, &mut d, 1, 1), gp, "ECX 1");
+        assert_eq!(try_xsetbv(&mut v, &mut d, 0, 1 << 40), gp, "reserved bit");
+        assert_eq!(v.xcr0(), xstate::XCR0_RESET, "unchanged by faults");
+        assert_eq!(v.skipped, 0, "a faulting XSETBV is not skipped");
+        assert_eq!(try_xsetbv(&mut v, &mut d, 0, 1), None);
+        assert_eq!((v.xcr0(), v.skipped), (1, 1), "upper RAX ignored");
+        v.cpl = 3;
+        assert_eq!(try_xsetbv(&mut v, &mut d, 0, 3), gp, "CPL 3");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod uart;
 pub mod vcpu;
 pub mod vcpu_state;
 pub mod vlapic;
+pub mod xstate;
 
 #[cfg(test)]
 mod testing;

@@ -63,6 +63,10 @@ pub(crate) struct MockVcpu {
     pub(crate) nested_invalidations: u32,
     /// Names the vCPU in the trace ([`take_trace`]).
     pub(crate) tag: u32,
+    /// CR4.OSXSAVE as the guest set it.
+    pub(crate) osxsave: bool,
+    /// XCR0 (0 stands for the reset value).
+    pub(crate) xcr0: u64,
 }
 
 impl VirtualCpu for MockVcpu {
@@ -130,6 +134,19 @@ impl VirtualCpu for MockVcpu {
     }
     fn write_msr(&mut self, msr: ArchMsr, value: u64) {
         self.msr_writes.push((msr, value));
+    }
+    fn osxsave_enabled(&self) -> bool {
+        self.osxsave
+    }
+    fn xcr0(&self) -> u64 {
+        if self.xcr0 == 0 {
+            crate::common::xstate::XCR0_RESET
+        } else {
+            self.xcr0
+        }
+    }
+    fn set_xcr0(&mut self, value: u64) {
+        self.xcr0 = value;
     }
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
         write!(out, "mock")

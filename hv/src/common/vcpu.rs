@@ -71,6 +71,9 @@ pub enum VmExit {
     TripleFault,
     /// A host interrupt arrived while the guest ran; nothing for the guest.
     ExternalInterrupt,
+    /// XSETBV with ECX and EDX:EAX as the guest set them; RIP still points at it. The
+    /// backend checked nothing: common code validates (docs/abi.md 18.2).
+    Xsetbv,
     /// The guest can now take an external interrupt (asked for with
     /// [`VirtualCpu::set_interrupt_window_exiting`]).
     InterruptWindow,
@@ -180,6 +183,12 @@ pub trait VirtualCpu {
     fn read_msr(&self, msr: ArchMsr) -> u64;
     /// Writes such an MSR; the value was already validated by common code.
     fn write_msr(&mut self, msr: ArchMsr, value: u64);
+    /// The guest's CR4.OSXSAVE, as the guest sees its CR4.
+    fn osxsave_enabled(&self) -> bool;
+    /// The guest's XCR0 (docs/abi.md 18.2).
+    fn xcr0(&self) -> u64;
+    /// Sets the guest's XCR0 to a value common code validated, effective at the next entry.
+    fn set_xcr0(&mut self, value: u64);
     /// Writes the vendor state that explains a failure (control registers, segments, exit
     /// information) for a report.
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result;

@@ -19,3 +19,5 @@ pub mod multiboot;
 pub mod phys_alloc;
 #[cfg(target_os = "none")]
 pub mod serial;
+#[cfg(target_os = "none")]
+pub mod xstate;

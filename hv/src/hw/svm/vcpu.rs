@@ -7,6 +7,7 @@ use crate::common::guest_paging::PagingMode;
 use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
 use crate::hw::{EntryState, HwError};
 use crate::platform::memory;
+use crate::platform::xstate::ExtendedState;
 use core::arch::global_asm;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,6 +29,7 @@ mod exit_code {
     pub(super) const VMRUN: u64 = 0x80;
     pub(super) const VMMCALL: u64 = 0x81;
     pub(super) const SKINIT: u64 = 0x86;
+    pub(super) const XSETBV: u64 = 0x8d;
     pub(super) const NPF: u64 = 0x400;
 }
 
@@ -41,6 +43,9 @@ const MISC1_MSR: u32 = 1 << 28;
 const MISC1_SHUTDOWN: u32 = 1 << 31;
 /// VMRUN (mandatory), VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
 const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
+/// XSETBV: XCR0 is the guest's own (docs/abi.md 18.2), never the physical one as written.
+const MISC2_XSETBV: u32 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
 
 // V_INTR bits (APM Vol. 2 15.21).
 const V_IRQ: u64 = 1 << 8;
@@ -69,6 +74,8 @@ pub struct SvmVcpu {
     tlb_flush_requested: bool,
     /// TLB_CONTROL can flush this guest's ASID alone.
     flush_by_asid: bool,
+    /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
+    xstate: ExtendedState,
 }
 
 unsafe extern "C" {
@@ -83,6 +90,7 @@ impl SvmVcpu {
         entry: &EntryState,
         asid: u32,
     ) -> Result<Self, HwError> {
+        let xstate = ExtendedState::new().ok_or(HwError::OutOfMemory)?;
         let page = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: a fresh zeroed page owned by this vCPU.
         let mut v = unsafe { Vmcb::new(page) };
@@ -91,7 +99,7 @@ impl SvmVcpu {
             vmcb::INTERCEPT_MISC1,
             MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN,
         );
-        v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS);
+        v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS | MISC2_XSETBV);
         v.write(vmcb::IOPM_BASE, svm.io_permission_map);
         v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
         v.write(vmcb::GUEST_ASID, asid);
@@ -132,6 +140,7 @@ impl SvmVcpu {
             instruction_len: 0,
             tlb_flush_requested: true,
             flush_by_asid: svm.flush_by_asid,
+            xstate,
         })
     }
 
@@ -174,6 +183,7 @@ impl VirtualCpu for SvmVcpu {
             self.vmcb.write(vmcb::TLB_CONTROL, TLB_FLUSH_ALL);
             self.tlb_flush_requested = true;
         }
+        self.xstate.schedule_in();
     }
 
     #[inline]
@@ -227,6 +237,8 @@ impl VirtualCpu for SvmVcpu {
                         (io, next.wrapping_sub(self.rip()))
                     }
                 }
+                // 0F 01 D1.
+                exit_code::XSETBV => (VmExit::Xsetbv, 3),
                 exit_code::EXCEPTION_UD => (VmExit::InvalidOpcode, 0),
                 exit_code::INTR => (VmExit::ExternalInterrupt, 0),
                 exit_code::VINTR => (VmExit::InterruptWindow, 0),
@@ -383,6 +395,18 @@ impl VirtualCpu for SvmVcpu {
             ArchMsr::Pat => vmcb::G_PAT,
         };
         self.vmcb.write(field, value);
+    }
+
+    fn osxsave_enabled(&self) -> bool {
+        self.vmcb.read::<u64>(vmcb::CR4) & CR4_OSXSAVE != 0
+    }
+
+    fn xcr0(&self) -> u64 {
+        self.xstate.xcr0()
+    }
+
+    fn set_xcr0(&mut self, value: u64) {
+        self.xstate.set_xcr0(value);
     }
 
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {

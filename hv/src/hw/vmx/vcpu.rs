@@ -10,6 +10,7 @@ use crate::common::guest_paging::PagingMode;
 use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
 use crate::hw::{EntryState, HwError, rdmsr, wrmsr};
 use crate::platform::memory;
+use crate::platform::xstate::ExtendedState;
 use core::arch::{asm, global_asm};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,7 @@ mod reason {
     pub(super) const EPT_VIOLATION: u64 = 48;
     pub(super) const INVEPT: u64 = 50;
     pub(super) const INVVPID: u64 = 53;
+    pub(super) const XSETBV: u64 = 55;
 }
 
 // Controls (SDM Vol. 3C 25.6, 25.7, 25.8).
@@ -58,6 +60,7 @@ const CR0_TS: u64 = 1 << 3;
 const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
+const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LMA: u64 = 1 << 10;
 const MSR_EFER: u32 = 0xc000_0080;
 /// The syscall MSRs VMX does not switch; loaded by hand when another vCPU's VMCS becomes current.
@@ -88,6 +91,8 @@ pub struct VmxVcpu {
     /// The EPT pointer of the domain's nested page table (the domain owns the table).
     eptp: u64,
     invept: InveptType,
+    /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
+    xstate: ExtendedState,
 }
 
 const EVENT_VALID: u64 = 1 << 31;
@@ -117,6 +122,7 @@ impl VmxVcpu {
         caps: &ControlCapabilities,
         entry: &EntryState,
     ) -> Result<Self, HwError> {
+        let xstate = ExtendedState::new().ok_or(HwError::OutOfMemory)?;
         let vmcs = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: a fresh page owned by this vCPU; VMCLEAR initialises it (SDM 24.11.3).
         unsafe {
@@ -141,6 +147,7 @@ impl VmxVcpu {
             preemption_timer_shift: None,
             eptp: eptp(ept_root),
             invept: caps.invept,
+            xstate,
         };
         load_vmcs(vcpu.vmcs)?;
         vcpu.write_controls(caps, entry)?;
@@ -422,6 +429,7 @@ impl VirtualCpu for VmxVcpu {
         if let Err(error) = self.make_current() {
             log::error!("vmx: {error}");
         }
+        self.xstate.schedule_in();
     }
 
     #[inline]
@@ -490,6 +498,8 @@ impl VirtualCpu for VmxVcpu {
                 reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
                 reason::PREEMPTION_TIMER => VmExit::ExternalInterrupt,
                 reason::TRIPLE_FAULT => VmExit::TripleFault,
+                // Unconditional in VMX non-root operation (SDM Vol. 3C 26.1.2).
+                reason::XSETBV => VmExit::Xsetbv,
                 reason::EPT_VIOLATION => VmExit::NestedPageFault {
                     gpa: read(vmcs::GUEST_PHYSICAL_ADDRESS),
                     write: read(vmcs::EXIT_QUALIFICATION) & (1 << 1) != 0,
@@ -652,6 +662,22 @@ impl VirtualCpu for VmxVcpu {
                 }
             }
         }
+    }
+
+    fn osxsave_enabled(&self) -> bool {
+        // OSXSAVE is not among the bits VMX fixes, so the guest owns it in GUEST_CR4; the
+        // shadow answers for any bit the mask gives the hypervisor.
+        let mask = read(vmcs::CR4_GUEST_HOST_MASK);
+        let cr4 = read(vmcs::GUEST_CR4) & !mask | read(vmcs::CR4_READ_SHADOW) & mask;
+        cr4 & CR4_OSXSAVE != 0
+    }
+
+    fn xcr0(&self) -> u64 {
+        self.xstate.xcr0()
+    }
+
+    fn set_xcr0(&mut self, value: u64) {
+        self.xstate.set_xcr0(value);
     }
 
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {

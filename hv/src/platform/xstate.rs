@@ -1,0 +1,232 @@
+//! The per-vCPU extended-state switch (docs/abi.md 18.1): x87, SSE and AVX registers, saved in
+//! an XSAVE area per vCPU (FXSAVE where the CPU has no XSAVE), and XCR0 (18.2).
+//!
+//! The hypervisor is built for `x86_64-unknown-none`, which is soft-float: the compiler emits
+//! no x87, SSE or AVX instruction anywhere in it, and nothing here may add one. So the FPU,
+//! SSE and AVX registers and XCR0 hold the state of the vCPU that ran last on this CPU, also
+//! while the hypervisor handles its exits, and the switch is lazy: a vCPU that enters again on
+//! the CPU it left finds its state still there at no cost; only when another vCPU is scheduled
+//! in ([`ExtendedState::schedule_in`], called from the backends' `activate`) is the owner's
+//! state saved to its area and the newcomer's restored. XRSTOR of every component the
+//! hypervisor saves overwrites all the state a guest can reach, so nothing of one domain is
+//! ever seen by another (also when the owner's vCPU was dropped and nothing was saved).
+//!
+//! XCR0: the guest's value is in the register whenever its vCPU owns the registers, because a
+//! guest reads it with XGETBV, which cannot be intercepted, and, where XSETBV is not
+//! intercepted either (QEMU 7.2's TCG ignores the SVM intercept bit; the emulated CPU then
+//! checks the value against its own features), writes it there itself. So the register is
+//! the truth for the owner: it is read back (XGETBV) when the owner is switched out and kept
+//! in its area, in bytes XSAVE never writes. The only instructions that depend on XCR0 in the
+//! hypervisor are the XSAVE and XRSTOR here, which run with the host's XCR0 (every component
+//! in [`guest_mask`]); it is loaded for them and the guest's value again after, each only when
+//! the value in the register differs. A hypercall or any other exit costs nothing for extended
+//! state.
+//!
+//! One CPU: the owner is a global. With several CPUs it becomes per-CPU data.
+//!
+//! Intel SDM Vol. 1 13 (XSAVE), Vol. 2 (XSAVE, XRSTOR, XSETBV, FXSAVE); AMD APM Vol. 2 11.5.
+
+use crate::common::xstate::{
+    FXSAVE_BYTES, XCR0_RESET, guest_mask, guest_xcr0_mask, set_guest_mask, xsave_bytes,
+};
+use crate::platform::memory;
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// The area whose vCPU's state is in the registers (0: none, or its vCPU is gone).
+static OWNER: AtomicU64 = AtomicU64::new(0);
+/// Bytes of an area (all of [`guest_mask`], or FXSAVE's).
+static AREA_BYTES: AtomicU64 = AtomicU64::new(FXSAVE_BYTES as u64);
+
+const CR0_MP: u64 = 1 << 1;
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// Offsets in the legacy region (SDM Vol. 1 Table 10-2): FCW, MXCSR.
+const FCW_OFFSET: usize = 0;
+const MXCSR_OFFSET: usize = 24;
+/// Where a switched-out vCPU's XCR0 is kept: bytes 464-511 of the legacy region are for
+/// software, neither XSAVE nor FXSAVE writes them (SDM Vol. 1 10.5.1, 13.4.1).
+const XCR0_OFFSET: usize = 464;
+/// FNINIT's control word and MXCSR's reset value (SDM Vol. 1 8.1.5, 10.2.3.1).
+const FCW_RESET: u16 = 0x037f;
+const MXCSR_RESET: u32 = 0x1f80;
+
+fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+/// Sets XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE must be set and `value` valid for this CPU (x87 set, supported bits only).
+unsafe fn xsetbv(value: u64) {
+    // SAFETY: per the function contract; XSETBV changes no memory.
+    unsafe {
+        asm!("xsetbv", in("ecx") 0u32, in("eax") value as u32, in("edx") (value >> 32) as u32,
+             options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// XCR0 now. CR4.OSXSAVE must be set (it is whenever [`guest_mask`] is not 0).
+fn xgetbv() -> u64 {
+    let (low, high): (u32, u32);
+    // SAFETY: XGETBV only reads XCR0 into EDX:EAX.
+    unsafe {
+        asm!("xgetbv", in("ecx") 0u32, out("eax") low, out("edx") high,
+             options(nomem, nostack, preserves_flags));
+    }
+    u64::from(high) << 32 | u64::from(low)
+}
+
+/// Turns on what the switch needs on this CPU (CR0.EM and TS clear, CR4.OSFXSR and, with
+/// XSAVE, CR4.OSXSAVE and XCR0 = every component guests may use), and records what guests
+/// may enable. Called once at boot, before any vCPU exists.
+pub fn init() {
+    let mask = guest_xcr0_mask(host_cpuid);
+    // SAFETY: the hypervisor is soft-float: these bits change only what FXSAVE/XSAVE and guest
+    // instructions can do, nothing the hypervisor's own code depends on.
+    unsafe {
+        let cr0 = x86_64::registers::control::Cr0::read_raw();
+        x86_64::registers::control::Cr0::write_raw((cr0 | CR0_MP) & !(CR0_EM | CR0_TS));
+        let mut cr4 = x86_64::registers::control::Cr4::read_raw() | CR4_OSFXSR | CR4_OSXMMEXCPT;
+        if mask != 0 {
+            cr4 |= CR4_OSXSAVE;
+        }
+        x86_64::registers::control::Cr4::write_raw(cr4);
+        if mask != 0 {
+            xsetbv(mask);
+        }
+    }
+    let bytes = if mask != 0 {
+        xsave_bytes(mask, host_cpuid)
+    } else {
+        FXSAVE_BYTES
+    };
+    AREA_BYTES.store(bytes.into(), Ordering::Relaxed);
+    set_guest_mask(mask);
+    log::info!(
+        "extended state: {} of {bytes} bytes per vCPU, guest XCR0 up to {mask:#x}",
+        if mask != 0 { "XSAVE" } else { "FXSAVE" }
+    );
+}
+
+/// One vCPU's x87/SSE/AVX registers and XCR0 while it is not on the CPU.
+#[derive(Debug)]
+pub struct ExtendedState {
+    /// Page-aligned (XSAVE needs 64 bytes, FXSAVE 16), owned by this vCPU.
+    area: u64,
+}
+
+/// The XCR0 kept in `area`.
+///
+/// # Safety
+/// `area` is a live area.
+unsafe fn saved_xcr0(area: u64) -> *mut u64 {
+    (area as usize + XCR0_OFFSET) as *mut u64
+}
+
+impl ExtendedState {
+    /// A vCPU's state at reset: x87 as after FNINIT, XMM and YMM zero, MXCSR 0x1f80, XCR0
+    /// x87 and SSE. `None` when there is no memory for the area.
+    pub fn new() -> Option<Self> {
+        let bytes = AREA_BYTES.load(Ordering::Relaxed);
+        let area = memory::allocate_zeroed(bytes, 0x1000)?;
+        // SAFETY: a fresh zeroed area of at least 512 bytes, owned by us. An XSAVE header of
+        // zeros (XSTATE_BV 0) makes XRSTOR put every component in its initial configuration;
+        // FCW and MXCSR are what FXRSTOR loads, and MXCSR what XRSTOR loads (SDM Vol. 1 13.8.1).
+        unsafe {
+            ((area as usize + FCW_OFFSET) as *mut u16).write(FCW_RESET);
+            ((area as usize + MXCSR_OFFSET) as *mut u32).write(MXCSR_RESET);
+            saved_xcr0(area).write(XCR0_RESET & guest_mask());
+        }
+        Some(ExtendedState { area })
+    }
+
+    fn is_owner(&self) -> bool {
+        OWNER.load(Ordering::Relaxed) == self.area
+    }
+
+    /// Makes this vCPU's extended state the one in the registers: saves the previous owner's
+    /// to its area and restores this one's, unless this vCPU is the owner already.
+    #[inline]
+    pub fn schedule_in(&mut self) {
+        let owner = OWNER.load(Ordering::Relaxed);
+        if owner == self.area {
+            return;
+        }
+        let mask = guest_mask();
+        let (low, high) = (mask as u32, (mask >> 32) as u32);
+        // SAFETY: `owner` is the live area of the vCPU that ran last (an area's Drop clears
+        // OWNER), this one is ours; both are page-aligned and as large as the components in
+        // `mask` need (or 512 bytes for FXSAVE). XRSTOR reads only what XSAVE wrote or `new`
+        // initialised. XCR0 takes valid values only: `mask` and a validated guest value.
+        unsafe {
+            if mask != 0 {
+                let loaded = xgetbv();
+                if owner != 0 {
+                    saved_xcr0(owner).write(loaded);
+                }
+                if loaded != mask {
+                    xsetbv(mask);
+                }
+                if owner != 0 {
+                    asm!("xsave64 [{}]", in(reg) owner, in("eax") low, in("edx") high,
+                         options(nostack, preserves_flags));
+                }
+                asm!("xrstor64 [{}]", in(reg) self.area, in("eax") low, in("edx") high,
+                     options(nostack, preserves_flags));
+                let xcr0 = saved_xcr0(self.area).read();
+                if xcr0 != mask {
+                    xsetbv(xcr0);
+                }
+            } else {
+                if owner != 0 {
+                    asm!("fxsave64 [{}]", in(reg) owner, options(nostack, preserves_flags));
+                }
+                asm!("fxrstor64 [{}]", in(reg) self.area, options(nostack, preserves_flags));
+            }
+        }
+        OWNER.store(self.area, Ordering::Relaxed);
+    }
+
+    /// The guest's XCR0: in the register while this vCPU owns it (as it does while its exits
+    /// are handled), in its area otherwise. 0 where the CPU has no XSAVE.
+    pub fn xcr0(&self) -> u64 {
+        if guest_mask() == 0 {
+            return 0;
+        }
+        if self.is_owner() {
+            return xgetbv();
+        }
+        // SAFETY: our own live area.
+        unsafe { saved_xcr0(self.area).read() }
+    }
+
+    /// Sets the guest's XCR0 to a validated value (`common::xstate::xsetbv_fault`).
+    pub fn set_xcr0(&mut self, value: u64) {
+        if guest_mask() == 0 {
+            return;
+        }
+        if self.is_owner() {
+            // SAFETY: validated against what this CPU supports; CR4.OSXSAVE is set whenever
+            // a guest may enable anything (`init`).
+            unsafe { xsetbv(value) };
+        } else {
+            // SAFETY: our own live area.
+            unsafe { saved_xcr0(self.area).write(value) };
+        }
+    }
+}
+
+impl Drop for ExtendedState {
+    fn drop(&mut self) {
+        // Its registers' contents need no saving any more; the next vCPU's XRSTOR overwrites
+        // them. The area is scrubbed on release.
+        let _ = OWNER.compare_exchange(self.area, 0, Ordering::Relaxed, Ordering::Relaxed);
+        memory::release(self.area, AREA_BYTES.load(Ordering::Relaxed));
+    }
+}

@@ -5,6 +5,7 @@
 //! (with overflow checks) before any host pointer is formed, and data is copied in or out once,
 //! so a guest can never point the hypervisor at memory that is not its own.
 
+use core::mem::MaybeUninit;
 use lamina_abi::Errno;
 
 /// A domain's RAM.
@@ -78,6 +79,26 @@ impl GuestMemory {
             core::ptr::copy_nonoverlapping(self.host_base.add(offset), buf.as_mut_ptr(), buf.len())
         };
         Ok(())
+    }
+
+    /// Copies `[gpa, gpa + buf.len())` into `buf`, which need not be initialised (a large
+    /// stack buffer then costs no zeroing); returns it, every byte initialised.
+    pub fn read_uninit<'b>(
+        &self,
+        gpa: u64,
+        buf: &'b mut [MaybeUninit<u8>],
+    ) -> Result<&'b mut [u8], OutOfBounds> {
+        let offset = self.check(gpa, buf.len() as u64)?;
+        // SAFETY: the range was checked to lie inside this domain's RAM; after the copy every
+        // byte of `buf` is initialised, so viewing it as `[u8]` is sound.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.host_base.add(offset),
+                buf.as_mut_ptr().cast::<u8>(),
+                buf.len(),
+            );
+            Ok(&mut *(core::ptr::from_mut(buf) as *mut [u8]))
+        }
     }
 
     /// Copies `data` into guest memory at `gpa`.

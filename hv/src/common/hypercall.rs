@@ -518,10 +518,13 @@ fn multicall(
     }
     // The whole array is copied before any entry runs (docs/abi.md 2.5, 12): an entry whose
     // output lands on a later entry, or another vCPU rewriting the array, cannot change what
-    // the later entries do. 64 entries are 3.5 KiB of the hypervisor's stack.
-    let mut batch = [0u8; MULTICALL_MAX as usize * size_of::<MulticallEntry>()];
-    let batch = &mut batch[..(count * entry_size) as usize];
-    domain.memory.read(gpa, batch)?;
+    // the later entries do. 64 entries are 3.5 KiB of the hypervisor's stack, left
+    // uninitialised: zeroing it would cost more than a short batch.
+    let mut storage = [core::mem::MaybeUninit::<u8>::uninit();
+        MULTICALL_MAX as usize * size_of::<MulticallEntry>()];
+    let batch = domain
+        .memory
+        .read_uninit(gpa, &mut storage[..(count * entry_size) as usize])?;
     let mut run = 0;
     for (i, raw) in (0..count).zip(batch.chunks_exact(size_of::<MulticallEntry>())) {
         let at = gpa + i * entry_size;

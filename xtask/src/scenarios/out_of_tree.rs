@@ -5,7 +5,8 @@
 //! (afresh, with a target directory of its own, once per `cargo xtask test`); the scenario
 //! then changes it the way an existing kernel is: the SDK's features off, its own `_start` on
 //! its own stack, its own panic handler, its own IDT (every vector through the SDK's entry
-//! stubs) with the paravirtual timer routed through it, its own print macro; and a
+//! stubs) with the paravirtual timer routed through it, its own print macro, COM1 driven by
+//! the `uart_16550` crate from crates.io (init and loopback self-test); and a
 //! `should_panic` test in `tests/`. Per vendor (`LAMINA_VENDOR`) it runs
 //! 1. `cargo run`: the kernel counts 10 timer ticks through its own IDT and powers off; exit 0;
 //! 2. `cargo run -- panic=now`: its panic handler reports and crashes; a non-zero exit;
@@ -29,6 +30,9 @@ pub const NAME: &str = "out-of-tree-guest";
 const CRATE: &str = "my-kernel";
 
 const MAIN_RS: &str = include_str!("out_of_tree_main.rs.txt");
+/// The `uart_16550` dependency: the crate's current release, which initialises COM1 with a
+/// loopback self-test (docs/abi.md 7.1 emulates what it needs).
+const UART_CRATE: &str = "uart_16550 = \"0.9\"";
 const SHOULD_PANIC_RS: &str = include_str!("out_of_tree_should_panic.rs.txt");
 
 /// One `cargo` invocation in the guest's directory and what its run must show.
@@ -50,6 +54,9 @@ const STEPS: [Step; 3] = [
         required_lines: &[
             LinePattern::Contains(
                 "(d1) kernel: its own _start: StartInfo of domain 1, command line \"my-kernel\"",
+            ),
+            LinePattern::Contains(
+                "(d1) kernel: a line through the uart_16550 crate, after its loopback test",
             ),
             LinePattern::Contains(
                 "timer ticks through its own IDT (vectors [243]); still its own IDT: true; SDK IDT loaded: false",
@@ -110,6 +117,8 @@ fn write_guest(dir: &Path) -> Result<(), String> {
         return Err(format!("new-guest's Cargo.toml has no line {sdk}"));
     }
     let own = sdk.replace(" }", ", default-features = false }");
+    // The rust-osdev serial driver, from crates.io, as a kernel author adds it.
+    let own = format!("{own}\n{UART_CRATE}");
     let manifest =
         manifest.replace(&sdk, &own) + "\n[[test]]\nname = \"should_panic\"\nharness = false\n";
     let files = [

@@ -222,6 +222,10 @@ mod start {
         for r in rejected {
             hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);
         }
+        hv_println!(
+            "lamina: nmi: {} host NMIs taken by the hypervisor, none given to a guest",
+            crate::platform::cpu::HOST_NMIS.load(core::sync::atomic::Ordering::Relaxed)
+        );
         // Every domain was torn down: all it took must be back.
         let free_at_end = memory::figures().1;
         hv_println!(

@@ -4,7 +4,10 @@
 use super::vmcb::{self, Vmcb};
 use super::{EFER_SVME, Svm};
 use crate::common::guest_paging::PagingMode;
-use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
+use crate::common::string_io;
+use crate::common::vcpu::{
+    ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
+};
 use crate::hw::{EntryState, HwError};
 use crate::platform::memory;
 use core::arch::global_asm;
@@ -17,7 +20,11 @@ pub(super) static ASIDS_SHARED: AtomicBool = AtomicBool::new(false);
 static LAST_VMCB: AtomicU64 = AtomicU64::new(0);
 
 mod exit_code {
+    pub(super) const READ_CR0: u64 = 0x00;
+    pub(super) const WRITE_CR15: u64 = 0x1f;
     pub(super) const EXCEPTION_UD: u64 = 0x46;
+    pub(super) const NMI: u64 = 0x61;
+    pub(super) const INVALID: u64 = u64::MAX;
     pub(super) const INTR: u64 = 0x60;
     pub(super) const VINTR: u64 = 0x64;
     pub(super) const CPUID: u64 = 0x72;
@@ -33,12 +40,17 @@ mod exit_code {
 
 // Intercept bits (APM Vol. 2, Table B-1).
 const MISC1_INTR: u32 = 1 << 0;
+const MISC1_NMI: u32 = 1 << 1;
 const MISC1_VINTR: u32 = 1 << 4;
 const MISC1_CPUID: u32 = 1 << 18;
 const MISC1_HLT: u32 = 1 << 24;
 const MISC1_IOIO: u32 = 1 << 27;
 const MISC1_MSR: u32 = 1 << 28;
 const MISC1_SHUTDOWN: u32 = 1 << 31;
+/// CR intercepts (APM Vol. 2 15.9): reads of CR8 (bit 8); writes of CR0, CR3, CR4 (checked by
+/// the hypervisor, which QEMU's nested SVM does not do) and CR8 (bits 16, 19, 20, 24). CR8 is
+/// the emulated TPR; intercepting it also keeps guests off a QEMU TCG assertion.
+const INTERCEPT_CR_BITS: u32 = (1 << 8) | (1 << 16) | (1 << 19) | (1 << 20) | (1 << 24);
 /// VMRUN (mandatory), VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
 const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
 
@@ -57,6 +69,7 @@ const RFLAGS_IF: u64 = 1 << 9;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const CR0_PG: u64 = 1 << 31;
+const CR0_WP: u64 = 1 << 16;
 
 /// A guest vCPU on AMD-V.
 pub struct SvmVcpu {
@@ -89,8 +102,15 @@ impl SvmVcpu {
         v.write(vmcb::INTERCEPT_EXCEPTIONS, 1u32 << vector::INVALID_OPCODE);
         v.write(
             vmcb::INTERCEPT_MISC1,
-            MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN,
+            MISC1_INTR
+                | MISC1_NMI
+                | MISC1_CPUID
+                | MISC1_HLT
+                | MISC1_IOIO
+                | MISC1_MSR
+                | MISC1_SHUTDOWN,
         );
+        v.write(vmcb::INTERCEPT_CR, INTERCEPT_CR_BITS);
         v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS);
         v.write(vmcb::IOPM_BASE, svm.io_permission_map);
         v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
@@ -147,6 +167,79 @@ impl SvmVcpu {
             self.tlb_flush_requested = false;
             self.vmcb.write(vmcb::TLB_CONTROL, 0u8);
         }
+    }
+}
+
+impl SvmVcpu {
+    /// Which consistency check of VMRUN (APM Vol. 2 15.5.1, "Canonicalization and Consistency
+    /// Checks") the guest state fails, as far as the VMCB shows it.
+    fn invalid_state(&self) -> &'static str {
+        let v = &self.vmcb;
+        invalid_state_reason(&VmrunState {
+            efer: v.read(vmcb::EFER),
+            cr0: v.read(vmcb::CR0),
+            cr3: v.read(vmcb::CR3),
+            cr4: v.read(vmcb::CR4),
+            dr6: v.read(vmcb::DR6),
+            dr7: v.read(vmcb::DR7),
+            cs_attributes: v.read(vmcb::CS + 2),
+            asid: v.read(vmcb::GUEST_ASID),
+            intercepts_vmrun: v.read::<u32>(vmcb::INTERCEPT_MISC2) & 1 != 0,
+            event_injection: v.read(vmcb::EVENT_INJECTION),
+        })
+    }
+}
+
+/// The VMCB fields VMRUN checks.
+struct VmrunState {
+    efer: u64,
+    cr0: u64,
+    cr3: u64,
+    cr4: u64,
+    dr6: u64,
+    dr7: u64,
+    cs_attributes: u16,
+    asid: u32,
+    intercepts_vmrun: bool,
+    event_injection: u64,
+}
+
+/// The first VMRUN consistency check (APM Vol. 2 15.5.1) `s` fails.
+fn invalid_state_reason(s: &VmrunState) -> &'static str {
+    const CR0_NW: u64 = 1 << 29;
+    const CR0_CD: u64 = 1 << 30;
+    const CR4_PAE: u64 = 1 << 5;
+    // CR4 bits no AMD CPU defines (reserved: 15, 19, 24 and up, MBZ per APM 3.7).
+    const CR4_RESERVED: u64 = !0x00f7_7fff;
+    let long_mode = s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0;
+    if s.efer & EFER_SVME == 0 {
+        "EFER.SVME is clear"
+    } else if s.cr0 & CR0_NW != 0 && s.cr0 & CR0_CD == 0 {
+        "CR0.NW set with CR0.CD clear"
+    } else if s.cr0 >> 32 != 0 {
+        "CR0 bits 63:32 are not zero"
+    } else if s.cr4 & CR4_RESERVED != 0 {
+        "CR4 has a reserved bit set"
+    } else if long_mode && s.cr3 >> 52 != 0 {
+        "CR3 has bits set above the physical-address width"
+    } else if s.dr6 >> 32 != 0 || s.dr7 >> 32 != 0 {
+        "DR6 or DR7 bits 63:32 are not zero"
+    } else if long_mode && s.cr4 & CR4_PAE == 0 {
+        "EFER.LME and CR0.PG set with CR4.PAE clear"
+    } else if long_mode && s.cr0 & 1 == 0 {
+        "EFER.LME and CR0.PG set with CR0.PE clear"
+    } else if long_mode && s.cs_attributes & (1 << 9) != 0 && s.cs_attributes & (1 << 10) != 0 {
+        "EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set"
+    } else if !s.intercepts_vmrun {
+        "the VMRUN intercept is clear"
+    } else if s.asid == 0 {
+        "guest ASID 0"
+    } else if s.event_injection & EVENT_VALID != 0
+        && matches!((s.event_injection >> 8) & 7, 1 | 5 | 7)
+    {
+        "EVENTINJ has an illegal event type"
+    } else {
+        "a check the VMCB does not show (CR3 or CR4 bits the CPU does not support, MSR or I/O permission map addresses, or the guest PAT)"
     }
 }
 
@@ -211,14 +304,19 @@ impl VirtualCpu for SvmVcpu {
                     let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
                     let next: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
                     if info1 & (1 << 2) != 0 {
-                        (
-                            VmExit::Unexpected {
-                                code,
-                                info1,
-                                info2: next,
-                            },
-                            0,
-                        )
+                        // SEG is reported only with decode assists, which QEMU lacks: the
+                        // common code reads the prefixes instead.
+                        match string_io::decode_svm(info1, false) {
+                            Some(io) => (VmExit::StringIo(io), next.wrapping_sub(self.rip())),
+                            None => (
+                                VmExit::Unexpected {
+                                    code,
+                                    info1,
+                                    info2: next,
+                                },
+                                0,
+                            ),
+                        }
                     } else {
                         let io = VmExit::Io {
                             port: (info1 >> 16) as u16,
@@ -228,6 +326,18 @@ impl VirtualCpu for SvmVcpu {
                         (io, next.wrapping_sub(self.rip()))
                     }
                 }
+                exit_code::READ_CR0..=exit_code::WRITE_CR15 => {
+                    // No decode assists under QEMU TCG: the common code decodes the
+                    // instruction for its operand and length.
+                    let access = VmExit::CrAccess {
+                        cr: (code & 0xf) as u8,
+                        write: code > 0xf,
+                        operand: CrOperand::Decode,
+                    };
+                    (access, 0)
+                }
+                exit_code::NMI => (VmExit::Nmi, 0),
+                exit_code::INVALID => (VmExit::EntryFailed(self.invalid_state(), code), 0),
                 exit_code::EXCEPTION_UD => (VmExit::InvalidOpcode, 0),
                 exit_code::INTR => (VmExit::ExternalInterrupt, 0),
                 exit_code::VINTR => (VmExit::InterruptWindow, 0),
@@ -284,7 +394,53 @@ impl VirtualCpu for SvmVcpu {
             paging: cr0 & CR0_PG != 0,
             long_mode: efer & EFER_LMA != 0,
             cr3: self.vmcb.read(vmcb::CR3),
+            write_protect: cr0 & CR0_WP != 0,
         }
+    }
+
+    fn arch_state(&self) -> ArchState {
+        let v = &self.vmcb;
+        let interrupted: u64 = v.read(vmcb::EXIT_INT_INFO);
+        ArchState {
+            rsp: v.read(vmcb::RSP),
+            rflags: v.read(vmcb::RFLAGS),
+            cr0: v.read(vmcb::CR0),
+            cr2: v.read(vmcb::CR2),
+            cr3: v.read(vmcb::CR3),
+            cr4: v.read(vmcb::CR4),
+            efer: v.read::<u64>(vmcb::EFER) & !EFER_SVME,
+            cs: v.read(vmcb::CS),
+            ss: v.read(vmcb::SS),
+            interrupted_event: interrupted as u32,
+            interrupted_error: (interrupted >> 32) as u32,
+        }
+    }
+
+    fn set_rsp(&mut self, rsp: u64) {
+        self.vmcb.write(vmcb::RSP, rsp);
+    }
+
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        let field = match cr {
+            0 => vmcb::CR0,
+            3 => vmcb::CR3,
+            4 => vmcb::CR4,
+            _ => return,
+        };
+        self.vmcb.write(field, value);
+        // The intercepted MOV did not reach the TLB: flush as it would have (a CR3 load drops
+        // non-global translations, CR0.PG/WP and CR4.PGE/PAE/PCIDE changes drop more; the
+        // whole ASID is the simple superset).
+        self.invalidate_nested_translations();
+    }
+
+    fn set_cr2(&mut self, cr2: u64) {
+        self.vmcb.write(vmcb::CR2, cr2);
+    }
+
+    fn cr4_hardware_allowed(&self) -> u64 {
+        // The guest's CPUID is the host's (less SVM): what it offers, the CPU has.
+        u64::MAX
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {

@@ -785,6 +785,107 @@ mod tests {
         );
     }
 
+    fn string_io(port: u16, size: u8, input: bool, rep: bool) -> VmExit {
+        VmExit::StringIo(StringIo {
+            port,
+            size,
+            input,
+            rep,
+            address_bits: 64,
+            segment: Some(crate::common::string_io::Segment::Ds),
+        })
+    }
+
+    #[test]
+    fn rep_outsb_to_the_uart_prints_like_single_outs() {
+        let (t, mut d) = domain();
+        t.mem.write(0x1_0000, b"hi there\n").unwrap();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RSI] = 0x1_0000;
+        v.regs.gpr[reg::RCX] = 9;
+        exit_alone(&mut d, &mut v, string_io(0x3f8, 1, false, true));
+        assert_eq!(take_lines(), ["(d2) hi there"]);
+        assert_eq!((v.regs.gpr[reg::RCX], v.regs.gpr[reg::RSI]), (0, 0x1_0009));
+        assert_eq!((v.skipped, v.injected), (1, None));
+    }
+
+    #[test]
+    fn ins_from_nothing_reads_all_ones_and_a_buffer_past_ram_faults_in_the_guest() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RDI] = 0x2_0000;
+        exit_alone(&mut d, &mut v, string_io(0x2f0, 2, true, false));
+        let mut word = [0u8; 3];
+        t.mem.read(0x2_0000, &mut word).unwrap();
+        assert_eq!(word, [0xff, 0xff, 0]);
+        assert_eq!(v.regs.gpr[reg::RDI], 0x2_0002);
+        // rep insd with 4 elements, 2 of them past the end of RAM (4 MiB).
+        let end = 4 << 20;
+        v.regs.gpr[reg::RDI] = end - 8;
+        v.regs.gpr[reg::RCX] = 4;
+        v.skipped = 0;
+        let next = exit_alone(&mut d, &mut v, string_io(0x2f0, 4, true, true));
+        assert_eq!(next, Next::Resume, "the domain runs on");
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!((v.regs.gpr[reg::RCX], v.regs.gpr[reg::RDI]), (2, end));
+        assert_eq!(v.skipped, 0, "RIP stays at the instruction");
+        assert_eq!(t.mem.read_u64(end - 8).unwrap(), u64::MAX);
+    }
+
+    #[test]
+    fn cr8_writes_and_reads_are_the_tpr() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RAX] = 5;
+        let write = VmExit::CrAccess {
+            cr: 8,
+            write: true,
+            operand: CrOperand::Gpr(0),
+        };
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!(d.vcpus[0].vlapic.tpr(), 0x50);
+        exit_alone(
+            &mut d,
+            &mut v,
+            VmExit::CrAccess {
+                cr: 8,
+                write: false,
+                operand: CrOperand::Gpr(3),
+            },
+        );
+        assert_eq!(v.regs.gpr[reg::RBX], 5);
+        v.regs.gpr[reg::RAX] = 0x10;
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!(d.vcpus[0].vlapic.tpr(), 0x50, "kept");
+    }
+
+    #[test]
+    fn a_refused_cr4_write_is_a_gp_and_an_accepted_one_lands() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.state = ArchState {
+            cr0: 0x8001_0033,
+            cr3: 0x4000,
+            cr4: 0x620,
+            efer: 0x500,
+            ..Default::default()
+        };
+        let write = VmExit::CrAccess {
+            cr: 4,
+            write: true,
+            operand: CrOperand::Gpr(0),
+        };
+        v.regs.gpr[reg::RAX] = 0x600; // PAE clear in long mode
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!((v.state.cr4, v.skipped), (0x620, 0));
+        v.injected = None;
+        v.regs.gpr[reg::RAX] = 0x624; // TSD
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!((v.injected, v.state.cr4, v.skipped), (None, 0x624, 1));
+    }
+
     #[test]
     fn cpuid_exits_return_the_lamina_leaves() {
         let (_t, mut d) = domain();

@@ -53,7 +53,8 @@ pub struct StringIo {
     pub input: bool,
     /// A `rep` prefix: RCX (in the address size) elements.
     pub rep: bool,
-    /// Address size in bits: 16, 32 or 64.
+    /// Address size in bits: 16, 32 or 64; 0 when the exit does not say (QEMU's SVM sets no
+    /// A16/A32/A64 bit): the instruction's prefixes are decoded (64-bit mode: 0x67 means 32).
     pub address_bits: u8,
     /// The source segment of `outs` (ignored for `ins`, which always writes ES:rDI); `None`
     /// when the exit does not say (SVM without decode assists): the instruction's prefixes
@@ -110,6 +111,7 @@ pub fn decode_svm(info1: u64, segment_valid: bool) -> Option<StringIo> {
         _ => return None,
     };
     let address_bits = match (info1 >> 7) & 7 {
+        0 => 0,
         1 => 16,
         2 => 32,
         4 => 64,
@@ -146,6 +148,19 @@ pub fn segment_from_prefixes(bytes: &[u8]) -> Segment {
         };
     }
     segment
+}
+
+/// The address size of a string instruction in 64-bit mode from its prefixes: 32 with an
+/// address-size override (0x67), else 64.
+pub fn address_bits_from_prefixes(bytes: &[u8]) -> u8 {
+    for &byte in bytes {
+        match byte {
+            0x67 => return 32,
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x66 | 0xf0 | 0xf2 | 0xf3 | 0x40..=0x4f => {}
+            _ => break,
+        }
+    }
+    64
 }
 
 /// How many elements one exit moves at most; a longer `rep` continues at the next entry (the
@@ -216,14 +231,23 @@ pub fn emulate<V: VirtualCpu>(
     ports: &mut dyn Ports,
     code_bytes: impl FnOnce(&V) -> [u8; 15],
 ) -> Outcome {
-    let bits = io.address_bits;
     let state = vcpu.arch_state();
     let backwards = state.rflags & RFLAGS_DF != 0;
+    // What the exit information leaves out comes from the instruction's prefixes.
+    let needs_code = io.address_bits == 0 || (!io.input && io.segment.is_none());
+    let code = if needs_code {
+        code_bytes(vcpu)
+    } else {
+        [0; 15]
+    };
+    let bits = match io.address_bits {
+        0 => address_bits_from_prefixes(&code),
+        bits => bits,
+    };
     let segment = if io.input {
         Segment::Es
     } else {
-        io.segment
-            .unwrap_or_else(|| segment_from_prefixes(&code_bytes(vcpu)))
+        io.segment.unwrap_or_else(|| segment_from_prefixes(&code))
     };
     // In 64-bit mode only FS and GS have a base (SDM Vol. 3A 3.4.4).
     let base = match segment {
@@ -381,6 +405,8 @@ mod tests {
         );
         assert_eq!(decode_svm(info1 & !(1 << 2), true), None);
         assert_eq!(decode_svm(1 << 2, true), None, "no size");
+        // QEMU: STR, REP, SZ8 and no address-size bit.
+        assert_eq!(decode_svm(0x3f8_001c, false).unwrap().address_bits, 0);
     }
 
     #[test]
@@ -392,6 +418,13 @@ mod tests {
             Segment::Fs
         );
         assert_eq!(segment_from_prefixes(&[0x6e, 0x65]), Segment::Ds);
+    }
+
+    #[test]
+    fn address_size_comes_from_the_prefixes_when_the_exit_omits_it() {
+        assert_eq!(address_bits_from_prefixes(&[0xf3, 0x6c]), 64);
+        assert_eq!(address_bits_from_prefixes(&[0x67, 0xf3, 0x6c]), 32);
+        assert_eq!(address_bits_from_prefixes(&[0x6c, 0x67]), 64);
     }
 
     #[test]

@@ -863,12 +863,14 @@ mod tests {
     #[test]
     fn a_refused_cr4_write_is_a_gp_and_an_accepted_one_lands() {
         let (_t, mut d) = domain();
-        let mut v = MockVcpu::default();
-        v.state = ArchState {
-            cr0: 0x8001_0033,
-            cr3: 0x4000,
-            cr4: 0x620,
-            efer: 0x500,
+        let mut v = MockVcpu {
+            state: ArchState {
+                cr0: 0x8001_0033,
+                cr3: 0x4000,
+                cr4: 0x620,
+                efer: 0x500,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let write = VmExit::CrAccess {

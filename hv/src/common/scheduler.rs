@@ -469,9 +469,9 @@ fn run_slice<V: VirtualCpu, H: Host>(
         }
         let exit = vcpu.run();
         exited_at = Some(read_tsc());
-        let next = if exit == VmExit::Hypercall {
+        let next = if matches!(exit, VmExit::Hypercall) {
             hypercall_exit(domain, vcpu, peers)
-        } else if exit == VmExit::ExternalInterrupt {
+        } else if matches!(exit, VmExit::ExternalInterrupt) {
             domain.stats.count(ExitKind::ExternalInterrupt);
             host.service_interrupts();
             Next::Yield

@@ -262,8 +262,9 @@ pub(super) fn rep_outsb_prints_like_outs() {
     static mut BUFFER: TwoPages = TwoPages([0; 8192]);
     let crossing = b"rep_outsb_prints_like_outs: across a page boundary\n";
     let start = 4096 - 20;
+    let pages = &raw mut BUFFER;
     // SAFETY: one vCPU, nothing else uses the buffer.
-    let buffer = unsafe { &mut (*&raw mut BUFFER).0 };
+    let buffer = unsafe { &mut (*pages).0 };
     buffer[start..start + crossing.len()].copy_from_slice(crossing);
     rep_outsb(COM1, &buffer[start..start + crossing.len()]);
 

@@ -15,6 +15,15 @@ pub mod common;
 pub mod hw;
 pub mod platform;
 
+// The backends are built for the bare-metal target only; their pure decoders are also
+// compiled on the host so that their unit tests run.
+#[cfg(all(test, not(target_os = "none")))]
+#[path = "hw/svm/vmrun_checks.rs"]
+mod svm_vmrun_checks;
+#[cfg(all(test, not(target_os = "none")))]
+#[path = "hw/vmx/entry_checks.rs"]
+mod vmx_entry_checks;
+
 #[cfg(target_os = "none")]
 mod start {
     use crate::common::builder::{self, BOOT_GDT_LIMIT, BootParams};

@@ -2,6 +2,7 @@
 //! of #VMEXIT codes (AMD APM Vol. 2, Appendix C) into [`VmExit`].
 
 use super::vmcb::{self, Vmcb};
+use super::vmrun_checks;
 use super::{EFER_SVME, Svm};
 use crate::common::guest_paging::PagingMode;
 use crate::common::string_io;
@@ -175,7 +176,7 @@ impl SvmVcpu {
     /// Checks") the guest state fails, as far as the VMCB shows it.
     fn invalid_state(&self) -> &'static str {
         let v = &self.vmcb;
-        invalid_state_reason(&VmrunState {
+        vmrun_checks::invalid_state_reason(&vmrun_checks::VmrunState {
             efer: v.read(vmcb::EFER),
             cr0: v.read(vmcb::CR0),
             cr3: v.read(vmcb::CR3),
@@ -187,59 +188,6 @@ impl SvmVcpu {
             intercepts_vmrun: v.read::<u32>(vmcb::INTERCEPT_MISC2) & 1 != 0,
             event_injection: v.read(vmcb::EVENT_INJECTION),
         })
-    }
-}
-
-/// The VMCB fields VMRUN checks.
-struct VmrunState {
-    efer: u64,
-    cr0: u64,
-    cr3: u64,
-    cr4: u64,
-    dr6: u64,
-    dr7: u64,
-    cs_attributes: u16,
-    asid: u32,
-    intercepts_vmrun: bool,
-    event_injection: u64,
-}
-
-/// The first VMRUN consistency check (APM Vol. 2 15.5.1) `s` fails.
-fn invalid_state_reason(s: &VmrunState) -> &'static str {
-    const CR0_NW: u64 = 1 << 29;
-    const CR0_CD: u64 = 1 << 30;
-    const CR4_PAE: u64 = 1 << 5;
-    // CR4 bits no AMD CPU defines (reserved: 15, 19, 24 and up, MBZ per APM 3.7).
-    const CR4_RESERVED: u64 = !0x00f7_7fff;
-    let long_mode = s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0;
-    if s.efer & EFER_SVME == 0 {
-        "EFER.SVME is clear"
-    } else if s.cr0 & CR0_NW != 0 && s.cr0 & CR0_CD == 0 {
-        "CR0.NW set with CR0.CD clear"
-    } else if s.cr0 >> 32 != 0 {
-        "CR0 bits 63:32 are not zero"
-    } else if s.cr4 & CR4_RESERVED != 0 {
-        "CR4 has a reserved bit set"
-    } else if long_mode && s.cr3 >> 52 != 0 {
-        "CR3 has bits set above the physical-address width"
-    } else if s.dr6 >> 32 != 0 || s.dr7 >> 32 != 0 {
-        "DR6 or DR7 bits 63:32 are not zero"
-    } else if long_mode && s.cr4 & CR4_PAE == 0 {
-        "EFER.LME and CR0.PG set with CR4.PAE clear"
-    } else if long_mode && s.cr0 & 1 == 0 {
-        "EFER.LME and CR0.PG set with CR0.PE clear"
-    } else if long_mode && s.cs_attributes & (1 << 9) != 0 && s.cs_attributes & (1 << 10) != 0 {
-        "EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set"
-    } else if !s.intercepts_vmrun {
-        "the VMRUN intercept is clear"
-    } else if s.asid == 0 {
-        "guest ASID 0"
-    } else if s.event_injection & EVENT_VALID != 0
-        && matches!((s.event_injection >> 8) & 7, 1 | 5 | 7)
-    {
-        "EVENTINJ has an illegal event type"
-    } else {
-        "a check the VMCB does not show (CR3 or CR4 bits the CPU does not support, MSR or I/O permission map addresses, or the guest PAT)"
     }
 }
 

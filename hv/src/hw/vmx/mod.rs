@@ -5,6 +5,7 @@
 //! VMCS, EPT and VPID. Controls are adjusted against the capability MSRs (SDM Appendix A), so
 //! a required control the CPU cannot provide is reported instead of failing VM entry.
 
+mod entry_checks;
 mod ept;
 mod vcpu;
 mod vmcs;

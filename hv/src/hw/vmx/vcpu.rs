@@ -3,6 +3,7 @@
 //! Vol. 3D Appendix C) into [`VmExit`]. Control-register writes are handled here: they exist
 //! only because VMX fixes some CR0/CR4 bits.
 
+use super::entry_checks;
 use super::ept::eptp;
 use super::vmcs::{self, read, write, write_unchecked};
 use super::{ControlCapabilities, InveptType, adjust};
@@ -376,7 +377,7 @@ impl VmxVcpu {
     /// Why VM entry refused the guest state (exit reason 33, SDM Vol. 3C 26.3.1), as far as
     /// the VMCS shows it.
     fn invalid_guest_state(&self) -> &'static str {
-        invalid_guest_state_reason(&GuestStateCheck {
+        entry_checks::invalid_guest_state_reason(&entry_checks::GuestStateCheck {
             cr0: read(vmcs::GUEST_CR0),
             cr3: read(vmcs::GUEST_CR3),
             cr4: read(vmcs::GUEST_CR4),
@@ -430,57 +431,6 @@ fn max_phys_bits() -> u8 {
     }
 }
 
-/// What VM entry checks of the guest state (SDM Vol. 3C 26.3.1).
-struct GuestStateCheck {
-    cr0: u64,
-    cr3: u64,
-    cr4: u64,
-    efer: u64,
-    rflags: u64,
-    cr0_fixed: (u64, u64),
-    cr4_fixed: (u64, u64),
-    max_phys_bits: u8,
-    qualification: u64,
-}
-
-/// The first guest-state check of VM entry (SDM Vol. 3C 26.3.1) that `s` fails.
-fn invalid_guest_state_reason(s: &GuestStateCheck) -> &'static str {
-    const EFER_LME: u64 = 1 << 8;
-    match s.qualification {
-        2 => return "a PDPTE (PAE paging) has a reserved bit set",
-        3 => return "the NMI-blocking state does not allow the injected NMI",
-        4 => return "the VMCS link pointer is invalid",
-        _ => {}
-    }
-    if s.cr0 & s.cr0_fixed.0 != s.cr0_fixed.0 || s.cr0 & !s.cr0_fixed.1 != 0 {
-        "guest CR0 does not respect IA32_VMX_CR0_FIXED0/1"
-    } else if s.cr4 & s.cr4_fixed.0 != s.cr4_fixed.0 || s.cr4 & !s.cr4_fixed.1 != 0 {
-        "guest CR4 does not respect IA32_VMX_CR4_FIXED0/1"
-    } else if s.cr3 >> s.max_phys_bits.clamp(32, 52) != 0 {
-        "guest CR3 has bits set above MAXPHYADDR"
-    } else if s.efer & EFER_LMA == 0 || s.efer & EFER_LME == 0 {
-        "guest IA32_EFER.LMA/LME do not match the IA-32e mode guest entry control"
-    } else if s.rflags >> 22 != 0 || s.rflags & 0x8028 != 0 || s.rflags & 2 == 0 {
-        "guest RFLAGS has a reserved bit wrong"
-    } else {
-        "a guest-state check the VMCS fields read here do not show (segment registers, descriptor tables, activity or interruptibility state)"
-    }
-}
-
-/// The VM-instruction error of a VMLAUNCH/VMRESUME that failed (SDM Vol. 3C 31.4).
-fn vm_instruction_error(error: u64) -> &'static str {
-    match error {
-        4 => "VMLAUNCH with a VMCS that is not clear",
-        5 => "VMRESUME with a VMCS that was not launched",
-        7 => "VM entry with invalid control fields",
-        8 => "VM entry with invalid host-state fields",
-        12 => "VM entry with an invalid executive-VMCS pointer",
-        13 => "VM entry with a non-launched executive VMCS",
-        26 => "VM entry with events blocked by MOV SS",
-        _ => "VM entry failed (VM-instruction error)",
-    }
-}
-
 impl Drop for VmxVcpu {
     fn drop(&mut self) {
         let failed: u8;
@@ -521,7 +471,7 @@ impl VirtualCpu for VmxVcpu {
             let failed = unsafe { vmx_world_switch(&mut self.regs, self.launched.into()) };
             if failed != 0 {
                 let error = read(vmcs::VM_INSTRUCTION_ERROR);
-                return VmExit::EntryFailed(vm_instruction_error(error), error);
+                return VmExit::EntryFailed(entry_checks::vm_instruction_error(error), error);
             }
             self.launched = true;
             self.reinject_interrupted_event();

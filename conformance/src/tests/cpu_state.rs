@@ -184,9 +184,9 @@ pub(super) fn cr_writes_hardware_refuses_gp() {
     check_eq!("CR4 at the end", Hex(cr4), Hex(read_cr4()));
 }
 
-fn write_cr8(value: u64) {
-    // SAFETY: CR8 only holds interrupts back.
-    unsafe { asm!("mov cr8, {}", in(reg) value, options(nostack)) };
+fn write_cr8(value: u8) {
+    // SAFETY: CPL 0, a class of at most 15; CR8 only holds interrupts back.
+    unsafe { lamina_guest_sdk::x2apic::set_priority_class(value) };
 }
 
 pub(super) fn cr8_is_the_tpr() {
@@ -196,6 +196,9 @@ pub(super) fn cr8_is_the_tpr() {
     write_cr8(5);
     check_eq!("TPR after CR8 = 5", Hex(0x50), Hex(msr::read(apic::TPR)));
     check_eq!("CR8 read back", Hex(5), Hex(read_cr8()));
+    // SAFETY: CPL 0; reading CR8 has no effect.
+    let class = unsafe { lamina_guest_sdk::x2apic::priority_class() };
+    check_eq!("CR8 through the SDK", 5, class);
     // SAFETY: TPR only holds interrupts back.
     unsafe { write(apic::TPR, 0x7c) };
     check_eq!("CR8 after TPR = 0x7c", Hex(7), Hex(read_cr8()));

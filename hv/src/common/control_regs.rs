@@ -159,10 +159,14 @@ pub fn check_cr_write(cr: u8, value: u64, ctx: &CrContext) -> Result<u64, Fault>
             }
             Ok(value)
         }
-        // CR8: TPR bits 7:4; bits 63:4 reserved (SDM 10.8.6.1).
-        8 if value <= 0xf => Ok(value),
+        8 => check_cr8_write(value),
         _ => Err(Fault),
     }
+}
+
+/// A write to CR8: TPR bits 7:4; bits 63:4 are reserved (SDM Vol. 3A 10.8.6.1).
+pub fn check_cr8_write(value: u64) -> Result<u64, Fault> {
+    if value <= 0xf { Ok(value) } else { Err(Fault) }
 }
 
 /// An intercepted control-register instruction, decoded (SDM Vol. 2: MOV CRn 0F 20/0F 22,

@@ -448,7 +448,12 @@ fn control_register_access<V: VirtualCpu>(
         CrOperand::Value(value) => (cr, write, value, 0, None),
     };
     if write {
-        let accepted = control_regs::check_cr_write(cr, value, &cr_context(domain, vcpu, &state));
+        // CR8 depends on nothing else: no need to ask CPUID.
+        let accepted = if cr == 8 {
+            control_regs::check_cr8_write(value)
+        } else {
+            control_regs::check_cr_write(cr, value, &cr_context(domain, vcpu, &state))
+        };
         match accepted {
             Ok(value) if cr == 8 => {
                 // CR8 is the TPR (SDM Vol. 3A 10.8.6): a lower class may let a held vector in.

@@ -141,13 +141,17 @@ pub fn translate_checked(
     error(false)
 }
 
-/// Reads up to `buf.len()` instruction bytes at guest-virtual `rip` (may cross one page).
+/// Reads up to `buf.len()` instruction bytes at guest-virtual `rip` (may cross one page): one
+/// walk per page touched.
 pub fn read_code(mem: &GuestMemory, mode: PagingMode, rip: u64, buf: &mut [u8]) -> Option<()> {
-    for (i, byte) in buf.iter_mut().enumerate() {
-        let gpa = translate(mem, mode, rip.wrapping_add(i as u64))?;
-        let mut one = [0u8];
-        mem.read(gpa, &mut one).ok()?;
-        *byte = one[0];
+    let mut done = 0;
+    while done < buf.len() {
+        let va = rip.wrapping_add(done as u64);
+        let in_page = (0x1000 - (va & 0xfff)) as usize;
+        let chunk = in_page.min(buf.len() - done);
+        let gpa = translate(mem, mode, va)?;
+        mem.read(gpa, &mut buf[done..done + chunk]).ok()?;
+        done += chunk;
     }
     Some(())
 }

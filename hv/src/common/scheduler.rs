@@ -481,6 +481,7 @@ fn run_slice<V: VirtualCpu, H: Host>(
         match next {
             Next::Resume => continue,
             Next::Stop => {
+                vcpu.deactivate();
                 publish_stats(domain);
                 return;
             }
@@ -493,6 +494,7 @@ fn run_slice<V: VirtualCpu, H: Host>(
                     .enter(runstate::BLOCKED, now, &domain.memory);
             }
         }
+        vcpu.deactivate();
         domain.drain_console_ring();
         publish_stats(domain);
         return;

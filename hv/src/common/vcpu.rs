@@ -210,6 +210,9 @@ pub trait VirtualCpu {
     /// Makes this vCPU the one whose hardware state the accessors below reach (VMX: loads
     /// its VMCS). Called when the vCPU is scheduled in, before anything else touches it.
     fn activate(&mut self);
+    /// The vCPU stops running on this CPU for now (end of its slice, or it stopped): the
+    /// backend saves what the CPU holds of it and no world switch saves (VMX: CR2).
+    fn deactivate(&mut self) {}
     /// Enters the guest and runs it until the next exit common code must handle.
     fn run(&mut self) -> VmExit;
     /// The guest's general-purpose registers (RAX included; RSP is not).

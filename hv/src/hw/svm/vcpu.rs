@@ -174,6 +174,8 @@ impl SvmVcpu {
 impl SvmVcpu {
     /// Which consistency check of VMRUN (APM Vol. 2 15.5.1, "Canonicalization and Consistency
     /// Checks") the guest state fails, as far as the VMCB shows it.
+    #[cold]
+    #[inline(never)]
     fn invalid_state(&self) -> &'static str {
         let v = &self.vmcb;
         vmrun_checks::invalid_state_reason(&vmrun_checks::VmrunState {

@@ -99,6 +99,9 @@ pub struct VmxVcpu {
     invept: InveptType,
     /// The CPU reports INS/OUTS address size and segment (IA32_VMX_BASIC bit 54).
     string_io_info: bool,
+    /// The guest's CR2 while the vCPU does not run: VMX does not switch CR2, so it is saved
+    /// when the vCPU leaves the CPU and loaded when it comes back (no domain sees another's).
+    cr2: u64,
 }
 
 const EVENT_VALID: u64 = 1 << 31;
@@ -152,6 +155,7 @@ impl VmxVcpu {
             eptp: eptp(ept_root),
             invept: caps.invept,
             string_io_info: caps.string_io_info,
+            cr2: 0,
         };
         load_vmcs(vcpu.vmcs)?;
         vcpu.write_controls(caps, entry)?;
@@ -333,6 +337,7 @@ impl VmxVcpu {
 
     /// A CR-access exit (SDM Vol. 3C Table 28-3). CLTS and MOV from CR3 are completed here
     /// (`None`); writes and CR8 reads go to the common checks (docs/abi.md 18.3, 18.4).
+    #[inline(never)]
     fn cr_access(&mut self) -> Option<VmExit> {
         let qualification = read(vmcs::EXIT_QUALIFICATION);
         let cr = (qualification & 0xf) as u8;
@@ -372,6 +377,19 @@ impl VmxVcpu {
                 })
             }
         }
+    }
+
+    /// A VM exit for a failed VM entry (exit reason bit 31, SDM Vol. 3C 26.8), named.
+    #[cold]
+    #[inline(never)]
+    fn entry_failure(&self, exit_reason: u64) -> VmExit {
+        let what = match exit_reason & 0xffff {
+            reason::ENTRY_INVALID_GUEST_STATE => self.invalid_guest_state(),
+            reason::ENTRY_MSR_LOADING => "loading an entry of the VM-entry MSR-load area",
+            reason::ENTRY_MACHINE_CHECK => "a machine-check event during VM entry",
+            _ => "an unknown VM-entry failure",
+        };
+        VmExit::EntryFailed(what, exit_reason)
     }
 
     /// Why VM entry refused the guest state (exit reason 33, SDM Vol. 3C 26.3.1), as far as
@@ -459,6 +477,11 @@ impl VirtualCpu for VmxVcpu {
         if let Err(error) = self.make_current() {
             log::error!("vmx: {error}");
         }
+        self.set_cr2(self.cr2);
+    }
+
+    fn deactivate(&mut self) {
+        self.cr2 = x86_64::registers::control::Cr2::read_raw();
     }
 
     #[inline]
@@ -478,14 +501,7 @@ impl VirtualCpu for VmxVcpu {
             let exit_reason = read(vmcs::EXIT_REASON);
             let basic = exit_reason & 0xffff;
             if exit_reason & (1 << 31) != 0 {
-                // VM entry failed after loading guest state (SDM Vol. 3C 26.8).
-                let what = match basic {
-                    reason::ENTRY_INVALID_GUEST_STATE => self.invalid_guest_state(),
-                    reason::ENTRY_MSR_LOADING => "loading MSR entry of the VM-entry MSR-load area",
-                    reason::ENTRY_MACHINE_CHECK => "a machine-check event during VM entry",
-                    _ => "an unknown VM-entry failure",
-                };
-                return VmExit::EntryFailed(what, exit_reason);
+                return self.entry_failure(exit_reason);
             }
             return match basic {
                 reason::VMCALL => VmExit::Hypercall,

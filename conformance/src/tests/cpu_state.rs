@@ -270,6 +270,25 @@ pub(super) fn rep_outsb_prints_like_outs() {
     let buffer = unsafe { &mut (*pages).0 };
     buffer[start..start + crossing.len()].copy_from_slice(crossing);
     rep_outsb(COM1, &buffer[start..start + crossing.len()]);
+    // A GS override: the buffer is GS base + RSI.
+    let through_gs = b"rep_outsb_prints_like_outs: through a GS override\n";
+    const GS_BASE: u32 = 0xc000_0101;
+    let offset = 0x1000u64;
+    let rsi_after: u64;
+    // SAFETY: GS base is not used by this kernel; OUTS reads `through_gs` only; GS base is
+    // set back to 0 right after.
+    unsafe {
+        msr::write(GS_BASE, through_gs.as_ptr() as u64 - offset);
+        asm!("cld", "rep outs dx, byte ptr gs:[rsi]", in("dx") COM1,
+             inout("rcx") through_gs.len() as u64 => _, inout("rsi") offset => rsi_after,
+             options(nostack, readonly));
+        msr::write(GS_BASE, 0);
+    }
+    check_eq!(
+        "RSI after rep outsb through GS",
+        Hex(offset + through_gs.len() as u64),
+        Hex(rsi_after)
+    );
 
     // Read back this domain's console: both forms print the same line, then the crossing one.
     let id = start_info().domain_id;
@@ -287,7 +306,8 @@ pub(super) fn rep_outsb_prints_like_outs() {
     let text = core::str::from_utf8(&history[..total]).unwrap_or("");
     let expected = "rep_outsb_prints_like_outs: one line, through rep outsb\n\
                     rep_outsb_prints_like_outs: one line, through rep outsb\n\
-                    rep_outsb_prints_like_outs: across a page boundary\n";
+                    rep_outsb_prints_like_outs: across a page boundary\n\
+                    rep_outsb_prints_like_outs: through a GS override\n";
     check!(
         text.contains(expected),
         "the console shows the rep outsb line, the same line from single outs and the page-crossing line; it holds {text:?}"
@@ -331,6 +351,18 @@ pub(super) fn ins_unemulated_port_all_ones() {
     check_eq!("RDI after insd with DF=1", Hex(base as u64 + 8), Hex(rdi));
     check_eq!("dword read with DF=1", &[0xffu8; 4][..], &buffer[12..]);
     check_eq!("bytes before it", &[0u8; 12][..], &buffer[..12]);
+    // 32-bit addressing (0x67): ECX counts, EDI addresses, both written zero-extended.
+    buffer = [0; 16];
+    // SAFETY: 3 bytes at buffer (below 4 GiB: RAM is at most 1 GiB), whatever the upper
+    // halves of RCX and RDI say.
+    unsafe {
+        asm!("cld", ".byte 0x67, 0xf3, 0x6c", in("dx") UNUSED_PORT,
+             inout("rcx") 0xffff_ffff_0000_0003u64 => rcx,
+             inout("rdi") (base as u64) | 1 << 32 => rdi, options(nostack));
+    }
+    check_eq!("RCX after addr32 rep insb", Hex(0), Hex(rcx));
+    check_eq!("RDI after addr32 rep insb", Hex(base as u64 + 3), Hex(rdi));
+    check_eq!("bytes read by addr32 rep insb", &[0xffu8, 0xff, 0xff, 0][..], &buffer[..4]);
 }
 
 pub(super) fn rep_insb_outside_ram_faults() {

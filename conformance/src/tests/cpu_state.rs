@@ -362,7 +362,11 @@ pub(super) fn ins_unemulated_port_all_ones() {
     }
     check_eq!("RCX after addr32 rep insb", Hex(0), Hex(rcx));
     check_eq!("RDI after addr32 rep insb", Hex(base as u64 + 3), Hex(rdi));
-    check_eq!("bytes read by addr32 rep insb", &[0xffu8, 0xff, 0xff, 0][..], &buffer[..4]);
+    check_eq!(
+        "bytes read by addr32 rep insb",
+        &[0xffu8, 0xff, 0xff, 0][..],
+        &buffer[..4]
+    );
 }
 
 pub(super) fn rep_insb_outside_ram_faults() {

@@ -132,12 +132,12 @@ pub fn check_cr_write(cr: u8, value: u64, ctx: &CrContext) -> Result<u64, Fault>
             Ok((value & cr0::DEFINED) | cr0::ET)
         }
         3 => {
-            let (value, no_flush_hint) = if ctx.cr4 & cr4::PCIDE != 0 {
-                (value & !CR3_NO_FLUSH, value & CR3_NO_FLUSH)
+            // The hint is honoured conservatively: the backends flush anyway.
+            let value = if ctx.cr4 & cr4::PCIDE != 0 {
+                value & !CR3_NO_FLUSH
             } else {
-                (value, 0)
+                value
             };
-            let _ = no_flush_hint;
             let bits = u32::from(ctx.max_phys_bits.clamp(32, 52));
             if value >> bits != 0 {
                 return Err(Fault);
@@ -209,23 +209,23 @@ pub enum CrInstruction {
 /// anything else, including LMSW with a memory operand (not emulated). On AMD, LOCK MOV CR0
 /// is MOV CR8 (APM Vol. 3, "MOV CRn").
 pub fn decode_mov_cr(bytes: &[u8]) -> Option<CrInstruction> {
+    // Legacy prefixes (LOCK matters: on AMD it selects CR8), then at most one REX, which
+    // counts only when it comes last (SDM Vol. 2A 2.2.1).
     let mut i = 0;
     let mut lock = false;
     let mut rex = 0u8;
-    while i < bytes.len() && i < 14 {
-        match bytes[i] {
+    while let Some(&byte) = bytes.get(i) {
+        match byte {
             0xf0 => lock = true,
-            0x66 | 0x67 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 => rex = 0,
-            0x40..=0x4f => {
-                rex = bytes[i];
-                i += 1;
-                break;
-            }
+            0x66 | 0x67 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 => {}
             _ => break,
         }
         i += 1;
     }
-    // A REX prefix must come last; skip any more legacy prefixes are not allowed after it.
+    if let Some(&byte @ 0x40..=0x4f) = bytes.get(i) {
+        rex = byte;
+        i += 1;
+    }
     if *bytes.get(i)? != 0x0f {
         return None;
     }

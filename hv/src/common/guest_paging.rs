@@ -1,7 +1,8 @@
-//! Walking a guest's own page tables, to read the instruction at a guest RIP.
+//! Walking a guest's own page tables: to read the instruction at a guest RIP, and to reach a
+//! string instruction's buffer with the checks and #PF error codes of the CPU.
 //!
-//! Only needed off the hot path (decoding the other vendor's hypercall instruction after a
-//! #UD). Handles 4-level IA-32e paging with 1 GiB and 2 MiB pages (Intel SDM Vol. 3A 4.5,
+//! Only needed off the hot path (the other vendor's hypercall instruction after a #UD, CR
+//! accesses under SVM without decode assists, string I/O). Handles 4-level IA-32e paging with 1 GiB and 2 MiB pages (Intel SDM Vol. 3A 4.5,
 //! AMD APM Vol. 2 5.3); every table read goes through [`GuestMemory`] bounds checks.
 
 use crate::common::guest_memory::GuestMemory;

@@ -1,8 +1,8 @@
 //! The one interface between vendor-neutral code and the two hardware backends.
 //!
 //! A backend (`hw::vmx` or `hw::svm`) runs a vCPU until an exit that common code must see,
-//! handles the exits that only matter to its architecture itself (CR access under VMX, SVM
-//! instructions a guest must not use...), and translates the rest into [`VmExit`]. Everything
+//! handles the exits that only matter to its architecture itself (CLTS and CR3 reads under VMX,
+//! SVM instructions a guest must not use...), and translates the rest into [`VmExit`]. Everything
 //! else (hypercalls, devices, MSR policy, CPUID policy, scheduling) is written once against
 //! [`VirtualCpu`].
 

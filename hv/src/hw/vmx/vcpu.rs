@@ -1,7 +1,8 @@
 //! A VMX vCPU: VMCS set-up for a 64-bit guest (Intel SDM Vol. 3C 26.3 lists the checks it
 //! must pass), the VMLAUNCH/VMRESUME world switch, and the translation of exit reasons (SDM
-//! Vol. 3D Appendix C) into [`VmExit`]. Control-register writes are handled here: they exist
-//! only because VMX fixes some CR0/CR4 bits.
+//! Vol. 3D Appendix C) into [`VmExit`]. CLTS and MOV from CR3 complete here; control-register
+//! writes and CR8 go to the common checks (`common::control_regs`), and the guest's view of
+//! CR0/CR4 lives in the read shadows.
 
 use super::entry_checks;
 use super::ept::eptp;

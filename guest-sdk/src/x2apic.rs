@@ -155,6 +155,28 @@ pub unsafe fn id() -> u32 {
     unsafe { rdmsr(ID) as u32 }
 }
 
+/// Sets the task-priority class through CR8 (docs/abi.md 18.4): interrupts of class `class`
+/// (`vector >> 4`) and below are held until it drops. CR8 is the TPR's bits 7:4, so this is
+/// the same as writing `class << 4` to the TPR MSR; one exit either way.
+///
+/// # Safety
+/// CPL 0; `class` must be at most 15 (otherwise #GP).
+pub unsafe fn set_priority_class(class: u8) {
+    // SAFETY: the caller runs at CPL 0 with a valid class; CR8 only holds interrupts back.
+    unsafe { core::arch::asm!("mov cr8, {}", in(reg) u64::from(class), options(nostack)) };
+}
+
+/// The task-priority class (CR8, the TPR's bits 7:4, docs/abi.md 18.4).
+///
+/// # Safety
+/// CPL 0.
+pub unsafe fn priority_class() -> u8 {
+    let class: u64;
+    // SAFETY: the caller runs at CPL 0; reading CR8 has no effect.
+    unsafe { core::arch::asm!("mov {}, cr8", out(reg) class, options(nomem, nostack)) };
+    class as u8
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,6 +25,14 @@ fn main() {
     );
     std::process::exit(2);
 }
+// The backends are built for the bare-metal target only; their pure decoders are also
+// compiled on the host so that their unit tests run.
+#[cfg(all(test, not(target_os = "none")))]
+#[path = "hw/svm/vmrun_checks.rs"]
+mod svm_vmrun_checks;
+#[cfg(all(test, not(target_os = "none")))]
+#[path = "hw/vmx/entry_checks.rs"]
+mod vmx_entry_checks;
 
 #[cfg(target_os = "none")]
 mod start {
@@ -237,6 +245,10 @@ mod start {
         for r in rejected {
             hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);
         }
+        hv_println!(
+            "lamina: nmi: {} host NMIs taken by the hypervisor, none given to a guest",
+            crate::platform::cpu::HOST_NMIS.load(core::sync::atomic::Ordering::Relaxed)
+        );
         // Every domain was torn down: all it took must be back.
         let free_at_end = memory::figures().1;
         hv_println!(

@@ -268,6 +268,32 @@ lamina: result: failure
     }
 
     #[test]
+    fn a_stop_report_with_registers_and_hv_lines_after_it_is_read() {
+        // docs/abi.md 18.7: the key registers on the `stopped:` line, the rest on `[hv]` lines,
+        // and the summary's `nmi:` line, which nothing parses.
+        let run = "\
+lamina: domain 3 so started mem=4M
+lamina: domain 3 so stopped: triple fault (rsp=0x80200000 cr2=0x801ffff8 rip=0x259564, while delivering #PF (vector 14) error code 0x2)
+[hv] ERROR d3 so: rip=0x259564 rsp=0x80200000 rflags=0x10006 cs=0x8 ss=0x10
+lamina: summary
+lamina: domain 3 so end=fault exits=9
+lamina: nmi: 0 host NMIs taken by the hypervisor, none given to a guest
+lamina: memory: 10 KiB free before domains, 10 KiB at the end, 0 KiB leaked
+lamina: result: failure
+";
+        let log = SerialLog::from_bytes(run.as_bytes());
+        assert_eq!(
+            log.stop_detail(3),
+            Some(
+                "triple fault (rsp=0x80200000 cr2=0x801ffff8 rip=0x259564, while delivering #PF (vector 14) error code 0x2)"
+            )
+        );
+        assert_eq!(log.end_of(3), Some("fault"));
+        assert_eq!(log.result(), Some(HvResult::Failure));
+        assert_eq!(log.leaked_kib(), Some(0));
+    }
+
+    #[test]
     fn rejections_stops_and_ends_are_read() {
         let log = log();
         assert_eq!(log.rejection("bad-elf"), Some("not an ELF file"));

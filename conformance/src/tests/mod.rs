@@ -9,6 +9,7 @@
 mod apic;
 mod common;
 mod console;
+mod cpu_state;
 mod cpuid;
 mod domctl;
 mod event_channel;
@@ -168,6 +169,27 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
         io::unemulated_port_reads_all_ones,
     ),
     ("triple_fault", traps::triple_fault),
+    (
+        "cr_writes_hardware_refuses_gp",
+        cpu_state::cr_writes_hardware_refuses_gp,
+    ),
+    ("cr8_is_the_tpr", cpu_state::cr8_is_the_tpr),
+    (
+        "rep_outsb_prints_like_outs",
+        cpu_state::rep_outsb_prints_like_outs,
+    ),
+    (
+        "ins_unemulated_port_all_ones",
+        cpu_state::ins_unemulated_port_all_ones,
+    ),
+    (
+        "rep_insb_outside_ram_faults",
+        cpu_state::rep_insb_outside_ram_faults,
+    ),
+    (
+        "stack_overflow_reported",
+        cpu_state::stack_overflow_reported,
+    ),
     (
         "evtchn_unknown_op_enosys",
         event_channel::evtchn_unknown_op_enosys,

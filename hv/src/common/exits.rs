@@ -4,15 +4,18 @@
 //! emulated here so unported kernels work; faults stop the domain with a report while every
 //! other domain runs on.
 
+use crate::common::control_regs::{self, CrContext, CrInstruction};
 use crate::common::cpuid;
-use crate::common::domain::{Domain, Ending};
+use crate::common::domain::{ConsoleSource, Domain, Ending};
 use crate::common::domain::{DomainTable, read_tsc};
 use crate::common::grant_table::{self, WindowFault};
 use crate::common::guest_paging;
 use crate::common::hypercall::{self, Next};
 use crate::common::stats::ExitKind;
+use crate::common::string_io::{self, Outcome, Ports, StringIo};
+use crate::common::uart::Uart16550;
 use crate::common::uart::{COM1_BASE, COM1_PORTS};
-use crate::common::vcpu::{ArchMsr, VirtualCpu, VmExit, reg, vector};
+use crate::common::vcpu::{ArchMsr, ArchState, CrOperand, VirtualCpu, VmExit, reg, vector};
 use crate::common::vcpu_state::Wait;
 use crate::common::vlapic::VirtualLapic;
 use crate::common::xstate;
@@ -101,6 +104,25 @@ pub fn handle_exit<V: VirtualCpu>(
             Next::Resume
         }
         VmExit::Io { port, size, write } => port_io(domain, vcpu, port, size, write),
+        VmExit::StringIo(io) => string_port_io(domain, vcpu, io),
+        VmExit::CrAccess { cr, write, operand } => {
+            domain.stats.count(ExitKind::Other);
+            control_register_access(domain, vcpu, cr, write, operand)
+        }
+        VmExit::Nmi => {
+            // The NMI was the hypervisor's: its handler counted it (platform::cpu::HOST_NMIS);
+            // the guest neither sees it nor loses anything.
+            domain.stats.count(ExitKind::ExternalInterrupt);
+            Next::Resume
+        }
+        VmExit::EntryFailed(what, raw) => {
+            domain.stats.count(ExitKind::Other);
+            stop(
+                domain,
+                vcpu,
+                format!("VM entry refused the vCPU state: {what} ({raw:#x})"),
+            )
+        }
         VmExit::MsrRead => {
             domain.stats.count(ExitKind::MsrRead);
             let index = vcpu.regs().gpr[reg::RCX] as u32;
@@ -280,6 +302,41 @@ fn invalid_opcode<V: VirtualCpu>(
     Next::Resume
 }
 
+/// The port space of a domain, as both `in`/`out` and string I/O see it (docs/abi.md 7.1, 7.4).
+struct DomainPorts<'a> {
+    uart: &'a mut Uart16550,
+    console: &'a mut crate::common::domain::ConsoleLine,
+    id: u32,
+}
+
+fn is_uart_access(port: u16, size: u8) -> bool {
+    port.wrapping_sub(COM1_BASE) < COM1_PORTS && size == 1
+}
+
+impl Ports for DomainPorts<'_> {
+    fn port_in(&mut self, port: u16, size: u8) -> u32 {
+        if is_uart_access(port, size) {
+            u32::from(self.uart.read(port.wrapping_sub(COM1_BASE)))
+        } else {
+            // Reads of ports nothing emulates float high, as on real hardware.
+            match size {
+                1 => 0xff,
+                2 => 0xffff,
+                _ => 0xffff_ffff,
+            }
+        }
+    }
+
+    fn port_out(&mut self, port: u16, size: u8, value: u32) {
+        // Writes to ports nothing emulates are dropped, as on a bus with nothing behind them.
+        if is_uart_access(port, size)
+            && let Some(byte) = self.uart.write(port.wrapping_sub(COM1_BASE), value as u8)
+        {
+            self.console.write(ConsoleSource::Uart, self.id, &[byte]);
+        }
+    }
+}
+
 fn port_io<V: VirtualCpu>(
     domain: &mut Domain,
     vcpu: &mut V,
@@ -292,29 +349,194 @@ fn port_io<V: VirtualCpu>(
         2 => 0xffff,
         _ => 0xffff_ffff,
     };
-    let uart_offset = port.wrapping_sub(COM1_BASE);
-    let is_uart = uart_offset < COM1_PORTS && size == 1;
-    domain.stats.count(if is_uart {
+    domain.stats.count(if is_uart_access(port, size) {
         ExitKind::IoUart
     } else {
         ExitKind::IoOther
     });
+    let mut ports = DomainPorts {
+        uart: &mut domain.uart,
+        console: &mut domain.console,
+        id: domain.id,
+    };
     let regs = vcpu.regs();
     if write {
-        if is_uart {
-            domain.uart_write(uart_offset, regs.gpr[reg::RAX] as u8);
-        }
-        // Writes to ports nothing emulates are dropped, as on a bus with nothing behind them.
+        ports.port_out(port, size, regs.gpr[reg::RAX] as u32);
     } else {
-        // Reads of ports nothing emulates float high, as on real hardware.
-        let value = if is_uart {
-            u64::from(domain.uart.read(uart_offset))
-        } else {
-            mask
-        };
+        let value = u64::from(ports.port_in(port, size));
         regs.gpr[reg::RAX] = (regs.gpr[reg::RAX] & !mask) | value;
     }
     vcpu.skip_instruction();
+    Next::Resume
+}
+
+/// INS/OUTS (docs/abi.md 18.5): the elements go through the same ports as single accesses; a
+/// fault on the buffer is the guest's, at the instruction.
+fn string_port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, io: StringIo) -> Next {
+    domain.stats.count(if is_uart_access(io.port, io.size) {
+        ExitKind::IoUart
+    } else {
+        ExitKind::IoOther
+    });
+    let mut ports = DomainPorts {
+        uart: &mut domain.uart,
+        console: &mut domain.console,
+        id: domain.id,
+    };
+    let memory = &domain.memory;
+    let outcome = string_io::emulate(io, vcpu, memory, &mut ports, |v| {
+        let mut code = [0u8; 15];
+        // Unreadable code leaves no prefixes: DS, the default.
+        let _ = guest_paging::read_code(memory, v.paging_mode(), v.rip(), &mut code);
+        code
+    });
+    match outcome {
+        Outcome::Done => vcpu.skip_instruction(),
+        Outcome::Partial => {}
+        Outcome::Fault(fault) => {
+            if let Some(cr2) = fault.cr2 {
+                vcpu.set_cr2(cr2);
+            }
+            vcpu.inject_exception(fault.vector, Some(fault.error_code));
+        }
+    }
+    Next::Resume
+}
+
+/// What the guest's CPU offers it for CR4 and CR3 checks: its CPUID leaves 1, 7 and
+/// 0x8000_0008 as the guest reads them, and what the hardware can run.
+fn cr_context<V: VirtualCpu>(domain: &Domain, vcpu: &V, state: &ArchState) -> CrContext {
+    let tsc_khz = domain.time.tsc_khz() as u32;
+    // The leaves as this vCPU reads them: CR4.OSXSAVE is allowed only where XSAVE is offered.
+    let view = || cpuid::XstateView {
+        mask: xstate::guest_mask(),
+        xcr0: vcpu.xcr0(),
+        osxsave: vcpu.osxsave_enabled(),
+    };
+    let leaf = |n: u32| cpuid::emulate(n, 0, tsc_khz, view, host_cpuid);
+    let max_basic = leaf(0)[0];
+    let max_extended = leaf(0x8000_0000)[0];
+    let leaf7 = if max_basic >= 7 { leaf(7) } else { [0; 4] };
+    let max_phys_bits = if max_extended >= 0x8000_0008 {
+        leaf(0x8000_0008)[0] as u8
+    } else {
+        36
+    };
+    CrContext {
+        cr0: state.cr0,
+        cr3: state.cr3,
+        cr4: state.cr4,
+        efer: state.efer,
+        cr4_allowed: control_regs::cr4_allowed_by_cpuid(leaf(1), leaf7)
+            & vcpu.cr4_hardware_allowed(),
+        max_phys_bits,
+    }
+}
+
+/// MOV to or from a control register, LMSW or CLTS that reached the hypervisor (docs/abi.md
+/// 18.3, 18.4): checked as the CPU checks it, #GP(0) with the register unchanged otherwise.
+fn control_register_access<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu: &mut V,
+    cr: u8,
+    write: bool,
+    operand: CrOperand,
+) -> Next {
+    let state = vcpu.arch_state();
+    let rip = vcpu.rip();
+    let gpr_value = |vcpu: &mut V, gpr: u8| {
+        if usize::from(gpr) == 4 {
+            state.rsp
+        } else {
+            vcpu.regs().gpr[usize::from(gpr & 0xf)]
+        }
+    };
+    let (cr, write, value, gpr, length) = match operand {
+        CrOperand::Decode => {
+            let mut code = [0u8; 15];
+            let readable =
+                guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut code)
+                    .is_some();
+            match control_regs::decode_mov_cr(&code).filter(|_| readable) {
+                Some(CrInstruction::Write { cr, gpr, len }) => {
+                    (cr, true, gpr_value(vcpu, gpr), gpr, Some(len))
+                }
+                Some(CrInstruction::Read { cr, gpr, len }) => (cr, false, 0, gpr, Some(len)),
+                Some(CrInstruction::Clts { len }) => {
+                    (0, true, state.cr0 & !control_regs::cr0::TS, 0, Some(len))
+                }
+                Some(CrInstruction::Lmsw { gpr, len }) => {
+                    let source = gpr_value(vcpu, gpr);
+                    (
+                        0,
+                        true,
+                        control_regs::lmsw_value(state.cr0, source),
+                        0,
+                        Some(len),
+                    )
+                }
+                None => {
+                    return stop(
+                        domain,
+                        vcpu,
+                        format!(
+                            "a control-register access at {rip:#x} the hypervisor cannot decode (LMSW with a memory operand is not emulated)"
+                        ),
+                    );
+                }
+            }
+        }
+        CrOperand::Gpr(gpr) => (
+            cr,
+            write,
+            if write { gpr_value(vcpu, gpr) } else { 0 },
+            gpr,
+            None,
+        ),
+        CrOperand::Value(value) => (cr, write, value, 0, None),
+    };
+    if write {
+        // CR8 depends on nothing else: no need to ask CPUID.
+        let accepted = if cr == 8 {
+            control_regs::check_cr8_write(value)
+        } else {
+            control_regs::check_cr_write(cr, value, &cr_context(domain, vcpu, &state))
+        };
+        match accepted {
+            Ok(value) if cr == 8 => {
+                // CR8 is the TPR (SDM Vol. 3A 10.8.6): a lower class may let a held vector in.
+                let state = &mut domain.vcpus[0];
+                let _ = state.vlapic.write_cr8(value);
+                state.attention = true;
+            }
+            Ok(value) => vcpu.set_control_register(cr, value),
+            Err(control_regs::Fault) => {
+                vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0));
+                return Next::Resume;
+            }
+        }
+    } else {
+        let value = match cr {
+            8 => domain.vcpus[0].vlapic.cr8(),
+            0 => state.cr0,
+            2 => state.cr2,
+            3 => state.cr3,
+            4 => state.cr4,
+            _ => {
+                vcpu.inject_exception(vector::INVALID_OPCODE, None);
+                return Next::Resume;
+            }
+        };
+        if gpr == 4 {
+            vcpu.set_rsp(value);
+        } else {
+            vcpu.regs().gpr[usize::from(gpr & 0xf)] = value;
+        }
+    }
+    match length {
+        Some(len) => vcpu.set_rip(rip.wrapping_add(len.into())),
+        None => vcpu.skip_instruction(),
+    }
     Next::Resume
 }
 
@@ -353,36 +575,87 @@ fn msr_write_allowed(msr: ArchMsr, value: u64, current: u64) -> bool {
 }
 
 fn stop<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, why: String) -> Next {
-    report_registers(domain, vcpu);
-    domain.end(Ending::Fault(why));
+    let rip = vcpu.rip();
+    let state = vcpu.arch_state();
+    domain.end(Ending::Fault(format!(
+        "{why} ({})",
+        stop_summary(rip, &state)
+    )));
+    report_registers(domain, vcpu, rip, &state);
     Next::Stop
 }
 
-fn report_registers<V: VirtualCpu>(domain: &Domain, vcpu: &mut V) {
-    let mut text = String::new();
-    let rip = vcpu.rip();
+/// The key facts of a stopped vCPU, for the `stopped:` line (docs/abi.md 18.7).
+fn stop_summary(rip: u64, state: &ArchState) -> String {
+    let mut text = format!("rsp={:#x} cr2={:#x} rip={:#x}", state.rsp, state.cr2, rip);
+    if let Some(event) = describe_event(state.interrupted_event, state.interrupted_error) {
+        text.push_str(", while delivering ");
+        text.push_str(&event);
+    }
+    text
+}
+
+/// An interrupted event (VMX IDT-vectoring information, SVM EXITINTINFO) in words.
+fn describe_event(info: u32, error: u32) -> Option<String> {
+    if info & (1 << 31) == 0 {
+        return None;
+    }
+    let vector = info as u8;
+    let what = match (info >> 8) & 7 {
+        0 => format!("external interrupt {vector:#x}"),
+        2 => String::from("NMI"),
+        3 => format!("{} (vector {vector})", vector::name(vector)),
+        4 => format!("software interrupt {vector:#x}"),
+        6 => format!("software exception {vector}"),
+        kind => format!("event type {kind} vector {vector}"),
+    };
+    Some(if info & (1 << 11) != 0 {
+        format!("{what} error code {error:#x}")
+    } else {
+        what
+    })
+}
+
+/// The whole state of a stopped vCPU on `[hv]` lines after the `stopped:` line.
+fn report_registers<V: VirtualCpu>(domain: &Domain, vcpu: &mut V, rip: u64, state: &ArchState) {
     let g = vcpu.regs().gpr;
-    let _ = core::fmt::Write::write_fmt(
-        &mut text,
-        format_args!(
-            "rip={rip:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x} ",
-            g[0],
-            g[3],
-            g[1],
-            g[2],
-            g[6],
-            g[7],
-            g[5],
-            g[8],
-            g[9],
-            g[10],
-            g[11],
-            g[12],
-            g[13],
-            g[14],
-            g[15]
-        ),
+    log::error!(
+        "d{} {}: rip={rip:#x} rsp={:#x} rflags={:#x} cs={:#x} ss={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} event={:#x} event_error={:#x}",
+        domain.id,
+        domain.name,
+        state.rsp,
+        state.rflags,
+        state.cs,
+        state.ss,
+        state.cr0,
+        state.cr2,
+        state.cr3,
+        state.cr4,
+        state.efer,
+        state.interrupted_event,
+        state.interrupted_error,
     );
+    log::error!(
+        "d{} {}: rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} r8={:#x} r9={:#x} r10={:#x} r11={:#x} r12={:#x} r13={:#x} r14={:#x} r15={:#x}",
+        domain.id,
+        domain.name,
+        g[0],
+        g[3],
+        g[1],
+        g[2],
+        g[6],
+        g[7],
+        g[5],
+        g[8],
+        g[9],
+        g[10],
+        g[11],
+        g[12],
+        g[13],
+        g[14],
+        g[15]
+    );
+    let mut text = String::new();
     let _ = vcpu.dump(&mut text);
     log::error!("d{} {}: {}", domain.id, domain.name, text);
 }
@@ -576,7 +849,9 @@ mod tests {
         assert_eq!(exit_alone(&mut d, &mut v, VmExit::TripleFault), Next::Stop);
         assert_eq!(
             d.state,
-            DomainState::Ended(Ending::Fault("triple fault".into()))
+            DomainState::Ended(Ending::Fault(
+                "triple fault (rsp=0x0 cr2=0x0 rip=0x0)".into()
+            ))
         );
         let (_t2, mut d2) = domain();
         exit_alone(
@@ -590,6 +865,109 @@ mod tests {
         assert!(
             matches!(&d2.state, DomainState::Ended(Ending::Fault(why)) if why.contains("0x100000000"))
         );
+    }
+
+    fn string_io(port: u16, size: u8, input: bool, rep: bool) -> VmExit {
+        VmExit::StringIo(StringIo {
+            port,
+            size,
+            input,
+            rep,
+            address_bits: 64,
+            segment: Some(crate::common::string_io::Segment::Ds),
+        })
+    }
+
+    #[test]
+    fn rep_outsb_to_the_uart_prints_like_single_outs() {
+        let (t, mut d) = domain();
+        t.mem.write(0x1_0000, b"hi there\n").unwrap();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RSI] = 0x1_0000;
+        v.regs.gpr[reg::RCX] = 9;
+        exit_alone(&mut d, &mut v, string_io(0x3f8, 1, false, true));
+        assert_eq!(take_lines(), ["(d2) hi there"]);
+        assert_eq!((v.regs.gpr[reg::RCX], v.regs.gpr[reg::RSI]), (0, 0x1_0009));
+        assert_eq!((v.skipped, v.injected), (1, None));
+    }
+
+    #[test]
+    fn ins_from_nothing_reads_all_ones_and_a_buffer_past_ram_faults_in_the_guest() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RDI] = 0x2_0000;
+        exit_alone(&mut d, &mut v, string_io(0x2f0, 2, true, false));
+        let mut word = [0u8; 3];
+        t.mem.read(0x2_0000, &mut word).unwrap();
+        assert_eq!(word, [0xff, 0xff, 0]);
+        assert_eq!(v.regs.gpr[reg::RDI], 0x2_0002);
+        // rep insd with 4 elements, 2 of them past the end of RAM (4 MiB).
+        let end = 4 << 20;
+        v.regs.gpr[reg::RDI] = end - 8;
+        v.regs.gpr[reg::RCX] = 4;
+        v.skipped = 0;
+        let next = exit_alone(&mut d, &mut v, string_io(0x2f0, 4, true, true));
+        assert_eq!(next, Next::Resume, "the domain runs on");
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!((v.regs.gpr[reg::RCX], v.regs.gpr[reg::RDI]), (2, end));
+        assert_eq!(v.skipped, 0, "RIP stays at the instruction");
+        assert_eq!(t.mem.read_u64(end - 8).unwrap(), u64::MAX);
+    }
+
+    #[test]
+    fn cr8_writes_and_reads_are_the_tpr() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RAX] = 5;
+        let write = VmExit::CrAccess {
+            cr: 8,
+            write: true,
+            operand: CrOperand::Gpr(0),
+        };
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!(d.vcpus[0].vlapic.tpr(), 0x50);
+        exit_alone(
+            &mut d,
+            &mut v,
+            VmExit::CrAccess {
+                cr: 8,
+                write: false,
+                operand: CrOperand::Gpr(3),
+            },
+        );
+        assert_eq!(v.regs.gpr[reg::RBX], 5);
+        v.regs.gpr[reg::RAX] = 0x10;
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!(d.vcpus[0].vlapic.tpr(), 0x50, "kept");
+    }
+
+    #[test]
+    fn a_refused_cr4_write_is_a_gp_and_an_accepted_one_lands() {
+        let (_t, mut d) = domain();
+        let mut v = MockVcpu {
+            state: ArchState {
+                cr0: 0x8001_0033,
+                cr3: 0x4000,
+                cr4: 0x620,
+                efer: 0x500,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let write = VmExit::CrAccess {
+            cr: 4,
+            write: true,
+            operand: CrOperand::Gpr(0),
+        };
+        v.regs.gpr[reg::RAX] = 0x600; // PAE clear in long mode
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!(v.injected, Some((vector::GENERAL_PROTECTION, Some(0))));
+        assert_eq!((v.state.cr4, v.skipped), (0x620, 0));
+        v.injected = None;
+        v.regs.gpr[reg::RAX] = 0x624; // TSD
+        exit_alone(&mut d, &mut v, write);
+        assert_eq!((v.injected, v.state.cr4, v.skipped), (None, 0x624, 1));
     }
 
     #[test]

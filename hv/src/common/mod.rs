@@ -3,6 +3,7 @@
 
 pub mod builder;
 pub mod config;
+pub mod control_regs;
 pub mod cpuid;
 pub mod domain;
 pub mod domctl;
@@ -17,6 +18,7 @@ pub mod output;
 pub mod phys;
 pub mod scheduler;
 pub mod stats;
+pub mod string_io;
 pub mod teardown;
 pub mod time;
 pub mod trace;

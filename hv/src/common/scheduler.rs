@@ -476,9 +476,9 @@ fn run_slice<V: VirtualCpu, H: Host>(
         }
         let exit = vcpu.run();
         exited_at = Some(read_tsc());
-        let next = if exit == VmExit::Hypercall {
+        let next = if matches!(exit, VmExit::Hypercall) {
             hypercall_exit(domain, vcpu, peers)
-        } else if exit == VmExit::ExternalInterrupt {
+        } else if matches!(exit, VmExit::ExternalInterrupt) {
             domain.stats.count(ExitKind::ExternalInterrupt);
             host.service_interrupts();
             Next::Yield
@@ -488,6 +488,7 @@ fn run_slice<V: VirtualCpu, H: Host>(
         match next {
             Next::Resume => continue,
             Next::Stop => {
+                vcpu.deactivate();
                 publish_stats(domain);
                 return;
             }
@@ -501,6 +502,7 @@ fn run_slice<V: VirtualCpu, H: Host>(
                     .enter(runstate::BLOCKED, now, &domain.memory);
             }
         }
+        vcpu.deactivate();
         domain.drain_console_ring();
         publish_stats(domain);
         return;

@@ -1,7 +1,7 @@
 //! A scripted vCPU for host unit tests of the common exit handling.
 
 use crate::common::guest_paging::PagingMode;
-use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit};
+use crate::common::vcpu::{ArchMsr, ArchState, GuestRegisters, VirtualCpu, VmExit};
 use core::fmt;
 
 std::thread_local! {
@@ -67,6 +67,10 @@ pub(crate) struct MockVcpu {
     pub(crate) osxsave: bool,
     /// XCR0 (0 stands for the reset value).
     pub(crate) xcr0: u64,
+    /// What `arch_state` returns; control-register writes land here.
+    pub(crate) state: ArchState,
+    /// Paging as `paging_mode` reports it (`None`: paging off).
+    pub(crate) paging_cr3: Option<u64>,
 }
 
 impl VirtualCpu for MockVcpu {
@@ -104,10 +108,30 @@ impl VirtualCpu for MockVcpu {
     }
     fn paging_mode(&self) -> PagingMode {
         PagingMode {
-            paging: false,
+            paging: self.paging_cr3.is_some(),
             long_mode: true,
-            cr3: 0,
+            cr3: self.paging_cr3.unwrap_or(0),
+            write_protect: true,
         }
+    }
+    fn arch_state(&self) -> ArchState {
+        self.state
+    }
+    fn set_rsp(&mut self, rsp: u64) {
+        self.state.rsp = rsp;
+    }
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        match cr {
+            0 => self.state.cr0 = value,
+            3 => self.state.cr3 = value,
+            _ => self.state.cr4 = value,
+        }
+    }
+    fn set_cr2(&mut self, cr2: u64) {
+        self.state.cr2 = cr2;
+    }
+    fn cr4_hardware_allowed(&self) -> u64 {
+        u64::MAX
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         self.injected = Some((vector, error_code));

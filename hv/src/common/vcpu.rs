@@ -1,8 +1,8 @@
 //! The one interface between vendor-neutral code and the two hardware backends.
 //!
 //! A backend (`hw::vmx` or `hw::svm`) runs a vCPU until an exit that common code must see,
-//! handles the exits that only matter to its architecture itself (CR access under VMX, SVM
-//! instructions a guest must not use...), and translates the rest into [`VmExit`]. Everything
+//! handles the exits that only matter to its architecture itself (CLTS and CR3 reads under VMX,
+//! SVM instructions a guest must not use...), and translates the rest into [`VmExit`]. Everything
 //! else (hypercalls, devices, MSR policy, CPUID policy, scheduling) is written once against
 //! [`VirtualCpu`].
 
@@ -47,7 +47,7 @@ pub enum VmExit {
     Cpuid,
     /// HLT.
     Hlt,
-    /// IN or OUT of `size` bytes (1, 2, 4) at `port`; string forms arrive as `Unexpected`.
+    /// IN or OUT of `size` bytes (1, 2, 4) at `port`; string forms arrive as [`VmExit::StringIo`].
     Io {
         /// The I/O port.
         port: u16,
@@ -56,6 +56,23 @@ pub enum VmExit {
         /// OUT (true) or IN (false).
         write: bool,
     },
+    /// INS or OUTS, with or without REP; RIP still points at it.
+    StringIo(crate::common::string_io::StringIo),
+    /// A control-register access the backend leaves to common code: a write to CR0, CR3, CR4
+    /// or CR8, or a read of CR8 (the TPR). RIP still points at the instruction.
+    CrAccess {
+        /// The control register.
+        cr: u8,
+        /// A write (MOV to CR, LMSW, CLTS); a read otherwise.
+        write: bool,
+        /// Where the value comes from or goes.
+        operand: CrOperand,
+    },
+    /// An NMI arrived for the hypervisor while the guest ran (NMI exiting); nothing for the
+    /// guest.
+    Nmi,
+    /// VM entry (VMX) or VMRUN (SVM) refused the vCPU's state: the text names what is wrong.
+    EntryFailed(&'static str, u64),
     /// RDMSR with ECX as the MSR.
     MsrRead,
     /// WRMSR with ECX as the MSR and EDX:EAX as the value.
@@ -67,7 +84,8 @@ pub enum VmExit {
         /// The access was a write.
         write: bool,
     },
-    /// The guest triple-faulted (SVM: shutdown intercept; VMX: exit reason 2).
+    /// The guest triple-faulted (SVM: shutdown intercept; VMX: exit reason 2); the
+    /// interrupted event, if the hardware recorded one, is in [`ArchState`].
     TripleFault,
     /// A host interrupt arrived while the guest ran; nothing for the guest.
     ExternalInterrupt,
@@ -86,6 +104,46 @@ pub enum VmExit {
         /// Guest-physical or linear address / EXITINFO2 where relevant.
         info2: u64,
     },
+}
+
+/// The operand of a [`VmExit::CrAccess`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrOperand {
+    /// A general register (x86 encoding; 4 is RSP).
+    Gpr(u8),
+    /// The value to write, computed by the backend (VMX LMSW).
+    Value(u64),
+    /// Unknown: decode the instruction at RIP (SVM without decode assists).
+    Decode,
+}
+
+/// The architectural state a report of a stopped domain shows, and what CR-write checks
+/// start from. CR0 and CR4 are the guest's view (VMX read shadows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArchState {
+    #[allow(missing_docs)]
+    pub rsp: u64,
+    #[allow(missing_docs)]
+    pub rflags: u64,
+    #[allow(missing_docs)]
+    pub cr0: u64,
+    #[allow(missing_docs)]
+    pub cr2: u64,
+    #[allow(missing_docs)]
+    pub cr3: u64,
+    #[allow(missing_docs)]
+    pub cr4: u64,
+    /// EFER as the guest sees it (SVME hidden).
+    pub efer: u64,
+    /// CS selector.
+    pub cs: u16,
+    /// SS selector.
+    pub ss: u16,
+    /// The event whose delivery the exit interrupted (VMX IDT-vectoring information, SVM
+    /// EXITINTINFO bits 31:0: vector 7:0, type 10:8, error code valid 11, valid 31).
+    pub interrupted_event: u32,
+    /// Its error code, when bit 11 says there is one.
+    pub interrupted_error: u32,
 }
 
 /// MSRs whose state lives in the VMCS/VMCB (or must be switched per vCPU) and that guests
@@ -134,8 +192,20 @@ impl ArchMsr {
 pub mod vector {
     /// #UD.
     pub const INVALID_OPCODE: u8 = 6;
+    /// #SS.
+    pub const STACK_FAULT: u8 = 12;
     /// #GP.
     pub const GENERAL_PROTECTION: u8 = 13;
+    /// #PF.
+    pub const PAGE_FAULT: u8 = 14;
+    /// Exception mnemonics by vector, for reports.
+    pub fn name(vector: u8) -> &'static str {
+        const NAMES: [&str; 22] = [
+            "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF", "#TS", "#NP",
+            "#SS", "#GP", "#PF", "#15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+        ];
+        NAMES.get(usize::from(vector)).copied().unwrap_or("vector")
+    }
 }
 
 /// A virtual CPU as common code drives it.
@@ -143,6 +213,9 @@ pub trait VirtualCpu {
     /// Makes this vCPU the one whose hardware state the accessors below reach (VMX: loads
     /// its VMCS). Called when the vCPU is scheduled in, before anything else touches it.
     fn activate(&mut self);
+    /// The vCPU stops running on this CPU for now (end of its slice, or it stopped): the
+    /// backend saves what the CPU holds of it and no world switch saves (VMX: CR2).
+    fn deactivate(&mut self) {}
     /// Enters the guest and runs it until the next exit common code must handle.
     fn run(&mut self) -> VmExit;
     /// The guest's general-purpose registers (RAX included; RSP is not).
@@ -179,6 +252,17 @@ pub trait VirtualCpu {
     /// table, effective before the next entry (VMX: INVEPT; SVM: a VMCB TLB flush). Called
     /// after a nested mapping of its domain went away or lost permissions.
     fn invalidate_nested_translations(&mut self);
+    /// The architectural state for CR-write checks and reports.
+    fn arch_state(&self) -> ArchState;
+    /// Sets RSP (a MOV from CR8 into RSP).
+    fn set_rsp(&mut self, rsp: u64);
+    /// Loads control register 0, 3 or 4 with a value [`crate::common::control_regs`] accepted,
+    /// with the TLB effects of a MOV to that register (the guest's translations flushed).
+    fn set_control_register(&mut self, cr: u8, value: u64);
+    /// Sets CR2 (before injecting a #PF).
+    fn set_cr2(&mut self, cr2: u64);
+    /// CR4 bits the hardware can run this guest with (VMX: the fixed-1 bits without VMXE).
+    fn cr4_hardware_allowed(&self) -> u64;
     /// Reads an MSR whose state the hardware keeps per vCPU.
     fn read_msr(&self, msr: ArchMsr) -> u64;
     /// Writes such an MSR; the value was already validated by common code.

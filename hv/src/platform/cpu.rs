@@ -32,6 +32,13 @@ static TSS: Once<TaskStateSegment> = Once::new();
 static TABLES: Once<Tables> = Once::new();
 static IDT: Once<[IdtEntry; 256]> = Once::new();
 
+/// NMIs the hypervisor took (docs/abi.md 18.6): with NMI exiting, an NMI that arrives while a
+/// guest runs exits the guest and lands here (SVM: once GIF is set again; VMX: through `INT 2`
+/// after the exit, whose IRET also ends the NMI blocking the exit left). Counted, nothing else:
+/// no device of the machine sends NMIs the hypervisor must act on.
+#[unsafe(no_mangle)]
+pub static HOST_NMIS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// An interrupt gate descriptor (Intel SDM Vol. 3A 6.14.1, "64-Bit Mode IDT").
 #[derive(Clone, Copy, Default)]
 #[repr(C)]
@@ -66,6 +73,8 @@ unsafe extern "C" {
     fn timer_interrupt_stub();
     /// Entry of the APIC's spurious interrupt (nothing to do, no EOI).
     fn spurious_interrupt_stub();
+    /// Entry of NMIs: counts them.
+    fn nmi_stub();
 }
 
 /// Loads the GDT, TSS and IDT on the bootstrap CPU.
@@ -105,6 +114,7 @@ pub fn init() {
             let ist = if vector == 8 { DOUBLE_FAULT_IST } else { 0 };
             idt[vector] = IdtEntry::interrupt_gate(*stub, tables.code.0, ist);
         }
+        idt[2] = IdtEntry::interrupt_gate(nmi_stub as *const () as u64, tables.code.0, 0);
         let timer = usize::from(super::apic::TIMER_VECTOR);
         idt[timer] =
             IdtEntry::interrupt_gate(timer_interrupt_stub as *const () as u64, tables.code.0, 0);
@@ -272,6 +282,12 @@ timer_interrupt_stub:
     pop rdx
     pop rcx
     pop rax
+    iretq
+
+    .balign 16
+    .global nmi_stub
+nmi_stub:
+    lock inc qword ptr [rip + HOST_NMIS]
     iretq
 
     .balign 16

@@ -7,6 +7,7 @@
 mod npt;
 mod vcpu;
 mod vmcb;
+mod vmrun_checks;
 
 use crate::common::guest_memory::GuestMemory;
 use crate::common::nested_map::NestedMap;

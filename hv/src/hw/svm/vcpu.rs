@@ -2,9 +2,13 @@
 //! of #VMEXIT codes (AMD APM Vol. 2, Appendix C) into [`VmExit`].
 
 use super::vmcb::{self, Vmcb};
+use super::vmrun_checks;
 use super::{EFER_SVME, Svm};
 use crate::common::guest_paging::PagingMode;
-use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
+use crate::common::string_io;
+use crate::common::vcpu::{
+    ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
+};
 use crate::hw::{EntryState, HwError};
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
@@ -18,7 +22,11 @@ pub(super) static ASIDS_SHARED: AtomicBool = AtomicBool::new(false);
 static LAST_VMCB: AtomicU64 = AtomicU64::new(0);
 
 mod exit_code {
+    pub(super) const READ_CR0: u64 = 0x00;
+    pub(super) const WRITE_CR15: u64 = 0x1f;
     pub(super) const EXCEPTION_UD: u64 = 0x46;
+    pub(super) const NMI: u64 = 0x61;
+    pub(super) const INVALID: u64 = u64::MAX;
     pub(super) const INTR: u64 = 0x60;
     pub(super) const VINTR: u64 = 0x64;
     pub(super) const CPUID: u64 = 0x72;
@@ -35,12 +43,17 @@ mod exit_code {
 
 // Intercept bits (APM Vol. 2, Table B-1).
 const MISC1_INTR: u32 = 1 << 0;
+const MISC1_NMI: u32 = 1 << 1;
 const MISC1_VINTR: u32 = 1 << 4;
 const MISC1_CPUID: u32 = 1 << 18;
 const MISC1_HLT: u32 = 1 << 24;
 const MISC1_IOIO: u32 = 1 << 27;
 const MISC1_MSR: u32 = 1 << 28;
 const MISC1_SHUTDOWN: u32 = 1 << 31;
+/// CR intercepts (APM Vol. 2 15.9): reads of CR8 (bit 8); writes of CR0, CR3, CR4 (checked by
+/// the hypervisor, which QEMU's nested SVM does not do) and CR8 (bits 16, 19, 20, 24). CR8 is
+/// the emulated TPR; intercepting it also keeps guests off a QEMU TCG assertion.
+const INTERCEPT_CR_BITS: u32 = (1 << 8) | (1 << 16) | (1 << 19) | (1 << 20) | (1 << 24);
 /// VMRUN (mandatory), VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
 const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
 /// XSETBV: XCR0 is the guest's own (docs/abi.md 18.2), never the physical one as written.
@@ -62,6 +75,7 @@ const RFLAGS_IF: u64 = 1 << 9;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const CR0_PG: u64 = 1 << 31;
+const CR0_WP: u64 = 1 << 16;
 
 /// A guest vCPU on AMD-V.
 pub struct SvmVcpu {
@@ -97,8 +111,15 @@ impl SvmVcpu {
         v.write(vmcb::INTERCEPT_EXCEPTIONS, 1u32 << vector::INVALID_OPCODE);
         v.write(
             vmcb::INTERCEPT_MISC1,
-            MISC1_INTR | MISC1_CPUID | MISC1_HLT | MISC1_IOIO | MISC1_MSR | MISC1_SHUTDOWN,
+            MISC1_INTR
+                | MISC1_NMI
+                | MISC1_CPUID
+                | MISC1_HLT
+                | MISC1_IOIO
+                | MISC1_MSR
+                | MISC1_SHUTDOWN,
         );
+        v.write(vmcb::INTERCEPT_CR, INTERCEPT_CR_BITS);
         v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS | MISC2_XSETBV);
         v.write(vmcb::IOPM_BASE, svm.io_permission_map);
         v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
@@ -155,6 +176,28 @@ impl SvmVcpu {
             self.tlb_flush_requested = false;
             self.vmcb.write(vmcb::TLB_CONTROL, 0u8);
         }
+    }
+}
+
+impl SvmVcpu {
+    /// Which consistency check of VMRUN (APM Vol. 2 15.5.1, "Canonicalization and Consistency
+    /// Checks") the guest state fails, as far as the VMCB shows it.
+    #[cold]
+    #[inline(never)]
+    fn invalid_state(&self) -> &'static str {
+        let v = &self.vmcb;
+        vmrun_checks::invalid_state_reason(&vmrun_checks::VmrunState {
+            efer: v.read(vmcb::EFER),
+            cr0: v.read(vmcb::CR0),
+            cr3: v.read(vmcb::CR3),
+            cr4: v.read(vmcb::CR4),
+            dr6: v.read(vmcb::DR6),
+            dr7: v.read(vmcb::DR7),
+            cs_attributes: v.read(vmcb::CS + 2),
+            asid: v.read(vmcb::GUEST_ASID),
+            intercepts_vmrun: v.read::<u32>(vmcb::INTERCEPT_MISC2) & 1 != 0,
+            event_injection: v.read(vmcb::EVENT_INJECTION),
+        })
     }
 }
 
@@ -220,14 +263,19 @@ impl VirtualCpu for SvmVcpu {
                     let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
                     let next: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
                     if info1 & (1 << 2) != 0 {
-                        (
-                            VmExit::Unexpected {
-                                code,
-                                info1,
-                                info2: next,
-                            },
-                            0,
-                        )
+                        // SEG is reported only with decode assists, which QEMU lacks: the
+                        // common code reads the prefixes instead.
+                        match string_io::decode_svm(info1, false) {
+                            Some(io) => (VmExit::StringIo(io), next.wrapping_sub(self.rip())),
+                            None => (
+                                VmExit::Unexpected {
+                                    code,
+                                    info1,
+                                    info2: next,
+                                },
+                                0,
+                            ),
+                        }
                     } else {
                         let io = VmExit::Io {
                             port: (info1 >> 16) as u16,
@@ -239,6 +287,18 @@ impl VirtualCpu for SvmVcpu {
                 }
                 // 0F 01 D1.
                 exit_code::XSETBV => (VmExit::Xsetbv, 3),
+                exit_code::READ_CR0..=exit_code::WRITE_CR15 => {
+                    // No decode assists under QEMU TCG: the common code decodes the
+                    // instruction for its operand and length.
+                    let access = VmExit::CrAccess {
+                        cr: (code & 0xf) as u8,
+                        write: code > 0xf,
+                        operand: CrOperand::Decode,
+                    };
+                    (access, 0)
+                }
+                exit_code::NMI => (VmExit::Nmi, 0),
+                exit_code::INVALID => (VmExit::EntryFailed(self.invalid_state(), code), 0),
                 exit_code::EXCEPTION_UD => (VmExit::InvalidOpcode, 0),
                 exit_code::INTR => (VmExit::ExternalInterrupt, 0),
                 exit_code::VINTR => (VmExit::InterruptWindow, 0),
@@ -295,7 +355,53 @@ impl VirtualCpu for SvmVcpu {
             paging: cr0 & CR0_PG != 0,
             long_mode: efer & EFER_LMA != 0,
             cr3: self.vmcb.read(vmcb::CR3),
+            write_protect: cr0 & CR0_WP != 0,
         }
+    }
+
+    fn arch_state(&self) -> ArchState {
+        let v = &self.vmcb;
+        let interrupted: u64 = v.read(vmcb::EXIT_INT_INFO);
+        ArchState {
+            rsp: v.read(vmcb::RSP),
+            rflags: v.read(vmcb::RFLAGS),
+            cr0: v.read(vmcb::CR0),
+            cr2: v.read(vmcb::CR2),
+            cr3: v.read(vmcb::CR3),
+            cr4: v.read(vmcb::CR4),
+            efer: v.read::<u64>(vmcb::EFER) & !EFER_SVME,
+            cs: v.read(vmcb::CS),
+            ss: v.read(vmcb::SS),
+            interrupted_event: interrupted as u32,
+            interrupted_error: (interrupted >> 32) as u32,
+        }
+    }
+
+    fn set_rsp(&mut self, rsp: u64) {
+        self.vmcb.write(vmcb::RSP, rsp);
+    }
+
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        let field = match cr {
+            0 => vmcb::CR0,
+            3 => vmcb::CR3,
+            4 => vmcb::CR4,
+            _ => return,
+        };
+        self.vmcb.write(field, value);
+        // The intercepted MOV did not reach the TLB: flush as it would have (a CR3 load drops
+        // non-global translations, CR0.PG/WP and CR4.PGE/PAE/PCIDE changes drop more; the
+        // whole ASID is the simple superset).
+        self.invalidate_nested_translations();
+    }
+
+    fn set_cr2(&mut self, cr2: u64) {
+        self.vmcb.write(vmcb::CR2, cr2);
+    }
+
+    fn cr4_hardware_allowed(&self) -> u64 {
+        // The guest's CPUID is the host's (less SVM): what it offers, the CPU has.
+        u64::MAX
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {

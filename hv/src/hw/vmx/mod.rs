@@ -5,6 +5,7 @@
 //! VMCS, EPT and VPID. Controls are adjusted against the capability MSRs (SDM Appendix A), so
 //! a required control the CPU cannot provide is reported instead of failing VM entry.
 
+mod entry_checks;
 mod ept;
 mod vcpu;
 mod vmcs;
@@ -72,6 +73,8 @@ struct ControlCapabilities {
     preemption_timer_shift: u8,
     /// How stale EPT translations are dropped: single-context when supported.
     invept: InveptType,
+    /// INS/OUTS exits report address size and segment (IA32_VMX_BASIC bit 54).
+    string_io_info: bool,
 }
 
 /// Applies a capability MSR (allowed-0 settings low, allowed-1 high) to `wanted`; `Err` when a
@@ -151,6 +154,7 @@ impl Virtualization for Vmx {
                 cr4_fixed: (rdmsr(MSR_VMX_CR4_FIXED0), rdmsr(MSR_VMX_CR4_FIXED1)),
                 preemption_timer_shift: (rdmsr(MSR_VMX_MISC) & 0x1f) as u8,
                 invept,
+                string_io_info: basic & (1 << 54) != 0,
             }
         };
         let vmxon_region = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;

@@ -1,13 +1,19 @@
 //! A VMX vCPU: VMCS set-up for a 64-bit guest (Intel SDM Vol. 3C 26.3 lists the checks it
 //! must pass), the VMLAUNCH/VMRESUME world switch, and the translation of exit reasons (SDM
-//! Vol. 3D Appendix C) into [`VmExit`]. Control-register writes are handled here: they exist
-//! only because VMX fixes some CR0/CR4 bits.
+//! Vol. 3D Appendix C) into [`VmExit`]. CLTS and MOV from CR3 complete here; control-register
+//! writes and CR8 go to the common checks (`common::control_regs`), and the guest's view of
+//! CR0/CR4 lives in the read shadows.
 
+use super::entry_checks;
 use super::ept::eptp;
 use super::vmcs::{self, read, write, write_unchecked};
 use super::{ControlCapabilities, InveptType, adjust};
+use crate::common::control_regs;
 use crate::common::guest_paging::PagingMode;
-use crate::common::vcpu::{ArchMsr, GuestRegisters, VirtualCpu, VmExit, reg, vector};
+use crate::common::string_io;
+use crate::common::vcpu::{
+    ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
+};
 use crate::hw::{EntryState, HwError, rdmsr, wrmsr};
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
@@ -34,10 +40,17 @@ mod reason {
     pub(super) const INVEPT: u64 = 50;
     pub(super) const INVVPID: u64 = 53;
     pub(super) const XSETBV: u64 = 55;
+    pub(super) const ENTRY_INVALID_GUEST_STATE: u64 = 33;
+    pub(super) const ENTRY_MSR_LOADING: u64 = 34;
+    pub(super) const ENTRY_MACHINE_CHECK: u64 = 41;
 }
 
 // Controls (SDM Vol. 3C 25.6, 25.7, 25.8).
 const PIN_EXTERNAL_INTERRUPT_EXITING: u32 = 1 << 0;
+/// NMIs exit the guest instead of reaching it (SDM Vol. 3C 25.6.1); the hypervisor takes them.
+const PIN_NMI_EXITING: u32 = 1 << 3;
+/// Interruption type of an NMI in the exit interruption information (SDM Vol. 3C 25.9.2).
+const INTERRUPTION_TYPE_NMI: u64 = 2;
 const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 const EXIT_SAVE_PREEMPTION_TIMER: u32 = 1 << 22;
 const PRIMARY_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
@@ -55,10 +68,8 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
-const CR0_PE: u64 = 1 << 0;
 const CR0_TS: u64 = 1 << 3;
 const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
 const EFER_LMA: u64 = 1 << 10;
@@ -83,7 +94,6 @@ pub struct VmxVcpu {
     cr0_fixed: (u64, u64),
     cr4_fixed: (u64, u64),
     switched_msrs: [u64; SWITCHED_MSRS.len()],
-    cr8: u64,
     /// The primary processor-based controls as written (interrupt-window exiting toggles).
     primary_controls: u64,
     /// The VMX-preemption timer counts TSC >> this (IA32_VMX_MISC bits 4:0), when in use.
@@ -93,6 +103,11 @@ pub struct VmxVcpu {
     invept: InveptType,
     /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
     xstate: ExtendedState,
+    /// The CPU reports INS/OUTS address size and segment (IA32_VMX_BASIC bit 54).
+    string_io_info: bool,
+    /// The guest's CR2 while the vCPU does not run: VMX does not switch CR2, so it is saved
+    /// when the vCPU leaves the CPU and loaded when it comes back (no domain sees another's).
+    cr2: u64,
 }
 
 const EVENT_VALID: u64 = 1 << 31;
@@ -142,12 +157,13 @@ impl VmxVcpu {
             cr0_fixed: caps.cr0_fixed,
             cr4_fixed: caps.cr4_fixed,
             switched_msrs: [0; SWITCHED_MSRS.len()],
-            cr8: 0,
             primary_controls: 0,
             preemption_timer_shift: None,
             eptp: eptp(ept_root),
             invept: caps.invept,
             xstate,
+            string_io_info: caps.string_io_info,
+            cr2: 0,
         };
         load_vmcs(vcpu.vmcs)?;
         vcpu.write_controls(caps, entry)?;
@@ -166,7 +182,7 @@ impl VmxVcpu {
     ) -> Result<(), HwError> {
         // External interrupts exit the guest; the VMX-preemption timer ends a slice even where
         // they do not (Bochs delivers them only while the guest's IF is set, unlike SDM 26.3).
-        let mut wanted_pin = PIN_EXTERNAL_INTERRUPT_EXITING;
+        let mut wanted_pin = PIN_EXTERNAL_INTERRUPT_EXITING | PIN_NMI_EXITING;
         let mut wanted_exit = 0;
         if (caps.pin >> 32) as u32 & PIN_PREEMPTION_TIMER != 0
             && (caps.exit >> 32) as u32 & EXIT_SAVE_PREEMPTION_TIMER != 0
@@ -175,7 +191,7 @@ impl VmxVcpu {
             wanted_exit = EXIT_SAVE_PREEMPTION_TIMER;
             self.preemption_timer_shift = Some(caps.preemption_timer_shift);
         }
-        let pin = adjust(caps.pin, wanted_pin, "external-interrupt exiting")?;
+        let pin = adjust(caps.pin, wanted_pin, "external-interrupt and NMI exiting")?;
         write(vmcs::PIN_BASED_CONTROLS, pin.into())?;
         let primary = PRIMARY_HLT_EXITING
             | PRIMARY_UNCONDITIONAL_IO_EXITING
@@ -212,7 +228,9 @@ impl VmxVcpu {
         // Bits VMX fixes in CR0/CR4 are owned by the hypervisor: the guest reads its own view
         // from the shadow and a write that would change them exits (handled in `cr_access`).
         let cr0_mask = self.cr0_fixed.0 | !self.cr0_fixed.1 & 0xffff_ffff;
-        let cr4_mask = self.cr4_fixed.0 | !self.cr4_fixed.1 & 0xffff_ffff;
+        // Every CR4 bit is owned: a write exits and is checked against what CPUID offers the
+        // guest (LA57, PCIDE, ...), not only against the VMX fixed bits (docs/abi.md 18.3).
+        let cr4_mask = u64::MAX;
         write(vmcs::CR0_GUEST_HOST_MASK, cr0_mask)?;
         write(vmcs::CR4_GUEST_HOST_MASK, cr4_mask)?;
         Ok(())
@@ -325,48 +343,77 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// MOV to/from CR0, CR3, CR4, CR8 and CLTS (SDM Vol. 3C Table 28-3); `false` = #GP.
-    fn cr_access(&mut self) -> bool {
+    /// A CR-access exit (SDM Vol. 3C Table 28-3). CLTS and MOV from CR3 are completed here
+    /// (`None`); writes and CR8 reads go to the common checks (docs/abi.md 18.3, 18.4).
+    #[inline(never)]
+    fn cr_access(&mut self) -> Option<VmExit> {
         let qualification = read(vmcs::EXIT_QUALIFICATION);
-        let cr = qualification & 0xf;
+        let cr = (qualification & 0xf) as u8;
         let access = (qualification >> 4) & 0x3;
-        let gpr = ((qualification >> 8) & 0xf) as usize;
-        let value = if gpr == 4 {
-            read(vmcs::GUEST_RSP)
-        } else {
-            self.regs.gpr[gpr]
-        };
+        let gpr = ((qualification >> 8) & 0xf) as u8;
         match (access, cr) {
-            (0, 0) => {
-                // Leaving protected mode or paging is not possible from 64-bit mode.
-                if value & (CR0_PE | CR0_PG) != (CR0_PE | CR0_PG) || value >> 32 != 0 {
-                    return false;
-                }
-                write_unchecked(
-                    vmcs::GUEST_CR0,
-                    (value | self.cr0_fixed.0) & self.cr0_fixed.1,
-                );
-                write_unchecked(vmcs::CR0_READ_SHADOW, value);
+            (0, _) => Some(VmExit::CrAccess {
+                cr,
+                write: true,
+                operand: CrOperand::Gpr(gpr),
+            }),
+            (1, 3) => {
+                self.set_gpr(gpr.into(), read(vmcs::GUEST_CR3));
+                self.skip_instruction();
+                None
             }
-            (0, 4) => {
-                let allowed = self.cr4_fixed.1 & !CR4_VMXE;
-                if value & !allowed != 0 || value & CR4_PAE == 0 {
-                    return false;
-                }
-                write_unchecked(vmcs::GUEST_CR4, value | CR4_VMXE | self.cr4_fixed.0);
-                write_unchecked(vmcs::CR4_READ_SHADOW, value);
-            }
-            (0, 3) => write_unchecked(vmcs::GUEST_CR3, value),
-            (1, 3) => self.set_gpr(gpr, read(vmcs::GUEST_CR3)),
-            (0, 8) if value <= 0xf => self.cr8 = value,
-            (1, 8) => self.set_gpr(gpr, self.cr8),
+            (1, _) => Some(VmExit::CrAccess {
+                cr,
+                write: false,
+                operand: CrOperand::Gpr(gpr),
+            }),
             (2, _) => {
+                // CLTS: TS is not a fixed bit and never invalid to clear.
                 write_unchecked(vmcs::GUEST_CR0, read(vmcs::GUEST_CR0) & !CR0_TS);
                 write_unchecked(vmcs::CR0_READ_SHADOW, read(vmcs::CR0_READ_SHADOW) & !CR0_TS);
+                self.skip_instruction();
+                None
             }
-            _ => return false,
+            _ => {
+                // LMSW: the source data is in bits 31:16 of the qualification.
+                let source = (qualification >> 16) & 0xffff;
+                let value = control_regs::lmsw_value(read(vmcs::CR0_READ_SHADOW), source);
+                Some(VmExit::CrAccess {
+                    cr: 0,
+                    write: true,
+                    operand: CrOperand::Value(value),
+                })
+            }
         }
-        true
+    }
+
+    /// A VM exit for a failed VM entry (exit reason bit 31, SDM Vol. 3C 26.8), named.
+    #[cold]
+    #[inline(never)]
+    fn entry_failure(&self, exit_reason: u64) -> VmExit {
+        let what = match exit_reason & 0xffff {
+            reason::ENTRY_INVALID_GUEST_STATE => self.invalid_guest_state(),
+            reason::ENTRY_MSR_LOADING => "loading an entry of the VM-entry MSR-load area",
+            reason::ENTRY_MACHINE_CHECK => "a machine-check event during VM entry",
+            _ => "an unknown VM-entry failure",
+        };
+        VmExit::EntryFailed(what, exit_reason)
+    }
+
+    /// Why VM entry refused the guest state (exit reason 33, SDM Vol. 3C 26.3.1), as far as
+    /// the VMCS shows it.
+    fn invalid_guest_state(&self) -> &'static str {
+        entry_checks::invalid_guest_state_reason(&entry_checks::GuestStateCheck {
+            cr0: read(vmcs::GUEST_CR0),
+            cr3: read(vmcs::GUEST_CR3),
+            cr4: read(vmcs::GUEST_CR4),
+            efer: read(vmcs::GUEST_IA32_EFER),
+            rflags: read(vmcs::GUEST_RFLAGS),
+            cr0_fixed: self.cr0_fixed,
+            cr4_fixed: self.cr4_fixed,
+            max_phys_bits: max_phys_bits(),
+            qualification: read(vmcs::EXIT_QUALIFICATION),
+        })
     }
 
     /// An event whose delivery this exit interrupted is delivered again at the next entry
@@ -401,6 +448,15 @@ impl VmxVcpu {
     }
 }
 
+/// The guest's MAXPHYADDR from the host's CPUID (the guest sees the same).
+fn max_phys_bits() -> u8 {
+    if core::arch::x86_64::__cpuid(0x8000_0000).eax >= 0x8000_0008 {
+        core::arch::x86_64::__cpuid(0x8000_0008).eax as u8
+    } else {
+        36
+    }
+}
+
 impl Drop for VmxVcpu {
     fn drop(&mut self) {
         let failed: u8;
@@ -430,6 +486,11 @@ impl VirtualCpu for VmxVcpu {
             log::error!("vmx: {error}");
         }
         self.xstate.schedule_in();
+        self.set_cr2(self.cr2);
+    }
+
+    fn deactivate(&mut self) {
+        self.cr2 = x86_64::registers::control::Cr2::read_raw();
     }
 
     #[inline]
@@ -442,22 +503,14 @@ impl VirtualCpu for VmxVcpu {
             let failed = unsafe { vmx_world_switch(&mut self.regs, self.launched.into()) };
             if failed != 0 {
                 let error = read(vmcs::VM_INSTRUCTION_ERROR);
-                return VmExit::Unexpected {
-                    code: u64::MAX,
-                    info1: error,
-                    info2: 0,
-                };
+                return VmExit::EntryFailed(entry_checks::vm_instruction_error(error), error);
             }
             self.launched = true;
             self.reinject_interrupted_event();
             let exit_reason = read(vmcs::EXIT_REASON);
             let basic = exit_reason & 0xffff;
             if exit_reason & (1 << 31) != 0 {
-                return VmExit::Unexpected {
-                    code: exit_reason,
-                    info1: read(vmcs::EXIT_QUALIFICATION),
-                    info2: 0,
-                };
+                return self.entry_failure(exit_reason);
             }
             return match basic {
                 reason::VMCALL => VmExit::Hypercall,
@@ -469,10 +522,16 @@ impl VirtualCpu for VmxVcpu {
                     // Qualification: size-1 in bits 0-2, IN in bit 3, string in bit 4, port in 16-31.
                     let q = read(vmcs::EXIT_QUALIFICATION);
                     if q & (1 << 4) != 0 {
-                        VmExit::Unexpected {
-                            code: basic,
-                            info1: q,
-                            info2: 0,
+                        let info = self
+                            .string_io_info
+                            .then(|| read(vmcs::EXIT_INSTRUCTION_INFO));
+                        match string_io::decode_vmx(q, info) {
+                            Some(io) => VmExit::StringIo(io),
+                            None => VmExit::Unexpected {
+                                code: basic,
+                                info1: q,
+                                info2: 0,
+                            },
                         }
                     } else {
                         VmExit::Io {
@@ -484,7 +543,15 @@ impl VirtualCpu for VmxVcpu {
                 }
                 reason::EXCEPTION_OR_NMI => {
                     let info = read(vmcs::EXIT_INTERRUPTION_INFO);
-                    if info & 0xff == u64::from(vector::INVALID_OPCODE) {
+                    if (info >> 8) & 7 == INTERRUPTION_TYPE_NMI {
+                        // NMI exiting: the NMI was the hypervisor's. The exit left NMIs
+                        // blocked; INT 2 runs the host's handler, whose IRET unblocks them
+                        // (SDM Vol. 3C 27.? "NMI blocking" after VM exits due to NMIs).
+                        // SAFETY: vector 2 of the hypervisor's IDT is its NMI handler, which
+                        // only counts and returns.
+                        unsafe { asm!("int 2", options(nomem, nostack)) };
+                        VmExit::Nmi
+                    } else if info & 0xff == u64::from(vector::INVALID_OPCODE) {
                         VmExit::InvalidOpcode
                     } else {
                         VmExit::Unexpected {
@@ -504,14 +571,10 @@ impl VirtualCpu for VmxVcpu {
                     gpa: read(vmcs::GUEST_PHYSICAL_ADDRESS),
                     write: read(vmcs::EXIT_QUALIFICATION) & (1 << 1) != 0,
                 },
-                reason::CR_ACCESS => {
-                    if self.cr_access() {
-                        self.skip_instruction();
-                    } else {
-                        self.inject_exception(vector::GENERAL_PROTECTION, Some(0));
-                    }
-                    continue;
-                }
+                reason::CR_ACCESS => match self.cr_access() {
+                    Some(exit) => exit,
+                    None => continue,
+                },
                 reason::VMCLEAR..=reason::VMXON | reason::INVEPT | reason::INVVPID => {
                     // VMX instructions are not offered to guests: they see #UD.
                     self.inject_exception(vector::INVALID_OPCODE, None);
@@ -559,7 +622,69 @@ impl VirtualCpu for VmxVcpu {
             paging: read(vmcs::GUEST_CR0) & CR0_PG != 0,
             long_mode: read(vmcs::GUEST_IA32_EFER) & EFER_LMA != 0,
             cr3: read(vmcs::GUEST_CR3),
+            write_protect: read(vmcs::GUEST_CR0) & control_regs::cr0::WP != 0,
         }
+    }
+
+    fn arch_state(&self) -> ArchState {
+        let interrupted = read(vmcs::IDT_VECTORING_INFO);
+        ArchState {
+            rsp: read(vmcs::GUEST_RSP),
+            rflags: read(vmcs::GUEST_RFLAGS),
+            cr0: read(vmcs::CR0_READ_SHADOW),
+            // VMX keeps no guest CR2: the hypervisor never takes a page fault, so the CPU's
+            // CR2 is still the guest's.
+            cr2: x86_64::registers::control::Cr2::read_raw(),
+            cr3: read(vmcs::GUEST_CR3),
+            cr4: read(vmcs::CR4_READ_SHADOW),
+            efer: read(vmcs::GUEST_IA32_EFER),
+            cs: read(vmcs::GUEST_CS_SELECTOR) as u16,
+            ss: read(vmcs::GUEST_SS_SELECTOR) as u16,
+            interrupted_event: interrupted as u32,
+            interrupted_error: if interrupted & (1 << 11) != 0 {
+                read(vmcs::IDT_VECTORING_ERROR_CODE) as u32
+            } else {
+                0
+            },
+        }
+    }
+
+    fn set_rsp(&mut self, rsp: u64) {
+        write_unchecked(vmcs::GUEST_RSP, rsp);
+    }
+
+    fn set_control_register(&mut self, cr: u8, value: u64) {
+        match cr {
+            0 => {
+                write_unchecked(
+                    vmcs::GUEST_CR0,
+                    (value | self.cr0_fixed.0) & self.cr0_fixed.1,
+                );
+                write_unchecked(vmcs::CR0_READ_SHADOW, value);
+            }
+            3 => write_unchecked(vmcs::GUEST_CR3, value),
+            4 => {
+                write_unchecked(
+                    vmcs::GUEST_CR4,
+                    (value | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1,
+                );
+                write_unchecked(vmcs::CR4_READ_SHADOW, value);
+            }
+            _ => return,
+        }
+        // The MOV did not reach the TLB: drop this guest's translations as it would have
+        // (single-context INVEPT also drops the combined linear mappings of the EPTP).
+        self.invalidate_nested_translations();
+    }
+
+    fn set_cr2(&mut self, cr2: u64) {
+        // SAFETY: the hypervisor does not use CR2 (it never takes a page fault); the value is
+        // the guest's until the next entry.
+        unsafe { asm!("mov cr2, {}", in(reg) cr2, options(nostack, nomem)) };
+    }
+
+    fn cr4_hardware_allowed(&self) -> u64 {
+        self.cr4_fixed.1 & !CR4_VMXE
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {

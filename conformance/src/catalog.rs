@@ -312,6 +312,13 @@ pub const CATALOG: &[TestInfo] = &[
         cmdline_extra: "",
     },
     TestInfo {
+        name: "speculation_msrs_not_offered",
+        title: "CPUID offers none of the speculation-control MSRs (leaf 7 EDX 31:26, leaf 0x80000008 EBX IBPB/IBRS/STIBP/SSBD), and RDMSR/WRMSR of SPEC_CTRL, PRED_CMD, ARCH_CAPABILITIES, FLUSH_CMD raise #GP",
+        section: "7.3 MSRs",
+        expect: Expect::Success,
+        cmdline_extra: "",
+    },
+    TestInfo {
         name: "uart_output_reaches_console",
         title: "the emulated UART reports an empty transmitter and takes a line",
         section: "7.1 Emulated UART",

@@ -46,7 +46,7 @@ mod start {
     use crate::hw::{self, EntryState, Vendor, Virtualization};
     use crate::platform::host::MachineHost;
     use crate::platform::multiboot::{self, BootInfo, Module};
-    use crate::platform::{apic, clock, cpu, exit, memory, serial, xstate};
+    use crate::platform::{apic, clock, cpu, exit, memory, serial, spec_ctrl, xstate};
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
@@ -107,6 +107,27 @@ mod start {
         }
     }
 
+    /// Decides the speculative-execution defences from CPUID and `spec-ctrl=`, logs each, and
+    /// puts them in force before any domain runs.
+    fn set_up_speculation_defences(cmdline: &str) {
+        use x86_64::instructions::segmentation::{DS, Segment};
+        let choices = spec_ctrl::Choices::from_cmdline(cmdline).unwrap_or_else(|why| {
+            log::warn!("{why}; spec-ctrl= ignored, the defaults apply");
+            spec_ctrl::Choices::default()
+        });
+        let cpu = spec_ctrl::CpuSpeculation::enumerate(
+            |leaf, subleaf| {
+                let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+                [r.eax, r.ebx, r.ecx, r.edx]
+            },
+            // SAFETY: called only when CPUID.7.0:EDX[29] says the MSR exists.
+            || unsafe { hw::rdmsr(spec_ctrl::MSR_ARCH_CAPABILITIES) },
+        );
+        let (defences, states) = spec_ctrl::decide(&cpu, &choices);
+        log::info!("spec-ctrl: {}", states.join(" "));
+        spec_ctrl::put_in_force(&defences, DS::get_reg().0);
+    }
+
     fn log_level(cmdline: &str) -> log::LevelFilter {
         let level = cmdline
             .split_whitespace()
@@ -134,6 +155,7 @@ mod start {
             Err(error) => fail(format_args!("cannot enable {}: {error}", B::NAME)),
         };
         log::info!("virtualization: {}", B::NAME);
+        set_up_speculation_defences(info.cmdline);
         // What the domains are measured against: everything they take must come back.
         let free_before_domains = memory::figures().1;
         let mut slots: Vec<Slot<B::Vcpu>> = Vec::new();

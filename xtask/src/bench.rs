@@ -58,6 +58,8 @@ pub struct BenchOptions {
     pub timeout: Option<Duration>,
     /// Stream the serial consoles.
     pub verbose: bool,
+    /// The hypervisor's command line, e.g. `spec-ctrl=none` to measure without the defences.
+    pub hv_cmdline: String,
 }
 
 /// `-` for a figure that is not there.
@@ -459,11 +461,12 @@ fn boot(
     dir: &RunDir,
     timeout: Duration,
     streaming: &Streaming,
+    hv_cmdline: &str,
 ) -> Result<RunRecord> {
     emulator::boot(&emulator::Boot {
         vendor,
         dir,
-        hv_cmdline: "",
+        hv_cmdline,
         modules: &boot_modules(iterations),
         timeout,
         streaming,
@@ -500,9 +503,10 @@ fn measure(
     dir: &RunDir,
     timeout: Duration,
     streaming: &Streaming,
+    hv_cmdline: &str,
 ) -> VendorRun {
-    let record =
-        boot(vendor, iterations, dir, timeout, streaming).map_err(|err| err.to_string())?;
+    let record = boot(vendor, iterations, dir, timeout, streaming, hv_cmdline)
+        .map_err(|err| err.to_string())?;
     match parse_log(&record.log, vendor) {
         Ok(measurements) => Ok((measurements, record)),
         Err(why) => Err(run_failure(&record, &why)),
@@ -539,7 +543,14 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                         Streaming::Off
                     };
                     let timeout = timeout(vendor, iterations, options.timeout);
-                    let result = measure(vendor, iterations, &dir, timeout, &streaming);
+                    let result = measure(
+                        vendor,
+                        iterations,
+                        &dir,
+                        timeout,
+                        &streaming,
+                        &options.hv_cmdline,
+                    );
                     if let Ok((_, record)) = &result {
                         eprintln!(
                             "xtask: {} done in {:.1} s",
@@ -621,7 +632,7 @@ pub fn fast_check(
         Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
     };
     let timeout = timeout(vendor, FAST_ITERATIONS, timeout_override);
-    let record = match boot(vendor, FAST_ITERATIONS, dir, timeout, streaming) {
+    let record = match boot(vendor, FAST_ITERATIONS, dir, timeout, streaming, "") {
         Ok(record) => record,
         Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
     };

@@ -123,6 +123,10 @@ struct BenchArgs {
     /// Stream the serial consoles, lines prefixed with the vendor.
     #[arg(long, short)]
     verbose: bool,
+    /// The hypervisor's command line, e.g. `spec-ctrl=none` or `spec-ctrl=all` to measure the
+    /// speculative-execution defences.
+    #[arg(long, value_name = "STR", default_value = "")]
+    hv_cmdline: String,
 }
 
 #[derive(Args, Debug)]
@@ -283,6 +287,7 @@ fn execute(task: Task) -> Result<ExitCode> {
             check: args.check,
             timeout: args.timeout.map(Duration::from_secs),
             verbose: args.verbose,
+            hv_cmdline: args.hv_cmdline,
         })?,
     };
     Ok(if passed {

@@ -8,6 +8,7 @@ use lamina_abi::cpuid::{
 use lamina_guest_sdk::cpuid::{self, cpuid};
 
 use crate::framework::{Hex, check, check_eq};
+use crate::x86::msr;
 
 pub(super) fn cpuid_signature_and_version() {
     check_eq!(
@@ -139,4 +140,45 @@ pub(super) fn cpuid_hides_vmx_and_svm() {
         (0, 0, 0, 0),
         (svm.eax, svm.ebx, svm.ecx, svm.edx)
     );
+}
+
+pub(super) fn speculation_msrs_not_offered() {
+    // 7.3: CPUID offers none of the speculation-control MSRs, and each raises #GP.
+    let leaf0 = cpuid(0, 0);
+    if leaf0.eax >= 7 {
+        let leaf7 = cpuid(7, 0);
+        check_eq!(
+            "CPUID.7.0:EDX bits 31:26 (IBRS/IBPB, STIBP, L1D_FLUSH, ARCH_CAPABILITIES, CORE_CAPABILITIES, SSBD)",
+            Hex(0),
+            Hex(u64::from(leaf7.edx >> 26))
+        );
+    }
+    if cpuid(0x8000_0000, 0).eax >= 0x8000_0008 {
+        let ext = cpuid(0x8000_0008, 0);
+        check_eq!(
+            "CPUID.80000008h:EBX bits 12, 14-18, 24-26 (IBPB, IBRS, STIBP, SSBD...)",
+            Hex(0),
+            Hex(u64::from(
+                ext.ebx & ((1 << 12) | (0x7f << 14) | (0x7 << 24))
+            ))
+        );
+    }
+    for (msr, name) in [
+        (0x48, "IA32_SPEC_CTRL"),
+        (0x49, "IA32_PRED_CMD"),
+        (0x10a, "IA32_ARCH_CAPABILITIES"),
+        (0x10b, "IA32_FLUSH_CMD"),
+    ] {
+        check!(
+            msr::try_read(msr).is_err(),
+            "RDMSR {msr:#x} ({name}) did not raise #GP"
+        );
+        // SAFETY: the write must be refused; were it accepted, bit 0 of these MSRs only
+        // restricts speculation, flushes a predictor or a cache.
+        let written = unsafe { msr::try_write(msr, 1) };
+        check!(
+            written.is_err(),
+            "WRMSR {msr:#x} ({name}) did not raise #GP"
+        );
+    }
 }

@@ -143,6 +143,10 @@ pub(crate) const REGISTRY: &[(&str, TestFn)] = &[
     ),
     ("cpuid_hides_vmx_and_svm", cpuid::cpuid_hides_vmx_and_svm),
     (
+        "speculation_msrs_not_offered",
+        cpuid::speculation_msrs_not_offered,
+    ),
+    (
         "uart_output_reaches_console",
         io::uart_output_reaches_console,
     ),

@@ -49,6 +49,13 @@ const LEAF7_ECX_UNSAVED: u32 =
     (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 7) | (1 << 11) | (1 << 12) | (1 << 14);
 const LEAF7_EDX_UNSAVED: u32 =
     (1 << 2) | (1 << 3) | (1 << 8) | (1 << 20) | (1 << 22) | (1 << 23) | (1 << 24) | (1 << 25);
+/// Speculation-control MSRs guests do not get (docs/abi.md 7.3): leaf 7 EDX IBRS/IBPB (26),
+/// STIBP (27), L1D_FLUSH (28), ARCH_CAPABILITIES (29), CORE_CAPABILITIES (30), SSBD (31).
+/// MD_CLEAR (10) stays: VERW is an instruction, the guest's to use.
+const LEAF7_EDX_SPECULATION_MSRS: u32 = 0b11_1111 << 26;
+/// Leaf 0x8000_0008 EBX: IBPB (12), IBRS (14), STIBP (15), the always-on and preference bits
+/// (16-18), SSBD (24), VIRT_SSBD (25), SSB_NO (26).
+const EXT8_EBX_SPECULATION_MSRS: u32 = (1 << 12) | (0b111_1111 << 14) | (0b111 << 24);
 /// CPUID.(0xD,1):EAX bits offered: XSAVEOPT and XGETBV with ECX = 1. XSAVEC and XSAVES
 /// (compacted areas, IA32_XSS) are not.
 const LEAF_D1_EAX_OFFERED: u32 = (1 << 0) | (1 << 2);
@@ -86,7 +93,8 @@ pub fn emulate(
         }
         7 | 0xd => show_extended_state(leaf, subleaf, &mut regs, xstate(), &host),
         0x8000_0001 => regs[2] &= !(1 << 2), // SVM
-        0x8000_000a => regs = [0; 4],        // SVM features
+        0x8000_0008 => regs[1] &= !EXT8_EBX_SPECULATION_MSRS,
+        0x8000_000a => regs = [0; 4], // SVM features
         _ => {}
     }
     regs
@@ -120,7 +128,7 @@ fn show_extended_state(
                 regs[1] &= !LEAF7_EBX_AVX2;
             }
             regs[2] &= !LEAF7_ECX_UNSAVED;
-            regs[3] &= !LEAF7_EDX_UNSAVED;
+            regs[3] &= !(LEAF7_EDX_UNSAVED | LEAF7_EDX_SPECULATION_MSRS);
         }
         0xd => *regs = extended_state_leaf(subleaf, xstate, host),
         _ => {}
@@ -209,6 +217,17 @@ mod tests {
             (0xd, 5) => [64, 1088, 0, 0],
             _ => [0; 4],
         }
+    }
+
+    #[test]
+    fn guests_see_no_speculation_control_msrs() {
+        let all = |_: u32, _: u32| [u32::MAX; 4];
+        let leaf7 = emulate(7, 0, 2_000_000, || NO_XSAVE, all);
+        assert_eq!(leaf7[3] & LEAF7_EDX_SPECULATION_MSRS, 0);
+        assert_ne!(leaf7[3] & (1 << 10), 0, "MD_CLEAR (VERW) stays");
+        let ext = emulate(0x8000_0008, 0, 2_000_000, || NO_XSAVE, all);
+        assert_eq!(ext[1] & ((1 << 12) | (1 << 14) | (1 << 15) | (1 << 24)), 0);
+        assert_eq!(ext[0], u32::MAX, "the address sizes pass through");
     }
 
     #[test]

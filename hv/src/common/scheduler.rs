@@ -432,6 +432,7 @@ fn run_slice<V: VirtualCpu, H: Host>(
     let Some(vcpu) = vcpu.as_mut() else {
         return;
     };
+    crate::platform::spec_ctrl::on_schedule_in(domain.id);
     vcpu.activate();
     if domain.vcpus[0].runstate.state() != runstate::RUNNING {
         let _ = domain.vcpus[0]

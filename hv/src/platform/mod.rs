@@ -19,5 +19,6 @@ pub mod multiboot;
 pub mod phys_alloc;
 #[cfg(target_os = "none")]
 pub mod serial;
+pub mod spec_ctrl;
 #[cfg(target_os = "none")]
 pub mod xstate;

@@ -570,6 +570,10 @@ svm_world_switch:
     mov r14, [rdi + 112]
     mov r15, [rdi + 120]
     mov rdi, [rdi + 56]
+    cmp byte ptr [rip + {verw_on_entry}], 0
+    je 3f
+    verw word ptr [rip + {verw_selector}]   /* MDS: clear the CPU buffers (spec_ctrl) */
+3:
     clgi
     sti                     /* held off by GIF = 0 until VMRUN; lets host interrupts exit the guest */
     vmload rax
@@ -594,6 +598,10 @@ svm_world_switch:
     mov [rdi + 56], rax
     pop rax                 /* host VMCB */
     vmload rax
+    cmp byte ptr [rip + {rsb_fill}], 0
+    je 4f
+    call lamina_rsb_fill    /* before any ret: no return predicted from the guest's RSB */
+4:
     stgi
     pop r15
     pop r14
@@ -602,5 +610,8 @@ svm_world_switch:
     pop rbp
     pop rbx
     ret
-"#
+"#,
+    rsb_fill = sym crate::platform::spec_ctrl::RSB_FILL,
+    verw_on_entry = sym crate::platform::spec_ctrl::VERW_ON_ENTRY,
+    verw_selector = sym crate::platform::spec_ctrl::VERW_SELECTOR,
 );

@@ -500,6 +500,7 @@ impl VirtualCpu for VmxVcpu {
         loop {
             // SAFETY: the VMCS is current and fully initialised; its EPT maps only this
             // domain's RAM; host state points back into `vmx_world_switch`.
+            crate::platform::spec_ctrl::before_vmx_entry();
             let failed = unsafe { vmx_world_switch(&mut self.regs, self.launched.into()) };
             if failed != 0 {
                 let error = read(vmcs::VM_INSTRUCTION_ERROR);
@@ -842,6 +843,10 @@ vmx_world_switch:
     push rdi                /* guest registers */
     mov rax, 0x6c14         /* HOST_RSP */
     vmwrite rax, rsp
+    cmp byte ptr [rip + {verw_on_entry}], 0
+    je 3f
+    verw word ptr [rip + {verw_selector}]   /* MDS: clear the CPU buffers (spec_ctrl) */
+3:
     test rsi, rsi
     mov rax, rdi
     mov rcx, [rax + 8]
@@ -896,6 +901,10 @@ vmx_exit_entry:
     mov [rax + 120], r15
     pop rcx
     mov [rax], rcx
+    cmp byte ptr [rip + {rsb_fill}], 0
+    je 4f
+    call lamina_rsb_fill    /* before any ret: no return predicted from the guest's RSB */
+4:
     pop rdi
     pop r15
     pop r14
@@ -905,5 +914,8 @@ vmx_exit_entry:
     pop rbx
     xor eax, eax
     ret
-"#
+"#,
+    rsb_fill = sym crate::platform::spec_ctrl::RSB_FILL,
+    verw_on_entry = sym crate::platform::spec_ctrl::VERW_ON_ENTRY,
+    verw_selector = sym crate::platform::spec_ctrl::VERW_SELECTOR,
 );

@@ -520,17 +520,26 @@ fn multicall(
     // output lands on a later entry, or another vCPU rewriting the array, cannot change what
     // the later entries do. 64 entries are 3.5 KiB of the hypervisor's stack, left
     // uninitialised: zeroing it would cost more than a short batch.
-    let mut storage = [core::mem::MaybeUninit::<u8>::uninit();
-        MULTICALL_MAX as usize * size_of::<MulticallEntry>()];
-    let batch = domain
-        .memory
-        .read_uninit(gpa, &mut storage[..(count * entry_size) as usize])?;
+    let mut storage = core::mem::MaybeUninit::<[MulticallEntry; MULTICALL_MAX as usize]>::uninit();
+    let len = (count * entry_size) as usize;
+    // SAFETY: `len` is at most the size of `storage` (count <= MULTICALL_MAX); viewing its
+    // bytes as uninitialised bytes is always sound.
+    let bytes = unsafe {
+        core::slice::from_raw_parts_mut(
+            storage.as_mut_ptr().cast::<core::mem::MaybeUninit<u8>>(),
+            len,
+        )
+    };
+    domain.memory.read_uninit(gpa, bytes)?;
+    // SAFETY: the first `count` entries were just written in full, and every bit pattern is a
+    // valid `MulticallEntry` (seven u64s, `repr(C)`).
+    let batch = unsafe {
+        core::slice::from_raw_parts(storage.as_ptr().cast::<MulticallEntry>(), count as usize)
+    };
     let mut run = 0;
-    for (i, raw) in (0..count).zip(batch.chunks_exact(size_of::<MulticallEntry>())) {
+    for (i, entry) in (0..count).zip(batch) {
         let at = gpa + i * entry_size;
-        let word =
-            |n: usize| u64::from_le_bytes(raw[n * 8..n * 8 + 8].try_into().unwrap_or([0; 8]));
-        let (op, args) = (word(0), [word(1), word(2), word(3), word(4), word(5)]);
+        let (op, args) = (entry.op, entry.args);
         let waits = op == Hypercall::SchedOp as u64
             && (args[0] == SchedOp::Block as u64 || args[0] == SchedOp::Poll as u64);
         let result = if op == Hypercall::Multicall as u64 || waits {

@@ -5,7 +5,8 @@
 //! test's body, and ends with exactly one `Test result: SUCCESS|SKIP|ERROR|FAILURE` line (the
 //! most severe outcome recorded) before powering off. An unknown name gives `ERROR`.
 //!
-//! - [`catalog`]: names, titles, docs/abi.md sections, expected endings (shared with xtask),
+//! - [`catalog`]: names, titles, docs/abi.md sections, expected endings (shared with xtask,
+//!   generated from the `conformance_test!` block above each body),
 //! - [`tests`]: the bodies, by ABI family, and the registry,
 //! - [`framework`]: outcomes and assertion helpers,
 //! - [`hv`]: the hypercalls, raw, and [`console`]: `println!` through them,

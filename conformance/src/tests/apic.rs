@@ -81,12 +81,22 @@ fn stop_timer() {
     program_timer(apic::LVT_MASKED, 0);
 }
 
+conformance_test! {
+    title: "CPUID.1:ECX reports x2APIC and TSC-deadline",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn x2apic_cpuid_bits_set() {
     let leaf1 = cpuid(1, 0);
     check_eq!("CPUID.1:ECX bit 21 (x2APIC)", 1, leaf1.ecx >> 21 & 1);
     check_eq!("CPUID.1:ECX bit 24 (TSC-deadline)", 1, leaf1.ecx >> 24 & 1);
 }
 
+conformance_test! {
+    title: "IA32_APIC_BASE reads 0xfee00d00 (BSP, x2APIC, enabled); writing another value raises #GP",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_base_reads_x2apic_mode() {
     let expected =
         apic::APIC_BASE_ADDRESS | apic::APIC_BASE_BSP | apic::APIC_BASE_EXTD | apic::APIC_BASE_EN;
@@ -122,6 +132,11 @@ pub(super) fn apic_base_reads_x2apic_mode() {
     );
 }
 
+conformance_test! {
+    title: "the x2APIC ID is the vCPU number, the version 0x50014, LDR 1 (ID 0); PPR reads, TMR reads 0",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn x2apic_id_and_version() {
     check_eq!("x2APIC ID (vCPU 0)", Hex(0), Hex(msr::read(apic::ID)));
     check_eq!(
@@ -145,6 +160,11 @@ pub(super) fn x2apic_id_and_version() {
     }
 }
 
+conformance_test! {
+    title: "RDMSR and WRMSR of reserved x2APIC MSRs raise #GP(0)",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn x2apic_reserved_msr_gp() {
     // Not registers of the x2APIC (SDM table 11-6), or not emulated (docs/abi.md 14).
     const RESERVED: [u32; 19] = [
@@ -160,6 +180,11 @@ pub(super) fn x2apic_reserved_msr_gp() {
     }
 }
 
+conformance_test! {
+    title: "writes to read-only x2APIC registers, reads of self IPI and EOI of a non-zero value raise #GP(0)",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn x2apic_readonly_msrs_gp() {
     let read_only = [
         ("PPR", apic::PPR),
@@ -195,6 +220,11 @@ pub(super) fn x2apic_readonly_msrs_gp() {
     check_eq!("WRMSR EOI of 0 with nothing in service", Ok(()), result);
 }
 
+conformance_test! {
+    title: "x2APIC writes with reserved bits set (TPR, ESR, SVR, LVT timer mode 3, divider) raise #GP(0)",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn x2apic_reserved_bits_gp() {
     set_up(true);
     let cases = [
@@ -239,6 +269,11 @@ pub(super) fn x2apic_reserved_bits_gp() {
     );
 }
 
+conformance_test! {
+    title: "with SVR bit 8 clear (as at reset) neither the timer nor a self-IPI is delivered",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_disabled_delivers_nothing() {
     let Some(idle) = loopback_port() else { return };
     set_up(true);
@@ -258,6 +293,11 @@ pub(super) fn apic_disabled_delivers_nothing() {
     check_eq!("interrupts from a software-disabled APIC", 0, irq::total());
 }
 
+conformance_test! {
+    title: "a past TSC deadline fires at once, 0 disarms; in one-shot mode IA32_TSC_DEADLINE reads 0",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_tsc_deadline_past_zero() {
     const VECTOR: u8 = 0x41;
     let Some(idle) = loopback_port() else { return };
@@ -320,6 +360,11 @@ pub(super) fn apic_tsc_deadline_past_zero() {
     stop_timer();
 }
 
+conformance_test! {
+    title: "the one-shot APIC timer (1 GHz, divide by 1) fires never before its count has passed",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_oneshot_never_early() {
     const VECTOR: u8 = 0x40;
     set_up(true);
@@ -344,6 +389,11 @@ pub(super) fn apic_oneshot_never_early() {
     stop_timer();
 }
 
+conformance_test! {
+    title: "the TSC-deadline timer fires never before the TSC reaches IA32_TSC_DEADLINE",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_tsc_deadline_never_early() {
     const VECTOR: u8 = 0x41;
     set_up(true);
@@ -379,6 +429,11 @@ pub(super) fn apic_tsc_deadline_never_early() {
     stop_timer();
 }
 
+conformance_test! {
+    title: "the periodic APIC timer ticks every period, never early, and stops at initial count 0",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_periodic_timer_ticks() {
     const VECTOR: u8 = 0x42;
     const TICKS: u64 = 5;
@@ -447,6 +502,11 @@ fn count_down_during_sleep(divide: u64, idle: u64) -> (u64, u64, u64) {
     (first.saturating_sub(second), t2 - t1, t3 - t0)
 }
 
+conformance_test! {
+    title: "the current count runs down at 1 GHz divided by the divide configuration",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_current_count_counts_down() {
     let Some(idle) = loopback_port() else { return };
     set_up(true);
@@ -462,6 +522,11 @@ pub(super) fn apic_current_count_counts_down() {
     stop_timer();
 }
 
+conformance_test! {
+    title: "a masked LVT timer counts down but raises no interrupt",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_masked_timer_no_irq() {
     const VECTOR: u8 = 0x44;
     let Some(idle) = loopback_port() else { return };
@@ -491,6 +556,11 @@ pub(super) fn apic_masked_timer_no_irq() {
     stop_timer();
 }
 
+conformance_test! {
+    title: "a delivered vector moves from IRR to ISR and sets PPR; EOI clears it",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_eoi_clears_isr() {
     const VECTOR: u8 = 0x50;
     set_up(false);
@@ -532,6 +602,11 @@ pub(super) fn apic_eoi_clears_isr() {
     check_eq!("PPR after EOI", Hex(0), Hex(msr::read(apic::PPR)));
 }
 
+conformance_test! {
+    title: "TPR holds back vectors of its class and below; lowering it lets them through in order",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_tpr_blocks_low_priority() {
     set_up(true);
     // SAFETY: TPR only holds interrupts back.
@@ -573,6 +648,11 @@ pub(super) fn apic_tpr_blocks_low_priority() {
     );
 }
 
+conformance_test! {
+    title: "an in-service vector holds back its class and below, a higher class nests; EOI ends the highest",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_isr_priority_nesting() {
     set_up(false);
     apic::self_ipi(0x61);
@@ -629,6 +709,11 @@ pub(super) fn apic_isr_priority_nesting() {
     }
 }
 
+conformance_test! {
+    title: "SELF_IPI and ICR (self shorthand, own ID) deliver, highest first; other IDs are ignored",
+    section: "14 Emulated x2APIC",
+    expect: Success,
+}
 pub(super) fn apic_self_ipi_delivered() {
     set_up(true);
     apic::self_ipi(0x45);
@@ -651,6 +736,11 @@ pub(super) fn apic_self_ipi_delivered() {
     check_eq!("IPIs to x2APIC ID 1", 0, irq::count(0x48));
 }
 
+conformance_test! {
+    title: "STI; HLT with the APIC timer armed sleeps until its interrupt, never before it is due",
+    section: "7.2 HLT",
+    expect: Success,
+}
 pub(super) fn hlt_wakes_on_apic_timer() {
     const VECTOR: u8 = 0x40;
     set_up(true);
@@ -668,6 +758,11 @@ pub(super) fn hlt_wakes_on_apic_timer() {
     }
 }
 
+conformance_test! {
+    title: "STI; HLT with no APIC timer and no event source stops the domain",
+    section: "7.2 HLT",
+    expect: StoppedByHv("HLT with nothing that can ever wake the vCPU"),
+}
 /// `STI; HLT` with no APIC timer armed and no event source: nothing can ever wake the vCPU,
 /// and the hypervisor must stop the domain.
 pub(super) fn hlt_sti_without_source_stopped() {

@@ -23,6 +23,11 @@ fn console_io(op: u64, gpa: u64, len: u64) -> Status {
 
 const WRITE: u64 = ConsoleOp::Write as u64;
 
+conformance_test! {
+    title: "console write returns the length written; an empty write returns 0",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_write_ok() {
     for insn in HypercallInsn::ALL {
         let line: &[u8] = match insn {
@@ -54,6 +59,11 @@ pub(super) fn console_write_ok() {
     );
 }
 
+conformance_test! {
+    title: "a console write of exactly CONSOLE_WRITE_MAX bytes succeeds",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_write_max_length_ok() {
     const LINES: usize = 32;
     const LINE_BYTES: usize = CONSOLE_WRITE_MAX as usize / LINES;
@@ -73,6 +83,11 @@ pub(super) fn console_write_max_length_ok() {
     );
 }
 
+conformance_test! {
+    title: "console writes from buffers not inside RAM return -EFAULT, and the domain runs on",
+    section: "2.5 Guest-physical buffers",
+    expect: Success,
+}
 pub(super) fn console_write_oob_efault() {
     let mem = start_info().mem_bytes;
     let cases: [(&str, u64, u64); 7] = [
@@ -124,6 +139,11 @@ pub(super) fn console_write_oob_efault() {
     );
 }
 
+conformance_test! {
+    title: "a console write longer than CONSOLE_WRITE_MAX returns -EINVAL",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_write_too_long_einval() {
     static TOO_LONG: [u8; CONSOLE_WRITE_MAX as usize + 1] = [b'x'; CONSOLE_WRITE_MAX as usize + 1];
     let gpa = gpa_of(&TOO_LONG);
@@ -145,6 +165,11 @@ pub(super) fn console_write_too_long_einval() {
     );
 }
 
+conformance_test! {
+    title: "unknown console_io operations return -ENOSYS",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_unknown_op_enosys() {
     let line = b"console_unknown_op_enosys: must not be printed\n";
     // 2 is the first unassigned operation (ABI 1.0: write 0, read 1); 1 << 32 would be write
@@ -172,6 +197,11 @@ fn console_read_refused_or_scratch(gpa: u64, len: u64) -> Status {
     unsafe { crate::hv::console_read_at(gpa, len) }
 }
 
+conformance_test! {
+    title: "a console read with no input waiting returns 0 and writes nothing; an empty read returns 0 anywhere",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_read_no_input_zero() {
     // Nobody types on a conformance run's serial line.
     let mut buffer = [0xa5u8; 64];
@@ -196,6 +226,11 @@ pub(super) fn console_read_no_input_zero() {
     }
 }
 
+conformance_test! {
+    title: "a console read longer than CONSOLE_WRITE_MAX returns -EINVAL, checked before the buffer",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_read_too_long_einval() {
     let mem = start_info().mem_bytes;
     // The length is checked before the buffer.
@@ -213,6 +248,11 @@ pub(super) fn console_read_too_long_einval() {
     }
 }
 
+conformance_test! {
+    title: "console reads into buffers not inside RAM (beyond, straddling, wrapping) return -EFAULT",
+    section: "3.2 console_io",
+    expect: Success,
+}
 pub(super) fn console_read_oob_efault() {
     let mem = start_info().mem_bytes;
     let cases: [(&str, u64, u64); 6] = [

@@ -103,6 +103,11 @@ fn check_refused(what: &str, cr: u8, value: u64, read: fn() -> u64) {
     );
 }
 
+conformance_test! {
+    title: "CR0, CR3, CR4 and CR8 writes a CPU refuses raise #GP(0), the register keeps its value and the domain runs on",
+    section: "18.3 Control registers",
+    expect: Success,
+}
 pub(super) fn cr_writes_hardware_refuses_gp() {
     let cr0 = read_cr0();
     let cr3 = read_cr3();
@@ -189,6 +194,11 @@ fn write_cr8(value: u8) {
     unsafe { lamina_guest_sdk::x2apic::set_priority_class(value) };
 }
 
+conformance_test! {
+    title: "CR8 reads and writes the x2APIC TPR (bits 7:4) and holds back vectors of its class and below until it drops",
+    section: "18.4 CR8 and the TPR",
+    expect: Success,
+}
 pub(super) fn cr8_is_the_tpr() {
     irq::install();
     irq::use_apic(true);
@@ -248,6 +258,12 @@ fn rep_outsb(port: u16, bytes: &[u8]) -> (u64, u64) {
     (rcx, rsi)
 }
 
+conformance_test! {
+    title: "rep outsb to COM1 prints what single outs print, also from a buffer across a page boundary",
+    section: "18.5 String I/O",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn rep_outsb_prints_like_outs() {
     let line = b"rep_outsb_prints_like_outs: one line, through rep outsb\n";
     let (rcx, rsi) = rep_outsb(COM1, line);
@@ -317,6 +333,11 @@ pub(super) fn rep_outsb_prints_like_outs() {
 /// A port nothing emulates (as in the I/O tests).
 const UNUSED_PORT: u16 = 0x2f0;
 
+conformance_test! {
+    title: "insb, insw, insd and rep insw from a port nothing emulates store all ones and advance RDI as DF says",
+    section: "18.5 String I/O",
+    expect: Success,
+}
 pub(super) fn ins_unemulated_port_all_ones() {
     let mut buffer = [0u8; 16];
     let base = buffer.as_mut_ptr();
@@ -369,6 +390,11 @@ pub(super) fn ins_unemulated_port_all_ones() {
     );
 }
 
+conformance_test! {
+    title: "rep insb into a buffer that ends outside RAM raises #PF in the guest with CR2, RCX and RDI as hardware leaves them",
+    section: "18.5 String I/O",
+    expect: Success,
+}
 pub(super) fn rep_insb_outside_ram_faults() {
     let top = start_info().mem_bytes;
     let first = top - 4;
@@ -424,6 +450,11 @@ pub(super) fn rep_insb_outside_ram_faults() {
 /// the unused first page, docs/abi.md 4.2) right above an unmapped one.
 pub(crate) const OVERFLOW_STACK_TOP: u64 = 0x8020_1000;
 
+conformance_test! {
+    title: "a guest whose stack runs off its page triple-faults and is reported with RSP and CR2",
+    section: "18.7 When a domain is stopped",
+    expect: StoppedByHv("triple fault (rsp=0x80200000 cr2=0x801ffff8"),
+}
 pub(super) fn stack_overflow_reported() {
     #[repr(align(4096))]
     struct Table([u64; 512]);

@@ -10,6 +10,11 @@ use lamina_guest_sdk::cpuid::{self, cpuid};
 use crate::framework::{Hex, check, check_eq};
 use crate::x86::msr;
 
+conformance_test! {
+    title: "CPUID reports the hypervisor bit, the Lamina signature, version and features",
+    section: "5 CPUID discovery",
+    expect: Success,
+}
 pub(super) fn cpuid_signature_and_version() {
     check_eq!(
         "CPUID.1:ECX bit 31 (hypervisor present)",
@@ -88,6 +93,11 @@ pub(super) fn cpuid_signature_and_version() {
     );
 }
 
+conformance_test! {
+    title: "CPUID 0x40000010 reports the TSC kHz of StartInfo and a 1 GHz APIC timer",
+    section: "5 CPUID discovery",
+    expect: Success,
+}
 pub(super) fn cpuid_timing_leaf() {
     let timing = cpuid(LEAF_TIMING, 0);
     let tsc_khz = lamina_guest_sdk::start_info().tsc_khz;
@@ -109,6 +119,11 @@ pub(super) fn cpuid_timing_leaf() {
     );
 }
 
+conformance_test! {
+    title: "the leaves of 0x40000000-0x4fffffff Lamina does not define read all zero",
+    section: "5 CPUID discovery",
+    expect: Success,
+}
 pub(super) fn cpuid_unused_hv_leaves_zero() {
     // Leaves of the hypervisor range that Lamina does not define.
     for leaf in [
@@ -128,6 +143,11 @@ pub(super) fn cpuid_unused_hv_leaves_zero() {
     }
 }
 
+conformance_test! {
+    title: "CPUID reports no VMX, SVM or MONITOR/MWAIT to the guest",
+    section: "5 CPUID discovery",
+    expect: Success,
+}
 pub(super) fn cpuid_hides_vmx_and_svm() {
     let leaf1 = cpuid(1, 0);
     check_eq!("CPUID.1:ECX bit 5 (VMX)", 0, leaf1.ecx >> 5 & 1);
@@ -142,6 +162,11 @@ pub(super) fn cpuid_hides_vmx_and_svm() {
     );
 }
 
+conformance_test! {
+    title: "CPUID offers none of the speculation-control MSRs (leaf 7 EDX 31:26, leaf 0x80000008 EBX IBPB/IBRS/STIBP/SSBD), and RDMSR/WRMSR of SPEC_CTRL, PRED_CMD, ARCH_CAPABILITIES, FLUSH_CMD raise #GP",
+    section: "7.3 MSRs",
+    expect: Success,
+}
 pub(super) fn speculation_msrs_not_offered() {
     // 7.3: CPUID offers none of the speculation-control MSRs, and each raises #GP.
     let leaf0 = cpuid(0, 0);

@@ -208,6 +208,11 @@ fn done(port: u64) {
 
 // ----- domctl_unprivileged_eperm -----
 
+conformance_test! {
+    title: "DOMAIN_CONTROL is set; without privileged=1 every domctl_op operation returns -EPERM whatever its arguments and writes nothing; undefined operations return -ENOSYS first",
+    section: "17 Domain control",
+    expect: Success,
+}
 pub(super) fn domctl_unprivileged_eperm() {
     if start_info().flags & START_FLAG_PRIVILEGED != 0 {
         error(format_args!("this test must run without privileged=1"));
@@ -272,6 +277,12 @@ pub(super) fn domctl_unprivileged_eperm() {
 
 // ----- domctl_list_a / domctl_list_b -----
 
+conformance_test! {
+    title: "with domctl_list_b: list_domains returns the count, writes min(capacity, count) entries in id order with the right id, state, flags, weight, memory, name and console bytes; -EFAULT writes nothing",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn domctl_list_a() {
     if !privileged() {
         return;
@@ -371,6 +382,12 @@ pub(super) fn domctl_list_a() {
     done(port);
 }
 
+conformance_test! {
+    title: "the listed partner of domctl_list_a (weight=100), waits until it is done",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "weight=100",
+}
 pub(super) fn domctl_list_b() {
     partner_waits("domctl_list_a");
 }
@@ -392,6 +409,12 @@ fn console_line(i: usize) -> [u8; 99] {
     line
 }
 
+conformance_test! {
+    title: "with domctl_console_b: read_console copies the partner's last 4096 bytes at their stream offsets; 0 at the end; -EINVAL past it and above 4096 bytes; -ENOENT before the bytes kept; -EFAULT; checks in order",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn domctl_console_a() {
     if !privileged() {
         return;
@@ -520,6 +543,11 @@ pub(super) fn domctl_console_a() {
     done(port);
 }
 
+conformance_test! {
+    title: "prints 50 lines of 100 bytes and a last one for domctl_console_a to read",
+    section: "17 Domain control",
+    expect: Success,
+}
 pub(super) fn domctl_console_b() {
     for i in 0..CONSOLE_LINES {
         let mut line = [0u8; 100];
@@ -535,6 +563,12 @@ pub(super) fn domctl_console_b() {
 /// How long a looks at its partner in each state.
 const WATCH_NS: u64 = 20 * MS;
 
+conformance_test! {
+    title: "with domctl_pause_b: a paused partner is PAUSED and gets no CPU (cpu_ns still), an event sent meanwhile stays pending and reaches it after unpause; pause and unpause twice return 0",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn domctl_pause_a() {
     if !privileged() {
         return;
@@ -629,6 +663,11 @@ pub(super) fn domctl_pause_a() {
     }
 }
 
+conformance_test! {
+    title: "spins for domctl_pause_a until its event comes, then replies",
+    section: "17 Domain control",
+    expect: Success,
+}
 pub(super) fn domctl_pause_b() {
     let Some(port) = offer() else { return };
     println!("domctl_pause_b: spinning until the partner's event");
@@ -656,6 +695,12 @@ pub(super) fn domctl_pause_b() {
 
 const DESTROY_MARKER: &[u8] = b"domctl_destroy_b: waiting to be destroyed\n";
 
+conformance_test! {
+    title: "with domctl_destroy_b: destroy tears the partner down before returning: SHUTDOWN, DESTROYED, memory_bytes 0, free_bytes grown by its RAM, its channel end closed and ours raised; then -EINVAL; its console stays readable",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn domctl_destroy_a() {
     if !privileged() {
         return;
@@ -750,6 +795,11 @@ pub(super) fn domctl_destroy_a() {
     check_eq!("its last line", DESTROY_MARKER, last.as_slice());
 }
 
+conformance_test! {
+    title: "offers domctl_destroy_a a port and waits to be destroyed (end=destroyed, no result line)",
+    section: "17 Domain control",
+    expect: Ends("destroyed"),
+}
 pub(super) fn domctl_destroy_b() {
     let Some(port) = offer() else { return };
     expect_ok("console write", hv::console_write(DESTROY_MARKER));
@@ -766,6 +816,12 @@ pub(super) fn domctl_destroy_b() {
 
 // ----- domctl_self_and_unknown_ids -----
 
+conformance_test! {
+    title: "pause, unpause and destroy of the caller return -EINVAL; ids that name no domain (0, DOMID_SELF, count + 1, truncations) -ENOENT, for read_console too; phys_info figures and -EFAULT",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn domctl_self_and_unknown_ids() {
     if !privileged() {
         return;
@@ -831,6 +887,12 @@ pub(super) fn domctl_self_and_unknown_ids() {
 /// RAM of `domctl_scrub_b`: large enough that teardown scrubs it over many scheduling passes.
 const SCRUB_PARTNER_BYTES: u64 = 32 << 20;
 
+conformance_test! {
+    title: "with domctl_scrub_b: after the partner powers off, its memory_bytes only counts down, and once it is 0 free_bytes has grown by all of its RAM",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn domctl_scrub_a() {
     if !privileged() {
         return;
@@ -895,6 +957,12 @@ pub(super) fn domctl_scrub_a() {
     let _ = hv::close(port);
 }
 
+conformance_test! {
+    title: "offers domctl_scrub_a a port, waits for its event and powers off (32 MiB of RAM to scrub)",
+    section: "17 Domain control",
+    expect: Success,
+    cmdline: "mem=32M",
+}
 pub(super) fn domctl_scrub_b() {
     let Some(port) = offer() else { return };
     if !wait_on(port, 3 * GIVE_UP_NS) {

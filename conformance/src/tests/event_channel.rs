@@ -47,6 +47,11 @@ fn check_free(what: &str, port: u64) {
     }
 }
 
+conformance_test! {
+    title: "unknown event_channel_op operations return -ENOSYS, checked before the arguments",
+    section: "8 Event channels",
+    expect: Success,
+}
 pub(super) fn evtchn_unknown_op_enosys() {
     // 8 is the first unassigned operation (ABI 1.2); 1 << 32 would be AllocUnbound to a
     // hypervisor that looks at EDI only.
@@ -66,6 +71,11 @@ pub(super) fn evtchn_unknown_op_enosys() {
     check_free("after the unknown operations", FIRST_FREE_PORT);
 }
 
+conformance_test! {
+    title: "at boot: port 1 is the console's, no port pending or masked, upcalls masked",
+    section: "8 Event channels",
+    expect: Success,
+}
 pub(super) fn evtchn_boot_state() {
     let info = start_info();
     check_eq!("StartInfo.console_port", 1, info.console_port);
@@ -104,6 +114,11 @@ pub(super) fn evtchn_boot_state() {
     );
 }
 
+conformance_test! {
+    title: "alloc_unbound returns the lowest free port from 2, reuses closed ones, reports the port unbound",
+    section: "8.1 alloc_unbound",
+    expect: Success,
+}
 pub(super) fn alloc_unbound_lowest_free() {
     for expected in [2, 3, 4] {
         check_eq!(
@@ -128,6 +143,11 @@ pub(super) fn alloc_unbound_lowest_free() {
     check_port(2, PortState::Unbound, Some(start_info().domain_id as u16));
 }
 
+conformance_test! {
+    title: "alloc_unbound for the caller's own id makes a loopback port that send raises",
+    section: "8.1 alloc_unbound",
+    expect: Success,
+}
 pub(super) fn alloc_unbound_own_id_loopback() {
     let own = u64::from(start_info().domain_id);
     let Some(port) = expect_ok(
@@ -145,6 +165,11 @@ pub(super) fn alloc_unbound_own_id_loopback() {
     );
 }
 
+conformance_test! {
+    title: "alloc_unbound for a domain that does not exist returns -ENOENT and allocates nothing",
+    section: "8.1 alloc_unbound",
+    expect: Success,
+}
 pub(super) fn alloc_unbound_no_domain_enoent() {
     let own = u64::from(start_info().domain_id);
     // No such domains; the last two are DOMID_SELF and this domain to a hypervisor that
@@ -159,6 +184,11 @@ pub(super) fn alloc_unbound_no_domain_enoent() {
     check_free("after the refused allocations", FIRST_FREE_PORT);
 }
 
+conformance_test! {
+    title: "all 1023 usable ports in use: allocations return -ENOSPC until a port is closed",
+    section: "8.1 alloc_unbound",
+    expect: Success,
+}
 pub(super) fn alloc_unbound_full_enospc() {
     // Ports 2..1024 are free: 1022 allocations succeed, in order.
     for expected in FIRST_FREE_PORT..u64::from(NR_PORTS) {
@@ -199,6 +229,11 @@ pub(super) fn alloc_unbound_full_enospc() {
     );
 }
 
+conformance_test! {
+    title: "bind_virq of VIRQ_TIMER and VIRQ_CONSOLE returns ports whose status names the VIRQ",
+    section: "8.2 bind_virq",
+    expect: Success,
+}
 pub(super) fn bind_virq_timer_and_console() {
     let Some(timer) = timer_port() else { return };
     check_eq!("the VIRQ_TIMER port", FIRST_FREE_PORT, timer);
@@ -213,6 +248,11 @@ pub(super) fn bind_virq_timer_and_console() {
     check_port(console, PortState::Virq, Some(Virq::Console as u16));
 }
 
+conformance_test! {
+    title: "binding a VIRQ twice on a vCPU returns -EEXIST; closing its port frees it",
+    section: "8.2 bind_virq",
+    expect: Success,
+}
 pub(super) fn bind_virq_twice_eexist() {
     let Some(timer) = timer_port() else { return };
     check_eq!(
@@ -238,6 +278,11 @@ pub(super) fn bind_virq_twice_eexist() {
     );
 }
 
+conformance_test! {
+    title: "bind_virq of an unassigned VIRQ returns -EINVAL",
+    section: "8.2 bind_virq",
+    expect: Success,
+}
 pub(super) fn bind_virq_bad_virq_einval() {
     // Unassigned VIRQs, and VIRQ_TIMER to a hypervisor that looks at 32 bits only.
     for virq in [2, 3, 7, 8, 1 << 32, u64::MAX] {
@@ -256,6 +301,11 @@ pub(super) fn bind_virq_bad_virq_einval() {
     check_free("after the refused bindings", FIRST_FREE_PORT);
 }
 
+conformance_test! {
+    title: "bind_virq on a vCPU that does not exist returns -ENOENT",
+    section: "8.2 bind_virq",
+    expect: Success,
+}
 pub(super) fn bind_virq_bad_vcpu_enoent() {
     for vcpu in bad_vcpus() {
         check_eq!(
@@ -273,6 +323,11 @@ pub(super) fn bind_virq_bad_vcpu_enoent() {
     );
 }
 
+conformance_test! {
+    title: "bind_ipi returns an IPI port; send raises it on its vCPU",
+    section: "8.3 bind_ipi",
+    expect: Success,
+}
 pub(super) fn bind_ipi_send_raises_event() {
     shared::clear_all_events();
     let Some(port) = expect_ok("BindIpi(vCPU 0)", hv::bind_ipi(0)) else {
@@ -303,6 +358,11 @@ fn check_raised_on_vcpu0(port: u64) {
     );
 }
 
+conformance_test! {
+    title: "bind_ipi on a vCPU that does not exist returns -ENOENT",
+    section: "8.3 bind_ipi",
+    expect: Success,
+}
 pub(super) fn bind_ipi_bad_vcpu_enoent() {
     for vcpu in bad_vcpus() {
         check_eq!(
@@ -314,6 +374,11 @@ pub(super) fn bind_ipi_bad_vcpu_enoent() {
     check_free("after the refused bindings", FIRST_FREE_PORT);
 }
 
+conformance_test! {
+    title: "send sets the pending bit, the selector bit of its word and evtchn_upcall_pending",
+    section: "8.4 send",
+    expect: Success,
+}
 pub(super) fn send_sets_pending_and_selector() {
     // A port in word 0 and one in word 1 of the bitmaps.
     let Some(low) = loopback_port() else { return };
@@ -348,6 +413,11 @@ pub(super) fn send_sets_pending_and_selector() {
     );
 }
 
+conformance_test! {
+    title: "send on a free, closed, VIRQ or out-of-range port returns -EINVAL and raises nothing",
+    section: "8.4 send",
+    expect: Success,
+}
 pub(super) fn send_bad_port_einval() {
     let (Some(port), Some(timer), Some(closed)) = (loopback_port(), timer_port(), loopback_port())
     else {
@@ -377,6 +447,11 @@ pub(super) fn send_bad_port_einval() {
     );
 }
 
+conformance_test! {
+    title: "send on a masked port sets only its pending bit; unmask then raises the vCPU",
+    section: "8.4 send",
+    expect: Success,
+}
 pub(super) fn send_masked_sets_pending_only() {
     let Some(port) = loopback_port() else { return };
     shared::clear_all_events();
@@ -409,6 +484,11 @@ pub(super) fn send_masked_sets_pending_only() {
     check_raised_on_vcpu0(port);
 }
 
+conformance_test! {
+    title: "send on a port already pending does not raise the vCPU again",
+    section: "8.4 send",
+    expect: Success,
+}
 pub(super) fn send_already_pending_no_upcall() {
     let Some(port) = loopback_port() else { return };
     shared::clear_all_events();
@@ -435,6 +515,11 @@ pub(super) fn send_already_pending_no_upcall() {
     );
 }
 
+conformance_test! {
+    title: "close clears the pending bit and frees the port for reuse, for every kind of port",
+    section: "8.5 close",
+    expect: Success,
+}
 pub(super) fn close_clears_pending_frees_port() {
     let Some(port) = loopback_port() else { return };
     expect_ok(format_args!("Send({port})"), hv::send(port));
@@ -472,6 +557,11 @@ pub(super) fn close_clears_pending_frees_port() {
     }
 }
 
+conformance_test! {
+    title: "close of port 0, a free port or one out of range returns -EINVAL",
+    section: "8.5 close",
+    expect: Success,
+}
 pub(super) fn close_bad_port_einval() {
     let Some(port) = loopback_port() else { return };
     for bad in [0, 1000].into_iter().chain(bad_ports(port)) {
@@ -484,6 +574,11 @@ pub(super) fn close_bad_port_einval() {
     check_port(port, PortState::Unbound, None);
 }
 
+conformance_test! {
+    title: "closing a port twice returns -EINVAL the second time",
+    section: "8.5 close",
+    expect: Success,
+}
 pub(super) fn close_twice_einval() {
     let Some(port) = loopback_port() else { return };
     check_eq!(format_args!("Close({port})"), Status(0), hv::close(port));
@@ -495,6 +590,11 @@ pub(super) fn close_twice_einval() {
     check_free("after the second Close", port);
 }
 
+conformance_test! {
+    title: "unmask of a port out of range returns -EINVAL and leaves the mask alone",
+    section: "8.6 unmask",
+    expect: Success,
+}
 pub(super) fn unmask_bad_port_einval() {
     let Some(port) = loopback_port() else { return };
     shared::set_masked(port, true);
@@ -511,6 +611,11 @@ pub(super) fn unmask_bad_port_einval() {
     );
 }
 
+conformance_test! {
+    title: "unmask clears the mask bit and raises nothing when the port is not pending",
+    section: "8.6 unmask",
+    expect: Success,
+}
 pub(super) fn unmask_clears_mask_bit() {
     let Some(port) = loopback_port() else { return };
     shared::clear_all_events();
@@ -543,6 +648,11 @@ pub(super) fn unmask_clears_mask_bit() {
     );
 }
 
+conformance_test! {
+    title: "status reports free, unbound, inter-domain, VIRQ and IPI ports, pending and masked bits",
+    section: "8.7 status",
+    expect: Success,
+}
 pub(super) fn status_reports_each_state() {
     let own = start_info().domain_id as u16;
     let (Some(unbound), Some(timer), Some(ipi)) =
@@ -586,6 +696,11 @@ pub(super) fn status_reports_each_state() {
     }
 }
 
+conformance_test! {
+    title: "status of a port out of range returns -EINVAL",
+    section: "8.7 status",
+    expect: Success,
+}
 pub(super) fn status_bad_port_einval() {
     for bad in bad_ports(1) {
         check_eq!(

@@ -279,6 +279,11 @@ fn retry_while(while_status: Status, mut call: impl FnMut() -> Status) -> Status
 
 // ----- single-domain tests -----
 
+conformance_test! {
+    title: "CPUID 0x40000001 EBX bit 13 (GRANT_TABLES) is set and the ABI is 1.3 or a later 1.x, as the version hypercall says",
+    section: "5 CPUID discovery",
+    expect: Success,
+}
 pub(super) fn grant_cpuid_bit_and_version() {
     let leaf = lamina_guest_sdk::cpuid::cpuid(LEAF_VERSION, 0);
     check_eq!(
@@ -294,6 +299,11 @@ pub(super) fn grant_cpuid_bit_and_version() {
     check_eq!("version hypercall", Status(leaf.eax.into()), hv::version());
 }
 
+conformance_test! {
+    title: "the boot page tables map the grant window: PDPT[1] points to the PD at 0x9000, whose entry 0 is a writable user 2 MiB page at 0x40000000",
+    section: "4.2 Guest-physical layout",
+    expect: Success,
+}
 pub(super) fn grant_window_in_boot_tables() {
     const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
     const P_RW_U: u64 = 0b111;
@@ -335,6 +345,11 @@ pub(super) fn grant_window_in_boot_tables() {
     );
 }
 
+conformance_test! {
+    title: "unknown grant_table_op operations (5, 6, 99, 1 << 32, all ones) return -ENOSYS",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_unknown_op_enosys() {
     for op in [5, 6, 99, 1 << 32, u64::MAX] {
         // SAFETY: unknown operations do nothing (1 << 32 would be grant_access to a
@@ -353,6 +368,11 @@ pub(super) fn grant_unknown_op_enosys() {
     }
 }
 
+conformance_test! {
+    title: "grant_access: reserved flags, then a misaligned page (-EINVAL), a page not inside RAM (-EFAULT), oneself (-EINVAL), no such domain (-ENOENT), in that order",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_access_errors() {
     let own = own_id();
     let mem = start_info().mem_bytes;
@@ -397,6 +417,11 @@ pub(super) fn grant_access_errors() {
     }
 }
 
+conformance_test! {
+    title: "end_access of a reference never granted or >= 256 returns -ENOENT",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_end_access_enoent() {
     for reference in [0, 1, 255, 256, 1 << 32, u64::MAX] {
         check_eq!(
@@ -407,6 +432,11 @@ pub(super) fn grant_end_access_enoent() {
     }
 }
 
+conformance_test! {
+    title: "map: reserved flags, then a slot that is no page of the grant window (-EINVAL), before a granter that is oneself or no domain (-ENOENT)",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_map_local_errors() {
     let own = own_id();
     let einval = Status::err(Errno::EINVAL);
@@ -447,6 +477,11 @@ pub(super) fn grant_map_local_errors() {
     );
 }
 
+conformance_test! {
+    title: "unmap: an address that is no page of the grant window is -EINVAL, a page with nothing mapped -ENOENT",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_unmap_errors() {
     for gpa in [
         WINDOW + 1,
@@ -472,6 +507,11 @@ pub(super) fn grant_unmap_errors() {
     }
 }
 
+conformance_test! {
+    title: "copy: a request not inside RAM (-EFAULT), then reserved, direction and offset + len (-EINVAL), the local range (-EFAULT; 0 bytes never), the granter (-ENOENT), in that order",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_copy_local_errors() {
     let mem = start_info().mem_bytes;
     let scratch = [0x5au8; 16];
@@ -561,6 +601,11 @@ pub(super) fn grant_copy_local_errors() {
     check_eq!("the local buffer", [0x5au8; 16], scratch);
 }
 
+conformance_test! {
+    title: "grant_table_op entries of a multicall run as the hypercall, each with its own result",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_in_multicall() {
     let op = |args: [u64; 5]| hv::entry(Hypercall::GrantTableOp, args, 0xdead);
     let mut entries: [MulticallEntry; 4] = [
@@ -582,6 +627,11 @@ pub(super) fn grant_in_multicall() {
     }
 }
 
+conformance_test! {
+    title: "a read of a grant window page with nothing mapped stops the domain",
+    section: "16 Grant tables",
+    expect: StoppedByHv("outside its memory: read or fetch at guest-physical 0x40005000"),
+}
 pub(super) fn grant_window_unmapped_stopped() {
     let gpa = slot(5);
     println!("grant_window_unmapped_stopped: reading guest-physical {gpa:#x}, nothing mapped");
@@ -596,6 +646,11 @@ pub(super) fn grant_window_unmapped_stopped() {
 // a's bytes, copies both ways, writes MAPPED. a says UNMAP_NOW; b unmaps both and a's
 // EndAccess then succeeds; b sees the grant gone (copy and map -ENOENT).
 
+conformance_test! {
+    title: "with grant_map_rw_b (id + 1): grants a page read-write as reference 0; end_access is -EBUSY while b has it mapped, 0 once b unmapped it, then -ENOENT",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_map_rw_a() {
     let partner = own_id() + 1;
     let shared = page(0);
@@ -627,6 +682,11 @@ pub(super) fn grant_map_rw_a() {
     );
 }
 
+conformance_test! {
+    title: "with grant_map_rw_a (id - 1): maps a's grant read-write and again read-only, reads a's bytes, writes through one slot and reads through the other, copies both ways, unmaps; afterwards copy and map are -ENOENT",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_map_rw_b() {
     let partner = own_id() - 1;
     if !partner_running(partner, "grant_map_rw_a") || !map_when_granted(partner, 0, slot(0), RW) {
@@ -695,6 +755,11 @@ pub(super) fn grant_map_rw_b() {
 // b may map reference 0 read-only only, reads it, copies from it but not to it, unmaps it
 // and copies DONE into the mailbox; a then finds page 0 unchanged and ends both grants.
 
+conformance_test! {
+    title: "with grant_readonly_b (id + 1): grants a page read-only and a mailbox; the read-only page is unchanged after b's tries",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_readonly_a() {
     let partner = own_id() + 1;
     let (data, mailbox) = (page(0), page(1));
@@ -721,6 +786,11 @@ pub(super) fn grant_readonly_a() {
     check_eq!("EndAccess(1), only ever copied", Status(0), end_access(1));
 }
 
+conformance_test! {
+    title: "with grant_readonly_a (id - 1): a read-only grant maps read-only only (-EPERM before -EEXIST), reads and copies from it work, a copy to it is -EPERM",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_readonly_b() {
     let partner = own_id() - 1;
     if !partner_running(partner, "grant_readonly_a") || !map_when_granted(partner, 0, slot(0), RO) {
@@ -785,6 +855,11 @@ pub(super) fn grant_readonly_b() {
 /// The slot b writes through.
 const RO_WRITE_SLOT: u64 = GRANT_WINDOW_GPA + 3 * GRANT_PAGE_BYTES;
 
+conformance_test! {
+    title: "with grant_ro_write_b (id + 1): end_access is -EBUSY while b has the read-only grant mapped and 0 once the hypervisor stopped b; the page is unchanged",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_ro_write_a() {
     let partner = own_id() + 1;
     let (data, mailbox) = (page(0), page(1));
@@ -817,6 +892,11 @@ pub(super) fn grant_ro_write_a() {
     check_eq!("EndAccess(1)", Status(0), end_access(1));
 }
 
+conformance_test! {
+    title: "with grant_ro_write_a (id - 1): a write through a read-only grant mapping stops the domain",
+    section: "16 Grant tables",
+    expect: StoppedByHv("write to a read-only grant at 0x40003000"),
+}
 pub(super) fn grant_ro_write_b() {
     let partner = own_id() - 1;
     if !partner_running(partner, "grant_ro_write_a")
@@ -847,6 +927,11 @@ pub(super) fn grant_ro_write_b() {
 // shows a page of zeros of its own, which it may write; the grant is gone (copy and map
 // -ENOENT) and the slot unmaps normally.
 
+conformance_test! {
+    title: "with grant_revoke_b (id + 1): grants a page read-write and powers off while b has it mapped",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_revoke_a() {
     let partner = own_id() + 1;
     let shared = page(0);
@@ -858,6 +943,11 @@ pub(super) fn grant_revoke_a() {
     println!("grant_revoke_a: powering off with the grant mapped by domain {partner}");
 }
 
+conformance_test! {
+    title: "with grant_revoke_a (id - 1): once a ended, the slot shows a writable page of zeros; copy and map are -ENOENT; the slot unmaps",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_revoke_b() {
     let partner = own_id() - 1;
     let at = slot(2);
@@ -915,6 +1005,11 @@ pub(super) fn grant_revoke_b() {
 // the order of the checks; c maps its own grant and is refused b's. When both said DONE, a
 // fills its table (-ENOSPC after 256), then says FINISHED, and b unmaps.
 
+conformance_test! {
+    title: "with grant_errors_b and _c (id + 1, + 2): grants two pages to b and one to c; then fills its table: -ENOSPC after 256 references (after the other checks), the lowest free reference is reused",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_errors_a() {
     let (b, c) = (own_id() + 1, own_id() + 2);
     for n in 0..3 {
@@ -988,6 +1083,11 @@ pub(super) fn grant_errors_a() {
     );
 }
 
+conformance_test! {
+    title: "with grant_errors_a (id - 1): map and copy of a grant to another domain or read-only read-write are -EPERM, before -EEXIST for a used slot; unknown references -ENOENT; copy range, fields and local buffer errors against a real grant",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_errors_b() {
     let a = own_id() - 1;
     if !partner_running(a, "grant_errors_a") || !map_when_granted(a, 0, slot(0), RW) {
@@ -1125,6 +1225,11 @@ pub(super) fn grant_errors_b() {
     }
 }
 
+conformance_test! {
+    title: "with grant_errors_a (id - 2): maps the grant made to it; domain B's grant is -EPERM to map or copy",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_errors_c() {
     let a = own_id() - 2;
     if !partner_running(a, "grant_errors_a") || !map_when_granted(a, 2, slot(0), RW) {
@@ -1152,6 +1257,11 @@ pub(super) fn grant_errors_c() {
 /// The slot b unmaps and then reads.
 const UNMAPPED_SLOT: u64 = GRANT_WINDOW_GPA + 4 * GRANT_PAGE_BYTES;
 
+conformance_test! {
+    title: "with grant_unmap_access_b (id + 1): grants a page read-write; end_access succeeds once b unmapped it",
+    section: "16 Grant tables",
+    expect: Success,
+}
 pub(super) fn grant_unmap_access_a() {
     let partner = own_id() + 1;
     let shared = page(0);
@@ -1166,6 +1276,11 @@ pub(super) fn grant_unmap_access_a() {
     check_eq!("EndAccess(0) once domain B unmapped it", Status(0), last);
 }
 
+conformance_test! {
+    title: "with grant_unmap_access_a (id - 1): after using a mapped grant and unmapping it, a read of the slot stops the domain: no stale translation survives unmap",
+    section: "16 Grant tables",
+    expect: StoppedByHv("outside its memory: read or fetch at guest-physical 0x40004000"),
+}
 pub(super) fn grant_unmap_access_b() {
     let partner = own_id() - 1;
     if !partner_running(partner, "grant_unmap_access_a")

@@ -45,10 +45,20 @@ fn version_via(insn: HypercallInsn) {
     }
 }
 
+conformance_test! {
+    title: "VMCALL reaches the hypervisor: version returns the ABI version, as CPUID does",
+    section: "2.1 Hypercall instructions",
+    expect: Success,
+}
 pub(super) fn version_via_vmcall() {
     version_via(HypercallInsn::Vmcall);
 }
 
+conformance_test! {
+    title: "VMMCALL reaches the hypervisor: version returns the ABI version, as CPUID does",
+    section: "2.1 Hypercall instructions",
+    expect: Success,
+}
 pub(super) fn version_via_vmmcall() {
     version_via(HypercallInsn::Vmmcall);
 }
@@ -87,6 +97,11 @@ fn check_registers_across(
     }
 }
 
+conformance_test! {
+    title: "version, console_io and sched_op change RAX only, with either instruction",
+    section: "2.2 Registers",
+    expect: Success,
+}
 pub(super) fn hypercall_preserves_registers() {
     let line = b"hypercall_preserves_registers: a console write through the register probe\n";
     for insn in HypercallInsn::ALL {
@@ -119,6 +134,11 @@ pub(super) fn hypercall_preserves_registers() {
     }
 }
 
+conformance_test! {
+    title: "unknown hypercall numbers return -ENOSYS and preserve every other register",
+    section: "2.4 Errors",
+    expect: Success,
+}
 pub(super) fn unknown_hypercall_enosys() {
     // 8 is the first unassigned number (ABI 1.1); 1 << 32 would be `version` to a hypervisor
     // that looks at EAX only.
@@ -151,6 +171,11 @@ pub(super) fn unknown_hypercall_enosys() {
     );
 }
 
+conformance_test! {
+    title: "a hypercall from CPL 3 returns -EPERM, with either instruction",
+    section: "2.3 Privilege",
+    expect: Success,
+}
 pub(super) fn hypercall_from_cpl3_eperm() {
     for insn in HypercallInsn::ALL {
         let from_user = user::version_hypercall_at_cpl3(insn);
@@ -172,6 +197,11 @@ pub(super) fn hypercall_from_cpl3_eperm() {
     );
 }
 
+conformance_test! {
+    title: "event_channel_op, vcpu_op, memory_op, multicall, poll (R10) and stats_op (R10) change RAX only, with either instruction",
+    section: "2.2 Registers",
+    expect: Success,
+}
 pub(super) fn v1_calls_preserve_registers() {
     let idle_ports = [0u32];
     let mut counters = ExitCounters::default();
@@ -268,6 +298,11 @@ struct UserCall {
     arguments: [u64; 5],
 }
 
+conformance_test! {
+    title: "every hypercall from CPL 3 (shutdown, block, multicall and stats_op included) returns -EPERM and has no effect",
+    section: "2.3 Privilege",
+    expect: Success,
+}
 pub(super) fn all_hypercalls_cpl3_eperm() {
     const FIRST_UNDEFINED: u64 = Hypercall::ALL.len() as u64;
     let line = b"FAIL: a console write from CPL 3 was printed\n";

@@ -129,6 +129,11 @@ fn receive(what: &str, port: u64) -> bool {
 /// a's port offered to b.
 const PAIR_OFFERED: u64 = 4;
 
+conformance_test! {
+    title: "with interdomain_pair_b (id + 1): offers it a port, which turns Interdomain (detail = b) when b binds; a send reaches b, b's reply wakes a's poll; b's close turns a's end Unbound for b and raises it",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn interdomain_pair_a() {
     let partner = own_id() + 1;
     check_eq!(
@@ -194,6 +199,11 @@ pub(super) fn interdomain_pair_a() {
     check_port("after Close", port, PortState::Free, 0);
 }
 
+conformance_test! {
+    title: "with interdomain_pair_a (id - 1): binds a's offered port as its lowest free port; binding a's loopback, VIRQ, bound, free, console and >= 1024 ports is -EINVAL; sends both ways; its closed end is Free",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn interdomain_pair_b() {
     let own = own_id();
     let Some(partner) = own.checked_sub(1) else {
@@ -251,6 +261,11 @@ pub(super) fn interdomain_pair_b() {
 // has "ready", waits a little (so that b is asleep) and sends; b must wake from Block and take
 // the upcall for its port, then sends "done" for a to finish on.
 
+conformance_test! {
+    title: "with interdomain_upcall_b (id + 1): offers a port and sends on it once b is blocked",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn interdomain_upcall_a() {
     let partner = own_id() + 1;
     let Some(port) = offer(partner, "interdomain_upcall_b") else {
@@ -269,6 +284,11 @@ pub(super) fn interdomain_upcall_a() {
     receive("the partner's done", port);
 }
 
+conformance_test! {
+    title: "with interdomain_upcall_a (id - 1): the partner's send wakes block and arrives as the upcall for this domain's end",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn interdomain_upcall_b() {
     let own = own_id();
     let Some(partner) = own.checked_sub(1) else {
@@ -327,6 +347,11 @@ pub(super) fn interdomain_upcall_b() {
 
 // ----- one domain -----
 
+conformance_test! {
+    title: "alloc_unbound for another domain (a neighbour in the boot) makes a port Unbound with detail = that domain, which the caller itself cannot bind",
+    section: "8.1 alloc_unbound",
+    expect: Success,
+}
 pub(super) fn alloc_unbound_other_domain() {
     let own = own_id();
     // A neighbour in the same boot: the next domain, or the previous one.
@@ -374,6 +399,11 @@ pub(super) fn alloc_unbound_other_domain() {
     check_port("after Close", port, PortState::Free, 0);
 }
 
+conformance_test! {
+    title: "binding one's own loopback port (DOMID_SELF or own id) makes a pair in one domain: sends raise the other end; closing one turns the other Unbound, raised",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn bind_interdomain_loopback() {
     let own = own_id();
     for remote in [DOMID_SELF, own] {
@@ -420,6 +450,11 @@ pub(super) fn bind_interdomain_loopback() {
     }
 }
 
+conformance_test! {
+    title: "bind_interdomain to an IPI, VIRQ, bound, free, console, 0 or >= 1024 port returns -EINVAL and allocates nothing",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn bind_interdomain_einval() {
     let own = own_id();
     // Ports 2 (IPI), 3 (VIRQ), 4 + 5 (a loopback pair, both Interdomain); 6 is free.
@@ -464,6 +499,11 @@ pub(super) fn bind_interdomain_einval() {
     );
 }
 
+conformance_test! {
+    title: "bind_interdomain to a domain that does not exist returns -ENOENT and allocates nothing",
+    section: "8.9 bind_interdomain",
+    expect: Success,
+}
 pub(super) fn bind_interdomain_no_dom_enoent() {
     let own = own_id();
     // Port 2 is unbound for this domain, so the refusals are about the domain: the last two

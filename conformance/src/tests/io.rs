@@ -6,6 +6,11 @@ use lamina_guest_sdk::uart;
 
 use crate::framework::{Hex, Status, check, check_eq};
 
+conformance_test! {
+    title: "the emulated UART reports an empty transmitter and takes a line",
+    section: "7.1 Emulated UART",
+    expect: Success,
+}
 pub(super) fn uart_output_reaches_console() {
     let expected = uart::LSR_THR_EMPTY | uart::LSR_TRANSMITTER_IDLE;
     check_eq!(
@@ -24,6 +29,11 @@ pub(super) fn uart_output_reaches_console() {
 /// A port in a range the PC leaves unassigned (0x2f0-0x2f7, below COM2).
 const UNUSED_PORT: u16 = 0x2f0;
 
+conformance_test! {
+    title: "reads from a port nothing emulates return all ones, writes are dropped",
+    section: "7.4 I/O ports",
+    expect: Success,
+}
 pub(super) fn unemulated_port_reads_all_ones() {
     // SAFETY: nothing is at this port, on a PC or in a Lamina domain.
     let (byte, word, dword) = unsafe { (inb(UNUSED_PORT), inw(UNUSED_PORT), inl(UNUSED_PORT)) };
@@ -110,6 +120,13 @@ fn wait_for_lsr(bits: u8) -> bool {
     (0..SPIN_LIMIT).any(|_| com1::read(com1::LSR) & bits == bits)
 }
 
+conformance_test! {
+    title: "the uart_16550 crate's init (0.3) and init, loopback self-test and connection check (0.5) pass, and only their lines are printed",
+    section: "7.1 Emulated UART",
+    expect: Success,
+    output: &["uart_16550 0.3: init() done, this line went out through THR", "uart_16550 0.5: init, test_loopback and check_connected passed"],
+    only_output: true,
+}
 /// `uart_16550` 0.2 and 0.3 (`SerialPort::init`, the version the "Writing an OS in Rust"
 /// tutorial uses), then 0.5 (`Uart16550::init(Config::default())`, `test_loopback`,
 /// `check_connected`, as `Uart16550Tty::new_port` runs them), register access for register
@@ -230,6 +247,13 @@ pub(super) fn uart_16550_crate_sequences() {
     }
 }
 
+conformance_test! {
+    title: "Linux's 8250 probe finds a 16550A: IER test, loopback MSR 0x90, FIFOs in IIR",
+    section: "7.1 Emulated UART",
+    expect: Success,
+    output: &["uart_linux_8250_probe: probed as a 16550A, printing works"],
+    only_output: true,
+}
 /// The probe of Linux's 8250 driver (drivers/tty/serial/8250/8250_port.c, `autoconfig`):
 /// the IER test, the loopback test that wants MSR & 0xf0 == 0x90 with MCR = LOOP|OUT2|RTS,
 /// and the FIFO probe through IIR, which must find a 16550A.
@@ -277,6 +301,13 @@ pub(super) fn uart_linux_8250_probe() {
     uart::write_str("uart_linux_8250_probe: probed as a 16550A, printing works\n");
 }
 
+conformance_test! {
+    title: "half a UART line, a console_io line, the UART line's end: two whole lines",
+    section: "7.1 Emulated UART",
+    expect: Success,
+    output: &["console_sources_own_lines: the UART's line, begun and ended after it", "console_sources_own_lines: a whole line through console_io"],
+    only_output: true,
+}
 /// Half a line through the UART, a whole line through `console_io`, the rest of the first
 /// line through the UART: the console prints two whole lines (xtask checks them).
 pub(super) fn console_sources_own_lines() {
@@ -290,6 +321,13 @@ pub(super) fn console_sources_own_lines() {
     uart::write_str("and ended after it\n");
 }
 
+conformance_test! {
+    title: "a 300-byte console_io line comes out as two lines broken between words",
+    section: "7.1 Emulated UART",
+    expect: Success,
+    output: &["word00 word01 word02 word03 word04 word05 word06 word07 word08 word09 word10 word11 word12 word13 word14 word15 word16 word17 word18 word19 word20 word21 word22 word23 word24 word25 word26 word27 word28 word29 word30 word31 word32 word33 word34 word35", "word36 word37 word38 word39 word40 word41 word42"],
+    only_output: true,
+}
 /// One `console_io` line of 300 bytes, 43 six-letter words: the console wraps it after the
 /// last space before 256 bytes (xtask checks the two lines, word36 starting the second).
 pub(super) fn console_long_line_wraps() {

@@ -59,6 +59,11 @@ fn memory_map_at(gpa: u64, capacity: u64) -> Status {
     unsafe { hv::memory_op(MemoryOp::GetMemoryMap as u64, gpa, capacity) }
 }
 
+conformance_test! {
+    title: "unknown memory_op operations return -ENOSYS",
+    section: "11 memory_op",
+    expect: Success,
+}
 pub(super) fn memory_op_unknown_enosys() {
     // 2 is the first unassigned operation; 1 << 32 would be GetMemoryMap to a hypervisor
     // that looks at EDI only (with capacity 0 it writes nothing).
@@ -73,6 +78,11 @@ pub(super) fn memory_op_unknown_enosys() {
     }
 }
 
+conformance_test! {
+    title: "get_memory_map gives boot information, page tables, shared pages, image and stack kinds of their own, free RAM the rest, and the grant window (1.4)",
+    section: "11 memory_op",
+    expect: Success,
+}
 pub(super) fn memory_map_lists_regions() {
     let mut map = [UNTOUCHED; REGIONS + 2];
     check_eq!(
@@ -126,6 +136,11 @@ pub(super) fn memory_map_lists_regions() {
     }
 }
 
+conformance_test! {
+    title: "get_memory_map with room for fewer regions writes that many and returns 9; capacity 0 writes none",
+    section: "11 memory_op",
+    expect: Success,
+}
 pub(super) fn memory_map_short_buffer() {
     let mut map = [UNTOUCHED; 3];
     check_eq!(
@@ -158,6 +173,11 @@ pub(super) fn memory_map_short_buffer() {
     }
 }
 
+conformance_test! {
+    title: "get_memory_map into an array not inside RAM returns -EFAULT and writes nothing",
+    section: "11 memory_op",
+    expect: Success,
+}
 pub(super) fn memory_map_oob_efault() {
     let mem = start_info().mem_bytes;
     let top = mem - TOP_OF_RAM_SCRATCH;
@@ -189,6 +209,11 @@ fn read_top_of_ram() -> [u8; TOP_OF_RAM_SCRATCH as usize] {
     unsafe { core::ptr::read_volatile(top as *const [u8; TOP_OF_RAM_SCRATCH as usize]) }
 }
 
+conformance_test! {
+    title: "current_reservation returns the domain's RAM size",
+    section: "11 memory_op",
+    expect: Success,
+}
 pub(super) fn reservation_is_mem_bytes() {
     check_eq!(
         "CurrentReservation",
@@ -197,6 +222,11 @@ pub(super) fn reservation_is_mem_bytes() {
     );
 }
 
+conformance_test! {
+    title: "get_memory_map with a capacity far beyond RAM (its size in bytes overflowing) writes the regions there are",
+    section: "11 memory_op",
+    expect: Success,
+}
 pub(super) fn memory_map_huge_capacity() {
     // Only the written part is a buffer (2.5, 11): a capacity far beyond RAM, even one whose
     // size in bytes overflows 64 bits, writes the regions there are and nothing more.

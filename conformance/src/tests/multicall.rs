@@ -66,6 +66,11 @@ fn check_results(entries: &[MulticallEntry], expected: &[Status]) {
     }
 }
 
+conformance_test! {
+    title: "a multicall runs its entries in order, writes each result and returns their number",
+    section: "12 multicall",
+    expect: Success,
+}
 pub(super) fn multicall_runs_in_order() {
     let mem = start_info().mem_bytes;
     let line = b"multicall_runs_in_order: a console write from entry 1\n";
@@ -117,6 +122,11 @@ pub(super) fn multicall_runs_in_order() {
     );
 }
 
+conformance_test! {
+    title: "failing entries get their own error and do not stop the batch",
+    section: "12 multicall",
+    expect: Success,
+}
 pub(super) fn multicall_failure_does_not_stop() {
     let mem = start_info().mem_bytes;
     let mut entries = [
@@ -154,6 +164,11 @@ pub(super) fn multicall_failure_does_not_stop() {
     );
 }
 
+conformance_test! {
+    title: "more than MULTICALL_MAX entries return -E2BIG before the array is checked; 0 entries return 0",
+    section: "12 multicall",
+    expect: Success,
+}
 pub(super) fn multicall_count_limits() {
     let version = call(Hypercall::Version, [0; 5]);
     let mut entries = [version; MULTICALL_MAX as usize + 1];
@@ -205,6 +220,11 @@ pub(super) fn multicall_count_limits() {
 /// page 0, which no one uses (docs/abi.md 4.2).
 const PAGE0_ENTRY: u64 = 0x20;
 
+conformance_test! {
+    title: "an entry array not inside RAM returns -EFAULT and runs no entry",
+    section: "12 multicall",
+    expect: Success,
+}
 pub(super) fn multicall_oob_efault_runs_none() {
     let mem = start_info().mem_bytes;
     let allocation = evtchn(EventChannelOp::AllocUnbound, DOMID_SELF);
@@ -255,6 +275,11 @@ pub(super) fn multicall_oob_efault_runs_none() {
     );
 }
 
+conformance_test! {
+    title: "nested multicall, block and poll entries get -EINVAL; the batch goes on",
+    section: "12 multicall",
+    expect: Success,
+}
 pub(super) fn multicall_nested_block_einval() {
     let Some(port) = loopback_port() else { return };
     // An event is pending, so that a Block or Poll run by mistake returns rather than waits.
@@ -293,6 +318,11 @@ pub(super) fn multicall_nested_block_einval() {
     );
 }
 
+conformance_test! {
+    title: "a shutdown entry ends the domain with its reason; later entries do not run",
+    section: "12 multicall",
+    expect: Success,
+}
 /// Ends the domain from a batch: the entries before the shutdown entry run (they print the
 /// verdict line), the ones after do not. The body never returns: a hypervisor that goes on
 /// after the shutdown entry runs a crash shutdown, in the batch or after it below, and the
@@ -324,6 +354,11 @@ pub(super) fn multicall_shutdown_ends_batch() {
     hv::shutdown(ShutdownReason::Crash)
 }
 
+conformance_test! {
+    title: "the entry array is copied before any entry runs: an entry that writes over a later one does not change what it does",
+    section: "12 multicall",
+    expect: Success,
+}
 pub(super) fn multicall_array_copied_first() {
     // Entry 0 writes three memory-map regions (72 bytes) over entry 1, whose `op` becomes the
     // first region's base, 0 (version). The array is copied before any entry runs (2.5, 12),

@@ -64,6 +64,11 @@ fn check_drained(what: core::fmt::Arguments<'_>) -> bool {
     )
 }
 
+conformance_test! {
+    title: "a send on the console port has the hypervisor consume the ring at once",
+    section: "13 Console ring",
+    expect: Success,
+}
 pub(super) fn console_ring_drained_on_send() {
     check_drained(format_args!("at boot (an empty ring)"));
     ring_write(b"console_ring_drained_on_send: a line through the console ring\n");
@@ -81,6 +86,11 @@ pub(super) fn console_ring_drained_on_send() {
     check_drained(format_args!("after a second Send"));
 }
 
+conformance_test! {
+    title: "output wraps around the 2 KiB ring many times, and a full ring is consumed",
+    section: "13 Console ring",
+    expect: Success,
+}
 pub(super) fn console_ring_wraps_around() {
     // About 4 KiB in lines of 80-90 bytes: the output buffer (2 KiB) wraps twice.
     for number in 0..48 {
@@ -127,6 +137,11 @@ pub(super) fn console_ring_wraps_around() {
     check_drained(format_args!("after a full ring"));
 }
 
+conformance_test! {
+    title: "a bogus out_prod is treated as an empty ring; indices run across the 32-bit wrap",
+    section: "13 Console ring",
+    expect: Success,
+}
 pub(super) fn console_ring_bogus_prod_reset() {
     let cons = ring_out_cons().load(Ordering::SeqCst);
     // More than a ring's worth waiting: bogus, treated as empty, out_cons set to out_prod.
@@ -154,6 +169,11 @@ pub(super) fn console_ring_bogus_prod_reset() {
     check_drained(format_args!("after lines across the index wrap"));
 }
 
+conformance_test! {
+    title: "the console port may be closed; the ring is then printed at the domain's exits",
+    section: "13 Console ring",
+    expect: Success,
+}
 pub(super) fn console_port_close_keeps_ring() {
     let port = u64::from(start_info().console_port);
     check_eq!(
@@ -185,6 +205,11 @@ pub(super) fn console_port_close_keeps_ring() {
     );
 }
 
+conformance_test! {
+    title: "the ring is consumed at the latest at the domain's next yield, poll or block",
+    section: "13 Console ring",
+    expect: Success,
+}
 pub(super) fn console_ring_drained_on_yield() {
     let Some(port) = loopback_port() else { return };
     ring_write(b"console_ring_drained_on_yield: drained by a yield\n");

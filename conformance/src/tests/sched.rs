@@ -18,6 +18,11 @@ use crate::timing::{LATE_BOUND_NS, MS, Stopwatch};
 
 const SCHED_OP: u64 = Hypercall::SchedOp as u64;
 
+conformance_test! {
+    title: "sched_op yield returns 0, with either instruction",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn sched_yield_returns_zero() {
     for insn in HypercallInsn::ALL {
         for attempt in 1..=10 {
@@ -33,6 +38,11 @@ pub(super) fn sched_yield_returns_zero() {
     check_eq!("sched_yield() of the SDK", Ok(()), hypercall::sched_yield());
 }
 
+conformance_test! {
+    title: "unknown sched_op operations return -ENOSYS",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn sched_unknown_op_enosys() {
     // 4 is the first unassigned operation (ABI 1.0: yield, block, shutdown, poll); 1 << 32
     // would be yield to a hypervisor that looks at EDI only.
@@ -47,6 +57,11 @@ pub(super) fn sched_unknown_op_enosys() {
     }
 }
 
+conformance_test! {
+    title: "shutdown with an unknown reason returns -EINVAL and the domain runs on",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn shutdown_unknown_reason_einval() {
     // 3 is Xen's crash (ours is 2). 1 << 32 would be poweroff to a hypervisor that looks at
     // ESI only: that ends the domain without a result line, which also fails the test.
@@ -67,6 +82,11 @@ pub(super) fn shutdown_unknown_reason_einval() {
     );
 }
 
+conformance_test! {
+    title: "block with an event pending returns 0 at once and clears the upcall mask",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn block_returns_if_event_pending() {
     let Some(port) = loopback_port() else { return };
     expect_ok(format_args!("Send({port})"), hv::send(port));
@@ -88,6 +108,11 @@ pub(super) fn block_returns_if_event_pending() {
     );
 }
 
+conformance_test! {
+    title: "block sleeps until the one-shot timer raises VIRQ_TIMER, never before its deadline",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn block_wakes_on_timer() {
     let Some(timer) = timer_port() else { return };
     let watch = Stopwatch::start();
@@ -114,6 +139,11 @@ pub(super) fn block_wakes_on_timer() {
     );
 }
 
+conformance_test! {
+    title: "block with nothing that can ever wake the vCPU (VIRQ_TIMER bound, no timer armed) stops the domain",
+    section: "3.3 sched_op",
+    expect: StoppedByHv("blocked with nothing that can ever wake the vCPU"),
+}
 /// Block with a loopback port and VIRQ_TIMER bound but no timer armed: nothing can ever
 /// wake the vCPU, and the hypervisor must stop the domain rather than let it sleep forever.
 pub(super) fn block_without_wake_stopped() {
@@ -122,6 +152,11 @@ pub(super) fn block_without_wake_stopped() {
     hv::block();
 }
 
+conformance_test! {
+    title: "poll returns 0 at once when a listed port is pending, and leaves the upcall mask alone",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn poll_pending_returns_at_once() {
     let (Some(idle), Some(port)) = (loopback_port(), loopback_port()) else {
         return;
@@ -154,6 +189,11 @@ pub(super) fn poll_pending_returns_at_once() {
     );
 }
 
+conformance_test! {
+    title: "poll returns -ETIMEDOUT at its deadline, never before, and at once for a past deadline",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn poll_deadline_etimedout() {
     let Some(idle) = loopback_port() else { return };
     for delay in [MS, 3 * MS] {
@@ -184,6 +224,11 @@ pub(super) fn poll_deadline_etimedout() {
     }
 }
 
+conformance_test! {
+    title: "poll of 0 or more than POLL_PORTS_MAX ports, or of a port >= 1024, returns -EINVAL",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn poll_bad_args_einval() {
     let Some(port) = loopback_port() else { return };
     expect_ok(format_args!("Send({port})"), hv::send(port));
@@ -222,6 +267,11 @@ pub(super) fn poll_bad_args_einval() {
     }
 }
 
+conformance_test! {
+    title: "poll with a port array not inside RAM returns -EFAULT, even with a pending port in RAM",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn poll_array_oob_efault() {
     let Some(port) = loopback_port() else { return };
     expect_ok(format_args!("Send({port})"), hv::send(port));
@@ -255,6 +305,11 @@ pub(super) fn poll_array_oob_efault() {
     );
 }
 
+conformance_test! {
+    title: "poll wakes when a masked VIRQ_TIMER port becomes pending, never before the deadline",
+    section: "3.3 sched_op",
+    expect: Success,
+}
 pub(super) fn poll_wakes_on_masked_timer() {
     let Some(timer) = timer_port() else { return };
     // Poll waits on pending bits: a masked port wakes it too, and upcalls stay masked.
@@ -286,6 +341,11 @@ pub(super) fn poll_wakes_on_masked_timer() {
     );
 }
 
+conformance_test! {
+    title: "poll without deadline on ports nothing can raise stops the domain",
+    section: "3.3 sched_op",
+    expect: StoppedByHv("blocked with nothing that can ever wake the vCPU"),
+}
 /// Poll without deadline on a port nothing can raise: the hypervisor must stop the domain.
 pub(super) fn poll_without_wake_stopped() {
     let Some(idle) = loopback_port() else { return };
@@ -302,10 +362,20 @@ fn shut_down_with(reason: u64) {
     let _ = unsafe { hypercall2(SCHED_OP, SchedOp::Shutdown as u64, reason) };
 }
 
+conformance_test! {
+    title: "shutdown with reason reboot ends the domain, reported as end=reboot",
+    section: "3.3 sched_op",
+    expect: Ends("reboot"),
+}
 pub(super) fn shutdown_reboot_reported() {
     shut_down_with(ShutdownReason::Reboot as u64);
 }
 
+conformance_test! {
+    title: "shutdown with reason crash ends the domain, reported as end=crash",
+    section: "3.3 sched_op",
+    expect: Ends("crash"),
+}
 pub(super) fn shutdown_crash_reported() {
     shut_down_with(ShutdownReason::Crash as u64);
 }

@@ -24,6 +24,11 @@ const CR4_PAE: u64 = 1 << 5;
 const CR4_SMEP: u64 = 1 << 20;
 const CR4_SMAP: u64 = 1 << 21;
 
+conformance_test! {
+    title: "segments (null data selectors, 1.4), flags, control registers and descriptor tables at entry are as specified",
+    section: "4.1 Entry state",
+    expect: Success,
+}
 pub(super) fn entry_state_matches_spec() {
     // Null data selectors since 1.4: in a kernel's own GDT 0x10 may be anything (a TSS).
     for (name, selector) in x86::segment_selectors() {
@@ -104,6 +109,11 @@ fn check_table_placement(what: &str, table: u64) -> bool {
     )
 }
 
+conformance_test! {
+    title: "the boot page tables map all RAM 1:1, writable and user, by 2 MiB pages and the top 2 MiB by 4 KiB pages without the guard page",
+    section: "4.2 Guest-physical layout",
+    expect: Success,
+}
 pub(super) fn boot_tables_identity_map_ram() {
     let mem = start_info().mem_bytes;
     let pml4 = x86::read_cr3() & PAGE_ADDRESS;
@@ -231,6 +241,11 @@ unsafe extern "C" {
     static _end: u8;
 }
 
+conformance_test! {
+    title: "every StartInfo field is consistent with the layout and the command line",
+    section: "4.3 StartInfo",
+    expect: Success,
+}
 pub(super) fn start_info_fields_valid() {
     let info = start_info();
     check_eq!(
@@ -373,6 +388,11 @@ const MOV_RAX_INDIRECT_LEN: u8 = 3;
 /// #PF error code bit 1: the access was a write (bit 0 clear: the page was not present).
 const PF_WRITE: u64 = 1 << 1;
 
+conformance_test! {
+    title: "a write and a read of the guard page below the boot stack raise #PF with CR2 = its address",
+    section: "4.2 Guest-physical layout",
+    expect: Success,
+}
 pub(super) fn stack_guard_page_faults() {
     let mem = start_info().mem_bytes;
     let guard = mem - STACK_BYTES - 4096;
@@ -493,6 +513,11 @@ extern "sysv64" fn overflow_double_fault(frame: *const [u64; 6]) -> ! {
     framework::finish()
 }
 
+conformance_test! {
+    title: "a boot stack overflow faults in the guard page and, with an IST #DF gate, ends in the kernel's #DF handler",
+    section: "4.2 Guest-physical layout",
+    expect: Success,
+}
 /// The tutorial's double-fault test: the boot stack overflows into the guard page; the #PF
 /// cannot push its frame there either, so it becomes a #DF, which a gate with an IST stack
 /// takes. The handler ends the test.

@@ -295,6 +295,11 @@ fn other_domain(refusal: Status) -> Option<u64> {
     Some(own + 1)
 }
 
+conformance_test! {
+    title: "EXIT_STATS is set; a domain reads its own counters through DOMID_SELF and through its own id, consistent and counted since it started",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_own_counters_readable() {
     let version = cpuid(LEAF_VERSION, 0);
     check!(
@@ -376,6 +381,11 @@ pub(super) fn stats_own_counters_readable() {
     }
 }
 
+conformance_test! {
+    title: "the copy includes the call's own exit: a second read is larger by exactly one hypercall exit under number 7; a stats_op multicall entry sees the multicall's exit",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_read_counts_itself() {
     // Two reads in a row: the second is larger by its own exit, exactly.
     check_counts("two reads in a row", Expected::closing_read(), false, || {});
@@ -433,6 +443,11 @@ pub(super) fn stats_read_counts_itself() {
     }
 }
 
+conformance_test! {
+    title: "each CPUID adds exactly 1 to by_kind[CPUID] and nothing else",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_cpuid_counted_exactly() {
     check_counts(
         "one CPUID",
@@ -454,6 +469,11 @@ pub(super) fn stats_cpuid_counted_exactly() {
     );
 }
 
+conformance_test! {
+    title: "hypercalls count under their number, either instruction, failing and CPL 3 ones too; a multicall once under 6; undefined numbers in slot 15",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_hypercalls_by_number() {
     const N: u64 = 5;
     check_counts(
@@ -613,6 +633,11 @@ fn undefined_label(number: u64) -> &'static str {
     }
 }
 
+conformance_test! {
+    title: "a COM1 byte counts IO_UART, another port IO_OTHER, RDMSR/WRMSR (also a #GP one) MSR_READ/MSR_WRITE, UD2 INVALID_OPCODE",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_trapped_exits_by_kind() {
     // Set up outside the windows: the IDT for the expected faults.
     idt::install();
@@ -696,6 +721,11 @@ const INVALID_OPCODE: u8 = 6;
 /// UD2 (0F 0B) is two bytes long.
 const UD2_LEN: u8 = 2;
 
+conformance_test! {
+    title: "in every copy total is the sum of by_kind, by_hypercall adds up to the hypercall exits, unused kinds are 0, and nothing decreases",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_total_is_sum_of_kinds() {
     idt::install();
     let Some(mut earlier) = read_own() else {
@@ -726,6 +756,11 @@ pub(super) fn stats_total_is_sum_of_kinds() {
     }
 }
 
+conformance_test! {
+    title: "handling_tsc grows with every read and by no more than the TSC ticks that passed",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_handling_tsc_grows() {
     let Some(first) = read_own() else { return };
     check!(
@@ -763,6 +798,11 @@ pub(super) fn stats_handling_tsc_grows() {
     );
 }
 
+conformance_test! {
+    title: "unknown stats_op operations return -ENOSYS before any other check, write nothing, and still count as an exit under 7",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_unknown_op_enosys() {
     let own = own_id();
     for op in [1, 2, 0x100, 1 << 32, u64::MAX] {
@@ -788,6 +828,11 @@ pub(super) fn stats_unknown_op_enosys() {
     );
 }
 
+conformance_test! {
+    title: "a buffer not 8-byte aligned returns -EINVAL, before the buffer is checked, and nothing is written",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_misaligned_einval() {
     let area = area();
     for gpa in [area + 1, area + 2, area + 4, area + 7, area + 12] {
@@ -805,6 +850,11 @@ pub(super) fn stats_misaligned_einval() {
     );
 }
 
+conformance_test! {
+    title: "buffers not inside RAM (beyond, straddling the end, wrapping) return -EFAULT",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_buffer_oob_efault() {
     let mem = start_info().mem_bytes;
     // `mem - 16` and `mem - 8` straddle the end of RAM (the buffer is 272 bytes); their part
@@ -825,6 +875,11 @@ pub(super) fn stats_buffer_oob_efault() {
     );
 }
 
+conformance_test! {
+    title: "a vCPU >= nr_vcpus returns -ENOENT, before the alignment and the buffer are checked",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_bad_vcpu_enoent() {
     let own = own_id();
     for vcpu in bad_vcpus() {
@@ -838,6 +893,11 @@ pub(super) fn stats_bad_vcpu_enoent() {
     check_refused(Errno::ENOENT, OP_EXIT_COUNTERS, DOMID_SELF, 1, mem + 4);
 }
 
+conformance_test! {
+    title: "a domain id that names no domain (9999, 0, truncations of DOMID_SELF) returns -ENOENT, before the vCPU and the buffer",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_no_domain_enoent() {
     check!(
         start_info().flags & START_FLAG_PRIVILEGED == 0,
@@ -866,6 +926,11 @@ pub(super) fn stats_no_domain_enoent() {
     check_refused(Errno::ENOENT, OP_EXIT_COUNTERS, 9999, 0, mem);
 }
 
+conformance_test! {
+    title: "an unprivileged domain reading another existing domain gets -EPERM, before the vCPU and the buffer are checked",
+    section: "15 Exit accounting",
+    expect: Success,
+}
 pub(super) fn stats_other_domain_eperm() {
     if start_info().flags & START_FLAG_PRIVILEGED != 0 {
         framework::error(format_args!(
@@ -899,6 +964,12 @@ pub(super) fn stats_other_domain_eperm() {
     );
 }
 
+conformance_test! {
+    title: "a domain booted with privileged=1 has START_FLAG_PRIVILEGED and reads another domain's counters; the other errors still apply",
+    section: "15 Exit accounting",
+    expect: Success,
+    cmdline: "privileged=1",
+}
 pub(super) fn stats_privileged_reads_other() {
     let flags = start_info().flags;
     if !check_eq!(

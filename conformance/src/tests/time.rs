@@ -16,6 +16,11 @@ use crate::timing::MS;
 /// One hour in ns: far more than any run takes from the hypervisor's start.
 const HOUR: u64 = 3600 * 1_000_000_000;
 
+conformance_test! {
+    title: "StartInfo, SharedInfo and CPUID 0x40000010 report the same plausible TSC frequency",
+    section: "10 Time",
+    expect: Success,
+}
 pub(super) fn tsc_khz_agrees_everywhere() {
     let from_start_info = start_info().tsc_khz;
     // Bochs runs its TSC at 100 MHz and calibration may land a few kHz either side: any
@@ -36,6 +41,11 @@ pub(super) fn tsc_khz_agrees_everywhere() {
     );
 }
 
+conformance_test! {
+    title: "vCPU 0's pvclock is published at boot: even version, TSC_STABLE, ns since the hv started",
+    section: "10.1 pvclock",
+    expect: Success,
+}
 pub(super) fn pvclock_published_at_boot() {
     // The raw fields, before any read protocol: the hypervisor wrote them at domain build
     // and is not writing now (we are running), so the version is even and not 0.
@@ -62,6 +72,11 @@ pub(super) fn pvclock_published_at_boot() {
     );
 }
 
+conformance_test! {
+    title: "pvclock time never goes back, between reads and across yields, polls and hypercalls",
+    section: "10.1 pvclock",
+    expect: Success,
+}
 pub(super) fn pvclock_monotonic() {
     let Some(idle) = loopback_port() else { return };
     let mut last = shared::now();
@@ -97,6 +112,11 @@ pub(super) fn pvclock_monotonic() {
     }
 }
 
+conformance_test! {
+    title: "pvclock time advances at the TSC rate of tsc_khz, by its parameters and by measurement",
+    section: "10.1 pvclock",
+    expect: Success,
+}
 pub(super) fn pvclock_rate_matches_tsc_khz() {
     let Some(idle) = loopback_port() else { return };
     let khz = start_info().tsc_khz;
@@ -128,6 +148,11 @@ pub(super) fn pvclock_rate_matches_tsc_khz() {
     );
 }
 
+conformance_test! {
+    title: "after the vCPU slept, its pvclock was rewritten: version advanced by steps of 2, fresh fields",
+    section: "10.1 pvclock",
+    expect: Success,
+}
 pub(super) fn pvclock_rewritten_on_schedule() {
     let Some(idle) = loopback_port() else { return };
     let before = shared::time_info();
@@ -151,6 +176,11 @@ pub(super) fn pvclock_rewritten_on_schedule() {
     );
 }
 
+conformance_test! {
+    title: "the wall clock at system time 0 is a date between 2020 and 2100, with an even version",
+    section: "10.2 Wall clock",
+    expect: Success,
+}
 pub(super) fn wall_clock_published() {
     /// 2020-01-01 00:00 UTC and 2100-01-01 00:00 UTC.
     const YEAR_2020: u64 = 1_577_836_800;

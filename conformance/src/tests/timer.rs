@@ -35,6 +35,11 @@ fn check_stays_idle(what: &str, port: u64, deadline: u64) {
     check!(!shared::is_pending(port), "{what}: port {port} pending");
 }
 
+conformance_test! {
+    title: "one-shot timers of 0.5-5 ms raise VIRQ_TIMER never before their deadline (pvclock)",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn singleshot_timer_never_early() {
     let Some(timer) = timer_port() else { return };
     for delay in [MS, 2 * MS, 3 * MS, MS / 2, 5 * MS] {
@@ -53,6 +58,11 @@ pub(super) fn singleshot_timer_never_early() {
     }
 }
 
+conformance_test! {
+    title: "a one-shot timer with a deadline already past fires at once",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn singleshot_past_fires_at_once() {
     let Some(timer) = timer_port() else { return };
     // A deadline just past, and one long past (1 ns after the hypervisor started).
@@ -95,6 +105,11 @@ fn before_the_deadline(what: &str, mut attempt: impl FnMut() -> Option<()>) {
 /// How often a timing-sensitive set-up is tried.
 const ATTEMPTS: usize = 5;
 
+conformance_test! {
+    title: "set_singleshot_timer of 0 cancels the armed timer",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn singleshot_zero_cancels() {
     let Some(timer) = timer_port() else { return };
     before_the_deadline("cancelling a one-shot timer", || {
@@ -116,6 +131,11 @@ pub(super) fn singleshot_zero_cancels() {
     });
 }
 
+conformance_test! {
+    title: "a new one-shot deadline replaces the armed one: it fires once, at the new deadline",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn singleshot_rearm_replaces() {
     let Some(timer) = timer_port() else { return };
     // A new deadline replaces the old one: re-armed from 2 ms to 6 ms ahead, the timer fires
@@ -147,6 +167,11 @@ pub(super) fn singleshot_rearm_replaces() {
     );
 }
 
+conformance_test! {
+    title: "a 1 ms periodic timer ticks on its grid: never early, and 10 ticks take about 10 ms",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn periodic_timer_keeps_period() {
     const PERIOD: u64 = MS;
     const TICKS: u64 = 10;
@@ -190,6 +215,11 @@ pub(super) fn periodic_timer_keeps_period() {
     expect_ok("SetPeriodicTimer(vCPU 0, 0)", hv::set_periodic_timer(0, 0));
 }
 
+conformance_test! {
+    title: "periodic timers shorter than PERIOD_MIN_NS return -EINVAL; PERIOD_MIN_NS is accepted",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn periodic_bad_period_einval() {
     for period in [1, 1000, PERIOD_MIN_NS - 1] {
         check_eq!(
@@ -210,6 +240,11 @@ pub(super) fn periodic_bad_period_einval() {
     );
 }
 
+conformance_test! {
+    title: "set_periodic_timer of 0 stops the ticks",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn periodic_zero_stops() {
     let Some(timer) = timer_port() else { return };
     if expect_ok(
@@ -230,6 +265,11 @@ pub(super) fn periodic_zero_stops() {
     check_stays_idle("stopped periodic timer", timer, shared::now() + 5 * MS);
 }
 
+conformance_test! {
+    title: "a timer expiring with no VIRQ_TIMER bound is dropped, not delivered later",
+    section: "9.3 Timers",
+    expect: Success,
+}
 pub(super) fn timer_without_virq_dropped() {
     let Some(idle) = loopback_port() else { return };
     let now = shared::now();

@@ -38,6 +38,11 @@ fn check_general_protection(what: core::fmt::Arguments<'_>, taken: Option<TrapRe
     );
 }
 
+conformance_test! {
+    title: "RDMSR and WRMSR of an unimplemented MSR raise #GP(0) in the guest",
+    section: "7.3 MSRs",
+    expect: Success,
+}
 pub(super) fn unknown_msr_injects_gp() {
     for msr in UNIMPLEMENTED_MSRS {
         let mut rip = 0;
@@ -78,6 +83,11 @@ pub(super) fn unknown_msr_injects_gp() {
     }
 }
 
+conformance_test! {
+    title: "an exception without an IDT triple-faults and the hypervisor stops the domain",
+    section: "7.5 Triple faults",
+    expect: StoppedByHv("triple fault"),
+}
 pub(super) fn triple_fault() {
     println!("triple_fault: loading an IDT of limit 0, then executing UD2");
     idt::load_empty();
@@ -86,6 +96,11 @@ pub(super) fn triple_fault() {
     unsafe { asm!("ud2", options(nomem, nostack)) };
 }
 
+conformance_test! {
+    title: "HLT with nothing that could ever wake the vCPU stops the domain instead of spinning",
+    section: "7.2 HLT",
+    expect: StoppedByHv("HLT with nothing that can ever wake the vCPU"),
+}
 /// HLT with interrupts off and no event source: the domain can never wake, and the
 /// hypervisor must say so rather than spin. Should it return, `main` reports the failure.
 pub(super) fn hlt_without_wake_source_stopped() {
@@ -94,6 +109,11 @@ pub(super) fn hlt_without_wake_source_stopped() {
     unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
 }
 
+conformance_test! {
+    title: "a write to a guest-physical address outside RAM stops the domain",
+    section: "4.2 Guest-physical layout",
+    expect: StoppedByHv("outside its memory"),
+}
 /// Maps the 2 MiB of guest-physical space just above RAM into the boot page tables and writes
 /// there: no guest page fault, so the access reaches the nested page tables, which map only
 /// RAM, and the hypervisor must stop the domain.

@@ -44,6 +44,11 @@ fn check_delivered(port: u64) {
     );
 }
 
+conformance_test! {
+    title: "send injects the upcall vector at once, and only once after the handler clears upcall_pending",
+    section: "8.8 Upcalls",
+    expect: Success,
+}
 pub(super) fn upcall_injected_on_send() {
     let Some(port) = loopback_port() else { return };
     if !register_upcall_vector() {
@@ -67,6 +72,11 @@ pub(super) fn upcall_injected_on_send() {
     );
 }
 
+conformance_test! {
+    title: "with RFLAGS.IF clear the upcall waits, and arrives as soon as IF is set",
+    section: "8.8 Upcalls",
+    expect: Success,
+}
 pub(super) fn upcall_held_while_if_clear() {
     let Some(port) = loopback_port() else { return };
     if !register_upcall_vector() {
@@ -88,6 +98,11 @@ pub(super) fn upcall_held_while_if_clear() {
     check_delivered(port);
 }
 
+conformance_test! {
+    title: "with evtchn_upcall_mask set no upcall comes; clearing it and a hypercall deliver it",
+    section: "8.8 Upcalls",
+    expect: Success,
+}
 pub(super) fn upcall_mask_defers_delivery() {
     let Some(port) = loopback_port() else { return };
     if !register_upcall_vector() {
@@ -106,6 +121,11 @@ pub(super) fn upcall_mask_defers_delivery() {
     check_delivered(port);
 }
 
+conformance_test! {
+    title: "an event on a masked port is not delivered but stays pending, and unmask delivers it",
+    section: "8.6 unmask",
+    expect: Success,
+}
 pub(super) fn masked_event_held_until_unmask() {
     let Some(port) = loopback_port() else { return };
     if !register_upcall_vector() {
@@ -127,6 +147,11 @@ pub(super) fn masked_event_held_until_unmask() {
     check_delivered(port);
 }
 
+conformance_test! {
+    title: "without an upcall vector no interrupt comes; the event still ends block",
+    section: "8.8 Upcalls",
+    expect: Success,
+}
 pub(super) fn no_upcall_without_vector() {
     let Some(port) = loopback_port() else { return };
     irq::install();
@@ -147,6 +172,11 @@ pub(super) fn no_upcall_without_vector() {
     check_eq!("Block with the event pending", Status(0), hv::block());
 }
 
+conformance_test! {
+    title: "STI; block: the timer's upcall arrives as block returns, never before the deadline",
+    section: "8.8 Upcalls",
+    expect: Success,
+}
 pub(super) fn block_idle_loop_gets_upcall() {
     let Some(timer) = super::common::timer_port() else {
         return;
@@ -180,6 +210,11 @@ pub(super) fn block_idle_loop_gets_upcall() {
     );
 }
 
+conformance_test! {
+    title: "set_upcall_vector outside 0 and 32-255 returns -EINVAL",
+    section: "9.4 set_upcall_vector",
+    expect: Success,
+}
 pub(super) fn upcall_vector_bad_einval() {
     for vector in [1, 16, 31, 256, 1 << 32 | u64::from(UPCALL_VECTOR), u64::MAX] {
         check_eq!(
@@ -198,6 +233,11 @@ pub(super) fn upcall_vector_bad_einval() {
     }
 }
 
+conformance_test! {
+    title: "upcall vector 0 injects nothing; registering a vector again delivers the pending event",
+    section: "9.4 set_upcall_vector",
+    expect: Success,
+}
 pub(super) fn upcall_vector_0_disables() {
     let Some(port) = loopback_port() else { return };
     if !register_upcall_vector() {
@@ -220,6 +260,11 @@ pub(super) fn upcall_vector_0_disables() {
     check_delivered(port);
 }
 
+conformance_test! {
+    title: "STI; HLT with a timer bound to VIRQ_TIMER sleeps until the upcall, never before the deadline",
+    section: "7.2 HLT",
+    expect: Success,
+}
 pub(super) fn hlt_wakes_on_pv_timer_upcall() {
     let Some(timer) = super::common::timer_port() else {
         return;
@@ -248,6 +293,11 @@ pub(super) fn hlt_wakes_on_pv_timer_upcall() {
     check_delivered(timer);
 }
 
+conformance_test! {
+    title: "after the guest clears the upcall mask, a hypercall by either instruction (the other vendor's one arrives as #UD) delivers the pending upcall",
+    section: "8.8 Upcalls",
+    expect: Success,
+}
 pub(super) fn upcall_on_unmask_either_insn() {
     // 8.8: any hypercall delivers an upcall the guest unmasked meanwhile, with either
     // instruction (2.1): the other vendor's one arrives as #UD and must take the same path.

@@ -67,6 +67,11 @@ fn register_runstate(gpa: u64) -> Status {
     unsafe { hv::register_runstate(0, gpa) }
 }
 
+conformance_test! {
+    title: "unknown vcpu_op operations return -ENOSYS, checked before the vCPU",
+    section: "9 vCPU operations",
+    expect: Success,
+}
 pub(super) fn vcpu_unknown_op_enosys() {
     // 5 is the first unassigned operation. 1 << 32 would be RegisterVcpuInfo at 0 to a
     // hypervisor that looks at EDI only: page 0 is unused, so that mistake harms nothing.
@@ -89,6 +94,11 @@ pub(super) fn vcpu_unknown_op_enosys() {
     );
 }
 
+conformance_test! {
+    title: "every vcpu_op on a vCPU that does not exist returns -ENOENT and has no effect",
+    section: "9 vCPU operations",
+    expect: Success,
+}
 pub(super) fn vcpu_bad_vcpu_enoent() {
     // Valid arguments, so that only the vCPU is wrong.
     let operations = [
@@ -134,6 +144,11 @@ pub(super) fn vcpu_bad_vcpu_enoent() {
     );
 }
 
+conformance_test! {
+    title: "register_vcpu_info copies VcpuInfo to the new area, where events and block act from then on",
+    section: "9.1 register_vcpu_info",
+    expect: Success,
+}
 pub(super) fn vcpu_info_moves_upcall_state() {
     let Some(port) = loopback_port() else { return };
     shared::clear_all_events();
@@ -219,6 +234,11 @@ pub(super) fn vcpu_info_moves_upcall_state() {
     );
 }
 
+conformance_test! {
+    title: "register_vcpu_info at an address not 64-byte aligned returns -EINVAL",
+    section: "9.1 register_vcpu_info",
+    expect: Success,
+}
 pub(super) fn vcpu_info_misaligned_einval() {
     let area = vcpu_info_area();
     let mem = start_info().mem_bytes;
@@ -238,6 +258,11 @@ pub(super) fn vcpu_info_misaligned_einval() {
     );
 }
 
+conformance_test! {
+    title: "register_vcpu_info at an address not inside RAM returns -EFAULT",
+    section: "9.1 register_vcpu_info",
+    expect: Success,
+}
 pub(super) fn vcpu_info_oob_efault() {
     let mem = start_info().mem_bytes;
     for gpa in [mem, mem + 64 * 100, 1 << 40, !63, 1 << 63] {
@@ -254,6 +279,11 @@ pub(super) fn vcpu_info_oob_efault() {
     );
 }
 
+conformance_test! {
+    title: "a second register_vcpu_info returns -EEXIST",
+    section: "9.1 register_vcpu_info",
+    expect: Success,
+}
 pub(super) fn vcpu_info_twice_eexist() {
     let area = vcpu_info_area();
     check_eq!(
@@ -274,6 +304,11 @@ pub(super) fn vcpu_info_twice_eexist() {
     );
 }
 
+conformance_test! {
+    title: "the runstate area shows RUNNING while running and accounts a poll as BLOCKED time",
+    section: "9.2 register_runstate",
+    expect: Success,
+}
 pub(super) fn runstate_tracks_states() {
     let Some(idle) = loopback_port() else { return };
     fill_runstate_area();
@@ -345,6 +380,11 @@ pub(super) fn runstate_tracks_states() {
     check_eq!("runstate reserved", 0, second.reserved);
 }
 
+conformance_test! {
+    title: "register_runstate at an address not 8-byte aligned returns -EINVAL",
+    section: "9.2 register_runstate",
+    expect: Success,
+}
 pub(super) fn runstate_misaligned_einval() {
     let area = runstate_area();
     let mem = start_info().mem_bytes;
@@ -357,6 +397,11 @@ pub(super) fn runstate_misaligned_einval() {
     }
 }
 
+conformance_test! {
+    title: "register_runstate of an area not inside RAM (straddling its end included) returns -EFAULT",
+    section: "9.2 register_runstate",
+    expect: Success,
+}
 pub(super) fn runstate_oob_efault() {
     let mem = start_info().mem_bytes;
     // `mem - 16` and `mem - 8` straddle the end of RAM (the area is 48 bytes); their part
@@ -371,6 +416,11 @@ pub(super) fn runstate_oob_efault() {
     }
 }
 
+conformance_test! {
+    title: "register_runstate of 0 stops the updates",
+    section: "9.2 register_runstate",
+    expect: Success,
+}
 pub(super) fn runstate_zero_unregisters() {
     fill_runstate_area();
     if expect_ok(

@@ -170,6 +170,11 @@ fn xsave_offered() -> Option<u64> {
     Some(offered)
 }
 
+conformance_test! {
+    title: "a new vCPU's x87 control word is 0x37f, MXCSR 0x1f80, XMM (and YMM upper halves) 0, CR4.OSFXSR set and OSXSAVE clear, XCR0 x87|SSE; leaf 0xD offers x87, SSE and at most AVX, with the area for XCR0",
+    section: "18.1 Extended state (x87, SSE, AVX)",
+    expect: Success,
+}
 pub(super) fn xstate_at_reset() {
     check_eq!(
         "x87 control word at entry",
@@ -218,6 +223,11 @@ pub(super) fn xstate_at_reset() {
     osxsave(false);
 }
 
+conformance_test! {
+    title: "CPUID.1:ECX.OSXSAVE is 0 at entry, 1 once CR4.OSXSAVE is set and 0 again when it is cleared; XSAVE is offered where leaf 0xD is",
+    section: "18.2 XCR0 and XSETBV",
+    expect: Success,
+}
 pub(super) fn osxsave_mirrored_in_cpuid() {
     check_eq!(
         "CPUID.1:ECX.OSXSAVE with CR4.OSXSAVE clear",
@@ -246,6 +256,11 @@ pub(super) fn osxsave_mirrored_in_cpuid() {
     );
 }
 
+conformance_test! {
+    title: "XSETBV of x87, x87|SSE and x87|SSE|AVX (where offered) takes effect (XGETBV reads it back) and leaf 0xD EBX follows XCR0",
+    section: "18.2 XCR0 and XSETBV",
+    expect: Success,
+}
 pub(super) fn xsetbv_valid_values() {
     let Some(offered) = xsave_offered() else {
         return;
@@ -263,6 +278,11 @@ pub(super) fn xsetbv_valid_values() {
     osxsave(false);
 }
 
+conformance_test! {
+    title: "XSETBV without x87, AVX without SSE, reserved bit 63, a component not offered, AVX-512, or ECX = 1 raises #GP(0) and XCR0 keeps its value",
+    section: "18.2 XCR0 and XSETBV",
+    expect: Success,
+}
 pub(super) fn xsetbv_invalid_values_gp() {
     let Some(offered) = xsave_offered() else {
         return;
@@ -301,6 +321,11 @@ pub(super) fn xsetbv_invalid_values_gp() {
     osxsave(false);
 }
 
+conformance_test! {
+    title: "XSETBV at CPL 3 raises #GP(0) and XCR0 keeps its value",
+    section: "18.2 XCR0 and XSETBV",
+    expect: Success,
+}
 pub(super) fn xsetbv_at_cpl3_gp() {
     if xsave_offered().is_none() {
         return;
@@ -329,6 +354,11 @@ pub(super) fn xsetbv_at_cpl3_gp() {
     osxsave(false);
 }
 
+conformance_test! {
+    title: "XSETBV and XGETBV with CR4.OSXSAVE clear raise #UD; XCR0 keeps its value",
+    section: "18.2 XCR0 and XSETBV",
+    expect: Success,
+}
 pub(super) fn xsetbv_without_osxsave_ud() {
     osxsave(false);
     let taken = try_xsetbv(0, XCR0_X87 | XCR0_SSE, UD);
@@ -365,6 +395,11 @@ fn vaddps() {
     };
 }
 
+conformance_test! {
+    title: "VADDPS on YMM raises #UD until XSETBV enables AVX, then adds all eight lanes",
+    section: "18.2 XCR0 and XSETBV",
+    expect: Success,
+}
 pub(super) fn avx_after_xsetbv() {
     if !avx_offered() {
         skip(format_args!("AVX is not offered on this CPU"));
@@ -552,22 +587,47 @@ const YIELD_ROUNDS: u64 = 3000;
 const BLOCK_ROUNDS: u64 = 2000;
 const BLOCK_NS: u64 = 20_000;
 
+conformance_test! {
+    title: "with xstate_kept_yield_b: 3000 yields, each domain's own pattern in XMM0-15 (YMM0-15 in the second half where AVX is offered), the x87 control word and MXCSR, checked after every return: no register is ever another domain's",
+    section: "18.1 Extended state (x87, SSE, AVX)",
+    expect: Success,
+}
 pub(super) fn xstate_kept_yield_a() {
     keep_registers(YIELD_ROUNDS, Wait::Yield);
 }
 
+conformance_test! {
+    title: "with xstate_kept_yield_a: the same, its own pattern",
+    section: "18.1 Extended state (x87, SSE, AVX)",
+    expect: Success,
+}
 pub(super) fn xstate_kept_yield_b() {
     keep_registers(YIELD_ROUNDS, Wait::Yield);
 }
 
+conformance_test! {
+    title: "with xstate_kept_block_b and _c: 2000 polls of 20 us each (blocked, so the others run), its own pattern in XMM/YMM, the x87 control word and MXCSR checked after every return",
+    section: "18.1 Extended state (x87, SSE, AVX)",
+    expect: Success,
+}
 pub(super) fn xstate_kept_block_a() {
     keep_registers(BLOCK_ROUNDS, Wait::Block(BLOCK_NS));
 }
 
+conformance_test! {
+    title: "with xstate_kept_block_a and _c: the same, its own pattern",
+    section: "18.1 Extended state (x87, SSE, AVX)",
+    expect: Success,
+}
 pub(super) fn xstate_kept_block_b() {
     keep_registers(BLOCK_ROUNDS, Wait::Block(BLOCK_NS));
 }
 
+conformance_test! {
+    title: "with xstate_kept_block_a and _b: the same, its own pattern",
+    section: "18.1 Extended state (x87, SSE, AVX)",
+    expect: Success,
+}
 pub(super) fn xstate_kept_block_c() {
     keep_registers(BLOCK_ROUNDS, Wait::Block(BLOCK_NS));
 }

@@ -498,9 +498,9 @@ impl VirtualCpu for VmxVcpu {
         // `activate` made this VMCS current when the vCPU was scheduled in.
         debug_assert_eq!(CURRENT_VMCS.load(Ordering::Relaxed), self.vmcs);
         loop {
+            crate::platform::spec_ctrl::before_vmx_entry();
             // SAFETY: the VMCS is current and fully initialised; its EPT maps only this
             // domain's RAM; host state points back into `vmx_world_switch`.
-            crate::platform::spec_ctrl::before_vmx_entry();
             let failed = unsafe { vmx_world_switch(&mut self.regs, self.launched.into()) };
             if failed != 0 {
                 let error = read(vmcs::VM_INSTRUCTION_ERROR);

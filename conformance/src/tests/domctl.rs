@@ -697,6 +697,34 @@ pub(super) fn domctl_pause_b() {
     );
 }
 
+/// A privileged test's partner (the next domain), connected, with the machine's memory and
+/// the partner's entry taken while it is alive.
+struct Partner {
+    id: u64,
+    port: u64,
+    before: PhysInfo,
+    alive: DomainInfo,
+}
+
+/// Checks privilege, connects to the partner (`test`, the next domain) and reads PhysInfo and
+/// the partner's entry; `None` (the reason recorded) when any of it fails.
+fn partner_alive(test: &str) -> Option<Partner> {
+    if !privileged() {
+        return None;
+    }
+    let id = own_id() + 1;
+    let port = connect(id, test)?;
+    let mut before = SENTINEL_PHYS;
+    expect_ok("PhysInfo", hv::phys_info(&mut before))?;
+    let alive = info_of(id)?;
+    Some(Partner {
+        id,
+        port,
+        before,
+        alive,
+    })
+}
+
 // ----- domctl_destroy_a / domctl_destroy_b -----
 
 const DESTROY_MARKER: &[u8] = b"domctl_destroy_b: waiting to be destroyed\n";
@@ -708,18 +736,13 @@ conformance_test! {
     cmdline: "privileged=1",
 }
 pub(super) fn domctl_destroy_a() {
-    if !privileged() {
-        return;
-    }
-    let partner = own_id() + 1;
-    let Some(port) = connect(partner, "domctl_destroy_b") else {
-        return;
-    };
-    let mut before = SENTINEL_PHYS;
-    if expect_ok("PhysInfo", hv::phys_info(&mut before)).is_none() {
-        return;
-    }
-    let Some(alive) = info_of(partner) else {
+    let Some(Partner {
+        id: partner,
+        port,
+        before,
+        alive,
+    }) = partner_alive("domctl_destroy_b")
+    else {
         return;
     };
     check_eq!(
@@ -900,18 +923,13 @@ conformance_test! {
     cmdline: "privileged=1",
 }
 pub(super) fn domctl_scrub_a() {
-    if !privileged() {
-        return;
-    }
-    let partner = own_id() + 1;
-    let Some(port) = connect(partner, "domctl_scrub_b") else {
-        return;
-    };
-    let mut before = SENTINEL_PHYS;
-    if expect_ok("PhysInfo", hv::phys_info(&mut before)).is_none() {
-        return;
-    }
-    let Some(alive) = info_of(partner) else {
+    let Some(Partner {
+        id: partner,
+        port,
+        before,
+        alive,
+    }) = partner_alive("domctl_scrub_b")
+    else {
         return;
     };
     check_eq!(

@@ -337,6 +337,26 @@ impl Ports for DomainPorts<'_> {
     }
 }
 
+/// Counts a port access of `size` bytes at `port` (UART or other, docs/abi.md 15) and returns
+/// the domain's ports, with its memory for string I/O.
+fn count_port_access(
+    domain: &mut Domain,
+    port: u16,
+    size: u8,
+) -> (DomainPorts<'_>, &crate::common::guest_memory::GuestMemory) {
+    domain.stats.count(if is_uart_access(port, size) {
+        ExitKind::IoUart
+    } else {
+        ExitKind::IoOther
+    });
+    let ports = DomainPorts {
+        uart: &mut domain.uart,
+        console: &mut domain.console,
+        id: domain.id,
+    };
+    (ports, &domain.memory)
+}
+
 fn port_io<V: VirtualCpu>(
     domain: &mut Domain,
     vcpu: &mut V,
@@ -349,16 +369,7 @@ fn port_io<V: VirtualCpu>(
         2 => 0xffff,
         _ => 0xffff_ffff,
     };
-    domain.stats.count(if is_uart_access(port, size) {
-        ExitKind::IoUart
-    } else {
-        ExitKind::IoOther
-    });
-    let mut ports = DomainPorts {
-        uart: &mut domain.uart,
-        console: &mut domain.console,
-        id: domain.id,
-    };
+    let (mut ports, _) = count_port_access(domain, port, size);
     let regs = vcpu.regs();
     if write {
         ports.port_out(port, size, regs.gpr[reg::RAX] as u32);
@@ -373,17 +384,7 @@ fn port_io<V: VirtualCpu>(
 /// INS/OUTS (docs/abi.md 18.5): the elements go through the same ports as single accesses; a
 /// fault on the buffer is the guest's, at the instruction.
 fn string_port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, io: StringIo) -> Next {
-    domain.stats.count(if is_uart_access(io.port, io.size) {
-        ExitKind::IoUart
-    } else {
-        ExitKind::IoOther
-    });
-    let mut ports = DomainPorts {
-        uart: &mut domain.uart,
-        console: &mut domain.console,
-        id: domain.id,
-    };
-    let memory = &domain.memory;
+    let (mut ports, memory) = count_port_access(domain, io.port, io.size);
     let outcome = string_io::emulate(io, vcpu, memory, &mut ports, |v| {
         let mut code = [0u8; 15];
         // Unreadable code leaves no prefixes: DS, the default.

@@ -10,14 +10,14 @@ use lamina_abi::Errno;
 use lamina_guest_sdk::cpuid::cpuid;
 use lamina_guest_sdk::start_info;
 
-use super::common::loopback_port;
+use super::common::{check_gp0, loopback_port};
 use crate::framework::{Hex, Status, check, check_eq};
 use crate::hv;
 use crate::irq::{self, Arrivals};
 use crate::shared;
 use crate::timing::{GIVE_UP_NS, MS, Stopwatch};
 use crate::x86::apic::{self, write};
-use crate::x86::idt::{self, GENERAL_PROTECTION, TrapRecord};
+use crate::x86::idt::TrapRecord;
 use crate::x86::{self, msr};
 
 /// Checks that an MSR access raised `#GP(0)`.
@@ -29,16 +29,7 @@ fn check_gp<T: core::fmt::Debug>(what: core::fmt::Arguments<'_>, result: Result<
             ));
         }
         Err(record) => {
-            check_eq!(
-                format_args!("{what}: exception"),
-                idt::exception_name(GENERAL_PROTECTION.into()),
-                idt::exception_name(record.vector.into())
-            );
-            check_eq!(
-                format_args!("{what}: error code"),
-                Hex(0),
-                Hex(record.error_code)
-            );
+            check_gp0(what, &record);
         }
     }
 }

@@ -100,3 +100,19 @@ pub(super) fn wait_for(mut done: impl FnMut() -> bool) -> bool {
         hv::sched_yield();
     }
 }
+
+/// Checks that `record` is the `#GP(0)` the test expected of `what`.
+pub(super) fn check_gp0(what: impl core::fmt::Display, record: &crate::x86::idt::TrapRecord) {
+    use crate::framework::{Hex, check_eq};
+    use crate::x86::idt::{self, GENERAL_PROTECTION};
+    check_eq!(
+        format_args!("{what}: exception"),
+        idt::exception_name(GENERAL_PROTECTION.into()),
+        idt::exception_name(record.vector.into())
+    );
+    check_eq!(
+        format_args!("{what}: error code"),
+        Hex(0),
+        Hex(record.error_code)
+    );
+}

@@ -6,6 +6,7 @@ use core::arch::asm;
 use lamina_guest_sdk::cpuid::cpuid;
 use lamina_guest_sdk::start_info;
 
+use super::common::check_gp0;
 use crate::console::println;
 use crate::framework::{Hex, check, check_eq};
 use crate::irq::{self, Arrivals};
@@ -76,16 +77,7 @@ fn check_refused(what: &str, cr: u8, value: u64, read: fn() -> u64) {
     let (taken, rip) = write_cr_expecting_gp(cr, value);
     match taken {
         Some(record) => {
-            check_eq!(
-                format_args!("{what}: exception"),
-                idt::exception_name(GENERAL_PROTECTION.into()),
-                idt::exception_name(record.vector.into())
-            );
-            check_eq!(
-                format_args!("{what}: error code"),
-                Hex(0),
-                Hex(record.error_code)
-            );
+            check_gp0(what, &record);
             check_eq!(
                 format_args!("{what}: RIP of the #GP"),
                 Hex(rip),

@@ -3,6 +3,7 @@
 
 use core::arch::asm;
 
+use super::common::check_gp0;
 use crate::console::println;
 
 use crate::framework::{Hex, check_eq};
@@ -21,16 +22,7 @@ fn check_general_protection(what: core::fmt::Arguments<'_>, taken: Option<TrapRe
         ));
         return;
     };
-    check_eq!(
-        format_args!("{what}: exception vector"),
-        idt::exception_name(GENERAL_PROTECTION.into()),
-        idt::exception_name(record.vector.into())
-    );
-    check_eq!(
-        format_args!("{what}: error code"),
-        Hex(0),
-        Hex(record.error_code)
-    );
+    check_gp0(what, &record);
     check_eq!(
         format_args!("{what}: RIP of the fault (the instruction itself)"),
         Hex(rip),

@@ -12,6 +12,7 @@ mod chart;
 mod conformance;
 mod emulator;
 mod error;
+mod fuzz;
 mod iso;
 mod qemu;
 mod report;
@@ -61,6 +62,23 @@ enum Task {
     /// Benchmark paravirtual against trapping operations (instructions and exits per
     /// operation); writes target/lamina/bench.{csv,svg}.
     Bench(BenchArgs),
+    /// Fuzz: `--host` runs the libFuzzer targets of fuzz/ (the hypervisor's vendor-neutral
+    /// code on the host, through cargo-fuzz and a nightly toolchain, installed when missing).
+    Fuzz(FuzzArgs),
+}
+
+#[derive(Args, Debug)]
+struct FuzzArgs {
+    /// The host targets (libFuzzer). Guest-side fuzzing under the emulators is not there yet.
+    #[arg(long)]
+    host: bool,
+    /// Only this target (default: all of them).
+    #[arg(long, value_name = "T")]
+    target: Option<String>,
+    /// Seconds of fuzzing per target.
+    #[arg(long, value_name = "S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -203,6 +221,7 @@ fn execute(task: Task) -> Result<ExitCode> {
         Task::Run(args) => run(args)?,
         Task::Test(args) => suite::test(&args.options())?,
         Task::Conformance(args) => suite::conformance(&args.options())?,
+        Task::Fuzz(args) => fuzz_task(&args)?,
         Task::Bench(args) => bench::bench(&bench::BenchOptions {
             vendors: args.vendor.vendors(),
             iterations: args.iterations,
@@ -216,6 +235,29 @@ fn execute(task: Task) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `cargo xtask fuzz`; returns whether every target passed.
+fn fuzz_task(args: &FuzzArgs) -> Result<bool> {
+    if !args.host {
+        return Err(error::failed(
+            "guest-side fuzzing (`cargo xtask fuzz` without --host) is not implemented yet; \
+             `cargo xtask fuzz --host` runs the host targets",
+        ));
+    }
+    let (passed, outcomes) = fuzz::host(args.target.as_deref(), args.seconds, true)?;
+    println!();
+    for o in &outcomes {
+        println!(
+            "{:<14} {:<4} {:>10} runs {:>3} reproducers {:>5.0} s",
+            o.target,
+            if o.passed { "pass" } else { "FAIL" },
+            o.runs,
+            o.regressions,
+            o.seconds
+        );
+    }
+    Ok(passed)
 }
 
 /// What `cargo xtask run` boots without `--guest`: the sample guest (domain 1), then the

@@ -16,7 +16,7 @@ use crate::iso::{self, BootModule};
 use crate::report::{self, Judgement, Status, Suite, Table};
 use crate::scenarios::{self, Scenario};
 use crate::workspace::{self, Artifact};
-use crate::{bench, build_images, tools};
+use crate::{bench, build_images, fuzz, tools};
 
 /// Name of the host unit test step, for `--filter`.
 const HOST_UNIT_TESTS: &str = "host-unit-tests";
@@ -92,6 +92,18 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     } else {
         None
     };
+    let fuzz_host = if filter.is_none_or(|f| fuzz::HOST_STEP.contains(f)) {
+        eprintln!(
+            "xtask: {} ({} s per target)",
+            fuzz::HOST_STEP,
+            fuzz::SUITE_SECONDS
+        );
+        let started = std::time::Instant::now();
+        let (passed, _) = fuzz::host(None, fuzz::SUITE_SECONDS, false)?;
+        Some((passed, started.elapsed()))
+    } else {
+        None
+    };
     let mut jobs = conformance_jobs(options);
     for scenario in scenarios::select(filter) {
         jobs.extend(
@@ -121,8 +133,19 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             took.as_secs_f64()
         );
     }
-    let all_passed = report(&outcomes, options)? && unit_tests.is_none_or(|(passed, _)| passed);
-    if unit_tests.is_none() && outcomes.is_empty() {
+    if let Some((passed, took)) = fuzz_host {
+        let status = if passed { Status::Pass } else { Status::Fail };
+        println!(
+            "{}: {} ({:.1} s)\n",
+            fuzz::HOST_STEP,
+            status.label(),
+            took.as_secs_f64()
+        );
+    }
+    let all_passed = report(&outcomes, options)?
+        && unit_tests.is_none_or(|(passed, _)| passed)
+        && fuzz_host.is_none_or(|(passed, _)| passed);
+    if unit_tests.is_none() && fuzz_host.is_none() && outcomes.is_empty() {
         eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
         return Ok(false);
     }

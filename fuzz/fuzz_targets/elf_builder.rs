@@ -37,8 +37,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let cmdline = String::from_utf8_lossy(&data[..data.len().min(1500)]);
     let params = BootParams {
         domain_id: 1,
-        name: &cmdline[..cmdline.len().min(40)]
+        name: &cmdline
             .chars()
+            .take(40)
             .filter(char::is_ascii)
             .collect::<String>(),
         cmdline: &cmdline,

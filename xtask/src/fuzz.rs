@@ -153,8 +153,9 @@ pub fn host(only: Option<&str>, seconds: u64, stream: bool) -> Result<(bool, Vec
     eprintln!("xtask: building the fuzz targets (cargo +nightly fuzz build -O, in fuzz/)");
     let mut build = nightly_cargo();
     build.args(["fuzz", "build", "-O"]);
-    for target in &targets {
-        build.arg(target);
+    // One target, or (without a name) all of them.
+    if let Some(only) = only {
+        build.arg(only);
     }
     if !build
         .status()

@@ -79,8 +79,27 @@ fn succeeds(command: &mut Command) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Installs what is missing: the nightly toolchain and cargo-fuzz.
+/// Installs what is missing: a C++ compiler (libfuzzer-sys builds libFuzzer), the nightly
+/// toolchain and cargo-fuzz.
 fn ensure_tools() -> Result<()> {
+    if !succeeds(Command::new("c++").arg("--version")) {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let installed = root && {
+            eprintln!("xtask: apt-get install -y g++ (libFuzzer is C++)");
+            succeeds(Command::new("apt-get").arg("update"))
+                && succeeds(Command::new("apt-get").args(["install", "-y", "g++"]))
+        };
+        if !installed {
+            return Err(Error::MissingTools(
+                "host fuzzing builds libFuzzer, which needs a C++ compiler: run \
+                 `sudo apt-get install -y g++`"
+                    .into(),
+            ));
+        }
+    }
     if !succeeds(nightly_cargo().arg("--version")) {
         let install = ["toolchain", "install", "nightly", "--profile", "minimal"];
         eprintln!("xtask: rustup {}", install.join(" "));

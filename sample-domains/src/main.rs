@@ -9,6 +9,8 @@
 //! | `snoop` | tries to reach a domain's memory without a grant, and must fail | `snoop role=snoop peer=<victim's id>` |
 //! | `control` | privileged: lists, watches, pauses, unpauses and destroys a worker | `control role=control privileged=1 worker=<id>` |
 //! | `worker` | unprivileged: checks that domain control is refused, then works until destroyed | `worker role=worker [peer=<control's id>]` |
+//! | `fuzz` | hostile: random hypercalls with hostile arguments (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000]` |
+//! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
 //!
 //! # How ping and pong find each other
 //!
@@ -61,7 +63,9 @@
 #![no_std]
 #![no_main]
 
+mod canary;
 mod control;
+mod fuzz;
 mod ping;
 mod pong;
 mod snoop;
@@ -103,9 +107,18 @@ fn kernel_main(start: &'static StartInfo) -> ! {
                 .unwrap_or_else(|| fail("control", format_args!("worker=<id> is missing"))),
         ),
         "worker" => worker::run(number_from_cmdline("worker", "peer").unwrap_or(1)),
+        // `cargo xtask fuzz`: the hostile guest and the domain that watches its own memory.
+        "fuzz" => fuzz::run(
+            start,
+            number_from_cmdline("fuzz", "seed").unwrap_or(1).into(),
+            number_from_cmdline("fuzz", "ops").unwrap_or(10_000),
+        ),
+        "canary" => canary::run(number_from_cmdline("canary", "ms").unwrap_or(300).into()),
         other => fail(
             "sample-domains",
-            format_args!("unknown role {other:?}: role= is ping, pong, snoop, control or worker"),
+            format_args!(
+                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, fuzz or canary"
+            ),
         ),
     }
 }

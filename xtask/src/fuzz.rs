@@ -282,3 +282,190 @@ fn run_target(target: &'static str, seconds: u64, stream: bool) -> Result<Target
         seconds,
     })
 }
+
+/// The step's name in `cargo xtask test` for the short guest campaign.
+pub const GUEST_STEP: &str = "fuzz-guest";
+/// Seeds whose boot was not OK once, one a line (`#` comments): rerun by every campaign.
+const GUEST_REGRESSIONS: &str = "fuzz/guest-seeds.txt";
+/// The short campaign of `cargo xtask test`, on each vendor.
+pub const SUITE_SEEDS: std::ops::RangeInclusive<u64> = 1..=2;
+pub const SUITE_OPS: u32 = 2_000;
+/// How long the canary checks its memory, in ms of system time.
+const CANARY_MS: u64 = 300;
+
+/// How one boot of the fuzzer beside the canary ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestClass {
+    Ok,
+    /// The hypervisor panicked, or the emulator ended without a result line.
+    HvCrash,
+    /// No result line before the timeout, the canary done: the fuzzer waits or spins for
+    /// ever while the others were scheduled (its own business, not a failure).
+    Hang,
+    /// The canary saw its memory change or time stand still, or did not finish.
+    Canary,
+    /// The hypervisor's summary reports memory not returned.
+    Leak,
+}
+
+impl GuestClass {
+    pub const ALL: [GuestClass; 5] = [
+        GuestClass::Ok,
+        GuestClass::HvCrash,
+        GuestClass::Hang,
+        GuestClass::Canary,
+        GuestClass::Leak,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            GuestClass::Ok => "OK",
+            GuestClass::HvCrash => "HV-CRASH",
+            GuestClass::Hang => "HANG",
+            GuestClass::Canary => "CANARY",
+            GuestClass::Leak => "LEAK",
+        }
+    }
+}
+
+fn classify(record: &crate::emulator::RunRecord) -> GuestClass {
+    let log = &record.log;
+    if log.panic_line().is_some() {
+        return GuestClass::HvCrash;
+    }
+    let canary_ok = log.guest_lines(1).any(|l| l.starts_with("canary: ok"));
+    if log.result().is_none() {
+        return match (record.timed_out, canary_ok) {
+            (true, true) => GuestClass::Hang,
+            (true, false) => GuestClass::Canary,
+            (false, _) => GuestClass::HvCrash,
+        };
+    }
+    if !canary_ok {
+        return GuestClass::Canary;
+    }
+    if log.memory_problem().is_some() {
+        return GuestClass::Leak;
+    }
+    GuestClass::Ok
+}
+
+fn regression_seeds() -> Vec<u64> {
+    let text = fs::read_to_string(workspace::root().join(GUEST_REGRESSIONS)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split('#').next())
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// `cargo xtask fuzz`: boots the fuzzer guest (`seed=` each seed of `seeds` and every kept
+/// regression seed, `ops=`) beside the canary on each vendor, classifies each boot, keeps the
+/// seeds that were not OK. Returns whether every boot was OK, and the operations done per
+/// vendor.
+pub fn guest(
+    vendors: &[crate::emulator::Vendor],
+    seeds: std::ops::RangeInclusive<u64>,
+    ops: u32,
+) -> Result<(bool, Vec<(crate::emulator::Vendor, u64)>)> {
+    use crate::emulator::{self, RunDir, RunRequest, Streaming};
+    use crate::iso::{self, BootModule};
+    use crate::workspace::Artifact;
+    crate::tools::ensure(vendors)?;
+    crate::build_images::build_images()?;
+    let mut all: Vec<u64> = regression_seeds();
+    all.extend(seeds.filter(|s| !all.contains(s)).collect::<Vec<_>>());
+    let total = all.len() * vendors.len();
+    let mut counts = [0usize; 5];
+    let mut failing = Vec::new();
+    let mut per_vendor = Vec::new();
+    let mut boot = 0;
+    for &vendor in vendors {
+        let mut operations = 0u64;
+        for &seed in &all {
+            boot += 1;
+            let dir = RunDir::new(
+                workspace::lamina_dir()
+                    .join("fuzz-guest")
+                    .join(vendor.name())
+                    .join(seed.to_string()),
+            );
+            fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
+            let modules = [
+                BootModule {
+                    path: Artifact::SampleDomains.path(),
+                    cmdline: format!("canary role=canary ms={CANARY_MS} mem=4M"),
+                },
+                BootModule {
+                    path: Artifact::SampleDomains.path(),
+                    cmdline: format!("fuzz role=fuzz seed={seed} ops={ops} mem=4M"),
+                },
+            ];
+            iso::build_iso(
+                &Artifact::Hypervisor.path(),
+                "",
+                &modules,
+                &dir.staging(),
+                &dir.iso(),
+            )?;
+            let record = emulator::run(&RunRequest {
+                vendor,
+                dir: &dir,
+                timeout: vendor.default_timeout(),
+                streaming: &Streaming::Off,
+                icount: false,
+            })?;
+            let class = classify(&record);
+            let done = record
+                .log
+                .guest_lines(2)
+                .filter_map(|l| {
+                    // The fuzzer's own console writes may precede its line.
+                    let (_, rest) = l.rsplit_once("fuzz: ")?;
+                    let rest = rest.strip_prefix("done, ").unwrap_or(rest);
+                    rest.strip_suffix(" operations")?.parse::<u64>().ok()
+                })
+                .max()
+                .unwrap_or(0);
+            operations += done;
+            counts[GuestClass::ALL
+                .iter()
+                .position(|c| *c == class)
+                .unwrap_or(0)] += 1;
+            if !matches!(class, GuestClass::Ok | GuestClass::Hang) {
+                failing.push(seed);
+            }
+            let so_far: Vec<String> = GuestClass::ALL
+                .iter()
+                .zip(counts)
+                .map(|(c, n)| format!("{} {n}", c.label()))
+                .collect();
+            eprintln!(
+                "xtask: [{boot}/{total}] {} seed {seed}: {} (>= {done} operations, {:.1} s; {}; log {})",
+                vendor.name(),
+                class.label(),
+                record.elapsed.as_secs_f64(),
+                so_far.join(", "),
+                crate::emulator::show_path(&dir.serial_log())
+            );
+        }
+        per_vendor.push((vendor, operations));
+    }
+    let kept = regression_seeds();
+    let new: Vec<u64> = failing
+        .iter()
+        .copied()
+        .filter(|s| !kept.contains(s))
+        .collect();
+    if !new.is_empty() {
+        let path = workspace::root().join(GUEST_REGRESSIONS);
+        let mut text = fs::read_to_string(&path).unwrap_or_default();
+        for seed in &new {
+            text.push_str(&format!("{seed}\n"));
+        }
+        fs::write(&path, text).context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "xtask: seeds {new:?} kept in {GUEST_REGRESSIONS} (rerun by every campaign until fixed)"
+        );
+    }
+    Ok((failing.is_empty(), per_vendor))
+}

@@ -133,6 +133,29 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             took.as_secs_f64()
         );
     }
+    let fuzz_guest = if filter.is_none_or(|f| fuzz::GUEST_STEP.contains(f)) {
+        eprintln!(
+            "xtask: {} (seeds {}-{}, {} operations each, beside the canary)",
+            fuzz::GUEST_STEP,
+            fuzz::SUITE_SEEDS.start(),
+            fuzz::SUITE_SEEDS.end(),
+            fuzz::SUITE_OPS
+        );
+        let started = std::time::Instant::now();
+        let (passed, _) = fuzz::guest(&options.vendors, fuzz::SUITE_SEEDS, fuzz::SUITE_OPS)?;
+        Some((passed, started.elapsed()))
+    } else {
+        None
+    };
+    if let Some((passed, took)) = fuzz_guest {
+        let status = if passed { Status::Pass } else { Status::Fail };
+        println!(
+            "{}: {} ({:.1} s)\n",
+            fuzz::GUEST_STEP,
+            status.label(),
+            took.as_secs_f64()
+        );
+    }
     if let Some((passed, took)) = fuzz_host {
         let status = if passed { Status::Pass } else { Status::Fail };
         println!(
@@ -144,8 +167,9 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     }
     let all_passed = report(&outcomes, options)?
         && unit_tests.is_none_or(|(passed, _)| passed)
-        && fuzz_host.is_none_or(|(passed, _)| passed);
-    if unit_tests.is_none() && fuzz_host.is_none() && outcomes.is_empty() {
+        && fuzz_host.is_none_or(|(passed, _)| passed)
+        && fuzz_guest.is_none_or(|(passed, _)| passed);
+    if unit_tests.is_none() && fuzz_host.is_none() && fuzz_guest.is_none() && outcomes.is_empty() {
         eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
         return Ok(false);
     }

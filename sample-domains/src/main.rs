@@ -10,6 +10,8 @@
 //! | `control` | privileged: lists, watches, pauses, unpauses and destroys a worker | `control role=control privileged=1 worker=<id>` |
 //! | `worker` | unprivileged: checks that domain control is refused, then works until destroyed | `worker role=worker [peer=<control's id>]` |
 //! | `echo` | domain 1 only: answers each line of console input (`sum 1 2`, `quit`) | `echo role=echo` |
+//! | `fuzz` | hostile: random hypercalls with hostile arguments (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000]` |
+//! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
 //!
 //! # How ping and pong find each other
 //!
@@ -70,8 +72,10 @@ fn host_check_only(_: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 
+mod canary;
 mod control;
 mod echo;
+mod fuzz;
 mod ping;
 mod pong;
 mod snoop;
@@ -114,10 +118,17 @@ fn kernel_main(start: &'static StartInfo) -> ! {
         ),
         "worker" => worker::run(number_from_cmdline("worker", "peer").unwrap_or(1)),
         "echo" => echo::run(),
+        // `cargo xtask fuzz`: the hostile guest and the domain that watches its own memory.
+        "fuzz" => fuzz::run(
+            start,
+            number_from_cmdline("fuzz", "seed").unwrap_or(1).into(),
+            number_from_cmdline("fuzz", "ops").unwrap_or(10_000),
+        ),
+        "canary" => canary::run(number_from_cmdline("canary", "ms").unwrap_or(300).into()),
         other => fail(
             "sample-domains",
             format_args!(
-                "unknown role {other:?}: role= is ping, pong, snoop, control, worker or echo"
+                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz or canary"
             ),
         ),
     }

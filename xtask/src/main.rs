@@ -12,6 +12,7 @@ mod chart;
 mod conformance;
 mod emulator;
 mod error;
+mod fuzz;
 mod gdb;
 mod guest;
 mod iso;
@@ -76,6 +77,9 @@ enum Task {
     /// dependency, the bare-metal target and the runner in .cargo/config.toml, a main.rs that
     /// prints and powers off.
     NewGuest(NewGuestArgs),
+    /// Fuzz: `--host` runs the libFuzzer targets of fuzz/ (the hypervisor's vendor-neutral
+    /// code on the host, through cargo-fuzz and a nightly toolchain, installed when missing).
+    Fuzz(FuzzArgs),
 }
 
 #[derive(Args, Debug)]
@@ -103,6 +107,29 @@ struct RunnerArgs {
 struct NewGuestArgs {
     /// The directory to create; its name becomes the crate's.
     path: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct FuzzArgs {
+    /// The host targets (libFuzzer) instead of the guest campaign under the emulators.
+    #[arg(long)]
+    host: bool,
+    /// Guest campaign: which virtualization extensions.
+    #[arg(long, value_enum, default_value_t = VendorChoice::All)]
+    vendor: VendorChoice,
+    /// Guest campaign: the seeds, `A-B` or `A` (kept failing seeds are always rerun).
+    #[arg(long, value_name = "A-B", default_value = "1-10", value_parser = parse_seeds)]
+    seeds: (u64, u64),
+    /// Guest campaign: hypercalls per boot.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    ops: u32,
+    /// Only this target (default: all of them).
+    #[arg(long, value_name = "T")]
+    target: Option<String>,
+    /// Seconds of fuzzing per target.
+    #[arg(long, value_name = "S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    seconds: u64,
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +244,17 @@ impl SuiteArgs {
     }
 }
 
+/// `A-B` or `A` of `--seeds`.
+fn parse_seeds(text: &str) -> std::result::Result<(u64, u64), String> {
+    let (first, last) = text.split_once('-').unwrap_or((text, text));
+    let number = |t: &str| t.trim().parse::<u64>().map_err(|e| format!("{t}: {e}"));
+    let (first, last) = (number(first)?, number(last)?);
+    if first > last {
+        return Err(format!("{first} is after {last}"));
+    }
+    Ok((first, last))
+}
+
 /// `PATH[:CMDLINE]` of `--guest`: the file must exist; the command line defaults to the file's
 /// stem, which the hypervisor takes as the domain name.
 fn parse_guest(spec: &str) -> std::result::Result<BootModule, String> {
@@ -281,6 +319,7 @@ fn execute(task: Task) -> Result<ExitCode> {
         Task::Run(args) => run(args)?,
         Task::Test(args) => suite::test(&args.options())?,
         Task::Conformance(args) => suite::conformance(&args.options())?,
+        Task::Fuzz(args) => fuzz_task(&args)?,
         Task::Bench(args) => bench::bench(&bench::BenchOptions {
             vendors: args.vendor.vendors(),
             iterations: args.iterations,
@@ -295,6 +334,32 @@ fn execute(task: Task) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `cargo xtask fuzz`; returns whether every target passed.
+fn fuzz_task(args: &FuzzArgs) -> Result<bool> {
+    if !args.host {
+        let (first, last) = args.seeds;
+        let (passed, per_vendor) = fuzz::guest(&args.vendor.vendors(), first..=last, args.ops)?;
+        println!();
+        for (vendor, operations) in per_vendor {
+            println!("{}: {operations} operations", vendor.name());
+        }
+        return Ok(passed);
+    }
+    let (passed, outcomes) = fuzz::host(args.target.as_deref(), args.seconds, true)?;
+    println!();
+    for o in &outcomes {
+        println!(
+            "{:<14} {:<4} {:>10} runs {:>3} reproducers {:>5.0} s",
+            o.target,
+            if o.passed { "pass" } else { "FAIL" },
+            o.runs,
+            o.regressions,
+            o.seconds
+        );
+    }
+    Ok(passed)
 }
 
 /// What `cargo xtask run` boots without `--guest`: the sample guest (domain 1), then the

@@ -17,7 +17,7 @@ use crate::report::{self, Judgement, Status, Suite, Table};
 use crate::scenarios::driven::{self, Driven};
 use crate::scenarios::{self, Scenario, out_of_tree};
 use crate::workspace;
-use crate::{bench, build_images, rustdoc, tools};
+use crate::{bench, build_images, fuzz, rustdoc, tools};
 
 /// Name of the host unit test step, for `--filter`.
 const HOST_UNIT_TESTS: &str = "host-unit-tests";
@@ -116,6 +116,18 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             lints.push((step, build_images::run_lint_step(step)?));
         }
     }
+    let fuzz_host = if filter.is_none_or(|f| fuzz::HOST_STEP.contains(f)) {
+        eprintln!(
+            "xtask: {} ({} s per target)",
+            fuzz::HOST_STEP,
+            fuzz::SUITE_SECONDS
+        );
+        let started = std::time::Instant::now();
+        let (passed, _) = fuzz::host(None, fuzz::SUITE_SECONDS, false)?;
+        Some((passed, started.elapsed()))
+    } else {
+        None
+    };
     let mut jobs = conformance_jobs(options);
     for scenario in scenarios::select(filter) {
         jobs.extend(
@@ -157,6 +169,29 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             took.as_secs_f64()
         );
     }
+    let fuzz_guest = if filter.is_none_or(|f| fuzz::GUEST_STEP.contains(f)) {
+        eprintln!(
+            "xtask: {} (seeds {}-{}, {} operations each, beside the canary)",
+            fuzz::GUEST_STEP,
+            fuzz::SUITE_SEEDS.start(),
+            fuzz::SUITE_SEEDS.end(),
+            fuzz::SUITE_OPS
+        );
+        let started = std::time::Instant::now();
+        let (passed, _) = fuzz::guest(&options.vendors, fuzz::SUITE_SEEDS, fuzz::SUITE_OPS)?;
+        Some((passed, started.elapsed()))
+    } else {
+        None
+    };
+    if let Some((passed, took)) = fuzz_guest {
+        let status = if passed { Status::Pass } else { Status::Fail };
+        println!(
+            "{}: {} ({:.1} s)\n",
+            fuzz::GUEST_STEP,
+            status.label(),
+            took.as_secs_f64()
+        );
+    }
     if let Some((passed, took)) = rustdoc {
         let status = if passed { Status::Pass } else { Status::Fail };
         println!(
@@ -173,11 +208,28 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
     if !lints.is_empty() {
         println!();
     }
+    if let Some((passed, took)) = fuzz_host {
+        let status = if passed { Status::Pass } else { Status::Fail };
+        println!(
+            "{}: {} ({:.1} s)\n",
+            fuzz::HOST_STEP,
+            status.label(),
+            took.as_secs_f64()
+        );
+    }
     let all_passed = report(&outcomes, options)?
         && unit_tests.is_none_or(|(passed, _)| passed)
         && rustdoc.is_none_or(|(passed, _)| passed)
-        && lints.iter().all(|(_, (passed, _))| *passed);
-    if unit_tests.is_none() && rustdoc.is_none() && lints.is_empty() && outcomes.is_empty() {
+        && lints.iter().all(|(_, (passed, _))| *passed)
+        && fuzz_host.is_none_or(|(passed, _)| passed)
+        && fuzz_guest.is_none_or(|(passed, _)| passed);
+    if unit_tests.is_none()
+        && rustdoc.is_none()
+        && lints.is_empty()
+        && fuzz_host.is_none()
+        && fuzz_guest.is_none()
+        && outcomes.is_empty()
+    {
         eprintln!("xtask: nothing matches --filter {}", filter.unwrap_or(""));
         return Ok(false);
     }

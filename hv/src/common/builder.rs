@@ -125,6 +125,21 @@ fn validate(
         Type::SharedObject => return Err(BuildError::Dynamic),
         _ => return Err(BuildError::WrongKind("not an executable")),
     }
+    // xmas-elf slices the program header table out of the file without a bounds check and
+    // reads each entry in place, asserting its alignment (found by fuzz/elf_builder): the
+    // table must lie inside the file, 8-byte aligned, in 64-bit entries.
+    const PH64_BYTES: u64 = 56;
+    let table_end = u64::from(header.pt2.ph_count())
+        .checked_mul(u64::from(header.pt2.ph_entry_size()))
+        .and_then(|bytes| bytes.checked_add(header.pt2.ph_offset()));
+    if u64::from(header.pt2.ph_entry_size()) != PH64_BYTES
+        || !header.pt2.ph_offset().is_multiple_of(8)
+        || table_end.is_none_or(|end| end > file_len)
+    {
+        return Err(BuildError::WrongKind(
+            "program header table outside the file or not 64-bit",
+        ));
+    }
     let limit = stack_guard_gpa(mem_bytes);
     let mut segments = [None; MAX_SEGMENTS];
     let mut count = 0;
@@ -210,6 +225,10 @@ fn validate(
 
 /// Validates `elf_bytes` and copies its segments into `mem` (which must be zeroed).
 pub fn load_kernel(elf_bytes: &[u8], mem: &GuestMemory) -> Result<KernelImage, BuildError> {
+    // xmas-elf reads its structures in place and asserts their alignment.
+    if !elf_bytes.is_empty() && !elf_bytes.as_ptr().cast::<u64>().is_aligned() {
+        return Err(BuildError::WrongKind("module not 8-byte aligned in memory"));
+    }
     let elf = ElfFile::new(elf_bytes).map_err(BuildError::NotElf)?;
     let (segments, image) = validate(&elf, elf_bytes.len() as u64, mem.size())?;
     for segment in segments.iter().flatten() {
@@ -532,6 +551,67 @@ mod tests {
         let mut dynamic = elf(0x200000, &[(0x200000, 0x100, 0x10, RX)]);
         dynamic[16] = 3; // ET_DYN
         assert_eq!(load(dynamic), Err(BuildError::Dynamic));
+    }
+
+    #[test]
+    fn a_program_header_table_outside_the_file_is_refused() {
+        // fuzz/artifacts/elf_builder/crash-db82c4...: a program header offset far past the
+        // end of the module made the ELF parser index out of bounds (a hypervisor panic).
+        let t = test_memory(MEM);
+        let good = elf(0x200000, &[(0x200000, 0x100, 0x10, RX)]);
+        assert!(load_kernel(&good, &t.mem).is_ok());
+        let with = |at: usize, bytes: &[u8]| {
+            let mut bad = good.clone();
+            bad[at..at + bytes.len()].copy_from_slice(bytes);
+            bad
+        };
+        let refused = |bytes: Vec<u8>| {
+            matches!(
+                load_kernel(&bytes, &t.mem),
+                Err(BuildError::WrongKind(why)) if why.contains("program header table")
+            )
+        };
+        assert!(
+            refused(with(0x20, &0x7b_0000_0040u64.to_le_bytes())),
+            "offset past the end"
+        );
+        assert!(
+            refused(with(0x20, &u64::MAX.to_le_bytes())),
+            "offset that wraps"
+        );
+        assert!(
+            refused(with(0x38, &200u16.to_le_bytes())),
+            "more entries than the file holds"
+        );
+        assert!(
+            refused(with(0x36, &32u16.to_le_bytes())),
+            "entries too small for ELF64"
+        );
+        assert!(
+            refused(with(0x20, &0x41u64.to_le_bytes())),
+            "entries not aligned"
+        );
+        let reproducer = include_bytes!(
+            "../../../fuzz/artifacts/elf_builder/crash-db82c4aa28ac3db67d496685936d7425a7a45888"
+        );
+        // In an 8-byte aligned buffer, as the hypervisor's modules are (page-aligned).
+        let mut words = vec![0u64; reproducer.len() / 8 + 2];
+        let aligned = &mut as_bytes(&mut words)[..reproducer.len()];
+        aligned.copy_from_slice(reproducer);
+        assert!(refused(aligned.to_vec()));
+        // Not aligned at all: refused, not a panic in the parser.
+        let mut words = vec![0u64; good.len() / 8 + 2];
+        let shifted = &mut as_bytes(&mut words)[1..=good.len()];
+        shifted.copy_from_slice(&good);
+        assert_eq!(
+            load_kernel(shifted, &t.mem),
+            Err(BuildError::WrongKind("module not 8-byte aligned in memory"))
+        );
+    }
+
+    fn as_bytes(words: &mut [u64]) -> &mut [u8] {
+        // SAFETY: u64s are plain bytes; the slice borrows `words` mutably for its lifetime.
+        unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast(), words.len() * 8) }
     }
 
     #[test]

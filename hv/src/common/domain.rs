@@ -533,7 +533,7 @@ pub fn domain_exists(id: u64) -> bool {
 
 /// The time-stamp counter (in host unit tests, the fake one when a test set it).
 pub fn read_tsc() -> u64 {
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     if let Some(tsc) = crate::common::testing::FAKE_TSC.with(|t| t.get()) {
         return tsc;
     }

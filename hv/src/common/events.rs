@@ -106,6 +106,54 @@ impl EventChannels {
         }
     }
 
+    /// Test support: every port in use and its binding.
+    #[cfg(fuzzing)]
+    pub(crate) fn bindings(&self) -> impl Iterator<Item = (u32, Binding)> + '_ {
+        (0..NR_PORTS)
+            .map(|p| (p, self.ports[p as usize].binding))
+            .filter(|(_, b)| *b != Binding::Free)
+    }
+
+    /// Test support: checks what is kept beside the port table (the count of foreign ports,
+    /// the VIRQ index) against the table itself.
+    #[cfg(fuzzing)]
+    pub(crate) fn check_consistency(&self) -> Result<(), alloc::string::String> {
+        let foreign = self
+            .ports
+            .iter()
+            .filter(|p| self.is_foreign(p.binding))
+            .count() as u32;
+        if foreign != self.foreign_ports {
+            return Err(alloc::format!(
+                "foreign_ports {} but {foreign} foreign ports in the table",
+                self.foreign_ports
+            ));
+        }
+        for (vcpu, virqs) in self.virq_ports.iter().enumerate() {
+            for (virq, &port) in virqs.iter().enumerate() {
+                let entry = self.ports[usize::from(port)];
+                if port != 0
+                    && (entry.binding != (Binding::Virq { virq: virq as u8 })
+                        || usize::from(entry.vcpu) != vcpu)
+                {
+                    return Err(alloc::format!(
+                        "VIRQ {virq} of vCPU {vcpu} names port {port}, bound to {entry:?}"
+                    ));
+                }
+            }
+        }
+        for (port, entry) in self.ports.iter().enumerate() {
+            if let Binding::Virq { virq } = entry.binding
+                && self.virq_ports[usize::from(entry.vcpu)][usize::from(virq)] as usize != port
+            {
+                return Err(alloc::format!(
+                    "port {port} is VIRQ {virq} but not in the VIRQ index"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether another domain, still alive, can raise a port bound this way.
     fn is_foreign(&self, binding: Binding) -> bool {
         match binding {

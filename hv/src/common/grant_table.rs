@@ -95,6 +95,21 @@ impl GrantTable {
         self.slots.get(&window_index(gpa)?).copied()
     }
 
+    /// Test support: every grant in use, by reference.
+    #[cfg(fuzzing)]
+    pub(crate) fn grants_in_use(&self) -> impl Iterator<Item = (u32, Grant)> + '_ {
+        self.grants
+            .iter()
+            .enumerate()
+            .filter_map(|(r, g)| Some((r as u32, (*g)?)))
+    }
+
+    /// Test support: every window page that maps something, by guest-physical address.
+    #[cfg(fuzzing)]
+    pub(crate) fn window_slots(&self) -> impl Iterator<Item = (u64, WindowSlot)> + '_ {
+        self.slots.iter().map(|(&i, &s)| (window_gpa(i), s))
+    }
+
     /// How many window pages map something.
     pub fn mapped_slots(&self) -> usize {
         self.slots.len()
@@ -429,6 +444,10 @@ fn revoke(grantee: &mut Domain, granter: u32, grant_ref: u32) {
     }
 }
 
+/// Test support: the pages of zeros not yet released, and a switch that makes allocation fail.
+#[cfg(fuzzing)]
+pub(crate) use zero_page::testing as zero_page_testing;
+
 /// Pages of zeros for revoked slots: from the hypervisor's physical memory, or in host tests
 /// from the heap (counted, so tests can see that every page comes back).
 mod zero_page {
@@ -456,7 +475,7 @@ mod zero_page {
 
     #[cfg(not(target_os = "none"))]
     pub(super) fn allocate() -> Option<u64> {
-        #[cfg(test)]
+        #[cfg(any(test, fuzzing))]
         if testing::FAIL.with(|f| f.get()) {
             return None;
         }
@@ -465,21 +484,21 @@ mod zero_page {
         if page.is_null() {
             return None;
         }
-        #[cfg(test)]
+        #[cfg(any(test, fuzzing))]
         testing::LIVE.with(|live| live.set(live.get() + 1));
         Some(page as u64)
     }
 
     #[cfg(not(target_os = "none"))]
     pub(super) fn release(page: u64) {
-        #[cfg(test)]
+        #[cfg(any(test, fuzzing))]
         testing::LIVE.with(|live| live.set(live.get() - 1));
         // SAFETY: `page` came from `allocate`, with the same layout, and is released once.
         unsafe { alloc::alloc::dealloc(page as *mut u8, layout()) };
     }
 
-    #[cfg(test)]
-    pub(super) mod testing {
+    #[cfg(any(test, fuzzing))]
+    pub(crate) mod testing {
         std::thread_local! {
             /// Pages allocated and not yet released, on this thread.
             pub(crate) static LIVE: core::cell::Cell<i64> = const { core::cell::Cell::new(0) };

@@ -175,7 +175,7 @@ impl Drop for OwnedRam {
 }
 
 /// Test support: guest memory backed by a host vector.
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod testing {
     use super::GuestMemory;
 

@@ -28,5 +28,6 @@ pub mod vcpu_state;
 pub mod vlapic;
 pub mod xstate;
 
-#[cfg(test)]
-mod testing;
+// Host test support, also for the fuzz targets (fuzz/, built with `--cfg fuzzing`).
+#[cfg(any(test, fuzzing))]
+pub(crate) mod testing;

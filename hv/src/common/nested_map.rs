@@ -26,7 +26,7 @@ pub trait NestedMap {
 }
 
 /// Test support: a nested map that records its pages where the test can still see them.
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod testing {
     use super::{NestedMap, NestedMapError};
     use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};

@@ -12,9 +12,9 @@ pub fn guest_line(domain_id: u32, line: &[u8]) {
     let text = printed_text(line);
     #[cfg(target_os = "none")]
     crate::hv_println!("(d{domain_id}) {text}");
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     testing::LINES.with(|lines| lines.borrow_mut().push(format!("(d{domain_id}) {text}")));
-    #[cfg(not(any(test, target_os = "none")))]
+    #[cfg(not(any(test, fuzzing, target_os = "none")))]
     let _ = (domain_id, text);
 }
 
@@ -22,13 +22,13 @@ pub fn guest_line(domain_id: u32, line: &[u8]) {
 pub fn hv_line(line: core::fmt::Arguments<'_>) {
     #[cfg(target_os = "none")]
     crate::hv_println!("{line}");
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     testing::LINES.with(|lines| lines.borrow_mut().push(format!("{line}")));
-    #[cfg(not(any(test, target_os = "none")))]
+    #[cfg(not(any(test, fuzzing, target_os = "none")))]
     let _ = line;
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod testing {
     use std::cell::RefCell;
 

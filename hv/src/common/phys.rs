@@ -5,14 +5,14 @@
 pub fn figures() -> (u64, u64) {
     #[cfg(target_os = "none")]
     return crate::platform::memory::figures();
-    #[cfg(test)]
+    #[cfg(any(test, fuzzing))]
     return testing::FIGURES.with(|f| f.get());
-    #[cfg(not(any(test, target_os = "none")))]
+    #[cfg(not(any(test, fuzzing, target_os = "none")))]
     (0, 0)
 }
 
 /// Test support: a fake allocator whose free figure grows as test RAM is released.
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod testing {
     use core::cell::Cell;
 

@@ -1,0 +1,474 @@
+//! `cargo xtask fuzz --host`: the libFuzzer targets of `fuzz/` (the hypervisor's vendor-neutral
+//! code on the host), and the `fuzz-host` step of `cargo xtask test`.
+//!
+//! cargo-fuzz needs a nightly toolchain (sanitizer coverage flags); both are installed when
+//! missing (`rustup toolchain install nightly --profile minimal`, `cargo install --locked
+//! cargo-fuzz`: about 40 s on a 2-core machine). Every reproducer kept in
+//! `fuzz/artifacts/<target>/` is run first, as a regression test; then each target fuzzes for
+//! the time asked, from the seed corpus `fuzz/corpus/<target>/`, writing what it learns to
+//! `target/lamina/fuzz-corpus/<target>/` (the repository's corpus is only read) and any new
+//! finding to `target/lamina/fuzz-findings/<target>/`.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use crate::error::{Context, Error, Result, failed};
+use crate::workspace;
+
+/// The step's name in `cargo xtask test` (and for `--filter`).
+pub const HOST_STEP: &str = "fuzz-host";
+
+/// Every host target (fuzz/fuzz_targets/<name>.rs).
+pub const TARGETS: [&str; 9] = [
+    "hypercalls",
+    "multicall",
+    "grant_table",
+    "event_channel",
+    "domctl",
+    "guest_paging",
+    "vlapic_msr",
+    "elf_builder",
+    "cmdline",
+];
+
+/// Seconds per target in `cargo xtask test`.
+pub const SUITE_SECONDS: u64 = 8;
+
+/// What one target came to.
+pub struct TargetOutcome {
+    pub target: &'static str,
+    pub passed: bool,
+    pub runs: u64,
+    pub regressions: usize,
+    pub seconds: f64,
+}
+
+fn fuzz_dir() -> PathBuf {
+    workspace::root().join("fuzz")
+}
+
+/// Where the fuzz crate builds: its own target directory below ours.
+fn fuzz_target_dir() -> PathBuf {
+    workspace::target_dir().join("fuzz-host")
+}
+
+/// A rustup `cargo` for the nightly toolchain, without what the `cargo` running xtask put in
+/// the environment (which would pin the nested builds to the stable toolchain).
+fn nightly_cargo() -> Command {
+    let mut command = Command::new("cargo");
+    command
+        .arg("+nightly")
+        .current_dir(fuzz_dir())
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTFLAGS")
+        .env("CARGO_TARGET_DIR", fuzz_target_dir());
+    command
+}
+
+fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs what is missing: a C++ compiler (libfuzzer-sys builds libFuzzer), the nightly
+/// toolchain and cargo-fuzz.
+fn ensure_tools() -> Result<()> {
+    if !succeeds(Command::new("c++").arg("--version")) {
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let installed = root && {
+            eprintln!("xtask: apt-get install -y g++ (libFuzzer is C++)");
+            succeeds(Command::new("apt-get").arg("update"))
+                && succeeds(Command::new("apt-get").args(["install", "-y", "g++"]))
+        };
+        if !installed {
+            return Err(Error::MissingTools(
+                "host fuzzing builds libFuzzer, which needs a C++ compiler: run \
+                 `sudo apt-get install -y g++`"
+                    .into(),
+            ));
+        }
+    }
+    if !succeeds(nightly_cargo().arg("--version")) {
+        let install = ["toolchain", "install", "nightly", "--profile", "minimal"];
+        eprintln!("xtask: rustup {}", install.join(" "));
+        let status = Command::new("rustup").args(install).status();
+        if !status.is_ok_and(|s| s.success()) {
+            return Err(Error::MissingTools(format!(
+                "host fuzzing needs a nightly toolchain: run `rustup {}`",
+                install.join(" ")
+            )));
+        }
+    }
+    if !succeeds(nightly_cargo().args(["fuzz", "--version"])) {
+        let started = Instant::now();
+        eprintln!("xtask: cargo install --locked cargo-fuzz (about 40 s)");
+        let status = Command::new("cargo")
+            .args(["+nightly", "install", "--locked", "cargo-fuzz"])
+            .env_remove("CARGO")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            return Err(Error::MissingTools(
+                "host fuzzing needs cargo-fuzz: run `cargo +nightly install --locked cargo-fuzz`"
+                    .into(),
+            ));
+        }
+        eprintln!(
+            "xtask: cargo-fuzz installed in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn binary(target: &str) -> PathBuf {
+    fuzz_target_dir()
+        .join("x86_64-unknown-linux-gnu")
+        .join("release")
+        .join(target)
+}
+
+/// The files of a directory (none if it does not exist).
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// `cargo xtask fuzz --host`: builds the targets, reruns the kept reproducers, then fuzzes
+/// each selected target for `seconds`. `stream`: show libFuzzer's own progress lines.
+pub fn host(only: Option<&str>, seconds: u64, stream: bool) -> Result<(bool, Vec<TargetOutcome>)> {
+    let targets: Vec<&'static str> = TARGETS
+        .into_iter()
+        .filter(|t| only.is_none_or(|o| *t == o))
+        .collect();
+    if targets.is_empty() {
+        return Err(failed(format!(
+            "no fuzz target {}; the targets are {}",
+            only.unwrap_or(""),
+            TARGETS.join(", ")
+        )));
+    }
+    ensure_tools()?;
+    eprintln!("xtask: building the fuzz targets (cargo +nightly fuzz build -O, in fuzz/)");
+    let mut build = nightly_cargo();
+    build.args(["fuzz", "build", "-O"]);
+    // One target, or (without a name) all of them.
+    if let Some(only) = only {
+        build.arg(only);
+    }
+    if !build
+        .status()
+        .context(|| "starting cargo fuzz build".into())?
+        .success()
+    {
+        return Err(failed("cargo fuzz build failed"));
+    }
+    let mut outcomes = Vec::new();
+    for target in targets {
+        outcomes.push(run_target(target, seconds, stream)?);
+    }
+    Ok((outcomes.iter().all(|o| o.passed), outcomes))
+}
+
+fn run_target(target: &'static str, seconds: u64, stream: bool) -> Result<TargetOutcome> {
+    let started = Instant::now();
+    let binary = binary(target);
+    // Regressions first: every kept reproducer must pass now.
+    let reproducers = files_in(&fuzz_dir().join("artifacts").join(target));
+    let mut passed = true;
+    if !reproducers.is_empty() {
+        let status = Command::new(&binary)
+            .args(&reproducers)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context(|| format!("starting {}", binary.display()))?;
+        if !status.success() {
+            eprintln!(
+                "xtask: {target}: a kept reproducer fails again; rerun them with\n  {} {}",
+                binary.display(),
+                fuzz_dir()
+                    .join("artifacts")
+                    .join(target)
+                    .join("*")
+                    .display()
+            );
+            passed = false;
+        }
+    }
+    let scratch = workspace::lamina_dir().join("fuzz-corpus").join(target);
+    let findings = workspace::lamina_dir().join("fuzz-findings").join(target);
+    for dir in [&scratch, &findings] {
+        fs::create_dir_all(dir).context(|| format!("creating {}", dir.display()))?;
+    }
+    let seeds = fuzz_dir().join("corpus").join(target);
+    let mut command = Command::new(&binary);
+    command
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-timeout=10")
+        .arg("-max_len=1024")
+        .arg("-print_final_stats=1")
+        .arg(format!("-artifact_prefix={}/", findings.display()))
+        .arg(&scratch);
+    if seeds.is_dir() {
+        command.arg(&seeds);
+    }
+    eprintln!(
+        "xtask: fuzz {target} for {seconds} s: {} -max_total_time={seconds} ...",
+        binary.display()
+    );
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context(|| format!("starting {}", binary.display()))?;
+    let mut runs = 0;
+    let mut report = Vec::new();
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if let Some(n) = line.strip_prefix("stat::number_of_executed_units:") {
+                runs = n.trim().parse().unwrap_or(0);
+            }
+            if stream && (line.contains("pulse") || line.contains("DONE")) {
+                eprintln!("  {target}: {line}");
+            }
+            if line.contains("panicked") || line.contains("ERROR:") || !report.is_empty() {
+                report.push(line);
+            }
+        }
+    }
+    let status = child.wait().context(|| format!("waiting for {target}"))?;
+    if !status.success() {
+        passed = false;
+        for line in report.iter().take(20) {
+            eprintln!("  {target}: {line}");
+        }
+        eprintln!(
+            "xtask: {target}: FINDING, reproducer in {} (keep it in fuzz/artifacts/{target}/ once fixed)",
+            findings.display()
+        );
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "xtask: {target}: {} ({runs} runs, {} reproducers, {seconds:.0} s)",
+        if passed { "pass" } else { "FAIL" },
+        reproducers.len()
+    );
+    Ok(TargetOutcome {
+        target,
+        passed,
+        runs,
+        regressions: reproducers.len(),
+        seconds,
+    })
+}
+
+/// The step's name in `cargo xtask test` for the short guest campaign.
+pub const GUEST_STEP: &str = "fuzz-guest";
+/// Seeds whose boot was not OK once, one a line (`#` comments): rerun by every campaign.
+const GUEST_REGRESSIONS: &str = "fuzz/guest-seeds.txt";
+/// The short campaign of `cargo xtask test`, on each vendor.
+pub const SUITE_SEEDS: std::ops::RangeInclusive<u64> = 1..=2;
+pub const SUITE_OPS: u32 = 2_000;
+/// How long the canary checks its memory, in ms of system time.
+const CANARY_MS: u64 = 300;
+
+/// How one boot of the fuzzer beside the canary ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestClass {
+    Ok,
+    /// The hypervisor panicked, or the emulator ended without a result line.
+    HvCrash,
+    /// No result line before the timeout, the canary done: the fuzzer waits or spins for
+    /// ever while the others were scheduled (its own business, not a failure).
+    Hang,
+    /// The canary saw its memory change or time stand still, or did not finish.
+    Canary,
+    /// The hypervisor's summary reports memory not returned.
+    Leak,
+}
+
+impl GuestClass {
+    pub const ALL: [GuestClass; 5] = [
+        GuestClass::Ok,
+        GuestClass::HvCrash,
+        GuestClass::Hang,
+        GuestClass::Canary,
+        GuestClass::Leak,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            GuestClass::Ok => "OK",
+            GuestClass::HvCrash => "HV-CRASH",
+            GuestClass::Hang => "HANG",
+            GuestClass::Canary => "CANARY",
+            GuestClass::Leak => "LEAK",
+        }
+    }
+}
+
+fn classify(record: &crate::emulator::RunRecord) -> GuestClass {
+    let log = &record.log;
+    if log.panic_line().is_some() {
+        return GuestClass::HvCrash;
+    }
+    let canary_ok = log.guest_lines(1).any(|l| l.starts_with("canary: ok"));
+    if log.result().is_none() {
+        return match (record.timed_out, canary_ok) {
+            (true, true) => GuestClass::Hang,
+            (true, false) => GuestClass::Canary,
+            (false, _) => GuestClass::HvCrash,
+        };
+    }
+    if !canary_ok {
+        return GuestClass::Canary;
+    }
+    if log.memory_problem().is_some() {
+        return GuestClass::Leak;
+    }
+    GuestClass::Ok
+}
+
+fn regression_seeds() -> Vec<u64> {
+    let text = fs::read_to_string(workspace::root().join(GUEST_REGRESSIONS)).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split('#').next())
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// `cargo xtask fuzz`: boots the fuzzer guest (`seed=` each seed of `seeds` and every kept
+/// regression seed, `ops=`) beside the canary on each vendor, classifies each boot, keeps the
+/// seeds that were not OK. Returns whether every boot was OK, and the operations done per
+/// vendor.
+pub fn guest(
+    vendors: &[crate::emulator::Vendor],
+    seeds: std::ops::RangeInclusive<u64>,
+    ops: u32,
+) -> Result<(bool, Vec<(crate::emulator::Vendor, u64)>)> {
+    use crate::emulator::{self, RunDir, RunRequest, Streaming};
+    use crate::iso::{self, BootModule};
+    use crate::workspace::Artifact;
+    crate::tools::ensure(vendors)?;
+    crate::build_images::build_images()?;
+    let mut all: Vec<u64> = regression_seeds();
+    all.extend(seeds.filter(|s| !all.contains(s)).collect::<Vec<_>>());
+    let total = all.len() * vendors.len();
+    let mut counts = [0usize; 5];
+    let mut failing = Vec::new();
+    let mut per_vendor = Vec::new();
+    let mut boot = 0;
+    for &vendor in vendors {
+        let mut operations = 0u64;
+        for &seed in &all {
+            boot += 1;
+            let dir = RunDir::new(
+                workspace::lamina_dir()
+                    .join("fuzz-guest")
+                    .join(vendor.name())
+                    .join(seed.to_string()),
+            );
+            fs::create_dir_all(&dir.path).context(|| format!("creating {}", dir.path.display()))?;
+            let modules = [
+                BootModule {
+                    path: Artifact::SampleDomains.path(),
+                    cmdline: format!("canary role=canary ms={CANARY_MS} mem=4M"),
+                },
+                BootModule {
+                    path: Artifact::SampleDomains.path(),
+                    cmdline: format!("fuzz role=fuzz seed={seed} ops={ops} mem=4M"),
+                },
+            ];
+            iso::build_iso(
+                &Artifact::Hypervisor.path(),
+                "",
+                &modules,
+                &dir.staging(),
+                &dir.iso(),
+            )?;
+            let record = emulator::run_with(
+                &RunRequest {
+                    vendor,
+                    dir: &dir,
+                    timeout: vendor.default_timeout(),
+                    streaming: &Streaming::Off,
+                    icount: false,
+                },
+                &emulator::RunExtras::default(),
+            )?;
+            let class = classify(&record);
+            let done = record
+                .log
+                .guest_lines(2)
+                .filter_map(|l| {
+                    // The fuzzer's own console writes may precede its line.
+                    let (_, rest) = l.rsplit_once("fuzz: ")?;
+                    let rest = rest.strip_prefix("done, ").unwrap_or(rest);
+                    rest.strip_suffix(" operations")?.parse::<u64>().ok()
+                })
+                .max()
+                .unwrap_or(0);
+            operations += done;
+            counts[GuestClass::ALL
+                .iter()
+                .position(|c| *c == class)
+                .unwrap_or(0)] += 1;
+            if !matches!(class, GuestClass::Ok | GuestClass::Hang) {
+                failing.push(seed);
+            }
+            let so_far: Vec<String> = GuestClass::ALL
+                .iter()
+                .zip(counts)
+                .map(|(c, n)| format!("{} {n}", c.label()))
+                .collect();
+            eprintln!(
+                "xtask: [{boot}/{total}] {} seed {seed}: {} (>= {done} operations, {:.1} s; {}; log {})",
+                vendor.name(),
+                class.label(),
+                record.elapsed.as_secs_f64(),
+                so_far.join(", "),
+                crate::emulator::show_path(&dir.serial_log())
+            );
+        }
+        per_vendor.push((vendor, operations));
+    }
+    let kept = regression_seeds();
+    let new: Vec<u64> = failing
+        .iter()
+        .copied()
+        .filter(|s| !kept.contains(s))
+        .collect();
+    if !new.is_empty() {
+        let path = workspace::root().join(GUEST_REGRESSIONS);
+        let mut text = fs::read_to_string(&path).unwrap_or_default();
+        for seed in &new {
+            text.push_str(&format!("{seed}\n"));
+        }
+        fs::write(&path, text).context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "xtask: seeds {new:?} kept in {GUEST_REGRESSIONS} (rerun by every campaign until fixed)"
+        );
+    }
+    Ok((failing.is_empty(), per_vendor))
+}

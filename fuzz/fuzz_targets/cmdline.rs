@@ -3,13 +3,17 @@
 #![no_main]
 
 use lamina_abi::layout::{MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES};
-use lamina_fuzz::common::config::{self, NAME_MAX};
+use lamina_fuzz::common::config::{self, NAME_MAX, NAME_SHOWN_MAX};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let line = String::from_utf8_lossy(data);
     let index = data.len() % 5;
     let name = config::name_of(&line, index);
-    assert!(!name.is_empty() && name.len() <= NAME_MAX.max(config::default_name(index).len()));
+    // Messages show a name up to NAME_SHOWN_MAX; a domain's name is at most NAME_MAX, longer
+    // ones reject the module (docs/abi.md 4.4).
+    assert!(
+        !name.is_empty() && name.len() <= NAME_SHOWN_MAX.max(config::default_name(index).len())
+    );
     assert!(
         name.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
@@ -19,6 +23,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         return;
     };
     assert_eq!(parsed.name, name);
+    assert!(parsed.name.len() <= NAME_MAX, "{parsed:?}");
     assert!(
         (MEM_MIN_BYTES..=MEM_MAX_BYTES).contains(&parsed.mem_bytes),
         "{parsed:?}"

@@ -11,7 +11,7 @@ use lamina_abi::layout::{MEM_DEFAULT_BYTES, MEM_GRANULE_BYTES, MEM_MAX_BYTES, ME
 /// the module rather than being cut (docs/abi.md 4.4).
 pub const NAME_MAX: usize = 31;
 /// Longest name shown in a message about a module (names are never longer in a domain).
-const NAME_SHOWN_MAX: usize = 64;
+pub const NAME_SHOWN_MAX: usize = 64;
 
 /// What the hypervisor takes from a module's command line.
 #[derive(Debug, PartialEq, Eq)]

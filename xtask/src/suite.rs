@@ -91,6 +91,25 @@ struct JobOutcome {
     suite: Option<Suite>,
 }
 
+impl JobOutcome {
+    /// The outcome of a job that is one run (not the conformance suite), judged.
+    fn of_run(
+        name: &'static str,
+        vendor: Vendor,
+        judgement: Judgement,
+        record: Option<RunRecord>,
+    ) -> Self {
+        JobOutcome {
+            name,
+            vendor,
+            judgement,
+            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
+            record,
+            suite: None,
+        }
+    }
+}
+
 /// `cargo xtask test`: host unit tests, then every scenario, the conformance suite and the
 /// benchmark subset (`bench-fast`, held against bench/baseline.csv). Returns whether
 /// everything passed.
@@ -319,25 +338,11 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
         );
         let memory = record.as_ref().and_then(|r| r.log.memory_problem());
         let judgement = with_problems(judgement, memory.into_iter().collect());
-        return JobOutcome {
-            name,
-            vendor,
-            judgement,
-            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
-            record,
-            suite: None,
-        };
+        return JobOutcome::of_run(name, vendor, judgement, record);
     }
     if let Job::OutOfTree(_) = job {
         let (judgement, record) = out_of_tree::run(vendor, &job.dir(), options.timeout);
-        return JobOutcome {
-            name,
-            vendor,
-            judgement,
-            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
-            record,
-            suite: None,
-        };
+        return JobOutcome::of_run(name, vendor, judgement, record);
     }
     if let Job::Driven(driven, _) = job {
         let dir = job.dir();
@@ -347,14 +352,7 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
             timeout: options.timeout.unwrap_or_else(|| vendor.default_timeout()),
             streaming: &streaming(name, vendor, options),
         });
-        return JobOutcome {
-            name,
-            vendor,
-            judgement,
-            seconds: record.as_ref().map_or(0.0, |r| r.elapsed.as_secs_f64()),
-            record,
-            suite: None,
-        };
+        return JobOutcome::of_run(name, vendor, judgement, record);
     }
     let prepared = prepare(job, options);
     let (record, judgement, suite) = match prepared {

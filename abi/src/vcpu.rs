@@ -1,5 +1,5 @@
 //! Per-vCPU operations (`Hypercall::VcpuOp`): where the vCPU's shared structures live, its
-//! timers and its upcall vector.
+//! timers, its upcall vector, and bringing secondary vCPUs up and down.
 //!
 //! `RDI` = operation, `RSI` = vCPU number (`0..nr_vcpus`, otherwise `-ENOENT`), `RDX` = the
 //! operation's argument. Times are system time: nanoseconds since the hypervisor started, as
@@ -26,7 +26,39 @@ pub enum VcpuOp {
     /// Deliver this vCPU's event upcall as interrupt vector `RDX` (32..=255; 0 = none, events
     /// then only end `block` and `poll`). Other values are `-EINVAL`.
     SetUpcallVector = 4,
+    /// Give vCPU `RSI` (down, never initialised, not vCPU 0) the state it starts in: a
+    /// [`VcpuStartState`] at guest-physical `RDX` (8-byte aligned). `-EEXIST` once it was
+    /// initialised (vCPU 0 always was); `-EINVAL` for a non-canonical RIP or RSP or a CR3 that
+    /// is not a page of RAM. Since ABI 1.5.
+    Initialise = 5,
+    /// Bring vCPU `RSI` up: it starts running from its start state (or, after `down`, where it
+    /// stopped). `-EINVAL` if it was never initialised; 0 and nothing done if it is up.
+    Up = 6,
+    /// Take vCPU `RSI` down: it stops at once (the caller itself: the call returns when it is
+    /// brought up again). `-EBUSY` if it is the last vCPU of the domain that is up; 0 and
+    /// nothing done if it is down.
+    Down = 7,
+    /// 1 if vCPU `RSI` is up, 0 if down.
+    IsUp = 8,
 }
+
+/// The start state of a secondary vCPU (`VcpuOp::Initialise`, docs/abi.md 19). Everything
+/// else is as at the start of day (docs/abi.md 4.1): 64-bit mode, the boot GDT, interrupts
+/// off, the other general registers 0, the extended state in its initial configuration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuStartState {
+    /// First instruction (canonical).
+    pub rip: u64,
+    /// Stack pointer (canonical).
+    pub rsp: u64,
+    /// Root of its page tables: a page-aligned address of a page of RAM.
+    pub cr3: u64,
+    /// Passed in RDI.
+    pub argument: u64,
+}
+const _: () = assert!(core::mem::size_of::<VcpuStartState>() == 32);
+const _: () = assert!(core::mem::offset_of!(VcpuStartState, cr3) == 16);
 
 impl TryFrom<u64> for VcpuOp {
     type Error = crate::Errno;
@@ -38,6 +70,10 @@ impl TryFrom<u64> for VcpuOp {
             2 => VcpuOp::SetPeriodicTimer,
             3 => VcpuOp::SetSingleshotTimer,
             4 => VcpuOp::SetUpcallVector,
+            5 => VcpuOp::Initialise,
+            6 => VcpuOp::Up,
+            7 => VcpuOp::Down,
+            8 => VcpuOp::IsUp,
             _ => return Err(crate::Errno::ENOSYS),
         })
     }

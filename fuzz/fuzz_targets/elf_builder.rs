@@ -44,6 +44,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             .collect::<String>(),
         cmdline: &cmdline,
         privileged: data.len() % 2 == 0,
+        nr_vcpus: 1 + data.len() % 8,
         time: TimeBase::new(1_000_000_000, 0, 0, 0),
     };
     let _ = write_boot_structures(&mem, &image, &params);

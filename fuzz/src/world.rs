@@ -505,7 +505,7 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
         };
         slots.push(Slot {
             domain,
-            vcpu: Some(vcpu),
+            vcpus: vec![vcpu],
         });
     }
     let mut host = FuzzHost {
@@ -670,7 +670,7 @@ fn check_after(
             d.state
         );
         assert!(
-            d.torn_down && slot.vcpu.is_none() && d.ram.is_none() && d.nested.is_none(),
+            d.torn_down && slot.vcpus.is_empty() && d.ram.is_none() && d.nested.is_none(),
             "domain {} not fully torn down",
             d.id
         );

@@ -1,11 +1,12 @@
-//! Per-vCPU operations (`vcpu_op`, docs/abi.md 9): where a vCPU's shared structures live, its
-//! timers and its upcall vector. [`crate::timer`] has the friendlier timer interface.
+//! Per-vCPU operations (`vcpu_op`, docs/abi.md 9 and 19): where a vCPU's shared structures
+//! live, its timers, its upcall vector, and bringing secondary vCPUs up and down.
+//! [`crate::timer`] has the friendlier timer interface.
 
 use core::cell::UnsafeCell;
 
 use lamina_abi::Hypercall;
 use lamina_abi::shared_info::VcpuInfo;
-use lamina_abi::vcpu::{RunstateInfo, VcpuOp};
+use lamina_abi::vcpu::{RunstateInfo, VcpuOp, VcpuStartState};
 
 use crate::hypercall::{self, HypercallError};
 
@@ -43,6 +44,51 @@ pub fn set_singleshot_timer(vcpu: u32, deadline_ns: u64) -> Result<(), Hypercall
 pub fn set_upcall_vector(vcpu: u32, vector: u8) -> Result<(), HypercallError> {
     // SAFETY: touches no guest memory.
     unsafe { op(VcpuOp::SetUpcallVector, vcpu, u64::from(vector)) }.map(|_| ())
+}
+
+/// Gives secondary vCPU `vcpu` the state it starts in (docs/abi.md 19.1): RIP, RSP, CR3 and
+/// the argument it finds in RDI. Once per vCPU; vCPU 0 cannot be initialised (`-EEXIST`).
+pub fn initialise(vcpu: u32, start: &VcpuStartState) -> Result<(), HypercallError> {
+    // SAFETY: the hypervisor only reads the 32 bytes of `start`.
+    unsafe {
+        op(
+            VcpuOp::Initialise,
+            vcpu,
+            start as *const VcpuStartState as u64,
+        )
+    }
+    .map(|_| ())
+}
+
+/// Brings vCPU `vcpu` up (docs/abi.md 19.2): it runs from its start state, or, after
+/// [`down`], from where it stopped. Nothing happens if it is up.
+///
+/// # Safety
+/// The start state given to [`initialise`] must be code and a stack the new vCPU may use
+/// concurrently with the others: it runs in the same address space, at the same time.
+pub unsafe fn up(vcpu: u32) -> Result<(), HypercallError> {
+    // SAFETY: forwarded to the caller; the operation itself touches no memory.
+    unsafe { op(VcpuOp::Up, vcpu, 0) }.map(|_| ())
+}
+
+/// Takes vCPU `vcpu` down (docs/abi.md 19.3); called on the caller's own vCPU, returns once
+/// another vCPU brings it up again. `-EBUSY` for the last vCPU that is up.
+pub fn down(vcpu: u32) -> Result<(), HypercallError> {
+    // SAFETY: touches no guest memory.
+    unsafe { op(VcpuOp::Down, vcpu, 0) }.map(|_| ())
+}
+
+/// Whether vCPU `vcpu` is up (docs/abi.md 19.4).
+pub fn is_up(vcpu: u32) -> Result<bool, HypercallError> {
+    // SAFETY: touches no guest memory.
+    unsafe { op(VcpuOp::IsUp, vcpu, 0) }.map(|up| up != 0)
+}
+
+/// The number of the vCPU the caller runs on: its initial APIC id, from CPUID leaf 1
+/// (docs/abi.md 19). Costs an exit: a kernel keeps it in its per-CPU data.
+pub fn this_vcpu() -> u32 {
+    // CPUID is available on every x86-64 CPU and has no side effects.
+    core::arch::x86_64::__cpuid(1).ebx >> 24
 }
 
 /// A 64-byte-aligned home for a vCPU's [`VcpuInfo`], for [`register_vcpu_info`].

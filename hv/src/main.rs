@@ -160,15 +160,23 @@ mod start {
         let free_before_domains = memory::figures().1;
         let mut slots: Vec<Slot<B::Vcpu>> = Vec::new();
         let mut rejected = Vec::new();
+        // VPIDs or ASIDs, one per vCPU of the machine, from 1.
+        let mut tlb_tags = 1..;
         for (i, module) in info.modules.iter().enumerate() {
             let index = i + 1;
             let id = slots.len() as u32 + 1;
-            match build_domain(&mut hw, module, index, id, time) {
+            match build_domain(&mut hw, module, index, id, time, &mut tlb_tags) {
                 Ok(slot) => {
+                    let vcpus = slot.vcpus.len();
                     hv_println!(
-                        "lamina: domain {id} {} started mem={}M",
+                        "lamina: domain {id} {} started mem={}M{}",
                         slot.domain.name,
-                        slot.domain.memory.size() >> 20
+                        slot.domain.memory.size() >> 20,
+                        if vcpus > 1 {
+                            format!(" vcpus={vcpus}")
+                        } else {
+                            String::new()
+                        }
                     );
                     slots.push(slot);
                 }
@@ -191,6 +199,7 @@ mod start {
         index: usize,
         id: u32,
         time: TimeBase,
+        tlb_tags: &mut core::ops::RangeFrom<u32>,
     ) -> Result<Slot<B::Vcpu>, String> {
         let config = config::parse(module.cmdline, index).map_err(|e| format!("{e}"))?;
         // SAFETY: the module's bytes were taken out of the physical allocator and stay intact.
@@ -212,22 +221,27 @@ mod start {
                 name: &config.name,
                 cmdline: module.cmdline,
                 privileged: config.privileged,
+                nr_vcpus: config.vcpus,
                 time,
             };
             builder::write_boot_structures(&memory, &image, &params).map(|()| image)
         });
         // On an error `owned_ram` is dropped: the RAM goes back.
         let image = built.map_err(|error| format!("{error}"))?;
-        let entry = EntryState {
-            rip: image.entry,
-            rsp: memory.size(),
-            rdi: START_INFO_GPA,
-            cr3: BOOT_PML4_GPA,
-            gdt: (BOOT_GDT_GPA, BOOT_GDT_LIMIT),
-            tlb_tag: id as u16,
-        };
-        let (vcpu, nested) = hw
-            .create_vcpu(&memory, &entry)
+        // Every vCPU is built in the start-of-day state; those other than 0 get their RIP,
+        // RSP, CR3 and RDI from `vcpu_op` initialise (docs/abi.md 19).
+        let entries: Vec<EntryState> = (0..config.vcpus)
+            .map(|_| EntryState {
+                rip: image.entry,
+                rsp: memory.size(),
+                rdi: START_INFO_GPA,
+                cr3: BOOT_PML4_GPA,
+                gdt: (BOOT_GDT_GPA, BOOT_GDT_LIMIT),
+                tlb_tag: (1 + (tlb_tags.next().unwrap_or(1) - 1) % 0xffff) as u16,
+            })
+            .collect();
+        let (vcpus, nested) = hw
+            .create_vcpus(&memory, &entries)
             .map_err(|error| format!("{error}"))?;
         Ok(Slot {
             domain: Domain {
@@ -236,9 +250,9 @@ mod start {
                 nested: Some(nested),
                 ram: Some(owned_ram),
                 memory_map: builder::MemoryMap::new(memory.size(), &image),
-                ..Domain::new(id, config.name, memory, time)
+                ..Domain::with_vcpus(id, config.name, memory, time, config.vcpus)
             },
-            vcpu: Some(vcpu),
+            vcpus,
         })
     }
 
@@ -259,7 +273,7 @@ mod start {
                 d.id,
                 d.name,
                 ending.word(),
-                d.cpu_ns / 1_000_000,
+                d.cpu_ns() / 1_000_000,
                 d.stats.total(),
                 counts
             );

@@ -287,10 +287,10 @@ pub const SCENARIOS: &[Scenario] = &[
                 source: ModuleSource::Built(Artifact::SampleGuest),
                 cmdline: "sample-guest",
             },
-            // A good kernel with a command line the hv refuses: one vCPU per domain until SMP.
+            // A good kernel with a command line the hv refuses: more vCPUs than a domain can have.
             ModuleSpec {
                 source: ModuleSource::Built(Artifact::SampleGuest),
-                cmdline: "two-vcpus vcpus=2",
+                cmdline: "nine-vcpus vcpus=9",
             },
             // A name longer than StartInfo holds is refused, not cut.
             ModuleSpec {
@@ -303,7 +303,9 @@ pub const SCENARIOS: &[Scenario] = &[
         required_lines: &[
             LinePattern::Contains("lamina: module 1 bad-elf rejected:"),
             LinePattern::Contains("lamina: module 2 elf-below-kernel-area rejected:"),
-            LinePattern::Contains("lamina: module 4 two-vcpus rejected: vcpus= is not 1"),
+            LinePattern::Contains(
+                "lamina: module 4 nine-vcpus rejected: vcpus= is not a number from 1 to 8",
+            ),
             LinePattern::Contains(
                 "lamina: module 5 name-longer-than-thirty-one-bytes rejected: the domain name is 33 bytes long, more than 31",
             ),

@@ -30,6 +30,7 @@ mod memory;
 mod multicall;
 mod ring;
 mod sched;
+mod smp;
 mod start;
 mod stats;
 mod time;

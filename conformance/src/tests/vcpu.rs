@@ -73,9 +73,9 @@ conformance_test! {
     expect: Success,
 }
 pub(super) fn vcpu_unknown_op_enosys() {
-    // 5 is the first unassigned operation. 1 << 32 would be RegisterVcpuInfo at 0 to a
+    // 9 is the first unassigned operation. 1 << 32 would be RegisterVcpuInfo at 0 to a
     // hypervisor that looks at EDI only: page 0 is unused, so that mistake harms nothing.
-    for op in [5, 6, 99, 1 << 32, u64::MAX] {
+    for op in [9, 10, 99, 1 << 32, u64::MAX] {
         // SAFETY: unknown operations do nothing; see above for 1 << 32.
         let status = unsafe { hv::vcpu_op(op, 0, 0) };
         check_eq!(
@@ -86,9 +86,9 @@ pub(super) fn vcpu_unknown_op_enosys() {
     }
     // The operation is checked before the vCPU (docs/abi.md 2.4).
     // SAFETY: an unknown operation does nothing.
-    let status = unsafe { hv::vcpu_op(5, 99, 0) };
+    let status = unsafe { hv::vcpu_op(9, 99, 0) };
     check_eq!(
-        "vcpu_op operation 5 on vCPU 99",
+        "vcpu_op operation 9 on vCPU 99",
         Status::err(Errno::ENOSYS),
         status
     );

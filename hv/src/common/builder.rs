@@ -249,6 +249,8 @@ pub struct BootParams<'a> {
     pub cmdline: &'a str,
     /// Privileged domain.
     pub privileged: bool,
+    /// Number of vCPUs.
+    pub nr_vcpus: usize,
     /// The clock published in the shared-info page.
     pub time: TimeBase,
 }
@@ -281,7 +283,7 @@ pub fn write_boot_structures(
         stack_top: mem.size(),
         cmdline_gpa: CMDLINE_GPA,
         cmdline_len: cmdline.len() as u64,
-        nr_vcpus: 1,
+        nr_vcpus: params.nr_vcpus as u32,
         console_port: CONSOLE_PORT,
         name,
         shared_info_gpa: SHARED_INFO_GPA,
@@ -627,6 +629,7 @@ mod tests {
             name: "ping",
             cmdline: "ping mem=4M",
             privileged: false,
+            nr_vcpus: 1,
             time: TimeBase::new(1_000_000_000, 0, 0, 0),
         };
         write_boot_structures(&t.mem, &image, &params).unwrap();

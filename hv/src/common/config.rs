@@ -24,7 +24,13 @@ pub struct DomainConfig {
     pub privileged: bool,
     /// Scheduling weight: CPU time is shared in proportion (`weight=`, 1..=65535).
     pub weight: u32,
+    /// Number of vCPUs (`vcpus=`, 1..=[`MAX_VCPUS`]); vCPU 0 starts, the others are brought
+    /// up by the guest (docs/abi.md 19).
+    pub vcpus: usize,
 }
+
+/// Most vCPUs a domain can have: the slots of the shared-info page.
+pub const MAX_VCPUS: usize = lamina_abi::shared_info::MAX_VCPUS;
 
 /// Weight of a domain whose command line names none.
 pub const DEFAULT_WEIGHT: u32 = 256;
@@ -40,7 +46,7 @@ pub enum ConfigError {
     BadPrivileged,
     /// `weight=` is not a number in 1..=65535.
     BadWeight,
-    /// `vcpus=` is not 1, the only number of vCPUs a domain can have until SMP.
+    /// `vcpus=` is not a number from 1 to [`MAX_VCPUS`].
     BadVcpus,
     /// The name is longer than [`NAME_MAX`] bytes (its length).
     NameTooLong(usize),
@@ -52,7 +58,7 @@ impl fmt::Display for ConfigError {
             ConfigError::BadMemSize => write!(f, "mem= is not a size like 16M"),
             ConfigError::BadPrivileged => write!(f, "privileged= is not 0 or 1"),
             ConfigError::BadWeight => write!(f, "weight= is not a number from 1 to 65535"),
-            ConfigError::BadVcpus => write!(f, "vcpus= is not 1 (a domain has one vCPU)"),
+            ConfigError::BadVcpus => write!(f, "vcpus= is not a number from 1 to {MAX_VCPUS}"),
             ConfigError::NameTooLong(len) => write!(
                 f,
                 "the domain name is {len} bytes long, more than {NAME_MAX} (StartInfo.name holds {NAME_MAX})"
@@ -117,6 +123,7 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     let mut mem_bytes = MEM_DEFAULT_BYTES;
     let mut privileged = false;
     let mut weight = DEFAULT_WEIGHT;
+    let mut vcpus = 1;
     if let Some(raw) = raw_name(cmdline) {
         let len = sanitize_name(raw, usize::MAX).len();
         if len > NAME_MAX {
@@ -124,10 +131,12 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
         }
     }
     for token in cmdline.split_whitespace() {
-        if let Some(count) = token.strip_prefix("vcpus=")
-            && count != "1"
-        {
-            return Err(ConfigError::BadVcpus);
+        if let Some(count) = token.strip_prefix("vcpus=") {
+            // Plain decimal: no sign, no leading zero.
+            vcpus = match count.parse::<usize>() {
+                Ok(n @ 1..=MAX_VCPUS) if !count.starts_with(['0', '+']) => n,
+                _ => return Err(ConfigError::BadVcpus),
+            };
         }
         if let Some(value) = token.strip_prefix("weight=") {
             weight = match value.parse::<u32>() {
@@ -155,6 +164,7 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
         mem_bytes,
         privileged,
         weight,
+        vcpus,
     })
 }
 
@@ -204,9 +214,19 @@ mod tests {
     }
 
     #[test]
-    fn one_vcpu_is_the_only_count_accepted() {
-        assert!(parse("x vcpus=1", 1).is_ok());
-        for bad in ["vcpus=2", "vcpus=0", "vcpus=", "vcpus=01", "vcpus=one"] {
+    fn vcpus_accepts_one_to_eight() {
+        assert_eq!(parse("x", 1).map(|c| c.vcpus), Ok(1));
+        for n in 1..=8 {
+            assert_eq!(parse(&format!("x vcpus={n}"), 1).map(|c| c.vcpus), Ok(n));
+        }
+        for bad in [
+            "vcpus=9",
+            "vcpus=0",
+            "vcpus=",
+            "vcpus=01",
+            "vcpus=+2",
+            "vcpus=one",
+        ] {
             assert_eq!(
                 parse(&format!("x {bad}"), 1),
                 Err(ConfigError::BadVcpus),
@@ -215,7 +235,7 @@ mod tests {
         }
         assert_eq!(
             ConfigError::BadVcpus.to_string(),
-            "vcpus= is not 1 (a domain has one vCPU)"
+            "vcpus= is not a number from 1 to 8"
         );
     }
 

@@ -100,6 +100,17 @@ pub fn emulate(
     regs
 }
 
+/// Puts vCPU `vcpu`'s APIC id where CPUID reports the initial APIC id (leaf 1 EBX[31:24],
+/// the x2APIC id in EDX of leaves 0xB and 0x1F; SDM Vol. 2A CPUID), instead of the host
+/// CPU's: the vCPU number, which the emulated x2APIC also reports (docs/abi.md 14, 19).
+pub fn show_apic_id(leaf: u32, regs: &mut CpuidResult, vcpu: u32) {
+    match leaf {
+        1 => regs[1] = (regs[1] & 0x00ff_ffff) | ((vcpu & 0xff) << 24),
+        0xb | 0x1f => regs[3] = vcpu,
+        _ => {}
+    }
+}
+
 /// Leaves 1, 7 and 0xD as the vCPU's extended state has them (docs/abi.md 18). Out of line:
 /// the other leaves stay cheap.
 #[inline(never)]
@@ -192,7 +203,12 @@ mod tests {
             emulate(0x4000_0100, 0, 2_000_000, || NO_XSAVE, host),
             [0; 4]
         );
-        let basic = emulate(1, 0, 2_000_000, || NO_XSAVE, host);
+        let mut basic = emulate(1, 0, 2_000_000, || NO_XSAVE, host);
+        show_apic_id(1, &mut basic, 3);
+        assert_eq!(basic[1] >> 24, 3, "the vCPU number is the initial APIC id");
+        let mut topology = [0, 0, 0, 7];
+        show_apic_id(0xb, &mut topology, 5);
+        assert_eq!(topology[3], 5, "and the x2APIC id");
         assert_eq!(basic[2], (1 << 31) | (1 << 24) | (1 << 21) | 1);
         assert_eq!(
             emulate(LEAF_TIMING, 0, 2_000_000, || NO_XSAVE, host),

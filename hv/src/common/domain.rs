@@ -9,7 +9,7 @@ use crate::common::output;
 use crate::common::stats::ExitStats;
 use crate::common::time::TimeBase;
 use crate::common::uart::Uart16550;
-use crate::common::vcpu_state::{VcpuState, Wait};
+use crate::common::vcpu_state::{VcpuState, Wait, request};
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -263,7 +263,7 @@ pub struct Domain {
     pub stats: ExitStats,
     /// Event channels.
     pub events: EventChannels,
-    /// Per-vCPU hypervisor state.
+    /// Per-vCPU hypervisor state, indexed by vCPU number (`vcpus=`, docs/abi.md 19).
     pub vcpus: Vec<VcpuState>,
     /// The clock.
     pub time: TimeBase,
@@ -271,17 +271,9 @@ pub struct Domain {
     pub privileged: bool,
     /// Scheduling weight (`weight=`).
     pub weight: u32,
-    /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight`; the scheduler runs the
-    /// ready vCPU with the least, so CPU time is shared in proportion to weights.
-    pub vruntime: u64,
-    /// CPU time the domain has had, in ns.
-    pub cpu_ns: u64,
     /// The nested page table (EPT/NPT) its vCPU runs on, built by the backend; `None` in host
     /// tests without one, and once the domain was released (it never runs again).
     pub nested: Option<Box<dyn NestedMap>>,
-    /// A nested mapping went away or lost permissions: the vCPU's cached guest-physical
-    /// translations must be dropped before it next enters the guest.
-    pub nested_tlb_stale: bool,
     /// Grants it made and the grants mapped in its grant window (docs/abi.md 16).
     pub grants: GrantTable,
     /// Not scheduled until unpaused (`domctl_op` pause); its timers and events go on.
@@ -298,6 +290,18 @@ pub struct Domain {
 impl Domain {
     /// A runnable domain with fresh devices and one vCPU.
     pub fn new(id: u32, name: String, memory: GuestMemory, time: TimeBase) -> Self {
+        Self::with_vcpus(id, name, memory, time, 1)
+    }
+
+    /// A runnable domain with fresh devices and `nr_vcpus` vCPUs (1 to
+    /// [`lamina_abi::shared_info::MAX_VCPUS`]), of which vCPU 0 is up.
+    pub fn with_vcpus(
+        id: u32,
+        name: String,
+        memory: GuestMemory,
+        time: TimeBase,
+        nr_vcpus: usize,
+    ) -> Self {
         let now = time.ns_at(read_tsc());
         let no_image = KernelImage {
             entry: KERNEL_MIN_GPA,
@@ -313,15 +317,14 @@ impl Domain {
             console: ConsoleLine::default(),
             uart: Uart16550::default(),
             stats: ExitStats::default(),
-            events: EventChannels::new(id as u16, SHARED_INFO_GPA, 1),
-            vcpus: alloc::vec![VcpuState::new(0, now, time.tsc_hz)],
+            events: EventChannels::new(id as u16, SHARED_INFO_GPA, nr_vcpus),
+            vcpus: (0..nr_vcpus as u32)
+                .map(|index| VcpuState::new(index, now, time.tsc_hz))
+                .collect(),
             time,
             privileged: false,
             weight: crate::common::config::DEFAULT_WEIGHT,
-            vruntime: 0,
-            cpu_ns: 0,
             nested: None,
-            nested_tlb_stale: false,
             grants: GrantTable::default(),
             paused: false,
             ram: None,
@@ -340,14 +343,25 @@ impl Domain {
         }
     }
 
-    /// A nested mapping went away or lost permissions: the vCPUs drop their cached
-    /// translations before they next enter the guest (through `attention`, so an exit that
-    /// changed nothing pays nothing for it).
-    pub fn mark_nested_stale(&mut self) {
-        self.nested_tlb_stale = true;
-        for state in self.vcpus.iter_mut() {
-            state.attention = true;
+    /// A nested mapping went away or lost permissions: every vCPU drops its cached
+    /// translations before it next enters the guest.
+    pub fn mark_nested_stale(&self) {
+        for state in &self.vcpus {
+            state.requests.make(request::NESTED_FLUSH);
         }
+    }
+
+    /// Whether a nested flush is still asked of some vCPU (host tests).
+    #[cfg(test)]
+    pub fn nested_flush_pending(&self) -> bool {
+        self.vcpus
+            .iter()
+            .any(|state| state.requests.peek(request::NESTED_FLUSH))
+    }
+
+    /// CPU time its vCPUs have had, in ns.
+    pub fn cpu_ns(&self) -> u64 {
+        self.vcpus.iter().map(|state| state.cpu_ns).sum()
     }
 
     /// System time now.
@@ -459,11 +473,30 @@ impl Domain {
         self.state == DomainState::Runnable
     }
 
-    /// Why vCPU 0, which waits, can never be woken (docs/abi.md 3.3, 7.2), or `None` if
-    /// something still could wake it (or it does not wait).
+    /// Why the domain can never run again: every vCPU that is up waits, and nothing can wake
+    /// any of them (docs/abi.md 3.3, 7.2); `None` if one runs or could be woken.
     pub fn never_wakes(&self) -> Option<&'static str> {
-        let state = &self.vcpus[0];
-        let events_can_wake = self.events.can_wake(0, state.timers.armed());
+        let mut why = None;
+        for index in (0..self.vcpus.len()).filter(|&i| self.vcpus[i].up) {
+            why = Some(self.vcpu_never_wakes(index)?);
+        }
+        why
+    }
+
+    /// Whether a vCPU other than `index` is up: it could wake `index` (an IPI port, a
+    /// `vcpu_op`), so `index` blocking with nothing else to wake it is not yet a dead end.
+    pub fn has_other_vcpu_up(&self, index: usize) -> bool {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, state)| i != index && state.up)
+    }
+
+    /// Why vCPU `index`, which waits, can never be woken by anything but its siblings, or
+    /// `None` if something could (or it does not wait).
+    fn vcpu_never_wakes(&self, index: usize) -> Option<&'static str> {
+        let state = &self.vcpus[index];
+        let events_can_wake = self.events.can_wake(index, state.timers.armed());
         let stuck = match &state.wait {
             Wait::None
             | Wait::Poll {

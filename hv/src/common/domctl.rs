@@ -10,6 +10,7 @@ use crate::common::domain::{
     DOMAIN_COUNT, Domain, DomainState, DomainTable, Ending, domain_exists,
 };
 use crate::common::phys;
+use crate::common::vcpu_state::request;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use lamina_abi::Errno;
@@ -60,7 +61,7 @@ pub fn domain_info(domain: &Domain) -> DomainInfo {
             Ending::Fault(_) | Ending::Paused => (domain_state::CRASHED, ending::FAULT),
         },
         DomainState::Runnable if domain.paused => (domain_state::PAUSED, ending::NONE),
-        DomainState::Runnable if !domain.vcpus[0].is_runnable() => {
+        DomainState::Runnable if !domain.vcpus.iter().any(|v| v.is_runnable()) => {
             (domain_state::BLOCKED, ending::NONE)
         }
         DomainState::Runnable => (domain_state::RUNNING, ending::NONE),
@@ -82,7 +83,7 @@ pub fn domain_info(domain: &Domain) -> DomainInfo {
         weight: domain.weight,
         reserved: 0,
         memory_bytes: domain.memory_bytes(),
-        cpu_ns: domain.cpu_ns,
+        cpu_ns: domain.cpu_ns(),
         console_bytes: domain.console.history.end(),
         name,
     }
@@ -178,11 +179,12 @@ fn control(
         DomctlOp::Pause => peer.paused = true,
         DomctlOp::Unpause => {
             if core::mem::take(&mut peer.paused) {
-                let state = &mut peer.vcpus[0];
-                // Events and timers that came meanwhile are delivered at its next entry.
-                state.attention = true;
-                // It starts level with the others rather than catching up the paused time.
-                state.boosted = state.is_runnable();
+                for state in peer.vcpus.iter_mut() {
+                    // Events and timers that came meanwhile are delivered at its next entry.
+                    state.requests.make(request::EVENT);
+                    // It starts level with the others rather than catching up the paused time.
+                    state.boosted = state.is_runnable();
+                }
             }
         }
         DomctlOp::Destroy => {
@@ -370,7 +372,7 @@ mod tests {
     fn list_domains_reports_every_domain_in_id_order() {
         let ([t1, ..], mut one, mut others) = three();
         one.weight = 512;
-        one.cpu_ns = 7;
+        one.vcpus[0].cpu_ns = 7;
         one.console.write(ConsoleSource::Paravirtual, 1, b"hi\n");
         others[0].paused = true;
         others[1].vcpus[0].wait = Wait::Block;

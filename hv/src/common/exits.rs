@@ -15,8 +15,10 @@ use crate::common::stats::ExitKind;
 use crate::common::string_io::{self, Outcome, Ports, StringIo};
 use crate::common::uart::Uart16550;
 use crate::common::uart::{COM1_BASE, COM1_PORTS};
-use crate::common::vcpu::{ArchMsr, ArchState, CrOperand, VirtualCpu, VmExit, reg, vector};
-use crate::common::vcpu_state::Wait;
+use crate::common::vcpu::{
+    ArchMsr, ArchState, CrOperand, VirtualCpu, VmExit, is_canonical, reg, vector,
+};
+use crate::common::vcpu_state::{Wait, request};
 use crate::common::vlapic::VirtualLapic;
 use crate::common::xstate;
 use alloc::format;
@@ -27,10 +29,11 @@ use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
 #[inline(always)]
 pub fn hypercall_exit<V: VirtualCpu>(
     domain: &mut Domain,
+    index: usize,
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
-    let next = enter_hypercall(domain, vcpu, peers);
+    let next = enter_hypercall(domain, index, vcpu, peers);
     if next != Next::Stop {
         vcpu.skip_instruction();
     }
@@ -42,31 +45,32 @@ pub fn hypercall_exit<V: VirtualCpu>(
 #[inline(always)]
 fn enter_hypercall<V: VirtualCpu>(
     domain: &mut Domain,
+    index: usize,
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
-    const VCPU: usize = 0;
     domain.stats.count(ExitKind::Hypercall);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
     // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
-    if domain.vcpus[VCPU].upcall_maybe_pending {
-        domain.vcpus[VCPU].attention = true;
+    let state = &domain.vcpus[index];
+    if state.upcall_maybe_pending {
+        state.requests.make(request::EVENT);
     }
-    hypercall::handle(domain, VCPU, vcpu, peers)
+    hypercall::handle(domain, index, vcpu, peers)
 }
 
-/// Handles one exit of `vcpu`, vCPU 0 of `domain`.
+/// Handles one exit of `vcpu`, vCPU `index` of `domain`.
 #[inline(never)]
 pub fn handle_exit<V: VirtualCpu>(
     domain: &mut Domain,
+    vcpu_index: usize,
     vcpu: &mut V,
     exit: VmExit,
     peers: &mut dyn DomainTable,
 ) -> Next {
-    const VCPU: usize = 0;
     match exit {
-        VmExit::Hypercall => hypercall_exit(domain, vcpu, peers),
-        VmExit::InvalidOpcode => invalid_opcode(domain, vcpu, peers),
+        VmExit::Hypercall => hypercall_exit(domain, vcpu_index, vcpu, peers),
+        VmExit::InvalidOpcode => invalid_opcode(domain, vcpu_index, vcpu, peers),
         VmExit::Cpuid => {
             domain.stats.count(ExitKind::Cpuid);
             let regs = vcpu.regs();
@@ -77,7 +81,9 @@ pub fn handle_exit<V: VirtualCpu>(
                 osxsave: vcpu.osxsave_enabled(),
             };
             let tsc_khz = domain.time.tsc_khz() as u32;
-            let [eax, ebx, ecx, edx] = cpuid::emulate(leaf, subleaf, tsc_khz, view, host_cpuid);
+            let mut result = cpuid::emulate(leaf, subleaf, tsc_khz, view, host_cpuid);
+            cpuid::show_apic_id(leaf, &mut result, vcpu_index as u32);
+            let [eax, ebx, ecx, edx] = result;
             let regs = vcpu.regs();
             regs.gpr[reg::RAX] = eax.into();
             regs.gpr[reg::RBX] = ebx.into();
@@ -94,20 +100,20 @@ pub fn handle_exit<V: VirtualCpu>(
         VmExit::Hlt => {
             domain.stats.count(ExitKind::Hlt);
             vcpu.skip_instruction();
-            halt(domain, VCPU, vcpu)
+            halt(domain, vcpu_index, vcpu)
         }
         VmExit::InterruptWindow => {
             domain.stats.count(ExitKind::InterruptWindow);
             vcpu.set_interrupt_window_exiting(false);
-            domain.vcpus[VCPU].window_requested = false;
-            domain.vcpus[VCPU].attention = true;
+            domain.vcpus[vcpu_index].window_requested = false;
+            domain.vcpus[vcpu_index].requests.make(request::EVENT);
             Next::Resume
         }
         VmExit::Io { port, size, write } => port_io(domain, vcpu, port, size, write),
         VmExit::StringIo(io) => string_port_io(domain, vcpu, io),
         VmExit::CrAccess { cr, write, operand } => {
             domain.stats.count(ExitKind::Other);
-            control_register_access(domain, vcpu, cr, write, operand)
+            control_register_access(domain, vcpu_index, vcpu, cr, write, operand)
         }
         VmExit::Nmi => {
             // The NMI was the hypervisor's: its handler counted it (platform::cpu::HOST_NMIS);
@@ -129,7 +135,7 @@ pub fn handle_exit<V: VirtualCpu>(
             if VirtualLapic::owns_msr(index) {
                 let tsc = read_tsc();
                 let now = domain.time.ns_at(tsc);
-                match domain.vcpus[VCPU].vlapic.read_msr(index, now, tsc) {
+                match domain.vcpus[vcpu_index].vlapic.read_msr(index, now, tsc) {
                     Ok(value) => {
                         let regs = vcpu.regs();
                         regs.gpr[reg::RAX] = value & 0xffff_ffff;
@@ -160,12 +166,11 @@ pub fn handle_exit<V: VirtualCpu>(
             if VirtualLapic::owns_msr(index) {
                 let tsc = read_tsc();
                 let now = domain.time.ns_at(tsc);
-                let state = &mut domain.vcpus[VCPU];
+                let state = &mut domain.vcpus[vcpu_index];
                 match state.vlapic.write_msr(index, value, now, tsc) {
                     Ok(()) => {
                         // A timer, EOI or TPR change may make an interrupt due or deliverable.
-                        state.attention = true;
-                        state.timers_changed = true;
+                        state.requests.make(request::EVENT | request::TIMERS);
                         vcpu.skip_instruction();
                     }
                     Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
@@ -260,7 +265,7 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
     if vcpu.interrupt_flag() && (upcall_due || state.vlapic.deliverable_vector().is_some()) {
         // An interrupt is already due (it may have come while the vCPU was preempted between
         // STI and HLT): it is injected at the next entry and ends the HLT at once.
-        domain.vcpus[index].attention = true;
+        domain.vcpus[index].requests.make(request::EVENT);
         return Next::Resume;
     }
     // The APIC timer first: the cheap and, for an unported kernel, the usual wake source.
@@ -275,7 +280,7 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
     }
     let state = &mut domain.vcpus[index];
     state.wait = Wait::Halt;
-    state.attention = true;
+    state.requests.make(request::EVENT);
     Next::Sleep
 }
 
@@ -283,6 +288,7 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
 /// reflected to the guest.
 fn invalid_opcode<V: VirtualCpu>(
     domain: &mut Domain,
+    vcpu_index: usize,
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
@@ -291,7 +297,7 @@ fn invalid_opcode<V: VirtualCpu>(
     let found =
         guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
     if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
-        let next = enter_hypercall(domain, vcpu, peers);
+        let next = enter_hypercall(domain, vcpu_index, vcpu, peers);
         if next != Next::Stop {
             vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
         }
@@ -438,6 +444,7 @@ fn cr_context<V: VirtualCpu>(domain: &Domain, vcpu: &V, state: &ArchState) -> Cr
 /// 18.3, 18.4): checked as the CPU checks it, #GP(0) with the register unchanged otherwise.
 fn control_register_access<V: VirtualCpu>(
     domain: &mut Domain,
+    vcpu_index: usize,
     vcpu: &mut V,
     cr: u8,
     write: bool,
@@ -506,9 +513,9 @@ fn control_register_access<V: VirtualCpu>(
         match accepted {
             Ok(value) if cr == 8 => {
                 // CR8 is the TPR (SDM Vol. 3A 10.8.6): a lower class may let a held vector in.
-                let state = &mut domain.vcpus[0];
+                let state = &mut domain.vcpus[vcpu_index];
                 let _ = state.vlapic.write_cr8(value);
-                state.attention = true;
+                state.requests.make(request::EVENT);
             }
             Ok(value) => vcpu.set_control_register(cr, value),
             Err(control_regs::Fault) => {
@@ -518,7 +525,7 @@ fn control_register_access<V: VirtualCpu>(
         }
     } else {
         let value = match cr {
-            8 => domain.vcpus[0].vlapic.cr8(),
+            8 => domain.vcpus[vcpu_index].vlapic.cr8(),
             0 => state.cr0,
             2 => state.cr2,
             3 => state.cr3,
@@ -539,10 +546,6 @@ fn control_register_access<V: VirtualCpu>(
         None => vcpu.skip_instruction(),
     }
     Next::Resume
-}
-
-fn is_canonical(address: u64) -> bool {
-    ((address as i64) << 16 >> 16) as u64 == address
 }
 
 /// Whether a WRMSR value is architecturally valid; an invalid one raises #GP, as on hardware.
@@ -670,7 +673,7 @@ fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
 mod tests {
     /// `handle_exit` for a domain with no other domains around.
     fn exit_alone(d: &mut Domain, v: &mut MockVcpu, exit: VmExit) -> Next {
-        handle_exit(d, v, exit, &mut crate::common::domain::NoPeers)
+        handle_exit(d, 0, v, exit, &mut crate::common::domain::NoPeers)
     }
 
     use super::*;

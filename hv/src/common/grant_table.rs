@@ -399,7 +399,11 @@ pub fn release_domain(domain: &mut Domain, peers: &mut dyn DomainTable) {
         ..GrantTable::default()
     };
     domain.nested = None;
-    domain.nested_tlb_stale = false;
+    for state in &domain.vcpus {
+        state
+            .requests
+            .take(crate::common::vcpu_state::request::NESTED_FLUSH);
+    }
 }
 
 /// Switches every slot of `grantee` that maps grant `grant_ref` of `granter` to a page of
@@ -815,9 +819,15 @@ mod tests {
         }
         assert_eq!(m.op(2, Unmap, [WINDOW, 0, 0, 0]), Err(Errno::ENOENT));
         assert_eq!(m.op(2, Map, [1, 0, WINDOW, RW]), Ok(0));
-        assert!(!m.d(2).nested_tlb_stale, "a new mapping needs no flush");
+        assert!(
+            !m.d(2).nested_flush_pending(),
+            "a new mapping needs no flush"
+        );
         assert_eq!(m.op(2, Unmap, [WINDOW, 0, 0, 0]), Ok(0));
-        assert!(m.d(2).nested_tlb_stale, "a removed mapping must be flushed");
+        assert!(
+            m.d(2).nested_flush_pending(),
+            "a removed mapping must be flushed"
+        );
         assert_eq!(m.nested(2, WINDOW), None);
         assert_eq!(m.map_count(1, 0), 0);
         assert_eq!(m.op(2, Unmap, [WINDOW, 0, 0, 0]), Err(Errno::ENOENT));
@@ -947,11 +957,13 @@ mod tests {
         assert_eq!(m.op(2, Map, [1, 0, WINDOW, RW]), Ok(0));
         assert_eq!(m.op(2, Map, [1, 0, WINDOW + PAGE, RW]), Ok(0));
         assert_eq!(m.op(2, Map, [1, 1, WINDOW + 2 * PAGE, RO]), Ok(0));
-        m.d(2).nested_tlb_stale = false;
+        m.d(2).vcpus[0]
+            .requests
+            .take(crate::common::vcpu_state::request::NESTED_FLUSH);
         m.end(1);
         assert!(m.d(1).nested.is_none(), "the granter's tables are freed");
         assert!(
-            m.d(2).nested_tlb_stale,
+            m.d(2).nested_flush_pending(),
             "the grantee's translations must go"
         );
         assert_eq!(live_zero_pages(), live + 3, "one page of zeros per slot");

@@ -9,8 +9,8 @@ use crate::common::domain::{
     ConsoleSource, Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists,
 };
 use crate::common::events::Binding;
-use crate::common::vcpu::{VirtualCpu, reg};
-use crate::common::vcpu_state::Wait;
+use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
+use crate::common::vcpu_state::{StartState, Wait, request};
 use alloc::string::String;
 use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
@@ -20,7 +20,7 @@ use lamina_abi::memory::{MemoryOp, MemoryRegion};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
 use lamina_abi::stats::{ExitCounters, StatsOp};
-use lamina_abi::vcpu::{PERIOD_MIN_NS, VcpuOp};
+use lamina_abi::vcpu::{PERIOD_MIN_NS, VcpuOp, VcpuStartState, runstate};
 use lamina_abi::{Errno, Hypercall};
 
 /// What the vCPU does after an exit.
@@ -110,7 +110,7 @@ fn dispatch(
         Hypercall::ConsoleIo => console_io(domain, args),
         Hypercall::SchedOp => sched_op(domain, vcpu, args),
         Hypercall::EventChannelOp => event_channel_op(domain, args, peers).map(Done::Return),
-        Hypercall::VcpuOp => vcpu_op(domain, args).map(Done::Return),
+        Hypercall::VcpuOp => vcpu_op(domain, vcpu, args),
         Hypercall::MemoryOp => memory_op(domain, args).map(Done::Return),
         Hypercall::Multicall => multicall(domain, vcpu, args, peers),
         Hypercall::StatsOp => stats_op(domain, args).map(Done::Return),
@@ -206,13 +206,14 @@ fn sched_op(
         SchedOp::Block => {
             domain.events.set_upcall_mask(&domain.memory, vcpu, false)?;
             let (pending, _) = domain.events.upcall_flags(&domain.memory, vcpu)?;
-            domain.vcpus[vcpu].attention = true;
+            domain.vcpus[vcpu].requests.make(request::EVENT);
             if pending {
                 return Ok(Done::Return(0));
             }
             if !domain
                 .events
                 .can_wake(vcpu, domain.vcpus[vcpu].timers.armed())
+                && !domain.has_other_vcpu_up(vcpu)
             {
                 domain.end(Ending::Fault(String::from(NEVER_WAKES)));
                 return Ok(Done::Ended);
@@ -247,6 +248,7 @@ fn sched_op(
                 && !domain
                     .events
                     .can_wake(vcpu, domain.vcpus[vcpu].timers.armed())
+                && !domain.has_other_vcpu_up(vcpu)
             {
                 domain.end(Ending::Fault(String::from(NEVER_WAKES)));
                 return Ok(Done::Ended);
@@ -263,16 +265,16 @@ pub fn raise_port(domain: &mut Domain, port: u32) {
     crate::common::trace::event(domain.id, port);
     match domain.events.raise(&domain.memory, port) {
         Ok(Some(vcpu)) => {
-            domain.vcpus[vcpu].attention = true;
+            domain.vcpus[vcpu].requests.make(request::EVENT);
             domain.vcpus[vcpu].upcall_maybe_pending = true;
         }
         Ok(None) => {}
         Err(_) => return,
     }
     // A poller waits on pending bits, masked or not.
-    for state in domain.vcpus.iter_mut() {
+    for state in domain.vcpus.iter() {
         if matches!(&state.wait, Wait::Poll { ports, .. } if ports.contains(&port)) {
-            state.attention = true;
+            state.requests.make(request::EVENT);
         }
     }
 }
@@ -364,7 +366,7 @@ fn event_channel_op(
         }
         EventChannelOp::Unmask => {
             if let Some(vcpu) = domain.events.unmask(&domain.memory, arg)? {
-                domain.vcpus[vcpu].attention = true;
+                domain.vcpus[vcpu].requests.make(request::EVENT);
                 domain.vcpus[vcpu].upcall_maybe_pending = true;
             }
             Ok(0)
@@ -374,7 +376,11 @@ fn event_channel_op(
     }
 }
 
-fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Errno> {
+fn vcpu_op(
+    domain: &mut Domain,
+    caller: usize,
+    [op, vcpu, arg, ..]: [u64; 5],
+) -> Result<Done, Errno> {
     let op = VcpuOp::try_from(op)?;
     let index = domain.events.check_vcpu(vcpu)?;
     let now = domain.now();
@@ -390,7 +396,7 @@ fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Er
             }
             domain.events.move_vcpu_info(&domain.memory, index, arg)?;
             state.vcpu_info_moved = true;
-            state.attention = true;
+            state.requests.make(request::EVENT);
             state.upcall_maybe_pending = true;
         }
         VcpuOp::RegisterRunstate => {
@@ -407,31 +413,92 @@ fn vcpu_op(domain: &mut Domain, [op, vcpu, arg, ..]: [u64; 5]) -> Result<u64, Er
                 state.runstate.publish(&domain.memory)?;
             }
         }
-        VcpuOp::SetPeriodicTimer => {
-            state.timers.periodic = match arg {
-                0 => None,
-                period if period < PERIOD_MIN_NS => return Err(Errno::EINVAL),
-                period => Some((now.saturating_add(period), period)),
-            };
-            state.attention = true;
-            state.timers_changed = true;
-        }
-        VcpuOp::SetSingleshotTimer => {
-            state.timers.singleshot = (arg != 0).then_some(arg);
-            state.attention = true;
-            state.timers_changed = true;
+        VcpuOp::SetPeriodicTimer | VcpuOp::SetSingleshotTimer => {
+            if op == VcpuOp::SetPeriodicTimer {
+                state.timers.periodic = match arg {
+                    0 => None,
+                    period if period < PERIOD_MIN_NS => return Err(Errno::EINVAL),
+                    period => Some((now.saturating_add(period), period)),
+                };
+            } else {
+                state.timers.singleshot = (arg != 0).then_some(arg);
+            }
+            state.requests.make(request::EVENT);
+            // The running vCPU arms the host timer for its whole domain: it must look again,
+            // whichever vCPU's timer changed.
+            domain.vcpus[caller].requests.make(request::TIMERS);
         }
         VcpuOp::SetUpcallVector => {
             if arg != 0 && !(32..=255).contains(&arg) {
                 return Err(Errno::EINVAL);
             }
             state.upcall_vector = arg as u8;
-            state.attention = true;
+            state.requests.make(request::EVENT);
             state.upcall_maybe_pending = true;
         }
+        VcpuOp::Initialise => {
+            if index == 0 || state.start.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            if arg % 8 != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let mut raw = [0u8; size_of::<VcpuStartState>()];
+            domain.memory.read(arg, &mut raw)?;
+            let field =
+                |at: usize| u64::from_le_bytes(raw[at..at + 8].try_into().unwrap_or_default());
+            let start = StartState {
+                rip: field(0),
+                rsp: field(8),
+                cr3: field(16),
+                argument: field(24),
+            };
+            let cr3_in_ram = start.cr3.is_multiple_of(4096)
+                && start
+                    .cr3
+                    .checked_add(4096)
+                    .is_some_and(|end| end <= domain.memory.size());
+            if !is_canonical(start.rip) || !is_canonical(start.rsp) || !cr3_in_ram {
+                return Err(Errno::EINVAL);
+            }
+            state.start = Some(start);
+            state.requests.make(request::START);
+        }
+        VcpuOp::Up => {
+            if index != 0 && state.start.is_none() {
+                return Err(Errno::EINVAL);
+            }
+            if !state.up {
+                state.up = true;
+                state.boosted = true;
+                state.requests.make(request::EVENT);
+                let to = if state.wait == Wait::None {
+                    runstate::RUNNABLE
+                } else {
+                    runstate::BLOCKED
+                };
+                let _ = state.runstate.enter(to, now, &domain.memory);
+            }
+        }
+        VcpuOp::Down => {
+            if !state.up {
+                return Ok(Done::Return(0));
+            }
+            if !domain.has_other_vcpu_up(index) {
+                return Err(Errno::EBUSY);
+            }
+            let state = &mut domain.vcpus[index];
+            state.up = false;
+            if index == caller {
+                // Stops here; `up` resumes it after this call, which then returns 0.
+                return Ok(Done::Sleep);
+            }
+            let _ = state.runstate.enter(runstate::OFFLINE, now, &domain.memory);
+        }
+        VcpuOp::IsUp => return Ok(Done::Return(u64::from(state.up))),
         _ => return Err(Errno::ENOSYS),
     }
-    Ok(0)
+    Ok(Done::Return(0))
 }
 
 fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u64, Errno> {
@@ -540,8 +607,11 @@ fn multicall(
     for (i, entry) in (0..count).zip(batch) {
         let at = gpa + i * entry_size;
         let (op, args) = (entry.op, entry.args);
-        let waits = op == Hypercall::SchedOp as u64
-            && (args[0] == SchedOp::Block as u64 || args[0] == SchedOp::Poll as u64);
+        let waits = (op == Hypercall::SchedOp as u64
+            && (args[0] == SchedOp::Block as u64 || args[0] == SchedOp::Poll as u64))
+            || (op == Hypercall::VcpuOp as u64
+                && args[0] == VcpuOp::Down as u64
+                && args[1] == vcpu as u64);
         let result = if op == Hypercall::Multicall as u64 || waits {
             Err(Errno::EINVAL)
         } else {
@@ -560,6 +630,27 @@ fn multicall(
         )?;
     }
     Ok(Done::Return(run))
+}
+
+/// Test support: one hypercall's dispatch, without a vCPU.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Dispatches hypercall `nr` of vCPU `vcpu` of `domain`; the value it returns, or its
+    /// error (`Err(None)` for a call that yields, sleeps or ends the domain).
+    pub(crate) fn dispatch_for_test(
+        domain: &mut Domain,
+        vcpu: usize,
+        nr: u64,
+        args: [u64; 5],
+    ) -> Result<u64, Option<Errno>> {
+        match dispatch(domain, vcpu, nr, args, &mut crate::common::domain::NoPeers) {
+            Ok(Done::Return(value)) => Ok(value),
+            Ok(_) => Err(None),
+            Err(errno) => Err(Some(errno)),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 use crate::common::config::DEFAULT_WEIGHT;
-use crate::common::domain::{Domain, DomainTable, Ending, publish_stats, read_tsc};
+use crate::common::domain::{Domain, DomainState, DomainTable, Ending, publish_stats, read_tsc};
 use crate::common::exits::{handle_exit, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::ExitKind;
@@ -15,9 +15,10 @@ use crate::common::teardown::{Scrub, tear_down};
 use crate::common::time::publish_vcpu_time;
 use crate::common::trace;
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
-use crate::common::vcpu_state::Wait;
+use crate::common::vcpu_state::{StartState, Wait, request};
 use alloc::collections::VecDeque;
 use alloc::string::String;
+use alloc::vec::Vec;
 use lamina_abi::Errno;
 use lamina_abi::event_channel::Virq;
 use lamina_abi::vcpu::runstate;
@@ -45,12 +46,13 @@ pub trait Host {
 /// How often console input is polled while a domain could be woken by it.
 pub const CONSOLE_POLL_NS: u64 = 10_000_000;
 
-/// A domain and its vCPU.
+/// A domain and its vCPUs.
 pub struct Slot<V> {
     /// The domain.
     pub domain: Domain,
-    /// Its only vCPU, until the domain is torn down.
-    pub vcpu: Option<V>,
+    /// Its vCPUs' hardware state, by vCPU number (`domain.vcpus` has the rest); empty once
+    /// the domain is torn down.
+    pub vcpus: Vec<V>,
 }
 
 /// All domains but one: the slots in `parts` and, when the one left out is not the running
@@ -118,17 +120,16 @@ impl<V> DomainTable for Peers<'_, V> {
     }
 }
 
-fn is_ready<V>(slot: &Slot<V>) -> bool {
-    slot.domain.is_runnable() && !slot.domain.paused && slot.domain.vcpus[0].is_runnable()
+fn is_ready<V>(slot: &Slot<V>, vcpu: usize) -> bool {
+    slot.domain.is_runnable()
+        && !slot.domain.paused
+        && vcpu < slot.vcpus.len()
+        && slot.domain.vcpus[vcpu].is_runnable()
 }
 
-/// The earliest time something of this domain is due (nothing while it is paused: what falls
-/// due meanwhile is handled when it is unpaused).
-fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
-    if !slot.domain.is_runnable() || slot.domain.paused {
-        return None;
-    }
-    let state = &slot.domain.vcpus[0];
+/// The earliest time something of vCPU `index` is due.
+fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
+    let state = &domain.vcpus[index];
     let poll = match &state.wait {
         Wait::Poll { deadline, .. } => *deadline,
         _ => None,
@@ -143,67 +144,97 @@ fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     .min()
 }
 
-/// The interrupt to inject into vCPU 0 now, if any: the emulated APIC's first (a kernel
-/// using it acknowledges through EOI), then the event upcall.
-fn deliverable_interrupt(domain: &Domain) -> Option<(u8, bool)> {
-    if let Some(vector) = domain.vcpus[0].vlapic.deliverable_vector() {
-        return Some((vector, true));
+/// The earliest time something of this domain is due (nothing while it is paused: what falls
+/// due meanwhile is handled when it is unpaused).
+fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
+    if !slot.domain.is_runnable() || slot.domain.paused {
+        return None;
     }
-    upcall_deliverable(domain).then_some((domain.vcpus[0].upcall_vector, false))
+    (0..slot.domain.vcpus.len())
+        .filter_map(|index| vcpu_deadline(&slot.domain, index))
+        .min()
 }
 
-/// Whether an upcall can be delivered to vCPU 0 right now (pending, unmasked, vector set).
-fn upcall_deliverable(domain: &Domain) -> bool {
-    let state = &domain.vcpus[0];
-    state.upcall_vector != 0
+/// The interrupt to inject into vCPU `index` now, if any: the emulated APIC's first (a
+/// kernel using it acknowledges through EOI), then the event upcall.
+fn deliverable_interrupt(domain: &Domain, index: usize) -> Option<(u8, bool)> {
+    let state = &domain.vcpus[index];
+    if let Some(vector) = state.vlapic.deliverable_vector() {
+        return Some((vector, true));
+    }
+    upcall_deliverable(domain, index).then_some((state.upcall_vector, false))
+}
+
+/// Whether an upcall can be delivered to vCPU `index` right now (pending, unmasked, vector
+/// set).
+fn upcall_deliverable(domain: &Domain, index: usize) -> bool {
+    domain.vcpus[index].upcall_vector != 0
         && matches!(
-            domain.events.upcall_flags(&domain.memory, 0),
+            domain.events.upcall_flags(&domain.memory, index),
             Ok((true, false))
         )
 }
 
 /// Forgets a possible upcall once the guest's flag shows none is pending.
-fn settle_upcall_flag(domain: &mut Domain) {
-    if domain.vcpus[0].upcall_maybe_pending
+fn settle_upcall_flag(domain: &mut Domain, index: usize) {
+    if domain.vcpus[index].upcall_maybe_pending
         && matches!(
-            domain.events.upcall_flags(&domain.memory, 0),
+            domain.events.upcall_flags(&domain.memory, index),
             Ok((false, _))
         )
     {
-        domain.vcpus[0].upcall_maybe_pending = false;
+        domain.vcpus[index].upcall_maybe_pending = false;
     }
 }
 
-/// Fires due timers and ends waits that are over.
+/// Fires due timers and ends waits that are over, for every vCPU of the slot.
 fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
     if !slot.domain.is_runnable() {
         return;
     }
-    let domain = &mut slot.domain;
-    let apic = &mut domain.vcpus[0].vlapic;
-    let apic_was_quiet = apic.deliverable_vector().is_none();
-    apic.advance(now, domain.time.tsc_at(now));
-    if apic_was_quiet && apic.deliverable_vector().is_some() {
-        domain.vcpus[0].attention = true;
+    let mut check_waits = false;
+    for index in 0..slot.domain.vcpus.len() {
+        update_vcpu(slot, index, now);
+        check_waits |= slot.domain.vcpus[index].requests.take(request::WAKE_CHECK) != 0;
     }
-    if domain.vcpus[0].timers.expire(now) {
+    if check_waits && let Some(why) = slot.domain.never_wakes() {
+        slot.domain.end(Ending::Fault(String::from(why)));
+    }
+}
+
+fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
+    let domain = &mut slot.domain;
+    let tsc = domain.time.tsc_at(now);
+    let state = &mut domain.vcpus[index];
+    let apic_was_quiet = state.vlapic.deliverable_vector().is_none();
+    state.vlapic.advance(now, tsc);
+    if apic_was_quiet && state.vlapic.deliverable_vector().is_some() {
+        state.requests.make(request::EVENT);
+    }
+    if state.timers.expire(now) {
         trace::timer(domain.id);
-        if let Some(port) = domain.events.virq_port(0, Virq::Timer) {
+        if let Some(port) = domain.events.virq_port(index, Virq::Timer) {
             raise_port(domain, port);
         }
-        domain.vcpus[0].attention = true;
+        domain.vcpus[index].requests.make(request::EVENT);
     }
-    let woken = match &domain.vcpus[0].wait {
+    if !domain.vcpus[index].up {
+        return;
+    }
+    let woken = match &domain.vcpus[index].wait {
         Wait::None => return,
-        Wait::Block => matches!(domain.events.upcall_flags(&domain.memory, 0), Ok((true, _))),
-        Wait::Halt => deliverable_interrupt(domain).is_some(),
+        Wait::Block => matches!(
+            domain.events.upcall_flags(&domain.memory, index),
+            Ok((true, _))
+        ),
+        Wait::Halt => deliverable_interrupt(domain, index).is_some(),
         Wait::Poll { ports, deadline } => {
             let pending = ports
                 .iter()
                 .any(|&p| domain.events.is_pending(&domain.memory, p).unwrap_or(false));
             if !pending
                 && deadline.is_some_and(|d| d <= now)
-                && let Some(vcpu) = slot.vcpu.as_mut()
+                && let Some(vcpu) = slot.vcpus.get_mut(index)
             {
                 vcpu.regs().gpr[reg::RAX] = Errno::ETIMEDOUT.to_return_value();
             }
@@ -212,17 +243,13 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
     };
     if woken {
         trace::wake(domain.id);
-        let state = &mut domain.vcpus[0];
+        let state = &mut domain.vcpus[index];
         state.wait = Wait::None;
-        state.attention = true;
+        state.requests.make(request::EVENT);
         state.boosted = true;
         let _ = state
             .runstate
             .enter(runstate::RUNNABLE, now, &domain.memory);
-    } else if core::mem::take(&mut domain.vcpus[0].wake_sources_changed)
-        && let Some(why) = domain.never_wakes()
-    {
-        domain.end(Ending::Fault(String::from(why)));
     }
 }
 
@@ -264,25 +291,34 @@ fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
     stopped
 }
 
-/// Injects what is due before entering the guest; asks for an interrupt-window exit when
-/// the guest cannot take it yet; drops stale nested translations. Costs nothing unless
-/// something changed (`attention`).
-fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
-    if !domain.vcpus[0].attention {
-        return;
+/// Drains the requests of vCPU `index` before it enters the guest: drops stale nested
+/// translations, injects what is due, asks for an interrupt-window exit when the guest cannot
+/// take it yet. Costs one load when nothing was requested. Returns the requests it took
+/// that the caller acts on ([`request::TIMERS`]).
+fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> u32 {
+    if !domain.vcpus[index].requests.any() {
+        return 0;
     }
-    domain.vcpus[0].attention = false;
-    if domain.nested_tlb_stale {
+    const HERE: u32 = request::EVENT | request::NESTED_FLUSH | request::TIMERS;
+    let all = domain.vcpus[index].requests.take_all();
+    if all & !HERE != 0 {
+        // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
+        domain.vcpus[index].requests.make(all & !HERE);
+    }
+    let taken = all & HERE;
+    if taken & request::NESTED_FLUSH != 0 {
         // A grant mapping went away or changed (docs/abi.md 16): no stale translation may
         // survive into the guest.
-        domain.nested_tlb_stale = false;
         vcpu.invalidate_nested_translations();
     }
-    let Some((vector, from_apic)) = deliverable_interrupt(domain) else {
-        settle_upcall_flag(domain);
-        return;
+    if taken & request::EVENT == 0 {
+        return taken;
+    }
+    let Some((vector, from_apic)) = deliverable_interrupt(domain, index) else {
+        settle_upcall_flag(domain, index);
+        return taken;
     };
-    let state = &mut domain.vcpus[0];
+    let state = &mut domain.vcpus[index];
     if vcpu.interrupt_window_open() {
         vcpu.inject_interrupt(vector);
         trace::inject(domain.id, vector);
@@ -296,20 +332,27 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V) {
             state.window_requested = false;
         }
         // Look again at the next entry: more may be due (the upcall handler clears its flag).
-        state.attention = true;
+        state.requests.make(request::EVENT);
     } else if !state.window_requested {
         vcpu.set_interrupt_window_exiting(true);
         state.window_requested = true;
     }
+    taken
 }
 
 /// Runs every domain until all have ended.
 pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
-    let mut cursor = slots.len().saturating_sub(1);
+    // Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
+    let units: Vec<(usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
+        .collect();
+    let mut cursor = units.len().saturating_sub(1);
     // RAM of torn-down domains, scrubbed and returned a slice per pass.
     let mut scrubbing = VecDeque::new();
     // The vCPU that ran last and may still be RUNNING in its run-state area.
-    let mut last: Option<usize> = None;
+    let mut last: Option<(usize, usize)> = None;
     loop {
         let now = host.now_ns();
         let host_work = host.housekeeping();
@@ -338,27 +381,8 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         {
             scrubbing.pop_front();
         }
-        let count = slots.len();
-        let order = || (1..=count).map(|i| (cursor + i) % count);
-        // A woken vCPU must not bank the time it slept: it starts level with the others.
-        let least = order()
-            .filter(|&i| is_ready(&slots[i]) && !slots[i].domain.vcpus[0].boosted)
-            .map(|i| slots[i].domain.vruntime)
-            .min();
-        if let Some(least) = least {
-            for slot in slots.iter_mut().filter(|s| s.domain.vcpus[0].boosted) {
-                slot.domain.vruntime = slot.domain.vruntime.max(least);
-            }
-        }
-        // Woken vCPUs first (short latency for timers and events), then the ready vCPU that
-        // had the least CPU time for its weight (ties in round-robin order).
-        let boosted = order().find(|&i| is_ready(&slots[i]) && slots[i].domain.vcpus[0].boosted);
-        let fairest = || {
-            order()
-                .filter(|&i| is_ready(&slots[i]))
-                .min_by_key(|&i| slots[i].domain.vruntime)
-        };
-        let Some(index) = boosted.or_else(fairest) else {
+        let picked = pick(slots, &units, cursor);
+        let Some((index, vcpu_index)) = picked else {
             let input_wakes = slots
                 .iter()
                 .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
@@ -379,19 +403,23 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
             host.wait_for_interrupt();
             continue;
         };
-        if !slots[index].domain.vcpus[0].boosted {
-            cursor = index;
+        let unit = (index, vcpu_index);
+        if !slots[index].domain.vcpus[vcpu_index].boosted {
+            cursor = index_of_unit(&units, cursor, unit);
         }
-        slots[index].domain.vcpus[0].boosted = false;
-        if let Some(previous) = last.filter(|&p| p != index) {
+        slots[index].domain.vcpus[vcpu_index].boosted = false;
+        if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
             let domain = &mut slots[previous].domain;
-            if domain.is_runnable() && domain.vcpus[0].runstate.state() == runstate::RUNNING {
-                let _ = domain.vcpus[0]
+            let state = &mut domain.vcpus[previous_vcpu];
+            if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING
+            {
+                let _ = state
                     .runstate
                     .enter(runstate::RUNNABLE, now, &domain.memory);
             }
         }
-        last = Some(index);
+        last = Some(unit);
+        // Other domains' deadlines; the running domain's own are looked at by `run_slice`.
         let others = slots
             .iter()
             .enumerate()
@@ -407,6 +435,7 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         trace::vcpu_in(current.domain.id);
         run_slice(
             current,
+            vcpu_index,
             &mut Peers::around(before, after),
             host,
             now,
@@ -415,27 +444,94 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
         trace::vcpu_out(current.domain.id);
         let ran = host.now_ns().saturating_sub(now);
         let domain = &mut slots[index].domain;
-        domain.cpu_ns += ran;
-        domain.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(domain.weight);
+        let weight = domain.weight;
+        let state = &mut domain.vcpus[vcpu_index];
+        state.cpu_ns += ran;
+        state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
     }
 }
 
-/// Runs one vCPU until it stops being the right one to run.
+/// The vCPU to run next, in one pass over `units` in round-robin order after `cursor`: a
+/// woken vCPU first (short latency for timers and events), otherwise the ready vCPU that had
+/// the least CPU time for its weight (ties in round-robin order). Woken vCPUs must not bank
+/// the time they slept: they start level with the least of the others.
+fn pick<V>(
+    slots: &mut [Slot<V>],
+    units: &[(usize, usize)],
+    cursor: usize,
+) -> Option<(usize, usize)> {
+    let count = units.len();
+    let mut first_boosted = None;
+    let mut fairest: Option<((usize, usize), u64)> = None;
+    let mut least_unboosted: Option<u64> = None;
+    for i in 1..=count {
+        let (s, v) = units[(cursor + i) % count];
+        if !is_ready(&slots[s], v) {
+            continue;
+        }
+        let state = &slots[s].domain.vcpus[v];
+        if state.boosted {
+            first_boosted.get_or_insert((s, v));
+        } else {
+            least_unboosted =
+                Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
+        }
+        if fairest.is_none_or(|(_, least)| state.vruntime < least) {
+            fairest = Some(((s, v), state.vruntime));
+        }
+    }
+    if first_boosted.is_some()
+        && let Some(least) = least_unboosted
+    {
+        for slot in slots.iter_mut() {
+            for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
+                state.vruntime = state.vruntime.max(least);
+            }
+        }
+    }
+    first_boosted.or(fairest.map(|(unit, _)| unit))
+}
+
+/// Where `unit` is in `units`, looking from `hint` (usually right after it).
+fn index_of_unit(units: &[(usize, usize)], hint: usize, unit: (usize, usize)) -> usize {
+    let count = units.len();
+    (0..count)
+        .map(|i| (hint + i) % count)
+        .find(|&at| units[at] == unit)
+        .unwrap_or(hint)
+}
+
+/// Loads the start state `vcpu_op` initialise gave (docs/abi.md 19): RIP, RSP, CR3 and RDI
+/// on top of the start-of-day state the vCPU was built with.
+fn load_start_state<V: VirtualCpu>(vcpu: &mut V, start: &StartState) {
+    vcpu.set_rip(start.rip);
+    vcpu.set_rsp(start.rsp);
+    vcpu.set_control_register(3, start.cr3);
+    vcpu.regs().gpr[reg::RDI] = start.argument;
+}
+
+/// Runs vCPU `index` of a slot until it stops being the right one to run.
 fn run_slice<V: VirtualCpu, H: Host>(
     slot: &mut Slot<V>,
+    index: usize,
     peers: &mut Peers<'_, V>,
     host: &mut H,
     now: u64,
     slice_end: u64,
 ) {
-    let Slot { domain, vcpu } = slot;
-    let Some(vcpu) = vcpu.as_mut() else {
+    let Slot { domain, vcpus } = slot;
+    let Some(vcpu) = vcpus.get_mut(index) else {
         return;
     };
     crate::platform::spec_ctrl::on_schedule_in(domain.id);
     vcpu.activate();
-    if domain.vcpus[0].runstate.state() != runstate::RUNNING {
-        let _ = domain.vcpus[0]
+    if domain.vcpus[index].requests.take(request::START) != 0
+        && let Some(start) = domain.vcpus[index].start
+    {
+        load_start_state(vcpu, &start);
+    }
+    if domain.vcpus[index].runstate.state() != runstate::RUNNING {
+        let _ = domain.vcpus[index]
             .runstate
             .enter(runstate::RUNNING, now, &domain.memory);
     }
@@ -444,22 +540,25 @@ fn run_slice<V: VirtualCpu, H: Host>(
     let tsc = crate::common::domain::read_tsc();
     let _ = publish_vcpu_time(
         &domain.memory,
-        domain.events.vcpu_info_gpa(0),
+        domain.events.vcpu_info_gpa(index),
         &domain.time,
         tsc,
     );
-    domain.vcpus[0].attention = true;
-    domain.vcpus[0].upcall_maybe_pending = true;
+    domain.vcpus[index].requests.make(request::EVENT);
+    domain.vcpus[index].upcall_maybe_pending = true;
+    // The host timer: the end of the slice, or the first timer of this domain's vCPUs due
+    // before it (a vCPU may set a sibling's timer).
     let arm = |domain: &Domain, host: &mut H| {
-        let state = &domain.vcpus[0];
-        let own = [
-            state.timers.next_deadline(),
-            state.vlapic.next_timer_deadline_ns(),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
-        host.arm_timer(Some(own.map_or(slice_end, |d| d.min(slice_end))));
+        let mut due = slice_end;
+        for state in &domain.vcpus {
+            if let Some(deadline) = state.timers.next_deadline() {
+                due = due.min(deadline);
+            }
+            if let Some(deadline) = state.vlapic.next_timer_deadline_ns() {
+                due = due.min(deadline);
+            }
+        }
+        host.arm_timer(Some(due));
     };
     arm(domain, host);
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
@@ -467,24 +566,22 @@ fn run_slice<V: VirtualCpu, H: Host>(
     vcpu.set_preemption_deadline(slice_ticks);
     let mut exited_at = None;
     loop {
-        if domain.vcpus[0].timers_changed {
-            domain.vcpus[0].timers_changed = false;
+        if prepare_entry(domain, index, vcpu) & request::TIMERS != 0 {
             arm(domain, host);
         }
-        prepare_entry(domain, vcpu);
         if let Some(exited_at) = exited_at {
             domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
         }
         let exit = vcpu.run();
         exited_at = Some(read_tsc());
         let next = if matches!(exit, VmExit::Hypercall) {
-            hypercall_exit(domain, vcpu, peers)
+            hypercall_exit(domain, index, vcpu, peers)
         } else if matches!(exit, VmExit::ExternalInterrupt) {
             domain.stats.count(ExitKind::ExternalInterrupt);
             host.service_interrupts();
             Next::Yield
         } else {
-            handle_exit(domain, vcpu, exit, peers)
+            handle_exit(domain, index, vcpu, exit, peers)
         };
         match next {
             Next::Resume => continue,
@@ -498,9 +595,14 @@ fn run_slice<V: VirtualCpu, H: Host>(
             Next::Sleep => {
                 trace::block(domain.id);
                 let now = host.now_ns();
-                let _ = domain.vcpus[0]
-                    .runstate
-                    .enter(runstate::BLOCKED, now, &domain.memory);
+                let state = &mut domain.vcpus[index];
+                // A vCPU that took itself down is offline, not blocked (docs/abi.md 9.2).
+                let to = if state.up {
+                    runstate::BLOCKED
+                } else {
+                    runstate::OFFLINE
+                };
+                let _ = state.runstate.enter(to, now, &domain.memory);
             }
         }
         vcpu.deactivate();
@@ -587,7 +689,7 @@ mod tests {
             t,
             Slot {
                 domain,
-                vcpu: Some(vcpu),
+                vcpus: vec![vcpu],
             },
         )
     }
@@ -596,6 +698,8 @@ mod tests {
     const VCPU_OP: u64 = 4;
     const SCHED: u64 = 2;
     const POWEROFF: [u64; 3] = [2, 0, 0];
+    const YIELD: [u64; 3] = [0, 0, 0];
+    use lamina_abi::vcpu::VcpuOp;
 
     #[test]
     fn block_with_nothing_that_can_wake_stops_the_domain() {
@@ -659,7 +763,7 @@ mod tests {
             hypercall(SCHED, [3, 0x9000, 1]),
         ]);
         t.mem.write(0x9000, &2u32.to_le_bytes()).unwrap();
-        let vcpu = s.vcpu.as_mut().unwrap();
+        let vcpu = &mut s.vcpus[0];
         vcpu.script[1].1.gpr[crate::common::vcpu::reg::R10] = 5_000_000;
         vcpu.script.push_back(hypercall(SCHED, POWEROFF));
         let mut host = fake_host();
@@ -715,8 +819,96 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_secondary_vcpu_starts_from_its_start_state_and_takes_itself_down() {
+        let (t, mut s) = slot(vec![
+            hypercall(VCPU_OP, [5, 1, 0x10000]), // initialise vCPU 1
+            hypercall(VCPU_OP, [6, 1, 0]),       // up
+            hypercall(VCPU_OP, [8, 1, 0]),       // is_up -> 1
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, YIELD),
+            hypercall(VCPU_OP, [8, 1, 0]), // is_up -> 0: it took itself down
+            hypercall(SCHED, POWEROFF),
+        ]);
+        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
+            .into_iter()
+            .enumerate()
+        {
+            t.mem
+                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
+                .unwrap();
+        }
+        let time = s.domain.time;
+        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
+        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
+        s.vcpus.push(MockVcpu {
+            script: vec![
+                hypercall(SCHED, YIELD),
+                hypercall(VCPU_OP, [7, 1, 0]), // down of itself
+            ]
+            .into(),
+            interrupt_flag: true,
+            tag: 2,
+            ..Default::default()
+        });
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(results_of(&trace, 1), [0, 0, 1, 0, 0, 0, 0]);
+        let first_of_two = trace.iter().position(|t| matches!(t, Traced::Ran(2, _)));
+        let third_of_one = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(1, _)))
+            .nth(2)
+            .map(|(at, _)| at);
+        assert!(
+            first_of_two > third_of_one,
+            "vCPU 1 ran only after up: {trace:?}"
+        );
+        assert_eq!(
+            trace
+                .iter()
+                .filter(|t| matches!(t, Traced::Ran(2, _)))
+                .count(),
+            2,
+            "and not after it took itself down"
+        );
+        assert!(s.vcpus.is_empty(), "torn down");
+    }
+
+    #[test]
+    fn a_secondary_vcpu_gets_its_start_state_at_its_first_entry() {
+        let (t, mut s) = slot(vec![]);
+        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
+            .into_iter()
+            .enumerate()
+        {
+            t.mem
+                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
+                .unwrap();
+        }
+        let time = s.domain.time;
+        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
+        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
+        let mut secondary = MockVcpu::default();
+        let args = [VcpuOp::Initialise as u64, 1, 0x10000, 0, 0];
+        assert_eq!(
+            crate::common::hypercall::testing::dispatch_for_test(&mut s.domain, 0, VCPU_OP, args),
+            Ok(0)
+        );
+        let start = s.domain.vcpus[1].start.unwrap();
+        assert!(s.domain.vcpus[1].requests.take(request::START) != 0);
+        load_start_state(&mut secondary, &start);
+        assert_eq!(secondary.rip, 0x12_3000);
+        assert_eq!(secondary.state.cr3, 0x1000);
+        assert_eq!(secondary.regs.gpr[reg::RDI], 77);
+        assert!(!s.domain.vcpus[1].up, "initialise does not bring it up");
+    }
+
     const DOMCTL: u64 = 9;
-    const YIELD: [u64; 3] = [0, 0, 0];
 
     /// Two domains: 1 privileged, both playing their scripts.
     fn pair(
@@ -790,7 +982,11 @@ mod tests {
         run_all(&mut slots, &mut host);
         assert!(!take_trace().contains(&Traced::Ran(2, 0)), "it never ran");
         assert_eq!(slots[1].domain.state, DomainState::Ended(Ending::Paused));
-        assert!(slots.iter().all(|s| s.domain.torn_down && s.vcpu.is_none()));
+        assert!(
+            slots
+                .iter()
+                .all(|s| s.domain.torn_down && s.vcpus.is_empty())
+        );
         assert_eq!(host.halts, 0);
     }
 
@@ -835,7 +1031,7 @@ mod tests {
         );
         let two = &slots[1];
         assert_eq!(two.domain.state, DomainState::Ended(Ending::Destroyed));
-        assert!(two.domain.torn_down && two.vcpu.is_none() && two.domain.ram.is_none());
+        assert!(two.domain.torn_down && two.vcpus.is_empty() && two.domain.ram.is_none());
         assert_eq!(two.domain.memory.size(), 0);
         assert_eq!(phys::figures(), (64 << 20, 4 << 20), "its RAM went back");
         let lines = take_lines();
@@ -888,7 +1084,7 @@ mod tests {
         s.domain.end(Ending::Crash);
         take_lines();
         let mut scrub = tear_down(&mut s, &mut NoPeers).unwrap();
-        assert!(s.domain.torn_down && s.vcpu.is_none() && s.domain.memory.size() == 0);
+        assert!(s.domain.torn_down && s.vcpus.is_empty() && s.domain.memory.size() == 0);
         assert_eq!(
             s.domain.memory_bytes(),
             4 * SCRUB_SLICE_BYTES,

@@ -8,7 +8,7 @@
 //! buffer to the guest (the registers then say how far the instruction got, as on hardware).
 
 use crate::common::guest_paging::{self, Access, Translation};
-use crate::common::vcpu::{ArchMsr, VirtualCpu, reg, vector};
+use crate::common::vcpu::{ArchMsr, VirtualCpu, is_canonical, reg, vector};
 
 /// The segment register of a string instruction's memory operand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,10 +207,6 @@ fn mask(bits: u8) -> u64 {
         32 => 0xffff_ffff,
         _ => 0xffff,
     }
-}
-
-fn is_canonical(address: u64) -> bool {
-    ((address as i64) << 16 >> 16) as u64 == address
 }
 
 /// The port side of string I/O: the same model as single `in`/`out` (docs/abi.md 7.1, 7.4).

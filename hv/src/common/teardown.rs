@@ -13,6 +13,7 @@ use crate::common::events::Binding;
 use crate::common::guest_memory::{GuestMemory, OwnedRam};
 use crate::common::hypercall::raise_port;
 use crate::common::scheduler::Slot;
+use crate::common::vcpu_state::request;
 use crate::common::{output, phys};
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -87,8 +88,8 @@ pub fn tear_down<V>(slot: &mut Slot<V>, peers: &mut dyn DomainTable) -> Option<S
     // This also frees the domain's nested page tables and its pages of zeros.
     crate::common::grant_table::release_domain(&mut slot.domain, peers);
     close_event_channels(&mut slot.domain, peers);
-    // The vCPU owns its control structures (VMCS or VMCB).
-    drop(slot.vcpu.take());
+    // The vCPUs own their control structures (VMCS or VMCB).
+    drop(core::mem::take(&mut slot.vcpus));
     let structures = phys::figures().1.saturating_sub(free_at_start);
     let domain = &mut slot.domain;
     // Nothing may reach the RAM once it is handed back: the domain keeps an empty view.
@@ -132,7 +133,9 @@ fn close_event_channels(domain: &mut Domain, peers: &mut dyn DomainTable) {
     for id in 1..=DOMAIN_COUNT.load(Ordering::Relaxed) {
         if let Some(peer) = peers.get_mut(id) {
             peer.events.remote_ended(own);
-            peer.vcpus[0].wake_sources_changed = true;
+            for state in &peer.vcpus {
+                state.requests.make(request::WAKE_CHECK);
+            }
         }
     }
 }

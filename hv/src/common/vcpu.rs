@@ -34,6 +34,12 @@ pub mod reg {
     pub const R10: usize = 10;
 }
 
+/// Whether a 64-bit linear address is canonical: bits 63:47 all equal (48-bit linear
+/// addresses, SDM Vol. 1 3.3.7.1).
+pub fn is_canonical(address: u64) -> bool {
+    ((address as i64) << 16 >> 16) as u64 == address
+}
+
 /// Why a vCPU stopped running, in vendor-neutral terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]

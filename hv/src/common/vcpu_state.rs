@@ -4,7 +4,74 @@
 use crate::common::guest_memory::{GuestMemory, OutOfBounds};
 use crate::common::vlapic::VirtualLapic;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, Ordering};
 use lamina_abi::vcpu::{RunstateInfo, runstate};
+
+/// What a vCPU is asked to do before it next enters the guest: one bit per request, set by
+/// [`Requests::make`] from anywhere and drained by the run loop (KVM's
+/// `kvm_make_request`/`kvm_check_request` shape). An entry with no bit set costs one load.
+#[derive(Debug, Default)]
+pub struct Requests(AtomicU32);
+
+/// The request bits.
+pub mod request {
+    /// Something may need injecting (an event raised, a timer fired, the APIC changed).
+    pub const EVENT: u32 = 1 << 0;
+    /// A timer of this vCPU changed: re-arm the host timer.
+    pub const TIMERS: u32 = 1 << 1;
+    /// A nested mapping of its domain went away or lost permissions: drop the cached
+    /// guest-physical translations (docs/abi.md 16).
+    pub const NESTED_FLUSH: u32 = 1 << 2;
+    /// What could wake this waiting vCPU may be gone (another domain was torn down): check
+    /// its wait again (docs/abi.md 3.3).
+    pub const WAKE_CHECK: u32 = 1 << 3;
+    /// `vcpu_op` initialise gave it a start state to load (docs/abi.md 19).
+    pub const START: u32 = 1 << 4;
+}
+
+impl Requests {
+    /// Asks for `bits`.
+    pub fn make(&self, bits: u32) {
+        self.0.fetch_or(bits, Ordering::Release);
+    }
+
+    /// Whether anything is asked.
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether `bits` are asked, without taking them.
+    pub fn peek(&self, bits: u32) -> bool {
+        self.0.load(Ordering::Relaxed) & bits != 0
+    }
+
+    /// Takes the requests among `bits`; returns those that were set. One load when none
+    /// is (this runs on every pass of the scheduler).
+    pub fn take(&self, bits: u32) -> u32 {
+        if self.0.load(Ordering::Relaxed) & bits == 0 {
+            return 0;
+        }
+        self.0.fetch_and(!bits, Ordering::Acquire) & bits
+    }
+
+    /// Takes every request (one exchange, on the entry path).
+    pub fn take_all(&self) -> u32 {
+        self.0.swap(0, Ordering::Acquire)
+    }
+}
+
+/// Where a secondary vCPU starts (`vcpu_op` initialise, docs/abi.md 19).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartState {
+    /// First instruction.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Page-table root.
+    pub cr3: u64,
+    /// RDI.
+    pub argument: u64,
+}
 
 /// Why a vCPU is not runnable.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,10 +144,10 @@ pub struct Runstate {
 
 impl Runstate {
     /// Starts accounting in `state` at `now`.
-    pub fn new(now: u64) -> Self {
+    pub fn new(now: u64, state: u32) -> Self {
         Runstate {
             info: RunstateInfo {
-                state: runstate::RUNNABLE,
+                state,
                 state_entry_time: now,
                 ..Default::default()
             },
@@ -125,13 +192,10 @@ pub struct VcpuState {
     pub timers: PvTimers,
     /// Upcall vector (0: none).
     pub upcall_vector: u8,
-    /// Something may need injecting before the next entry (events raised, timers fired,
-    /// APIC state changed). Keeps the hot path free of checks when nothing happens.
-    pub attention: bool,
+    /// What it must do before it next enters the guest.
+    pub requests: Requests,
     /// An interrupt-window exit is requested from the hardware.
     pub window_requested: bool,
-    /// The host timer must be re-armed before the next entry (a timer of this vCPU changed).
-    pub timers_changed: bool,
     /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
     /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory).
     pub upcall_maybe_pending: bool,
@@ -141,9 +205,16 @@ pub struct VcpuState {
     /// timers and events reach a sleeping vCPU with the latency of one switch (as Xen's
     /// credit scheduler boosts woken vCPUs).
     pub boosted: bool,
-    /// Another domain was torn down: what could wake this vCPU may be gone, so its wait is
-    /// checked again (a vCPU that can never wake is stopped, docs/abi.md 3.3).
-    pub wake_sources_changed: bool,
+    /// Up (runs when ready); a vCPU other than 0 is down until `vcpu_op` up, and again after
+    /// down (run state offline).
+    pub up: bool,
+    /// Where it starts, once `vcpu_op` initialise gave that (vCPU 0: from the ELF entry).
+    pub start: Option<StartState>,
+    /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight` of its domain; the
+    /// scheduler runs the ready vCPU with the least.
+    pub vruntime: u64,
+    /// CPU time it has had, in ns.
+    pub cpu_ns: u64,
     /// Run-state accounting.
     pub runstate: Runstate,
     /// The emulated x2APIC (for kernels that were not ported).
@@ -161,20 +232,29 @@ impl VcpuState {
             wait: Wait::None,
             timers: PvTimers::default(),
             upcall_vector: 0,
-            attention: false,
+            requests: Requests::default(),
             vcpu_info_moved: false,
-            timers_changed: false,
             window_requested: false,
             upcall_maybe_pending: false,
             boosted: false,
-            wake_sources_changed: false,
-            runstate: Runstate::new(now),
+            up: index == 0,
+            start: None,
+            vruntime: 0,
+            cpu_ns: 0,
+            runstate: Runstate::new(
+                now,
+                if index == 0 {
+                    runstate::RUNNABLE
+                } else {
+                    runstate::OFFLINE
+                },
+            ),
         }
     }
 
-    /// Whether the vCPU can run.
+    /// Whether the vCPU can run: up, and not waiting.
     pub fn is_runnable(&self) -> bool {
-        self.wait == Wait::None
+        self.up && self.wait == Wait::None
     }
 }
 

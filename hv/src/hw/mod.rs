@@ -12,6 +12,7 @@ use crate::common::guest_memory::GuestMemory;
 use crate::common::nested_map::NestedMap;
 use crate::common::vcpu::VirtualCpu;
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::fmt;
 
 /// The CPU's virtualization extension.
@@ -65,9 +66,12 @@ pub struct EntryState {
     pub cr3: u64,
     /// Boot GDT base and limit.
     pub gdt: (u64, u16),
-    /// TLB tag of the domain (VPID or ASID), never 0.
+    /// TLB tag of the vCPU (VPID or ASID), never 0.
     pub tlb_tag: u16,
 }
+
+/// A domain's vCPUs, by number, and the nested page table they all run on.
+pub type DomainVcpus<V> = (Vec<V>, Box<dyn NestedMap>);
 
 /// A virtualization extension, enabled on the current CPU.
 pub trait Virtualization: Sized {
@@ -79,14 +83,15 @@ pub trait Virtualization: Sized {
     /// Checks the CPU's features and turns the extension on for this CPU.
     fn enable() -> Result<Self, HwError>;
 
-    /// Builds a vCPU for a domain with RAM `memory`, mapped through its own nested page table,
-    /// which is returned alongside for the domain to own (the grant window is prepared for
-    /// 4 KiB pages, with nothing mapped). The vCPU must not run once that table is dropped.
-    fn create_vcpu(
+    /// Builds the vCPUs of a domain with RAM `memory`, one per entry state (each with its own
+    /// TLB tag), all mapped through one nested page table, which is returned alongside for
+    /// the domain to own (the grant window is prepared for 4 KiB pages, with nothing mapped).
+    /// No vCPU may run once that table is dropped.
+    fn create_vcpus(
         &mut self,
         memory: &GuestMemory,
-        entry: &EntryState,
-    ) -> Result<(Self::Vcpu, Box<dyn NestedMap>), HwError>;
+        entries: &[EntryState],
+    ) -> Result<DomainVcpus<Self::Vcpu>, HwError>;
 }
 
 /// Detects the vendor's virtualization extension from CPUID.

@@ -10,11 +10,11 @@ mod vmcb;
 mod vmrun_checks;
 
 use crate::common::guest_memory::GuestMemory;
-use crate::common::nested_map::NestedMap;
 use crate::hw::nested_paging::NestedPageTable;
-use crate::hw::{EntryState, HwError, Virtualization, rdmsr, wrmsr};
+use crate::hw::{DomainVcpus, EntryState, HwError, Virtualization, rdmsr, wrmsr};
 use crate::platform::memory;
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 pub use vcpu::SvmVcpu;
 
@@ -91,22 +91,25 @@ impl Virtualization for Svm {
         })
     }
 
-    fn create_vcpu(
+    fn create_vcpus(
         &mut self,
         memory: &GuestMemory,
-        entry: &EntryState,
-    ) -> Result<(SvmVcpu, Box<dyn NestedMap>), HwError> {
+        entries: &[EntryState],
+    ) -> Result<DomainVcpus<SvmVcpu>, HwError> {
         let mut npt = NestedPageTable::<npt::Npt>::new()?;
         npt.map_large(0, memory.host_base(), memory.size())?;
         npt.prepare_small_pages(GRANT_WINDOW_GPA, GRANT_WINDOW_BYTES)?;
-        // ASID 0 is the host's. With more domains than ASIDs, tags are shared and the TLB is
-        // flushed whenever the CPU switches between vCPUs (APM Vol. 2 15.16).
-        let usable = self.asids.saturating_sub(1).max(1);
-        let asid = 1 + (u32::from(entry.tlb_tag).saturating_sub(1)) % usable;
-        if u32::from(entry.tlb_tag) > usable {
-            vcpu::ASIDS_SHARED.store(true, core::sync::atomic::Ordering::Relaxed);
+        let mut vcpus = Vec::with_capacity(entries.len());
+        for entry in entries {
+            // ASID 0 is the host's. With more vCPUs than ASIDs, tags are shared and the TLB
+            // is flushed whenever the CPU switches between vCPUs (APM Vol. 2 15.16).
+            let usable = self.asids.saturating_sub(1).max(1);
+            let asid = 1 + (u32::from(entry.tlb_tag).saturating_sub(1)) % usable;
+            if u32::from(entry.tlb_tag) > usable {
+                vcpu::ASIDS_SHARED.store(true, core::sync::atomic::Ordering::Relaxed);
+            }
+            vcpus.push(SvmVcpu::new(npt.root(), self, entry, asid)?);
         }
-        let vcpu = SvmVcpu::new(npt.root(), self, entry, asid)?;
-        Ok((vcpu, Box::new(npt)))
+        Ok((vcpus, Box::new(npt)))
     }
 }

@@ -11,11 +11,11 @@ mod vcpu;
 mod vmcs;
 
 use crate::common::guest_memory::GuestMemory;
-use crate::common::nested_map::NestedMap;
 use crate::hw::nested_paging::NestedPageTable;
-use crate::hw::{EntryState, HwError, Virtualization, rdmsr, wrmsr};
+use crate::hw::{DomainVcpus, EntryState, HwError, Virtualization, rdmsr, wrmsr};
 use crate::platform::memory;
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::arch::asm;
 use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 pub use vcpu::VmxVcpu;
@@ -182,15 +182,18 @@ impl Virtualization for Vmx {
         Ok(Vmx { caps })
     }
 
-    fn create_vcpu(
+    fn create_vcpus(
         &mut self,
         memory: &GuestMemory,
-        entry: &EntryState,
-    ) -> Result<(VmxVcpu, Box<dyn NestedMap>), HwError> {
+        entries: &[EntryState],
+    ) -> Result<DomainVcpus<VmxVcpu>, HwError> {
         let mut ept = NestedPageTable::<ept::Ept>::new()?;
         ept.map_large(0, memory.host_base(), memory.size())?;
         ept.prepare_small_pages(GRANT_WINDOW_GPA, GRANT_WINDOW_BYTES)?;
-        let vcpu = VmxVcpu::new(ept.root(), &self.caps, entry)?;
-        Ok((vcpu, Box::new(ept)))
+        let vcpus = entries
+            .iter()
+            .map(|entry| VmxVcpu::new(ept.root(), &self.caps, entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((vcpus, Box::new(ept)))
     }
 }

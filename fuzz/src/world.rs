@@ -505,7 +505,7 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
         };
         slots.push(Slot {
             domain,
-            vcpus: vec![vcpu],
+            vcpus: vec![Some(Box::new(vcpu))],
         });
     }
     let mut host = FuzzHost {

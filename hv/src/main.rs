@@ -252,7 +252,10 @@ mod start {
                 memory_map: builder::MemoryMap::new(memory.size(), &image),
                 ..Domain::with_vcpus(id, config.name, memory, time, config.vcpus)
             },
-            vcpus,
+            vcpus: vcpus
+                .into_iter()
+                .map(|v| Some(alloc::boxed::Box::new(v)))
+                .collect(),
         })
     }
 

@@ -11,14 +11,14 @@ use crate::common::domain::{DomainTable, read_tsc};
 use crate::common::grant_table::{self, WindowFault};
 use crate::common::guest_paging;
 use crate::common::hypercall::{self, Next};
-use crate::common::stats::ExitKind;
+use crate::common::stats::{ExitKind, ExitStats};
 use crate::common::string_io::{self, Outcome, Ports, StringIo};
 use crate::common::uart::Uart16550;
 use crate::common::uart::{COM1_BASE, COM1_PORTS};
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, VirtualCpu, VmExit, is_canonical, reg, vector,
 };
-use crate::common::vcpu_state::{Wait, request};
+use crate::common::vcpu_state::{Requests, Wait, request};
 use crate::common::vlapic::VirtualLapic;
 use crate::common::xstate;
 use alloc::format;
@@ -52,11 +52,64 @@ fn enter_hypercall<V: VirtualCpu>(
     domain.stats.count(ExitKind::Hypercall);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
     // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
-    let state = &domain.vcpus[index];
-    if state.upcall_maybe_pending {
-        state.requests.make(request::EVENT);
-    }
+    domain.vcpus[index].requests.on_hypercall();
     hypercall::handle(domain, index, vcpu, peers)
+}
+
+/// The exits that touch nothing of the domain but the running vCPU's own state, handled
+/// without the domain-table lock (docs/abi.md 2.1's null hypercall, CPUID): counted in
+/// `stats`, the running CPU's counters of the vCPU, merged into the domain's at the next
+/// exit that takes the lock. Returns whether `exit` was one of them.
+#[inline(always)]
+pub fn handle_without_lock<V: VirtualCpu>(
+    stats: &mut ExitStats,
+    requests: &Requests,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    exit: &VmExit,
+    tsc_khz: u32,
+) -> bool {
+    match exit {
+        VmExit::Hypercall => {
+            let nr = vcpu.regs().gpr[reg::RAX];
+            if nr != 0 && nr < lamina_abi::Hypercall::COUNT as u64 {
+                return false;
+            }
+            stats.count(ExitKind::Hypercall);
+            requests.on_hypercall();
+            stats.count_hypercall(nr);
+            hypercall::answer_quickly(nr, vcpu);
+            vcpu.skip_instruction();
+            true
+        }
+        VmExit::Cpuid => {
+            cpuid_exit(stats, vcpu_index, vcpu, tsc_khz);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// CPUID (docs/abi.md 5), as vCPU `vcpu_index` sees it.
+#[inline(always)]
+fn cpuid_exit<V: VirtualCpu>(stats: &mut ExitStats, vcpu_index: usize, vcpu: &mut V, tsc_khz: u32) {
+    stats.count(ExitKind::Cpuid);
+    let regs = vcpu.regs();
+    let (leaf, subleaf) = (regs.gpr[reg::RAX] as u32, regs.gpr[reg::RCX] as u32);
+    let view = || cpuid::XstateView {
+        mask: xstate::guest_mask(),
+        xcr0: vcpu.xcr0(),
+        osxsave: vcpu.osxsave_enabled(),
+    };
+    let mut result = cpuid::emulate(leaf, subleaf, tsc_khz, view, host_cpuid);
+    cpuid::show_apic_id(leaf, &mut result, vcpu_index as u32);
+    let [eax, ebx, ecx, edx] = result;
+    let regs = vcpu.regs();
+    regs.gpr[reg::RAX] = eax.into();
+    regs.gpr[reg::RBX] = ebx.into();
+    regs.gpr[reg::RCX] = ecx.into();
+    regs.gpr[reg::RDX] = edx.into();
+    vcpu.skip_instruction();
 }
 
 /// Handles one exit of `vcpu`, vCPU `index` of `domain`.
@@ -72,24 +125,8 @@ pub fn handle_exit<V: VirtualCpu>(
         VmExit::Hypercall => hypercall_exit(domain, vcpu_index, vcpu, peers),
         VmExit::InvalidOpcode => invalid_opcode(domain, vcpu_index, vcpu, peers),
         VmExit::Cpuid => {
-            domain.stats.count(ExitKind::Cpuid);
-            let regs = vcpu.regs();
-            let (leaf, subleaf) = (regs.gpr[reg::RAX] as u32, regs.gpr[reg::RCX] as u32);
-            let view = || cpuid::XstateView {
-                mask: xstate::guest_mask(),
-                xcr0: vcpu.xcr0(),
-                osxsave: vcpu.osxsave_enabled(),
-            };
             let tsc_khz = domain.time.tsc_khz() as u32;
-            let mut result = cpuid::emulate(leaf, subleaf, tsc_khz, view, host_cpuid);
-            cpuid::show_apic_id(leaf, &mut result, vcpu_index as u32);
-            let [eax, ebx, ecx, edx] = result;
-            let regs = vcpu.regs();
-            regs.gpr[reg::RAX] = eax.into();
-            regs.gpr[reg::RBX] = ebx.into();
-            regs.gpr[reg::RCX] = ecx.into();
-            regs.gpr[reg::RDX] = edx.into();
-            vcpu.skip_instruction();
+            cpuid_exit(&mut domain.stats, vcpu_index, vcpu, tsc_khz);
             Next::Resume
         }
         VmExit::Xsetbv => {

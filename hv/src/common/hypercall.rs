@@ -56,20 +56,7 @@ pub fn handle<V: VirtualCpu>(
 ) -> Next {
     let nr = vcpu.regs().gpr[reg::RAX];
     domain.stats.count_hypercall(nr);
-    // The hot path (benchmarks' null hypercall): version and undefined numbers need no
-    // arguments and no state, so they are answered before anything else is loaded.
-    let quick = match nr {
-        0 => Some(lamina_abi::abi_version().into()),
-        nr if nr >= Hypercall::COUNT as u64 => Some(Errno::ENOSYS.to_return_value()),
-        _ => None,
-    };
-    if let Some(rax) = quick {
-        let rax = if vcpu.cpl() != 0 {
-            Errno::EPERM.to_return_value()
-        } else {
-            rax
-        };
-        vcpu.regs().gpr[reg::RAX] = rax;
+    if answer_quickly(nr, vcpu) {
         return Next::Resume;
     }
     let cpl = vcpu.cpl();
@@ -95,6 +82,25 @@ pub fn handle<V: VirtualCpu>(
     };
     vcpu.regs().gpr[reg::RAX] = rax;
     next
+}
+
+/// The hot path (benchmarks' null hypercall): `version` and undefined numbers need no
+/// arguments and no state of the domain, so they are answered before anything else is
+/// loaded, without the domain-table lock. Returns whether `nr` was one of them (RAX is set).
+#[inline(always)]
+pub fn answer_quickly<V: VirtualCpu>(nr: u64, vcpu: &mut V) -> bool {
+    let rax = match nr {
+        0 => u64::from(lamina_abi::abi_version()),
+        nr if nr >= Hypercall::COUNT as u64 => Errno::ENOSYS.to_return_value(),
+        _ => return false,
+    };
+    let rax = if vcpu.cpl() != 0 {
+        Errno::EPERM.to_return_value()
+    } else {
+        rax
+    };
+    vcpu.regs().gpr[reg::RAX] = rax;
+    true
 }
 
 #[inline(never)]
@@ -266,7 +272,7 @@ pub fn raise_port(domain: &mut Domain, port: u32) {
     match domain.events.raise(&domain.memory, port) {
         Ok(Some(vcpu)) => {
             domain.vcpus[vcpu].requests.make(request::EVENT);
-            domain.vcpus[vcpu].upcall_maybe_pending = true;
+            domain.vcpus[vcpu].requests.set_upcall_maybe_pending(true);
         }
         Ok(None) => {}
         Err(_) => return,
@@ -367,7 +373,7 @@ fn event_channel_op(
         EventChannelOp::Unmask => {
             if let Some(vcpu) = domain.events.unmask(&domain.memory, arg)? {
                 domain.vcpus[vcpu].requests.make(request::EVENT);
-                domain.vcpus[vcpu].upcall_maybe_pending = true;
+                domain.vcpus[vcpu].requests.set_upcall_maybe_pending(true);
             }
             Ok(0)
         }
@@ -397,7 +403,7 @@ fn vcpu_op(
             domain.events.move_vcpu_info(&domain.memory, index, arg)?;
             state.vcpu_info_moved = true;
             state.requests.make(request::EVENT);
-            state.upcall_maybe_pending = true;
+            state.requests.set_upcall_maybe_pending(true);
         }
         VcpuOp::RegisterRunstate => {
             if arg % 8 != 0 {
@@ -434,7 +440,7 @@ fn vcpu_op(
             }
             state.upcall_vector = arg as u8;
             state.requests.make(request::EVENT);
-            state.upcall_maybe_pending = true;
+            state.requests.set_upcall_maybe_pending(true);
         }
         VcpuOp::Initialise => {
             if index == 0 || state.start.is_some() {

@@ -13,6 +13,7 @@ pub mod grant_table;
 pub mod guest_memory;
 pub mod guest_paging;
 pub mod hypercall;
+pub mod locking;
 pub mod nested_map;
 pub mod output;
 pub mod phys;

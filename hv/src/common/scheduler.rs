@@ -8,16 +8,18 @@
 
 use crate::common::config::DEFAULT_WEIGHT;
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, publish_stats, read_tsc};
-use crate::common::exits::{handle_exit, hypercall_exit};
+use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
-use crate::common::stats::ExitKind;
+use crate::common::stats::{ExitKind, ExitStats};
 use crate::common::teardown::{Scrub, tear_down};
 use crate::common::time::publish_vcpu_time;
 use crate::common::trace;
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
 use crate::common::vcpu_state::{StartState, Wait, request};
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use lamina_abi::Errno;
 use lamina_abi::event_channel::Virq;
@@ -50,9 +52,17 @@ pub const CONSOLE_POLL_NS: u64 = 10_000_000;
 pub struct Slot<V> {
     /// The domain.
     pub domain: Domain,
-    /// Its vCPUs' hardware state, by vCPU number (`domain.vcpus` has the rest); empty once
-    /// the domain is torn down.
-    pub vcpus: Vec<V>,
+    /// Its vCPUs' hardware state, by vCPU number (`domain.vcpus` has the rest): `None` while
+    /// a CPU runs that vCPU; empty once the domain is torn down. Boxed, so that taking one
+    /// out for a slice moves a pointer, not the state.
+    pub vcpus: Vec<Option<Box<V>>>,
+}
+
+impl<V> Slot<V> {
+    /// Whether no CPU runs any of its vCPUs: it may be torn down.
+    pub fn is_parked(&self) -> bool {
+        self.vcpus.iter().all(Option::is_some)
+    }
 }
 
 /// All domains but one: the slots in `parts` and, when the one left out is not the running
@@ -105,6 +115,10 @@ impl<V> DomainTable for Peers<'_, V> {
         let Some((slot, right)) = rest.split_first_mut() else {
             return false;
         };
+        if !slot.is_parked() {
+            // A CPU runs one of its vCPUs: the scheduler tears it down once that stops.
+            return false;
+        }
         let scrub = tear_down(
             slot,
             &mut Peers {
@@ -123,7 +137,7 @@ impl<V> DomainTable for Peers<'_, V> {
 fn is_ready<V>(slot: &Slot<V>, vcpu: usize) -> bool {
     slot.domain.is_runnable()
         && !slot.domain.paused
-        && vcpu < slot.vcpus.len()
+        && matches!(slot.vcpus.get(vcpu), Some(Some(_)))
         && slot.domain.vcpus[vcpu].is_runnable()
 }
 
@@ -177,13 +191,13 @@ fn upcall_deliverable(domain: &Domain, index: usize) -> bool {
 
 /// Forgets a possible upcall once the guest's flag shows none is pending.
 fn settle_upcall_flag(domain: &mut Domain, index: usize) {
-    if domain.vcpus[index].upcall_maybe_pending
+    if domain.vcpus[index].requests.upcall_maybe_pending()
         && matches!(
             domain.events.upcall_flags(&domain.memory, index),
             Ok((false, _))
         )
     {
-        domain.vcpus[index].upcall_maybe_pending = false;
+        domain.vcpus[index].requests.set_upcall_maybe_pending(false);
     }
 }
 
@@ -234,7 +248,7 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
                 .any(|&p| domain.events.is_pending(&domain.memory, p).unwrap_or(false));
             if !pending
                 && deadline.is_some_and(|d| d <= now)
-                && let Some(vcpu) = slot.vcpus.get_mut(index)
+                && let Some(Some(vcpu)) = slot.vcpus.get_mut(index)
             {
                 vcpu.regs().gpr[reg::RAX] = Errno::ETIMEDOUT.to_return_value();
             }
@@ -258,7 +272,10 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
 fn tear_down_ended<V>(slots: &mut [Slot<V>], scrubbing: &mut VecDeque<Scrub>) -> bool {
     let mut any = false;
     for index in 0..slots.len() {
-        if slots[index].domain.is_runnable() || slots[index].domain.torn_down {
+        if slots[index].domain.is_runnable()
+            || slots[index].domain.torn_down
+            || !slots[index].is_parked()
+        {
             continue;
         }
         let (before, rest) = slots.split_at_mut(index);
@@ -295,10 +312,17 @@ fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
 /// translations, injects what is due, asks for an interrupt-window exit when the guest cannot
 /// take it yet. Costs one load when nothing was requested. Returns the requests it took
 /// that the caller acts on ([`request::TIMERS`]).
+#[inline(always)]
 fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> u32 {
     if !domain.vcpus[index].requests.any() {
         return 0;
     }
+    drain_requests(domain, index, vcpu)
+}
+
+/// [`prepare_entry`] when something was requested.
+#[inline(never)]
+fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> u32 {
     const HERE: u32 = request::EVENT | request::NESTED_FLUSH | request::TIMERS;
     let all = domain.vcpus[index].requests.take_all();
     if all & !HERE != 0 {
@@ -340,115 +364,350 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V)
     taken
 }
 
-/// Runs every domain until all have ended.
-pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
-    // Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
-    let units: Vec<(usize, usize)> = slots
-        .iter()
-        .enumerate()
-        .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
-        .collect();
-    let mut cursor = units.len().saturating_sub(1);
-    // RAM of torn-down domains, scrubbed and returned a slice per pass.
-    let mut scrubbing = VecDeque::new();
-    // The vCPU that ran last and may still be RUNNING in its run-state area.
-    let mut last: Option<(usize, usize)> = None;
-    loop {
-        let now = host.now_ns();
-        let host_work = host.housekeeping();
-        // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
-        if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
-            while let Some(byte) = host.console_input() {
-                first.domain.receive_console_input(byte);
+/// The domains as every physical CPU's run loop shares them. One lock, the domain-table
+/// lock, guards all of it; it is held while a CPU picks a vCPU and while it handles an exit,
+/// never while a guest runs (the lock order is documented in [`crate::common::locking`]).
+pub struct Machine<'a, V> {
+    table: spin::Mutex<Table<'a, V>>,
+    /// How many CPUs run [`Machine::run_cpu`].
+    cpus_online: core::sync::atomic::AtomicUsize,
+}
+
+struct Table<'a, V> {
+    slots: &'a mut [Slot<V>],
+    /// Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
+    units: Vec<(usize, usize)>,
+    /// Where the round robin is.
+    cursor: usize,
+    /// RAM of torn-down domains, scrubbed and returned a slice per pass.
+    scrubbing: VecDeque<Scrub>,
+}
+
+impl<'a, V: VirtualCpu> Machine<'a, V> {
+    /// The machine of these domains, none of whose vCPUs has run.
+    pub fn new(slots: &'a mut [Slot<V>]) -> Self {
+        let units: Vec<(usize, usize)> = slots
+            .iter()
+            .enumerate()
+            .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
+            .collect();
+        Machine {
+            cpus_online: core::sync::atomic::AtomicUsize::new(1),
+            table: spin::Mutex::new(Table {
+                slots,
+                cursor: units.len().saturating_sub(1),
+                units,
+                scrubbing: VecDeque::new(),
+            }),
+        }
+    }
+
+    /// Declares how many CPUs will run [`Self::run_cpu`] (1 unless told), before any does.
+    pub fn set_cpus_online(&self, cpus: usize) {
+        self.cpus_online
+            .store(cpus.max(1), core::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Runs this CPU's share of the vCPUs until every domain has ended and all their RAM is
+    /// back.
+    pub fn run_cpu<H: Host>(&self, host: &mut H) {
+        // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
+        let mut last: Option<(usize, usize)> = None;
+        loop {
+            let now = host.now_ns();
+            let mut guard = self.table.lock();
+            let table = &mut *guard;
+            let host_work = host.housekeeping();
+            let slots = &mut *table.slots;
+            // Serial input belongs to the first domain, as the console of a PC belongs to its
+            // OS.
+            if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
+                while let Some(byte) = host.console_input() {
+                    first.domain.receive_console_input(byte);
+                }
             }
-        }
-        for slot in slots.iter_mut() {
-            update(slot, now);
-        }
-        // A teardown can wake other domains, or leave them waiting for nothing (which ends
-        // them, to be torn down in turn).
-        while tear_down_ended(slots, &mut scrubbing) {
             for slot in slots.iter_mut() {
                 update(slot, now);
             }
-        }
-        if !slots.iter().any(|s| s.domain.is_runnable()) {
-            scrubbing.into_iter().for_each(Scrub::finish);
-            return;
-        }
-        if let Some(scrub) = scrubbing.front_mut()
-            && scrub.step()
-        {
-            scrubbing.pop_front();
-        }
-        let picked = pick(slots, &units, cursor);
-        let Some((index, vcpu_index)) = picked else {
-            let input_wakes = slots
+            // A teardown can wake other domains, or leave them waiting for nothing (which
+            // ends them, to be torn down in turn).
+            while tear_down_ended(slots, &mut table.scrubbing) {
+                for slot in slots.iter_mut() {
+                    update(slot, now);
+                }
+            }
+            if !slots.iter().any(|s| s.domain.is_runnable()) {
+                table.scrubbing.drain(..).for_each(Scrub::finish);
+                return;
+            }
+            if let Some(scrub) = table.scrubbing.front_mut()
+                && scrub.step()
+            {
+                table.scrubbing.pop_front();
+            }
+            let Some((index, vcpu_index)) = pick(slots, &table.units, table.cursor) else {
+                let input_wakes = slots
+                    .iter()
+                    .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
+                let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
+                let deadline = slots
+                    .iter()
+                    .filter_map(next_deadline)
+                    .chain(poll)
+                    .chain(host_work)
+                    .min();
+                if stop_unpausable(slots, deadline.is_none()) || !table.scrubbing.is_empty() {
+                    // Scrubbing goes on while nothing else runs (a slice per pass, looking at
+                    // timers in between).
+                    continue;
+                }
+                drop(guard);
+                host.arm_timer(deadline);
+                trace::idle();
+                host.wait_for_interrupt();
+                continue;
+            };
+            let unit = (index, vcpu_index);
+            if !slots[index].domain.vcpus[vcpu_index].boosted {
+                table.cursor = index_of_unit(&table.units, table.cursor, unit);
+            }
+            slots[index].domain.vcpus[vcpu_index].boosted = false;
+            if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
+                let domain = &mut slots[previous].domain;
+                let state = &mut domain.vcpus[previous_vcpu];
+                if domain.state == DomainState::Runnable
+                    && state.runstate.state() == runstate::RUNNING
+                {
+                    let _ = state
+                        .runstate
+                        .enter(runstate::RUNNABLE, now, &domain.memory);
+                }
+            }
+            last = Some(unit);
+            // Other domains' deadlines; the running domain's own are looked at by `run_slice`.
+            let others = slots
                 .iter()
-                .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
-            let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-            let deadline = slots
-                .iter()
-                .filter_map(next_deadline)
-                .chain(poll)
-                .chain(host_work)
+                .enumerate()
+                .filter(|(i, _)| *i != index)
+                .filter_map(|(_, s)| next_deadline(s))
                 .min();
-            if stop_unpausable(slots, deadline.is_none()) || !scrubbing.is_empty() {
-                // Scrubbing goes on while nothing else runs (a slice per pass, looking at
-                // timers in between).
+            let others = others.into_iter().chain(host_work).min();
+            let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+            // The vCPU's hardware state is this CPU's until the slice ends: no other CPU
+            // picks it meanwhile (`is_ready`), and its domain is not torn down under it.
+            let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
+                continue;
+            };
+            trace::vcpu_in(slots[index].domain.id);
+            self.run_slice(guard, index, vcpu_index, &mut *vcpu, host, now, slice_end);
+            let mut table = self.table.lock();
+            let slot = &mut table.slots[index];
+            trace::vcpu_out(slot.domain.id);
+            slot.vcpus[vcpu_index] = Some(vcpu);
+            let ran = host.now_ns().saturating_sub(now);
+            let weight = slot.domain.weight;
+            let state = &mut slot.domain.vcpus[vcpu_index];
+            state.cpu_ns += ran;
+            state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
+        }
+    }
+
+    /// Runs vCPU `vcpu_index` of slot `index`, whose hardware state `vcpu` this CPU took,
+    /// until it stops being the right one to run. `guard` is the table, locked.
+    ///
+    /// With other CPUs online the lock is dropped while the guest runs and taken again for
+    /// each exit that needs it ([`Self::run_slice_shared`]). A machine with one CPU keeps
+    /// it for the whole slice ([`Self::run_slice_alone`]): no other CPU exists to want it,
+    /// and a single-CPU exit then costs what it did before SMP.
+    #[allow(clippy::too_many_arguments)]
+    fn run_slice<'m, H: Host>(
+        &'m self,
+        mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        host: &mut H,
+        now: u64,
+        slice_end: u64,
+    ) {
+        let domain = &mut guard.slots[index].domain;
+        schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
+        if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1 {
+            self.run_slice_shared(guard, index, vcpu_index, vcpu, host, slice_end);
+        } else {
+            let (before, rest) = guard.slots.split_at_mut(index);
+            if let Some((current, after)) = rest.split_first_mut() {
+                let peers = &mut Peers::around(before, after);
+                run_slice_alone(
+                    &mut current.domain,
+                    vcpu_index,
+                    vcpu,
+                    peers,
+                    host,
+                    slice_end,
+                );
+            }
+        }
+    }
+
+    /// The slice of a machine with several CPUs: the lock is dropped across every entry, and
+    /// the exits that need nothing of the domain are handled without it. Out of line, like
+    /// [`run_slice_alone`]: each hot loop gets the registers to itself.
+    #[inline(never)]
+    fn run_slice_shared<'m, H: Host>(
+        &'m self,
+        mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        host: &mut H,
+        slice_end: u64,
+    ) {
+        // What the exits handled without the lock need.
+        let domain = &guard.slots[index].domain;
+        let requests = Arc::clone(&domain.vcpus[vcpu_index].requests);
+        let tsc_khz = domain.time.tsc_khz() as u32;
+        let mut unmerged = ExitStats::default();
+        let mut any_unmerged = false;
+        let mut exited_at = None;
+        loop {
+            let domain = &mut guard.slots[index].domain;
+            if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
+                arm_host_timer(domain, host, slice_end);
+            }
+            if let Some(exited_at) = exited_at {
+                domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+            }
+            drop(guard);
+            let (exit, handled) = loop {
+                let exit = vcpu.run();
+                let exited_at_tsc = read_tsc();
+                exited_at = Some(exited_at_tsc);
+                let handled =
+                    handle_without_lock(&mut unmerged, &requests, vcpu_index, vcpu, &exit, tsc_khz);
+                any_unmerged |= handled;
+                if !handled || requests.any() {
+                    break (exit, handled);
+                }
+                unmerged.handling_tsc += read_tsc().wrapping_sub(exited_at_tsc);
+            };
+            guard = self.table.lock();
+            if any_unmerged {
+                any_unmerged = false;
+                guard.slots[index].domain.stats.absorb(&mut unmerged);
+            }
+            if handled {
+                // A request needs the lock before the next entry.
                 continue;
             }
-            host.arm_timer(deadline);
-            trace::idle();
-            host.wait_for_interrupt();
-            continue;
-        };
-        let unit = (index, vcpu_index);
-        if !slots[index].domain.vcpus[vcpu_index].boosted {
-            cursor = index_of_unit(&units, cursor, unit);
-        }
-        slots[index].domain.vcpus[vcpu_index].boosted = false;
-        if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
-            let domain = &mut slots[previous].domain;
-            let state = &mut domain.vcpus[previous_vcpu];
-            if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING
-            {
-                let _ = state
-                    .runstate
-                    .enter(runstate::RUNNABLE, now, &domain.memory);
+            let (before, rest) = guard.slots.split_at_mut(index);
+            let Some((current, after)) = rest.split_first_mut() else {
+                return;
+            };
+            let domain = &mut current.domain;
+            let next = dispatch_exit(
+                domain,
+                vcpu_index,
+                vcpu,
+                exit,
+                &mut Peers::around(before, after),
+                host,
+            );
+            if next == Next::Resume {
+                continue;
             }
+            end_slice(domain, vcpu_index, vcpu, next, host);
+            return;
         }
-        last = Some(unit);
-        // Other domains' deadlines; the running domain's own are looked at by `run_slice`.
-        let others = slots
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != index)
-            .filter_map(|(_, s)| next_deadline(s))
-            .min();
-        let others = others.into_iter().chain(host_work).min();
-        let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-        let (before, rest) = slots.split_at_mut(index);
-        let Some((current, after)) = rest.split_first_mut() else {
-            continue;
-        };
-        trace::vcpu_in(current.domain.id);
-        run_slice(
-            current,
-            vcpu_index,
-            &mut Peers::around(before, after),
-            host,
-            now,
-            slice_end,
-        );
-        trace::vcpu_out(current.domain.id);
-        let ran = host.now_ns().saturating_sub(now);
-        let domain = &mut slots[index].domain;
-        let weight = domain.weight;
-        let state = &mut domain.vcpus[vcpu_index];
-        state.cpu_ns += ran;
-        state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
     }
+}
+
+/// The slice of a machine with one CPU: the table stays locked, so the domain and its peers
+/// are reached once for the whole slice.
+#[inline(never)]
+fn run_slice_alone<V: VirtualCpu, H: Host>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut Peers<'_, V>,
+    host: &mut H,
+    slice_end: u64,
+) {
+    let mut exited_at = None;
+    loop {
+        if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
+            arm_host_timer(domain, host, slice_end);
+        }
+        if let Some(exited_at) = exited_at {
+            domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+        }
+        let exit = vcpu.run();
+        exited_at = Some(read_tsc());
+        let next = dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host);
+        if next != Next::Resume {
+            end_slice(domain, vcpu_index, vcpu, next, host);
+            return;
+        }
+    }
+}
+
+/// Handles one exit of vCPU `vcpu_index` of `domain`, the table locked.
+#[inline(always)]
+fn dispatch_exit<V: VirtualCpu, H: Host>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    exit: VmExit,
+    peers: &mut Peers<'_, V>,
+    host: &mut H,
+) -> Next {
+    if matches!(exit, VmExit::Hypercall) {
+        hypercall_exit(domain, vcpu_index, vcpu, peers)
+    } else if matches!(exit, VmExit::ExternalInterrupt) {
+        domain.stats.count(ExitKind::ExternalInterrupt);
+        host.service_interrupts();
+        Next::Yield
+    } else {
+        handle_exit(domain, vcpu_index, vcpu, exit, peers)
+    }
+}
+
+/// The slice of vCPU `vcpu_index` ends with `next` (not [`Next::Resume`]).
+fn end_slice<V: VirtualCpu, H: Host>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    next: Next,
+    host: &mut H,
+) {
+    vcpu.deactivate();
+    match next {
+        Next::Stop => {
+            publish_stats(domain);
+            return;
+        }
+        Next::Sleep => {
+            trace::block(domain.id);
+            let now = host.now_ns();
+            let state = &mut domain.vcpus[vcpu_index];
+            // A vCPU that took itself down is offline, not blocked (docs/abi.md 9.2).
+            let to = if state.up {
+                runstate::BLOCKED
+            } else {
+                runstate::OFFLINE
+            };
+            let _ = state.runstate.enter(to, now, &domain.memory);
+        }
+        // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
+        Next::Yield | Next::Resume => {}
+    }
+    domain.drain_console_ring();
+    publish_stats(domain);
+}
+
+/// Runs every domain on this CPU alone until all have ended.
+pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
+    Machine::new(slots).run_cpu(host);
 }
 
 /// The vCPU to run next, in one pass over `units` in round-robin order after `cursor`: a
@@ -510,19 +769,17 @@ fn load_start_state<V: VirtualCpu>(vcpu: &mut V, start: &StartState) {
     vcpu.regs().gpr[reg::RDI] = start.argument;
 }
 
-/// Runs vCPU `index` of a slot until it stops being the right one to run.
-fn run_slice<V: VirtualCpu, H: Host>(
-    slot: &mut Slot<V>,
+/// A vCPU is scheduled in on this CPU: the backend makes it current, a start state from
+/// initialise is loaded, its run state becomes RUNNING, its pvclock is refreshed, interrupts
+/// the guest made deliverable while it was out are looked for, and the host timer is armed.
+fn schedule_in<V: VirtualCpu, H: Host>(
+    domain: &mut Domain,
     index: usize,
-    peers: &mut Peers<'_, V>,
+    vcpu: &mut V,
     host: &mut H,
     now: u64,
     slice_end: u64,
 ) {
-    let Slot { domain, vcpus } = slot;
-    let Some(vcpu) = vcpus.get_mut(index) else {
-        return;
-    };
     crate::platform::spec_ctrl::on_schedule_in(domain.id);
     vcpu.activate();
     if domain.vcpus[index].requests.take(request::START) != 0
@@ -535,8 +792,6 @@ fn run_slice<V: VirtualCpu, H: Host>(
             .runstate
             .enter(runstate::RUNNING, now, &domain.memory);
     }
-    // Schedule-in: refresh the pvclock and look for interrupts the guest made deliverable
-    // while it ran (for example by unmasking upcalls in memory).
     let tsc = crate::common::domain::read_tsc();
     let _ = publish_vcpu_time(
         &domain.memory,
@@ -545,71 +800,26 @@ fn run_slice<V: VirtualCpu, H: Host>(
         tsc,
     );
     domain.vcpus[index].requests.make(request::EVENT);
-    domain.vcpus[index].upcall_maybe_pending = true;
-    // The host timer: the end of the slice, or the first timer of this domain's vCPUs due
-    // before it (a vCPU may set a sibling's timer).
-    let arm = |domain: &Domain, host: &mut H| {
-        let mut due = slice_end;
-        for state in &domain.vcpus {
-            if let Some(deadline) = state.timers.next_deadline() {
-                due = due.min(deadline);
-            }
-            if let Some(deadline) = state.vlapic.next_timer_deadline_ns() {
-                due = due.min(deadline);
-            }
-        }
-        host.arm_timer(Some(due));
-    };
-    arm(domain, host);
+    domain.vcpus[index].requests.set_upcall_maybe_pending(true);
+    arm_host_timer(domain, host, slice_end);
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
     vcpu.set_preemption_deadline(slice_ticks);
-    let mut exited_at = None;
-    loop {
-        if prepare_entry(domain, index, vcpu) & request::TIMERS != 0 {
-            arm(domain, host);
+}
+
+/// Arms the host timer for the end of the slice, or the first timer of the running domain's
+/// vCPUs due before it (a vCPU may set a sibling's timer).
+fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
+    let mut due = slice_end;
+    for state in &domain.vcpus {
+        if let Some(deadline) = state.timers.next_deadline() {
+            due = due.min(deadline);
         }
-        if let Some(exited_at) = exited_at {
-            domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+        if let Some(deadline) = state.vlapic.next_timer_deadline_ns() {
+            due = due.min(deadline);
         }
-        let exit = vcpu.run();
-        exited_at = Some(read_tsc());
-        let next = if matches!(exit, VmExit::Hypercall) {
-            hypercall_exit(domain, index, vcpu, peers)
-        } else if matches!(exit, VmExit::ExternalInterrupt) {
-            domain.stats.count(ExitKind::ExternalInterrupt);
-            host.service_interrupts();
-            Next::Yield
-        } else {
-            handle_exit(domain, index, vcpu, exit, peers)
-        };
-        match next {
-            Next::Resume => continue,
-            Next::Stop => {
-                vcpu.deactivate();
-                publish_stats(domain);
-                return;
-            }
-            // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
-            Next::Yield => {}
-            Next::Sleep => {
-                trace::block(domain.id);
-                let now = host.now_ns();
-                let state = &mut domain.vcpus[index];
-                // A vCPU that took itself down is offline, not blocked (docs/abi.md 9.2).
-                let to = if state.up {
-                    runstate::BLOCKED
-                } else {
-                    runstate::OFFLINE
-                };
-                let _ = state.runstate.enter(to, now, &domain.memory);
-            }
-        }
-        vcpu.deactivate();
-        domain.drain_console_ring();
-        publish_stats(domain);
-        return;
     }
+    host.arm_timer(Some(due));
 }
 
 #[cfg(test)]
@@ -689,7 +899,7 @@ mod tests {
             t,
             Slot {
                 domain,
-                vcpus: vec![vcpu],
+                vcpus: vec![Some(Box::new(vcpu))],
             },
         )
     }
@@ -763,7 +973,7 @@ mod tests {
             hypercall(SCHED, [3, 0x9000, 1]),
         ]);
         t.mem.write(0x9000, &2u32.to_le_bytes()).unwrap();
-        let vcpu = &mut s.vcpus[0];
+        let vcpu = s.vcpus[0].as_mut().unwrap();
         vcpu.script[1].1.gpr[crate::common::vcpu::reg::R10] = 5_000_000;
         vcpu.script.push_back(hypercall(SCHED, POWEROFF));
         let mut host = fake_host();
@@ -842,7 +1052,7 @@ mod tests {
         let time = s.domain.time;
         let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
         s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
-        s.vcpus.push(MockVcpu {
+        s.vcpus.push(Some(Box::new(MockVcpu {
             script: vec![
                 hypercall(SCHED, YIELD),
                 hypercall(VCPU_OP, [7, 1, 0]), // down of itself
@@ -851,7 +1061,7 @@ mod tests {
             interrupt_flag: true,
             tag: 2,
             ..Default::default()
-        });
+        })));
         take_trace();
         run_all(std::slice::from_mut(&mut s), &mut fake_host());
         let trace = take_trace();
@@ -906,6 +1116,83 @@ mod tests {
         assert_eq!(secondary.state.cr3, 0x1000);
         assert_eq!(secondary.regs.gpr[reg::RDI], 77);
         assert!(!s.domain.vcpus[1].up, "initialise does not bring it up");
+    }
+
+    /// Runs `slots` as a machine with several CPUs would, on this one thread: the lock is
+    /// dropped across every entry and the quick exits are handled without it.
+    fn run_shared(slots: &mut [Slot<MockVcpu>], host: &mut FakeHost) {
+        let machine = Machine::new(slots);
+        machine.set_cpus_online(2);
+        machine.run_cpu(host);
+    }
+
+    #[test]
+    fn the_shared_path_counts_quick_exits_and_runs_the_same_scripts() {
+        use crate::common::vcpu::GuestRegisters;
+        let cpuid = (VmExit::Cpuid, GuestRegisters::default());
+        let (_t, mut s) = slot(vec![
+            hypercall(0, [0, 0, 0]),      // version: without the lock
+            hypercall(99, [0, 0, 0]),     // unknown: without the lock
+            cpuid,                        // CPUID: without the lock
+            hypercall(EVTCHN, [2, 0, 0]), // bind IPI: under the lock -> port 2
+            hypercall(EVTCHN, [3, 2, 0]), // send on it
+            hypercall(SCHED, [1, 0, 0]),  // block: returns at once, pending
+            hypercall(SCHED, POWEROFF),
+        ]);
+        take_trace();
+        let mut host = fake_host();
+        run_shared(std::slice::from_mut(&mut s), &mut host);
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let version = u64::from(lamina_abi::abi_version()) as i64;
+        assert_eq!(
+            results_of(&trace, 1)[..2],
+            [version, Errno::ENOSYS.to_return_value() as i64]
+        );
+        assert_eq!(results_of(&trace, 1)[3..6], [2, 0, 0]);
+        assert_eq!(
+            s.domain.stats.of(ExitKind::Hypercall),
+            6,
+            "quick ones merged in"
+        );
+        assert_eq!(s.domain.stats.of(ExitKind::Cpuid), 1);
+        assert_eq!(host.halts, 0);
+    }
+
+    #[test]
+    fn a_secondary_vcpu_takes_itself_down_on_the_shared_path_too() {
+        let (t, mut s) = slot(vec![
+            hypercall(VCPU_OP, [5, 1, 0x10000]),
+            hypercall(VCPU_OP, [6, 1, 0]),
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, YIELD),
+            hypercall(VCPU_OP, [8, 1, 0]),
+            hypercall(SCHED, POWEROFF),
+        ]);
+        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
+            .into_iter()
+            .enumerate()
+        {
+            t.mem
+                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
+                .unwrap();
+        }
+        let time = s.domain.time;
+        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
+        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
+        s.vcpus.push(Some(Box::new(MockVcpu {
+            script: vec![hypercall(SCHED, YIELD), hypercall(VCPU_OP, [7, 1, 0])].into(),
+            interrupt_flag: true,
+            tag: 2,
+            ..Default::default()
+        })));
+        take_trace();
+        run_shared(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(results_of(&trace, 1), [0, 0, 0, 0, 0, 0]);
+        assert!(s.vcpus.is_empty(), "torn down once both vCPUs were back");
     }
 
     const DOMCTL: u64 = 9;

@@ -104,6 +104,21 @@ impl ExitStats {
         self.by_hypercall[slot] += 1;
     }
 
+    /// Adds `other`'s counts to these and zeroes `other`.
+    pub fn absorb(&mut self, other: &mut ExitStats) {
+        for (mine, theirs) in self.by_kind.iter_mut().zip(other.by_kind.iter_mut()) {
+            *mine += core::mem::take(theirs);
+        }
+        for (mine, theirs) in self
+            .by_hypercall
+            .iter_mut()
+            .zip(other.by_hypercall.iter_mut())
+        {
+            *mine += core::mem::take(theirs);
+        }
+        self.handling_tsc += core::mem::take(&mut other.handling_tsc);
+    }
+
     /// The counters as the ABI publishes them.
     pub fn to_counters(&self) -> ExitCounters {
         let mut counters = ExitCounters {

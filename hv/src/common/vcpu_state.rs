@@ -3,15 +3,25 @@
 
 use crate::common::guest_memory::{GuestMemory, OutOfBounds};
 use crate::common::vlapic::VirtualLapic;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use lamina_abi::vcpu::{RunstateInfo, runstate};
 
 /// What a vCPU is asked to do before it next enters the guest: one bit per request, set by
 /// [`Requests::make`] from anywhere and drained by the run loop (KVM's
 /// `kvm_make_request`/`kvm_check_request` shape). An entry with no bit set costs one load.
+///
+/// Shared (`Arc`) between the vCPU's state in its domain and the CPU that runs it, so that
+/// the exits handled without the domain-table lock can read and make requests.
 #[derive(Debug, Default)]
-pub struct Requests(AtomicU32);
+pub struct Requests {
+    bits: AtomicU32,
+    /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
+    /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory,
+    /// docs/abi.md 8.8).
+    upcall_maybe_pending: AtomicBool,
+}
 
 /// The request bits.
 pub mod request {
@@ -32,31 +42,50 @@ pub mod request {
 impl Requests {
     /// Asks for `bits`.
     pub fn make(&self, bits: u32) {
-        self.0.fetch_or(bits, Ordering::Release);
+        self.bits.fetch_or(bits, Ordering::Release);
     }
 
     /// Whether anything is asked.
     pub fn any(&self) -> bool {
-        self.0.load(Ordering::Relaxed) != 0
+        self.bits.load(Ordering::Relaxed) != 0
     }
 
     /// Whether `bits` are asked, without taking them.
     pub fn peek(&self, bits: u32) -> bool {
-        self.0.load(Ordering::Relaxed) & bits != 0
+        self.bits.load(Ordering::Relaxed) & bits != 0
     }
 
     /// Takes the requests among `bits`; returns those that were set. One load when none
     /// is (this runs on every pass of the scheduler).
     pub fn take(&self, bits: u32) -> u32 {
-        if self.0.load(Ordering::Relaxed) & bits == 0 {
+        if self.bits.load(Ordering::Relaxed) & bits == 0 {
             return 0;
         }
-        self.0.fetch_and(!bits, Ordering::Acquire) & bits
+        self.bits.fetch_and(!bits, Ordering::Acquire) & bits
     }
 
     /// Takes every request (one exchange, on the entry path).
     pub fn take_all(&self) -> u32 {
-        self.0.swap(0, Ordering::Acquire)
+        self.bits.swap(0, Ordering::Acquire)
+    }
+
+    /// Marks an upcall as possibly pending (it was raised or may have become deliverable).
+    pub fn set_upcall_maybe_pending(&self, maybe: bool) {
+        self.upcall_maybe_pending.store(maybe, Ordering::Relaxed);
+    }
+
+    /// Whether an upcall may be pending.
+    pub fn upcall_maybe_pending(&self) -> bool {
+        self.upcall_maybe_pending.load(Ordering::Relaxed)
+    }
+
+    /// What every hypercall does first (docs/abi.md 8.8): while an upcall may be pending, it
+    /// looks for one to deliver at the next entry.
+    #[inline]
+    pub fn on_hypercall(&self) {
+        if self.upcall_maybe_pending() {
+            self.make(request::EVENT);
+        }
     }
 }
 
@@ -192,13 +221,10 @@ pub struct VcpuState {
     pub timers: PvTimers,
     /// Upcall vector (0: none).
     pub upcall_vector: u8,
-    /// What it must do before it next enters the guest.
-    pub requests: Requests,
+    /// What it must do before it next enters the guest; shared with the CPU running it.
+    pub requests: Arc<Requests>,
     /// An interrupt-window exit is requested from the hardware.
     pub window_requested: bool,
-    /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
-    /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory).
-    pub upcall_maybe_pending: bool,
     /// The VcpuInfo was moved by `register_vcpu_info`.
     pub vcpu_info_moved: bool,
     /// Woken from a wait and not run since: runs before vCPUs that used up their slice, so
@@ -232,10 +258,9 @@ impl VcpuState {
             wait: Wait::None,
             timers: PvTimers::default(),
             upcall_vector: 0,
-            requests: Requests::default(),
+            requests: Arc::new(Requests::default()),
             vcpu_info_moved: false,
             window_requested: false,
-            upcall_maybe_pending: false,
             boosted: false,
             up: index == 0,
             start: None,

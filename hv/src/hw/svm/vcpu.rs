@@ -229,7 +229,8 @@ impl VirtualCpu for SvmVcpu {
         self.xstate.schedule_in();
     }
 
-    #[inline]
+    // Inlined into each run loop (one CPU, several CPUs): the exit decoding is the hot path.
+    #[inline(always)]
     fn run(&mut self) -> VmExit {
         loop {
             self.enter();

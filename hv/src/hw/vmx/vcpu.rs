@@ -493,7 +493,8 @@ impl VirtualCpu for VmxVcpu {
         self.cr2 = x86_64::registers::control::Cr2::read_raw();
     }
 
-    #[inline]
+    // Inlined into each run loop (one CPU, several CPUs): the exit decoding is the hot path.
+    #[inline(always)]
     fn run(&mut self) -> VmExit {
         // `activate` made this VMCS current when the vCPU was scheduled in.
         debug_assert_eq!(CURRENT_VMCS.load(Ordering::Relaxed), self.vmcs);

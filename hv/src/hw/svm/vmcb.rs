@@ -147,6 +147,9 @@ pub struct VmcbPage {
 }
 
 const _: () = assert!(size_of::<Segment>() == 0x10);
+const _: () = assert!(offset_of!(Segment, attributes) == 2);
+const _: () = assert!(offset_of!(Segment, limit) == 4);
+const _: () = assert!(offset_of!(Segment, base) == 8);
 const _: () = assert!(size_of::<ControlArea>() == 0x400);
 const _: () = assert!(size_of::<StateSaveArea>() == 0x2e8);
 const _: () = assert!(size_of::<VmcbPage>() == 0x1000);

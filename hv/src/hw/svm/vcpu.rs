@@ -1,20 +1,25 @@
 //! An SVM vCPU: VMCB set-up for a 64-bit guest, the VMRUN world switch, and the translation
 //! of #VMEXIT codes (AMD APM Vol. 2, Appendix C) into [`VmExit`].
 
+use super::Svm;
 use super::vmcb::{Segment, Vmcb};
 use super::vmrun_checks;
-use super::{EFER_SVME, Svm};
 use crate::common::guest_paging::PagingMode;
 use crate::common::string_io;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
 };
-use crate::hw::{EntryState, HwError};
+use crate::hw::{
+    EntryState, GUEST_BOOT_CR0, GUEST_BOOT_CR4, GUEST_BOOT_EFER, GUEST_BOOT_RFLAGS, HwError,
+};
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
 use core::arch::global_asm;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 /// Set once two vCPUs share an ASID: then a switch between vCPUs must flush the TLB.
 pub(super) static ASIDS_SHARED: AtomicBool = AtomicBool::new(false);
@@ -59,7 +64,6 @@ const INTERCEPT_CR_WRITES: u16 = (1 << 0) | (1 << 3) | (1 << 4) | (1 << 8);
 const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
 /// XSETBV: XCR0 is the guest's own (docs/abi.md 18.2), never the physical one as written.
 const MISC2_XSETBV: u32 = 1 << 13;
-const CR4_OSXSAVE: u64 = 1 << 18;
 
 // V_INTR bits (APM Vol. 2 15.21).
 const V_IRQ: u64 = 1 << 8;
@@ -71,12 +75,6 @@ const EVENT_VALID: u64 = 1 << 31;
 // TLB_CONTROL values (APM Vol. 2 15.16.1).
 const TLB_FLUSH_ALL: u8 = 1;
 const TLB_FLUSH_THIS_ASID: u8 = 3;
-const RFLAGS_IF: u64 = 1 << 9;
-
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const CR0_PG: u64 = 1 << 31;
-const CR0_WP: u64 = 1 << 16;
 
 /// A guest vCPU on AMD-V.
 pub struct SvmVcpu {
@@ -148,13 +146,13 @@ impl SvmVcpu {
         s.gdtr = segment(0, 0, u32::from(entry.gdt.1), entry.gdt.0);
         s.idtr = segment(0, 0, 0, 0);
         s.cpl = 0;
-        s.efer = EFER_LME | EFER_LMA | EFER_SVME;
-        s.cr0 = 0x8001_0033; // PG WP NE ET MP PE
+        s.efer = (GUEST_BOOT_EFER | EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE).bits();
+        s.cr0 = GUEST_BOOT_CR0.bits();
         s.cr3 = entry.cr3;
-        s.cr4 = 0x0620; // OSXMMEXCPT OSFXSR PAE
+        s.cr4 = GUEST_BOOT_CR4.bits();
         s.dr6 = 0xffff_0ff0;
         s.dr7 = 0x400;
-        s.rflags = 0x2;
+        s.rflags = GUEST_BOOT_RFLAGS;
         s.rip = entry.rip;
         s.rsp = entry.rsp;
         s.g_pat = 0x0007_0406_0007_0406;
@@ -358,10 +356,10 @@ impl VirtualCpu for SvmVcpu {
         let s = &self.vmcb.save;
         let cr0 = s.cr0;
         PagingMode {
-            paging: cr0 & CR0_PG != 0,
-            long_mode: s.efer & EFER_LMA != 0,
+            paging: cr0 & Cr0Flags::PAGING.bits() != 0,
+            long_mode: s.efer & EferFlags::LONG_MODE_ACTIVE.bits() != 0,
             cr3: s.cr3,
-            write_protect: cr0 & CR0_WP != 0,
+            write_protect: cr0 & Cr0Flags::WRITE_PROTECT.bits() != 0,
         }
     }
 
@@ -375,7 +373,7 @@ impl VirtualCpu for SvmVcpu {
             cr2: s.cr2,
             cr3: s.cr3,
             cr4: s.cr4,
-            efer: s.efer & !EFER_SVME,
+            efer: s.efer & !EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits(),
             cs: s.cs.selector,
             ss: s.ss.selector,
             interrupted_event: interrupted as u32,
@@ -421,7 +419,7 @@ impl VirtualCpu for SvmVcpu {
     }
 
     fn interrupt_flag(&self) -> bool {
-        self.vmcb.save.rflags & RFLAGS_IF != 0
+        self.vmcb.save.rflags & RFlags::INTERRUPT_FLAG.bits() != 0
     }
 
     fn interrupt_window_open(&self) -> bool {
@@ -471,7 +469,7 @@ impl VirtualCpu for SvmVcpu {
                 // SAFETY: RDTSC has no side effects; guests run with TSC offset 0.
                 unsafe { core::arch::x86_64::_rdtsc() }
             }
-            ArchMsr::Efer => s.efer & !EFER_SVME,
+            ArchMsr::Efer => s.efer & !EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits(),
             ArchMsr::FsBase => s.fs.base,
             ArchMsr::GsBase => s.gs.base,
             ArchMsr::KernelGsBase => s.kernel_gs_base,
@@ -492,7 +490,7 @@ impl VirtualCpu for SvmVcpu {
             ArchMsr::Tsc => return,
             // SVME stays set under a guest (APM Vol. 2 15.5.1); the guest never sees it.
             ArchMsr::Efer => {
-                s.efer = value | EFER_SVME;
+                s.efer = value | EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
                 return;
             }
             ArchMsr::FsBase => &mut s.fs.base,
@@ -511,7 +509,7 @@ impl VirtualCpu for SvmVcpu {
     }
 
     fn osxsave_enabled(&self) -> bool {
-        self.vmcb.save.cr4 & CR4_OSXSAVE != 0
+        self.vmcb.save.cr4 & Cr4Flags::OSXSAVE.bits() != 0
     }
 
     fn xcr0(&self) -> u64 {

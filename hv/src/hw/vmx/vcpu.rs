@@ -14,12 +14,18 @@ use crate::common::string_io;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
 };
-use crate::hw::{EntryState, HwError, rdmsr, wrmsr};
+use crate::hw::{
+    EntryState, GUEST_BOOT_CR0, GUEST_BOOT_CR4, GUEST_BOOT_EFER, GUEST_BOOT_RFLAGS, HwError, rdmsr,
+    wrmsr,
+};
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
 use core::arch::{asm, global_asm};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 mod reason {
     pub(super) const EXCEPTION_OR_NMI: u64 = 0;
@@ -68,11 +74,8 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
-const CR0_TS: u64 = 1 << 3;
-const CR0_PG: u64 = 1 << 31;
-const CR4_VMXE: u64 = 1 << 13;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const EFER_LMA: u64 = 1 << 10;
+/// CR4.VMXE: set in VMX operation, hidden from the guest (its read shadow never shows it).
+const CR4_VMXE: u64 = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits();
 const MSR_EFER: u32 = 0xc000_0080;
 /// The syscall MSRs VMX does not switch; loaded by hand when another vCPU's VMCS becomes current.
 const SWITCHED_MSRS: [(ArchMsr, u32); 5] = [
@@ -111,7 +114,6 @@ pub struct VmxVcpu {
 }
 
 const EVENT_VALID: u64 = 1 << 31;
-const RFLAGS_IF: u64 = 1 << 9;
 
 unsafe extern "C" {
     /// Runs the guest until the next VM exit (returns 0) or a failed VM entry (returns 1).
@@ -323,19 +325,19 @@ impl VmxVcpu {
         write(vmcs::GUEST_GDTR_LIMIT, entry.gdt.1.into())?;
         write(vmcs::GUEST_IDTR_BASE, 0)?;
         write(vmcs::GUEST_IDTR_LIMIT, 0)?;
-        let cr0 = 0x8001_0033; // PG WP NE ET MP PE
+        let cr0 = GUEST_BOOT_CR0.bits();
         write(vmcs::GUEST_CR0, (cr0 | self.cr0_fixed.0) & self.cr0_fixed.1)?;
         write(vmcs::CR0_READ_SHADOW, cr0)?;
-        let cr4 = 0x0620; // OSXMMEXCPT OSFXSR PAE
+        let cr4 = GUEST_BOOT_CR4.bits();
         write(
             vmcs::GUEST_CR4,
             (cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1,
         )?;
         write(vmcs::CR4_READ_SHADOW, cr4)?;
         write(vmcs::GUEST_CR3, entry.cr3)?;
-        write(vmcs::GUEST_IA32_EFER, 0x500)?; // LME LMA
+        write(vmcs::GUEST_IA32_EFER, GUEST_BOOT_EFER.bits())?;
         write(vmcs::GUEST_DR7, 0x400)?;
-        write(vmcs::GUEST_RFLAGS, 0x2)?;
+        write(vmcs::GUEST_RFLAGS, GUEST_BOOT_RFLAGS)?;
         write(vmcs::GUEST_RIP, entry.rip)?;
         write(vmcs::GUEST_RSP, entry.rsp)?;
         write(vmcs::GUEST_INTERRUPTIBILITY, 0)?;
@@ -391,8 +393,14 @@ impl VmxVcpu {
             }),
             (2, _) => {
                 // CLTS: TS is not a fixed bit and never invalid to clear.
-                write_unchecked(vmcs::GUEST_CR0, read(vmcs::GUEST_CR0) & !CR0_TS);
-                write_unchecked(vmcs::CR0_READ_SHADOW, read(vmcs::CR0_READ_SHADOW) & !CR0_TS);
+                write_unchecked(
+                    vmcs::GUEST_CR0,
+                    read(vmcs::GUEST_CR0) & !Cr0Flags::TASK_SWITCHED.bits(),
+                );
+                write_unchecked(
+                    vmcs::CR0_READ_SHADOW,
+                    read(vmcs::CR0_READ_SHADOW) & !Cr0Flags::TASK_SWITCHED.bits(),
+                );
                 self.skip_instruction();
                 None
             }
@@ -642,10 +650,10 @@ impl VirtualCpu for VmxVcpu {
 
     fn paging_mode(&self) -> PagingMode {
         PagingMode {
-            paging: read(vmcs::GUEST_CR0) & CR0_PG != 0,
-            long_mode: read(vmcs::GUEST_IA32_EFER) & EFER_LMA != 0,
+            paging: read(vmcs::GUEST_CR0) & Cr0Flags::PAGING.bits() != 0,
+            long_mode: read(vmcs::GUEST_IA32_EFER) & EferFlags::LONG_MODE_ACTIVE.bits() != 0,
             cr3: read(vmcs::GUEST_CR3),
-            write_protect: read(vmcs::GUEST_CR0) & control_regs::cr0::WP != 0,
+            write_protect: read(vmcs::GUEST_CR0) & Cr0Flags::WRITE_PROTECT.bits() != 0,
         }
     }
 
@@ -721,7 +729,7 @@ impl VirtualCpu for VmxVcpu {
     }
 
     fn interrupt_flag(&self) -> bool {
-        read(vmcs::GUEST_RFLAGS) & RFLAGS_IF != 0
+        read(vmcs::GUEST_RFLAGS) & RFlags::INTERRUPT_FLAG.bits() != 0
     }
 
     fn interrupt_window_open(&self) -> bool {
@@ -817,7 +825,7 @@ impl VirtualCpu for VmxVcpu {
         // shadow answers for any bit the mask gives the hypervisor.
         let mask = read(vmcs::CR4_GUEST_HOST_MASK);
         let cr4 = read(vmcs::GUEST_CR4) & !mask | read(vmcs::CR4_READ_SHADOW) & mask;
-        cr4 & CR4_OSXSAVE != 0
+        cr4 & Cr4Flags::OSXSAVE.bits() != 0
     }
 
     fn xcr0(&self) -> u64 {

@@ -119,13 +119,15 @@ impl SvmVcpu {
         c.intercept_cr_reads = INTERCEPT_CR_READS;
         c.intercept_cr_writes = INTERCEPT_CR_WRITES;
         c.intercept_misc2 = MISC2_SVM_INSTRUCTIONS | MISC2_XSETBV;
-        c.iopm_base = svm.io_permission_map;
-        c.msrpm_base = svm.msr_permission_map;
+        // SAFETY: `Svm::enable` allocated both maps (12 KiB and 8 KiB) for as long as SVM is
+        // on, and filled them to intercept everything.
+        unsafe { c.set_permission_maps(svm.io_permission_map, svm.msr_permission_map) };
         c.guest_asid = asid;
         c.tlb_control = TLB_FLUSH_ALL; // on the first run
-        c.np_enable = 1;
         c.v_intr = V_INTR_MASKING;
-        c.n_cr3 = npt_root;
+        // SAFETY: the domain's nested page table, which maps only its RAM and grant window;
+        // the vCPU does not run once it is dropped (`Virtualization::create_vcpu`).
+        unsafe { c.enable_nested_paging(npt_root) };
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
         // Data selectors are null (docs/abi.md 4.1), legal at CPL 0 in 64-bit mode (SDM Vol. 3A

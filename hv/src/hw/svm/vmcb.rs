@@ -7,6 +7,10 @@
 //! `svm_world_switch`, an external function that is given the VMCB's address. The compiler
 //! must assume that call reads and writes the VMCB, so it neither keeps a field in a register
 //! across it nor moves a store past it; between two VMRUNs the page is this vCPU's alone.
+//!
+//! The fields that point the CPU at host memory for the guest (the nested page table root,
+//! nested paging itself, the I/O and MSR permission maps) are private: a wrong value there
+//! opens the host to the guest, so they are set only through `unsafe` methods.
 
 use core::mem::{offset_of, size_of};
 use core::ptr::NonNull;
@@ -43,9 +47,9 @@ pub struct ControlArea {
     pub pause_filter_threshold: u16,
     pub pause_filter_count: u16,
     /// Physical address of the I/O permission map.
-    pub iopm_base: u64,
+    iopm_base: u64,
     /// Physical address of the MSR permission map.
-    pub msrpm_base: u64,
+    msrpm_base: u64,
     pub tsc_offset: u64,
     pub guest_asid: u32,
     /// TLB_CONTROL (APM Vol. 2 15.16.1).
@@ -61,13 +65,13 @@ pub struct ControlArea {
     /// EXITINTINFO: the event whose delivery the exit interrupted.
     pub exit_int_info: u64,
     /// Bit 0: nested paging enable.
-    pub np_enable: u64,
+    np_enable: u64,
     pub avic_apic_bar: u64,
     pub ghcb_gpa: u64,
     /// EVENTINJ (APM Vol. 2 15.20).
     pub event_injection: u64,
     /// Nested page table root.
-    pub n_cr3: u64,
+    n_cr3: u64,
     pub lbr_virtualization: u64,
     pub clean_bits: u32,
     _reserved_0c4: u32,
@@ -82,6 +86,29 @@ pub struct ControlArea {
     pub vmsa_pointer: u64,
     _reserved_110: [u8; 0x3e0 - 0x110],
     _reserved_for_host: [u8; 0x20],
+}
+
+impl ControlArea {
+    /// Turns nested paging on with the nested page table at `root` (APM Vol. 2 15.25).
+    ///
+    /// # Safety
+    /// `root` must be the host-physical root of nested page tables that map only memory the
+    /// guest may reach, and stay so whenever the VMCB runs.
+    pub unsafe fn enable_nested_paging(&mut self, root: u64) {
+        self.np_enable = 1;
+        self.n_cr3 = root;
+    }
+
+    /// Sets the I/O and MSR permission maps (APM Vol. 2 15.10.1, 15.11).
+    ///
+    /// # Safety
+    /// `io` must be 12 KiB and `msr` 8 KiB of physically contiguous, page-aligned memory that
+    /// stays allocated whenever the VMCB runs; every access they let through reaches the
+    /// hardware directly.
+    pub unsafe fn set_permission_maps(&mut self, io: u64, msr: u64) {
+        self.iopm_base = io;
+        self.msrpm_base = msr;
+    }
 }
 
 /// State-save area, VMCB offsets 0x400 on (APM Vol. 2 Table B-2, offsets from 0x400).

@@ -9,57 +9,13 @@
 //! access from the instruction bytes, for SVM without decode assists (QEMU TCG).
 
 use crate::common::cpuid::CpuidResult;
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
 
 /// Why a control-register write is refused: the CPU raises #GP(0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault;
 
-/// CR0 bits (SDM Vol. 3A 2.5).
-pub mod cr0 {
-    #![allow(missing_docs)]
-    pub const PE: u64 = 1 << 0;
-    pub const MP: u64 = 1 << 1;
-    pub const EM: u64 = 1 << 2;
-    pub const TS: u64 = 1 << 3;
-    pub const ET: u64 = 1 << 4;
-    pub const NE: u64 = 1 << 5;
-    pub const WP: u64 = 1 << 16;
-    pub const AM: u64 = 1 << 18;
-    pub const NW: u64 = 1 << 29;
-    pub const CD: u64 = 1 << 30;
-    pub const PG: u64 = 1 << 31;
-    /// Bits a MOV to CR0 can set; other bits of 31:0 are ignored (read as 0), bits 63:32 #GP.
-    pub const DEFINED: u64 = PE | MP | EM | TS | ET | NE | WP | AM | NW | CD | PG;
-}
-
-/// CR4 bits (SDM Vol. 3A 2.5).
-pub mod cr4 {
-    #![allow(missing_docs)]
-    pub const VME: u64 = 1 << 0;
-    pub const PVI: u64 = 1 << 1;
-    pub const TSD: u64 = 1 << 2;
-    pub const DE: u64 = 1 << 3;
-    pub const PSE: u64 = 1 << 4;
-    pub const PAE: u64 = 1 << 5;
-    pub const MCE: u64 = 1 << 6;
-    pub const PGE: u64 = 1 << 7;
-    pub const PCE: u64 = 1 << 8;
-    pub const OSFXSR: u64 = 1 << 9;
-    pub const OSXMMEXCPT: u64 = 1 << 10;
-    pub const UMIP: u64 = 1 << 11;
-    pub const LA57: u64 = 1 << 12;
-    pub const VMXE: u64 = 1 << 13;
-    pub const SMXE: u64 = 1 << 14;
-    pub const FSGSBASE: u64 = 1 << 16;
-    pub const PCIDE: u64 = 1 << 17;
-    pub const OSXSAVE: u64 = 1 << 18;
-    pub const SMEP: u64 = 1 << 20;
-    pub const SMAP: u64 = 1 << 21;
-    pub const PKE: u64 = 1 << 22;
-    pub const CET: u64 = 1 << 23;
-}
-
-const EFER_LMA: u64 = 1 << 10;
 /// MOV to CR3 with CR4.PCIDE = 1: bit 63 asks not to flush, and is not stored (SDM 4.10.4.1).
 const CR3_NO_FLUSH: u64 = 1 << 63;
 
@@ -87,53 +43,73 @@ pub struct CrContext {
 pub fn cr4_allowed_by_cpuid(leaf1: CpuidResult, leaf7: CpuidResult) -> u64 {
     let [_, _, ecx1, edx1] = leaf1;
     let [_, ebx7, ecx7, _] = leaf7;
-    let bit = |reg: u32, n: u32, cr4_bit: u64| if reg & (1 << n) != 0 { cr4_bit } else { 0 };
+    let bit = |reg: u32, n: u32, cr4: Cr4Flags| {
+        if reg & (1 << n) != 0 {
+            cr4
+        } else {
+            Cr4Flags::empty()
+        }
+    };
     // Always present on a 64-bit CPU: TSD and PCE (time stamp and performance counters).
-    cr4::TSD
-        | cr4::PCE
-        | bit(edx1, 1, cr4::VME | cr4::PVI)
-        | bit(edx1, 2, cr4::DE)
-        | bit(edx1, 3, cr4::PSE)
-        | bit(edx1, 6, cr4::PAE)
-        | bit(edx1, 7, cr4::MCE)
-        | bit(edx1, 13, cr4::PGE)
-        | bit(edx1, 24, cr4::OSFXSR)
-        | bit(edx1, 25, cr4::OSXMMEXCPT)
-        | bit(ecx1, 17, cr4::PCIDE)
-        | bit(ecx1, 26, cr4::OSXSAVE)
-        | bit(ebx7, 0, cr4::FSGSBASE)
-        | bit(ebx7, 7, cr4::SMEP)
-        | bit(ebx7, 20, cr4::SMAP)
-        | bit(ecx7, 2, cr4::UMIP)
-        | bit(ecx7, 3, cr4::PKE)
-        | bit(ecx7, 7, cr4::CET)
-        | bit(ecx7, 16, cr4::LA57)
+    (Cr4Flags::TIMESTAMP_DISABLE
+        | Cr4Flags::PERFORMANCE_MONITOR_COUNTER
+        | bit(
+            edx1,
+            1,
+            Cr4Flags::VIRTUAL_8086_MODE_EXTENSIONS | Cr4Flags::PROTECTED_MODE_VIRTUAL_INTERRUPTS,
+        )
+        | bit(edx1, 2, Cr4Flags::DEBUGGING_EXTENSIONS)
+        | bit(edx1, 3, Cr4Flags::PAGE_SIZE_EXTENSION)
+        | bit(edx1, 6, Cr4Flags::PHYSICAL_ADDRESS_EXTENSION)
+        | bit(edx1, 7, Cr4Flags::MACHINE_CHECK_EXCEPTION)
+        | bit(edx1, 13, Cr4Flags::PAGE_GLOBAL)
+        | bit(edx1, 24, Cr4Flags::OSFXSR)
+        | bit(edx1, 25, Cr4Flags::OSXMMEXCPT_ENABLE)
+        | bit(ecx1, 17, Cr4Flags::PCID)
+        | bit(ecx1, 26, Cr4Flags::OSXSAVE)
+        | bit(ebx7, 0, Cr4Flags::FSGSBASE)
+        | bit(ebx7, 7, Cr4Flags::SUPERVISOR_MODE_EXECUTION_PROTECTION)
+        | bit(ebx7, 20, Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION)
+        | bit(ecx7, 2, Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION)
+        | bit(ecx7, 3, Cr4Flags::PROTECTION_KEY_USER)
+        | bit(ecx7, 7, Cr4Flags::CONTROL_FLOW_ENFORCEMENT)
+        | bit(ecx7, 16, Cr4Flags::L5_PAGING))
+    .bits()
 }
 
 /// Checks a write of `value` to control register `cr` (0, 3, 4 or 8) as the CPU would;
 /// returns the value the register takes, or [`Fault`] for #GP(0) (the register keeps its
 /// value). The guest runs in IA-32e mode (EFER.LMA), the only mode Lamina offers.
 pub fn check_cr_write(cr: u8, value: u64, ctx: &CrContext) -> Result<u64, Fault> {
-    let long_mode = ctx.efer & EFER_LMA != 0;
+    let long_mode = EferFlags::from_bits_retain(ctx.efer).contains(EferFlags::LONG_MODE_ACTIVE);
+    let (cr0, cr4) = (
+        Cr0Flags::from_bits_retain(ctx.cr0),
+        Cr4Flags::from_bits_retain(ctx.cr4),
+    );
     match cr {
         0 => {
+            let new = Cr0Flags::from_bits_retain(value);
             if value >> 32 != 0
-                || (value & cr0::PG != 0 && value & cr0::PE == 0)
-                || (value & cr0::NW != 0 && value & cr0::CD == 0)
+                || (new.contains(Cr0Flags::PAGING)
+                    && !new.contains(Cr0Flags::PROTECTED_MODE_ENABLE))
+                || (new.contains(Cr0Flags::NOT_WRITE_THROUGH)
+                    && !new.contains(Cr0Flags::CACHE_DISABLE))
                 // Paging cannot be turned off in IA-32e mode (SDM 9.8.5.4: only from
                 // compatibility mode, which Lamina does not offer).
-                || (long_mode && value & cr0::PG == 0)
+                || (long_mode && !new.contains(Cr0Flags::PAGING))
                 // CET needs WP (SDM 2.5).
-                || (ctx.cr4 & cr4::CET != 0 && value & cr0::WP == 0)
+                || (cr4.contains(Cr4Flags::CONTROL_FLOW_ENFORCEMENT)
+                    && !new.contains(Cr0Flags::WRITE_PROTECT))
             {
                 return Err(Fault);
             }
-            // Reserved bits of 31:0 are ignored; ET is fixed to 1 on every 64-bit CPU.
-            Ok((value & cr0::DEFINED) | cr0::ET)
+            // Reserved bits of 31:0 are ignored (the crate's flags are exactly the bits a MOV
+            // can set); ET is fixed to 1 on every 64-bit CPU.
+            Ok((Cr0Flags::from_bits_truncate(value) | Cr0Flags::EXTENSION_TYPE).bits())
         }
         3 => {
             // The hint is honoured conservatively: the backends flush anyway.
-            let value = if ctx.cr4 & cr4::PCIDE != 0 {
+            let value = if cr4.contains(Cr4Flags::PCID) {
                 value & !CR3_NO_FLUSH
             } else {
                 value
@@ -145,15 +121,17 @@ pub fn check_cr_write(cr: u8, value: u64, ctx: &CrContext) -> Result<u64, Fault>
             Ok(value)
         }
         4 => {
-            let changed = value ^ ctx.cr4;
+            let new = Cr4Flags::from_bits_retain(value);
+            let changed = new ^ cr4;
             if value & !ctx.cr4_allowed != 0
-                || (long_mode && value & cr4::PAE == 0)
+                || (long_mode && !new.contains(Cr4Flags::PHYSICAL_ADDRESS_EXTENSION))
                 // LA57 cannot change in IA-32e mode (SDM 2.5).
-                || (long_mode && changed & cr4::LA57 != 0)
+                || (long_mode && changed.contains(Cr4Flags::L5_PAGING))
                 // PCIDE: only in IA-32e mode, and only set while CR3[11:0] = 0 (SDM 4.10.1).
-                || (value & cr4::PCIDE != 0 && !long_mode)
-                || (changed & value & cr4::PCIDE != 0 && ctx.cr3 & 0xfff != 0)
-                || (value & cr4::CET != 0 && ctx.cr0 & cr0::WP == 0)
+                || (new.contains(Cr4Flags::PCID) && !long_mode)
+                || ((changed & new).contains(Cr4Flags::PCID) && ctx.cr3 & 0xfff != 0)
+                || (new.contains(Cr4Flags::CONTROL_FLOW_ENFORCEMENT)
+                    && !cr0.contains(Cr0Flags::WRITE_PROTECT))
             {
                 return Err(Fault);
             }
@@ -270,46 +248,52 @@ pub fn decode_mov_cr(bytes: &[u8]) -> Option<CrInstruction> {
 /// The CR0 value LMSW writes: bits 3:0 from the source, except that PE can be set but not
 /// cleared (SDM Vol. 2A, LMSW).
 pub fn lmsw_value(cr0: u64, source: u64) -> u64 {
-    (cr0 & !0xe) | (source & 0xf) | (cr0 & cr0::PE)
+    let loaded =
+        (Cr0Flags::MONITOR_COPROCESSOR | Cr0Flags::EMULATE_COPROCESSOR | Cr0Flags::TASK_SWITCHED)
+            .bits();
+    let pe = Cr0Flags::PROTECTED_MODE_ENABLE.bits();
+    (cr0 & !loaded) | (source & (loaded | pe))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const NW: u64 = Cr0Flags::NOT_WRITE_THROUGH.bits();
+    const CD: u64 = Cr0Flags::CACHE_DISABLE.bits();
+    const PCIDE: u64 = Cr4Flags::PCID.bits();
+
     const LONG: CrContext = CrContext {
         cr0: 0x8001_0033,
         cr3: 0x4000,
         cr4: 0x620,
         efer: 0x500,
-        cr4_allowed: cr4::PAE
-            | cr4::PGE
-            | cr4::OSFXSR
-            | cr4::OSXMMEXCPT
-            | cr4::PCIDE
-            | cr4::FSGSBASE
-            | cr4::TSD
-            | cr4::PCE,
+        cr4_allowed: Cr4Flags::PHYSICAL_ADDRESS_EXTENSION
+            .union(Cr4Flags::PAGE_GLOBAL)
+            .union(Cr4Flags::OSFXSR)
+            .union(Cr4Flags::OSXMMEXCPT_ENABLE)
+            .union(Cr4Flags::PCID)
+            .union(Cr4Flags::FSGSBASE)
+            .union(Cr4Flags::TIMESTAMP_DISABLE)
+            .union(Cr4Flags::PERFORMANCE_MONITOR_COUNTER)
+            .bits(),
         max_phys_bits: 40,
     };
 
     #[test]
     fn cr0_refuses_pg_without_pe_nw_without_cd_upper_bits_and_leaving_paging() {
         assert_eq!(check_cr_write(0, 0x8000_0000, &LONG), Err(Fault));
-        assert_eq!(check_cr_write(0, 0x8001_0033 | cr0::NW, &LONG), Err(Fault));
+        assert_eq!(check_cr_write(0, 0x8001_0033 | NW, &LONG), Err(Fault));
         assert_eq!(
             check_cr_write(0, 0x8001_0033 | (1 << 32), &LONG),
             Err(Fault)
         );
         assert_eq!(check_cr_write(0, 0x0001_0033, &LONG), Err(Fault));
         assert_eq!(
-            check_cr_write(0, 0x8001_0033 | cr0::NW | cr0::CD, &LONG),
+            check_cr_write(0, 0x8001_0033 | NW | CD, &LONG),
             Ok(0xe001_0033)
         );
-        assert_eq!(
-            check_cr_write(0, 0x8001_0033 | cr0::CD, &LONG),
-            Ok(0xc001_0033)
-        );
+        assert_eq!(check_cr_write(0, 0x8001_0033 | CD, &LONG), Ok(0xc001_0033));
     }
 
     #[test]
@@ -322,7 +306,14 @@ mod tests {
 
     #[test]
     fn cr4_refuses_bits_cpuid_does_not_offer_and_clearing_pae_in_long_mode() {
-        for bit in [cr4::LA57, cr4::VMXE, cr4::SMEP, cr4::PKE, 1 << 15, 1 << 32] {
+        for bit in [
+            Cr4Flags::L5_PAGING.bits(),
+            Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits(),
+            Cr4Flags::SUPERVISOR_MODE_EXECUTION_PROTECTION.bits(),
+            Cr4Flags::PROTECTION_KEY_USER.bits(),
+            1 << 15,
+            1 << 32,
+        ] {
             assert_eq!(
                 check_cr_write(4, 0x620 | bit, &LONG),
                 Err(Fault),
@@ -335,29 +326,23 @@ mod tests {
 
     #[test]
     fn pcide_needs_long_mode_and_cr3_low_bits_clear() {
-        assert_eq!(check_cr_write(4, 0x620 | cr4::PCIDE, &LONG), Ok(0x2_0620));
+        assert_eq!(check_cr_write(4, 0x620 | PCIDE, &LONG), Ok(0x2_0620));
         let pcid_in_cr3 = CrContext {
             cr3: 0x4005,
             ..LONG
         };
-        assert_eq!(
-            check_cr_write(4, 0x620 | cr4::PCIDE, &pcid_in_cr3),
-            Err(Fault)
-        );
+        assert_eq!(check_cr_write(4, 0x620 | PCIDE, &pcid_in_cr3), Err(Fault));
         let legacy = CrContext {
             efer: 0,
             cr0: 0x11,
             ..LONG
         };
-        assert_eq!(check_cr_write(4, 0x20 | cr4::PCIDE, &legacy), Err(Fault));
+        assert_eq!(check_cr_write(4, 0x20 | PCIDE, &legacy), Err(Fault));
         let without_pcid = CrContext {
-            cr4_allowed: LONG.cr4_allowed & !cr4::PCIDE,
+            cr4_allowed: LONG.cr4_allowed & !PCIDE,
             ..LONG
         };
-        assert_eq!(
-            check_cr_write(4, 0x620 | cr4::PCIDE, &without_pcid),
-            Err(Fault)
-        );
+        assert_eq!(check_cr_write(4, 0x620 | PCIDE, &without_pcid), Err(Fault));
     }
 
     #[test]
@@ -389,21 +374,28 @@ mod tests {
         ];
         let leaf7 = [0, 1 | (1 << 7), 1 << 16, 0];
         let allowed = cr4_allowed_by_cpuid(leaf1, leaf7);
+        let allowed = Cr4Flags::from_bits_retain(allowed);
         for bit in [
-            cr4::PAE,
-            cr4::PGE,
-            cr4::OSFXSR,
-            cr4::OSXMMEXCPT,
-            cr4::PCIDE,
-            cr4::OSXSAVE,
-            cr4::FSGSBASE,
-            cr4::SMEP,
-            cr4::LA57,
+            Cr4Flags::PHYSICAL_ADDRESS_EXTENSION,
+            Cr4Flags::PAGE_GLOBAL,
+            Cr4Flags::OSFXSR,
+            Cr4Flags::OSXMMEXCPT_ENABLE,
+            Cr4Flags::PCID,
+            Cr4Flags::OSXSAVE,
+            Cr4Flags::FSGSBASE,
+            Cr4Flags::SUPERVISOR_MODE_EXECUTION_PROTECTION,
+            Cr4Flags::L5_PAGING,
         ] {
-            assert_ne!(allowed & bit, 0, "{bit:#x}");
+            assert!(allowed.contains(bit), "{bit:?}");
         }
-        for bit in [cr4::VMXE, cr4::SMXE, cr4::SMAP, cr4::PKE, cr4::UMIP] {
-            assert_eq!(allowed & bit, 0, "{bit:#x}");
+        for bit in [
+            Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS,
+            Cr4Flags::SAFER_MODE_EXTENSIONS,
+            Cr4Flags::SUPERVISOR_MODE_ACCESS_PREVENTION,
+            Cr4Flags::PROTECTION_KEY_USER,
+            Cr4Flags::USER_MODE_INSTRUCTION_PREVENTION,
+        ] {
+            assert!(!allowed.intersects(bit), "{bit:?}");
         }
     }
 

@@ -24,6 +24,8 @@ use crate::common::xstate;
 use alloc::format;
 use alloc::string::String;
 use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
+use x86_64::registers::control::Cr0Flags;
+use x86_64::registers::model_specific::EferFlags;
 
 /// A hypercall exit: the hot path, small enough to inline into the run loop.
 #[inline(always)]
@@ -507,9 +509,13 @@ fn control_register_access<V: VirtualCpu>(
                     (cr, true, gpr_value(vcpu, gpr), gpr, Some(len))
                 }
                 Some(CrInstruction::Read { cr, gpr, len }) => (cr, false, 0, gpr, Some(len)),
-                Some(CrInstruction::Clts { len }) => {
-                    (0, true, state.cr0 & !control_regs::cr0::TS, 0, Some(len))
-                }
+                Some(CrInstruction::Clts { len }) => (
+                    0,
+                    true,
+                    state.cr0 & !Cr0Flags::TASK_SWITCHED.bits(),
+                    0,
+                    Some(len),
+                ),
                 Some(CrInstruction::Lmsw { gpr, len }) => {
                     let source = gpr_value(vcpu, gpr);
                     (
@@ -587,16 +593,14 @@ fn control_register_access<V: VirtualCpu>(
 
 /// Whether a WRMSR value is architecturally valid; an invalid one raises #GP, as on hardware.
 fn msr_write_allowed(msr: ArchMsr, value: u64, current: u64) -> bool {
-    const EFER_SCE: u64 = 1 << 0;
-    const EFER_LME: u64 = 1 << 8;
-    const EFER_LMA: u64 = 1 << 10;
-    const EFER_NXE: u64 = 1 << 11;
     match msr {
         // The guest may toggle SCE and NXE; leaving long mode this way is not allowed, and
         // LMA is read-only.
         ArchMsr::Efer => {
-            value & !(EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE) == 0
-                && (value ^ current) & (EFER_LME | EFER_LMA) == 0
+            let long_mode = EferFlags::LONG_MODE_ENABLE | EferFlags::LONG_MODE_ACTIVE;
+            let writable =
+                long_mode | EferFlags::SYSTEM_CALL_EXTENSIONS | EferFlags::NO_EXECUTE_ENABLE;
+            value & !writable.bits() == 0 && (value ^ current) & long_mode.bits() == 0
         }
         ArchMsr::FsBase
         | ArchMsr::GsBase

@@ -9,6 +9,7 @@
 
 use crate::common::guest_paging::{self, Access, Translation};
 use crate::common::vcpu::{ArchMsr, VirtualCpu, is_canonical, reg, vector};
+use x86_64::registers::rflags::RFlags;
 
 /// The segment register of a string instruction's memory operand.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -167,8 +168,6 @@ pub fn address_bits_from_prefixes(bytes: &[u8]) -> u8 {
 /// guest re-executes the instruction with RCX, RSI, RDI advanced, as after an interrupt).
 pub const MAX_ELEMENTS_PER_EXIT: u64 = 4096;
 
-const RFLAGS_DF: u64 = 1 << 10;
-
 /// The fault a string instruction raised on its buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufferFault {
@@ -228,7 +227,7 @@ pub fn emulate<V: VirtualCpu>(
     code_bytes: impl FnOnce(&V) -> [u8; 15],
 ) -> Outcome {
     let state = vcpu.arch_state();
-    let backwards = state.rflags & RFLAGS_DF != 0;
+    let backwards = state.rflags & RFlags::DIRECTION_FLAG.bits() != 0;
     // What the exit information leaves out comes from the instruction's prefixes.
     let needs_code = io.address_bits == 0 || (!io.input && io.segment.is_none());
     let code = if needs_code {

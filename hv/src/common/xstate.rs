@@ -8,13 +8,14 @@
 use crate::common::cpuid::CpuidResult;
 use crate::common::vcpu::vector;
 use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::registers::xcontrol::XCr0Flags;
 
 /// XCR0 bit 0: x87 state (must always be set).
-pub const XCR0_X87: u64 = 1 << 0;
+pub const XCR0_X87: u64 = XCr0Flags::X87.bits();
 /// XCR0 bit 1: SSE state (XMM registers, MXCSR).
-pub const XCR0_SSE: u64 = 1 << 1;
+pub const XCR0_SSE: u64 = XCr0Flags::SSE.bits();
 /// XCR0 bit 2: AVX state (upper halves of the YMM registers).
-pub const XCR0_AVX: u64 = 1 << 2;
+pub const XCR0_AVX: u64 = XCr0Flags::AVX.bits();
 /// The components the hypervisor saves per vCPU; a guest may enable no other.
 pub const XCR0_SAVED: u64 = XCR0_X87 | XCR0_SSE | XCR0_AVX;
 /// A new vCPU's XCR0: x87 and SSE, as it starts with CR4.OSFXSR set (docs/abi.md 4.1).

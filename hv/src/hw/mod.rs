@@ -14,6 +14,30 @@ use crate::common::vcpu::VirtualCpu;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::fmt;
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+
+/// CR0 a guest starts with (docs/abi.md 4.1): paging with write protection, protected mode,
+/// native x87 errors.
+pub const GUEST_BOOT_CR0: Cr0Flags = Cr0Flags::PAGING
+    .union(Cr0Flags::WRITE_PROTECT)
+    .union(Cr0Flags::NUMERIC_ERROR)
+    .union(Cr0Flags::EXTENSION_TYPE)
+    .union(Cr0Flags::MONITOR_COPROCESSOR)
+    .union(Cr0Flags::PROTECTED_MODE_ENABLE);
+/// CR4 a guest starts with: PAE (long mode needs it), SSE enabled with its exceptions.
+pub const GUEST_BOOT_CR4: Cr4Flags = Cr4Flags::PHYSICAL_ADDRESS_EXTENSION
+    .union(Cr4Flags::OSFXSR)
+    .union(Cr4Flags::OSXMMEXCPT_ENABLE);
+/// EFER a guest starts with: long mode enabled and active.
+pub const GUEST_BOOT_EFER: EferFlags =
+    EferFlags::LONG_MODE_ENABLE.union(EferFlags::LONG_MODE_ACTIVE);
+/// RFLAGS a guest starts with: only bit 1, reserved and always 1 (SDM Vol. 1 3.4.3), which
+/// `x86_64::registers::rflags::RFlags` does not name.
+pub const GUEST_BOOT_RFLAGS: u64 = 1 << 1;
+const _: () = assert!(GUEST_BOOT_CR0.bits() == 0x8001_0033);
+const _: () = assert!(GUEST_BOOT_CR4.bits() == 0x0620);
+const _: () = assert!(GUEST_BOOT_EFER.bits() == 0x0500);
 
 /// The CPU's virtualization extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

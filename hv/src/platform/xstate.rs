@@ -32,18 +32,13 @@ use crate::common::xstate::{
 use crate::platform::memory;
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 
 /// The area whose vCPU's state is in the registers (0: none, or its vCPU is gone).
 static OWNER: AtomicU64 = AtomicU64::new(0);
 /// Bytes of an area (all of [`guest_mask`], or FXSAVE's).
 static AREA_BYTES: AtomicU64 = AtomicU64::new(FXSAVE_BYTES as u64);
 
-const CR0_MP: u64 = 1 << 1;
-const CR0_EM: u64 = 1 << 2;
-const CR0_TS: u64 = 1 << 3;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const CR4_OSXSAVE: u64 = 1 << 18;
 /// Offsets in the legacy region (SDM Vol. 1 Table 10-2): FCW, MXCSR.
 const FCW_OFFSET: usize = 0;
 const MXCSR_OFFSET: usize = 24;
@@ -89,14 +84,18 @@ pub fn init() {
     let mask = guest_xcr0_mask(host_cpuid);
     // SAFETY: the hypervisor is soft-float: these bits change only what FXSAVE/XSAVE and guest
     // instructions can do, nothing the hypervisor's own code depends on.
+    // `update` keeps the bits the crate does not name as they are.
     unsafe {
-        let cr0 = x86_64::registers::control::Cr0::read_raw();
-        x86_64::registers::control::Cr0::write_raw((cr0 | CR0_MP) & !(CR0_EM | CR0_TS));
-        let mut cr4 = x86_64::registers::control::Cr4::read_raw() | CR4_OSFXSR | CR4_OSXMMEXCPT;
-        if mask != 0 {
-            cr4 |= CR4_OSXSAVE;
-        }
-        x86_64::registers::control::Cr4::write_raw(cr4);
+        Cr0::update(|cr0| {
+            cr0.insert(Cr0Flags::MONITOR_COPROCESSOR);
+            cr0.remove(Cr0Flags::EMULATE_COPROCESSOR | Cr0Flags::TASK_SWITCHED);
+        });
+        Cr4::update(|cr4| {
+            cr4.insert(Cr4Flags::OSFXSR | Cr4Flags::OSXMMEXCPT_ENABLE);
+            if mask != 0 {
+                cr4.insert(Cr4Flags::OSXSAVE);
+            }
+        });
         if mask != 0 {
             xsetbv(mask);
         }

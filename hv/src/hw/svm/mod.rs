@@ -17,11 +17,10 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 pub use vcpu::SvmVcpu;
+use x86_64::registers::model_specific::{Efer, EferFlags};
 
-const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_CR: u32 = 0xc001_0114;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
-const EFER_SVME: u64 = 1 << 12;
 const VM_CR_SVMDIS: u64 = 1 << 4;
 /// CPUID 0x8000_000a EDX: TLB_CONTROL can flush one ASID (APM Vol. 2 15.16.1).
 const FEATURE_FLUSH_BY_ASID: u32 = 1 << 6;
@@ -69,7 +68,7 @@ impl Virtualization for Svm {
         }
         // SAFETY: SVM is present and not disabled; the host save area is a fresh page.
         unsafe {
-            wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
+            Efer::update(|efer| efer.insert(EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE));
             wrmsr(MSR_VM_HSAVE_PA, host_save_area);
             // The world switch VMLOADs this page after every exit: it must hold the host's
             // own FS, GS, TR, LDTR and syscall MSRs.

@@ -1,20 +1,25 @@
 //! An SVM vCPU: VMCB set-up for a 64-bit guest, the VMRUN world switch, and the translation
 //! of #VMEXIT codes (AMD APM Vol. 2, Appendix C) into [`VmExit`].
 
-use super::vmcb::{self, Vmcb};
+use super::Svm;
+use super::vmcb::{Segment, Vmcb};
 use super::vmrun_checks;
-use super::{EFER_SVME, Svm};
 use crate::common::guest_paging::PagingMode;
 use crate::common::string_io;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
 };
-use crate::hw::{EntryState, HwError};
+use crate::hw::{
+    EntryState, GUEST_BOOT_CR0, GUEST_BOOT_CR4, GUEST_BOOT_EFER, GUEST_BOOT_RFLAGS, HwError,
+};
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
 use core::arch::global_asm;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 /// Set once two vCPUs share an ASID: then a switch between vCPUs must flush the TLB.
 pub(super) static ASIDS_SHARED: AtomicBool = AtomicBool::new(false);
@@ -50,15 +55,15 @@ const MISC1_HLT: u32 = 1 << 24;
 const MISC1_IOIO: u32 = 1 << 27;
 const MISC1_MSR: u32 = 1 << 28;
 const MISC1_SHUTDOWN: u32 = 1 << 31;
-/// CR intercepts (APM Vol. 2 15.9): reads of CR8 (bit 8); writes of CR0, CR3, CR4 (checked by
-/// the hypervisor, which QEMU's nested SVM does not do) and CR8 (bits 16, 19, 20, 24). CR8 is
-/// the emulated TPR; intercepting it also keeps guests off a QEMU TCG assertion.
-const INTERCEPT_CR_BITS: u32 = (1 << 8) | (1 << 16) | (1 << 19) | (1 << 20) | (1 << 24);
+/// CR intercepts (APM Vol. 2 15.9): reads of CR8; writes of CR0, CR3, CR4 (checked by the
+/// hypervisor, which QEMU's nested SVM does not do) and CR8. CR8 is the emulated TPR;
+/// intercepting it also keeps guests off a QEMU TCG assertion.
+const INTERCEPT_CR_READS: u16 = 1 << 8;
+const INTERCEPT_CR_WRITES: u16 = (1 << 0) | (1 << 3) | (1 << 4) | (1 << 8);
 /// VMRUN (mandatory), VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT.
 const MISC2_SVM_INSTRUCTIONS: u32 = 0x7f;
 /// XSETBV: XCR0 is the guest's own (docs/abi.md 18.2), never the physical one as written.
 const MISC2_XSETBV: u32 = 1 << 13;
-const CR4_OSXSAVE: u64 = 1 << 18;
 
 // V_INTR bits (APM Vol. 2 15.21).
 const V_IRQ: u64 = 1 << 8;
@@ -70,12 +75,6 @@ const EVENT_VALID: u64 = 1 << 31;
 // TLB_CONTROL values (APM Vol. 2 15.16.1).
 const TLB_FLUSH_ALL: u8 = 1;
 const TLB_FLUSH_THIS_ASID: u8 = 3;
-const RFLAGS_IF: u64 = 1 << 9;
-
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const CR0_PG: u64 = 1 << 31;
-const CR0_WP: u64 = 1 << 16;
 
 /// A guest vCPU on AMD-V.
 pub struct SvmVcpu {
@@ -108,50 +107,57 @@ impl SvmVcpu {
         let page = memory::allocate_zeroed(0x1000, 0x1000).ok_or(HwError::OutOfMemory)?;
         // SAFETY: a fresh zeroed page owned by this vCPU.
         let mut v = unsafe { Vmcb::new(page) };
-        v.write(vmcb::INTERCEPT_EXCEPTIONS, 1u32 << vector::INVALID_OPCODE);
-        v.write(
-            vmcb::INTERCEPT_MISC1,
-            MISC1_INTR
-                | MISC1_NMI
-                | MISC1_CPUID
-                | MISC1_HLT
-                | MISC1_IOIO
-                | MISC1_MSR
-                | MISC1_SHUTDOWN,
-        );
-        v.write(vmcb::INTERCEPT_CR, INTERCEPT_CR_BITS);
-        v.write(vmcb::INTERCEPT_MISC2, MISC2_SVM_INSTRUCTIONS | MISC2_XSETBV);
-        v.write(vmcb::IOPM_BASE, svm.io_permission_map);
-        v.write(vmcb::MSRPM_BASE, svm.msr_permission_map);
-        v.write(vmcb::GUEST_ASID, asid);
-        v.write(vmcb::TLB_CONTROL, TLB_FLUSH_ALL); // on the first run
-        v.write(vmcb::NP_ENABLE, 1u64);
-        v.write(vmcb::V_INTR, V_INTR_MASKING);
-        v.write(vmcb::N_CR3, npt_root);
+        let c = &mut v.control;
+        c.intercept_exceptions = 1 << vector::INVALID_OPCODE;
+        c.intercept_misc1 = MISC1_INTR
+            | MISC1_NMI
+            | MISC1_CPUID
+            | MISC1_HLT
+            | MISC1_IOIO
+            | MISC1_MSR
+            | MISC1_SHUTDOWN;
+        c.intercept_cr_reads = INTERCEPT_CR_READS;
+        c.intercept_cr_writes = INTERCEPT_CR_WRITES;
+        c.intercept_misc2 = MISC2_SVM_INSTRUCTIONS | MISC2_XSETBV;
+        // SAFETY: `Svm::enable` allocated both maps (12 KiB and 8 KiB) for as long as SVM is
+        // on, and filled them to intercept everything.
+        unsafe { c.set_permission_maps(svm.io_permission_map, svm.msr_permission_map) };
+        c.guest_asid = asid;
+        c.tlb_control = TLB_FLUSH_ALL; // on the first run
+        c.v_intr = V_INTR_MASKING;
+        // SAFETY: the domain's nested page table, which maps only its RAM and grant window;
+        // the vCPU does not run once it is dropped (`Virtualization::create_vcpu`).
+        unsafe { c.enable_nested_paging(npt_root) };
 
         // 64-bit guest state (APM Vol. 2 15.5.1; attributes in VMCB compressed form).
         // Data selectors are null (docs/abi.md 4.1), legal at CPL 0 in 64-bit mode (SDM Vol. 3A
         // 5.4.1.1; AMD64 alike); the hidden state stays a flat writable data segment of DPL 0.
-        let (code, null) = (lamina_abi::layout::BOOT_CODE_SELECTOR, 0);
-        v.write_segment(vmcb::CS, code, 0x029b, 0xffff_ffff, 0);
-        for seg in [vmcb::DS, vmcb::ES, vmcb::SS, vmcb::FS, vmcb::GS] {
-            v.write_segment(seg, null, 0x0c93, 0xffff_ffff, 0);
-        }
-        v.write_segment(vmcb::TR, 0, 0x008b, 0x67, 0);
-        v.write_segment(vmcb::LDTR, 0, 0x0082, 0, 0);
-        v.write_segment(vmcb::GDTR, 0, 0, u32::from(entry.gdt.1), entry.gdt.0);
-        v.write_segment(vmcb::IDTR, 0, 0, 0, 0);
-        v.write(vmcb::CPL, 0u8);
-        v.write(vmcb::EFER, EFER_LME | EFER_LMA | EFER_SVME);
-        v.write(vmcb::CR0, 0x8001_0033u64); // PG WP NE ET MP PE
-        v.write(vmcb::CR3, entry.cr3);
-        v.write(vmcb::CR4, 0x0620u64); // OSXMMEXCPT OSFXSR PAE
-        v.write(vmcb::DR6, 0xffff_0ff0u64);
-        v.write(vmcb::DR7, 0x400u64);
-        v.write(vmcb::RFLAGS, 0x2u64);
-        v.write(vmcb::RIP, entry.rip);
-        v.write(vmcb::RSP, entry.rsp);
-        v.write(vmcb::G_PAT, 0x0007_0406_0007_0406u64);
+        let code = lamina_abi::layout::BOOT_CODE_SELECTOR;
+        let segment = |selector, attributes, limit, base| Segment {
+            selector,
+            attributes,
+            limit,
+            base,
+        };
+        let s = &mut v.save;
+        s.cs = segment(code, 0x029b, 0xffff_ffff, 0);
+        let null_data = segment(0, 0x0c93, 0xffff_ffff, 0);
+        (s.ds, s.es, s.ss, s.fs, s.gs) = (null_data, null_data, null_data, null_data, null_data);
+        s.tr = segment(0, 0x008b, 0x67, 0);
+        s.ldtr = segment(0, 0x0082, 0, 0);
+        s.gdtr = segment(0, 0, u32::from(entry.gdt.1), entry.gdt.0);
+        s.idtr = segment(0, 0, 0, 0);
+        s.cpl = 0;
+        s.efer = (GUEST_BOOT_EFER | EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE).bits();
+        s.cr0 = GUEST_BOOT_CR0.bits();
+        s.cr3 = entry.cr3;
+        s.cr4 = GUEST_BOOT_CR4.bits();
+        s.dr6 = 0xffff_0ff0;
+        s.dr7 = 0x400;
+        s.rflags = GUEST_BOOT_RFLAGS;
+        s.rip = entry.rip;
+        s.rsp = entry.rsp;
+        s.g_pat = 0x0007_0406_0007_0406;
         let mut regs = GuestRegisters::default();
         regs.gpr[reg::RDI] = entry.rdi;
         Ok(SvmVcpu {
@@ -166,15 +172,15 @@ impl SvmVcpu {
     }
 
     fn enter(&mut self) {
-        self.vmcb.write(vmcb::RAX, self.regs.gpr[reg::RAX]);
+        self.vmcb.save.rax = self.regs.gpr[reg::RAX];
         // SAFETY: the VMCB is valid for a 64-bit guest, its nested page table maps only this
         // domain's RAM, and the host VMCB page was given to this CPU by `Svm::enable`.
         unsafe { svm_world_switch(&mut self.regs, self.vmcb.address(), self.host_state_vmcb) };
-        self.regs.gpr[reg::RAX] = self.vmcb.read(vmcb::RAX);
+        self.regs.gpr[reg::RAX] = self.vmcb.save.rax;
         if self.tlb_flush_requested {
             // The flush happened with that entry.
             self.tlb_flush_requested = false;
-            self.vmcb.write(vmcb::TLB_CONTROL, 0u8);
+            self.vmcb.control.tlb_control = 0;
         }
     }
 }
@@ -185,18 +191,18 @@ impl SvmVcpu {
     #[cold]
     #[inline(never)]
     fn invalid_state(&self) -> &'static str {
-        let v = &self.vmcb;
+        let (c, s) = (&self.vmcb.control, &self.vmcb.save);
         vmrun_checks::invalid_state_reason(&vmrun_checks::VmrunState {
-            efer: v.read(vmcb::EFER),
-            cr0: v.read(vmcb::CR0),
-            cr3: v.read(vmcb::CR3),
-            cr4: v.read(vmcb::CR4),
-            dr6: v.read(vmcb::DR6),
-            dr7: v.read(vmcb::DR7),
-            cs_attributes: v.read(vmcb::CS + 2),
-            asid: v.read(vmcb::GUEST_ASID),
-            intercepts_vmrun: v.read::<u32>(vmcb::INTERCEPT_MISC2) & 1 != 0,
-            event_injection: v.read(vmcb::EVENT_INJECTION),
+            efer: s.efer,
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            dr6: s.dr6,
+            dr7: s.dr7,
+            cs_attributes: s.cs.attributes,
+            asid: c.guest_asid,
+            intercepts_vmrun: c.intercept_misc2 & 1 != 0,
+            event_injection: c.event_injection,
         })
     }
 }
@@ -223,7 +229,7 @@ impl VirtualCpu for SvmVcpu {
         // that follows another on this CPU must not see that one's translations.
         let previous = LAST_VMCB.swap(self.vmcb.address(), Ordering::Relaxed);
         if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
-            self.vmcb.write(vmcb::TLB_CONTROL, TLB_FLUSH_ALL);
+            self.vmcb.control.tlb_control = TLB_FLUSH_ALL;
             self.tlb_flush_requested = true;
         }
         self.xstate.schedule_in();
@@ -234,12 +240,12 @@ impl VirtualCpu for SvmVcpu {
     fn run(&mut self) -> VmExit {
         loop {
             self.enter();
-            let code: u64 = self.vmcb.read(vmcb::EXIT_CODE);
+            let code = self.vmcb.control.exit_code;
             // An event whose delivery this exit interrupted is delivered again at the next
             // entry (APM Vol. 2 15.7.2).
-            let interrupted: u64 = self.vmcb.read(vmcb::EXIT_INT_INFO);
+            let interrupted = self.vmcb.control.exit_int_info;
             if interrupted & EVENT_VALID != 0 {
-                self.vmcb.write(vmcb::EVENT_INJECTION, interrupted);
+                self.vmcb.control.event_injection = interrupted;
             }
             // Instruction lengths for the exits common code completes: there is no NRIP-save
             // under QEMU TCG, and VMMCALL, CPUID, HLT, RDMSR and WRMSR have fixed encodings.
@@ -248,7 +254,7 @@ impl VirtualCpu for SvmVcpu {
                 exit_code::CPUID => (VmExit::Cpuid, 2),
                 exit_code::HLT => (VmExit::Hlt, 1),
                 exit_code::MSR => {
-                    let write = self.vmcb.read::<u64>(vmcb::EXIT_INFO1) & 1 != 0;
+                    let write = self.vmcb.control.exit_info1 & 1 != 0;
                     (
                         if write {
                             VmExit::MsrWrite
@@ -261,8 +267,8 @@ impl VirtualCpu for SvmVcpu {
                 exit_code::IOIO => {
                     // EXITINFO1: bit 0 IN, bit 2 string, bits 4-6 size, bits 16-31 port;
                     // EXITINFO2: the next RIP (APM 15.10.2).
-                    let info1: u64 = self.vmcb.read(vmcb::EXIT_INFO1);
-                    let next: u64 = self.vmcb.read(vmcb::EXIT_INFO2);
+                    let info1 = self.vmcb.control.exit_info1;
+                    let next = self.vmcb.control.exit_info2;
                     if info1 & (1 << 2) != 0 {
                         // SEG is reported only with decode assists, which QEMU lacks: the
                         // common code reads the prefixes instead.
@@ -305,8 +311,8 @@ impl VirtualCpu for SvmVcpu {
                 exit_code::VINTR => (VmExit::InterruptWindow, 0),
                 exit_code::SHUTDOWN => (VmExit::TripleFault, 0),
                 exit_code::NPF => {
-                    let gpa = self.vmcb.read(vmcb::EXIT_INFO2);
-                    let write = self.vmcb.read::<u64>(vmcb::EXIT_INFO1) & (1 << 1) != 0;
+                    let gpa = self.vmcb.control.exit_info2;
+                    let write = self.vmcb.control.exit_info1 & (1 << 1) != 0;
                     (VmExit::NestedPageFault { gpa, write }, 0)
                 }
                 exit_code::VMRUN..=exit_code::SKINIT => {
@@ -315,8 +321,8 @@ impl VirtualCpu for SvmVcpu {
                     continue;
                 }
                 _ => {
-                    let info1 = self.vmcb.read(vmcb::EXIT_INFO1);
-                    let info2 = self.vmcb.read(vmcb::EXIT_INFO2);
+                    let info1 = self.vmcb.control.exit_info1;
+                    let info2 = self.vmcb.control.exit_info2;
                     (VmExit::Unexpected { code, info1, info2 }, 0)
                 }
             };
@@ -330,11 +336,11 @@ impl VirtualCpu for SvmVcpu {
     }
 
     fn rip(&self) -> u64 {
-        self.vmcb.read(vmcb::RIP)
+        self.vmcb.save.rip
     }
 
     fn set_rip(&mut self, rip: u64) {
-        self.vmcb.write(vmcb::RIP, rip);
+        self.vmcb.save.rip = rip;
     }
 
     #[inline]
@@ -342,54 +348,55 @@ impl VirtualCpu for SvmVcpu {
         let next = self.rip().wrapping_add(self.instruction_len);
         self.set_rip(next);
         // The instruction after STI or MOV SS completed: its interrupt shadow ends with it.
-        self.vmcb.write(vmcb::INTERRUPT_SHADOW, 0u64);
+        self.vmcb.control.interrupt_shadow = 0;
     }
 
     fn cpl(&self) -> u8 {
-        self.vmcb.read(vmcb::CPL)
+        self.vmcb.save.cpl
     }
 
     fn paging_mode(&self) -> PagingMode {
-        let cr0: u64 = self.vmcb.read(vmcb::CR0);
-        let efer: u64 = self.vmcb.read(vmcb::EFER);
+        let s = &self.vmcb.save;
+        let cr0 = s.cr0;
         PagingMode {
-            paging: cr0 & CR0_PG != 0,
-            long_mode: efer & EFER_LMA != 0,
-            cr3: self.vmcb.read(vmcb::CR3),
-            write_protect: cr0 & CR0_WP != 0,
+            paging: cr0 & Cr0Flags::PAGING.bits() != 0,
+            long_mode: s.efer & EferFlags::LONG_MODE_ACTIVE.bits() != 0,
+            cr3: s.cr3,
+            write_protect: cr0 & Cr0Flags::WRITE_PROTECT.bits() != 0,
         }
     }
 
     fn arch_state(&self) -> ArchState {
-        let v = &self.vmcb;
-        let interrupted: u64 = v.read(vmcb::EXIT_INT_INFO);
+        let s = &self.vmcb.save;
+        let interrupted = self.vmcb.control.exit_int_info;
         ArchState {
-            rsp: v.read(vmcb::RSP),
-            rflags: v.read(vmcb::RFLAGS),
-            cr0: v.read(vmcb::CR0),
-            cr2: v.read(vmcb::CR2),
-            cr3: v.read(vmcb::CR3),
-            cr4: v.read(vmcb::CR4),
-            efer: v.read::<u64>(vmcb::EFER) & !EFER_SVME,
-            cs: v.read(vmcb::CS),
-            ss: v.read(vmcb::SS),
+            rsp: s.rsp,
+            rflags: s.rflags,
+            cr0: s.cr0,
+            cr2: s.cr2,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer & !EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits(),
+            cs: s.cs.selector,
+            ss: s.ss.selector,
             interrupted_event: interrupted as u32,
             interrupted_error: (interrupted >> 32) as u32,
         }
     }
 
     fn set_rsp(&mut self, rsp: u64) {
-        self.vmcb.write(vmcb::RSP, rsp);
+        self.vmcb.save.rsp = rsp;
     }
 
     fn set_control_register(&mut self, cr: u8, value: u64) {
+        let s = &mut self.vmcb.save;
         let field = match cr {
-            0 => vmcb::CR0,
-            3 => vmcb::CR3,
-            4 => vmcb::CR4,
+            0 => &mut s.cr0,
+            3 => &mut s.cr3,
+            4 => &mut s.cr4,
             _ => return,
         };
-        self.vmcb.write(field, value);
+        *field = value;
         // The intercepted MOV did not reach the TLB: flush as it would have (a CR3 load drops
         // non-global translations, CR0.PG/WP and CR4.PGE/PAE/PCIDE changes drop more; the
         // whole ASID is the simple superset).
@@ -397,7 +404,7 @@ impl VirtualCpu for SvmVcpu {
     }
 
     fn set_cr2(&mut self, cr2: u64) {
-        self.vmcb.write(vmcb::CR2, cr2);
+        self.vmcb.save.cr2 = cr2;
     }
 
     fn cr4_hardware_allowed(&self) -> u64 {
@@ -411,39 +418,35 @@ impl VirtualCpu for SvmVcpu {
         if let Some(code) = error_code {
             event |= (1 << 11) | (u64::from(code) << 32);
         }
-        self.vmcb.write(vmcb::EVENT_INJECTION, event);
+        self.vmcb.control.event_injection = event;
     }
 
     fn interrupt_flag(&self) -> bool {
-        self.vmcb.read::<u64>(vmcb::RFLAGS) & RFLAGS_IF != 0
+        self.vmcb.save.rflags & RFlags::INTERRUPT_FLAG.bits() != 0
     }
 
     fn interrupt_window_open(&self) -> bool {
         self.interrupt_flag()
-            && self.vmcb.read::<u64>(vmcb::INTERRUPT_SHADOW) & 1 == 0
-            && self.vmcb.read::<u64>(vmcb::EVENT_INJECTION) & EVENT_VALID == 0
+            && self.vmcb.control.interrupt_shadow & 1 == 0
+            && self.vmcb.control.event_injection & EVENT_VALID == 0
     }
 
     fn inject_interrupt(&mut self, vector: u8) {
         // EVENTINJ type 0: external interrupt.
-        self.vmcb
-            .write(vmcb::EVENT_INJECTION, u64::from(vector) | EVENT_VALID);
+        self.vmcb.control.event_injection = u64::from(vector) | EVENT_VALID;
     }
 
     fn set_interrupt_window_exiting(&mut self, enabled: bool) {
         // A virtual interrupt of the highest priority is made pending; the VINTR intercept
         // exits when the guest is about to take it, which is when it could take ours.
-        let control: u64 = self.vmcb.read(vmcb::V_INTR);
-        let intercepts: u32 = self.vmcb.read(vmcb::INTERCEPT_MISC1);
+        let c = &mut self.vmcb.control;
         let window = V_IRQ | V_INTR_PRIO_HIGHEST | V_IGN_TPR;
         if enabled {
-            self.vmcb.write(vmcb::V_INTR, control | window);
-            self.vmcb
-                .write(vmcb::INTERCEPT_MISC1, intercepts | MISC1_VINTR);
+            c.v_intr |= window;
+            c.intercept_misc1 |= MISC1_VINTR;
         } else {
-            self.vmcb.write(vmcb::V_INTR, control & !window);
-            self.vmcb
-                .write(vmcb::INTERCEPT_MISC1, intercepts & !MISC1_VINTR);
+            c.v_intr &= !window;
+            c.intercept_misc1 &= !MISC1_VINTR;
         }
     }
 
@@ -456,56 +459,60 @@ impl VirtualCpu for SvmVcpu {
         } else {
             TLB_FLUSH_ALL
         };
-        if self.vmcb.read::<u8>(vmcb::TLB_CONTROL) != TLB_FLUSH_ALL {
-            self.vmcb.write(vmcb::TLB_CONTROL, control);
+        if self.vmcb.control.tlb_control != TLB_FLUSH_ALL {
+            self.vmcb.control.tlb_control = control;
         }
         self.tlb_flush_requested = true;
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {
-        let v = &self.vmcb;
+        let s = &self.vmcb.save;
         match msr {
             ArchMsr::Tsc => {
                 // SAFETY: RDTSC has no side effects; guests run with TSC offset 0.
                 unsafe { core::arch::x86_64::_rdtsc() }
             }
-            ArchMsr::Efer => v.read::<u64>(vmcb::EFER) & !EFER_SVME,
-            ArchMsr::FsBase => v.read(vmcb::FS + vmcb::SEGMENT_BASE),
-            ArchMsr::GsBase => v.read(vmcb::GS + vmcb::SEGMENT_BASE),
-            ArchMsr::KernelGsBase => v.read(vmcb::KERNEL_GS_BASE),
-            ArchMsr::Star => v.read(vmcb::STAR),
-            ArchMsr::Lstar => v.read(vmcb::LSTAR),
-            ArchMsr::Cstar => v.read(vmcb::CSTAR),
-            ArchMsr::Sfmask => v.read(vmcb::SFMASK),
-            ArchMsr::SysenterCs => v.read(vmcb::SYSENTER_CS),
-            ArchMsr::SysenterEsp => v.read(vmcb::SYSENTER_ESP),
-            ArchMsr::SysenterEip => v.read(vmcb::SYSENTER_EIP),
-            ArchMsr::Pat => v.read(vmcb::G_PAT),
+            ArchMsr::Efer => s.efer & !EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits(),
+            ArchMsr::FsBase => s.fs.base,
+            ArchMsr::GsBase => s.gs.base,
+            ArchMsr::KernelGsBase => s.kernel_gs_base,
+            ArchMsr::Star => s.star,
+            ArchMsr::Lstar => s.lstar,
+            ArchMsr::Cstar => s.cstar,
+            ArchMsr::Sfmask => s.sfmask,
+            ArchMsr::SysenterCs => s.sysenter_cs,
+            ArchMsr::SysenterEsp => s.sysenter_esp,
+            ArchMsr::SysenterEip => s.sysenter_eip,
+            ArchMsr::Pat => s.g_pat,
         }
     }
 
     fn write_msr(&mut self, msr: ArchMsr, value: u64) {
+        let s = &mut self.vmcb.save;
         let field = match msr {
             ArchMsr::Tsc => return,
             // SVME stays set under a guest (APM Vol. 2 15.5.1); the guest never sees it.
-            ArchMsr::Efer => return self.vmcb.write(vmcb::EFER, value | EFER_SVME),
-            ArchMsr::FsBase => vmcb::FS + vmcb::SEGMENT_BASE,
-            ArchMsr::GsBase => vmcb::GS + vmcb::SEGMENT_BASE,
-            ArchMsr::KernelGsBase => vmcb::KERNEL_GS_BASE,
-            ArchMsr::Star => vmcb::STAR,
-            ArchMsr::Lstar => vmcb::LSTAR,
-            ArchMsr::Cstar => vmcb::CSTAR,
-            ArchMsr::Sfmask => vmcb::SFMASK,
-            ArchMsr::SysenterCs => vmcb::SYSENTER_CS,
-            ArchMsr::SysenterEsp => vmcb::SYSENTER_ESP,
-            ArchMsr::SysenterEip => vmcb::SYSENTER_EIP,
-            ArchMsr::Pat => vmcb::G_PAT,
+            ArchMsr::Efer => {
+                s.efer = value | EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
+                return;
+            }
+            ArchMsr::FsBase => &mut s.fs.base,
+            ArchMsr::GsBase => &mut s.gs.base,
+            ArchMsr::KernelGsBase => &mut s.kernel_gs_base,
+            ArchMsr::Star => &mut s.star,
+            ArchMsr::Lstar => &mut s.lstar,
+            ArchMsr::Cstar => &mut s.cstar,
+            ArchMsr::Sfmask => &mut s.sfmask,
+            ArchMsr::SysenterCs => &mut s.sysenter_cs,
+            ArchMsr::SysenterEsp => &mut s.sysenter_esp,
+            ArchMsr::SysenterEip => &mut s.sysenter_eip,
+            ArchMsr::Pat => &mut s.g_pat,
         };
-        self.vmcb.write(field, value);
+        *field = value;
     }
 
     fn osxsave_enabled(&self) -> bool {
-        self.vmcb.read::<u64>(vmcb::CR4) & CR4_OSXSAVE != 0
+        self.vmcb.save.cr4 & Cr4Flags::OSXSAVE.bits() != 0
     }
 
     fn xcr0(&self) -> u64 {
@@ -517,22 +524,22 @@ impl VirtualCpu for SvmVcpu {
     }
 
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
-        let v = &self.vmcb;
+        let (c, s) = (&self.vmcb.control, &self.vmcb.save);
         write!(
             out,
             "svm: exitcode={:#x} exitinfo1={:#x} exitinfo2={:#x} exitintinfo={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} rsp={:#x} rflags={:#x} cpl={} cs={:#x}",
-            v.read::<u64>(vmcb::EXIT_CODE),
-            v.read::<u64>(vmcb::EXIT_INFO1),
-            v.read::<u64>(vmcb::EXIT_INFO2),
-            v.read::<u64>(vmcb::EXIT_INT_INFO),
-            v.read::<u64>(vmcb::CR0),
-            v.read::<u64>(vmcb::CR3),
-            v.read::<u64>(vmcb::CR4),
-            v.read::<u64>(vmcb::EFER),
-            v.read::<u64>(vmcb::RSP),
-            v.read::<u64>(vmcb::RFLAGS),
-            v.read::<u8>(vmcb::CPL),
-            v.read::<u16>(vmcb::CS),
+            c.exit_code,
+            c.exit_info1,
+            c.exit_info2,
+            c.exit_int_info,
+            s.cr0,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.rsp,
+            s.rflags,
+            s.cpl,
+            s.cs.selector,
         )
     }
 }

@@ -1,9 +1,9 @@
 //! Which VMRUN consistency check (AMD APM Vol. 2 15.5.1) a guest state fails: what the
 //! hypervisor reports for VMEXIT_INVALID instead of a bare exit code. Pure, host-tested.
 
-const EFER_LME: u64 = 1 << 8;
-const EFER_SVME: u64 = 1 << 12;
-const CR0_PG: u64 = 1 << 31;
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+
 const EVENT_VALID: u64 = 1 << 31;
 
 /// The VMCB fields VMRUN checks.
@@ -22,15 +22,15 @@ pub(super) struct VmrunState {
 
 /// The first VMRUN consistency check (APM Vol. 2 15.5.1) `s` fails.
 pub(super) fn invalid_state_reason(s: &VmrunState) -> &'static str {
-    const CR0_NW: u64 = 1 << 29;
-    const CR0_CD: u64 = 1 << 30;
-    const CR4_PAE: u64 = 1 << 5;
-    // CR4 bits no AMD CPU defines (reserved: 15, 19, 24 and up, MBZ per APM 3.7).
+    // CR4 bits no AMD CPU defines (reserved: 15, 19, 24 and up, MBZ per APM 3.7): local,
+    // since `Cr4Flags` also names Intel's bits 19 (Key Locker) and 24 (PKS).
     const CR4_RESERVED: u64 = !0x00f7_7fff;
-    let long_mode = s.efer & EFER_LME != 0 && s.cr0 & CR0_PG != 0;
-    if s.efer & EFER_SVME == 0 {
+    let efer = EferFlags::from_bits_retain(s.efer);
+    let cr0 = Cr0Flags::from_bits_retain(s.cr0);
+    let long_mode = efer.contains(EferFlags::LONG_MODE_ENABLE) && cr0.contains(Cr0Flags::PAGING);
+    if !efer.contains(EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE) {
         "EFER.SVME is clear"
-    } else if s.cr0 & CR0_NW != 0 && s.cr0 & CR0_CD == 0 {
+    } else if cr0.contains(Cr0Flags::NOT_WRITE_THROUGH) && !cr0.contains(Cr0Flags::CACHE_DISABLE) {
         "CR0.NW set with CR0.CD clear"
     } else if s.cr0 >> 32 != 0 {
         "CR0 bits 63:32 are not zero"
@@ -40,9 +40,9 @@ pub(super) fn invalid_state_reason(s: &VmrunState) -> &'static str {
         "CR3 has bits set above the physical-address width"
     } else if s.dr6 >> 32 != 0 || s.dr7 >> 32 != 0 {
         "DR6 or DR7 bits 63:32 are not zero"
-    } else if long_mode && s.cr4 & CR4_PAE == 0 {
+    } else if long_mode && s.cr4 & Cr4Flags::PHYSICAL_ADDRESS_EXTENSION.bits() == 0 {
         "EFER.LME and CR0.PG set with CR4.PAE clear"
-    } else if long_mode && s.cr0 & 1 == 0 {
+    } else if long_mode && !cr0.contains(Cr0Flags::PROTECTED_MODE_ENABLE) {
         "EFER.LME and CR0.PG set with CR0.PE clear"
     } else if long_mode && s.cs_attributes & (1 << 9) != 0 && s.cs_attributes & (1 << 10) != 0 {
         "EFER.LME, CR0.PG, CR4.PAE, CS.L and CS.D all set"
@@ -63,7 +63,9 @@ pub(super) fn invalid_state_reason(s: &VmrunState) -> &'static str {
 mod tests {
     use super::*;
 
-    const EFER_LMA: u64 = 1 << 10;
+    const EFER_LME: u64 = EferFlags::LONG_MODE_ENABLE.bits();
+    const EFER_LMA: u64 = EferFlags::LONG_MODE_ACTIVE.bits();
+    const EFER_SVME: u64 = EferFlags::SECURE_VIRTUAL_MACHINE_ENABLE.bits();
 
     fn good() -> VmrunState {
         VmrunState {

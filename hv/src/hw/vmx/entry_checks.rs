@@ -1,7 +1,13 @@
 //! Why a VM entry failed (Intel SDM Vol. 3C 26.3 guest-state checks, 31.4 VM-instruction
 //! errors): what the hypervisor reports instead of a bare exit reason. Pure, host-tested.
 
-const EFER_LMA: u64 = 1 << 10;
+use x86_64::registers::model_specific::EferFlags;
+
+/// RFLAGS bits 3, 5 and 15: reserved, must be 0 (SDM Vol. 3C 26.3.1.4); `RFlags` does not
+/// name reserved bits.
+const RFLAGS_RESERVED_ZERO: u64 = (1 << 3) | (1 << 5) | (1 << 15);
+/// RFLAGS bit 1: reserved, must be 1.
+const RFLAGS_RESERVED_ONE: u64 = 1 << 1;
 
 /// What VM entry checks of the guest state (SDM Vol. 3C 26.3.1).
 pub(super) struct GuestStateCheck {
@@ -18,7 +24,6 @@ pub(super) struct GuestStateCheck {
 
 /// The first guest-state check of VM entry (SDM Vol. 3C 26.3.1) that `s` fails.
 pub(super) fn invalid_guest_state_reason(s: &GuestStateCheck) -> &'static str {
-    const EFER_LME: u64 = 1 << 8;
     match s.qualification {
         2 => return "a PDPTE (PAE paging) has a reserved bit set",
         3 => return "the NMI-blocking state does not allow the injected NMI",
@@ -31,9 +36,14 @@ pub(super) fn invalid_guest_state_reason(s: &GuestStateCheck) -> &'static str {
         "guest CR4 does not respect IA32_VMX_CR4_FIXED0/1"
     } else if s.cr3 >> s.max_phys_bits.clamp(32, 52) != 0 {
         "guest CR3 has bits set above MAXPHYADDR"
-    } else if s.efer & EFER_LMA == 0 || s.efer & EFER_LME == 0 {
+    } else if !EferFlags::from_bits_retain(s.efer)
+        .contains(EferFlags::LONG_MODE_ACTIVE | EferFlags::LONG_MODE_ENABLE)
+    {
         "guest IA32_EFER.LMA/LME do not match the IA-32e mode guest entry control"
-    } else if s.rflags >> 22 != 0 || s.rflags & 0x8028 != 0 || s.rflags & 2 == 0 {
+    } else if s.rflags >> 22 != 0
+        || s.rflags & RFLAGS_RESERVED_ZERO != 0
+        || s.rflags & RFLAGS_RESERVED_ONE == 0
+    {
         "guest RFLAGS has a reserved bit wrong"
     } else {
         "a guest-state check the VMCS fields read here do not show (segment registers, descriptor tables, activity or interruptibility state)"

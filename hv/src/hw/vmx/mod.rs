@@ -19,6 +19,7 @@ use alloc::vec::Vec;
 use core::arch::asm;
 use lamina_abi::layout::{GRANT_WINDOW_BYTES, GRANT_WINDOW_GPA};
 pub use vcpu::VmxVcpu;
+use x86_64::registers::control::Cr4Flags;
 
 const MSR_FEATURE_CONTROL: u32 = 0x3a;
 const MSR_VMX_BASIC: u32 = 0x480;
@@ -40,7 +41,6 @@ const MSR_VMX_TRUE_ENTRY: u32 = 0x490;
 
 const FEATURE_CONTROL_LOCKED: u64 = 1 << 0;
 const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
-const CR4_VMXE: u64 = 1 << 13;
 // IA32_VMX_EPT_VPID_CAP bits (SDM Vol. 3D A.10).
 const EPT_CAP_INVEPT: u64 = 1 << 20;
 const EPT_CAP_INVEPT_SINGLE_CONTEXT: u64 = 1 << 25;
@@ -166,7 +166,8 @@ impl Virtualization for Vmx {
             x86_64::registers::control::Cr0::write_raw((cr0 | caps.cr0_fixed.0) & caps.cr0_fixed.1);
             let cr4 = x86_64::registers::control::Cr4::read_raw();
             x86_64::registers::control::Cr4::write_raw(
-                (cr4 | CR4_VMXE | caps.cr4_fixed.0) & caps.cr4_fixed.1,
+                (cr4 | Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits() | caps.cr4_fixed.0)
+                    & caps.cr4_fixed.1,
             );
             let failed: u8;
             asm!("vmxon [{}]", "setna {}", in(reg) &vmxon_region, out(reg_byte) failed);

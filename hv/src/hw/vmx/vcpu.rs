@@ -6,7 +6,7 @@
 
 use super::entry_checks;
 use super::ept::eptp;
-use super::vmcs::{self, read, write, write_unchecked};
+use super::vmcs::{self, read, write, write_host, write_unchecked};
 use super::{ControlCapabilities, InveptType, adjust};
 use crate::common::control_regs;
 use crate::common::guest_paging::PagingMode;
@@ -14,12 +14,18 @@ use crate::common::string_io;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
 };
-use crate::hw::{EntryState, HwError, rdmsr, wrmsr};
+use crate::hw::{
+    EntryState, GUEST_BOOT_CR0, GUEST_BOOT_CR4, GUEST_BOOT_EFER, GUEST_BOOT_RFLAGS, HwError, rdmsr,
+    wrmsr,
+};
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
 use core::arch::{asm, global_asm};
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+use x86_64::registers::control::{Cr0Flags, Cr4Flags};
+use x86_64::registers::model_specific::EferFlags;
+use x86_64::registers::rflags::RFlags;
 
 mod reason {
     pub(super) const EXCEPTION_OR_NMI: u64 = 0;
@@ -68,11 +74,8 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
-const CR0_TS: u64 = 1 << 3;
-const CR0_PG: u64 = 1 << 31;
-const CR4_VMXE: u64 = 1 << 13;
-const CR4_OSXSAVE: u64 = 1 << 18;
-const EFER_LMA: u64 = 1 << 10;
+/// CR4.VMXE: set in VMX operation, hidden from the guest (its read shadow never shows it).
+const CR4_VMXE: u64 = Cr4Flags::VIRTUAL_MACHINE_EXTENSIONS.bits();
 const MSR_EFER: u32 = 0xc000_0080;
 /// The syscall MSRs VMX does not switch; loaded by hand when another vCPU's VMCS becomes current.
 const SWITCHED_MSRS: [(ArchMsr, u32); 5] = [
@@ -111,7 +114,6 @@ pub struct VmxVcpu {
 }
 
 const EVENT_VALID: u64 = 1 << 31;
-const RFLAGS_IF: u64 = 1 << 9;
 
 unsafe extern "C" {
     /// Runs the guest until the next VM exit (returns 0) or a failed VM entry (returns 1).
@@ -222,9 +224,11 @@ impl VmxVcpu {
             adjust(caps.entry, entry_controls, "IA-32e guest entry")?.into(),
         )?;
         write(vmcs::EXCEPTION_BITMAP, 1 << vector::INVALID_OPCODE)?;
-        write(vmcs::EPT_POINTER, self.eptp)?;
+        // SAFETY: the domain's EPT root, which maps only its own RAM and grant window.
+        unsafe { write_host(vmcs::EPT_POINTER, self.eptp) }?;
         write(vmcs::VPID, entry.tlb_tag.into())?;
-        write(vmcs::VMCS_LINK_POINTER, u64::MAX)?;
+        // SAFETY: all ones: no shadow VMCS (SDM Vol. 3C 26.2.1.1).
+        unsafe { write_host(vmcs::VMCS_LINK_POINTER, u64::MAX) }?;
         // Bits VMX fixes in CR0/CR4 are owned by the hypervisor: the guest reads its own view
         // from the shadow and a write that would change them exits (handled in `cr_access`).
         let cr0_mask = self.cr0_fixed.0 | !self.cr0_fixed.1 & 0xffff_ffff;
@@ -240,37 +244,58 @@ impl VmxVcpu {
         use x86_64::instructions::segmentation::{CS, SS, Segment};
         use x86_64::instructions::tables::{sgdt, sidt};
         use x86_64::registers::control::{Cr0, Cr3, Cr4};
+        // The host state is this CPU's own, read from it now: a VM exit returns the hypervisor
+        // to exactly the state it runs in (SDM Vol. 3C 28.5). HOST_RSP is written by the world
+        // switch, the stack it runs on.
         let (cr3_frame, cr3_flags) = Cr3::read_raw();
-        write(vmcs::HOST_CR0, Cr0::read_raw())?;
-        write(
-            vmcs::HOST_CR3,
-            cr3_frame.start_address().as_u64() | u64::from(cr3_flags),
-        )?;
-        write(vmcs::HOST_CR4, Cr4::read_raw())?;
+        // SAFETY: the CPU's current CR0.
+        unsafe { write_host(vmcs::HOST_CR0, Cr0::read_raw()) }?;
+        let cr3 = cr3_frame.start_address().as_u64() | u64::from(cr3_flags);
+        // SAFETY: the CPU's current CR3: the hypervisor's own page tables.
+        unsafe { write_host(vmcs::HOST_CR3, cr3) }?;
+        // SAFETY: the CPU's current CR4.
+        unsafe { write_host(vmcs::HOST_CR4, Cr4::read_raw()) }?;
         let data = SS::get_reg().0;
-        write(vmcs::HOST_CS_SELECTOR, CS::get_reg().0.into())?;
+        // SAFETY: the CPU's current code segment.
+        unsafe { write_host(vmcs::HOST_CS_SELECTOR, CS::get_reg().0.into()) }?;
         for field in [
             vmcs::HOST_SS_SELECTOR,
             vmcs::HOST_DS_SELECTOR,
             vmcs::HOST_ES_SELECTOR,
         ] {
-            write(field, data.into())?;
+            // SAFETY: the CPU's current data segment.
+            unsafe { write_host(field, data.into()) }?;
         }
-        write(vmcs::HOST_FS_SELECTOR, 0)?;
-        write(vmcs::HOST_GS_SELECTOR, 0)?;
+        // SAFETY: null FS and GS with base 0: the hypervisor uses neither.
+        unsafe {
+            write_host(vmcs::HOST_FS_SELECTOR, 0)?;
+            write_host(vmcs::HOST_GS_SELECTOR, 0)?;
+            write_host(vmcs::HOST_FS_BASE, 0)?;
+            write_host(vmcs::HOST_GS_BASE, 0)?;
+        }
         let (tr_selector, tr_base) = crate::platform::cpu::task_register();
-        write(vmcs::HOST_TR_SELECTOR, tr_selector.into())?;
-        write(vmcs::HOST_TR_BASE, tr_base)?;
-        write(vmcs::HOST_FS_BASE, 0)?;
-        write(vmcs::HOST_GS_BASE, 0)?;
-        write(vmcs::HOST_GDTR_BASE, sgdt().base.as_u64())?;
-        write(vmcs::HOST_IDTR_BASE, sidt().base.as_u64())?;
-        write(vmcs::HOST_SYSENTER_CS, 0)?;
-        write(vmcs::HOST_SYSENTER_ESP, 0)?;
-        write(vmcs::HOST_SYSENTER_EIP, 0)?;
-        // SAFETY: EFER exists on every 64-bit CPU.
-        write(vmcs::HOST_IA32_EFER, unsafe { rdmsr(MSR_EFER) })?;
-        write(vmcs::HOST_RIP, vmx_exit_entry as *const () as u64)?;
+        // SAFETY: this CPU's task register and its TSS.
+        unsafe {
+            write_host(vmcs::HOST_TR_SELECTOR, tr_selector.into())?;
+            write_host(vmcs::HOST_TR_BASE, tr_base)?;
+        }
+        // SAFETY: the CPU's current GDT and IDT.
+        unsafe {
+            write_host(vmcs::HOST_GDTR_BASE, sgdt().base.as_u64())?;
+            write_host(vmcs::HOST_IDTR_BASE, sidt().base.as_u64())?;
+        }
+        // SAFETY: SYSENTER is not used by the hypervisor.
+        unsafe {
+            write_host(vmcs::HOST_SYSENTER_CS, 0)?;
+            write_host(vmcs::HOST_SYSENTER_ESP, 0)?;
+            write_host(vmcs::HOST_SYSENTER_EIP, 0)?;
+        }
+        // SAFETY: EFER exists on every 64-bit CPU; its current value is the host's.
+        let efer = unsafe { rdmsr(MSR_EFER) };
+        // SAFETY: the CPU's current EFER.
+        unsafe { write_host(vmcs::HOST_IA32_EFER, efer) }?;
+        // SAFETY: the world switch's exit half, which expects exactly this host state.
+        unsafe { write_host(vmcs::HOST_RIP, vmx_exit_entry as *const () as u64) }?;
         Ok(())
     }
 
@@ -291,29 +316,28 @@ impl VmxVcpu {
             (0, 0x67, 0x008b), // TR: busy 64-bit TSS
         ];
         for (i, (selector, limit, rights)) in segments.into_iter().enumerate() {
-            let i = i as u64 * vmcs::SEGMENT_STRIDE;
-            write(vmcs::GUEST_ES_SELECTOR + i, selector.into())?;
-            write(vmcs::GUEST_ES_BASE + i, 0)?;
-            write(vmcs::GUEST_ES_LIMIT + i, limit.into())?;
-            write(vmcs::GUEST_ES_ACCESS_RIGHTS + i, rights.into())?;
+            write(vmcs::GUEST_ES_SELECTOR.of_segment(i), selector.into())?;
+            write(vmcs::GUEST_ES_BASE.of_segment(i), 0)?;
+            write(vmcs::GUEST_ES_LIMIT.of_segment(i), limit.into())?;
+            write(vmcs::GUEST_ES_ACCESS_RIGHTS.of_segment(i), rights.into())?;
         }
         write(vmcs::GUEST_GDTR_BASE, entry.gdt.0)?;
         write(vmcs::GUEST_GDTR_LIMIT, entry.gdt.1.into())?;
         write(vmcs::GUEST_IDTR_BASE, 0)?;
         write(vmcs::GUEST_IDTR_LIMIT, 0)?;
-        let cr0 = 0x8001_0033; // PG WP NE ET MP PE
+        let cr0 = GUEST_BOOT_CR0.bits();
         write(vmcs::GUEST_CR0, (cr0 | self.cr0_fixed.0) & self.cr0_fixed.1)?;
         write(vmcs::CR0_READ_SHADOW, cr0)?;
-        let cr4 = 0x0620; // OSXMMEXCPT OSFXSR PAE
+        let cr4 = GUEST_BOOT_CR4.bits();
         write(
             vmcs::GUEST_CR4,
             (cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1,
         )?;
         write(vmcs::CR4_READ_SHADOW, cr4)?;
         write(vmcs::GUEST_CR3, entry.cr3)?;
-        write(vmcs::GUEST_IA32_EFER, 0x500)?; // LME LMA
+        write(vmcs::GUEST_IA32_EFER, GUEST_BOOT_EFER.bits())?;
         write(vmcs::GUEST_DR7, 0x400)?;
-        write(vmcs::GUEST_RFLAGS, 0x2)?;
+        write(vmcs::GUEST_RFLAGS, GUEST_BOOT_RFLAGS)?;
         write(vmcs::GUEST_RIP, entry.rip)?;
         write(vmcs::GUEST_RSP, entry.rsp)?;
         write(vmcs::GUEST_INTERRUPTIBILITY, 0)?;
@@ -369,8 +393,14 @@ impl VmxVcpu {
             }),
             (2, _) => {
                 // CLTS: TS is not a fixed bit and never invalid to clear.
-                write_unchecked(vmcs::GUEST_CR0, read(vmcs::GUEST_CR0) & !CR0_TS);
-                write_unchecked(vmcs::CR0_READ_SHADOW, read(vmcs::CR0_READ_SHADOW) & !CR0_TS);
+                write_unchecked(
+                    vmcs::GUEST_CR0,
+                    read(vmcs::GUEST_CR0) & !Cr0Flags::TASK_SWITCHED.bits(),
+                );
+                write_unchecked(
+                    vmcs::CR0_READ_SHADOW,
+                    read(vmcs::CR0_READ_SHADOW) & !Cr0Flags::TASK_SWITCHED.bits(),
+                );
                 self.skip_instruction();
                 None
             }
@@ -616,15 +646,15 @@ impl VirtualCpu for VmxVcpu {
 
     fn cpl(&self) -> u8 {
         // CPL is SS.DPL (SDM Vol. 3C 26.3.1.2); SS access rights are the third segment.
-        ((read(vmcs::GUEST_ES_ACCESS_RIGHTS + 2 * vmcs::SEGMENT_STRIDE) >> 5) & 3) as u8
+        ((read(vmcs::GUEST_SS_ACCESS_RIGHTS) >> 5) & 3) as u8
     }
 
     fn paging_mode(&self) -> PagingMode {
         PagingMode {
-            paging: read(vmcs::GUEST_CR0) & CR0_PG != 0,
-            long_mode: read(vmcs::GUEST_IA32_EFER) & EFER_LMA != 0,
+            paging: read(vmcs::GUEST_CR0) & Cr0Flags::PAGING.bits() != 0,
+            long_mode: read(vmcs::GUEST_IA32_EFER) & EferFlags::LONG_MODE_ACTIVE.bits() != 0,
             cr3: read(vmcs::GUEST_CR3),
-            write_protect: read(vmcs::GUEST_CR0) & control_regs::cr0::WP != 0,
+            write_protect: read(vmcs::GUEST_CR0) & Cr0Flags::WRITE_PROTECT.bits() != 0,
         }
     }
 
@@ -700,7 +730,7 @@ impl VirtualCpu for VmxVcpu {
     }
 
     fn interrupt_flag(&self) -> bool {
-        read(vmcs::GUEST_RFLAGS) & RFLAGS_IF != 0
+        read(vmcs::GUEST_RFLAGS) & RFlags::INTERRUPT_FLAG.bits() != 0
     }
 
     fn interrupt_window_open(&self) -> bool {
@@ -796,7 +826,7 @@ impl VirtualCpu for VmxVcpu {
         // shadow answers for any bit the mask gives the hypervisor.
         let mask = read(vmcs::CR4_GUEST_HOST_MASK);
         let cr4 = read(vmcs::GUEST_CR4) & !mask | read(vmcs::CR4_READ_SHADOW) & mask;
-        cr4 & CR4_OSXSAVE != 0
+        cr4 & Cr4Flags::OSXSAVE.bits() != 0
     }
 
     fn xcr0(&self) -> u64 {
@@ -822,7 +852,7 @@ impl VirtualCpu for VmxVcpu {
             read(vmcs::GUEST_IA32_EFER),
             read(vmcs::GUEST_RSP),
             read(vmcs::GUEST_RFLAGS),
-            read(vmcs::GUEST_ES_ACCESS_RIGHTS + vmcs::SEGMENT_STRIDE),
+            read(vmcs::GUEST_CS_ACCESS_RIGHTS),
         )
     }
 }

@@ -262,7 +262,7 @@ impl VmxVcpu {
         write(vmcs::HOST_TR_SELECTOR, tr_selector.into())?;
         write(vmcs::HOST_TR_BASE, tr_base)?;
         write(vmcs::HOST_FS_BASE, 0)?;
-        write(vmcs::HOST_GS_BASE, 0)?;
+        write(vmcs::HOST_GS_BASE, crate::platform::percpu::gs_base())?;
         write(vmcs::HOST_GDTR_BASE, sgdt().base.as_u64())?;
         write(vmcs::HOST_IDTR_BASE, sidt().base.as_u64())?;
         write(vmcs::HOST_SYSENTER_CS, 0)?;

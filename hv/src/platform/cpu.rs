@@ -1,9 +1,9 @@
 //! The hypervisor's own descriptor tables and exception handling.
 //!
-//! Each CPU has its own GDT (code, data, TSS) and TSS with a separate stack for double faults,
-//! kept in its [`PerCpu`]; all share one IDT, whose 32 exception vectors print a diagnostic
-//! (vector, error code, RIP, CPU, registers) and end the machine with a failure status: a fault
-//! in the hypervisor is never a silent hang.
+//! Each CPU has its own GDT (code, data, TSS) and TSS with separate stacks for double faults
+//! and NMIs, kept in its [`PerCpu`]; all share one IDT, whose 32 exception vectors print a
+//! diagnostic (vector, error code, RIP, CPU, registers) and end the machine with a failure
+//! status: a fault in the hypervisor is never a silent hang.
 
 use super::percpu::{self, PerCpu};
 use core::arch::global_asm;
@@ -17,13 +17,21 @@ use x86_64::structures::tss::TaskStateSegment;
 
 /// IST slot (1-based in the IDT entry) used for double faults.
 const DOUBLE_FAULT_IST: u16 = 1;
-/// Bytes of each CPU's double-fault stack.
-pub const FAULT_STACK_BYTES: usize = 16 * 1024;
+/// IST slot for NMIs: an NMI can arrive anywhere in the hypervisor, on any stack.
+const NMI_IST: u16 = 2;
+/// Bytes of each IST stack.
+const IST_STACK_BYTES: usize = 16 * 1024;
+/// Bytes of a CPU's IST stacks: the double-fault stack on top, the NMI stack below it.
+pub const FAULT_STACKS_BYTES: usize = 2 * IST_STACK_BYTES;
 
 #[repr(C, align(16))]
-struct FaultStack([u8; FAULT_STACK_BYTES]);
-/// The boot CPU's double-fault stack (the other CPUs' are allocated when they start).
-static mut DOUBLE_FAULT_STACK: FaultStack = FaultStack([0; FAULT_STACK_BYTES]);
+struct FaultStacks([u8; FAULT_STACKS_BYTES]);
+/// The boot CPU's IST stacks (the other CPUs' are allocated when they start).
+static mut BOOT_FAULT_STACKS: FaultStacks = FaultStacks([0; FAULT_STACKS_BYTES]);
+
+// The TSS the CPU reads (Intel SDM Vol. 3A 9.7, "64-Bit Mode TSS"): 104 bytes, IST at 0x24.
+const _: () = assert!(core::mem::size_of::<TaskStateSegment>() == 104);
+const _: () = assert!(core::mem::offset_of!(TaskStateSegment, interrupt_stack_table) == 0x24);
 
 /// A CPU's GDT and the selectors in it (the same on every CPU).
 pub struct Tables {
@@ -95,7 +103,7 @@ pub fn init() {
             0,
             initial_apic_id,
             &raw const boot_stack_top as u64,
-            &raw const DOUBLE_FAULT_STACK as u64 + FAULT_STACK_BYTES as u64,
+            &raw const BOOT_FAULT_STACKS as u64 + FAULT_STACKS_BYTES as u64,
         )
     });
     // SAFETY: first code on the boot CPU to touch GS; index 0 is the boot CPU's.
@@ -107,8 +115,9 @@ pub fn init() {
 pub fn load_tables(cpu: &'static PerCpu) {
     let tss = cpu.tss.call_once(|| {
         let mut tss = TaskStateSegment::new();
-        let stack = VirtAddr::new(cpu.fault_stack_top);
-        tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] = stack;
+        let top = VirtAddr::new(cpu.fault_stacks_top);
+        tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] = top;
+        tss.interrupt_stack_table[usize::from(NMI_IST - 1)] = top - IST_STACK_BYTES as u64;
         tss
     });
     let tables = cpu.tables.call_once(|| {
@@ -141,7 +150,7 @@ pub fn load_tables(cpu: &'static PerCpu) {
             let ist = if vector == 8 { DOUBLE_FAULT_IST } else { 0 };
             idt[vector] = IdtEntry::interrupt_gate(*stub, tables.code.0, ist);
         }
-        idt[2] = IdtEntry::interrupt_gate(nmi_stub as *const () as u64, tables.code.0, 0);
+        idt[2] = IdtEntry::interrupt_gate(nmi_stub as *const () as u64, tables.code.0, NMI_IST);
         let timer = usize::from(super::apic::TIMER_VECTOR);
         idt[timer] =
             IdtEntry::interrupt_gate(timer_interrupt_stub as *const () as u64, tables.code.0, 0);

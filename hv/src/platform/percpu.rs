@@ -30,8 +30,9 @@ pub struct PerCpu {
     pub apic_id: u32,
     /// Top of the stack the CPU runs the hypervisor on (the boot stack for CPU 0).
     pub stack_top: u64,
-    /// Top of the stack for double faults (IST 1 of this CPU's TSS).
-    pub fault_stack_top: u64,
+    /// Top of this CPU's IST stacks (`cpu::FAULT_STACKS_BYTES`): double faults (IST 1) from
+    /// here, NMIs (IST 2) from half-way down.
+    pub fault_stacks_top: u64,
     /// This CPU's TSS: its IST stacks, and the TR a VMCS's host state names.
     pub(super) tss: Once<TaskStateSegment>,
     /// This CPU's GDT and selectors (the TSS descriptor's busy bit is per CPU).
@@ -46,13 +47,13 @@ pub struct PerCpu {
 
 impl PerCpu {
     /// The state of CPU `index`, before it runs.
-    pub fn new(index: usize, apic_id: u32, stack_top: u64, fault_stack_top: u64) -> Self {
+    pub fn new(index: usize, apic_id: u32, stack_top: u64, fault_stacks_top: u64) -> Self {
         PerCpu {
             self_address: AtomicU64::new(0),
             index,
             apic_id,
             stack_top,
-            fault_stack_top,
+            fault_stacks_top,
             tss: Once::new(),
             tables: Once::new(),
             timer_fired: AtomicBool::new(false),

@@ -308,13 +308,13 @@ fn start_one(
     tsc_hz: u64,
 ) -> Result<(), String> {
     let stack = memory::allocate_zeroed(AP_STACK_BYTES, 4096).ok_or("no memory for its stack")?;
-    let fault_stack = memory::allocate_zeroed(cpu::FAULT_STACK_BYTES as u64, 4096)
-        .ok_or("no memory for its fault stack")?;
+    let fault_stacks = memory::allocate_zeroed(cpu::FAULT_STACKS_BYTES as u64, 4096)
+        .ok_or("no memory for its fault stacks")?;
     let state: &'static PerCpu = Box::leak(Box::new(PerCpu::new(
         index,
         apic_id.into(),
         stack + AP_STACK_BYTES,
-        fault_stack + cpu::FAULT_STACK_BYTES as u64,
+        fault_stacks + cpu::FAULT_STACKS_BYTES as u64,
     )));
     let data = TrampolineData {
         cr3: x86_64::registers::control::Cr3::read_raw()

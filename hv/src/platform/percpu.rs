@@ -43,6 +43,9 @@ pub struct PerCpu {
     pub(super) xstate_owner: AtomicU64,
     /// An AP's own set-up is done (`smp::ap_ready`).
     pub(super) ready: AtomicBool,
+    /// Work posted to this CPU by `smp::run_on`: a `fn(usize)` as an address, 0 when none.
+    /// The CPU clears it once the function returned.
+    pub(super) mailbox: AtomicUsize,
 }
 
 impl PerCpu {
@@ -59,6 +62,7 @@ impl PerCpu {
             timer_fired: AtomicBool::new(false),
             xstate_owner: AtomicU64::new(0),
             ready: AtomicBool::new(false),
+            mailbox: AtomicUsize::new(0),
         }
     }
 }

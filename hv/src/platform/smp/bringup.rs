@@ -188,19 +188,6 @@ fn delay_us(microseconds: u64, tsc_hz: u64) {
     }
 }
 
-/// Waits up to `microseconds` for the AP being started to reach `ap_entry`.
-fn wait_alive(microseconds: u64, tsc_hz: u64) -> bool {
-    let start = tsc();
-    let ticks = microseconds.saturating_mul(tsc_hz) / 1_000_000;
-    while tsc().wrapping_sub(start) < ticks {
-        if AP_ALIVE.load(Ordering::Acquire) {
-            return true;
-        }
-        core::hint::spin_loop();
-    }
-    AP_ALIVE.load(Ordering::Acquire)
-}
-
 /// The copied trampoline's bytes at [`TRAMPOLINE_PHYS`], and its data block's offset.
 ///
 /// # Safety
@@ -277,18 +264,42 @@ pub fn start_other_cpus(
     // What the APs allocate for themselves (stacks aside) is taken before this returns, so
     // the boot CPU's memory figures that follow are stable.
     let started = percpu::cpu_count() - 1;
-    let deadline = READY_TIMEOUT_US.saturating_mul(tsc_hz) / 1_000_000;
+    if !wait_until(READY_TIMEOUT_US, tsc_hz, || {
+        APS_READY.load(Ordering::Acquire) >= started
+    }) {
+        log::warn!(
+            "only {} of {started} other CPUs got ready",
+            APS_READY.load(Ordering::Acquire)
+        );
+        return;
+    }
+    // Each parked AP must wake for posted work: the kick IPI, the mailbox and the way back
+    // to its halt loop, as a scheduler will use them.
+    for index in 1..percpu::cpu_count() {
+        let answered = run_on(index, |_| {}).is_ok()
+            && wait_until(READY_TIMEOUT_US, tsc_hz, || work_done(index));
+        if !answered {
+            log::warn!("cpu {index} did not run work posted to it");
+        }
+    }
+}
+
+/// Whether the AP being started reached `ap_entry`.
+fn ap_alive() -> bool {
+    AP_ALIVE.load(Ordering::Acquire)
+}
+
+/// Spins until `done` holds or `microseconds` passed; returns `done()`.
+fn wait_until(microseconds: u64, tsc_hz: u64, done: impl Fn() -> bool) -> bool {
+    let deadline = microseconds.saturating_mul(tsc_hz) / 1_000_000;
     let start = tsc();
-    while APS_READY.load(Ordering::Acquire) < started {
+    while !done() {
         if tsc().wrapping_sub(start) > deadline {
-            log::warn!(
-                "only {} of {started} other CPUs got ready",
-                APS_READY.load(Ordering::Acquire)
-            );
-            break;
+            return done();
         }
         core::hint::spin_loop();
     }
+    true
 }
 
 /// Tells the boot CPU that this AP's own set-up (what `first` of [`start_other_cpus`] does
@@ -332,9 +343,9 @@ fn start_one(
     delay_us(INIT_DELAY_US, tsc_hz);
     // A second STARTUP IPI only if the first was lost (SDM 9.4.4.1 sends two).
     apic::send_startup(apic_id, page);
-    if !wait_alive(STARTUP_DELAY_US, tsc_hz) {
+    if !wait_until(STARTUP_DELAY_US, tsc_hz, ap_alive) {
         apic::send_startup(apic_id, page);
-        if !wait_alive(ALIVE_TIMEOUT_US, tsc_hz) {
+        if !wait_until(ALIVE_TIMEOUT_US, tsc_hz, ap_alive) {
             // Back to waiting for a STARTUP IPI: it must not run into a reused trampoline.
             apic::send_init(apic_id);
             return Err(String::from("no answer to INIT-SIPI-SIPI"));
@@ -366,13 +377,22 @@ extern "C" fn ap_entry(state: &'static PerCpu) -> ! {
     }
 }
 
-/// Parks this AP: halts with interrupts on until [`run_on_other_cpus`] publishes a function,
-/// then runs it with this CPU's index.
+/// Parks this AP: halts with interrupts on; runs what [`run_on`] posts to it (then parks
+/// again), and once [`run_on_other_cpus`] published a function, that one.
 pub fn park() -> ! {
     ap_ready();
+    let cpu = percpu::this_cpu();
     loop {
+        let posted = cpu.mailbox.load(Ordering::Acquire);
+        if posted != 0 {
+            // SAFETY: `run_on` stores only addresses of `fn(usize)`.
+            let work = unsafe { core::mem::transmute::<usize, fn(usize)>(posted) };
+            work(cpu.index);
+            cpu.mailbox.store(0, Ordering::Release);
+            continue;
+        }
         if let Some(main) = AP_MAIN.get() {
-            main(percpu::this_cpu().index);
+            main(cpu.index);
         }
         // SAFETY: STI's shadow makes `sti; hlt` wait without missing a wake-up; the IDT
         // handles every vector this CPU can receive.
@@ -387,6 +407,34 @@ pub fn run_on_other_cpus(main: fn(usize) -> !) {
     if percpu::cpu_count() > 1 {
         apic::send_ipi_all_but_self(KICK_VECTOR);
     }
+}
+
+/// Why [`run_on`] posted nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOnError {
+    /// No such CPU is online, or it is the calling CPU.
+    NoSuchCpu,
+    /// Its previous work has not returned yet.
+    Busy,
+}
+
+/// Posts `work` to parked CPU `cpu_index` and kicks it: it runs `work(cpu_index)` there, then
+/// parks again ([`work_done`] tells when). A `work` that never returns makes that CPU its own.
+pub fn run_on(cpu_index: usize, work: fn(usize)) -> Result<(), RunOnError> {
+    let target = percpu::cpu(cpu_index)
+        .filter(|cpu| cpu.index != percpu::this_cpu().index)
+        .ok_or(RunOnError::NoSuchCpu)?;
+    target
+        .mailbox
+        .compare_exchange(0, work as usize, Ordering::AcqRel, Ordering::Acquire)
+        .map_err(|_| RunOnError::Busy)?;
+    kick(cpu_index);
+    Ok(())
+}
+
+/// Whether CPU `cpu_index` has no posted work pending or running (true for no such CPU).
+pub fn work_done(cpu_index: usize) -> bool {
+    percpu::cpu(cpu_index).is_none_or(|cpu| cpu.mailbox.load(Ordering::Acquire) == 0)
 }
 
 /// Sends `vector` to CPU `cpu_index`; false when no such CPU is online.

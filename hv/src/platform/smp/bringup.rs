@@ -188,19 +188,24 @@ fn delay_us(microseconds: u64, tsc_hz: u64) {
     }
 }
 
-/// The copied trampoline's bytes at [`TRAMPOLINE_PHYS`], and its data block's offset.
+/// Copies the trampoline to [`TRAMPOLINE_PHYS`]: its bytes there and its data block's
+/// offset, or None when it would not fit the page.
 ///
 /// # Safety
 /// The trampoline page is free RAM, identity-mapped, and no AP is reading it.
-unsafe fn copy_trampoline() -> (&'static mut [u8], usize) {
+unsafe fn copy_trampoline() -> Option<(&'static mut [u8], usize)> {
     let start = &raw const ap_trampoline_start as usize;
     let len = &raw const ap_trampoline_end as usize - start;
     let data_offset = &raw const ap_trampoline_data as usize - start;
-    // SAFETY: per the contract for the destination; the source is the image's own bytes.
+    if len > TRAMPOLINE_MAX_BYTES {
+        return None;
+    }
+    // SAFETY: per the contract for the destination, which is one page; the source is the
+    // image's own bytes.
     unsafe {
         let page = core::slice::from_raw_parts_mut(TRAMPOLINE_PHYS as *mut u8, len);
         page.copy_from_slice(core::slice::from_raw_parts(start as *const u8, len));
-        (page, data_offset)
+        Some((page, data_offset))
     }
 }
 
@@ -249,11 +254,10 @@ pub fn start_other_cpus(
     }
     // SAFETY: the page is free RAM (checked above), below 1 MiB so outside the allocator, and
     // no AP runs yet.
-    let (trampoline, data_offset) = unsafe { copy_trampoline() };
-    if trampoline.len() > TRAMPOLINE_MAX_BYTES {
+    let Some((trampoline, data_offset)) = (unsafe { copy_trampoline() }) else {
         log::warn!("the AP trampoline is larger than a page: running on the boot CPU only");
         return;
-    }
+    };
     AP_FIRST.call_once(|| first);
     for apic_id in apic_ids {
         let index = percpu::cpu_count();

@@ -17,6 +17,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::arch::global_asm;
+use core::mem::{offset_of, size_of};
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use spin::Once;
@@ -103,12 +104,16 @@ ap_gdt_pointer:
     .balign 8
     .global ap_trampoline_data
 ap_trampoline_data:
+    .global ap_data_cr3
 ap_data_cr3:
     .quad 0
+    .global ap_data_stack_top
 ap_data_stack_top:
     .quad 0
+    .global ap_data_percpu
 ap_data_percpu:
     .quad 0
+    .global ap_data_entry
 ap_data_entry:
     .quad 0
     .global ap_trampoline_end
@@ -121,7 +126,35 @@ ap_trampoline_end:
 unsafe extern "C" {
     static ap_trampoline_start: u8;
     static ap_trampoline_data: u8;
+    static ap_data_cr3: u8;
+    static ap_data_stack_top: u8;
+    static ap_data_percpu: u8;
+    static ap_data_entry: u8;
     static ap_trampoline_end: u8;
+}
+
+/// Whether the assembly's data block has [`TrampolineData`]'s layout (the linker places the
+/// labels, so this is checked once at run time; `black_box` keeps the compiler from deciding
+/// that two distinct symbols never share an address).
+fn data_block_matches() -> bool {
+    let address = |symbol: *const u8| core::hint::black_box(symbol as usize);
+    let data = address(&raw const ap_trampoline_data);
+    let fields = [
+        (&raw const ap_data_cr3, offset_of!(TrampolineData, cr3)),
+        (
+            &raw const ap_data_stack_top,
+            offset_of!(TrampolineData, stack_top),
+        ),
+        (
+            &raw const ap_data_percpu,
+            offset_of!(TrampolineData, percpu),
+        ),
+        (&raw const ap_data_entry, offset_of!(TrampolineData, entry)),
+    ];
+    fields
+        .iter()
+        .all(|&(label, offset)| address(label) == data + offset)
+        && address(&raw const ap_trampoline_end) == data + size_of::<TrampolineData>()
 }
 
 /// ACPI tables are in RAM below 4 GiB, which the boot page tables identity-map.
@@ -189,7 +222,7 @@ fn delay_us(microseconds: u64, tsc_hz: u64) {
 }
 
 /// Copies the trampoline to [`TRAMPOLINE_PHYS`]: its bytes there and its data block's
-/// offset, or None when it would not fit the page.
+/// offset, or None when it would not fit the page or its data block does not match.
 ///
 /// # Safety
 /// The trampoline page is free RAM, identity-mapped, and no AP is reading it.
@@ -197,7 +230,7 @@ unsafe fn copy_trampoline() -> Option<(&'static mut [u8], usize)> {
     let start = &raw const ap_trampoline_start as usize;
     let len = &raw const ap_trampoline_end as usize - start;
     let data_offset = &raw const ap_trampoline_data as usize - start;
-    if len > TRAMPOLINE_MAX_BYTES {
+    if len > TRAMPOLINE_MAX_BYTES || !data_block_matches() {
         return None;
     }
     // SAFETY: per the contract for the destination, which is one page; the source is the
@@ -255,7 +288,7 @@ pub fn start_other_cpus(
     // SAFETY: the page is free RAM (checked above), below 1 MiB so outside the allocator, and
     // no AP runs yet.
     let Some((trampoline, data_offset)) = (unsafe { copy_trampoline() }) else {
-        log::warn!("the AP trampoline is larger than a page: running on the boot CPU only");
+        log::warn!("the AP trampoline does not fit a page or match TrampolineData: boot CPU only");
         return;
     };
     AP_FIRST.call_once(|| first);

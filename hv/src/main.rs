@@ -46,7 +46,7 @@ mod start {
     use crate::hw::{self, EntryState, Vendor, Virtualization};
     use crate::platform::host::MachineHost;
     use crate::platform::multiboot::{self, BootInfo, Module};
-    use crate::platform::{apic, clock, cpu, exit, memory, serial, spec_ctrl, xstate};
+    use crate::platform::{apic, clock, cpu, exit, memory, serial, smp, spec_ctrl, xstate};
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
@@ -100,9 +100,13 @@ mod start {
             time.wall_sec
         );
         let host = MachineHost::new(time, rates.apic_timer_hz);
+        let machine = Machine {
+            boot_info: (info_address, info_address + bytes.len() as u64),
+            tsc_hz: rates.tsc_hz,
+        };
         match hw::detect_vendor() {
-            Some(Vendor::Intel) => run::<hw::vmx::Vmx>(&info, time, host),
-            Some(Vendor::Amd) => run::<hw::svm::Svm>(&info, time, host),
+            Some(Vendor::Intel) => run::<hw::vmx::Vmx>(&info, time, host, machine),
+            Some(Vendor::Amd) => run::<hw::svm::Svm>(&info, time, host, machine),
             None => fail(format_args!("no Intel VT-x or AMD-V on this CPU")),
         }
     }
@@ -149,13 +153,43 @@ mod start {
         why: String,
     }
 
-    fn run<B: Virtualization>(info: &BootInfo<'_>, time: TimeBase, mut host: MachineHost) -> ! {
+    /// What starting the other CPUs needs to know of the boot.
+    struct Machine {
+        /// `[start, end)` of the Multiboot2 information, which must stay intact.
+        boot_info: (u64, u64),
+        tsc_hz: u64,
+    }
+
+    /// The first thing each other CPU runs once set up: its own virtualization extension, then
+    /// waiting for work (`smp::park`).
+    fn ap_main<B: Virtualization>(index: usize) -> ! {
+        match B::enable() {
+            Ok(hw) => {
+                hv_println!("lamina: cpu {index}: {} on", smp::short_name(B::NAME));
+                // Kept for the CPU's lifetime: `park` never returns.
+                let _hw = hw;
+                smp::park()
+            }
+            Err(error) => {
+                hv_println!("lamina: cpu {index}: cannot enable {}: {error}", B::NAME);
+                smp::park()
+            }
+        }
+    }
+
+    fn run<B: Virtualization>(
+        info: &BootInfo<'_>,
+        time: TimeBase,
+        mut host: MachineHost,
+        machine: Machine,
+    ) -> ! {
         let mut hw = match B::enable() {
             Ok(hw) => hw,
             Err(error) => fail(format_args!("cannot enable {}: {error}", B::NAME)),
         };
         log::info!("virtualization: {}", B::NAME);
         set_up_speculation_defences(info.cmdline);
+        smp::start_other_cpus(info, machine.boot_info, machine.tsc_hz, ap_main::<B>);
         // What the domains are measured against: everything they take must come back.
         let free_before_domains = memory::figures().1;
         let mut slots: Vec<Slot<B::Vcpu>> = Vec::new();

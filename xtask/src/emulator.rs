@@ -190,6 +190,8 @@ pub struct RunExtras {
     /// Typed once the hypervisor has started domain 1 (earlier, GRUB's serial terminal or the
     /// hypervisor's UART set-up could take or drop it).
     pub input: Option<ConsoleInput>,
+    /// The machine's CPUs (QEMU `-smp`, Bochs `cpu: count=`); None: one.
+    pub cpus: Option<u16>,
 }
 
 /// One boot of the hypervisor built from hv/ with `modules`: the ISO is built in `dir`.
@@ -255,9 +257,10 @@ pub fn run_with(request: &RunRequest<'_>, extras: &RunExtras) -> Result<RunRecor
         ),
         None => SerialPort::File,
     };
+    let cpus = extras.cpus.unwrap_or(1);
     let mut command = match request.vendor {
-        Vendor::Amd => qemu::command(request.icount, serial, extras.gdb_port),
-        Vendor::Intel => bochs::command(dir, serial)?,
+        Vendor::Amd => qemu::command(request.icount, serial, extras.gdb_port, cpus),
+        Vendor::Intel => bochs::command(dir, serial, cpus)?,
     };
     let output_path = dir.emulator_output();
     let output =

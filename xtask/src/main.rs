@@ -191,6 +191,9 @@ struct RunArgs {
     /// JSON to target/lamina/run/<vendor>/trace.json (open it in https://ui.perfetto.dev).
     #[arg(long)]
     trace: bool,
+    /// CPUs of the emulated machine (QEMU `-smp`, Bochs `cpu: count=`) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    smp: Option<u16>,
 }
 
 /// `--vendor` for suites, which may cover both.
@@ -220,6 +223,10 @@ struct SuiteArgs {
     /// Stream every run's serial console, lines prefixed with the run's name.
     #[arg(long, short)]
     verbose: bool,
+    /// CPUs of the emulated machines (QEMU `-smp`, Bochs `cpu: count=`) [default: 1; the
+    /// smp-boot scenario always has 2].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    smp: Option<u16>,
 }
 
 impl VendorChoice {
@@ -240,6 +247,7 @@ impl SuiteArgs {
             timeout: self.timeout.map(Duration::from_secs),
             jobs: usize::from(self.jobs),
             verbose: self.verbose,
+            smp: self.smp,
         }
     }
 }
@@ -455,7 +463,11 @@ fn run(args: RunArgs) -> Result<bool> {
             streaming: &Streaming::Plain,
             icount: args.icount,
         },
-        &RunExtras { gdb_port, input },
+        &RunExtras {
+            gdb_port,
+            input,
+            cpus: args.smp,
+        },
     )?;
     let seconds = record.elapsed.as_secs_f64();
     let result_at = record.time_to_result.map_or(0.0, |at| at.as_secs_f64());

@@ -14,7 +14,8 @@ use crate::emulator::{RunDir, SerialPort};
 /// - `isa-debug-exit` at 0xf4: the hypervisor ends QEMU by writing its result there.
 /// - `-no-reboot`: a triple fault of the hypervisor ends the run instead of rebooting into it.
 /// - `-gdb tcp:127.0.0.1:<port> -S`: the gdb stub, with the CPU stopped until gdb continues.
-pub fn command(icount: bool, serial: SerialPort, gdb_port: Option<u16>) -> Command {
+/// - `-smp <cpus>`: TCG runs the CPUs one after the other (no speed-up, but real SMP).
+pub fn command(icount: bool, serial: SerialPort, gdb_port: Option<u16>, cpus: u16) -> Command {
     let mut command = Command::new("qemu-system-x86_64");
     command.args([
         "-cpu",
@@ -22,7 +23,7 @@ pub fn command(icount: bool, serial: SerialPort, gdb_port: Option<u16>) -> Comma
         "-m",
         "512M",
         "-smp",
-        "1",
+        &cpus.to_string(),
     ]);
     command.args(["-cdrom", RunDir::ISO, "-boot", "d"]);
     command.args(["-net", "none", "-display", "none", "-monitor", "none"]);

@@ -9,6 +9,7 @@ pub mod driven;
 mod gdb;
 mod input;
 pub mod out_of_tree;
+mod smp;
 mod trace;
 
 use std::fs;

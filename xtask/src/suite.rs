@@ -35,6 +35,8 @@ pub struct SuiteOptions {
     pub jobs: usize,
     /// Stream every run's serial output, each line prefixed with the run's name.
     pub verbose: bool,
+    /// The emulated machines' CPUs (`--smp`; scenarios that set their own keep it); None: one.
+    pub smp: Option<u16>,
 }
 
 /// One emulator run to do.
@@ -351,6 +353,7 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
             dir: &dir,
             timeout: options.timeout.unwrap_or_else(|| vendor.default_timeout()),
             streaming: &streaming(name, vendor, options),
+            cpus: options.smp,
         });
         return JobOutcome::of_run(name, vendor, judgement, record);
     }
@@ -536,7 +539,10 @@ fn boot(
         timeout,
         streaming: &streaming(name, vendor, options),
         icount: true,
-        extras: RunExtras::default(),
+        extras: RunExtras {
+            cpus: options.smp,
+            ..RunExtras::default()
+        },
     })
 }
 

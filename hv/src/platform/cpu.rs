@@ -1,9 +1,11 @@
 //! The hypervisor's own descriptor tables and exception handling.
 //!
-//! Owns the GDT (code, data, TSS), the TSS with a separate stack for double faults, and the IDT
-//! whose 32 exception vectors print a diagnostic (vector, error code, RIP, CPU, registers) and
-//! end the machine with a failure status: a fault in the hypervisor is never a silent hang.
+//! Each CPU has its own GDT (code, data, TSS) and TSS with separate stacks for double faults
+//! and NMIs, kept in its [`PerCpu`]; all share one IDT, whose 32 exception vectors print a
+//! diagnostic (vector, error code, RIP, CPU, registers) and end the machine with a failure
+//! status: a fault in the hypervisor is never a silent hang.
 
+use super::percpu::{self, PerCpu};
 use core::arch::global_asm;
 use spin::Once;
 use x86_64::VirtAddr;
@@ -15,21 +17,31 @@ use x86_64::structures::tss::TaskStateSegment;
 
 /// IST slot (1-based in the IDT entry) used for double faults.
 const DOUBLE_FAULT_IST: u16 = 1;
-const FAULT_STACK_BYTES: usize = 16 * 1024;
+/// IST slot for NMIs: an NMI can arrive anywhere in the hypervisor, on any stack.
+const NMI_IST: u16 = 2;
+/// Bytes of each IST stack.
+const IST_STACK_BYTES: usize = 16 * 1024;
+/// Bytes of a CPU's IST stacks: the double-fault stack on top, the NMI stack below it.
+pub const FAULT_STACKS_BYTES: usize = 2 * IST_STACK_BYTES;
 
 #[repr(C, align(16))]
-struct FaultStack([u8; FAULT_STACK_BYTES]);
-static mut DOUBLE_FAULT_STACK: FaultStack = FaultStack([0; FAULT_STACK_BYTES]);
+struct FaultStacks([u8; FAULT_STACKS_BYTES]);
+/// The boot CPU's IST stacks (the other CPUs' are allocated when they start).
+static mut BOOT_FAULT_STACKS: FaultStacks = FaultStacks([0; FAULT_STACKS_BYTES]);
 
-struct Tables {
+// The TSS the CPU reads (Intel SDM Vol. 3A 9.7, "64-Bit Mode TSS"): 104 bytes, IST at 0x24.
+const _: () = assert!(core::mem::size_of::<TaskStateSegment>() == 104);
+const _: () = assert!(core::mem::offset_of!(TaskStateSegment, interrupt_stack_table) == 0x24);
+
+/// A CPU's GDT and the selectors in it (the same on every CPU).
+pub struct Tables {
     gdt: GlobalDescriptorTable,
     code: SegmentSelector,
     data: SegmentSelector,
     tss: SegmentSelector,
 }
 
-static TSS: Once<TaskStateSegment> = Once::new();
-static TABLES: Once<Tables> = Once::new();
+static BOOT_CPU: Once<PerCpu> = Once::new();
 static IDT: Once<[IdtEntry; 256]> = Once::new();
 
 /// NMIs the hypervisor took (docs/abi.md 18.6): with NMI exiting, an NMI that arrives while a
@@ -75,17 +87,40 @@ unsafe extern "C" {
     fn spurious_interrupt_stub();
     /// Entry of NMIs: counts them.
     fn nmi_stub();
+    /// Entry of the kick IPI: only EOI.
+    fn kick_interrupt_stub();
+    /// Entry of the stop IPI: halts this CPU for good.
+    fn stop_interrupt_stub();
+    static boot_stack_top: u8;
 }
 
-/// Loads the GDT, TSS and IDT on the bootstrap CPU.
+/// Sets up the bootstrap CPU: its per-CPU state (CPU 0), GDT, TSS and the IDT. First thing at
+/// boot: nothing may use [`percpu::this_cpu`] before.
 pub fn init() {
-    let tss = TSS.call_once(|| {
+    let initial_apic_id = core::arch::x86_64::__cpuid(1).ebx >> 24;
+    let boot = BOOT_CPU.call_once(|| {
+        PerCpu::new(
+            0,
+            initial_apic_id,
+            &raw const boot_stack_top as u64,
+            &raw const BOOT_FAULT_STACKS as u64 + FAULT_STACKS_BYTES as u64,
+        )
+    });
+    // SAFETY: first code on the boot CPU to touch GS; index 0 is the boot CPU's.
+    unsafe { percpu::install(boot) };
+    load_tables(boot);
+}
+
+/// Loads `cpu`'s GDT and TSS (building them on first use) and the shared IDT on this CPU.
+pub fn load_tables(cpu: &'static PerCpu) {
+    let tss = cpu.tss.call_once(|| {
         let mut tss = TaskStateSegment::new();
-        let stack = VirtAddr::from_ptr(&raw const DOUBLE_FAULT_STACK) + FAULT_STACK_BYTES as u64;
-        tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] = stack;
+        let top = VirtAddr::new(cpu.fault_stacks_top);
+        tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] = top;
+        tss.interrupt_stack_table[usize::from(NMI_IST - 1)] = top - IST_STACK_BYTES as u64;
         tss
     });
-    let tables = TABLES.call_once(|| {
+    let tables = cpu.tables.call_once(|| {
         let mut gdt = GlobalDescriptorTable::new();
         let code = gdt.append(Descriptor::kernel_code_segment());
         let data = gdt.append(Descriptor::kernel_data_segment());
@@ -98,7 +133,8 @@ pub fn init() {
         }
     });
     tables.gdt.load();
-    // SAFETY: the selectors index the GDT just loaded, which lives for the rest of the run.
+    // SAFETY: the selectors index the GDT just loaded, which lives for the rest of the run;
+    // the TSS descriptor is this CPU's own, so not busy yet.
     unsafe {
         CS::set_reg(tables.code);
         DS::set_reg(tables.data);
@@ -114,7 +150,7 @@ pub fn init() {
             let ist = if vector == 8 { DOUBLE_FAULT_IST } else { 0 };
             idt[vector] = IdtEntry::interrupt_gate(*stub, tables.code.0, ist);
         }
-        idt[2] = IdtEntry::interrupt_gate(nmi_stub as *const () as u64, tables.code.0, 0);
+        idt[2] = IdtEntry::interrupt_gate(nmi_stub as *const () as u64, tables.code.0, NMI_IST);
         let timer = usize::from(super::apic::TIMER_VECTOR);
         idt[timer] =
             IdtEntry::interrupt_gate(timer_interrupt_stub as *const () as u64, tables.code.0, 0);
@@ -124,6 +160,12 @@ pub fn init() {
             tables.code.0,
             0,
         );
+        let kick = usize::from(super::apic::KICK_VECTOR);
+        idt[kick] =
+            IdtEntry::interrupt_gate(kick_interrupt_stub as *const () as u64, tables.code.0, 0);
+        let stop = usize::from(super::apic::STOP_VECTOR);
+        idt[stop] =
+            IdtEntry::interrupt_gate(stop_interrupt_stub as *const () as u64, tables.code.0, 0);
         idt
     });
     let pointer = DescriptorTablePointer {
@@ -134,10 +176,12 @@ pub fn init() {
     unsafe { lidt(&pointer) };
 }
 
-/// The hypervisor's task register: selector and TSS base (for the VMCS host state).
+/// This CPU's task register: selector and TSS base (for the VMCS host state).
 pub fn task_register() -> (u16, u64) {
-    let selector = TABLES.get().map_or(0, |t| t.tss.0);
-    let base = TSS
+    let cpu = percpu::this_cpu();
+    let selector = cpu.tables.get().map_or(0, |t| t.tss.0);
+    let base = cpu
+        .tss
         .get()
         .map_or(0, |tss| tss as *const TaskStateSegment as u64);
     (selector, base)
@@ -178,11 +222,13 @@ extern "C" fn hv_exception(frame: &ExceptionFrame) -> ! {
     // SAFETY: nothing else runs after this point; the machine is about to stop.
     unsafe { super::serial::SERIAL.force_unlock() };
     let cr2 = x86_64::registers::control::Cr2::read_raw();
+    let cpu = percpu::try_index().map_or(-1, |index| index as i64);
     crate::hv_println!(
-        "lamina: PANIC exception vector {} error code {:#x} at RIP {:#x} on cpu0 (cr2 {:#x}, rsp {:#x})",
+        "lamina: PANIC exception vector {} error code {:#x} at RIP {:#x} on cpu{} (cr2 {:#x}, rsp {:#x})",
         frame.vector,
         frame.error_code,
         frame.rip,
+        cpu,
         cr2,
         frame.rsp
     );
@@ -295,6 +341,23 @@ nmi_stub:
 spurious_interrupt_stub:
     iretq
 
+    /* The kick's only effect is the interrupt itself (a guest that was running exited). */
+    .balign 16
+    .global kick_interrupt_stub
+kick_interrupt_stub:
+    push rax
+    mov eax, {apic_eoi}
+    mov dword ptr [rax], 0
+    pop rax
+    iretq
+
+    .balign 16
+    .global stop_interrupt_stub
+stop_interrupt_stub:
+    cli
+    hlt
+    jmp stop_interrupt_stub
+
     .section .rodata
     .balign 8
     .global exception_stub_table
@@ -302,5 +365,6 @@ exception_stub_table:
     .irp vector, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad exception_stub_\vector
     .endr
-"#
+"#,
+    apic_eoi = const super::apic::EOI_ADDRESS,
 );

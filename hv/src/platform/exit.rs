@@ -7,6 +7,8 @@ use x86_64::instructions::port::Port;
 
 /// Ends the machine; `success` picks the QEMU status (1 for success, 3 for failure).
 pub fn end_machine(success: bool) -> ! {
+    // The other CPUs stop where they are (halted, interrupts off), on hardware too.
+    super::smp::stop_other_cpus();
     // Emulators stop at once: let the last line reach the log first.
     // SAFETY: nothing else runs any more; the lock may be held by an interrupted printer.
     unsafe { super::serial::SERIAL.force_unlock() };

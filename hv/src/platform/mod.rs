@@ -16,9 +16,12 @@ pub mod host;
 #[cfg(target_os = "none")]
 pub mod memory;
 pub mod multiboot;
+#[cfg(target_os = "none")]
+pub mod percpu;
 pub mod phys_alloc;
 #[cfg(target_os = "none")]
 pub mod serial;
+pub mod smp;
 pub mod spec_ctrl;
 #[cfg(target_os = "none")]
 pub mod xstate;

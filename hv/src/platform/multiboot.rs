@@ -1,7 +1,8 @@
 //! Reading the Multiboot2 boot information GRUB leaves in memory.
 //!
-//! Only the three tags the hypervisor needs are decoded: the command line (type 1), boot
-//! modules (type 3) and the memory map (type 6) (Multiboot2 specification 3.6). The parser
+//! Only the tags the hypervisor needs are decoded: the command line (type 1), boot modules
+//! (type 3), the memory map (type 6) and the copies of the ACPI RSDP (types 14 and 15)
+//! (Multiboot2 specification 3.6). The parser
 //! works on a byte slice with every offset bounds-checked, so it is unit-tested on the host.
 
 /// The magic value GRUB passes in EAX.
@@ -11,7 +12,11 @@ const TAG_END: u32 = 0;
 const TAG_CMDLINE: u32 = 1;
 const TAG_MODULE: u32 = 3;
 const TAG_MEMORY_MAP: u32 = 6;
+const TAG_ACPI_OLD_RSDP: u32 = 14;
+const TAG_ACPI_NEW_RSDP: u32 = 15;
 const MEMORY_AVAILABLE: u32 = 1;
+/// An ACPI 1.0 RSDP is 20 bytes (ACPI 6.5 5.2.5.3).
+const RSDP_V1_BYTES: usize = 20;
 
 /// A boot module: a physical byte range and its command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +47,9 @@ pub struct BootInfo<'a> {
     pub modules: heapless_vec::Vec<Module<'a>, 256>,
     /// Available RAM.
     pub ram: heapless_vec::Vec<RamRange, 64>,
+    /// GRUB's copy of the ACPI RSDP, the ACPI 2.0+ one (tag 15) when there is one, else the
+    /// 1.0 one (tag 14). Its address is where the ACPI tables parser starts.
+    pub acpi_rsdp: Option<&'a [u8]>,
 }
 
 /// What is wrong with the boot information.
@@ -116,6 +124,10 @@ pub fn parse(bytes: &[u8]) -> Result<BootInfo<'_>, ParseError> {
                     }
                     entry += entry_size;
                 }
+            }
+            TAG_ACPI_NEW_RSDP if body.len() >= RSDP_V1_BYTES => info.acpi_rsdp = Some(body),
+            TAG_ACPI_OLD_RSDP if body.len() >= RSDP_V1_BYTES && info.acpi_rsdp.is_none() => {
+                info.acpi_rsdp = Some(body);
             }
             _ => {}
         }
@@ -228,6 +240,36 @@ mod tests {
             }]
         );
         assert_eq!(info.ram.len(), 2, "reserved ranges are left out");
+        assert_eq!(info.acpi_rsdp, None);
+    }
+
+    fn with_rsdp_tags(tags: &[(u32, &[u8])]) -> std::vec::Vec<u8> {
+        let mut out = vec![0u8; 8];
+        for (kind, body) in tags {
+            tag(&mut out, *kind, body);
+        }
+        tag(&mut out, TAG_END, &[]);
+        let total = out.len() as u32;
+        out[..4].copy_from_slice(&total.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn the_acpi_2_rsdp_is_preferred_whatever_the_order() {
+        let old = [1u8; 20];
+        let new = [2u8; 36];
+        for tags in [
+            [(TAG_ACPI_OLD_RSDP, &old[..]), (TAG_ACPI_NEW_RSDP, &new[..])],
+            [(TAG_ACPI_NEW_RSDP, &new[..]), (TAG_ACPI_OLD_RSDP, &old[..])],
+        ] {
+            let bytes = with_rsdp_tags(&tags);
+            assert_eq!(parse(&bytes).unwrap().acpi_rsdp, Some(&new[..]));
+        }
+        let bytes = with_rsdp_tags(&[(TAG_ACPI_OLD_RSDP, &old[..])]);
+        assert_eq!(parse(&bytes).unwrap().acpi_rsdp, Some(&old[..]));
+        // Shorter than any RSDP: ignored.
+        let bytes = with_rsdp_tags(&[(TAG_ACPI_OLD_RSDP, &old[..19])]);
+        assert_eq!(parse(&bytes).unwrap().acpi_rsdp, None);
     }
 
     #[test]

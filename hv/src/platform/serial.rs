@@ -142,7 +142,18 @@ impl log::Log for SerialLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            let _ = writeln!(SERIAL.lock(), "[hv] {:5} {}", record.level(), record.args());
+            // Lines of the other CPUs say which (the boot CPU's stay as they always were).
+            let cpu = super::percpu::try_index().filter(|&index| index != 0);
+            let mut serial = SERIAL.lock();
+            let _ = match cpu {
+                Some(index) => writeln!(
+                    serial,
+                    "[hv] {:5} cpu{index}: {}",
+                    record.level(),
+                    record.args()
+                ),
+                None => writeln!(serial, "[hv] {:5} {}", record.level(), record.args()),
+            };
         }
     }
 

@@ -22,7 +22,7 @@
 //! the value in the register differs. A hypercall or any other exit costs nothing for extended
 //! state.
 //!
-//! One CPU: the owner is a global. With several CPUs it becomes per-CPU data.
+//! The owner is per CPU (`PerCpu::xstate_owner`): each CPU's registers hold their own vCPU's.
 //!
 //! Intel SDM Vol. 1 13 (XSAVE), Vol. 2 (XSAVE, XRSTOR, XSETBV, FXSAVE); AMD APM Vol. 2 11.5.
 
@@ -34,8 +34,10 @@ use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 
-/// The area whose vCPU's state is in the registers (0: none, or its vCPU is gone).
-static OWNER: AtomicU64 = AtomicU64::new(0);
+/// The area whose vCPU's state is in this CPU's registers (0: none, or its vCPU is gone).
+fn owner() -> &'static AtomicU64 {
+    &crate::platform::percpu::this_cpu().xstate_owner
+}
 /// Bytes of an area (all of [`guest_mask`], or FXSAVE's).
 static AREA_BYTES: AtomicU64 = AtomicU64::new(FXSAVE_BYTES as u64);
 
@@ -82,6 +84,26 @@ fn xgetbv() -> u64 {
 /// may enable. Called once at boot, before any vCPU exists.
 pub fn init() {
     let mask = guest_xcr0_mask(host_cpuid);
+    enable_on_this_cpu(mask);
+    let bytes = if mask != 0 {
+        xsave_bytes(mask, host_cpuid)
+    } else {
+        FXSAVE_BYTES
+    };
+    AREA_BYTES.store(bytes.into(), Ordering::Relaxed);
+    set_guest_mask(mask);
+    log::info!(
+        "extended state: {} of {bytes} bytes per vCPU, guest XCR0 up to {mask:#x}",
+        if mask != 0 { "XSAVE" } else { "FXSAVE" }
+    );
+}
+
+/// What [`init`] did to the boot CPU's CR0, CR4 and XCR0, on another CPU (after `init`).
+pub fn init_this_cpu() {
+    enable_on_this_cpu(guest_mask());
+}
+
+fn enable_on_this_cpu(mask: u64) {
     // SAFETY: the hypervisor is soft-float: these bits change only what FXSAVE/XSAVE and guest
     // instructions can do, nothing the hypervisor's own code depends on.
     // `update` keeps the bits the crate does not name as they are.
@@ -100,17 +122,6 @@ pub fn init() {
             xsetbv(mask);
         }
     }
-    let bytes = if mask != 0 {
-        xsave_bytes(mask, host_cpuid)
-    } else {
-        FXSAVE_BYTES
-    };
-    AREA_BYTES.store(bytes.into(), Ordering::Relaxed);
-    set_guest_mask(mask);
-    log::info!(
-        "extended state: {} of {bytes} bytes per vCPU, guest XCR0 up to {mask:#x}",
-        if mask != 0 { "XSAVE" } else { "FXSAVE" }
-    );
 }
 
 /// One vCPU's x87/SSE/AVX registers and XCR0 while it is not on the CPU.
@@ -146,34 +157,34 @@ impl ExtendedState {
     }
 
     fn is_owner(&self) -> bool {
-        OWNER.load(Ordering::Relaxed) == self.area
+        owner().load(Ordering::Relaxed) == self.area
     }
 
     /// Makes this vCPU's extended state the one in the registers: saves the previous owner's
     /// to its area and restores this one's, unless this vCPU is the owner already.
     #[inline]
     pub fn schedule_in(&mut self) {
-        let owner = OWNER.load(Ordering::Relaxed);
-        if owner == self.area {
+        let owner_area = owner().load(Ordering::Relaxed);
+        if owner_area == self.area {
             return;
         }
         let mask = guest_mask();
         let (low, high) = (mask as u32, (mask >> 32) as u32);
-        // SAFETY: `owner` is the live area of the vCPU that ran last (an area's Drop clears
-        // OWNER), this one is ours; both are page-aligned and as large as the components in
-        // `mask` need (or 512 bytes for FXSAVE). XRSTOR reads only what XSAVE wrote or `new`
-        // initialised. XCR0 takes valid values only: `mask` and a validated guest value.
+        // SAFETY: `owner_area` is the live area of the vCPU that ran last on this CPU (an area's
+        // Drop clears it as owner on every CPU), this one is ours; both are page-aligned and as
+        // large as the components in `mask` need (or 512 bytes for FXSAVE). XRSTOR reads only
+        // what XSAVE wrote or `new` initialised. XCR0 takes valid values only: `mask` and a validated guest value.
         unsafe {
             if mask != 0 {
                 let loaded = xgetbv();
-                if owner != 0 {
-                    saved_xcr0(owner).write(loaded);
+                if owner_area != 0 {
+                    saved_xcr0(owner_area).write(loaded);
                 }
                 if loaded != mask {
                     xsetbv(mask);
                 }
-                if owner != 0 {
-                    asm!("xsave64 [{}]", in(reg) owner, in("eax") low, in("edx") high,
+                if owner_area != 0 {
+                    asm!("xsave64 [{}]", in(reg) owner_area, in("eax") low, in("edx") high,
                          options(nostack, preserves_flags));
                 }
                 asm!("xrstor64 [{}]", in(reg) self.area, in("eax") low, in("edx") high,
@@ -183,13 +194,13 @@ impl ExtendedState {
                     xsetbv(xcr0);
                 }
             } else {
-                if owner != 0 {
-                    asm!("fxsave64 [{}]", in(reg) owner, options(nostack, preserves_flags));
+                if owner_area != 0 {
+                    asm!("fxsave64 [{}]", in(reg) owner_area, options(nostack, preserves_flags));
                 }
                 asm!("fxrstor64 [{}]", in(reg) self.area, options(nostack, preserves_flags));
             }
         }
-        OWNER.store(self.area, Ordering::Relaxed);
+        owner().store(self.area, Ordering::Relaxed);
     }
 
     /// The guest's XCR0: in the register while this vCPU owns it (as it does while its exits
@@ -225,7 +236,15 @@ impl Drop for ExtendedState {
     fn drop(&mut self) {
         // Its registers' contents need no saving any more; the next vCPU's XRSTOR overwrites
         // them. The area is scrubbed on release.
-        let _ = OWNER.compare_exchange(self.area, 0, Ordering::Relaxed, Ordering::Relaxed);
+        // It may be the owner on any CPU it ran on.
+        for cpu in crate::platform::percpu::cpus() {
+            let _ = cpu.xstate_owner.compare_exchange(
+                self.area,
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         memory::release(self.area, AREA_BYTES.load(Ordering::Relaxed));
     }
 }

@@ -8,7 +8,7 @@ use crate::emulator::{self, RunDir, RunExtras, RunRecord, Streaming, Vendor};
 use crate::error::Result;
 use crate::report::{Judgement, Status};
 
-use super::{Scenario, boot_modules, gdb, input, judge, trace};
+use super::{Scenario, boot_modules, gdb, input, judge, smp, trace};
 
 /// A scenario with a driver.
 pub struct Driven {
@@ -29,12 +29,15 @@ pub struct Context<'a> {
     pub dir: &'a RunDir,
     pub timeout: Duration,
     pub streaming: &'a Streaming,
+    /// The machine's CPUs when the scenario does not set them (`--smp`); None: one.
+    pub cpus: Option<u16>,
 }
 
 pub const DRIVEN: &[Driven] = &[
     gdb::GDB_BREAKPOINTS,
     input::CONSOLE_INPUT,
     trace::TRACE_PING_PONG,
+    smp::SMP_BOOT,
 ];
 
 /// The driven scenarios whose name contains `filter` (all without a filter).
@@ -53,9 +56,10 @@ impl Driven {
         context: &Context<'_>,
         hv_cmdline: &str,
         icount: bool,
-        extras: RunExtras,
+        mut extras: RunExtras,
     ) -> Result<RunRecord> {
         let modules = boot_modules(&self.scenario, context.dir)?;
+        extras.cpus = extras.cpus.or(context.cpus);
         emulator::boot(&emulator::Boot {
             vendor: context.vendor,
             dir: context.dir,

@@ -1,6 +1,7 @@
 //! AMD-V: SVM with nested paging (NPT) and ASIDs (AMD APM Vol. 2, chapter 15).
 //!
-//! Enabling sets EFER.SVME and the host save area (15.4, 15.30.4); each vCPU gets a VMCB,
+//! Enabling sets EFER.SVME and the host save area (15.4, 15.30.4), on the CPU that calls
+//! `enable`: each CPU calls it once and keeps its own `Svm`. Each vCPU gets a VMCB,
 //! an I/O and an MSR permission map that intercept everything, and its own ASID. Under QEMU
 //! TCG there is no NRIP-save, so the next RIP is computed from the exit kind.
 
@@ -28,6 +29,9 @@ const FEATURE_FLUSH_BY_ASID: u32 = 1 << 6;
 /// SVM enabled on this CPU.
 pub struct Svm {
     /// Page where VMSAVE keeps the host's FS/GS/TR/LDTR and syscall MSRs while a guest runs.
+    /// This CPU's: its GS base is this CPU's `PerCpu` and its TR this CPU's TSS, so a vCPU
+    /// created from this `Svm` (which VMLOADs the page after every exit) must enter on this
+    /// CPU, or be given the page of the CPU it enters on.
     host_state_vmcb: u64,
     /// Permission maps shared by all vCPUs: every port and every MSR is intercepted.
     io_permission_map: u64,

@@ -1,7 +1,10 @@
 //! Intel VT-x: VMX with EPT and VPID (Intel SDM Vol. 3C, chapters 24-29).
 //!
 //! Enabling follows SDM 24.7 ("Enabling and Entering VMX Operation"): IA32_FEATURE_CONTROL,
-//! the CR0/CR4 fixed bits, a VMXON region with the revision identifier. Each vCPU has its own
+//! the CR0/CR4 fixed bits, a VMXON region with the revision identifier, on the CPU that calls
+//! `enable` (each CPU calls it once, with its own VMXON region). A VMCS's host state (TR,
+//! GS base, GDTR) is the CPU's that created it: to run its vCPU on another CPU it must be
+//! VMCLEARed on the old one, loaded on the new one and those fields rewritten (SDM 25.11.1). Each vCPU has its own
 //! VMCS, EPT and VPID. Controls are adjusted against the capability MSRs (SDM Appendix A), so
 //! a required control the CPU cannot provide is reported instead of failing VM entry.
 

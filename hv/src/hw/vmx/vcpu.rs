@@ -266,12 +266,13 @@ impl VmxVcpu {
             // SAFETY: the CPU's current data segment.
             unsafe { write_host(field, data.into()) }?;
         }
-        // SAFETY: null FS and GS with base 0: the hypervisor uses neither.
+        // SAFETY: null FS and GS selectors; FS base 0, which the hypervisor does not use;
+        // GS base this CPU's own per-CPU state (`percpu::this_cpu` reads it after each exit).
         unsafe {
             write_host(vmcs::HOST_FS_SELECTOR, 0)?;
             write_host(vmcs::HOST_GS_SELECTOR, 0)?;
             write_host(vmcs::HOST_FS_BASE, 0)?;
-            write_host(vmcs::HOST_GS_BASE, 0)?;
+            write_host(vmcs::HOST_GS_BASE, crate::platform::percpu::gs_base())?;
         }
         let (tr_selector, tr_base) = crate::platform::cpu::task_register();
         // SAFETY: this CPU's task register and its TSS.

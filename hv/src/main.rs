@@ -40,13 +40,14 @@ mod start {
     use crate::common::config;
     use crate::common::domain::{Domain, DomainState, Ending};
     use crate::common::guest_memory::{GuestMemory, OwnedRam};
-    use crate::common::scheduler::{Slot, run_all};
+    use crate::common::scheduler::{Machine as SharedMachine, Slot, run_all};
     use crate::common::time::TimeBase;
+    use crate::common::vcpu::VirtualCpu;
     use crate::hv_println;
     use crate::hw::{self, EntryState, Vendor, Virtualization};
     use crate::platform::host::MachineHost;
     use crate::platform::multiboot::{self, BootInfo, Module};
-    use crate::platform::{apic, clock, cpu, exit, memory, serial, smp, spec_ctrl, xstate};
+    use crate::platform::{apic, clock, cpu, exit, memory, percpu, serial, smp, spec_ctrl, xstate};
     use alloc::format;
     use alloc::string::String;
     use alloc::vec::Vec;
@@ -223,8 +224,57 @@ mod start {
         }
         crate::common::domain::DOMAIN_COUNT
             .store(slots.len() as u32, core::sync::atomic::Ordering::Relaxed);
-        run_all(&mut slots, &mut host);
-        summarize(&slots, &rejected, free_before_domains)
+        let cpus = percpu::cpu_count();
+        if cpus == 1 {
+            run_all(&mut slots, &mut host);
+            summarize(&slots, &rejected, free_before_domains)
+        }
+        // Several CPUs: every vCPU is written back here so that any CPU can take it up, and
+        // the table lives for the rest of the run, shared with the other CPUs.
+        for vcpu in slots.iter_mut().flat_map(|s| s.vcpus.iter_mut().flatten()) {
+            vcpu.release();
+        }
+        let slots: &'static mut [Slot<B::Vcpu>] = alloc::boxed::Box::leak(slots.into_boxed_slice());
+        let machine: &'static SharedMachine<'static, B::Vcpu> =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(SharedMachine::new(slots)));
+        machine.set_cpus_online(cpus);
+        AP_RUN.call_once(|| ApRun {
+            machine: machine as *const SharedMachine<'static, B::Vcpu> as usize,
+            time,
+            apic_timer_hz: host.apic_timer_hz(),
+        });
+        for cpu in 1..cpus {
+            if smp::run_on(cpu, ap_run::<B>).is_err() {
+                hv_println!("lamina: cpu {cpu} takes no vCPUs (busy)");
+            }
+        }
+        machine.run_cpu(0, &mut host);
+        // Every domain ended: the other CPUs leave their loops too (they were kicked).
+        while !(1..cpus).all(smp::work_done) {
+            core::hint::spin_loop();
+        }
+        machine.inspect(|slots| summarize(slots, &rejected, free_before_domains))
+    }
+
+    /// What an AP needs to run its share of the vCPUs (`ap_run`).
+    struct ApRun {
+        /// The `SharedMachine` of the vendor chosen at boot, as an address (its type is the
+        /// generic parameter of `ap_run`, which the boot CPU picked).
+        machine: usize,
+        time: TimeBase,
+        apic_timer_hz: u64,
+    }
+
+    static AP_RUN: spin::Once<ApRun> = spin::Once::new();
+
+    /// An AP runs the domains' vCPUs with the others until every domain ended.
+    fn ap_run<B: Virtualization>(cpu: usize) {
+        let Some(run) = AP_RUN.get() else { return };
+        // SAFETY: `run` (the boot CPU) stored the address of a leaked
+        // `SharedMachine<'static, B::Vcpu>` for this same `B` before posting `ap_run::<B>`.
+        let machine = unsafe { &*(run.machine as *const SharedMachine<'static, B::Vcpu>) };
+        let mut host = MachineHost::for_other_cpu(run.time, run.apic_timer_hz);
+        machine.run_cpu(cpu, &mut host);
     }
 
     fn build_domain<B: Virtualization>(
@@ -317,6 +367,15 @@ mod start {
         }
         for r in rejected {
             hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);
+        }
+        if percpu::cpu_count() > 1 {
+            for cpu in 0..percpu::cpu_count() {
+                let (slices, busy_ns) = crate::common::scheduler::cpu_figures(cpu);
+                hv_println!(
+                    "lamina: cpu {cpu}: {slices} slices, {} ms running vCPUs",
+                    busy_ns / 1_000_000
+                );
+            }
         }
         hv_println!(
             "lamina: nmi: {} host NMIs taken by the hypervisor, none given to a guest",

@@ -23,6 +23,7 @@ fn host_check_only(_: &core::panic::PanicInfo<'_>) -> ! {
 }
 
 mod kernel;
+mod secondary;
 mod tasks;
 
 use core::fmt::Display;
@@ -94,6 +95,14 @@ fn kernel_main(start: &'static StartInfo) -> ! {
         report.late_ticks
     );
     check_results(&report);
+    if start.nr_vcpus > 1 {
+        match secondary::run(start.nr_vcpus) {
+            Ok(count) => {
+                println!("sample-guest: {count} secondary vCPU(s) ran and took themselves down")
+            }
+            Err(why) => fail(why),
+        }
+    }
     println!("sample-guest: powering off");
     hypercall::shutdown(ShutdownReason::Poweroff)
 }

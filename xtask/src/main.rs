@@ -370,12 +370,17 @@ fn fuzz_task(args: &FuzzArgs) -> Result<bool> {
     Ok(passed)
 }
 
-/// What `cargo xtask run` boots without `--guest`: the sample guest (domain 1), then the
-/// ping/pong pair of `sample-domains` (domains 2 and 3), which exchange messages over a ring in
+/// What `cargo xtask run` boots without `--guest`: the sample guest (domain 1, with as many
+/// vCPUs as `--smp` gives CPUs), then the ping/pong pair of `sample-domains` (domains 2 and 3), which exchange messages over a ring in
 /// a page ping grants to pong, with inter-domain event notifications.
-fn default_modules() -> Vec<BootModule> {
+fn default_modules(cpus: Option<u16>) -> Vec<BootModule> {
+    // With several CPUs the sample guest gets as many vCPUs (at most the 8 a domain may have).
+    let sample = match cpus {
+        Some(n) if n > 1 => format!("sample-guest vcpus={}", n.min(8)),
+        _ => "sample-guest".to_string(),
+    };
     [
-        (Artifact::SampleGuest, "sample-guest"),
+        (Artifact::SampleGuest, sample.as_str()),
         (
             Artifact::SampleDomains,
             "ping role=ping peer=3 messages=10000 mem=4M",
@@ -414,7 +419,7 @@ fn run(args: RunArgs) -> Result<bool> {
     }
     let hv = args.hv.unwrap_or_else(|| Artifact::Hypervisor.path());
     let modules = if args.guests.is_empty() {
-        default_modules()
+        default_modules(args.smp)
     } else {
         args.guests
     };

@@ -469,3 +469,50 @@ pub(super) fn stack_overflow_reported() {
              options(noreturn));
     }
 }
+
+/// CR0.CD (cache disable), bit 30.
+const CR0_CD: u64 = 1 << 30;
+/// Yields over which the pair below watches each other's CR0.
+const CACHE_ROUNDS: u32 = 200;
+
+conformance_test! {
+    title: "with cr0_cache_disable_b: this domain sets CR0.CD; it reads its own value back after every yield while the other runs",
+    section: "18.3 Control registers",
+    expect: Success,
+}
+pub(super) fn cr0_cache_disable_a() {
+    let cr0 = read_cr0();
+    // SAFETY: CD only slows memory accesses down (if the CPU honours it); cleared at the end.
+    unsafe { asm!("mov cr0, {}", in(reg) cr0 | CR0_CD, options(nostack)) };
+    for round in 0..CACHE_ROUNDS {
+        let seen = read_cr0();
+        if !check_eq!(
+            format_args!("CR0 after yield {round}"),
+            Hex(cr0 | CR0_CD),
+            Hex(seen)
+        ) {
+            break;
+        }
+        crate::hv::sched_yield();
+    }
+    // SAFETY: back to the boot value.
+    unsafe { asm!("mov cr0, {}", in(reg) cr0, options(nostack)) };
+    check_eq!("CR0 after clearing CD", Hex(cr0), Hex(read_cr0()));
+}
+
+conformance_test! {
+    title: "with cr0_cache_disable_a: while the other domain has CR0.CD set, this one's CR0 never shows it (a vCPU's control registers are its own)",
+    section: "18.3 Control registers",
+    expect: Success,
+}
+pub(super) fn cr0_cache_disable_b() {
+    let cr0 = read_cr0();
+    check_eq!("CR0.CD at start", 0, cr0 & CR0_CD);
+    for round in 0..CACHE_ROUNDS {
+        crate::hv::sched_yield();
+        let seen = read_cr0();
+        if !check_eq!(format_args!("CR0 after yield {round}"), Hex(cr0), Hex(seen)) {
+            break;
+        }
+    }
+}

@@ -344,10 +344,11 @@ impl Domain {
     }
 
     /// A nested mapping went away or lost permissions: every vCPU drops its cached
-    /// translations before it next enters the guest.
+    /// translations before it next enters the guest; one running on another CPU is out of
+    /// the guest when this returns, so no CPU uses the old mapping after it (docs/abi.md 16).
     pub fn mark_nested_stale(&self) {
         for state in &self.vcpus {
-            state.requests.make(request::NESTED_FLUSH);
+            state.requests.make_and_wait(request::NESTED_FLUSH);
         }
     }
 
@@ -466,6 +467,10 @@ impl Domain {
         }
         self.paused = false;
         self.state = DomainState::Ended(ending);
+        // Its vCPUs running on other CPUs stop at once.
+        for state in &self.vcpus {
+            state.requests.make(request::RESCHEDULE);
+        }
     }
 
     /// True until the domain ended.

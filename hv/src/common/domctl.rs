@@ -20,7 +20,20 @@ use lamina_abi::domctl::{
 };
 
 /// Handles `domctl_op` with `args` (RDI = operation, then RSI, RDX, R10, R8) for `domain`.
+/// `Ok(None)`: not finished (a destroyed domain's vCPU still runs on another CPU); the call is
+/// made again once the caller's vCPU was rescheduled.
 pub fn domctl_op(
+    domain: &mut Domain,
+    args: [u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Option<u64>, Errno> {
+    if args[0] == DomctlOp::Destroy as u64 && domain.privileged {
+        return destroy(domain, args[1], peers);
+    }
+    domctl_op_now(domain, args, peers).map(Some)
+}
+
+fn domctl_op_now(
     domain: &mut Domain,
     [op, arg1, arg2, arg3, arg4]: [u64; 5],
     peers: &mut dyn DomainTable,
@@ -32,9 +45,7 @@ pub fn domctl_op(
     match op {
         DomctlOp::ListDomains => list_domains(domain, arg1, arg2, peers),
         DomctlOp::ReadConsole => read_console(domain, arg1, arg2, arg3, arg4, peers),
-        DomctlOp::Pause | DomctlOp::Unpause | DomctlOp::Destroy => {
-            control(domain, op, arg1, peers).map(|()| 0)
-        }
+        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, peers).map(|()| 0),
         DomctlOp::PhysInfo => phys_info(domain, arg1, peers).map(|()| 0),
         _ => Err(Errno::ENOSYS),
     }
@@ -158,7 +169,36 @@ fn read_console(
     Ok(copied as u64)
 }
 
-/// Pause, unpause or destroy domain `target`.
+/// Destroy of domain `target`: ended at once, torn down before the call returns. A vCPU of it
+/// running on another CPU is kicked and, until it is back, the call is not finished: the
+/// caller's vCPU makes it again after the others ran (the table lock cannot be held while
+/// waiting). A domain already destroyed but not yet torn down (by this call earlier) is
+/// waited for the same way.
+fn destroy(
+    domain: &mut Domain,
+    target: u64,
+    peers: &mut dyn DomainTable,
+) -> Result<Option<u64>, Errno> {
+    let id = domain_id(target)?;
+    if id == domain.id {
+        return Err(Errno::EINVAL);
+    }
+    let peer = peers.get_mut(id).ok_or(Errno::ENOENT)?;
+    match &peer.state {
+        DomainState::Runnable => peer.end(Ending::Destroyed),
+        DomainState::Ended(Ending::Destroyed) if !peer.torn_down => {}
+        DomainState::Ended(_) => return Err(Errno::EINVAL),
+    }
+    // The scheduler would do it before anything else runs; the caller must see it done when
+    // the call returns (memory_bytes 0, phys_info).
+    if peers.tear_down(id, domain) {
+        Ok(Some(0))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Pause or unpause domain `target`.
 fn control(
     domain: &mut Domain,
     op: DomctlOp,
@@ -175,8 +215,14 @@ fn control(
         return Err(Errno::EINVAL);
     }
     match op {
-        // It is not running (one physical CPU): it is just not picked again.
-        DomctlOp::Pause => peer.paused = true,
+        // Not picked again; a vCPU of it running on another CPU is stopped.
+        DomctlOp::Pause => {
+            peer.paused = true;
+            // Its vCPUs running on other CPUs stop before the call returns.
+            for state in &peer.vcpus {
+                state.requests.make_and_wait(request::RESCHEDULE);
+            }
+        }
         DomctlOp::Unpause => {
             if core::mem::take(&mut peer.paused) {
                 for state in peer.vcpus.iter_mut() {
@@ -186,12 +232,6 @@ fn control(
                     state.boosted = state.is_runnable();
                 }
             }
-        }
-        DomctlOp::Destroy => {
-            peer.end(Ending::Destroyed);
-            // The scheduler would do it before anything else runs; the caller must see it
-            // done when the call returns (memory_bytes 0, phys_info).
-            peers.tear_down(id, domain);
         }
         _ => return Err(Errno::ENOSYS),
     }
@@ -251,10 +291,20 @@ mod tests {
         fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
             self.0.iter_mut().find(|d| d.id == id)
         }
+
+        /// No vCPUs, no RAM: tearing down only marks the domain.
+        fn tear_down(&mut self, id: u32, _caller: &mut Domain) -> bool {
+            let Some(domain) = self.get_mut(id) else {
+                return false;
+            };
+            domain.torn_down = true;
+            true
+        }
     }
 
     fn call(caller: &mut Domain, others: &mut [Domain], args: [u64; 5]) -> Result<u64, Errno> {
         domctl_op(caller, args, &mut Others(others))
+            .map(|done| done.expect("Others tears down at once"))
     }
 
     fn op(op: DomctlOp) -> u64 {

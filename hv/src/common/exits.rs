@@ -35,11 +35,14 @@ pub fn hypercall_exit<V: VirtualCpu>(
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
-    let next = enter_hypercall(domain, index, vcpu, peers);
-    if next != Next::Stop {
-        vcpu.skip_instruction();
+    match enter_hypercall(domain, index, vcpu, peers) {
+        Next::Stop => Next::Stop,
+        Next::Again => Next::Yield,
+        next => {
+            vcpu.skip_instruction();
+            next
+        }
     }
-    next
 }
 
 /// The one entry of every hypercall, by either instruction (docs/abi.md 2.1): counted, the
@@ -336,10 +339,15 @@ fn invalid_opcode<V: VirtualCpu>(
     let found =
         guest_paging::read_code(&domain.memory, vcpu.paging_mode(), rip, &mut bytes).is_some();
     if found && (bytes == VMCALL_BYTES || bytes == VMMCALL_BYTES) {
-        let next = enter_hypercall(domain, vcpu_index, vcpu, peers);
-        if next != Next::Stop {
-            vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
-        }
+        let next = match enter_hypercall(domain, vcpu_index, vcpu, peers) {
+            Next::Again => Next::Yield,
+            next => {
+                if next != Next::Stop {
+                    vcpu.set_rip(rip.wrapping_add(HYPERCALL_INSN_LEN));
+                }
+                next
+            }
+        };
         return next;
     }
     domain.stats.count(ExitKind::InvalidOpcode);

@@ -34,6 +34,9 @@ pub enum Next {
     Sleep,
     /// The domain ended.
     Stop,
+    /// The hypercall is not finished: let other vCPUs run, then execute the same instruction
+    /// again (RIP stays on it).
+    Again,
 }
 
 /// How a domain whose only vCPU waits for nothing is reported.
@@ -41,6 +44,8 @@ pub const NEVER_WAKES: &str = "blocked with nothing that can ever wake the vCPU"
 
 enum Done {
     Return(u64),
+    /// Not finished: made again, from the same instruction, once the vCPU was rescheduled.
+    Again,
     Yield,
     Sleep,
     Ended,
@@ -71,13 +76,14 @@ pub fn handle<V: VirtualCpu>(
     let result = if cpl != 0 {
         Err(Errno::EPERM)
     } else {
-        dispatch(domain, vcpu_index, nr, args, peers)
+        dispatch(domain, vcpu_index, nr, &args, peers)
     };
     let (rax, next) = match result {
         Ok(Done::Return(value)) => (value, Next::Resume),
         Ok(Done::Yield) => (0, Next::Yield),
         Ok(Done::Sleep) => (0, Next::Sleep),
         Ok(Done::Ended) => return Next::Stop,
+        Ok(Done::Again) => return Next::Again,
         Err(errno) => (errno.to_return_value(), Next::Resume),
     };
     vcpu.regs().gpr[reg::RAX] = rax;
@@ -108,24 +114,25 @@ fn dispatch(
     domain: &mut Domain,
     vcpu: usize,
     nr: u64,
-    args: [u64; 5],
+    args: &[u64; 5],
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     match Hypercall::try_from(nr)? {
         Hypercall::Version => Ok(Done::Return(lamina_abi::abi_version().into())),
-        Hypercall::ConsoleIo => console_io(domain, args),
-        Hypercall::SchedOp => sched_op(domain, vcpu, args),
-        Hypercall::EventChannelOp => event_channel_op(domain, args, peers).map(Done::Return),
-        Hypercall::VcpuOp => vcpu_op(domain, vcpu, args),
-        Hypercall::MemoryOp => memory_op(domain, args).map(Done::Return),
-        Hypercall::Multicall => multicall(domain, vcpu, args, peers),
-        Hypercall::StatsOp => stats_op(domain, args).map(Done::Return),
+        Hypercall::ConsoleIo => console_io(domain, *args),
+        Hypercall::SchedOp => sched_op(domain, vcpu, *args),
+        Hypercall::EventChannelOp => event_channel_op(domain, *args, peers).map(Done::Return),
+        Hypercall::VcpuOp => vcpu_op(domain, vcpu, *args),
+        Hypercall::MemoryOp => memory_op(domain, *args).map(Done::Return),
+        Hypercall::Multicall => multicall(domain, vcpu, *args, peers),
+        Hypercall::StatsOp => stats_op(domain, *args).map(Done::Return),
         Hypercall::GrantTableOp => {
-            crate::common::grant_table::grant_table_op(domain, args, peers).map(Done::Return)
+            crate::common::grant_table::grant_table_op(domain, *args, peers).map(Done::Return)
         }
-        Hypercall::DomctlOp => {
-            crate::common::domctl::domctl_op(domain, args, peers).map(Done::Return)
-        }
+        Hypercall::DomctlOp => match crate::common::domctl::domctl_op(domain, *args, peers)? {
+            Some(value) => Ok(Done::Return(value)),
+            None => Ok(Done::Again),
+        },
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -499,6 +506,8 @@ fn vcpu_op(
                 // Stops here; `up` resumes it after this call, which then returns 0.
                 return Ok(Done::Sleep);
             }
+            // Running on another CPU: stopped before the call returns (docs/abi.md 19.3).
+            state.requests.make_and_wait(request::RESCHEDULE);
             let _ = state.runstate.enter(runstate::OFFLINE, now, &domain.memory);
         }
         VcpuOp::IsUp => return Ok(Done::Return(u64::from(state.up))),
@@ -621,12 +630,14 @@ fn multicall(
         let result = if op == Hypercall::Multicall as u64 || waits {
             Err(Errno::EINVAL)
         } else {
-            dispatch(domain, vcpu, op, args, peers)
+            dispatch(domain, vcpu, op, &entry.args, peers)
         };
         run += 1;
         let value = match result {
             Ok(Done::Return(v)) => v,
             Ok(Done::Yield) | Ok(Done::Sleep) => 0,
+            // Cannot be made again from inside a batch: the caller retries (docs/abi.md 17).
+            Ok(Done::Again) => Errno::EAGAIN.to_return_value(),
             Ok(Done::Ended) => return Ok(Done::Ended),
             Err(e) => e.to_return_value(),
         };
@@ -651,7 +662,7 @@ pub(crate) mod testing {
         nr: u64,
         args: [u64; 5],
     ) -> Result<u64, Option<Errno>> {
-        match dispatch(domain, vcpu, nr, args, &mut crate::common::domain::NoPeers) {
+        match dispatch(domain, vcpu, nr, &args, &mut crate::common::domain::NoPeers) {
             Ok(Done::Return(value)) => Ok(value),
             Ok(_) => Err(None),
             Err(errno) => Err(Some(errno)),

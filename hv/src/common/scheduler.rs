@@ -45,6 +45,59 @@ pub trait Host {
     fn housekeeping(&mut self) -> Option<u64>;
 }
 
+/// Several CPUs run vCPUs ([`Machine::set_cpus_online`]): requests kick and wake CPUs.
+static SEVERAL_CPUS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Whether several CPUs run vCPUs.
+#[inline]
+pub fn several_cpus() -> bool {
+    SEVERAL_CPUS.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// The CPUs halted in [`Machine::run_cpu`] with nothing to run, a bit per CPU index.
+static IDLE_CPUS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Slices each CPU ran and the time they took, by CPU index (the summary's `cpu` lines, on a
+/// machine with several CPUs).
+static CPU_SLICES: [core::sync::atomic::AtomicU64; 64] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 64];
+static CPU_BUSY_NS: [core::sync::atomic::AtomicU64; 64] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 64];
+
+/// (slices run, ns spent running vCPUs) of CPU `cpu`.
+pub fn cpu_figures(cpu: usize) -> (u64, u64) {
+    let at = cpu.min(63);
+    (
+        CPU_SLICES[at].load(core::sync::atomic::Ordering::Relaxed),
+        CPU_BUSY_NS[at].load(core::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// Makes CPU `cpu` take an interrupt: a guest running there exits (a request waits for it).
+pub fn kick_cpu(cpu: usize) {
+    #[cfg(target_os = "none")]
+    crate::platform::smp::kick(cpu);
+    #[cfg(not(target_os = "none"))]
+    let _ = cpu;
+}
+
+/// Wakes one idle CPU, if there is one, to look at the vCPUs again (one was made ready).
+pub fn wake_an_idle_cpu() {
+    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed);
+    if idle != 0 {
+        kick_cpu(idle.trailing_zeros() as usize);
+    }
+}
+
+/// Wakes every idle CPU (the domains all ended: each leaves its loop).
+fn wake_all_idle_cpus() {
+    let mut idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed);
+    while idle != 0 {
+        kick_cpu(idle.trailing_zeros() as usize);
+        idle &= idle - 1;
+    }
+}
+
 /// How often console input is polled while a domain could be woken by it.
 pub const CONSOLE_POLL_NS: u64 = 10_000_000;
 
@@ -314,7 +367,7 @@ fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
 /// that the caller acts on ([`request::TIMERS`]).
 #[inline(always)]
 fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> u32 {
-    if !domain.vcpus[index].requests.any() {
+    if !domain.vcpus[index].requests.due_before_entry() {
         return 0;
     }
     drain_requests(domain, index, vcpu)
@@ -323,7 +376,8 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V)
 /// [`prepare_entry`] when something was requested.
 #[inline(never)]
 fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> u32 {
-    const HERE: u32 = request::EVENT | request::NESTED_FLUSH | request::TIMERS;
+    // RESCHEDULE only kicks: the state it is about is looked at after every exit.
+    const HERE: u32 = request::BEFORE_ENTRY;
     let all = domain.vcpus[index].requests.take_all();
     if all & !HERE != 0 {
         // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
@@ -402,15 +456,23 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         }
     }
 
+    /// Lets `f` look at the domains (once every CPU has left [`Self::run_cpu`]: the summary).
+    pub fn inspect<R>(&self, f: impl FnOnce(&[Slot<V>]) -> R) -> R {
+        f(self.table.lock().slots)
+    }
+
     /// Declares how many CPUs will run [`Self::run_cpu`] (1 unless told), before any does.
     pub fn set_cpus_online(&self, cpus: usize) {
         self.cpus_online
             .store(cpus.max(1), core::sync::atomic::Ordering::Relaxed);
+        SEVERAL_CPUS.store(cpus > 1, core::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs this CPU's share of the vCPUs until every domain has ended and all their RAM is
     /// back.
-    pub fn run_cpu<H: Host>(&self, host: &mut H) {
+    pub fn run_cpu<H: Host>(&self, cpu: usize, host: &mut H) {
+        let idle_bit = 1u64 << cpu.min(63);
+        let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
         // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
         let mut last: Option<(usize, usize)> = None;
         loop {
@@ -438,6 +500,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             }
             if !slots.iter().any(|s| s.domain.is_runnable()) {
                 table.scrubbing.drain(..).for_each(Scrub::finish);
+                drop(guard);
+                wake_all_idle_cpus();
                 return;
             }
             if let Some(scrub) = table.scrubbing.front_mut()
@@ -461,10 +525,18 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     // timers in between).
                     continue;
                 }
+                // Idle before the lock goes: whoever makes a vCPU ready after this sees the
+                // bit and kicks this CPU (`wake_an_idle_cpu`).
+                if shared {
+                    IDLE_CPUS.fetch_or(idle_bit, core::sync::atomic::Ordering::SeqCst);
+                }
                 drop(guard);
                 host.arm_timer(deadline);
                 trace::idle();
                 host.wait_for_interrupt();
+                if shared {
+                    IDLE_CPUS.fetch_and(!idle_bit, core::sync::atomic::Ordering::SeqCst);
+                }
                 continue;
             };
             let unit = (index, vcpu_index);
@@ -498,13 +570,27 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
                 continue;
             };
+            if shared && pick(slots, &table.units, table.cursor).is_some() {
+                // More is ready than this CPU takes: another CPU may.
+                wake_an_idle_cpu();
+            }
             trace::vcpu_in(slots[index].domain.id);
-            self.run_slice(guard, index, vcpu_index, &mut *vcpu, host, now, slice_end);
+            self.run_slice(
+                guard, cpu, index, vcpu_index, &mut *vcpu, host, now, slice_end,
+            );
+            if shared {
+                // Any CPU may take it next.
+                vcpu.release();
+            }
             let mut table = self.table.lock();
             let slot = &mut table.slots[index];
             trace::vcpu_out(slot.domain.id);
             slot.vcpus[vcpu_index] = Some(vcpu);
             let ran = host.now_ns().saturating_sub(now);
+            if shared {
+                CPU_SLICES[cpu.min(63)].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                CPU_BUSY_NS[cpu.min(63)].fetch_add(ran, core::sync::atomic::Ordering::Relaxed);
+            }
             let weight = slot.domain.weight;
             let state = &mut slot.domain.vcpus[vcpu_index];
             state.cpu_ns += ran;
@@ -523,6 +609,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     fn run_slice<'m, H: Host>(
         &'m self,
         mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        cpu: usize,
         index: usize,
         vcpu_index: usize,
         vcpu: &mut V,
@@ -533,7 +620,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let domain = &mut guard.slots[index].domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
         if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1 {
-            self.run_slice_shared(guard, index, vcpu_index, vcpu, host, slice_end);
+            self.run_slice_shared(guard, cpu, index, vcpu_index, vcpu, host, slice_end);
         } else {
             let (before, rest) = guard.slots.split_at_mut(index);
             if let Some((current, after)) = rest.split_first_mut() {
@@ -554,9 +641,11 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// the exits that need nothing of the domain are handled without it. Out of line, like
     /// [`run_slice_alone`]: each hot loop gets the registers to itself.
     #[inline(never)]
+    #[allow(clippy::too_many_arguments)] // the hot loop's state, in registers rather than a struct
     fn run_slice_shared<'m, H: Host>(
         &'m self,
         mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        cpu: usize,
         index: usize,
         vcpu_index: usize,
         vcpu: &mut V,
@@ -575,19 +664,24 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
-            if let Some(exited_at) = exited_at {
+            if let Some(exited_at) = exited_at.take() {
                 domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
             }
             drop(guard);
+            // None: a request came before the entry; it is drained under the lock.
             let (exit, handled) = loop {
+                if !requests.enter_guest(cpu) {
+                    break (None, true);
+                }
                 let exit = vcpu.run();
+                requests.left_guest();
                 let exited_at_tsc = read_tsc();
                 exited_at = Some(exited_at_tsc);
                 let handled =
                     handle_without_lock(&mut unmerged, &requests, vcpu_index, vcpu, &exit, tsc_khz);
                 any_unmerged |= handled;
-                if !handled || requests.any() {
-                    break (exit, handled);
+                if !handled || requests.due_before_entry() {
+                    break (Some(exit), handled);
                 }
                 unmerged.handling_tsc += read_tsc().wrapping_sub(exited_at_tsc);
             };
@@ -596,10 +690,17 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 any_unmerged = false;
                 guard.slots[index].domain.stats.absorb(&mut unmerged);
             }
-            if handled {
-                // A request needs the lock before the next entry.
-                continue;
-            }
+            let exit = match exit {
+                Some(exit) if !handled => exit,
+                // Handled, or a request came: to its drain under the lock.
+                _ => {
+                    if let Some(next) = stopped_elsewhere(&guard.slots[index].domain, vcpu_index) {
+                        end_slice(&mut guard.slots[index].domain, vcpu_index, vcpu, next, host);
+                        return;
+                    }
+                    continue;
+                }
+            };
             let (before, rest) = guard.slots.split_at_mut(index);
             let Some((current, after)) = rest.split_first_mut() else {
                 return;
@@ -613,9 +714,15 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 &mut Peers::around(before, after),
                 host,
             );
-            if next == Next::Resume {
-                continue;
-            }
+            // Another CPU may have ended or paused the domain, or taken this vCPU down, while
+            // it ran (and kicked it out of the guest).
+            let next = match next {
+                Next::Resume => match stopped_elsewhere(domain, vcpu_index) {
+                    None => continue,
+                    Some(next) => next,
+                },
+                next => next,
+            };
             end_slice(domain, vcpu_index, vcpu, next, host);
             return;
         }
@@ -648,6 +755,20 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             end_slice(domain, vcpu_index, vcpu, next, host);
             return;
         }
+    }
+}
+
+/// What stops vCPU `vcpu_index` that another CPU decided while it ran: its domain ended
+/// (stop), it was taken down (sleep: offline), its domain paused (yield); `None` if it runs on.
+fn stopped_elsewhere(domain: &Domain, vcpu_index: usize) -> Option<Next> {
+    if !domain.is_runnable() {
+        Some(Next::Stop)
+    } else if !domain.vcpus[vcpu_index].up {
+        Some(Next::Sleep)
+    } else if domain.paused {
+        Some(Next::Yield)
+    } else {
+        None
     }
 }
 
@@ -699,7 +820,7 @@ fn end_slice<V: VirtualCpu, H: Host>(
             let _ = state.runstate.enter(to, now, &domain.memory);
         }
         // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
-        Next::Yield | Next::Resume => {}
+        Next::Yield | Next::Resume | Next::Again => {}
     }
     domain.drain_console_ring();
     publish_stats(domain);
@@ -707,7 +828,7 @@ fn end_slice<V: VirtualCpu, H: Host>(
 
 /// Runs every domain on this CPU alone until all have ended.
 pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
-    Machine::new(slots).run_cpu(host);
+    Machine::new(slots).run_cpu(0, host);
 }
 
 /// The vCPU to run next, in one pass over `units` in round-robin order after `cursor`: a
@@ -1123,7 +1244,7 @@ mod tests {
     fn run_shared(slots: &mut [Slot<MockVcpu>], host: &mut FakeHost) {
         let machine = Machine::new(slots);
         machine.set_cpus_online(2);
-        machine.run_cpu(host);
+        machine.run_cpu(0, host);
     }
 
     #[test]

@@ -56,7 +56,8 @@ const _: () = assert!(core::mem::size_of::<Record>() == 16);
 
 /// Records per CPU: 512 KiB of the hypervisor's heap, only when tracing is on.
 const RING_RECORDS: usize = 32 * 1024;
-/// CPUs with a ring: the boot CPU (the hypervisor runs its domains on it alone until SMP).
+/// CPUs with a ring of their own; the others share the last one (its lock keeps records
+/// whole). One: the trace's readers (`cargo xtask trace`) read one ring.
 const TRACED_CPUS: usize = 1;
 
 /// One CPU's ring, and what it runs now (so exit hooks need not be told).
@@ -129,9 +130,13 @@ fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// The ring of the CPU we run on.
+/// The ring of the CPU we run on (CPUs past the traced ones share the last ring).
 fn this_cpu() -> &'static Mutex<Option<Ring>> {
-    &RINGS[0]
+    #[cfg(target_os = "none")]
+    let index = crate::platform::percpu::this_cpu().index;
+    #[cfg(not(target_os = "none"))]
+    let index = 0;
+    RINGS.get(index).unwrap_or(&RINGS[TRACED_CPUS - 1])
 }
 
 #[cold]

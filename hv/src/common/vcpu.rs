@@ -222,6 +222,10 @@ pub trait VirtualCpu {
     /// The vCPU stops running on this CPU for now (end of its slice, or it stopped): the
     /// backend saves what the CPU holds of it and no world switch saves (VMX: CR2).
     fn deactivate(&mut self) {}
+    /// The vCPU may next run on another CPU: this CPU writes back everything it holds of it
+    /// (VMX: VMCLEAR; both: the extended state). [`Self::activate`] on the next CPU takes it
+    /// up there (the host state of that CPU, translations of an earlier stint dropped).
+    fn release(&mut self) {}
     /// Enters the guest and runs it until the next exit common code must handle.
     fn run(&mut self) -> VmExit;
     /// The guest's general-purpose registers (RAX included; RSP is not).

@@ -17,6 +17,11 @@ use lamina_abi::vcpu::{RunstateInfo, runstate};
 #[derive(Debug, Default)]
 pub struct Requests {
     bits: AtomicU32,
+    /// The vCPU runs guest code on CPU [`Self::running_on`] (or is about to: set before the
+    /// last look at the bits, so a request made after that look sees it and kicks).
+    in_guest: AtomicBool,
+    /// The CPU that runs the vCPU this slice.
+    running_on: AtomicU32,
     /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
     /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory,
     /// docs/abi.md 8.8).
@@ -37,12 +42,68 @@ pub mod request {
     pub const WAKE_CHECK: u32 = 1 << 3;
     /// `vcpu_op` initialise gave it a start state to load (docs/abi.md 19).
     pub const START: u32 = 1 << 4;
+    /// Its domain ended or was paused, or it was taken down: a CPU running it stops it.
+    pub const RESCHEDULE: u32 = 1 << 5;
+    /// The requests drained before every entry (`scheduler::prepare_entry`); the others
+    /// (START, WAKE_CHECK) wait for the scheduler's next pass and never hold an entry up.
+    pub const BEFORE_ENTRY: u32 = EVENT | TIMERS | NESTED_FLUSH | RESCHEDULE;
 }
 
 impl Requests {
-    /// Asks for `bits`.
+    /// Asks for `bits`: a vCPU in guest mode on another CPU is kicked out of it, so that it
+    /// sees them before it runs guest code again; for a vCPU that waits, an idle CPU is woken
+    /// to look at it.
+    #[inline]
     pub fn make(&self, bits: u32) {
-        self.bits.fetch_or(bits, Ordering::Release);
+        self.bits.fetch_or(bits, Ordering::SeqCst);
+        // One CPU: nobody to kick or wake (one load on that path).
+        if crate::common::scheduler::several_cpus() {
+            self.kick();
+        }
+    }
+
+    #[cold]
+    fn kick(&self) {
+        if self.in_guest.load(Ordering::SeqCst) {
+            crate::common::scheduler::kick_cpu(self.running_on.load(Ordering::Relaxed) as usize);
+        } else {
+            crate::common::scheduler::wake_an_idle_cpu();
+        }
+    }
+
+    /// As [`Self::make`], and returns only once the vCPU is out of guest mode: it cannot use
+    /// anything it cached of what the request is about (stale translations) before it has
+    /// drained the request. Bounded: the kick forces a VM exit.
+    pub fn make_and_wait(&self, bits: u32) {
+        self.make(bits);
+        while self.in_guest.load(Ordering::SeqCst) {
+            core::hint::spin_loop();
+        }
+    }
+
+    /// The running CPU is about to enter the guest: true if it may (nothing is requested),
+    /// false if a request came and it must drain it first (docs: [`Self::make`]).
+    #[inline]
+    pub fn enter_guest(&self, cpu: usize) -> bool {
+        self.running_on.store(cpu as u32, Ordering::Relaxed);
+        self.in_guest.store(true, Ordering::SeqCst);
+        if self.bits.load(Ordering::SeqCst) & request::BEFORE_ENTRY != 0 {
+            self.in_guest.store(false, Ordering::Release);
+            return false;
+        }
+        true
+    }
+
+    /// Whether something must be drained before the next entry.
+    #[inline]
+    pub fn due_before_entry(&self) -> bool {
+        self.bits.load(Ordering::Relaxed) & request::BEFORE_ENTRY != 0
+    }
+
+    /// The running CPU is back from the guest.
+    #[inline]
+    pub fn left_guest(&self) {
+        self.in_guest.store(false, Ordering::Release);
     }
 
     /// Whether anything is asked.

@@ -98,9 +98,9 @@ pub struct EntryState {
 pub type DomainVcpus<V> = (Vec<V>, Box<dyn NestedMap>);
 
 /// A virtualization extension, enabled on the current CPU.
-pub trait Virtualization: Sized {
+pub trait Virtualization: Sized + 'static {
     /// The backend's vCPU.
-    type Vcpu: VirtualCpu;
+    type Vcpu: VirtualCpu + 'static;
     /// Human-readable name ("Intel VT-x", "AMD-V").
     const NAME: &'static str;
 

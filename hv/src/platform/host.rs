@@ -15,6 +15,8 @@ pub struct MachineHost {
     apic_timer_hz: u64,
     /// The deadline the APIC timer is armed for (None: not armed or already fired).
     armed: Option<u64>,
+    /// This CPU serves the serial console (the boot CPU).
+    console: bool,
 }
 
 impl MachineHost {
@@ -24,7 +26,21 @@ impl MachineHost {
             time,
             apic_timer_hz,
             armed: None,
+            console: true,
         }
+    }
+
+    /// The host of a CPU other than the boot CPU: its own APIC timer, no serial console.
+    pub fn for_other_cpu(time: TimeBase, apic_timer_hz: u64) -> Self {
+        MachineHost {
+            console: false,
+            ..Self::new(time, apic_timer_hz)
+        }
+    }
+
+    /// The APIC timer's rate.
+    pub fn apic_timer_hz(&self) -> u64 {
+        self.apic_timer_hz
     }
 
     fn after_interrupts(&mut self) {
@@ -63,10 +79,16 @@ impl Host for MachineHost {
     }
 
     fn console_input(&mut self) -> Option<u8> {
+        if !self.console {
+            return None;
+        }
         super::serial::SERIAL.lock().try_receive()
     }
 
     fn housekeeping(&mut self) -> Option<u64> {
+        if !self.console {
+            return None;
+        }
         let mut serial = super::serial::SERIAL.lock();
         serial.pump();
         // 16 bytes leave the FIFO in 1.4 ms at 115200 baud: come back in 1 ms to refill it.

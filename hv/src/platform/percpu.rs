@@ -10,7 +10,7 @@
 //! [`PerCpu::new`]. Other CPUs may read a `PerCpu` (through [`cpus`]), so a field that changes
 //! after start-up is an atomic, a `Once` or a lock.
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use spin::Once;
 use x86_64::structures::tss::TaskStateSegment;
 
@@ -46,6 +46,14 @@ pub struct PerCpu {
     /// Work posted to this CPU by `smp::run_on`: a `fn(usize)` as an address, 0 when none.
     /// The CPU clears it once the function returned.
     pub(super) mailbox: AtomicUsize,
+    /// The guest control structure the virtualization extension last used on this CPU: the
+    /// current VMCS (VMX), or the VMCB that ran last (SVM); 0 for none.
+    pub guest_control: AtomicU64,
+    /// SVM: this CPU's host-state page, which VMSAVE filled when SVM was enabled here and every
+    /// world switch on this CPU VMLOADs after the exit; 0 under VMX.
+    pub svm_host_state: AtomicU64,
+    /// The domain whose vCPU ran last on this CPU (`spec_ctrl`'s IBPB on a switch); 0: none.
+    pub last_domain: AtomicU32,
 }
 
 impl PerCpu {
@@ -63,6 +71,9 @@ impl PerCpu {
             xstate_owner: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             mailbox: AtomicUsize::new(0),
+            guest_control: AtomicU64::new(0),
+            svm_host_state: AtomicU64::new(0),
+            last_domain: AtomicU32::new(0),
         }
     }
 }

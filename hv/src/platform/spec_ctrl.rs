@@ -350,8 +350,17 @@ pub static VERW_ON_ENTRY: AtomicU8 = AtomicU8::new(0);
 pub static VERW_SELECTOR: AtomicU16 = AtomicU16::new(0);
 static IBPB_ON_DOMAIN_SWITCH: AtomicBool = AtomicBool::new(false);
 static L1D_FLUSH_ON_ENTRY: AtomicBool = AtomicBool::new(false);
-/// The domain whose vCPU ran last on this CPU (0: none yet). Per CPU once there are several.
-static LAST_DOMAIN: AtomicU32 = AtomicU32::new(0);
+/// The domain whose vCPU ran last on this CPU (0: none yet).
+fn last_domain() -> &'static AtomicU32 {
+    #[cfg(target_os = "none")]
+    return &crate::platform::percpu::this_cpu().last_domain;
+    // Host builds (tests, fuzzing) run on one CPU.
+    #[cfg(not(target_os = "none"))]
+    {
+        static HOST_LAST_DOMAIN: AtomicU32 = AtomicU32::new(0);
+        &HOST_LAST_DOMAIN
+    }
+}
 
 /// Puts `defences` in force; `data_selector` is the hypervisor's data segment, for VERW.
 pub fn put_in_force(defences: &Defences, data_selector: u16) {
@@ -366,7 +375,7 @@ pub fn put_in_force(defences: &Defences, data_selector: u16) {
 /// belonged to another domain, so that no domain's branch targets steer the next one.
 #[inline]
 pub fn on_schedule_in(domain_id: u32) {
-    if switches_domain(&LAST_DOMAIN, domain_id) && IBPB_ON_DOMAIN_SWITCH.load(Ordering::Relaxed) {
+    if switches_domain(last_domain(), domain_id) && IBPB_ON_DOMAIN_SWITCH.load(Ordering::Relaxed) {
         #[cfg(target_os = "none")]
         // SAFETY: enabled only where CPUID offers IBPB (`decide`); writing bit 0 of
         // IA32_PRED_CMD has no other effect.

@@ -203,6 +203,33 @@ impl ExtendedState {
         owner().store(self.area, Ordering::Relaxed);
     }
 
+    /// Saves this vCPU's extended state to its area if this CPU's registers hold it, and gives
+    /// them up: the vCPU may next run on another CPU, which restores it from the area.
+    pub fn release(&mut self) {
+        if !self.is_owner() {
+            return;
+        }
+        let mask = guest_mask();
+        let (low, high) = (mask as u32, (mask >> 32) as u32);
+        // SAFETY: this CPU's registers hold this vCPU's state (it is the owner); the area is
+        // ours, page-aligned and large enough for `mask`. XCR0 is set to `mask`, a value this
+        // CPU supports, for the XSAVE, as in `schedule_in`.
+        unsafe {
+            if mask != 0 {
+                let loaded = xgetbv();
+                saved_xcr0(self.area).write(loaded);
+                if loaded != mask {
+                    xsetbv(mask);
+                }
+                asm!("xsave64 [{}]", in(reg) self.area, in("eax") low, in("edx") high,
+                     options(nostack, preserves_flags));
+            } else {
+                asm!("fxsave64 [{}]", in(reg) self.area, options(nostack, preserves_flags));
+            }
+        }
+        owner().store(0, Ordering::Relaxed);
+    }
+
     /// The guest's XCR0: in the register while this vCPU owns it (as it does while its exits
     /// are handled), in its area otherwise. 0 where the CPU has no XSAVE.
     pub fn xcr0(&self) -> u64 {

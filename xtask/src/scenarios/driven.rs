@@ -38,6 +38,7 @@ pub const DRIVEN: &[Driven] = &[
     input::CONSOLE_INPUT,
     trace::TRACE_PING_PONG,
     smp::SMP_BOOT,
+    smp::SMP_DOMAINS,
 ];
 
 /// The driven scenarios whose name contains `filter` (all without a filter).

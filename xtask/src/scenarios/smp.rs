@@ -1,7 +1,13 @@
-//! `smp-boot`: the sample guest on a machine with two CPUs. The hypervisor must find the
-//! second CPU in the MADT, start it, turn its virtualization extension on, wake it with work
-//! posted to it (`smp::run_on`, at boot), and still run the guest to its power-off on the boot
-//! CPU.
+//! The scenarios of a machine with two CPUs.
+//!
+//! `smp-boot`: the sample guest alone. The hypervisor must find the second CPU in the MADT,
+//! start it, turn its virtualization extension on, wake it with work posted to it
+//! (`smp::run_on`, at boot), and run the guest to its power-off.
+//!
+//! `smp-domains`: what `cargo xtask run --smp 2` boots: the sample guest with two vCPUs (its
+//! second brought up by `vcpu_op`, counting primes) beside the ping/pong pair, whose 10,000
+//! messages cross a granted page with inter-domain events. Both CPUs must run vCPUs, every
+//! message arrive intact, and nothing leak.
 
 use crate::emulator::{RunExtras, RunRecord, Vendor};
 use crate::error::Result;
@@ -40,6 +46,77 @@ pub const SMP_BOOT: Driven = Driven {
     vendors: &Vendor::ALL,
     drive,
 };
+
+pub const SMP_DOMAINS: Driven = Driven {
+    scenario: Scenario {
+        name: "smp-domains",
+        modules: &[
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleGuest),
+                cmdline: "sample-guest vcpus=2",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "ping role=ping peer=3 messages=10000 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "pong role=pong peer=2 mem=4M",
+            },
+        ],
+        expect: HvResult::Success,
+        required_lines: &[
+            LinePattern::Contains("lamina: domain 1 sample-guest started mem=16M vcpus=2"),
+            LinePattern::Contains("(d1) sample-guest: vCPU 1 (APIC id 1) counted 1941 primes"),
+            LinePattern::Contains("(d1) sample-guest: 1 secondary vCPU(s) ran"),
+            LinePattern::Contains(SAMPLE_GUEST_RESULTS),
+            LinePattern::Contains("(d3) pong: result: messages=10000 errors=0"),
+            LinePattern::Contains("(d2) ping: result: messages=10000 errors=0"),
+            LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
+            LinePattern::Contains(", 0 KiB leaked"),
+        ],
+        forbidden_lines: &[
+            NO_PANIC,
+            LinePattern::Contains("[hv] WARN"),
+            LinePattern::Contains("[hv] ERROR"),
+        ],
+        check: None,
+    },
+    vendors: &Vendor::ALL,
+    drive: drive_domains,
+};
+
+fn drive_domains(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
+    let extras = RunExtras {
+        cpus: Some(CPUS),
+        ..RunExtras::default()
+    };
+    let record = driven.boot(context, "", true, extras)?;
+    let mut problems = check(&record.log, context.vendor);
+    problems.extend(every_cpu_ran_vcpus(&record.log));
+    Ok((record, problems))
+}
+
+/// The summary's `lamina: cpu N: S slices, ...` line of every CPU shows slices run.
+fn every_cpu_ran_vcpus(log: &SerialLog) -> Vec<String> {
+    (0..CPUS)
+        .filter_map(|cpu| {
+            let prefix = format!("lamina: cpu {cpu}: ");
+            let slices = log.lines.iter().find_map(|l| {
+                l.strip_prefix(&prefix)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            });
+            match slices {
+                Some(n) if n > 0 => None,
+                Some(_) => Some(format!("cpu {cpu} ran no vCPU")),
+                None => Some(format!("no `{prefix}<slices> slices` line in the summary")),
+            }
+        })
+        .collect()
+}
 
 fn drive(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
     let extras = RunExtras {
@@ -85,5 +162,19 @@ mod tests {
         assert_eq!(check(&good, Vendor::Intel).len(), 1, "wrong vendor's line");
         let one_cpu = SerialLog::from_bytes(b"lamina: cpu 0 (APIC id 0) online\n");
         assert_eq!(check(&one_cpu, Vendor::Amd).len(), 2);
+    }
+
+    #[test]
+    fn every_cpu_must_have_run_slices() {
+        let both = SerialLog::from_bytes(
+            b"lamina: cpu 0: 12 slices, 3 ms running vCPUs\nlamina: cpu 1: 7 slices, 2 ms running vCPUs\n",
+        );
+        assert!(every_cpu_ran_vcpus(&both).is_empty());
+        let idle = SerialLog::from_bytes(
+            b"lamina: cpu 0: 12 slices, 3 ms running vCPUs\nlamina: cpu 1: 0 slices, 0 ms running vCPUs\n",
+        );
+        assert_eq!(every_cpu_ran_vcpus(&idle), ["cpu 1 ran no vCPU"]);
+        let none = SerialLog::from_bytes(b"lamina: cpu 0: 12 slices, 3 ms running vCPUs\n");
+        assert_eq!(every_cpu_ran_vcpus(&none).len(), 1);
     }
 }

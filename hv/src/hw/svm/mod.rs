@@ -78,6 +78,10 @@ impl Virtualization for Svm {
             // own FS, GS, TR, LDTR and syscall MSRs.
             core::arch::asm!("vmsave rax", in("rax") host_state_vmcb);
         }
+        // A vCPU arriving on this CPU switches to this page (`SvmVcpu::activate`).
+        crate::platform::percpu::this_cpu()
+            .svm_host_state
+            .store(host_state_vmcb, core::sync::atomic::Ordering::Relaxed);
         let flush_by_asid = svm_features.edx & FEATURE_FLUSH_BY_ASID != 0;
         log::info!(
             "SVM on: {} ASIDs, NRIP-save {}, flush by ASID {}",

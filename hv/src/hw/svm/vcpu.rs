@@ -24,7 +24,9 @@ use x86_64::registers::rflags::RFlags;
 /// Set once two vCPUs share an ASID: then a switch between vCPUs must flush the TLB.
 pub(super) static ASIDS_SHARED: AtomicBool = AtomicBool::new(false);
 /// The VMCB that ran last on this CPU.
-static LAST_VMCB: AtomicU64 = AtomicU64::new(0);
+fn last_vmcb() -> &'static AtomicU64 {
+    &crate::platform::percpu::this_cpu().guest_control
+}
 
 mod exit_code {
     pub(super) const READ_CR0: u64 = 0x00;
@@ -81,6 +83,8 @@ pub struct SvmVcpu {
     vmcb: Vmcb,
     regs: GuestRegisters,
     host_state_vmcb: u64,
+    /// The CPU whose host-state page `host_state_vmcb` is: the one the vCPU ran on last.
+    host_cpu: usize,
     /// Length of the instruction behind the last exit (0: not an instruction exit).
     instruction_len: u64,
     /// TLB_CONTROL asks for a flush at the next entry.
@@ -164,6 +168,7 @@ impl SvmVcpu {
             vmcb: v,
             regs,
             host_state_vmcb: svm.host_state_vmcb,
+            host_cpu: crate::platform::percpu::this_cpu().index,
             instruction_len: 0,
             tlb_flush_requested: true,
             flush_by_asid: svm.flush_by_asid,
@@ -211,12 +216,14 @@ impl Drop for SvmVcpu {
     fn drop(&mut self) {
         // Not the last VMCB run any more: a VMCB later allocated at the same address must not
         // be taken for it.
-        let _ = LAST_VMCB.compare_exchange(
-            self.vmcb.address(),
-            0,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        for cpu in crate::platform::percpu::cpus() {
+            let _ = cpu.guest_control.compare_exchange(
+                self.vmcb.address(),
+                0,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
         // No VMRUN uses the VMCB again (the CPU keeps nothing of it between VMRUNs: no clean
         // bits are set). The nested page tables belong to the domain, which frees them.
         memory::release(self.vmcb.address(), 0x1000);
@@ -225,14 +232,27 @@ impl Drop for SvmVcpu {
 
 impl VirtualCpu for SvmVcpu {
     fn activate(&mut self) {
-        // Every VMCB is its own page: nothing to load. With more domains than ASIDs, a vCPU
+        let cpu = crate::platform::percpu::this_cpu();
+        if self.host_cpu != cpu.index {
+            // Arrived from another CPU: the world switch must VMLOAD this CPU's host state,
+            // and translations this vCPU's ASID left here in an earlier stint may be stale.
+            self.host_state_vmcb = cpu.svm_host_state.load(Ordering::Relaxed);
+            self.host_cpu = cpu.index;
+            self.vmcb.control.tlb_control = TLB_FLUSH_ALL;
+            self.tlb_flush_requested = true;
+        }
+        // Every VMCB is its own page: nothing to load. With more vCPUs than ASIDs, a vCPU
         // that follows another on this CPU must not see that one's translations.
-        let previous = LAST_VMCB.swap(self.vmcb.address(), Ordering::Relaxed);
+        let previous = last_vmcb().swap(self.vmcb.address(), Ordering::Relaxed);
         if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
             self.vmcb.control.tlb_control = TLB_FLUSH_ALL;
             self.tlb_flush_requested = true;
         }
         self.xstate.schedule_in();
+    }
+
+    fn release(&mut self) {
+        self.xstate.release();
     }
 
     // Inlined into each run loop (one CPU, several CPUs): the exit decoding is the hot path.

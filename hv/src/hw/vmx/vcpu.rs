@@ -86,8 +86,13 @@ const SWITCHED_MSRS: [(ArchMsr, u32); 5] = [
     (ArchMsr::KernelGsBase, 0xc000_0102),
 ];
 
+/// CR0.CD and CR0.NW: owned by the hypervisor, the guest's values kept in the read shadow.
+const CR0_CACHE_BITS: u64 = Cr0Flags::CACHE_DISABLE.bits() | Cr0Flags::NOT_WRITE_THROUGH.bits();
+
 /// The VMCS that is current on this CPU (its physical address).
-static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+fn current_vmcs() -> &'static AtomicU64 {
+    &crate::platform::percpu::this_cpu().guest_control
+}
 
 /// A guest vCPU on VT-x.
 pub struct VmxVcpu {
@@ -111,6 +116,9 @@ pub struct VmxVcpu {
     /// The guest's CR2 while the vCPU does not run: VMX does not switch CR2, so it is saved
     /// when the vCPU leaves the CPU and loaded when it comes back (no domain sees another's).
     cr2: u64,
+    /// The CPU whose host state (TR, GDTR, IDTR, GS base) the VMCS holds: the one the vCPU
+    /// ran on last.
+    host_cpu: usize,
 }
 
 const EVENT_VALID: u64 = 1 << 31;
@@ -129,7 +137,7 @@ fn load_vmcs(vmcs: u64) -> Result<(), HwError> {
     if failed != 0 {
         return Err(HwError::VmxInstruction("VMPTRLD", 0));
     }
-    CURRENT_VMCS.store(vmcs, Ordering::Relaxed);
+    current_vmcs().store(vmcs, Ordering::Relaxed);
     Ok(())
 }
 
@@ -166,6 +174,7 @@ impl VmxVcpu {
             xstate,
             string_io_info: caps.string_io_info,
             cr2: 0,
+            host_cpu: crate::platform::percpu::this_cpu().index,
         };
         load_vmcs(vcpu.vmcs)?;
         vcpu.write_controls(caps, entry)?;
@@ -231,7 +240,10 @@ impl VmxVcpu {
         unsafe { write_host(vmcs::VMCS_LINK_POINTER, u64::MAX) }?;
         // Bits VMX fixes in CR0/CR4 are owned by the hypervisor: the guest reads its own view
         // from the shadow and a write that would change them exits (handled in `cr_access`).
-        let cr0_mask = self.cr0_fixed.0 | !self.cr0_fixed.1 & 0xffff_ffff;
+        // So are CD and NW: VM entry and VM exit leave them as they are in the physical CR0
+        // (SDM Vol. 3C 27.3.2.1, 28.5.1), so a guest's CD would slow the hypervisor and be
+        // read by the next guest on this CPU. The guest keeps its own in the shadow.
+        let cr0_mask = self.cr0_fixed.0 | !self.cr0_fixed.1 & 0xffff_ffff | CR0_CACHE_BITS;
         // Every CR4 bit is owned: a write exits and is checked against what CPUID offers the
         // guest (LA57, PCIDE, ...), not only against the VMX fixed bits (docs/abi.md 18.3).
         let cr4_mask = u64::MAX;
@@ -360,7 +372,7 @@ impl VmxVcpu {
     }
 
     fn make_current(&mut self) -> Result<(), HwError> {
-        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs {
+        if current_vmcs().load(Ordering::Relaxed) != self.vmcs {
             load_vmcs(self.vmcs)?;
             // SAFETY: see `load_switched_msrs`.
             unsafe { self.load_switched_msrs() };
@@ -495,7 +507,7 @@ impl Drop for VmxVcpu {
         // writes back what the CPU keeps of it and makes it inactive (and no longer current),
         // so that the page can be reused (SDM Vol. 3C 24.11.3).
         unsafe { asm!("vmclear [{}]", "setna {}", in(reg) &self.vmcs, out(reg_byte) failed) };
-        let _ = CURRENT_VMCS.compare_exchange(self.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = current_vmcs().compare_exchange(self.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
         if failed != 0 {
             // The CPU may still write the page: better lost (the summary reports it as leaked)
             // than handed to someone else.
@@ -516,6 +528,17 @@ impl VirtualCpu for VmxVcpu {
         if let Err(error) = self.make_current() {
             log::error!("vmx: {error}");
         }
+        let cpu = crate::platform::percpu::this_cpu().index;
+        if self.host_cpu != cpu {
+            // Arrived from another CPU (which VMCLEARed it, `release`): this CPU's TR, GDT,
+            // IDT and GS base are the host state now (SDM Vol. 3C 25.5.1), and what the VPID
+            // and EPTP left here in an earlier stint may be stale.
+            if let Err(error) = self.write_host_state() {
+                log::error!("vmx: {error}");
+            }
+            self.host_cpu = cpu;
+            self.invalidate_nested_translations();
+        }
         self.xstate.schedule_in();
         self.set_cr2(self.cr2);
     }
@@ -524,11 +547,26 @@ impl VirtualCpu for VmxVcpu {
         self.cr2 = x86_64::registers::control::Cr2::read_raw();
     }
 
+    fn release(&mut self) {
+        self.xstate.release();
+        let failed: u8;
+        // SAFETY: the vCPU's own VMCS, current on this CPU (activated for this slice). VMCLEAR
+        // writes back what the CPU caches of it and makes it inactive, so that another CPU
+        // may VMPTRLD it (SDM Vol. 3C 24.1, 24.11.3); the next entry is a VMLAUNCH.
+        unsafe { asm!("vmclear [{}]", "setna {}", in(reg) &self.vmcs, out(reg_byte) failed) };
+        if failed != 0 {
+            log::error!("vmx: VMCLEAR of VMCS {:#x} failed", self.vmcs);
+            return;
+        }
+        self.launched = false;
+        let _ = current_vmcs().compare_exchange(self.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
     // Inlined into each run loop (one CPU, several CPUs): the exit decoding is the hot path.
     #[inline(always)]
     fn run(&mut self) -> VmExit {
         // `activate` made this VMCS current when the vCPU was scheduled in.
-        debug_assert_eq!(CURRENT_VMCS.load(Ordering::Relaxed), self.vmcs);
+        debug_assert_eq!(current_vmcs().load(Ordering::Relaxed), self.vmcs);
         loop {
             crate::platform::spec_ctrl::before_vmx_entry();
             // SAFETY: the VMCS is current and fully initialised; its EPT maps only this
@@ -597,7 +635,17 @@ impl VirtualCpu for VmxVcpu {
                 reason::EXTERNAL_INTERRUPT => VmExit::ExternalInterrupt,
                 reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
                 reason::PREEMPTION_TIMER => VmExit::ExternalInterrupt,
-                reason::TRIPLE_FAULT => VmExit::TripleFault,
+                reason::TRIPLE_FAULT => {
+                    // A shutdown may leave CR0.CD and NW set on this CPU (Bochs sets them, as
+                    // INIT does), and no VM entry or exit clears them: the host clears them.
+                    // SAFETY: caches on is the hypervisor's normal state.
+                    unsafe {
+                        x86_64::registers::control::Cr0::update(|cr0| {
+                            cr0.remove(Cr0Flags::CACHE_DISABLE | Cr0Flags::NOT_WRITE_THROUGH)
+                        })
+                    };
+                    VmExit::TripleFault
+                }
                 // Unconditional in VMX non-root operation (SDM Vol. 3C 26.1.2).
                 reason::XSETBV => VmExit::Xsetbv,
                 reason::EPT_VIOLATION => VmExit::NestedPageFault {
@@ -689,9 +737,10 @@ impl VirtualCpu for VmxVcpu {
     fn set_control_register(&mut self, cr: u8, value: u64) {
         match cr {
             0 => {
+                // CD and NW stay in the shadow (`write_controls`): caching stays on.
                 write_unchecked(
                     vmcs::GUEST_CR0,
-                    (value | self.cr0_fixed.0) & self.cr0_fixed.1,
+                    (value & !CR0_CACHE_BITS | self.cr0_fixed.0) & self.cr0_fixed.1,
                 );
                 write_unchecked(vmcs::CR0_READ_SHADOW, value);
             }

@@ -9,6 +9,7 @@
 
 use lamina_abi::event_channel::DOMID_SELF;
 use lamina_abi::layout::GRANT_WINDOW_GPA;
+use lamina_abi::shared_info::pvclock_ns;
 use lamina_guest_sdk::hypercall::{gpa_of, hypercall5};
 use lamina_guest_sdk::{StartInfo, println, sched};
 
@@ -82,7 +83,9 @@ fn sub_op(rng: &mut Rng, nr: u64, cx: &Context) -> u64 {
     }
 }
 
-pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32) -> ! {
+/// `trace`: print every operation from this one on (`fuzz: #<n> ...`), to find the one a
+/// HANG stops at.
+pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32, trace: u32) -> ! {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     // SAFETY: only this vCPU touches the scratch area, through raw pointers.
     let scratch = gpa_of(unsafe { &*core::ptr::addr_of!(SCRATCH.0) });
@@ -91,6 +94,11 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32) -> ! {
         scratch,
         domains: 2,
     };
+    // Its calls may write anywhere in its RAM, its shared-info page too (where the pvclock
+    // lives): poll deadlines come from the pvclock as it was before the first call.
+    let (clock, _) = lamina_guest_sdk::time::pvclock_snapshot();
+    let own_now = || pvclock_ns(&clock, lamina_guest_sdk::time::rdtsc());
+    let mut clock_trusted = true;
     println!("fuzz: seed {seed}, {ops} operations");
     for done in 0..ops {
         if done % 1000 == 0 {
@@ -104,7 +112,10 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32) -> ! {
         }
         if nr == 2 && args[0] == 3 {
             // Poll: a deadline 1 ms away, so that it cannot park the vCPU for good.
-            args[3] = lamina_guest_sdk::time::now_ns() + 1_000_000;
+            args[3] = own_now() + 1_000_000;
+        }
+        if done >= trace {
+            println!("fuzz: #{done} nr {nr:#x} args {args:x?}");
         }
         if nr == 6 {
             // A multicall batch in the scratch area, entries pointing into the batch.
@@ -119,6 +130,9 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32) -> ! {
                     } else {
                         interesting(&mut rng, &cx)
                     };
+                }
+                if done >= trace {
+                    println!("fuzz: #{done} entry {i}: {entry:x?}");
                 }
                 for (w, word) in entry.iter().enumerate() {
                     // SAFETY: inside the scratch area (8 entries of 56 bytes).
@@ -144,6 +158,17 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32) -> ! {
         // SAFETY: a hostile call on purpose; what it may write lands in this domain's RAM,
         // which this kernel does not rely on beyond its stack and image.
         unsafe { hypercall5(nr, args[0], args[1], args[2], args[3], args[4]) };
+        if clock_trusted {
+            let (shared, own) = (lamina_guest_sdk::time::now_ns(), own_now());
+            if shared.abs_diff(own) > 1_000_000_000 {
+                // Not a finding: the fuzzer scribbled on its own clock (shown to explain what
+                // it does next).
+                println!(
+                    "fuzz: #{done} nr {nr:#x} args {args:x?}: its pvclock now reads {shared} ns, {own} ns by the first one"
+                );
+                clock_trusted = false;
+            }
+        }
     }
     println!("fuzz: done, {ops} operations");
     sched::shutdown(lamina_abi::sched::ShutdownReason::Poweroff)

@@ -370,6 +370,7 @@ pub fn guest(
     vendors: &[crate::emulator::Vendor],
     seeds: std::ops::RangeInclusive<u64>,
     ops: u32,
+    trace_from: Option<u32>,
 ) -> Result<(bool, Vec<(crate::emulator::Vendor, u64)>)> {
     use crate::emulator::{self, RunDir, RunRequest, Streaming};
     use crate::iso::{self, BootModule};
@@ -401,7 +402,12 @@ pub fn guest(
                 },
                 BootModule {
                     path: Artifact::SampleDomains.path(),
-                    cmdline: format!("fuzz role=fuzz seed={seed} ops={ops} mem=4M"),
+                    cmdline: format!(
+                        "fuzz role=fuzz seed={seed} ops={ops} mem=4M{}",
+                        trace_from
+                            .map(|n| format!(" trace={n}"))
+                            .unwrap_or_default()
+                    ),
                 },
             ];
             iso::build_iso(

@@ -13,33 +13,35 @@ use lamina_abi::shared_info::pvclock_ns;
 use lamina_guest_sdk::hypercall::{gpa_of, hypercall5};
 use lamina_guest_sdk::{StartInfo, println, sched};
 
+use crate::fuzz_cpu;
+
 /// Where calls read and write: a page-aligned scratch area in the image.
 #[repr(C, align(4096))]
 struct Scratch([u8; 16384]);
 static mut SCRATCH: Scratch = Scratch([0; 16384]);
 
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
 
-struct Context {
-    ram: u64,
+pub(crate) struct Context {
+    pub(crate) ram: u64,
     scratch: u64,
     domains: u64,
 }
 
-fn interesting(rng: &mut Rng, cx: &Context) -> u64 {
+pub(crate) fn interesting(rng: &mut Rng, cx: &Context) -> u64 {
     match rng.below(20) {
         0 => 0,
         1 => u64::MAX,
@@ -99,10 +101,18 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32, trace: u32) ->
     let (clock, _) = lamina_guest_sdk::time::pvclock_snapshot();
     let own_now = || pvclock_ns(&clock, lamina_guest_sdk::time::rdtsc());
     let mut clock_trusted = true;
+    let mut tally = fuzz_cpu::Tally::new();
     println!("fuzz: seed {seed}, {ops} operations");
     for done in 0..ops {
         if done % 1000 == 0 {
             println!("fuzz: {done} operations");
+        }
+        if rng.below(2) == 0 {
+            if done >= trace {
+                println!("fuzz: #{done}");
+            }
+            fuzz_cpu::operation(&mut rng, &cx, &mut tally, done >= trace);
+            continue;
         }
         let nr = number(&mut rng);
         let mut args = [0u64; 5];
@@ -170,6 +180,7 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32, trace: u32) ->
             }
         }
     }
+    fuzz_cpu::summary(&tally);
     println!("fuzz: done, {ops} operations");
     sched::shutdown(lamina_abi::sched::ShutdownReason::Poweroff)
 }

@@ -76,6 +76,7 @@ mod canary;
 mod control;
 mod echo;
 mod fuzz;
+mod fuzz_cpu;
 mod ping;
 mod pong;
 mod snoop;

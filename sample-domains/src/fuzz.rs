@@ -1,11 +1,12 @@
 //! `role=fuzz`: a hostile guest for `cargo xtask fuzz`. Deterministic from `seed=`, it throws
-//! `ops=` random hypercalls: documented numbers weighted, unknown ones too, sub-operations and
-//! flags, arguments drawn from values where bounds checks go wrong (0, -1, the last bytes of
-//! RAM, just past it, the grant window, hypervisor-looking addresses, huge lengths, other
-//! domains' ids, ports and grant references), and multicall batches whose entries point into
-//! the batch. It prints `fuzz: <n> operations` every 1,000 and `fuzz: done` at the end. Calls
-//! that would end or park it for good (shutdown, block) are left out; a call that scribbles
-//! over its own code or stack may crash it, which is its own business.
+//! `ops=` operations: half random hypercalls (documented numbers weighted, unknown ones too,
+//! sub-operations and flags, arguments drawn from values where bounds checks go wrong: 0, -1,
+//! the last bytes of RAM, just past it, the grant window, hypervisor-looking addresses, huge
+//! lengths, other domains' ids, ports and grant references; multicall batches whose entries
+//! point into the batch), half instructions at CPL 0 or 3 ([`crate::fuzz_cpu`]). It prints
+//! `fuzz: <n> operations` every 1,000 and `fuzz: done` at the end. Calls that would end or park
+//! it for good (shutdown, block) are left out; a call that scribbles over its own code or
+//! stack may crash it, which is its own business.
 
 use lamina_abi::event_channel::DOMID_SELF;
 use lamina_abi::layout::GRANT_WINDOW_GPA;
@@ -85,16 +86,54 @@ fn sub_op(rng: &mut Rng, nr: u64, cx: &Context) -> u64 {
     }
 }
 
+/// Domain control as the privileged fuzzer throws it: `protect` is a domain it must leave
+/// alone (the canary whose verdict classifies the boot), `target` the one it hits instead.
+#[derive(Clone, Copy)]
+pub(crate) struct Spare {
+    pub(crate) protect: u64,
+    pub(crate) target: u64,
+}
+
+const DOMCTL: u64 = 9;
+const DOMCTL_PAUSE: u64 = 2;
+const DOMCTL_UNPAUSE: u64 = 3;
+
+/// A domctl (`op`, domain `id`) as the fuzzer may make it: never on the protected domain, and
+/// never a pause of itself (nothing would unpause it: a HANG of its own making).
+fn spare(op: u64, id: u64, me: u64, spare: Option<Spare>) -> (u64, u64) {
+    let Some(spare) = spare else {
+        return (op, id);
+    };
+    let id = if id == spare.protect {
+        spare.target
+    } else {
+        id
+    };
+    let op = if op == DOMCTL_PAUSE && (id == me || id == DOMID_SELF) {
+        DOMCTL_UNPAUSE
+    } else {
+        op
+    };
+    (op, id)
+}
+
 /// `trace`: print every operation from this one on (`fuzz: #<n> ...`), to find the one a
-/// HANG stops at.
-pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32, trace: u32) -> ! {
+/// HANG stops at. `spared`: privileged (`privileged=1 protect=<id> target=<id>`).
+pub(crate) fn run(
+    start: &'static StartInfo,
+    seed: u64,
+    ops: u32,
+    trace: u32,
+    spared: Option<Spare>,
+) -> ! {
+    let me = u64::from(start.domain_id);
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     // SAFETY: only this vCPU touches the scratch area, through raw pointers.
     let scratch = gpa_of(unsafe { &*core::ptr::addr_of!(SCRATCH.0) });
     let cx = Context {
         ram: start.mem_bytes,
         scratch,
-        domains: 2,
+        domains: if spared.is_some() { 3 } else { 2 },
     };
     // Its calls may write anywhere in its RAM, its shared-info page too (where the pvclock
     // lives): poll deadlines come from the pvclock as it was before the first call.
@@ -120,6 +159,9 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32, trace: u32) ->
         for arg in &mut args[1..] {
             *arg = interesting(&mut rng, &cx);
         }
+        if nr == DOMCTL {
+            (args[0], args[1]) = spare(args[0], args[1], me, spared);
+        }
         if nr == 2 && args[0] == 3 {
             // Poll: a deadline 1 ms away, so that it cannot park the vCPU for good.
             args[3] = own_now() + 1_000_000;
@@ -140,6 +182,9 @@ pub(crate) fn run(start: &'static StartInfo, seed: u64, ops: u32, trace: u32) ->
                     } else {
                         interesting(&mut rng, &cx)
                     };
+                }
+                if entry[0] == DOMCTL {
+                    (entry[1], entry[2]) = spare(entry[1], entry[2], me, spared);
                 }
                 if done >= trace {
                     println!("fuzz: #{done} entry {i}: {entry:x?}");

@@ -432,17 +432,18 @@ fn exec_with_result(
     // SAFETY: written by the trap path before it resumed here.
     let [vector, error, rip, _, rax, rdx] =
         unsafe { core::ptr::read_volatile(&raw const lamina_fuzz_taken) };
-    if counts != 0 {
-        // SAFETY: stops the timer, and ends an interrupt the code was ended by.
-        unsafe {
+    // SAFETY: stops the watchdog, and ends an interrupt the code was ended by (the vector
+    // has a gate; EOI with nothing in service does nothing).
+    unsafe {
+        if watchdog && counts != 0 {
             wrmsr(x2apic::INITIAL_COUNT, 0);
             wrmsr(
                 x2apic::LVT_TIMER,
                 x2apic::LVT_MASKED | u64::from(TIMER_VECTOR),
             );
-            if vector >= 32 {
-                wrmsr(x2apic::EOI, 0);
-            }
+        }
+        if vector >= 32 && counts != 0 {
+            wrmsr(x2apic::EOI, 0);
         }
     }
     let ended = if vector == u64::from(DONE_VECTOR) {

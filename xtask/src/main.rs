@@ -127,6 +127,10 @@ struct FuzzArgs {
     /// HANG stops at).
     #[arg(long, value_name = "N")]
     trace_from: Option<u32>,
+    /// Guest campaign: the fuzzer is privileged and throws domain control at a second canary
+    /// (domain 3) and at itself, never at the canary that decides the class (domain 1).
+    #[arg(long)]
+    privileged: bool,
     /// Only this target (default: all of them).
     #[arg(long, value_name = "T")]
     target: Option<String>,
@@ -349,6 +353,7 @@ fn fuzz_task(args: &FuzzArgs) -> Result<bool> {
             first..=last,
             args.ops,
             args.trace_from,
+            args.privileged,
         )?;
         println!();
         for (vendor, operations) in per_vendor {

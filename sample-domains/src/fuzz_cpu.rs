@@ -678,16 +678,23 @@ pub(crate) fn operation(rng: &mut Rng, cx: &Context, tally: &mut Tally, trace: b
             } else {
                 sandbox + rng.below(64)
             };
-            regs[7] = match rng.below(8) {
+            let buffer = match rng.below(8) {
                 0 => cx.ram + rng.below(16),
                 1 => 1 << 63 | rng.below(4096),
                 2 => 0xffff_8000_0000_0000 + rng.below(1 << 20),
                 _ => in_sandbox,
             };
-            if regs[1] > most && (sandbox..sandbox + 8192).contains(&regs[7]) {
+            // INS stores at RDI, OUTS loads from RSI: a buffer in RAM holds at most `most`
+            // elements (a count of 2^64 would read all of RAM first, slowly).
+            if regs[1] > most && buffer < cx.ram {
                 regs[1] = most;
             }
-            regs[6] = address(rng, cx);
+            let other = address(rng, cx);
+            (regs[6], regs[7]) = if out {
+                (buffer, other)
+            } else {
+                (other, buffer)
+            };
         }
         2 | 3 => {
             let write = kind == 3;

@@ -86,6 +86,20 @@ fn sub_op(rng: &mut Rng, nr: u64, cx: &Context) -> u64 {
     }
 }
 
+/// System time by vCPU 0's pvclock in the shared-info page, read once without the version
+/// protocol and without StartInfo (the fuzzer's calls may have written garbage into both: the
+/// SDK's reader would then spin on an odd version, or follow a wild pointer).
+fn shared_clock() -> u64 {
+    let at = lamina_abi::layout::SHARED_INFO_GPA
+        + core::mem::offset_of!(lamina_abi::shared_info::SharedInfo, vcpu_info) as u64
+        + core::mem::offset_of!(lamina_abi::shared_info::VcpuInfo, time) as u64;
+    // SAFETY: the shared-info page is in RAM and identity-mapped (docs/abi.md 4.2); any bytes
+    // are a valid VcpuTimeInfo (plain integers).
+    let time =
+        unsafe { core::ptr::read_volatile(at as *const lamina_abi::shared_info::VcpuTimeInfo) };
+    pvclock_ns(&time, lamina_guest_sdk::time::rdtsc())
+}
+
 /// Domain control as the privileged fuzzer throws it: `protect` is a domain it must leave
 /// alone (the canary whose verdict classifies the boot), `target` the one it hits instead.
 #[derive(Clone, Copy)]
@@ -140,6 +154,8 @@ pub(crate) fn run(
     let (clock, _) = lamina_guest_sdk::time::pvclock_snapshot();
     let own_now = || pvclock_ns(&clock, lamina_guest_sdk::time::rdtsc());
     let mut clock_trusted = true;
+    // Before the first call: the IDT, GDT and page tables of its own.
+    fuzz_cpu::install();
     let mut tally = fuzz_cpu::Tally::new();
     println!("fuzz: seed {seed}, {ops} operations");
     for done in 0..ops {
@@ -214,7 +230,7 @@ pub(crate) fn run(
         // which this kernel does not rely on beyond its stack and image.
         unsafe { hypercall5(nr, args[0], args[1], args[2], args[3], args[4]) };
         if clock_trusted {
-            let (shared, own) = (lamina_guest_sdk::time::now_ns(), own_now());
+            let (shared, own) = (shared_clock(), own_now());
             if shared.abs_diff(own) > 1_000_000_000 {
                 // Not a finding: the fuzzer scribbled on its own clock (shown to explain what
                 // it does next).

@@ -58,7 +58,14 @@ impl<T> Racy<T> {
 #[repr(C, align(4096))]
 struct Page<const N: usize>([u8; N]);
 
-static CODE: Racy<Page<4096>> = Racy::new(Page([0; 4096]));
+/// The code page and the page tables live below the kernel image (linked at 2 MiB; RAM from
+/// 1 MiB is the kernel's, docs/abi.md 4.2), apart from each other and from the IDT, GDT and
+/// stacks: a store relative to RIP with a small displacement, which random code makes often,
+/// then lands in the code page or in nothing the fuzzer needs.
+const CODE_GPA: u64 = 0x1c_0000;
+/// Eight pages for the copy of the boot page tables ([`own_page_tables`]).
+const TABLES_GPA: u64 = 0x18_0000;
+const TABLES_MAX: usize = 8;
 /// What the operations' loads and stores point at.
 static SANDBOX: Racy<Page<8192>> = Racy::new(Page([0; 8192]));
 /// The stack the operations run on.
@@ -270,6 +277,8 @@ pub(crate) fn install() {
     if INSTALLED.swap(true, Ordering::Relaxed) {
         return;
     }
+    // SAFETY: the copy maps everything as the boot tables do.
+    unsafe { own_page_tables() };
     let trap_top = TRAP_STACK.get() as u64 + 16384;
     let tss = TSS.get();
     // SAFETY: before `ltr`; nothing else uses the TSS.
@@ -350,6 +359,104 @@ pub(crate) fn install() {
     }
 }
 
+static mut TABLES_USED: usize = 0;
+
+/// Whether CPL 3 code may touch the page at `address`: only its code page, the sandbox and
+/// the operations' stack (and what lies outside RAM, the grant window, as the boot tables map
+/// it). The rest of the kernel is out of its reach.
+fn user_page(address: u64) -> bool {
+    let sandbox = SANDBOX.get() as u64;
+    let stack = OP_STACK.get() as u64;
+    address >= 1 << 30
+        || (CODE_GPA..CODE_GPA + 4096).contains(&address)
+        || (sandbox..sandbox + 8192).contains(&address)
+        || (stack..stack + 16384).contains(&address)
+}
+
+const ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+const USER: u64 = 1 << 2;
+const LARGE: u64 = 1 << 7;
+
+/// A fresh page of the tables' area, or `None` when out of room.
+///
+/// # Safety
+/// One vCPU, before any operation.
+unsafe fn new_table() -> Option<&'static mut [u64; 512]> {
+    // SAFETY: the caller's.
+    let used = unsafe { TABLES_USED };
+    if used == TABLES_MAX {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { TABLES_USED = used + 1 };
+    // SAFETY: page `used` of the tables' area, in RAM, identity-mapped, handed out once.
+    Some(unsafe { &mut *((TABLES_GPA + used as u64 * 4096) as *mut [u64; 512]) })
+}
+
+/// Copies the level-`level` table at `table` (4 = PML4), mapping linear addresses from
+/// `base`, and everything below it to [`TABLES_GPA`]: leaves keep U only where
+/// [`user_page`] says so (a 2 MiB page that holds such a page is split into 4 KiB ones).
+/// Returns the copy's address (identity-mapped) or `None` when out of room.
+///
+/// # Safety
+/// `table` is a page table of this domain, identity-mapped; one vCPU, before any operation.
+unsafe fn copy_table(table: u64, level: u32, base: u64) -> Option<u64> {
+    // SAFETY: the caller's.
+    let copy = unsafe { new_table() }?;
+    let shift = 12 + 9 * (level - 1);
+    for (i, slot) in copy.iter_mut().enumerate() {
+        let address = base + ((i as u64) << shift);
+        // SAFETY: the caller's table, 512 entries.
+        let entry = unsafe { core::ptr::read_volatile((table as *const u64).add(i)) };
+        let present = entry & 1 != 0;
+        *slot = if !present {
+            entry
+        } else if level == 1 {
+            if user_page(address) {
+                entry
+            } else {
+                entry & !USER
+            }
+        } else if level == 2 && entry & LARGE != 0 {
+            // SAFETY: as above.
+            let split = unsafe { new_table() }?;
+            let frame = entry & ADDRESS & !0x1f_ffff;
+            for (j, small) in split.iter_mut().enumerate() {
+                let at = address + j as u64 * 4096;
+                let flags = entry & (0x1f | 1 << 63);
+                *small =
+                    (frame + j as u64 * 4096) | if user_page(at) { flags } else { flags & !USER };
+            }
+            (entry & !(ADDRESS | LARGE | 1 << 12)) | split.as_ptr() as u64
+        } else if level == 3 && entry & LARGE != 0 {
+            entry
+        } else {
+            // SAFETY: a present entry of the boot tables points at a table in RAM.
+            let below = unsafe { copy_table(entry & ADDRESS, level - 1, address) }?;
+            (entry & !ADDRESS) | below
+        };
+    }
+    Some(copy.as_ptr() as u64)
+}
+
+/// Moves the fuzzer onto a copy of the boot page tables below its image: its hypercalls may
+/// write anywhere in its RAM, the boot tables at 0x4000-0xafff too, and a page of them gone
+/// wrong would end the boot at the next instruction operation that touches it. The copy
+/// also keeps CPL 3 code away from the kernel ([`user_page`]).
+///
+/// # Safety
+/// Paging is the boot identity map (docs/abi.md 4.2).
+unsafe fn own_page_tables() {
+    let cr3 = read_cr(3);
+    // SAFETY: CR3 holds the boot PML4; one vCPU, before any operation.
+    if let Some(pml4) = unsafe { copy_table(cr3 & ADDRESS, 4, 0) } {
+        // SAFETY: the copy maps every address as the boot tables do.
+        unsafe {
+            asm!("mov cr3, {}", in(reg) pml4 | (cr3 & 0xfff), options(nostack, preserves_flags))
+        };
+    }
+}
+
 /// What ended an operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Ended {
@@ -378,7 +485,7 @@ fn exec_with_result(
     rflags: u64,
     watchdog: bool,
 ) -> (Ended, u64, u64) {
-    let page = CODE.get().cast::<u8>();
+    let page = CODE_GPA as *mut u8;
     let n = code.len().min(64);
     // SAFETY: inside the code page; only this vCPU runs it, and not now.
     unsafe {
@@ -593,6 +700,13 @@ pub(crate) fn operation(rng: &mut Rng, cx: &Context, tally: &mut Tally, trace: b
     install();
     let cpl = if rng.below(4) == 0 { 3 } else { 0 };
     let kind = rng.below(11);
+    // Random bytes at CPL 0 may jump anywhere and run what they find there unfiltered: one
+    // in three runs there, the rest at CPL 3, where the kernel is out of reach.
+    let cpl = if kind == 10 && rng.below(3) != 0 {
+        3
+    } else {
+        cpl
+    };
     let mut regs = [0u64; 16];
     for reg in &mut regs {
         *reg = if rng.below(2) == 0 {
@@ -649,10 +763,14 @@ pub(crate) fn operation(rng: &mut Rng, cx: &Context, tally: &mut Tally, trace: b
                 push(&[0xf3]);
             }
             let mut operand_size = 4;
+            let mut address_mask = u64::MAX;
             for _ in 0..rng.below(3) {
                 let prefix = [0x66, 0x67, 0x2e, 0x64, 0x65, 0x26][rng.below(6) as usize];
                 if prefix == 0x66 {
                     operand_size = 2;
+                }
+                if prefix == 0x67 {
+                    address_mask = 0xffff_ffff;
                 }
                 push(&[prefix]);
             }
@@ -685,8 +803,10 @@ pub(crate) fn operation(rng: &mut Rng, cx: &Context, tally: &mut Tally, trace: b
                 _ => in_sandbox,
             };
             // INS stores at RDI, OUTS loads from RSI: a buffer in RAM holds at most `most`
-            // elements (a count of 2^64 would read all of RAM first, slowly).
-            if regs[1] > most && buffer < cx.ram {
+            // elements (INS beyond the sandbox would wreck the kernel; OUTS of 2^64 would read
+            // all of RAM first, slowly). With 0x67 the address is the index's low 32 bits
+            // (and the count ECX).
+            if regs[1] & address_mask > most && buffer & address_mask < cx.ram {
                 regs[1] = most;
             }
             let other = address(rng, cx);

@@ -300,22 +300,7 @@ pub(crate) fn install() {
             base >> 32,
         ];
     }
-    let stubs = lamina_fuzz_stubs as *const () as u64;
-    for vector in 0..256u64 {
-        let handler = stubs + vector * 16;
-        let dpl = if vector == u64::from(DONE_VECTOR) {
-            3
-        } else {
-            0
-        };
-        let low = (handler & 0xffff)
-            | KERNEL_CODE << 16
-            | 1 << 32 // IST 1
-            | (0x8e | dpl << 5) << 40
-            | (handler >> 16 & 0xffff) << 48;
-        // SAFETY: the IDT is not loaded yet.
-        unsafe { (*IDT.get())[vector as usize] = [low, handler >> 32] };
-    }
+    fill_idt();
     let gdtr = TablePointer {
         limit: 7 * 8 - 1,
         base: GDT.get() as u64,
@@ -360,6 +345,28 @@ pub(crate) fn install() {
 }
 
 static mut TABLES_USED: usize = 0;
+
+/// Writes every gate of the IDT (again: random CPL 0 code may have written over one).
+fn fill_idt() {
+    let stubs = lamina_fuzz_stubs as *const () as u64;
+    for vector in 0..256u64 {
+        let handler = stubs + vector * 16;
+        let dpl = if vector == u64::from(DONE_VECTOR) {
+            3
+        } else {
+            0
+        };
+        let low = (handler & 0xffff)
+            | KERNEL_CODE << 16
+            | 1 << 32 // IST 1
+            | (0x8e | dpl << 5) << 40
+            | (handler >> 16 & 0xffff) << 48;
+        // SAFETY: between operations, with interrupts off: no gate is being used.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*IDT.get())[vector as usize], [low, handler >> 32])
+        };
+    }
+}
 
 /// Whether CPL 3 code may touch the page at `address`: only its code page, the sandbox and
 /// the operations' stack (and what lies outside RAM, the grant window, as the boot tables map
@@ -515,6 +522,9 @@ fn exec_with_result(
     unsafe { asm!("fxsave64 [{}]", in(reg) fx, options(nostack, preserves_flags)) };
     // SAFETY: the x2APIC is present when TIMER_COUNTS is not 0.
     let counts = unsafe { TIMER_COUNTS };
+    // Random code may have written over a gate (a timer interrupt through a broken gate
+    // raises #GP instead, and stays in service): 4 KiB of stores, no exit.
+    fill_idt();
     if watchdog && counts != 0 {
         // SAFETY: the timer's vector has a gate; the APIC is enabled.
         unsafe {
@@ -549,7 +559,10 @@ fn exec_with_result(
                 x2apic::LVT_MASKED | u64::from(TIMER_VECTOR),
             );
         }
-        if vector >= 32 && counts != 0 {
+        // An interrupt the code was ended by, or one whose delivery faulted (#GP/#NP with
+        // the external bit): it is in service either way. EOI with nothing in service does
+        // nothing.
+        if (vector >= 32 || (watchdog && error & 1 != 0)) && counts != 0 {
             wrmsr(x2apic::EOI, 0);
         }
     }

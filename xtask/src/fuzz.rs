@@ -292,8 +292,8 @@ pub const GUEST_STEP: &str = "fuzz-guest";
 /// Seeds whose boot was not OK once, one a line (`#` comments): rerun by every campaign.
 const GUEST_REGRESSIONS: &str = "fuzz/guest-seeds.txt";
 /// The short campaign of `cargo xtask test`, on each vendor.
-pub const SUITE_SEEDS: std::ops::RangeInclusive<u64> = 1..=2;
-pub const SUITE_OPS: u32 = 2_000;
+pub const SUITE_SEEDS: std::ops::RangeInclusive<u64> = 1..=4;
+pub const SUITE_OPS: u32 = 10_000;
 /// How long the canary checks its memory, in ms of system time.
 const CANARY_MS: u64 = 300;
 

@@ -10,7 +10,7 @@
 //! | `control` | privileged: lists, watches, pauses, unpauses and destroys a worker | `control role=control privileged=1 worker=<id>` |
 //! | `worker` | unprivileged: checks that domain control is refused, then works until destroyed | `worker role=worker [peer=<control's id>]` |
 //! | `echo` | domain 1 only: answers each line of console input (`sum 1 2`, `quit`) | `echo role=echo` |
-//! | `fuzz` | hostile: random hypercalls with hostile arguments (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000]` |
+//! | `fuzz` | hostile: random hypercalls with hostile arguments and random instructions at CPL 0 and 3 (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000] [trace=<first op printed>] [privileged=1 protect=<id> target=<id>]` |
 //! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
 //!
 //! # How ping and pong find each other
@@ -76,6 +76,7 @@ mod canary;
 mod control;
 mod echo;
 mod fuzz;
+mod fuzz_cpu;
 mod ping;
 mod pong;
 mod snoop;
@@ -123,6 +124,13 @@ fn kernel_main(start: &'static StartInfo) -> ! {
             start,
             number_from_cmdline("fuzz", "seed").unwrap_or(1).into(),
             number_from_cmdline("fuzz", "ops").unwrap_or(10_000),
+            number_from_cmdline("fuzz", "trace").unwrap_or(u32::MAX),
+            number_from_cmdline("fuzz", "protect").map(|protect| fuzz::Spare {
+                protect: protect.into(),
+                target: number_from_cmdline("fuzz", "target")
+                    .unwrap_or_else(|| fail("fuzz", format_args!("protect= needs target=")))
+                    .into(),
+            }),
         ),
         "canary" => canary::run(number_from_cmdline("canary", "ms").unwrap_or(300).into()),
         other => fail(

@@ -123,6 +123,14 @@ struct FuzzArgs {
     /// Guest campaign: hypercalls per boot.
     #[arg(long, value_name = "N", default_value_t = 20_000)]
     ops: u32,
+    /// Guest campaign: the fuzzer prints every operation from the N-th on (to find the one a
+    /// HANG stops at).
+    #[arg(long, value_name = "N")]
+    trace_from: Option<u32>,
+    /// Guest campaign: the fuzzer is privileged and throws domain control at a second canary
+    /// (domain 3) and at itself, never at the canary that decides the class (domain 1).
+    #[arg(long)]
+    privileged: bool,
     /// Only this target (default: all of them).
     #[arg(long, value_name = "T")]
     target: Option<String>,
@@ -348,7 +356,13 @@ fn execute(task: Task) -> Result<ExitCode> {
 fn fuzz_task(args: &FuzzArgs) -> Result<bool> {
     if !args.host {
         let (first, last) = args.seeds;
-        let (passed, per_vendor) = fuzz::guest(&args.vendor.vendors(), first..=last, args.ops)?;
+        let (passed, per_vendor) = fuzz::guest(
+            &args.vendor.vendors(),
+            first..=last,
+            args.ops,
+            args.trace_from,
+            args.privileged,
+        )?;
         println!();
         for (vendor, operations) in per_vendor {
             println!("{}: {operations} operations", vendor.name());

@@ -199,7 +199,13 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             fuzz::SUITE_OPS
         );
         let started = std::time::Instant::now();
-        let (passed, _) = fuzz::guest(&options.vendors, fuzz::SUITE_SEEDS, fuzz::SUITE_OPS)?;
+        let (passed, _) = fuzz::guest(
+            &options.vendors,
+            fuzz::SUITE_SEEDS,
+            fuzz::SUITE_OPS,
+            None,
+            false,
+        )?;
         Some((passed, started.elapsed()))
     } else {
         None

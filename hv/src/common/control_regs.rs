@@ -187,21 +187,23 @@ pub enum CrInstruction {
 /// anything else, including LMSW with a memory operand (not emulated). On AMD, LOCK MOV CR0
 /// is MOV CR8 (APM Vol. 3, "MOV CRn").
 pub fn decode_mov_cr(bytes: &[u8]) -> Option<CrInstruction> {
-    // Legacy prefixes (LOCK matters: on AMD it selects CR8), then at most one REX, which
-    // counts only when it comes last (SDM Vol. 2A 2.2.1).
+    // An instruction is at most 15 bytes (longer: #GP, SDM Vol. 2A 2.3.11).
+    let bytes = &bytes[..bytes.len().min(15)];
+    // Legacy prefixes (LOCK matters: on AMD it selects CR8) and REX in any order; a REX counts
+    // only right before the opcode, any other is ignored (SDM Vol. 2A 2.2.1).
     let mut i = 0;
     let mut lock = false;
     let mut rex = 0u8;
     while let Some(&byte) = bytes.get(i) {
         match byte {
-            0xf0 => lock = true,
-            0x66 | 0x67 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 => {}
+            0xf0 => {
+                lock = true;
+                rex = 0;
+            }
+            0x66 | 0x67 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 => rex = 0,
+            0x40..=0x4f => rex = byte,
             _ => break,
         }
-        i += 1;
-    }
-    if let Some(&byte @ 0x40..=0x4f) = bytes.get(i) {
-        rex = byte;
         i += 1;
     }
     if *bytes.get(i)? != 0x0f {
@@ -445,6 +447,37 @@ mod tests {
         assert_eq!(decode_mov_cr(&[0x0f, 0x01, 0x30]), None, "LMSW [rax]");
         assert_eq!(decode_mov_cr(&[0x90, 0x0f, 0x22, 0xe0]), None);
         assert_eq!(decode_mov_cr(&[0x0f]), None);
+    }
+
+    /// Found by fuzz/control_regs: a REX that a later prefix (another REX or a legacy one)
+    /// follows is ignored, as on hardware, instead of the access being undecodable.
+    #[test]
+    fn only_the_rex_right_before_the_opcode_counts() {
+        assert_eq!(
+            decode_mov_cr(&[0x41, 0x44, 0x0f, 0x06]),
+            Some(CrInstruction::Clts { len: 4 })
+        );
+        assert_eq!(
+            decode_mov_cr(&[0x44, 0x66, 0x0f, 0x22, 0xc0]),
+            Some(CrInstruction::Write {
+                cr: 0,
+                gpr: 0,
+                len: 5
+            })
+        );
+        assert_eq!(
+            decode_mov_cr(&[0x66, 0x41, 0x44, 0x0f, 0x20, 0xc1]),
+            Some(CrInstruction::Read {
+                cr: 8,
+                gpr: 1,
+                len: 6
+            })
+        );
+        // Longer than 15 bytes: #GP on hardware, not an access to emulate.
+        let mut long = [0x66u8; 17];
+        long[14..].copy_from_slice(&[0x0f, 0x22, 0xc0]);
+        assert_eq!(decode_mov_cr(&long), None);
+        assert!(decode_mov_cr(&long[2..]).is_some());
     }
 
     #[test]

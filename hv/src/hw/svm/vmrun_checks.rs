@@ -51,7 +51,8 @@ pub(super) fn invalid_state_reason(s: &VmrunState) -> &'static str {
     } else if s.asid == 0 {
         "guest ASID 0"
     } else if s.event_injection & EVENT_VALID != 0
-        && matches!((s.event_injection >> 8) & 7, 1 | 5 | 7)
+        // APM Table 15-1 defines types 0, 2, 3 and 4 only.
+        && matches!((s.event_injection >> 8) & 7, 1 | 5..=7)
     {
         "EVENTINJ has an illegal event type"
     } else {
@@ -121,6 +122,15 @@ mod tests {
                 "EFER.SVME is clear",
             ),
             (VmrunState { asid: 0, ..good() }, "guest ASID 0"),
+            // Type 6 (found by fuzz/entry_checks: it was reported as a check the VMCB does
+            // not show).
+            (
+                VmrunState {
+                    event_injection: EVENT_VALID | 6 << 8 | 14,
+                    ..good()
+                },
+                "EVENTINJ has an illegal event type",
+            ),
             (
                 VmrunState {
                     intercepts_vmrun: false,

@@ -10,9 +10,32 @@
 #![no_main]
 
 use lamina_fuzz::common::control_regs::{
-    CrContext, CrInstruction, Fault, check_cr_write, cr0, cr4, cr4_allowed_by_cpuid, decode_mov_cr,
+    CrContext, CrInstruction, Fault, check_cr_write, cr4_allowed_by_cpuid, decode_mov_cr,
     lmsw_value,
 };
+
+/// The reference's names for the CR0 and CR4 bits (SDM Vol. 3A 2.5), from the x86_64 crate's
+/// flag types, which the hypervisor uses too.
+mod cr0 {
+    use x86_64::registers::control::Cr0Flags as F;
+    pub const PE: u64 = F::PROTECTED_MODE_ENABLE.bits();
+    pub const MP: u64 = F::MONITOR_COPROCESSOR.bits();
+    pub const ET: u64 = F::EXTENSION_TYPE.bits();
+    pub const NE: u64 = F::NUMERIC_ERROR.bits();
+    pub const WP: u64 = F::WRITE_PROTECT.bits();
+    pub const NW: u64 = F::NOT_WRITE_THROUGH.bits();
+    pub const CD: u64 = F::CACHE_DISABLE.bits();
+    pub const PG: u64 = F::PAGING.bits();
+}
+mod cr4 {
+    use x86_64::registers::control::Cr4Flags as F;
+    pub const PAE: u64 = F::PHYSICAL_ADDRESS_EXTENSION.bits();
+    pub const OSFXSR: u64 = F::OSFXSR.bits();
+    pub const OSXMMEXCPT: u64 = F::OSXMMEXCPT_ENABLE.bits();
+    pub const LA57: u64 = F::L5_PAGING.bits();
+    pub const PCIDE: u64 = F::PCID.bits();
+    pub const CET: u64 = F::CONTROL_FLOW_ENFORCEMENT.bits();
+}
 use lamina_fuzz::input::Input;
 use lamina_fuzz::svm::{VmrunState, invalid_state_reason};
 

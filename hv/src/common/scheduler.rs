@@ -1025,6 +1025,33 @@ mod tests {
         )
     }
 
+    /// Domain 1 with two vCPUs: vCPU 0 plays `first`, vCPU 1 (tag 2) `second`; a start state
+    /// for vCPU 1 at 0x10000 (RIP 0x123000, RSP 0x200000, CR3 0x1000, argument 77).
+    fn two_vcpus(
+        first: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+        second: Vec<(VmExit, crate::common::vcpu::GuestRegisters)>,
+    ) -> (TestMemory, Slot<MockVcpu>) {
+        let (t, mut s) = slot(first);
+        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
+            .into_iter()
+            .enumerate()
+        {
+            t.mem
+                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
+                .unwrap();
+        }
+        let time = s.domain.time;
+        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
+        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
+        s.vcpus.push(Some(Box::new(MockVcpu {
+            script: second.into(),
+            interrupt_flag: true,
+            tag: 2,
+            ..Default::default()
+        })));
+        (t, s)
+    }
+
     const EVTCHN: u64 = 3;
     const VCPU_OP: u64 = 4;
     const SCHED: u64 = 2;
@@ -1152,37 +1179,22 @@ mod tests {
 
     #[test]
     fn a_secondary_vcpu_starts_from_its_start_state_and_takes_itself_down() {
-        let (t, mut s) = slot(vec![
-            hypercall(VCPU_OP, [5, 1, 0x10000]), // initialise vCPU 1
-            hypercall(VCPU_OP, [6, 1, 0]),       // up
-            hypercall(VCPU_OP, [8, 1, 0]),       // is_up -> 1
-            hypercall(SCHED, YIELD),
-            hypercall(SCHED, YIELD),
-            hypercall(SCHED, YIELD),
-            hypercall(VCPU_OP, [8, 1, 0]), // is_up -> 0: it took itself down
-            hypercall(SCHED, POWEROFF),
-        ]);
-        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
-            .into_iter()
-            .enumerate()
-        {
-            t.mem
-                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
-                .unwrap();
-        }
-        let time = s.domain.time;
-        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
-        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
-        s.vcpus.push(Some(Box::new(MockVcpu {
-            script: vec![
+        let (_t, mut s) = two_vcpus(
+            vec![
+                hypercall(VCPU_OP, [5, 1, 0x10000]), // initialise vCPU 1
+                hypercall(VCPU_OP, [6, 1, 0]),       // up
+                hypercall(VCPU_OP, [8, 1, 0]),       // is_up -> 1
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(VCPU_OP, [8, 1, 0]), // is_up -> 0: it took itself down
+                hypercall(SCHED, POWEROFF),
+            ],
+            vec![
                 hypercall(SCHED, YIELD),
                 hypercall(VCPU_OP, [7, 1, 0]), // down of itself
-            ]
-            .into(),
-            interrupt_flag: true,
-            tag: 2,
-            ..Default::default()
-        })));
+            ],
+        );
         take_trace();
         run_all(std::slice::from_mut(&mut s), &mut fake_host());
         let trace = take_trace();
@@ -1212,18 +1224,7 @@ mod tests {
 
     #[test]
     fn a_secondary_vcpu_gets_its_start_state_at_its_first_entry() {
-        let (t, mut s) = slot(vec![]);
-        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
-            .into_iter()
-            .enumerate()
-        {
-            t.mem
-                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
-                .unwrap();
-        }
-        let time = s.domain.time;
-        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
-        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
+        let (_t, mut s) = two_vcpus(vec![], vec![]);
         let mut secondary = MockVcpu::default();
         let args = [VcpuOp::Initialise as u64, 1, 0x10000, 0, 0];
         assert_eq!(
@@ -1282,32 +1283,18 @@ mod tests {
 
     #[test]
     fn a_secondary_vcpu_takes_itself_down_on_the_shared_path_too() {
-        let (t, mut s) = slot(vec![
-            hypercall(VCPU_OP, [5, 1, 0x10000]),
-            hypercall(VCPU_OP, [6, 1, 0]),
-            hypercall(SCHED, YIELD),
-            hypercall(SCHED, YIELD),
-            hypercall(SCHED, YIELD),
-            hypercall(VCPU_OP, [8, 1, 0]),
-            hypercall(SCHED, POWEROFF),
-        ]);
-        for (i, value) in [0x12_3000u64, 0x20_0000, 0x1000, 77]
-            .into_iter()
-            .enumerate()
-        {
-            t.mem
-                .write(0x10000 + 8 * i as u64, &value.to_le_bytes())
-                .unwrap();
-        }
-        let time = s.domain.time;
-        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
-        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 2);
-        s.vcpus.push(Some(Box::new(MockVcpu {
-            script: vec![hypercall(SCHED, YIELD), hypercall(VCPU_OP, [7, 1, 0])].into(),
-            interrupt_flag: true,
-            tag: 2,
-            ..Default::default()
-        })));
+        let (_t, mut s) = two_vcpus(
+            vec![
+                hypercall(VCPU_OP, [5, 1, 0x10000]),
+                hypercall(VCPU_OP, [6, 1, 0]),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(VCPU_OP, [8, 1, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+            vec![hypercall(SCHED, YIELD), hypercall(VCPU_OP, [7, 1, 0])],
+        );
         take_trace();
         run_shared(std::slice::from_mut(&mut s), &mut fake_host());
         let trace = take_trace();

@@ -39,12 +39,26 @@ pub struct SuiteOptions {
     pub smp: Option<u16>,
 }
 
+/// The CPUs of a conformance job's machines.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cpus {
+    /// As `--smp` says (one without it).
+    Options,
+    /// Two: `cargo xtask test` runs the suite again on 2-CPU machines, where the vCPUs of a
+    /// batch's domains move between CPUs.
+    Two,
+}
+
+/// The name of the conformance suite run on 2-CPU machines.
+const CONFORMANCE_TWO_CPUS: &str = "conformance-2cpus";
+
 /// One emulator run to do.
 enum Job {
     Scenario(&'static Scenario, Vendor),
     /// A scenario that drives the run (gdb, console input, trace).
     Driven(&'static Driven, Vendor),
-    Conformance(Vec<&'static TestInfo>, Vendor),
+    /// The conformance suite; the `Cpus` of its machines (`Cpus::Options`: `--smp`).
+    Conformance(Vec<&'static TestInfo>, Vendor, Cpus),
     /// The benchmark with few iterations, held against its baseline.
     Bench(Vendor),
     /// A guest crate outside the workspace, built and booted with `cargo run`/`cargo test`.
@@ -56,7 +70,8 @@ impl Job {
         match self {
             Job::Scenario(scenario, _) => scenario.name,
             Job::Driven(driven, _) => driven.scenario.name,
-            Job::Conformance(..) => conformance::SUITE_NAME,
+            Job::Conformance(_, _, Cpus::Options) => conformance::SUITE_NAME,
+            Job::Conformance(_, _, Cpus::Two) => CONFORMANCE_TWO_CPUS,
             Job::Bench(_) => bench::FAST_NAME,
             Job::OutOfTree(_) => out_of_tree::NAME,
         }
@@ -66,7 +81,7 @@ impl Job {
         match self {
             Job::Scenario(_, vendor)
             | Job::Driven(_, vendor)
-            | Job::Conformance(_, vendor)
+            | Job::Conformance(_, vendor, _)
             | Job::Bench(vendor)
             | Job::OutOfTree(vendor) => *vendor,
         }
@@ -150,6 +165,17 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
         None
     };
     let mut jobs = conformance_jobs(options);
+    // The whole suite again on 2-CPU machines, unless the run already has several CPUs or
+    // is filtered to something else.
+    if options.smp.is_none() && filter.is_none_or(|f| CONFORMANCE_TWO_CPUS.contains(f)) {
+        let tests = conformance::select(None);
+        jobs.extend(
+            options
+                .vendors
+                .iter()
+                .map(|&vendor| Job::Conformance(tests.clone(), vendor, Cpus::Two)),
+        );
+    }
     for scenario in scenarios::select(filter) {
         jobs.extend(
             options
@@ -289,7 +315,7 @@ fn conformance_jobs(options: &SuiteOptions) -> Vec<Job> {
     options
         .vendors
         .iter()
-        .map(|&vendor| Job::Conformance(tests.clone(), vendor))
+        .map(|&vendor| Job::Conformance(tests.clone(), vendor, Cpus::Options))
         .collect()
 }
 
@@ -334,8 +360,8 @@ fn run_jobs(jobs: Vec<Job>, options: &SuiteOptions) -> Vec<JobOutcome> {
 fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
     let name = job.name();
     let vendor = job.vendor();
-    if let Job::Conformance(tests, _) = job {
-        return run_conformance(name, vendor, tests, &job.dir(), options);
+    if let Job::Conformance(tests, _, cpus) = job {
+        return run_conformance(name, vendor, tests, &job.dir(), options, *cpus);
     }
     if let Job::Bench(_) = job {
         let (judgement, record) = bench::fast_check(
@@ -368,7 +394,9 @@ fn run_job(job: &Job, options: &SuiteOptions) -> JobOutcome {
         Err(err) => {
             let why = err.to_string();
             let suite = match job {
-                Job::Conformance(tests, _) => Some(conformance::errored_suite(vendor, tests, &why)),
+                Job::Conformance(tests, ..) => {
+                    Some(conformance::errored_suite(vendor, tests, &why))
+                }
                 Job::Scenario(..) | Job::Driven(..) | Job::Bench(_) | Job::OutOfTree(_) => None,
             };
             (None, Judgement::new(Status::Error, why), suite)
@@ -452,7 +480,12 @@ fn run_conformance(
     tests: &[&'static TestInfo],
     dir: &RunDir,
     options: &SuiteOptions,
+    cpus: Cpus,
 ) -> JobOutcome {
+    let machine_cpus = match cpus {
+        Cpus::Options => options.smp,
+        Cpus::Two => Some(2),
+    };
     let mut cases = Vec::new();
     let mut seconds = 0.0;
     // The record shown with the verdict: the first failing batch's, else the first one's.
@@ -467,7 +500,7 @@ fn run_conformance(
         let dir = RunDir::new(dir.path.join(format!("batch-{batch}")));
         let modules = conformance::boot_modules(tests);
         let timeout = conformance::timeout(vendor, options.timeout, tests.len());
-        let suite = match boot(&dir, vendor, &modules, timeout, name, options) {
+        let suite = match boot(&dir, vendor, &modules, timeout, name, options, machine_cpus) {
             Ok(record) => {
                 let suite = conformance::suite(vendor, tests, &record);
                 if let Some(problem) = record.log.memory_problem() {
@@ -486,7 +519,10 @@ fn run_conformance(
         cases.extend(suite.cases);
     }
     let suite = Suite {
-        name: vendor.name().to_string(),
+        name: match cpus {
+            Cpus::Options => vendor.name().to_string(),
+            Cpus::Two => format!("{} 2cpus", vendor.name()),
+        },
         seconds,
         cases,
     };
@@ -516,7 +552,7 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
             scenarios::boot_modules(scenario, &dir)?,
             options.timeout.unwrap_or_else(|| vendor.default_timeout()),
         ),
-        Job::Conformance(tests, _) => (
+        Job::Conformance(tests, ..) => (
             conformance::boot_modules(tests),
             conformance::timeout(vendor, options.timeout, tests.len()),
         ),
@@ -525,7 +561,15 @@ fn prepare(job: &Job, options: &SuiteOptions) -> Result<RunRecord> {
         }
         Job::OutOfTree(_) => unreachable!("out-of-tree jobs boot through cargo run"),
     };
-    boot(&dir, vendor, &modules, timeout, job.name(), options)
+    boot(
+        &dir,
+        vendor,
+        &modules,
+        timeout,
+        job.name(),
+        options,
+        options.smp,
+    )
 }
 
 /// Boots the hypervisor with `modules` in `dir`.
@@ -536,6 +580,7 @@ fn boot(
     timeout: Duration,
     name: &str,
     options: &SuiteOptions,
+    cpus: Option<u16>,
 ) -> Result<RunRecord> {
     emulator::boot(&emulator::Boot {
         vendor,
@@ -546,7 +591,7 @@ fn boot(
         streaming: &streaming(name, vendor, options),
         icount: true,
         extras: RunExtras {
-            cpus: options.smp,
+            cpus,
             ..RunExtras::default()
         },
     })

@@ -480,11 +480,16 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
     for (i, ram) in rams.iter().enumerate() {
         let id = i as u32 + 1;
         let flags = input.u8();
-        let mut domain = Domain::new(
+        // Some domains have a second vCPU, down until a `vcpu_op` brings it up (docs/abi.md
+        // 19): the calls on it (initialise, up, down, is_up, the per-vCPU ones) then reach a
+        // vCPU that exists.
+        let two_vcpus = flags & 0x80 != 0;
+        let mut domain = Domain::with_vcpus(
             id,
             format!("f{id}"),
             ram.memory(),
             TimeBase::new(1_000_000_000, 0, 0, 0),
+            if two_vcpus { 2 } else { 1 },
         );
         domain.privileged = flags & 1 == 0;
         domain.weight = [256, 1, 65535, 256][usize::from(flags >> 1 & 3)];
@@ -503,10 +508,27 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
             tag: id,
             ..Default::default()
         };
-        slots.push(Slot {
-            domain,
-            vcpus: vec![Some(Box::new(vcpu))],
-        });
+        let mut vcpus = vec![Some(Box::new(vcpu))];
+        if two_vcpus {
+            // Once up: a yield, then it takes itself down (up again, it halts with
+            // interrupts off, which stops its domain, as the ABI says).
+            let call = |rdi: u64, rsi: u64, nr: Hypercall| {
+                let mut regs = GuestRegisters::default();
+                regs.gpr[reg::RAX] = nr as u64;
+                regs.gpr[reg::RDI] = rdi;
+                regs.gpr[reg::RSI] = rsi;
+                (VmExit::Hypercall, regs)
+            };
+            vcpus.push(Some(Box::new(MockVcpu {
+                script: [call(0, 0, Hypercall::SchedOp), call(7, 1, Hypercall::VcpuOp)]
+                    .into_iter()
+                    .collect(),
+                interrupt_flag: true,
+                tag: id + 100,
+                ..Default::default()
+            })));
+        }
+        slots.push(Slot { domain, vcpus });
     }
     let mut host = FuzzHost {
         now: Cell::new(0),

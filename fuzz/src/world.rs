@@ -520,9 +520,12 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
                 (VmExit::Hypercall, regs)
             };
             vcpus.push(Some(Box::new(MockVcpu {
-                script: [call(0, 0, Hypercall::SchedOp), call(7, 1, Hypercall::VcpuOp)]
-                    .into_iter()
-                    .collect(),
+                script: [
+                    call(0, 0, Hypercall::SchedOp),
+                    call(7, 1, Hypercall::VcpuOp),
+                ]
+                .into_iter()
+                .collect(),
                 interrupt_flag: true,
                 tag: id + 100,
                 ..Default::default()

@@ -12,7 +12,9 @@
 //! RAM (guard regions). Where every guest waits for ever (a guest's choice), the live state is
 //! checked (ports and grants consistent across domains) and the domains are destroyed.
 
-use crate::common::domain::{DOMAIN_COUNT, Domain, DomainState, Ending, STATS_SNAPSHOTS};
+use crate::common::domain::{
+    DOMAIN_COUNT, Domain, DomainState, Ending, STATS_SNAPSHOTS, publish_all_stats,
+};
 use crate::common::events::Binding;
 use crate::common::grant_table::{WindowSlot, zero_page_testing};
 use crate::common::guest_memory::OwnedRam;
@@ -531,6 +533,7 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
                 ..Default::default()
             })));
         }
+        publish_all_stats(&domain);
         slots.push(Slot { domain, vcpus });
     }
     let mut host = FuzzHost {
@@ -715,10 +718,11 @@ fn check_after(
             "domain {}: grants or mappings left after teardown",
             d.id
         );
-        let counters = d.stats.to_counters();
+        let stats = d.exit_stats();
+        let counters = stats.to_counters();
         assert_eq!(
             counters.by_hypercall.iter().sum::<u64>(),
-            d.stats.of(ExitKind::Hypercall),
+            stats.of(ExitKind::Hypercall),
             "domain {}: hypercalls by number against hypercall exits",
             d.id
         );

@@ -201,18 +201,41 @@ mod start {
             let index = i + 1;
             let id = slots.len() as u32 + 1;
             match build_domain(&mut hw, module, index, id, time, &mut tlb_tags) {
-                Ok(slot) => {
+                Ok(mut slot) => {
                     let vcpus = slot.vcpus.len();
+                    let asked = slot.domain.affinity;
+                    let in_use = percpu::cpu_count();
+                    let cpus_in_use = u64::MAX >> (64 - in_use.clamp(1, 64));
+                    // CPUs that are not in use are dropped; with none left, any CPU will do
+                    // (docs/abi.md 4.4).
+                    let affinity = match asked & cpus_in_use {
+                        0 => cpus_in_use,
+                        cpus => cpus,
+                    };
+                    slot.domain.set_affinity(affinity);
+                    crate::common::domain::publish_all_stats(&slot.domain);
                     hv_println!(
-                        "lamina: domain {id} {} started mem={}M{}",
+                        "lamina: domain {id} {} started mem={}M{}{}",
                         slot.domain.name,
                         slot.domain.memory.size() >> 20,
                         if vcpus > 1 {
                             format!(" vcpus={vcpus}")
                         } else {
                             String::new()
+                        },
+                        if asked == config::ANY_CPU {
+                            String::new()
+                        } else {
+                            format!(" affinity={}", config::CpuList(affinity))
                         }
                     );
+                    if asked & cpus_in_use == 0 {
+                        hv_println!(
+                            "lamina: domain {id} {}: affinity={} names no CPU in use ({in_use}); it runs on any",
+                            slot.domain.name,
+                            config::CpuList(asked)
+                        );
+                    }
                     slots.push(slot);
                 }
                 Err(why) => {
@@ -331,6 +354,7 @@ mod start {
             domain: Domain {
                 privileged: config.privileged,
                 weight: config.weight,
+                affinity: config.affinity,
                 nested: Some(nested),
                 ram: Some(owned_ram),
                 memory_map: builder::MemoryMap::new(memory.size(), &image),
@@ -353,17 +377,32 @@ mod start {
                 DomainState::Runnable => &Ending::Fault(String::from("still running")),
             };
             success &= *ending == Ending::Poweroff;
+            let stats = d.exit_stats();
             let mut counts = String::new();
-            let _ = d.stats.write_summary(&mut counts);
+            let _ = stats.write_summary(&mut counts);
             hv_println!(
                 "lamina: domain {} {} end={} cpu_ms={} exits={}{}",
                 d.id,
                 d.name,
                 ending.word(),
                 d.cpu_ns() / 1_000_000,
-                d.stats.total(),
+                stats.total(),
                 counts
             );
+            if d.vcpus.len() > 1 || percpu::cpu_count() > 1 {
+                for (index, state) in d.vcpus.iter().enumerate() {
+                    let mut counts = String::new();
+                    let _ = state.stats.write_summary(&mut counts);
+                    hv_println!(
+                        "lamina: domain {} vcpu {index}: cpus={} cpu_ms={} exits={}{}",
+                        d.id,
+                        config::CpuList(state.ran_on),
+                        state.cpu_ns / 1_000_000,
+                        state.stats.total(),
+                        counts
+                    );
+                }
+            }
         }
         for r in rejected {
             hv_println!("lamina: module {} {} rejected: {}", r.index, r.name, r.why);

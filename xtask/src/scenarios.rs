@@ -117,8 +117,17 @@ const FAIRNESS_TOLERANCE: f64 = 0.10;
 
 /// CPU time shares of the spinning domains (`cpu_ms=` of the summary) against their weights.
 fn check_fair_shares(log: &SerialLog) -> std::result::Result<String, String> {
+    fair_shares(log, &FAIRNESS_DOMAINS)
+}
+
+/// Whether each of `domains` (name, weight) had its weight's share of the CPU time they all
+/// had, within [`FAIRNESS_TOLERANCE`], from the summary's `cpu_ms=`.
+pub(crate) fn fair_shares(
+    log: &SerialLog,
+    domains: &[(&str, u32)],
+) -> std::result::Result<String, String> {
     let mut cpu_ms = Vec::new();
-    for (name, _) in FAIRNESS_DOMAINS {
+    for (name, _) in domains {
         let needle = format!(" {name} end=poweroff cpu_ms=");
         let value = log
             .lines
@@ -129,10 +138,10 @@ fn check_fair_shares(log: &SerialLog) -> std::result::Result<String, String> {
         cpu_ms.push(value);
     }
     let total: f64 = cpu_ms.iter().sum();
-    let weights: f64 = FAIRNESS_DOMAINS.iter().map(|(_, w)| f64::from(*w)).sum();
+    let weights: f64 = domains.iter().map(|(_, w)| f64::from(*w)).sum();
     let mut report = Vec::new();
     let mut worst: f64 = 0.0;
-    for ((name, weight), ms) in FAIRNESS_DOMAINS.iter().zip(&cpu_ms) {
+    for ((name, weight), ms) in domains.iter().zip(&cpu_ms) {
         let share = ms / total;
         let ideal = f64::from(*weight) / weights;
         worst = worst.max((share - ideal).abs() / ideal);

@@ -1,13 +1,16 @@
 //! Tests of several vCPUs in one domain (docs/abi.md 19): `vcpu_op` initialise, up, down and
-//! is_up, their argument checks, and a secondary vCPU that runs, stops and resumes.
+//! is_up, their argument checks, a secondary vCPU that runs, stops and resumes, and its own
+//! exit counters (15).
 //!
 //! The secondary vCPU runs [`secondary_main`] on its own static stack and talks to vCPU 0
 //! through atomics only; all checks and output stay on vCPU 0.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use lamina_abi::Errno;
+use lamina_abi::event_channel::DOMID_SELF;
+use lamina_abi::stats::{ExitCounters, exit_kind};
 use lamina_abi::vcpu::{RunstateInfo, VcpuOp, VcpuStartState, runstate};
+use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::start_info;
 
 use super::common::bad_vcpus;
@@ -318,4 +321,98 @@ pub(super) fn smp_secondary_stops_resumes() {
         Status(DOWN_SELF_RESULT.load(Ordering::SeqCst))
     );
     check_eq!("down(1) at the end", Status(0), op(VcpuOp::Down, 1, 0));
+}
+
+/// CPUID instructions [`counting_secondary`] executes before it takes itself down.
+const SECONDARY_CPUIDS: u64 = 7;
+/// Set by [`counting_secondary`] right before its `down`.
+static COUNTING_DONE: AtomicBool = AtomicBool::new(false);
+
+/// vCPU 1's code for [`smp_stats_per_vcpu`]: [`SECONDARY_CPUIDS`] CPUIDs, then down of
+/// itself (its only hypercall), and again each time it is brought up.
+extern "C" fn counting_secondary(_argument: u64) -> ! {
+    loop {
+        for leaf in 0..SECONDARY_CPUIDS {
+            core::hint::black_box(core::arch::x86_64::__cpuid(leaf as u32 % 2));
+        }
+        COUNTING_DONE.store(true, Ordering::SeqCst);
+        op(VcpuOp::Down, 1, 0);
+    }
+}
+
+/// vCPU `vcpu`'s counters of this domain, or `None` (recorded) if the call failed.
+fn counters_of(vcpu: u64) -> Option<ExitCounters> {
+    let mut counters = ExitCounters::default();
+    let status = hv::exit_counters(DOMID_SELF, vcpu, &mut counters);
+    expect_ok(format_args!("stats_op of vCPU {vcpu}"), status).map(|_| counters)
+}
+
+conformance_test! {
+    title: "each vCPU has its own exit counters: what vCPU 1 causes is counted on vCPU 1, not on vCPU 0",
+    section: "15 Exit accounting",
+    expect: Success,
+    cmdline: "vcpus=2",
+}
+pub(super) fn smp_stats_per_vcpu() {
+    let mut counters = ExitCounters::default();
+    check_eq!(
+        "stats_op of vCPU 2 of 2",
+        Status::err(Errno::ENOENT),
+        hv::exit_counters(DOMID_SELF, 2, &mut counters)
+    );
+    let Some(before_up) = counters_of(1) else {
+        return;
+    };
+    check_eq!("vCPU 1's exits before it ever ran", 0, before_up.total);
+    let Some(own_before) = counters_of(0) else {
+        return;
+    };
+    let start = VcpuStartState {
+        rip: counting_secondary as *const () as usize as u64,
+        ..good_start()
+    };
+    if expect_ok("initialise vCPU 1", initialise_with(1, start, 0)).is_none() {
+        return;
+    }
+    check_eq!("up(1)", Status(0), op(VcpuOp::Up, 1, 0));
+    let done = yield_until(10_000, || {
+        COUNTING_DONE.load(Ordering::SeqCst) && op(VcpuOp::IsUp, 1, 0) == Status(0)
+    });
+    check!(done, "vCPU 1 did not count and take itself down");
+    if !done {
+        return;
+    }
+    let (Some(own_after), Some(secondary)) = (counters_of(0), counters_of(1)) else {
+        return;
+    };
+    check_eq!(
+        "vCPU 1's CPUID exits",
+        SECONDARY_CPUIDS,
+        secondary.by_kind[exit_kind::CPUID]
+    );
+    check_eq!(
+        "vCPU 1's hypercall exits (its down)",
+        1,
+        secondary.by_kind[exit_kind::HYPERCALL]
+    );
+    check_eq!(
+        "vCPU 1's vcpu_op calls",
+        1,
+        secondary.by_hypercall[Hypercall::VcpuOp as usize]
+    );
+    check_eq!(
+        "vCPU 1's total, the sum of its kinds",
+        secondary.by_kind.iter().sum::<u64>(),
+        secondary.total
+    );
+    check_eq!(
+        "vCPU 0's CPUID exits meanwhile",
+        own_before.by_kind[exit_kind::CPUID],
+        own_after.by_kind[exit_kind::CPUID]
+    );
+    check!(
+        own_after.by_hypercall[Hypercall::SchedOp as usize]
+            > own_before.by_hypercall[Hypercall::SchedOp as usize],
+        "vCPU 0's yields are counted on vCPU 0"
+    );
 }

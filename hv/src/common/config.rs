@@ -1,7 +1,7 @@
 //! Boot-module command lines: `<name> key=value ...` (docs/hv-output-protocol.md).
 //!
-//! The hypervisor reads the domain name, `mem=`, `weight=`, `privileged=` and `vcpus=`; the
-//! whole line also goes to the guest.
+//! The hypervisor reads the domain name, `mem=`, `weight=`, `privileged=`, `vcpus=` and
+//! `affinity=`; the whole line also goes to the guest.
 
 use alloc::string::String;
 use core::fmt;
@@ -27,7 +27,16 @@ pub struct DomainConfig {
     /// Number of vCPUs (`vcpus=`, 1..=[`MAX_VCPUS`]); vCPU 0 starts, the others are brought
     /// up by the guest (docs/abi.md 19).
     pub vcpus: usize,
+    /// The physical CPUs its vCPUs may run on, a bit per CPU index (`affinity=`; every CPU
+    /// unless told).
+    pub affinity: u64,
 }
+
+/// Every CPU: the affinity of a domain whose command line names none.
+pub const ANY_CPU: u64 = u64::MAX;
+
+/// Highest CPU index `affinity=` can name.
+pub const CPU_INDEX_MAX: u32 = 63;
 
 /// Most vCPUs a domain can have: the slots of the shared-info page.
 pub const MAX_VCPUS: usize = lamina_abi::shared_info::MAX_VCPUS;
@@ -48,6 +57,8 @@ pub enum ConfigError {
     BadWeight,
     /// `vcpus=` is not a number from 1 to [`MAX_VCPUS`].
     BadVcpus,
+    /// `affinity=` is not a list of CPU indices and ranges (`0`, `1-3`, `0,2-3`).
+    BadAffinity,
     /// The name is longer than [`NAME_MAX`] bytes (its length).
     NameTooLong(usize),
 }
@@ -59,6 +70,10 @@ impl fmt::Display for ConfigError {
             ConfigError::BadPrivileged => write!(f, "privileged= is not 0 or 1"),
             ConfigError::BadWeight => write!(f, "weight= is not a number from 1 to 65535"),
             ConfigError::BadVcpus => write!(f, "vcpus= is not a number from 1 to {MAX_VCPUS}"),
+            ConfigError::BadAffinity => write!(
+                f,
+                "affinity= is not a list of CPUs from 0 to {CPU_INDEX_MAX} like 0,2-3"
+            ),
             ConfigError::NameTooLong(len) => write!(
                 f,
                 "the domain name is {len} bytes long, more than {NAME_MAX} (StartInfo.name holds {NAME_MAX})"
@@ -83,6 +98,68 @@ fn parse_size(text: &str) -> Option<u64> {
     };
     let value: u64 = digits.parse().ok()?;
     value.checked_mul(1 << shift)
+}
+
+/// Plain decimal: digits, no sign, no leading zero.
+fn parse_plain(text: &str) -> Option<u32> {
+    let valid = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    if valid { text.parse().ok() } else { None }
+}
+
+/// A CPU list as `affinity=` takes it: indices and inclusive ranges, comma-separated
+/// (`0`, `1-3`, `0,2-3`), each from 0 to [`CPU_INDEX_MAX`]; a bit per CPU.
+pub fn parse_cpu_list(text: &str) -> Option<u64> {
+    let mut mask = 0u64;
+    for part in text.split(',') {
+        let (first, last) = match part.split_once('-') {
+            Some((first, last)) => (parse_plain(first)?, parse_plain(last)?),
+            None => (parse_plain(part)?, parse_plain(part)?),
+        };
+        if first > last || last > CPU_INDEX_MAX {
+            return None;
+        }
+        for cpu in first..=last {
+            mask |= 1 << cpu;
+        }
+    }
+    Some(mask)
+}
+
+/// A set of CPUs, shown as `affinity=` takes it (`0-1,3`; `none` when empty).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuList(pub u64);
+
+impl fmt::Display for CpuList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            return write!(f, "none");
+        }
+        let mut rest = self.0;
+        let mut first_range = true;
+        while rest != 0 {
+            let start = rest.trailing_zeros();
+            // The run of ones from `start`.
+            let run = (!(rest >> start)).trailing_zeros();
+            let end = start + run - 1;
+            if !first_range {
+                write!(f, ",")?;
+            }
+            first_range = false;
+            if run == 1 {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+            rest = if end >= 63 {
+                0
+            } else {
+                rest & !((2u64 << end) - 1)
+            };
+        }
+        Ok(())
+    }
 }
 
 /// The name a module gets when its command line names none.
@@ -124,6 +201,7 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
     let mut privileged = false;
     let mut weight = DEFAULT_WEIGHT;
     let mut vcpus = 1;
+    let mut affinity = ANY_CPU;
     if let Some(raw) = raw_name(cmdline) {
         let len = sanitize_name(raw, usize::MAX).len();
         if len > NAME_MAX {
@@ -137,6 +215,9 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
                 Ok(n @ 1..=MAX_VCPUS) if !count.starts_with(['0', '+']) => n,
                 _ => return Err(ConfigError::BadVcpus),
             };
+        }
+        if let Some(list) = token.strip_prefix("affinity=") {
+            affinity = parse_cpu_list(list).ok_or(ConfigError::BadAffinity)?;
         }
         if let Some(value) = token.strip_prefix("weight=") {
             weight = match value.parse::<u32>() {
@@ -165,6 +246,7 @@ pub fn parse(cmdline: &str, index: usize) -> Result<DomainConfig, ConfigError> {
         privileged,
         weight,
         vcpus,
+        affinity,
     })
 }
 
@@ -194,6 +276,41 @@ mod tests {
             (c.name.as_str(), c.mem_bytes),
             ("module3", MEM_DEFAULT_BYTES)
         );
+    }
+
+    #[test]
+    fn affinity_takes_cpu_lists_and_refuses_the_rest() {
+        assert_eq!(parse("d", 1).unwrap().affinity, ANY_CPU);
+        assert_eq!(parse("d affinity=1", 1).unwrap().affinity, 0b10);
+        assert_eq!(parse("d affinity=0,2-3", 1).unwrap().affinity, 0b1101);
+        assert_eq!(parse("d affinity=63", 1).unwrap().affinity, 1 << 63);
+        for bad in [
+            "", "64", "-1", "1-", "3-1", "01", "+1", "1,,2", "a", "0-64", "0x1", "1,",
+        ] {
+            assert_eq!(
+                parse(&format!("d affinity={bad}"), 1),
+                Err(ConfigError::BadAffinity),
+                "affinity={bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_lists_show_as_ranges() {
+        for (mask, shown) in [
+            (0u64, "none"),
+            (0b1, "0"),
+            (0b11, "0-1"),
+            (0b1101, "0,2-3"),
+            (1 << 63, "63"),
+            (u64::MAX, "0-63"),
+            ((1 << 63) | 0b101, "0,2,63"),
+        ] {
+            assert_eq!(CpuList(mask).to_string(), shown);
+            if mask != 0 {
+                assert_eq!(parse_cpu_list(shown), Some(mask), "{shown} round trip");
+            }
+        }
     }
 
     #[test]

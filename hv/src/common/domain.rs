@@ -259,8 +259,6 @@ pub struct Domain {
     pub console: ConsoleLine,
     /// The emulated COM1.
     pub uart: Uart16550,
-    /// Exit counters.
-    pub stats: ExitStats,
     /// Event channels.
     pub events: EventChannels,
     /// Per-vCPU hypervisor state, indexed by vCPU number (`vcpus=`, docs/abi.md 19).
@@ -271,6 +269,9 @@ pub struct Domain {
     pub privileged: bool,
     /// Scheduling weight (`weight=`).
     pub weight: u32,
+    /// The CPUs its vCPUs may run on, a bit per CPU index (`affinity=`, limited to the CPUs
+    /// in use; set through [`Domain::set_affinity`]).
+    pub affinity: u64,
     /// The nested page table (EPT/NPT) its vCPU runs on, built by the backend; `None` in host
     /// tests without one, and once the domain was released (it never runs again).
     pub nested: Option<Box<dyn NestedMap>>,
@@ -316,7 +317,6 @@ impl Domain {
             state: DomainState::Runnable,
             console: ConsoleLine::default(),
             uart: Uart16550::default(),
-            stats: ExitStats::default(),
             events: EventChannels::new(id as u16, SHARED_INFO_GPA, nr_vcpus),
             vcpus: (0..nr_vcpus as u32)
                 .map(|index| VcpuState::new(index, now, time.tsc_hz))
@@ -324,6 +324,7 @@ impl Domain {
             time,
             privileged: false,
             weight: crate::common::config::DEFAULT_WEIGHT,
+            affinity: crate::common::config::ANY_CPU,
             nested: None,
             grants: GrantTable::default(),
             paused: false,
@@ -358,6 +359,23 @@ impl Domain {
         self.vcpus
             .iter()
             .any(|state| state.requests.peek(request::NESTED_FLUSH))
+    }
+
+    /// Lets its vCPUs run only on the CPUs in `cpus` (a bit each; docs/abi.md 4.4).
+    pub fn set_affinity(&mut self, cpus: u64) {
+        self.affinity = cpus;
+        for state in &self.vcpus {
+            state.requests.set_allowed_cpus(cpus);
+        }
+    }
+
+    /// The exit counters of all its vCPUs together (the summary).
+    pub fn exit_stats(&self) -> ExitStats {
+        let mut sum = ExitStats::default();
+        for state in &self.vcpus {
+            sum.add(&state.stats);
+        }
+        sum
     }
 
     /// CPU time its vCPUs have had, in ns.
@@ -546,19 +564,43 @@ impl DomainTable for NoPeers {
     }
 }
 
-/// Each domain's exit counters as of the last time it stopped running, by domain id - 1: a
-/// domain's counters change only while it runs, so for any other domain this is exact.
-pub static STATS_SNAPSHOTS: spin::Mutex<Vec<lamina_abi::stats::ExitCounters>> =
+/// Each vCPU's exit counters as of the last time it stopped running, by domain id - 1 and
+/// vCPU number: a vCPU's counters change only while it runs, so between its slices this is
+/// exact (docs/abi.md 15).
+pub static STATS_SNAPSHOTS: spin::Mutex<Vec<Vec<lamina_abi::stats::ExitCounters>>> =
     spin::Mutex::new(Vec::new());
 
-/// Records `domain`'s counters for other domains to read.
-pub fn publish_stats(domain: &Domain) {
+/// Records the counters of vCPU `vcpu_index` of `domain` for other domains to read.
+pub fn publish_stats(domain: &Domain, vcpu_index: usize) {
+    let Some(state) = domain.vcpus.get(vcpu_index) else {
+        return;
+    };
     let mut table = STATS_SNAPSHOTS.lock();
     let index = domain.id as usize - 1;
     if table.len() <= index {
-        table.resize(index + 1, Default::default());
+        table.resize(index + 1, Vec::new());
     }
-    table[index] = domain.stats.to_counters();
+    let row = &mut table[index];
+    if row.len() < domain.vcpus.len() {
+        row.resize(domain.vcpus.len(), Default::default());
+    }
+    row[vcpu_index] = state.stats.to_counters();
+}
+
+/// Publishes the counters of every vCPU of `domain` (all zero at boot), so that a privileged
+/// domain can read those of vCPUs that have not run yet.
+pub fn publish_all_stats(domain: &Domain) {
+    for vcpu_index in 0..domain.vcpus.len() {
+        publish_stats(domain, vcpu_index);
+    }
+}
+
+/// The counters other domains read of vCPU `vcpu` of domain `id` (zero before it first ran),
+/// or `None` if that domain has no such vCPU.
+pub fn published_stats(id: u64, vcpu: u64) -> Option<lamina_abi::stats::ExitCounters> {
+    let table = STATS_SNAPSHOTS.lock();
+    let row = table.get(usize::try_from(id).ok()?.checked_sub(1)?)?;
+    row.get(usize::try_from(vcpu).ok()?).copied()
 }
 
 /// Number of domains built at boot: identifiers `1..=DOMAIN_COUNT` exist.

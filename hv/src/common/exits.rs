@@ -54,7 +54,7 @@ fn enter_hypercall<V: VirtualCpu>(
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
-    domain.stats.count(ExitKind::Hypercall);
+    domain.vcpus[index].stats.count(ExitKind::Hypercall);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
     // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
     domain.vcpus[index].requests.on_hypercall();
@@ -131,40 +131,49 @@ pub fn handle_exit<V: VirtualCpu>(
         VmExit::InvalidOpcode => invalid_opcode(domain, vcpu_index, vcpu, peers),
         VmExit::Cpuid => {
             let tsc_khz = domain.time.tsc_khz() as u32;
-            cpuid_exit(&mut domain.stats, vcpu_index, vcpu, tsc_khz);
+            cpuid_exit(
+                &mut domain.vcpus[vcpu_index].stats,
+                vcpu_index,
+                vcpu,
+                tsc_khz,
+            );
             Next::Resume
         }
         VmExit::Xsetbv => {
-            domain.stats.count(ExitKind::Other);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::Other);
             xsetbv(vcpu);
             Next::Resume
         }
         VmExit::Hlt => {
-            domain.stats.count(ExitKind::Hlt);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::Hlt);
             vcpu.skip_instruction();
             halt(domain, vcpu_index, vcpu)
         }
         VmExit::InterruptWindow => {
-            domain.stats.count(ExitKind::InterruptWindow);
+            domain.vcpus[vcpu_index]
+                .stats
+                .count(ExitKind::InterruptWindow);
             vcpu.set_interrupt_window_exiting(false);
             domain.vcpus[vcpu_index].window_requested = false;
             domain.vcpus[vcpu_index].requests.make(request::EVENT);
             Next::Resume
         }
-        VmExit::Io { port, size, write } => port_io(domain, vcpu, port, size, write),
-        VmExit::StringIo(io) => string_port_io(domain, vcpu, io),
+        VmExit::Io { port, size, write } => port_io(domain, vcpu_index, vcpu, port, size, write),
+        VmExit::StringIo(io) => string_port_io(domain, vcpu_index, vcpu, io),
         VmExit::CrAccess { cr, write, operand } => {
-            domain.stats.count(ExitKind::Other);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::Other);
             control_register_access(domain, vcpu_index, vcpu, cr, write, operand)
         }
         VmExit::Nmi => {
             // The NMI was the hypervisor's: its handler counted it (platform::cpu::HOST_NMIS);
             // the guest neither sees it nor loses anything.
-            domain.stats.count(ExitKind::ExternalInterrupt);
+            domain.vcpus[vcpu_index]
+                .stats
+                .count(ExitKind::ExternalInterrupt);
             Next::Resume
         }
         VmExit::EntryFailed(what, raw) => {
-            domain.stats.count(ExitKind::Other);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::Other);
             stop(
                 domain,
                 vcpu,
@@ -172,7 +181,7 @@ pub fn handle_exit<V: VirtualCpu>(
             )
         }
         VmExit::MsrRead => {
-            domain.stats.count(ExitKind::MsrRead);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::MsrRead);
             let index = vcpu.regs().gpr[reg::RCX] as u32;
             if VirtualLapic::owns_msr(index) {
                 let tsc = read_tsc();
@@ -201,7 +210,7 @@ pub fn handle_exit<V: VirtualCpu>(
             Next::Resume
         }
         VmExit::MsrWrite => {
-            domain.stats.count(ExitKind::MsrWrite);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::MsrWrite);
             let regs = vcpu.regs();
             let index = regs.gpr[reg::RCX] as u32;
             let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
@@ -231,7 +240,9 @@ pub fn handle_exit<V: VirtualCpu>(
             Next::Resume
         }
         VmExit::NestedPageFault { gpa, write } => {
-            domain.stats.count(ExitKind::NestedPageFault);
+            domain.vcpus[vcpu_index]
+                .stats
+                .count(ExitKind::NestedPageFault);
             let access = if write {
                 "write to"
             } else {
@@ -257,15 +268,17 @@ pub fn handle_exit<V: VirtualCpu>(
             stop(domain, vcpu, why)
         }
         VmExit::TripleFault => {
-            domain.stats.count(ExitKind::TripleFault);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::TripleFault);
             stop(domain, vcpu, String::from("triple fault"))
         }
         VmExit::ExternalInterrupt => {
-            domain.stats.count(ExitKind::ExternalInterrupt);
+            domain.vcpus[vcpu_index]
+                .stats
+                .count(ExitKind::ExternalInterrupt);
             Next::Resume
         }
         VmExit::Unexpected { code, info1, info2 } => {
-            domain.stats.count(ExitKind::Other);
+            domain.vcpus[vcpu_index].stats.count(ExitKind::Other);
             stop(
                 domain,
                 vcpu,
@@ -350,7 +363,9 @@ fn invalid_opcode<V: VirtualCpu>(
         };
         return next;
     }
-    domain.stats.count(ExitKind::InvalidOpcode);
+    domain.vcpus[vcpu_index]
+        .stats
+        .count(ExitKind::InvalidOpcode);
     vcpu.inject_exception(vector::INVALID_OPCODE, None);
     Next::Resume
 }
@@ -394,14 +409,17 @@ impl Ports for DomainPorts<'_> {
 /// the domain's ports, with its memory for string I/O.
 fn count_port_access(
     domain: &mut Domain,
+    vcpu_index: usize,
     port: u16,
     size: u8,
 ) -> (DomainPorts<'_>, &crate::common::guest_memory::GuestMemory) {
-    domain.stats.count(if is_uart_access(port, size) {
-        ExitKind::IoUart
-    } else {
-        ExitKind::IoOther
-    });
+    domain.vcpus[vcpu_index]
+        .stats
+        .count(if is_uart_access(port, size) {
+            ExitKind::IoUart
+        } else {
+            ExitKind::IoOther
+        });
     let ports = DomainPorts {
         uart: &mut domain.uart,
         console: &mut domain.console,
@@ -412,6 +430,7 @@ fn count_port_access(
 
 fn port_io<V: VirtualCpu>(
     domain: &mut Domain,
+    vcpu_index: usize,
     vcpu: &mut V,
     port: u16,
     size: u8,
@@ -422,7 +441,7 @@ fn port_io<V: VirtualCpu>(
         2 => 0xffff,
         _ => 0xffff_ffff,
     };
-    let (mut ports, _) = count_port_access(domain, port, size);
+    let (mut ports, _) = count_port_access(domain, vcpu_index, port, size);
     let regs = vcpu.regs();
     if write {
         ports.port_out(port, size, regs.gpr[reg::RAX] as u32);
@@ -436,8 +455,13 @@ fn port_io<V: VirtualCpu>(
 
 /// INS/OUTS (docs/abi.md 18.5): the elements go through the same ports as single accesses; a
 /// fault on the buffer is the guest's, at the instruction.
-fn string_port_io<V: VirtualCpu>(domain: &mut Domain, vcpu: &mut V, io: StringIo) -> Next {
-    let (mut ports, memory) = count_port_access(domain, io.port, io.size);
+fn string_port_io<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    io: StringIo,
+) -> Next {
+    let (mut ports, memory) = count_port_access(domain, vcpu_index, io.port, io.size);
     let outcome = string_io::emulate(io, vcpu, memory, &mut ports, |v| {
         let mut code = [0u8; 15];
         // Unreadable code leaves no prefixes: DS, the default.
@@ -764,7 +788,7 @@ mod tests {
             );
         }
         assert_eq!(take_lines(), ["(d2) ok"]);
-        assert_eq!(d.stats.of(ExitKind::IoUart), 3);
+        assert_eq!(d.vcpus[0].stats.of(ExitKind::IoUart), 3);
         assert_eq!(v.skipped, 3);
         v.regs.gpr[reg::RAX] = 0x1234_5600;
         exit_alone(

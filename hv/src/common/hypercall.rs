@@ -6,7 +6,7 @@
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
 use crate::common::domain::{
-    ConsoleSource, Domain, DomainTable, Ending, STATS_SNAPSHOTS, domain_exists,
+    ConsoleSource, Domain, DomainTable, Ending, domain_exists, published_stats,
 };
 use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
@@ -60,7 +60,7 @@ pub fn handle<V: VirtualCpu>(
     peers: &mut dyn DomainTable,
 ) -> Next {
     let nr = vcpu.regs().gpr[reg::RAX];
-    domain.stats.count_hypercall(nr);
+    domain.vcpus[vcpu_index].stats.count_hypercall(nr);
     if answer_quickly(nr, vcpu) {
         return Next::Resume;
     }
@@ -554,21 +554,21 @@ fn stats_op(domain: &mut Domain, [op, target, vcpu, gpa, _]: [u64; 5]) -> Result
             if !own && !domain.privileged {
                 return Err(Errno::EPERM);
             }
-            // One vCPU per domain in ABI 1.x.
-            if vcpu != 0 {
-                return Err(Errno::ENOENT);
-            }
-            if gpa % 8 != 0 {
-                return Err(Errno::EINVAL);
-            }
             let counters = if own {
-                domain.stats.to_counters()
+                let state = usize::try_from(vcpu)
+                    .ok()
+                    .and_then(|v| domain.vcpus.get(v))
+                    .ok_or(Errno::ENOENT)?;
+                if gpa % 8 != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                state.stats.to_counters()
             } else {
-                STATS_SNAPSHOTS
-                    .lock()
-                    .get(target as usize - 1)
-                    .copied()
-                    .unwrap_or_default()
+                let counters = published_stats(target, vcpu).ok_or(Errno::ENOENT)?;
+                if gpa % 8 != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                counters
             };
             // SAFETY: ExitCounters is repr(C) plain data without padding (size asserted in abi).
             let bytes = unsafe {

@@ -81,9 +81,10 @@ pub fn kick_cpu(cpu: usize) {
     let _ = cpu;
 }
 
-/// Wakes one idle CPU, if there is one, to look at the vCPUs again (one was made ready).
-pub fn wake_an_idle_cpu() {
-    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed);
+/// Wakes one idle CPU among `allowed` (a bit per CPU), if there is one, to look at the vCPUs
+/// again (one that may run there was made ready).
+pub fn wake_an_idle_cpu(allowed: u64) {
+    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed) & allowed;
     if idle != 0 {
         kick_cpu(idle.trailing_zeros() as usize);
     }
@@ -509,7 +510,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             {
                 table.scrubbing.pop_front();
             }
-            let Some((index, vcpu_index)) = pick(slots, &table.units, table.cursor) else {
+            let Some((index, vcpu_index)) = pick(slots, &table.units, table.cursor, idle_bit)
+            else {
                 let input_wakes = slots
                     .iter()
                     .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
@@ -540,6 +542,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 continue;
             };
             let unit = (index, vcpu_index);
+            slots[index].domain.vcpus[vcpu_index].ran_on |= idle_bit;
             if !slots[index].domain.vcpus[vcpu_index].boosted {
                 table.cursor = index_of_unit(&table.units, table.cursor, unit);
             }
@@ -570,9 +573,12 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
                 continue;
             };
-            if shared && pick(slots, &table.units, table.cursor).is_some() {
-                // More is ready than this CPU takes: another CPU may.
-                wake_an_idle_cpu();
+            if shared {
+                // More may be ready than this CPU takes: an idle CPU that may run it looks.
+                let wanted = ready_cpus(slots, &table.units);
+                if wanted != 0 {
+                    wake_an_idle_cpu(wanted);
+                }
             }
             trace::vcpu_in(slots[index].domain.id);
             self.run_slice(
@@ -665,7 +671,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 arm_host_timer(domain, host, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
-                domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+                domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
             }
             drop(guard);
             // None: a request came before the entry; it is drained under the lock.
@@ -688,7 +694,9 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             guard = self.table.lock();
             if any_unmerged {
                 any_unmerged = false;
-                guard.slots[index].domain.stats.absorb(&mut unmerged);
+                guard.slots[index].domain.vcpus[vcpu_index]
+                    .stats
+                    .absorb(&mut unmerged);
             }
             let exit = match exit {
                 Some(exit) if !handled => exit,
@@ -746,7 +754,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             arm_host_timer(domain, host, slice_end);
         }
         if let Some(exited_at) = exited_at {
-            domain.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+            domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
         }
         let exit = vcpu.run();
         exited_at = Some(read_tsc());
@@ -785,7 +793,9 @@ fn dispatch_exit<V: VirtualCpu, H: Host>(
     if matches!(exit, VmExit::Hypercall) {
         hypercall_exit(domain, vcpu_index, vcpu, peers)
     } else if matches!(exit, VmExit::ExternalInterrupt) {
-        domain.stats.count(ExitKind::ExternalInterrupt);
+        domain.vcpus[vcpu_index]
+            .stats
+            .count(ExitKind::ExternalInterrupt);
         host.service_interrupts();
         Next::Yield
     } else {
@@ -804,7 +814,7 @@ fn end_slice<V: VirtualCpu, H: Host>(
     vcpu.deactivate();
     match next {
         Next::Stop => {
-            publish_stats(domain);
+            publish_stats(domain, vcpu_index);
             return;
         }
         Next::Sleep => {
@@ -823,7 +833,7 @@ fn end_slice<V: VirtualCpu, H: Host>(
         Next::Yield | Next::Resume | Next::Again => {}
     }
     domain.drain_console_ring();
-    publish_stats(domain);
+    publish_stats(domain, vcpu_index);
 }
 
 /// Runs every domain on this CPU alone until all have ended.
@@ -831,14 +841,28 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
     Machine::new(slots).run_cpu(0, host);
 }
 
-/// The vCPU to run next, in one pass over `units` in round-robin order after `cursor`: a
-/// woken vCPU first (short latency for timers and events), otherwise the ready vCPU that had
-/// the least CPU time for its weight (ties in round-robin order). Woken vCPUs must not bank
-/// the time they slept: they start level with the least of the others.
+/// The CPUs (a bit each) that may run some ready vCPU: the union of their domains' affinities.
+fn ready_cpus<V>(slots: &[Slot<V>], units: &[(usize, usize)]) -> u64 {
+    units
+        .iter()
+        .filter(|&&(s, v)| is_ready(&slots[s], v))
+        .fold(0, |cpus, &(s, _)| cpus | slots[s].domain.affinity)
+}
+
+/// The vCPU the CPU `cpu_bit` (its bit) runs next, in one pass over `units` in round-robin
+/// order after `cursor`, among those whose domain's affinity has that CPU: a woken vCPU first
+/// (short latency for timers and events), otherwise the ready vCPU that had the least CPU
+/// time for its weight (ties in round-robin order). Woken vCPUs must not bank the time they
+/// slept: they start level with the least of the others.
+///
+/// One run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a
+/// socket: a vCPU goes to whichever allowed CPU is free first, so load balances without
+/// migration decisions, and weights hold across CPUs as they do on one.
 fn pick<V>(
     slots: &mut [Slot<V>],
     units: &[(usize, usize)],
     cursor: usize,
+    cpu_bit: u64,
 ) -> Option<(usize, usize)> {
     let count = units.len();
     let mut first_boosted = None;
@@ -846,7 +870,7 @@ fn pick<V>(
     let mut least_unboosted: Option<u64> = None;
     for i in 1..=count {
         let (s, v) = units[(cursor + i) % count];
-        if !is_ready(&slots[s], v) {
+        if slots[s].domain.affinity & cpu_bit == 0 || !is_ready(&slots[s], v) {
             continue;
         }
         let state = &slots[s].domain.vcpus[v];
@@ -1273,11 +1297,11 @@ mod tests {
         );
         assert_eq!(results_of(&trace, 1)[3..6], [2, 0, 0]);
         assert_eq!(
-            s.domain.stats.of(ExitKind::Hypercall),
+            s.domain.exit_stats().of(ExitKind::Hypercall),
             6,
             "quick ones merged in"
         );
-        assert_eq!(s.domain.stats.of(ExitKind::Cpuid), 1);
+        assert_eq!(s.domain.exit_stats().of(ExitKind::Cpuid), 1);
         assert_eq!(host.halts, 0);
     }
 

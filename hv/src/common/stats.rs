@@ -104,19 +104,21 @@ impl ExitStats {
         self.by_hypercall[slot] += 1;
     }
 
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &ExitStats) {
+        for (mine, theirs) in self.by_kind.iter_mut().zip(&other.by_kind) {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self.by_hypercall.iter_mut().zip(&other.by_hypercall) {
+            *mine += theirs;
+        }
+        self.handling_tsc += other.handling_tsc;
+    }
+
     /// Adds `other`'s counts to these and zeroes `other`.
     pub fn absorb(&mut self, other: &mut ExitStats) {
-        for (mine, theirs) in self.by_kind.iter_mut().zip(other.by_kind.iter_mut()) {
-            *mine += core::mem::take(theirs);
-        }
-        for (mine, theirs) in self
-            .by_hypercall
-            .iter_mut()
-            .zip(other.by_hypercall.iter_mut())
-        {
-            *mine += core::mem::take(theirs);
-        }
-        self.handling_tsc += core::mem::take(&mut other.handling_tsc);
+        self.add(other);
+        *other = ExitStats::default();
     }
 
     /// The counters as the ABI publishes them.

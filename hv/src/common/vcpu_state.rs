@@ -2,10 +2,11 @@
 //! timers, its upcall vector and its run-state accounting (docs/abi.md 9).
 
 use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use crate::common::stats::ExitStats;
 use crate::common::vlapic::VirtualLapic;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use lamina_abi::vcpu::{RunstateInfo, runstate};
 
 /// What a vCPU is asked to do before it next enters the guest: one bit per request, set by
@@ -14,7 +15,7 @@ use lamina_abi::vcpu::{RunstateInfo, runstate};
 ///
 /// Shared (`Arc`) between the vCPU's state in its domain and the CPU that runs it, so that
 /// the exits handled without the domain-table lock can read and make requests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Requests {
     bits: AtomicU32,
     /// The vCPU runs guest code on CPU [`Self::running_on`] (or is about to: set before the
@@ -26,6 +27,21 @@ pub struct Requests {
     /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory,
     /// docs/abi.md 8.8).
     upcall_maybe_pending: AtomicBool,
+    /// The CPUs that may run the vCPU (its domain's affinity), a bit each: one of them is
+    /// woken when a request makes it ready.
+    allowed_cpus: AtomicU64,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Requests {
+            bits: AtomicU32::new(0),
+            in_guest: AtomicBool::new(false),
+            running_on: AtomicU32::new(0),
+            upcall_maybe_pending: AtomicBool::new(false),
+            allowed_cpus: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 /// The request bits.
@@ -67,7 +83,7 @@ impl Requests {
         if self.in_guest.load(Ordering::SeqCst) {
             crate::common::scheduler::kick_cpu(self.running_on.load(Ordering::Relaxed) as usize);
         } else {
-            crate::common::scheduler::wake_an_idle_cpu();
+            crate::common::scheduler::wake_an_idle_cpu(self.allowed_cpus.load(Ordering::Relaxed));
         }
     }
 
@@ -104,6 +120,11 @@ impl Requests {
     #[inline]
     pub fn left_guest(&self) {
         self.in_guest.store(false, Ordering::Release);
+    }
+
+    /// Sets the CPUs that may run the vCPU (a bit each), which requests wake.
+    pub fn set_allowed_cpus(&self, cpus: u64) {
+        self.allowed_cpus.store(cpus, Ordering::Relaxed);
     }
 
     /// Whether anything is asked.
@@ -306,6 +327,10 @@ pub struct VcpuState {
     pub runstate: Runstate,
     /// The emulated x2APIC (for kernels that were not ported).
     pub vlapic: VirtualLapic,
+    /// Its exit counters (docs/abi.md 15).
+    pub stats: ExitStats,
+    /// The physical CPUs it has run on, a bit per CPU index (the summary).
+    pub ran_on: u64,
 }
 
 /// The emulated APIC timer's input clock: one tick per nanosecond before the divider.
@@ -327,6 +352,8 @@ impl VcpuState {
             start: None,
             vruntime: 0,
             cpu_ns: 0,
+            stats: ExitStats::default(),
+            ran_on: 0,
             runstate: Runstate::new(
                 now,
                 if index == 0 {

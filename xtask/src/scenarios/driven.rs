@@ -39,6 +39,7 @@ pub const DRIVEN: &[Driven] = &[
     trace::TRACE_PING_PONG,
     smp::SMP_BOOT,
     smp::SMP_DOMAINS,
+    smp::FAIRNESS_2CPUS,
 ];
 
 /// The driven scenarios whose name contains `filter` (all without a filter).

@@ -6,8 +6,13 @@
 //!
 //! `smp-domains`: what `cargo xtask run --smp 2` boots: the sample guest with two vCPUs (its
 //! second brought up by `vcpu_op`, counting primes) beside the ping/pong pair, whose 10,000
-//! messages cross a granted page with inter-domain events. Both CPUs must run vCPUs, every
-//! message arrive intact, and nothing leak.
+//! messages cross a granted page with inter-domain events. Ping is pinned to CPU 0 and pong
+//! to CPU 1 (`affinity=`), so every message crosses CPUs. Both CPUs must run vCPUs, each
+//! pinned vCPU only on its CPU, every message arrive intact, and nothing leak.
+//!
+//! `fairness-2cpus`: four CPU-bound domains with weights 1:2:4:4 on two CPUs (the largest
+//! share, 4/11 of two CPUs, fits on one CPU, so the weights can hold): each must get its
+//! weight's share of the CPU time within 10%, and both CPUs must run vCPUs.
 
 use crate::emulator::{RunExtras, RunRecord, Vendor};
 use crate::error::Result;
@@ -57,11 +62,11 @@ pub const SMP_DOMAINS: Driven = Driven {
             },
             ModuleSpec {
                 source: ModuleSource::Built(Artifact::SampleDomains),
-                cmdline: "ping role=ping peer=3 messages=10000 mem=4M",
+                cmdline: "ping role=ping peer=3 messages=10000 mem=4M affinity=0",
             },
             ModuleSpec {
                 source: ModuleSource::Built(Artifact::SampleDomains),
-                cmdline: "pong role=pong peer=2 mem=4M",
+                cmdline: "pong role=pong peer=2 mem=4M affinity=1",
             },
         ],
         expect: HvResult::Success,
@@ -73,6 +78,11 @@ pub const SMP_DOMAINS: Driven = Driven {
             LinePattern::Contains("(d3) pong: result: messages=10000 errors=0"),
             LinePattern::Contains("(d2) ping: result: messages=10000 errors=0"),
             LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
+            // Pinned: ping only on CPU 0, pong only on CPU 1 (`affinity=`).
+            LinePattern::Contains("lamina: domain 2 ping started mem=4M affinity=0"),
+            LinePattern::Contains("lamina: domain 3 pong started mem=4M affinity=1"),
+            LinePattern::Contains("lamina: domain 2 vcpu 0: cpus=0 cpu_ms="),
+            LinePattern::Contains("lamina: domain 3 vcpu 0: cpus=1 cpu_ms="),
             LinePattern::Contains(", 0 KiB leaked"),
         ],
         forbidden_lines: &[
@@ -85,6 +95,44 @@ pub const SMP_DOMAINS: Driven = Driven {
     vendors: &Vendor::ALL,
     drive: drive_domains,
 };
+
+/// The domains of `fairness-2cpus` and their weights.
+const FAIRNESS_2CPUS_DOMAINS: [(&str, u32); 4] =
+    [("a100", 100), ("b200", 200), ("c400", 400), ("d400", 400)];
+
+pub const FAIRNESS_2CPUS: Driven = Driven {
+    scenario: Scenario {
+        name: "fairness-2cpus",
+        modules: &[
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "a100 weight=100 spin_until_ms=1500 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "b200 weight=200 spin_until_ms=1500 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "c400 weight=400 spin_until_ms=1500 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "d400 weight=400 spin_until_ms=1500 mem=4M",
+            },
+        ],
+        expect: HvResult::Success,
+        required_lines: &[LinePattern::Contains("(d4) spin: ")],
+        forbidden_lines: &[NO_PANIC, LinePattern::Contains("[hv] WARN")],
+        check: Some(check_fair_shares_2cpus),
+    },
+    vendors: &Vendor::ALL,
+    drive: drive_domains,
+};
+
+fn check_fair_shares_2cpus(log: &SerialLog) -> std::result::Result<String, String> {
+    super::fair_shares(log, &FAIRNESS_2CPUS_DOMAINS)
+}
 
 fn drive_domains(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
     let extras = RunExtras {

@@ -12,9 +12,7 @@
 //! RAM (guard regions). Where every guest waits for ever (a guest's choice), the live state is
 //! checked (ports and grants consistent across domains) and the domains are destroyed.
 
-use crate::common::domain::{
-    DOMAIN_COUNT, Domain, DomainState, Ending, STATS_SNAPSHOTS, publish_all_stats,
-};
+use crate::common::domain::{DOMAIN_COUNT, Domain, DomainState, Ending};
 use crate::common::events::Binding;
 use crate::common::grant_table::{WindowSlot, zero_page_testing};
 use crate::common::guest_memory::OwnedRam;
@@ -444,7 +442,6 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
     take_lines();
     zero_page_testing::LIVE.with(|l| l.set(0));
     zero_page_testing::FAIL.with(|f| f.set(input.u8() % 16 == 15));
-    STATS_SNAPSHOTS.lock().clear();
     let domains = 1 + (1 + input.below(MAX_DOMAINS)) % MAX_DOMAINS; // two unless told
     DOMAIN_COUNT.store(domains, Ordering::Relaxed);
     let ram_size = if input.u8() % 4 == 3 {
@@ -533,7 +530,6 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
                 ..Default::default()
             })));
         }
-        publish_all_stats(&domain);
         slots.push(Slot { domain, vcpus });
     }
     let mut host = FuzzHost {

@@ -213,7 +213,6 @@ mod start {
                         cpus => cpus,
                     };
                     slot.domain.set_affinity(affinity);
-                    crate::common::domain::publish_all_stats(&slot.domain);
                     hv_println!(
                         "lamina: domain {id} {} started mem={}M{}{}",
                         slot.domain.name,

@@ -564,45 +564,6 @@ impl DomainTable for NoPeers {
     }
 }
 
-/// Each vCPU's exit counters as of the last time it stopped running, by domain id - 1 and
-/// vCPU number: a vCPU's counters change only while it runs, so between its slices this is
-/// exact (docs/abi.md 15).
-pub static STATS_SNAPSHOTS: spin::Mutex<Vec<Vec<lamina_abi::stats::ExitCounters>>> =
-    spin::Mutex::new(Vec::new());
-
-/// Records the counters of vCPU `vcpu_index` of `domain` for other domains to read.
-pub fn publish_stats(domain: &Domain, vcpu_index: usize) {
-    let Some(state) = domain.vcpus.get(vcpu_index) else {
-        return;
-    };
-    let mut table = STATS_SNAPSHOTS.lock();
-    let index = domain.id as usize - 1;
-    if table.len() <= index {
-        table.resize(index + 1, Vec::new());
-    }
-    let row = &mut table[index];
-    if row.len() < domain.vcpus.len() {
-        row.resize(domain.vcpus.len(), Default::default());
-    }
-    row[vcpu_index] = state.stats.to_counters();
-}
-
-/// Publishes the counters of every vCPU of `domain` (all zero at boot), so that a privileged
-/// domain can read those of vCPUs that have not run yet.
-pub fn publish_all_stats(domain: &Domain) {
-    for vcpu_index in 0..domain.vcpus.len() {
-        publish_stats(domain, vcpu_index);
-    }
-}
-
-/// The counters other domains read of vCPU `vcpu` of domain `id` (zero before it first ran),
-/// or `None` if that domain has no such vCPU.
-pub fn published_stats(id: u64, vcpu: u64) -> Option<lamina_abi::stats::ExitCounters> {
-    let table = STATS_SNAPSHOTS.lock();
-    let row = table.get(usize::try_from(id).ok()?.checked_sub(1)?)?;
-    row.get(usize::try_from(vcpu).ok()?).copied()
-}
-
 /// Number of domains built at boot: identifiers `1..=DOMAIN_COUNT` exist.
 pub static DOMAIN_COUNT: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
 

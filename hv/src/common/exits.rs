@@ -54,10 +54,14 @@ fn enter_hypercall<V: VirtualCpu>(
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Next {
-    domain.vcpus[index].stats.count(ExitKind::Hypercall);
+    let nr = vcpu.regs().gpr[reg::RAX];
+    // The vCPU's state looked up once for the counters and the upcall check.
+    let state = &mut domain.vcpus[index];
+    state.stats.count(ExitKind::Hypercall);
+    state.stats.count_hypercall(nr);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
     // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
-    domain.vcpus[index].requests.on_hypercall();
+    state.requests.on_hypercall();
     hypercall::handle(domain, index, vcpu, peers)
 }
 

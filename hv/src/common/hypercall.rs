@@ -5,9 +5,7 @@
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
 //! CPL 0 `-EPERM`. Guest buffers are copied in once through [`GuestMemory`].
 
-use crate::common::domain::{
-    ConsoleSource, Domain, DomainTable, Ending, domain_exists, published_stats,
-};
+use crate::common::domain::{ConsoleSource, Domain, DomainTable, Ending, domain_exists};
 use crate::common::events::Binding;
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
 use crate::common::vcpu_state::{StartState, Wait, request};
@@ -51,7 +49,8 @@ enum Done {
     Ended,
 }
 
-/// Handles the hypercall in the registers of vCPU `vcpu_index`. RIP is left alone.
+/// Handles the hypercall in the registers of vCPU `vcpu_index`, already counted. RIP is left
+/// alone.
 #[inline(always)]
 pub fn handle<V: VirtualCpu>(
     domain: &mut Domain,
@@ -60,7 +59,6 @@ pub fn handle<V: VirtualCpu>(
     peers: &mut dyn DomainTable,
 ) -> Next {
     let nr = vcpu.regs().gpr[reg::RAX];
-    domain.vcpus[vcpu_index].stats.count_hypercall(nr);
     if answer_quickly(nr, vcpu) {
         return Next::Resume;
     }
@@ -125,7 +123,7 @@ fn dispatch(
         Hypercall::VcpuOp => vcpu_op(domain, vcpu, *args),
         Hypercall::MemoryOp => memory_op(domain, *args).map(Done::Return),
         Hypercall::Multicall => multicall(domain, vcpu, *args, peers),
-        Hypercall::StatsOp => stats_op(domain, *args).map(Done::Return),
+        Hypercall::StatsOp => stats_op(domain, *args, peers).map(Done::Return),
         Hypercall::GrantTableOp => {
             crate::common::grant_table::grant_table_op(domain, *args, peers).map(Done::Return)
         }
@@ -544,7 +542,11 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u
     }
 }
 
-fn stats_op(domain: &mut Domain, [op, target, vcpu, gpa, _]: [u64; 5]) -> Result<u64, Errno> {
+fn stats_op(
+    domain: &mut Domain,
+    [op, target, vcpu, gpa, _]: [u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<u64, Errno> {
     match StatsOp::try_from(op)? {
         StatsOp::ExitCounters => {
             let own = target == DOMID_SELF || target == u64::from(domain.id);
@@ -554,22 +556,23 @@ fn stats_op(domain: &mut Domain, [op, target, vcpu, gpa, _]: [u64; 5]) -> Result
             if !own && !domain.privileged {
                 return Err(Errno::EPERM);
             }
-            let counters = if own {
-                let state = usize::try_from(vcpu)
-                    .ok()
-                    .and_then(|v| domain.vcpus.get(v))
-                    .ok_or(Errno::ENOENT)?;
-                if gpa % 8 != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                state.stats.to_counters()
+            // The counters are copied from the vCPU's state only now: counting costs one
+            // increment per exit, and nothing is published until someone asks.
+            let target_domain = if own {
+                &*domain
             } else {
-                let counters = published_stats(target, vcpu).ok_or(Errno::ENOENT)?;
-                if gpa % 8 != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                counters
+                let id = u32::try_from(target).map_err(|_| Errno::ENOENT)?;
+                peers.get_mut(id).ok_or(Errno::ENOENT)?
             };
+            let counters = usize::try_from(vcpu)
+                .ok()
+                .and_then(|v| target_domain.vcpus.get(v))
+                .ok_or(Errno::ENOENT)?
+                .stats
+                .to_counters();
+            if gpa % 8 != 0 {
+                return Err(Errno::EINVAL);
+            }
             // SAFETY: ExitCounters is repr(C) plain data without padding (size asserted in abi).
             let bytes = unsafe {
                 core::slice::from_raw_parts(

@@ -10,11 +10,10 @@
 //!    runs with it held. Every hypercall does bounded work under it (the largest: a
 //!    `multicall` of `MULTICALL_MAX` entries, a scrub slice), so a guest cannot make another
 //!    CPU spin on it without bound.
-//! 2. **Exit-counter snapshots** ([`crate::common::domain::STATS_SNAPSHOTS`]).
-//! 3. **The trace ring of a CPU** (`common::trace`), each CPU its own.
-//! 4. **The physical-page allocator** (`platform::memory::PHYS`): taken when nested page
+//! 2. **The trace ring of a CPU** (`common::trace`), each CPU its own.
+//! 3. **The physical-page allocator** (`platform::memory::PHYS`): taken when nested page
 //!    tables and teardown give pages back.
-//! 5. **The serial port** (`platform::serial::SERIAL`): a whole line is written under it, so
+//! 4. **The serial port** (`platform::serial::SERIAL`): a whole line is written under it, so
 //!    lines from several CPUs never interleave.
 //!
 //! A vCPU's hardware state (its VMCS or VMCB, in [`crate::common::scheduler::Slot`]) is not

@@ -7,7 +7,7 @@
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 use crate::common::config::DEFAULT_WEIGHT;
-use crate::common::domain::{Domain, DomainState, DomainTable, Ending, publish_stats, read_tsc};
+use crate::common::domain::{Domain, DomainState, DomainTable, Ending, read_tsc};
 use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
 use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::{ExitKind, ExitStats};
@@ -272,12 +272,15 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
 
 fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
     let domain = &mut slot.domain;
-    let tsc = domain.time.tsc_at(now);
     let state = &mut domain.vcpus[index];
-    let apic_was_quiet = state.vlapic.deliverable_vector().is_none();
-    state.vlapic.advance(now, tsc);
-    if apic_was_quiet && state.vlapic.deliverable_vector().is_some() {
-        state.requests.make(request::EVENT);
+    // Most vCPUs have no APIC timer counting: no TSC conversion, nothing to advance.
+    if state.vlapic.timer_counting() {
+        let tsc = domain.time.tsc_at(now);
+        let apic_was_quiet = state.vlapic.deliverable_vector().is_none();
+        state.vlapic.advance(now, tsc);
+        if apic_was_quiet && state.vlapic.deliverable_vector().is_some() {
+            state.requests.make(request::EVENT);
+        }
     }
     if state.timers.expire(now) {
         trace::timer(domain.id);
@@ -813,10 +816,7 @@ fn end_slice<V: VirtualCpu, H: Host>(
 ) {
     vcpu.deactivate();
     match next {
-        Next::Stop => {
-            publish_stats(domain, vcpu_index);
-            return;
-        }
+        Next::Stop => return,
         Next::Sleep => {
             trace::block(domain.id);
             let now = host.now_ns();
@@ -833,7 +833,6 @@ fn end_slice<V: VirtualCpu, H: Host>(
         Next::Yield | Next::Resume | Next::Again => {}
     }
     domain.drain_console_ring();
-    publish_stats(domain, vcpu_index);
 }
 
 /// Runs every domain on this CPU alone until all have ended.
@@ -1591,5 +1590,45 @@ mod tests {
         // Domain 2 ended too and was released: its page of zeros is gone.
         assert_eq!(two.domain.state, DomainState::Ended(Ending::Poweroff));
         assert_eq!(two.domain.grants.slot_at(GRANT_WINDOW_GPA), None);
+    }
+
+    #[test]
+    #[ignore]
+    fn profile_yield_pair() {
+        let n = 20000;
+        let (_t, mut slots) = pair(
+            (0..n)
+                .map(|_| hypercall(SCHED, [0, 0, 0]))
+                .chain([hypercall(SCHED, [2, 0, 0])])
+                .collect(),
+            (0..n)
+                .map(|_| hypercall(SCHED, [0, 0, 0]))
+                .chain([hypercall(SCHED, [2, 0, 0])])
+                .collect(),
+        );
+        run_all(&mut slots, &mut fake_host());
+    }
+
+    /// Two domains that yield to each other `SWITCHES` times: the cost of a pass of the
+    /// scheduler, for a profiler (`valgrind --tool=callgrind`, release build).
+    #[test]
+    #[ignore]
+    fn profile_yield_switches() {
+        const SWITCHES: usize = 20_000;
+        let script = || {
+            let mut s: Vec<_> = (0..SWITCHES).map(|_| hypercall(SCHED, YIELD)).collect();
+            s.push(hypercall(SCHED, POWEROFF));
+            s
+        };
+        let (_t1, one) = slot_with_id(1, script());
+        let (_t2, two) = slot_with_id(2, script());
+        let mut slots = [one, two];
+        let mut host = fake_host();
+        run_all(&mut slots, &mut host);
+        assert!(
+            slots
+                .iter()
+                .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
+        );
     }
 }

@@ -524,16 +524,19 @@ impl VirtualLapic {
         self.isr.set(vector);
     }
 
-    /// Whether the timer is armed (unmasked, counting or deadline set): a HLT with IF=1 can
-    /// be woken.
-    pub fn timer_armed(&self) -> bool {
-        if self.lvt[LVT_TIMER] & LVT_MASKED != 0 {
-            return false;
-        }
+    /// Whether the timer counts towards an expiry, masked or not: [`Self::advance`] has
+    /// work to do.
+    pub fn timer_counting(&self) -> bool {
         match self.timer_mode() {
             TimerMode::TscDeadline => self.tsc_deadline != 0,
             TimerMode::OneShot | TimerMode::Periodic => self.counting_since_ns.is_some(),
         }
+    }
+
+    /// Whether the timer is armed (unmasked, counting or deadline set): a HLT with IF=1 can
+    /// be woken.
+    pub fn timer_armed(&self) -> bool {
+        self.lvt[LVT_TIMER] & LVT_MASKED == 0 && self.timer_counting()
     }
 
     /// Raises `vector` in IRR (for self-IPIs and future device interrupts); vectors 0-15 are

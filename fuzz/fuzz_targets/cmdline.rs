@@ -3,7 +3,7 @@
 #![no_main]
 
 use lamina_abi::layout::{MEM_GRANULE_BYTES, MEM_MAX_BYTES, MEM_MIN_BYTES};
-use lamina_fuzz::common::config::{self, NAME_MAX, NAME_SHOWN_MAX};
+use lamina_fuzz::common::domain::config::{self, NAME_MAX, NAME_SHOWN_MAX};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let line = String::from_utf8_lossy(data);

@@ -9,7 +9,7 @@
 //! and the same bytes cut at that length decode the same.
 #![no_main]
 
-use lamina_fuzz::common::control_regs::{
+use lamina_fuzz::common::vcpu::control_regs::{
     CrContext, CrInstruction, Fault, check_cr_write, cr4_allowed_by_cpuid, decode_mov_cr,
     lmsw_value,
 };

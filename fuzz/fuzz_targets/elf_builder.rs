@@ -3,7 +3,7 @@
 #![no_main]
 
 use lamina_abi::layout::{BOOT_AREA_END, KERNEL_MIN_GPA, STACK_BYTES};
-use lamina_fuzz::common::builder::{BootParams, load_kernel, write_boot_structures};
+use lamina_fuzz::common::domain::builder::{BootParams, load_kernel, write_boot_structures};
 use lamina_fuzz::common::time::TimeBase;
 use lamina_fuzz::guarded::GuardedRam;
 

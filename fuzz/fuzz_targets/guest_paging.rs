@@ -2,8 +2,8 @@
 //! walk written from the SDM (Vol. 3A 4.5): same answer, never a read outside the guest's RAM.
 #![no_main]
 
-use lamina_fuzz::common::guest_memory::GuestMemory;
-use lamina_fuzz::common::guest_paging::{PagingMode, read_code, translate};
+use lamina_fuzz::common::memory::guest_memory::GuestMemory;
+use lamina_fuzz::common::memory::guest_paging::{PagingMode, read_code, translate};
 use lamina_fuzz::guarded::GuardedRam;
 use lamina_fuzz::input::Input;
 

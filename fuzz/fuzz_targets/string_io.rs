@@ -9,7 +9,7 @@
 //! (non-canonical or outside RAM), with the vector the CPU raises; nothing written outside RAM.
 #![no_main]
 
-use lamina_fuzz::common::string_io::{
+use lamina_fuzz::common::vcpu::string_io::{
     MAX_ELEMENTS_PER_EXIT, Outcome, Segment, StringIo, address_bits_from_prefixes, decode_svm,
     decode_vmx, segment_from_prefixes,
 };

@@ -4,7 +4,7 @@
 //! handed to the scheduler is never in the past.
 #![no_main]
 
-use lamina_fuzz::common::vlapic::VirtualLapic;
+use lamina_fuzz::common::devices::vlapic::VirtualLapic;
 use lamina_fuzz::input::Input;
 
 const MSRS: [u32; 18] = [
@@ -14,9 +14,9 @@ const MSRS: [u32; 18] = [
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);
-    // What the hypervisor configures: the timer at 1 GHz (vcpu_state::APIC_TIMER_HZ), the TSC
+    // What the hypervisor configures: the timer at 1 GHz (vcpu::state::APIC_TIMER_HZ), the TSC
     // as calibrated (Bochs runs at 100 MHz).
-    let timer_hz = lamina_fuzz::common::vcpu_state::APIC_TIMER_HZ;
+    let timer_hz = lamina_fuzz::common::vcpu::state::APIC_TIMER_HZ;
     let tsc_hz = [
         1_000_000_000,
         100_000_000,

@@ -8,8 +8,8 @@
 //! mask, and is at least the legacy region and header.
 #![no_main]
 
-use lamina_fuzz::common::cpuid::CpuidResult;
-use lamina_fuzz::common::xstate::{
+use lamina_fuzz::common::vcpu::cpuid::CpuidResult;
+use lamina_fuzz::common::vcpu::xstate::{
     LEGACY_AND_HEADER_BYTES, XCR0_SAVED, guest_xcr0_mask, xsave_bytes, xsetbv_fault,
 };
 use lamina_fuzz::input::Input;

@@ -4,7 +4,7 @@
 //! Buffers are kept for the next input (zeroing is a memset; allocating and faulting in
 //! megabytes per input would dominate the run time).
 
-use crate::common::guest_memory::GuestMemory;
+use crate::common::memory::guest_memory::GuestMemory;
 use std::cell::RefCell;
 
 /// Bytes of guard on each side.

@@ -1,10 +1,10 @@
-//! `common::string_io::emulate` on the scripted vCPU (`common::testing::MockVcpu`, visible
+//! `common::vcpu::string_io::emulate` on the scripted vCPU (`common::testing::MockVcpu`, visible
 //! to this crate only): the registers before, what happened to them and to the port after.
 
-use crate::common::guest_memory::GuestMemory;
-use crate::common::string_io::{self, Outcome, Ports, StringIo};
+use crate::common::memory::guest_memory::GuestMemory;
 use crate::common::testing::MockVcpu;
 use crate::common::vcpu::reg;
+use crate::common::vcpu::string_io::{self, Outcome, Ports, StringIo};
 
 /// The vCPU as the exit finds it.
 #[derive(Clone, Copy, Debug)]

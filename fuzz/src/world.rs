@@ -12,15 +12,16 @@
 //! RAM (guard regions). Where every guest waits for ever (a guest's choice), the live state is
 //! checked (ports and grants consistent across domains) and the domains are destroyed.
 
+use crate::common::domain::Slot;
+use crate::common::domain::stats::ExitKind;
 use crate::common::domain::{DOMAIN_COUNT, Domain, DomainState, Ending};
 use crate::common::events::Binding;
-use crate::common::grant_table::{WindowSlot, zero_page_testing};
-use crate::common::guest_memory::OwnedRam;
-use crate::common::nested_map::testing::fake_nested_map;
+use crate::common::grants::{WindowSlot, zero_page_testing};
+use crate::common::memory::guest_memory::OwnedRam;
+use crate::common::memory::nested_map::testing::fake_nested_map;
+use crate::common::memory::phys;
 use crate::common::output::testing::take_lines;
-use crate::common::phys;
-use crate::common::scheduler::{Host, Slot, run_all};
-use crate::common::stats::ExitKind;
+use crate::common::sched::{Host, run_all};
 use crate::common::testing::{FAKE_TSC, MockVcpu, Traced, take_trace};
 use crate::common::time::TimeBase;
 use crate::common::vcpu::{GuestRegisters, VmExit, reg};

@@ -36,11 +36,12 @@ mod vmx_entry_checks;
 
 #[cfg(target_os = "none")]
 mod start {
-    use crate::common::builder::{self, BOOT_GDT_LIMIT, BootParams};
-    use crate::common::config;
+    use crate::common::domain::Slot;
+    use crate::common::domain::builder::{self, BOOT_GDT_LIMIT, BootParams};
+    use crate::common::domain::config;
     use crate::common::domain::{Domain, DomainState, Ending};
-    use crate::common::guest_memory::{GuestMemory, OwnedRam};
-    use crate::common::scheduler::{Machine as SharedMachine, Slot, run_all};
+    use crate::common::memory::guest_memory::{GuestMemory, OwnedRam};
+    use crate::common::sched::{Machine as SharedMachine, run_all};
     use crate::common::time::TimeBase;
     use crate::common::vcpu::VirtualCpu;
     use crate::hv_println;
@@ -89,7 +90,7 @@ mod start {
         let rates = clock::calibrate(apic::timer_count);
         let time = TimeBase::new(
             rates.tsc_hz,
-            crate::common::domain::read_tsc(),
+            crate::common::time::read_tsc(),
             clock::wall_clock_seconds(),
             0,
         );
@@ -408,7 +409,7 @@ mod start {
         }
         if percpu::cpu_count() > 1 {
             for cpu in 0..percpu::cpu_count() {
-                let (slices, busy_ns) = crate::common::scheduler::cpu_figures(cpu);
+                let (slices, busy_ns) = crate::common::cpus::cpu_figures(cpu);
                 hv_println!(
                     "lamina: cpu {cpu}: {slices} slices, {} ms running vCPUs",
                     busy_ns / 1_000_000

@@ -7,7 +7,7 @@
 //! to guest RAM goes through [`GuestMemory`] bounds checks: a guest that scribbles over its
 //! shared page only confuses itself.
 
-use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
 use alloc::boxed::Box;
 use lamina_abi::Errno;
 use lamina_abi::event_channel::{NR_PORTS, NR_VIRQS, PortState, PortStatus, Virq};
@@ -459,7 +459,7 @@ impl EventChannels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::guest_memory::testing::test_memory;
+    use crate::common::memory::guest_memory::testing::test_memory;
 
     const SHARED: u64 = 0x7000;
 

@@ -4,23 +4,24 @@
 //! emulated here so unported kernels work; faults stop the domain with a report while every
 //! other domain runs on.
 
-use crate::common::control_regs::{self, CrContext, CrInstruction};
-use crate::common::cpuid;
+use crate::common::devices::uart::Uart16550;
+use crate::common::devices::uart::{COM1_BASE, COM1_PORTS};
+use crate::common::devices::vlapic::VirtualLapic;
+use crate::common::domain::DomainTable;
+use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::{ConsoleSource, Domain, Ending};
-use crate::common::domain::{DomainTable, read_tsc};
-use crate::common::grant_table::{self, WindowFault};
-use crate::common::guest_paging;
+use crate::common::grants::{self, WindowFault};
 use crate::common::hypercall::{self, Next};
-use crate::common::stats::{ExitKind, ExitStats};
-use crate::common::string_io::{self, Outcome, Ports, StringIo};
-use crate::common::uart::Uart16550;
-use crate::common::uart::{COM1_BASE, COM1_PORTS};
+use crate::common::memory::guest_paging;
+use crate::common::time::read_tsc;
+use crate::common::vcpu::control_regs::{self, CrContext, CrInstruction};
+use crate::common::vcpu::cpuid;
+use crate::common::vcpu::state::{Requests, Wait, request};
+use crate::common::vcpu::string_io::{self, Outcome, Ports, StringIo};
+use crate::common::vcpu::xstate;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, VirtualCpu, VmExit, is_canonical, reg, vector,
 };
-use crate::common::vcpu_state::{Requests, Wait, request};
-use crate::common::vlapic::VirtualLapic;
-use crate::common::xstate;
 use alloc::format;
 use alloc::string::String;
 use lamina_abi::hypercall::{HYPERCALL_INSN_LEN, VMCALL_BYTES, VMMCALL_BYTES};
@@ -252,7 +253,7 @@ pub fn handle_exit<V: VirtualCpu>(
             } else {
                 "read or fetch at"
             };
-            let why = match grant_table::window_fault(domain, gpa, write) {
+            let why = match grants::window_fault(domain, gpa, write) {
                 None => format!("outside its memory: {access} guest-physical {gpa:#x}"),
                 Some(WindowFault::ReadOnlyWrite) => {
                     format!("write to a read-only grant at {gpa:#x}")
@@ -416,7 +417,10 @@ fn count_port_access(
     vcpu_index: usize,
     port: u16,
     size: u8,
-) -> (DomainPorts<'_>, &crate::common::guest_memory::GuestMemory) {
+) -> (
+    DomainPorts<'_>,
+    &crate::common::memory::guest_memory::GuestMemory,
+) {
     domain.vcpus[vcpu_index]
         .stats
         .count(if is_uart_access(port, size) {
@@ -755,8 +759,8 @@ mod tests {
 
     use super::*;
     use crate::common::domain::DomainState;
-    use crate::common::guest_memory::GuestMemory;
-    use crate::common::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::memory::guest_memory::GuestMemory;
+    use crate::common::memory::guest_memory::testing::{TestMemory, test_memory};
     use crate::common::output::testing::take_lines;
     use crate::common::testing::MockVcpu;
 
@@ -955,7 +959,7 @@ mod tests {
             input,
             rep,
             address_bits: 64,
-            segment: Some(crate::common::string_io::Segment::Ds),
+            segment: Some(crate::common::vcpu::string_io::Segment::Ds),
         })
     }
 

@@ -1,5 +1,5 @@
 //! Hypercall dispatch and the handlers of ABI 1.0 (docs/abi.md sections 3, 8, 9, 11, 12);
-//! domain control (17) is in [`crate::common::domctl`].
+//! domain control (17) is in [`crate::common::domain::domctl`].
 //!
 //! Every argument is validated here before use: unknown numbers and sub-operations are
 //! `-ENOSYS`, bad values `-EINVAL`, buffers outside the caller's RAM `-EFAULT`, callers above
@@ -7,8 +7,8 @@
 
 use crate::common::domain::{ConsoleSource, Domain, DomainTable, Ending, domain_exists};
 use crate::common::events::Binding;
+use crate::common::vcpu::state::{StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
-use crate::common::vcpu_state::{StartState, Wait, request};
 use alloc::string::String;
 use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
@@ -36,9 +36,6 @@ pub enum Next {
     /// again (RIP stays on it).
     Again,
 }
-
-/// How a domain whose only vCPU waits for nothing is reported.
-pub const NEVER_WAKES: &str = "blocked with nothing that can ever wake the vCPU";
 
 enum Done {
     Return(u64),
@@ -125,12 +122,14 @@ fn dispatch(
         Hypercall::Multicall => multicall(domain, vcpu, *args, peers),
         Hypercall::StatsOp => stats_op(domain, *args, peers).map(Done::Return),
         Hypercall::GrantTableOp => {
-            crate::common::grant_table::grant_table_op(domain, *args, peers).map(Done::Return)
+            crate::common::grants::grant_table_op(domain, *args, peers).map(Done::Return)
         }
-        Hypercall::DomctlOp => match crate::common::domctl::domctl_op(domain, *args, peers)? {
-            Some(value) => Ok(Done::Return(value)),
-            None => Ok(Done::Again),
-        },
+        Hypercall::DomctlOp => {
+            match crate::common::domain::domctl::domctl_op(domain, *args, peers)? {
+                Some(value) => Ok(Done::Return(value)),
+                None => Ok(Done::Again),
+            }
+        }
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -226,7 +225,9 @@ fn sched_op(
                 .can_wake(vcpu, domain.vcpus[vcpu].timers.armed())
                 && !domain.has_other_vcpu_up(vcpu)
             {
-                domain.end(Ending::Fault(String::from(NEVER_WAKES)));
+                domain.end(Ending::Fault(String::from(
+                    crate::common::domain::NEVER_WAKES,
+                )));
                 return Ok(Done::Ended);
             }
             domain.vcpus[vcpu].wait = Wait::Block;
@@ -261,32 +262,15 @@ fn sched_op(
                     .can_wake(vcpu, domain.vcpus[vcpu].timers.armed())
                 && !domain.has_other_vcpu_up(vcpu)
             {
-                domain.end(Ending::Fault(String::from(NEVER_WAKES)));
+                domain.end(Ending::Fault(String::from(
+                    crate::common::domain::NEVER_WAKES,
+                )));
                 return Ok(Done::Ended);
             }
             domain.vcpus[vcpu].wait = Wait::Poll { ports, deadline };
             Ok(Done::Sleep)
         }
         _ => Err(Errno::ENOSYS),
-    }
-}
-
-/// Raises `port` of `domain` and wakes or flags the vCPU it concerns.
-pub fn raise_port(domain: &mut Domain, port: u32) {
-    crate::common::trace::event(domain.id, port);
-    match domain.events.raise(&domain.memory, port) {
-        Ok(Some(vcpu)) => {
-            domain.vcpus[vcpu].requests.make(request::EVENT);
-            domain.vcpus[vcpu].requests.set_upcall_maybe_pending(true);
-        }
-        Ok(None) => {}
-        Err(_) => return,
-    }
-    // A poller waits on pending bits, masked or not.
-    for state in domain.vcpus.iter() {
-        if matches!(&state.wait, Wait::Poll { ports, .. } if ports.contains(&port)) {
-            state.requests.make(request::EVENT);
-        }
     }
 }
 
@@ -343,16 +327,16 @@ fn event_channel_op(
                 Binding::Interdomain {
                     remote,
                     remote_port,
-                } if remote == own => raise_port(domain, remote_port),
+                } if remote == own => domain.raise_port(remote_port),
                 Binding::Interdomain {
                     remote,
                     remote_port,
                 } => {
                     if let Some(peer) = peers.get_mut(u32::from(remote)) {
-                        raise_port(peer, remote_port);
+                        peer.raise_port(remote_port);
                     }
                 }
-                _ => raise_port(domain, port),
+                _ => domain.raise_port(port),
             }
             Ok(0)
         }
@@ -370,7 +354,7 @@ fn event_channel_op(
                 };
                 if let Some(peer) = peer {
                     peer.events.disconnect(remote_port, own);
-                    raise_port(peer, remote_port);
+                    peer.raise_port(remote_port);
                 }
             }
             Ok(0)
@@ -677,7 +661,7 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
     use crate::common::domain::DomainState;
-    use crate::common::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::memory::guest_memory::testing::{TestMemory, test_memory};
     use crate::common::output::testing::take_lines;
     use crate::common::testing::MockVcpu;
 
@@ -685,7 +669,7 @@ mod tests {
         let t = test_memory(4 << 20);
         // SAFETY: the domain's view aliases the test memory, which outlives it in the tuple.
         let mem = unsafe {
-            crate::common::guest_memory::GuestMemory::new(
+            crate::common::memory::guest_memory::GuestMemory::new(
                 t.mem.host_base() as *mut u8,
                 t.mem.size(),
             )

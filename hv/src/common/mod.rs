@@ -1,33 +1,30 @@
-//! Vendor-neutral hypervisor logic: domains, the domain builder, exit and hypercall handling,
-//! device emulation, scheduling. Nothing here knows whether VT-x or AMD-V is underneath.
+//! Vendor-neutral hypervisor logic; nothing here knows whether VT-x or AMD-V is underneath.
+//!
+//! At the top, what every exit goes through: [`exits`] (the vendor-neutral exit handling) and
+//! [`hypercall`] (the one hypercall dispatcher). Below it, one wing per subsystem:
+//!
+//! - [`sched`]: the domain table every CPU shares, the run loop and the locks (`locking`);
+//! - [`domain`]: a domain, its configuration, building, control, counters and teardown;
+//! - [`vcpu`]: the backend interface and the per-vCPU state, registers and emulation;
+//! - [`events`], [`grants`]: event channels and grant tables;
+//! - [`memory`]: guest memory, guest page tables, nested page tables, physical pages;
+//! - [`devices`]: the emulated UART and x2APIC;
+//! - [`cpus`]: which physical CPUs run vCPUs, which are idle, kicking them;
+//! - [`time`], [`output`], [`trace`]: system time, console output, the timeline.
 
-pub mod builder;
-pub mod config;
-pub mod control_regs;
-pub mod cpuid;
+pub mod cpus;
+pub mod devices;
 pub mod domain;
-pub mod domctl;
 pub mod events;
 pub mod exits;
-pub mod grant_table;
-pub mod guest_memory;
-pub mod guest_paging;
+pub mod grants;
 pub mod hypercall;
-pub mod locking;
-pub mod nested_map;
+pub mod memory;
 pub mod output;
-pub mod phys;
-pub mod scheduler;
-pub mod stats;
-pub mod string_io;
-pub mod teardown;
+pub mod sched;
 pub mod time;
 pub mod trace;
-pub mod uart;
 pub mod vcpu;
-pub mod vcpu_state;
-pub mod vlapic;
-pub mod xstate;
 
 // Host test support, also for the fuzz targets (fuzz/, built with `--cfg fuzzing`).
 #[cfg(any(test, fuzzing))]

@@ -1,11 +1,11 @@
 //! A scripted vCPU for host unit tests of the common exit handling.
 
-use crate::common::guest_paging::PagingMode;
+use crate::common::memory::guest_paging::PagingMode;
 use crate::common::vcpu::{ArchMsr, ArchState, GuestRegisters, VirtualCpu, VmExit};
 use core::fmt;
 
 std::thread_local! {
-    /// When set, `domain::read_tsc` returns this instead of the real TSC.
+    /// When set, `time::read_tsc` returns this instead of the real TSC.
     pub(crate) static FAKE_TSC: core::cell::Cell<Option<u64>> = const { core::cell::Cell::new(None) };
     /// What the mock vCPUs of this thread did, in order, by their `tag`: it outlives them
     /// (a domain's teardown drops its vCPU).
@@ -164,7 +164,7 @@ impl VirtualCpu for MockVcpu {
     }
     fn xcr0(&self) -> u64 {
         if self.xcr0 == 0 {
-            crate::common::xstate::XCR0_RESET
+            crate::common::vcpu::xstate::XCR0_RESET
         } else {
             self.xcr0
         }

@@ -3,10 +3,20 @@
 //! hypervisor's and a guest's idea of "now" are the same number. Also writes the per-vCPU
 //! pvclock and the wall clock into guest RAM with the version seqlock (docs/abi.md 10).
 
-use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
 use lamina_abi::shared_info::{
     SharedInfo, TIME_FLAG_TSC_STABLE, VcpuInfo, VcpuTimeInfo, pvclock_ns, pvclock_scale,
 };
+
+/// The time-stamp counter (in host unit tests, the fake one when a test set it).
+pub fn read_tsc() -> u64 {
+    #[cfg(any(test, fuzzing))]
+    if let Some(tsc) = crate::common::testing::FAKE_TSC.with(|t| t.get()) {
+        return tsc;
+    }
+    // SAFETY: RDTSC has no side effects and is available on every x86-64 CPU.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
 
 /// The clock every domain shares.
 #[derive(Clone, Copy, Debug)]
@@ -147,7 +157,7 @@ pub fn publish_wall_clock(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::guest_memory::testing::test_memory;
+    use crate::common::memory::guest_memory::testing::test_memory;
 
     #[test]
     fn deadlines_convert_to_the_first_tsc_that_reaches_them() {

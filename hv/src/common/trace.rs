@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use alloc::vec::Vec;
 use spin::Mutex;
 
-use crate::common::domain::read_tsc;
+use crate::common::time::read_tsc;
 
 /// What a record says happened.
 #[repr(u8)]
@@ -24,7 +24,7 @@ pub enum Kind {
     /// The slice ended.
     VcpuOut = 2,
     /// An exit of the running vCPU other than a hypercall; detail: its
-    /// [`crate::common::stats::ExitKind`] number.
+    /// [`crate::common::domain::stats::ExitKind`] number.
     Exit = 3,
     /// A hypercall exit; detail: the hypercall number (RAX).
     Hypercall = 4,
@@ -170,7 +170,7 @@ pub fn vcpu_out(domain: u32) {
     }
 }
 
-/// An exit of the running vCPU, by [`crate::common::stats::ExitKind`] number.
+/// An exit of the running vCPU, by [`crate::common::domain::stats::ExitKind`] number.
 #[inline(always)]
 pub fn exit(kind: u32) {
     if enabled() {

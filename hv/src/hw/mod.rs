@@ -8,8 +8,8 @@ pub mod nested_paging;
 pub mod svm;
 pub mod vmx;
 
-use crate::common::guest_memory::GuestMemory;
-use crate::common::nested_map::NestedMap;
+use crate::common::memory::guest_memory::GuestMemory;
+use crate::common::memory::nested_map::NestedMap;
 use crate::common::vcpu::VirtualCpu;
 use alloc::boxed::Box;
 use alloc::vec::Vec;

@@ -7,7 +7,7 @@
 //! 4 KiB leaves, mapped and unmapped at run time through [`NestedMap`]; its tables are
 //! allocated when the domain is built, so mapping a grant never needs memory.
 
-use crate::common::nested_map::{NestedMap, NestedMapError};
+use crate::common::memory::nested_map::{NestedMap, NestedMapError};
 use crate::hw::HwError;
 use crate::platform::memory;
 use core::marker::PhantomData;

@@ -2,9 +2,9 @@
 //! timer as the one host timer, and halting until an interrupt.
 
 use super::apic;
-use crate::common::domain::read_tsc;
-use crate::common::scheduler::Host;
+use crate::common::sched::Host;
 use crate::common::time::TimeBase;
+use crate::common::time::read_tsc;
 
 /// How often waiting console output is moved into the UART.
 const OUTPUT_PUMP_NS: u64 = 1_000_000;

@@ -6,7 +6,7 @@
 //! its console would delay every domain's timers by the length of other domains' output.
 //! Only a full ring, the end of the run and a panic wait for the wire.
 //!
-//! The emulated UART that guests see is a different thing (`common::uart`); this is the real
+//! The emulated UART that guests see is a different thing (`common::devices::uart`); this is the real
 //! (emulator's) UART, used only by the hypervisor.
 
 use core::fmt::{self, Write};

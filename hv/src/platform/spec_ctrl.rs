@@ -19,7 +19,7 @@
 //! MSRs, so there `rsb-fill` runs by default and `verw` when forced.
 //!
 //! Guests get none of IA32_SPEC_CTRL, IA32_PRED_CMD, IA32_ARCH_CAPABILITIES and
-//! IA32_FLUSH_CMD in ABI 1.4: CPUID hides them (`common::cpuid`) and the MSRs raise #GP
+//! IA32_FLUSH_CMD in ABI 1.4: CPUID hides them (`common::vcpu::cpuid`) and the MSRs raise #GP
 //! (docs/abi.md 7.3). The defences above do not depend on the guest.
 
 use alloc::format;

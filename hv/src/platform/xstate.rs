@@ -26,7 +26,7 @@
 //!
 //! Intel SDM Vol. 1 13 (XSAVE), Vol. 2 (XSAVE, XRSTOR, XSETBV, FXSAVE); AMD APM Vol. 2 11.5.
 
-use crate::common::xstate::{
+use crate::common::vcpu::xstate::{
     FXSAVE_BYTES, XCR0_RESET, guest_mask, guest_xcr0_mask, set_guest_mask, xsave_bytes,
 };
 use crate::platform::memory;
@@ -243,7 +243,7 @@ impl ExtendedState {
         unsafe { saved_xcr0(self.area).read() }
     }
 
-    /// Sets the guest's XCR0 to a validated value (`common::xstate::xsetbv_fault`).
+    /// Sets the guest's XCR0 to a validated value (`common::vcpu::xstate::xsetbv_fault`).
     pub fn set_xcr0(&mut self, value: u64) {
         if guest_mask() == 0 {
             return;

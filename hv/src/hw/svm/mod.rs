@@ -10,7 +10,7 @@ mod vcpu;
 mod vmcb;
 mod vmrun_checks;
 
-use crate::common::guest_memory::GuestMemory;
+use crate::common::memory::guest_memory::GuestMemory;
 use crate::hw::nested_paging::NestedPageTable;
 use crate::hw::{DomainVcpus, EntryState, HwError, Virtualization, rdmsr, wrmsr};
 use crate::platform::memory;

@@ -4,8 +4,8 @@
 use super::Svm;
 use super::vmcb::{Segment, Vmcb};
 use super::vmrun_checks;
-use crate::common::guest_paging::PagingMode;
-use crate::common::string_io;
+use crate::common::memory::guest_paging::PagingMode;
+use crate::common::vcpu::string_io;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
 };

@@ -13,7 +13,7 @@ mod ept;
 mod vcpu;
 mod vmcs;
 
-use crate::common::guest_memory::GuestMemory;
+use crate::common::memory::guest_memory::GuestMemory;
 use crate::hw::nested_paging::NestedPageTable;
 use crate::hw::{DomainVcpus, EntryState, HwError, Virtualization, rdmsr, wrmsr};
 use crate::platform::memory;

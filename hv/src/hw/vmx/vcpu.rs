@@ -1,16 +1,16 @@
 //! A VMX vCPU: VMCS set-up for a 64-bit guest (Intel SDM Vol. 3C 26.3 lists the checks it
 //! must pass), the VMLAUNCH/VMRESUME world switch, and the translation of exit reasons (SDM
 //! Vol. 3D Appendix C) into [`VmExit`]. CLTS and MOV from CR3 complete here; control-register
-//! writes and CR8 go to the common checks (`common::control_regs`), and the guest's view of
+//! writes and CR8 go to the common checks (`common::vcpu::control_regs`), and the guest's view of
 //! CR0/CR4 lives in the read shadows.
 
 use super::entry_checks;
 use super::ept::eptp;
 use super::vmcs::{self, read, write, write_host, write_unchecked};
 use super::{ControlCapabilities, InveptType, adjust};
-use crate::common::control_regs;
-use crate::common::guest_paging::PagingMode;
-use crate::common::string_io;
+use crate::common::memory::guest_paging::PagingMode;
+use crate::common::vcpu::control_regs;
+use crate::common::vcpu::string_io;
 use crate::common::vcpu::{
     ArchMsr, ArchState, CrOperand, GuestRegisters, VirtualCpu, VmExit, reg, vector,
 };
@@ -518,7 +518,7 @@ impl Drop for VmxVcpu {
             return;
         }
         memory::release(self.vmcs, 0x1000);
-        // The EPT belongs to the domain, which frees it (grant_table::release_domain).
+        // The EPT belongs to the domain, which frees it (grants::release_domain).
     }
 }
 

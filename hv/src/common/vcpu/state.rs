@@ -1,9 +1,9 @@
 //! What the hypervisor keeps about one vCPU beyond its hardware state: how it waits, its
 //! timers, its upcall vector and its run-state accounting (docs/abi.md 9).
 
-use crate::common::guest_memory::{GuestMemory, OutOfBounds};
-use crate::common::stats::ExitStats;
-use crate::common::vlapic::VirtualLapic;
+use crate::common::devices::vlapic::VirtualLapic;
+use crate::common::domain::stats::ExitStats;
+use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -60,7 +60,7 @@ pub mod request {
     pub const START: u32 = 1 << 4;
     /// Its domain ended or was paused, or it was taken down: a CPU running it stops it.
     pub const RESCHEDULE: u32 = 1 << 5;
-    /// The requests drained before every entry (`scheduler::prepare_entry`); the others
+    /// The requests drained before every entry (`sched::prepare_entry`); the others
     /// (START, WAKE_CHECK) wait for the scheduler's next pass and never hold an entry up.
     pub const BEFORE_ENTRY: u32 = EVENT | TIMERS | NESTED_FLUSH | RESCHEDULE;
 }
@@ -73,7 +73,7 @@ impl Requests {
     pub fn make(&self, bits: u32) {
         self.bits.fetch_or(bits, Ordering::SeqCst);
         // One CPU: nobody to kick or wake (one load on that path).
-        if crate::common::scheduler::several_cpus() {
+        if crate::common::cpus::several_cpus() {
             self.kick();
         }
     }
@@ -81,9 +81,9 @@ impl Requests {
     #[cold]
     fn kick(&self) {
         if self.in_guest.load(Ordering::SeqCst) {
-            crate::common::scheduler::kick_cpu(self.running_on.load(Ordering::Relaxed) as usize);
+            crate::common::cpus::kick_cpu(self.running_on.load(Ordering::Relaxed) as usize);
         } else {
-            crate::common::scheduler::wake_an_idle_cpu(self.allowed_cpus.load(Ordering::Relaxed));
+            crate::common::cpus::wake_an_idle_cpu(self.allowed_cpus.load(Ordering::Relaxed));
         }
     }
 

@@ -5,7 +5,7 @@
 //! accesses under SVM without decode assists, string I/O). Handles 4-level IA-32e paging with 1 GiB and 2 MiB pages (Intel SDM Vol. 3A 4.5,
 //! AMD APM Vol. 2 5.3); every table read goes through [`GuestMemory`] bounds checks.
 
-use crate::common::guest_memory::GuestMemory;
+use crate::common::memory::guest_memory::GuestMemory;
 
 /// The guest's paging mode, from its CR0, CR4 and EFER.
 #[derive(Clone, Copy, Debug)]
@@ -160,7 +160,7 @@ pub fn read_code(mem: &GuestMemory, mode: PagingMode, rip: u64, buf: &mut [u8]) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::guest_memory::testing::test_memory;
+    use crate::common::memory::guest_memory::testing::test_memory;
 
     #[test]
     fn walks_4k_2m_pages_and_refuses_the_unmapped() {

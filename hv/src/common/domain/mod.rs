@@ -1,15 +1,23 @@
-//! A domain: one isolated guest with its RAM, devices, console, counters and lifecycle.
+//! A domain: one isolated guest with its RAM, devices, console, counters and lifecycle; how
+//! it is configured ([`config`]) and built ([`builder`]), controlled by a privileged domain
+//! ([`domctl`]), accounted ([`stats`]) and torn down ([`teardown`]).
 
-use crate::common::builder::{KernelImage, MemoryMap};
+pub mod builder;
+pub mod config;
+pub mod domctl;
+pub mod stats;
+pub mod teardown;
+
+use crate::common::devices::uart::Uart16550;
+use crate::common::domain::builder::{KernelImage, MemoryMap};
+use crate::common::domain::stats::ExitStats;
 use crate::common::events::EventChannels;
-use crate::common::grant_table::GrantTable;
-use crate::common::guest_memory::{GuestMemory, OwnedRam};
-use crate::common::nested_map::NestedMap;
+use crate::common::grants::GrantTable;
+use crate::common::memory::guest_memory::{GuestMemory, OwnedRam};
+use crate::common::memory::nested_map::NestedMap;
 use crate::common::output;
-use crate::common::stats::ExitStats;
-use crate::common::time::TimeBase;
-use crate::common::uart::Uart16550;
-use crate::common::vcpu_state::{VcpuState, Wait, request};
+use crate::common::time::{TimeBase, read_tsc};
+use crate::common::vcpu::state::{VcpuState, Wait, request};
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -323,8 +331,8 @@ impl Domain {
                 .collect(),
             time,
             privileged: false,
-            weight: crate::common::config::DEFAULT_WEIGHT,
-            affinity: crate::common::config::ANY_CPU,
+            weight: crate::common::domain::config::DEFAULT_WEIGHT,
+            affinity: crate::common::domain::config::ANY_CPU,
             nested: None,
             grants: GrantTable::default(),
             paused: false,
@@ -341,6 +349,25 @@ impl Domain {
             self.ram_unreturned.load(Ordering::Relaxed)
         } else {
             self.memory.size()
+        }
+    }
+
+    /// Raises `port` and wakes or flags the vCPU it concerns (docs/abi.md 8).
+    pub fn raise_port(&mut self, port: u32) {
+        crate::common::trace::event(self.id, port);
+        match self.events.raise(&self.memory, port) {
+            Ok(Some(vcpu)) => {
+                self.vcpus[vcpu].requests.make(request::EVENT);
+                self.vcpus[vcpu].requests.set_upcall_maybe_pending(true);
+            }
+            Ok(None) => {}
+            Err(_) => return,
+        }
+        // A poller waits on pending bits, masked or not.
+        for state in self.vcpus.iter() {
+            if matches!(&state.wait, Wait::Poll { ports, .. } if ports.contains(&port)) {
+                state.requests.make(request::EVENT);
+            }
         }
     }
 
@@ -416,7 +443,7 @@ impl Domain {
             .memory
             .write(CONSOLE_RING_GPA + PROD, &prod.wrapping_add(1).to_le_bytes());
         if let Some(port) = self.events.virq_port(0, Virq::Console) {
-            crate::common::hypercall::raise_port(self, port);
+            self.raise_port(port);
         }
     }
 
@@ -532,9 +559,12 @@ impl Domain {
                 return (!can_wake).then_some(HALT_NEVER_WAKES);
             }
         };
-        stuck.then_some(crate::common::hypercall::NEVER_WAKES)
+        stuck.then_some(NEVER_WAKES)
     }
 }
+
+/// How a domain whose only vCPU waits for nothing is reported.
+pub const NEVER_WAKES: &str = "blocked with nothing that can ever wake the vCPU";
 
 /// How a domain whose only vCPU halted with nothing that can wake it is reported.
 pub const HALT_NEVER_WAKES: &str = "HLT with nothing that can ever wake the vCPU";
@@ -555,6 +585,23 @@ pub trait DomainTable {
     }
 }
 
+/// A domain and its vCPUs.
+pub struct Slot<V> {
+    /// The domain.
+    pub domain: Domain,
+    /// Its vCPUs' hardware state, by vCPU number (`domain.vcpus` has the rest): `None` while
+    /// a CPU runs that vCPU; empty once the domain is torn down. Boxed, so that taking one
+    /// out for a slice moves a pointer, not the state.
+    pub vcpus: Vec<Option<Box<V>>>,
+}
+
+impl<V> Slot<V> {
+    /// Whether no CPU runs any of its vCPUs: it may be torn down.
+    pub fn is_parked(&self) -> bool {
+        self.vcpus.iter().all(Option::is_some)
+    }
+}
+
 /// A table with no other domains (host tests, and a machine with one domain).
 pub struct NoPeers;
 
@@ -570,16 +617,6 @@ pub static DOMAIN_COUNT: core::sync::atomic::AtomicU32 = core::sync::atomic::Ato
 /// Whether domain `id` exists (was built at boot).
 pub fn domain_exists(id: u64) -> bool {
     id >= 1 && id <= u64::from(DOMAIN_COUNT.load(core::sync::atomic::Ordering::Relaxed))
-}
-
-/// The time-stamp counter (in host unit tests, the fake one when a test set it).
-pub fn read_tsc() -> u64 {
-    #[cfg(any(test, fuzzing))]
-    if let Some(tsc) = crate::common::testing::FAKE_TSC.with(|t| t.get()) {
-        return tsc;
-    }
-    // SAFETY: RDTSC has no side effects and is available on every x86-64 CPU.
-    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 fn report_stop(id: u32, name: &str, why: &str) {

@@ -25,7 +25,7 @@ pub(crate) mod testing {
         FIGURES.with(|f| f.set((managed, free)));
     }
 
-    /// An [`crate::common::guest_memory::OwnedRam`] release function: counts the bytes as free.
+    /// An [`crate::common::memory::guest_memory::OwnedRam`] release function: counts the bytes as free.
     pub(crate) fn release(_start: u64, bytes: u64) {
         FIGURES.with(|f| {
             let (managed, free) = f.get();

@@ -9,8 +9,8 @@
 use crate::common::domain::{
     DOMAIN_COUNT, Domain, DomainState, DomainTable, Ending, domain_exists,
 };
-use crate::common::phys;
-use crate::common::vcpu_state::request;
+use crate::common::memory::phys;
+use crate::common::vcpu::state::request;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use lamina_abi::Errno;
@@ -263,10 +263,10 @@ fn phys_info(domain: &mut Domain, gpa: u64, peers: &mut dyn DomainTable) -> Resu
 mod tests {
     use super::*;
     use crate::common::domain::ConsoleSource;
-    use crate::common::guest_memory::GuestMemory;
-    use crate::common::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::memory::guest_memory::GuestMemory;
+    use crate::common::memory::guest_memory::testing::{TestMemory, test_memory};
     use crate::common::time::TimeBase;
-    use crate::common::vcpu_state::Wait;
+    use crate::common::vcpu::state::Wait;
     use lamina_abi::event_channel::DOMID_SELF;
 
     const MIB: u64 = 1 << 20;

@@ -3,7 +3,7 @@
 //! Extended state is shown as the vCPU has it (docs/abi.md 18.1): OSXSAVE mirrors the guest's
 //! CR4, leaf 0xD offers only what the hypervisor saves, sized for the guest's XCR0.
 
-use crate::common::xstate::{self, XCR0_AVX};
+use crate::common::vcpu::xstate::{self, XCR0_AVX};
 use lamina_abi::cpuid::{
     LEAF_MAX, LEAF_SIGNATURE, LEAF_TIMING, LEAF_VERSION, features, signature_regs,
 };

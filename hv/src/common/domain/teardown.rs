@@ -8,13 +8,12 @@
 //! between its decisions, as Xen relinquishes a dead domain's memory preemptibly: other domains
 //! keep their latency. Destroy scrubs before it returns.
 
+use crate::common::domain::Slot;
 use crate::common::domain::{DOMAIN_COUNT, Domain, DomainTable};
 use crate::common::events::Binding;
-use crate::common::guest_memory::{GuestMemory, OwnedRam};
-use crate::common::hypercall::raise_port;
-use crate::common::scheduler::Slot;
-use crate::common::vcpu_state::request;
-use crate::common::{output, phys};
+use crate::common::memory::guest_memory::{GuestMemory, OwnedRam};
+use crate::common::vcpu::state::request;
+use crate::common::{memory::phys, output};
 use alloc::string::String;
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -86,7 +85,7 @@ pub fn tear_down<V>(slot: &mut Slot<V>, peers: &mut dyn DomainTable) -> Option<S
     let free_at_start = phys::figures().1;
     // Grants first: a grantee must stop seeing the RAM before it is scrubbed (docs/abi.md 16).
     // This also frees the domain's nested page tables and its pages of zeros.
-    crate::common::grant_table::release_domain(&mut slot.domain, peers);
+    crate::common::grants::release_domain(&mut slot.domain, peers);
     close_event_channels(&mut slot.domain, peers);
     // The vCPUs own their control structures (VMCS or VMCB).
     drop(core::mem::take(&mut slot.vcpus));
@@ -127,7 +126,7 @@ fn close_event_channels(domain: &mut Domain, peers: &mut dyn DomainTable) {
             && let Some(peer) = peers.get_mut(u32::from(remote))
         {
             peer.events.disconnect(remote_port, own);
-            raise_port(peer, remote_port);
+            peer.raise_port(remote_port);
         }
     }
     for id in 1..=DOMAIN_COUNT.load(Ordering::Relaxed) {

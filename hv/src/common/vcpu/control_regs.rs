@@ -8,7 +8,7 @@
 //! hypervisor does it for both. [`decode_mov_cr`] finds the operand of an intercepted CR
 //! access from the instruction bytes, for SVM without decode assists (QEMU TCG).
 
-use crate::common::cpuid::CpuidResult;
+use crate::common::vcpu::cpuid::CpuidResult;
 use x86_64::registers::control::{Cr0Flags, Cr4Flags};
 use x86_64::registers::model_specific::EferFlags;
 

@@ -7,7 +7,7 @@
 //! through the guest's own page tables, one element at a time, and delivers a fault on the
 //! buffer to the guest (the registers then say how far the instruction got, as on hardware).
 
-use crate::common::guest_paging::{self, Access, Translation};
+use crate::common::memory::guest_paging::{self, Access, Translation};
 use crate::common::vcpu::{ArchMsr, VirtualCpu, is_canonical, reg, vector};
 use x86_64::registers::rflags::RFlags;
 
@@ -222,7 +222,7 @@ pub trait Ports {
 pub fn emulate<V: VirtualCpu>(
     io: StringIo,
     vcpu: &mut V,
-    memory: &crate::common::guest_memory::GuestMemory,
+    memory: &crate::common::memory::guest_memory::GuestMemory,
     ports: &mut dyn Ports,
     code_bytes: impl FnOnce(&V) -> [u8; 15],
 ) -> Outcome {

@@ -402,7 +402,7 @@ pub fn release_domain(domain: &mut Domain, peers: &mut dyn DomainTable) {
     for state in &domain.vcpus {
         state
             .requests
-            .take(crate::common::vcpu_state::request::NESTED_FLUSH);
+            .take(crate::common::vcpu::state::request::NESTED_FLUSH);
     }
 }
 
@@ -516,9 +516,9 @@ mod zero_page {
 mod tests {
     use super::*;
     use crate::common::domain::{DOMAIN_COUNT, Ending};
-    use crate::common::guest_memory::GuestMemory;
-    use crate::common::guest_memory::testing::{TestMemory, test_memory};
-    use crate::common::nested_map::testing::{Pages, fake_nested_map};
+    use crate::common::memory::guest_memory::GuestMemory;
+    use crate::common::memory::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::memory::nested_map::testing::{Pages, fake_nested_map};
     use crate::common::time::TimeBase;
     use core::sync::atomic::Ordering;
     use lamina_abi::grant_table::GrantTableOp::{Copy, EndAccess, GrantAccess, Map, Unmap};
@@ -959,7 +959,7 @@ mod tests {
         assert_eq!(m.op(2, Map, [1, 1, WINDOW + 2 * PAGE, RO]), Ok(0));
         m.d(2).vcpus[0]
             .requests
-            .take(crate::common::vcpu_state::request::NESTED_FLUSH);
+            .take(crate::common::vcpu::state::request::NESTED_FLUSH);
         m.end(1);
         assert!(m.d(1).nested.is_none(), "the granter's tables are freed");
         assert!(

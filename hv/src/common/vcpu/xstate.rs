@@ -5,7 +5,7 @@
 //! Intel SDM Vol. 1 13 (XSAVE-managed state) and the XSETBV entry in Vol. 2; AMD APM Vol. 2
 //! 11.5 and Vol. 3 (XSETBV).
 
-use crate::common::cpuid::CpuidResult;
+use crate::common::vcpu::cpuid::CpuidResult;
 use crate::common::vcpu::vector;
 use core::sync::atomic::{AtomicU64, Ordering};
 use x86_64::registers::xcontrol::XCr0Flags;

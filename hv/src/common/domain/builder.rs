@@ -8,7 +8,7 @@
 //! derived from the same layout here.
 
 use crate::common::events::{CONSOLE_PORT, default_vcpu_info_gpa};
-use crate::common::guest_memory::{GuestMemory, OutOfBounds};
+use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
 use crate::common::time::{TimeBase, publish_vcpu_time, publish_wall_clock};
 use core::fmt;
 use lamina_abi::layout::{
@@ -428,7 +428,7 @@ pub const BOOT_GDT_LIMIT: u16 = 3 * 8 - 1;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::guest_memory::testing::test_memory;
+    use crate::common::memory::guest_memory::testing::test_memory;
 
     /// Builds a minimal ELF64 executable with the given (vaddr, memsz, filesz, flags) segments.
     fn elf(entry: u64, segments: &[(u64, u64, u64, u32)]) -> Vec<u8> {
@@ -594,7 +594,7 @@ mod tests {
             "entries not aligned"
         );
         let reproducer = include_bytes!(
-            "../../../fuzz/artifacts/elf_builder/crash-db82c4aa28ac3db67d496685936d7425a7a45888"
+            "../../../../fuzz/artifacts/elf_builder/crash-db82c4aa28ac3db67d496685936d7425a7a45888"
         );
         // In an 8-byte aligned buffer, as the hypervisor's modules are (page-aligned).
         let mut words = vec![0u64; reproducer.len() / 8 + 2];

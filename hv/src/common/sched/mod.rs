@@ -6,17 +6,20 @@
 //! CPU halts until the next timer: no busy waiting. The machine-specific parts (clock, host
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
-use crate::common::config::DEFAULT_WEIGHT;
-use crate::common::domain::{Domain, DomainState, DomainTable, Ending, read_tsc};
+pub mod locking;
+
+use crate::common::cpus;
+use crate::common::domain::config::DEFAULT_WEIGHT;
+use crate::common::domain::stats::{ExitKind, ExitStats};
+use crate::common::domain::teardown::{Scrub, tear_down};
+use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
 use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
-use crate::common::hypercall::{Next, raise_port};
-use crate::common::stats::{ExitKind, ExitStats};
-use crate::common::teardown::{Scrub, tear_down};
+use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
+use crate::common::time::read_tsc;
 use crate::common::trace;
+use crate::common::vcpu::state::{StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
-use crate::common::vcpu_state::{StartState, Wait, request};
-use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -45,79 +48,8 @@ pub trait Host {
     fn housekeeping(&mut self) -> Option<u64>;
 }
 
-/// Several CPUs run vCPUs ([`Machine::set_cpus_online`]): requests kick and wake CPUs.
-static SEVERAL_CPUS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// Whether several CPUs run vCPUs.
-#[inline]
-pub fn several_cpus() -> bool {
-    SEVERAL_CPUS.load(core::sync::atomic::Ordering::Relaxed)
-}
-
-/// The CPUs halted in [`Machine::run_cpu`] with nothing to run, a bit per CPU index.
-static IDLE_CPUS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-
-/// Slices each CPU ran and the time they took, by CPU index (the summary's `cpu` lines, on a
-/// machine with several CPUs).
-static CPU_SLICES: [core::sync::atomic::AtomicU64; 64] =
-    [const { core::sync::atomic::AtomicU64::new(0) }; 64];
-static CPU_BUSY_NS: [core::sync::atomic::AtomicU64; 64] =
-    [const { core::sync::atomic::AtomicU64::new(0) }; 64];
-
-/// (slices run, ns spent running vCPUs) of CPU `cpu`.
-pub fn cpu_figures(cpu: usize) -> (u64, u64) {
-    let at = cpu.min(63);
-    (
-        CPU_SLICES[at].load(core::sync::atomic::Ordering::Relaxed),
-        CPU_BUSY_NS[at].load(core::sync::atomic::Ordering::Relaxed),
-    )
-}
-
-/// Makes CPU `cpu` take an interrupt: a guest running there exits (a request waits for it).
-pub fn kick_cpu(cpu: usize) {
-    #[cfg(target_os = "none")]
-    crate::platform::smp::kick(cpu);
-    #[cfg(not(target_os = "none"))]
-    let _ = cpu;
-}
-
-/// Wakes one idle CPU among `allowed` (a bit per CPU), if there is one, to look at the vCPUs
-/// again (one that may run there was made ready).
-pub fn wake_an_idle_cpu(allowed: u64) {
-    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed) & allowed;
-    if idle != 0 {
-        kick_cpu(idle.trailing_zeros() as usize);
-    }
-}
-
-/// Wakes every idle CPU (the domains all ended: each leaves its loop).
-fn wake_all_idle_cpus() {
-    let mut idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed);
-    while idle != 0 {
-        kick_cpu(idle.trailing_zeros() as usize);
-        idle &= idle - 1;
-    }
-}
-
 /// How often console input is polled while a domain could be woken by it.
 pub const CONSOLE_POLL_NS: u64 = 10_000_000;
-
-/// A domain and its vCPUs.
-pub struct Slot<V> {
-    /// The domain.
-    pub domain: Domain,
-    /// Its vCPUs' hardware state, by vCPU number (`domain.vcpus` has the rest): `None` while
-    /// a CPU runs that vCPU; empty once the domain is torn down. Boxed, so that taking one
-    /// out for a slice moves a pointer, not the state.
-    pub vcpus: Vec<Option<Box<V>>>,
-}
-
-impl<V> Slot<V> {
-    /// Whether no CPU runs any of its vCPUs: it may be torn down.
-    pub fn is_parked(&self) -> bool {
-        self.vcpus.iter().all(Option::is_some)
-    }
-}
 
 /// All domains but one: the slots in `parts` and, when the one left out is not the running
 /// domain (it is torn down by the running domain's hypercall), the running domain.
@@ -285,7 +217,7 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
     if state.timers.expire(now) {
         trace::timer(domain.id);
         if let Some(port) = domain.events.virq_port(index, Virq::Timer) {
-            raise_port(domain, port);
+            domain.raise_port(port);
         }
         domain.vcpus[index].requests.make(request::EVENT);
     }
@@ -424,7 +356,7 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
 
 /// The domains as every physical CPU's run loop shares them. One lock, the domain-table
 /// lock, guards all of it; it is held while a CPU picks a vCPU and while it handles an exit,
-/// never while a guest runs (the lock order is documented in [`crate::common::locking`]).
+/// never while a guest runs (the lock order is documented in [`crate::common::sched::locking`]).
 pub struct Machine<'a, V> {
     table: spin::Mutex<Table<'a, V>>,
     /// How many CPUs run [`Machine::run_cpu`].
@@ -469,7 +401,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     pub fn set_cpus_online(&self, cpus: usize) {
         self.cpus_online
             .store(cpus.max(1), core::sync::atomic::Ordering::Relaxed);
-        SEVERAL_CPUS.store(cpus > 1, core::sync::atomic::Ordering::Relaxed);
+        cpus::set_several(cpus > 1);
     }
 
     /// Runs this CPU's share of the vCPUs until every domain has ended and all their RAM is
@@ -505,7 +437,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             if !slots.iter().any(|s| s.domain.is_runnable()) {
                 table.scrubbing.drain(..).for_each(Scrub::finish);
                 drop(guard);
-                wake_all_idle_cpus();
+                cpus::wake_all_idle_cpus();
                 return;
             }
             if let Some(scrub) = table.scrubbing.front_mut()
@@ -533,14 +465,14 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 // Idle before the lock goes: whoever makes a vCPU ready after this sees the
                 // bit and kicks this CPU (`wake_an_idle_cpu`).
                 if shared {
-                    IDLE_CPUS.fetch_or(idle_bit, core::sync::atomic::Ordering::SeqCst);
+                    cpus::set_idle(idle_bit, true);
                 }
                 drop(guard);
                 host.arm_timer(deadline);
                 trace::idle();
                 host.wait_for_interrupt();
                 if shared {
-                    IDLE_CPUS.fetch_and(!idle_bit, core::sync::atomic::Ordering::SeqCst);
+                    cpus::set_idle(idle_bit, false);
                 }
                 continue;
             };
@@ -580,7 +512,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 // More may be ready than this CPU takes: an idle CPU that may run it looks.
                 let wanted = ready_cpus(slots, &table.units);
                 if wanted != 0 {
-                    wake_an_idle_cpu(wanted);
+                    cpus::wake_an_idle_cpu(wanted);
                 }
             }
             trace::vcpu_in(slots[index].domain.id);
@@ -597,8 +529,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             slot.vcpus[vcpu_index] = Some(vcpu);
             let ran = host.now_ns().saturating_sub(now);
             if shared {
-                CPU_SLICES[cpu.min(63)].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                CPU_BUSY_NS[cpu.min(63)].fetch_add(ran, core::sync::atomic::Ordering::Relaxed);
+                cpus::count_slice(cpu, ran);
             }
             let weight = slot.domain.weight;
             let state = &mut slot.domain.vcpus[vcpu_index];
@@ -936,7 +867,7 @@ fn schedule_in<V: VirtualCpu, H: Host>(
             .runstate
             .enter(runstate::RUNNING, now, &domain.memory);
     }
-    let tsc = crate::common::domain::read_tsc();
+    let tsc = crate::common::time::read_tsc();
     let _ = publish_vcpu_time(
         &domain.memory,
         domain.events.vcpu_info_gpa(index),
@@ -970,8 +901,8 @@ fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
 mod tests {
     use super::*;
     use crate::common::domain::{DomainState, Ending};
-    use crate::common::guest_memory::GuestMemory;
-    use crate::common::guest_memory::testing::{TestMemory, test_memory};
+    use crate::common::memory::guest_memory::GuestMemory;
+    use crate::common::memory::guest_memory::testing::{TestMemory, test_memory};
     use crate::common::testing::{MockVcpu, Traced, hypercall, results_of, take_trace};
     use crate::common::time::TimeBase;
     use std::cell::Cell;
@@ -1410,9 +1341,9 @@ mod tests {
 
     #[test]
     fn destroy_tears_the_domain_down_before_returning_and_its_peer_is_notified() {
-        use crate::common::guest_memory::OwnedRam;
+        use crate::common::memory::guest_memory::OwnedRam;
+        use crate::common::memory::phys;
         use crate::common::output::testing::take_lines;
-        use crate::common::phys;
         use lamina_abi::event_channel::{PortState, PortStatus};
         let (_t, mut slots) = pair(
             vec![
@@ -1477,7 +1408,7 @@ mod tests {
         assert_eq!(
             slots[0].domain.state,
             DomainState::Ended(Ending::Fault(String::from(
-                crate::common::hypercall::NEVER_WAKES
+                crate::common::domain::NEVER_WAKES
             ))),
             "reported instead of halting for ever"
         );
@@ -1487,10 +1418,10 @@ mod tests {
     #[test]
     fn the_ram_of_a_torn_down_domain_comes_back_a_slice_at_a_time() {
         use crate::common::domain::NoPeers;
-        use crate::common::guest_memory::OwnedRam;
+        use crate::common::domain::teardown::SCRUB_SLICE_BYTES;
+        use crate::common::memory::guest_memory::OwnedRam;
+        use crate::common::memory::phys;
         use crate::common::output::testing::take_lines;
-        use crate::common::phys;
-        use crate::common::teardown::SCRUB_SLICE_BYTES;
         let (_t, mut s) = slot(vec![]);
         phys::testing::set(64 << 20, 0);
         s.domain.ram = Some(OwnedRam::new(
@@ -1527,8 +1458,8 @@ mod tests {
 
     #[test]
     fn run_all_returns_once_every_domain_and_all_their_ram_are_back() {
-        use crate::common::guest_memory::OwnedRam;
-        use crate::common::phys;
+        use crate::common::memory::guest_memory::OwnedRam;
+        use crate::common::memory::phys;
         let (_t, mut slots) = pair(
             vec![hypercall(SCHED, YIELD), hypercall(SCHED, POWEROFF)],
             vec![hypercall(SCHED, POWEROFF)],
@@ -1544,7 +1475,7 @@ mod tests {
 
     #[test]
     fn a_revoked_grant_flushes_the_grantees_translations_before_it_runs_again() {
-        use crate::common::nested_map::testing::fake_nested_map;
+        use crate::common::memory::nested_map::testing::fake_nested_map;
         use core::sync::atomic::Ordering;
         use lamina_abi::layout::GRANT_WINDOW_GPA;
         const GRANT_OP: u64 = 8;

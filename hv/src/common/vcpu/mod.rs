@@ -1,4 +1,7 @@
-//! The one interface between vendor-neutral code and the two hardware backends.
+//! The vCPU: the one interface between vendor-neutral code and the two hardware backends
+//! ([`VirtualCpu`], here), what the hypervisor keeps of each vCPU beyond its hardware state
+//! ([`state`]), and the architectural state it emulates the same way on both vendors
+//! (control registers, CPUID, XCR0 and the extended state, string I/O).
 //!
 //! A backend (`hw::vmx` or `hw::svm`) runs a vCPU until an exit that common code must see,
 //! handles the exits that only matter to its architecture itself (CLTS and CR3 reads under VMX,
@@ -6,7 +9,13 @@
 //! else (hypercalls, devices, MSR policy, CPUID policy, scheduling) is written once against
 //! [`VirtualCpu`].
 
-use crate::common::guest_paging::PagingMode;
+pub mod control_regs;
+pub mod cpuid;
+pub mod state;
+pub mod string_io;
+pub mod xstate;
+
+use crate::common::memory::guest_paging::PagingMode;
 use core::fmt;
 
 /// General-purpose registers in x86 encoding order (rax=0, rcx=1, ..., r15=15), so a
@@ -63,7 +72,7 @@ pub enum VmExit {
         write: bool,
     },
     /// INS or OUTS, with or without REP; RIP still points at it.
-    StringIo(crate::common::string_io::StringIo),
+    StringIo(crate::common::vcpu::string_io::StringIo),
     /// A control-register access the backend leaves to common code: a write to CR0, CR3, CR4
     /// or CR8, or a read of CR8 (the TPR). RIP still points at the instruction.
     CrAccess {
@@ -266,7 +275,7 @@ pub trait VirtualCpu {
     fn arch_state(&self) -> ArchState;
     /// Sets RSP (a MOV from CR8 into RSP).
     fn set_rsp(&mut self, rsp: u64);
-    /// Loads control register 0, 3 or 4 with a value [`crate::common::control_regs`] accepted,
+    /// Loads control register 0, 3 or 4 with a value [`crate::common::vcpu::control_regs`] accepted,
     /// with the TLB effects of a MOV to that register (the guest's translations flushed).
     fn set_control_register(&mut self, cr: u8, value: u64);
     /// Sets CR2 (before injecting a #PF).

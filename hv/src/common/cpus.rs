@@ -1,0 +1,78 @@
+//! Which physical CPUs run vCPUs and which of them are idle, and kicking one: what the run
+//! loop ([`crate::common::sched`]) and a vCPU's requests ([`crate::common::vcpu::state`])
+//! share, kept apart from both so that neither imports the other for it.
+
+/// Several CPUs run vCPUs (`sched::Machine::set_cpus_online`): requests kick and wake CPUs.
+static SEVERAL_CPUS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Whether several CPUs run vCPUs.
+#[inline]
+pub fn several_cpus() -> bool {
+    SEVERAL_CPUS.load(core::sync::atomic::Ordering::Relaxed)
+}
+
+/// The CPUs halted in `sched::Machine::run_cpu` with nothing to run, a bit per CPU index.
+static IDLE_CPUS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Slices each CPU ran and the time they took, by CPU index (the summary's `cpu` lines, on a
+/// machine with several CPUs).
+static CPU_SLICES: [core::sync::atomic::AtomicU64; 64] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 64];
+static CPU_BUSY_NS: [core::sync::atomic::AtomicU64; 64] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 64];
+
+/// (slices run, ns spent running vCPUs) of CPU `cpu`.
+pub fn cpu_figures(cpu: usize) -> (u64, u64) {
+    let at = cpu.min(63);
+    (
+        CPU_SLICES[at].load(core::sync::atomic::Ordering::Relaxed),
+        CPU_BUSY_NS[at].load(core::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// Makes CPU `cpu` take an interrupt: a guest running there exits (a request waits for it).
+pub fn kick_cpu(cpu: usize) {
+    #[cfg(target_os = "none")]
+    crate::platform::smp::kick(cpu);
+    #[cfg(not(target_os = "none"))]
+    let _ = cpu;
+}
+
+/// Wakes one idle CPU among `allowed` (a bit per CPU), if there is one, to look at the vCPUs
+/// again (one that may run there was made ready).
+pub fn wake_an_idle_cpu(allowed: u64) {
+    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed) & allowed;
+    if idle != 0 {
+        kick_cpu(idle.trailing_zeros() as usize);
+    }
+}
+
+/// Wakes every idle CPU (the domains all ended: each leaves its loop).
+pub fn wake_all_idle_cpus() {
+    let mut idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed);
+    while idle != 0 {
+        kick_cpu(idle.trailing_zeros() as usize);
+        idle &= idle - 1;
+    }
+}
+
+/// Declares whether several CPUs run vCPUs.
+pub fn set_several(several: bool) {
+    SEVERAL_CPUS.store(several, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Marks the CPU `cpu_bit` (its bit) idle, or busy again. Idle is set before the CPU lets the
+/// domain table go, so whoever makes a vCPU ready after that sees it and kicks the CPU.
+pub fn set_idle(cpu_bit: u64, idle: bool) {
+    if idle {
+        IDLE_CPUS.fetch_or(cpu_bit, core::sync::atomic::Ordering::SeqCst);
+    } else {
+        IDLE_CPUS.fetch_and(!cpu_bit, core::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Counts a slice of `ns` that CPU `cpu` ran.
+pub fn count_slice(cpu: usize, ns: u64) {
+    CPU_SLICES[cpu.min(63)].fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    CPU_BUSY_NS[cpu.min(63)].fetch_add(ns, core::sync::atomic::Ordering::Relaxed);
+}

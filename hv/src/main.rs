@@ -1,8 +1,9 @@
 //! Lamina: a thin type-1 hypervisor with a paravirtual guest ABI.
 //!
-//! Layout: `platform` is the machine the hypervisor runs on (boot, console, memory);
-//! `common` is vendor-neutral virtualization logic; `hw` holds the two hardware backends,
-//! `hw::vmx` (Intel VT-x) and `hw::svm` (AMD-V), chosen at run time from CPUID.
+//! Layout: `platform` is the machine the hypervisor runs on (boot, console, memory, CPUs),
+//! which imports nothing of the rest; `common` is vendor-neutral virtualization logic; `hw`
+//! holds the two hardware backends, `hw::vmx` (Intel VT-x) and `hw::svm` (AMD-V), chosen at
+//! run time from CPUID; `host` presents the machine to the scheduler.
 // Bare metal only: on the host the crate builds as a std program (unit tests, and clippy of the
 // whole workspace) that says where it runs.
 #![cfg_attr(target_os = "none", no_std)]
@@ -13,6 +14,8 @@
 extern crate alloc;
 
 pub mod common;
+#[cfg(target_os = "none")]
+pub mod host;
 #[cfg(target_os = "none")]
 pub mod hw;
 pub mod platform;
@@ -44,9 +47,9 @@ mod start {
     use crate::common::sched::{Machine as SharedMachine, run_all};
     use crate::common::time::TimeBase;
     use crate::common::vcpu::VirtualCpu;
+    use crate::host::MachineHost;
     use crate::hv_println;
     use crate::hw::{self, EntryState, Vendor, Virtualization};
-    use crate::platform::host::MachineHost;
     use crate::platform::multiboot::{self, BootInfo, Module};
     use crate::platform::{apic, clock, cpu, exit, memory, percpu, serial, smp, spec_ctrl, xstate};
     use alloc::format;
@@ -85,7 +88,7 @@ mod start {
             info.modules.len()
         );
         // Before any vCPU: the VMX host state takes CR4 as it is now.
-        xstate::init();
+        xstate::init(extended_state_layout());
         apic::init();
         let rates = clock::calibrate(apic::timer_count);
         let time = TimeBase::new(
@@ -115,6 +118,29 @@ mod start {
 
     /// Decides the speculative-execution defences from CPUID and `spec-ctrl=`, logs each, and
     /// puts them in force before any domain runs.
+    /// What the extended-state switch saves on this machine: the vCPU policy
+    /// (`common::vcpu::xstate`, which keeps the mask for CPUID and XSETBV) applied to this
+    /// CPU's CPUID.
+    fn extended_state_layout() -> xstate::Layout {
+        use crate::common::vcpu::xstate as policy;
+        const _: () = assert!(policy::FXSAVE_BYTES == xstate::FXSAVE_BYTES);
+        let cpuid = |leaf, subleaf| {
+            let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
+            [r.eax, r.ebx, r.ecx, r.edx]
+        };
+        let mask = policy::guest_xcr0_mask(cpuid);
+        policy::set_guest_mask(mask);
+        xstate::Layout {
+            mask,
+            area_bytes: if mask != 0 {
+                policy::xsave_bytes(mask, cpuid)
+            } else {
+                policy::FXSAVE_BYTES
+            },
+            reset_xcr0: policy::XCR0_RESET & mask,
+        }
+    }
+
     fn set_up_speculation_defences(cmdline: &str) {
         use x86_64::instructions::segmentation::{DS, Segment};
         let choices = spec_ctrl::Choices::from_cmdline(cmdline).unwrap_or_else(|why| {

@@ -12,8 +12,6 @@ pub mod cpu;
 #[cfg(target_os = "none")]
 pub mod exit;
 #[cfg(target_os = "none")]
-pub mod host;
-#[cfg(target_os = "none")]
 pub mod memory;
 pub mod multiboot;
 #[cfg(target_os = "none")]

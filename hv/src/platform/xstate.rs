@@ -18,7 +18,7 @@
 //! the truth for the owner: it is read back (XGETBV) when the owner is switched out and kept
 //! in its area, in bytes XSAVE never writes. The only instructions that depend on XCR0 in the
 //! hypervisor are the XSAVE and XRSTOR here, which run with the host's XCR0 (every component
-//! in [`guest_mask`]); it is loaded for them and the guest's value again after, each only when
+//! in [`Layout::mask`]); it is loaded for them and the guest's value again after, each only when
 //! the value in the register differs. A hypercall or any other exit costs nothing for extended
 //! state.
 //!
@@ -26,9 +26,6 @@
 //!
 //! Intel SDM Vol. 1 13 (XSAVE), Vol. 2 (XSAVE, XRSTOR, XSETBV, FXSAVE); AMD APM Vol. 2 11.5.
 
-use crate::common::vcpu::xstate::{
-    FXSAVE_BYTES, XCR0_RESET, guest_mask, guest_xcr0_mask, set_guest_mask, xsave_bytes,
-};
 use crate::platform::memory;
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -38,8 +35,33 @@ use x86_64::registers::control::{Cr0, Cr0Flags, Cr4, Cr4Flags};
 fn owner() -> &'static AtomicU64 {
     &crate::platform::percpu::this_cpu().xstate_owner
 }
-/// Bytes of an area (all of [`guest_mask`], or FXSAVE's).
+/// FXSAVE's area, where the CPU has no XSAVE.
+pub const FXSAVE_BYTES: u32 = 512;
+
+/// What the switch saves, decided once at boot by the vCPU policy
+/// (`common::vcpu::xstate`) and handed to [`init`].
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// The XCR0 components saved per vCPU, which guests may enable (0: FXSAVE only).
+    pub mask: u64,
+    /// Bytes of a vCPU's area: XSAVE's for `mask`, or [`FXSAVE_BYTES`].
+    pub area_bytes: u32,
+    /// The XCR0 a new vCPU starts with.
+    pub reset_xcr0: u64,
+}
+
+/// [`Layout::mask`], set once at boot.
+static MASK: AtomicU64 = AtomicU64::new(0);
+/// [`Layout::area_bytes`].
 static AREA_BYTES: AtomicU64 = AtomicU64::new(FXSAVE_BYTES as u64);
+/// [`Layout::reset_xcr0`].
+static RESET_XCR0: AtomicU64 = AtomicU64::new(0);
+
+/// The components saved ([`Layout::mask`]).
+#[inline]
+fn saved_mask() -> u64 {
+    MASK.load(Ordering::Relaxed)
+}
 
 /// Offsets in the legacy region (SDM Vol. 1 Table 10-2): FCW, MXCSR.
 const FCW_OFFSET: usize = 0;
@@ -50,11 +72,6 @@ const XCR0_OFFSET: usize = 464;
 /// FNINIT's control word and MXCSR's reset value (SDM Vol. 1 8.1.5, 10.2.3.1).
 const FCW_RESET: u16 = 0x037f;
 const MXCSR_RESET: u32 = 0x1f80;
-
-fn host_cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
-    let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    [r.eax, r.ebx, r.ecx, r.edx]
-}
 
 /// Sets XCR0.
 ///
@@ -68,7 +85,7 @@ unsafe fn xsetbv(value: u64) {
     }
 }
 
-/// XCR0 now. CR4.OSXSAVE must be set (it is whenever [`guest_mask`] is not 0).
+/// XCR0 now. CR4.OSXSAVE must be set (it is whenever [`Layout::mask`] is not 0).
 fn xgetbv() -> u64 {
     let (low, high): (u32, u32);
     // SAFETY: XGETBV only reads XCR0 into EDX:EAX.
@@ -80,27 +97,24 @@ fn xgetbv() -> u64 {
 }
 
 /// Turns on what the switch needs on this CPU (CR0.EM and TS clear, CR4.OSFXSR and, with
-/// XSAVE, CR4.OSXSAVE and XCR0 = every component guests may use), and records what guests
-/// may enable. Called once at boot, before any vCPU exists.
-pub fn init() {
-    let mask = guest_xcr0_mask(host_cpuid);
-    enable_on_this_cpu(mask);
-    let bytes = if mask != 0 {
-        xsave_bytes(mask, host_cpuid)
-    } else {
-        FXSAVE_BYTES
-    };
-    AREA_BYTES.store(bytes.into(), Ordering::Relaxed);
-    set_guest_mask(mask);
+/// XSAVE, CR4.OSXSAVE and XCR0 = every component in `layout.mask`), and records `layout`.
+/// Called once at boot, before any vCPU exists.
+pub fn init(layout: Layout) {
+    MASK.store(layout.mask, Ordering::Relaxed);
+    AREA_BYTES.store(layout.area_bytes.into(), Ordering::Relaxed);
+    RESET_XCR0.store(layout.reset_xcr0, Ordering::Relaxed);
+    enable_on_this_cpu(layout.mask);
     log::info!(
-        "extended state: {} of {bytes} bytes per vCPU, guest XCR0 up to {mask:#x}",
-        if mask != 0 { "XSAVE" } else { "FXSAVE" }
+        "extended state: {} of {} bytes per vCPU, guest XCR0 up to {:#x}",
+        if layout.mask != 0 { "XSAVE" } else { "FXSAVE" },
+        layout.area_bytes,
+        layout.mask
     );
 }
 
 /// What [`init`] did to the boot CPU's CR0, CR4 and XCR0, on another CPU (after `init`).
 pub fn init_this_cpu() {
-    enable_on_this_cpu(guest_mask());
+    enable_on_this_cpu(saved_mask());
 }
 
 fn enable_on_this_cpu(mask: u64) {
@@ -151,7 +165,7 @@ impl ExtendedState {
         unsafe {
             ((area as usize + FCW_OFFSET) as *mut u16).write(FCW_RESET);
             ((area as usize + MXCSR_OFFSET) as *mut u32).write(MXCSR_RESET);
-            saved_xcr0(area).write(XCR0_RESET & guest_mask());
+            saved_xcr0(area).write(RESET_XCR0.load(Ordering::Relaxed));
         }
         Some(ExtendedState { area })
     }
@@ -168,7 +182,7 @@ impl ExtendedState {
         if owner_area == self.area {
             return;
         }
-        let mask = guest_mask();
+        let mask = saved_mask();
         let (low, high) = (mask as u32, (mask >> 32) as u32);
         // SAFETY: `owner_area` is the live area of the vCPU that ran last on this CPU (an area's
         // Drop clears it as owner on every CPU), this one is ours; both are page-aligned and as
@@ -209,7 +223,7 @@ impl ExtendedState {
         if !self.is_owner() {
             return;
         }
-        let mask = guest_mask();
+        let mask = saved_mask();
         let (low, high) = (mask as u32, (mask >> 32) as u32);
         // SAFETY: this CPU's registers hold this vCPU's state (it is the owner); the area is
         // ours, page-aligned and large enough for `mask`. XCR0 is set to `mask`, a value this
@@ -233,7 +247,7 @@ impl ExtendedState {
     /// The guest's XCR0: in the register while this vCPU owns it (as it does while its exits
     /// are handled), in its area otherwise. 0 where the CPU has no XSAVE.
     pub fn xcr0(&self) -> u64 {
-        if guest_mask() == 0 {
+        if saved_mask() == 0 {
             return 0;
         }
         if self.is_owner() {
@@ -245,7 +259,7 @@ impl ExtendedState {
 
     /// Sets the guest's XCR0 to a validated value (`common::vcpu::xstate::xsetbv_fault`).
     pub fn set_xcr0(&mut self, value: u64) {
-        if guest_mask() == 0 {
+        if saved_mask() == 0 {
             return;
         }
         if self.is_owner() {

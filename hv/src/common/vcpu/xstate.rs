@@ -27,7 +27,7 @@ pub const FXSAVE_BYTES: u32 = 512;
 
 const CPUID1_ECX_XSAVE: u32 = 1 << 26;
 
-/// [`guest_xcr0_mask`] of this machine, set once at boot (`platform::xstate::init`).
+/// [`guest_xcr0_mask`] of this machine, set once at boot (with `platform::xstate::init`).
 static GUEST_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// The XCR0 features guests may enable on this machine (0 until boot set them, or without

@@ -1,10 +1,11 @@
 //! The scheduler's view of this machine ([`Host`]): system time from the TSC, the local APIC
-//! timer as the one host timer, and halting until an interrupt.
+//! timer as the one host timer, and halting until an interrupt. The glue between `platform`
+//! (which knows nothing of virtualization) and `common` (which knows nothing of the machine).
 
-use super::apic;
 use crate::common::sched::Host;
 use crate::common::time::TimeBase;
 use crate::common::time::read_tsc;
+use crate::platform::apic;
 
 /// How often waiting console output is moved into the UART.
 const OUTPUT_PUMP_NS: u64 = 1_000_000;
@@ -82,14 +83,14 @@ impl Host for MachineHost {
         if !self.console {
             return None;
         }
-        super::serial::SERIAL.lock().try_receive()
+        crate::platform::serial::SERIAL.lock().try_receive()
     }
 
     fn housekeeping(&mut self) -> Option<u64> {
         if !self.console {
             return None;
         }
-        let mut serial = super::serial::SERIAL.lock();
+        let mut serial = crate::platform::serial::SERIAL.lock();
         serial.pump();
         // 16 bytes leave the FIFO in 1.4 ms at 115200 baud: come back in 1 ms to refill it.
         serial

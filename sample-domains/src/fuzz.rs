@@ -5,14 +5,23 @@
 //! lengths, other domains' ids, ports and grant references; multicall batches whose entries
 //! point into the batch), half instructions at CPL 0 or 3 ([`crate::fuzz_cpu`]). It prints
 //! `fuzz: <n> operations` every 1,000 and `fuzz: done` at the end. Calls that would end or park
-//! it for good (shutdown, block) are left out; a call that scribbles over its own code or
-//! stack may crash it, which is its own business.
+//! it for good (shutdown, block, taking vCPU 0 down) are left out; a call that scribbles over
+//! its own code or stack may crash it, which is its own business.
+//!
+//! With `vcpus=` above 1, vCPU 0 first brings the others up, and each throws random hypercalls
+//! of its own (no instructions: only vCPU 0 has the recovering IDT) at the same time, on the
+//! same scratch area, until vCPU 0 is done: calls of two vCPUs of one domain race in the
+//! hypervisor, on several CPUs when the machine has them.
+
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lamina_abi::event_channel::DOMID_SELF;
 use lamina_abi::layout::GRANT_WINDOW_GPA;
+use lamina_abi::shared_info::MAX_VCPUS;
 use lamina_abi::shared_info::pvclock_ns;
+use lamina_abi::vcpu::VcpuStartState;
 use lamina_guest_sdk::hypercall::{gpa_of, hypercall5};
-use lamina_guest_sdk::{StartInfo, println, sched};
+use lamina_guest_sdk::{StartInfo, println, sched, vcpu};
 
 use crate::fuzz_cpu;
 
@@ -73,6 +82,11 @@ fn number(rng: &mut Rng) -> u64 {
     }
 }
 
+const SCHED_OP: u64 = 2;
+const VCPU_OP: u64 = 4;
+const VCPU_OP_DOWN: u64 = 7;
+const VCPU_OP_IS_UP: u64 = 8;
+
 /// Sub-operation: small numbers mostly; never one that ends or parks the vCPU for good.
 fn sub_op(rng: &mut Rng, nr: u64, cx: &Context) -> u64 {
     let op = if rng.below(8) == 0 {
@@ -81,9 +95,102 @@ fn sub_op(rng: &mut Rng, nr: u64, cx: &Context) -> u64 {
         rng.below(9)
     };
     match (nr, op) {
-        (2, 1 | 2) => 0, // block, shutdown: yield instead
+        (SCHED_OP, 1 | 2) => 0, // block, shutdown: yield instead
         _ => op,
     }
+}
+
+/// A vcpu_op down that would take vCPU 0 (which ends the boot) down becomes is_up: nothing
+/// would bring it up again. Downs of the other vCPUs stay (vCPU 0 may bring them up again).
+fn spare_vcpu0(nr: u64, args: &mut [u64]) {
+    if nr == VCPU_OP && args[0] == VCPU_OP_DOWN && args[1] as u32 == 0 {
+        args[0] = VCPU_OP_IS_UP;
+    }
+}
+
+const STACK_BYTES: usize = 16 * 1024;
+
+/// The other vCPUs' stacks, each its own vCPU's once it was brought up.
+#[repr(C, align(16))]
+struct Stacks([[u8; STACK_BYTES]; MAX_VCPUS]);
+static mut STACKS: Stacks = Stacks([[0; STACK_BYTES]; MAX_VCPUS]);
+
+/// What the other vCPUs need: the seed, RAM size and scratch area (vCPU 0 writes them before
+/// any of them is up), and when to stop.
+static SEED: AtomicU64 = AtomicU64::new(0);
+static RAM: AtomicU64 = AtomicU64::new(0);
+static SCRATCH_GPA: AtomicU64 = AtomicU64::new(0);
+static DOMAINS: AtomicU64 = AtomicU64::new(2);
+static STOP: AtomicBool = AtomicBool::new(false);
+/// Calls each other vCPU made.
+static CALLS: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
+
+/// A random hypercall (multicall batches left to vCPU 0): `args` drawn as for vCPU 0's.
+fn random_call(rng: &mut Rng, cx: &Context) -> (u64, [u64; 5]) {
+    let nr = number(rng);
+    let mut args = [0u64; 5];
+    args[0] = sub_op(rng, nr, cx);
+    for arg in &mut args[1..] {
+        *arg = interesting(rng, cx);
+    }
+    spare_vcpu0(nr, &mut args);
+    (nr, args)
+}
+
+/// Where the other vCPUs start (RDI: the vCPU's number): random hypercalls until vCPU 0 is
+/// done, then down. Its polls wait at most 1 ms by the TSC it reads (not the pvclock, which
+/// the calls may scribble on).
+extern "C" fn other_vcpu(index: u64) -> ! {
+    let slot = (index as usize).min(MAX_VCPUS - 1);
+    let mut rng =
+        Rng((SEED.load(Ordering::SeqCst) ^ (index << 48)).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let cx = Context {
+        ram: RAM.load(Ordering::SeqCst),
+        scratch: SCRATCH_GPA.load(Ordering::SeqCst),
+        domains: DOMAINS.load(Ordering::SeqCst),
+    };
+    while !STOP.load(Ordering::SeqCst) {
+        let (nr, mut args) = random_call(&mut rng, &cx);
+        if nr == DOMCTL {
+            // Unprivileged or not, the other vCPUs leave domain control to vCPU 0.
+            continue;
+        }
+        if nr == SCHED_OP && args[0] == 3 {
+            // Poll with no deadline the hypervisor could honour late: 0 is "no deadline", so
+            // a tiny one that is already past.
+            args[3] = 1;
+        }
+        // SAFETY: a hostile call on purpose, as vCPU 0's.
+        unsafe { hypercall5(nr, args[0], args[1], args[2], args[3], args[4]) };
+        CALLS[slot].fetch_add(1, Ordering::Relaxed);
+    }
+    loop {
+        let _ = vcpu::down(index as u32);
+    }
+}
+
+/// Brings vCPUs 1 to `nr_vcpus - 1` up running [`other_vcpu`]; returns how many came up.
+fn start_other_vcpus(nr_vcpus: u32) -> u32 {
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    let mut started = 0;
+    for index in 1..nr_vcpus.min(MAX_VCPUS as u32) {
+        // SAFETY: only the address is taken; the stack is that vCPU's alone from now on.
+        let stack = unsafe { core::ptr::addr_of_mut!(STACKS.0[index as usize]) } as u64;
+        let start = VcpuStartState {
+            rip: other_vcpu as *const () as usize as u64,
+            rsp: stack + STACK_BYTES as u64 - 8,
+            cr3: cr3 & !0xfff,
+            argument: u64::from(index),
+        };
+        // SAFETY: the code and stack are the new vCPU's; what else it touches, it touches on
+        // purpose.
+        if vcpu::initialise(index, &start).is_ok() && unsafe { vcpu::up(index) }.is_ok() {
+            started += 1;
+        }
+    }
+    started
 }
 
 /// System time by vCPU 0's pvclock in the shared-info page, read once without the version
@@ -156,6 +263,15 @@ pub(crate) fn run(
     let mut clock_trusted = true;
     // Before the first call: the IDT, GDT and page tables of its own.
     fuzz_cpu::install();
+    // The other vCPUs, on the page tables it now runs on.
+    SEED.store(seed, Ordering::SeqCst);
+    RAM.store(cx.ram, Ordering::SeqCst);
+    SCRATCH_GPA.store(scratch, Ordering::SeqCst);
+    DOMAINS.store(cx.domains, Ordering::SeqCst);
+    let others = start_other_vcpus(start.nr_vcpus);
+    if others > 0 {
+        println!("fuzz: {others} other vCPU(s) throw calls too");
+    }
     let mut tally = fuzz_cpu::Tally::new();
     println!("fuzz: seed {seed}, {ops} operations");
     for done in 0..ops {
@@ -178,7 +294,8 @@ pub(crate) fn run(
         if nr == DOMCTL {
             (args[0], args[1]) = spare(args[0], args[1], me, spared);
         }
-        if nr == 2 && args[0] == 3 {
+        spare_vcpu0(nr, &mut args);
+        if nr == SCHED_OP && args[0] == 3 {
             // Poll: a deadline 1 ms away, so that it cannot park the vCPU for good.
             args[3] = own_now() + 1_000_000;
         }
@@ -202,6 +319,7 @@ pub(crate) fn run(
                 if entry[0] == DOMCTL {
                     (entry[1], entry[2]) = spare(entry[1], entry[2], me, spared);
                 }
+                spare_vcpu0(entry[0], &mut entry[1..]);
                 if done >= trace {
                     println!("fuzz: #{done} entry {i}: {entry:x?}");
                 }
@@ -242,6 +360,11 @@ pub(crate) fn run(
         }
     }
     fuzz_cpu::summary(&tally);
+    STOP.store(true, Ordering::SeqCst);
+    if others > 0 {
+        let calls: u64 = CALLS.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        println!("fuzz: the other vCPU(s) made {calls} calls");
+    }
     println!("fuzz: done, {ops} operations");
     sched::shutdown(lamina_abi::sched::ShutdownReason::Poweroff)
 }

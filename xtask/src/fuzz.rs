@@ -294,6 +294,8 @@ const GUEST_REGRESSIONS: &str = "fuzz/guest-seeds.txt";
 /// The short campaign of `cargo xtask test`, on each vendor.
 pub const SUITE_SEEDS: std::ops::RangeInclusive<u64> = 1..=4;
 pub const SUITE_OPS: u32 = 10_000;
+/// The fuzzer's vCPUs in `cargo xtask test`: a second one throws calls at the same time.
+pub const SUITE_VCPUS: u32 = 2;
 /// How long the canary checks its memory, in ms of system time.
 const CANARY_MS: u64 = 300;
 
@@ -362,17 +364,41 @@ fn regression_seeds() -> Vec<u64> {
         .collect()
 }
 
+/// A guest campaign: what `cargo xtask fuzz` boots.
+pub struct GuestCampaign<'a> {
+    pub vendors: &'a [crate::emulator::Vendor],
+    pub seeds: std::ops::RangeInclusive<u64>,
+    /// Operations per boot.
+    pub ops: u32,
+    /// The fuzzer prints every operation from this one on.
+    pub trace_from: Option<u32>,
+    /// The fuzzer is privileged, with a second canary to aim domain control at.
+    pub privileged: bool,
+    /// The fuzzer domain's vCPUs (`vcpus=`): its random `vcpu_op` calls then reach vCPUs
+    /// that exist, and may start them anywhere.
+    pub vcpus: u32,
+    /// The machine's CPUs (None: one).
+    pub cpus: Option<u16>,
+    /// Wall-clock limit per boot (None: the vendor's default).
+    pub timeout: Option<std::time::Duration>,
+}
+
 /// `cargo xtask fuzz`: boots the fuzzer guest (`seed=` each seed of `seeds` and every kept
 /// regression seed, `ops=`) beside the canary on each vendor, classifies each boot, keeps the
 /// seeds that were not OK. Returns whether every boot was OK, and the operations done per
 /// vendor.
-pub fn guest(
-    vendors: &[crate::emulator::Vendor],
-    seeds: std::ops::RangeInclusive<u64>,
-    ops: u32,
-    trace_from: Option<u32>,
-    privileged: bool,
-) -> Result<(bool, Vec<(crate::emulator::Vendor, u64)>)> {
+pub fn guest(campaign: &GuestCampaign<'_>) -> Result<(bool, Vec<(crate::emulator::Vendor, u64)>)> {
+    let GuestCampaign {
+        vendors,
+        ref seeds,
+        ops,
+        trace_from,
+        privileged,
+        vcpus,
+        cpus,
+        timeout,
+    } = *campaign;
+    let seeds = seeds.clone();
     use crate::emulator::{self, RunDir, RunRequest, Streaming};
     use crate::iso::{self, BootModule};
     use crate::workspace::Artifact;
@@ -408,7 +434,12 @@ pub fn guest(
                 BootModule {
                     path: Artifact::SampleDomains.path(),
                     cmdline: format!(
-                        "fuzz role=fuzz seed={seed} ops={ops} mem=4M{}{}",
+                        "fuzz role=fuzz seed={seed} ops={ops} mem=4M{}{}{}",
+                        if vcpus > 1 {
+                            format!(" vcpus={vcpus}")
+                        } else {
+                            String::new()
+                        },
                         trace_from
                             .map(|n| format!(" trace={n}"))
                             .unwrap_or_default(),
@@ -439,11 +470,14 @@ pub fn guest(
                 &RunRequest {
                     vendor,
                     dir: &dir,
-                    timeout: vendor.default_timeout(),
+                    timeout: timeout.unwrap_or(vendor.default_timeout()),
                     streaming: &Streaming::Off,
                     icount: false,
                 },
-                &emulator::RunExtras::default(),
+                &emulator::RunExtras {
+                    cpus,
+                    ..emulator::RunExtras::default()
+                },
             )?;
             let class = classify(&record);
             let done = record

@@ -131,6 +131,16 @@ struct FuzzArgs {
     /// (domain 3) and at itself, never at the canary that decides the class (domain 1).
     #[arg(long)]
     privileged: bool,
+    /// Guest campaign: the fuzzer domain's vCPUs (`vcpus=`, 1 to 8).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=8))]
+    vcpus: u32,
+    /// Guest campaign: the machine's CPUs (QEMU -smp N, Bochs cpu: count=N).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8))]
+    smp: Option<u16>,
+    /// Guest campaign: seconds each boot may take (default: 60 on AMD-V, 120 on VT-x).
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: Option<u64>,
     /// Only this target (default: all of them).
     #[arg(long, value_name = "T")]
     target: Option<String>,
@@ -356,13 +366,17 @@ fn execute(task: Task) -> Result<ExitCode> {
 fn fuzz_task(args: &FuzzArgs) -> Result<bool> {
     if !args.host {
         let (first, last) = args.seeds;
-        let (passed, per_vendor) = fuzz::guest(
-            &args.vendor.vendors(),
-            first..=last,
-            args.ops,
-            args.trace_from,
-            args.privileged,
-        )?;
+        let vendors = args.vendor.vendors();
+        let (passed, per_vendor) = fuzz::guest(&fuzz::GuestCampaign {
+            vendors: &vendors,
+            seeds: first..=last,
+            ops: args.ops,
+            trace_from: args.trace_from,
+            privileged: args.privileged,
+            vcpus: args.vcpus,
+            cpus: args.smp,
+            timeout: args.timeout.map(std::time::Duration::from_secs),
+        })?;
         println!();
         for (vendor, operations) in per_vendor {
             println!("{}: {operations} operations", vendor.name());

@@ -225,13 +225,16 @@ pub fn test(options: &SuiteOptions) -> Result<bool> {
             fuzz::SUITE_OPS
         );
         let started = std::time::Instant::now();
-        let (passed, _) = fuzz::guest(
-            &options.vendors,
-            fuzz::SUITE_SEEDS,
-            fuzz::SUITE_OPS,
-            None,
-            false,
-        )?;
+        let (passed, _) = fuzz::guest(&fuzz::GuestCampaign {
+            vendors: &options.vendors,
+            seeds: fuzz::SUITE_SEEDS,
+            ops: fuzz::SUITE_OPS,
+            trace_from: None,
+            privileged: false,
+            vcpus: fuzz::SUITE_VCPUS,
+            cpus: None,
+            timeout: None,
+        })?;
         Some((passed, started.elapsed()))
     } else {
         None

@@ -416,3 +416,139 @@ pub(super) fn smp_stats_per_vcpu() {
         "vCPU 0's yields are counted on vCPU 0"
     );
 }
+
+/// Rounds each spinning vCPU of [`smp_steal_time_overcommit`] has counted (0: not started).
+static SPINS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+/// Times a spinner found its own run state other than running right after a yield returned.
+static NOT_RUNNING_SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// vCPUs 1 and 2 of [`smp_steal_time_overcommit`]: spin until taken down (RDI: the vCPU's
+/// number), yielding every 4,096 rounds and then reading their own run state, which must say
+/// running (docs/abi.md 9.2: a copy taken on the vCPU itself is consistent).
+extern "C" fn spinner(index: u64) -> ! {
+    let i = (index as usize).clamp(1, 2);
+    let slot = &SPINS[i];
+    loop {
+        let round = slot.fetch_add(1, Ordering::Relaxed);
+        if round % 4096 == 4095 {
+            hv::sched_yield();
+            if spinner_runstate(i - 1).state != runstate::RUNNING {
+                NOT_RUNNING_SEEN.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// vCPUs 1 and 2's runstate areas.
+static SPINNER_RUNSTATES: RacyCell<[RunstateArea; 2]> = RacyCell::new(
+    [const {
+        RunstateArea(RunstateInfo {
+            state: u32::MAX,
+            reserved: 0,
+            state_entry_time: 0,
+            time: [0; 4],
+        })
+    }; 2],
+);
+
+/// A copy of the runstate area of spinner `i` (vCPU `i + 1`).
+fn spinner_runstate(i: usize) -> RunstateInfo {
+    // SAFETY: aligned and ours; the hypervisor writes it only while that vCPU does not run:
+    // it is down when vCPU 0 reads it, and running when the spinner reads its own.
+    unsafe { core::ptr::read_volatile(&raw const (*SPINNER_RUNSTATES.get())[i].0) }
+}
+
+/// How long the three vCPUs spin together, in ns of system time.
+const OVERCOMMIT_NS: u64 = 100_000_000;
+
+conformance_test! {
+    title: "three spinning vCPUs on fewer CPUs: each one's steal time (runnable) grows while it waits, running plus runnable covers all the time it was up, and a vCPU always reads its own state as running",
+    section: "9.2 register_runstate",
+    expect: Success,
+    cmdline: "vcpus=3",
+}
+pub(super) fn smp_steal_time_overcommit() {
+    for i in 0..2 {
+        // SAFETY: the areas are our static, ours for good.
+        let area = unsafe { &raw mut (*SPINNER_RUNSTATES.get())[i] } as u64;
+        let status = unsafe { hv::register_runstate(i as u64 + 1, area) };
+        check_eq!(
+            format_args!("register_runstate of vCPU {}", i + 1),
+            Status(0),
+            status
+        );
+    }
+    // Each spinner on its own stack: the halves of the secondary stack.
+    let top = SECONDARY_STACK.get() as u64 + size_of::<Stack>() as u64;
+    for i in 0..2u64 {
+        let start = VcpuStartState {
+            rip: spinner as *const () as usize as u64,
+            rsp: top - i * (size_of::<Stack>() as u64 / 2) - 8,
+            cr3: x86::read_cr3() & !0xfff,
+            argument: i + 1,
+        };
+        if expect_ok("initialise a spinner", initialise_with(i + 1, start, 0)).is_none() {
+            return;
+        }
+        check_eq!("up of a spinner", Status(0), op(VcpuOp::Up, i + 1, 0));
+    }
+    // Both spinners going before the window opens.
+    let started = yield_until(10_000, || {
+        SPINS[1].load(Ordering::Relaxed) != 0 && SPINS[2].load(Ordering::Relaxed) != 0
+    });
+    check!(started, "the spinners did not start");
+    if !started {
+        return;
+    }
+    let opened = crate::shared::now();
+    while crate::shared::now() - opened < OVERCOMMIT_NS {
+        core::hint::spin_loop();
+    }
+    let closed = crate::shared::now();
+    for vcpu in 1..=2 {
+        check_eq!(
+            format_args!("down({vcpu})"),
+            Status(0),
+            op(VcpuOp::Down, vcpu, 0)
+        );
+    }
+    let window = closed - opened;
+    check_eq!(
+        "times a spinner saw its own run state other than running",
+        0,
+        NOT_RUNNING_SEEN.load(Ordering::SeqCst)
+    );
+    for i in 0..2 {
+        let info = spinner_runstate(i);
+        let vcpu = i + 1;
+        check_eq!(
+            format_args!("vCPU {vcpu}'s run state after down"),
+            runstate::OFFLINE,
+            info.state
+        );
+        let [running, runnable, blocked, _offline] = info.time;
+        check_eq!(
+            format_args!("vCPU {vcpu}'s blocked time (it never waited)"),
+            0,
+            blocked
+        );
+        // Up before the window opened and down after it closed, it was running or runnable
+        // for all of it.
+        check!(
+            running + runnable >= window,
+            "vCPU {vcpu}: running {running} + runnable {runnable} ns < the {window} ns it spun"
+        );
+        // Three vCPUs that never wait share fewer than three CPUs: each waits at least a
+        // third of the time on two CPUs, two thirds on one.
+        check!(
+            runnable >= window / 10,
+            "vCPU {vcpu}: {runnable} ns of steal time in {window} ns beside two other spinning vCPUs"
+        );
+        check!(
+            running >= window / 10,
+            "vCPU {vcpu}: ran only {running} ns in {window} ns"
+        );
+    }
+}

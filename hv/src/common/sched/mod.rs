@@ -532,9 +532,24 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 cpus::count_slice(cpu, ran);
             }
             let weight = slot.domain.weight;
-            let state = &mut slot.domain.vcpus[vcpu_index];
+            let domain = &mut slot.domain;
+            let state = &mut domain.vcpus[vcpu_index];
             state.cpu_ns += ran;
             state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
+            if shared {
+                // Back in the pool, where any CPU may take it: preempted or yielding, it waits
+                // as runnable from now (its steal time, docs/abi.md 9.2). On one CPU it stays
+                // running until another vCPU takes the CPU (`last`), which saves two writes of
+                // the area when it runs on; here another CPU may already be running it by then.
+                if domain.state == DomainState::Runnable
+                    && state.runstate.state() == runstate::RUNNING
+                {
+                    let _ = state
+                        .runstate
+                        .enter(runstate::RUNNABLE, now + ran, &domain.memory);
+                }
+                last = None;
+            }
         }
     }
 

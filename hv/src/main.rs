@@ -227,7 +227,11 @@ mod start {
         for (i, module) in info.modules.iter().enumerate() {
             let index = i + 1;
             let id = slots.len() as u32 + 1;
-            match build_domain(&mut hw, module, index, id, time, &mut tlb_tags) {
+            let building = crate::common::time::read_tsc();
+            let built = build_domain(&mut hw, module, index, id, time, &mut tlb_tags);
+            // Under -icount and Bochs a TSC tick is an instruction (the benchmark's rows).
+            let build_tsc = crate::common::time::read_tsc().wrapping_sub(building);
+            match built {
                 Ok(mut slot) => {
                     let vcpus = slot.vcpus.len();
                     let asked = slot.domain.affinity;
@@ -241,7 +245,7 @@ mod start {
                     };
                     slot.domain.set_affinity(affinity);
                     hv_println!(
-                        "lamina: domain {id} {} started mem={}M{}{}",
+                        "lamina: domain {id} {} started mem={}M{}{} build_tsc={build_tsc}",
                         slot.domain.name,
                         slot.domain.memory.size() >> 20,
                         if vcpus > 1 {

@@ -169,7 +169,63 @@ pub fn parse_log(log: &SerialLog, vendor: Vendor) -> std::result::Result<Vec<Mea
     if measurements.is_empty() {
         return Err("no BENCH lines".to_string());
     }
+    measurements.extend(hypervisor_rows(log, id, vendor)?);
     Ok(measurements)
+}
+
+/// The value of `key=` in `text` (words separated by spaces or commas).
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.split([' ', ','])
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The rows the hypervisor measures itself (path `hv`): building the benchmark domain
+/// (`domain_build_<M>M`, its `started` line's `build_tsc=`: ELF, RAM, nested page table,
+/// vCPUs) and scrubbing its RAM at teardown (`scrub_1MiB`, per MiB, from the `torn down` line's
+/// `scrub_tsc=`). A TSC tick is an instruction under -icount and Bochs, as for the guest rows.
+fn hypervisor_rows(
+    log: &SerialLog,
+    id: u32,
+    vendor: Vendor,
+) -> std::result::Result<Vec<Measurement>, String> {
+    let prefix = format!("lamina: domain {id} {DOMAIN_NAME} ");
+    let line_with = |what: &str| {
+        log.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&prefix)?.strip_prefix(what))
+    };
+    let row = |op: String, instructions: u64| Measurement {
+        op,
+        group: "domain".to_string(),
+        path: "hv".to_string(),
+        vendor: vendor.name().to_string(),
+        iterations: 1,
+        instructions: Some(Figure(instructions * 100)),
+        exits: None,
+        blocked: None,
+        skipped: None,
+    };
+    let number = |text: Option<&str>, what: &str| -> std::result::Result<u64, String> {
+        text.and_then(|t| t.parse().ok())
+            .ok_or_else(|| format!("no number for {what} in the hypervisor's lines"))
+    };
+    let mut rows = Vec::new();
+    let started = line_with("started ").ok_or("no started line for the benchmark domain")?;
+    let mem = number(
+        field(started, "mem").and_then(|m| m.strip_suffix('M')),
+        "mem=",
+    )?;
+    rows.push(row(
+        format!("domain_build_{mem}M"),
+        number(field(started, "build_tsc"), "build_tsc=")?,
+    ));
+    let torn = line_with("torn down: ").ok_or("no torn down line for the benchmark domain")?;
+    let kib = number(torn.split_whitespace().next(), "the KiB of RAM torn down")?;
+    let scrub = number(field(torn, "scrub_tsc"), "scrub_tsc=")?;
+    if kib > 0 {
+        rows.push(row("scrub_1MiB".to_string(), scrub * 1024 / kib));
+    }
+    Ok(rows)
 }
 
 /// The boot modules of a run: the benchmark domain, told its `event_pingpong` partner, and

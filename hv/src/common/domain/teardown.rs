@@ -12,6 +12,7 @@ use crate::common::domain::Slot;
 use crate::common::domain::{DOMAIN_COUNT, Domain, DomainTable};
 use crate::common::events::Binding;
 use crate::common::memory::guest_memory::{GuestMemory, OwnedRam};
+use crate::common::time::read_tsc;
 use crate::common::vcpu::state::request;
 use crate::common::{memory::phys, output};
 use alloc::string::String;
@@ -33,6 +34,8 @@ pub struct Scrub {
     returned: u64,
     /// Bytes of hypervisor structures (VMCS or VMCB, nested page tables) given back.
     structures: u64,
+    /// TSC ticks spent scrubbing and returning the RAM.
+    scrub_tsc: u64,
 }
 
 impl Scrub {
@@ -44,7 +47,9 @@ impl Scrub {
             return true;
         };
         let before = phys::figures().1;
+        let started = read_tsc();
         ram.release_front(SCRUB_SLICE_BYTES);
+        self.scrub_tsc += read_tsc().wrapping_sub(started);
         self.returned += phys::figures().1.saturating_sub(before);
         // Only after the allocator has the bytes: a supervisor that sees memory_bytes drop
         // finds free_bytes grown by as much (docs/abi.md 17).
@@ -64,12 +69,13 @@ impl Scrub {
 
     fn report(&self) {
         output::hv_line(format_args!(
-            "lamina: domain {} {} torn down: {} KiB RAM and {} KiB of hypervisor structures scrubbed and returned, {} KiB free",
+            "lamina: domain {} {} torn down: {} KiB RAM and {} KiB of hypervisor structures scrubbed and returned, {} KiB free, scrub_tsc={}",
             self.id,
             self.name,
             self.returned >> 10,
             self.structures >> 10,
-            phys::figures().1 >> 10
+            phys::figures().1 >> 10,
+            self.scrub_tsc
         ));
     }
 }
@@ -105,6 +111,7 @@ pub fn tear_down<V>(slot: &mut Slot<V>, peers: &mut dyn DomainTable) -> Option<S
         unreturned: domain.ram_unreturned.clone(),
         returned: 0,
         structures,
+        scrub_tsc: 0,
     })
 }
 

@@ -43,6 +43,7 @@ fn host_check_only(_: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
 }
 
+mod idle;
 mod measure;
 mod ops;
 mod pingpong;
@@ -140,6 +141,15 @@ fn bench_main(start: &'static StartInfo) {
             hypercall::shutdown(ShutdownReason::Crash)
         }
     };
+    if let Some(peer) = cmdline_value("idle") {
+        match peer.parse::<u32>() {
+            Ok(peer) => idle::idle(peer),
+            Err(_) => {
+                println!("idle: error: idle= wants the benchmark domain's id");
+                hypercall::shutdown(ShutdownReason::Crash)
+            }
+        }
+    }
     if let Some(peer) = cmdline_value("pong") {
         match peer.parse::<u32>() {
             Ok(peer) => pingpong::pong(peer, WARMUP + iterations),
@@ -178,15 +188,43 @@ fn bench_main(start: &'static StartInfo) {
         ops::TIMER_DELAY_NS
     );
     check_null_hypercall();
+    // Idle domains, blocked beside it for the whole run (`idle_domains=<A>-<B>`).
+    let idle = match cmdline_value("idle_domains").map(|range| range.split_once('-')) {
+        None => None,
+        Some(Some((first, last))) => match (first.parse(), last.parse()) {
+            (Ok(first), Ok(last)) => idle::IdleDomains::connect(first, last),
+            _ => None,
+        },
+        Some(None) => None,
+    };
+    if cmdline_value("idle_domains").is_some() && idle.is_none() {
+        fail(format_args!("idle_domains= names domains it cannot reach"));
+    }
     // The hypervisor's start-up lines and ours so far.
     settle(1000);
 
-    hypercalls(iterations);
-    multicalls(iterations);
-    time_reads(iterations);
-    events_and_idle(iterations, &setup);
-    timers(iterations, &setup);
-    console(iterations);
+    // `groups=a,b`: only the operations of those groups run (all without the key).
+    let runs = |group: Group| {
+        cmdline_value("groups").is_none_or(|groups| groups.split(',').any(|g| g == group.name()))
+    };
+    if runs(Group::Hypercall) {
+        hypercalls(iterations);
+    }
+    if runs(Group::Multicall) {
+        multicalls(iterations);
+    }
+    if runs(Group::Time) {
+        time_reads(iterations);
+    }
+    if runs(Group::Events) || runs(Group::Idle) {
+        events_and_idle(iterations, &setup);
+    }
+    if runs(Group::Timer) {
+        timers(iterations, &setup);
+    }
+    if runs(Group::Console) {
+        console(iterations);
+    }
     if event_pingpong(iterations) {
         domain_switch(iterations);
     } else {
@@ -196,6 +234,9 @@ fn bench_main(start: &'static StartInfo) {
         );
     }
 
+    if let Some(idle) = &idle {
+        idle.release();
+    }
     if FAILED.load(Ordering::Relaxed) {
         println!("bench: done, with errors");
         hypercall::shutdown(ShutdownReason::Crash)

@@ -173,7 +173,8 @@ pub(crate) enum Group {
 }
 
 impl Group {
-    fn name(self) -> &'static str {
+    /// As the `BENCH` line and `groups=` name it.
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Group::Console => "console",
             Group::Hypercall => "hypercall",

@@ -238,6 +238,47 @@ pub fn boot_modules(iterations: u64) -> [BootModule; 2] {
     ]
 }
 
+/// The runs with idle domains booted beside the benchmark (`<op>_idle<N>` rows): how many.
+pub const IDLE_RUNS: [usize; 2] = [16, 64];
+
+/// The operations measured again with idle domains booted: the ones whose cost could grow
+/// with the number of domains (a wake-up, a switch, an exit).
+const SCALE_OPS: [&str; 3] = ["null_hypercall", "timer_pv", "event_pingpong"];
+
+/// The boot modules of a run with `idle` idle domains (3 to `idle + 2`) beside the pair,
+/// which measures only [`SCALE_OPS`]' groups.
+pub fn boot_modules_with_idle(iterations: u64, idle: usize) -> Vec<BootModule> {
+    let [mut bench, pong] = boot_modules(iterations);
+    if idle == 0 {
+        return vec![bench, pong];
+    }
+    let first = PONG_DOMAIN_ID + 1;
+    let last = PONG_DOMAIN_ID + idle as u32;
+    bench.cmdline.push_str(&format!(
+        " groups=hypercall,timer,pingpong idle_domains={first}-{last}"
+    ));
+    let mut modules = vec![bench, pong];
+    modules.extend((first..=last).map(|id| BootModule {
+        path: Artifact::Bench.path(),
+        cmdline: format!("idle{id} idle={BENCH_DOMAIN_ID} mem=4M"),
+    }));
+    modules
+}
+
+/// A run with `idle` idle domains: its [`SCALE_OPS`] rows, renamed `<op>_idle<N>` in group
+/// `scale`.
+fn scale_rows(measurements: Vec<Measurement>, idle: usize) -> Vec<Measurement> {
+    measurements
+        .into_iter()
+        .filter(|m| SCALE_OPS.contains(&m.op.as_str()))
+        .map(|m| Measurement {
+            op: format!("{}_idle{idle}", m.op),
+            group: "scale".to_string(),
+            ..m
+        })
+        .collect()
+}
+
 /// The CSV columns, in order.
 const CSV_COLUMNS: [&str; 9] = [
     "op",
@@ -503,9 +544,11 @@ fn timeout(vendor: Vendor, iterations: u64, overridden: Option<Duration>) -> Dur
 }
 
 /// Boots the benchmark with `iterations` on `vendor` in `dir`.
+#[allow(clippy::too_many_arguments)]
 fn boot(
     vendor: Vendor,
     iterations: u64,
+    idle: usize,
     dir: &RunDir,
     timeout: Duration,
     streaming: &Streaming,
@@ -515,7 +558,7 @@ fn boot(
         vendor,
         dir,
         hv_cmdline,
-        modules: &boot_modules(iterations),
+        modules: &boot_modules_with_idle(iterations, idle),
         timeout,
         streaming,
         // QEMU: the TSC counts instructions. Bochs counts them anyway.
@@ -544,19 +587,24 @@ fn run_failure(record: &RunRecord, why: &str) -> String {
 /// One vendor's figures and run, or why there are none.
 type VendorRun = std::result::Result<(Vec<Measurement>, RunRecord), String>;
 
-/// Runs the benchmark on one vendor and reads its figures.
+/// Runs the benchmark on one vendor and reads its figures; with `idle` idle domains beside it,
+/// only the `<op>_idle<N>` rows.
 fn measure(
     vendor: Vendor,
     iterations: u64,
+    idle: usize,
     dir: &RunDir,
     timeout: Duration,
     streaming: &Streaming,
     hv_cmdline: &str,
 ) -> VendorRun {
-    let record = boot(vendor, iterations, dir, timeout, streaming, hv_cmdline)
-        .map_err(|err| err.to_string())?;
+    let record = boot(
+        vendor, iterations, idle, dir, timeout, streaming, hv_cmdline,
+    )
+    .map_err(|err| err.to_string())?;
     match parse_log(&record.log, vendor) {
-        Ok(measurements) => Ok((measurements, record)),
+        Ok(measurements) if idle == 0 => Ok((measurements, record)),
+        Ok(measurements) => Ok((scale_rows(measurements, idle), record)),
         Err(why) => Err(run_failure(&record, &why)),
     }
 }
@@ -591,9 +639,10 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                         Streaming::Off
                     };
                     let timeout = timeout(vendor, iterations, options.timeout);
-                    let result = measure(
+                    let mut result = measure(
                         vendor,
                         iterations,
+                        0,
                         &dir,
                         timeout,
                         &streaming,
@@ -605,6 +654,36 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                             vendor.name(),
                             record.elapsed.as_secs_f64()
                         );
+                    }
+                    // The same again with idle domains booted beside it.
+                    for idle in IDLE_RUNS {
+                        let Ok((found, _)) = &mut result else {
+                            break;
+                        };
+                        let dir = RunDir::new(
+                            workspace::lamina_dir()
+                                .join("bench")
+                                .join(format!("{}-idle{idle}", vendor.name())),
+                        );
+                        match measure(
+                            vendor,
+                            iterations,
+                            idle,
+                            &dir,
+                            timeout * 2,
+                            &streaming,
+                            &options.hv_cmdline,
+                        ) {
+                            Ok((rows, record)) => {
+                                eprintln!(
+                                    "xtask: {} with {idle} idle domains done in {:.1} s",
+                                    vendor.name(),
+                                    record.elapsed.as_secs_f64()
+                                );
+                                found.extend(rows);
+                            }
+                            Err(why) => result = Err(why),
+                        }
                     }
                     (vendor, result)
                 })
@@ -680,7 +759,7 @@ pub fn fast_check(
         Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
     };
     let timeout = timeout(vendor, FAST_ITERATIONS, timeout_override);
-    let record = match boot(vendor, FAST_ITERATIONS, dir, timeout, streaming, "") {
+    let record = match boot(vendor, FAST_ITERATIONS, 0, dir, timeout, streaming, "") {
         Ok(record) => record,
         Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
     };

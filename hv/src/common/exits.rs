@@ -4,6 +4,7 @@
 //! emulated here so unported kernels work; faults stop the domain with a report while every
 //! other domain runs on.
 
+use crate::common::apic_bus;
 use crate::common::control_regs::{self, CrContext, CrInstruction};
 use crate::common::cpuid;
 use crate::common::domain::{ConsoleSource, Domain, Ending};
@@ -210,10 +211,14 @@ pub fn handle_exit<V: VirtualCpu>(
                 let now = domain.time.ns_at(tsc);
                 let state = &mut domain.vcpus[vcpu_index];
                 match state.vlapic.write_msr(index, value, now, tsc) {
-                    Ok(()) => {
+                    Ok(ipi) => {
                         // A timer, EOI or TPR change may make an interrupt due or deliverable.
                         state.requests.make(request::EVENT | request::TIMERS);
                         vcpu.skip_instruction();
+                        if let Some(ipi) = ipi {
+                            let cr3 = vcpu.arch_state().cr3;
+                            apic_bus::deliver(domain, vcpu_index, cr3, ipi);
+                        }
                     }
                     Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
                 }
@@ -310,8 +315,10 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
         domain.vcpus[index].requests.make(request::EVENT);
         return Next::Resume;
     }
-    // The APIC timer first: the cheap and, for an unported kernel, the usual wake source.
+    // The APIC timer first: the cheap and, for an unported kernel, the usual wake source;
+    // then a sibling's IPI to an enabled APIC, or the event upcall.
     let can_wake = state.vlapic.timer_armed()
+        || (state.vlapic.software_enabled() && domain.has_other_vcpu_up(index))
         || (state.upcall_vector != 0 && domain.events.can_wake(index, state.timers.armed()));
     if !vcpu.interrupt_flag() || !can_wake {
         return stop(

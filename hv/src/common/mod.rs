@@ -1,6 +1,7 @@
 //! Vendor-neutral hypervisor logic: domains, the domain builder, exit and hypercall handling,
 //! device emulation, scheduling. Nothing here knows whether VT-x or AMD-V is underneath.
 
+pub mod apic_bus;
 pub mod builder;
 pub mod config;
 pub mod control_regs;

@@ -1,5 +1,5 @@
 //! Delivers an IPI that one vCPU wrote to its emulated x2APIC's ICR to the other vCPUs of its
-//! domain (docs/abi.md 14.1): fixed interrupts into their IRR, INIT and STARTUP to start a
+//! domain (docs/abi.md 14.1, 14.2): fixed interrupts into their IRR, INIT and STARTUP to start a
 //! vCPU that never ran, the way `vcpu_op` initialise and up do (docs/abi.md 19).
 //!
 //! Runs in the sender's exit handler with the domain-table lock held: every vCPU's emulated
@@ -35,7 +35,7 @@ pub fn deliver(domain: &mut Domain, sender: usize, sender_cr3: u64, ipi: Ipi) {
             }
             IpiKind::Init => {
                 // Only a vCPU that never ran can wait for a SIPI: Lamina cannot reset the
-                // state of one that did (INIT to it is ignored, docs/abi.md 14.1).
+                // state of one that did (INIT to it is ignored, docs/abi.md 14.2).
                 let state = &mut domain.vcpus[index];
                 if index != 0 && state.start.is_none() && !state.up {
                     state.waiting_for_sipi = true;
@@ -59,7 +59,7 @@ pub fn deliver(domain: &mut Domain, sender: usize, sender_cr3: u64, ipi: Ipi) {
     }
 }
 
-/// Where a STARTUP IPI with `vector` starts vCPU `index` (docs/abi.md 14.1): RIP at the
+/// Where a STARTUP IPI with `vector` starts vCPU `index` (docs/abi.md 14.2): RIP at the
 /// vector's page, the sender's page tables, RSP 0, the x2APIC ID in RDI. `None` when the
 /// page tables are not a page of RAM or do not map that page to RAM.
 fn sipi_start_state(

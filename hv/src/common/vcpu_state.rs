@@ -298,7 +298,7 @@ pub struct VcpuState {
     /// Where it starts, once `vcpu_op` initialise or a STARTUP IPI gave that (vCPU 0: from
     /// the ELF entry).
     pub start: Option<StartState>,
-    /// An INIT IPI reached it before it ever ran: a STARTUP IPI starts it (docs/abi.md 14.1).
+    /// An INIT IPI reached it before it ever ran: a STARTUP IPI starts it (docs/abi.md 14.2).
     pub waiting_for_sipi: bool,
     /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight` of its domain; the
     /// scheduler runs the ready vCPU with the least.

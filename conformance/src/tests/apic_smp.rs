@@ -15,6 +15,7 @@ use core::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use lamina_abi::vcpu::VcpuOp;
 use lamina_guest_sdk::start_info;
 
+use crate::console::println;
 use crate::framework::{Hex, Status, check, check_eq};
 use crate::hv;
 use crate::irq;
@@ -61,6 +62,7 @@ static ROUNDS: AtomicU64 = AtomicU64::new(0);
 static SECONDARY_JOB: AtomicU8 = AtomicU8::new(JOB_IDLE);
 const JOB_IDLE: u8 = 0;
 const JOB_PONG: u8 = 1;
+const JOB_HALT: u8 = 2;
 
 /// Ping-pong: how many PINGs vCPU 1 answered, whether PING was in service in its handler
 /// every time, and whether its ISR was clear after each (the EOI reached its own APIC).
@@ -117,8 +119,10 @@ extern "C" fn secondary_entry(rdi: u64, entry_rsp: u64) -> ! {
         Ordering::SeqCst,
     );
     ENTRIES.fetch_add(1, Ordering::SeqCst);
-    if SECONDARY_JOB.load(Ordering::SeqCst) == JOB_PONG {
-        answer_pings();
+    match SECONDARY_JOB.load(Ordering::SeqCst) {
+        JOB_PONG => answer_pings(),
+        JOB_HALT => halt_for_good(),
+        _ => {}
     }
     loop {
         ROUNDS.fetch_add(1, Ordering::SeqCst);
@@ -147,6 +151,16 @@ fn answer_pings() -> ! {
         PONGS_SENT.fetch_add(1, Ordering::SeqCst);
         // SAFETY: vCPU 0 expects PONG; its handler is installed.
         unsafe { write(apic::ICR, u64::from(PONG)) }; // physical, APIC ID 0
+    }
+}
+
+/// vCPU 1 enables its APIC and waits in `STI; HLT` for an IPI that never comes.
+fn halt_for_good() -> ! {
+    apic::enable();
+    loop {
+        ROUNDS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: nothing sends this vCPU an interrupt, so no IDT is needed.
+        unsafe { asm!("sti", "hlt", "cli", options(nostack)) };
     }
 }
 
@@ -451,4 +465,27 @@ pub(super) fn x2apic_sipi_page_not_ram() {
         "a good SIPI after the ignored ones did not start vCPU 1"
     );
     check_eq!("is_up(1)", Status(1), is_up(1));
+}
+
+conformance_test! {
+    title: "vCPUs that all wait in HLT for each other's IPIs, with nothing else to wake them, stop the domain",
+    section: "14.1 IPIs to other vCPUs",
+    expect: StoppedByHv("HLT with nothing that can ever wake the vCPU"),
+    cmdline: "vcpus=2",
+}
+pub(super) fn x2apic_hlt_both_stopped() {
+    SECONDARY_JOB.store(JOB_HALT, Ordering::SeqCst);
+    write_trampoline(SIPI_PAGE);
+    if !init_sipi_sipi(SIPI_VECTOR) {
+        crate::framework::fail(format_args!("vCPU 1 never started"));
+        return;
+    }
+    yield_until(10_000, || ROUNDS.load(Ordering::SeqCst) != 0);
+    irq::install();
+    irq::use_apic(true);
+    apic::enable();
+    println!("x2apic_hlt_both_stopped: vCPU 0 halts too");
+    // Each could IPI the other, but neither will: the hypervisor stops the domain here.
+    x86::halt_with_interrupts();
+    crate::framework::fail(format_args!("HLT returned with nothing sent to vCPU 0"));
 }

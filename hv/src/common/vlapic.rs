@@ -12,9 +12,10 @@
 //! timer for [`VirtualLapic::next_timer_deadline_ns`], and injects
 //! [`VirtualLapic::deliverable_vector`] when the guest can take an interrupt.
 //!
-//! Not modelled (yet): the NMI and SMI delivery modes of the ICR, level-triggered interrupts (TMR reads 0), the thermal, performance-counter,
-//! LINT0/1 and error LVT entries beyond storing them (the error entry does signal APIC errors),
-//! and leaving x2APIC mode through IA32_APIC_BASE.
+//! Not modelled (yet): the NMI and SMI delivery modes of the ICR, level-triggered interrupts
+//! (TMR reads 0), the thermal, performance-counter, LINT0/1 and error LVT entries beyond
+//! storing them (the error entry does signal APIC errors), and leaving x2APIC mode through
+//! IA32_APIC_BASE.
 
 use core::fmt;
 

@@ -16,10 +16,10 @@ use crate::common::vlapic::{Ipi, IpiKind};
 /// not part of what a started vCPU gets.
 const CR3_ADDRESS: u64 = 0x000f_ffff_ffff_f000;
 
-/// Delivers `ipi`, sent by vCPU `sender` whose CR3 is `sender_cr3`, to every other vCPU of
-/// `domain` it names. A destination that names no vCPU drops it without a trace, as a bus
-/// with no such APIC would.
-pub fn deliver(domain: &mut Domain, sender: usize, sender_cr3: u64, ipi: Ipi) {
+/// Delivers `ipi`, sent by vCPU `sender`, to every other vCPU of `domain` it names.
+/// `sender_cr3` reads the sender's CR3, which only a STARTUP needs. A destination that names
+/// no vCPU drops it without a trace, as a bus with no such APIC would.
+pub fn deliver(domain: &mut Domain, sender: usize, ipi: Ipi, sender_cr3: impl Fn() -> u64) {
     let now = domain.now();
     for index in 0..domain.vcpus.len() {
         if index == sender || !ipi.reaches(&domain.vcpus[index].vlapic) {
@@ -46,7 +46,7 @@ pub fn deliver(domain: &mut Domain, sender: usize, sender_cr3: u64, ipi: Ipi) {
                     // Not after INIT, or started already (a second SIPI): ignored.
                     continue;
                 }
-                let Some(start) = sipi_start_state(domain, index, vector, sender_cr3) else {
+                let Some(start) = sipi_start_state(domain, index, vector, sender_cr3()) else {
                     // A page the vCPU could not fetch from: ignored, it waits on.
                     continue;
                 };
@@ -118,7 +118,7 @@ mod tests {
     fn send(d: &mut Domain, sender: usize, cr3: u64, icr: u64) {
         let sent = d.vcpus[sender].vlapic.write_msr(ICR, icr, 0, 0);
         if let Ok(Some(ipi)) = sent {
-            deliver(d, sender, cr3, ipi);
+            deliver(d, sender, ipi, || cr3);
         }
     }
 

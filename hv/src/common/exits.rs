@@ -216,8 +216,7 @@ pub fn handle_exit<V: VirtualCpu>(
                         state.requests.make(request::EVENT | request::TIMERS);
                         vcpu.skip_instruction();
                         if let Some(ipi) = ipi {
-                            let cr3 = vcpu.arch_state().cr3;
-                            apic_bus::deliver(domain, vcpu_index, cr3, ipi);
+                            apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);
                         }
                     }
                     Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),

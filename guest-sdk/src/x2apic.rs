@@ -28,7 +28,8 @@ pub const ISR0: u32 = 0x810;
 pub const IRR0: u32 = 0x820;
 /// Error status.
 pub const ESR: u32 = 0x828;
-/// Interrupt command (self IPIs only on Lamina).
+/// Interrupt command: IPIs to this and the other vCPUs of the domain, INIT and STARTUP
+/// (docs/abi.md 14.1, 14.2).
 pub const ICR: u32 = 0x830;
 /// LVT timer: vector bits 0-7, mask bit 16, mode bits 17-18.
 pub const LVT_TIMER: u32 = 0x832;

@@ -4,6 +4,7 @@
 //! emulated here so unported kernels work; faults stop the domain with a report while every
 //! other domain runs on.
 
+use crate::common::devices::apic_bus;
 use crate::common::devices::uart::Uart16550;
 use crate::common::devices::uart::{COM1_BASE, COM1_PORTS};
 use crate::common::devices::vlapic::VirtualLapic;
@@ -224,10 +225,13 @@ pub fn handle_exit<V: VirtualCpu>(
                 let now = domain.time.ns_at(tsc);
                 let state = &mut domain.vcpus[vcpu_index];
                 match state.vlapic.write_msr(index, value, now, tsc) {
-                    Ok(()) => {
+                    Ok(ipi) => {
                         // A timer, EOI or TPR change may make an interrupt due or deliverable.
                         state.requests.make(request::EVENT | request::TIMERS);
                         vcpu.skip_instruction();
+                        if let Some(ipi) = ipi {
+                            apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);
+                        }
                     }
                     Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
                 }
@@ -331,16 +335,26 @@ fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next 
     // The APIC timer first: the cheap and, for an unported kernel, the usual wake source.
     let can_wake = state.vlapic.timer_armed()
         || (state.upcall_vector != 0 && domain.events.can_wake(index, state.timers.armed()));
-    if !vcpu.interrupt_flag() || !can_wake {
+    // Else a sibling's IPI (docs/abi.md 14.1), unless every sibling that is up waits for
+    // nothing either.
+    let sibling_may_wake = state.vlapic.software_enabled() && domain.has_other_vcpu_up(index);
+    if !vcpu.interrupt_flag() || !(can_wake || sibling_may_wake) {
         return stop(
             domain,
             vcpu,
             String::from(crate::common::domain::HALT_NEVER_WAKES),
         );
     }
-    let state = &mut domain.vcpus[index];
-    state.wait = Wait::Halt;
-    state.requests.make(request::EVENT);
+    domain.vcpus[index].wait = Wait::Halt;
+    if !can_wake && domain.never_wakes().is_some() {
+        domain.vcpus[index].wait = Wait::None;
+        return stop(
+            domain,
+            vcpu,
+            String::from(crate::common::domain::HALT_NEVER_WAKES),
+        );
+    }
+    domain.vcpus[index].requests.make(request::EVENT);
     Next::Sleep
 }
 
@@ -777,6 +791,74 @@ mod tests {
                 crate::common::time::TimeBase::new(1_000_000_000, 0, 0, 0),
             ),
         )
+    }
+
+    /// Domain 2 with two vCPUs, both up, their APICs software-enabled.
+    fn two_vcpus_with_apics() -> (TestMemory, Domain) {
+        let (t, mut d) = domain();
+        let memory = core::mem::replace(&mut d.memory, GuestMemory::empty());
+        let mut d = Domain::with_vcpus(2, "t".into(), memory, d.time, 2);
+        for state in &mut d.vcpus {
+            state.up = true;
+            state.vlapic.write_msr(0x80f, 0x1ff, 0, 0).unwrap();
+        }
+        (t, d)
+    }
+
+    #[test]
+    fn hlt_waits_for_a_siblings_ipi_until_every_vcpu_waits_for_nothing() {
+        let (_t, mut d) = two_vcpus_with_apics();
+        let mut v0 = MockVcpu {
+            interrupt_flag: true,
+            ..Default::default()
+        };
+        let mut v1 = MockVcpu {
+            interrupt_flag: true,
+            ..Default::default()
+        };
+        let peers = &mut crate::common::domain::NoPeers;
+        assert_eq!(
+            handle_exit(&mut d, 0, &mut v0, VmExit::Hlt, peers),
+            Next::Sleep
+        );
+        assert_eq!(d.vcpus[0].wait, Wait::Halt);
+        // vCPU 1 sends vCPU 0 an IPI and halts: vCPU 0 has an interrupt coming, so both wait.
+        v1.regs.gpr[reg::RCX] = 0x830;
+        v1.regs.gpr[reg::RAX] = 0x41;
+        assert_eq!(
+            handle_exit(&mut d, 1, &mut v1, VmExit::MsrWrite, peers),
+            Next::Resume
+        );
+        assert_eq!(d.vcpus[0].vlapic.deliverable_vector(), Some(0x41));
+        assert_eq!(
+            handle_exit(&mut d, 1, &mut v1, VmExit::Hlt, peers),
+            Next::Sleep
+        );
+        assert!(d.is_runnable());
+        // Taken, and vCPU 0 halts again: nothing but each other could wake them, and neither
+        // can. The domain is stopped rather than left asleep for ever.
+        d.vcpus[0].vlapic.acknowledge(0x41);
+        d.vcpus[0].wait = Wait::None;
+        assert_eq!(
+            handle_exit(&mut d, 0, &mut v0, VmExit::Hlt, peers),
+            Next::Stop
+        );
+        assert!(!d.is_runnable());
+    }
+
+    #[test]
+    fn hlt_with_a_software_disabled_apic_and_no_timer_stops_even_with_siblings() {
+        let (_t, mut d) = two_vcpus_with_apics();
+        d.vcpus[0].vlapic.write_msr(0x80f, 0xff, 0, 0).unwrap();
+        let mut v0 = MockVcpu {
+            interrupt_flag: true,
+            ..Default::default()
+        };
+        let peers = &mut crate::common::domain::NoPeers;
+        assert_eq!(
+            handle_exit(&mut d, 0, &mut v0, VmExit::Hlt, peers),
+            Next::Stop
+        );
     }
 
     #[test]

@@ -456,24 +456,13 @@ fn vcpu_op(
             if !is_canonical(start.rip) || !is_canonical(start.rsp) || !cr3_in_ram {
                 return Err(Errno::EINVAL);
             }
-            state.start = Some(start);
-            state.requests.make(request::START);
+            state.set_start(start);
         }
         VcpuOp::Up => {
             if index != 0 && state.start.is_none() {
                 return Err(Errno::EINVAL);
             }
-            if !state.up {
-                state.up = true;
-                state.boosted = true;
-                state.requests.make(request::EVENT);
-                let to = if state.wait == Wait::None {
-                    runstate::RUNNABLE
-                } else {
-                    runstate::BLOCKED
-                };
-                let _ = state.runstate.enter(to, now, &domain.memory);
-            }
+            state.bring_up(now, &domain.memory);
         }
         VcpuOp::Down => {
             if !state.up {

@@ -1,7 +1,9 @@
 //! The local APIC an unported guest kernel sees, in x2APIC mode only (Intel SDM Vol. 3A
 //! chapter 12; docs/abi.md section 14 "Emulated x2APIC"): the registers behind RDMSR/WRMSR of
 //! IA32_APIC_BASE, IA32_TSC_DEADLINE and 0x800-0x8ff, the timer (one-shot, periodic,
-//! TSC-deadline), task and processor priority, IRR/ISR and EOI, and self-IPIs.
+//! TSC-deadline), task and processor priority, IRR/ISR and EOI, and the ICR: self-IPIs are
+//! taken here, and what an ICR write asks of other APICs comes back as an [`Ipi`] for the
+//! caller to deliver ([`Ipi::reaches`] decides which APICs it names).
 //!
 //! A pure model: no hardware, no globals, no allocation. Time comes in as arguments (system time
 //! in ns and the TSC at the same instant); every register access first brings the model up to
@@ -10,10 +12,10 @@
 //! timer for [`VirtualLapic::next_timer_deadline_ns`], and injects
 //! [`VirtualLapic::deliverable_vector`] when the guest can take an interrupt.
 //!
-//! Not modelled (yet): IPIs to other vCPUs and the non-fixed delivery modes (NMI, INIT, SIPI,
-//! SMI) of the ICR, level-triggered interrupts (TMR reads 0), the thermal, performance-counter,
-//! LINT0/1 and error LVT entries beyond storing them (the error entry does signal APIC errors),
-//! and leaving x2APIC mode through IA32_APIC_BASE.
+//! Not modelled (yet): the NMI and SMI delivery modes of the ICR, level-triggered interrupts
+//! (TMR reads 0), the thermal, performance-counter, LINT0/1 and error LVT entries beyond
+//! storing them (the error entry does signal APIC errors), and leaving x2APIC mode through
+//! IA32_APIC_BASE.
 
 use core::fmt;
 
@@ -105,11 +107,17 @@ const ESR_RECEIVE_ILLEGAL_VECTOR: u32 = 1 << 6;
 // writes; 13, 16-17 and 20-31 are reserved.
 const ICR_DELIVERY_MODE_SHIFT: u32 = 8;
 const ICR_LOGICAL: u64 = 1 << 11;
+/// Level (bit 14) and trigger mode (bit 15): INIT with level 0 and trigger 1 is the INIT
+/// level de-assert (SDM 12.6.1), which does nothing.
+const ICR_LEVEL_ASSERT: u64 = 1 << 14;
+const ICR_TRIGGER_LEVEL: u64 = 1 << 15;
 const ICR_DELIVERY_STATUS: u64 = 1 << 12;
 const ICR_RESERVED: u64 = (1 << 13) | (0x3 << 16) | (0xfff << 20);
 const ICR_SHORTHAND_SHIFT: u32 = 18;
 const DELIVERY_FIXED: u64 = 0;
 const DELIVERY_LOWEST_PRIORITY: u64 = 1;
+const DELIVERY_INIT: u64 = 5;
+const DELIVERY_STARTUP: u64 = 6;
 const SHORTHAND_NONE: u64 = 0;
 const SHORTHAND_SELF: u64 = 1;
 const SHORTHAND_ALL_INCLUDING_SELF: u64 = 2;
@@ -131,6 +139,52 @@ pub struct ApicFault;
 impl fmt::Display for ApicFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "APIC register access raises #GP(0)")
+    }
+}
+
+/// What an IPI does at an APIC it reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IpiKind {
+    /// A fixed interrupt of this vector (below 16: the receiver logs an illegal vector).
+    Fixed(u8),
+    /// INIT: a processor that never ran waits for a STARTUP IPI.
+    Init,
+    /// STARTUP (SIPI) with this vector: a processor waiting for one starts at page `vector`.
+    Startup(u8),
+}
+
+/// Whom an IPI names (SDM 12.12.10; the sender is never among them: its part is done).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// Physical x2APIC ID, or broadcast.
+    Physical(u32),
+    /// Logical: cluster in bits 31:16, bitmap in bits 15:0; or broadcast.
+    Logical(u32),
+    /// The shorthands "all including self" and "all excluding self".
+    AllButSender,
+}
+
+/// An IPI written to the ICR of APIC `sender`, for the other APICs of the domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipi {
+    /// What it does.
+    pub kind: IpiKind,
+    destination: Destination,
+    sender: u32,
+}
+
+impl Ipi {
+    /// Whether the APIC `target` receives it: named by the destination (physical ID, logical
+    /// cluster and bit, broadcast or shorthand) and not the sender's own.
+    pub fn reaches(&self, target: &VirtualLapic) -> bool {
+        if target.apic_id == self.sender {
+            return false;
+        }
+        match self.destination {
+            Destination::AllButSender => true,
+            Destination::Physical(id) => target.is_destination(id, false),
+            Destination::Logical(id) => target.is_destination(id, true),
+        }
     }
 }
 
@@ -319,40 +373,45 @@ impl VirtualLapic {
         Ok(u64::from(value))
     }
 
-    /// WRMSR.
+    /// WRMSR. An ICR write that names other APICs returns the [`Ipi`] for the caller to
+    /// deliver to them; this APIC has already taken its own part.
     pub fn write_msr(
         &mut self,
         msr: u32,
         value: u64,
         now_ns: u64,
         now_tsc: u64,
-    ) -> Result<(), ApicFault> {
+    ) -> Result<Option<Ipi>, ApicFault> {
         self.advance(now_ns, now_tsc);
-        self.write_register(msr, value, now_ns)?;
+        let ipi = self.write_register(msr, value, now_ns)?;
         // A deadline already passed, or an error interrupt, takes effect at once.
         self.advance(now_ns, now_tsc);
-        Ok(())
+        Ok(ipi)
     }
 
-    fn write_register(&mut self, msr: u32, value: u64, now_ns: u64) -> Result<(), ApicFault> {
+    fn write_register(
+        &mut self,
+        msr: u32,
+        value: u64,
+        now_ns: u64,
+    ) -> Result<Option<Ipi>, ApicFault> {
         match msr {
             // Only x2APIC mode exists here: leaving it, moving the base or disabling #GP.
-            MSR_APIC_BASE if value == self.apic_base() => return Ok(()),
+            MSR_APIC_BASE if value == self.apic_base() => return Ok(None),
             MSR_APIC_BASE => return Err(ApicFault),
             // Writes are ignored outside TSC-deadline mode (SDM 12.5.4.1); writing 0 disarms.
             MSR_TSC_DEADLINE => {
                 if self.timer_mode() == TimerMode::TscDeadline {
                     self.tsc_deadline = value;
                 }
-                return Ok(());
+                return Ok(None);
             }
             REG_ICR => {
                 if value & ICR_RESERVED != 0 {
                     return Err(ApicFault);
                 }
                 self.icr = value & !ICR_DELIVERY_STATUS;
-                self.send_ipi(value);
-                return Ok(());
+                return Ok(self.send_ipi(value));
             }
             _ => {}
         }
@@ -398,7 +457,7 @@ impl VirtualLapic {
             // Read-only registers, reserved bits in the writable ones, reserved addresses.
             _ => return Err(ApicFault),
         }
-        Ok(())
+        Ok(None)
     }
 
     fn write_lvt(&mut self, index: usize, value: u32) -> Result<(), ApicFault> {
@@ -567,31 +626,55 @@ impl VirtualLapic {
         }
     }
 
-    /// An IPI written to the ICR (or the SELF IPI register). Only fixed interrupts that reach
-    /// this APIC do anything; other vCPUs are not reached yet.
-    fn send_ipi(&mut self, icr: u64) {
+    /// An IPI written to the ICR (or the SELF IPI register): a fixed interrupt that names
+    /// this APIC is raised here; the part for other APICs is returned. INIT and STARTUP never
+    /// act on the sender (it runs already), NMI and SMI are not modelled.
+    fn send_ipi(&mut self, icr: u64) -> Option<Ipi> {
         let vector = icr as u8;
         let delivery_mode = (icr >> ICR_DELIVERY_MODE_SHIFT) & 0x7;
         let shorthand = (icr >> ICR_SHORTHAND_SHIFT) & 0x3;
         let destination = (icr >> 32) as u32;
-        match delivery_mode {
-            DELIVERY_FIXED => {}
+        let logical = icr & ICR_LOGICAL != 0;
+        let kind = match delivery_mode {
+            DELIVERY_FIXED => IpiKind::Fixed(vector),
             // Lowest priority does not exist in x2APIC mode: logged, not sent (SDM 12.5.3).
-            DELIVERY_LOWEST_PRIORITY => return self.log_error(ESR_REDIRECTIBLE_IPI),
-            // NMI, INIT, SIPI, SMI and the reserved modes: not modelled.
-            _ => return,
-        }
-        if vector < FIRST_LEGAL_VECTOR {
-            self.log_error(ESR_SEND_ILLEGAL_VECTOR);
-        }
-        let to_self = match shorthand {
-            SHORTHAND_NONE => self.is_destination(destination, icr & ICR_LOGICAL != 0),
-            SHORTHAND_SELF | SHORTHAND_ALL_INCLUDING_SELF => true,
-            _ => false, // all excluding self
+            DELIVERY_LOWEST_PRIORITY => {
+                self.log_error(ESR_REDIRECTIBLE_IPI);
+                return None;
+            }
+            // INIT level de-assert: no effect (SDM 12.6.1).
+            DELIVERY_INIT if icr & (ICR_LEVEL_ASSERT | ICR_TRIGGER_LEVEL) == ICR_TRIGGER_LEVEL => {
+                return None;
+            }
+            DELIVERY_INIT => IpiKind::Init,
+            DELIVERY_STARTUP => IpiKind::Startup(vector),
+            // NMI, SMI and the reserved modes: not modelled.
+            _ => return None,
         };
-        if to_self {
-            self.raise(vector);
+        if let IpiKind::Fixed(vector) = kind {
+            if vector < FIRST_LEGAL_VECTOR {
+                self.log_error(ESR_SEND_ILLEGAL_VECTOR);
+            }
+            let to_self = match shorthand {
+                SHORTHAND_NONE => self.is_destination(destination, logical),
+                SHORTHAND_SELF | SHORTHAND_ALL_INCLUDING_SELF => true,
+                _ => false, // all excluding self
+            };
+            if to_self {
+                self.raise(vector);
+            }
         }
+        let destination = match shorthand {
+            SHORTHAND_NONE if logical => Destination::Logical(destination),
+            SHORTHAND_NONE => Destination::Physical(destination),
+            SHORTHAND_SELF => return None,
+            _ => Destination::AllButSender,
+        };
+        Some(Ipi {
+            kind,
+            destination,
+            sender: self.apic_id,
+        })
     }
 
     /// Whether an x2APIC destination names this APIC (SDM 12.12.10).
@@ -927,7 +1010,7 @@ mod tests {
         for id in [0, 3] {
             let mut apic = VirtualLapic::new(id, GHZ, GHZ);
             let base = apic.read_msr(MSR_APIC_BASE, 0, 0).unwrap();
-            assert_eq!(apic.write_msr(MSR_APIC_BASE, base, 0, 0), Ok(()));
+            assert_eq!(apic.write_msr(MSR_APIC_BASE, base, 0, 0), Ok(None));
             for other in [
                 0,
                 base ^ (1 << 10),
@@ -1462,6 +1545,158 @@ mod tests {
             apic.write_msr(REG_ICR, icr, 0, 0).unwrap();
             assert!(!apic.is_pending(icr as u8), "ICR {icr:#x}");
         }
+    }
+
+    /// The IPI an ICR write of `icr` on APIC `sender` sends to other APICs.
+    fn sent(sender: u32, icr: u64) -> Option<Ipi> {
+        let mut apic = enabled_apic(sender, GHZ);
+        apic.write_msr(REG_ICR, icr, 0, 0).unwrap()
+    }
+
+    /// The IDs among 0..40 that an IPI reaches.
+    fn reached(ipi: Ipi) -> Vec<u32> {
+        (0..40)
+            .filter(|&id| ipi.reaches(&VirtualLapic::new(id, GHZ, GHZ)))
+            .collect()
+    }
+
+    #[test]
+    fn fixed_ipis_reach_other_apics_by_id_cluster_broadcast_and_shorthand() {
+        let vector = 0x40u64;
+        let cases: [(u64, &[u32]); 8] = [
+            ((3 << 32) | vector, &[3]),                            // physical ID 3
+            ((39 << 32) | vector, &[39]),                          // physical ID 39
+            ((0xffff_ffff << 32) | vector, &[0, 2, 3]),            // broadcast (first few)
+            ((2 << 18) | vector, &[0, 2, 3]),                      // all including self
+            ((3 << 18) | vector, &[0, 2, 3]),                      // all excluding self
+            ((0x0000_0009 << 32) | ICR_LOGICAL | vector, &[0, 3]), // cluster 0, bits 0 and 3
+            ((0x0002_0001 << 32) | ICR_LOGICAL | vector, &[32]),   // cluster 2, bit 0
+            ((0x0001_0000 << 32) | ICR_LOGICAL | vector, &[]),     // an empty bitmap
+        ];
+        for (icr, expected) in cases {
+            let ipi = sent(1, icr).unwrap_or_else(|| panic!("ICR {icr:#x} sent nothing"));
+            assert_eq!(ipi.kind, IpiKind::Fixed(0x40), "ICR {icr:#x}");
+            let reached = reached(ipi);
+            let prefix = &reached[..expected.len().min(reached.len())];
+            assert_eq!(prefix, expected, "ICR {icr:#x}");
+            assert!(!reached.contains(&1), "never the sender: ICR {icr:#x}");
+            if icr >> 32 != 0xffff_ffff && icr >> 18 & 3 == 0 {
+                assert_eq!(reached, expected, "exactly: ICR {icr:#x}");
+            }
+        }
+        // Broadcast and the all shorthands reach every other APIC.
+        for icr in [
+            (0xffff_ffff << 32) | vector,
+            (2 << 18) | vector,
+            (3 << 18) | vector,
+        ] {
+            assert_eq!(reached(sent(1, icr).unwrap()).len(), 39, "ICR {icr:#x}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_ipi_to_another_apic_leaves_the_senders_irr_alone() {
+        let mut apic = enabled_apic(1, GHZ);
+        apic.write_msr(REG_ICR, (2 << 32) | 0x41, 0, 0).unwrap();
+        apic.write_msr(REG_ICR, (3 << 18) | 0x42, 0, 0).unwrap();
+        assert_eq!(apic.deliverable_vector(), None);
+        // All including self: the sender takes its part and the rest goes out.
+        let ipi = apic.write_msr(REG_ICR, (2 << 18) | 0x43, 0, 0).unwrap();
+        assert!(apic.is_pending(0x43));
+        assert!(ipi.is_some_and(|ipi| ipi.reaches(&VirtualLapic::new(0, GHZ, GHZ))));
+    }
+
+    #[test]
+    fn self_only_ipis_send_nothing_to_others() {
+        for icr in [
+            (1 << 18) | 0x50,
+            (1 << 18) | (5 << 8),
+            (1 << 18) | (6 << 8) | 0x10,
+        ] {
+            assert_eq!(sent(4, icr), None, "ICR {icr:#x}");
+        }
+        let mut apic = enabled_apic(4, GHZ);
+        assert_eq!(apic.write_msr(REG_SELF_IPI, 0x51, 0, 0), Ok(None));
+        // Its own ID only: an IPI that reaches no other APIC.
+        let ipi = apic
+            .write_msr(REG_ICR, (4 << 32) | 0x52, 0, 0)
+            .unwrap()
+            .unwrap();
+        assert!(apic.is_pending(0x52));
+        assert_eq!(reached(ipi), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn init_and_startup_are_decoded_and_never_act_on_the_sender() {
+        let mut apic = enabled_apic(0, GHZ);
+        // INIT assert, level-triggered as Linux sends it, and edge-triggered.
+        for icr in [
+            (1 << 32) | (1 << 15) | (1 << 14) | (5 << 8),
+            (1 << 32) | (5 << 8),
+        ] {
+            let ipi = apic.write_msr(REG_ICR, icr, 0, 0).unwrap().unwrap();
+            assert_eq!(ipi.kind, IpiKind::Init, "ICR {icr:#x}");
+            assert_eq!(reached(ipi), [1]);
+        }
+        for vector in [0u8, 0x0b, 0x9f, 0xff] {
+            let icr = (2 << 32) | (6 << 8) | u64::from(vector);
+            let ipi = apic.write_msr(REG_ICR, icr, 0, 0).unwrap().unwrap();
+            assert_eq!(ipi.kind, IpiKind::Startup(vector));
+            assert_eq!(reached(ipi), [2]);
+        }
+        let all_but_self = apic
+            .write_msr(REG_ICR, (3 << 18) | (6 << 8) | 0x0c, 0, 0)
+            .unwrap()
+            .unwrap();
+        assert_eq!(all_but_self.kind, IpiKind::Startup(0x0c));
+        assert_eq!(reached(all_but_self).len(), 39);
+        // Neither is a fixed interrupt: nothing pending, no APIC error, even with vectors
+        // below 16 (a SIPI vector is a page number).
+        assert_eq!(apic.deliverable_vector(), None);
+        apic.write_msr(REG_ESR, 0, 0, 0).unwrap();
+        assert_eq!(apic.read_msr(REG_ESR, 0, 0), Ok(0));
+    }
+
+    #[test]
+    fn init_deassert_nmi_smi_and_reserved_modes_send_nothing() {
+        let cases = [
+            (1 << 32) | (1 << 15) | (5 << 8), // INIT level de-assert
+            (1 << 32) | (4 << 8) | 0x20,      // NMI
+            (1 << 32) | (2 << 8),             // SMI
+            (1 << 32) | (3 << 8) | 0x20,      // reserved
+            (1 << 32) | (7 << 8) | 0x20,      // reserved (ExtINT)
+            (1 << 32) | (1 << 8) | 0x20,      // lowest priority: an APIC error
+        ];
+        for icr in cases {
+            assert_eq!(sent(0, icr), None, "ICR {icr:#x}");
+        }
+    }
+
+    #[test]
+    fn a_fixed_ipi_with_an_illegal_vector_is_an_error_at_both_ends() {
+        let mut sender = enabled_apic(0, GHZ);
+        let ipi = sender
+            .write_msr(REG_ICR, (1 << 32) | 0x0e, 0, 0)
+            .unwrap()
+            .unwrap();
+        sender.write_msr(REG_ESR, 0, 0, 0).unwrap();
+        assert_eq!(
+            sender.read_msr(REG_ESR, 0, 0),
+            Ok(0x20),
+            "send illegal vector"
+        );
+        let IpiKind::Fixed(vector) = ipi.kind else {
+            panic!("{ipi:?}");
+        };
+        let mut target = enabled_apic(1, GHZ);
+        target.raise(vector);
+        assert_eq!(target.read_msr(REG_IRR0, 0, 0), Ok(0));
+        target.write_msr(REG_ESR, 0, 0, 0).unwrap();
+        assert_eq!(
+            target.read_msr(REG_ESR, 0, 0),
+            Ok(0x40),
+            "receive illegal vector"
+        );
     }
 
     #[test]

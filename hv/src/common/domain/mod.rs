@@ -554,8 +554,10 @@ impl Domain {
             } => false,
             Wait::Block | Wait::Poll { deadline: None, .. } => !events_can_wake,
             Wait::Halt => {
-                let can_wake =
-                    state.vlapic.timer_armed() || (state.upcall_vector != 0 && events_can_wake);
+                // An interrupt already pending (a sibling's IPI, say) wakes it at the next look.
+                let can_wake = state.vlapic.timer_armed()
+                    || state.vlapic.deliverable_vector().is_some()
+                    || (state.upcall_vector != 0 && events_can_wake);
                 return (!can_wake).then_some(HALT_NEVER_WAKES);
             }
         };

@@ -21,3 +21,6 @@
 //! puts it back at the end of the slice; no other CPU picks that vCPU meanwhile, and its
 //! domain is not torn down until every vCPU is back. What other CPUs ask of a running vCPU
 //! goes through its request bits ([`crate::common::vcpu::state::Requests`]), which are atomic.
+//! Its hypervisor-side state, the emulated x2APIC included, stays in its domain under the
+//! table lock: a sibling's IPI (`common::devices::apic_bus`) sets the target's IRR there from the
+//! sender's exit, then makes a request.

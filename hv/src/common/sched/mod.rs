@@ -1222,6 +1222,60 @@ mod tests {
         assert!(!s.domain.vcpus[1].up, "initialise does not bring it up");
     }
 
+    /// A WRMSR exit of `value` to `msr`.
+    fn wrmsr(msr: u32, value: u64) -> (VmExit, crate::common::vcpu::GuestRegisters) {
+        let mut regs = crate::common::vcpu::GuestRegisters::default();
+        regs.gpr[reg::RCX] = u64::from(msr);
+        regs.gpr[reg::RAX] = value & 0xffff_ffff;
+        regs.gpr[reg::RDX] = value >> 32;
+        (VmExit::MsrWrite, regs)
+    }
+
+    #[test]
+    fn a_fixed_ipi_wakes_a_halted_sibling_and_is_injected_there() {
+        const SVR: u32 = 0x80f;
+        const ICR: u32 = 0x830;
+        let mut second = vec![wrmsr(SVR, 0x1ff), (VmExit::Hlt, Default::default())];
+        second.extend((0..10).map(|_| hypercall(SCHED, YIELD)));
+        let (_t, mut s) = two_vcpus(
+            vec![
+                hypercall(VCPU_OP, [5, 1, 0x10000]), // initialise vCPU 1
+                hypercall(VCPU_OP, [6, 1, 0]),       // up
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                wrmsr(ICR, 1 << 32 | 0x41), // fixed, physical ID 1
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, POWEROFF),
+            ],
+            second,
+        );
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let injected: Vec<_> = trace
+            .iter()
+            .filter(|t| matches!(t, Traced::Injected(..)))
+            .collect();
+        assert_eq!(injected, [&Traced::Injected(2, 0x41)], "{trace:?}");
+        // vCPU 1 ran after its HLT only once the IPI came.
+        let sent_at = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(1, _)))
+            .nth(5)
+            .map(|(at, _)| at);
+        let second_run_after_hlt = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(2, _)))
+            .nth(2)
+            .map(|(at, _)| at);
+        assert!(second_run_after_hlt > sent_at, "{trace:?}");
+    }
+
     /// Runs `slots` as a machine with several CPUs would, on this one thread: the lock is
     /// dropped across every entry and the quick exits are handled without it.
     fn run_shared(slots: &mut [Slot<MockVcpu>], host: &mut FakeHost) {

@@ -316,8 +316,11 @@ pub struct VcpuState {
     /// Up (runs when ready); a vCPU other than 0 is down until `vcpu_op` up, and again after
     /// down (run state offline).
     pub up: bool,
-    /// Where it starts, once `vcpu_op` initialise gave that (vCPU 0: from the ELF entry).
+    /// Where it starts, once `vcpu_op` initialise or a STARTUP IPI gave that (vCPU 0: from
+    /// the ELF entry).
     pub start: Option<StartState>,
+    /// An INIT IPI reached it before it ever ran: a STARTUP IPI starts it (docs/abi.md 14.2).
+    pub waiting_for_sipi: bool,
     /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight` of its domain; the
     /// scheduler runs the ready vCPU with the least.
     pub vruntime: u64,
@@ -350,6 +353,7 @@ impl VcpuState {
             boosted: false,
             up: index == 0,
             start: None,
+            waiting_for_sipi: false,
             vruntime: 0,
             cpu_ns: 0,
             stats: ExitStats::default(),
@@ -368,6 +372,30 @@ impl VcpuState {
     /// Whether the vCPU can run: up, and not waiting.
     pub fn is_runnable(&self) -> bool {
         self.up && self.wait == Wait::None
+    }
+
+    /// Gives the vCPU the state it starts in, loaded when it is next scheduled in
+    /// (`vcpu_op` initialise, a STARTUP IPI).
+    pub fn set_start(&mut self, start: StartState) {
+        self.start = Some(start);
+        self.requests.make(request::START);
+    }
+
+    /// Brings the vCPU up (`vcpu_op` up, a STARTUP IPI): ready at once, ahead of vCPUs that
+    /// used their slice; nothing if it is up already.
+    pub fn bring_up(&mut self, now: u64, mem: &GuestMemory) {
+        if self.up {
+            return;
+        }
+        self.up = true;
+        self.boosted = true;
+        self.requests.make(request::EVENT);
+        let to = if self.wait == Wait::None {
+            runstate::RUNNABLE
+        } else {
+            runstate::BLOCKED
+        };
+        let _ = self.runstate.enter(to, now, mem);
     }
 }
 

@@ -20,8 +20,8 @@ use lamina_abi::domctl::{
 };
 
 /// Handles `domctl_op` with `args` (RDI = operation, then RSI, RDX, R10, R8) for `domain`.
-/// `Ok(None)`: not finished (a destroyed domain's vCPU still runs on another CPU); the call is
-/// made again once the caller's vCPU was rescheduled.
+/// `Ok(None)`: not finished (a vCPU of the destroyed or paused domain is still on its way off
+/// another CPU); the call is made again once the caller's vCPU was rescheduled.
 pub fn domctl_op(
     domain: &mut Domain,
     args: [u64; 5],
@@ -30,23 +30,23 @@ pub fn domctl_op(
     if args[0] == DomctlOp::Destroy as u64 && domain.privileged {
         return destroy(domain, args[1], peers);
     }
-    domctl_op_now(domain, args, peers).map(Some)
+    domctl_op_now(domain, args, peers)
 }
 
 fn domctl_op_now(
     domain: &mut Domain,
     [op, arg1, arg2, arg3, arg4]: [u64; 5],
     peers: &mut dyn DomainTable,
-) -> Result<u64, Errno> {
+) -> Result<Option<u64>, Errno> {
     let op = DomctlOp::try_from(op)?;
     if !domain.privileged {
         return Err(Errno::EPERM);
     }
     match op {
-        DomctlOp::ListDomains => list_domains(domain, arg1, arg2, peers),
-        DomctlOp::ReadConsole => read_console(domain, arg1, arg2, arg3, arg4, peers),
-        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, peers).map(|()| 0),
-        DomctlOp::PhysInfo => phys_info(domain, arg1, peers).map(|()| 0),
+        DomctlOp::ListDomains => list_domains(domain, arg1, arg2, peers).map(Some),
+        DomctlOp::ReadConsole => read_console(domain, arg1, arg2, arg3, arg4, peers).map(Some),
+        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, peers),
+        DomctlOp::PhysInfo => phys_info(domain, arg1, peers).map(|()| Some(0)),
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -198,13 +198,15 @@ fn destroy(
     }
 }
 
-/// Pause or unpause domain `target`.
+/// Pause or unpause domain `target`. `Ok(None)`: paused, but a vCPU of it is still on its
+/// way off another CPU (out of the guest, not yet back in the table with its CPU time
+/// counted): the call is made again, as a destroy is.
 fn control(
     domain: &mut Domain,
     op: DomctlOp,
     target: u64,
     peers: &mut dyn DomainTable,
-) -> Result<(), Errno> {
+) -> Result<Option<u64>, Errno> {
     let id = domain_id(target)?;
     if id == domain.id {
         // A domain ends itself with sched_op shutdown, and cannot unpause once paused.
@@ -222,6 +224,13 @@ fn control(
             for state in &peer.vcpus {
                 state.requests.make_and_wait(request::RESCHEDULE);
             }
+            // Out of the guest is not yet off the CPU: the slice that was running ends, and
+            // is added to the domain's CPU time, only once that CPU gets the table lock this
+            // call holds. Returning before would let a caller see the time of a domain it
+            // paused still advance (docs/abi.md 17).
+            if !peers.is_parked(id) {
+                return Ok(None);
+            }
         }
         DomctlOp::Unpause => {
             if core::mem::take(&mut peer.paused) {
@@ -235,7 +244,7 @@ fn control(
         }
         _ => return Err(Errno::ENOSYS),
     }
-    Ok(())
+    Ok(Some(0))
 }
 
 fn phys_info(domain: &mut Domain, gpa: u64, peers: &mut dyn DomainTable) -> Result<(), Errno> {
@@ -398,6 +407,53 @@ mod tests {
             call(&mut one, &mut others, [op(DomctlOp::Destroy), 2, 0, 0, 0]),
             Err(Errno::EINVAL),
             "destroyed already"
+        );
+    }
+
+    /// The other domains, one of whose vCPUs a CPU still has (`running`).
+    struct Running<'a> {
+        others: Others<'a>,
+        running: Option<u32>,
+    }
+
+    impl DomainTable for Running<'_> {
+        fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+            self.others.get_mut(id)
+        }
+
+        fn is_parked(&mut self, id: u32) -> bool {
+            self.running != Some(id)
+        }
+    }
+
+    #[test]
+    fn pause_returns_only_once_the_paused_domains_vcpus_are_off_their_cpus() {
+        let (_t, mut one, mut others) = three();
+        let pause = [op(DomctlOp::Pause), 2, 0, 0, 0];
+        let mut table = Running {
+            others: Others(&mut others),
+            running: Some(2),
+        };
+        assert_eq!(
+            domctl_op(&mut one, pause, &mut table),
+            Ok(None),
+            "made again: its CPU time is not counted yet"
+        );
+        assert!(table.others.0[0].paused, "paused at once all the same");
+        assert_eq!(domctl_op(&mut one, pause, &mut table), Ok(None));
+        table.running = None;
+        assert_eq!(domctl_op(&mut one, pause, &mut table), Ok(Some(0)));
+        table.running = Some(2);
+        assert_eq!(
+            domctl_op(&mut one, [op(DomctlOp::Unpause), 2, 0, 0, 0], &mut table),
+            Ok(Some(0)),
+            "unpause never waits"
+        );
+        table.running = Some(3);
+        assert_eq!(
+            domctl_op(&mut one, pause, &mut table),
+            Ok(Some(0)),
+            "another domain running does not matter"
         );
     }
 

@@ -636,7 +636,15 @@ fn multicall(
         let value = match result {
             Ok(Done::Return(v)) => v,
             Ok(Done::Yield) | Ok(Done::Sleep) => 0,
-            // Cannot be made again from inside a batch: the caller retries (docs/abi.md 17).
+            // Cannot be made again from inside a batch. A pause did all a batch can wait for
+            // (the domain paused, its vCPUs out of the guest): 0; a destroy is not finished:
+            // the caller retries (docs/abi.md 17).
+            Ok(Done::Again)
+                if op == Hypercall::DomctlOp as u64
+                    && args[0] == lamina_abi::domctl::DomctlOp::Pause as u64 =>
+            {
+                0
+            }
             Ok(Done::Again) => Errno::EAGAIN.to_return_value(),
             Ok(Done::Ended) => return Ok(Done::Ended),
             Err(e) => e.to_return_value(),

@@ -150,6 +150,14 @@ impl<V> DomainTable for Peers<'_, V> {
         Some(&mut slot.domain)
     }
 
+    fn is_parked(&mut self, id: u32) -> bool {
+        self.parts
+            .iter()
+            .flat_map(|part| part.iter())
+            .find(|s| s.domain.id == id)
+            .is_none_or(Slot::is_parked)
+    }
+
     fn tear_down(&mut self, id: u32, caller: &mut Domain) -> bool {
         // Only the table of the running domain's peers (two parts, no caller) is split here.
         if self.caller.is_some() || !self.parts[2].is_empty() {

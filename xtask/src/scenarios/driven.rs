@@ -39,6 +39,8 @@ pub const DRIVEN: &[Driven] = &[
     trace::TRACE_PING_PONG,
     smp::SMP_BOOT,
     smp::SMP_DOMAINS,
+    smp::SMP_STRESS,
+    smp::SMP_STRESS_TEARDOWN,
 ];
 
 /// The driven scenarios whose name contains `filter` (all without a filter).

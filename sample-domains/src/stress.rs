@@ -33,8 +33,9 @@
 //! ```
 //!
 //! Two more modes for the teardown scenario: `destroyed=1` runs until a control domain
-//! destroys the domain (it prints [`UNDER_WAY_LINE`] once every lane is under way, and fails
-//! after `ms=`); `peer_dies=1` runs until the peer is gone (its ports turn unbound), then
+//! destroys the domain (it prints [`UNDER_WAY_LINE`] once every lane is under way, spins
+//! instead of polling so that its vCPUs are on the CPUs whenever they may be, and fails after
+//! `ms=`); `peer_dies=1` runs until the peer is gone (its ports turn unbound), then
 //! checks what the ABI promises the survivor (docs/abi.md 16, 17: the dead peer's mailbox
 //! reads zeros, every grant of its own can be ended at once, the peer's grant is `ENOENT`)
 //! and powers off.
@@ -516,10 +517,34 @@ impl LaneRun<'_> {
             .any(|&port| !matches!(events::port_info(port), Ok(info) if info.state == Some(PortState::Interdomain)))
     }
 
+    /// Whether the peer is gone, or goes within [`SILENCE_NS`]: between a domain's end and its
+    /// teardown (while a vCPU of it is still leaving another CPU) its grants are already
+    /// `ENOENT` but its channels still connected (docs/abi.md 17); the teardown closes them
+    /// and raises our ends.
+    fn peer_gone_soon(&self) -> bool {
+        let ports = [client_port(self.j), server_port(self.setup, self.j)];
+        let deadline = time::now_ns() + SILENCE_NS;
+        loop {
+            if self.peer_gone() {
+                return true;
+            }
+            for port in ports {
+                events::clear_pending(port);
+            }
+            if self.peer_gone() {
+                return true;
+            }
+            match sched::poll(&ports, Some(deadline)) {
+                Ok(sched::PollOutcome::Pending) => {}
+                _ => return self.peer_gone(),
+            }
+        }
+    }
+
     /// Something failed that the peer's end would explain: a stop either way, an error
     /// only if the peer is alive or was not to die.
     fn failed(&mut self, what: core::fmt::Arguments<'_>) -> Stop {
-        if self.peer_gone() {
+        if self.peer_gone_soon() {
             if self.setup.mode != Mode::PeerDies {
                 self.error(format_args!("the peer is gone: {what}"));
             }
@@ -569,6 +594,7 @@ fn exchange(run: &mut LaneRun<'_>, client: &mut Client, server: &mut Server) -> 
     let theirs = &peer_mailbox().lane[j];
     let mut woken = false;
     let mut announced = false;
+    let mut last_progress_ns = time::now_ns();
     loop {
         for port in ports {
             events::clear_pending(port);
@@ -633,6 +659,16 @@ fn exchange(run: &mut LaneRun<'_>, client: &mut Client, server: &mut Server) -> 
         }
         if progress {
             woken = false;
+            last_progress_ns = time::now_ns();
+            continue;
+        }
+        if setup.mode == Mode::Destroyed {
+            // A victim never waits in the hypervisor: its vCPUs are on the CPUs whenever the
+            // scheduler lets them, so that the destroy finds them running there.
+            if time::now_ns() > last_progress_ns + SILENCE_NS {
+                return Err(run.failed(format_args!("no progress for 2 s")));
+            }
+            core::hint::spin_loop();
             continue;
         }
         if woken && run.peer_gone() {

@@ -24,18 +24,35 @@ use lamina_abi::domctl::{
 /// another CPU); the call is made again once the caller's vCPU was rescheduled.
 pub fn domctl_op(
     domain: &mut Domain,
+    vcpu: usize,
     args: [u64; 5],
     peers: &mut dyn DomainTable,
 ) -> Result<Option<u64>, Errno> {
-    if args[0] == DomctlOp::Destroy as u64 && domain.privileged {
-        return destroy(domain, args[1], peers);
+    let waits = [DomctlOp::Pause as u64, DomctlOp::Destroy as u64].contains(&args[0]);
+    // The same call made again after it returned "not finished" (the marker is this vCPU's).
+    let again = waits
+        && domain
+            .vcpus
+            .get_mut(vcpu)
+            .and_then(|state| state.domctl_waits_for.take())
+            == Some(args[1]);
+    let result = if args[0] == DomctlOp::Destroy as u64 && domain.privileged {
+        destroy(domain, args[1], again, peers)
+    } else {
+        domctl_op_now(domain, args, again, peers)
+    };
+    if result == Ok(None)
+        && let Some(state) = domain.vcpus.get_mut(vcpu)
+    {
+        state.domctl_waits_for = Some(args[1]);
     }
-    domctl_op_now(domain, args, peers)
+    result
 }
 
 fn domctl_op_now(
     domain: &mut Domain,
     [op, arg1, arg2, arg3, arg4]: [u64; 5],
+    again: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Option<u64>, Errno> {
     let op = DomctlOp::try_from(op)?;
@@ -45,7 +62,7 @@ fn domctl_op_now(
     match op {
         DomctlOp::ListDomains => list_domains(domain, arg1, arg2, peers).map(Some),
         DomctlOp::ReadConsole => read_console(domain, arg1, arg2, arg3, arg4, peers).map(Some),
-        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, peers),
+        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, again, peers),
         DomctlOp::PhysInfo => phys_info(domain, arg1, peers).map(|()| Some(0)),
         _ => Err(Errno::ENOSYS),
     }
@@ -173,10 +190,13 @@ fn read_console(
 /// running on another CPU is kicked and, until it is back, the call is not finished: the
 /// caller's vCPU makes it again after the others ran (the table lock cannot be held while
 /// waiting). A domain already destroyed but not yet torn down (by this call earlier) is
-/// waited for the same way.
+/// waited for the same way. `again`: this is that call made again, and the scheduler may have
+/// torn the domain down meanwhile (once its last vCPU was off its CPU): that is the call's
+/// success, not a destroy of a domain that had ended.
 fn destroy(
     domain: &mut Domain,
     target: u64,
+    again: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Option<u64>, Errno> {
     let id = domain_id(target)?;
@@ -187,6 +207,7 @@ fn destroy(
     match &peer.state {
         DomainState::Runnable => peer.end(Ending::Destroyed),
         DomainState::Ended(Ending::Destroyed) if !peer.torn_down => {}
+        DomainState::Ended(Ending::Destroyed) if again => return Ok(Some(0)),
         DomainState::Ended(_) => return Err(Errno::EINVAL),
     }
     // The scheduler would do it before anything else runs; the caller must see it done when
@@ -201,10 +222,12 @@ fn destroy(
 /// Pause or unpause domain `target`. `Ok(None)`: paused, but a vCPU of it is still on its
 /// way off another CPU (out of the guest, not yet back in the table with its CPU time
 /// counted): the call is made again, as a destroy is.
+/// `again`: this is a pause made again, which paused the domain before it ended.
 fn control(
     domain: &mut Domain,
     op: DomctlOp,
     target: u64,
+    again: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Option<u64>, Errno> {
     let id = domain_id(target)?;
@@ -214,7 +237,11 @@ fn control(
     }
     let peer = peers.get_mut(id).ok_or(Errno::ENOENT)?;
     if !peer.is_runnable() {
-        return Err(Errno::EINVAL);
+        return if again && op == DomctlOp::Pause {
+            Ok(Some(0))
+        } else {
+            Err(Errno::EINVAL)
+        };
     }
     match op {
         // Not picked again; a vCPU of it running on another CPU is stopped.
@@ -312,7 +339,7 @@ mod tests {
     }
 
     fn call(caller: &mut Domain, others: &mut [Domain], args: [u64; 5]) -> Result<u64, Errno> {
-        domctl_op(caller, args, &mut Others(others))
+        domctl_op(caller, 0, args, &mut Others(others))
             .map(|done| done.expect("Others tears down at once"))
     }
 
@@ -435,25 +462,72 @@ mod tests {
             running: Some(2),
         };
         assert_eq!(
-            domctl_op(&mut one, pause, &mut table),
+            domctl_op(&mut one, 0, pause, &mut table),
             Ok(None),
             "made again: its CPU time is not counted yet"
         );
         assert!(table.others.0[0].paused, "paused at once all the same");
-        assert_eq!(domctl_op(&mut one, pause, &mut table), Ok(None));
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(None));
         table.running = None;
-        assert_eq!(domctl_op(&mut one, pause, &mut table), Ok(Some(0)));
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(Some(0)));
         table.running = Some(2);
         assert_eq!(
-            domctl_op(&mut one, [op(DomctlOp::Unpause), 2, 0, 0, 0], &mut table),
+            domctl_op(&mut one, 0, [op(DomctlOp::Unpause), 2, 0, 0, 0], &mut table),
             Ok(Some(0)),
             "unpause never waits"
         );
         table.running = Some(3);
         assert_eq!(
-            domctl_op(&mut one, pause, &mut table),
+            domctl_op(&mut one, 0, pause, &mut table),
             Ok(Some(0)),
             "another domain running does not matter"
+        );
+    }
+
+    #[test]
+    fn a_destroy_made_again_after_the_scheduler_tore_the_domain_down_returns_0() {
+        let (_t, mut one, mut others) = three();
+        let destroy = [op(DomctlOp::Destroy), 2, 0, 0, 0];
+        let mut table = Running {
+            others: Others(&mut others),
+            running: Some(2),
+        };
+        // Its vCPU runs on another CPU: ended at once, torn down later.
+        assert_eq!(domctl_op(&mut one, 0, destroy, &mut table), Ok(None));
+        let two = &mut table.others.0[0];
+        assert_eq!(two.state, DomainState::Ended(Ending::Destroyed));
+        // The scheduler tears it down as soon as that vCPU is back, before the call is made
+        // again.
+        two.torn_down = true;
+        assert_eq!(
+            domctl_op(&mut one, 0, destroy, &mut table),
+            Ok(Some(0)),
+            "the same destroy, made again"
+        );
+        assert_eq!(
+            domctl_op(&mut one, 0, destroy, &mut table),
+            Err(Errno::EINVAL),
+            "a new destroy of the ended domain"
+        );
+    }
+
+    #[test]
+    fn a_pause_made_again_after_the_domain_ended_returns_0() {
+        let (_t, mut one, mut others) = three();
+        let pause = [op(DomctlOp::Pause), 2, 0, 0, 0];
+        let mut table = Running {
+            others: Others(&mut others),
+            running: Some(2),
+        };
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(None));
+        // Its vCPU, leaving its CPU, finished a shutdown it was making.
+        table.others.0[0].end(Ending::Poweroff);
+        table.running = None;
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(Some(0)));
+        assert_eq!(
+            domctl_op(&mut one, 0, pause, &mut table),
+            Err(Errno::EINVAL),
+            "a new pause of the ended domain"
         );
     }
 

@@ -129,10 +129,12 @@ fn dispatch(
         Hypercall::GrantTableOp => {
             crate::common::grant_table::grant_table_op(domain, *args, peers).map(Done::Return)
         }
-        Hypercall::DomctlOp => match crate::common::domctl::domctl_op(domain, *args, peers)? {
-            Some(value) => Ok(Done::Return(value)),
-            None => Ok(Done::Again),
-        },
+        Hypercall::DomctlOp => {
+            match crate::common::domctl::domctl_op(domain, vcpu, *args, peers)? {
+                Some(value) => Ok(Done::Return(value)),
+                None => Ok(Done::Again),
+            }
+        }
         _ => Err(Errno::ENOSYS),
     }
 }

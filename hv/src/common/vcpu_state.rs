@@ -306,6 +306,10 @@ pub struct VcpuState {
     pub runstate: Runstate,
     /// The emulated x2APIC (for kernels that were not ported).
     pub vlapic: VirtualLapic,
+    /// The domain a `domctl_op` pause or destroy of this vCPU's waits for (it returned
+    /// "made again"): by the time it is made again, the scheduler may have torn that domain
+    /// down itself, which must not turn the call's 0 into `-EINVAL` (docs/abi.md 17).
+    pub domctl_waits_for: Option<u64>,
 }
 
 /// The emulated APIC timer's input clock: one tick per nanosecond before the divider.
@@ -327,6 +331,7 @@ impl VcpuState {
             start: None,
             vruntime: 0,
             cpu_ns: 0,
+            domctl_waits_for: None,
             runstate: Runstate::new(
                 now,
                 if index == 0 {

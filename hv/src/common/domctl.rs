@@ -192,7 +192,8 @@ fn read_console(
 /// waiting). A domain already destroyed but not yet torn down (by this call earlier) is
 /// waited for the same way. `again`: this is that call made again, and the scheduler may have
 /// torn the domain down meanwhile (once its last vCPU was off its CPU): that is the call's
-/// success, not a destroy of a domain that had ended.
+/// success, not a destroy of a domain that had ended, once the scheduler's scrubbing gave all
+/// its RAM back.
 fn destroy(
     domain: &mut Domain,
     target: u64,
@@ -207,7 +208,10 @@ fn destroy(
     match &peer.state {
         DomainState::Runnable => peer.end(Ending::Destroyed),
         DomainState::Ended(Ending::Destroyed) if !peer.torn_down => {}
-        DomainState::Ended(Ending::Destroyed) if again => return Ok(Some(0)),
+        // Its RAM comes back a slice per scheduling pass; the call returns once all of it is.
+        DomainState::Ended(Ending::Destroyed) if again => {
+            return Ok((peer.memory_bytes() == 0).then_some(0));
+        }
         DomainState::Ended(_) => return Err(Errno::EINVAL),
     }
     // The scheduler would do it before anything else runs; the caller must see it done when
@@ -497,8 +501,18 @@ mod tests {
         let two = &mut table.others.0[0];
         assert_eq!(two.state, DomainState::Ended(Ending::Destroyed));
         // The scheduler tears it down as soon as that vCPU is back, before the call is made
-        // again.
+        // again; its RAM comes back a slice at a time.
         two.torn_down = true;
+        two.ram_unreturned.store(4096, Ordering::Relaxed);
+        let unreturned = alloc::sync::Arc::clone(&two.ram_unreturned);
+        for _ in 0..2 {
+            assert_eq!(
+                domctl_op(&mut one, 0, destroy, &mut table),
+                Ok(None),
+                "made again while its RAM is still being scrubbed"
+            );
+        }
+        unreturned.store(0, Ordering::Relaxed);
         assert_eq!(
             domctl_op(&mut one, 0, destroy, &mut table),
             Ok(Some(0)),

@@ -839,6 +839,58 @@ mod tests {
         );
     }
 
+    /// Domain 2, one of whose vCPUs a CPU still has: it cannot be torn down yet.
+    struct StillRunning(Domain);
+
+    impl DomainTable for StillRunning {
+        fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+            (id == self.0.id).then_some(&mut self.0)
+        }
+
+        fn is_parked(&mut self, _id: u32) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn in_a_multicall_pause_of_a_running_domain_is_0_and_destroy_eagain() {
+        let (t, mut d) = domain();
+        d.privileged = true;
+        let (_t2, mut two) = domain();
+        two.id = 2;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let mut peers = StillRunning(two);
+        let domctl = Hypercall::DomctlOp as u64;
+        write_entry(
+            &t,
+            0x9000,
+            domctl,
+            [lamina_abi::domctl::DomctlOp::Pause as u64, 2, 0, 0, 0],
+        );
+        write_entry(
+            &t,
+            0x9038,
+            domctl,
+            [lamina_abi::domctl::DomctlOp::Destroy as u64, 2, 0, 0, 0],
+        );
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RAX] = Hypercall::Multicall as u64;
+        v.regs.gpr[reg::RDI] = 0x9000;
+        v.regs.gpr[reg::RSI] = 2;
+        assert_eq!(handle(&mut d, 0, &mut v, &mut peers), Next::Resume);
+        assert_eq!(v.regs.gpr[reg::RAX], 2);
+        assert_eq!(
+            [0x9000 + 48, 0x9038 + 48].map(|at| t.mem.read_u64(at).unwrap() as i64),
+            [0, -(Errno::EAGAIN as i64)],
+            "a batch cannot wait: the pause did what it can, the destroy is not finished"
+        );
+        assert_eq!(
+            peers.0.state,
+            DomainState::Ended(Ending::Destroyed),
+            "destroyed all the same, torn down later"
+        );
+    }
+
     #[test]
     fn multicall_copies_the_array_before_running_any_entry() {
         let (t, mut d) = domain();

@@ -77,8 +77,10 @@ fn domain_id(id: u64) -> Result<u32, Errno> {
     }
 }
 
-/// What list_domains reports about `domain`.
-pub fn domain_info(domain: &Domain) -> DomainInfo {
+/// What list_domains reports about `domain`: its CPU time up to `now` (system time), or for
+/// the caller's own domain (`now` None) up to the start of the slice it runs in.
+pub fn domain_info(domain: &Domain, now: Option<u64>) -> DomainInfo {
+    let cpu_ns = now.map_or_else(|| domain.cpu_ns(), |now| domain.cpu_ns_at(now));
     let (state, end) = match &domain.state {
         DomainState::Ended(how) => match how {
             Ending::Poweroff => (domain_state::SHUTDOWN, ending::POWEROFF),
@@ -111,7 +113,7 @@ pub fn domain_info(domain: &Domain) -> DomainInfo {
         weight: domain.weight,
         reserved: 0,
         memory_bytes: domain.memory_bytes(),
-        cpu_ns: domain.cpu_ns(),
+        cpu_ns,
         console_bytes: domain.console.history.end(),
         name,
     }
@@ -122,9 +124,11 @@ fn all_infos(caller: &Domain, peers: &mut dyn DomainTable) -> Vec<DomainInfo> {
     (1..=DOMAIN_COUNT.load(Ordering::Relaxed))
         .filter_map(|id| {
             if id == caller.id {
-                Some(domain_info(caller))
+                Some(domain_info(caller, None))
             } else {
-                peers.get_mut(id).map(|peer| domain_info(peer))
+                // A vCPU of it on another CPU: the slice it runs in counts up to now.
+                let now = caller.now();
+                peers.get_mut(id).map(|peer| domain_info(peer, Some(now)))
             }
         })
         .collect()
@@ -522,6 +526,22 @@ mod tests {
             domctl_op(&mut one, 0, destroy, &mut table),
             Err(Errno::EINVAL),
             "a new destroy of the ended domain"
+        );
+    }
+
+    #[test]
+    fn another_domains_cpu_time_counts_the_slice_it_runs_in_up_to_now() {
+        let (_t, mut two) = domain(2);
+        two.vcpus[0].cpu_ns = 1_000;
+        assert_eq!(domain_info(&two, Some(5_000)).cpu_ns, 1_000);
+        // A CPU has had its vCPU since 4000.
+        two.vcpus[0].running_since = Some(4_000);
+        assert_eq!(domain_info(&two, Some(5_000)).cpu_ns, 2_000);
+        assert_eq!(domain_info(&two, Some(6_500)).cpu_ns, 3_500);
+        assert_eq!(
+            domain_info(&two, None).cpu_ns,
+            1_000,
+            "the caller's own: up to the start of its slice"
         );
     }
 

@@ -300,8 +300,10 @@ pub struct VcpuState {
     /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight` of its domain; the
     /// scheduler runs the ready vCPU with the least.
     pub vruntime: u64,
-    /// CPU time it has had, in ns.
+    /// CPU time it has had, in ns, up to the start of the slice it runs in, if it runs.
     pub cpu_ns: u64,
+    /// When the slice it runs in started (system time), while a CPU has it out of the table.
+    pub running_since: Option<u64>,
     /// Run-state accounting.
     pub runstate: Runstate,
     /// The emulated x2APIC (for kernels that were not ported).
@@ -331,6 +333,7 @@ impl VcpuState {
             start: None,
             vruntime: 0,
             cpu_ns: 0,
+            running_since: None,
             domctl_waits_for: None,
             runstate: Runstate::new(
                 now,

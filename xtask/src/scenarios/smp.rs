@@ -349,6 +349,14 @@ mod tests {
     }
 
     #[test]
+    fn the_stress_pair_runs_for_stress_ms() {
+        let ms = format!(" ms={STRESS_MS} ");
+        for module in SMP_STRESS.scenario.modules {
+            assert!(module.cmdline.contains(&ms), "{}", module.cmdline);
+        }
+    }
+
+    #[test]
     fn stress_counts_must_agree_lane_by_lane() {
         let good = SerialLog::from_bytes(
             b"(d1) stress: lane 0: rounds=300 served=310 errors=0\n(d1) stress: lane 1: rounds=250 served=260 errors=0\n\

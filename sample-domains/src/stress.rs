@@ -23,7 +23,8 @@
 //!
 //! Each vCPU waits with `sched_op` poll on its lane's two ports (masked, no upcall), deadline
 //! [`SILENCE_NS`]: a deadline that passes while the peer lives is a lost event and an error.
-//! When the client's time is up (`ms=` of system time, 3000 unless told) it posts
+//! When the client's time is up (`ms=` of system time, 3000 unless told) or it sent
+//! `rounds=` requests (when given: bounds the work where guest time runs slow) it posts
 //! [`DONE`] with the number of rounds; the server checks it against what it served. Then both
 //! sides unmap each other's mailbox, end their grant (retrying while the peer still maps it),
 //! and vCPU 0 prints
@@ -166,6 +167,8 @@ struct Setup {
     lanes: usize,
     mode: Mode,
     until_ns: u64,
+    /// Timed: the requests each client sends at most (`rounds=`; `u32::MAX` unless told).
+    rounds: u32,
 }
 
 /// What each lane came to, for vCPU 0 to sum up.
@@ -194,7 +197,7 @@ static TALLIES: [LaneTally; MAX_LANES] = [const {
 }; MAX_LANES];
 
 /// Handed to the secondary vCPUs.
-static SETUP: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static SETUP: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 fn client_port(j: usize) -> Port {
     Port::new(2 + j as u32)
@@ -225,6 +228,7 @@ pub(crate) fn run(
     start: &StartInfo,
     peer: u32,
     ms: Option<u32>,
+    rounds: Option<u32>,
     destroyed: bool,
     peer_dies: bool,
 ) -> ! {
@@ -250,6 +254,7 @@ pub(crate) fn run(
         lanes,
         mode,
         until_ns: 0,
+        rounds: rounds.unwrap_or(u32::MAX),
     };
     connect(&setup);
     println!(
@@ -412,6 +417,7 @@ fn start_secondaries(setup: &Setup) {
         setup.lanes as u64,
         mode,
         setup.until_ns,
+        u64::from(setup.rounds),
     ]) {
         slot.store(value, Ordering::SeqCst);
     }
@@ -451,6 +457,7 @@ extern "C" fn secondary_main(j: u64) -> ! {
             _ => Mode::Timed,
         },
         until_ns: value(4),
+        rounds: value(5) as u32,
     };
     lane(&setup, j as usize);
     loop {
@@ -606,7 +613,8 @@ fn exchange(run: &mut LaneRun<'_>, client: &mut Client, server: &mut Server) -> 
             progress = true;
         }
         if !client.waiting && !client.done_posted {
-            if time::now_ns() < setup.until_ns {
+            let more = setup.mode != Mode::Timed || client.seq < setup.rounds;
+            if more && time::now_ns() < setup.until_ns {
                 send_request(run, client, mine)?;
             } else if setup.mode == Mode::Timed {
                 mine.req_ref.store(client.seq, Ordering::Release);

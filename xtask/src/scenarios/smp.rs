@@ -22,6 +22,8 @@
 //! survivor sees its peer's ports unbound and its mailbox turned to zeros, ends its own
 //! grants at once, says so and powers off, as does the control domain.
 
+use std::time::Duration;
+
 use crate::emulator::{RunExtras, RunRecord, Vendor};
 use crate::error::Result;
 use crate::serial_log::{HvResult, LinePattern, SerialLog};
@@ -32,7 +34,10 @@ use super::{ModuleSource, ModuleSpec, NO_PANIC, SAMPLE_GUEST_RESULTS, Scenario};
 
 const CPUS: u16 = 2;
 
-/// Guest time the stress pair's clients send for (`ms=`).
+/// Guest time the stress pair's clients send for (`ms=`), unless they sent `rounds=2000`
+/// requests each first: without `-icount`, QEMU's guest time can run much slower than the
+/// wall clock on a loaded machine (once 3 s of it took 45 s), and the bound keeps such a run
+/// short (Bochs, slower, stops at the time).
 const STRESS_MS: u32 = 3000;
 /// Rounds each lane must at least complete in that time, for the run to count as a stress.
 const STRESS_MIN_ROUNDS: u64 = 100;
@@ -110,11 +115,11 @@ pub const SMP_STRESS: Driven = Driven {
         modules: &[
             ModuleSpec {
                 source: ModuleSource::Built(Artifact::SampleDomains),
-                cmdline: "stress-a role=stress peer=2 vcpus=2 ms=3000 mem=4M",
+                cmdline: "stress-a role=stress peer=2 vcpus=2 ms=3000 rounds=2000 mem=4M",
             },
             ModuleSpec {
                 source: ModuleSource::Built(Artifact::SampleDomains),
-                cmdline: "stress-b role=stress peer=1 vcpus=2 ms=3000 mem=4M",
+                cmdline: "stress-b role=stress peer=1 vcpus=2 ms=3000 rounds=2000 mem=4M",
             },
         ],
         expect: HvResult::Success,
@@ -199,7 +204,22 @@ pub const SMP_STRESS_TEARDOWN: Driven = Driven {
     drive: drive_teardown,
 };
 
+/// The stress scenarios' timeout: at least [`STRESS_TIMEOUT`], for a loaded machine.
+fn patient<'a>(context: &Context<'a>) -> Context<'a> {
+    Context {
+        vendor: context.vendor,
+        dir: context.dir,
+        timeout: context.timeout.max(STRESS_TIMEOUT),
+        streaming: context.streaming,
+        cpus: context.cpus,
+    }
+}
+
+/// What a stress scenario may take (normally 5 to 50 s).
+const STRESS_TIMEOUT: Duration = Duration::from_secs(240);
+
 fn drive_stress(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
+    let context = &patient(context);
     let extras = RunExtras {
         cpus: Some(CPUS),
         ..RunExtras::default()
@@ -214,6 +234,7 @@ fn drive_stress(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Ve
 }
 
 fn drive_teardown(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
+    let context = &patient(context);
     let extras = RunExtras {
         cpus: Some(CPUS),
         ..RunExtras::default()

@@ -11,6 +11,7 @@
 //! | `worker` | unprivileged: checks that domain control is refused, then works until destroyed | `worker role=worker [peer=<control's id>]` |
 //! | `echo` | domain 1 only: answers each line of console input (`sum 1 2`, `quit`) | `echo role=echo` |
 //! | `fuzz` | hostile: random hypercalls with hostile arguments and random instructions at CPL 0 and 3 (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000] [trace=<first op printed>] [privileged=1 protect=<id> target=<id>]` |
+//! | `stress` | with `vcpus=2` or more: every vCPU hammers the same inter-domain channels, grants and multicall batches as its peer's (`stress.rs`), every message checked on both sides | `stress role=stress peer=<id> vcpus=2 [ms=3000] [rounds=<n>] [destroyed=1 \| peer_dies=1]` |
 //! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
 //!
 //! # How ping and pong find each other
@@ -80,6 +81,7 @@ mod fuzz_cpu;
 mod ping;
 mod pong;
 mod snoop;
+mod stress;
 mod worker;
 
 use core::fmt;
@@ -132,11 +134,19 @@ fn kernel_main(start: &'static StartInfo) -> ! {
                     .into(),
             }),
         ),
+        "stress" => stress::run(
+            start,
+            peer_from_cmdline("stress"),
+            number_from_cmdline("stress", "ms"),
+            number_from_cmdline("stress", "rounds"),
+            number_from_cmdline("stress", "destroyed") == Some(1),
+            number_from_cmdline("stress", "peer_dies") == Some(1),
+        ),
         "canary" => canary::run(number_from_cmdline("canary", "ms").unwrap_or(300).into()),
         other => fail(
             "sample-domains",
             format_args!(
-                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz or canary"
+                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz, canary or stress"
             ),
         ),
     }

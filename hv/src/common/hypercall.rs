@@ -125,7 +125,7 @@ fn dispatch(
             crate::common::grants::grant_table_op(domain, *args, peers).map(Done::Return)
         }
         Hypercall::DomctlOp => {
-            match crate::common::domain::domctl::domctl_op(domain, *args, peers)? {
+            match crate::common::domain::domctl::domctl_op(domain, vcpu, *args, peers)? {
                 Some(value) => Ok(Done::Return(value)),
                 None => Ok(Done::Again),
             }
@@ -612,7 +612,15 @@ fn multicall(
         let value = match result {
             Ok(Done::Return(v)) => v,
             Ok(Done::Yield) | Ok(Done::Sleep) => 0,
-            // Cannot be made again from inside a batch: the caller retries (docs/abi.md 17).
+            // Cannot be made again from inside a batch. A pause did all a batch can wait for
+            // (the domain paused, its vCPUs out of the guest): 0; a destroy is not finished:
+            // the caller retries (docs/abi.md 17).
+            Ok(Done::Again)
+                if op == Hypercall::DomctlOp as u64
+                    && args[0] == lamina_abi::domctl::DomctlOp::Pause as u64 =>
+            {
+                0
+            }
             Ok(Done::Again) => Errno::EAGAIN.to_return_value(),
             Ok(Done::Ended) => return Ok(Done::Ended),
             Err(e) => e.to_return_value(),
@@ -802,6 +810,58 @@ mod tests {
         assert!(
             d.is_runnable(),
             "a failing entry does not stop the batch or the domain"
+        );
+    }
+
+    /// Domain 2, one of whose vCPUs a CPU still has: it cannot be torn down yet.
+    struct StillRunning(Domain);
+
+    impl DomainTable for StillRunning {
+        fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+            (id == self.0.id).then_some(&mut self.0)
+        }
+
+        fn is_parked(&mut self, _id: u32) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn in_a_multicall_pause_of_a_running_domain_is_0_and_destroy_eagain() {
+        let (t, mut d) = domain();
+        d.privileged = true;
+        let (_t2, mut two) = domain();
+        two.id = 2;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let mut peers = StillRunning(two);
+        let domctl = Hypercall::DomctlOp as u64;
+        write_entry(
+            &t,
+            0x9000,
+            domctl,
+            [lamina_abi::domctl::DomctlOp::Pause as u64, 2, 0, 0, 0],
+        );
+        write_entry(
+            &t,
+            0x9038,
+            domctl,
+            [lamina_abi::domctl::DomctlOp::Destroy as u64, 2, 0, 0, 0],
+        );
+        let mut v = MockVcpu::default();
+        v.regs.gpr[reg::RAX] = Hypercall::Multicall as u64;
+        v.regs.gpr[reg::RDI] = 0x9000;
+        v.regs.gpr[reg::RSI] = 2;
+        assert_eq!(handle(&mut d, 0, &mut v, &mut peers), Next::Resume);
+        assert_eq!(v.regs.gpr[reg::RAX], 2);
+        assert_eq!(
+            [0x9000 + 48, 0x9038 + 48].map(|at| t.mem.read_u64(at).unwrap() as i64),
+            [0, -(Errno::EAGAIN as i64)],
+            "a batch cannot wait: the pause did what it can, the destroy is not finished"
+        );
+        assert_eq!(
+            peers.0.state,
+            DomainState::Ended(Ending::Destroyed),
+            "destroyed all the same, torn down later"
         );
     }
 

@@ -40,6 +40,8 @@ pub const DRIVEN: &[Driven] = &[
     smp::SMP_BOOT,
     smp::SMP_DOMAINS,
     smp::FAIRNESS_2CPUS,
+    smp::SMP_STRESS,
+    smp::SMP_STRESS_TEARDOWN,
 ];
 
 /// The driven scenarios whose name contains `filter` (all without a filter).

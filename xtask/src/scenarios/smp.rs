@@ -13,6 +13,21 @@
 //! `fairness-2cpus`: four CPU-bound domains with weights 1:2:4:4 on two CPUs (the largest
 //! share, 4/11 of two CPUs, fits on one CPU, so the weights can hold): each must get its
 //! weight's share of the CPU time within 10%, and both CPUs must run vCPUs.
+//!
+//! `smp-stress`: two `stress` domains of `sample-domains` with two vCPUs each; every vCPU of
+//! both is client and server of its lane at once, so four vCPUs on two CPUs hammer the same
+//! inter-domain channels, grants (grant_access, map, copy both ways, unmap, end_access) and
+//! multicall batches for [`STRESS_MS`] of guest time. Every message carries its number and
+//! checksum and is checked on both sides; each side's rounds must be the other's served, lane
+//! by lane; no warning, nothing leaked.
+//!
+//! `smp-stress-teardown`: a privileged `control` domain destroys a `stress` domain whose two
+//! vCPUs are busy with a peer's two (on both CPUs) once it is under way on every lane. The
+//! hypervisor must stop both vCPUs, revoke and unmap, scrub and give all memory back; the
+//! survivor sees its peer's ports unbound and its mailbox turned to zeros, ends its own
+//! grants at once, says so and powers off, as does the control domain.
+
+use std::time::Duration;
 
 use crate::emulator::{RunExtras, RunRecord, Vendor};
 use crate::error::Result;
@@ -23,6 +38,14 @@ use super::driven::{Context, Driven};
 use super::{ModuleSource, ModuleSpec, NO_PANIC, SAMPLE_GUEST_RESULTS, Scenario};
 
 const CPUS: u16 = 2;
+
+/// Guest time the stress pair's clients send for (`ms=`), unless they sent `rounds=2000`
+/// requests each first: without `-icount`, QEMU's guest time can run much slower than the
+/// wall clock on a loaded machine (once 3 s of it took 45 s), and the bound keeps such a run
+/// short (Bochs, slower, stops at the time).
+const STRESS_MS: u32 = 3000;
+/// Rounds each lane must at least complete in that time, for the run to count as a stress.
+const STRESS_MIN_ROUNDS: u64 = 100;
 
 pub const SMP_BOOT: Driven = Driven {
     scenario: Scenario {
@@ -134,12 +157,200 @@ fn check_fair_shares_2cpus(log: &SerialLog) -> std::result::Result<String, Strin
     super::fair_shares(log, &FAIRNESS_2CPUS_DOMAINS)
 }
 
+pub const SMP_STRESS: Driven = Driven {
+    scenario: Scenario {
+        name: "smp-stress",
+        modules: &[
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "stress-a role=stress peer=2 vcpus=2 ms=3000 rounds=2000 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "stress-b role=stress peer=1 vcpus=2 ms=3000 rounds=2000 mem=4M",
+            },
+        ],
+        expect: HvResult::Success,
+        required_lines: &[
+            LinePattern::StartsWithContaining {
+                prefix: "(d1) stress: result: lanes=2 ",
+                needle: " errors=0 ",
+            },
+            LinePattern::StartsWithContaining {
+                prefix: "(d2) stress: result: lanes=2 ",
+                needle: " errors=0 ",
+            },
+            LinePattern::Contains("lamina: domain 1 stress-a end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 stress-b end=poweroff"),
+            LinePattern::Contains(", 0 KiB leaked"),
+        ],
+        forbidden_lines: &[
+            NO_PANIC,
+            LinePattern::Contains("[hv] WARN"),
+            LinePattern::Contains("[hv] ERROR"),
+            LinePattern::Contains("stress: error:"),
+        ],
+        check: None,
+    },
+    vendors: &Vendor::ALL,
+    drive: drive_stress,
+};
+
+pub const SMP_STRESS_TEARDOWN: Driven = Driven {
+    scenario: Scenario {
+        name: "smp-stress-teardown",
+        modules: &[
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "control role=control privileged=1 worker=2 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "victim role=stress peer=3 vcpus=2 destroyed=1 ms=30000 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::SampleDomains),
+                cmdline: "survivor role=stress peer=2 vcpus=2 peer_dies=1 ms=30000 mem=4M",
+            },
+        ],
+        // A destroyed domain did not power off, which makes the run a failure.
+        expect: HvResult::Failure,
+        required_lines: &[
+            LinePattern::Contains("(d2) stress: under way on every lane"),
+            LinePattern::Contains("(d1) control: read the worker's console"),
+            LinePattern::Contains("(d1) control: paused the worker: state=paused"),
+            LinePattern::Contains(
+                "(d1) control: destroyed the worker: state=shutdown ending=destroyed memory_bytes=0",
+            ),
+            LinePattern::StartsWithContaining {
+                prefix: "(d1) control: result: ",
+                needle: " failed=0",
+            },
+            LinePattern::Contains("(d3) stress: domain 2 is gone: "),
+            LinePattern::StartsWithContaining {
+                prefix: "(d3) stress: result: lanes=2 ",
+                needle: " errors=0 ",
+            },
+            LinePattern::Contains("lamina: domain 1 control end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 victim end=destroyed"),
+            LinePattern::Contains("lamina: domain 2 victim torn down: "),
+            LinePattern::Contains("lamina: domain 3 survivor end=poweroff"),
+            LinePattern::Contains(", 0 KiB leaked"),
+        ],
+        forbidden_lines: &[
+            NO_PANIC,
+            LinePattern::Contains("[hv] WARN"),
+            LinePattern::Contains("[hv] ERROR"),
+            LinePattern::Contains("stress: error:"),
+            LinePattern::Contains("control: error:"),
+            // The victim never gets to its own end.
+            LinePattern::Contains("(d2) stress: result:"),
+        ],
+        check: None,
+    },
+    vendors: &Vendor::ALL,
+    drive: drive_teardown,
+};
+
+/// The stress scenarios' timeout: at least [`STRESS_TIMEOUT`], for a loaded machine.
+fn patient<'a>(context: &Context<'a>) -> Context<'a> {
+    Context {
+        vendor: context.vendor,
+        dir: context.dir,
+        timeout: context.timeout.max(STRESS_TIMEOUT),
+        streaming: context.streaming,
+        cpus: context.cpus,
+    }
+}
+
+/// What a stress scenario may take (normally 5 to 50 s).
+const STRESS_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn drive_stress(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
+    let context = &patient(context);
+    let extras = RunExtras {
+        cpus: Some(CPUS),
+        ..RunExtras::default()
+    };
+    // Without `-icount`, QEMU runs each emulated CPU on a thread of its own: the two CPUs
+    // really run at the same time, which is what a stress of the locks wants.
+    let record = driven.boot(context, "", false, extras)?;
+    let mut problems = check(&record.log, context.vendor);
+    problems.extend(every_cpu_ran_vcpus(&record.log));
+    problems.extend(stress_counts_agree(&record.log, 1, 2));
+    Ok((record, problems))
+}
+
+fn drive_teardown(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
+    let context = &patient(context);
+    let extras = RunExtras {
+        cpus: Some(CPUS),
+        ..RunExtras::default()
+    };
+    // Both CPUs at the same time, as for `smp-stress`.
+    let record = driven.boot(context, "", false, extras)?;
+    let mut problems = check(&record.log, context.vendor);
+    problems.extend(every_cpu_ran_vcpus(&record.log));
+    Ok((record, problems))
+}
+
+/// `(d<id>) stress: lane <j>: rounds=<r> served=<s> ...`: (rounds, served) of each lane.
+fn stress_lanes(log: &SerialLog, domain: u32) -> Vec<(u64, u64)> {
+    let prefix = format!("(d{domain}) stress: lane ");
+    log.lines
+        .iter()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .map(|rest| {
+            let value = |key: &str| {
+                rest.split(' ')
+                    .find_map(|word| word.strip_prefix(key)?.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            (value("rounds="), value("served="))
+        })
+        .collect()
+}
+
+/// Lane by lane, what each domain sent and had answered is what the other served, and
+/// every lane did at least [`STRESS_MIN_ROUNDS`].
+fn stress_counts_agree(log: &SerialLog, a: u32, b: u32) -> Vec<String> {
+    let (lanes_a, lanes_b) = (stress_lanes(log, a), stress_lanes(log, b));
+    if lanes_a.len() != 2 || lanes_b.len() != 2 {
+        return vec![format!(
+            "expected 2 `stress: lane` lines per domain, found {} and {}",
+            lanes_a.len(),
+            lanes_b.len()
+        )];
+    }
+    let mut problems = Vec::new();
+    for (lane, (&(rounds_a, served_a), &(rounds_b, served_b))) in
+        lanes_a.iter().zip(&lanes_b).enumerate()
+    {
+        if rounds_a != served_b || rounds_b != served_a {
+            problems.push(format!(
+                "lane {lane}: d{a} rounds={rounds_a} served={served_a}, d{b} rounds={rounds_b} served={served_b}"
+            ));
+        }
+        for (domain, rounds) in [(a, rounds_a), (b, rounds_b)] {
+            if rounds < STRESS_MIN_ROUNDS {
+                problems.push(format!(
+                    "lane {lane} of d{domain}: {rounds} rounds, at least {STRESS_MIN_ROUNDS} expected in {STRESS_MS} ms"
+                ));
+            }
+        }
+    }
+    problems
+}
+
 fn drive_domains(driven: &Driven, context: &Context<'_>) -> Result<(RunRecord, Vec<String>)> {
     let extras = RunExtras {
         cpus: Some(CPUS),
         ..RunExtras::default()
     };
-    let record = driven.boot(context, "", true, extras)?;
+    // Without `-icount`: under it QEMU runs the emulated CPUs in turn on one thread, and in
+    // some runs CPU 0 did all 70 ms of this work before CPU 1 had a turn (every one of those
+    // runs identical), failing the check below for the emulator's schedule, not the hv's.
+    let record = driven.boot(context, "", false, extras)?;
     let mut problems = check(&record.log, context.vendor);
     problems.extend(every_cpu_ran_vcpus(&record.log));
     Ok((record, problems))
@@ -210,6 +421,39 @@ mod tests {
         assert_eq!(check(&good, Vendor::Intel).len(), 1, "wrong vendor's line");
         let one_cpu = SerialLog::from_bytes(b"lamina: cpu 0 (APIC id 0) online\n");
         assert_eq!(check(&one_cpu, Vendor::Amd).len(), 2);
+    }
+
+    #[test]
+    fn the_stress_pair_runs_for_stress_ms() {
+        let ms = format!(" ms={STRESS_MS} ");
+        for module in SMP_STRESS.scenario.modules {
+            assert!(module.cmdline.contains(&ms), "{}", module.cmdline);
+        }
+    }
+
+    #[test]
+    fn stress_counts_must_agree_lane_by_lane() {
+        let good = SerialLog::from_bytes(
+            b"(d1) stress: lane 0: rounds=300 served=310 errors=0\n(d1) stress: lane 1: rounds=250 served=260 errors=0\n\
+              (d2) stress: lane 0: rounds=310 served=300 errors=0\n(d2) stress: lane 1: rounds=260 served=250 errors=0\n",
+        );
+        assert!(stress_counts_agree(&good, 1, 2).is_empty());
+        let lost = SerialLog::from_bytes(
+            b"(d1) stress: lane 0: rounds=300 served=310\n(d1) stress: lane 1: rounds=250 served=260\n\
+              (d2) stress: lane 0: rounds=310 served=299\n(d2) stress: lane 1: rounds=260 served=250\n",
+        );
+        assert_eq!(stress_counts_agree(&lost, 1, 2).len(), 1);
+        let few = SerialLog::from_bytes(
+            b"(d1) stress: lane 0: rounds=3 served=3\n(d1) stress: lane 1: rounds=250 served=260\n\
+              (d2) stress: lane 0: rounds=3 served=3\n(d2) stress: lane 1: rounds=260 served=250\n",
+        );
+        assert_eq!(
+            stress_counts_agree(&few, 1, 2).len(),
+            2,
+            "both sides of lane 0"
+        );
+        let one_lane = SerialLog::from_bytes(b"(d1) stress: lane 0: rounds=300 served=300\n");
+        assert_eq!(stress_counts_agree(&one_lane, 1, 2).len(), 1);
     }
 
     #[test]

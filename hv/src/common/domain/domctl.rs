@@ -20,33 +20,50 @@ use lamina_abi::domctl::{
 };
 
 /// Handles `domctl_op` with `args` (RDI = operation, then RSI, RDX, R10, R8) for `domain`.
-/// `Ok(None)`: not finished (a destroyed domain's vCPU still runs on another CPU); the call is
-/// made again once the caller's vCPU was rescheduled.
+/// `Ok(None)`: not finished (a vCPU of the destroyed or paused domain is still on its way off
+/// another CPU); the call is made again once the caller's vCPU was rescheduled.
 pub fn domctl_op(
     domain: &mut Domain,
+    vcpu: usize,
     args: [u64; 5],
     peers: &mut dyn DomainTable,
 ) -> Result<Option<u64>, Errno> {
-    if args[0] == DomctlOp::Destroy as u64 && domain.privileged {
-        return destroy(domain, args[1], peers);
+    let waits = [DomctlOp::Pause as u64, DomctlOp::Destroy as u64].contains(&args[0]);
+    // The same call made again after it returned "not finished" (the marker is this vCPU's).
+    let again = waits
+        && domain
+            .vcpus
+            .get_mut(vcpu)
+            .and_then(|state| state.domctl_waits_for.take())
+            == Some(args[1]);
+    let result = if args[0] == DomctlOp::Destroy as u64 && domain.privileged {
+        destroy(domain, args[1], again, peers)
+    } else {
+        domctl_op_now(domain, args, again, peers)
+    };
+    if result == Ok(None)
+        && let Some(state) = domain.vcpus.get_mut(vcpu)
+    {
+        state.domctl_waits_for = Some(args[1]);
     }
-    domctl_op_now(domain, args, peers).map(Some)
+    result
 }
 
 fn domctl_op_now(
     domain: &mut Domain,
     [op, arg1, arg2, arg3, arg4]: [u64; 5],
+    again: bool,
     peers: &mut dyn DomainTable,
-) -> Result<u64, Errno> {
+) -> Result<Option<u64>, Errno> {
     let op = DomctlOp::try_from(op)?;
     if !domain.privileged {
         return Err(Errno::EPERM);
     }
     match op {
-        DomctlOp::ListDomains => list_domains(domain, arg1, arg2, peers),
-        DomctlOp::ReadConsole => read_console(domain, arg1, arg2, arg3, arg4, peers),
-        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, peers).map(|()| 0),
-        DomctlOp::PhysInfo => phys_info(domain, arg1, peers).map(|()| 0),
+        DomctlOp::ListDomains => list_domains(domain, arg1, arg2, peers).map(Some),
+        DomctlOp::ReadConsole => read_console(domain, arg1, arg2, arg3, arg4, peers).map(Some),
+        DomctlOp::Pause | DomctlOp::Unpause => control(domain, op, arg1, again, peers),
+        DomctlOp::PhysInfo => phys_info(domain, arg1, peers).map(|()| Some(0)),
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -60,8 +77,10 @@ fn domain_id(id: u64) -> Result<u32, Errno> {
     }
 }
 
-/// What list_domains reports about `domain`.
-pub fn domain_info(domain: &Domain) -> DomainInfo {
+/// What list_domains reports about `domain`: its CPU time up to `now` (system time), or for
+/// the caller's own domain (`now` None) up to the start of the slice it runs in.
+pub fn domain_info(domain: &Domain, now: Option<u64>) -> DomainInfo {
+    let cpu_ns = now.map_or_else(|| domain.cpu_ns(), |now| domain.cpu_ns_at(now));
     let (state, end) = match &domain.state {
         DomainState::Ended(how) => match how {
             Ending::Poweroff => (domain_state::SHUTDOWN, ending::POWEROFF),
@@ -94,7 +113,7 @@ pub fn domain_info(domain: &Domain) -> DomainInfo {
         weight: domain.weight,
         reserved: 0,
         memory_bytes: domain.memory_bytes(),
-        cpu_ns: domain.cpu_ns(),
+        cpu_ns,
         console_bytes: domain.console.history.end(),
         name,
     }
@@ -105,9 +124,11 @@ fn all_infos(caller: &Domain, peers: &mut dyn DomainTable) -> Vec<DomainInfo> {
     (1..=DOMAIN_COUNT.load(Ordering::Relaxed))
         .filter_map(|id| {
             if id == caller.id {
-                Some(domain_info(caller))
+                Some(domain_info(caller, None))
             } else {
-                peers.get_mut(id).map(|peer| domain_info(peer))
+                // A vCPU of it on another CPU: the slice it runs in counts up to now.
+                let now = caller.now();
+                peers.get_mut(id).map(|peer| domain_info(peer, Some(now)))
             }
         })
         .collect()
@@ -173,10 +194,14 @@ fn read_console(
 /// running on another CPU is kicked and, until it is back, the call is not finished: the
 /// caller's vCPU makes it again after the others ran (the table lock cannot be held while
 /// waiting). A domain already destroyed but not yet torn down (by this call earlier) is
-/// waited for the same way.
+/// waited for the same way. `again`: this is that call made again, and the scheduler may have
+/// torn the domain down meanwhile (once its last vCPU was off its CPU): that is the call's
+/// success, not a destroy of a domain that had ended, once the scheduler's scrubbing gave all
+/// its RAM back.
 fn destroy(
     domain: &mut Domain,
     target: u64,
+    again: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Option<u64>, Errno> {
     let id = domain_id(target)?;
@@ -187,6 +212,10 @@ fn destroy(
     match &peer.state {
         DomainState::Runnable => peer.end(Ending::Destroyed),
         DomainState::Ended(Ending::Destroyed) if !peer.torn_down => {}
+        // Its RAM comes back a slice per scheduling pass; the call returns once all of it is.
+        DomainState::Ended(Ending::Destroyed) if again => {
+            return Ok((peer.memory_bytes() == 0).then_some(0));
+        }
         DomainState::Ended(_) => return Err(Errno::EINVAL),
     }
     // The scheduler would do it before anything else runs; the caller must see it done when
@@ -198,13 +227,17 @@ fn destroy(
     }
 }
 
-/// Pause or unpause domain `target`.
+/// Pause or unpause domain `target`. `Ok(None)`: paused, but a vCPU of it is still on its
+/// way off another CPU (out of the guest, not yet back in the table with its CPU time
+/// counted): the call is made again, as a destroy is.
+/// `again`: this is a pause made again, which paused the domain before it ended.
 fn control(
     domain: &mut Domain,
     op: DomctlOp,
     target: u64,
+    again: bool,
     peers: &mut dyn DomainTable,
-) -> Result<(), Errno> {
+) -> Result<Option<u64>, Errno> {
     let id = domain_id(target)?;
     if id == domain.id {
         // A domain ends itself with sched_op shutdown, and cannot unpause once paused.
@@ -212,7 +245,11 @@ fn control(
     }
     let peer = peers.get_mut(id).ok_or(Errno::ENOENT)?;
     if !peer.is_runnable() {
-        return Err(Errno::EINVAL);
+        return if again && op == DomctlOp::Pause {
+            Ok(Some(0))
+        } else {
+            Err(Errno::EINVAL)
+        };
     }
     match op {
         // Not picked again; a vCPU of it running on another CPU is stopped.
@@ -221,6 +258,13 @@ fn control(
             // Its vCPUs running on other CPUs stop before the call returns.
             for state in &peer.vcpus {
                 state.requests.make_and_wait(request::RESCHEDULE);
+            }
+            // Out of the guest is not yet off the CPU: the slice that was running ends, and
+            // is added to the domain's CPU time, only once that CPU gets the table lock this
+            // call holds. Returning before would let a caller see the time of a domain it
+            // paused still advance (docs/abi.md 17).
+            if !peers.is_parked(id) {
+                return Ok(None);
             }
         }
         DomctlOp::Unpause => {
@@ -235,7 +279,7 @@ fn control(
         }
         _ => return Err(Errno::ENOSYS),
     }
-    Ok(())
+    Ok(Some(0))
 }
 
 fn phys_info(domain: &mut Domain, gpa: u64, peers: &mut dyn DomainTable) -> Result<(), Errno> {
@@ -303,7 +347,7 @@ mod tests {
     }
 
     fn call(caller: &mut Domain, others: &mut [Domain], args: [u64; 5]) -> Result<u64, Errno> {
-        domctl_op(caller, args, &mut Others(others))
+        domctl_op(caller, 0, args, &mut Others(others))
             .map(|done| done.expect("Others tears down at once"))
     }
 
@@ -398,6 +442,126 @@ mod tests {
             call(&mut one, &mut others, [op(DomctlOp::Destroy), 2, 0, 0, 0]),
             Err(Errno::EINVAL),
             "destroyed already"
+        );
+    }
+
+    /// The other domains, one of whose vCPUs a CPU still has (`running`).
+    struct Running<'a> {
+        others: Others<'a>,
+        running: Option<u32>,
+    }
+
+    impl DomainTable for Running<'_> {
+        fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+            self.others.get_mut(id)
+        }
+
+        fn is_parked(&mut self, id: u32) -> bool {
+            self.running != Some(id)
+        }
+    }
+
+    #[test]
+    fn pause_returns_only_once_the_paused_domains_vcpus_are_off_their_cpus() {
+        let (_t, mut one, mut others) = three();
+        let pause = [op(DomctlOp::Pause), 2, 0, 0, 0];
+        let mut table = Running {
+            others: Others(&mut others),
+            running: Some(2),
+        };
+        assert_eq!(
+            domctl_op(&mut one, 0, pause, &mut table),
+            Ok(None),
+            "made again: its CPU time is not counted yet"
+        );
+        assert!(table.others.0[0].paused, "paused at once all the same");
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(None));
+        table.running = None;
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(Some(0)));
+        table.running = Some(2);
+        assert_eq!(
+            domctl_op(&mut one, 0, [op(DomctlOp::Unpause), 2, 0, 0, 0], &mut table),
+            Ok(Some(0)),
+            "unpause never waits"
+        );
+        table.running = Some(3);
+        assert_eq!(
+            domctl_op(&mut one, 0, pause, &mut table),
+            Ok(Some(0)),
+            "another domain running does not matter"
+        );
+    }
+
+    #[test]
+    fn a_destroy_made_again_after_the_scheduler_tore_the_domain_down_returns_0() {
+        let (_t, mut one, mut others) = three();
+        let destroy = [op(DomctlOp::Destroy), 2, 0, 0, 0];
+        let mut table = Running {
+            others: Others(&mut others),
+            running: Some(2),
+        };
+        // Its vCPU runs on another CPU: ended at once, torn down later.
+        assert_eq!(domctl_op(&mut one, 0, destroy, &mut table), Ok(None));
+        let two = &mut table.others.0[0];
+        assert_eq!(two.state, DomainState::Ended(Ending::Destroyed));
+        // The scheduler tears it down as soon as that vCPU is back, before the call is made
+        // again; its RAM comes back a slice at a time.
+        two.torn_down = true;
+        two.ram_unreturned.store(4096, Ordering::Relaxed);
+        let unreturned = alloc::sync::Arc::clone(&two.ram_unreturned);
+        for _ in 0..2 {
+            assert_eq!(
+                domctl_op(&mut one, 0, destroy, &mut table),
+                Ok(None),
+                "made again while its RAM is still being scrubbed"
+            );
+        }
+        unreturned.store(0, Ordering::Relaxed);
+        assert_eq!(
+            domctl_op(&mut one, 0, destroy, &mut table),
+            Ok(Some(0)),
+            "the same destroy, made again"
+        );
+        assert_eq!(
+            domctl_op(&mut one, 0, destroy, &mut table),
+            Err(Errno::EINVAL),
+            "a new destroy of the ended domain"
+        );
+    }
+
+    #[test]
+    fn another_domains_cpu_time_counts_the_slice_it_runs_in_up_to_now() {
+        let (_t, mut two) = domain(2);
+        two.vcpus[0].cpu_ns = 1_000;
+        assert_eq!(domain_info(&two, Some(5_000)).cpu_ns, 1_000);
+        // A CPU has had its vCPU since 4000.
+        two.vcpus[0].running_since = Some(4_000);
+        assert_eq!(domain_info(&two, Some(5_000)).cpu_ns, 2_000);
+        assert_eq!(domain_info(&two, Some(6_500)).cpu_ns, 3_500);
+        assert_eq!(
+            domain_info(&two, None).cpu_ns,
+            1_000,
+            "the caller's own: up to the start of its slice"
+        );
+    }
+
+    #[test]
+    fn a_pause_made_again_after_the_domain_ended_returns_0() {
+        let (_t, mut one, mut others) = three();
+        let pause = [op(DomctlOp::Pause), 2, 0, 0, 0];
+        let mut table = Running {
+            others: Others(&mut others),
+            running: Some(2),
+        };
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(None));
+        // Its vCPU, leaving its CPU, finished a shutdown it was making.
+        table.others.0[0].end(Ending::Poweroff);
+        table.running = None;
+        assert_eq!(domctl_op(&mut one, 0, pause, &mut table), Ok(Some(0)));
+        assert_eq!(
+            domctl_op(&mut one, 0, pause, &mut table),
+            Err(Errno::EINVAL),
+            "a new pause of the ended domain"
         );
     }
 

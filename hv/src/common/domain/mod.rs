@@ -405,9 +405,23 @@ impl Domain {
         sum
     }
 
-    /// CPU time its vCPUs have had, in ns.
+    /// CPU time its vCPUs have had, in ns, up to the start of the slices they run in.
     pub fn cpu_ns(&self) -> u64 {
         self.vcpus.iter().map(|state| state.cpu_ns).sum()
+    }
+
+    /// CPU time its vCPUs have had up to `now` (system time), the slices they run in on
+    /// other CPUs included: what another domain sees (docs/abi.md 17, `cpu_ns`).
+    pub fn cpu_ns_at(&self, now: u64) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|state| {
+                state.cpu_ns
+                    + state
+                        .running_since
+                        .map_or(0, |since| now.saturating_sub(since))
+            })
+            .sum()
     }
 
     /// System time now.
@@ -584,6 +598,13 @@ pub trait DomainTable {
     fn tear_down(&mut self, id: u32, caller: &mut Domain) -> bool {
         let _ = (id, caller);
         false
+    }
+
+    /// Whether no CPU runs a vCPU of domain `id`: each is back in the table, the CPU time of
+    /// its last slice counted. True for a table that holds no vCPUs.
+    fn is_parked(&mut self, id: u32) -> bool {
+        let _ = id;
+        true
     }
 }
 

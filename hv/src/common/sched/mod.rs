@@ -83,6 +83,14 @@ impl<V> DomainTable for Peers<'_, V> {
         Some(&mut slot.domain)
     }
 
+    fn is_parked(&mut self, id: u32) -> bool {
+        self.parts
+            .iter()
+            .flat_map(|part| part.iter())
+            .find(|s| s.domain.id == id)
+            .is_none_or(Slot::is_parked)
+    }
+
     fn tear_down(&mut self, id: u32, caller: &mut Domain) -> bool {
         // Only the table of the running domain's peers (two parts, no caller) is split here.
         if self.caller.is_some() || !self.parts[2].is_empty() {
@@ -292,11 +300,18 @@ fn tear_down_ended<V>(slots: &mut [Slot<V>], scrubbing: &mut VecDeque<Scrub>) ->
 /// Ends the paused domains that no one can unpause any more: no privileged domain is left
 /// running, or nothing at all is due (so no domain will ever run again). Returns whether it
 /// ended any. Called when no vCPU is ready, so that a machine always ends (docs/abi.md 17).
+///
+/// `nothing_due` (no deadline anywhere) means nothing can happen any more only when no vCPU
+/// runs on another CPU either: one that does is not "ready" here, yet may unpause the domain,
+/// arm a timer or raise an event at any moment. Its CPU looks again when it is back.
 fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
     let unpauser_left = slots
         .iter()
         .any(|s| s.domain.is_runnable() && s.domain.privileged && !s.domain.paused);
-    if unpauser_left && !nothing_due {
+    let running_elsewhere = slots
+        .iter()
+        .any(|s| s.domain.is_runnable() && !s.is_parked());
+    if unpauser_left && (running_elsewhere || !nothing_due) {
         return false;
     }
     let mut stopped = false;
@@ -521,6 +536,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
                 continue;
             };
+            slots[index].domain.vcpus[vcpu_index].running_since = Some(now);
             if shared {
                 // More may be ready than this CPU takes: an idle CPU that may run it looks.
                 let wanted = ready_cpus(slots, &table.units);
@@ -548,6 +564,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let domain = &mut slot.domain;
             let state = &mut domain.vcpus[vcpu_index];
             state.cpu_ns += ran;
+            state.running_since = None;
             state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
             if shared {
                 // Back in the pool, where any CPU may take it: preempted or yielding, it waits
@@ -1419,6 +1436,24 @@ mod tests {
                 .all(|s| s.domain.torn_down && s.vcpus.is_empty())
         );
         assert_eq!(host.halts, 0);
+    }
+
+    #[test]
+    fn a_paused_domain_is_not_stopped_while_a_privileged_vcpu_runs_on_another_cpu() {
+        let (_t1, mut control) = slot_with_id(1, vec![]);
+        control.domain.privileged = true;
+        let (_t2, mut paused) = slot_with_id(2, vec![]);
+        paused.domain.paused = true;
+        // CPU 1 has the control domain's vCPU: nothing is ready here and no deadline is set,
+        // but that vCPU may unpause domain 2 at any moment.
+        let taken = control.vcpus[0].take();
+        let mut slots = [control, paused];
+        assert!(!stop_unpausable(&mut slots, true));
+        assert_eq!(slots[1].domain.state, DomainState::Runnable);
+        // Back, and still nothing due: now no one will.
+        slots[0].vcpus[0] = taken;
+        assert!(stop_unpausable(&mut slots, true));
+        assert_eq!(slots[1].domain.state, DomainState::Ended(Ending::Paused));
     }
 
     #[test]

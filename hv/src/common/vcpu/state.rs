@@ -324,8 +324,10 @@ pub struct VcpuState {
     /// Virtual run time: CPU time scaled by `DEFAULT_WEIGHT / weight` of its domain; the
     /// scheduler runs the ready vCPU with the least.
     pub vruntime: u64,
-    /// CPU time it has had, in ns.
+    /// CPU time it has had, in ns, up to the start of the slice it runs in, if it runs.
     pub cpu_ns: u64,
+    /// When the slice it runs in started (system time), while a CPU has it out of the table.
+    pub running_since: Option<u64>,
     /// Run-state accounting.
     pub runstate: Runstate,
     /// The emulated x2APIC (for kernels that were not ported).
@@ -334,6 +336,10 @@ pub struct VcpuState {
     pub stats: ExitStats,
     /// The physical CPUs it has run on, a bit per CPU index (the summary).
     pub ran_on: u64,
+    /// The domain a `domctl_op` pause or destroy of this vCPU's waits for (it returned
+    /// "made again"): by the time it is made again, the scheduler may have torn that domain
+    /// down itself, which must not turn the call's 0 into `-EINVAL` (docs/abi.md 17).
+    pub domctl_waits_for: Option<u64>,
 }
 
 /// The emulated APIC timer's input clock: one tick per nanosecond before the divider.
@@ -358,6 +364,8 @@ impl VcpuState {
             cpu_ns: 0,
             stats: ExitStats::default(),
             ran_on: 0,
+            running_since: None,
+            domctl_waits_for: None,
             runstate: Runstate::new(
                 now,
                 if index == 0 {

@@ -16,7 +16,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
-use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
+use lamina_abi::console::{
+    CONSOLE_BUDGET_BYTES, CONSOLE_BUDGET_BYTES_PER_S, CONSOLE_RING_INPUT_BYTES,
+    CONSOLE_RING_OUTPUT_BYTES, ConsoleRing,
+};
 use lamina_abi::domctl::CONSOLE_HISTORY_BYTES;
 use lamina_abi::event_channel::Virq;
 use lamina_abi::layout::{CONSOLE_RING_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA};
@@ -170,16 +173,104 @@ impl LineBuffer {
     }
 }
 
-/// A domain's console: a line buffer per source, and the history of the lines printed.
+/// How much console output a domain may still print (docs/abi.md 13.1): a token bucket of
+/// [`CONSOLE_BUDGET_BYTES`] that refills at [`CONSOLE_BUDGET_BYTES_PER_S`] of system time.
+/// Without it a domain that prints as fast as it can fills the serial line's queue, and the
+/// hypervisor then waits for the wire inside that domain's exits while every other domain
+/// waits too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleBudget {
+    /// Bytes that may be printed now.
+    bytes: u64,
+    /// System time up to which refills were counted.
+    refilled_ns: u64,
+}
+
+impl Default for ConsoleBudget {
+    fn default() -> Self {
+        ConsoleBudget {
+            bytes: CONSOLE_BUDGET_BYTES,
+            refilled_ns: 0,
+        }
+    }
+}
+
+impl ConsoleBudget {
+    /// Adds what the time since the last refill earned; the clock is read only when the
+    /// bytes at hand are not enough, so a domain within its budget pays no clock read.
+    fn refill(&mut self, now_ns: u64) {
+        const NS_PER_S: u64 = 1_000_000_000;
+        let elapsed = now_ns.saturating_sub(self.refilled_ns);
+        let earned = (u128::from(elapsed) * u128::from(CONSOLE_BUDGET_BYTES_PER_S)
+            / u128::from(NS_PER_S)) as u64;
+        if self.bytes.saturating_add(earned) >= CONSOLE_BUDGET_BYTES {
+            self.bytes = CONSOLE_BUDGET_BYTES;
+            self.refilled_ns = now_ns;
+        } else {
+            self.bytes += earned;
+            // Only the time the whole bytes took: fractions carry over to the next refill.
+            self.refilled_ns += earned * NS_PER_S / CONSOLE_BUDGET_BYTES_PER_S;
+        }
+    }
+
+    /// An empty budget that never refills (host tests of what happens beyond it).
+    #[cfg(test)]
+    pub fn spent() -> Self {
+        ConsoleBudget {
+            bytes: 0,
+            refilled_ns: u64::MAX,
+        }
+    }
+
+    /// Takes `want` bytes if the budget holds them all (`false`: it took none).
+    pub fn take(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> bool {
+        if self.bytes < want {
+            self.refill(now_ns());
+        }
+        let enough = self.bytes >= want;
+        if enough {
+            self.bytes -= want;
+        }
+        enough
+    }
+
+    /// Takes as many of `want` bytes as the budget holds; returns how many.
+    pub fn take_up_to(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> u64 {
+        if self.bytes < want {
+            self.refill(now_ns());
+        }
+        let taken = want.min(self.bytes);
+        self.bytes -= taken;
+        taken
+    }
+}
+
+/// A domain's console: a line buffer per source, the history of the lines printed, and the
+/// budget its output draws on.
 #[derive(Default)]
 pub struct ConsoleLine {
     uart: LineBuffer,
     paravirtual: LineBuffer,
     /// What was printed so far.
     pub history: ConsoleHistory,
+    /// What it may still print.
+    pub budget: ConsoleBudget,
+    /// Bytes refused or dropped for want of budget (console writes refused with `EAGAIN`,
+    /// UART bytes dropped); bytes left in the ring are not counted.
+    pub refused_bytes: u64,
 }
 
 impl ConsoleLine {
+    /// A byte the guest's UART transmits: printed within the budget, dropped (as on an
+    /// overrun line) beyond it.
+    pub fn uart_byte(&mut self, domain_id: u32, byte: u8, now_ns: impl FnOnce() -> u64) {
+        if self.budget.take(1, now_ns) {
+            self.write(ConsoleSource::Uart, domain_id, &[byte]);
+        } else {
+            self.refused_bytes += 1;
+        }
+    }
+
     /// Adds bytes from `source`, emitting each completed line as `(d<ID>) ...`. A line
     /// longer than [`CONSOLE_LINE_MAX`] bytes is wrapped at a word boundary.
     pub fn write(&mut self, source: ConsoleSource, domain_id: u32, data: &[u8]) {
@@ -374,7 +465,9 @@ impl Domain {
     /// transmits goes to the console as UART output (docs/abi.md 7.1).
     pub fn uart_write(&mut self, offset: u16, value: u8) {
         if let Some(byte) = self.uart.write(offset, value) {
-            self.console.write(ConsoleSource::Uart, self.id, &[byte]);
+            let time = &self.time;
+            self.console
+                .uart_byte(self.id, byte, || time.ns_at(read_tsc()));
         }
     }
 
@@ -407,9 +500,14 @@ impl Domain {
         self.events.virq_port(0, Virq::Console).is_some()
     }
 
-    /// Prints what the guest put in its console ring. A ring whose indices make no sense is
-    /// treated as empty (the guest only garbles its own output).
+    /// Prints what the guest put in its console ring, as far as its console budget goes: the
+    /// rest stays in the ring for later (docs/abi.md 13.1). A ring whose indices make no sense
+    /// is treated as empty (the guest only garbles its own output).
     pub fn drain_console_ring(&mut self) {
+        self.drain_console_ring_within(true);
+    }
+
+    fn drain_console_ring_within(&mut self, budgeted: bool) {
         const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
         const _: () = assert!(core::mem::offset_of!(ConsoleRing, out_prod) as u64 == CONS + 4);
         const OUTPUT: u64 = core::mem::offset_of!(ConsoleRing, output) as u64;
@@ -423,11 +521,24 @@ impl Domain {
         }
         let cons = u32::from_le_bytes([indices[0], indices[1], indices[2], indices[3]]);
         let prod = u32::from_le_bytes([indices[4], indices[5], indices[6], indices[7]]);
-        let waiting = prod.wrapping_sub(cons) as usize;
+        let mut waiting = prod.wrapping_sub(cons) as usize;
         if waiting == 0 {
             return;
         }
+        let mut consumed = prod;
         if waiting <= CONSOLE_RING_OUTPUT_BYTES {
+            if budgeted {
+                let time = &self.time;
+                waiting = self
+                    .console
+                    .budget
+                    .take_up_to(waiting as u64, || time.ns_at(read_tsc()))
+                    as usize;
+                consumed = cons.wrapping_add(waiting as u32);
+                if waiting == 0 {
+                    return;
+                }
+            }
             let mut bytes = [0u8; CONSOLE_RING_OUTPUT_BYTES];
             let mut copied = 0;
             while copied < waiting {
@@ -450,7 +561,7 @@ impl Domain {
         }
         let _ = self
             .memory
-            .write(CONSOLE_RING_GPA + CONS, &prod.to_le_bytes());
+            .write(CONSOLE_RING_GPA + CONS, &consumed.to_le_bytes());
     }
 
     /// Ends the domain (once: a second ending is ignored).
@@ -458,7 +569,8 @@ impl Domain {
         if self.state != DomainState::Runnable {
             return;
         }
-        self.drain_console_ring();
+        // The last words are printed whatever the budget: the ring holds at most 2 KiB.
+        self.drain_console_ring_within(false);
         self.console.flush_pending(self.id);
         match &ending {
             Ending::Fault(why) => report_stop(self.id, &self.name, why),
@@ -609,6 +721,61 @@ mod tests {
         assert_eq!(&all[4092..], b"tail");
         let mut one = [0u8; 1];
         assert_eq!(history.copy_from(history.start() - 1, &mut one), 0);
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn console_budget_holds_a_burst_then_refills_with_time() {
+        let mut budget = ConsoleBudget::default();
+        let no_clock = || panic!("the clock is read only when the bytes at hand are short");
+        assert!(budget.take(CONSOLE_BUDGET_BYTES - 100, no_clock));
+        assert!(!budget.take(101, || 0), "one byte more than the burst");
+        assert_eq!(budget.take_up_to(500, || 0), 100, "what is left");
+        assert!(!budget.take(1, || 0));
+        // Half a second earns half a second's rate, and fractions are not lost.
+        assert_eq!(
+            budget.take_up_to(u64::MAX, || SECOND / 2),
+            CONSOLE_BUDGET_BYTES_PER_S / 2
+        );
+        for step in 1..=1000 {
+            assert!(budget.take_up_to(u64::MAX, || SECOND / 2 + step * SECOND / 1000) <= 9);
+        }
+        assert!(!budget.take(1, || SECOND + SECOND / 10_000));
+        // Idle time refills up to the burst, never beyond.
+        assert_eq!(
+            budget.take_up_to(u64::MAX, || 1000 * SECOND),
+            CONSOLE_BUDGET_BYTES
+        );
+    }
+
+    #[test]
+    fn console_budget_refills_exactly_over_many_small_steps() {
+        let mut budget = ConsoleBudget::default();
+        assert!(budget.take(CONSOLE_BUDGET_BYTES, || 0));
+        let mut earned = 0;
+        for ms in 1..=1000 {
+            earned += budget.take_up_to(u64::MAX, || ms * SECOND / 1000);
+        }
+        assert_eq!(
+            earned, CONSOLE_BUDGET_BYTES_PER_S,
+            "a second of refills, in 1000 steps"
+        );
+    }
+
+    #[test]
+    fn uart_bytes_beyond_the_budget_are_dropped_and_counted() {
+        use crate::common::output::testing::take_lines;
+        let mut console = ConsoleLine::default();
+        for &byte in b"seen\n" {
+            console.uart_byte(5, byte, || 0);
+        }
+        console.budget = ConsoleBudget::spent();
+        for &byte in b"lost\n" {
+            console.uart_byte(5, byte, || 0);
+        }
+        assert_eq!(take_lines(), ["(d5) seen"]);
+        assert_eq!(console.refused_bytes, 5);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::common::control_regs::{self, CrContext, CrInstruction};
 use crate::common::cpuid;
-use crate::common::domain::{ConsoleSource, Domain, Ending};
+use crate::common::domain::{Domain, Ending};
 use crate::common::domain::{DomainTable, read_tsc};
 use crate::common::grant_table::{self, WindowFault};
 use crate::common::guest_paging;
@@ -360,6 +360,8 @@ struct DomainPorts<'a> {
     uart: &'a mut Uart16550,
     console: &'a mut crate::common::domain::ConsoleLine,
     id: u32,
+    /// The domain's clock, for the console budget.
+    time: &'a crate::common::time::TimeBase,
 }
 
 fn is_uart_access(port: u16, size: u8) -> bool {
@@ -385,7 +387,9 @@ impl Ports for DomainPorts<'_> {
         if is_uart_access(port, size)
             && let Some(byte) = self.uart.write(port.wrapping_sub(COM1_BASE), value as u8)
         {
-            self.console.write(ConsoleSource::Uart, self.id, &[byte]);
+            let time = self.time;
+            self.console
+                .uart_byte(self.id, byte, || time.ns_at(read_tsc()));
         }
     }
 }
@@ -406,6 +410,7 @@ fn count_port_access(
         uart: &mut domain.uart,
         console: &mut domain.console,
         id: domain.id,
+        time: &domain.time,
     };
     (ports, &domain.memory)
 }

@@ -151,6 +151,16 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
     match op {
         ConsoleOp::Write => {
             domain.memory.read(gpa, bytes)?;
+            let time = &domain.time;
+            if !domain
+                .console
+                .budget
+                .take(len, || time.ns_at(crate::common::domain::read_tsc()))
+            {
+                // Over its console budget (docs/abi.md 13.1): nothing printed.
+                domain.console.refused_bytes += len;
+                return Err(Errno::EAGAIN);
+            }
             domain
                 .console
                 .write(ConsoleSource::Paravirtual, domain.id, bytes);
@@ -722,6 +732,44 @@ mod tests {
             0,
             "empty write anywhere"
         );
+    }
+
+    #[test]
+    fn console_write_beyond_the_budget_is_eagain_and_prints_nothing() {
+        use crate::common::domain::ConsoleBudget;
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        t.mem.write(0x1000, b"kept\n").unwrap();
+        d.console.budget = ConsoleBudget::spent();
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, 0x1000, 5]).0,
+            -(Errno::EAGAIN as i64)
+        );
+        assert!(take_lines().is_empty());
+        assert_eq!(d.console.refused_bytes, 5);
+        // The buffer is still checked first (docs/abi.md 2.4: state last).
+        assert_eq!(call(&mut d, &mut v, 1, [0, 4 << 20, 5]).0, EFAULT);
+        assert_eq!(call(&mut d, &mut v, 1, [0, 0x1000, 0]).0, 0, "empty write");
+    }
+
+    #[test]
+    fn console_ring_is_drained_only_as_far_as_the_budget_goes() {
+        use crate::common::domain::ConsoleBudget;
+        use lamina_abi::layout::CONSOLE_RING_GPA;
+        const OUT: u64 = CONSOLE_RING_GPA + core::mem::offset_of!(ConsoleRing, output) as u64;
+        const CONS: u64 = CONSOLE_RING_GPA + core::mem::offset_of!(ConsoleRing, out_cons) as u64;
+        const PROD: u64 = CONSOLE_RING_GPA + core::mem::offset_of!(ConsoleRing, out_prod) as u64;
+        let (t, mut d) = domain();
+        t.mem.write(OUT, b"waits\n").unwrap();
+        t.mem.write(PROD, &6u32.to_le_bytes()).unwrap();
+        d.console.budget = ConsoleBudget::spent();
+        d.drain_console_ring();
+        assert!(take_lines().is_empty());
+        assert_eq!(t.mem.read_u64(CONS).unwrap() as u32, 0, "left in the ring");
+        // At the domain's end its last words are printed all the same.
+        d.end(crate::common::domain::Ending::Poweroff);
+        assert_eq!(take_lines(), ["(d1) waits"]);
+        assert_eq!(t.mem.read_u64(CONS).unwrap() as u32, 6);
     }
 
     #[test]

@@ -204,7 +204,7 @@ fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
     [
         state.timers.next_deadline(),
         poll,
-        state.vlapic.next_timer_deadline_ns(),
+        state.vlapic.next_interrupt_deadline_ns(),
     ]
     .into_iter()
     .flatten()
@@ -218,6 +218,20 @@ fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
         return None;
     }
     (0..slot.domain.vcpus.len())
+        .filter_map(|index| vcpu_deadline(&slot.domain, index))
+        .min()
+}
+
+/// The earliest time something of this domain is due that can wake one of its vCPUs: only a
+/// waiting vCPU's timers need to interrupt another domain's slice. A vCPU that is ready has
+/// its expiries handled when it is next scheduled in, as every pass handles them, so its
+/// timers (a periodic one at the minimum period, say) cost the running domain nothing.
+fn next_wake_deadline<V>(slot: &Slot<V>) -> Option<u64> {
+    if !slot.domain.is_runnable() || slot.domain.paused {
+        return None;
+    }
+    (0..slot.domain.vcpus.len())
+        .filter(|&index| slot.domain.vcpus[index].wait != Wait::None)
         .filter_map(|index| vcpu_deadline(&slot.domain, index))
         .min()
 }
@@ -556,12 +570,13 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
             }
             last = Some(unit);
-            // Other domains' deadlines; the running domain's own are looked at by `run_slice`.
+            // Other domains' deadlines that can wake them; the running domain's own are
+            // looked at by `run_slice`.
             let others = slots
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| *i != index)
-                .filter_map(|(_, s)| next_deadline(s))
+                .filter_map(|(_, s)| next_wake_deadline(s))
                 .min();
             let others = others.into_iter().chain(host_work).min();
             let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
@@ -831,45 +846,73 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
     Machine::new(slots).run_cpu(0, host);
 }
 
-/// The vCPU to run next, in one pass over `units` in round-robin order after `cursor`: a
-/// woken vCPU first (short latency for timers and events), otherwise the ready vCPU that had
-/// the least CPU time for its weight (ties in round-robin order). Woken vCPUs must not bank
-/// the time they slept: they start level with the least of the others.
+/// How far ahead of the least-served ready vCPU (in virtual run time) a woken vCPU may be
+/// and still be run first: one slice. Beyond it a wake-up waits its turn like any other.
+pub const BOOST_LEAD_NS: u64 = TIME_SLICE_NS;
+
+/// How far behind the least-served ready vCPU (in virtual run time) a woken vCPU may start:
+/// one slice.
+pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
+
+/// The vCPU to run next, in round-robin order after `cursor`: a woken vCPU first (short
+/// latency for timers and events) unless it is more than [`BOOST_LEAD_NS`] ahead of the ready
+/// vCPU that had the least CPU time for its weight, otherwise that vCPU (ties in round-robin
+/// order). Woken vCPUs must not bank the time they slept: they start level with the least of
+/// the others. The lead bounds what waking often buys (as Xen's credit scheduler boosts only
+/// vCPUs that are under their share): a domain that sleeps a few microseconds between long
+/// stretches of work, waking boosted each time, would otherwise take the CPU from the others
+/// whatever its weight.
 fn pick<V>(
     slots: &mut [Slot<V>],
     units: &[(usize, usize)],
     cursor: usize,
 ) -> Option<(usize, usize)> {
     let count = units.len();
-    let mut first_boosted = None;
-    let mut fairest: Option<((usize, usize), u64)> = None;
+    let order = || (1..=count).map(|i| units[(cursor + i) % count]);
+    // First pass: the least virtual run time among ready vCPUs that were not woken.
+    let mut any_boosted = false;
     let mut least_unboosted: Option<u64> = None;
-    for i in 1..=count {
-        let (s, v) = units[(cursor + i) % count];
+    for (s, v) in order() {
         if !is_ready(&slots[s], v) {
             continue;
         }
         let state = &slots[s].domain.vcpus[v];
         if state.boosted {
-            first_boosted.get_or_insert((s, v));
+            any_boosted = true;
         } else {
             least_unboosted =
                 Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
+        }
+    }
+    let boost_limit = least_unboosted.map(|least| least.saturating_add(BOOST_LEAD_NS));
+    // Second pass: the first woken vCPU within the lead, and the fairest of all.
+    let mut first_boosted = None;
+    let mut fairest: Option<((usize, usize), u64)> = None;
+    for (s, v) in order() {
+        if !is_ready(&slots[s], v) {
+            continue;
+        }
+        let state = &slots[s].domain.vcpus[v];
+        if state.boosted && boost_limit.is_none_or(|limit| state.vruntime <= limit) {
+            first_boosted.get_or_insert((s, v));
         }
         if fairest.is_none_or(|(_, least)| state.vruntime < least) {
             fairest = Some(((s, v), state.vruntime));
         }
     }
-    if first_boosted.is_some()
-        && let Some(least) = least_unboosted
-    {
+    if any_boosted && let Some(least) = least_unboosted {
+        // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
+        // that naps often between its work was owed before the nap (clamped to `least`, it
+        // lost that at every nap and got a fraction of its share beside a spinning domain).
+        let floor = least.saturating_sub(WAKE_CREDIT_NS);
         for slot in slots.iter_mut() {
             for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
-                state.vruntime = state.vruntime.max(least);
+                state.vruntime = state.vruntime.max(floor);
             }
         }
     }
-    first_boosted.or(fairest.map(|(unit, _)| unit))
+    let fairest = fairest.map(|(unit, _)| unit);
+    first_boosted.or(fairest)
 }
 
 /// Where `unit` is in `units`, looking from `hint` (usually right after it).

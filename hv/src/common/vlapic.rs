@@ -464,6 +464,18 @@ impl VirtualLapic {
         }
     }
 
+    /// When the timer next raises an interrupt: [`Self::next_timer_deadline_ns`] unless the
+    /// timer's LVT entry is masked. A masked timer raises nothing, and what else its expiry
+    /// changes (current count, a spent one-shot, TSC_DEADLINE reading 0) is brought up to
+    /// date at the next access ([`Self::advance`]), so it needs no host timer: a guest cannot
+    /// have the hypervisor woken every nanosecond by a masked periodic timer of count 1.
+    pub fn next_interrupt_deadline_ns(&self) -> Option<u64> {
+        if self.lvt[LVT_TIMER] & LVT_MASKED != 0 {
+            return None;
+        }
+        self.next_timer_deadline_ns()
+    }
+
     /// Brings the model up to `now`: an expired timer sets its vector in IRR (one-shot: once;
     /// periodic: re-armed on a fixed grid from the programming time, never drifting; several
     /// missed periods coalesce into one interrupt); TSC-deadline: once, then the deadline

@@ -204,7 +204,7 @@ fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
     [
         state.timers.next_deadline(),
         poll,
-        state.vlapic.next_interrupt_deadline_ns(),
+        state.vlapic.next_timer_deadline_ns(),
     ]
     .into_iter()
     .flatten()
@@ -1101,6 +1101,110 @@ mod tests {
     const POWEROFF: [u64; 3] = [2, 0, 0];
     const YIELD: [u64; 3] = [0, 0, 0];
     use lamina_abi::vcpu::VcpuOp;
+
+    /// Domains 1 and 2, ready, with these virtual run times; domain 2's vCPU woken or not.
+    fn ready_pair(
+        first_vruntime: u64,
+        second_vruntime: u64,
+        second_woken: bool,
+    ) -> ([TestMemory; 2], [Slot<MockVcpu>; 2]) {
+        let (t1, mut s1) = slot_with_id(1, vec![]);
+        let (t2, mut s2) = slot_with_id(2, vec![]);
+        s1.domain.vcpus[0].vruntime = first_vruntime;
+        s2.domain.vcpus[0].vruntime = second_vruntime;
+        s2.domain.vcpus[0].boosted = second_woken;
+        ([t1, t2], [s1, s2])
+    }
+
+    const UNITS: [(usize, usize); 2] = [(0, 0), (1, 0)];
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_woken_vcpu_runs_first_only_within_one_slice_of_the_least_served() {
+        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS, true);
+        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)), "within the lead");
+        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS + 1, true);
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1),
+            Some((0, 0)),
+            "a wake-up further ahead waits its turn"
+        );
+        let (_t, mut slots) = ready_pair(100 * MS, 90 * MS, false);
+        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)), "the fairest");
+    }
+
+    #[test]
+    fn a_wake_up_keeps_up_to_one_slice_of_what_it_was_owed() {
+        let (_t, mut slots) = ready_pair(100 * MS, 95 * MS, true);
+        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)));
+        assert_eq!(
+            slots[1].domain.vcpus[0].vruntime,
+            95 * MS,
+            "owed 5 ms: kept"
+        );
+        let (_t, mut slots) = ready_pair(100 * MS, 20 * MS, true);
+        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)));
+        assert_eq!(
+            slots[1].domain.vcpus[0].vruntime,
+            100 * MS - WAKE_CREDIT_NS,
+            "a long sleep banks one slice"
+        );
+    }
+
+    #[test]
+    fn only_a_waiting_vcpus_timers_cut_another_domains_slice() {
+        let (_t, mut s) = slot(vec![]);
+        s.domain.vcpus[0].timers.periodic = Some((50_000, 50_000));
+        assert_eq!(next_deadline(&s), Some(50_000));
+        assert_eq!(next_wake_deadline(&s), None, "ready: handled when it runs");
+        s.domain.vcpus[0].wait = Wait::Block;
+        assert_eq!(next_wake_deadline(&s), Some(50_000), "waiting: it may wake");
+    }
+
+    #[test]
+    fn a_napping_domain_gets_its_share_beside_a_spinning_one() {
+        // Domain 1 spins; domain 2 works 300 us and yields, works 300 us and naps 10 us
+        // (out of the run queue), over and over, waking boosted. Each should have about
+        // half of the CPU. (Clamped to the spinner's run time at every wake-up, the napper
+        // lost what the spinner's last slice had put it behind, and got about 6%.)
+        let (_t, mut slots) = ready_pair(0, 0, false);
+        let (mut cursor, mut now, mut ran) = (1, 0u64, [0u64; 2]);
+        let mut nap_until: Option<u64> = None;
+        let mut naps_next = false;
+        while now < 1000 * MS {
+            if nap_until.is_some_and(|t| t <= now) {
+                nap_until = None;
+                slots[1].domain.vcpus[0].boosted = true;
+            }
+            let unit = if nap_until.is_some() {
+                (0, 0)
+            } else {
+                pick(&mut slots, &UNITS, cursor).expect("both are ready")
+            };
+            slots[unit.0].domain.vcpus[0].boosted = false;
+            cursor = index_of_unit(&UNITS, cursor, unit);
+            // The spinner's slice ends at the napper's wake-up (a waiting vCPU's deadline).
+            let run = match (unit.0, nap_until) {
+                (0, Some(wake)) => wake - now,
+                (0, None) => TIME_SLICE_NS,
+                _ => 300_000,
+            };
+            ran[unit.0] += run;
+            slots[unit.0].domain.vcpus[0].vruntime += run;
+            now += run;
+            if unit.0 == 1 {
+                if naps_next {
+                    nap_until = Some(now + 10_000);
+                }
+                naps_next = !naps_next;
+            }
+        }
+        let share = ran[1] as f64 / (ran[0] + ran[1]) as f64;
+        assert!(
+            (0.45..=0.55).contains(&share),
+            "the napper's share: {share}"
+        );
+    }
 
     #[test]
     fn block_with_nothing_that_can_wake_stops_the_domain() {

@@ -464,18 +464,6 @@ impl VirtualLapic {
         }
     }
 
-    /// When the timer next raises an interrupt: [`Self::next_timer_deadline_ns`] unless the
-    /// timer's LVT entry is masked. A masked timer raises nothing, and what else its expiry
-    /// changes (current count, a spent one-shot, TSC_DEADLINE reading 0) is brought up to
-    /// date at the next access ([`Self::advance`]), so it needs no host timer: a guest cannot
-    /// have the hypervisor woken every nanosecond by a masked periodic timer of count 1.
-    pub fn next_interrupt_deadline_ns(&self) -> Option<u64> {
-        if self.lvt[LVT_TIMER] & LVT_MASKED != 0 {
-            return None;
-        }
-        self.next_timer_deadline_ns()
-    }
-
     /// Brings the model up to `now`: an expired timer sets its vector in IRR (one-shot: once;
     /// periodic: re-armed on a fixed grid from the programming time, never drifting; several
     /// missed periods coalesce into one interrupt); TSC-deadline: once, then the deadline
@@ -1005,6 +993,27 @@ mod tests {
         assert_eq!(apic.deliverable_vector(), None);
         apic.advance(1667, 0);
         assert_eq!(apic.deliverable_vector(), Some(TIMER_VECTOR));
+    }
+
+    #[test]
+    fn a_masked_periodic_timer_of_count_one_asks_for_no_host_timer() {
+        // Due every nanosecond, but masked: it raises nothing, so nothing need run for it
+        // (the resource-hog scenario's hog programs exactly this).
+        let mut apic = timer(LVT_PERIODIC | (1 << 16), 0b1011);
+        apic.write_msr(REG_TIMER_INITIAL, 1, 100, 0).unwrap();
+        assert_eq!(apic.next_timer_deadline_ns(), None);
+        apic.write_msr(
+            REG_LVT_TIMER,
+            LVT_PERIODIC | u64::from(TIMER_VECTOR),
+            100,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            apic.next_timer_deadline_ns(),
+            Some(101),
+            "unmasked, it does"
+        );
     }
 
     #[test]

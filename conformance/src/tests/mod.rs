@@ -16,6 +16,7 @@ macro_rules! conformance_test {
 }
 
 mod apic;
+mod budget;
 mod common;
 mod console;
 mod cpu_state;

@@ -80,7 +80,10 @@ pub fn handle<V: VirtualCpu>(
     };
     let (rax, next) = match result {
         Ok(Done::Return(value)) => (value, Next::Resume),
-        Ok(Done::Yield) => (0, Next::Yield),
+        Ok(Done::Yield) => {
+            domain.vcpus[vcpu_index].yielded = true;
+            (0, Next::Yield)
+        }
         Ok(Done::Sleep) => (0, Next::Sleep),
         Ok(Done::Ended) => return Next::Stop,
         Ok(Done::Again) => return Next::Again,

@@ -489,6 +489,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
         // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
         let mut last: Option<(usize, usize)> = None;
+        // The vCPU this CPU ran last, if it yielded.
+        let mut yielded: Option<(usize, usize)> = None;
         loop {
             let now = host.now_ns();
             let mut guard = self.table.lock();
@@ -523,7 +525,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             {
                 table.scrubbing.pop_front();
             }
-            let Some((index, vcpu_index)) = pick(slots, &table.units, table.cursor) else {
+            let picked = pick(slots, &table.units, table.cursor, yielded.take());
+            let Some((index, vcpu_index)) = picked else {
                 let input_wakes = slots
                     .iter()
                     .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
@@ -585,7 +588,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
                 continue;
             };
-            if shared && pick(slots, &table.units, table.cursor).is_some() {
+            if shared && pick(slots, &table.units, table.cursor, None).is_some() {
                 // More is ready than this CPU takes: another CPU may.
                 wake_an_idle_cpu();
             }
@@ -610,6 +613,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let state = &mut slot.domain.vcpus[vcpu_index];
             state.cpu_ns += ran;
             state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
+            // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
+            yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
         }
     }
 
@@ -861,45 +866,56 @@ pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 /// the others. The lead bounds what waking often buys (as Xen's credit scheduler boosts only
 /// vCPUs that are under their share): a domain that sleeps a few microseconds between long
 /// stretches of work, waking boosted each time, would otherwise take the CPU from the others
-/// whatever its weight.
+/// whatever its weight. The vCPU that just yielded, `yielded`, runs only when no other is
+/// ready (docs/abi.md 3.3: yield returns after the others had the CPU), even when a wake-up
+/// left it behind the others.
 fn pick<V>(
     slots: &mut [Slot<V>],
     units: &[(usize, usize)],
     cursor: usize,
+    yielded: Option<(usize, usize)>,
 ) -> Option<(usize, usize)> {
     let count = units.len();
-    let order = || (1..=count).map(|i| units[(cursor + i) % count]);
-    // First pass: the least virtual run time among ready vCPUs that were not woken.
     let mut any_boosted = false;
     let mut least_unboosted: Option<u64> = None;
-    for (s, v) in order() {
-        if !is_ready(&slots[s], v) {
+    let mut first_boosted: Option<((usize, usize), u64)> = None;
+    let mut fairest: Option<((usize, usize), u64)> = None;
+    let mut yielder_ready = false;
+    for i in 1..=count {
+        let unit = units[(cursor + i) % count];
+        if !is_ready(&slots[unit.0], unit.1) {
             continue;
         }
-        let state = &slots[s].domain.vcpus[v];
+        if Some(unit) == yielded {
+            yielder_ready = true;
+            continue;
+        }
+        let state = &slots[unit.0].domain.vcpus[unit.1];
         if state.boosted {
             any_boosted = true;
+            first_boosted.get_or_insert((unit, state.vruntime));
         } else {
             least_unboosted =
                 Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
         }
-    }
-    let boost_limit = least_unboosted.map(|least| least.saturating_add(BOOST_LEAD_NS));
-    // Second pass: the first woken vCPU within the lead, and the fairest of all.
-    let mut first_boosted = None;
-    let mut fairest: Option<((usize, usize), u64)> = None;
-    for (s, v) in order() {
-        if !is_ready(&slots[s], v) {
-            continue;
-        }
-        let state = &slots[s].domain.vcpus[v];
-        if state.boosted && boost_limit.is_none_or(|limit| state.vruntime <= limit) {
-            first_boosted.get_or_insert((s, v));
-        }
         if fairest.is_none_or(|(_, least)| state.vruntime < least) {
-            fairest = Some(((s, v), state.vruntime));
+            fairest = Some((unit, state.vruntime));
         }
     }
+    let limit = least_unboosted.map(|least| least.saturating_add(BOOST_LEAD_NS));
+    let within = |vruntime: u64| limit.is_none_or(|limit| vruntime <= limit);
+    let boosted = match first_boosted {
+        Some((unit, vruntime)) if within(vruntime) => Some(unit),
+        // Rare: the first woken vCPU is too far ahead; another woken one may not be.
+        Some(_) => (1..=count)
+            .map(|i| units[(cursor + i) % count])
+            .filter(|&unit| Some(unit) != yielded && is_ready(&slots[unit.0], unit.1))
+            .find(|&(s, v)| {
+                let state = &slots[s].domain.vcpus[v];
+                state.boosted && within(state.vruntime)
+            }),
+        None => None,
+    };
     if any_boosted && let Some(least) = least_unboosted {
         // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
         // that naps often between its work was owed before the nap (clamped to `least`, it
@@ -911,8 +927,9 @@ fn pick<V>(
             }
         }
     }
-    let fairest = fairest.map(|(unit, _)| unit);
-    first_boosted.or(fairest)
+    boosted
+        .or(fairest.map(|(unit, _)| unit))
+        .or(yielded.filter(|_| yielder_ready))
 }
 
 /// Where `unit` is in `units`, looking from `hint` (usually right after it).
@@ -1122,28 +1139,36 @@ mod tests {
     #[test]
     fn a_woken_vcpu_runs_first_only_within_one_slice_of_the_least_served() {
         let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS, true);
-        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)), "within the lead");
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, None),
+            Some((1, 0)),
+            "within the lead"
+        );
         let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS + 1, true);
         assert_eq!(
-            pick(&mut slots, &UNITS, 1),
+            pick(&mut slots, &UNITS, 1, None),
             Some((0, 0)),
             "a wake-up further ahead waits its turn"
         );
         let (_t, mut slots) = ready_pair(100 * MS, 90 * MS, false);
-        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)), "the fairest");
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, None),
+            Some((1, 0)),
+            "the fairest"
+        );
     }
 
     #[test]
     fn a_wake_up_keeps_up_to_one_slice_of_what_it_was_owed() {
         let (_t, mut slots) = ready_pair(100 * MS, 95 * MS, true);
-        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)));
+        assert_eq!(pick(&mut slots, &UNITS, 1, None), Some((1, 0)));
         assert_eq!(
             slots[1].domain.vcpus[0].vruntime,
             95 * MS,
             "owed 5 ms: kept"
         );
         let (_t, mut slots) = ready_pair(100 * MS, 20 * MS, true);
-        assert_eq!(pick(&mut slots, &UNITS, 1), Some((1, 0)));
+        assert_eq!(pick(&mut slots, &UNITS, 1, None), Some((1, 0)));
         assert_eq!(
             slots[1].domain.vcpus[0].vruntime,
             100 * MS - WAKE_CREDIT_NS,
@@ -1159,6 +1184,21 @@ mod tests {
         assert_eq!(next_wake_deadline(&s), None, "ready: handled when it runs");
         s.domain.vcpus[0].wait = Wait::Block;
         assert_eq!(next_wake_deadline(&s), Some(50_000), "waiting: it may wake");
+    }
+
+    #[test]
+    fn a_yield_lets_the_others_run_first_even_when_it_was_owed_time() {
+        // Domain 2 was woken 5 ms behind domain 1 and yields: domain 1 runs next.
+        let (_t, mut slots) = ready_pair(100 * MS, 95 * MS, false);
+        assert_eq!(pick(&mut slots, &UNITS, 1, Some((1, 0))), Some((0, 0)));
+        assert_eq!(
+            pick(&mut slots, &UNITS, 0, None),
+            Some((1, 0)),
+            "then it is owed"
+        );
+        // Alone, it runs on.
+        slots[0].domain.end(Ending::Poweroff);
+        assert_eq!(pick(&mut slots, &UNITS, 1, Some((1, 0))), Some((1, 0)));
     }
 
     #[test]
@@ -1179,7 +1219,7 @@ mod tests {
             let unit = if nap_until.is_some() {
                 (0, 0)
             } else {
-                pick(&mut slots, &UNITS, cursor).expect("both are ready")
+                pick(&mut slots, &UNITS, cursor, None).expect("both are ready")
             };
             slots[unit.0].domain.vcpus[0].boosted = false;
             cursor = index_of_unit(&UNITS, cursor, unit);

@@ -196,8 +196,7 @@ impl Default for ConsoleBudget {
 }
 
 impl ConsoleBudget {
-    /// Adds what the time since the last refill earned; the clock is read only when the
-    /// bytes at hand are not enough, so a domain within its budget pays no clock read.
+    /// Adds what the time since the last refill earned, up to the burst.
     fn refill(&mut self, now_ns: u64) {
         const NS_PER_S: u64 = 1_000_000_000;
         let elapsed = now_ns.saturating_sub(self.refilled_ns);
@@ -222,11 +221,21 @@ impl ConsoleBudget {
         }
     }
 
-    /// Takes `want` bytes if the budget holds them all (`false`: it took none).
-    pub fn take(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> bool {
-        if self.bytes < want {
+    /// Brings the budget up to date before taking `want` bytes. The clock is read when the
+    /// budget is full (a full budget earns nothing, so its earning starts now) or too short
+    /// for `want` (what the time since the last refill earned), never in between: printing
+    /// within the budget costs no clock read per byte.
+    fn settle(&mut self, want: u64, now_ns: impl FnOnce() -> u64) {
+        if self.bytes == CONSOLE_BUDGET_BYTES {
+            self.refilled_ns = now_ns();
+        } else if self.bytes < want {
             self.refill(now_ns());
         }
+    }
+
+    /// Takes `want` bytes if the budget holds them all (`false`: it took none).
+    pub fn take(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> bool {
+        self.settle(want, now_ns);
         let enough = self.bytes >= want;
         if enough {
             self.bytes -= want;
@@ -236,9 +245,7 @@ impl ConsoleBudget {
 
     /// Takes as many of `want` bytes as the budget holds; returns how many.
     pub fn take_up_to(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> u64 {
-        if self.bytes < want {
-            self.refill(now_ns());
-        }
+        self.settle(want, now_ns);
         let taken = want.min(self.bytes);
         self.bytes -= taken;
         taken
@@ -728,20 +735,26 @@ mod tests {
     #[test]
     fn console_budget_holds_a_burst_then_refills_with_time() {
         let mut budget = ConsoleBudget::default();
-        let no_clock = || panic!("the clock is read only when the bytes at hand are short");
-        assert!(budget.take(CONSOLE_BUDGET_BYTES - 100, no_clock));
-        assert!(!budget.take(101, || 0), "one byte more than the burst");
-        assert_eq!(budget.take_up_to(500, || 0), 100, "what is left");
-        assert!(!budget.take(1, || 0));
+        // Full for the first ten seconds: that time earns nothing.
+        assert!(budget.take(CONSOLE_BUDGET_BYTES - 100, || 10 * SECOND));
+        let no_clock = || panic!("the clock is read only when the budget is full or short");
+        assert!(budget.take(50, no_clock));
+        assert!(
+            !budget.take(51, || 10 * SECOND),
+            "one byte more than the burst"
+        );
+        assert_eq!(budget.take_up_to(500, || 10 * SECOND), 50, "what is left");
+        assert!(!budget.take(1, || 10 * SECOND));
         // Half a second earns half a second's rate, and fractions are not lost.
         assert_eq!(
-            budget.take_up_to(u64::MAX, || SECOND / 2),
+            budget.take_up_to(u64::MAX, || 10 * SECOND + SECOND / 2),
             CONSOLE_BUDGET_BYTES_PER_S / 2
         );
         for step in 1..=1000 {
-            assert!(budget.take_up_to(u64::MAX, || SECOND / 2 + step * SECOND / 1000) <= 9);
+            let now = 10 * SECOND + SECOND / 2 + step * SECOND / 1000;
+            assert!(budget.take_up_to(u64::MAX, || now) <= 9);
         }
-        assert!(!budget.take(1, || SECOND + SECOND / 10_000));
+        assert!(!budget.take(1, || 11 * SECOND + SECOND / 10_000));
         // Idle time refills up to the burst, never beyond.
         assert_eq!(
             budget.take_up_to(u64::MAX, || 1000 * SECOND),

@@ -11,8 +11,11 @@
 //!   kicked, multicalls of `MULTICALL_MAX` of the dearest entries it has (console writes,
 //!   memory maps, exit counters, sends, timer settings), the PV periodic timer at its minimum
 //!   period and the singleshot re-armed at every call, the x2APIC timer in periodic mode at a
-//!   count of 1 (masked: it needs no handler), yields and polls that return at once, and null
-//!   hypercalls;
+//!   count of 1 (masked: it needs no handler), yields and polls that return at once, null
+//!   hypercalls, and naps of 10 us between stretches of work (each wake-up a chance to run
+//!   first);
+//! - with `vcpus=2`, a second vCPU that halts with a periodic x2APIC timer of count 1 whose
+//!   vector the TPR holds back: due every nanosecond, never delivered;
 //!
 //! and prints what it got:
 //!
@@ -251,11 +254,19 @@ fn timer_storm(tally: &mut Tally) {
 }
 
 fn sched_storm(tally: &mut Tally, ipis: &[Port; 8]) {
-    for _ in 0..4 {
+    // A yield gives the CPU away, which only helps the neighbour: one in a while, and a batch
+    // of yield entries (which return at once, docs/abi.md 12) for the hypervisor's work.
+    if tally.multicalls.is_multiple_of(64) {
         if let Err(error) = sched::yield_now() {
             fail(format_args!("yield: {error}"));
         }
         tally.yields += 1;
+    }
+    let mut batch: Batch<'_, MAX> = Batch::new();
+    while batch.push(Call::sched_yield()).is_ok() {}
+    match batch.submit() {
+        Ok(run) if run == MAX => tally.yields += run as u64,
+        other => fail(format_args!("multicall of {MAX} yields: {other:?}")),
     }
     for _ in 0..4 {
         // A deadline in the past: returns at once.
@@ -272,6 +283,57 @@ fn sched_storm(tally: &mut Tally, ipis: &[Port; 8]) {
         }
         tally.hypercalls += 1;
     }
+}
+
+/// The stack of the hog's second vCPU.
+#[repr(C, align(16))]
+struct Stack([u8; 16 * 1024]);
+static mut SECOND_STACK: Stack = Stack([0; 16 * 1024]);
+
+/// The hog's second vCPU: its x2APIC timer periodic at a count of 1, the vector held back by
+/// the TPR, and HLT with interrupts on. It never wakes (nothing can be delivered), and every
+/// nanosecond its timer is due again: a hypervisor that looked at it then would give no other
+/// vCPU more than a nanosecond at a time. vCPU 0 takes it down at the end.
+extern "C" fn second_vcpu_main(_: u64) -> ! {
+    // SAFETY: the x2APIC is present (checked by vCPU 0 before bringing this vCPU up); the TPR
+    // blocks every vector before the timer starts, so no interrupt is ever delivered and no
+    // IDT is needed.
+    unsafe {
+        msr::wrmsr(x2apic::TPR, 0xf0);
+        x2apic::enable(0xff);
+        msr::wrmsr(x2apic::DIVIDE_CONFIG, x2apic::DIVIDE_BY_1);
+        msr::wrmsr(x2apic::LVT_TIMER, x2apic::TimerMode::Periodic as u64 | 0x40);
+        msr::wrmsr(x2apic::INITIAL_COUNT, 1);
+        loop {
+            core::arch::asm!("sti; hlt; cli", options(nomem, nostack));
+        }
+    }
+}
+
+/// Brings up the second vCPU (`vcpus=2`) at [`second_vcpu_main`]; false without one.
+fn start_second_vcpu() -> bool {
+    if lamina_guest_sdk::start_info().nr_vcpus < 2 || !x2apic::available() {
+        return false;
+    }
+    let cr3: u64;
+    // SAFETY: reading CR3 has no side effect.
+    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+    // Only the address is taken; the stack is the second vCPU's alone.
+    let stack = core::ptr::addr_of_mut!(SECOND_STACK) as u64;
+    let start = lamina_abi::vcpu::VcpuStartState {
+        rip: second_vcpu_main as *const () as usize as u64,
+        rsp: stack + core::mem::size_of::<Stack>() as u64 - 8,
+        cr3: cr3 & !0xfff,
+        argument: 0,
+    };
+    if let Err(error) = vcpu::initialise(1, &start) {
+        fail(format_args!("initialise vCPU 1: {error}"));
+    }
+    // SAFETY: the code and the stack are the second vCPU's; it shares nothing with vCPU 0.
+    if let Err(error) = unsafe { vcpu::up(1) } {
+        fail(format_args!("up vCPU 1: {error}"));
+    }
+    true
 }
 
 /// Sleeps a few microseconds, then computes for longer: every wake-up is a chance to be run
@@ -332,12 +394,16 @@ pub(crate) fn run(phases: Phases, neighbour: u32) -> ! {
     });
     expect_error("a multicall over MULTICALL_MAX", too_long, Errno::E2BIG);
     x2apic_timer_at_its_fastest();
+    let second_vcpu = start_second_vcpu();
     while time::now_ns() < end {
         console_storm(&mut tally);
         multicall_storm(&mut tally, &ipis);
         timer_storm(&mut tally);
         sched_storm(&mut tally, &ipis);
         wake_and_compute(&mut tally);
+    }
+    if second_vcpu && let Err(error) = vcpu::down(1) {
+        fail(format_args!("down vCPU 1: {error}"));
     }
     // Quiet again: the timers stop, so the neighbour's last phase ends as it began.
     let _ = vcpu::set_periodic_timer(0, 0);
@@ -372,7 +438,7 @@ pub(crate) fn run(phases: Phases, neighbour: u32) -> ! {
         "hog: storm: console_bytes={console_bytes} console_eagain={console_eagain} ring_bytes={ring_bytes} multicalls={multicalls} multicall_entries={multicall_entries}"
     );
     println!(
-        "hog: storm: timer_sets={timer_sets} yields={yields} polls={polls} hypercalls={hypercalls} wakes={wakes}"
+        "hog: storm: timer_sets={timer_sets} yields={yields} polls={polls} hypercalls={hypercalls} wakes={wakes} second_vcpu_halted={second_vcpu}"
     );
     crate::finish(0)
 }

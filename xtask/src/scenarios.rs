@@ -178,7 +178,7 @@ const RESOURCE_HOG_MODULES: [ModuleSpec; 3] = [
     },
     ModuleSpec {
         source: ModuleSource::Built(Artifact::SampleDomains),
-        cmdline: "hog role=hog peer=1 start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+        cmdline: "hog role=hog peer=1 vcpus=2 start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
     },
 ];
 

@@ -862,8 +862,8 @@ pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 /// The vCPU to run next, in round-robin order after `cursor`: a woken vCPU first (short
 /// latency for timers and events) unless it is more than [`BOOST_LEAD_NS`] ahead of the ready
 /// vCPU that had the least CPU time for its weight, otherwise that vCPU (ties in round-robin
-/// order). Woken vCPUs must not bank the time they slept: they start level with the least of
-/// the others. The lead bounds what waking often buys (as Xen's credit scheduler boosts only
+/// order). Woken vCPUs must not bank the time they slept: they start at most
+/// [`WAKE_CREDIT_NS`] behind the least of the others. The lead bounds what waking often buys (as Xen's credit scheduler boosts only
 /// vCPUs that are under their share): a domain that sleeps a few microseconds between long
 /// stretches of work, waking boosted each time, would otherwise take the CPU from the others
 /// whatever its weight. The vCPU that just yielded, `yielded`, runs only when no other is

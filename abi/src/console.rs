@@ -13,7 +13,9 @@
 pub enum ConsoleOp {
     /// Write `len` bytes to the domain's console. Returns the number of bytes written (all of
     /// them). `len == 0` writes nothing and returns 0, whatever the address; `len >
-    /// CONSOLE_WRITE_MAX` is `-EINVAL` (checked before the address, see docs/abi.md 2.4).
+    /// CONSOLE_WRITE_MAX` is `-EINVAL` (checked before the address, see docs/abi.md 2.4);
+    /// more than the console budget holds ([`CONSOLE_BUDGET_BYTES`]) is `-EAGAIN`, nothing
+    /// printed (since 1.6).
     Write = 0,
     /// Read up to `len` bytes of console input into the buffer. Returns the number of bytes
     /// read, 0 when none is waiting (it never blocks; VIRQ_CONSOLE signals new input).
@@ -35,6 +37,14 @@ impl TryFrom<u64> for ConsoleOp {
 
 /// Largest buffer one console write or read accepts.
 pub const CONSOLE_WRITE_MAX: u64 = 4096;
+
+/// Console output a domain may have printed at once: its budget when full (docs/abi.md 13.1).
+/// `console_io` write, the console ring and the UART draw on the same budget.
+pub const CONSOLE_BUDGET_BYTES: u64 = 32 * 1024;
+/// How fast the console budget refills, in bytes per second of system time (below the
+/// 11,520 bytes a second of the machine's 115200-baud serial line, so one domain alone cannot
+/// keep the line busy).
+pub const CONSOLE_BUDGET_BYTES_PER_S: u64 = 8 * 1024;
 
 /// Size of the ring's input buffer.
 pub const CONSOLE_RING_INPUT_BYTES: usize = 1024;

@@ -281,7 +281,9 @@ pub fn version() -> Result<u64, HypercallError> {
 }
 
 /// Writes `bytes` to the domain's console, in chunks of at most `CONSOLE_WRITE_MAX` bytes
-/// (docs/abi.md 3.2). Returns the number of bytes written; stops at the first failing chunk.
+/// (docs/abi.md 3.2). Returns the number of bytes written; stops at the first failing chunk:
+/// `EAGAIN` when the domain's console budget cannot take it (docs/abi.md 13.1; nothing of
+/// that chunk was printed).
 pub fn console_write(bytes: &[u8]) -> Result<u64, HypercallError> {
     let mut written = 0;
     for chunk in bytes.chunks(CONSOLE_WRITE_MAX as usize) {

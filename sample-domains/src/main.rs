@@ -12,6 +12,9 @@
 //! | `echo` | domain 1 only: answers each line of console input (`sum 1 2`, `quit`) | `echo role=echo` |
 //! | `fuzz` | hostile: random hypercalls with hostile arguments and random instructions at CPL 0 and 3 (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000] [trace=<first op printed>] [privileged=1 protect=<id> target=<id>]` |
 //! | `stress` | with `vcpus=2` or more: every vCPU hammers the same inter-domain channels, grants and multicall batches as its peer's (`stress.rs`), every message checked on both sides | `stress role=stress peer=<id> vcpus=2 [ms=3000] [rounds=<n>] [destroyed=1 \| peer_dies=1]` |
+//! | `neighbour` | counts the work it finishes in two phases of fixed system time: beside `quiet`, then beside `hog` (the `resource-hog` scenario) | `neighbour role=neighbour [start_ms=100] [phase_ms=300] [gap_ms=20]` |
+//! | `quiet` | spins through the neighbour's first phase, sleeps through the second | `quiet role=quiet` and the same phase keys |
+//! | `hog` | sleeps through the first phase, then takes every port and grant it may and storms the hypervisor with its dearest calls | `hog role=hog peer=<neighbour's id>` and the same phase keys |
 //! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
 //!
 //! # How ping and pong find each other
@@ -78,6 +81,8 @@ mod control;
 mod echo;
 mod fuzz;
 mod fuzz_cpu;
+mod hog;
+mod neighbour;
 mod ping;
 mod pong;
 mod snoop;
@@ -142,11 +147,14 @@ fn kernel_main(start: &'static StartInfo) -> ! {
             number_from_cmdline("stress", "destroyed") == Some(1),
             number_from_cmdline("stress", "peer_dies") == Some(1),
         ),
+        "neighbour" => neighbour::run_neighbour(phases_from_cmdline("neighbour")),
+        "quiet" => neighbour::run_quiet(phases_from_cmdline("quiet")),
+        "hog" => hog::run(phases_from_cmdline("hog"), peer_from_cmdline("hog")),
         "canary" => canary::run(number_from_cmdline("canary", "ms").unwrap_or(300).into()),
         other => fail(
             "sample-domains",
             format_args!(
-                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz, canary or stress"
+                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz, canary, stress, neighbour, quiet or hog"
             ),
         ),
     }
@@ -165,6 +173,15 @@ fn number_from_cmdline(role: &str, key: &str) -> Option<u32> {
         Ok(number) => Some(number),
         Err(_) => fail(role, format_args!("{key}={value} is not a number")),
     }
+}
+
+/// The phases of the `resource-hog` scenario (`start_ms=`, `phase_ms=`, `gap_ms=`).
+fn phases_from_cmdline(role: &str) -> neighbour::Phases {
+    neighbour::Phases::new(
+        number_from_cmdline(role, "start_ms").unwrap_or(100),
+        number_from_cmdline(role, "phase_ms").unwrap_or(300),
+        number_from_cmdline(role, "gap_ms").unwrap_or(20),
+    )
 }
 
 fn peer_from_cmdline(role: &str) -> u32 {

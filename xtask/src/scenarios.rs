@@ -7,6 +7,7 @@
 mod domains;
 pub mod driven;
 mod gdb;
+mod hog;
 mod input;
 pub mod out_of_tree;
 mod smp;
@@ -169,6 +170,26 @@ const PONG_ERROR: LinePattern = LinePattern::Contains("pong: error:");
 const SNOOP_ERROR: LinePattern = LinePattern::Contains("snoop: error:");
 const CONTROL_ERROR: LinePattern = LinePattern::Contains("control: error:");
 const WORKER_ERROR: LinePattern = LinePattern::Contains("worker: error:");
+const HOG_ERROR: LinePattern = LinePattern::Contains("hog: error:");
+const NEIGHBOUR_ERROR: LinePattern = LinePattern::Contains("neighbour: error:");
+const QUIET_ERROR: LinePattern = LinePattern::Contains("quiet: error:");
+
+/// `resource-hog`: the neighbour (1), the quiet domain (2) and the hog (3), all of one weight,
+/// with the same phases.
+const RESOURCE_HOG_MODULES: [ModuleSpec; 3] = [
+    ModuleSpec {
+        source: ModuleSource::Built(Artifact::SampleDomains),
+        cmdline: "neighbour role=neighbour start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+    },
+    ModuleSpec {
+        source: ModuleSource::Built(Artifact::SampleDomains),
+        cmdline: "quiet role=quiet start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+    },
+    ModuleSpec {
+        source: ModuleSource::Built(Artifact::SampleDomains),
+        cmdline: "hog role=hog peer=1 vcpus=2 start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+    },
+];
 
 /// The ping/pong pair of `sample-domains` as domains 1 and 2, ping with `ping_cmdline`.
 const fn ping_pong_pair(ping_cmdline: &'static str) -> [ModuleSpec; 2] {
@@ -411,6 +432,21 @@ pub const SCENARIOS: &[Scenario] = &[
         ],
         forbidden_lines: &[NO_PANIC, CONTROL_ERROR, WORKER_ERROR],
         check: Some(domains::check_control_ops),
+    },
+    Scenario {
+        name: "resource-hog",
+        modules: &RESOURCE_HOG_MODULES,
+        expect: HvResult::Success,
+        required_lines: &[
+            LinePattern::Contains("(d1) neighbour: result: "),
+            LinePattern::Contains("(d2) quiet: result: "),
+            LinePattern::Contains("(d3) hog: result: "),
+            LinePattern::Contains("lamina: domain 1 neighbour end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 quiet end=poweroff"),
+            LinePattern::Contains("lamina: domain 3 hog end=poweroff"),
+        ],
+        forbidden_lines: &[NO_PANIC, HOG_ERROR, NEIGHBOUR_ERROR, QUIET_ERROR],
+        check: Some(hog::check_resource_hog),
     },
 ];
 

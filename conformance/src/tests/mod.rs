@@ -17,6 +17,7 @@ macro_rules! conformance_test {
 
 mod apic;
 mod apic_smp;
+mod budget;
 mod common;
 mod console;
 mod cpu_state;

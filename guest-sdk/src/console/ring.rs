@@ -4,7 +4,10 @@
 //! release fence; the hypervisor prints them as `(dN) ` lines when the guest sends on the
 //! console port ([`flush`]), and at the latest at the domain's next block, yield, poll, HLT,
 //! timer interrupt or shutdown. When the buffer is full the writer sends on the port, which
-//! has the hypervisor drain the ring at once, and then yields until there is space.
+//! has the hypervisor drain the ring at once, and then yields until there is space. The
+//! hypervisor drains only as much as the domain's console budget allows (docs/abi.md 13.1):
+//! with the budget spent the writer gives up with `EAGAIN` after
+//! [`KICKS_WITHOUT_PROGRESS_MAX`] sends.
 //!
 //! Input goes the other way: the hypervisor fills `input` and raises VIRQ_CONSOLE; [`read`]
 //! consumes it.

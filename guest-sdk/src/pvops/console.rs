@@ -70,6 +70,12 @@ impl ConsoleOps for RingConsole {
         // task's output in between its bytes and the index that publishes them: the ring has
         // one producer at a time, as it must.
         if let Err(stalled) = crate::interrupts::without(|| crate::console::ring::write(bytes)) {
+            if stalled.error == lamina_abi::Errno::EAGAIN {
+                // The sends were taken but the ring did not drain: the domain's console
+                // budget is spent (docs/abi.md 13.1), and `console_io` would be refused too.
+                // What did not fit is dropped; the ring drains as the budget grows again.
+                return;
+            }
             // Not hidden: one line says what the hypervisor refused.
             RING_REFUSED.store(true, Ordering::Relaxed);
             let _ = core::fmt::Write::write_fmt(

@@ -10,7 +10,7 @@ use crate::common::devices::uart::{COM1_BASE, COM1_PORTS};
 use crate::common::devices::vlapic::VirtualLapic;
 use crate::common::domain::DomainTable;
 use crate::common::domain::stats::{ExitKind, ExitStats};
-use crate::common::domain::{ConsoleSource, Domain, Ending};
+use crate::common::domain::{Domain, Ending};
 use crate::common::grants::{self, WindowFault};
 use crate::common::hypercall::{self, Next};
 use crate::common::memory::guest_paging;
@@ -394,6 +394,8 @@ struct DomainPorts<'a> {
     uart: &'a mut Uart16550,
     console: &'a mut crate::common::domain::ConsoleLine,
     id: u32,
+    /// The domain's clock, for the console budget.
+    time: &'a crate::common::time::TimeBase,
 }
 
 fn is_uart_access(port: u16, size: u8) -> bool {
@@ -419,7 +421,9 @@ impl Ports for DomainPorts<'_> {
         if is_uart_access(port, size)
             && let Some(byte) = self.uart.write(port.wrapping_sub(COM1_BASE), value as u8)
         {
-            self.console.write(ConsoleSource::Uart, self.id, &[byte]);
+            let time = self.time;
+            self.console
+                .uart_byte(self.id, byte, || time.ns_at(read_tsc()));
         }
     }
 }
@@ -446,6 +450,7 @@ fn count_port_access(
         uart: &mut domain.uart,
         console: &mut domain.console,
         id: domain.id,
+        time: &domain.time,
     };
     (ports, &domain.memory)
 }

@@ -75,7 +75,10 @@ pub fn handle<V: VirtualCpu>(
     };
     let (rax, next) = match result {
         Ok(Done::Return(value)) => (value, Next::Resume),
-        Ok(Done::Yield) => (0, Next::Yield),
+        Ok(Done::Yield) => {
+            domain.vcpus[vcpu_index].yielded = true;
+            (0, Next::Yield)
+        }
         Ok(Done::Sleep) => (0, Next::Sleep),
         Ok(Done::Ended) => return Next::Stop,
         Ok(Done::Again) => return Next::Again,
@@ -148,6 +151,16 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
     match op {
         ConsoleOp::Write => {
             domain.memory.read(gpa, bytes)?;
+            let time = &domain.time;
+            if !domain
+                .console
+                .budget
+                .take(len, || time.ns_at(crate::common::time::read_tsc()))
+            {
+                // Over its console budget (docs/abi.md 13.1): nothing printed.
+                domain.console.refused_bytes += len;
+                return Err(Errno::EAGAIN);
+            }
             domain
                 .console
                 .write(ConsoleSource::Paravirtual, domain.id, bytes);
@@ -247,13 +260,15 @@ fn sched_op(
             if ports.iter().any(|&p| p >= NR_PORTS) {
                 return Err(Errno::EINVAL);
             }
+            let now = domain.now();
+            domain.expire_timers(vcpu, now);
             for &port in &ports {
                 if domain.events.is_pending(&domain.memory, port)? {
                     return Ok(Done::Return(0));
                 }
             }
             let deadline = (deadline != 0).then_some(deadline);
-            if deadline.is_some_and(|d| d <= domain.now()) {
+            if deadline.is_some_and(|d| d <= now) {
                 return Err(Errno::ETIMEDOUT);
             }
             if deadline.is_none()
@@ -706,6 +721,76 @@ mod tests {
             0,
             "empty write anywhere"
         );
+    }
+
+    #[test]
+    fn console_write_beyond_the_budget_is_eagain_and_prints_nothing() {
+        use crate::common::domain::ConsoleBudget;
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        t.mem.write(0x1000, b"kept\n").unwrap();
+        d.console.budget = ConsoleBudget::spent();
+        assert_eq!(
+            call(&mut d, &mut v, 1, [0, 0x1000, 5]).0,
+            -(Errno::EAGAIN as i64)
+        );
+        assert!(take_lines().is_empty());
+        assert_eq!(d.console.refused_bytes, 5);
+        // The buffer is still checked first (docs/abi.md 2.4: state last).
+        assert_eq!(call(&mut d, &mut v, 1, [0, 4 << 20, 5]).0, EFAULT);
+        assert_eq!(call(&mut d, &mut v, 1, [0, 0x1000, 0]).0, 0, "empty write");
+    }
+
+    #[test]
+    fn console_ring_is_drained_only_as_far_as_the_budget_goes() {
+        use crate::common::domain::ConsoleBudget;
+        use lamina_abi::layout::CONSOLE_RING_GPA;
+        const OUT: u64 = CONSOLE_RING_GPA + core::mem::offset_of!(ConsoleRing, output) as u64;
+        const CONS: u64 = CONSOLE_RING_GPA + core::mem::offset_of!(ConsoleRing, out_cons) as u64;
+        const PROD: u64 = CONSOLE_RING_GPA + core::mem::offset_of!(ConsoleRing, out_prod) as u64;
+        let (t, mut d) = domain();
+        t.mem.write(OUT, b"waits\n").unwrap();
+        t.mem.write(PROD, &6u32.to_le_bytes()).unwrap();
+        d.console.budget = ConsoleBudget::spent();
+        d.drain_console_ring();
+        assert!(take_lines().is_empty());
+        assert_eq!(t.mem.read_u64(CONS).unwrap() as u32, 0, "left in the ring");
+        // At the domain's end its last words are printed all the same.
+        d.end(crate::common::domain::Ending::Poweroff);
+        assert_eq!(take_lines(), ["(d1) waits"]);
+        assert_eq!(t.mem.read_u64(CONS).unwrap() as u32, 6);
+    }
+
+    #[test]
+    fn a_poll_past_its_deadline_has_seen_the_timers_due_before_it() {
+        const SCHED: u64 = 2;
+        const EVTCHN: u64 = 3;
+        const POLL: u64 = 3;
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        crate::common::testing::FAKE_TSC.with(|tsc| tsc.set(Some(5_000_000)));
+        // A loopback port (2) to poll, and a one-shot due at 1 ms with VIRQ_TIMER unbound.
+        assert_eq!(call(&mut d, &mut v, EVTCHN, [0, DOMID_SELF, 0]).0, 2);
+        d.vcpus[0].timers.singleshot = Some(1_000_000);
+        t.mem.write(0x1000, &2u32.to_le_bytes()).unwrap();
+        v.regs.gpr[reg::R10] = 3_000_000;
+        assert_eq!(
+            call(&mut d, &mut v, SCHED, [POLL, 0x1000, 1]).0,
+            -(Errno::ETIMEDOUT as i64)
+        );
+        assert_eq!(
+            d.vcpus[0].timers.singleshot, None,
+            "the tick was dropped, not kept"
+        );
+        // With VIRQ_TIMER bound and polled, a tick due before the call ends it at once.
+        let timer_port = call(&mut d, &mut v, EVTCHN, [1, 0, 0]).0;
+        d.vcpus[0].timers.singleshot = Some(4_000_000);
+        t.mem
+            .write(0x1000, &(timer_port as u32).to_le_bytes())
+            .unwrap();
+        v.regs.gpr[reg::R10] = 3_000_000;
+        assert_eq!(call(&mut d, &mut v, SCHED, [POLL, 0x1000, 1]).0, 0);
+        crate::common::testing::FAKE_TSC.with(|tsc| tsc.set(None));
     }
 
     #[test]

@@ -510,9 +510,13 @@ impl VirtualLapic {
     }
 
     /// The system time at which the timer next fires (None: not armed or masked). The
-    /// hypervisor programs its own timer for it.
+    /// hypervisor programs its own timer for it. None too while the timer's vector waits in
+    /// IRR: expiries coalesce, so the next one would change nothing that is not brought up to
+    /// date at the next access ([`Self::advance`]). Without this, a vCPU that halts with a
+    /// periodic timer of count 1 and its vector held back by the TPR would have the
+    /// hypervisor look at it every nanosecond, cutting every other vCPU's slice to nothing.
     pub fn next_timer_deadline_ns(&self) -> Option<u64> {
-        if !self.timer_armed() {
+        if !self.timer_armed() || self.irr.contains((self.lvt[LVT_TIMER] & LVT_VECTOR) as u8) {
             return None;
         }
         match self.timer_mode() {
@@ -1079,6 +1083,52 @@ mod tests {
         assert_eq!(apic.deliverable_vector(), None);
         apic.advance(1667, 0);
         assert_eq!(apic.deliverable_vector(), Some(TIMER_VECTOR));
+    }
+
+    #[test]
+    fn a_timer_whose_vector_waits_in_irr_asks_for_no_host_timer() {
+        // Periodic, count 1: due every nanosecond; the TPR holds its vector back.
+        let mut apic = timer(LVT_PERIODIC, 0b1011);
+        apic.write_msr(REG_TPR, 0xf0, 0, 0).unwrap();
+        apic.write_msr(REG_TIMER_INITIAL, 1, 100, 0).unwrap();
+        assert_eq!(apic.next_timer_deadline_ns(), Some(101));
+        apic.advance(101, 0);
+        assert_eq!(apic.deliverable_vector(), None, "held back by the TPR");
+        assert_eq!(
+            apic.next_timer_deadline_ns(),
+            None,
+            "another expiry changes nothing"
+        );
+        // Once it is taken and acknowledged, the grid goes on from where time is.
+        apic.write_msr(REG_TPR, 0, 500, 0).unwrap();
+        assert_eq!(take_timer_interrupts(&mut apic), 1);
+        apic.advance(500, 0);
+        let _ = take_timer_interrupts(&mut apic);
+        let next = apic
+            .next_timer_deadline_ns()
+            .expect("armed, nothing pending");
+        assert!(next > 500, "the next expiry {next} is ahead");
+    }
+
+    #[test]
+    fn a_masked_periodic_timer_of_count_one_asks_for_no_host_timer() {
+        // Due every nanosecond, but masked: it raises nothing, so nothing need run for it
+        // (the resource-hog scenario's hog programs exactly this).
+        let mut apic = timer(LVT_PERIODIC | (1 << 16), 0b1011);
+        apic.write_msr(REG_TIMER_INITIAL, 1, 100, 0).unwrap();
+        assert_eq!(apic.next_timer_deadline_ns(), None);
+        apic.write_msr(
+            REG_LVT_TIMER,
+            LVT_PERIODIC | u64::from(TIMER_VECTOR),
+            100,
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            apic.next_timer_deadline_ns(),
+            Some(101),
+            "unmasked, it does"
+        );
     }
 
     #[test]

@@ -24,7 +24,10 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
-use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_RING_OUTPUT_BYTES, ConsoleRing};
+use lamina_abi::console::{
+    CONSOLE_BUDGET_BYTES, CONSOLE_BUDGET_BYTES_PER_S, CONSOLE_RING_INPUT_BYTES,
+    CONSOLE_RING_OUTPUT_BYTES, ConsoleRing,
+};
 use lamina_abi::domctl::CONSOLE_HISTORY_BYTES;
 use lamina_abi::event_channel::Virq;
 use lamina_abi::layout::{CONSOLE_RING_GPA, KERNEL_MIN_GPA, SHARED_INFO_GPA};
@@ -178,16 +181,111 @@ impl LineBuffer {
     }
 }
 
-/// A domain's console: a line buffer per source, and the history of the lines printed.
+/// How much console output a domain may still print (docs/abi.md 13.1): a token bucket of
+/// [`CONSOLE_BUDGET_BYTES`] that refills at [`CONSOLE_BUDGET_BYTES_PER_S`] of system time.
+/// Without it a domain that prints as fast as it can fills the serial line's queue, and the
+/// hypervisor then waits for the wire inside that domain's exits while every other domain
+/// waits too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleBudget {
+    /// Bytes that may be printed now.
+    bytes: u64,
+    /// System time up to which refills were counted.
+    refilled_ns: u64,
+}
+
+impl Default for ConsoleBudget {
+    fn default() -> Self {
+        ConsoleBudget {
+            bytes: CONSOLE_BUDGET_BYTES,
+            refilled_ns: 0,
+        }
+    }
+}
+
+impl ConsoleBudget {
+    /// Adds what the time since the last refill earned, up to the burst.
+    fn refill(&mut self, now_ns: u64) {
+        const NS_PER_S: u64 = 1_000_000_000;
+        let elapsed = now_ns.saturating_sub(self.refilled_ns);
+        let earned = (u128::from(elapsed) * u128::from(CONSOLE_BUDGET_BYTES_PER_S)
+            / u128::from(NS_PER_S)) as u64;
+        if self.bytes.saturating_add(earned) >= CONSOLE_BUDGET_BYTES {
+            self.bytes = CONSOLE_BUDGET_BYTES;
+            self.refilled_ns = now_ns;
+        } else {
+            self.bytes += earned;
+            // Only the time the whole bytes took: fractions carry over to the next refill.
+            self.refilled_ns += earned * NS_PER_S / CONSOLE_BUDGET_BYTES_PER_S;
+        }
+    }
+
+    /// An empty budget that never refills (host tests of what happens beyond it).
+    #[cfg(test)]
+    pub fn spent() -> Self {
+        ConsoleBudget {
+            bytes: 0,
+            refilled_ns: u64::MAX,
+        }
+    }
+
+    /// Brings the budget up to date before taking `want` bytes. The clock is read when the
+    /// budget is full (a full budget earns nothing, so its earning starts now) or too short
+    /// for `want` (what the time since the last refill earned), never in between: printing
+    /// within the budget costs no clock read per byte.
+    fn settle(&mut self, want: u64, now_ns: impl FnOnce() -> u64) {
+        if self.bytes == CONSOLE_BUDGET_BYTES {
+            self.refilled_ns = now_ns();
+        } else if self.bytes < want {
+            self.refill(now_ns());
+        }
+    }
+
+    /// Takes `want` bytes if the budget holds them all (`false`: it took none).
+    pub fn take(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> bool {
+        self.settle(want, now_ns);
+        let enough = self.bytes >= want;
+        if enough {
+            self.bytes -= want;
+        }
+        enough
+    }
+
+    /// Takes as many of `want` bytes as the budget holds; returns how many.
+    pub fn take_up_to(&mut self, want: u64, now_ns: impl FnOnce() -> u64) -> u64 {
+        self.settle(want, now_ns);
+        let taken = want.min(self.bytes);
+        self.bytes -= taken;
+        taken
+    }
+}
+
+/// A domain's console: a line buffer per source, the history of the lines printed, and the
+/// budget its output draws on.
 #[derive(Default)]
 pub struct ConsoleLine {
     uart: LineBuffer,
     paravirtual: LineBuffer,
     /// What was printed so far.
     pub history: ConsoleHistory,
+    /// What it may still print.
+    pub budget: ConsoleBudget,
+    /// Bytes refused or dropped for want of budget (console writes refused with `EAGAIN`,
+    /// UART bytes dropped); bytes left in the ring are not counted.
+    pub refused_bytes: u64,
 }
 
 impl ConsoleLine {
+    /// A byte the guest's UART transmits: printed within the budget, dropped (as on an
+    /// overrun line) beyond it.
+    pub fn uart_byte(&mut self, domain_id: u32, byte: u8, now_ns: impl FnOnce() -> u64) {
+        if self.budget.take(1, now_ns) {
+            self.write(ConsoleSource::Uart, domain_id, &[byte]);
+        } else {
+            self.refused_bytes += 1;
+        }
+    }
+
     /// Adds bytes from `source`, emitting each completed line as `(d<ID>) ...`. A line
     /// longer than [`CONSOLE_LINE_MAX`] bytes is wrapped at a word boundary.
     pub fn write(&mut self, source: ConsoleSource, domain_id: u32, data: &[u8]) {
@@ -352,6 +450,26 @@ impl Domain {
         }
     }
 
+    /// Consumes vCPU `vcpu`'s PV timers due by `now`, raising VIRQ_TIMER on it where that is
+    /// bound (docs/abi.md 9.3); true if one fired. Every pass of the scheduler does this for
+    /// every vCPU; a poll does it for its own vCPU first, so that one that times out has seen
+    /// every expiry due before it (on a machine with several CPUs no pass may have come by
+    /// since).
+    pub fn expire_timers(&mut self, vcpu: usize, now: u64) -> bool {
+        if !self.vcpus[vcpu].timers.expire(now) {
+            return false;
+        }
+        crate::common::trace::timer(self.id);
+        if let Some(port) = self
+            .events
+            .virq_port(vcpu, lamina_abi::event_channel::Virq::Timer)
+        {
+            self.raise_port(port);
+        }
+        self.vcpus[vcpu].requests.make(request::EVENT);
+        true
+    }
+
     /// Raises `port` and wakes or flags the vCPU it concerns (docs/abi.md 8).
     pub fn raise_port(&mut self, port: u32) {
         crate::common::trace::event(self.id, port);
@@ -433,7 +551,9 @@ impl Domain {
     /// transmits goes to the console as UART output (docs/abi.md 7.1).
     pub fn uart_write(&mut self, offset: u16, value: u8) {
         if let Some(byte) = self.uart.write(offset, value) {
-            self.console.write(ConsoleSource::Uart, self.id, &[byte]);
+            let time = &self.time;
+            self.console
+                .uart_byte(self.id, byte, || time.ns_at(read_tsc()));
         }
     }
 
@@ -466,9 +586,14 @@ impl Domain {
         self.events.virq_port(0, Virq::Console).is_some()
     }
 
-    /// Prints what the guest put in its console ring. A ring whose indices make no sense is
-    /// treated as empty (the guest only garbles its own output).
+    /// Prints what the guest put in its console ring, as far as its console budget goes: the
+    /// rest stays in the ring for later (docs/abi.md 13.1). A ring whose indices make no sense
+    /// is treated as empty (the guest only garbles its own output).
     pub fn drain_console_ring(&mut self) {
+        self.drain_console_ring_within(true);
+    }
+
+    fn drain_console_ring_within(&mut self, budgeted: bool) {
         const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
         const _: () = assert!(core::mem::offset_of!(ConsoleRing, out_prod) as u64 == CONS + 4);
         const OUTPUT: u64 = core::mem::offset_of!(ConsoleRing, output) as u64;
@@ -482,11 +607,24 @@ impl Domain {
         }
         let cons = u32::from_le_bytes([indices[0], indices[1], indices[2], indices[3]]);
         let prod = u32::from_le_bytes([indices[4], indices[5], indices[6], indices[7]]);
-        let waiting = prod.wrapping_sub(cons) as usize;
+        let mut waiting = prod.wrapping_sub(cons) as usize;
         if waiting == 0 {
             return;
         }
+        let mut consumed = prod;
         if waiting <= CONSOLE_RING_OUTPUT_BYTES {
+            if budgeted {
+                let time = &self.time;
+                waiting = self
+                    .console
+                    .budget
+                    .take_up_to(waiting as u64, || time.ns_at(read_tsc()))
+                    as usize;
+                consumed = cons.wrapping_add(waiting as u32);
+                if waiting == 0 {
+                    return;
+                }
+            }
             let mut bytes = [0u8; CONSOLE_RING_OUTPUT_BYTES];
             let mut copied = 0;
             while copied < waiting {
@@ -509,7 +647,7 @@ impl Domain {
         }
         let _ = self
             .memory
-            .write(CONSOLE_RING_GPA + CONS, &prod.to_le_bytes());
+            .write(CONSOLE_RING_GPA + CONS, &consumed.to_le_bytes());
     }
 
     /// Ends the domain (once: a second ending is ignored).
@@ -517,7 +655,8 @@ impl Domain {
         if self.state != DomainState::Runnable {
             return;
         }
-        self.drain_console_ring();
+        // The last words are printed whatever the budget: the ring holds at most 2 KiB.
+        self.drain_console_ring_within(false);
         self.console.flush_pending(self.id);
         match &ending {
             Ending::Fault(why) => report_stop(self.id, &self.name, why),
@@ -672,6 +811,67 @@ mod tests {
         assert_eq!(&all[4092..], b"tail");
         let mut one = [0u8; 1];
         assert_eq!(history.copy_from(history.start() - 1, &mut one), 0);
+    }
+
+    const SECOND: u64 = 1_000_000_000;
+
+    #[test]
+    fn console_budget_holds_a_burst_then_refills_with_time() {
+        let mut budget = ConsoleBudget::default();
+        // Full for the first ten seconds: that time earns nothing.
+        assert!(budget.take(CONSOLE_BUDGET_BYTES - 100, || 10 * SECOND));
+        let no_clock = || panic!("the clock is read only when the budget is full or short");
+        assert!(budget.take(50, no_clock));
+        assert!(
+            !budget.take(51, || 10 * SECOND),
+            "one byte more than the burst"
+        );
+        assert_eq!(budget.take_up_to(500, || 10 * SECOND), 50, "what is left");
+        assert!(!budget.take(1, || 10 * SECOND));
+        // Half a second earns half a second's rate, and fractions are not lost.
+        assert_eq!(
+            budget.take_up_to(u64::MAX, || 10 * SECOND + SECOND / 2),
+            CONSOLE_BUDGET_BYTES_PER_S / 2
+        );
+        for step in 1..=1000 {
+            let now = 10 * SECOND + SECOND / 2 + step * SECOND / 1000;
+            assert!(budget.take_up_to(u64::MAX, || now) <= 9);
+        }
+        assert!(!budget.take(1, || 11 * SECOND + SECOND / 10_000));
+        // Idle time refills up to the burst, never beyond.
+        assert_eq!(
+            budget.take_up_to(u64::MAX, || 1000 * SECOND),
+            CONSOLE_BUDGET_BYTES
+        );
+    }
+
+    #[test]
+    fn console_budget_refills_exactly_over_many_small_steps() {
+        let mut budget = ConsoleBudget::default();
+        assert!(budget.take(CONSOLE_BUDGET_BYTES, || 0));
+        let mut earned = 0;
+        for ms in 1..=1000 {
+            earned += budget.take_up_to(u64::MAX, || ms * SECOND / 1000);
+        }
+        assert_eq!(
+            earned, CONSOLE_BUDGET_BYTES_PER_S,
+            "a second of refills, in 1000 steps"
+        );
+    }
+
+    #[test]
+    fn uart_bytes_beyond_the_budget_are_dropped_and_counted() {
+        use crate::common::output::testing::take_lines;
+        let mut console = ConsoleLine::default();
+        for &byte in b"seen\n" {
+            console.uart_byte(5, byte, || 0);
+        }
+        console.budget = ConsoleBudget::spent();
+        for &byte in b"lost\n" {
+            console.uart_byte(5, byte, || 0);
+        }
+        assert_eq!(take_lines(), ["(d5) seen"]);
+        assert_eq!(console.refused_bytes, 5);
     }
 
     #[test]

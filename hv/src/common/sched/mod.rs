@@ -25,7 +25,6 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use lamina_abi::Errno;
-use lamina_abi::event_channel::Virq;
 use lamina_abi::vcpu::runstate;
 
 /// How long a vCPU runs before others get the CPU.
@@ -163,6 +162,20 @@ fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
         .min()
 }
 
+/// The earliest time something of this domain is due that can wake one of its vCPUs: only a
+/// waiting vCPU's timers need to interrupt another domain's slice. A vCPU that is ready has
+/// its expiries handled when it is next scheduled in, as every pass handles them, so its
+/// timers (a periodic one at the minimum period, say) cost the running domain nothing.
+fn next_wake_deadline<V>(slot: &Slot<V>) -> Option<u64> {
+    if !slot.domain.is_runnable() || slot.domain.paused {
+        return None;
+    }
+    (0..slot.domain.vcpus.len())
+        .filter(|&index| slot.domain.vcpus[index].wait != Wait::None)
+        .filter_map(|index| vcpu_deadline(&slot.domain, index))
+        .min()
+}
+
 /// The interrupt to inject into vCPU `index` now, if any: the emulated APIC's first (a
 /// kernel using it acknowledges through EOI), then the event upcall.
 fn deliverable_interrupt(domain: &Domain, index: usize) -> Option<(u8, bool)> {
@@ -222,13 +235,7 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
             state.requests.make(request::EVENT);
         }
     }
-    if state.timers.expire(now) {
-        trace::timer(domain.id);
-        if let Some(port) = domain.events.virq_port(index, Virq::Timer) {
-            domain.raise_port(port);
-        }
-        domain.vcpus[index].requests.make(request::EVENT);
-    }
+    domain.expire_timers(index, now);
     let state = &domain.vcpus[index];
     if !state.up {
         return;
@@ -439,6 +446,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
         // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
         let mut last: Option<(usize, usize)> = None;
+        // The vCPU this CPU ran last, if it yielded.
+        let mut yielded: Option<(usize, usize)> = None;
         loop {
             let now = host.now_ns();
             let mut guard = self.table.lock();
@@ -473,8 +482,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             {
                 table.scrubbing.pop_front();
             }
-            let Some((index, vcpu_index)) = pick(slots, &table.units, table.cursor, idle_bit)
-            else {
+            let picked = pick(slots, &table.units, table.cursor, idle_bit, yielded.take());
+            let Some((index, vcpu_index)) = picked else {
                 let input_wakes = slots
                     .iter()
                     .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
@@ -522,12 +531,13 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
             }
             last = Some(unit);
-            // Other domains' deadlines; the running domain's own are looked at by `run_slice`.
+            // Other domains' deadlines that can wake them; the running domain's own are
+            // looked at by `run_slice`.
             let others = slots
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| *i != index)
-                .filter_map(|(_, s)| next_deadline(s))
+                .filter_map(|(_, s)| next_wake_deadline(s))
                 .min();
             let others = others.into_iter().chain(host_work).min();
             let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
@@ -580,6 +590,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 last = None;
             }
+            // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
+            yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
         }
     }
 
@@ -824,51 +836,91 @@ fn ready_cpus<V>(slots: &[Slot<V>], units: &[(usize, usize)]) -> u64 {
         .fold(0, |cpus, &(s, _)| cpus | slots[s].domain.affinity)
 }
 
-/// The vCPU the CPU `cpu_bit` (its bit) runs next, in one pass over `units` in round-robin
-/// order after `cursor`, among those whose domain's affinity has that CPU: a woken vCPU first
-/// (short latency for timers and events), otherwise the ready vCPU that had the least CPU
-/// time for its weight (ties in round-robin order). Woken vCPUs must not bank the time they
-/// slept: they start level with the least of the others.
+/// How far ahead of the least-served ready vCPU (in virtual run time) a woken vCPU may be
+/// and still be run first: one slice. Beyond it a wake-up waits its turn like any other.
+pub const BOOST_LEAD_NS: u64 = TIME_SLICE_NS;
+
+/// How far behind the least-served ready vCPU (in virtual run time) a woken vCPU may start:
+/// one slice.
+pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
+
+/// The vCPU to run next, in round-robin order after `cursor`: a woken vCPU first (short
+/// latency for timers and events) unless it is more than [`BOOST_LEAD_NS`] ahead of the ready
+/// vCPU that had the least CPU time for its weight, otherwise that vCPU (ties in round-robin
+/// order). Woken vCPUs must not bank the time they slept: they start at most
+/// [`WAKE_CREDIT_NS`] behind the least of the others. The lead bounds what waking often buys (as Xen's credit scheduler boosts only
+/// vCPUs that are under their share): a domain that sleeps a few microseconds between long
+/// stretches of work, waking boosted each time, would otherwise take the CPU from the others
+/// whatever its weight. The vCPU that just yielded, `yielded`, runs only when no other is
+/// ready (docs/abi.md 3.3: yield returns after the others had the CPU), even when a wake-up
+/// left it behind the others.
 ///
-/// One run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a
-/// socket: a vCPU goes to whichever allowed CPU is free first, so load balances without
-/// migration decisions, and weights hold across CPUs as they do on one.
+/// Only vCPUs whose domain's affinity has the picking CPU (`cpu_bit`) are looked at. One
+/// run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a socket:
+/// a vCPU goes to whichever allowed CPU is free first, so load balances without migration
+/// decisions, and weights hold across CPUs as they do on one.
 fn pick<V>(
     slots: &mut [Slot<V>],
     units: &[(usize, usize)],
     cursor: usize,
     cpu_bit: u64,
+    yielded: Option<(usize, usize)>,
 ) -> Option<(usize, usize)> {
     let count = units.len();
-    let mut first_boosted = None;
-    let mut fairest: Option<((usize, usize), u64)> = None;
+    let mut any_boosted = false;
     let mut least_unboosted: Option<u64> = None;
+    let mut first_boosted: Option<((usize, usize), u64)> = None;
+    let mut fairest: Option<((usize, usize), u64)> = None;
+    let mut yielder_ready = false;
     for i in 1..=count {
-        let (s, v) = units[(cursor + i) % count];
-        if slots[s].domain.affinity & cpu_bit == 0 || !is_ready(&slots[s], v) {
+        let unit = units[(cursor + i) % count];
+        if slots[unit.0].domain.affinity & cpu_bit == 0 || !is_ready(&slots[unit.0], unit.1) {
             continue;
         }
-        let state = &slots[s].domain.vcpus[v];
+        if Some(unit) == yielded {
+            yielder_ready = true;
+            continue;
+        }
+        let state = &slots[unit.0].domain.vcpus[unit.1];
         if state.boosted {
-            first_boosted.get_or_insert((s, v));
+            any_boosted = true;
+            first_boosted.get_or_insert((unit, state.vruntime));
         } else {
             least_unboosted =
                 Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
         }
         if fairest.is_none_or(|(_, least)| state.vruntime < least) {
-            fairest = Some(((s, v), state.vruntime));
+            fairest = Some((unit, state.vruntime));
         }
     }
-    if first_boosted.is_some()
-        && let Some(least) = least_unboosted
-    {
+    let limit = least_unboosted.map(|least| least.saturating_add(BOOST_LEAD_NS));
+    let within = |vruntime: u64| limit.is_none_or(|limit| vruntime <= limit);
+    let boosted = match first_boosted {
+        Some((unit, vruntime)) if within(vruntime) => Some(unit),
+        // Rare: the first woken vCPU is too far ahead; another woken one may not be.
+        Some(_) => (1..=count)
+            .map(|i| units[(cursor + i) % count])
+            .filter(|&unit| Some(unit) != yielded && is_ready(&slots[unit.0], unit.1))
+            .find(|&(s, v)| {
+                let state = &slots[s].domain.vcpus[v];
+                state.boosted && within(state.vruntime)
+            }),
+        None => None,
+    };
+    if any_boosted && let Some(least) = least_unboosted {
+        // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
+        // that naps often between its work was owed before the nap (clamped to `least`, it
+        // lost that at every nap and got a fraction of its share beside a spinning domain).
+        let floor = least.saturating_sub(WAKE_CREDIT_NS);
         for slot in slots.iter_mut() {
             for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
-                state.vruntime = state.vruntime.max(least);
+                state.vruntime = state.vruntime.max(floor);
             }
         }
     }
-    first_boosted.or(fairest.map(|(unit, _)| unit))
+    boosted
+        .or(fairest.map(|(unit, _)| unit))
+        .or(yielded.filter(|_| yielder_ready))
 }
 
 /// Where `unit` is in `units`, looking from `hint` (usually right after it).
@@ -1057,6 +1109,139 @@ mod tests {
     const POWEROFF: [u64; 3] = [2, 0, 0];
     const YIELD: [u64; 3] = [0, 0, 0];
     use lamina_abi::vcpu::VcpuOp;
+
+    /// Domains 1 and 2, ready, with these virtual run times; domain 2's vCPU woken or not.
+    fn ready_pair(
+        first_vruntime: u64,
+        second_vruntime: u64,
+        second_woken: bool,
+    ) -> ([TestMemory; 2], [Slot<MockVcpu>; 2]) {
+        let (t1, mut s1) = slot_with_id(1, vec![]);
+        let (t2, mut s2) = slot_with_id(2, vec![]);
+        s1.domain.vcpus[0].vruntime = first_vruntime;
+        s2.domain.vcpus[0].vruntime = second_vruntime;
+        s2.domain.vcpus[0].boosted = second_woken;
+        ([t1, t2], [s1, s2])
+    }
+
+    const UNITS: [(usize, usize); 2] = [(0, 0), (1, 0)];
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn a_woken_vcpu_runs_first_only_within_one_slice_of_the_least_served() {
+        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS, true);
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, u64::MAX, None),
+            Some((1, 0)),
+            "within the lead"
+        );
+        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS + 1, true);
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, u64::MAX, None),
+            Some((0, 0)),
+            "a wake-up further ahead waits its turn"
+        );
+        let (_t, mut slots) = ready_pair(100 * MS, 90 * MS, false);
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, u64::MAX, None),
+            Some((1, 0)),
+            "the fairest"
+        );
+    }
+
+    #[test]
+    fn a_wake_up_keeps_up_to_one_slice_of_what_it_was_owed() {
+        let (_t, mut slots) = ready_pair(100 * MS, 95 * MS, true);
+        assert_eq!(pick(&mut slots, &UNITS, 1, u64::MAX, None), Some((1, 0)));
+        assert_eq!(
+            slots[1].domain.vcpus[0].vruntime,
+            95 * MS,
+            "owed 5 ms: kept"
+        );
+        let (_t, mut slots) = ready_pair(100 * MS, 20 * MS, true);
+        assert_eq!(pick(&mut slots, &UNITS, 1, u64::MAX, None), Some((1, 0)));
+        assert_eq!(
+            slots[1].domain.vcpus[0].vruntime,
+            100 * MS - WAKE_CREDIT_NS,
+            "a long sleep banks one slice"
+        );
+    }
+
+    #[test]
+    fn only_a_waiting_vcpus_timers_cut_another_domains_slice() {
+        let (_t, mut s) = slot(vec![]);
+        s.domain.vcpus[0].timers.periodic = Some((50_000, 50_000));
+        assert_eq!(next_deadline(&s), Some(50_000));
+        assert_eq!(next_wake_deadline(&s), None, "ready: handled when it runs");
+        s.domain.vcpus[0].wait = Wait::Block;
+        assert_eq!(next_wake_deadline(&s), Some(50_000), "waiting: it may wake");
+    }
+
+    #[test]
+    fn a_yield_lets_the_others_run_first_even_when_it_was_owed_time() {
+        // Domain 2 was woken 5 ms behind domain 1 and yields: domain 1 runs next.
+        let (_t, mut slots) = ready_pair(100 * MS, 95 * MS, false);
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, u64::MAX, Some((1, 0))),
+            Some((0, 0))
+        );
+        assert_eq!(
+            pick(&mut slots, &UNITS, 0, u64::MAX, None),
+            Some((1, 0)),
+            "then it is owed"
+        );
+        // Alone, it runs on.
+        slots[0].domain.end(Ending::Poweroff);
+        assert_eq!(
+            pick(&mut slots, &UNITS, 1, u64::MAX, Some((1, 0))),
+            Some((1, 0))
+        );
+    }
+
+    #[test]
+    fn a_napping_domain_gets_its_share_beside_a_spinning_one() {
+        // Domain 1 spins; domain 2 works 300 us and yields, works 300 us and naps 10 us
+        // (out of the run queue), over and over, waking boosted. Each should have about
+        // half of the CPU. (Clamped to the spinner's run time at every wake-up, the napper
+        // lost what the spinner's last slice had put it behind, and got about 6%.)
+        let (_t, mut slots) = ready_pair(0, 0, false);
+        let (mut cursor, mut now, mut ran) = (1, 0u64, [0u64; 2]);
+        let mut nap_until: Option<u64> = None;
+        let mut naps_next = false;
+        while now < 1000 * MS {
+            if nap_until.is_some_and(|t| t <= now) {
+                nap_until = None;
+                slots[1].domain.vcpus[0].boosted = true;
+            }
+            let unit = if nap_until.is_some() {
+                (0, 0)
+            } else {
+                pick(&mut slots, &UNITS, cursor, u64::MAX, None).expect("both are ready")
+            };
+            slots[unit.0].domain.vcpus[0].boosted = false;
+            cursor = index_of_unit(&UNITS, cursor, unit);
+            // The spinner's slice ends at the napper's wake-up (a waiting vCPU's deadline).
+            let run = match (unit.0, nap_until) {
+                (0, Some(wake)) => wake - now,
+                (0, None) => TIME_SLICE_NS,
+                _ => 300_000,
+            };
+            ran[unit.0] += run;
+            slots[unit.0].domain.vcpus[0].vruntime += run;
+            now += run;
+            if unit.0 == 1 {
+                if naps_next {
+                    nap_until = Some(now + 10_000);
+                }
+                naps_next = !naps_next;
+            }
+        }
+        let share = ran[1] as f64 / (ran[0] + ran[1]) as f64;
+        assert!(
+            (0.45..=0.55).contains(&share),
+            "the napper's share: {share}"
+        );
+    }
 
     #[test]
     fn block_with_nothing_that_can_wake_stops_the_domain() {

@@ -313,6 +313,8 @@ pub struct VcpuState {
     /// timers and events reach a sleeping vCPU with the latency of one switch (as Xen's
     /// credit scheduler boosts woken vCPUs).
     pub boosted: bool,
+    /// Gave up the CPU with `sched_op` yield: the others go first (docs/abi.md 3.3).
+    pub yielded: bool,
     /// Up (runs when ready); a vCPU other than 0 is down until `vcpu_op` up, and again after
     /// down (run state offline).
     pub up: bool,
@@ -357,6 +359,7 @@ impl VcpuState {
             vcpu_info_moved: false,
             window_requested: false,
             boosted: false,
+            yielded: false,
             up: index == 0,
             start: None,
             waiting_for_sipi: false,

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
 use lamina_abi::layout::CONSOLE_RING_GPA;
-use lamina_abi::memory::{MemoryOp, MemoryRegion};
+use lamina_abi::memory::{FLUSH_ADDRESSES_MAX, MemoryOp, MemoryRegion};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
 use lamina_abi::stats::{ExitCounters, StatsOp};
@@ -197,12 +197,28 @@ fn sched_op(
     [op, arg, count, deadline, _]: [u64; 5],
 ) -> Result<Done, Errno> {
     let op = SchedOp::try_from(op)?;
-    if matches!(op, SchedOp::Yield | SchedOp::Block | SchedOp::Poll) {
+    if matches!(
+        op,
+        SchedOp::Yield | SchedOp::Block | SchedOp::Poll | SchedOp::YieldTo
+    ) {
         // A vCPU about to give up the CPU has its console ring printed (docs/abi.md 13).
         domain.drain_console_ring();
     }
     match op {
         SchedOp::Yield => Ok(Done::Yield),
+        SchedOp::YieldTo => {
+            let target = domain.events.check_vcpu(arg)?;
+            if target == vcpu {
+                return Err(Errno::EINVAL);
+            }
+            // Ready and descheduled (RUNNABLE: preempted or yielded, not on a CPU): it
+            // runs next, as a woken vCPU does (docs/abi.md 3.3).
+            let state = &mut domain.vcpus[target];
+            if state.is_runnable() && state.runstate.state() == runstate::RUNNABLE {
+                state.boosted = true;
+            }
+            Ok(Done::Yield)
+        }
         SchedOp::Shutdown => {
             let ending = match ShutdownReason::try_from(arg)? {
                 ShutdownReason::Poweroff => Ending::Poweroff,
@@ -367,6 +383,15 @@ fn event_channel_op(
             Ok(0)
         }
         EventChannelOp::Status => domain.events.status(&domain.memory, arg),
+        EventChannelOp::BindIpiSlot => Ok(domain.events.bind_ipi_slot(arg, arg2)?.into()),
+        EventChannelOp::SendIpi => {
+            // Every target is validated before the first is raised (docs/abi.md 8.11).
+            let targets = domain.events.ipi_targets(arg, arg2)?;
+            for port in targets.ports() {
+                domain.raise_port(port);
+            }
+            Ok(0)
+        }
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -498,9 +523,11 @@ fn vcpu_op(
     Ok(Done::Return(0))
 }
 
-fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u64, Errno> {
+fn memory_op(domain: &mut Domain, [op, gpa, capacity, count, _]: [u64; 5]) -> Result<u64, Errno> {
     let size = domain.memory.size();
     match MemoryOp::try_from(op)? {
+        // RSI: the vCPU mask, RDX: the array, R10: its count (docs/abi.md 11).
+        MemoryOp::FlushTlb => flush_tlb(domain, gpa, capacity, count),
         MemoryOp::CurrentReservation => Ok(size),
         MemoryOp::GetMemoryMap => {
             let map = domain.memory_map;
@@ -524,6 +551,37 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u
         }
         _ => Err(Errno::ENOSYS),
     }
+}
+
+/// `memory_op` flush_tlb (docs/abi.md 11): every check first, then each vCPU of `mask` is
+/// flushed before it next runs guest code; one in guest mode on another CPU is kicked and
+/// out of it when this returns, one that is not running is not disturbed.
+fn flush_tlb(domain: &mut Domain, mask: u64, gpa: u64, count: u64) -> Result<u64, Errno> {
+    let mask = domain.events.check_vcpu_mask(mask)?;
+    if count > FLUSH_ADDRESSES_MAX {
+        return Err(Errno::EINVAL);
+    }
+    if count > 0 {
+        let mut raw = [0u8; 8 * FLUSH_ADDRESSES_MAX as usize];
+        let raw = &mut raw[..8 * count as usize];
+        domain.memory.read(gpa, raw)?;
+        let canonical = raw.chunks_exact(8).all(|bytes| {
+            let mut address = [0u8; 8];
+            address.copy_from_slice(bytes);
+            is_canonical(u64::from_le_bytes(address))
+        });
+        if !canonical {
+            return Err(Errno::EINVAL);
+        }
+    }
+    // The list is honoured by flushing the vCPU's whole guest TLB, which drops every address
+    // on it: more than asked, never less (docs/abi.md 11).
+    for (index, state) in domain.vcpus.iter().enumerate() {
+        if mask & 1 << index != 0 {
+            state.requests.make_quietly_and_wait(request::TLB_FLUSH);
+        }
+    }
+    Ok(0)
 }
 
 fn stats_op(

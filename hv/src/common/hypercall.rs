@@ -562,16 +562,26 @@ fn flush_tlb(domain: &mut Domain, mask: u64, gpa: u64, count: u64) -> Result<u64
         return Err(Errno::EINVAL);
     }
     if count > 0 {
-        let mut raw = [0u8; 8 * FLUSH_ADDRESSES_MAX as usize];
-        let raw = &mut raw[..8 * count as usize];
-        domain.memory.read(gpa, raw)?;
-        let canonical = raw.chunks_exact(8).all(|bytes| {
-            let mut address = [0u8; 8];
-            address.copy_from_slice(bytes);
-            is_canonical(u64::from_le_bytes(address))
-        });
-        if !canonical {
-            return Err(Errno::EINVAL);
+        // The whole array must be RAM before any of it is read (docs/abi.md 2.5); then it is
+        // read once, a few addresses at a time (they are only validated: the flush is
+        // whole), so the call needs no page-sized buffer.
+        domain.memory.check(gpa, 8 * count)?;
+        const CHUNK: u64 = 32;
+        let mut raw = [0u8; 8 * CHUNK as usize];
+        let mut at = 0;
+        while at < count {
+            let take = CHUNK.min(count - at);
+            let bytes = &mut raw[..8 * take as usize];
+            domain.memory.read(gpa + 8 * at, bytes)?;
+            let canonical = bytes.chunks_exact(8).all(|address| {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(address);
+                is_canonical(u64::from_le_bytes(word))
+            });
+            if !canonical {
+                return Err(Errno::EINVAL);
+            }
+            at += take;
         }
     }
     // The list is honoured by flushing the vCPU's whole guest TLB, which drops every address
@@ -924,6 +934,41 @@ mod tests {
             t.mem.read_u64(0x9038 + 48).unwrap(),
             0xdead,
             "the entry after the shutdown did not run"
+        );
+    }
+
+    #[test]
+    fn flush_tlb_checks_every_address_across_chunks_and_asks_for_the_flush() {
+        let (t, mut d) = domain();
+        let flush = |d: &mut Domain, mask: u64, gpa: u64, count: u64| {
+            testing::dispatch_for_test(d, 0, 5, [2, mask, gpa, count, 0])
+        };
+        for i in 0..40u64 {
+            t.mem.write_u64(0x9000 + 8 * i, 0x1000 * i).unwrap();
+        }
+        assert_eq!(flush(&mut d, 0b1, 0x9000, 513), Err(Some(Errno::EINVAL)));
+        assert_eq!(flush(&mut d, 0b10, 0x9000, 1), Err(Some(Errno::ENOENT)));
+        assert_eq!(
+            flush(&mut d, 0b1, (4 << 20) - 8, 2),
+            Err(Some(Errno::EFAULT))
+        );
+        assert!(
+            !d.vcpus[0].requests.peek(request::TLB_FLUSH),
+            "no partial effect"
+        );
+        t.mem.write_u64(0x9000 + 8 * 35, 1 << 47).unwrap();
+        assert_eq!(
+            flush(&mut d, 0b1, 0x9000, 40),
+            Err(Some(Errno::EINVAL)),
+            "a non-canonical address in the second chunk"
+        );
+        assert!(!d.vcpus[0].requests.peek(request::TLB_FLUSH));
+        assert_eq!(flush(&mut d, 0b1, 0x9000, 35), Ok(0));
+        assert!(d.vcpus[0].requests.peek(request::TLB_FLUSH));
+        assert_eq!(
+            flush(&mut d, 0b1, u64::MAX, 0),
+            Ok(0),
+            "all: the array is ignored"
         );
     }
 

@@ -12,7 +12,7 @@ use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
-use crate::common::domain::{Domain, DomainTable, Ending, Slot};
+use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
 use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
@@ -414,6 +414,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     pub fn run_cpu<H: Host>(&self, cpu: usize, host: &mut H) {
         let idle_bit = 1u64 << cpu.min(63);
         let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
+        // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
+        let mut last: Option<(usize, usize)> = None;
         loop {
             let now = host.now_ns();
             let mut guard = self.table.lock();
@@ -485,6 +487,24 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 table.cursor = index_of_unit(&table.units, table.cursor, unit);
             }
             slots[index].domain.vcpus[vcpu_index].boosted = false;
+            if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
+                // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
+                // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its
+                // hardware state is out of its slot), where it is RUNNING.
+                let slot = &mut slots[previous];
+                let parked = matches!(slot.vcpus.get(previous_vcpu), Some(Some(_)));
+                let domain = &mut slot.domain;
+                let state = &mut domain.vcpus[previous_vcpu];
+                if parked
+                    && domain.state == DomainState::Runnable
+                    && state.runstate.state() == runstate::RUNNING
+                {
+                    let _ = state
+                        .runstate
+                        .enter(runstate::RUNNABLE, now, &domain.memory);
+                }
+            }
+            last = Some(unit);
             // Other domains' deadlines; the running domain's own are looked at by `run_slice`.
             let others = slots
                 .iter()
@@ -751,17 +771,8 @@ fn end_slice<V: VirtualCpu, H: Host>(
             };
             let _ = state.runstate.enter(to, now, &domain.memory);
         }
-        // Preempted or yielding: RUNNABLE from now, so that its siblings see it is not
-        // running (docs/abi.md 9.2: they skip waiting for it, 20).
-        Next::Yield | Next::Resume | Next::Again => {
-            let now = host.now_ns();
-            let state = &mut domain.vcpus[vcpu_index];
-            if state.runstate.state() == runstate::RUNNING {
-                let _ = state
-                    .runstate
-                    .enter(runstate::RUNNABLE, now, &domain.memory);
-            }
-        }
+        // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
+        Next::Yield | Next::Resume | Next::Again => {}
     }
     domain.drain_console_ring();
 }

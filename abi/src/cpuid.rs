@@ -61,8 +61,12 @@ pub mod features {
     pub const GRANT_TABLES: u32 = 1 << 13;
     /// Domain control (`domctl_op`) for privileged domains.
     pub const DOMAIN_CONTROL: u32 = 1 << 14;
+    /// Paravirtual SMP (ABI 1.6): IPI slots and `send_ipi` (`event_channel_op`), `flush_tlb`
+    /// (`memory_op`), `yield_to` (`sched_op`).
+    pub const PV_SMP: u32 = 1 << 15;
     /// Everything this build offers.
     pub const ALL: u32 = GRANT_TABLES
+        | PV_SMP
         | DOMAIN_CONTROL
         | INTERDOMAIN_EVENTS
         | EXIT_STATS

@@ -46,7 +46,21 @@ pub enum EventChannelOp {
     /// inter-domain channel. Returns the caller's new port. `-ENOENT`: no such domain;
     /// `-EINVAL`: that port is not unbound for the caller.
     BindInterdomain = 7,
+    /// Bind IPI slot `RDX` (`0..`[`IPI_SLOTS`]) of vCPU `RSI` to a new port: the port
+    /// [`EventChannelOp::SendIpi`] raises on that vCPU for that slot. Returns the port.
+    /// `-ENOENT`: no such vCPU; `-EINVAL`: slot out of range; `-EEXIST`: already bound.
+    /// Since ABI 1.6.
+    BindIpiSlot = 8,
+    /// Raise the port bound to IPI slot `RDX` on every vCPU of the mask `RSI` (bit `v`:
+    /// vCPU `v`), in one call. Returns 0. `-EINVAL`: slot out of range or an empty mask;
+    /// `-ENOENT`: a bit names no vCPU; `-EINVAL`: a vCPU of the mask has nothing bound in
+    /// that slot (nothing is raised then). Since ABI 1.6.
+    SendIpi = 9,
 }
+
+/// IPI slots per vCPU ([`EventChannelOp::BindIpiSlot`]): one per kind of IPI a kernel sends
+/// (reschedule, call function, TLB shootdown...).
+pub const IPI_SLOTS: u64 = 8;
 
 impl TryFrom<u64> for EventChannelOp {
     type Error = crate::Errno;
@@ -61,6 +75,8 @@ impl TryFrom<u64> for EventChannelOp {
             5 => EventChannelOp::Unmask,
             6 => EventChannelOp::Status,
             7 => EventChannelOp::BindInterdomain,
+            8 => EventChannelOp::BindIpiSlot,
+            9 => EventChannelOp::SendIpi,
             _ => return Err(crate::Errno::ENOSYS),
         })
     }

@@ -13,7 +13,19 @@ pub enum MemoryOp {
     GetMemoryMap = 0,
     /// Returns the size of the domain's RAM in bytes.
     CurrentReservation = 1,
+    /// Flush guest TLB entries on the vCPUs of the mask `RSI` (bit `v`: vCPU `v` of the
+    /// caller's domain): the `R10` guest-virtual addresses of the array of `u64` at
+    /// guest-physical `RDX`, or every entry when `R10` is 0. When the call returns, no vCPU
+    /// of the mask uses a translation it cached before the call: a running one was
+    /// interrupted and flushed, one that is not running is flushed before it next runs
+    /// (without being woken). Returns 0. `-EINVAL`: an empty mask, a count above
+    /// [`FLUSH_ADDRESSES_MAX`] or a non-canonical address; `-ENOENT`: a bit names no vCPU;
+    /// `-EFAULT`: the array is outside RAM. Since ABI 1.6.
+    FlushTlb = 2,
 }
+
+/// Most addresses one [`MemoryOp::FlushTlb`] takes (a page of them).
+pub const FLUSH_ADDRESSES_MAX: u64 = 512;
 
 impl TryFrom<u64> for MemoryOp {
     type Error = crate::Errno;
@@ -22,6 +34,7 @@ impl TryFrom<u64> for MemoryOp {
         match op {
             0 => Ok(MemoryOp::GetMemoryMap),
             1 => Ok(MemoryOp::CurrentReservation),
+            2 => Ok(MemoryOp::FlushTlb),
             _ => Err(crate::Errno::ENOSYS),
         }
     }

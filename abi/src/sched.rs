@@ -22,6 +22,11 @@ pub enum SchedOp {
     /// listed port is pending (at once if one already is), `-ETIMEDOUT` at the deadline.
     /// Upcall delivery is not changed: poll works with events masked.
     Poll = 3,
+    /// A directed yield: give the CPU to vCPU `RSI` of the caller's domain (the holder of a
+    /// lock the caller waits for). If it is ready and not running it runs next, before other
+    /// ready vCPUs; otherwise this is a plain yield. Returns 0. `-ENOENT`: no such vCPU;
+    /// `-EINVAL`: the caller itself. Since ABI 1.6.
+    YieldTo = 4,
 }
 
 impl TryFrom<u64> for SchedOp {
@@ -33,6 +38,7 @@ impl TryFrom<u64> for SchedOp {
             1 => Ok(SchedOp::Block),
             2 => Ok(SchedOp::Shutdown),
             3 => Ok(SchedOp::Poll),
+            4 => Ok(SchedOp::YieldTo),
             _ => Err(crate::Errno::ENOSYS),
         }
     }

@@ -47,6 +47,7 @@ mod idle;
 mod measure;
 mod ops;
 mod pingpong;
+mod smp;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -234,6 +235,9 @@ fn bench_main(start: &'static StartInfo) {
         );
     }
 
+    if runs(Group::Smp) {
+        smp_rows(iterations, start);
+    }
     if let Some(idle) = &idle {
         idle.release();
     }
@@ -433,6 +437,32 @@ fn event_pingpong(n: u64) -> bool {
         measure::Hundredths::ratio(sample.0.work_ticks(), n),
     );
     true
+}
+
+/// The SMP rows (docs/abi.md 20), last: they start vCPU 1, which the rows before must not
+/// see. Skipped with one vCPU (`vcpus=`).
+fn smp_rows(n: u64, start: &StartInfo) {
+    let rows = [
+        info("ipi_self_pv", Group::Smp, Path::Pv),
+        info("ipi_self_x2apic", Group::Smp, Path::Trap),
+        info("shootdown_pv_blocked", Group::Smp, Path::Pv),
+        info("shootdown_ipi_blocked", Group::Smp, Path::Pv),
+    ];
+    if start.nr_vcpus < 2 {
+        for row in rows {
+            measure::report_skipped(row, "needs-vcpus=2");
+        }
+        return;
+    }
+    if let Err((what, error)) = smp::setup() {
+        fail(format_args!("smp: {what} failed: {error}"));
+        return;
+    }
+    let [ipi_pv, ipi_x2apic, flush_pv, flush_ipi] = rows;
+    bench_counted(ipi_pv, n, &smp::IPI_EVENTS, smp::ipi_self_pv);
+    bench_counted(ipi_x2apic, n, &ops::SELF_IPIS, smp::ipi_self_x2apic);
+    bench(flush_pv, n, smp::shootdown_pv_blocked);
+    bench_counted(flush_ipi, n, &smp::SHOOTDOWNS, smp::shootdown_ipi_blocked);
 }
 
 /// `domain_switch`: round trips of yields between this domain and pong (see [`pingpong`]),

@@ -170,6 +170,7 @@ pub(crate) enum Group {
     Multicall,
     Time,
     Pingpong,
+    Smp,
 }
 
 impl Group {
@@ -185,6 +186,7 @@ impl Group {
             Group::Multicall => "multicall",
             Group::Time => "time",
             Group::Pingpong => "pingpong",
+            Group::Smp => "smp",
         }
     }
 }

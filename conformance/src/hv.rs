@@ -122,6 +122,11 @@ pub(crate) fn sched_op(op: u64, args: [u64; 4]) -> Status {
     call(Hypercall::SchedOp, [op, a2, a3, a4, a5])
 }
 
+/// YieldTo `vcpu` (docs/abi.md 3.3).
+pub(crate) fn yield_to(vcpu: u64) -> Status {
+    sched_op(SchedOp::YieldTo as u64, [vcpu, 0, 0, 0])
+}
+
 /// Yield.
 pub(crate) fn sched_yield() -> Status {
     sched_op(SchedOp::Yield as u64, [0; 4])
@@ -163,6 +168,16 @@ pub(crate) fn shutdown(reason: ShutdownReason) -> ! {
 /// `event_channel_op` operation `op`: no operation touches guest memory.
 pub(crate) fn event_channel_op(op: u64, a1: u64, a2: u64) -> Status {
     call(Hypercall::EventChannelOp, [op, a1, a2, 0, 0])
+}
+
+/// BindIpiSlot: slot `slot` of vCPU `vcpu` (docs/abi.md 8.10).
+pub(crate) fn bind_ipi_slot(vcpu: u64, slot: u64) -> Status {
+    event_channel_op(EventChannelOp::BindIpiSlot as u64, vcpu, slot)
+}
+
+/// SendIpi: slot `slot` on the vCPUs of `mask` (docs/abi.md 8.11).
+pub(crate) fn send_ipi(mask: u64, slot: u64) -> Status {
+    event_channel_op(EventChannelOp::SendIpi as u64, mask, slot)
 }
 
 /// AllocUnbound for `remote`.
@@ -277,6 +292,15 @@ pub(crate) fn memory_map(regions: &mut [MemoryRegion]) -> Status {
             regions.len() as u64,
         )
     }
+}
+
+/// FlushTlb of the vCPUs of `mask`: the `count` addresses at guest-physical `gpa`, or all
+/// (docs/abi.md 11).
+pub(crate) fn flush_tlb(mask: u64, gpa: u64, count: u64) -> Status {
+    call(
+        Hypercall::MemoryOp,
+        [MemoryOp::FlushTlb as u64, mask, gpa, count, 0],
+    )
 }
 
 /// CurrentReservation.

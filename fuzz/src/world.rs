@@ -245,13 +245,17 @@ fn layout(nr: u64, op: u64) -> [Kind; 4] {
         (1, _) => [Buffer, Length, Any, Any],          // console_io
         (2, 2) => [Small, Any, Any, Any],              // shutdown
         (2, 3) => [Buffer, Small, Time, Any],          // poll
+        (2, 4) => [Bit, Any, Any, Any],                // yield_to
         (3, 0) => [Domain, Any, Any, Any],             // alloc_unbound
         (3, 1) => [Small, Bit, Any, Any],              // bind_virq
         (3, 7) => [Domain, Port, Any, Any],            // bind_interdomain
+        (3, 8) => [Bit, Small, Any, Any],              // bind_ipi_slot
+        (3, 9) => [Small, Small, Any, Any],            // send_ipi (a mask)
         (3, _) => [Port, Any, Any, Any],               // send, close, unmask, status
         (4, 0 | 1) => [Bit, Buffer, Any, Any],         // vcpu_info, runstate
         (4, 2 | 3) => [Bit, Time, Any, Any],           // timers
         (4, _) => [Bit, Small, Any, Any],              // upcall vector
+        (5, 2) => [Small, Buffer, Length, Any],        // flush_tlb (a mask)
         (5, _) => [Buffer, Small, Any, Any],           // memory map
         (6, _) => [Buffer, Length, Any, Any],          // multicall (RDI is the batch)
         (7, _) => [Domain, Bit, Buffer, Any],          // exit counters

@@ -100,7 +100,7 @@ pub struct Features(pub u32);
 
 impl Features {
     /// Every defined bit with its name, in bit order.
-    pub const NAMES: [(u32, &'static str); 15] = [
+    pub const NAMES: [(u32, &'static str); 16] = [
         (features::ANY_HYPERCALL_INSN, "any-hypercall-insn"),
         (features::CONSOLE_IO, "console-io"),
         (features::SCHED_OP, "sched-op"),
@@ -116,6 +116,7 @@ impl Features {
         (features::INTERDOMAIN_EVENTS, "interdomain-events"),
         (features::GRANT_TABLES, "grant-tables"),
         (features::DOMAIN_CONTROL, "domain-control"),
+        (features::PV_SMP, "pv-smp"),
     ];
 
     /// Whether every bit of `bits` is set.
@@ -154,7 +155,7 @@ mod tests {
             Features(features::ALL).to_string(),
             "any-hypercall-insn console-io sched-op emulated-uart event-channels pvclock \
              pv-timers multicall memory-op console-ring emulated-x2apic exit-stats \
-             interdomain-events grant-tables domain-control"
+             interdomain-events grant-tables domain-control pv-smp"
         );
         assert_eq!(
             Features(features::CONSOLE_IO | 1 << 20).to_string(),

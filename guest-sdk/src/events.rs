@@ -137,6 +137,24 @@ pub fn bind_ipi(vcpu: u32) -> Result<Port, HypercallError> {
     op(EventChannelOp::BindIpi, u64::from(vcpu), 0).map(port_from)
 }
 
+/// Binds IPI slot `slot` (`0..IPI_SLOTS`) of vCPU `vcpu` to a new port: the port
+/// [`send_ipi`] raises on that vCPU for that slot (docs/abi.md 8.10; ABI 1.6, CPUID feature
+/// bit `PV_SMP`).
+pub fn bind_ipi_slot(vcpu: u32, slot: u8) -> Result<Port, HypercallError> {
+    op(
+        EventChannelOp::BindIpiSlot,
+        u64::from(vcpu),
+        u64::from(slot),
+    )
+    .map(port_from)
+}
+
+/// Raises the port bound to IPI slot `slot` on every vCPU of `mask` (bit `v`: vCPU `v`) in one
+/// hypercall (docs/abi.md 8.11). Nothing is raised when one of them has no port in that slot.
+pub fn send_ipi(mask: u64, slot: u8) -> Result<(), HypercallError> {
+    op(EventChannelOp::SendIpi, mask, u64::from(slot)).map(|_| ())
+}
+
 /// Raises `port`. On the console port it has the hypervisor drain the console ring at once.
 pub fn send(port: Port) -> Result<(), HypercallError> {
     op(EventChannelOp::Send, u64::from(port.0), 0).map(|_| ())

@@ -23,7 +23,7 @@
 //! - [`interrupts`]: a static IDT with exception reports, handlers by vector, and a hook where
 //!   a scheduler switches tasks on the way out of an interrupt; or, for a kernel that keeps its
 //!   own IDT, entry points and handler functions to route from it ([`interrupts::Routing`]).
-//! - [`pvops`]: operation groups (console, idle, timer, time, cpu) with a native and a
+//! - [`pvops`]: operation groups (console, idle, timer, time, cpu, smp) with a native and a
 //!   paravirtual backend each, selected per group at boot.
 //! - [`shared`]: atomic access to the shared-info page; [`msr`], [`x2apic`], [`port`]: the
 //!   trapping instructions and the emulated x2APIC.

@@ -1,7 +1,7 @@
-//! The domain's memory (`memory_op`, docs/abi.md 11): its map and its size.
+//! The domain's memory (`memory_op`, docs/abi.md 11): its map, its size, and TLB shootdowns.
 
-use lamina_abi::Hypercall;
-use lamina_abi::memory::{MemoryOp, MemoryRegion, region_kind};
+use lamina_abi::memory::{FLUSH_ADDRESSES_MAX, MemoryOp, MemoryRegion, region_kind};
+use lamina_abi::{Errno, Hypercall};
 
 use crate::hypercall::{self, HypercallError};
 
@@ -23,6 +23,31 @@ pub fn memory_map(regions: &mut [MemoryRegion]) -> Result<usize, HypercallError>
         )
     }?;
     Ok(count as usize)
+}
+
+/// Flushes the TLB entries of `addresses` (all of them when empty) on the vCPUs of `mask`
+/// (bit `v`: vCPU `v`), in one hypercall (docs/abi.md 11; ABI 1.6): running vCPUs are
+/// interrupted and flushed before this returns, preempted ones are flushed before they next
+/// run, without being woken or waited for. At most [`FLUSH_ADDRESSES_MAX`] addresses (more is
+/// `EINVAL`, without a call).
+pub fn flush_tlb(mask: u64, addresses: &[u64]) -> Result<(), HypercallError> {
+    if addresses.len() as u64 > FLUSH_ADDRESSES_MAX {
+        return Err(HypercallError::Errno(Errno::EINVAL));
+    }
+    // SAFETY: the hypervisor only reads the array, which we borrow for the call.
+    unsafe {
+        hypercall::call(
+            Hypercall::MemoryOp,
+            [
+                MemoryOp::FlushTlb as u64,
+                mask,
+                addresses.as_ptr() as u64,
+                addresses.len() as u64,
+                0,
+            ],
+        )
+    }
+    .map(|_| ())
 }
 
 /// The size of the domain's RAM in bytes.

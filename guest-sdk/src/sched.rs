@@ -12,6 +12,20 @@ pub fn yield_now() -> Result<(), HypercallError> {
     hypercall::sched_yield()
 }
 
+/// A directed yield: gives the CPU to vCPU `vcpu` of this domain (the holder of a lock the
+/// caller waits for) if it is ready and not running, otherwise a plain yield (docs/abi.md 3.3;
+/// ABI 1.6). `EINVAL` for the caller's own vCPU, `ENOENT` for one that does not exist.
+pub fn yield_to(vcpu: u32) -> Result<(), HypercallError> {
+    // SAFETY: yield_to takes no buffer.
+    unsafe {
+        hypercall::call(
+            Hypercall::SchedOp,
+            [SchedOp::YieldTo as u64, u64::from(vcpu), 0, 0, 0],
+        )
+    }
+    .map(|_| ())
+}
+
 /// The replacement for HLT: clears this vCPU's upcall mask and sleeps until an event is
 /// pending for it (returns at once if one is). With RFLAGS.IF set the upcall then runs the
 /// handlers; with IF clear it runs at the next `sti`, so "check for work with interrupts

@@ -147,6 +147,16 @@ pub unsafe fn eoi() {
     unsafe { wrmsr(EOI, 0) };
 }
 
+/// Writes the interrupt command register: sends the IPI `value` describes (Intel SDM Vol. 3A
+/// 11.12.9; `pvops::smp::icr_fixed` builds a fixed one).
+///
+/// # Safety
+/// An x2APIC must be present; the receivers' IDTs must handle the vector.
+pub unsafe fn write_icr(value: u64) {
+    // SAFETY: the caller checked the x2APIC and the receivers; the write only sends an IPI.
+    unsafe { wrmsr(ICR, value) };
+}
+
 /// This vCPU's APIC ID.
 ///
 /// # Safety

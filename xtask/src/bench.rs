@@ -228,7 +228,7 @@ pub fn boot_modules(iterations: u64) -> [BootModule; 2] {
         BootModule {
             path: Artifact::Bench.path(),
             cmdline: format!(
-                "{DOMAIN_NAME} iterations={iterations} pingpong_peer={PONG_DOMAIN_ID}"
+                "{DOMAIN_NAME} iterations={iterations} pingpong_peer={PONG_DOMAIN_ID} vcpus=2"
             ),
         },
         BootModule {
@@ -943,7 +943,10 @@ lamina: result: success
     fn the_second_module_is_pong_for_domain_one() {
         let [bench, pong] = boot_modules(200);
         assert_eq!(bench.path, pong.path, "one guest, two modes");
-        assert_eq!(bench.cmdline, "lamina-bench iterations=200 pingpong_peer=2");
+        assert_eq!(
+            bench.cmdline,
+            "lamina-bench iterations=200 pingpong_peer=2 vcpus=2"
+        );
         assert_eq!(pong.cmdline, "pong pong=1 iterations=200 mem=4M");
     }
 

@@ -53,9 +53,9 @@ conformance_test! {
     expect: Success,
 }
 pub(super) fn evtchn_unknown_op_enosys() {
-    // 8 is the first unassigned operation (ABI 1.2); 1 << 32 would be AllocUnbound to a
+    // 10 is the first unassigned operation (ABI 1.6); 1 << 32 would be AllocUnbound to a
     // hypervisor that looks at EDI only.
-    for op in [8, 9, 99, 1 << 32, u64::MAX] {
+    for op in [10, 11, 99, 1 << 32, u64::MAX] {
         check_eq!(
             format_args!("event_channel_op operation {op:#x}"),
             Status::err(Errno::ENOSYS),
@@ -64,9 +64,9 @@ pub(super) fn evtchn_unknown_op_enosys() {
     }
     // The operation is checked before its arguments (docs/abi.md 2.4).
     check_eq!(
-        "event_channel_op operation 8 with port 5000",
+        "event_channel_op operation 10 with port 5000",
         Status::err(Errno::ENOSYS),
-        hv::event_channel_op(8, 5000, 5000)
+        hv::event_channel_op(10, 5000, 5000)
     );
     check_free("after the unknown operations", FIRST_FREE_PORT);
 }

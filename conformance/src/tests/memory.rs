@@ -65,9 +65,9 @@ conformance_test! {
     expect: Success,
 }
 pub(super) fn memory_op_unknown_enosys() {
-    // 2 is the first unassigned operation; 1 << 32 would be GetMemoryMap to a hypervisor
-    // that looks at EDI only (with capacity 0 it writes nothing).
-    for op in [2, 3, 99, 1 << 32, u64::MAX] {
+    // 3 is the first unassigned operation (flush_tlb is 2 since ABI 1.6); 1 << 32 would be
+    // GetMemoryMap to a hypervisor that looks at EDI only (with capacity 0 it writes nothing).
+    for op in [3, 4, 99, 1 << 32, u64::MAX] {
         // SAFETY: unknown operations do nothing; see above for 1 << 32.
         let status = unsafe { hv::memory_op(op, 0, 0) };
         check_eq!(

@@ -30,6 +30,7 @@ mod interdomain;
 mod io;
 mod memory;
 mod multicall;
+mod pv_smp;
 mod ring;
 mod sched;
 mod smp;

@@ -44,9 +44,9 @@ conformance_test! {
     expect: Success,
 }
 pub(super) fn sched_unknown_op_enosys() {
-    // 4 is the first unassigned operation (ABI 1.0: yield, block, shutdown, poll); 1 << 32
-    // would be yield to a hypervisor that looks at EDI only.
-    for op in [4, 5, 99, 1 << 32, u64::MAX] {
+    // 5 is the first unassigned operation (yield, block, shutdown, poll; yield_to since ABI
+    // 1.6); 1 << 32 would be yield to a hypervisor that looks at EDI only.
+    for op in [5, 6, 99, 1 << 32, u64::MAX] {
         // SAFETY: an unknown operation does nothing.
         let rax = unsafe { hypercall2(SCHED_OP, op, 0) };
         check_eq!(

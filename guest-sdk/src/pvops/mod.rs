@@ -11,6 +11,7 @@
 //! | `timer` | [`TimerOps`] | x2APIC timer (MSRs) + EOI | `vcpu_op` periodic timer + VIRQ_TIMER upcall, no EOI |
 //! | `time` | [`ClockOps`] | TSC scaled by CPUID 0x40000010 | pvclock in the shared-info page |
 //! | `cpu` | [`CpuOps`] | `cpuid`/`rdmsr` every time | values the ABI fixes, cached at boot |
+//! | `smp` | [`SmpOps`] | x2APIC ICR per target + EOI, shootdown by IPI and acknowledgements, pause loops | `send_ipi` to a mask, `flush_tlb` without interrupting preempted vCPUs, poll for a kick |
 //!
 //! Before [`select`] runs, the console is the console hypercall (one exit per line: no state
 //! to set up, so the SDK prints from its first instruction), the CPU group is native (nothing
@@ -33,6 +34,7 @@ mod clock;
 mod console;
 mod cpu;
 mod idle;
+mod smp;
 mod timer;
 
 use core::fmt;
@@ -42,6 +44,10 @@ pub use clock::{ClockOps, PvClock, TscClockOps};
 pub use console::{ConsoleOps, HypercallConsole, RingConsole, UartConsole};
 pub use cpu::{CACHED_LEAVES, CACHED_MSRS, CachedCpu, CpuOps, CpuidResult, TrappingCpu};
 pub use idle::{BlockIdle, HltIdle, IdleOps};
+pub use smp::{
+    NativeSmp, PvSmp, SHOOTDOWN_KIND, SmpError, SmpOps, bind_ipi_kind, handle_shootdown_ipi,
+    icr_fixed, ipi_vector, is_preempted,
+};
 pub use timer::{ApicTimer, PvTimer, TimerError, TimerOps, handle_timer_interrupt};
 
 /// Interrupt vectors the backends use (Linux's numbers for the same purposes).
@@ -103,16 +109,19 @@ pub enum Group {
     Time,
     /// CPUID and MSR reads.
     Cpu,
+    /// IPIs, TLB shootdowns and waiting for a sibling.
+    Smp,
 }
 
 impl Group {
     /// Every group, in display order.
-    pub const ALL: [Group; 5] = [
+    pub const ALL: [Group; 6] = [
         Group::Console,
         Group::Idle,
         Group::Timer,
         Group::Time,
         Group::Cpu,
+        Group::Smp,
     ];
 
     /// The group's name, as in `pv.<name>=` on the command line.
@@ -123,6 +132,7 @@ impl Group {
             Group::Timer => "timer",
             Group::Time => "time",
             Group::Cpu => "cpu",
+            Group::Smp => "smp",
         }
     }
 
@@ -145,6 +155,8 @@ pub struct Selection {
     pub time: Backend,
     /// CPUID and MSR access.
     pub cpu: Backend,
+    /// IPIs and TLB shootdowns between vCPUs.
+    pub smp: Backend,
 }
 
 /// Why a selection cannot be used.
@@ -171,7 +183,7 @@ impl fmt::Display for SelectionError<'_> {
             }
             SelectionError::UnknownGroup(group) => write!(
                 f,
-                "pv.{group}=: no such group (console, idle, timer, time, cpu)"
+                "pv.{group}=: no such group (console, idle, timer, time, cpu, smp)"
             ),
             SelectionError::BlockNeedsPvTimer => f.write_str(
                 "idle=pv needs timer=pv: block waits for events, and the native timer raises APIC interrupts",
@@ -189,6 +201,7 @@ impl Selection {
             timer: backend,
             time: backend,
             cpu: backend,
+            smp: backend,
         }
     }
 
@@ -205,6 +218,7 @@ impl Selection {
             Group::Timer => self.timer,
             Group::Time => self.time,
             Group::Cpu => self.cpu,
+            Group::Smp => self.smp,
         }
     }
 
@@ -216,6 +230,7 @@ impl Selection {
             Group::Timer => self.timer = backend,
             Group::Time => self.time = backend,
             Group::Cpu => self.cpu = backend,
+            Group::Smp => self.smp = backend,
         }
     }
 
@@ -260,7 +275,7 @@ impl Selection {
 }
 
 impl fmt::Display for Selection {
-    /// `console=pv idle=pv timer=pv time=pv cpu=pv`.
+    /// `console=pv idle=pv timer=pv time=pv cpu=pv smp=pv`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (index, group) in Group::ALL.into_iter().enumerate() {
             let separator = if index == 0 { "" } else { " " };
@@ -304,6 +319,7 @@ static IDLE: AtomicU8 = AtomicU8::new(Backend::Paravirt as u8);
 static TIMER: AtomicU8 = AtomicU8::new(Backend::Paravirt as u8);
 static TIME: AtomicU8 = AtomicU8::new(Backend::Paravirt as u8);
 static CPU: AtomicU8 = AtomicU8::new(Backend::Native as u8);
+static SMP: AtomicU8 = AtomicU8::new(Backend::Paravirt as u8);
 
 /// Switches every group to `selection`'s backend, preparing what the backends need: the
 /// native clock's calibration from CPUID, the CPU group's cache. Select at boot, before
@@ -329,6 +345,7 @@ pub fn select(selection: Selection) -> Result<(), SelectError> {
     TIMER.store(selection.timer as u8, Ordering::Release);
     TIME.store(selection.time as u8, Ordering::Release);
     CPU.store(selection.cpu as u8, Ordering::Release);
+    SMP.store(selection.smp as u8, Ordering::Release);
     Ok(())
 }
 
@@ -344,6 +361,7 @@ pub fn selection() -> Selection {
         timer: Backend::from_u8(TIMER.load(Ordering::Acquire)),
         time: Backend::from_u8(TIME.load(Ordering::Acquire)),
         cpu: Backend::from_u8(CPU.load(Ordering::Acquire)),
+        smp: Backend::from_u8(SMP.load(Ordering::Acquire)),
     }
 }
 
@@ -388,6 +406,14 @@ pub fn cpu() -> &'static dyn CpuOps {
     }
 }
 
+/// The SMP backend.
+pub fn smp() -> &'static dyn SmpOps {
+    match Backend::from_u8(SMP.load(Ordering::Acquire)) {
+        Backend::Native => &NativeSmp,
+        Backend::Paravirt => &PvSmp,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,7 +434,7 @@ mod tests {
         assert_eq!(selection.uniform(), Some(Backend::Native));
         assert_eq!(
             selection.to_string(),
-            "console=native idle=native timer=native time=native cpu=native"
+            "console=native idle=native timer=native time=native cpu=native smp=native"
         );
     }
 

@@ -10,7 +10,7 @@
 use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
 use alloc::boxed::Box;
 use lamina_abi::Errno;
-use lamina_abi::event_channel::{NR_PORTS, NR_VIRQS, PortState, PortStatus, Virq};
+use lamina_abi::event_channel::{IPI_SLOTS, NR_PORTS, NR_VIRQS, PortState, PortStatus, Virq};
 use lamina_abi::shared_info::{SharedInfo, VcpuInfo};
 
 /// What a port is bound to.
@@ -37,8 +37,11 @@ pub enum Binding {
         /// Which VIRQ.
         virq: u8,
     },
-    /// An IPI port.
-    Ipi,
+    /// An IPI port; `slot` is its IPI slot (docs/abi.md 8.10), if bound to one.
+    Ipi {
+        /// The slot, `0..IPI_SLOTS`, or `None` for a port of `bind_ipi`.
+        slot: Option<u8>,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -68,6 +71,8 @@ pub struct EventChannels {
     ports: Box<[Port; NR_PORTS as usize]>,
     /// Port bound to each VIRQ, per vCPU (0: none).
     virq_ports: alloc::vec::Vec<[u16; NR_VIRQS as usize]>,
+    /// Port bound to each IPI slot, per vCPU (0: none).
+    ipi_ports: alloc::vec::Vec<[u16; IPI_SLOTS as usize]>,
     shared_info: u64,
     /// Guest-physical address of each vCPU's VcpuInfo.
     vcpu_info: alloc::vec::Vec<u64>,
@@ -79,6 +84,20 @@ pub struct EventChannels {
     foreign_ports: u32,
     /// Domains that ended (torn down): they will never bind or send again.
     ended_remotes: alloc::vec::Vec<u16>,
+}
+
+/// The ports one `send_ipi` raises (at most one per vCPU).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct IpiTargets {
+    ports: [u16; lamina_abi::shared_info::MAX_VCPUS],
+    count: usize,
+}
+
+impl IpiTargets {
+    /// The ports, in vCPU order.
+    pub fn ports(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ports[..self.count].iter().map(|&p| u32::from(p))
+    }
 }
 
 /// The console port every domain starts with.
@@ -96,6 +115,7 @@ impl EventChannels {
         EventChannels {
             ports,
             virq_ports: alloc::vec![[0; NR_VIRQS as usize]; nr_vcpus],
+            ipi_ports: alloc::vec![[0; IPI_SLOTS as usize]; nr_vcpus],
             shared_info,
             vcpu_info: (0..nr_vcpus)
                 .map(|v| default_vcpu_info_gpa(shared_info, v))
@@ -149,6 +169,29 @@ impl EventChannels {
                 return Err(alloc::format!(
                     "port {port} is VIRQ {virq} but not in the VIRQ index"
                 ));
+            }
+            if let Binding::Ipi { slot: Some(slot) } = entry.binding
+                && self.ipi_ports[usize::from(entry.vcpu)][usize::from(slot)] as usize != port
+            {
+                return Err(alloc::format!(
+                    "port {port} is IPI slot {slot} but not in the slot index"
+                ));
+            }
+        }
+        for (vcpu, slots) in self.ipi_ports.iter().enumerate() {
+            for (slot, &port) in slots.iter().enumerate() {
+                let entry = self.ports[usize::from(port)];
+                if port != 0
+                    && (entry.binding
+                        != (Binding::Ipi {
+                            slot: Some(slot as u8),
+                        })
+                        || usize::from(entry.vcpu) != vcpu)
+                {
+                    return Err(alloc::format!(
+                        "IPI slot {slot} of vCPU {vcpu} names port {port}, bound to {entry:?}"
+                    ));
+                }
             }
         }
         Ok(())
@@ -289,7 +332,61 @@ impl EventChannels {
     /// `bind_ipi`.
     pub fn bind_ipi(&mut self, vcpu: u64) -> Result<u32, Errno> {
         let vcpu = self.check_vcpu(vcpu)?;
-        self.allocate(Binding::Ipi, vcpu as u8)
+        self.allocate(Binding::Ipi { slot: None }, vcpu as u8)
+    }
+
+    /// `bind_ipi_slot` (docs/abi.md 8.10).
+    pub fn bind_ipi_slot(&mut self, vcpu: u64, slot: u64) -> Result<u32, Errno> {
+        let vcpu = self.check_vcpu(vcpu)?;
+        if slot >= IPI_SLOTS {
+            return Err(Errno::EINVAL);
+        }
+        if self.ipi_ports[vcpu][slot as usize] != 0 {
+            return Err(Errno::EEXIST);
+        }
+        let port = self.allocate(
+            Binding::Ipi {
+                slot: Some(slot as u8),
+            },
+            vcpu as u8,
+        )?;
+        self.ipi_ports[vcpu][slot as usize] = port as u16;
+        Ok(port)
+    }
+
+    /// The ports `send_ipi` raises for IPI slot `slot` on the vCPUs of `mask`, in vCPU order,
+    /// after validating all of them (docs/abi.md 8.11): nothing is raised unless every one
+    /// is there.
+    pub fn ipi_targets(&self, mask: u64, slot: u64) -> Result<IpiTargets, Errno> {
+        if slot >= IPI_SLOTS {
+            return Err(Errno::EINVAL);
+        }
+        let mask = self.check_vcpu_mask(mask)?;
+        let mut targets = IpiTargets::default();
+        for vcpu in (0..self.nr_vcpus()).filter(|v| mask & 1 << v != 0) {
+            let port = self.ipi_ports[vcpu][slot as usize];
+            if port == 0 {
+                return Err(Errno::EINVAL);
+            }
+            let Some(entry) = targets.ports.get_mut(targets.count) else {
+                return Err(Errno::EINVAL);
+            };
+            *entry = port;
+            targets.count += 1;
+        }
+        Ok(targets)
+    }
+
+    /// Validates a mask of vCPUs (bit `v`: vCPU `v`): empty is `-EINVAL`, a bit at or above
+    /// `nr_vcpus` is `-ENOENT` (docs/abi.md 20).
+    pub fn check_vcpu_mask(&self, mask: u64) -> Result<u64, Errno> {
+        if mask == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if self.nr_vcpus() < 64 && mask >> self.nr_vcpus() != 0 {
+            return Err(Errno::ENOENT);
+        }
+        Ok(mask)
     }
 
     /// Validates a vCPU number.
@@ -319,6 +416,9 @@ impl EventChannels {
         if let Binding::Virq { virq } = entry.binding {
             self.virq_ports[usize::from(entry.vcpu)][usize::from(virq)] = 0;
         }
+        if let Binding::Ipi { slot: Some(slot) } = entry.binding {
+            self.ipi_ports[usize::from(entry.vcpu)][usize::from(slot)] = 0;
+        }
         self.rebind(port, Binding::Free);
         self.ports[port as usize] = FREE;
         self.update_bit(mem, PENDING_OFFSET, port, false)?;
@@ -334,7 +434,7 @@ impl EventChannels {
             Binding::Interdomain { remote, .. } => (PortState::Interdomain, remote),
             Binding::Console => (PortState::Interdomain, 0),
             Binding::Virq { virq } => (PortState::Virq, u16::from(virq)),
-            Binding::Ipi => (PortState::Ipi, 0),
+            Binding::Ipi { .. } => (PortState::Ipi, 0),
         };
         Ok(PortStatus {
             state: state as u8,

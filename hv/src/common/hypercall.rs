@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
 use lamina_abi::layout::CONSOLE_RING_GPA;
-use lamina_abi::memory::{MemoryOp, MemoryRegion};
+use lamina_abi::memory::{FLUSH_ADDRESSES_MAX, MemoryOp, MemoryRegion};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
 use lamina_abi::sched::{POLL_PORTS_MAX, SchedOp, ShutdownReason};
 use lamina_abi::stats::{ExitCounters, StatsOp};
@@ -210,12 +210,28 @@ fn sched_op(
     [op, arg, count, deadline, _]: [u64; 5],
 ) -> Result<Done, Errno> {
     let op = SchedOp::try_from(op)?;
-    if matches!(op, SchedOp::Yield | SchedOp::Block | SchedOp::Poll) {
+    if matches!(
+        op,
+        SchedOp::Yield | SchedOp::Block | SchedOp::Poll | SchedOp::YieldTo
+    ) {
         // A vCPU about to give up the CPU has its console ring printed (docs/abi.md 13).
         domain.drain_console_ring();
     }
     match op {
         SchedOp::Yield => Ok(Done::Yield),
+        SchedOp::YieldTo => {
+            let target = domain.events.check_vcpu(arg)?;
+            if target == vcpu {
+                return Err(Errno::EINVAL);
+            }
+            // Ready and descheduled (RUNNABLE: preempted or yielded, not on a CPU): it
+            // runs next, as a woken vCPU does (docs/abi.md 3.3).
+            let state = &mut domain.vcpus[target];
+            if state.is_runnable() && state.runstate.state() == runstate::RUNNABLE {
+                state.boosted = true;
+            }
+            Ok(Done::Yield)
+        }
         SchedOp::Shutdown => {
             let ending = match ShutdownReason::try_from(arg)? {
                 ShutdownReason::Poweroff => Ending::Poweroff,
@@ -382,6 +398,15 @@ fn event_channel_op(
             Ok(0)
         }
         EventChannelOp::Status => domain.events.status(&domain.memory, arg),
+        EventChannelOp::BindIpiSlot => Ok(domain.events.bind_ipi_slot(arg, arg2)?.into()),
+        EventChannelOp::SendIpi => {
+            // Every target is validated before the first is raised (docs/abi.md 8.11).
+            let targets = domain.events.ipi_targets(arg, arg2)?;
+            for port in targets.ports() {
+                domain.raise_port(port);
+            }
+            Ok(0)
+        }
         _ => Err(Errno::ENOSYS),
     }
 }
@@ -502,9 +527,11 @@ fn vcpu_op(
     Ok(Done::Return(0))
 }
 
-fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u64, Errno> {
+fn memory_op(domain: &mut Domain, [op, gpa, capacity, count, _]: [u64; 5]) -> Result<u64, Errno> {
     let size = domain.memory.size();
     match MemoryOp::try_from(op)? {
+        // RSI: the vCPU mask, RDX: the array, R10: its count (docs/abi.md 11).
+        MemoryOp::FlushTlb => flush_tlb(domain, gpa, capacity, count),
         MemoryOp::CurrentReservation => Ok(size),
         MemoryOp::GetMemoryMap => {
             let map = domain.memory_map;
@@ -528,6 +555,47 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, ..]: [u64; 5]) -> Result<u
         }
         _ => Err(Errno::ENOSYS),
     }
+}
+
+/// `memory_op` flush_tlb (docs/abi.md 11): every check first, then each vCPU of `mask` is
+/// flushed before it next runs guest code; one in guest mode on another CPU is kicked and
+/// out of it when this returns, one that is not running is not disturbed.
+fn flush_tlb(domain: &mut Domain, mask: u64, gpa: u64, count: u64) -> Result<u64, Errno> {
+    let mask = domain.events.check_vcpu_mask(mask)?;
+    if count > FLUSH_ADDRESSES_MAX {
+        return Err(Errno::EINVAL);
+    }
+    if count > 0 {
+        // The whole array must be RAM before any of it is read (docs/abi.md 2.5); then it is
+        // read once, a few addresses at a time (they are only validated: the flush is
+        // whole), so the call needs no page-sized buffer.
+        domain.memory.check(gpa, 8 * count)?;
+        const CHUNK: u64 = 32;
+        let mut raw = [0u8; 8 * CHUNK as usize];
+        let mut at = 0;
+        while at < count {
+            let take = CHUNK.min(count - at);
+            let bytes = &mut raw[..8 * take as usize];
+            domain.memory.read(gpa + 8 * at, bytes)?;
+            let canonical = bytes.chunks_exact(8).all(|address| {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(address);
+                is_canonical(u64::from_le_bytes(word))
+            });
+            if !canonical {
+                return Err(Errno::EINVAL);
+            }
+            at += take;
+        }
+    }
+    // The list is honoured by flushing the vCPU's whole guest TLB, which drops every address
+    // on it: more than asked, never less (docs/abi.md 11).
+    for (index, state) in domain.vcpus.iter().enumerate() {
+        if mask & 1 << index != 0 {
+            state.requests.make_quietly_and_wait(request::TLB_FLUSH);
+        }
+    }
+    Ok(0)
 }
 
 fn stats_op(
@@ -1000,6 +1068,41 @@ mod tests {
             t.mem.read_u64(0x9038 + 48).unwrap(),
             0xdead,
             "the entry after the shutdown did not run"
+        );
+    }
+
+    #[test]
+    fn flush_tlb_checks_every_address_across_chunks_and_asks_for_the_flush() {
+        let (t, mut d) = domain();
+        let flush = |d: &mut Domain, mask: u64, gpa: u64, count: u64| {
+            testing::dispatch_for_test(d, 0, 5, [2, mask, gpa, count, 0])
+        };
+        for i in 0..40u64 {
+            t.mem.write_u64(0x9000 + 8 * i, 0x1000 * i).unwrap();
+        }
+        assert_eq!(flush(&mut d, 0b1, 0x9000, 513), Err(Some(Errno::EINVAL)));
+        assert_eq!(flush(&mut d, 0b10, 0x9000, 1), Err(Some(Errno::ENOENT)));
+        assert_eq!(
+            flush(&mut d, 0b1, (4 << 20) - 8, 2),
+            Err(Some(Errno::EFAULT))
+        );
+        assert!(
+            !d.vcpus[0].requests.peek(request::TLB_FLUSH),
+            "no partial effect"
+        );
+        t.mem.write_u64(0x9000 + 8 * 35, 1 << 47).unwrap();
+        assert_eq!(
+            flush(&mut d, 0b1, 0x9000, 40),
+            Err(Some(Errno::EINVAL)),
+            "a non-canonical address in the second chunk"
+        );
+        assert!(!d.vcpus[0].requests.peek(request::TLB_FLUSH));
+        assert_eq!(flush(&mut d, 0b1, 0x9000, 35), Ok(0));
+        assert!(d.vcpus[0].requests.peek(request::TLB_FLUSH));
+        assert_eq!(
+            flush(&mut d, 0b1, u64::MAX, 0),
+            Ok(0),
+            "all: the array is ignored"
         );
     }
 

@@ -22,6 +22,8 @@ pub(crate) enum Traced {
     Injected(u32, u8),
     /// The vCPU tagged so had its nested translations invalidated.
     NestedInvalidated(u32),
+    /// The vCPU tagged so had its guest TLB flushed.
+    GuestTlbFlushed(u32),
 }
 
 /// The results of the hypercalls of the vCPU tagged `tag` in `trace`, in order: RAX as each
@@ -152,6 +154,9 @@ impl VirtualCpu for MockVcpu {
     fn invalidate_nested_translations(&mut self) {
         self.nested_invalidations += 1;
         trace(Traced::NestedInvalidated(self.tag));
+    }
+    fn flush_guest_tlb(&mut self) {
+        trace(Traced::GuestTlbFlushed(self.tag));
     }
     fn read_msr(&self, _msr: ArchMsr) -> u64 {
         0x500 // EFER: LME | LMA

@@ -360,6 +360,11 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
         // survive into the guest.
         vcpu.invalidate_nested_translations();
     }
+    if taken & request::TLB_FLUSH != 0 {
+        // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running then,
+        // or was kicked out; either way nothing it cached before that call survives.
+        vcpu.flush_guest_tlb();
+    }
     if taken & request::EVENT == 0 {
         return taken;
     }
@@ -520,9 +525,15 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             }
             slots[index].domain.vcpus[vcpu_index].boosted = false;
             if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
-                let domain = &mut slots[previous].domain;
+                // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
+                // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its
+                // hardware state is out of its slot), where it is RUNNING.
+                let slot = &mut slots[previous];
+                let parked = matches!(slot.vcpus.get(previous_vcpu), Some(Some(_)));
+                let domain = &mut slot.domain;
                 let state = &mut domain.vcpus[previous_vcpu];
-                if domain.state == DomainState::Runnable
+                if parked
+                    && domain.state == DomainState::Runnable
                     && state.runstate.state() == runstate::RUNNING
                 {
                     let _ = state
@@ -1241,6 +1252,202 @@ mod tests {
             (0.45..=0.55).contains(&share),
             "the napper's share: {share}"
         );
+    }
+
+    const MEMORY_OP: u64 = 5;
+
+    /// vCPU 0's prologue for two-vCPU tests: initialise and up vCPU 1.
+    fn bring_up_second() -> [(VmExit, crate::common::vcpu::GuestRegisters); 2] {
+        [
+            hypercall(VCPU_OP, [5, 1, 0x10000]),
+            hypercall(VCPU_OP, [6, 1, 0]),
+        ]
+    }
+
+    #[test]
+    fn send_ipi_raises_the_slot_port_of_every_vcpu_in_the_mask_or_none() {
+        let mut first: Vec<_> = vec![
+            hypercall(EVTCHN, [8, 0, 3]), // bind_ipi_slot(vCPU 0, slot 3) -> port 2
+            hypercall(EVTCHN, [9, 0b11, 3]), // send_ipi to both: vCPU 1 has no slot 3
+            hypercall(EVTCHN, [8, 1, 3]), // bind_ipi_slot(vCPU 1, slot 3) -> port 3
+            hypercall(EVTCHN, [8, 1, 3]), // again: EEXIST
+            hypercall(EVTCHN, [8, 1, 8]), // slot 8: EINVAL
+            hypercall(EVTCHN, [9, 0b100, 3]), // vCPU 2 of 2: ENOENT
+            hypercall(EVTCHN, [9, 0, 3]), // empty mask: EINVAL
+            hypercall(EVTCHN, [9, 0b11, 3]), // both
+            hypercall(EVTCHN, [6, 2, 0]), // status of port 2
+            hypercall(EVTCHN, [6, 3, 0]), // status of port 3
+        ];
+        first.push(hypercall(SCHED, POWEROFF));
+        let (_t, mut s) = two_vcpus(first, vec![]);
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let e = |errno: Errno| errno.to_return_value() as i64;
+        let results = results_of(&take_trace(), 1);
+        use lamina_abi::event_channel::PortStatus;
+        for (port, status) in [(2, results[8]), (3, results[9])] {
+            let status = PortStatus::unpack(status as u64);
+            assert!(status.pending, "port {port}: {status:?}");
+            assert_eq!(status.vcpu, port as u8 - 2);
+        }
+        assert_eq!(
+            results[..8],
+            [
+                2,
+                e(Errno::EINVAL),
+                3,
+                e(Errno::EEXIST),
+                e(Errno::EINVAL),
+                e(Errno::ENOENT),
+                e(Errno::EINVAL),
+                0
+            ]
+        );
+    }
+
+    #[test]
+    fn send_ipi_wakes_a_blocked_sibling() {
+        let mut first: Vec<_> = bring_up_second().into();
+        first.extend([
+            hypercall(EVTCHN, [8, 1, 0]), // slot 0 of vCPU 1 -> port 2
+            hypercall(SCHED, YIELD),      // vCPU 1 blocks
+            hypercall(EVTCHN, [9, 0b10, 0]),
+            hypercall(SCHED, YIELD), // vCPU 1 runs again
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let (_t, mut s) = two_vcpus(
+            first,
+            vec![hypercall(SCHED, [1, 0, 0]), hypercall(VCPU_OP, [7, 1, 0])],
+        );
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(results_of(&trace, 2), [0], "block returned 0 once woken");
+        let woken = trace
+            .iter()
+            .position(|t| matches!(t, Traced::Ran(2, _)))
+            .and_then(|first| {
+                trace[first + 1..]
+                    .iter()
+                    .position(|t| matches!(t, Traced::Ran(2, _)))
+            });
+        assert!(woken.is_some(), "vCPU 1 ran again after the IPI: {trace:?}");
+    }
+
+    #[test]
+    fn a_preempted_vcpu_is_flushed_before_it_runs_again_and_only_then() {
+        let mut first: Vec<_> = bring_up_second().into();
+        first.extend([
+            hypercall(SCHED, YIELD),             // vCPU 1 runs once and yields back
+            hypercall(MEMORY_OP, [2, 0b10, 0]),  // flush_tlb(vCPU 1, everything)
+            hypercall(MEMORY_OP, [2, 0, 0]),     // empty mask: EINVAL
+            hypercall(MEMORY_OP, [2, 0b100, 0]), // vCPU 2 of 2: ENOENT
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let (_t, mut s) = two_vcpus(
+            first,
+            vec![hypercall(SCHED, YIELD), hypercall(SCHED, YIELD)],
+        );
+        let runstate = 0x20000;
+        s.domain.vcpus[1].runstate.gpa = Some(runstate);
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        let e = |errno: Errno| errno.to_return_value() as i64;
+        assert_eq!(
+            results_of(&trace, 1)[3..6],
+            [0, e(Errno::EINVAL), e(Errno::ENOENT)]
+        );
+        let flushed = trace
+            .iter()
+            .position(|t| *t == Traced::GuestTlbFlushed(2))
+            .expect("vCPU 1 was flushed");
+        assert_eq!(
+            trace
+                .iter()
+                .filter(|t| **t == Traced::GuestTlbFlushed(2))
+                .count(),
+            1
+        );
+        // vCPU 0's fourth entry makes the flush call.
+        let call = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(1, _)))
+            .nth(3)
+            .map(|(at, _)| at)
+            .unwrap();
+        let next_run_of_two = trace[call..]
+            .iter()
+            .position(|t| matches!(t, Traced::Ran(2, _)))
+            .map(|at| at + call)
+            .expect("vCPU 1 ran again");
+        assert!(
+            call < flushed && flushed < next_run_of_two,
+            "flushed after the call, before its next run: {trace:?}"
+        );
+        assert!(
+            !trace.contains(&Traced::GuestTlbFlushed(1)),
+            "the caller was not in the mask"
+        );
+    }
+
+    #[test]
+    fn yield_to_runs_the_named_sibling_next() {
+        use crate::common::vcpu::GuestRegisters;
+        // Three vCPUs: 0 yields to 2 although 1 had less CPU time.
+        let (t, mut s) = two_vcpus(vec![], vec![]);
+        let time = s.domain.time;
+        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
+        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 3);
+        let mut first: Vec<(VmExit, GuestRegisters)> = vec![
+            hypercall(VCPU_OP, [5, 1, 0x10000]),
+            hypercall(VCPU_OP, [5, 2, 0x10000]),
+            hypercall(VCPU_OP, [6, 1, 0]),
+            hypercall(VCPU_OP, [6, 2, 0]),
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, [4, 2, 0]), // yield_to(2)
+            hypercall(SCHED, [4, 0, 0]), // yield_to(itself): EINVAL
+            hypercall(SCHED, [4, 3, 0]), // no vCPU 3: ENOENT
+        ];
+        first.push(hypercall(SCHED, POWEROFF));
+        s.vcpus[0].as_mut().unwrap().script = first.into();
+        let busy = || (0..6).map(|_| hypercall(SCHED, YIELD)).collect::<Vec<_>>();
+        s.vcpus[1].as_mut().unwrap().script = busy().into();
+        s.vcpus.push(Some(Box::new(MockVcpu {
+            script: busy().into(),
+            interrupt_flag: true,
+            tag: 3,
+            ..Default::default()
+        })));
+        // vCPU 1 starts behind: the fair choice after vCPU 0's yield_to is vCPU 1.
+        s.domain.vcpus[2].vruntime = 1_000_000;
+        let _ = &t;
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        let ran: Vec<u32> = trace
+            .iter()
+            .filter_map(|t| match t {
+                Traced::Ran(who, _) => Some(*who),
+                _ => None,
+            })
+            .collect();
+        // vCPU 0's sixth entry follows its yield_to: the next one to run is vCPU 2 (tag 3).
+        let after = ran
+            .iter()
+            .enumerate()
+            .filter(|(_, who)| **who == 1)
+            .nth(5)
+            .map(|(at, _)| at)
+            .unwrap();
+        assert_eq!(ran[after + 1], 3, "{ran:?}");
+        let e = |errno: Errno| errno.to_return_value() as i64;
+        assert_eq!(results_of(&trace, 1)[5..7], [0, e(Errno::EINVAL)],);
+        assert_eq!(results_of(&trace, 1)[7], e(Errno::ENOENT));
     }
 
     #[test]

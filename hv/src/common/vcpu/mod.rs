@@ -271,6 +271,11 @@ pub trait VirtualCpu {
     /// table, effective before the next entry (VMX: INVEPT; SVM: a VMCB TLB flush). Called
     /// after a nested mapping of its domain went away or lost permissions.
     fn invalidate_nested_translations(&mut self);
+    /// Drops the guest-virtual translations the TLB may hold for this vCPU (what a guest's
+    /// own full TLB flush drops), effective before the next entry: a sibling's `flush_tlb`
+    /// named it (docs/abi.md 11). Called while the vCPU is active on this CPU; a vCPU that
+    /// moves CPUs drops what it cached elsewhere at [`Self::activate`].
+    fn flush_guest_tlb(&mut self);
     /// The architectural state for CR-write checks and reports.
     fn arch_state(&self) -> ArchState;
     /// Sets RSP (a MOV from CR8 into RSP).

@@ -60,9 +60,12 @@ pub mod request {
     pub const START: u32 = 1 << 4;
     /// Its domain ended or was paused, or it was taken down: a CPU running it stops it.
     pub const RESCHEDULE: u32 = 1 << 5;
+    /// A sibling asked for its guest TLB to be flushed (`memory_op` flush_tlb, docs/abi.md
+    /// 11): drop its guest-virtual translations before it next runs guest code.
+    pub const TLB_FLUSH: u32 = 1 << 6;
     /// The requests drained before every entry (`sched::prepare_entry`); the others
     /// (START, WAKE_CHECK) wait for the scheduler's next pass and never hold an entry up.
-    pub const BEFORE_ENTRY: u32 = EVENT | TIMERS | NESTED_FLUSH | RESCHEDULE;
+    pub const BEFORE_ENTRY: u32 = EVENT | TIMERS | NESTED_FLUSH | RESCHEDULE | TLB_FLUSH;
 }
 
 impl Requests {
@@ -95,6 +98,22 @@ impl Requests {
         while self.in_guest.load(Ordering::SeqCst) {
             core::hint::spin_loop();
         }
+    }
+
+    /// Asks for `bits` without waking anyone: a vCPU in guest mode on another CPU is kicked
+    /// out of it and this returns once it is out (it drains the bits before it runs guest
+    /// code again); a vCPU that is not running is left alone and finds them at its next
+    /// entry. Whether it had to be kicked (docs/abi.md 11, flush_tlb).
+    pub fn make_quietly_and_wait(&self, bits: u32) -> bool {
+        self.bits.fetch_or(bits, Ordering::SeqCst);
+        if !self.in_guest.load(Ordering::SeqCst) {
+            return false;
+        }
+        crate::common::cpus::kick_cpu(self.running_on.load(Ordering::Relaxed) as usize);
+        while self.in_guest.load(Ordering::SeqCst) {
+            core::hint::spin_loop();
+        }
+        true
     }
 
     /// The running CPU is about to enter the guest: true if it may (nothing is requested),

@@ -485,6 +485,13 @@ impl VirtualCpu for SvmVcpu {
         self.tlb_flush_requested = true;
     }
 
+    fn flush_guest_tlb(&mut self) {
+        // With nested paging the TLB holds the guest's translations tagged with its ASID
+        // (APM Vol. 2 15.16, 15.25.4): flushing the ASID drops them, as a guest's own
+        // whole flush (MOV to CR3 without PCID, global pages included) would.
+        self.invalidate_nested_translations();
+    }
+
     fn read_msr(&self, msr: ArchMsr) -> u64 {
         let s = &self.vmcb.save;
         match msr {

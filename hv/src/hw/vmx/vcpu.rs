@@ -830,6 +830,13 @@ impl VirtualCpu for VmxVcpu {
         }
     }
 
+    fn flush_guest_tlb(&mut self) {
+        // With EPT on, every guest-linear translation is a combined mapping (SDM Vol. 3C
+        // 29.4.1), and single-context INVEPT drops those derived from this EPTP for every
+        // VPID (29.4.3.1): it flushes more than the guest's own TLB, never less.
+        self.invalidate_nested_translations();
+    }
+
     fn read_msr(&self, msr: ArchMsr) -> u64 {
         match msr {
             ArchMsr::Tsc => {

@@ -228,7 +228,7 @@ pub fn boot_modules(iterations: u64) -> [BootModule; 2] {
         BootModule {
             path: Artifact::Bench.path(),
             cmdline: format!(
-                "{DOMAIN_NAME} iterations={iterations} pingpong_peer={PONG_DOMAIN_ID} vcpus=2"
+                "{DOMAIN_NAME} iterations={iterations} pingpong_peer={PONG_DOMAIN_ID}"
             ),
         },
         BootModule {
@@ -238,45 +238,84 @@ pub fn boot_modules(iterations: u64) -> [BootModule; 2] {
     ]
 }
 
-/// The runs with idle domains booted beside the benchmark (`<op>_idle<N>` rows): how many.
-pub const IDLE_RUNS: [usize; 2] = [16, 64];
+/// One boot of the benchmark guest: the main one (every single-vCPU row), one with idle
+/// domains booted beside it (`<op>_idle<N>` rows), or one with two vCPUs (the `smp` rows), so
+/// that the main rows measure a one-vCPU domain, as they always did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    Main,
+    Idle(usize),
+    Smp,
+}
+
+impl Run {
+    /// Every run of `cargo xtask bench`, in order.
+    pub const ALL: [Run; 4] = [Run::Main, Run::Smp, Run::Idle(16), Run::Idle(64)];
+
+    /// The name of its directory under target/lamina/bench.
+    fn dir_name(self, vendor: Vendor) -> String {
+        match self {
+            Run::Main => vendor.name().to_string(),
+            Run::Idle(n) => format!("{}-idle{n}", vendor.name()),
+            Run::Smp => format!("{}-smp", vendor.name()),
+        }
+    }
+}
 
 /// The operations measured again with idle domains booted: the ones whose cost could grow
 /// with the number of domains (a wake-up, a switch, an exit).
 const SCALE_OPS: [&str; 3] = ["null_hypercall", "timer_pv", "event_pingpong"];
 
-/// The boot modules of a run with `idle` idle domains (3 to `idle + 2`) beside the pair,
-/// which measures only [`SCALE_OPS`]' groups.
-pub fn boot_modules_with_idle(iterations: u64, idle: usize) -> Vec<BootModule> {
+/// The boot modules of `run`: for [`Run::Idle`], `n` idle domains (3 to `n + 2`) beside the
+/// pair, which measures only [`SCALE_OPS`]' groups; for [`Run::Smp`], the benchmark domain
+/// alone with two vCPUs, measuring only the `smp` group.
+pub fn boot_modules_for(iterations: u64, run: Run) -> Vec<BootModule> {
     let [mut bench, pong] = boot_modules(iterations);
-    if idle == 0 {
-        return vec![bench, pong];
+    match run {
+        Run::Main => vec![bench, pong],
+        Run::Smp => {
+            bench.cmdline = format!("{DOMAIN_NAME} iterations={iterations} vcpus=2 groups=smp");
+            vec![bench]
+        }
+        Run::Idle(idle) => {
+            let first = PONG_DOMAIN_ID + 1;
+            let last = PONG_DOMAIN_ID + idle as u32;
+            bench.cmdline.push_str(&format!(
+                " groups=hypercall,timer,pingpong idle_domains={first}-{last}"
+            ));
+            let mut modules = vec![bench, pong];
+            modules.extend((first..=last).map(|id| BootModule {
+                path: Artifact::Bench.path(),
+                cmdline: format!("idle{id} idle={BENCH_DOMAIN_ID} mem=4M"),
+            }));
+            modules
+        }
     }
-    let first = PONG_DOMAIN_ID + 1;
-    let last = PONG_DOMAIN_ID + idle as u32;
-    bench.cmdline.push_str(&format!(
-        " groups=hypercall,timer,pingpong idle_domains={first}-{last}"
-    ));
-    let mut modules = vec![bench, pong];
-    modules.extend((first..=last).map(|id| BootModule {
-        path: Artifact::Bench.path(),
-        cmdline: format!("idle{id} idle={BENCH_DOMAIN_ID} mem=4M"),
-    }));
-    modules
 }
 
-/// A run with `idle` idle domains: its [`SCALE_OPS`] rows, renamed `<op>_idle<N>` in group
-/// `scale`.
-fn scale_rows(measurements: Vec<Measurement>, idle: usize) -> Vec<Measurement> {
-    measurements
-        .into_iter()
-        .filter(|m| SCALE_OPS.contains(&m.op.as_str()))
-        .map(|m| Measurement {
-            op: format!("{}_idle{idle}", m.op),
-            group: "scale".to_string(),
-            ..m
-        })
-        .collect()
+/// The rows `run` contributes: the main run all but the `smp` group (skipped there, one
+/// vCPU), the two-vCPU run only those, an idle run its [`SCALE_OPS`] rows, renamed
+/// `<op>_idle<N>` in group `scale`.
+fn rows_of(run: Run, measurements: Vec<Measurement>) -> Vec<Measurement> {
+    match run {
+        Run::Main => measurements
+            .into_iter()
+            .filter(|m| m.group != "smp")
+            .collect(),
+        Run::Smp => measurements
+            .into_iter()
+            .filter(|m| m.group == "smp")
+            .collect(),
+        Run::Idle(idle) => measurements
+            .into_iter()
+            .filter(|m| SCALE_OPS.contains(&m.op.as_str()))
+            .map(|m| Measurement {
+                op: format!("{}_idle{idle}", m.op),
+                group: "scale".to_string(),
+                ..m
+            })
+            .collect(),
+    }
 }
 
 /// The CSV columns, in order.
@@ -548,7 +587,7 @@ fn timeout(vendor: Vendor, iterations: u64, overridden: Option<Duration>) -> Dur
 fn boot(
     vendor: Vendor,
     iterations: u64,
-    idle: usize,
+    run: Run,
     dir: &RunDir,
     timeout: Duration,
     streaming: &Streaming,
@@ -558,7 +597,7 @@ fn boot(
         vendor,
         dir,
         hv_cmdline,
-        modules: &boot_modules_with_idle(iterations, idle),
+        modules: &boot_modules_for(iterations, run),
         timeout,
         streaming,
         // QEMU: the TSC counts instructions. Bochs counts them anyway.
@@ -587,24 +626,21 @@ fn run_failure(record: &RunRecord, why: &str) -> String {
 /// One vendor's figures and run, or why there are none.
 type VendorRun = std::result::Result<(Vec<Measurement>, RunRecord), String>;
 
-/// Runs the benchmark on one vendor and reads its figures; with `idle` idle domains beside it,
-/// only the `<op>_idle<N>` rows.
+/// Boots `run` of the benchmark on one vendor and reads the rows it contributes.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     vendor: Vendor,
     iterations: u64,
-    idle: usize,
+    run: Run,
     dir: &RunDir,
     timeout: Duration,
     streaming: &Streaming,
     hv_cmdline: &str,
 ) -> VendorRun {
-    let record = boot(
-        vendor, iterations, idle, dir, timeout, streaming, hv_cmdline,
-    )
-    .map_err(|err| err.to_string())?;
+    let record = boot(vendor, iterations, run, dir, timeout, streaming, hv_cmdline)
+        .map_err(|err| err.to_string())?;
     match parse_log(&record.log, vendor) {
-        Ok(measurements) if idle == 0 => Ok((measurements, record)),
-        Ok(measurements) => Ok((scale_rows(measurements, idle), record)),
+        Ok(measurements) => Ok((rows_of(run, measurements), record)),
         Err(why) => Err(run_failure(&record, &why)),
     }
 }
@@ -631,58 +667,56 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
             .iter()
             .map(|&vendor| {
                 scope.spawn(move || {
-                    let dir =
-                        RunDir::new(workspace::lamina_dir().join("bench").join(vendor.name()));
                     let streaming = if options.verbose {
                         Streaming::Prefixed(format!("[bench {}] ", vendor.name()))
                     } else {
                         Streaming::Off
                     };
                     let timeout = timeout(vendor, iterations, options.timeout);
-                    let mut result = measure(
-                        vendor,
-                        iterations,
-                        0,
-                        &dir,
-                        timeout,
-                        &streaming,
-                        &options.hv_cmdline,
-                    );
-                    if let Ok((_, record)) = &result {
-                        eprintln!(
-                            "xtask: {} done in {:.1} s",
-                            vendor.name(),
-                            record.elapsed.as_secs_f64()
-                        );
-                    }
-                    // The same again with idle domains booted beside it.
-                    for idle in IDLE_RUNS {
-                        let Ok((found, _)) = &mut result else {
-                            break;
-                        };
+                    let mut result: VendorRun = Err(String::new());
+                    for run in Run::ALL {
                         let dir = RunDir::new(
                             workspace::lamina_dir()
                                 .join("bench")
-                                .join(format!("{}-idle{idle}", vendor.name())),
+                                .join(run.dir_name(vendor)),
                         );
-                        match measure(
+                        // A run with 64 more domains boots for longer.
+                        let timeout = if run == Run::Main {
+                            timeout
+                        } else {
+                            timeout * 2
+                        };
+                        let measured = measure(
                             vendor,
                             iterations,
-                            idle,
+                            run,
                             &dir,
-                            timeout * 2,
+                            timeout,
                             &streaming,
                             &options.hv_cmdline,
-                        ) {
-                            Ok((rows, record)) => {
+                        );
+                        match (measured, &mut result) {
+                            (Ok((rows, record)), Ok((found, _))) => {
                                 eprintln!(
-                                    "xtask: {} with {idle} idle domains done in {:.1} s",
+                                    "xtask: {} {run:?} done in {:.1} s",
                                     vendor.name(),
                                     record.elapsed.as_secs_f64()
                                 );
                                 found.extend(rows);
                             }
-                            Err(why) => result = Err(why),
+                            (Ok((rows, record)), result @ Err(_)) if run == Run::Main => {
+                                eprintln!(
+                                    "xtask: {} done in {:.1} s",
+                                    vendor.name(),
+                                    record.elapsed.as_secs_f64()
+                                );
+                                *result = Ok((rows, record));
+                            }
+                            (Err(why), result) => {
+                                *result = Err(why);
+                                break;
+                            }
+                            _ => break,
                         }
                     }
                     (vendor, result)
@@ -759,21 +793,43 @@ pub fn fast_check(
         Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
     };
     let timeout = timeout(vendor, FAST_ITERATIONS, timeout_override);
-    let record = match boot(vendor, FAST_ITERATIONS, 0, dir, timeout, streaming, "") {
-        Ok(record) => record,
-        Err(err) => return (Judgement::new(Status::Error, err.to_string()), None),
-    };
-    let measurements = match parse_log(&record.log, vendor) {
-        Ok(measurements) => measurements,
-        Err(why) => {
-            let status = match record.outcome() {
-                RunOutcome::Timeout => Status::Timeout,
-                RunOutcome::Crash => Status::Crash,
-                RunOutcome::Success | RunOutcome::Failure => Status::Fail,
-            };
-            return (Judgement::new(status, why), Some(record));
+    // The main run, then the two-vCPU one (the `smp` rows); the main run's record is shown.
+    let mut measurements = Vec::new();
+    let mut main_record = None;
+    for run in [Run::Main, Run::Smp] {
+        let run_dir = if run == Run::Main {
+            RunDir::new(dir.path.clone())
+        } else {
+            RunDir::new(dir.path.join("smp"))
+        };
+        let record = match boot(
+            vendor,
+            FAST_ITERATIONS,
+            run,
+            &run_dir,
+            timeout,
+            streaming,
+            "",
+        ) {
+            Ok(record) => record,
+            Err(err) => return (Judgement::new(Status::Error, err.to_string()), main_record),
+        };
+        match parse_log(&record.log, vendor) {
+            Ok(found) => measurements.extend(rows_of(run, found)),
+            Err(why) => {
+                let status = match record.outcome() {
+                    RunOutcome::Timeout => Status::Timeout,
+                    RunOutcome::Crash => Status::Crash,
+                    RunOutcome::Success | RunOutcome::Failure => Status::Fail,
+                };
+                return (Judgement::new(status, why), Some(record));
+            }
         }
-    };
+        if run == Run::Main {
+            main_record = Some(record);
+        }
+    }
+    let record = main_record;
     let comparison = compare(&baseline, &measurements);
     let judgement = if comparison.passed() {
         Judgement::pass()
@@ -789,7 +845,7 @@ pub fn fast_check(
                 .collect(),
         }
     };
-    (judgement, Some(record))
+    (judgement, record)
 }
 
 #[cfg(test)]
@@ -943,10 +999,7 @@ lamina: result: success
     fn the_second_module_is_pong_for_domain_one() {
         let [bench, pong] = boot_modules(200);
         assert_eq!(bench.path, pong.path, "one guest, two modes");
-        assert_eq!(
-            bench.cmdline,
-            "lamina-bench iterations=200 pingpong_peer=2 vcpus=2"
-        );
+        assert_eq!(bench.cmdline, "lamina-bench iterations=200 pingpong_peer=2");
         assert_eq!(pong.cmdline, "pong pong=1 iterations=200 mem=4M");
     }
 

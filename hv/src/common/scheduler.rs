@@ -9,7 +9,7 @@
 use crate::common::config::DEFAULT_WEIGHT;
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, publish_stats, read_tsc};
 use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
-use crate::common::hypercall::{Next, expire_timers};
+use crate::common::hypercall::{Next, raise_port};
 use crate::common::stats::{ExitKind, ExitStats};
 use crate::common::teardown::{Scrub, tear_down};
 use crate::common::time::publish_vcpu_time;
@@ -22,6 +22,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use lamina_abi::Errno;
+use lamina_abi::event_channel::Virq;
 use lamina_abi::vcpu::runstate;
 
 /// How long a vCPU runs before others get the CPU.
@@ -291,7 +292,13 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
     if apic_was_quiet && state.vlapic.deliverable_vector().is_some() {
         state.requests.make(request::EVENT);
     }
-    expire_timers(domain, index, now);
+    if state.timers.expire(now) {
+        trace::timer(domain.id);
+        if let Some(port) = domain.events.virq_port(index, Virq::Timer) {
+            raise_port(domain, port);
+        }
+        domain.vcpus[index].requests.make(request::EVENT);
+    }
     if !domain.vcpus[index].up {
         return;
     }

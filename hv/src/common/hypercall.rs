@@ -14,7 +14,7 @@ use crate::common::vcpu_state::{StartState, Wait, request};
 use alloc::string::String;
 use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
-use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
+use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS, Virq};
 use lamina_abi::layout::CONSOLE_RING_GPA;
 use lamina_abi::memory::{MemoryOp, MemoryRegion};
 use lamina_abi::multicall::{MULTICALL_MAX, MulticallEntry};
@@ -267,7 +267,16 @@ fn sched_op(
                 }
             }
             let deadline = (deadline != 0).then_some(deadline);
-            if deadline.is_some_and(|d| d <= domain.now()) {
+            let now = domain.now();
+            if deadline.is_some_and(|d| d <= now) {
+                // Timing out at once: first what fell due before now, as a pass would.
+                if expire_timers(domain, vcpu, now) {
+                    for &port in &ports {
+                        if domain.events.is_pending(&domain.memory, port)? {
+                            return Ok(Done::Return(0));
+                        }
+                    }
+                }
                 return Err(Errno::ETIMEDOUT);
             }
             if deadline.is_none()
@@ -284,6 +293,22 @@ fn sched_op(
         }
         _ => Err(Errno::ENOSYS),
     }
+}
+
+/// Consumes vCPU `vcpu`'s PV timers due by `now`, raising VIRQ_TIMER on it where that is
+/// bound (docs/abi.md 9.3); true if one fired. Every pass of the scheduler does this for every
+/// vCPU; a poll that times out at once does it for its own vCPU first, so that it has seen
+/// every expiry due before it (on a machine with several CPUs no pass may have come by since).
+pub fn expire_timers(domain: &mut Domain, vcpu: usize, now: u64) -> bool {
+    if !domain.vcpus[vcpu].timers.expire(now) {
+        return false;
+    }
+    crate::common::trace::timer(domain.id);
+    if let Some(port) = domain.events.virq_port(vcpu, Virq::Timer) {
+        raise_port(domain, port);
+    }
+    domain.vcpus[vcpu].requests.make(request::EVENT);
+    true
 }
 
 /// Raises `port` of `domain` and wakes or flags the vCPU it concerns.
@@ -773,6 +798,38 @@ mod tests {
         d.end(crate::common::domain::Ending::Poweroff);
         assert_eq!(take_lines(), ["(d1) waits"]);
         assert_eq!(t.mem.read_u64(CONS).unwrap() as u32, 6);
+    }
+
+    #[test]
+    fn a_poll_past_its_deadline_has_seen_the_timers_due_before_it() {
+        const SCHED: u64 = 2;
+        const EVTCHN: u64 = 3;
+        const POLL: u64 = 3;
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        crate::common::testing::FAKE_TSC.with(|tsc| tsc.set(Some(5_000_000)));
+        // A loopback port (2) to poll, and a one-shot due at 1 ms with VIRQ_TIMER unbound.
+        assert_eq!(call(&mut d, &mut v, EVTCHN, [0, DOMID_SELF, 0]).0, 2);
+        d.vcpus[0].timers.singleshot = Some(1_000_000);
+        t.mem.write(0x1000, &2u32.to_le_bytes()).unwrap();
+        v.regs.gpr[reg::R10] = 3_000_000;
+        assert_eq!(
+            call(&mut d, &mut v, SCHED, [POLL, 0x1000, 1]).0,
+            -(Errno::ETIMEDOUT as i64)
+        );
+        assert_eq!(
+            d.vcpus[0].timers.singleshot, None,
+            "the tick was dropped, not kept"
+        );
+        // With VIRQ_TIMER bound and polled, a tick due before the call ends it at once.
+        let timer_port = call(&mut d, &mut v, EVTCHN, [1, 0, 0]).0;
+        d.vcpus[0].timers.singleshot = Some(4_000_000);
+        t.mem
+            .write(0x1000, &(timer_port as u32).to_le_bytes())
+            .unwrap();
+        v.regs.gpr[reg::R10] = 3_000_000;
+        assert_eq!(call(&mut d, &mut v, SCHED, [POLL, 0x1000, 1]).0, 0);
+        crate::common::testing::FAKE_TSC.with(|tsc| tsc.set(None));
     }
 
     #[test]

@@ -471,8 +471,10 @@ conformance_test! {
 }
 pub(super) fn smp_steal_time_overcommit() {
     for i in 0..2 {
-        // SAFETY: the areas are our static, ours for good.
+        // SAFETY: only the address of our static is taken.
         let area = unsafe { &raw mut (*SPINNER_RUNSTATES.get())[i] } as u64;
+        // SAFETY: the area is our static, 8-byte aligned and ours for good: the hypervisor
+        // may write it whenever that vCPU is not running.
         let status = unsafe { hv::register_runstate(i as u64 + 1, area) };
         check_eq!(
             format_args!("register_runstate of vCPU {}", i + 1),

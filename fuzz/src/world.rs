@@ -729,7 +729,8 @@ fn check_after(
         );
         let runs = trace
             .iter()
-            .filter(|t| matches!(t, Traced::Ran(tag, _) if *tag == d.id))
+            // Every vCPU of the domain: vCPU 0 is tagged with the id, vCPU 1 with id + 100.
+            .filter(|t| matches!(t, Traced::Ran(tag, _) if *tag == d.id || *tag == d.id + 100))
             .count() as u64;
         assert_eq!(
             counters.total, runs,

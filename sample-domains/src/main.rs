@@ -12,7 +12,8 @@
 //! | `echo` | domain 1 only: answers each line of console input (`sum 1 2`, `quit`) | `echo role=echo` |
 //! | `fuzz` | hostile: random hypercalls with hostile arguments and random instructions at CPL 0 and 3 (`cargo xtask fuzz`) | `fuzz role=fuzz seed=<n> [ops=10000] [trace=<first op printed>] [privileged=1 protect=<id> target=<id>]` |
 //! | `stress` | with `vcpus=2` or more: every vCPU hammers the same inter-domain channels, grants and multicall batches as its peer's (`stress.rs`), every message checked on both sides | `stress role=stress peer=<id> vcpus=2 [ms=3000] [rounds=<n>] [destroyed=1 \| peer_dies=1]` |
-//! | `neighbour` | counts the work it finishes in two phases of fixed system time: beside `quiet`, then beside `hog` (the `resource-hog` scenario) | `neighbour role=neighbour [start_ms=100] [phase_ms=300] [gap_ms=20]` |
+//! | `neighbour` | measures its work, event round trips with `partner` and PV timer wake-ups in two phases of fixed system time: beside `quiet`, then beside `hog` (the `resource-hog` scenario) | `neighbour role=neighbour partner=<partner's id> [start_ms=100] [phase_ms=300] [gap_ms=20]` |
+//! | `partner` | answers every event from the neighbour on an inter-domain channel until the neighbour closes it | `partner role=partner peer=<neighbour's id>` and the same phase keys |
 //! | `quiet` | spins through the neighbour's first phase, sleeps through the second | `quiet role=quiet` and the same phase keys |
 //! | `hog` | sleeps through the first phase, then takes every port and grant it may and storms the hypervisor with its dearest calls | `hog role=hog peer=<neighbour's id>` and the same phase keys |
 //! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
@@ -147,14 +148,21 @@ fn kernel_main(start: &'static StartInfo) -> ! {
             number_from_cmdline("stress", "destroyed") == Some(1),
             number_from_cmdline("stress", "peer_dies") == Some(1),
         ),
-        "neighbour" => neighbour::run_neighbour(phases_from_cmdline("neighbour")),
+        "neighbour" => neighbour::run_neighbour(
+            number_from_cmdline("neighbour", "partner")
+                .unwrap_or_else(|| fail("neighbour", format_args!("partner=<id> is missing"))),
+            phases_from_cmdline("neighbour"),
+        ),
+        "partner" => {
+            neighbour::run_partner(peer_from_cmdline("partner"), phases_from_cmdline("partner"))
+        }
         "quiet" => neighbour::run_quiet(phases_from_cmdline("quiet")),
         "hog" => hog::run(phases_from_cmdline("hog"), peer_from_cmdline("hog")),
         "canary" => canary::run(number_from_cmdline("canary", "ms").unwrap_or(300).into()),
         other => fail(
             "sample-domains",
             format_args!(
-                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz, canary, stress, neighbour, quiet or hog"
+                "unknown role {other:?}: role= is ping, pong, snoop, control, worker, echo, fuzz, canary, stress, neighbour, partner, quiet or hog"
             ),
         ),
     }

@@ -173,21 +173,26 @@ const WORKER_ERROR: LinePattern = LinePattern::Contains("worker: error:");
 const HOG_ERROR: LinePattern = LinePattern::Contains("hog: error:");
 const NEIGHBOUR_ERROR: LinePattern = LinePattern::Contains("neighbour: error:");
 const QUIET_ERROR: LinePattern = LinePattern::Contains("quiet: error:");
+const PARTNER_ERROR: LinePattern = LinePattern::Contains("partner: error:");
 
-/// `resource-hog`: the neighbour (1), the quiet domain (2) and the hog (3), all of one weight,
-/// with the same phases.
-const RESOURCE_HOG_MODULES: [ModuleSpec; 3] = [
+/// `resource-hog`: the neighbour (1), its ping-pong partner (2), the quiet domain (3) and the
+/// hog (4), all of one weight, with the same phases.
+const RESOURCE_HOG_MODULES: [ModuleSpec; 4] = [
     ModuleSpec {
         source: ModuleSource::Built(Artifact::SampleDomains),
-        cmdline: "neighbour role=neighbour start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+        cmdline: "neighbour role=neighbour partner=2 start_ms=100 phase_ms=600 gap_ms=20 mem=4M",
     },
     ModuleSpec {
         source: ModuleSource::Built(Artifact::SampleDomains),
-        cmdline: "quiet role=quiet start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+        cmdline: "partner role=partner peer=1 start_ms=100 phase_ms=600 gap_ms=20 mem=4M",
     },
     ModuleSpec {
         source: ModuleSource::Built(Artifact::SampleDomains),
-        cmdline: "hog role=hog peer=1 vcpus=2 start_ms=100 phase_ms=300 gap_ms=20 mem=4M",
+        cmdline: "quiet role=quiet start_ms=100 phase_ms=600 gap_ms=20 mem=4M",
+    },
+    ModuleSpec {
+        source: ModuleSource::Built(Artifact::SampleDomains),
+        cmdline: "hog role=hog peer=1 vcpus=2 start_ms=100 phase_ms=600 gap_ms=20 mem=4M",
     },
 ];
 
@@ -439,13 +444,23 @@ pub const SCENARIOS: &[Scenario] = &[
         expect: HvResult::Success,
         required_lines: &[
             LinePattern::Contains("(d1) neighbour: result: "),
-            LinePattern::Contains("(d2) quiet: result: "),
-            LinePattern::Contains("(d3) hog: result: "),
+            LinePattern::Contains("(d1) neighbour: pingpong: "),
+            LinePattern::Contains("(d1) neighbour: timer: "),
+            LinePattern::Contains("(d2) partner: result: "),
+            LinePattern::Contains("(d3) quiet: result: "),
+            LinePattern::Contains("(d4) hog: result: "),
             LinePattern::Contains("lamina: domain 1 neighbour end=poweroff"),
-            LinePattern::Contains("lamina: domain 2 quiet end=poweroff"),
-            LinePattern::Contains("lamina: domain 3 hog end=poweroff"),
+            LinePattern::Contains("lamina: domain 2 partner end=poweroff"),
+            LinePattern::Contains("lamina: domain 3 quiet end=poweroff"),
+            LinePattern::Contains("lamina: domain 4 hog end=poweroff"),
         ],
-        forbidden_lines: &[NO_PANIC, HOG_ERROR, NEIGHBOUR_ERROR, QUIET_ERROR],
+        forbidden_lines: &[
+            NO_PANIC,
+            HOG_ERROR,
+            NEIGHBOUR_ERROR,
+            QUIET_ERROR,
+            PARTNER_ERROR,
+        ],
         check: Some(hog::check_resource_hog),
     },
 ];

@@ -146,11 +146,10 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
         // An empty buffer is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
-    let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
-    let bytes = &mut buffer[..len as usize];
     match op {
         ConsoleOp::Write => {
-            domain.memory.read(gpa, bytes)?;
+            // Refused before anything is copied: a domain over its budget costs little.
+            domain.memory.check(gpa, len)?;
             let time = &domain.time;
             if !domain
                 .console
@@ -161,6 +160,9 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
                 domain.console.refused_bytes += len;
                 return Err(Errno::EAGAIN);
             }
+            let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
+            let bytes = &mut buffer[..len as usize];
+            domain.memory.read(gpa, bytes)?;
             domain
                 .console
                 .write(ConsoleSource::Paravirtual, domain.id, bytes);
@@ -168,6 +170,8 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
         }
         ConsoleOp::Read => {
             domain.memory.check(gpa, len)?;
+            let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
+            let bytes = &mut buffer[..len as usize];
             let read = read_console_input(domain, bytes);
             domain.memory.write(gpa, &bytes[..read])?;
             Ok(Done::Return(read as u64))
@@ -228,7 +232,7 @@ fn sched_op(
             // runs next, as a woken vCPU does (docs/abi.md 3.3).
             let state = &mut domain.vcpus[target];
             if state.is_runnable() && state.runstate.state() == runstate::RUNNABLE {
-                state.boosted = true;
+                state.yielded_to = true;
             }
             Ok(Done::Yield)
         }
@@ -693,8 +697,13 @@ fn multicall(
             || (op == Hypercall::VcpuOp as u64
                 && args[0] == VcpuOp::Down as u64
                 && args[1] == vcpu as u64);
+        let yields = op == Hypercall::SchedOp as u64 && args[0] == SchedOp::Yield as u64;
         let result = if op == Hypercall::Multicall as u64 || waits {
             Err(Errno::EINVAL)
+        } else if yields {
+            // Gives nothing up inside a batch (docs/abi.md 12), so there is nothing to do
+            // (not even the console-ring print of a vCPU leaving the CPU, 13).
+            Ok(Done::Return(0))
         } else {
             dispatch(domain, vcpu, op, &entry.args, peers)
         };

@@ -47,6 +47,11 @@ pub trait Host {
     fn housekeeping(&mut self) -> Option<u64>;
 }
 
+/// Once exits took this many TSC ticks of the hypervisor's time since the last time, the
+/// vCPU's preemption deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]):
+/// at every entry it would cost each hypercall more than the slice can overrun by this way.
+const RELOAD_AFTER_TSC: u64 = 2_000;
+
 /// How often console input is polled while a domain could be woken by it.
 pub const CONSOLE_POLL_NS: u64 = 10_000_000;
 
@@ -223,8 +228,8 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
     }
 }
 
-fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
-    let domain = &mut slot.domain;
+/// Fires vCPU `index`'s due timers: its x2APIC timer and its PV timers.
+fn advance_timers(domain: &mut Domain, index: usize, now: u64) {
     let state = &mut domain.vcpus[index];
     // Most vCPUs have no APIC timer counting: no TSC conversion, nothing to advance.
     if state.vlapic.timer_counting() {
@@ -236,6 +241,11 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
         }
     }
     domain.expire_timers(index, now);
+}
+
+fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
+    let domain = &mut slot.domain;
+    advance_timers(domain, index, now);
     let state = &domain.vcpus[index];
     if !state.up {
         return;
@@ -524,6 +534,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 table.cursor = index_of_unit(&table.units, table.cursor, unit);
             }
             slots[index].domain.vcpus[vcpu_index].boosted = false;
+            slots[index].domain.vcpus[vcpu_index].yielded_to = false;
             if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
                 // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
                 // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its
@@ -667,13 +678,20 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
+        let mut unreloaded_tsc = 0u64;
         loop {
             let domain = &mut guard.slots[index].domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
-                domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+                let handled = read_tsc().wrapping_sub(exited_at);
+                domain.vcpus[vcpu_index].stats.handling_tsc += handled;
+                unreloaded_tsc += handled;
+                if unreloaded_tsc > RELOAD_AFTER_TSC {
+                    unreloaded_tsc = 0;
+                    vcpu.reload_preemption_deadline();
+                }
             }
             drop(guard);
             // None: a request came before the entry; it is drained under the lock.
@@ -751,12 +769,19 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     let mut exited_at = None;
+    let mut unreloaded_tsc = 0u64;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
         }
         if let Some(exited_at) = exited_at {
-            domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+            let handled = read_tsc().wrapping_sub(exited_at);
+            domain.vcpus[vcpu_index].stats.handling_tsc += handled;
+            unreloaded_tsc += handled;
+            if unreloaded_tsc > RELOAD_AFTER_TSC {
+                unreloaded_tsc = 0;
+                vcpu.reload_preemption_deadline();
+            }
         }
         let exit = vcpu.run();
         exited_at = Some(read_tsc());
@@ -847,24 +872,22 @@ fn ready_cpus<V>(slots: &[Slot<V>], units: &[(usize, usize)]) -> u64 {
         .fold(0, |cpus, &(s, _)| cpus | slots[s].domain.affinity)
 }
 
-/// How far ahead of the least-served ready vCPU (in virtual run time) a woken vCPU may be
-/// and still be run first: one slice. Beyond it a wake-up waits its turn like any other.
-pub const BOOST_LEAD_NS: u64 = TIME_SLICE_NS;
-
 /// How far behind the least-served ready vCPU (in virtual run time) a woken vCPU may start:
 /// one slice.
 pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 
-/// The vCPU to run next, in round-robin order after `cursor`: a woken vCPU first (short
-/// latency for timers and events) unless it is more than [`BOOST_LEAD_NS`] ahead of the ready
-/// vCPU that had the least CPU time for its weight, otherwise that vCPU (ties in round-robin
-/// order). Woken vCPUs must not bank the time they slept: they start at most
-/// [`WAKE_CREDIT_NS`] behind the least of the others. The lead bounds what waking often buys (as Xen's credit scheduler boosts only
-/// vCPUs that are under their share): a domain that sleeps a few microseconds between long
-/// stretches of work, waking boosted each time, would otherwise take the CPU from the others
-/// whatever its weight. The vCPU that just yielded, `yielded`, runs only when no other is
-/// ready (docs/abi.md 3.3: yield returns after the others had the CPU), even when a wake-up
-/// left it behind the others.
+/// The vCPU to run next, in round-robin order after `cursor`: the woken vCPU that had the
+/// least CPU time for its weight first (short latency for timers and events), as long as it
+/// had no more than the ready vCPU that had the least, otherwise that vCPU (ties in
+/// round-robin order). Woken vCPUs must not bank the time they slept: they start at most
+/// [`WAKE_CREDIT_NS`] behind the least of the others. A wake-up buys no lead (as Xen's
+/// credit scheduler boosts only vCPUs that are under their share): a domain that sleeps a few
+/// microseconds between long stretches of work, run first at each wake-up, would take the CPU
+/// from the others whatever its weight (1.6 let a woken vCPU run first while up to a slice
+/// ahead, which such a domain turned into its share plus a slice, and the latency of its
+/// neighbours' timers and events into its stretches of work). The vCPU that just yielded,
+/// `yielded`, runs only when no other is ready (docs/abi.md 3.3: yield returns after the
+/// others had the CPU), even when a wake-up left it behind the others.
 ///
 /// Only vCPUs whose domain's affinity has the picking CPU (`cpu_bit`) are looked at. One
 /// run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a socket:
@@ -880,7 +903,7 @@ fn pick<V>(
     let count = units.len();
     let mut any_boosted = false;
     let mut least_unboosted: Option<u64> = None;
-    let mut first_boosted: Option<((usize, usize), u64)> = None;
+    let mut least_boosted: Option<((usize, usize), u64)> = None;
     let mut fairest: Option<((usize, usize), u64)> = None;
     let mut yielder_ready = false;
     for i in 1..=count {
@@ -893,9 +916,15 @@ fn pick<V>(
             continue;
         }
         let state = &slots[unit.0].domain.vcpus[unit.1];
+        if state.yielded_to {
+            // A sibling's yield_to (docs/abi.md 3.3): next, whatever the others had.
+            return Some(unit);
+        }
         if state.boosted {
             any_boosted = true;
-            first_boosted.get_or_insert((unit, state.vruntime));
+            if least_boosted.is_none_or(|(_, least)| state.vruntime < least) {
+                least_boosted = Some((unit, state.vruntime));
+            }
         } else {
             least_unboosted =
                 Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
@@ -904,20 +933,13 @@ fn pick<V>(
             fairest = Some((unit, state.vruntime));
         }
     }
-    let limit = least_unboosted.map(|least| least.saturating_add(BOOST_LEAD_NS));
-    let within = |vruntime: u64| limit.is_none_or(|limit| vruntime <= limit);
-    let boosted = match first_boosted {
-        Some((unit, vruntime)) if within(vruntime) => Some(unit),
-        // Rare: the first woken vCPU is too far ahead; another woken one may not be.
-        Some(_) => (1..=count)
-            .map(|i| units[(cursor + i) % count])
-            .filter(|&unit| Some(unit) != yielded && is_ready(&slots[unit.0], unit.1))
-            .find(|&(s, v)| {
-                let state = &slots[s].domain.vcpus[v];
-                state.boosted && within(state.vruntime)
-            }),
-        None => None,
-    };
+    let within = |vruntime: u64| least_unboosted.is_none_or(|least| vruntime <= least);
+    // The woken vCPU that had the least CPU time for its weight: woken vCPUs compete among
+    // themselves by fairness too, or one that wakes every few microseconds would run first
+    // whenever all the others ready were woken as well.
+    let boosted = least_boosted
+        .filter(|&(_, vruntime)| within(vruntime))
+        .map(|(unit, _)| unit);
     if any_boosted && let Some(least) = least_unboosted {
         // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
         // that naps often between its work was owed before the nap (clamped to `least`, it
@@ -1139,14 +1161,14 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     #[test]
-    fn a_woken_vcpu_runs_first_only_within_one_slice_of_the_least_served() {
-        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS, true);
+    fn a_woken_vcpu_runs_first_only_while_no_ready_vcpu_had_less() {
+        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS, true);
         assert_eq!(
             pick(&mut slots, &UNITS, 1, u64::MAX, None),
             Some((1, 0)),
-            "within the lead"
+            "level with the least served"
         );
-        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS + 1, true);
+        let (_t, mut slots) = ready_pair(100 * MS, 100 * MS + 1, true);
         assert_eq!(
             pick(&mut slots, &UNITS, 1, u64::MAX, None),
             Some((0, 0)),

@@ -261,12 +261,16 @@ pub trait VirtualCpu {
     fn inject_interrupt(&mut self, vector: u8);
     /// Exit as soon as the guest can take an external interrupt ([`VmExit::InterruptWindow`]).
     fn set_interrupt_window_exiting(&mut self, enabled: bool);
-    /// Exit (as [`VmExit::ExternalInterrupt`]) once `tsc_ticks` have passed in the guest, even
-    /// if no host interrupt can reach it: a backstop for the end of a time slice. Backends
-    /// whose host timer always preempts the guest need not do anything.
+    /// Exit (as [`VmExit::ExternalInterrupt`]) once `tsc_ticks` have passed from now, time in
+    /// the hypervisor included, even if no host interrupt can reach the guest: a backstop for
+    /// the end of a time slice. Backends whose host timer always preempts the guest need not
+    /// do anything.
     fn set_preemption_deadline(&mut self, tsc_ticks: u64) {
         let _ = tsc_ticks;
     }
+    /// The hypervisor spent long handling an exit: a backend whose preemption deadline counts
+    /// only guest time (VMX) takes that time off what is left of it.
+    fn reload_preemption_deadline(&mut self) {}
     /// Drops the guest-physical translations the TLB may hold for this vCPU's nested page
     /// table, effective before the next entry (VMX: INVEPT; SVM: a VMCB TLB flush). Called
     /// after a nested mapping of its domain went away or lost permissions.

@@ -332,6 +332,9 @@ pub struct VcpuState {
     /// timers and events reach a sleeping vCPU with the latency of one switch (as Xen's
     /// credit scheduler boosts woken vCPUs).
     pub boosted: bool,
+    /// Named by a sibling's `sched_op` yield_to while ready and not running: runs next,
+    /// before every other ready vCPU (docs/abi.md 3.3).
+    pub yielded_to: bool,
     /// Gave up the CPU with `sched_op` yield: the others go first (docs/abi.md 3.3).
     pub yielded: bool,
     /// Up (runs when ready); a vCPU other than 0 is down until `vcpu_op` up, and again after
@@ -378,6 +381,7 @@ impl VcpuState {
             vcpu_info_moved: false,
             window_requested: false,
             boosted: false,
+            yielded_to: false,
             yielded: false,
             up: index == 0,
             start: None,

@@ -106,6 +106,10 @@ pub struct VmxVcpu {
     primary_controls: u64,
     /// The VMX-preemption timer counts TSC >> this (IA32_VMX_MISC bits 4:0), when in use.
     preemption_timer_shift: Option<u8>,
+    /// The TSC at which the preemption timer must end the guest's run: it counts only in
+    /// VMX non-root operation (SDM 26.5.1), so after a long exit what is left is loaded again,
+    /// or a slice whose guest spends most of it in long exits would overrun by all that time.
+    preemption_deadline_tsc: u64,
     /// The EPT pointer of the domain's nested page table (the domain owns the table).
     eptp: u64,
     invept: InveptType,
@@ -169,6 +173,7 @@ impl VmxVcpu {
             switched_msrs: [0; SWITCHED_MSRS.len()],
             primary_controls: 0,
             preemption_timer_shift: None,
+            preemption_deadline_tsc: u64::MAX,
             eptp: eptp(ept_root),
             invept: caps.invept,
             xstate,
@@ -808,9 +813,19 @@ impl VirtualCpu for VmxVcpu {
     }
 
     fn set_preemption_deadline(&mut self, tsc_ticks: u64) {
+        if self.preemption_timer_shift.is_some() {
+            self.preemption_deadline_tsc = rdtsc().saturating_add(tsc_ticks);
+            self.reload_preemption_deadline();
+        }
+    }
+
+    fn reload_preemption_deadline(&mut self) {
         if let Some(shift) = self.preemption_timer_shift {
-            let value = (tsc_ticks >> shift).clamp(1, u64::from(u32::MAX));
-            write_unchecked(vmcs::PREEMPTION_TIMER_VALUE, value);
+            let left = self.preemption_deadline_tsc.saturating_sub(rdtsc());
+            write_unchecked(
+                vmcs::PREEMPTION_TIMER_VALUE,
+                (left >> shift).clamp(1, u64::from(u32::MAX)),
+            );
         }
     }
 
@@ -839,10 +854,8 @@ impl VirtualCpu for VmxVcpu {
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {
         match msr {
-            ArchMsr::Tsc => {
-                // SAFETY: RDTSC has no side effects; guests run with TSC offset 0.
-                unsafe { core::arch::x86_64::_rdtsc() }
-            }
+            // Guests run with TSC offset 0.
+            ArchMsr::Tsc => rdtsc(),
             ArchMsr::Efer => read(vmcs::GUEST_IA32_EFER),
             ArchMsr::FsBase => read(vmcs::GUEST_FS_BASE),
             ArchMsr::GsBase => read(vmcs::GUEST_GS_BASE),
@@ -1007,3 +1020,8 @@ vmx_exit_entry:
     verw_on_entry = sym crate::platform::spec_ctrl::VERW_ON_ENTRY,
     verw_selector = sym crate::platform::spec_ctrl::VERW_SELECTOR,
 );
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}

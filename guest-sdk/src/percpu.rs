@@ -75,6 +75,8 @@ pub fn init_this_vcpu(vcpu: u32) -> Result<(), NotThisVcpu> {
 }
 
 /// The vCPU the caller runs on: 0 before [`init_this_vcpu`], the number it recorded after.
+/// Inlined: the SDK's hot paths (the pvclock read, the upcall mask) ask it on every call.
+#[inline(always)]
 pub fn current() -> u32 {
     if !IN_USE.load(Ordering::Acquire) {
         return 0;
@@ -89,6 +91,7 @@ pub fn current() -> u32 {
 }
 
 /// Whether [`init_this_vcpu`] has been called (on vCPU 0 at least).
+#[inline]
 pub fn in_use() -> bool {
     IN_USE.load(Ordering::Acquire)
 }

@@ -175,6 +175,7 @@ static MOVED_VCPU_INFO: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; M
 
 /// The vCPU the caller runs on: 0 unless the kernel records its vCPUs with
 /// [`crate::percpu::init_this_vcpu`].
+#[inline(always)]
 pub fn current_vcpu() -> u32 {
     crate::percpu::current()
 }
@@ -200,9 +201,21 @@ pub fn vcpu_shared(vcpu: u32) -> VcpuShared {
     }
 }
 
-/// The current vCPU's `VcpuInfo`.
+/// The current vCPU's `VcpuInfo`. A kernel that never records its vCPUs
+/// ([`crate::percpu`]) pays one load and a branch over the vCPU 0 it always had: the
+/// pvclock read and the upcall mask come through here.
+#[inline]
 pub fn this_vcpu() -> VcpuShared {
-    vcpu_shared(current_vcpu())
+    if crate::percpu::in_use() {
+        return this_vcpu_of_several();
+    }
+    vcpu_shared(0)
+}
+
+/// [`this_vcpu`] in a kernel with several vCPUs, out of the one-vCPU path's way.
+#[inline(never)]
+fn this_vcpu_of_several() -> VcpuShared {
+    vcpu_shared(crate::percpu::current())
 }
 
 /// Remembers that vCPU `vcpu`'s info now lives at `gpa`.

@@ -915,7 +915,11 @@ fn pick<V>(
         // Rare: the first woken vCPU is too far ahead; another woken one may not be.
         Some(_) => (1..=count)
             .map(|i| units[(cursor + i) % count])
-            .filter(|&unit| Some(unit) != yielded && is_ready(&slots[unit.0], unit.1))
+            .filter(|&unit| {
+                slots[unit.0].domain.affinity & cpu_bit != 0
+                    && Some(unit) != yielded
+                    && is_ready(&slots[unit.0], unit.1)
+            })
             .find(|&(s, v)| {
                 let state = &slots[s].domain.vcpus[v];
                 state.boosted && within(state.vruntime)
@@ -1161,6 +1165,27 @@ mod tests {
             pick(&mut slots, &UNITS, 1, u64::MAX, None),
             Some((1, 0)),
             "the fairest"
+        );
+    }
+
+    #[test]
+    fn a_woken_vcpu_found_past_a_first_one_too_far_ahead_is_still_one_this_cpu_may_run() {
+        // Domain 2 woke too far ahead; domain 3 woke within the lead but may run on CPU 1
+        // only: CPU 0 runs domain 1 (the sample guest's SMP part beside a pinned pong
+        // once ran pong on CPU 0 through this path).
+        let (_t, [mut s1, s2]) = ready_pair(100 * MS, 100 * MS + BOOST_LEAD_NS + 1, true);
+        let (_t3, mut s3) = slot_with_id(3, vec![]);
+        s3.domain.vcpus[0].vruntime = 100 * MS;
+        s3.domain.vcpus[0].boosted = true;
+        s3.domain.affinity = 0b10;
+        s1.domain.affinity = 0b11;
+        let mut slots = [s1, s2, s3];
+        let units = [(0, 0), (1, 0), (2, 0)];
+        assert_eq!(pick(&mut slots, &units, 0, 0b01, None), Some((0, 0)));
+        assert_eq!(
+            pick(&mut slots, &units, 0, 0b10, None),
+            Some((2, 0)),
+            "CPU 1 may run it"
         );
     }
 

@@ -48,6 +48,7 @@ mod measure;
 mod ops;
 mod pingpong;
 mod smp;
+mod smp_cpus;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -237,6 +238,9 @@ fn bench_main(start: &'static StartInfo) {
 
     if runs(Group::Smp) {
         smp_rows(iterations, start);
+    }
+    if runs(Group::Smp2) {
+        smp_cpus::rows(iterations, start.nr_vcpus);
     }
     if let Some(idle) = &idle {
         idle.release();

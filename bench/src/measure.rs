@@ -171,6 +171,7 @@ pub(crate) enum Group {
     Time,
     Pingpong,
     Smp,
+    Smp2,
 }
 
 impl Group {
@@ -187,6 +188,7 @@ impl Group {
             Group::Time => "time",
             Group::Pingpong => "pingpong",
             Group::Smp => "smp",
+            Group::Smp2 => "smp2",
         }
     }
 }

@@ -25,8 +25,8 @@
 //! No EOI: the upcall is not an APIC interrupt. Handlers run in interrupt context with
 //! interrupts off; they must not block.
 //!
-//! Every port is delivered to the vCPU it was bound to; the SDK runs on vCPU 0 only, so the
-//! dispatcher scans the whole bitmap.
+//! Every port is delivered to the vCPU it was bound to; the dispatcher scans the whole bitmap
+//! with the calling vCPU's selector ([`crate::percpu`] says which vCPU that is).
 
 use core::fmt;
 use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};

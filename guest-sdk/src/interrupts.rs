@@ -327,6 +327,22 @@ pub fn init() {
     for (vector, gate) in gates.iter_mut().enumerate() {
         *gate = Gate::interrupt(stub_address(vector as u8), selector);
     }
+    load_idt();
+}
+
+/// Loads the SDK's IDT on the calling vCPU, which [`init`] filled on another: each vCPU of a
+/// kernel with several has its own IDTR. The vCPU must use the code segment [`init`] saw (the
+/// boot GDT's `0x08` for a vCPU started by `vcpu_op` or a SIPI, docs/abi.md 19.1, 14.2).
+/// Returns false, loading nothing, before [`init`].
+pub fn load_on_this_vcpu() -> bool {
+    if !IDT_LOADED.load(Ordering::Acquire) {
+        return false;
+    }
+    load_idt();
+    true
+}
+
+fn load_idt() {
     #[repr(C, packed)]
     struct Pointer {
         limit: u16,

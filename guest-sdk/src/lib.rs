@@ -27,6 +27,7 @@
 //!   paravirtual backend each, selected per group at boot.
 //! - [`shared`]: atomic access to the shared-info page; [`msr`], [`x2apic`], [`port`]: the
 //!   trapping instructions and the emulated x2APIC.
+//! - [`percpu`]: which vCPU the code runs on, for kernels with several vCPUs.
 //! - [`cpuid`]: Lamina discovery through CPUID leaves `0x4000_0000`, `0x4000_0001` and
 //!   `0x4000_0010`.
 //! - [`start_info()`], [`cmdline()`], [`cmdline_value()`]: what the hypervisor said at boot.
@@ -47,7 +48,9 @@
 //! `panic_impl`, or a duplicate symbol `_start`, otherwise). docs/porting.md walks through
 //! porting an existing kernel.
 //!
-//! The SDK runs on the boot vCPU (vCPU 0) only.
+//! The SDK runs on the boot vCPU (vCPU 0), and on every vCPU of a kernel that records
+//! which vCPU it runs on with [`percpu::init_this_vcpu`] (its events, idle and smp groups then
+//! act on the calling vCPU).
 //!
 //! The SDK keeps the boot identity map: it passes the address of a buffer as its guest-physical
 //! address. A kernel that builds its own page tables must keep RAM identity-mapped or call the
@@ -79,6 +82,7 @@ pub mod memory;
 pub mod msr;
 pub mod multicall;
 pub mod panic;
+pub mod percpu;
 pub mod port;
 pub mod pvops;
 pub mod sched;

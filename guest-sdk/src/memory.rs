@@ -29,7 +29,8 @@ pub fn memory_map(regions: &mut [MemoryRegion]) -> Result<usize, HypercallError>
 /// (bit `v`: vCPU `v`), in one hypercall (docs/abi.md 11; ABI 1.6): running vCPUs are
 /// interrupted and flushed before this returns, preempted ones are flushed before they next
 /// run, without being woken or waited for. At most [`FLUSH_ADDRESSES_MAX`] addresses (more is
-/// `EINVAL`, without a call).
+/// `EINVAL`, without a call). Since ABI 1.7 a short list (up to 16 pages pending per vCPU) is
+/// flushed page by page and a longer one whole; either way no listed translation survives.
 pub fn flush_tlb(mask: u64, addresses: &[u64]) -> Result<(), HypercallError> {
     if addresses.len() as u64 > FLUSH_ADDRESSES_MAX {
         return Err(HypercallError::Errno(Errno::EINVAL));

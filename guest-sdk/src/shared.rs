@@ -8,7 +8,7 @@
 //! pointers; the functions at the bottom find this domain's pages through [`StartInfo`]
 //! (`shared_info_gpa`) and remember where `VcpuOp::RegisterVcpuInfo` moved a vCPU's info.
 //!
-//! The SDK runs on the boot vCPU only: [`current_vcpu`] is always 0.
+//! [`current_vcpu`] is 0 unless the kernel uses [`crate::percpu`].
 //!
 //! [`StartInfo`]: lamina_abi::StartInfo
 
@@ -173,9 +173,11 @@ impl VcpuShared {
 /// Where each vCPU's `VcpuInfo` was moved to (0: still in the shared-info page).
 static MOVED_VCPU_INFO: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 
-/// The vCPU the caller runs on. The SDK runs on the boot vCPU only, so this is 0.
+/// The vCPU the caller runs on: 0 unless the kernel records its vCPUs with
+/// [`crate::percpu::init_this_vcpu`].
+#[inline(always)]
 pub fn current_vcpu() -> u32 {
-    0
+    crate::percpu::current()
 }
 
 /// This domain's shared-info page (`StartInfo::shared_info_gpa`, identity-mapped).
@@ -199,9 +201,21 @@ pub fn vcpu_shared(vcpu: u32) -> VcpuShared {
     }
 }
 
-/// The current vCPU's `VcpuInfo`.
+/// The current vCPU's `VcpuInfo`. A kernel that never records its vCPUs
+/// ([`crate::percpu`]) pays one load and a branch over the vCPU 0 it always had: the
+/// pvclock read and the upcall mask come through here.
+#[inline]
 pub fn this_vcpu() -> VcpuShared {
-    vcpu_shared(current_vcpu())
+    if crate::percpu::in_use() {
+        return this_vcpu_of_several();
+    }
+    vcpu_shared(0)
+}
+
+/// [`this_vcpu`] in a kernel with several vCPUs, out of the one-vCPU path's way.
+#[inline(never)]
+fn this_vcpu_of_several() -> VcpuShared {
+    vcpu_shared(crate::percpu::current())
 }
 
 /// Remembers that vCPU `vcpu`'s info now lives at `gpa`.

@@ -7,6 +7,8 @@
 //! runs [`kernel`]: its own IDT, a 1 ms timer tick driving a round-robin of four tasks for
 //! 20 ticks, printing through the console and idling in the idle group (block or HLT).
 //!
+//! With `vcpus=` above 1 it then runs [`smp`] on every vCPU, through the smp group.
+//!
 //! Whatever the groups, it prints the same `sample-guest: results: ...` line, so two runs can
 //! be compared; the lines that differ between modes (`mode=`, timing) say so. The hypervisor's
 //! exit summary then shows what each mode cost. Any disagreement is printed and ends the
@@ -23,7 +25,7 @@ fn host_check_only(_: &core::panic::PanicInfo<'_>) -> ! {
 }
 
 mod kernel;
-mod secondary;
+mod smp;
 mod tasks;
 
 use core::fmt::Display;
@@ -95,13 +97,10 @@ fn kernel_main(start: &'static StartInfo) -> ! {
         report.late_ticks
     );
     check_results(&report);
-    if start.nr_vcpus > 1 {
-        match secondary::run(start.nr_vcpus) {
-            Ok(count) => {
-                println!("sample-guest: {count} secondary vCPU(s) ran and took themselves down")
-            }
-            Err(why) => fail(why),
-        }
+    if start.nr_vcpus > 1
+        && let Err(why) = smp::run(start.nr_vcpus)
+    {
+        fail(why);
     }
     println!("sample-guest: powering off");
     hypercall::shutdown(ShutdownReason::Poweroff)

@@ -246,11 +246,13 @@ pub enum Run {
     Main,
     Idle(usize),
     Smp,
+    /// The `smp2` rows: two vCPUs on a machine with two CPUs.
+    Smp2,
 }
 
 impl Run {
     /// Every run of `cargo xtask bench`, in order.
-    pub const ALL: [Run; 4] = [Run::Main, Run::Smp, Run::Idle(16), Run::Idle(64)];
+    pub const ALL: [Run; 5] = [Run::Main, Run::Smp, Run::Smp2, Run::Idle(16), Run::Idle(64)];
 
     /// The name of its directory under target/lamina/bench.
     fn dir_name(self, vendor: Vendor) -> String {
@@ -258,7 +260,13 @@ impl Run {
             Run::Main => vendor.name().to_string(),
             Run::Idle(n) => format!("{}-idle{n}", vendor.name()),
             Run::Smp => format!("{}-smp", vendor.name()),
+            Run::Smp2 => format!("{}-smp2", vendor.name()),
         }
+    }
+
+    /// The machine's CPUs: two for [`Run::Smp2`], one otherwise.
+    fn cpus(self) -> Option<u16> {
+        (self == Run::Smp2).then_some(2)
     }
 }
 
@@ -275,6 +283,10 @@ pub fn boot_modules_for(iterations: u64, run: Run) -> Vec<BootModule> {
         Run::Main => vec![bench, pong],
         Run::Smp => {
             bench.cmdline = format!("{DOMAIN_NAME} iterations={iterations} vcpus=2 groups=smp");
+            vec![bench]
+        }
+        Run::Smp2 => {
+            bench.cmdline = format!("{DOMAIN_NAME} iterations={iterations} vcpus=2 groups=smp2");
             vec![bench]
         }
         Run::Idle(idle) => {
@@ -300,11 +312,15 @@ fn rows_of(run: Run, measurements: Vec<Measurement>) -> Vec<Measurement> {
     match run {
         Run::Main => measurements
             .into_iter()
-            .filter(|m| m.group != "smp")
+            .filter(|m| m.group != "smp" && m.group != "smp2")
             .collect(),
         Run::Smp => measurements
             .into_iter()
             .filter(|m| m.group == "smp")
+            .collect(),
+        Run::Smp2 => measurements
+            .into_iter()
+            .filter(|m| m.group == "smp2")
             .collect(),
         Run::Idle(idle) => measurements
             .into_iter()
@@ -600,9 +616,12 @@ fn boot(
         modules: &boot_modules_for(iterations, run),
         timeout,
         streaming,
-        // QEMU: the TSC counts instructions. Bochs counts them anyway.
+        // QEMU: the TSC counts instructions (with -smp 2 too). Bochs counts them anyway.
         icount: true,
-        extras: emulator::RunExtras::default(),
+        extras: emulator::RunExtras {
+            cpus: run.cpus(),
+            ..emulator::RunExtras::default()
+        },
     })
 }
 
@@ -796,11 +815,11 @@ pub fn fast_check(
     // The main run, then the two-vCPU one (the `smp` rows); the main run's record is shown.
     let mut measurements = Vec::new();
     let mut main_record = None;
-    for run in [Run::Main, Run::Smp] {
-        let run_dir = if run == Run::Main {
-            RunDir::new(dir.path.clone())
-        } else {
-            RunDir::new(dir.path.join("smp"))
+    for run in [Run::Main, Run::Smp, Run::Smp2] {
+        let run_dir = match run {
+            Run::Main => RunDir::new(dir.path.clone()),
+            Run::Smp2 => RunDir::new(dir.path.join("smp2")),
+            _ => RunDir::new(dir.path.join("smp")),
         };
         let record = match boot(
             vendor,

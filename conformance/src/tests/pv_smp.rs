@@ -597,6 +597,174 @@ pub(super) fn pv_flush_running_vcpu() {
     flush_and_check(false);
 }
 
+/// Pages of the list tests' window: more than a vCPU keeps pending (16, docs/abi.md 11).
+const LIST_PAGES: usize = 24;
+/// The generation vCPU 0 published after its last flush: what the list reader must find.
+static LIST_GENERATION: AtomicU64 = AtomicU64::new(0);
+/// The list reader's rounds, per generation it saw (0-3), and its stale reads.
+static LIST_ROUNDS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+static LIST_STALE: AtomicU64 = AtomicU64::new(0);
+
+/// What window page `page` must read in generation `generation` (None: either page).
+fn listed_mark(generation: u64, page: usize) -> Option<u64> {
+    match generation {
+        1 if page < 4 => Some(MARK_B),
+        2 => Some(MARK_B),
+        3 => Some(MARK_A),
+        _ => None,
+    }
+}
+
+fn window_page(page: usize) -> u64 {
+    WINDOW + (page as u64) * 4096
+}
+
+fn read_window_page(page: usize) -> u64 {
+    // SAFETY: every page of the window is mapped (vCPU 0 mapped them before bringing this
+    // vCPU up) to one of two static pages; reading has no side effect.
+    unsafe { (window_page(page) as *const u64).read_volatile() }
+}
+
+/// vCPU 1 of the list tests: reads every window page, each against the generation it read
+/// before, and yields, forever.
+extern "C" fn list_reader(_vcpu: u64) -> ! {
+    loop {
+        let generation = LIST_GENERATION.load(Ordering::SeqCst);
+        for page in 0..LIST_PAGES {
+            let value = read_window_page(page);
+            if listed_mark(generation, page).is_some_and(|mark| mark != value) {
+                LIST_STALE.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        LIST_ROUNDS[generation.min(3) as usize].fetch_add(1, Ordering::SeqCst);
+        hv::sched_yield();
+    }
+}
+
+/// Points window pages `pages` at `page` (the caller flushes).
+fn map_window_pages(pages: core::ops::Range<usize>, page: *mut Page) {
+    let table = TABLE.get().cast::<u64>();
+    for index in pages {
+        // SAFETY: the table is our static, identity-mapped; only vCPU 0 writes it.
+        unsafe { table.add(index).write_volatile(page as u64 | 0x3) };
+    }
+}
+
+/// flush_tlb of window pages `pages` (each named by an address inside it) on `mask`.
+fn flush_window_pages(what: &str, mask: u64, pages: core::ops::Range<usize>) {
+    let mut list = [0u64; LIST_PAGES];
+    let count = pages.len();
+    for (slot, page) in list.iter_mut().zip(pages) {
+        *slot = window_page(page) + 0x123;
+    }
+    check_eq!(
+        format_args!("flush_tlb of {what}"),
+        Status(0),
+        hv::flush_tlb(mask, list.as_ptr() as u64, count as u64)
+    );
+}
+
+/// This vCPU's reads of every page listed for `generation` find what they must.
+fn check_own_reads(generation: u64) {
+    for page in 0..LIST_PAGES {
+        if let Some(mark) = listed_mark(generation, page) {
+            check_eq!(
+                format_args!("vCPU 0's read of window page {page} in generation {generation}"),
+                Hex(mark),
+                Hex(read_window_page(page))
+            );
+        }
+    }
+}
+
+/// Publishes `generation` and waits until vCPU 1 made a few rounds in it.
+fn publish_and_wait(generation: u64) {
+    LIST_GENERATION.store(generation, Ordering::SeqCst);
+    check!(
+        wait_for(|| LIST_ROUNDS[generation as usize].load(Ordering::SeqCst) > 3),
+        "vCPU 1 did not run in generation {generation}"
+    );
+}
+
+/// The body of both list tests. Window pages 0-23 map page A and both vCPUs read them
+/// (cached). Generation 1: pages 0-3 remapped to page B, flushed with one list of 4 on both
+/// vCPUs. Generation 2: pages 4-23 remapped, flushed with two lists of 10 (vCPU 1 does not
+/// run between them when pinned: 20 pages pending, more than it keeps). Generation 3: all 24
+/// back to page A, one list of 24 (longer than kept). After each flush returned, neither vCPU
+/// may read a listed page's old frame; unlisted pages may read either.
+fn flush_lists_and_check(pinned: bool) {
+    // SAFETY: the area is our static, ours for good.
+    let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
+    check_eq!("register_runstate of vCPU 1", Status(0), registered);
+    set_up_window();
+    map_window_pages(0..LIST_PAGES, PAGE_A.get());
+    for page in 0..LIST_PAGES {
+        // SAFETY: INVLPG only drops a translation.
+        unsafe { core::arch::asm!("invlpg [{}]", in(reg) window_page(page), options(nostack)) };
+        check_eq!(
+            format_args!("window page {page} before any flush"),
+            Hex(MARK_A),
+            Hex(read_window_page(page))
+        );
+    }
+    if !start_secondary(1, list_reader) {
+        return;
+    }
+    check!(
+        wait_for(|| LIST_ROUNDS[0].load(Ordering::SeqCst) > 3),
+        "vCPU 1 never read the window"
+    );
+    if pinned {
+        check_eq!(
+            "vCPU 1's run state while vCPU 0 runs on their one CPU",
+            runstate::RUNNABLE,
+            vcpu1_runstate()
+        );
+    }
+
+    map_window_pages(0..4, PAGE_B.get());
+    flush_window_pages("pages 0-3 on both vCPUs", 0b11, 0..4);
+    check_own_reads(1);
+    publish_and_wait(1);
+
+    map_window_pages(4..LIST_PAGES, PAGE_B.get());
+    flush_window_pages("pages 4-13 on both vCPUs", 0b11, 4..14);
+    flush_window_pages("pages 14-23 on both vCPUs", 0b11, 14..LIST_PAGES);
+    check_own_reads(2);
+    publish_and_wait(2);
+
+    map_window_pages(0..LIST_PAGES, PAGE_A.get());
+    flush_window_pages("all 24 pages on both vCPUs", 0b11, 0..LIST_PAGES);
+    check_own_reads(3);
+    publish_and_wait(3);
+
+    check_eq!(
+        "vCPU 1's reads of a listed page's old frame after its flush (stale)",
+        0,
+        LIST_STALE.load(Ordering::SeqCst)
+    );
+}
+
+conformance_test! {
+    title: "flush_tlb of a list drops every listed page on the caller and on a preempted sibling, also when lists add up past what a vCPU keeps",
+    section: "11 memory_op",
+    expect: Success,
+    cmdline: "vcpus=2 affinity=0",
+}
+pub(super) fn pv_flush_list_preempted() {
+    flush_lists_and_check(true);
+}
+
+conformance_test! {
+    title: "flush_tlb of a list drops every listed page on the caller and on a sibling running anywhere",
+    section: "11 memory_op",
+    expect: Success,
+    cmdline: "vcpus=2",
+}
+pub(super) fn pv_flush_list_running() {
+    flush_lists_and_check(false);
+}
+
 /// How many rounds each sibling made in [`pv_yield_to`].
 static ROUNDS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 

@@ -183,7 +183,12 @@ impl SmpOps for NativeSmp {
 
     fn flush_tlb(&self, mask: u64, addresses: &[u64]) -> Result<(), SmpError> {
         use core::sync::atomic::Ordering;
-        let own = crate::vcpu::this_vcpu();
+        // Per-vCPU data when the kernel keeps it (no exit), CPUID otherwise.
+        let own = if crate::percpu::in_use() {
+            crate::percpu::current()
+        } else {
+            crate::vcpu::this_vcpu()
+        };
         let own_bit = if own < 64 { 1u64 << own } else { 0 };
         if mask & own_bit != 0 {
             if addresses.is_empty() {

@@ -7,7 +7,7 @@
 
 use crate::common::domain::{ConsoleSource, Domain, DomainTable, Ending, domain_exists};
 use crate::common::events::Binding;
-use crate::common::vcpu::state::{StartState, Wait, request};
+use crate::common::vcpu::state::{PENDING_TLB_FLUSH_MAX, StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -570,16 +570,18 @@ fn memory_op(domain: &mut Domain, [op, gpa, capacity, count, _]: [u64; 5]) -> Re
 
 /// `memory_op` flush_tlb (docs/abi.md 11): every check first, then each vCPU of `mask` is
 /// flushed before it next runs guest code; one in guest mode on another CPU is kicked and
-/// out of it when this returns, one that is not running is not disturbed.
+/// out of it when this returns, one that is not running is not disturbed. A list of up to
+/// [`PENDING_TLB_FLUSH_MAX`] addresses is read once and flushed page by page (until a
+/// target's pending list overflows); a longer one is only validated and flushed whole.
 fn flush_tlb(domain: &mut Domain, mask: u64, gpa: u64, count: u64) -> Result<u64, Errno> {
     let mask = domain.events.check_vcpu_mask(mask)?;
     if count > FLUSH_ADDRESSES_MAX {
         return Err(Errno::EINVAL);
     }
-    if count > 0 {
+    let mut listed = [0u64; PENDING_TLB_FLUSH_MAX];
+    let listed = if count > 0 {
         // The whole array must be RAM before any of it is read (docs/abi.md 2.5); then it is
-        // read once, a few addresses at a time (they are only validated: the flush is
-        // whole), so the call needs no page-sized buffer.
+        // read once, a few addresses at a time, so the call needs no page-sized buffer.
         domain.memory.check(gpa, 8 * count)?;
         const CHUNK: u64 = 32;
         let mut raw = [0u8; 8 * CHUNK as usize];
@@ -588,21 +590,32 @@ fn flush_tlb(domain: &mut Domain, mask: u64, gpa: u64, count: u64) -> Result<u64
             let take = CHUNK.min(count - at);
             let bytes = &mut raw[..8 * take as usize];
             domain.memory.read(gpa + 8 * at, bytes)?;
-            let canonical = bytes.chunks_exact(8).all(|address| {
+            for (offset, chunk) in bytes.chunks_exact(8).enumerate() {
                 let mut word = [0u8; 8];
-                word.copy_from_slice(address);
-                is_canonical(u64::from_le_bytes(word))
-            });
-            if !canonical {
-                return Err(Errno::EINVAL);
+                word.copy_from_slice(chunk);
+                let address = u64::from_le_bytes(word);
+                if !is_canonical(address) {
+                    return Err(Errno::EINVAL);
+                }
+                // Kept from this one read: the guest may change the array meanwhile.
+                if let Some(slot) = listed.get_mut((at as usize) + offset) {
+                    *slot = address;
+                }
             }
             at += take;
         }
-    }
-    // The list is honoured by flushing the vCPU's whole guest TLB, which drops every address
-    // on it: more than asked, never less (docs/abi.md 11).
-    for (index, state) in domain.vcpus.iter().enumerate() {
+        // Too long to list: flushed whole (an empty list).
+        if count as usize <= PENDING_TLB_FLUSH_MAX {
+            &listed[..count as usize]
+        } else {
+            &listed[..0]
+        }
+    } else {
+        &listed[..0]
+    };
+    for (index, state) in domain.vcpus.iter_mut().enumerate() {
         if mask & 1 << index != 0 {
+            state.pending_tlb_flush.add(listed);
             state.requests.make_quietly_and_wait(request::TLB_FLUSH);
         }
     }

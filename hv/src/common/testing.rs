@@ -24,6 +24,8 @@ pub(crate) enum Traced {
     NestedInvalidated(u32),
     /// The vCPU tagged so had its guest TLB flushed.
     GuestTlbFlushed(u32),
+    /// `flush_guest_tlb_pages` of (tag, one page).
+    GuestPageFlushed(u32, u64),
 }
 
 /// The results of the hypercalls of the vCPU tagged `tag` in `trace`, in order: RAX as each
@@ -157,6 +159,11 @@ impl VirtualCpu for MockVcpu {
     }
     fn flush_guest_tlb(&mut self) {
         trace(Traced::GuestTlbFlushed(self.tag));
+    }
+    fn flush_guest_tlb_pages(&mut self, pages: &[u64]) {
+        for &page in pages {
+            trace(Traced::GuestPageFlushed(self.tag, page));
+        }
     }
     fn read_msr(&self, _msr: ArchMsr) -> u64 {
         0x500 // EFER: LME | LMA

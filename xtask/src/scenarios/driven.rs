@@ -39,6 +39,8 @@ pub const DRIVEN: &[Driven] = &[
     trace::TRACE_PING_PONG,
     smp::SMP_BOOT,
     smp::SMP_DOMAINS,
+    smp::SAMPLE_GUEST_SMP2,
+    smp::SAMPLE_GUEST_SMP4,
     smp::FAIRNESS_2CPUS,
     smp::SMP_STRESS,
     smp::SMP_STRESS_TEARDOWN,

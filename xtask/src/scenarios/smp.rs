@@ -5,10 +5,17 @@
 //! (`smp::run_on`, at boot), and run the guest to its power-off.
 //!
 //! `smp-domains`: what `cargo xtask run --smp 2` boots: the sample guest with two vCPUs (its
-//! second brought up by `vcpu_op`, counting primes) beside the ping/pong pair, whose 10,000
+//! SMP part paravirtual: the second brought up by `vcpu_op`, work moved by IPI, a contended
+//! lock, a shootdown) beside the ping/pong pair, whose 10,000
 //! messages cross a granted page with inter-domain events. Ping is pinned to CPU 0 and pong
 //! to CPU 1 (`affinity=`), so every message crosses CPUs. Both CPUs must run vCPUs, each
 //! pinned vCPU only on its CPU, every message arrive intact, and nothing leak.
+//!
+//! `sample-guest-smp2`, `sample-guest-smp4`: the sample guest with 2 and 4 vCPUs twice in one
+//! boot, paravirtual (domain 1) and native (domain 2, `ops=native`): both must print the same
+//! `smp results` line, the one below, so the smp group's two backends (x2APIC IPIs,
+//! INIT-SIPI-SIPI and the shootdown by IPI against send_ipi, vcpu_op and flush_tlb) give one
+//! kernel the same results; no stale translation after a shootdown, nothing leaked.
 //!
 //! `fairness-2cpus`: four CPU-bound domains with weights 1:2:4:4 on two CPUs (the largest
 //! share, 4/11 of two CPUs, fits on one CPU, so the weights can hold): each must get its
@@ -95,8 +102,10 @@ pub const SMP_DOMAINS: Driven = Driven {
         expect: HvResult::Success,
         required_lines: &[
             LinePattern::Contains("lamina: domain 1 sample-guest started mem=16M vcpus=2"),
-            LinePattern::Contains("(d1) sample-guest: vCPU 1 (APIC id 1) counted 1941 primes"),
-            LinePattern::Contains("(d1) sample-guest: 1 secondary vCPU(s) ran"),
+            LinePattern::Contains(
+                "(d1) sample-guest: smp: vCPUs 1-1 started by vcpu_op initialise and up",
+            ),
+            LinePattern::Contains(SMP_RESULTS_2_D1),
             LinePattern::Contains(SAMPLE_GUEST_RESULTS),
             LinePattern::Contains("(d3) pong: result: messages=10000 errors=0"),
             LinePattern::Contains("(d2) ping: result: messages=10000 errors=0"),
@@ -118,6 +127,104 @@ pub const SMP_DOMAINS: Driven = Driven {
     vendors: &Vendor::ALL,
     drive: drive_domains,
 };
+
+/// The sample guest's SMP results with 2 vCPUs (sample-guest/src/smp), in every mode.
+const SMP_RESULTS_2: &str = "sample-guest: smp results: vcpus=2 stages=8,8 forwards=12 checksum=0x6692ca276b50e232 locked-increments=2000/2000 shootdowns=2 stale-reads=0";
+/// The same with 4 vCPUs.
+const SMP_RESULTS_4: &str = "sample-guest: smp results: vcpus=4 stages=16,16,16,16 forwards=56 checksum=0x6a1788ee112c9acc locked-increments=4000/4000 shootdowns=2 stale-reads=0";
+const SMP_RESULTS_2_D1: &str = "(d1) sample-guest: smp results: vcpus=2 stages=8,8 forwards=12 checksum=0x6692ca276b50e232 locked-increments=2000/2000 shootdowns=2 stale-reads=0";
+
+/// The sample guest with `vcpus` vCPUs, paravirtual (domain 1) and native (domain 2).
+const fn sample_smp(
+    name: &'static str,
+    modules: &'static [ModuleSpec; 2],
+    check: fn(&SerialLog) -> std::result::Result<String, String>,
+) -> Driven {
+    Driven {
+        scenario: Scenario {
+            name,
+            modules,
+            expect: HvResult::Success,
+            required_lines: &[
+                LinePattern::Contains("(d1) sample-guest: mode=pv "),
+                LinePattern::Contains("(d2) sample-guest: mode=native "),
+                LinePattern::Contains("started by vcpu_op initialise and up"),
+                LinePattern::Contains("started by INIT-SIPI-SIPI"),
+                LinePattern::Contains(SAMPLE_GUEST_RESULTS),
+                LinePattern::Contains("lamina: domain 1 sample-guest end=poweroff"),
+                LinePattern::Contains("lamina: domain 2 sample-native end=poweroff"),
+                LinePattern::Contains(", 0 KiB leaked"),
+            ],
+            forbidden_lines: &[
+                NO_PANIC,
+                LinePattern::Contains("[hv] WARN"),
+                LinePattern::Contains("[hv] ERROR"),
+                LinePattern::Contains("sample-guest: error"),
+            ],
+            check: Some(check),
+        },
+        vendors: &Vendor::ALL,
+        drive: drive_domains,
+    }
+}
+
+pub const SAMPLE_GUEST_SMP2: Driven = sample_smp(
+    "sample-guest-smp2",
+    &[
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleGuest),
+            cmdline: "sample-guest vcpus=2",
+        },
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleGuest),
+            cmdline: "sample-native vcpus=2 ops=native",
+        },
+    ],
+    check_smp_results_2,
+);
+
+pub const SAMPLE_GUEST_SMP4: Driven = sample_smp(
+    "sample-guest-smp4",
+    &[
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleGuest),
+            cmdline: "sample-guest vcpus=4",
+        },
+        ModuleSpec {
+            source: ModuleSource::Built(Artifact::SampleGuest),
+            cmdline: "sample-native vcpus=4 ops=native",
+        },
+    ],
+    check_smp_results_4,
+);
+
+fn check_smp_results_2(log: &SerialLog) -> std::result::Result<String, String> {
+    same_smp_results(log, SMP_RESULTS_2)
+}
+
+fn check_smp_results_4(log: &SerialLog) -> std::result::Result<String, String> {
+    same_smp_results(log, SMP_RESULTS_4)
+}
+
+/// Domains 1 (paravirtual) and 2 (native) each print `expected` as their one `smp results`
+/// line.
+fn same_smp_results(log: &SerialLog, expected: &str) -> std::result::Result<String, String> {
+    let results = |domain: u32| -> Vec<&str> {
+        let prefix = format!("(d{domain}) ");
+        log.lines
+            .iter()
+            .filter_map(|line| line.strip_prefix(&prefix))
+            .filter(|rest| rest.starts_with("sample-guest: smp results:"))
+            .collect()
+    };
+    let (pv, native) = (results(1), results(2));
+    if pv != [expected] || native != [expected] {
+        return Err(format!(
+            "smp results: paravirtual {pv:?}, native {native:?}; expected both `{expected}`"
+        ));
+    }
+    Ok("the same smp results line paravirtual and native".to_string())
+}
 
 /// The domains of `fairness-2cpus` and their weights.
 const FAIRNESS_2CPUS_DOMAINS: [(&str, u32); 4] =
@@ -411,6 +518,20 @@ fn check(log: &SerialLog, vendor: Vendor) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_modes_must_print_the_expected_smp_results() {
+        let line = |d: u32, text: &str| format!("(d{d}) {text}\n");
+        let good = line(1, SMP_RESULTS_2) + &line(2, SMP_RESULTS_2);
+        assert!(check_smp_results_2(&SerialLog::from_bytes(good.as_bytes())).is_ok());
+        assert!(check_smp_results_4(&SerialLog::from_bytes(good.as_bytes())).is_err());
+        let differ = line(1, SMP_RESULTS_2)
+            + &line(2, &SMP_RESULTS_2.replace("stale-reads=0", "stale-reads=1"));
+        assert!(check_smp_results_2(&SerialLog::from_bytes(differ.as_bytes())).is_err());
+        let one = line(1, SMP_RESULTS_2);
+        assert!(check_smp_results_2(&SerialLog::from_bytes(one.as_bytes())).is_err());
+        assert!(SMP_RESULTS_2_D1.ends_with(SMP_RESULTS_2));
+    }
 
     #[test]
     fn both_cpus_online_and_the_extension_on() {

@@ -372,8 +372,12 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
     }
     if taken & request::TLB_FLUSH != 0 {
         // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running then,
-        // or was kicked out; either way nothing it cached before that call survives.
-        vcpu.flush_guest_tlb();
+        // or was kicked out; either way nothing it cached before that call survives: the
+        // pages listed, or everything.
+        match domain.vcpus[index].pending_tlb_flush.take() {
+            Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
+            None => vcpu.flush_guest_tlb(),
+        }
     }
     if taken & request::EVENT == 0 {
         return taken;
@@ -1183,6 +1187,27 @@ mod tests {
     }
 
     #[test]
+    fn a_woken_vcpu_another_cpu_must_run_is_not_run_here() {
+        // Domain 2 woke ahead of domain 1; domain 3 woke level with it but may run on CPU 1
+        // only: CPU 0 runs domain 1 (the sample guest's SMP part beside a pinned pong once
+        // ran pong on CPU 0 through a search of woken vCPUs that forgot affinity).
+        let (_t, [mut s1, s2]) = ready_pair(100 * MS, 100 * MS + 1, true);
+        let (_t3, mut s3) = slot_with_id(3, vec![]);
+        s3.domain.vcpus[0].vruntime = 100 * MS;
+        s3.domain.vcpus[0].boosted = true;
+        s3.domain.affinity = 0b10;
+        s1.domain.affinity = 0b11;
+        let mut slots = [s1, s2, s3];
+        let units = [(0, 0), (1, 0), (2, 0)];
+        assert_eq!(pick(&mut slots, &units, 0, 0b01, None), Some((0, 0)));
+        assert_eq!(
+            pick(&mut slots, &units, 0, 0b10, None),
+            Some((2, 0)),
+            "CPU 1 may run it"
+        );
+    }
+
+    #[test]
     fn a_wake_up_keeps_up_to_one_slice_of_what_it_was_owed() {
         let (_t, mut slots) = ready_pair(100 * MS, 95 * MS, true);
         assert_eq!(pick(&mut slots, &UNITS, 1, u64::MAX, None), Some((1, 0)));
@@ -1356,6 +1381,68 @@ mod tests {
                     .position(|t| matches!(t, Traced::Ran(2, _)))
             });
         assert!(woken.is_some(), "vCPU 1 ran again after the IPI: {trace:?}");
+    }
+
+    /// flush_tlb of the `count` addresses at guest-physical `array` on the vCPUs of `mask`.
+    fn flush_list(
+        mask: u64,
+        array: u64,
+        count: u64,
+    ) -> (VmExit, crate::common::vcpu::GuestRegisters) {
+        let mut call = hypercall(MEMORY_OP, [2, mask, array]);
+        call.1.gpr[crate::common::vcpu::reg::R10] = count;
+        call
+    }
+
+    #[test]
+    fn listed_flushes_of_a_preempted_vcpu_add_up_and_overflow_into_a_whole_flush() {
+        let array = 0x11000;
+        let mut first: Vec<_> = bring_up_second().into();
+        first.extend([
+            hypercall(SCHED, YIELD),             // vCPU 1 runs once and yields back
+            flush_list(0b10, array, 2),          // two pages...
+            flush_list(0b10, array + 16, 1),     // ...and one more, while it waits
+            hypercall(SCHED, YIELD),             // vCPU 1: those three pages alone
+            flush_list(0b11, array, 12),         // 12 pages, the caller's too...
+            flush_list(0b10, array + 8 * 12, 8), // ...and 8 more on vCPU 1: 20 > 16
+            hypercall(SCHED, YIELD),
+            flush_list(0b10, array, 17), // a list longer than kept: everything
+            hypercall(SCHED, YIELD),
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let (t, mut s) = two_vcpus(
+            first,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+                hypercall(SCHED, YIELD),
+            ],
+        );
+        for i in 0..20u64 {
+            t.mem
+                .write(array + 8 * i, &(0x4000_0000 + 0x1000 * i + 5).to_le_bytes())
+                .unwrap();
+        }
+        take_trace();
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let page = |i: u64| 0x4000_0000 + 0x1000 * i;
+        let flushes: Vec<&Traced> = trace
+            .iter()
+            .filter(|t| matches!(t, Traced::GuestTlbFlushed(_) | Traced::GuestPageFlushed(..)))
+            .collect();
+        let mut expected = vec![
+            Traced::GuestPageFlushed(2, page(0)),
+            Traced::GuestPageFlushed(2, page(1)),
+            Traced::GuestPageFlushed(2, page(2)),
+        ];
+        // The caller's own 12 pages before it runs again, page by page.
+        expected.extend((0..12).map(|i| Traced::GuestPageFlushed(1, page(i))));
+        expected.push(Traced::GuestTlbFlushed(2));
+        expected.push(Traced::GuestTlbFlushed(2));
+        assert_eq!(flushes, expected.iter().collect::<Vec<_>>(), "{trace:?}");
     }
 
     #[test]

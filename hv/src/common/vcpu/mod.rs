@@ -280,6 +280,12 @@ pub trait VirtualCpu {
     /// named it (docs/abi.md 11). Called while the vCPU is active on this CPU; a vCPU that
     /// moves CPUs drops what it cached elsewhere at [`Self::activate`].
     fn flush_guest_tlb(&mut self);
+    /// Drops the guest-virtual translations of `pages` (canonical, page-aligned) the TLB
+    /// may hold for this vCPU, global ones included (what a guest's INVLPG of each drops),
+    /// effective before the next entry: a sibling's `flush_tlb` listed them (docs/abi.md
+    /// 11). Called as [`Self::flush_guest_tlb`]; a backend without an instruction for one
+    /// address flushes everything instead.
+    fn flush_guest_tlb_pages(&mut self, pages: &[u64]);
     /// The architectural state for CR-write checks and reports.
     fn arch_state(&self) -> ArchState;
     /// Sets RSP (a MOV from CR8 into RSP).

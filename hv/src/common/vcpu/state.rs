@@ -364,6 +364,59 @@ pub struct VcpuState {
     /// "made again"): by the time it is made again, the scheduler may have torn that domain
     /// down itself, which must not turn the call's 0 into `-EINVAL` (docs/abi.md 17).
     pub domctl_waits_for: Option<u64>,
+    /// What its TLB_FLUSH request is to drop (docs/abi.md 11).
+    pub pending_tlb_flush: PendingTlbFlush,
+}
+
+/// The most addresses a vCPU's pending flush keeps; beyond them it flushes everything.
+pub const PENDING_TLB_FLUSH_MAX: usize = 16;
+
+/// The guest-virtual pages siblings' `flush_tlb` calls asked a vCPU to drop before it next
+/// runs guest code (docs/abi.md 11): a short list, or everything. Calls made while the vCPU
+/// does not run add up; once the list would overflow (or a call names more than it holds,
+/// or none) the vCPU's whole guest TLB is flushed instead: more than asked, never less.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingTlbFlush {
+    /// Page addresses (bits 11:0 clear), the first `count` valid, no duplicates.
+    pages: [u64; PENDING_TLB_FLUSH_MAX],
+    count: u8,
+    everything: bool,
+}
+
+impl PendingTlbFlush {
+    /// Adds the pages of `addresses` (canonical guest-virtual addresses); an empty list is a
+    /// whole flush.
+    pub fn add(&mut self, addresses: &[u64]) {
+        if addresses.is_empty() {
+            self.everything = true;
+        }
+        if self.everything {
+            self.count = 0;
+            return;
+        }
+        for &address in addresses {
+            let page = address & !0xfff;
+            let count = usize::from(self.count);
+            if self.pages[..count].contains(&page) {
+                continue;
+            }
+            if count == PENDING_TLB_FLUSH_MAX {
+                self.everything = true;
+                self.count = 0;
+                return;
+            }
+            self.pages[count] = page;
+            self.count += 1;
+        }
+    }
+
+    /// Takes what is pending, leaving nothing: `None` for a whole flush (also when nothing was
+    /// listed, which a TLB_FLUSH request never comes with), else the pages.
+    pub fn take(&mut self) -> Option<([u64; PENDING_TLB_FLUSH_MAX], usize)> {
+        let pending = core::mem::take(self);
+        (!pending.everything && pending.count > 0)
+            .then_some((pending.pages, usize::from(pending.count)))
+    }
 }
 
 /// The emulated APIC timer's input clock: one tick per nanosecond before the divider.
@@ -392,6 +445,7 @@ impl VcpuState {
             ran_on: 0,
             running_since: None,
             domctl_waits_for: None,
+            pending_tlb_flush: PendingTlbFlush::default(),
             runstate: Runstate::new(
                 now,
                 if index == 0 {
@@ -436,6 +490,38 @@ impl VcpuState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_flushes_keep_pages_until_they_overflow_then_flush_everything() {
+        let mut pending = PendingTlbFlush::default();
+        pending.add(&[0x2000_0123, 0x2000_0fff, 0x3000_0000]);
+        let (pages, count) = pending.take().expect("a short list stays a list");
+        assert_eq!(
+            &pages[..count],
+            &[0x2000_0000, 0x3000_0000],
+            "pages, once each"
+        );
+        assert_eq!(pending.take(), None, "taken: nothing left to list");
+
+        let many: Vec<u64> = (0..PENDING_TLB_FLUSH_MAX as u64).map(|i| i << 12).collect();
+        pending.add(&many[..10]);
+        pending.add(&many[5..]);
+        let (_, count) = pending.take().expect("16 different pages fit");
+        assert_eq!(count, PENDING_TLB_FLUSH_MAX);
+
+        pending.add(&many);
+        pending.add(&[0xdead_0000]);
+        assert_eq!(pending.take(), None, "the 17th page: everything");
+
+        pending.add(&[0x1000]);
+        pending.add(&[]);
+        pending.add(&[0x2000]);
+        assert_eq!(
+            pending.take(),
+            None,
+            "an empty list is everything, and stays so"
+        );
+    }
 
     #[test]
     fn a_singleshot_fires_once_at_its_deadline_never_before() {

@@ -14,7 +14,7 @@ use crate::hw::{
 };
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
-use core::arch::global_asm;
+use core::arch::{asm, global_asm};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use x86_64::registers::control::{Cr0Flags, Cr4Flags};
@@ -490,6 +490,26 @@ impl VirtualCpu for SvmVcpu {
         // (APM Vol. 2 15.16, 15.25.4): flushing the ASID drops them, as a guest's own
         // whole flush (MOV to CR3 without PCID, global pages included) would.
         self.invalidate_nested_translations();
+    }
+
+    fn flush_guest_tlb_pages(&mut self, pages: &[u64]) {
+        if self.tlb_flush_requested && self.vmcb.control.tlb_control != 0 {
+            // A flush of the ASID or more is due at the next VMRUN anyway.
+            return;
+        }
+        let asid = self.vmcb.control.guest_asid;
+        for &page in pages {
+            // INVLPGA (APM Vol. 3, "INVLPGA") drops this CPU's TLB entry of the page for the
+            // ASID, as the guest's INVLPG would (global ones too: KVM emulates a guest's
+            // INVLPG with it). The vCPU runs on this CPU next; a move to another CPU
+            // flushes the ASID there (`activate`). QEMU's TCG flushes the page for all.
+            // SAFETY: at CPL 0 with EFER.SVME set (SVM is on on this CPU), INVLPGA only
+            // drops a cached translation.
+            unsafe {
+                asm!("invlpga rax, ecx", in("rax") page, in("ecx") asid,
+                     options(nostack, preserves_flags));
+            }
+        }
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {

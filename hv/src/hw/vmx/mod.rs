@@ -48,6 +48,9 @@ const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 const EPT_CAP_INVEPT: u64 = 1 << 20;
 const EPT_CAP_INVEPT_SINGLE_CONTEXT: u64 = 1 << 25;
 const EPT_CAP_INVEPT_ALL_CONTEXT: u64 = 1 << 26;
+/// IA32_VMX_EPT_VPID_CAP: INVVPID, and its individual-address type (SDM Vol. 3C A.10).
+const VPID_CAP_INVVPID: u64 = 1 << 32;
+const VPID_CAP_INVVPID_ADDRESS: u64 = 1 << 40;
 /// Secondary controls "enable EPT" and "enable VPID": either makes IA32_VMX_EPT_VPID_CAP exist.
 const SECONDARY_EPT_OR_VPID: u64 = (1 << 1) | (1 << 5);
 
@@ -76,6 +79,8 @@ struct ControlCapabilities {
     preemption_timer_shift: u8,
     /// How stale EPT translations are dropped: single-context when supported.
     invept: InveptType,
+    /// INVVPID of one linear address is supported: a guest page is flushed alone.
+    invvpid_address: bool,
     /// INS/OUTS exits report address size and segment (IA32_VMX_BASIC bit 54).
     string_io_info: bool,
 }
@@ -157,6 +162,8 @@ impl Virtualization for Vmx {
                 cr4_fixed: (rdmsr(MSR_VMX_CR4_FIXED0), rdmsr(MSR_VMX_CR4_FIXED1)),
                 preemption_timer_shift: (rdmsr(MSR_VMX_MISC) & 0x1f) as u8,
                 invept,
+                invvpid_address: ept_vpid & VPID_CAP_INVVPID != 0
+                    && ept_vpid & VPID_CAP_INVVPID_ADDRESS != 0,
                 string_io_info: basic & (1 << 54) != 0,
             }
         };
@@ -179,9 +186,10 @@ impl Virtualization for Vmx {
             }
         }
         log::info!(
-            "VMX on: VMCS revision {:#x}, INVEPT {:?}",
+            "VMX on: VMCS revision {:#x}, INVEPT {:?}, INVVPID of an address {}",
             caps.revision,
-            caps.invept
+            caps.invept,
+            caps.invvpid_address
         );
         Ok(Vmx { caps })
     }

@@ -113,6 +113,10 @@ pub struct VmxVcpu {
     /// The EPT pointer of the domain's nested page table (the domain owns the table).
     eptp: u64,
     invept: InveptType,
+    /// INVVPID can drop one guest page (else a guest page flush is an INVEPT).
+    invvpid_address: bool,
+    /// The VPID the vCPU's translations are tagged with.
+    vpid: u16,
     /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
     xstate: ExtendedState,
     /// The CPU reports INS/OUTS address size and segment (IA32_VMX_BASIC bit 54).
@@ -176,6 +180,8 @@ impl VmxVcpu {
             preemption_deadline_tsc: u64::MAX,
             eptp: eptp(ept_root),
             invept: caps.invept,
+            invvpid_address: caps.invvpid_address,
+            vpid: entry.tlb_tag,
             xstate,
             string_io_info: caps.string_io_info,
             cr2: 0,
@@ -850,6 +856,32 @@ impl VirtualCpu for VmxVcpu {
         // 29.4.1), and single-context INVEPT drops those derived from this EPTP for every
         // VPID (29.4.3.1): it flushes more than the guest's own TLB, never less.
         self.invalidate_nested_translations();
+    }
+
+    fn flush_guest_tlb_pages(&mut self, pages: &[u64]) {
+        if !self.invvpid_address || self.vpid == 0 {
+            self.flush_guest_tlb();
+            return;
+        }
+        for &page in pages {
+            // Individual-address INVVPID (SDM Vol. 3C 31.3 "INVVPID", 29.4.3.3) drops the
+            // linear and combined mappings of the address tagged with the VPID, global ones
+            // included, for every EP4TA; it fails on VPID 0 or a non-canonical address,
+            // which the caller never passes (flush_tlb checked every address).
+            let descriptor: [u64; 2] = [u64::from(self.vpid), page];
+            let failed: u8;
+            // SAFETY: INVVPID only drops cached translations; the descriptor is a valid
+            // 128-bit operand and type 0 one the CPU reports (IA32_VMX_EPT_VPID_CAP bit 40).
+            unsafe {
+                asm!("invvpid {}, [{}]", "setna {}", in(reg) 0u64,
+                     in(reg) descriptor.as_ptr(), out(reg_byte) failed, options(nostack));
+            }
+            if failed != 0 {
+                log::error!("vmx: INVVPID of {page:#x} failed; flushing the whole guest TLB");
+                self.flush_guest_tlb();
+                return;
+            }
+        }
     }
 
     fn read_msr(&self, msr: ArchMsr) -> u64 {

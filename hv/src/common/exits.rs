@@ -17,7 +17,7 @@ use crate::common::memory::guest_paging;
 use crate::common::time::read_tsc;
 use crate::common::vcpu::control_regs::{self, CrContext, CrInstruction};
 use crate::common::vcpu::cpuid;
-use crate::common::vcpu::state::{Requests, Wait, request};
+use crate::common::vcpu::state::{Requests, VcpuState, Wait, request};
 use crate::common::vcpu::string_io::{self, Outcome, Ports, StringIo};
 use crate::common::vcpu::xstate;
 use crate::common::vcpu::{
@@ -59,7 +59,6 @@ fn enter_hypercall<V: VirtualCpu>(
     let nr = vcpu.regs().gpr[reg::RAX];
     // The vCPU's state looked up once for the counters and the upcall check.
     let state = &mut domain.vcpus[index];
-    state.stats.count(ExitKind::Hypercall);
     state.stats.count_hypercall(nr);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
     // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
@@ -86,7 +85,6 @@ pub fn handle_without_lock<V: VirtualCpu>(
             if nr != 0 && nr < lamina_abi::Hypercall::COUNT as u64 {
                 return false;
             }
-            stats.count(ExitKind::Hypercall);
             requests.on_hypercall();
             stats.count_hypercall(nr);
             hypercall::answer_quickly(nr, vcpu);
@@ -98,6 +96,38 @@ pub fn handle_without_lock<V: VirtualCpu>(
             true
         }
         _ => false,
+    }
+}
+
+/// Runs `vcpu`, vCPU `vcpu_index` whose state is `state`, for as long as its exits are ones
+/// [`handle_without_lock`] finishes and nothing is requested before the next entry: the
+/// inner loop of a slice, which touches nothing of the domain but the vCPU's own state (so
+/// its registers hold only what that needs, and no table is indexed per exit). Returns the
+/// exit the domain must handle (`None`: a request is due, drain it) and the TSC at that exit.
+#[inline(always)]
+pub fn run_own_exits<V: VirtualCpu>(
+    state: &mut VcpuState,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    tsc_khz: u32,
+) -> (Option<VmExit>, u64) {
+    loop {
+        let exit = vcpu.run();
+        let exited_at = read_tsc();
+        if !handle_without_lock(
+            &mut state.stats,
+            &state.requests,
+            vcpu_index,
+            vcpu,
+            &exit,
+            tsc_khz,
+        ) {
+            return (Some(exit), exited_at);
+        }
+        if state.requests.due_before_entry() {
+            return (None, exited_at);
+        }
+        state.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
     }
 }
 

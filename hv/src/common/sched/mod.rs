@@ -13,7 +13,7 @@ use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
-use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
+use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit, run_own_exits};
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
 use crate::common::time::read_tsc;
@@ -751,6 +751,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     let mut exited_at = None;
+    let tsc_khz = domain.time.tsc_khz() as u32;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
@@ -758,8 +759,12 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
         if let Some(exited_at) = exited_at {
             domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
         }
-        let exit = vcpu.run();
-        exited_at = Some(read_tsc());
+        // The null hypercall, `version` and CPUID loop in here.
+        let (exit, at) = run_own_exits(&mut domain.vcpus[vcpu_index], vcpu_index, vcpu, tsc_khz);
+        exited_at = Some(at);
+        let Some(exit) = exit else {
+            continue;
+        };
         let next = dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host);
         if next != Next::Resume {
             end_slice(domain, vcpu_index, vcpu, next, host);

@@ -146,11 +146,14 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
         // An empty buffer is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
-    let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
-    let bytes = &mut buffer[..len as usize];
     match op {
         ConsoleOp::Write => {
-            domain.memory.read(gpa, bytes)?;
+            // Copied once from guest memory (and never zeroed first): what follows may not
+            // see the guest change it half-way.
+            let mut buffer = [core::mem::MaybeUninit::<u8>::uninit(); CONSOLE_WRITE_MAX as usize];
+            let bytes = domain
+                .memory
+                .read_uninit(gpa, &mut buffer[..len as usize])?;
             let time = &domain.time;
             if !domain
                 .console
@@ -167,6 +170,8 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
             Ok(Done::Return(len))
         }
         ConsoleOp::Read => {
+            let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
+            let bytes = &mut buffer[..len as usize];
             domain.memory.check(gpa, len)?;
             let read = read_console_input(domain, bytes);
             domain.memory.write(gpa, &bytes[..read])?;

@@ -82,7 +82,7 @@ pub fn handle_without_lock<V: VirtualCpu>(
     match exit {
         VmExit::Hypercall => {
             let nr = vcpu.regs().gpr[reg::RAX];
-            if nr != 0 && nr < lamina_abi::Hypercall::COUNT as u64 {
+            if !answers_without_domain(nr) {
                 return false;
             }
             requests.on_hypercall();
@@ -102,33 +102,71 @@ pub fn handle_without_lock<V: VirtualCpu>(
 /// Runs `vcpu`, vCPU `vcpu_index` whose state is `state`, for as long as its exits are ones
 /// [`handle_without_lock`] finishes and nothing is requested before the next entry: the
 /// inner loop of a slice, which touches nothing of the domain but the vCPU's own state (so
-/// its registers hold only what that needs, and no table is indexed per exit). Returns the
-/// exit the domain must handle (`None`: a request is due, drain it) and the TSC at that exit.
+/// its registers hold only what that needs, and no table is indexed per exit). Returns what
+/// the domain must do next and the TSC at that exit.
 #[inline(always)]
 pub fn run_own_exits<V: VirtualCpu>(
     state: &mut VcpuState,
     vcpu_index: usize,
     vcpu: &mut V,
     tsc_khz: u32,
-) -> (Option<VmExit>, u64) {
+) -> (OwnExits, u64) {
     loop {
         let exit = vcpu.run();
         let exited_at = read_tsc();
-        if !handle_without_lock(
-            &mut state.stats,
-            &state.requests,
-            vcpu_index,
-            vcpu,
-            &exit,
-            tsc_khz,
-        ) {
-            return (Some(exit), exited_at);
+        // Matched by value, not through a reference: the exits that go on to the domain are
+        // not stored to memory on the way (their decoding stays in registers).
+        match exit {
+            VmExit::Hypercall => {
+                let nr = vcpu.regs().gpr[reg::RAX];
+                if !answers_without_domain(nr) {
+                    return (OwnExits::Hypercall, exited_at);
+                }
+                state.requests.on_hypercall();
+                state.stats.count_hypercall(nr);
+                hypercall::answer_quickly(nr, vcpu);
+                vcpu.skip_instruction();
+            }
+            VmExit::Cpuid => cpuid_exit(&mut state.stats, vcpu_index, vcpu, tsc_khz),
+            // The common trapped exits without operands leave as bare names: built again
+            // where they are handled, they cost a constant, not a copy of every field.
+            VmExit::Hlt => return (OwnExits::Hlt, exited_at),
+            VmExit::MsrRead => return (OwnExits::MsrRead, exited_at),
+            VmExit::MsrWrite => return (OwnExits::MsrWrite, exited_at),
+            VmExit::ExternalInterrupt => return (OwnExits::ExternalInterrupt, exited_at),
+            exit => return (OwnExits::Other(exit), exited_at),
         }
         if state.requests.due_before_entry() {
-            return (None, exited_at);
+            return (OwnExits::Drain, exited_at);
         }
         state.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
     }
+}
+
+/// How [`run_own_exits`] ended.
+pub enum OwnExits {
+    /// A request is due before the next entry: drain it.
+    Drain,
+    /// A hypercall that needs the domain (kept apart from [`Self::Other`] so that the hot
+    /// slow path does not build a [`VmExit`] in memory).
+    Hypercall,
+    /// HLT, RDMSR, WRMSR, an interrupt of the machine: [`VmExit`]s without operands.
+    Hlt,
+    #[allow(missing_docs)]
+    MsrRead,
+    #[allow(missing_docs)]
+    MsrWrite,
+    #[allow(missing_docs)]
+    ExternalInterrupt,
+    /// Any other exit for the domain.
+    Other(VmExit),
+}
+
+/// Whether hypercall `nr` is one [`hypercall::answer_quickly`] answers: `version` and the
+/// numbers the ABI does not define.
+#[inline(always)]
+fn answers_without_domain(nr: u64) -> bool {
+    nr == 0 || nr >= lamina_abi::Hypercall::COUNT as u64
 }
 
 /// CPUID (docs/abi.md 5), as vCPU `vcpu_index` sees it.

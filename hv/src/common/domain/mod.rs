@@ -640,16 +640,11 @@ impl Domain {
         const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
         const _: () = assert!(core::mem::offset_of!(ConsoleRing, out_prod) as u64 == CONS + 4);
         const OUTPUT: u64 = core::mem::offset_of!(ConsoleRing, output) as u64;
-        let mut indices = [0u8; 8];
-        if self
-            .memory
-            .read(CONSOLE_RING_GPA + CONS, &mut indices)
-            .is_err()
-        {
+        // Both indices in one little-endian load: out_cons, then out_prod.
+        let Ok(indices) = self.memory.read_u64(CONSOLE_RING_GPA + CONS) else {
             return;
-        }
-        let cons = u32::from_le_bytes([indices[0], indices[1], indices[2], indices[3]]);
-        let prod = u32::from_le_bytes([indices[4], indices[5], indices[6], indices[7]]);
+        };
+        let (cons, prod) = (indices as u32, (indices >> 32) as u32);
         let mut waiting = prod.wrapping_sub(cons) as usize;
         if waiting == 0 {
             return;

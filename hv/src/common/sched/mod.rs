@@ -13,7 +13,9 @@ use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
-use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit, run_own_exits};
+use crate::common::exits::{
+    OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
+};
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
 use crate::common::time::read_tsc;
@@ -762,10 +764,18 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
         // The null hypercall, `version` and CPUID loop in here.
         let (exit, at) = run_own_exits(&mut domain.vcpus[vcpu_index], vcpu_index, vcpu, tsc_khz);
         exited_at = Some(at);
-        let Some(exit) = exit else {
-            continue;
+        let next = match exit {
+            OwnExits::Drain => continue,
+            OwnExits::Hypercall => hypercall_exit(domain, vcpu_index, vcpu, peers),
+            OwnExits::Hlt => handle_exit(domain, vcpu_index, vcpu, VmExit::Hlt, peers),
+            OwnExits::MsrRead => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrRead, peers),
+            OwnExits::MsrWrite => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrWrite, peers),
+            OwnExits::ExternalInterrupt => {
+                let exit = VmExit::ExternalInterrupt;
+                dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)
+            }
+            OwnExits::Other(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
         };
-        let next = dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host);
         if next != Next::Resume {
             end_slice(domain, vcpu_index, vcpu, next, host);
             return;

@@ -143,7 +143,9 @@ pub fn run_own_exits<V: VirtualCpu>(
     }
 }
 
-/// How [`run_own_exits`] ended.
+/// How [`run_own_exits`] ended. A tag of its own (`repr(u8)`), not a niche in [`VmExit`]'s:
+/// matched apart from the exit's kind, the bare variants never build a `VmExit` in memory.
+#[repr(u8)]
 pub enum OwnExits {
     /// A request is due before the next entry: drain it.
     Drain,

@@ -260,6 +260,34 @@ impl ConsoleBudget {
     }
 }
 
+/// Where the first LF or CR of `data` is, looked for eight bytes at a time: a byte of `word`
+/// equal to `b` is a zero byte of `word ^ (b * 0x0101..01)`, and `(x - 0x0101..01) & !x &
+/// 0x8080..80` is non-zero exactly when `x` has a zero byte (the hypervisor's target has no
+/// SSE; the `memchr` crate's portable code for two bytes costs twice this, and another
+/// dependency of the fuzz workspace).
+fn line_control_at(data: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const LF: u64 = ONES * b'\n' as u64;
+    const CR: u64 = ONES * b'\r' as u64;
+    let mut at = 0;
+    for chunk in data.chunks_exact(8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let word = u64::from_le_bytes(bytes);
+        let (lf, cr) = (word ^ LF, word ^ CR);
+        if (lf.wrapping_sub(ONES) & !lf | cr.wrapping_sub(ONES) & !cr) & HIGHS != 0 {
+            break;
+        }
+        at += 8;
+    }
+    data[at..]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|i| at + i)
+}
+
 /// A domain's console: a line buffer per source, the history of the lines printed, and the
 /// budget its output draws on.
 #[derive(Default)]
@@ -305,7 +333,7 @@ impl ConsoleLine {
     /// between line ends is copied in runs, not byte by byte; CR is dropped.
     pub fn write(&mut self, source: ConsoleSource, domain_id: u32, mut data: &[u8]) {
         while !data.is_empty() {
-            let end = memchr::memchr2(b'\n', b'\r', data).unwrap_or(data.len());
+            let end = line_control_at(data).unwrap_or(data.len());
             let (text, rest) = data.split_at(end);
             data = match rest.split_first() {
                 Some((b'\n', rest)) => {
@@ -915,6 +943,28 @@ mod tests {
         }
         assert_eq!(take_lines(), ["(d5) seen"]);
         assert_eq!(console.refused_bytes, 5);
+    }
+
+    #[test]
+    fn line_ends_are_found_where_a_byte_by_byte_search_finds_them() {
+        let naive = |d: &[u8]| d.iter().position(|&b| b == b'\n' || b == b'\r');
+        // Every position in and around a word, near-misses (0x0a/0x0d with high bits, 0x0b,
+        // 0x8a) and bytes with the top bit set around them.
+        for len in 0..40 {
+            for hit in 0..=len {
+                for (filler, mark) in [(b'a', b'\n'), (0x8a, b'\r'), (0xff, b'\n'), (0x0b, b'\r')] {
+                    let mut data = alloc::vec![filler; len];
+                    if hit < len {
+                        data[hit] = mark;
+                    }
+                    assert_eq!(line_control_at(&data), naive(&data), "{data:x?}");
+                }
+            }
+        }
+        let text = b"\x0a\x0d\x8a\x8d\x0c\x0e\x09\x0b".repeat(5);
+        for start in 0..text.len() {
+            assert_eq!(line_control_at(&text[start..]), naive(&text[start..]));
+        }
     }
 
     #[test]

@@ -152,13 +152,13 @@ pub enum OwnExits {
     /// A hypercall that needs the domain (kept apart from [`Self::Other`] so that the hot
     /// slow path does not build a [`VmExit`] in memory).
     Hypercall,
-    /// HLT, RDMSR, WRMSR, an interrupt of the machine: [`VmExit`]s without operands.
+    /// [`VmExit::Hlt`] (this and the next three have no operands).
     Hlt,
-    #[allow(missing_docs)]
+    /// [`VmExit::MsrRead`].
     MsrRead,
-    #[allow(missing_docs)]
+    /// [`VmExit::MsrWrite`].
     MsrWrite,
-    #[allow(missing_docs)]
+    /// [`VmExit::ExternalInterrupt`].
     ExternalInterrupt,
     /// Any other exit for the domain.
     Other(VmExit),

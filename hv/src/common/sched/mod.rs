@@ -1742,6 +1742,40 @@ mod tests {
     }
 
     #[test]
+    fn the_single_cpu_inner_loop_answers_its_own_exits_and_counts_them_once() {
+        use crate::common::vcpu::GuestRegisters;
+        let cpuid = (VmExit::Cpuid, GuestRegisters::default());
+        let (_t, mut s) = slot(vec![
+            hypercall(0, [0, 0, 0]),      // version: in the inner loop
+            hypercall(99, [0, 0, 0]),     // unknown: in the inner loop
+            cpuid,                        // CPUID: in the inner loop
+            hypercall(EVTCHN, [2, 0, 0]), // bind IPI: leaves it -> port 2
+            hypercall(0x7fff, [0, 0, 0]), // unknown again, after a slow one
+            hypercall(EVTCHN, [3, 2, 0]), // send on it
+            hypercall(SCHED, [1, 0, 0]),  // block: returns at once, pending
+            hypercall(SCHED, POWEROFF),
+        ]);
+        take_trace();
+        let mut host = fake_host();
+        run_all(std::slice::from_mut(&mut s), &mut host);
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let version = u64::from(lamina_abi::abi_version()) as i64;
+        let enosys = Errno::ENOSYS.to_return_value() as i64;
+        assert_eq!(results_of(&trace, 1)[..2], [version, enosys]);
+        assert_eq!(results_of(&trace, 1)[3..7], [2, enosys, 0, 0]);
+        let stats = s.domain.exit_stats();
+        assert_eq!(stats.of(ExitKind::Hypercall), 7);
+        assert_eq!(stats.of(ExitKind::Cpuid), 1);
+        assert_eq!(stats.total(), 8);
+        let counters = stats.to_counters();
+        assert_eq!(counters.by_hypercall[0], 1);
+        assert_eq!(counters.by_hypercall[15], 2);
+        assert_eq!(counters.by_kind[0], 7);
+        assert_eq!(host.halts, 0);
+    }
+
+    #[test]
     fn a_secondary_vcpu_takes_itself_down_on_the_shared_path_too() {
         let (_t, mut s) = two_vcpus(
             vec![

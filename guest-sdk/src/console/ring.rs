@@ -105,11 +105,17 @@ impl RingHandle {
             }
             fruitless_drains = 0;
             let chunk = ((SIZE - used) as usize).min(bytes.len() - written);
-            for (offset, &byte) in bytes[written..written + chunk].iter().enumerate() {
-                let slot = (prod.wrapping_add(offset as u32) % SIZE) as usize;
-                // SAFETY: `slot < SIZE` is inside the output buffer, which the consumer does
-                // not read beyond `out_prod`, not yet advanced over this byte.
-                unsafe { (&raw mut (*self.ring).output[slot]).write_volatile(byte) };
+            // At most two copies (the buffer wraps), not a store per byte.
+            let start = (prod % SIZE) as usize;
+            let first = chunk.min(SIZE as usize - start);
+            let source = bytes[written..written + chunk].as_ptr();
+            // SAFETY: `start + first <= SIZE` and `chunk - first <= start`: both runs are
+            // inside the output buffer, in the part the consumer does not read (from
+            // `out_prod` on, not yet advanced over them), and `bytes` is not in the ring.
+            unsafe {
+                let output = (&raw mut (*self.ring).output).cast::<u8>();
+                core::ptr::copy_nonoverlapping(source, output.add(start), first);
+                core::ptr::copy_nonoverlapping(source.add(first), output, chunk - first);
             }
             // Release: the bytes are visible before the index that publishes them.
             self.out_prod()

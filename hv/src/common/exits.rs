@@ -17,7 +17,7 @@ use crate::common::memory::guest_paging;
 use crate::common::time::read_tsc;
 use crate::common::vcpu::control_regs::{self, CrContext, CrInstruction};
 use crate::common::vcpu::cpuid;
-use crate::common::vcpu::state::{Requests, Wait, request};
+use crate::common::vcpu::state::{Requests, VcpuState, Wait, request};
 use crate::common::vcpu::string_io::{self, Outcome, Ports, StringIo};
 use crate::common::vcpu::xstate;
 use crate::common::vcpu::{
@@ -59,7 +59,6 @@ fn enter_hypercall<V: VirtualCpu>(
     let nr = vcpu.regs().gpr[reg::RAX];
     // The vCPU's state looked up once for the counters and the upcall check.
     let state = &mut domain.vcpus[index];
-    state.stats.count(ExitKind::Hypercall);
     state.stats.count_hypercall(nr);
     // The guest may have unmasked upcalls with one pending: any hypercall delivers it
     // (docs/abi.md 8.8). Only while an upcall may be waiting does this cost anything.
@@ -83,10 +82,9 @@ pub fn handle_without_lock<V: VirtualCpu>(
     match exit {
         VmExit::Hypercall => {
             let nr = vcpu.regs().gpr[reg::RAX];
-            if nr != 0 && nr < lamina_abi::Hypercall::COUNT as u64 {
+            if !answers_without_domain(nr) {
                 return false;
             }
-            stats.count(ExitKind::Hypercall);
             requests.on_hypercall();
             stats.count_hypercall(nr);
             hypercall::answer_quickly(nr, vcpu);
@@ -99,6 +97,78 @@ pub fn handle_without_lock<V: VirtualCpu>(
         }
         _ => false,
     }
+}
+
+/// Runs `vcpu`, vCPU `vcpu_index` whose state is `state`, for as long as its exits are ones
+/// [`handle_without_lock`] finishes and nothing is requested before the next entry: the
+/// inner loop of a slice, which touches nothing of the domain but the vCPU's own state (so
+/// its registers hold only what that needs, and no table is indexed per exit). Returns what
+/// the domain must do next and the TSC at that exit.
+#[inline(always)]
+pub fn run_own_exits<V: VirtualCpu>(
+    state: &mut VcpuState,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    tsc_khz: u32,
+) -> (OwnExits, u64) {
+    loop {
+        let exit = vcpu.run();
+        let exited_at = read_tsc();
+        // Matched by value, not through a reference: the exits that go on to the domain are
+        // not stored to memory on the way (their decoding stays in registers).
+        match exit {
+            VmExit::Hypercall => {
+                let nr = vcpu.regs().gpr[reg::RAX];
+                if !answers_without_domain(nr) {
+                    return (OwnExits::Hypercall, exited_at);
+                }
+                state.requests.on_hypercall();
+                state.stats.count_hypercall(nr);
+                hypercall::answer_quickly(nr, vcpu);
+                vcpu.skip_instruction();
+            }
+            VmExit::Cpuid => cpuid_exit(&mut state.stats, vcpu_index, vcpu, tsc_khz),
+            // The common trapped exits without operands leave as bare names: built again
+            // where they are handled, they cost a constant, not a copy of every field.
+            VmExit::Hlt => return (OwnExits::Hlt, exited_at),
+            VmExit::MsrRead => return (OwnExits::MsrRead, exited_at),
+            VmExit::MsrWrite => return (OwnExits::MsrWrite, exited_at),
+            VmExit::ExternalInterrupt => return (OwnExits::ExternalInterrupt, exited_at),
+            exit => return (OwnExits::Other(exit), exited_at),
+        }
+        if state.requests.due_before_entry() {
+            return (OwnExits::Drain, exited_at);
+        }
+        state.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
+    }
+}
+
+/// How [`run_own_exits`] ended. A tag of its own (`repr(u8)`), not a niche in [`VmExit`]'s:
+/// matched apart from the exit's kind, the bare variants never build a `VmExit` in memory.
+#[repr(u8)]
+pub enum OwnExits {
+    /// A request is due before the next entry: drain it.
+    Drain,
+    /// A hypercall that needs the domain (kept apart from [`Self::Other`] so that the hot
+    /// slow path does not build a [`VmExit`] in memory).
+    Hypercall,
+    /// [`VmExit::Hlt`] (this and the next three have no operands).
+    Hlt,
+    /// [`VmExit::MsrRead`].
+    MsrRead,
+    /// [`VmExit::MsrWrite`].
+    MsrWrite,
+    /// [`VmExit::ExternalInterrupt`].
+    ExternalInterrupt,
+    /// Any other exit for the domain.
+    Other(VmExit),
+}
+
+/// Whether hypercall `nr` is one [`hypercall::answer_quickly`] answers: `version` and the
+/// numbers the ABI does not define.
+#[inline(always)]
+fn answers_without_domain(nr: u64) -> bool {
+    nr == 0 || nr >= lamina_abi::Hypercall::COUNT as u64
 }
 
 /// CPUID (docs/abi.md 5), as vCPU `vcpu_index` sees it.

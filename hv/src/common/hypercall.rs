@@ -160,9 +160,12 @@ fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done,
                 domain.console.refused_bytes += len;
                 return Err(Errno::EAGAIN);
             }
-            let mut buffer = [0u8; CONSOLE_WRITE_MAX as usize];
-            let bytes = &mut buffer[..len as usize];
-            domain.memory.read(gpa, bytes)?;
+            // Copied once from guest memory (and never zeroed first): what follows may not
+            // see the guest change it half-way.
+            let mut buffer = [core::mem::MaybeUninit::<u8>::uninit(); CONSOLE_WRITE_MAX as usize];
+            let bytes = domain
+                .memory
+                .read_uninit(gpa, &mut buffer[..len as usize])?;
             domain
                 .console
                 .write(ConsoleSource::Paravirtual, domain.id, bytes);

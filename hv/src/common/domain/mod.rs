@@ -260,6 +260,34 @@ impl ConsoleBudget {
     }
 }
 
+/// Where the first LF or CR of `data` is, looked for eight bytes at a time: a byte of `word`
+/// equal to `b` is a zero byte of `word ^ (b * 0x0101..01)`, and `(x - 0x0101..01) & !x &
+/// 0x8080..80` is non-zero exactly when `x` has a zero byte (the hypervisor's target has no
+/// SSE; the `memchr` crate's portable code for two bytes costs twice this, and another
+/// dependency of the fuzz workspace).
+fn line_control_at(data: &[u8]) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    const LF: u64 = ONES * b'\n' as u64;
+    const CR: u64 = ONES * b'\r' as u64;
+    let mut at = 0;
+    for chunk in data.chunks_exact(8) {
+        let Ok(bytes) = <[u8; 8]>::try_from(chunk) else {
+            break;
+        };
+        let word = u64::from_le_bytes(bytes);
+        let (lf, cr) = (word ^ LF, word ^ CR);
+        if (lf.wrapping_sub(ONES) & !lf | cr.wrapping_sub(ONES) & !cr) & HIGHS != 0 {
+            break;
+        }
+        at += 8;
+    }
+    data[at..]
+        .iter()
+        .position(|&b| b == b'\n' || b == b'\r')
+        .map(|i| at + i)
+}
+
 /// A domain's console: a line buffer per source, the history of the lines printed, and the
 /// budget its output draws on.
 #[derive(Default)]
@@ -278,59 +306,101 @@ pub struct ConsoleLine {
 impl ConsoleLine {
     /// A byte the guest's UART transmits: printed within the budget, dropped (as on an
     /// overrun line) beyond it.
+    #[inline]
     pub fn uart_byte(&mut self, domain_id: u32, byte: u8, now_ns: impl FnOnce() -> u64) {
-        if self.budget.take(1, now_ns) {
-            self.write(ConsoleSource::Uart, domain_id, &[byte]);
-        } else {
+        if !self.budget.take(1, now_ns) {
             self.refused_bytes += 1;
+            return;
         }
-    }
-
-    /// Adds bytes from `source`, emitting each completed line as `(d<ID>) ...`. A line
-    /// longer than [`CONSOLE_LINE_MAX`] bytes is wrapped at a word boundary.
-    pub fn write(&mut self, source: ConsoleSource, domain_id: u32, data: &[u8]) {
-        for &byte in data {
-            match byte {
-                b'\n' => self.flush(source, domain_id),
-                b'\r' => {}
-                _ => {
-                    let buffer = self.buffer(source);
-                    buffer.bytes[buffer.len] = byte;
+        match byte {
+            b'\n' => self.flush(ConsoleSource::Uart, domain_id),
+            b'\r' => {}
+            _ => {
+                let buffer = &mut self.uart;
+                if let Some(slot) = buffer.bytes.get_mut(buffer.len) {
+                    *slot = byte;
                     buffer.len += 1;
-                    if buffer.len == CONSOLE_LINE_MAX {
-                        self.wrap(source, domain_id);
-                    }
+                }
+                if buffer.len == CONSOLE_LINE_MAX {
+                    self.wrap(ConsoleSource::Uart, domain_id);
                 }
             }
         }
     }
 
+    /// Adds bytes from `source`, emitting each completed line as `(d<ID>) ...`. A line
+    /// longer than [`CONSOLE_LINE_MAX`] bytes is wrapped at a word boundary. The text
+    /// between line ends is copied in runs, not byte by byte; CR is dropped.
+    pub fn write(&mut self, source: ConsoleSource, domain_id: u32, mut data: &[u8]) {
+        while !data.is_empty() {
+            let end = line_control_at(data).unwrap_or(data.len());
+            let (text, rest) = data.split_at(end);
+            data = match rest.split_first() {
+                Some((b'\n', rest)) => {
+                    let (buffer, history) = self.parts(source);
+                    if buffer.len == 0 && text.len() < CONSOLE_LINE_MAX {
+                        // A whole line that needs no wrapping: printed from where it is.
+                        Self::emit(history, domain_id, text);
+                    } else {
+                        self.append(source, domain_id, text);
+                        self.flush(source, domain_id);
+                    }
+                    rest
+                }
+                Some((_, rest)) => {
+                    self.append(source, domain_id, text);
+                    rest
+                }
+                None => {
+                    self.append(source, domain_id, text);
+                    rest
+                }
+            };
+        }
+    }
+
+    /// Adds `text` (no line end in it) to the buffer of `source`, wrapping each time it fills.
+    fn append(&mut self, source: ConsoleSource, domain_id: u32, mut text: &[u8]) {
+        while !text.is_empty() {
+            let buffer = self.buffer(source);
+            let run = (CONSOLE_LINE_MAX - buffer.len).min(text.len());
+            let (now, later) = text.split_at(run);
+            buffer.bytes[buffer.len..buffer.len + run].copy_from_slice(now);
+            buffer.len += run;
+            text = later;
+            if buffer.len == CONSOLE_LINE_MAX {
+                self.wrap(source, domain_id);
+            }
+        }
+    }
+
     fn buffer(&mut self, source: ConsoleSource) -> &mut LineBuffer {
+        self.parts(source).0
+    }
+
+    /// The line buffer of `source` and the history, borrowed together.
+    fn parts(&mut self, source: ConsoleSource) -> (&mut LineBuffer, &mut ConsoleHistory) {
         match source {
-            ConsoleSource::Uart => &mut self.uart,
-            ConsoleSource::Paravirtual => &mut self.paravirtual,
+            ConsoleSource::Uart => (&mut self.uart, &mut self.history),
+            ConsoleSource::Paravirtual => (&mut self.paravirtual, &mut self.history),
         }
     }
 
     /// Emits the full buffer of `source` up to its break point and keeps the rest.
     fn wrap(&mut self, source: ConsoleSource, domain_id: u32) {
-        let buffer = self.buffer(source);
+        let (buffer, history) = self.parts(source);
         let (end, rest) = buffer.break_point();
-        let mut line = [0u8; CONSOLE_LINE_MAX];
-        line[..end].copy_from_slice(&buffer.bytes[..end]);
+        Self::emit(history, domain_id, &buffer.bytes[..end]);
         let len = buffer.len;
         buffer.bytes.copy_within(rest..len, 0);
         buffer.len = len - rest;
-        self.emit(domain_id, &line[..end]);
     }
 
     /// Emits what `source` has buffered (an empty line if nothing).
     pub fn flush(&mut self, source: ConsoleSource, domain_id: u32) {
-        let buffer = self.buffer(source);
-        let mut line = [0u8; CONSOLE_LINE_MAX];
+        let (buffer, history) = self.parts(source);
         let len = core::mem::take(&mut buffer.len);
-        line[..len].copy_from_slice(&buffer.bytes[..len]);
-        self.emit(domain_id, &line[..len]);
+        Self::emit(history, domain_id, &buffer.bytes[..len]);
     }
 
     /// Emits what either source has buffered, UART first (at the domain's end).
@@ -342,10 +412,11 @@ impl ConsoleLine {
         }
     }
 
-    fn emit(&mut self, domain_id: u32, line: &[u8]) {
-        output::guest_line(domain_id, line);
-        self.history.append(output::printed_text(line).as_bytes());
-        self.history.append(b"\n");
+    fn emit(history: &mut ConsoleHistory, domain_id: u32, line: &[u8]) {
+        let text = output::printed_text(line);
+        output::guest_line(domain_id, text);
+        history.append(text.as_bytes());
+        history.append(b"\n");
     }
 }
 
@@ -597,16 +668,11 @@ impl Domain {
         const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
         const _: () = assert!(core::mem::offset_of!(ConsoleRing, out_prod) as u64 == CONS + 4);
         const OUTPUT: u64 = core::mem::offset_of!(ConsoleRing, output) as u64;
-        let mut indices = [0u8; 8];
-        if self
-            .memory
-            .read(CONSOLE_RING_GPA + CONS, &mut indices)
-            .is_err()
-        {
+        // Both indices in one little-endian load: out_cons, then out_prod.
+        let Ok(indices) = self.memory.read_u64(CONSOLE_RING_GPA + CONS) else {
             return;
-        }
-        let cons = u32::from_le_bytes([indices[0], indices[1], indices[2], indices[3]]);
-        let prod = u32::from_le_bytes([indices[4], indices[5], indices[6], indices[7]]);
+        };
+        let (cons, prod) = (indices as u32, (indices >> 32) as u32);
         let mut waiting = prod.wrapping_sub(cons) as usize;
         if waiting == 0 {
             return;
@@ -625,25 +691,30 @@ impl Domain {
                     return;
                 }
             }
-            let mut bytes = [0u8; CONSOLE_RING_OUTPUT_BYTES];
+            // Copied out of guest memory once, in at most two runs, into a buffer that is
+            // never zeroed first; both or neither (the whole output area is in RAM or not).
+            if self
+                .memory
+                .check(CONSOLE_RING_GPA + OUTPUT, CONSOLE_RING_OUTPUT_BYTES as u64)
+                .is_err()
+            {
+                return;
+            }
+            let mut buffer = [core::mem::MaybeUninit::<u8>::uninit(); CONSOLE_RING_OUTPUT_BYTES];
             let mut copied = 0;
             while copied < waiting {
                 let at = (cons as usize + copied) % CONSOLE_RING_OUTPUT_BYTES;
                 let run = (CONSOLE_RING_OUTPUT_BYTES - at).min(waiting - copied);
-                if self
-                    .memory
-                    .read(
-                        CONSOLE_RING_GPA + OUTPUT + at as u64,
-                        &mut bytes[copied..copied + run],
-                    )
-                    .is_err()
-                {
+                let Ok(bytes) = self.memory.read_uninit(
+                    CONSOLE_RING_GPA + OUTPUT + at as u64,
+                    &mut buffer[copied..copied + run],
+                ) else {
                     return;
-                }
+                };
+                self.console
+                    .write(ConsoleSource::Paravirtual, self.id, bytes);
                 copied += run;
             }
-            self.console
-                .write(ConsoleSource::Paravirtual, self.id, &bytes[..waiting]);
         }
         let _ = self
             .memory
@@ -872,6 +943,70 @@ mod tests {
         }
         assert_eq!(take_lines(), ["(d5) seen"]);
         assert_eq!(console.refused_bytes, 5);
+    }
+
+    #[test]
+    fn line_ends_are_found_where_a_byte_by_byte_search_finds_them() {
+        let naive = |d: &[u8]| d.iter().position(|&b| b == b'\n' || b == b'\r');
+        // Every position in and around a word, near-misses (0x0a/0x0d with high bits, 0x0b,
+        // 0x8a) and bytes with the top bit set around them.
+        for len in 0..40 {
+            for hit in 0..=len {
+                for (filler, mark) in [(b'a', b'\n'), (0x8a, b'\r'), (0xff, b'\n'), (0x0b, b'\r')] {
+                    let mut data = alloc::vec![filler; len];
+                    if hit < len {
+                        data[hit] = mark;
+                    }
+                    assert_eq!(line_control_at(&data), naive(&data), "{data:x?}");
+                }
+            }
+        }
+        let text = b"\x0a\x0d\x8a\x8d\x0c\x0e\x09\x0b".repeat(5);
+        for start in 0..text.len() {
+            assert_eq!(line_control_at(&text[start..]), naive(&text[start..]));
+        }
+    }
+
+    #[test]
+    fn a_write_in_one_call_prints_what_the_same_bytes_one_by_one_print() {
+        use crate::common::output::testing::take_lines;
+        // Lines whole, split across calls, with CRs, empty, and longer than a line (wrapped
+        // at a space and, without one, inside a word).
+        let mut text = b"first\r\nsecond half".to_vec();
+        text.extend_from_slice(b" done\n\n");
+        text.extend((0..300).map(|i| {
+            if i % 7 == 6 {
+                b' '
+            } else {
+                b'a' + (i % 26) as u8
+            }
+        }));
+        text.push(b'\n');
+        text.extend(core::iter::repeat_n(b'x', 600));
+        text.extend_from_slice(b"\rtail\n");
+        let mut whole = ConsoleLine::default();
+        whole.write(ConsoleSource::Paravirtual, 3, &text);
+        let at_once = take_lines();
+        let mut bytewise = ConsoleLine::default();
+        for byte in &text {
+            bytewise.write(ConsoleSource::Paravirtual, 3, core::slice::from_ref(byte));
+        }
+        assert_eq!(at_once, take_lines());
+        assert_eq!(
+            at_once[..3],
+            ["(d3) first", "(d3) second half done", "(d3) "]
+        );
+        assert!(
+            at_once
+                .iter()
+                .all(|line| line.len() <= "(d3) ".len() + CONSOLE_LINE_MAX)
+        );
+        assert_eq!(whole.history.end(), bytewise.history.end());
+        let mut uart = ConsoleLine::default();
+        for &byte in &text {
+            uart.uart_byte(3, byte, || 0);
+        }
+        assert_eq!(at_once, take_lines());
     }
 
     #[test]

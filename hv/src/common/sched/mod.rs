@@ -13,7 +13,9 @@ use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
-use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
+use crate::common::exits::{
+    OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
+};
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
 use crate::common::time::read_tsc;
@@ -774,6 +776,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
 ) {
     let mut exited_at = None;
     let mut unreloaded_tsc = 0u64;
+    let tsc_khz = domain.time.tsc_khz() as u32;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
@@ -787,9 +790,21 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
                 vcpu.reload_preemption_deadline();
             }
         }
-        let exit = vcpu.run();
-        exited_at = Some(read_tsc());
-        let next = dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host);
+        // The null hypercall, `version` and CPUID loop in here.
+        let (exit, at) = run_own_exits(&mut domain.vcpus[vcpu_index], vcpu_index, vcpu, tsc_khz);
+        exited_at = Some(at);
+        let next = match exit {
+            OwnExits::Drain => continue,
+            OwnExits::Hypercall => hypercall_exit(domain, vcpu_index, vcpu, peers),
+            OwnExits::Hlt => handle_exit(domain, vcpu_index, vcpu, VmExit::Hlt, peers),
+            OwnExits::MsrRead => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrRead, peers),
+            OwnExits::MsrWrite => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrWrite, peers),
+            OwnExits::ExternalInterrupt => {
+                let exit = VmExit::ExternalInterrupt;
+                dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)
+            }
+            OwnExits::Other(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
+        };
         if next != Next::Resume {
             end_slice(domain, vcpu_index, vcpu, next, host);
             return;
@@ -1832,6 +1847,40 @@ mod tests {
             "quick ones merged in"
         );
         assert_eq!(s.domain.exit_stats().of(ExitKind::Cpuid), 1);
+        assert_eq!(host.halts, 0);
+    }
+
+    #[test]
+    fn the_single_cpu_inner_loop_answers_its_own_exits_and_counts_them_once() {
+        use crate::common::vcpu::GuestRegisters;
+        let cpuid = (VmExit::Cpuid, GuestRegisters::default());
+        let (_t, mut s) = slot(vec![
+            hypercall(0, [0, 0, 0]),      // version: in the inner loop
+            hypercall(99, [0, 0, 0]),     // unknown: in the inner loop
+            cpuid,                        // CPUID: in the inner loop
+            hypercall(EVTCHN, [2, 0, 0]), // bind IPI: leaves it -> port 2
+            hypercall(0x7fff, [0, 0, 0]), // unknown again, after a slow one
+            hypercall(EVTCHN, [3, 2, 0]), // send on it
+            hypercall(SCHED, [1, 0, 0]),  // block: returns at once, pending
+            hypercall(SCHED, POWEROFF),
+        ]);
+        take_trace();
+        let mut host = fake_host();
+        run_all(std::slice::from_mut(&mut s), &mut host);
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let version = u64::from(lamina_abi::abi_version()) as i64;
+        let enosys = Errno::ENOSYS.to_return_value() as i64;
+        assert_eq!(results_of(&trace, 1)[..2], [version, enosys]);
+        assert_eq!(results_of(&trace, 1)[3..7], [2, enosys, 0, 0]);
+        let stats = s.domain.exit_stats();
+        assert_eq!(stats.of(ExitKind::Hypercall), 7);
+        assert_eq!(stats.of(ExitKind::Cpuid), 1);
+        assert_eq!(stats.total(), 8);
+        let counters = stats.to_counters();
+        assert_eq!(counters.by_hypercall[0], 1);
+        assert_eq!(counters.by_hypercall[15], 2);
+        assert_eq!(counters.by_kind[0], 7);
         assert_eq!(host.halts, 0);
     }
 

@@ -87,8 +87,6 @@ pub struct SvmVcpu {
     host_cpu: usize,
     /// Length of the instruction behind the last exit (0: not an instruction exit).
     instruction_len: u64,
-    /// TLB_CONTROL asks for a flush at the next entry.
-    tlb_flush_requested: bool,
     /// TLB_CONTROL can flush this guest's ASID alone.
     flush_by_asid: bool,
     /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
@@ -170,7 +168,6 @@ impl SvmVcpu {
             host_state_vmcb: svm.host_state_vmcb,
             host_cpu: crate::platform::percpu::this_cpu().index,
             instruction_len: 0,
-            tlb_flush_requested: true,
             flush_by_asid: svm.flush_by_asid,
             xstate,
         })
@@ -182,11 +179,9 @@ impl SvmVcpu {
         // domain's RAM, and the host VMCB page was given to this CPU by `Svm::enable`.
         unsafe { svm_world_switch(&mut self.regs, self.vmcb.address(), self.host_state_vmcb) };
         self.regs.gpr[reg::RAX] = self.vmcb.save.rax;
-        if self.tlb_flush_requested {
-            // The flush happened with that entry.
-            self.tlb_flush_requested = false;
-            self.vmcb.control.tlb_control = 0;
-        }
+        // A flush asked for happened with that entry: TLB_CONTROL is a command for one VMRUN.
+        // One store costs less than a test of whether one was asked for.
+        self.vmcb.control.tlb_control = 0;
     }
 }
 
@@ -239,14 +234,12 @@ impl VirtualCpu for SvmVcpu {
             self.host_state_vmcb = cpu.svm_host_state.load(Ordering::Relaxed);
             self.host_cpu = cpu.index;
             self.vmcb.control.tlb_control = TLB_FLUSH_ALL;
-            self.tlb_flush_requested = true;
         }
         // Every VMCB is its own page: nothing to load. With more vCPUs than ASIDs, a vCPU
         // that follows another on this CPU must not see that one's translations.
         let previous = last_vmcb().swap(self.vmcb.address(), Ordering::Relaxed);
         if previous != self.vmcb.address() && ASIDS_SHARED.load(Ordering::Relaxed) {
             self.vmcb.control.tlb_control = TLB_FLUSH_ALL;
-            self.tlb_flush_requested = true;
         }
         self.xstate.schedule_in();
     }
@@ -482,7 +475,6 @@ impl VirtualCpu for SvmVcpu {
         if self.vmcb.control.tlb_control != TLB_FLUSH_ALL {
             self.vmcb.control.tlb_control = control;
         }
-        self.tlb_flush_requested = true;
     }
 
     fn flush_guest_tlb(&mut self) {
@@ -493,7 +485,7 @@ impl VirtualCpu for SvmVcpu {
     }
 
     fn flush_guest_tlb_pages(&mut self, pages: &[u64]) {
-        if self.tlb_flush_requested && self.vmcb.control.tlb_control != 0 {
+        if self.vmcb.control.tlb_control != 0 {
             // A flush of the ASID or more is due at the next VMRUN anyway.
             return;
         }

@@ -590,6 +590,10 @@ impl VirtualCpu for VmxVcpu {
             self.launched = true;
             self.reinject_interrupted_event();
             let exit_reason = read(vmcs::EXIT_REASON);
+            // The hot path first: a VMCALL's reason has no flag bits set.
+            if exit_reason == reason::VMCALL {
+                return VmExit::Hypercall;
+            }
             let basic = exit_reason & 0xffff;
             if exit_reason & (1 << 31) != 0 {
                 return self.entry_failure(exit_reason);

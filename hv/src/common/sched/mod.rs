@@ -7,12 +7,14 @@
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 pub mod locking;
+pub mod reach;
 
 use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
+use crate::common::events::Binding;
 use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
@@ -24,8 +26,11 @@ use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::cell::UnsafeCell;
 use lamina_abi::Errno;
 use lamina_abi::vcpu::runstate;
+use locking::{DomainLock, TableLock, may_wait_for};
+use reach::Reach;
 
 /// How long a vCPU runs before others get the CPU.
 pub const TIME_SLICE_NS: u64 = 10_000_000;
@@ -394,23 +399,128 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
     taken
 }
 
-/// The domains as every physical CPU's run loop shares them. One lock, the domain-table
-/// lock, guards all of it; it is held while a CPU picks a vCPU and while it handles an exit,
-/// never while a guest runs (the lock order is documented in [`crate::common::sched::locking`]).
+/// The domains as every physical CPU's run loop shares them: the table, behind a
+/// readers-writer lock, and a lock per domain for the CPUs that hold the table shared. No
+/// lock is held while a guest runs (every lock and its order: [`crate::common::sched::locking`]).
 pub struct Machine<'a, V> {
-    table: spin::Mutex<Table<'a, V>>,
+    table: TableLock<Table<'a, V>>,
+    /// A lock per domain, by slot.
+    locks: Vec<DomainLock>,
     /// How many CPUs run [`Machine::run_cpu`].
     cpus_online: core::sync::atomic::AtomicUsize,
 }
 
 struct Table<'a, V> {
-    slots: &'a mut [Slot<V>],
+    /// Every domain: all of them at once with the table exclusive ([`Table::slots`]), one
+    /// under its [`DomainLock`] with the table shared ([`SharedHold`]).
+    cells: &'a [UnsafeCell<Slot<V>>],
+    /// The domain id of each slot (fixed at boot), read without the slot's lock.
+    ids: Vec<u32>,
     /// Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
     units: Vec<(usize, usize)>,
     /// Where the round robin is.
     cursor: usize,
     /// RAM of torn-down domains, scrubbed and returned a slice per pass.
     scrubbing: VecDeque<Scrub>,
+}
+
+impl<V> Table<'_, V> {
+    /// Every slot, for the holder of the table exclusive.
+    fn slots(&mut self) -> &mut [Slot<V>] {
+        let first = UnsafeCell::raw_get(self.cells.as_ptr());
+        // SAFETY: `&mut self` is the table exclusive (or the machine not yet shared): no CPU
+        // holds it shared, and domain locks are only taken with it shared, so nothing else
+        // refers to any slot while this borrow lives. `UnsafeCell<T>` has the layout of `T`,
+        // so the cells are `len` slots in a row, all inside cells.
+        unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) }
+    }
+
+    /// Every slot and the scheduler's state beside them, for the holder of the table
+    /// exclusive.
+    fn split(&mut self) -> (&mut [Slot<V>], RunQueue<'_>) {
+        let first = UnsafeCell::raw_get(self.cells.as_ptr());
+        // SAFETY: as in `slots`; the slots are borrowed for as long as `self` is.
+        let slots = unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) };
+        let queue = RunQueue {
+            units: &self.units,
+            cursor: &mut self.cursor,
+            scrubbing: &mut self.scrubbing,
+        };
+        (slots, queue)
+    }
+
+    /// The slot of domain `id`.
+    fn index_of(&self, id: u32) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
+    }
+}
+
+/// The scheduler's state of the table, beside its slots.
+struct RunQueue<'t> {
+    units: &'t [(usize, usize)],
+    cursor: &'t mut usize,
+    scrubbing: &'t mut VecDeque<Scrub>,
+}
+
+/// The table shared, the running domain's lock and at most one peer's: what an exit that
+/// stays in its domain, or sends to one peer, is handled under.
+struct SharedHold<'m, 'a, V> {
+    table: spin::RwLockReadGuard<'m, Table<'a, V>>,
+    index: usize,
+    _own: spin::MutexGuard<'m, ()>,
+    peer: Option<(usize, spin::MutexGuard<'m, ()>)>,
+}
+
+impl<V> SharedHold<'_, '_, V> {
+    /// The running domain's slot.
+    fn own(&mut self) -> &mut Slot<V> {
+        // SAFETY: the table is held shared (no CPU has it exclusive) and this slot's domain
+        // lock is held (no other CPU reaches the slot); the borrow is tied to `self`.
+        unsafe { &mut *self.table.cells[self.index].get() }
+    }
+
+    /// The running domain's slot and the locked peer's, if any.
+    fn own_and_peer(&mut self) -> (&mut Slot<V>, Option<&mut Slot<V>>) {
+        let cells = self.table.cells;
+        // SAFETY: as in `own`; the peer's lock is held too, and it is another slot (a peer
+        // is never the running domain), so the two borrows do not alias.
+        let own = unsafe { &mut *cells[self.index].get() };
+        let peer = match &self.peer {
+            Some((peer, _)) if *peer != self.index => {
+                // SAFETY: see above.
+                Some(unsafe { &mut *cells[*peer].get() })
+            }
+            _ => None,
+        };
+        (own, peer)
+    }
+}
+
+/// What a CPU holds while it handles an exit of its vCPU or drains its requests.
+enum Hold<'m, 'a, V> {
+    Exclusive(spin::RwLockWriteGuard<'m, Table<'a, V>>),
+    Shared(SharedHold<'m, 'a, V>),
+}
+
+impl<V> Hold<'_, '_, V> {
+    /// The slot of the running domain (`index`).
+    fn own(&mut self, index: usize) -> &mut Slot<V> {
+        match self {
+            Hold::Exclusive(table) => &mut table.slots()[index],
+            Hold::Shared(held) => held.own(),
+        }
+    }
+}
+
+/// The one peer a send reaches (the remote end of the channel), locked.
+struct OnePeer<'s> {
+    peer: Option<&'s mut Domain>,
+}
+
+impl DomainTable for OnePeer<'_> {
+    fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+        self.peer.as_deref_mut().filter(|peer| peer.id == id)
+    }
 }
 
 impl<'a, V: VirtualCpu> Machine<'a, V> {
@@ -421,10 +531,18 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             .enumerate()
             .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
             .collect();
+        let ids = slots.iter().map(|s| s.domain.id).collect();
+        let locks = slots.iter().map(|_| DomainLock::default()).collect();
+        let slots: *mut [Slot<V>] = slots;
+        // SAFETY: `UnsafeCell<T>` has the layout of `T`, and the exclusive borrow of `slots`
+        // for `'a` passes to the table, which hands the slots out only under its locks.
+        let cells = unsafe { &*(slots as *const [UnsafeCell<Slot<V>>]) };
         Machine {
             cpus_online: core::sync::atomic::AtomicUsize::new(1),
-            table: spin::Mutex::new(Table {
-                slots,
+            locks,
+            table: TableLock::new(Table {
+                cells,
+                ids,
                 cursor: units.len().saturating_sub(1),
                 units,
                 scrubbing: VecDeque::new(),
@@ -432,9 +550,20 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         }
     }
 
+    /// The table shared and the lock of the domain in slot `index`.
+    fn hold_own(&self, index: usize) -> SharedHold<'_, 'a, V> {
+        let table = self.table.shared();
+        SharedHold {
+            table,
+            index,
+            _own: self.locks[index].lock_own(),
+            peer: None,
+        }
+    }
+
     /// Lets `f` look at the domains (once every CPU has left [`Self::run_cpu`]: the summary).
     pub fn inspect<R>(&self, f: impl FnOnce(&[Slot<V>]) -> R) -> R {
-        f(self.table.lock().slots)
+        f(self.table.exclusive().slots())
     }
 
     /// Declares how many CPUs will run [`Self::run_cpu`] (1 unless told), before any does.
@@ -455,10 +584,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut yielded: Option<(usize, usize)> = None;
         loop {
             let now = host.now_ns();
-            let mut guard = self.table.lock();
+            let mut guard = self.table.exclusive();
             let table = &mut *guard;
             let host_work = host.housekeeping();
-            let slots = &mut *table.slots;
+            let (slots, queue) = table.split();
             // Serial input belongs to the first domain, as the console of a PC belongs to its
             // OS.
             if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
@@ -471,23 +600,23 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             }
             // A teardown can wake other domains, or leave them waiting for nothing (which
             // ends them, to be torn down in turn).
-            while tear_down_ended(slots, &mut table.scrubbing) {
+            while tear_down_ended(slots, queue.scrubbing) {
                 for slot in slots.iter_mut() {
                     update(slot, now);
                 }
             }
             if !slots.iter().any(|s| s.domain.is_runnable()) {
-                table.scrubbing.drain(..).for_each(Scrub::finish);
+                queue.scrubbing.drain(..).for_each(Scrub::finish);
                 drop(guard);
                 cpus::wake_all_idle_cpus();
                 return;
             }
-            if let Some(scrub) = table.scrubbing.front_mut()
+            if let Some(scrub) = queue.scrubbing.front_mut()
                 && scrub.step()
             {
-                table.scrubbing.pop_front();
+                queue.scrubbing.pop_front();
             }
-            let picked = pick(slots, &table.units, table.cursor, idle_bit, yielded.take());
+            let picked = pick(slots, queue.units, *queue.cursor, idle_bit, yielded.take());
             let Some((index, vcpu_index)) = picked else {
                 let input_wakes = slots
                     .iter()
@@ -499,7 +628,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     .chain(poll)
                     .chain(host_work)
                     .min();
-                if stop_unpausable(slots, deadline.is_none()) || !table.scrubbing.is_empty() {
+                if stop_unpausable(slots, deadline.is_none()) || !queue.scrubbing.is_empty() {
                     // Scrubbing goes on while nothing else runs (a slice per pass, looking at
                     // timers in between).
                     continue;
@@ -521,7 +650,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let unit = (index, vcpu_index);
             slots[index].domain.vcpus[vcpu_index].ran_on |= idle_bit;
             if !slots[index].domain.vcpus[vcpu_index].boosted {
-                table.cursor = index_of_unit(&table.units, table.cursor, unit);
+                *queue.cursor = index_of_unit(queue.units, *queue.cursor, unit);
             }
             slots[index].domain.vcpus[vcpu_index].boosted = false;
             if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
@@ -560,7 +689,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             slots[index].domain.vcpus[vcpu_index].running_since = Some(now);
             if shared {
                 // More may be ready than this CPU takes: an idle CPU that may run it looks.
-                let wanted = ready_cpus(slots, &table.units);
+                let wanted = ready_cpus(slots, queue.units);
                 if wanted != 0 {
                     cpus::wake_an_idle_cpu(wanted);
                 }
@@ -573,8 +702,9 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 // Any CPU may take it next.
                 vcpu.release();
             }
-            let mut table = self.table.lock();
-            let slot = &mut table.slots[index];
+            // Putting it back touches its domain alone.
+            let mut held = self.hold_own(index);
+            let slot = held.own();
             trace::vcpu_out(slot.domain.id);
             slot.vcpus[vcpu_index] = Some(vcpu);
             let ran = host.now_ns().saturating_sub(now);
@@ -607,16 +737,16 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     }
 
     /// Runs vCPU `vcpu_index` of slot `index`, whose hardware state `vcpu` this CPU took,
-    /// until it stops being the right one to run. `guard` is the table, locked.
+    /// until it stops being the right one to run. `guard` is the table, held exclusive.
     ///
-    /// With other CPUs online the lock is dropped while the guest runs and taken again for
-    /// each exit that needs it ([`Self::run_slice_shared`]). A machine with one CPU keeps
-    /// it for the whole slice ([`Self::run_slice_alone`]): no other CPU exists to want it,
-    /// and a single-CPU exit then costs what it did before SMP.
+    /// With other CPUs online every lock is let go while the guest runs, and each exit is
+    /// handled under the locks it needs ([`Self::run_slice_shared`]). A machine with one CPU
+    /// keeps the table for the whole slice ([`Self::run_slice_alone`]): no other CPU exists to
+    /// want it, and a single-CPU exit then costs what it did before SMP.
     #[allow(clippy::too_many_arguments)]
     fn run_slice<'m, H: Host>(
         &'m self,
-        mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        mut guard: spin::RwLockWriteGuard<'m, Table<'a, V>>,
         cpu: usize,
         index: usize,
         vcpu_index: usize,
@@ -625,12 +755,20 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         now: u64,
         slice_end: u64,
     ) {
-        let domain = &mut guard.slots[index].domain;
+        let domain = &mut guard.slots()[index].domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
         if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1 {
-            self.run_slice_shared(guard, cpu, index, vcpu_index, vcpu, host, slice_end);
+            self.run_slice_shared(
+                Hold::Exclusive(guard),
+                cpu,
+                index,
+                vcpu_index,
+                vcpu,
+                host,
+                slice_end,
+            );
         } else {
-            let (before, rest) = guard.slots.split_at_mut(index);
+            let (before, rest) = guard.slots().split_at_mut(index);
             if let Some((current, after)) = rest.split_first_mut() {
                 let peers = &mut Peers::around(before, after);
                 run_slice_alone(
@@ -645,14 +783,16 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         }
     }
 
-    /// The slice of a machine with several CPUs: the lock is dropped across every entry, and
-    /// the exits that need nothing of the domain are handled without it. Out of line, like
-    /// [`run_slice_alone`]: each hot loop gets the registers to itself.
+    /// The slice of a machine with several CPUs: every lock is let go across every entry;
+    /// the exits that need nothing of the domain are handled without any, those that stay in
+    /// the domain (or send to one peer) under its lock with the table shared, the rest with
+    /// the table exclusive. Out of line, like [`run_slice_alone`]: each hot loop gets the
+    /// registers to itself.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)] // the hot loop's state, in registers rather than a struct
     fn run_slice_shared<'m, H: Host>(
         &'m self,
-        mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        mut hold: Hold<'m, 'a, V>,
         cpu: usize,
         index: usize,
         vcpu_index: usize,
@@ -660,22 +800,23 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         host: &mut H,
         slice_end: u64,
     ) {
-        // What the exits handled without the lock need.
-        let domain = &guard.slots[index].domain;
+        // What the exits handled without a lock need.
+        let domain = &hold.own(index).domain;
         let requests = Arc::clone(&domain.vcpus[vcpu_index].requests);
         let tsc_khz = domain.time.tsc_khz() as u32;
+        let own_id = domain.id;
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
         loop {
-            let domain = &mut guard.slots[index].domain;
+            let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
                 domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
             }
-            drop(guard);
+            drop(hold);
             // None: a request came before the entry; it is drained under the lock.
             let (exit, handled) = loop {
                 if !requests.enter_guest(cpu) {
@@ -693,37 +834,59 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 unmerged.handling_tsc += read_tsc().wrapping_sub(exited_at_tsc);
             };
-            guard = self.table.lock();
+            let (exit, reach) = match exit {
+                Some(exit) if !handled => {
+                    let reach = reach::of_exit(&exit, vcpu, own_id);
+                    (Some(exit), reach)
+                }
+                _ => (None, Reach::Own),
+            };
+            hold = match reach {
+                Reach::Any => Hold::Exclusive(self.table.exclusive()),
+                Reach::Own | Reach::SendOn(_) => Hold::Shared(self.hold_own(index)),
+            };
             if any_unmerged {
                 any_unmerged = false;
-                guard.slots[index].domain.vcpus[vcpu_index]
+                hold.own(index).domain.vcpus[vcpu_index]
                     .stats
                     .absorb(&mut unmerged);
             }
-            let exit = match exit {
-                Some(exit) if !handled => exit,
+            let Some(exit) = exit else {
                 // Handled, or a request came: to its drain under the lock.
-                _ => {
-                    if let Some(next) = stopped_elsewhere(&guard.slots[index].domain, vcpu_index) {
-                        end_slice(&mut guard.slots[index].domain, vcpu_index, vcpu, next, host);
+                let domain = &mut hold.own(index).domain;
+                if let Some(next) = stopped_elsewhere(domain, vcpu_index) {
+                    end_slice(domain, vcpu_index, vcpu, next, host);
+                    return;
+                }
+                continue;
+            };
+            if let (Reach::SendOn(port), Hold::Shared(held)) = (reach, &mut hold)
+                && !self.lock_send_peer(held, port)
+            {
+                // The peer comes first in the table and is busy: let both go (no waiting
+                // against the lock order) and take the table exclusive.
+                locking::BACKED_OFF.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                drop(hold);
+                hold = Hold::Exclusive(self.table.exclusive());
+            }
+            let next = match &mut hold {
+                Hold::Exclusive(table) => {
+                    let (before, rest) = table.slots().split_at_mut(index);
+                    let Some((current, after)) = rest.split_first_mut() else {
                         return;
-                    }
-                    continue;
+                    };
+                    let peers = &mut Peers::around(before, after);
+                    dispatch_exit(&mut current.domain, vcpu_index, vcpu, exit, peers, host)
+                }
+                Hold::Shared(held) => {
+                    let (own, peer) = held.own_and_peer();
+                    let peers = &mut OnePeer {
+                        peer: peer.map(|slot| &mut slot.domain),
+                    };
+                    dispatch_exit(&mut own.domain, vcpu_index, vcpu, exit, peers, host)
                 }
             };
-            let (before, rest) = guard.slots.split_at_mut(index);
-            let Some((current, after)) = rest.split_first_mut() else {
-                return;
-            };
-            let domain = &mut current.domain;
-            let next = dispatch_exit(
-                domain,
-                vcpu_index,
-                vcpu,
-                exit,
-                &mut Peers::around(before, after),
-                host,
-            );
+            let domain = &mut hold.own(index).domain;
             // Another CPU may have ended or paused the domain, or taken this vCPU down, while
             // it ran (and kicked it out of the guest).
             let next = match next {
@@ -735,6 +898,41 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             };
             end_slice(domain, vcpu_index, vcpu, next, host);
             return;
+        }
+    }
+
+    /// For a send on `port` by the running domain of `held`: locks the domain at the
+    /// channel's remote end, if it is another one. Waits for it only when it comes after the
+    /// running domain in the table; tries once otherwise. False: it is busy (the caller backs
+    /// off).
+    fn lock_send_peer<'m>(&'m self, held: &mut SharedHold<'m, 'a, V>, port: u64) -> bool {
+        let own = held.own();
+        let own_id = own.domain.id;
+        let remote = match own.domain.events.send_target(port) {
+            Ok((
+                _,
+                Binding::Interdomain {
+                    remote,
+                    remote_port: _,
+                },
+            )) if u32::from(remote) != own_id => u32::from(remote),
+            // Nothing beyond the running domain (or an error the call itself returns).
+            _ => return true,
+        };
+        let Some(peer) = held.table.index_of(remote) else {
+            return true;
+        };
+        let guard = if may_wait_for(held.index, peer) {
+            Some(self.locks[peer].lock_peer())
+        } else {
+            self.locks[peer].try_lock_peer()
+        };
+        match guard {
+            Some(guard) => {
+                held.peer = Some((peer, guard));
+                true
+            }
+            None => false,
         }
     }
 }
@@ -782,14 +980,15 @@ fn stopped_elsewhere(domain: &Domain, vcpu_index: usize) -> Option<Next> {
     }
 }
 
-/// Handles one exit of vCPU `vcpu_index` of `domain`, the table locked.
+/// Handles one exit of vCPU `vcpu_index` of `domain`, under the locks its reach needs
+/// (`peers`: the other domains it may reach).
 #[inline(always)]
 fn dispatch_exit<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
     vcpu_index: usize,
     vcpu: &mut V,
     exit: VmExit,
-    peers: &mut Peers<'_, V>,
+    peers: &mut impl DomainTable,
     host: &mut H,
 ) -> Next {
     if matches!(exit, VmExit::Hypercall) {

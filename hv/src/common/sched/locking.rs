@@ -86,10 +86,20 @@ pub static TABLE_EXCLUSIVE: LockCounts = LockCounts::new();
 pub static TABLE_SHARED: LockCounts = LockCounts::new();
 /// A running domain's lock.
 pub static DOMAIN_OWN: LockCounts = LockCounts::new();
+/// A domain's lock taken by the scheduler's pass.
+pub static DOMAIN_PASS: LockCounts = LockCounts::new();
+/// The run queue's lock.
+pub static RUN_QUEUE: LockCounts = LockCounts::new();
 /// A second domain's lock (the remote end of a channel).
 pub static DOMAIN_PEER: LockCounts = LockCounts::new();
 /// Exits handled with the table exclusive because a peer that comes first was busy.
 pub static BACKED_OFF: AtomicU64 = AtomicU64::new(0);
+
+/// Scheduler passes with the table shared, and those that found a wake-up had come during
+/// the pass and passed again rather than halt.
+pub static PASSES: AtomicU64 = AtomicU64::new(0);
+/// See [`PASSES`].
+pub static PASSES_AGAIN: AtomicU64 = AtomicU64::new(0);
 
 /// The summary's line: how often each lock was taken and waited for (several CPUs only).
 pub fn summary_line() -> alloc::string::String {
@@ -97,10 +107,15 @@ pub fn summary_line() -> alloc::string::String {
     let (st, sw) = TABLE_SHARED.figures();
     let (ot, ow) = DOMAIN_OWN.figures();
     let (pt, pw) = DOMAIN_PEER.figures();
+    let (qt, qw) = RUN_QUEUE.figures();
+    let (dt, dw) = DOMAIN_PASS.figures();
     alloc::format!(
         "lamina: locks: table exclusive {xt} (waited {xw}), shared {st} (waited {sw}); \
-         own domain {ot} (waited {ow}); peer domain {pt} (waited {pw}, backed off {})",
-        BACKED_OFF.load(Ordering::Relaxed)
+         run queue {qt} (waited {qw}); domain by its exits {ot} (waited {ow}), by the pass \
+         {dt} (waited {dw}), as a peer {pt} (waited {pw}, backed off {}); passes {} (again {})",
+        BACKED_OFF.load(Ordering::Relaxed),
+        PASSES.load(Ordering::Relaxed),
+        PASSES_AGAIN.load(Ordering::Relaxed)
     )
 }
 
@@ -149,6 +164,17 @@ impl<T> TableLock<T> {
     }
 }
 
+/// Takes the run queue's lock (a plain spin lock), counted.
+pub fn lock_run_queue<T>(lock: &spin::Mutex<T>) -> spin::MutexGuard<'_, T> {
+    if let Some(guard) = lock.try_lock() {
+        RUN_QUEUE.count(false);
+        return guard;
+    }
+    let guard = lock.lock();
+    RUN_QUEUE.count(true);
+    guard
+}
+
 /// A domain's lock (the data it guards is reached through the table: see
 /// `sched::Table::own_slot`).
 pub struct DomainLock {
@@ -167,6 +193,11 @@ impl DomainLock {
     /// Takes it as the running domain's lock.
     pub fn lock_own(&self) -> spin::MutexGuard<'_, ()> {
         Self::take(&self.lock, &DOMAIN_OWN)
+    }
+
+    /// Takes it in the scheduler's pass (which holds no other domain's lock meanwhile).
+    pub fn lock_for_pass(&self) -> spin::MutexGuard<'_, ()> {
+        Self::take(&self.lock, &DOMAIN_PASS)
     }
 
     /// Takes it as a peer's lock, waiting if busy: only for a peer after the running domain

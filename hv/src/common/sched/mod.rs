@@ -22,6 +22,7 @@ use crate::common::time::read_tsc;
 use crate::common::trace;
 use crate::common::vcpu::state::{StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
@@ -316,25 +317,84 @@ fn tear_down_ended<V>(slots: &mut [Slot<V>], scrubbing: &mut VecDeque<Scrub>) ->
 /// `nothing_due` (no deadline anywhere) means nothing can happen any more only when no vCPU
 /// runs on another CPU either: one that does is not "ready" here, yet may unpause the domain,
 /// arm a timer or raise an event at any moment. Its CPU looks again when it is back.
+#[cfg(test)]
 fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
-    let unpauser_left = slots
-        .iter()
-        .any(|s| s.domain.is_runnable() && s.domain.privileged && !s.domain.paused);
-    let running_elsewhere = slots
-        .iter()
-        .any(|s| s.domain.is_runnable() && !s.is_parked());
+    stop_unpausable_in(slots, nothing_due)
+}
+
+/// [`stop_unpausable`] on the slots as the pass reaches them. With the table shared it
+/// holds: the pass holds the run queue, so no vCPU leaves its slot meanwhile, and only a
+/// running vCPU can unpause a domain.
+fn stop_unpausable_in<V, S: Slots<V> + ?Sized>(slots: &mut S, nothing_due: bool) -> bool {
+    let (mut unpauser_left, mut running_elsewhere) = (false, false);
+    for index in 0..slots.count() {
+        slots.with(index, |s| {
+            let runnable = s.domain.is_runnable();
+            unpauser_left |= runnable && s.domain.privileged && !s.domain.paused;
+            running_elsewhere |= runnable && !s.is_parked();
+        });
+    }
     if unpauser_left && (running_elsewhere || !nothing_due) {
         return false;
     }
     let mut stopped = false;
-    for slot in slots
-        .iter_mut()
-        .filter(|s| s.domain.is_runnable() && s.domain.paused)
-    {
-        slot.domain.end(Ending::Paused);
-        stopped = true;
+    for index in 0..slots.count() {
+        slots.with(index, |slot| {
+            if slot.domain.is_runnable() && slot.domain.paused {
+                slot.domain.end(Ending::Paused);
+                stopped = true;
+            }
+        });
     }
     stopped
+}
+
+/// The domains as the scheduler's pass reaches them: all at once (the table exclusive, or
+/// one CPU), or one at a time under its domain lock (the table shared, [`LockedSlots`]).
+trait Slots<V> {
+    /// How many slots there are.
+    fn count(&self) -> usize;
+    /// Runs `f` on slot `index`.
+    fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R;
+    /// Tears down the domains that ended ([`tear_down_ended`]); `None` where that cannot be
+    /// done (the table shared: a teardown reaches every domain).
+    fn tear_down_ended(&mut self, scrubbing: &mut VecDeque<Scrub>) -> Option<bool>;
+}
+
+impl<V> Slots<V> for [Slot<V>] {
+    #[inline(always)]
+    fn count(&self) -> usize {
+        self.len()
+    }
+    #[inline(always)]
+    fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R {
+        f(&mut self[index])
+    }
+    fn tear_down_ended(&mut self, scrubbing: &mut VecDeque<Scrub>) -> Option<bool> {
+        Some(tear_down_ended(self, scrubbing))
+    }
+}
+
+/// The slots with the table held shared: each reached under its domain's lock, one at a time.
+struct LockedSlots<'t, V> {
+    cells: &'t [UnsafeCell<Slot<V>>],
+    locks: &'t [DomainLock],
+}
+
+impl<V> Slots<V> for LockedSlots<'_, V> {
+    fn count(&self) -> usize {
+        self.cells.len()
+    }
+    fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R {
+        let _held = self.locks[index].lock_for_pass();
+        // SAFETY: `cells` was borrowed from the table held shared (no CPU has it exclusive)
+        // and this slot's domain lock is held, so no other CPU reaches it; the borrow ends
+        // before the lock goes.
+        f(unsafe { &mut *self.cells[index].get() })
+    }
+    fn tear_down_ended(&mut self, _scrubbing: &mut VecDeque<Scrub>) -> Option<bool> {
+        None
+    }
 }
 
 /// Drains the requests of vCPU `index` before it enters the guest: drops stale nested
@@ -416,6 +476,13 @@ struct Table<'a, V> {
     cells: &'a [UnsafeCell<Slot<V>>],
     /// The domain id of each slot (fixed at boot), read without the slot's lock.
     ids: Vec<u32>,
+    /// The scheduler's state: its lock is the run queue's.
+    queue: spin::Mutex<RunQueue>,
+}
+
+/// The scheduler's state beside the domains (what is ready and its credit is in each
+/// domain's vCPU states).
+struct RunQueue {
     /// Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
     units: Vec<(usize, usize)>,
     /// Where the round robin is.
@@ -435,31 +502,18 @@ impl<V> Table<'_, V> {
         unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) }
     }
 
-    /// Every slot and the scheduler's state beside them, for the holder of the table
-    /// exclusive.
-    fn split(&mut self) -> (&mut [Slot<V>], RunQueue<'_>) {
+    /// Every slot and the run queue, for the holder of the table exclusive.
+    fn split(&mut self) -> (&mut [Slot<V>], &mut RunQueue) {
         let first = UnsafeCell::raw_get(self.cells.as_ptr());
         // SAFETY: as in `slots`; the slots are borrowed for as long as `self` is.
         let slots = unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) };
-        let queue = RunQueue {
-            units: &self.units,
-            cursor: &mut self.cursor,
-            scrubbing: &mut self.scrubbing,
-        };
-        (slots, queue)
+        (slots, self.queue.get_mut())
     }
 
     /// The slot of domain `id`.
     fn index_of(&self, id: u32) -> Option<usize> {
         self.ids.iter().position(|&i| i == id)
     }
-}
-
-/// The scheduler's state of the table, beside its slots.
-struct RunQueue<'t> {
-    units: &'t [(usize, usize)],
-    cursor: &'t mut usize,
-    scrubbing: &'t mut VecDeque<Scrub>,
 }
 
 /// The table shared, the running domain's lock and at most one peer's: what an exit that
@@ -543,9 +597,11 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             table: TableLock::new(Table {
                 cells,
                 ids,
-                cursor: units.len().saturating_sub(1),
-                units,
-                scrubbing: VecDeque::new(),
+                queue: spin::Mutex::new(RunQueue {
+                    cursor: units.len().saturating_sub(1),
+                    units,
+                    scrubbing: VecDeque::new(),
+                }),
             }),
         }
     }
@@ -575,136 +631,115 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
 
     /// Runs this CPU's share of the vCPUs until every domain has ended and all their RAM is
     /// back.
+    ///
+    /// With several CPUs the scheduler's pass holds the table shared and the run queue, and
+    /// reaches the domains one at a time under their locks, so that it does not stop the
+    /// other CPUs' exits; it takes the table exclusive only to tear a domain down. With one
+    /// CPU it holds the table exclusive (nothing else wants it).
     pub fn run_cpu<H: Host>(&self, cpu: usize, host: &mut H) {
-        let idle_bit = 1u64 << cpu.min(63);
         let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
-        // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
-        let mut last: Option<(usize, usize)> = None;
-        // The vCPU this CPU ran last, if it yielded.
-        let mut yielded: Option<(usize, usize)> = None;
+        let mut me = ThisCpu {
+            idle_bit: 1u64 << cpu.min(63),
+            shared,
+            last: None,
+            yielded: None,
+        };
+        let mut exclusive = !shared;
         loop {
             let now = host.now_ns();
-            let mut guard = self.table.exclusive();
-            let table = &mut *guard;
-            let host_work = host.housekeeping();
-            let (slots, queue) = table.split();
-            // Serial input belongs to the first domain, as the console of a PC belongs to its
-            // OS.
-            if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
-                while let Some(byte) = host.console_input() {
-                    first.domain.receive_console_input(byte);
+            let (index, vcpu_index, mut vcpu) = if exclusive {
+                let mut guard = self.table.exclusive();
+                let (slots, queue) = guard.split();
+                match pass(slots, queue, &mut me, host, now) {
+                    Pass::Run {
+                        index,
+                        vcpu_index,
+                        vcpu,
+                        slice_end,
+                    } => {
+                        exclusive = !shared;
+                        let mut vcpu = vcpu;
+                        self.run_slice(
+                            Hold::Exclusive(guard),
+                            cpu,
+                            index,
+                            vcpu_index,
+                            &mut *vcpu,
+                            host,
+                            now,
+                            slice_end,
+                        );
+                        (index, vcpu_index, vcpu)
+                    }
+                    other => {
+                        drop(guard);
+                        exclusive = !shared;
+                        if self.after_pass(other, &me, host) {
+                            return;
+                        }
+                        continue;
+                    }
                 }
-            }
-            for slot in slots.iter_mut() {
-                update(slot, now);
-            }
-            // A teardown can wake other domains, or leave them waiting for nothing (which
-            // ends them, to be torn down in turn).
-            while tear_down_ended(slots, queue.scrubbing) {
-                for slot in slots.iter_mut() {
-                    update(slot, now);
+            } else {
+                let table = self.table.shared();
+                let mut queue = locking::lock_run_queue(&table.queue);
+                let mut slots = LockedSlots {
+                    cells: table.cells,
+                    locks: &self.locks,
+                };
+                locking::PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                let outcome = pass(&mut slots, &mut queue, &mut me, host, now);
+                drop(queue);
+                match outcome {
+                    Pass::Run {
+                        index,
+                        vcpu_index,
+                        vcpu,
+                        slice_end,
+                    } => {
+                        let mut vcpu = vcpu;
+                        let held = SharedHold {
+                            table,
+                            index,
+                            _own: self.locks[index].lock_own(),
+                            peer: None,
+                        };
+                        self.run_slice(
+                            Hold::Shared(held),
+                            cpu,
+                            index,
+                            vcpu_index,
+                            &mut *vcpu,
+                            host,
+                            now,
+                            slice_end,
+                        );
+                        (index, vcpu_index, vcpu)
+                    }
+                    Pass::NeedsExclusive => {
+                        exclusive = true;
+                        continue;
+                    }
+                    other => {
+                        drop(table);
+                        if self.after_pass(other, &me, host) {
+                            return;
+                        }
+                        continue;
+                    }
                 }
-            }
-            if !slots.iter().any(|s| s.domain.is_runnable()) {
-                queue.scrubbing.drain(..).for_each(Scrub::finish);
-                drop(guard);
-                cpus::wake_all_idle_cpus();
-                return;
-            }
-            if let Some(scrub) = queue.scrubbing.front_mut()
-                && scrub.step()
-            {
-                queue.scrubbing.pop_front();
-            }
-            let picked = pick(slots, queue.units, *queue.cursor, idle_bit, yielded.take());
-            let Some((index, vcpu_index)) = picked else {
-                let input_wakes = slots
-                    .iter()
-                    .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
-                let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-                let deadline = slots
-                    .iter()
-                    .filter_map(next_deadline)
-                    .chain(poll)
-                    .chain(host_work)
-                    .min();
-                if stop_unpausable(slots, deadline.is_none()) || !queue.scrubbing.is_empty() {
-                    // Scrubbing goes on while nothing else runs (a slice per pass, looking at
-                    // timers in between).
-                    continue;
-                }
-                // Idle before the lock goes: whoever makes a vCPU ready after this sees the
-                // bit and kicks this CPU (`wake_an_idle_cpu`).
-                if shared {
-                    cpus::set_idle(idle_bit, true);
-                }
-                drop(guard);
-                host.arm_timer(deadline);
-                trace::idle();
-                host.wait_for_interrupt();
-                if shared {
-                    cpus::set_idle(idle_bit, false);
-                }
-                continue;
             };
-            let unit = (index, vcpu_index);
-            slots[index].domain.vcpus[vcpu_index].ran_on |= idle_bit;
-            if !slots[index].domain.vcpus[vcpu_index].boosted {
-                *queue.cursor = index_of_unit(queue.units, *queue.cursor, unit);
-            }
-            slots[index].domain.vcpus[vcpu_index].boosted = false;
-            if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
-                // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
-                // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its
-                // hardware state is out of its slot), where it is RUNNING.
-                let slot = &mut slots[previous];
-                let parked = matches!(slot.vcpus.get(previous_vcpu), Some(Some(_)));
-                let domain = &mut slot.domain;
-                let state = &mut domain.vcpus[previous_vcpu];
-                if parked
-                    && domain.state == DomainState::Runnable
-                    && state.runstate.state() == runstate::RUNNING
-                {
-                    let _ = state
-                        .runstate
-                        .enter(runstate::RUNNABLE, now, &domain.memory);
-                }
-            }
-            last = Some(unit);
-            // Other domains' deadlines that can wake them; the running domain's own are
-            // looked at by `run_slice`.
-            let others = slots
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != index)
-                .filter_map(|(_, s)| next_wake_deadline(s))
-                .min();
-            let others = others.into_iter().chain(host_work).min();
-            let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-            // The vCPU's hardware state is this CPU's until the slice ends: no other CPU
-            // picks it meanwhile (`is_ready`), and its domain is not torn down under it.
-            let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
-                continue;
-            };
-            slots[index].domain.vcpus[vcpu_index].running_since = Some(now);
-            if shared {
-                // More may be ready than this CPU takes: an idle CPU that may run it looks.
-                let wanted = ready_cpus(slots, queue.units);
-                if wanted != 0 {
-                    cpus::wake_an_idle_cpu(wanted);
-                }
-            }
-            trace::vcpu_in(slots[index].domain.id);
-            self.run_slice(
-                guard, cpu, index, vcpu_index, &mut *vcpu, host, now, slice_end,
-            );
             if shared {
                 // Any CPU may take it next.
                 vcpu.release();
             }
             // Putting it back touches its domain alone.
-            let mut held = self.hold_own(index);
-            let slot = held.own();
+            let mut hold = if shared {
+                Hold::Shared(self.hold_own(index))
+            } else {
+                Hold::Exclusive(self.table.exclusive())
+            };
+            let slot = hold.own(index);
             trace::vcpu_out(slot.domain.id);
             slot.vcpus[vcpu_index] = Some(vcpu);
             let ran = host.now_ns().saturating_sub(now);
@@ -729,15 +764,37 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                         .runstate
                         .enter(runstate::RUNNABLE, now + ran, &domain.memory);
                 }
-                last = None;
+                me.last = None;
             }
             // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
-            yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+            me.yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+        }
+    }
+
+    /// What the CPU does after a pass that picked nothing, every lock let go: halts until
+    /// `deadline` for [`Pass::Idle`], leaves for [`Pass::Done`] (returns true).
+    fn after_pass<H: Host>(&self, outcome: Pass<V>, me: &ThisCpu, host: &mut H) -> bool {
+        match outcome {
+            Pass::Done => {
+                cpus::wake_all_idle_cpus();
+                true
+            }
+            Pass::Idle(deadline) => {
+                host.arm_timer(deadline);
+                trace::idle();
+                host.wait_for_interrupt();
+                if me.shared {
+                    cpus::set_idle(me.idle_bit, false);
+                }
+                false
+            }
+            Pass::Again | Pass::NeedsExclusive | Pass::Run { .. } => false,
         }
     }
 
     /// Runs vCPU `vcpu_index` of slot `index`, whose hardware state `vcpu` this CPU took,
-    /// until it stops being the right one to run. `guard` is the table, held exclusive.
+    /// until it stops being the right one to run. `hold`: the table exclusive, or shared
+    /// with the domain's lock.
     ///
     /// With other CPUs online every lock is let go while the guest runs, and each exit is
     /// handled under the locks it needs ([`Self::run_slice_shared`]). A machine with one CPU
@@ -746,7 +803,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     #[allow(clippy::too_many_arguments)]
     fn run_slice<'m, H: Host>(
         &'m self,
-        mut guard: spin::RwLockWriteGuard<'m, Table<'a, V>>,
+        mut hold: Hold<'m, 'a, V>,
         cpu: usize,
         index: usize,
         vcpu_index: usize,
@@ -755,31 +812,26 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         now: u64,
         slice_end: u64,
     ) {
-        let domain = &mut guard.slots()[index].domain;
+        let domain = &mut hold.own(index).domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
-        if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1 {
-            self.run_slice_shared(
-                Hold::Exclusive(guard),
-                cpu,
-                index,
-                vcpu_index,
-                vcpu,
-                host,
-                slice_end,
-            );
-        } else {
-            let (before, rest) = guard.slots().split_at_mut(index);
-            if let Some((current, after)) = rest.split_first_mut() {
-                let peers = &mut Peers::around(before, after);
-                run_slice_alone(
-                    &mut current.domain,
-                    vcpu_index,
-                    vcpu,
-                    peers,
-                    host,
-                    slice_end,
-                );
+        match hold {
+            Hold::Exclusive(mut guard)
+                if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) <= 1 =>
+            {
+                let (before, rest) = guard.slots().split_at_mut(index);
+                if let Some((current, after)) = rest.split_first_mut() {
+                    let peers = &mut Peers::around(before, after);
+                    run_slice_alone(
+                        &mut current.domain,
+                        vcpu_index,
+                        vcpu,
+                        peers,
+                        host,
+                        slice_end,
+                    );
+                }
             }
+            hold => self.run_slice_shared(hold, cpu, index, vcpu_index, vcpu, host, slice_end),
         }
     }
 
@@ -937,6 +989,194 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     }
 }
 
+/// What the run loop of one CPU remembers between passes.
+struct ThisCpu {
+    /// Its bit (idle CPUs, affinities).
+    idle_bit: u64,
+    /// Several CPUs run vCPUs.
+    shared: bool,
+    /// The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
+    last: Option<(usize, usize)>,
+    /// The vCPU this CPU ran last, if it yielded.
+    yielded: Option<(usize, usize)>,
+}
+
+/// What a pass of the scheduler decided.
+enum Pass<V> {
+    /// Run this vCPU, whose hardware state the pass took out of its slot, until `slice_end`.
+    Run {
+        index: usize,
+        vcpu_index: usize,
+        vcpu: Box<V>,
+        slice_end: u64,
+    },
+    /// Nothing to run: halt until this deadline (the CPU is already marked idle).
+    Idle(Option<u64>),
+    /// Pass again at once.
+    Again,
+    /// Every domain ended and all their RAM is back.
+    Done,
+    /// A domain must be torn down: pass again with the table exclusive.
+    NeedsExclusive,
+}
+
+/// One pass of the scheduler on this CPU at time `now`: timers and waits of every domain,
+/// teardowns, a scrub slice, and the choice of the vCPU to run.
+fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    me: &mut ThisCpu,
+    host: &mut H,
+    now: u64,
+) -> Pass<V> {
+    // Whatever a waker does after this is seen below or kicks this CPU out of its halt.
+    let wakes = cpus::wake_count();
+    let count = slots.count();
+    let host_work = host.housekeeping();
+    // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
+    if let Some(first) = (0..count).find(|&i| slots.with(i, |s| s.domain.is_runnable())) {
+        slots.with(first, |s| {
+            while let Some(byte) = host.console_input() {
+                s.domain.receive_console_input(byte);
+            }
+        });
+    }
+    let update_all = |slots: &mut S| {
+        for index in 0..count {
+            slots.with(index, |slot| update(slot, now));
+        }
+    };
+    update_all(slots);
+    // A teardown can wake other domains, or leave them waiting for nothing (which ends
+    // them, to be torn down in turn).
+    loop {
+        match slots.tear_down_ended(&mut queue.scrubbing) {
+            Some(true) => update_all(slots),
+            Some(false) => break,
+            None => {
+                let ended = (0..count).any(|i| {
+                    slots.with(i, |s| {
+                        !s.domain.is_runnable() && !s.domain.torn_down && s.is_parked()
+                    })
+                });
+                if ended {
+                    return Pass::NeedsExclusive;
+                }
+                break;
+            }
+        }
+    }
+    if !(0..count).any(|i| slots.with(i, |s| s.domain.is_runnable())) {
+        queue.scrubbing.drain(..).for_each(Scrub::finish);
+        return Pass::Done;
+    }
+    if let Some(scrub) = queue.scrubbing.front_mut()
+        && scrub.step()
+    {
+        queue.scrubbing.pop_front();
+    }
+    let picked = pick_in(
+        slots,
+        &queue.units,
+        queue.cursor,
+        me.idle_bit,
+        me.yielded.take(),
+    );
+    let Some((index, vcpu_index)) = picked else {
+        let mut input_wakes = false;
+        let mut deadline = None::<u64>;
+        for i in 0..count {
+            slots.with(i, |s| {
+                input_wakes |= s.domain.is_runnable() && s.domain.console_input_can_wake();
+                deadline = [deadline, next_deadline(s)].into_iter().flatten().min();
+            });
+        }
+        let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
+        let deadline = deadline.into_iter().chain(poll).chain(host_work).min();
+        if stop_unpausable_in(slots, deadline.is_none()) || !queue.scrubbing.is_empty() {
+            // Scrubbing goes on while nothing else runs (a slice per pass, looking at
+            // timers in between).
+            return Pass::Again;
+        }
+        // Idle before the locks go: whoever makes a vCPU ready after this sees the bit and
+        // kicks this CPU (`wake_an_idle_cpu`); whoever did since the pass began is seen by
+        // the count.
+        if me.shared {
+            cpus::set_idle(me.idle_bit, true);
+            if cpus::wake_count() != wakes {
+                locking::PASSES_AGAIN.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                cpus::set_idle(me.idle_bit, false);
+                return Pass::Again;
+            }
+        }
+        return Pass::Idle(deadline);
+    };
+    let unit = (index, vcpu_index);
+    let boosted = slots.with(index, |s| {
+        let state = &mut s.domain.vcpus[vcpu_index];
+        state.ran_on |= me.idle_bit;
+        core::mem::take(&mut state.boosted)
+    });
+    if !boosted {
+        queue.cursor = index_of_unit(&queue.units, queue.cursor, unit);
+    }
+    if let Some((previous, previous_vcpu)) = me.last.filter(|&p| p != unit) {
+        // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
+        // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its hardware
+        // state is out of its slot), where it is RUNNING.
+        slots.with(previous, |slot| {
+            let parked = matches!(slot.vcpus.get(previous_vcpu), Some(Some(_)));
+            let domain = &mut slot.domain;
+            let state = &mut domain.vcpus[previous_vcpu];
+            if parked
+                && domain.state == DomainState::Runnable
+                && state.runstate.state() == runstate::RUNNING
+            {
+                let _ = state
+                    .runstate
+                    .enter(runstate::RUNNABLE, now, &domain.memory);
+            }
+        });
+    }
+    me.last = Some(unit);
+    // Other domains' deadlines that can wake them; the running domain's own are looked at
+    // by `run_slice`.
+    let others = (0..count)
+        .filter(|&i| i != index)
+        .filter_map(|i| slots.with(i, |s| next_wake_deadline(s)))
+        .min();
+    let others = others.into_iter().chain(host_work).min();
+    let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+    // The vCPU's hardware state is this CPU's until the slice ends: no other CPU picks it
+    // meanwhile (`is_ready`), and its domain is not torn down under it. An exit on another
+    // CPU may have changed its state since it was picked (the table shared): looked at again.
+    let taken = slots.with(index, |s| {
+        if !is_ready(s, vcpu_index) {
+            return None;
+        }
+        let vcpu = s.vcpus[vcpu_index].take()?;
+        s.domain.vcpus[vcpu_index].running_since = Some(now);
+        trace::vcpu_in(s.domain.id);
+        Some(vcpu)
+    });
+    let Some(vcpu) = taken else {
+        return Pass::Again;
+    };
+    if me.shared {
+        // More may be ready than this CPU takes: an idle CPU that may run it looks.
+        let wanted = ready_cpus(slots, &queue.units);
+        if wanted != 0 {
+            cpus::wake_an_idle_cpu(wanted);
+        }
+    }
+    Pass::Run {
+        index,
+        vcpu_index,
+        vcpu,
+        slice_end,
+    }
+}
+
 /// The slice of a machine with one CPU: the table stays locked, so the domain and its peers
 /// are reached once for the whole slice.
 #[inline(never)]
@@ -1039,11 +1279,16 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
 }
 
 /// The CPUs (a bit each) that may run some ready vCPU: the union of their domains' affinities.
-fn ready_cpus<V>(slots: &[Slot<V>], units: &[(usize, usize)]) -> u64 {
-    units
-        .iter()
-        .filter(|&&(s, v)| is_ready(&slots[s], v))
-        .fold(0, |cpus, &(s, _)| cpus | slots[s].domain.affinity)
+fn ready_cpus<V, S: Slots<V> + ?Sized>(slots: &mut S, units: &[(usize, usize)]) -> u64 {
+    units.iter().fold(0, |cpus, &(s, v)| {
+        cpus | slots.with(s, |slot| {
+            if is_ready(slot, v) {
+                slot.domain.affinity
+            } else {
+                0
+            }
+        })
+    })
 }
 
 /// How far ahead of the least-served ready vCPU (in virtual run time) a woken vCPU may be
@@ -1069,8 +1314,20 @@ pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 /// run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a socket:
 /// a vCPU goes to whichever allowed CPU is free first, so load balances without migration
 /// decisions, and weights hold across CPUs as they do on one.
+#[cfg(test)]
 fn pick<V>(
     slots: &mut [Slot<V>],
+    units: &[(usize, usize)],
+    cursor: usize,
+    cpu_bit: u64,
+    yielded: Option<(usize, usize)>,
+) -> Option<(usize, usize)> {
+    pick_in(slots, units, cursor, cpu_bit, yielded)
+}
+
+/// [`pick`] on the slots as the pass reaches them.
+fn pick_in<V, S: Slots<V> + ?Sized>(
+    slots: &mut S,
     units: &[(usize, usize)],
     cursor: usize,
     cpu_bit: u64,
@@ -1084,23 +1341,28 @@ fn pick<V>(
     let mut yielder_ready = false;
     for i in 1..=count {
         let unit = units[(cursor + i) % count];
-        if slots[unit.0].domain.affinity & cpu_bit == 0 || !is_ready(&slots[unit.0], unit.1) {
+        // (boosted, vruntime) of a vCPU that may run here and is ready.
+        let ready = slots.with(unit.0, |slot| {
+            (slot.domain.affinity & cpu_bit != 0 && is_ready(slot, unit.1)).then(|| {
+                let state = &slot.domain.vcpus[unit.1];
+                (state.boosted, state.vruntime)
+            })
+        });
+        let Some((boosted, vruntime)) = ready else {
             continue;
-        }
+        };
         if Some(unit) == yielded {
             yielder_ready = true;
             continue;
         }
-        let state = &slots[unit.0].domain.vcpus[unit.1];
-        if state.boosted {
+        if boosted {
             any_boosted = true;
-            first_boosted.get_or_insert((unit, state.vruntime));
+            first_boosted.get_or_insert((unit, vruntime));
         } else {
-            least_unboosted =
-                Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
+            least_unboosted = Some(least_unboosted.map_or(vruntime, |l| l.min(vruntime)));
         }
-        if fairest.is_none_or(|(_, least)| state.vruntime < least) {
-            fairest = Some((unit, state.vruntime));
+        if fairest.is_none_or(|(_, least)| vruntime < least) {
+            fairest = Some((unit, vruntime));
         }
     }
     let limit = least_unboosted.map(|least| least.saturating_add(BOOST_LEAD_NS));
@@ -1110,10 +1372,15 @@ fn pick<V>(
         // Rare: the first woken vCPU is too far ahead; another woken one may not be.
         Some(_) => (1..=count)
             .map(|i| units[(cursor + i) % count])
-            .filter(|&unit| Some(unit) != yielded && is_ready(&slots[unit.0], unit.1))
+            .filter(|&unit| Some(unit) != yielded)
             .find(|&(s, v)| {
-                let state = &slots[s].domain.vcpus[v];
-                state.boosted && within(state.vruntime)
+                slots.with(s, |slot| {
+                    let state = &slot.domain.vcpus[v];
+                    slot.domain.affinity & cpu_bit != 0
+                        && is_ready(slot, v)
+                        && state.boosted
+                        && within(state.vruntime)
+                })
             }),
         None => None,
     };
@@ -1122,10 +1389,12 @@ fn pick<V>(
         // that naps often between its work was owed before the nap (clamped to `least`, it
         // lost that at every nap and got a fraction of its share beside a spinning domain).
         let floor = least.saturating_sub(WAKE_CREDIT_NS);
-        for slot in slots.iter_mut() {
-            for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
-                state.vruntime = state.vruntime.max(floor);
-            }
+        for index in 0..slots.count() {
+            slots.with(index, |slot| {
+                for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
+                    state.vruntime = state.vruntime.max(floor);
+                }
+            });
         }
     }
     boosted

@@ -64,6 +64,7 @@ impl LockCounts {
         }
     }
 
+    #[inline]
     fn count(&self, waited: bool) {
         self.taken.fetch_add(1, Ordering::Relaxed);
         if waited {
@@ -136,11 +137,17 @@ impl<T> TableLock<T> {
     }
 
     /// Takes it exclusive: waits for the CPUs holding it shared to finish their exit.
+    #[inline]
     pub fn exclusive(&self) -> spin::RwLockWriteGuard<'_, T> {
         if let Some(guard) = self.lock.try_write() {
             TABLE_EXCLUSIVE.count(false);
             return guard;
         }
+        self.wait_exclusive()
+    }
+
+    #[cold]
+    fn wait_exclusive(&self) -> spin::RwLockWriteGuard<'_, T> {
         self.writers_waiting.fetch_add(1, Ordering::AcqRel);
         let guard = self.lock.write();
         self.writers_waiting.fetch_sub(1, Ordering::AcqRel);

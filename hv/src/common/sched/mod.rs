@@ -159,6 +159,7 @@ fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
 
 /// The earliest time something of this domain is due (nothing while it is paused: what falls
 /// due meanwhile is handled when it is unpaused).
+#[inline]
 fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
@@ -172,6 +173,7 @@ fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
 /// waiting vCPU's timers need to interrupt another domain's slice. A vCPU that is ready has
 /// its expiries handled when it is next scheduled in, as every pass handles them, so its
 /// timers (a periodic one at the minimum period, say) cost the running domain nothing.
+#[inline]
 fn next_wake_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
@@ -326,36 +328,30 @@ fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
 /// holds: the pass holds the run queue, so no vCPU leaves its slot meanwhile, and only a
 /// running vCPU can unpause a domain.
 fn stop_unpausable_in<V, S: Slots<V> + ?Sized>(slots: &mut S, nothing_due: bool) -> bool {
-    let (mut unpauser_left, mut running_elsewhere) = (false, false);
-    for index in 0..slots.count() {
-        slots.with(index, |s| {
-            let runnable = s.domain.is_runnable();
-            unpauser_left |= runnable && s.domain.privileged && !s.domain.paused;
-            running_elsewhere |= runnable && !s.is_parked();
-        });
-    }
-    if unpauser_left && (running_elsewhere || !nothing_due) {
+    let unpauser_left =
+        slots.any(|s| s.domain.is_runnable() && s.domain.privileged && !s.domain.paused);
+    if unpauser_left && (!nothing_due || slots.any(|s| s.domain.is_runnable() && !s.is_parked())) {
         return false;
     }
     let mut stopped = false;
-    for index in 0..slots.count() {
-        slots.with(index, |slot| {
-            if slot.domain.is_runnable() && slot.domain.paused {
-                slot.domain.end(Ending::Paused);
-                stopped = true;
-            }
-        });
-    }
+    slots.each(|_, slot| {
+        if slot.domain.is_runnable() && slot.domain.paused {
+            slot.domain.end(Ending::Paused);
+            stopped = true;
+        }
+    });
     stopped
 }
 
 /// The domains as the scheduler's pass reaches them: all at once (the table exclusive, or
 /// one CPU), or one at a time under its domain lock (the table shared, [`LockedSlots`]).
 trait Slots<V> {
-    /// How many slots there are.
-    fn count(&self) -> usize;
     /// Runs `f` on slot `index`.
     fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R;
+    /// Runs `f` on every slot, in order, with its index.
+    fn each(&mut self, f: impl FnMut(usize, &mut Slot<V>));
+    /// Whether `f` holds for some slot (looking at them in order until it does).
+    fn any(&mut self, f: impl FnMut(&mut Slot<V>) -> bool) -> bool;
     /// Tears down the domains that ended ([`tear_down_ended`]); `None` where that cannot be
     /// done (the table shared: a teardown reaches every domain).
     fn tear_down_ended(&mut self, scrubbing: &mut VecDeque<Scrub>) -> Option<bool>;
@@ -363,12 +359,18 @@ trait Slots<V> {
 
 impl<V> Slots<V> for [Slot<V>] {
     #[inline(always)]
-    fn count(&self) -> usize {
-        self.len()
-    }
-    #[inline(always)]
     fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R {
         f(&mut self[index])
+    }
+    #[inline(always)]
+    fn each(&mut self, mut f: impl FnMut(usize, &mut Slot<V>)) {
+        for (index, slot) in self.iter_mut().enumerate() {
+            f(index, slot);
+        }
+    }
+    #[inline(always)]
+    fn any(&mut self, f: impl FnMut(&mut Slot<V>) -> bool) -> bool {
+        self.iter_mut().any(f)
     }
     fn tear_down_ended(&mut self, scrubbing: &mut VecDeque<Scrub>) -> Option<bool> {
         Some(tear_down_ended(self, scrubbing))
@@ -382,15 +384,20 @@ struct LockedSlots<'t, V> {
 }
 
 impl<V> Slots<V> for LockedSlots<'_, V> {
-    fn count(&self) -> usize {
-        self.cells.len()
-    }
     fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R {
         let _held = self.locks[index].lock_for_pass();
         // SAFETY: `cells` was borrowed from the table held shared (no CPU has it exclusive)
         // and this slot's domain lock is held, so no other CPU reaches it; the borrow ends
         // before the lock goes.
         f(unsafe { &mut *self.cells[index].get() })
+    }
+    fn each(&mut self, mut f: impl FnMut(usize, &mut Slot<V>)) {
+        for index in 0..self.cells.len() {
+            self.with(index, |slot| f(index, slot));
+        }
+    }
+    fn any(&mut self, mut f: impl FnMut(&mut Slot<V>) -> bool) -> bool {
+        (0..self.cells.len()).any(|index| self.with(index, &mut f))
     }
     fn tear_down_ended(&mut self, _scrubbing: &mut VecDeque<Scrub>) -> Option<bool> {
         None
@@ -644,42 +651,19 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             last: None,
             yielded: None,
         };
-        let mut exclusive = !shared;
+        if !shared {
+            self.run_alone(&mut me, host);
+            return;
+        }
+        let mut exclusive = false;
         loop {
             let now = host.now_ns();
-            let (index, vcpu_index, mut vcpu) = if exclusive {
+            let (hold, outcome) = if exclusive {
+                exclusive = false;
                 let mut guard = self.table.exclusive();
                 let (slots, queue) = guard.split();
-                match pass(slots, queue, &mut me, host, now) {
-                    Pass::Run {
-                        index,
-                        vcpu_index,
-                        vcpu,
-                        slice_end,
-                    } => {
-                        exclusive = !shared;
-                        let mut vcpu = vcpu;
-                        self.run_slice(
-                            Hold::Exclusive(guard),
-                            cpu,
-                            index,
-                            vcpu_index,
-                            &mut *vcpu,
-                            host,
-                            now,
-                            slice_end,
-                        );
-                        (index, vcpu_index, vcpu)
-                    }
-                    other => {
-                        drop(guard);
-                        exclusive = !shared;
-                        if self.after_pass(other, &me, host) {
-                            return;
-                        }
-                        continue;
-                    }
-                }
+                let outcome = pass(slots, queue, &mut me, host, now);
+                (Hold::Exclusive(guard), outcome)
             } else {
                 let table = self.table.shared();
                 let mut queue = locking::lock_run_queue(&table.queue);
@@ -690,84 +674,88 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 locking::PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
                 let outcome = pass(&mut slots, &mut queue, &mut me, host, now);
                 drop(queue);
-                match outcome {
-                    Pass::Run {
-                        index,
-                        vcpu_index,
-                        vcpu,
-                        slice_end,
-                    } => {
-                        let mut vcpu = vcpu;
-                        let held = SharedHold {
-                            table,
-                            index,
-                            _own: self.locks[index].lock_own(),
-                            peer: None,
-                        };
-                        self.run_slice(
-                            Hold::Shared(held),
-                            cpu,
-                            index,
-                            vcpu_index,
-                            &mut *vcpu,
-                            host,
-                            now,
-                            slice_end,
-                        );
-                        (index, vcpu_index, vcpu)
-                    }
-                    Pass::NeedsExclusive => {
-                        exclusive = true;
-                        continue;
-                    }
-                    other => {
+                let hold = match &outcome {
+                    Pass::Run { index, .. } => Hold::Shared(SharedHold {
+                        _own: self.locks[*index].lock_own(),
+                        table,
+                        index: *index,
+                        peer: None,
+                    }),
+                    _ => {
                         drop(table);
-                        if self.after_pass(other, &me, host) {
+                        if matches!(outcome, Pass::NeedsExclusive) {
+                            exclusive = true;
+                            continue;
+                        }
+                        if self.after_pass(outcome, &me, host) {
                             return;
                         }
                         continue;
                     }
+                };
+                (hold, outcome)
+            };
+            let (index, vcpu_index, mut vcpu, slice_end) = match outcome {
+                Pass::Run {
+                    index,
+                    vcpu_index,
+                    vcpu,
+                    slice_end,
+                } => (index, vcpu_index, vcpu, slice_end),
+                outcome => {
+                    drop(hold);
+                    if self.after_pass(outcome, &me, host) {
+                        return;
+                    }
+                    continue;
                 }
             };
-            if shared {
-                // Any CPU may take it next.
-                vcpu.release();
-            }
+            self.run_slice(
+                hold, cpu, index, vcpu_index, &mut *vcpu, host, now, slice_end,
+            );
+            // Any CPU may take it next.
+            vcpu.release();
             // Putting it back touches its domain alone.
-            let mut hold = if shared {
-                Hold::Shared(self.hold_own(index))
-            } else {
-                Hold::Exclusive(self.table.exclusive())
-            };
-            let slot = hold.own(index);
-            trace::vcpu_out(slot.domain.id);
-            slot.vcpus[vcpu_index] = Some(vcpu);
+            let mut held = self.hold_own(index);
             let ran = host.now_ns().saturating_sub(now);
-            if shared {
-                cpus::count_slice(cpu, ran);
-            }
-            let weight = slot.domain.weight;
-            let domain = &mut slot.domain;
-            let state = &mut domain.vcpus[vcpu_index];
-            state.cpu_ns += ran;
-            state.running_since = None;
-            state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
-            if shared {
-                // Back in the pool, where any CPU may take it: preempted or yielding, it waits
-                // as runnable from now (its steal time, docs/abi.md 9.2). On one CPU it stays
-                // running until another vCPU takes the CPU (`last`), which saves two writes of
-                // the area when it runs on; here another CPU may already be running it by then.
-                if domain.state == DomainState::Runnable
-                    && state.runstate.state() == runstate::RUNNING
-                {
-                    let _ = state
-                        .runstate
-                        .enter(runstate::RUNNABLE, now + ran, &domain.memory);
+            cpus::count_slice(cpu, ran);
+            put_back(held.own(), index, vcpu_index, vcpu, now, ran, &mut me);
+        }
+    }
+
+    /// [`Self::run_cpu`] on a machine with one CPU: the table is held exclusive from the
+    /// pass to the end of the slice (no other CPU wants it), so an exit costs what it did
+    /// before SMP.
+    fn run_alone<H: Host>(&self, me: &mut ThisCpu, host: &mut H) {
+        loop {
+            let now = host.now_ns();
+            let mut guard = self.table.exclusive();
+            let (slots, queue) = guard.split();
+            let (index, vcpu_index, mut vcpu, slice_end) = match pass(slots, queue, me, host, now) {
+                Pass::Run {
+                    index,
+                    vcpu_index,
+                    vcpu,
+                    slice_end,
+                } => (index, vcpu_index, vcpu, slice_end),
+                outcome => {
+                    drop(guard);
+                    if self.after_pass(outcome, me, host) {
+                        return;
+                    }
+                    continue;
                 }
-                me.last = None;
-            }
-            // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
-            me.yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+            };
+            let (before, rest) = guard.slots().split_at_mut(index);
+            let Some((current, after)) = rest.split_first_mut() else {
+                continue;
+            };
+            let domain = &mut current.domain;
+            schedule_in(domain, vcpu_index, &mut *vcpu, host, now, slice_end);
+            let peers = &mut Peers::around(before, after);
+            run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            let ran = host.now_ns().saturating_sub(now);
+            put_back(current, index, vcpu_index, vcpu, now, ran, me);
         }
     }
 
@@ -793,13 +781,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     }
 
     /// Runs vCPU `vcpu_index` of slot `index`, whose hardware state `vcpu` this CPU took,
-    /// until it stops being the right one to run. `hold`: the table exclusive, or shared
-    /// with the domain's lock.
-    ///
-    /// With other CPUs online every lock is let go while the guest runs, and each exit is
-    /// handled under the locks it needs ([`Self::run_slice_shared`]). A machine with one CPU
-    /// keeps the table for the whole slice ([`Self::run_slice_alone`]): no other CPU exists to
-    /// want it, and a single-CPU exit then costs what it did before SMP.
+    /// until it stops being the right one to run, on a machine with several CPUs. `hold`:
+    /// the table exclusive, or shared with the domain's lock. Every lock is let go while the
+    /// guest runs, and each exit is handled under the locks it needs
+    /// ([`Self::run_slice_shared`]).
     #[allow(clippy::too_many_arguments)]
     fn run_slice<'m, H: Host>(
         &'m self,
@@ -814,25 +799,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     ) {
         let domain = &mut hold.own(index).domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
-        match hold {
-            Hold::Exclusive(mut guard)
-                if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) <= 1 =>
-            {
-                let (before, rest) = guard.slots().split_at_mut(index);
-                if let Some((current, after)) = rest.split_first_mut() {
-                    let peers = &mut Peers::around(before, after);
-                    run_slice_alone(
-                        &mut current.domain,
-                        vcpu_index,
-                        vcpu,
-                        peers,
-                        host,
-                        slice_end,
-                    );
-                }
-            }
-            hold => self.run_slice_shared(hold, cpu, index, vcpu_index, vcpu, host, slice_end),
-        }
+        self.run_slice_shared(hold, cpu, index, vcpu_index, vcpu, host, slice_end);
     }
 
     /// The slice of a machine with several CPUs: every lock is let go across every entry;
@@ -989,6 +956,43 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     }
 }
 
+/// vCPU `vcpu_index` of slot `index` comes back into `slot` (its hardware state, `vcpu`)
+/// after a slice that began at `now` and lasted `ran` ns: its CPU time and virtual run time
+/// are counted.
+#[inline(always)]
+fn put_back<V>(
+    slot: &mut Slot<V>,
+    index: usize,
+    vcpu_index: usize,
+    vcpu: Box<V>,
+    now: u64,
+    ran: u64,
+    me: &mut ThisCpu,
+) {
+    trace::vcpu_out(slot.domain.id);
+    slot.vcpus[vcpu_index] = Some(vcpu);
+    let weight = slot.domain.weight;
+    let domain = &mut slot.domain;
+    let state = &mut domain.vcpus[vcpu_index];
+    state.cpu_ns += ran;
+    state.running_since = None;
+    state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
+    if me.shared {
+        // Back in the pool, where any CPU may take it: preempted or yielding, it waits as
+        // runnable from now (its steal time, docs/abi.md 9.2). On one CPU it stays running
+        // until another vCPU takes the CPU (`last`), which saves two writes of the area when
+        // it runs on; here another CPU may already be running it by then.
+        if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING {
+            let _ = state
+                .runstate
+                .enter(runstate::RUNNABLE, now + ran, &domain.memory);
+        }
+        me.last = None;
+    }
+    // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
+    me.yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+}
+
 /// What the run loop of one CPU remembers between passes.
 struct ThisCpu {
     /// Its bit (idle CPUs, affinities).
@@ -1022,6 +1026,7 @@ enum Pass<V> {
 
 /// One pass of the scheduler on this CPU at time `now`: timers and waits of every domain,
 /// teardowns, a scrub slice, and the choice of the vCPU to run.
+#[inline(always)]
 fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     slots: &mut S,
     queue: &mut RunQueue,
@@ -1030,22 +1035,19 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     now: u64,
 ) -> Pass<V> {
     // Whatever a waker does after this is seen below or kicks this CPU out of its halt.
-    let wakes = cpus::wake_count();
-    let count = slots.count();
+    let wakes = if me.shared { cpus::wake_count() } else { 0 };
     let host_work = host.housekeeping();
     // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
-    if let Some(first) = (0..count).find(|&i| slots.with(i, |s| s.domain.is_runnable())) {
-        slots.with(first, |s| {
-            while let Some(byte) = host.console_input() {
-                s.domain.receive_console_input(byte);
-            }
-        });
-    }
-    let update_all = |slots: &mut S| {
-        for index in 0..count {
-            slots.with(index, |slot| update(slot, now));
+    slots.any(|first| {
+        if !first.domain.is_runnable() {
+            return false;
         }
-    };
+        while let Some(byte) = host.console_input() {
+            first.domain.receive_console_input(byte);
+        }
+        true
+    });
+    let update_all = |slots: &mut S| slots.each(|_, slot| update(slot, now));
     update_all(slots);
     // A teardown can wake other domains, or leave them waiting for nothing (which ends
     // them, to be torn down in turn).
@@ -1054,11 +1056,8 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
             Some(true) => update_all(slots),
             Some(false) => break,
             None => {
-                let ended = (0..count).any(|i| {
-                    slots.with(i, |s| {
-                        !s.domain.is_runnable() && !s.domain.torn_down && s.is_parked()
-                    })
-                });
+                let ended =
+                    slots.any(|s| !s.domain.is_runnable() && !s.domain.torn_down && s.is_parked());
                 if ended {
                     return Pass::NeedsExclusive;
                 }
@@ -1066,7 +1065,7 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
             }
         }
     }
-    if !(0..count).any(|i| slots.with(i, |s| s.domain.is_runnable())) {
+    if !slots.any(|s| s.domain.is_runnable()) {
         queue.scrubbing.drain(..).for_each(Scrub::finish);
         return Pass::Done;
     }
@@ -1083,16 +1082,15 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         me.yielded.take(),
     );
     let Some((index, vcpu_index)) = picked else {
-        let mut input_wakes = false;
-        let mut deadline = None::<u64>;
-        for i in 0..count {
-            slots.with(i, |s| {
-                input_wakes |= s.domain.is_runnable() && s.domain.console_input_can_wake();
-                deadline = [deadline, next_deadline(s)].into_iter().flatten().min();
-            });
-        }
+        let input_wakes =
+            slots.any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
         let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-        let deadline = deadline.into_iter().chain(poll).chain(host_work).min();
+        let mut deadline = poll.into_iter().chain(host_work).min();
+        slots.each(|_, s| {
+            if let Some(due) = next_deadline(s) {
+                deadline = Some(deadline.map_or(due, |d| d.min(due)));
+            }
+        });
         if stop_unpausable_in(slots, deadline.is_none()) || !queue.scrubbing.is_empty() {
             // Scrubbing goes on while nothing else runs (a slice per pass, looking at
             // timers in between).
@@ -1141,17 +1139,20 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     me.last = Some(unit);
     // Other domains' deadlines that can wake them; the running domain's own are looked at
     // by `run_slice`.
-    let others = (0..count)
-        .filter(|&i| i != index)
-        .filter_map(|i| slots.with(i, |s| next_wake_deadline(s)))
-        .min();
-    let others = others.into_iter().chain(host_work).min();
+    let mut others = host_work;
+    slots.each(|i, s| {
+        if i != index
+            && let Some(due) = next_wake_deadline(s)
+        {
+            others = Some(others.map_or(due, |d| d.min(due)));
+        }
+    });
     let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
     // The vCPU's hardware state is this CPU's until the slice ends: no other CPU picks it
     // meanwhile (`is_ready`), and its domain is not torn down under it. An exit on another
     // CPU may have changed its state since it was picked (the table shared): looked at again.
     let taken = slots.with(index, |s| {
-        if !is_ready(s, vcpu_index) {
+        if me.shared && !is_ready(s, vcpu_index) {
             return None;
         }
         let vcpu = s.vcpus[vcpu_index].take()?;
@@ -1326,6 +1327,7 @@ fn pick<V>(
 }
 
 /// [`pick`] on the slots as the pass reaches them.
+#[inline(always)]
 fn pick_in<V, S: Slots<V> + ?Sized>(
     slots: &mut S,
     units: &[(usize, usize)],
@@ -1389,13 +1391,11 @@ fn pick_in<V, S: Slots<V> + ?Sized>(
         // that naps often between its work was owed before the nap (clamped to `least`, it
         // lost that at every nap and got a fraction of its share beside a spinning domain).
         let floor = least.saturating_sub(WAKE_CREDIT_NS);
-        for index in 0..slots.count() {
-            slots.with(index, |slot| {
-                for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
-                    state.vruntime = state.vruntime.max(floor);
-                }
-            });
-        }
+        slots.each(|_, slot| {
+            for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
+                state.vruntime = state.vruntime.max(floor);
+            }
+        });
     }
     boosted
         .or(fairest.map(|(unit, _)| unit))
@@ -1423,6 +1423,7 @@ fn load_start_state<V: VirtualCpu>(vcpu: &mut V, start: &StartState) {
 /// A vCPU is scheduled in on this CPU: the backend makes it current, a start state from
 /// initialise is loaded, its run state becomes RUNNING, its pvclock is refreshed, interrupts
 /// the guest made deliverable while it was out are looked for, and the host timer is armed.
+#[inline(always)]
 fn schedule_in<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
     index: usize,

@@ -6,42 +6,54 @@
 //!
 //! 1. **The domain table** ([`crate::common::sched::Machine`], a [`TableLock`]), a
 //!    readers-writer lock, taken one of two ways:
-//!    - *exclusive*: the scheduler's pass (timers, waits, teardown, picking a vCPU) and the
-//!      exits that reach other domains in ways not known before they run (grant map, copy and
-//!      unmap, `multicall`, `domctl`, another domain's counters, binding and closing
-//!      inter-domain channels, the other vendor's hypercall instruction). Every domain is
+//!    - *exclusive*: a teardown (and the scheduler's pass on a machine with one CPU), and the
+//!      exits that may reach other domains in ways not known before they run (grant copy,
+//!      `multicall`, `domctl`, another domain's counters, binding and closing inter-domain
+//!      channels, the other vendor's hypercall instruction: `sched::reach`). Every domain is
 //!      reached without its own lock: no one else holds any.
-//!    - *shared*: every other exit. It keeps each domain where it is, as Xen's
-//!      `rcu_lock_domain` does: teardown needs the table exclusive, so no domain is torn down
-//!      or freed under a CPU that holds it shared (the domain's vCPUs taken out of their slot
-//!      for a slice are references too: a domain is torn down once all are back).
+//!    - *shared*: every other exit, and the scheduler's pass with several CPUs. It keeps each
+//!      domain where it is, as Xen's `rcu_lock_domain` does: teardown needs the table
+//!      exclusive, so no domain is torn down or freed under a CPU that holds it shared (the
+//!      domain's vCPUs taken out of their slot for a slice are references too: a domain is
+//!      torn down once all are back).
 //!
 //!    The writer is preferred: once a CPU waits to take it exclusive, no CPU takes it shared
 //!    until that one had it, so a stream of exits on other CPUs cannot hold off the scheduler.
-//! 2. **A domain** ([`DomainLock`], one per domain, Xen's per-domain `event_lock` in shape):
+//! 2. **The run queue** (`sched::RunQueue`: the round-robin order and cursor, the RAM being
+//!    scrubbed), with the table shared: one CPU at a time passes over the domains and picks a
+//!    vCPU. While it is held no vCPU leaves its slot.
+//! 3. **A domain** ([`DomainLock`], one per domain, Xen's per-domain `event_lock` in shape):
 //!    its vCPUs' hypervisor-side state, event channels, grants and console, for a CPU that
-//!    holds the table shared. A CPU holds its running domain's, and at most one other: the
-//!    remote end of an event channel it sends on. It waits for that second lock only when
-//!    the peer comes after its own domain in the table (domain-id order); when it comes
-//!    before, it tries once, and if the lock is busy it lets both go and handles the exit with
-//!    the table exclusive instead (Linux's `ww_mutex` back-off, reduced to one step). So no
-//!    two CPUs ever wait for each other.
-//! 3. **The trace ring of a CPU** (`common::trace`), each CPU its own.
-//! 4. **The physical-page allocator** (`platform::memory::PHYS`): taken when nested page
+//!    holds the table shared. The scheduler's pass takes one at a time. An exit holds its
+//!    running domain's, and at most one other: the remote end of an event channel it sends
+//!    on, the domain it grants a page to or maps a grant of, the granter of a grant it
+//!    unmaps. It waits for that second lock only when the peer comes after its own domain in
+//!    the table (domain-id order); when it comes before, it tries once, and if the lock is
+//!    busy it lets both go and handles the exit with the table exclusive instead (Linux's
+//!    `ww_mutex` back-off, reduced to one step). So no two CPUs ever wait for each other.
+//! 4. **The trace ring of a CPU** (`common::trace`), each CPU its own.
+//! 5. **The physical-page allocator** (`platform::memory::PHYS`): taken when nested page
 //!    tables and teardown give pages back.
-//! 5. **The serial port** (`platform::serial::SERIAL`): a whole line is written under it, so
+//! 6. **The serial port** (`platform::serial::SERIAL`): a whole line is written under it, so
 //!    lines from several CPUs never interleave.
 //!
 //! No lock is held across a VM entry: a CPU lets every lock go before it enters a guest and
 //! takes what the exit needs afterwards. Each hypercall does bounded work under what it holds
 //! (the largest: a `multicall` of `MULTICALL_MAX` entries, a scrub slice), so a guest cannot
-//! make another CPU spin without bound. With one CPU the table is taken exclusive for a whole
-//! slice (no one else could want it).
+//! make another CPU spin without bound. An exit that waits for a vCPU to leave guest mode
+//! (grant unmap, pause, `down`, `flush_tlb`) may do so under its locks: the kick forces that
+//! exit, and a CPU clears its vCPU's in-guest flag before it takes any lock. With one CPU the
+//! table is taken exclusive for a whole slice (no one else could want it).
+//!
+//! A CPU that found nothing to run marks itself idle before it lets its locks go, then
+//! compares [`crate::common::cpus::wake_count`] with its value when the pass began: a vCPU made
+//! ready after the pass looked at it either wakes that CPU or is seen by it (the pass no
+//! longer holds every domain at once, so the table alone cannot order the two).
 //!
 //! A vCPU's hardware state (its VMCS or VMCB, in [`crate::common::domain::Slot`]) is not
-//! behind a lock: the CPU that runs a vCPU takes it out of its slot with the table exclusive
-//! and puts it back at the end of the slice; no other CPU picks that vCPU meanwhile, and its
-//! domain is not torn down until every vCPU is back. What other CPUs ask of a running vCPU
+//! behind a lock: the CPU that runs a vCPU takes it out of its slot in the scheduler's pass
+//! and puts it back under its domain's lock at the end of the slice; no other CPU picks that
+//! vCPU meanwhile, and its domain is not torn down until every vCPU is back. What other CPUs ask of a running vCPU
 //! goes through its request bits ([`crate::common::vcpu::state::Requests`]), which are atomic.
 //! Its hypervisor-side state, the emulated x2APIC included, stays in its domain under the
 //! domain's lock: a sibling's IPI (`common::devices::apic_bus`) sets the target's IRR there

@@ -16,6 +16,7 @@ use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{handle_exit, handle_without_lock, hypercall_exit};
+use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
 use crate::common::time::read_tsc;
@@ -31,7 +32,7 @@ use core::cell::UnsafeCell;
 use lamina_abi::Errno;
 use lamina_abi::vcpu::runstate;
 use locking::{DomainLock, TableLock, may_wait_for};
-use reach::Reach;
+use reach::{PeerOf, Reach};
 
 /// How long a vCPU runs before others get the CPU.
 pub const TIME_SLICE_NS: u64 = 10_000_000;
@@ -324,7 +325,7 @@ fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
     stop_unpausable_in(slots, nothing_due)
 }
 
-/// [`stop_unpausable`] on the slots as the pass reaches them. With the table shared it
+/// `stop_unpausable` on the slots as the pass reaches them. With the table shared it
 /// holds: the pass holds the run queue, so no vCPU leaves its slot meanwhile, and only a
 /// running vCPU can unpause a domain.
 fn stop_unpausable_in<V, S: Slots<V> + ?Sized>(slots: &mut S, nothing_due: bool) -> bool {
@@ -862,7 +863,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             };
             hold = match reach {
                 Reach::Any => Hold::Exclusive(self.table.exclusive()),
-                Reach::Own | Reach::SendOn(_) => Hold::Shared(self.hold_own(index)),
+                Reach::Own | Reach::OnePeer(_) => Hold::Shared(self.hold_own(index)),
             };
             if any_unmerged {
                 any_unmerged = false;
@@ -879,8 +880,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 continue;
             };
-            if let (Reach::SendOn(port), Hold::Shared(held)) = (reach, &mut hold)
-                && !self.lock_send_peer(held, port)
+            if let (Reach::OnePeer(named), Hold::Shared(held)) = (reach, &mut hold)
+                && !self.lock_peer(held, named)
             {
                 // The peer comes first in the table and is busy: let both go (no waiting
                 // against the lock order) and take the table exclusive.
@@ -920,24 +921,35 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         }
     }
 
-    /// For a send on `port` by the running domain of `held`: locks the domain at the
-    /// channel's remote end, if it is another one. Waits for it only when it comes after the
-    /// running domain in the table; tries once otherwise. False: it is busy (the caller backs
-    /// off).
-    fn lock_send_peer<'m>(&'m self, held: &mut SharedHold<'m, 'a, V>, port: u64) -> bool {
-        let own = held.own();
-        let own_id = own.domain.id;
-        let remote = match own.domain.events.send_target(port) {
-            Ok((
-                _,
-                Binding::Interdomain {
-                    remote,
-                    remote_port: _,
-                },
-            )) if u32::from(remote) != own_id => u32::from(remote),
-            // Nothing beyond the running domain (or an error the call itself returns).
-            _ => return true,
+    /// Locks the one other domain `named` for the running domain of `held`, if there is
+    /// one. Waits for it only when it comes after the running domain in the table; tries once
+    /// otherwise. False: it is busy (the caller backs off).
+    fn lock_peer<'m>(&'m self, held: &mut SharedHold<'m, 'a, V>, named: PeerOf) -> bool {
+        let own = &held.own().domain;
+        let remote = match named {
+            PeerOf::Port(port) => match own.events.send_target(port) {
+                Ok((
+                    _,
+                    Binding::Interdomain {
+                        remote,
+                        remote_port: _,
+                    },
+                )) => u32::from(remote),
+                // Nothing beyond the running domain (or an error the call itself returns).
+                _ => return true,
+            },
+            PeerOf::Domain(id) => match u32::try_from(id) {
+                Ok(id) => id,
+                Err(_) => return true,
+            },
+            PeerOf::GrantSlot(gpa) => match own.grants.slot_at(gpa) {
+                Some(WindowSlot::Grant { granter, .. }) => granter,
+                _ => return true,
+            },
         };
+        if remote == own.id {
+            return true;
+        }
         let Some(peer) = held.table.index_of(remote) else {
             return true;
         };
@@ -1326,7 +1338,7 @@ fn pick<V>(
     pick_in(slots, units, cursor, cpu_bit, yielded)
 }
 
-/// [`pick`] on the slots as the pass reaches them.
+/// `pick` on the slots as the pass reaches them.
 #[inline(always)]
 fn pick_in<V, S: Slots<V> + ?Sized>(
     slots: &mut S,

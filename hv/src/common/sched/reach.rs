@@ -14,11 +14,23 @@ use lamina_abi::stats::StatsOp;
 pub enum Reach {
     /// Nothing: its domain's lock is enough.
     Own,
-    /// `event_channel_op` send on this port: at most the domain at the port's remote end,
-    /// found from the caller's own port table under its lock.
-    SendOn(u64),
+    /// At most one other domain, named by [`PeerOf`].
+    OnePeer(PeerOf),
     /// Possibly any domain: the table exclusive.
     Any,
+}
+
+/// Where the one other domain a call may reach is named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerOf {
+    /// The remote end of this event-channel port of the caller (`send`), read from its own
+    /// port table under its lock.
+    Port(u64),
+    /// This domain id, in a register (grant access and map).
+    Domain(u64),
+    /// The granter of what the caller's grant window maps at this guest-physical address
+    /// (unmap), read from its own window under its lock.
+    GrantSlot(u64),
 }
 
 /// What exit `exit` of a vCPU of domain `own_id` may reach.
@@ -55,7 +67,7 @@ pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
         | Hypercall::VcpuOp
         | Hypercall::MemoryOp => Reach::Own,
         Hypercall::EventChannelOp => match EventChannelOp::try_from(op) {
-            Ok(EventChannelOp::Send) => Reach::SendOn(arg),
+            Ok(EventChannelOp::Send) => Reach::OnePeer(PeerOf::Port(arg)),
             Ok(EventChannelOp::BindInterdomain) if is_own(arg) => Reach::Own,
             Ok(EventChannelOp::BindInterdomain | EventChannelOp::Close) => Reach::Any,
             // Unknown sub-operations are -ENOSYS before anything is reached.
@@ -67,6 +79,11 @@ pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
         },
         Hypercall::GrantTableOp => match GrantTableOp::try_from(op) {
             Ok(GrantTableOp::EndAccess) | Err(_) => Reach::Own,
+            Ok(GrantTableOp::GrantAccess | GrantTableOp::Map) => {
+                Reach::OnePeer(PeerOf::Domain(arg))
+            }
+            Ok(GrantTableOp::Unmap) => Reach::OnePeer(PeerOf::GrantSlot(arg)),
+            // Copy names its domain in guest memory, which may change under the call.
             _ => Reach::Any,
         },
         _ => Reach::Any,
@@ -87,11 +104,14 @@ mod tests {
     struct Watching {
         peer: Domain,
         reached: u32,
+        /// The ids asked for.
+        asked: Vec<u32>,
     }
 
     impl DomainTable for Watching {
         fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
             self.reached += 1;
+            self.asked.push(id);
             (id == self.peer.id).then_some(&mut self.peer)
         }
         fn tear_down(&mut self, _id: u32, _caller: &mut Domain) -> bool {
@@ -128,6 +148,7 @@ mod tests {
                     let mut table = Watching {
                         peer: domain(2, &t2),
                         reached: 0,
+                        asked: Vec::new(),
                     };
                     let mut vcpu = MockVcpu::default();
                     let regs = &mut vcpu.regs.gpr;
@@ -145,13 +166,57 @@ mod tests {
         assert!(checked > 100, "only {checked} combinations looked at");
     }
 
+    /// A call said to reach the domain its first argument names reaches no other one.
+    #[test]
+    fn calls_that_name_their_peer_in_a_register_reach_only_that_one() {
+        crate::common::domain::DOMAIN_COUNT.fetch_max(3, core::sync::atomic::Ordering::Relaxed);
+        let mut checked = 0;
+        for nr in 0..Hypercall::COUNT as u64 {
+            for op in 0..24u64 {
+                for arg in [2u64, 3, 1, DOMID_SELF] {
+                    let Reach::OnePeer(PeerOf::Domain(named)) = of_hypercall(nr, op, arg, 1) else {
+                        continue;
+                    };
+                    let t1 = test_memory(4 << 20);
+                    let t2 = test_memory(4 << 20);
+                    let mut caller = domain(1, &t1);
+                    let mut table = Watching {
+                        peer: domain(2, &t2),
+                        reached: 0,
+                        asked: Vec::new(),
+                    };
+                    let mut vcpu = MockVcpu::default();
+                    let regs = &mut vcpu.regs.gpr;
+                    regs[reg::RAX] = nr;
+                    regs[reg::RDI] = op;
+                    regs[reg::RSI] = arg;
+                    regs[reg::RDX] = 0x2000;
+                    regs[reg::R10] = 0x4000_0000;
+                    handle(&mut caller, 0, &mut vcpu, &mut table);
+                    assert!(
+                        table.asked.iter().all(|&id| u64::from(id) == named),
+                        "hypercall {nr} op {op} arg {arg:#x} asked for {:?}",
+                        table.asked
+                    );
+                    assert_eq!(table.reached as usize, table.asked.len());
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 8, "only {checked} combinations looked at");
+    }
+
     #[test]
     fn calls_that_name_another_domain_take_the_table_or_the_send_path() {
         let ec = Hypercall::EventChannelOp as u64;
         let gt = Hypercall::GrantTableOp as u64;
         assert_eq!(
             of_hypercall(ec, EventChannelOp::Send as u64, 5, 1),
-            Reach::SendOn(5)
+            Reach::OnePeer(PeerOf::Port(5))
+        );
+        assert_eq!(
+            of_hypercall(gt, GrantTableOp::Map as u64, 2, 1),
+            Reach::OnePeer(PeerOf::Domain(2))
         );
         assert_eq!(
             of_hypercall(ec, EventChannelOp::BindInterdomain as u64, 2, 1),

@@ -114,6 +114,30 @@ pub static PASSES: AtomicU64 = AtomicU64::new(0);
 /// See [`PASSES`].
 pub static PASSES_AGAIN: AtomicU64 = AtomicU64::new(0);
 
+/// Exits being handled under a lock right now, on all CPUs.
+static EXITS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
+/// Exits handled under a lock (several CPUs), and those of them that began while another
+/// CPU was handling one: what the fine-grained locks let run in parallel (with one lock for
+/// every exit, none could).
+pub static EXITS_LOCKED: AtomicU64 = AtomicU64::new(0);
+/// See [`EXITS_LOCKED`].
+pub static EXITS_OVERLAPPED: AtomicU64 = AtomicU64::new(0);
+
+/// An exit is handled from now, under the locks it needs.
+#[inline]
+pub fn exit_begins() {
+    EXITS_LOCKED.fetch_add(1, Ordering::Relaxed);
+    if EXITS_IN_FLIGHT.fetch_add(1, Ordering::AcqRel) > 0 {
+        EXITS_OVERLAPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The exit of [`exit_begins`] is handled.
+#[inline]
+pub fn exit_ends() {
+    EXITS_IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+}
+
 /// The summary's line: how often each lock was taken and waited for (several CPUs only).
 pub fn summary_line() -> alloc::string::String {
     let (xt, xw) = TABLE_EXCLUSIVE.figures();
@@ -125,10 +149,13 @@ pub fn summary_line() -> alloc::string::String {
     alloc::format!(
         "lamina: locks: table exclusive {xt} (waited {xw}), shared {st} (waited {sw}); \
          run queue {qt} (waited {qw}); domain by its exits {ot} (waited {ow}), by the pass \
-         {dt} (waited {dw}), as a peer {pt} (waited {pw}, backed off {}); passes {} (again {})",
+         {dt} (waited {dw}), as a peer {pt} (waited {pw}, backed off {}); passes {} (again {}); exits {} \
+         ({} while another CPU handled one)",
         BACKED_OFF.load(Ordering::Relaxed),
         PASSES.load(Ordering::Relaxed),
-        PASSES_AGAIN.load(Ordering::Relaxed)
+        PASSES_AGAIN.load(Ordering::Relaxed),
+        EXITS_LOCKED.load(Ordering::Relaxed),
+        EXITS_OVERLAPPED.load(Ordering::Relaxed)
     )
 }
 

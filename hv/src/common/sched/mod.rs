@@ -889,6 +889,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 drop(hold);
                 hold = Hold::Exclusive(self.table.exclusive());
             }
+            locking::exit_begins();
             let next = match &mut hold {
                 Hold::Exclusive(table) => {
                     let (before, rest) = table.slots().split_at_mut(index);
@@ -906,6 +907,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     dispatch_exit(&mut own.domain, vcpu_index, vcpu, exit, peers, host)
                 }
             };
+            locking::exit_ends();
             let domain = &mut hold.own(index).domain;
             // Another CPU may have ended or paused the domain, or taken this vCPU down, while
             // it ran (and kicked it out of the guest).

@@ -527,10 +527,11 @@ impl<V> Table<'_, V> {
 /// The table shared, the running domain's lock and at most one peer's: what an exit that
 /// stays in its domain, or sends to one peer, is handled under.
 struct SharedHold<'m, 'a, V> {
-    table: spin::RwLockReadGuard<'m, Table<'a, V>>,
-    index: usize,
-    _own: spin::MutexGuard<'m, ()>,
+    // Dropped in this order: the domain locks go before the table does.
     peer: Option<(usize, spin::MutexGuard<'m, ()>)>,
+    _own: spin::MutexGuard<'m, ()>,
+    index: usize,
+    table: spin::RwLockReadGuard<'m, Table<'a, V>>,
 }
 
 impl<V> SharedHold<'_, '_, V> {

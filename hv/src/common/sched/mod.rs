@@ -659,16 +659,20 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         }
         let mut exclusive = false;
         loop {
-            let now = host.now_ns();
-            let (hold, outcome) = if exclusive {
+            // `now` is read once the pass may begin: time spent waiting for the other CPUs'
+            // passes is nobody's slice (charged to the vCPU picked next, it skewed the
+            // weights of fairness-2cpus under a loaded emulator).
+            let (hold, outcome, now) = if exclusive {
                 exclusive = false;
                 let mut guard = self.table.exclusive();
+                let now = host.now_ns();
                 let (slots, queue) = guard.split();
                 let outcome = pass(slots, queue, &mut me, host, now);
-                (Hold::Exclusive(guard), outcome)
+                (Hold::Exclusive(guard), outcome, now)
             } else {
                 let table = self.table.shared();
                 let mut queue = locking::lock_run_queue(&table.queue);
+                let now = host.now_ns();
                 let mut slots = LockedSlots {
                     cells: table.cells,
                     locks: &self.locks,
@@ -695,7 +699,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                         continue;
                     }
                 };
-                (hold, outcome)
+                (hold, outcome, now)
             };
             let (index, vcpu_index, mut vcpu, slice_end) = match outcome {
                 Pass::Run {

@@ -445,6 +445,7 @@ mod start {
                     busy_ns / 1_000_000
                 );
             }
+            hv_println!("{}", crate::common::sched::locking::summary_line());
         }
         hv_println!(
             "lamina: nmi: {} host NMIs taken by the hypervisor, none given to a guest",

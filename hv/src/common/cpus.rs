@@ -41,10 +41,23 @@ pub fn kick_cpu(cpu: usize) {
 /// Wakes one idle CPU among `allowed` (a bit per CPU), if there is one, to look at the vCPUs
 /// again (one that may run there was made ready).
 pub fn wake_an_idle_cpu(allowed: u64) {
-    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::Relaxed) & allowed;
+    // Counted before the idle CPUs are looked at: a CPU about to halt marks itself idle,
+    // then looks at the count (`sched`'s pass), so one of the two sees the other.
+    WAKES.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::SeqCst) & allowed;
     if idle != 0 {
         kick_cpu(idle.trailing_zeros() as usize);
     }
+}
+
+/// How many times something asked for an idle CPU to be woken ([`wake_an_idle_cpu`]).
+static WAKES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The count of [`wake_an_idle_cpu`] calls so far: a CPU that passes over the domains without
+/// their common lock compares it before and after, so as not to halt past a wake-up it
+/// could not see.
+pub fn wake_count() -> u64 {
+    WAKES.load(core::sync::atomic::Ordering::SeqCst)
 }
 
 /// Wakes every idle CPU (the domains all ended: each leaves its loop).

@@ -7,27 +7,34 @@
 //! timer, halting) come through [`Host`], so this logic is the same on every platform.
 
 pub mod locking;
+pub mod reach;
 
 use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
+use crate::common::events::Binding;
 use crate::common::exits::{
     OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
 };
+use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
 use crate::common::time::read_tsc;
 use crate::common::trace;
 use crate::common::vcpu::state::{StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
+use core::cell::UnsafeCell;
 use lamina_abi::Errno;
 use lamina_abi::vcpu::runstate;
+use locking::{DomainLock, TableLock, may_wait_for};
+use reach::{PeerOf, Reach};
 
 /// How long a vCPU runs before others get the CPU.
 pub const TIME_SLICE_NS: u64 = 10_000_000;
@@ -160,6 +167,7 @@ fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
 
 /// The earliest time something of this domain is due (nothing while it is paused: what falls
 /// due meanwhile is handled when it is unpaused).
+#[inline]
 fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
@@ -173,6 +181,7 @@ fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
 /// waiting vCPU's timers need to interrupt another domain's slice. A vCPU that is ready has
 /// its expiries handled when it is next scheduled in, as every pass handles them, so its
 /// timers (a periodic one at the minimum period, say) cost the running domain nothing.
+#[inline]
 fn next_wake_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
@@ -323,25 +332,89 @@ fn tear_down_ended<V>(slots: &mut [Slot<V>], scrubbing: &mut VecDeque<Scrub>) ->
 /// `nothing_due` (no deadline anywhere) means nothing can happen any more only when no vCPU
 /// runs on another CPU either: one that does is not "ready" here, yet may unpause the domain,
 /// arm a timer or raise an event at any moment. Its CPU looks again when it is back.
+#[cfg(test)]
 fn stop_unpausable<V>(slots: &mut [Slot<V>], nothing_due: bool) -> bool {
-    let unpauser_left = slots
-        .iter()
-        .any(|s| s.domain.is_runnable() && s.domain.privileged && !s.domain.paused);
-    let running_elsewhere = slots
-        .iter()
-        .any(|s| s.domain.is_runnable() && !s.is_parked());
-    if unpauser_left && (running_elsewhere || !nothing_due) {
+    stop_unpausable_in(slots, nothing_due)
+}
+
+/// `stop_unpausable` on the slots as the pass reaches them. With the table shared it
+/// holds: the pass holds the run queue, so no vCPU leaves its slot meanwhile, and only a
+/// running vCPU can unpause a domain.
+fn stop_unpausable_in<V, S: Slots<V> + ?Sized>(slots: &mut S, nothing_due: bool) -> bool {
+    let unpauser_left =
+        slots.any(|s| s.domain.is_runnable() && s.domain.privileged && !s.domain.paused);
+    if unpauser_left && (!nothing_due || slots.any(|s| s.domain.is_runnable() && !s.is_parked())) {
         return false;
     }
     let mut stopped = false;
-    for slot in slots
-        .iter_mut()
-        .filter(|s| s.domain.is_runnable() && s.domain.paused)
-    {
-        slot.domain.end(Ending::Paused);
-        stopped = true;
-    }
+    slots.each(|_, slot| {
+        if slot.domain.is_runnable() && slot.domain.paused {
+            slot.domain.end(Ending::Paused);
+            stopped = true;
+        }
+    });
     stopped
+}
+
+/// The domains as the scheduler's pass reaches them: all at once (the table exclusive, or
+/// one CPU), or one at a time under its domain lock (the table shared, [`LockedSlots`]).
+trait Slots<V> {
+    /// Runs `f` on slot `index`.
+    fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R;
+    /// Runs `f` on every slot, in order, with its index.
+    fn each(&mut self, f: impl FnMut(usize, &mut Slot<V>));
+    /// Whether `f` holds for some slot (looking at them in order until it does).
+    fn any(&mut self, f: impl FnMut(&mut Slot<V>) -> bool) -> bool;
+    /// Tears down the domains that ended ([`tear_down_ended`]); `None` where that cannot be
+    /// done (the table shared: a teardown reaches every domain).
+    fn tear_down_ended(&mut self, scrubbing: &mut VecDeque<Scrub>) -> Option<bool>;
+}
+
+impl<V> Slots<V> for [Slot<V>] {
+    #[inline(always)]
+    fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R {
+        f(&mut self[index])
+    }
+    #[inline(always)]
+    fn each(&mut self, mut f: impl FnMut(usize, &mut Slot<V>)) {
+        for (index, slot) in self.iter_mut().enumerate() {
+            f(index, slot);
+        }
+    }
+    #[inline(always)]
+    fn any(&mut self, f: impl FnMut(&mut Slot<V>) -> bool) -> bool {
+        self.iter_mut().any(f)
+    }
+    fn tear_down_ended(&mut self, scrubbing: &mut VecDeque<Scrub>) -> Option<bool> {
+        Some(tear_down_ended(self, scrubbing))
+    }
+}
+
+/// The slots with the table held shared: each reached under its domain's lock, one at a time.
+struct LockedSlots<'t, V> {
+    cells: &'t [UnsafeCell<Slot<V>>],
+    locks: &'t [DomainLock],
+}
+
+impl<V> Slots<V> for LockedSlots<'_, V> {
+    fn with<R>(&mut self, index: usize, f: impl FnOnce(&mut Slot<V>) -> R) -> R {
+        let _held = self.locks[index].lock_for_pass();
+        // SAFETY: `cells` was borrowed from the table held shared (no CPU has it exclusive)
+        // and this slot's domain lock is held, so no other CPU reaches it; the borrow ends
+        // before the lock goes.
+        f(unsafe { &mut *self.cells[index].get() })
+    }
+    fn each(&mut self, mut f: impl FnMut(usize, &mut Slot<V>)) {
+        for index in 0..self.cells.len() {
+            self.with(index, |slot| f(index, slot));
+        }
+    }
+    fn any(&mut self, mut f: impl FnMut(&mut Slot<V>) -> bool) -> bool {
+        (0..self.cells.len()).any(|index| self.with(index, &mut f))
+    }
+    fn tear_down_ended(&mut self, _scrubbing: &mut VecDeque<Scrub>) -> Option<bool> {
+        None
+    }
 }
 
 /// Drains the requests of vCPU `index` before it enters the guest: drops stale nested
@@ -410,23 +483,123 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
     taken
 }
 
-/// The domains as every physical CPU's run loop shares them. One lock, the domain-table
-/// lock, guards all of it; it is held while a CPU picks a vCPU and while it handles an exit,
-/// never while a guest runs (the lock order is documented in [`crate::common::sched::locking`]).
+/// The domains as every physical CPU's run loop shares them: the table, behind a
+/// readers-writer lock, and a lock per domain for the CPUs that hold the table shared. No
+/// lock is held while a guest runs (every lock and its order: [`crate::common::sched::locking`]).
 pub struct Machine<'a, V> {
-    table: spin::Mutex<Table<'a, V>>,
+    table: TableLock<Table<'a, V>>,
+    /// A lock per domain, by slot.
+    locks: Vec<DomainLock>,
     /// How many CPUs run [`Machine::run_cpu`].
     cpus_online: core::sync::atomic::AtomicUsize,
 }
 
 struct Table<'a, V> {
-    slots: &'a mut [Slot<V>],
+    /// Every domain: all of them at once with the table exclusive ([`Table::slots`]), one
+    /// under its [`DomainLock`] with the table shared ([`SharedHold`]).
+    cells: &'a [UnsafeCell<Slot<V>>],
+    /// The domain id of each slot (fixed at boot), read without the slot's lock.
+    ids: Vec<u32>,
+    /// The scheduler's state: its lock is the run queue's.
+    queue: spin::Mutex<RunQueue>,
+}
+
+/// The scheduler's state beside the domains (what is ready and its credit is in each
+/// domain's vCPU states).
+struct RunQueue {
     /// Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
     units: Vec<(usize, usize)>,
     /// Where the round robin is.
     cursor: usize,
     /// RAM of torn-down domains, scrubbed and returned a slice per pass.
     scrubbing: VecDeque<Scrub>,
+}
+
+impl<V> Table<'_, V> {
+    /// Every slot, for the holder of the table exclusive.
+    fn slots(&mut self) -> &mut [Slot<V>] {
+        let first = UnsafeCell::raw_get(self.cells.as_ptr());
+        // SAFETY: `&mut self` is the table exclusive (or the machine not yet shared): no CPU
+        // holds it shared, and domain locks are only taken with it shared, so nothing else
+        // refers to any slot while this borrow lives. `UnsafeCell<T>` has the layout of `T`,
+        // so the cells are `len` slots in a row, all inside cells.
+        unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) }
+    }
+
+    /// Every slot and the run queue, for the holder of the table exclusive.
+    fn split(&mut self) -> (&mut [Slot<V>], &mut RunQueue) {
+        let first = UnsafeCell::raw_get(self.cells.as_ptr());
+        // SAFETY: as in `slots`; the slots are borrowed for as long as `self` is.
+        let slots = unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) };
+        (slots, self.queue.get_mut())
+    }
+
+    /// The slot of domain `id`.
+    fn index_of(&self, id: u32) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
+    }
+}
+
+/// The table shared, the running domain's lock and at most one peer's: what an exit that
+/// stays in its domain, or sends to one peer, is handled under.
+struct SharedHold<'m, 'a, V> {
+    // Dropped in this order: the domain locks go before the table does.
+    peer: Option<(usize, spin::MutexGuard<'m, ()>)>,
+    _own: spin::MutexGuard<'m, ()>,
+    index: usize,
+    table: spin::RwLockReadGuard<'m, Table<'a, V>>,
+}
+
+impl<V> SharedHold<'_, '_, V> {
+    /// The running domain's slot.
+    fn own(&mut self) -> &mut Slot<V> {
+        // SAFETY: the table is held shared (no CPU has it exclusive) and this slot's domain
+        // lock is held (no other CPU reaches the slot); the borrow is tied to `self`.
+        unsafe { &mut *self.table.cells[self.index].get() }
+    }
+
+    /// The running domain's slot and the locked peer's, if any.
+    fn own_and_peer(&mut self) -> (&mut Slot<V>, Option<&mut Slot<V>>) {
+        let cells = self.table.cells;
+        // SAFETY: as in `own`; the peer's lock is held too, and it is another slot (a peer
+        // is never the running domain), so the two borrows do not alias.
+        let own = unsafe { &mut *cells[self.index].get() };
+        let peer = match &self.peer {
+            Some((peer, _)) if *peer != self.index => {
+                // SAFETY: see above.
+                Some(unsafe { &mut *cells[*peer].get() })
+            }
+            _ => None,
+        };
+        (own, peer)
+    }
+}
+
+/// What a CPU holds while it handles an exit of its vCPU or drains its requests.
+enum Hold<'m, 'a, V> {
+    Exclusive(spin::RwLockWriteGuard<'m, Table<'a, V>>),
+    Shared(SharedHold<'m, 'a, V>),
+}
+
+impl<V> Hold<'_, '_, V> {
+    /// The slot of the running domain (`index`).
+    fn own(&mut self, index: usize) -> &mut Slot<V> {
+        match self {
+            Hold::Exclusive(table) => &mut table.slots()[index],
+            Hold::Shared(held) => held.own(),
+        }
+    }
+}
+
+/// The one peer a send reaches (the remote end of the channel), locked.
+struct OnePeer<'s> {
+    peer: Option<&'s mut Domain>,
+}
+
+impl DomainTable for OnePeer<'_> {
+    fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+        self.peer.as_deref_mut().filter(|peer| peer.id == id)
+    }
 }
 
 impl<'a, V: VirtualCpu> Machine<'a, V> {
@@ -437,20 +610,41 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             .enumerate()
             .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
             .collect();
+        let ids = slots.iter().map(|s| s.domain.id).collect();
+        let locks = slots.iter().map(|_| DomainLock::default()).collect();
+        let slots: *mut [Slot<V>] = slots;
+        // SAFETY: `UnsafeCell<T>` has the layout of `T`, and the exclusive borrow of `slots`
+        // for `'a` passes to the table, which hands the slots out only under its locks.
+        let cells = unsafe { &*(slots as *const [UnsafeCell<Slot<V>>]) };
         Machine {
             cpus_online: core::sync::atomic::AtomicUsize::new(1),
-            table: spin::Mutex::new(Table {
-                slots,
-                cursor: units.len().saturating_sub(1),
-                units,
-                scrubbing: VecDeque::new(),
+            locks,
+            table: TableLock::new(Table {
+                cells,
+                ids,
+                queue: spin::Mutex::new(RunQueue {
+                    cursor: units.len().saturating_sub(1),
+                    units,
+                    scrubbing: VecDeque::new(),
+                }),
             }),
+        }
+    }
+
+    /// The table shared and the lock of the domain in slot `index`.
+    fn hold_own(&self, index: usize) -> SharedHold<'_, 'a, V> {
+        let table = self.table.shared();
+        SharedHold {
+            table,
+            index,
+            _own: self.locks[index].lock_own(),
+            peer: None,
         }
     }
 
     /// Lets `f` look at the domains (once every CPU has left [`Self::run_cpu`]: the summary).
     pub fn inspect<R>(&self, f: impl FnOnce(&[Slot<V>]) -> R) -> R {
-        f(self.table.lock().slots)
+        f(self.table.exclusive().slots())
     }
 
     /// Declares how many CPUs will run [`Self::run_cpu`] (1 unless told), before any does.
@@ -462,178 +656,161 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
 
     /// Runs this CPU's share of the vCPUs until every domain has ended and all their RAM is
     /// back.
+    ///
+    /// With several CPUs the scheduler's pass holds the table shared and the run queue, and
+    /// reaches the domains one at a time under their locks, so that it does not stop the
+    /// other CPUs' exits; it takes the table exclusive only to tear a domain down. With one
+    /// CPU it holds the table exclusive (nothing else wants it).
     pub fn run_cpu<H: Host>(&self, cpu: usize, host: &mut H) {
-        let idle_bit = 1u64 << cpu.min(63);
         let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
-        // The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
-        let mut last: Option<(usize, usize)> = None;
-        // The vCPU this CPU ran last, if it yielded.
-        let mut yielded: Option<(usize, usize)> = None;
+        let mut me = ThisCpu {
+            idle_bit: 1u64 << cpu.min(63),
+            shared,
+            last: None,
+            yielded: None,
+        };
+        if !shared {
+            self.run_alone(&mut me, host);
+            return;
+        }
+        let mut exclusive = false;
         loop {
-            let now = host.now_ns();
-            let mut guard = self.table.lock();
-            let table = &mut *guard;
-            let host_work = host.housekeeping();
-            let slots = &mut *table.slots;
-            // Serial input belongs to the first domain, as the console of a PC belongs to its
-            // OS.
-            if let Some(first) = slots.iter_mut().find(|s| s.domain.is_runnable()) {
-                while let Some(byte) = host.console_input() {
-                    first.domain.receive_console_input(byte);
-                }
-            }
-            for slot in slots.iter_mut() {
-                update(slot, now);
-            }
-            // A teardown can wake other domains, or leave them waiting for nothing (which
-            // ends them, to be torn down in turn).
-            while tear_down_ended(slots, &mut table.scrubbing) {
-                for slot in slots.iter_mut() {
-                    update(slot, now);
-                }
-            }
-            if !slots.iter().any(|s| s.domain.is_runnable()) {
-                table.scrubbing.drain(..).for_each(Scrub::finish);
-                drop(guard);
-                cpus::wake_all_idle_cpus();
-                return;
-            }
-            if let Some(scrub) = table.scrubbing.front_mut()
-                && scrub.step()
-            {
-                table.scrubbing.pop_front();
-            }
-            let picked = pick(slots, &table.units, table.cursor, idle_bit, yielded.take());
-            let Some((index, vcpu_index)) = picked else {
-                let input_wakes = slots
-                    .iter()
-                    .any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
-                let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-                let deadline = slots
-                    .iter()
-                    .filter_map(next_deadline)
-                    .chain(poll)
-                    .chain(host_work)
-                    .min();
-                if stop_unpausable(slots, deadline.is_none()) || !table.scrubbing.is_empty() {
-                    // Scrubbing goes on while nothing else runs (a slice per pass, looking at
-                    // timers in between).
+            // `now` is read once the pass may begin: time spent waiting for the other CPUs'
+            // passes is nobody's slice (charged to the vCPU picked next, it skewed the
+            // weights of fairness-2cpus under a loaded emulator).
+            let (hold, outcome, now) = if exclusive {
+                exclusive = false;
+                let mut guard = self.table.exclusive();
+                let now = host.now_ns();
+                let (slots, queue) = guard.split();
+                let outcome = pass(slots, queue, &mut me, host, now);
+                (Hold::Exclusive(guard), outcome, now)
+            } else {
+                let table = self.table.shared();
+                let mut queue = locking::lock_run_queue(&table.queue);
+                let now = host.now_ns();
+                let mut slots = LockedSlots {
+                    cells: table.cells,
+                    locks: &self.locks,
+                };
+                locking::PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                let outcome = pass(&mut slots, &mut queue, &mut me, host, now);
+                drop(queue);
+                let hold = match &outcome {
+                    Pass::Run { index, .. } => Hold::Shared(SharedHold {
+                        _own: self.locks[*index].lock_own(),
+                        table,
+                        index: *index,
+                        peer: None,
+                    }),
+                    _ => {
+                        drop(table);
+                        if matches!(outcome, Pass::NeedsExclusive) {
+                            exclusive = true;
+                            continue;
+                        }
+                        if self.after_pass(outcome, &me, host) {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                (hold, outcome, now)
+            };
+            let (index, vcpu_index, mut vcpu, slice_end) = match outcome {
+                Pass::Run {
+                    index,
+                    vcpu_index,
+                    vcpu,
+                    slice_end,
+                } => (index, vcpu_index, vcpu, slice_end),
+                outcome => {
+                    drop(hold);
+                    if self.after_pass(outcome, &me, host) {
+                        return;
+                    }
                     continue;
                 }
-                // Idle before the lock goes: whoever makes a vCPU ready after this sees the
-                // bit and kicks this CPU (`wake_an_idle_cpu`).
-                if shared {
-                    cpus::set_idle(idle_bit, true);
+            };
+            self.run_slice(
+                hold, cpu, index, vcpu_index, &mut *vcpu, host, now, slice_end,
+            );
+            // Any CPU may take it next.
+            vcpu.release();
+            // Putting it back touches its domain alone.
+            let mut held = self.hold_own(index);
+            let ran = host.now_ns().saturating_sub(now);
+            cpus::count_slice(cpu, ran);
+            put_back(held.own(), index, vcpu_index, vcpu, now, ran, &mut me);
+        }
+    }
+
+    /// [`Self::run_cpu`] on a machine with one CPU: the table is held exclusive from the
+    /// pass to the end of the slice (no other CPU wants it), so an exit costs what it did
+    /// before SMP.
+    fn run_alone<H: Host>(&self, me: &mut ThisCpu, host: &mut H) {
+        loop {
+            let now = host.now_ns();
+            let mut guard = self.table.exclusive();
+            let (slots, queue) = guard.split();
+            let (index, vcpu_index, mut vcpu, slice_end) = match pass(slots, queue, me, host, now) {
+                Pass::Run {
+                    index,
+                    vcpu_index,
+                    vcpu,
+                    slice_end,
+                } => (index, vcpu_index, vcpu, slice_end),
+                outcome => {
+                    drop(guard);
+                    if self.after_pass(outcome, me, host) {
+                        return;
+                    }
+                    continue;
                 }
-                drop(guard);
+            };
+            let (before, rest) = guard.slots().split_at_mut(index);
+            let Some((current, after)) = rest.split_first_mut() else {
+                continue;
+            };
+            let domain = &mut current.domain;
+            schedule_in(domain, vcpu_index, &mut *vcpu, host, now, slice_end);
+            let peers = &mut Peers::around(before, after);
+            run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            let ran = host.now_ns().saturating_sub(now);
+            put_back(current, index, vcpu_index, vcpu, now, ran, me);
+        }
+    }
+
+    /// What the CPU does after a pass that picked nothing, every lock let go: halts until
+    /// `deadline` for [`Pass::Idle`], leaves for [`Pass::Done`] (returns true).
+    fn after_pass<H: Host>(&self, outcome: Pass<V>, me: &ThisCpu, host: &mut H) -> bool {
+        match outcome {
+            Pass::Done => {
+                cpus::wake_all_idle_cpus();
+                true
+            }
+            Pass::Idle(deadline) => {
                 host.arm_timer(deadline);
                 trace::idle();
                 host.wait_for_interrupt();
-                if shared {
-                    cpus::set_idle(idle_bit, false);
+                if me.shared {
+                    cpus::set_idle(me.idle_bit, false);
                 }
-                continue;
-            };
-            let unit = (index, vcpu_index);
-            slots[index].domain.vcpus[vcpu_index].ran_on |= idle_bit;
-            if !slots[index].domain.vcpus[vcpu_index].boosted {
-                table.cursor = index_of_unit(&table.units, table.cursor, unit);
+                false
             }
-            slots[index].domain.vcpus[vcpu_index].boosted = false;
-            slots[index].domain.vcpus[vcpu_index].yielded_to = false;
-            if let Some((previous, previous_vcpu)) = last.filter(|&p| p != unit) {
-                // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
-                // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its
-                // hardware state is out of its slot), where it is RUNNING.
-                let slot = &mut slots[previous];
-                let parked = matches!(slot.vcpus.get(previous_vcpu), Some(Some(_)));
-                let domain = &mut slot.domain;
-                let state = &mut domain.vcpus[previous_vcpu];
-                if parked
-                    && domain.state == DomainState::Runnable
-                    && state.runstate.state() == runstate::RUNNING
-                {
-                    let _ = state
-                        .runstate
-                        .enter(runstate::RUNNABLE, now, &domain.memory);
-                }
-            }
-            last = Some(unit);
-            // Other domains' deadlines that can wake them; the running domain's own are
-            // looked at by `run_slice`.
-            let others = slots
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| *i != index)
-                .filter_map(|(_, s)| next_wake_deadline(s))
-                .min();
-            let others = others.into_iter().chain(host_work).min();
-            let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-            // The vCPU's hardware state is this CPU's until the slice ends: no other CPU
-            // picks it meanwhile (`is_ready`), and its domain is not torn down under it.
-            let Some(mut vcpu) = slots[index].vcpus[vcpu_index].take() else {
-                continue;
-            };
-            slots[index].domain.vcpus[vcpu_index].running_since = Some(now);
-            if shared {
-                // More may be ready than this CPU takes: an idle CPU that may run it looks.
-                let wanted = ready_cpus(slots, &table.units);
-                if wanted != 0 {
-                    cpus::wake_an_idle_cpu(wanted);
-                }
-            }
-            trace::vcpu_in(slots[index].domain.id);
-            self.run_slice(
-                guard, cpu, index, vcpu_index, &mut *vcpu, host, now, slice_end,
-            );
-            if shared {
-                // Any CPU may take it next.
-                vcpu.release();
-            }
-            let mut table = self.table.lock();
-            let slot = &mut table.slots[index];
-            trace::vcpu_out(slot.domain.id);
-            slot.vcpus[vcpu_index] = Some(vcpu);
-            let ran = host.now_ns().saturating_sub(now);
-            if shared {
-                cpus::count_slice(cpu, ran);
-            }
-            let weight = slot.domain.weight;
-            let domain = &mut slot.domain;
-            let state = &mut domain.vcpus[vcpu_index];
-            state.cpu_ns += ran;
-            state.running_since = None;
-            state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
-            if shared {
-                // Back in the pool, where any CPU may take it: preempted or yielding, it waits
-                // as runnable from now (its steal time, docs/abi.md 9.2). On one CPU it stays
-                // running until another vCPU takes the CPU (`last`), which saves two writes of
-                // the area when it runs on; here another CPU may already be running it by then.
-                if domain.state == DomainState::Runnable
-                    && state.runstate.state() == runstate::RUNNING
-                {
-                    let _ = state
-                        .runstate
-                        .enter(runstate::RUNNABLE, now + ran, &domain.memory);
-                }
-                last = None;
-            }
-            // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
-            yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+            Pass::Again | Pass::NeedsExclusive | Pass::Run { .. } => false,
         }
     }
 
     /// Runs vCPU `vcpu_index` of slot `index`, whose hardware state `vcpu` this CPU took,
-    /// until it stops being the right one to run. `guard` is the table, locked.
-    ///
-    /// With other CPUs online the lock is dropped while the guest runs and taken again for
-    /// each exit that needs it ([`Self::run_slice_shared`]). A machine with one CPU keeps
-    /// it for the whole slice ([`Self::run_slice_alone`]): no other CPU exists to want it,
-    /// and a single-CPU exit then costs what it did before SMP.
+    /// until it stops being the right one to run, on a machine with several CPUs. `hold`:
+    /// the table exclusive, or shared with the domain's lock. Every lock is let go while the
+    /// guest runs, and each exit is handled under the locks it needs
+    /// ([`Self::run_slice_shared`]).
     #[allow(clippy::too_many_arguments)]
     fn run_slice<'m, H: Host>(
         &'m self,
-        mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        mut hold: Hold<'m, 'a, V>,
         cpu: usize,
         index: usize,
         vcpu_index: usize,
@@ -642,34 +819,21 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         now: u64,
         slice_end: u64,
     ) {
-        let domain = &mut guard.slots[index].domain;
+        let domain = &mut hold.own(index).domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
-        if self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1 {
-            self.run_slice_shared(guard, cpu, index, vcpu_index, vcpu, host, slice_end);
-        } else {
-            let (before, rest) = guard.slots.split_at_mut(index);
-            if let Some((current, after)) = rest.split_first_mut() {
-                let peers = &mut Peers::around(before, after);
-                run_slice_alone(
-                    &mut current.domain,
-                    vcpu_index,
-                    vcpu,
-                    peers,
-                    host,
-                    slice_end,
-                );
-            }
-        }
+        self.run_slice_shared(hold, cpu, index, vcpu_index, vcpu, host, slice_end);
     }
 
-    /// The slice of a machine with several CPUs: the lock is dropped across every entry, and
-    /// the exits that need nothing of the domain are handled without it. Out of line, like
-    /// [`run_slice_alone`]: each hot loop gets the registers to itself.
+    /// The slice of a machine with several CPUs: every lock is let go across every entry;
+    /// the exits that need nothing of the domain are handled without any, those that stay in
+    /// the domain (or send to one peer) under its lock with the table shared, the rest with
+    /// the table exclusive. Out of line, like [`run_slice_alone`]: each hot loop gets the
+    /// registers to itself.
     #[inline(never)]
     #[allow(clippy::too_many_arguments)] // the hot loop's state, in registers rather than a struct
     fn run_slice_shared<'m, H: Host>(
         &'m self,
-        mut guard: spin::MutexGuard<'m, Table<'a, V>>,
+        mut hold: Hold<'m, 'a, V>,
         cpu: usize,
         index: usize,
         vcpu_index: usize,
@@ -677,16 +841,17 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         host: &mut H,
         slice_end: u64,
     ) {
-        // What the exits handled without the lock need.
-        let domain = &guard.slots[index].domain;
+        // What the exits handled without a lock need.
+        let domain = &hold.own(index).domain;
         let requests = Arc::clone(&domain.vcpus[vcpu_index].requests);
         let tsc_khz = domain.time.tsc_khz() as u32;
+        let own_id = domain.id;
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
         let mut unreloaded_tsc = 0u64;
         loop {
-            let domain = &mut guard.slots[index].domain;
+            let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
@@ -699,7 +864,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     vcpu.reload_preemption_deadline();
                 }
             }
-            drop(guard);
+            drop(hold);
             // None: a request came before the entry; it is drained under the lock.
             let (exit, handled) = loop {
                 if !requests.enter_guest(cpu) {
@@ -717,37 +882,61 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 unmerged.handling_tsc += read_tsc().wrapping_sub(exited_at_tsc);
             };
-            guard = self.table.lock();
+            let (exit, reach) = match exit {
+                Some(exit) if !handled => {
+                    let reach = reach::of_exit(&exit, vcpu, own_id);
+                    (Some(exit), reach)
+                }
+                _ => (None, Reach::Own),
+            };
+            hold = match reach {
+                Reach::Any => Hold::Exclusive(self.table.exclusive()),
+                Reach::Own | Reach::OnePeer(_) => Hold::Shared(self.hold_own(index)),
+            };
             if any_unmerged {
                 any_unmerged = false;
-                guard.slots[index].domain.vcpus[vcpu_index]
+                hold.own(index).domain.vcpus[vcpu_index]
                     .stats
                     .absorb(&mut unmerged);
             }
-            let exit = match exit {
-                Some(exit) if !handled => exit,
+            let Some(exit) = exit else {
                 // Handled, or a request came: to its drain under the lock.
-                _ => {
-                    if let Some(next) = stopped_elsewhere(&guard.slots[index].domain, vcpu_index) {
-                        end_slice(&mut guard.slots[index].domain, vcpu_index, vcpu, next, host);
+                let domain = &mut hold.own(index).domain;
+                if let Some(next) = stopped_elsewhere(domain, vcpu_index) {
+                    end_slice(domain, vcpu_index, vcpu, next, host);
+                    return;
+                }
+                continue;
+            };
+            if let (Reach::OnePeer(named), Hold::Shared(held)) = (reach, &mut hold)
+                && !self.lock_peer(held, named)
+            {
+                // The peer comes first in the table and is busy: let both go (no waiting
+                // against the lock order) and take the table exclusive.
+                locking::BACKED_OFF.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                drop(hold);
+                hold = Hold::Exclusive(self.table.exclusive());
+            }
+            locking::exit_begins();
+            let next = match &mut hold {
+                Hold::Exclusive(table) => {
+                    let (before, rest) = table.slots().split_at_mut(index);
+                    let Some((current, after)) = rest.split_first_mut() else {
                         return;
-                    }
-                    continue;
+                    };
+                    let peers = &mut Peers::around(before, after);
+                    dispatch_exit(&mut current.domain, vcpu_index, vcpu, exit, peers, host)
+                }
+                Hold::Shared(held) => {
+                    let (own, peer) = held.own_and_peer();
+                    let peers = &mut OnePeer {
+                        peer: peer.map(|slot| &mut slot.domain),
+                    };
+                    dispatch_exit(&mut own.domain, vcpu_index, vcpu, exit, peers, host)
                 }
             };
-            let (before, rest) = guard.slots.split_at_mut(index);
-            let Some((current, after)) = rest.split_first_mut() else {
-                return;
-            };
-            let domain = &mut current.domain;
-            let next = dispatch_exit(
-                domain,
-                vcpu_index,
-                vcpu,
-                exit,
-                &mut Peers::around(before, after),
-                host,
-            );
+            locking::exit_ends();
+            let domain = &mut hold.own(index).domain;
             // Another CPU may have ended or paused the domain, or taken this vCPU down, while
             // it ran (and kicked it out of the guest).
             let next = match next {
@@ -760,6 +949,275 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             end_slice(domain, vcpu_index, vcpu, next, host);
             return;
         }
+    }
+
+    /// Locks the one other domain `named` for the running domain of `held`, if there is
+    /// one. Waits for it only when it comes after the running domain in the table; tries once
+    /// otherwise. False: it is busy (the caller backs off).
+    fn lock_peer<'m>(&'m self, held: &mut SharedHold<'m, 'a, V>, named: PeerOf) -> bool {
+        let own = &held.own().domain;
+        let remote = match named {
+            PeerOf::Port(port) => match own.events.send_target(port) {
+                Ok((
+                    _,
+                    Binding::Interdomain {
+                        remote,
+                        remote_port: _,
+                    },
+                )) => u32::from(remote),
+                // Nothing beyond the running domain (or an error the call itself returns).
+                _ => return true,
+            },
+            PeerOf::Domain(id) => match u32::try_from(id) {
+                Ok(id) => id,
+                Err(_) => return true,
+            },
+            PeerOf::GrantSlot(gpa) => match own.grants.slot_at(gpa) {
+                Some(WindowSlot::Grant { granter, .. }) => granter,
+                _ => return true,
+            },
+        };
+        if remote == own.id {
+            return true;
+        }
+        let Some(peer) = held.table.index_of(remote) else {
+            return true;
+        };
+        let guard = if may_wait_for(held.index, peer) {
+            Some(self.locks[peer].lock_peer())
+        } else {
+            self.locks[peer].try_lock_peer()
+        };
+        match guard {
+            Some(guard) => {
+                held.peer = Some((peer, guard));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// vCPU `vcpu_index` of slot `index` comes back into `slot` (its hardware state, `vcpu`)
+/// after a slice that began at `now` and lasted `ran` ns: its CPU time and virtual run time
+/// are counted.
+#[inline(always)]
+fn put_back<V>(
+    slot: &mut Slot<V>,
+    index: usize,
+    vcpu_index: usize,
+    vcpu: Box<V>,
+    now: u64,
+    ran: u64,
+    me: &mut ThisCpu,
+) {
+    trace::vcpu_out(slot.domain.id);
+    slot.vcpus[vcpu_index] = Some(vcpu);
+    let weight = slot.domain.weight;
+    let domain = &mut slot.domain;
+    let state = &mut domain.vcpus[vcpu_index];
+    state.cpu_ns += ran;
+    state.running_since = None;
+    state.vruntime += ran * u64::from(DEFAULT_WEIGHT) / u64::from(weight);
+    if me.shared {
+        // Back in the pool, where any CPU may take it: preempted or yielding, it waits as
+        // runnable from now (its steal time, docs/abi.md 9.2). On one CPU it stays running
+        // until another vCPU takes the CPU (`last`), which saves two writes of the area when
+        // it runs on; here another CPU may already be running it by then.
+        if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING {
+            let _ = state
+                .runstate
+                .enter(runstate::RUNNABLE, now + ran, &domain.memory);
+        }
+        me.last = None;
+    }
+    // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
+    me.yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+}
+
+/// What the run loop of one CPU remembers between passes.
+struct ThisCpu {
+    /// Its bit (idle CPUs, affinities).
+    idle_bit: u64,
+    /// Several CPUs run vCPUs.
+    shared: bool,
+    /// The vCPU this CPU ran last, which may still be RUNNING in its run-state area.
+    last: Option<(usize, usize)>,
+    /// The vCPU this CPU ran last, if it yielded.
+    yielded: Option<(usize, usize)>,
+}
+
+/// What a pass of the scheduler decided.
+enum Pass<V> {
+    /// Run this vCPU, whose hardware state the pass took out of its slot, until `slice_end`.
+    Run {
+        index: usize,
+        vcpu_index: usize,
+        vcpu: Box<V>,
+        slice_end: u64,
+    },
+    /// Nothing to run: halt until this deadline (the CPU is already marked idle).
+    Idle(Option<u64>),
+    /// Pass again at once.
+    Again,
+    /// Every domain ended and all their RAM is back.
+    Done,
+    /// A domain must be torn down: pass again with the table exclusive.
+    NeedsExclusive,
+}
+
+/// One pass of the scheduler on this CPU at time `now`: timers and waits of every domain,
+/// teardowns, a scrub slice, and the choice of the vCPU to run.
+#[inline(always)]
+fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    me: &mut ThisCpu,
+    host: &mut H,
+    now: u64,
+) -> Pass<V> {
+    // Whatever a waker does after this is seen below or kicks this CPU out of its halt.
+    let wakes = if me.shared { cpus::wake_count() } else { 0 };
+    let host_work = host.housekeeping();
+    // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
+    slots.any(|first| {
+        if !first.domain.is_runnable() {
+            return false;
+        }
+        while let Some(byte) = host.console_input() {
+            first.domain.receive_console_input(byte);
+        }
+        true
+    });
+    let update_all = |slots: &mut S| slots.each(|_, slot| update(slot, now));
+    update_all(slots);
+    // A teardown can wake other domains, or leave them waiting for nothing (which ends
+    // them, to be torn down in turn).
+    loop {
+        match slots.tear_down_ended(&mut queue.scrubbing) {
+            Some(true) => update_all(slots),
+            Some(false) => break,
+            None => {
+                let ended =
+                    slots.any(|s| !s.domain.is_runnable() && !s.domain.torn_down && s.is_parked());
+                if ended {
+                    return Pass::NeedsExclusive;
+                }
+                break;
+            }
+        }
+    }
+    if !slots.any(|s| s.domain.is_runnable()) {
+        queue.scrubbing.drain(..).for_each(Scrub::finish);
+        return Pass::Done;
+    }
+    if let Some(scrub) = queue.scrubbing.front_mut()
+        && scrub.step()
+    {
+        queue.scrubbing.pop_front();
+    }
+    let picked = pick_in(
+        slots,
+        &queue.units,
+        queue.cursor,
+        me.idle_bit,
+        me.yielded.take(),
+    );
+    let Some((index, vcpu_index)) = picked else {
+        let input_wakes =
+            slots.any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
+        let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
+        let mut deadline = poll.into_iter().chain(host_work).min();
+        slots.each(|_, s| {
+            if let Some(due) = next_deadline(s) {
+                deadline = Some(deadline.map_or(due, |d| d.min(due)));
+            }
+        });
+        if stop_unpausable_in(slots, deadline.is_none()) || !queue.scrubbing.is_empty() {
+            // Scrubbing goes on while nothing else runs (a slice per pass, looking at
+            // timers in between).
+            return Pass::Again;
+        }
+        // Idle before the locks go: whoever makes a vCPU ready after this sees the bit and
+        // kicks this CPU (`wake_an_idle_cpu`); whoever did since the pass began is seen by
+        // the count.
+        if me.shared {
+            cpus::set_idle(me.idle_bit, true);
+            if cpus::wake_count() != wakes {
+                locking::PASSES_AGAIN.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                cpus::set_idle(me.idle_bit, false);
+                return Pass::Again;
+            }
+        }
+        return Pass::Idle(deadline);
+    };
+    let unit = (index, vcpu_index);
+    let boosted = slots.with(index, |s| {
+        let state = &mut s.domain.vcpus[vcpu_index];
+        state.ran_on |= me.idle_bit;
+        state.yielded_to = false;
+        core::mem::take(&mut state.boosted)
+    });
+    if !boosted {
+        queue.cursor = index_of_unit(&queue.units, queue.cursor, unit);
+    }
+    if let Some((previous, previous_vcpu)) = me.last.filter(|&p| p != unit) {
+        // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
+        // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its hardware
+        // state is out of its slot), where it is RUNNING.
+        slots.with(previous, |slot| {
+            let parked = matches!(slot.vcpus.get(previous_vcpu), Some(Some(_)));
+            let domain = &mut slot.domain;
+            let state = &mut domain.vcpus[previous_vcpu];
+            if parked
+                && domain.state == DomainState::Runnable
+                && state.runstate.state() == runstate::RUNNING
+            {
+                let _ = state
+                    .runstate
+                    .enter(runstate::RUNNABLE, now, &domain.memory);
+            }
+        });
+    }
+    me.last = Some(unit);
+    // Other domains' deadlines that can wake them; the running domain's own are looked at
+    // by `run_slice`.
+    let mut others = host_work;
+    slots.each(|i, s| {
+        if i != index
+            && let Some(due) = next_wake_deadline(s)
+        {
+            others = Some(others.map_or(due, |d| d.min(due)));
+        }
+    });
+    let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+    // The vCPU's hardware state is this CPU's until the slice ends: no other CPU picks it
+    // meanwhile (`is_ready`), and its domain is not torn down under it. An exit on another
+    // CPU may have changed its state since it was picked (the table shared): looked at again.
+    let taken = slots.with(index, |s| {
+        if me.shared && !is_ready(s, vcpu_index) {
+            return None;
+        }
+        let vcpu = s.vcpus[vcpu_index].take()?;
+        s.domain.vcpus[vcpu_index].running_since = Some(now);
+        trace::vcpu_in(s.domain.id);
+        Some(vcpu)
+    });
+    let Some(vcpu) = taken else {
+        return Pass::Again;
+    };
+    if me.shared {
+        // More may be ready than this CPU takes: an idle CPU that may run it looks.
+        let wanted = ready_cpus(slots, &queue.units);
+        if wanted != 0 {
+            cpus::wake_an_idle_cpu(wanted);
+        }
+    }
+    Pass::Run {
+        index,
+        vcpu_index,
+        vcpu,
+        slice_end,
     }
 }
 
@@ -826,14 +1284,15 @@ fn stopped_elsewhere(domain: &Domain, vcpu_index: usize) -> Option<Next> {
     }
 }
 
-/// Handles one exit of vCPU `vcpu_index` of `domain`, the table locked.
+/// Handles one exit of vCPU `vcpu_index` of `domain`, under the locks its reach needs
+/// (`peers`: the other domains it may reach).
 #[inline(always)]
 fn dispatch_exit<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
     vcpu_index: usize,
     vcpu: &mut V,
     exit: VmExit,
-    peers: &mut Peers<'_, V>,
+    peers: &mut impl DomainTable,
     host: &mut H,
 ) -> Next {
     if matches!(exit, VmExit::Hypercall) {
@@ -884,11 +1343,16 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
 }
 
 /// The CPUs (a bit each) that may run some ready vCPU: the union of their domains' affinities.
-fn ready_cpus<V>(slots: &[Slot<V>], units: &[(usize, usize)]) -> u64 {
-    units
-        .iter()
-        .filter(|&&(s, v)| is_ready(&slots[s], v))
-        .fold(0, |cpus, &(s, _)| cpus | slots[s].domain.affinity)
+fn ready_cpus<V, S: Slots<V> + ?Sized>(slots: &mut S, units: &[(usize, usize)]) -> u64 {
+    units.iter().fold(0, |cpus, &(s, v)| {
+        cpus | slots.with(s, |slot| {
+            if is_ready(slot, v) {
+                slot.domain.affinity
+            } else {
+                0
+            }
+        })
+    })
 }
 
 /// How far behind the least-served ready vCPU (in virtual run time) a woken vCPU may start:
@@ -912,8 +1376,21 @@ pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 /// run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a socket:
 /// a vCPU goes to whichever allowed CPU is free first, so load balances without migration
 /// decisions, and weights hold across CPUs as they do on one.
+#[cfg(test)]
 fn pick<V>(
     slots: &mut [Slot<V>],
+    units: &[(usize, usize)],
+    cursor: usize,
+    cpu_bit: u64,
+    yielded: Option<(usize, usize)>,
+) -> Option<(usize, usize)> {
+    pick_in(slots, units, cursor, cpu_bit, yielded)
+}
+
+/// `pick` on the slots as the pass reaches them.
+#[inline(always)]
+fn pick_in<V, S: Slots<V> + ?Sized>(
+    slots: &mut S,
     units: &[(usize, usize)],
     cursor: usize,
     cpu_bit: u64,
@@ -927,29 +1404,34 @@ fn pick<V>(
     let mut yielder_ready = false;
     for i in 1..=count {
         let unit = units[(cursor + i) % count];
-        if slots[unit.0].domain.affinity & cpu_bit == 0 || !is_ready(&slots[unit.0], unit.1) {
+        // (boosted, vruntime, yielded to) of a vCPU that may run here and is ready.
+        let ready = slots.with(unit.0, |slot| {
+            (slot.domain.affinity & cpu_bit != 0 && is_ready(slot, unit.1)).then(|| {
+                let state = &slot.domain.vcpus[unit.1];
+                (state.boosted, state.vruntime, state.yielded_to)
+            })
+        });
+        let Some((boosted, vruntime, yielded_to)) = ready else {
             continue;
-        }
+        };
         if Some(unit) == yielded {
             yielder_ready = true;
             continue;
         }
-        let state = &slots[unit.0].domain.vcpus[unit.1];
-        if state.yielded_to {
+        if yielded_to {
             // A sibling's yield_to (docs/abi.md 3.3): next, whatever the others had.
             return Some(unit);
         }
-        if state.boosted {
+        if boosted {
             any_boosted = true;
-            if least_boosted.is_none_or(|(_, least)| state.vruntime < least) {
-                least_boosted = Some((unit, state.vruntime));
+            if least_boosted.is_none_or(|(_, least)| vruntime < least) {
+                least_boosted = Some((unit, vruntime));
             }
         } else {
-            least_unboosted =
-                Some(least_unboosted.map_or(state.vruntime, |l| l.min(state.vruntime)));
+            least_unboosted = Some(least_unboosted.map_or(vruntime, |l| l.min(vruntime)));
         }
-        if fairest.is_none_or(|(_, least)| state.vruntime < least) {
-            fairest = Some((unit, state.vruntime));
+        if fairest.is_none_or(|(_, least)| vruntime < least) {
+            fairest = Some((unit, vruntime));
         }
     }
     let within = |vruntime: u64| least_unboosted.is_none_or(|least| vruntime <= least);
@@ -964,11 +1446,11 @@ fn pick<V>(
         // that naps often between its work was owed before the nap (clamped to `least`, it
         // lost that at every nap and got a fraction of its share beside a spinning domain).
         let floor = least.saturating_sub(WAKE_CREDIT_NS);
-        for slot in slots.iter_mut() {
+        slots.each(|_, slot| {
             for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
                 state.vruntime = state.vruntime.max(floor);
             }
-        }
+        });
     }
     boosted
         .or(fairest.map(|(unit, _)| unit))
@@ -996,6 +1478,7 @@ fn load_start_state<V: VirtualCpu>(vcpu: &mut V, start: &StartState) {
 /// A vCPU is scheduled in on this CPU: the backend makes it current, a start state from
 /// initialise is loaded, its run state becomes RUNNING, its pvclock is refreshed, interrupts
 /// the guest made deliverable while it was out are looked for, and the host timer is armed.
+#[inline(always)]
 fn schedule_in<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
     index: usize,

@@ -1,0 +1,245 @@
+//! Which domains an exit may reach besides its own, read from the exit and the registers
+//! before any lock is taken: it decides which locks the exit is handled under
+//! ([`crate::common::sched::locking`]). Whatever is not known to stay in the domain is
+//! [`Reach::Any`] (the table exclusive), so a wrong guess can cost time, never safety.
+
+use crate::common::vcpu::{VirtualCpu, VmExit, reg};
+use lamina_abi::Hypercall;
+use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp};
+use lamina_abi::grant_table::GrantTableOp;
+use lamina_abi::stats::StatsOp;
+
+/// What an exit needs besides its own domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Nothing: its domain's lock is enough.
+    Own,
+    /// At most one other domain, named by [`PeerOf`].
+    OnePeer(PeerOf),
+    /// Possibly any domain: the table exclusive.
+    Any,
+}
+
+/// Where the one other domain a call may reach is named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerOf {
+    /// The remote end of this event-channel port of the caller (`send`), read from its own
+    /// port table under its lock.
+    Port(u64),
+    /// This domain id, in a register (grant access and map).
+    Domain(u64),
+    /// The granter of what the caller's grant window maps at this guest-physical address
+    /// (unmap), read from its own window under its lock.
+    GrantSlot(u64),
+}
+
+/// What exit `exit` of a vCPU of domain `own_id` may reach.
+#[inline(always)]
+pub fn of_exit<V: VirtualCpu>(exit: &VmExit, vcpu: &mut V, own_id: u32) -> Reach {
+    match exit {
+        VmExit::Hypercall => {
+            let regs = vcpu.regs();
+            of_hypercall(
+                regs.gpr[reg::RAX],
+                regs.gpr[reg::RDI],
+                regs.gpr[reg::RSI],
+                own_id,
+            )
+        }
+        // Possibly the other vendor's hypercall instruction, arguments not looked at: rare.
+        VmExit::InvalidOpcode => Reach::Any,
+        // Every other exit is handled with the running domain alone (`exits::handle_exit`
+        // hands its peers only to hypercalls).
+        _ => Reach::Own,
+    }
+}
+
+/// What hypercall `nr` with sub-operation `op` and first argument `arg` may reach.
+pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
+    let is_own = |id: u64| id == DOMID_SELF || id == u64::from(own_id);
+    let Ok(call) = Hypercall::try_from(nr) else {
+        return Reach::Own; // -ENOSYS
+    };
+    match call {
+        Hypercall::Version
+        | Hypercall::ConsoleIo
+        | Hypercall::SchedOp
+        | Hypercall::VcpuOp
+        | Hypercall::MemoryOp => Reach::Own,
+        Hypercall::EventChannelOp => match EventChannelOp::try_from(op) {
+            Ok(EventChannelOp::Send) => Reach::OnePeer(PeerOf::Port(arg)),
+            Ok(EventChannelOp::BindInterdomain) if is_own(arg) => Reach::Own,
+            Ok(EventChannelOp::BindInterdomain | EventChannelOp::Close) => Reach::Any,
+            // Unknown sub-operations are -ENOSYS before anything is reached.
+            _ => Reach::Own,
+        },
+        Hypercall::StatsOp => match StatsOp::try_from(op) {
+            Ok(StatsOp::ExitCounters) if !is_own(arg) => Reach::Any,
+            _ => Reach::Own,
+        },
+        Hypercall::GrantTableOp => match GrantTableOp::try_from(op) {
+            Ok(GrantTableOp::EndAccess) | Err(_) => Reach::Own,
+            Ok(GrantTableOp::GrantAccess | GrantTableOp::Map) => {
+                Reach::OnePeer(PeerOf::Domain(arg))
+            }
+            Ok(GrantTableOp::Unmap) => Reach::OnePeer(PeerOf::GrantSlot(arg)),
+            // Copy names its domain in guest memory, which may change under the call.
+            _ => Reach::Any,
+        },
+        _ => Reach::Any,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::domain::{Domain, DomainTable};
+    use crate::common::hypercall::handle;
+    use crate::common::memory::guest_memory::GuestMemory;
+    use crate::common::memory::guest_memory::testing::test_memory;
+    use crate::common::testing::MockVcpu;
+    use crate::common::time::TimeBase;
+
+    /// A table that records every time a hypercall reaches for another domain.
+    struct Watching {
+        peer: Domain,
+        reached: u32,
+        /// The ids asked for.
+        asked: Vec<u32>,
+    }
+
+    impl DomainTable for Watching {
+        fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+            self.reached += 1;
+            self.asked.push(id);
+            (id == self.peer.id).then_some(&mut self.peer)
+        }
+        fn tear_down(&mut self, _id: u32, _caller: &mut Domain) -> bool {
+            self.reached += 1;
+            false
+        }
+        fn is_parked(&mut self, _id: u32) -> bool {
+            self.reached += 1;
+            true
+        }
+    }
+
+    fn domain(id: u32, t: &crate::common::memory::guest_memory::testing::TestMemory) -> Domain {
+        // SAFETY: the view aliases the test memory, which the caller keeps alive longer.
+        let mem = unsafe { GuestMemory::new(t.mem.host_base() as *mut u8, t.mem.size()) };
+        Domain::new(id, "t".into(), mem, TimeBase::new(1_000_000_000, 0, 0, 0))
+    }
+
+    /// Every hypercall and sub-operation classified as staying in its domain really never
+    /// asks for another one, whatever its arguments name (the other domain, itself, nothing).
+    #[test]
+    fn calls_said_to_stay_in_their_domain_never_reach_another() {
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let mut checked = 0;
+        for nr in 0..Hypercall::COUNT as u64 + 1 {
+            for op in 0..24u64 {
+                for arg in [2u64, 1, DOMID_SELF, 0, 0x1000] {
+                    if of_hypercall(nr, op, arg, 1) != Reach::Own {
+                        continue;
+                    }
+                    let t1 = test_memory(4 << 20);
+                    let t2 = test_memory(4 << 20);
+                    let mut caller = domain(1, &t1);
+                    let mut table = Watching {
+                        peer: domain(2, &t2),
+                        reached: 0,
+                        asked: Vec::new(),
+                    };
+                    let mut vcpu = MockVcpu::default();
+                    let regs = &mut vcpu.regs.gpr;
+                    regs[reg::RAX] = nr;
+                    regs[reg::RDI] = op;
+                    regs[reg::RSI] = arg;
+                    regs[reg::RDX] = 0x2000;
+                    regs[reg::R10] = 0;
+                    handle(&mut caller, 0, &mut vcpu, &mut table);
+                    assert_eq!(table.reached, 0, "hypercall {nr} op {op} arg {arg:#x}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100, "only {checked} combinations looked at");
+    }
+
+    /// A call said to reach the domain its first argument names reaches no other one.
+    #[test]
+    fn calls_that_name_their_peer_in_a_register_reach_only_that_one() {
+        crate::common::domain::DOMAIN_COUNT.fetch_max(3, core::sync::atomic::Ordering::Relaxed);
+        let mut checked = 0;
+        for nr in 0..Hypercall::COUNT as u64 {
+            for op in 0..24u64 {
+                for arg in [2u64, 3, 1, DOMID_SELF] {
+                    let Reach::OnePeer(PeerOf::Domain(named)) = of_hypercall(nr, op, arg, 1) else {
+                        continue;
+                    };
+                    let t1 = test_memory(4 << 20);
+                    let t2 = test_memory(4 << 20);
+                    let mut caller = domain(1, &t1);
+                    let mut table = Watching {
+                        peer: domain(2, &t2),
+                        reached: 0,
+                        asked: Vec::new(),
+                    };
+                    let mut vcpu = MockVcpu::default();
+                    let regs = &mut vcpu.regs.gpr;
+                    regs[reg::RAX] = nr;
+                    regs[reg::RDI] = op;
+                    regs[reg::RSI] = arg;
+                    regs[reg::RDX] = 0x2000;
+                    regs[reg::R10] = 0x4000_0000;
+                    handle(&mut caller, 0, &mut vcpu, &mut table);
+                    assert!(
+                        table.asked.iter().all(|&id| u64::from(id) == named),
+                        "hypercall {nr} op {op} arg {arg:#x} asked for {:?}",
+                        table.asked
+                    );
+                    assert_eq!(table.reached as usize, table.asked.len());
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= 8, "only {checked} combinations looked at");
+    }
+
+    #[test]
+    fn calls_that_name_another_domain_take_the_table_or_the_send_path() {
+        let ec = Hypercall::EventChannelOp as u64;
+        let gt = Hypercall::GrantTableOp as u64;
+        assert_eq!(
+            of_hypercall(ec, EventChannelOp::Send as u64, 5, 1),
+            Reach::OnePeer(PeerOf::Port(5))
+        );
+        assert_eq!(
+            of_hypercall(gt, GrantTableOp::Map as u64, 2, 1),
+            Reach::OnePeer(PeerOf::Domain(2))
+        );
+        assert_eq!(
+            of_hypercall(ec, EventChannelOp::BindInterdomain as u64, 2, 1),
+            Reach::Any
+        );
+        assert_eq!(
+            of_hypercall(ec, EventChannelOp::BindInterdomain as u64, DOMID_SELF, 1),
+            Reach::Own
+        );
+        assert_eq!(
+            of_hypercall(gt, GrantTableOp::Copy as u64, 0, 1),
+            Reach::Any
+        );
+        assert_eq!(
+            of_hypercall(Hypercall::Multicall as u64, 0, 0, 1),
+            Reach::Any
+        );
+        assert_eq!(
+            of_hypercall(Hypercall::DomctlOp as u64, 0, 0, 1),
+            Reach::Any
+        );
+        let mut vcpu = MockVcpu::default();
+        assert_eq!(of_exit(&VmExit::InvalidOpcode, &mut vcpu, 1), Reach::Any);
+        assert_eq!(of_exit(&VmExit::Hlt, &mut vcpu, 1), Reach::Own);
+    }
+}

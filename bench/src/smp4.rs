@@ -15,12 +15,13 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lamina_abi::event_channel::DOMID_SELF;
-use lamina_abi::vcpu::VcpuStartState;
+use lamina_abi::vcpu::{VcpuStartState, runstate};
 use lamina_guest_sdk::events::{self, Port};
 use lamina_guest_sdk::interrupts::{self, TrapFrame};
 use lamina_guest_sdk::pvops::{
     NativeSmp, PvSmp, SHOOTDOWN_KIND, SmpOps, handle_shootdown_ipi, icr_fixed, ipi_vector,
 };
+use lamina_guest_sdk::vcpu::RunstateArea;
 use lamina_guest_sdk::{percpu, println, sched, stats, vcpu, x2apic};
 
 use crate::measure::{self, Group, OpInfo, Path};
@@ -53,6 +54,9 @@ static WOKEN: [AtomicU64; VCPUS] = [const { AtomicU64::new(0) }; VCPUS];
 static FLUSHED: [AtomicU64; VCPUS] = [const { AtomicU64::new(0) }; VCPUS];
 /// What the spinning siblings read (their TLBs hold the translation the rows flush).
 static TOUCHED: AtomicU64 = AtomicU64::new(0);
+
+/// The siblings' run-state areas: the IPI rows wait until their targets wait again.
+static RUNSTATES: [RunstateArea; VCPUS] = [const { RunstateArea::new() }; VCPUS];
 
 /// The contended lock: 0 free, `v + 1` held by vCPU `v`.
 static LOCK: AtomicU64 = AtomicU64::new(0);
@@ -169,6 +173,7 @@ fn setup() -> Result<(), &'static str> {
             cr3: cr3 & !0xfff,
             argument: u64::from(v),
         };
+        vcpu::register_runstate(v, &RUNSTATES[v as usize]).map_err(|_| "register_runstate")?;
         vcpu::initialise(v, &start).map_err(|_| "vcpu_op initialise")?;
         // SAFETY: `sibling` runs on a stack of its own and shares only atomics with the others.
         unsafe { vcpu::up(v) }.map_err(|_| "vcpu_op up")?;
@@ -255,10 +260,15 @@ fn measure_row(
     }
 }
 
-/// Yields until the siblings of `mask` moved `counters` past `before`, one each.
+/// Yields until the siblings of `mask` moved `counters` past `before`, one each, and wait
+/// (blocked or halted) again, so that every IPI finds its targets waiting.
 fn yield_until(counters: &[AtomicU64; VCPUS], mask: u64, before: u64) {
     let want = before + u64::from(mask.count_ones());
     while sum(counters, mask) < want {
+        let _ = sched::yield_now();
+    }
+    let waiting = |v: usize| RUNSTATES[v].read().state == runstate::BLOCKED;
+    while !(1..VCPUS).all(|v| mask & (1 << v) == 0 || waiting(v)) {
         let _ = sched::yield_now();
     }
 }

@@ -48,6 +48,7 @@ mod measure;
 mod ops;
 mod pingpong;
 mod smp;
+mod smp4;
 mod smp_cpus;
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -241,6 +242,9 @@ fn bench_main(start: &'static StartInfo) {
     }
     if runs(Group::Smp2) {
         smp_cpus::rows(iterations, start.nr_vcpus);
+    }
+    if runs(Group::Smp4) {
+        smp4::rows(iterations, start.nr_vcpus);
     }
     if let Some(idle) = &idle {
         idle.release();

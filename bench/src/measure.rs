@@ -172,6 +172,7 @@ pub(crate) enum Group {
     Pingpong,
     Smp,
     Smp2,
+    Smp4,
 }
 
 impl Group {
@@ -189,6 +190,7 @@ impl Group {
             Group::Pingpong => "pingpong",
             Group::Smp => "smp",
             Group::Smp2 => "smp2",
+            Group::Smp4 => "smp4",
         }
     }
 }

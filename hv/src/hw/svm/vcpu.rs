@@ -73,6 +73,9 @@ const V_INTR_PRIO_HIGHEST: u64 = 0xf << 16;
 const V_IGN_TPR: u64 = 1 << 20;
 /// Physical interrupts are masked by the host's RFLAGS.IF, not the guest's (APM 15.21.1).
 const V_INTR_MASKING: u64 = 1 << 24;
+/// V_INTR_VECTOR: the vector a virtual interrupt is delivered with (VMCB offset 0x64).
+const V_INTR_VECTOR_SHIFT: u32 = 32;
+const V_INTR_VECTOR_MASK: u64 = 0xff << V_INTR_VECTOR_SHIFT;
 const EVENT_VALID: u64 = 1 << 31;
 // TLB_CONTROL values (APM Vol. 2 15.16.1).
 const TLB_FLUSH_ALL: u8 = 1;
@@ -186,6 +189,14 @@ impl SvmVcpu {
 }
 
 impl SvmVcpu {
+    /// Whether an interrupt [`VirtualCpu::inject_interrupt`] made pending as V_IRQ was not
+    /// taken yet: V_IRQ without the VINTR intercept (with it, V_IRQ is a window request).
+    #[inline]
+    fn virtual_interrupt_waiting(&self) -> bool {
+        let c = &self.vmcb.control;
+        c.v_intr & V_IRQ != 0 && c.intercept_misc1 & MISC1_VINTR == 0
+    }
+
     /// Which consistency check of VMRUN (APM Vol. 2 15.5.1, "Canonicalization and Consistency
     /// Checks") the guest state fails, as far as the VMCB shows it.
     #[cold]
@@ -442,18 +453,45 @@ impl VirtualCpu for SvmVcpu {
         self.interrupt_flag()
             && self.vmcb.control.interrupt_shadow & 1 == 0
             && self.vmcb.control.event_injection & EVENT_VALID == 0
+            && !self.virtual_interrupt_waiting()
     }
 
     fn inject_interrupt(&mut self, vector: u8) {
-        // EVENTINJ type 0: external interrupt.
-        self.vmcb.control.event_injection = u64::from(vector) | EVENT_VALID;
+        // A virtual interrupt (APM Vol. 2 15.21.4), not EVENTINJ: the guest takes it before
+        // its first instruction, as the window is open, and the CPU clears V_IRQ when it does.
+        // QEMU TCG (7.2) delivers an EVENTINJ external interrupt from VMRUN but leaves the
+        // vector as its pending exception, and delivers it a second time, whatever RFLAGS.IF,
+        // if the vCPU thread is kicked before the next exit (an upcall arrived twice, once
+        // with evtchn_upcall_mask set, in about 1 of 3,000 injections).
+        let c = &mut self.vmcb.control;
+        c.v_intr = (c.v_intr & !V_INTR_VECTOR_MASK)
+            | V_IRQ
+            | V_INTR_PRIO_HIGHEST
+            | V_IGN_TPR
+            | u64::from(vector) << V_INTR_VECTOR_SHIFT;
+        c.intercept_misc1 &= !MISC1_VINTR;
     }
 
     fn set_interrupt_window_exiting(&mut self, enabled: bool) {
         // A virtual interrupt of the highest priority is made pending; the VINTR intercept
         // exits when the guest is about to take it, which is when it could take ours.
-        let c = &mut self.vmcb.control;
         let window = V_IRQ | V_INTR_PRIO_HIGHEST | V_IGN_TPR;
+        if self.virtual_interrupt_waiting() {
+            if !enabled {
+                // The window is the injected interrupt's now: it stays.
+                return;
+            }
+            // An injected interrupt not taken yet (a host interrupt came first) shares V_IRQ
+            // with the window: it goes to EVENTINJ, delivered at the next entry as the guest
+            // ran nothing since it could take it, and the window exits after its handler.
+            // (EVENTINJ is free: an event the guest was delivering means it took V_IRQ.)
+            if self.vmcb.control.event_injection & EVENT_VALID != 0 {
+                return;
+            }
+            let vector = (self.vmcb.control.v_intr & V_INTR_VECTOR_MASK) >> V_INTR_VECTOR_SHIFT;
+            self.vmcb.control.event_injection = vector | EVENT_VALID;
+        }
+        let c = &mut self.vmcb.control;
         if enabled {
             c.v_intr |= window;
             c.intercept_misc1 |= MISC1_VINTR;

@@ -54,7 +54,7 @@ mod smp_cpus;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use lamina_abi::sched::ShutdownReason;
-use lamina_guest_sdk::{StartInfo, cmdline_value, cpuid, events, hypercall, println, time};
+use lamina_guest_sdk::{StartInfo, cmdline_value, cpuid, events, hypercall, println, sched, time};
 
 use crate::measure::{Group, OpInfo, Path};
 
@@ -132,8 +132,43 @@ fn spin_until(deadline_ms: u64) -> ! {
     hypercall::shutdown(ShutdownReason::Poweroff)
 }
 
+/// `spin_until_ms=<t> nap_us=<n> nap_every_us=<m>`: as [`spin_until`], but after every `m` µs
+/// of spinning (system time) it sleeps `n` µs in a poll that only its deadline ends: a domain
+/// that naps often between stretches of work, which must get its weight's share beside
+/// spinning domains and no more (docs/abi.md 3.3: a wake-up buys no lead).
+fn nap_until(deadline_ms: u64, nap_us: u64, nap_every_us: u64) -> ! {
+    let deadline = deadline_ms * 1_000_000;
+    let Ok(port) = events::alloc_loopback() else {
+        println!("nap: error: alloc_loopback failed");
+        hypercall::shutdown(ShutdownReason::Crash)
+    };
+    let (mut rounds, mut naps) = (0u64, 0u64);
+    let mut stretch_end = time::now_ns() + nap_every_us * 1_000;
+    while time::now_ns() < deadline {
+        rounds += 1;
+        core::hint::spin_loop();
+        if time::now_ns() >= stretch_end {
+            let wake_at = time::now_ns() + nap_us * 1_000;
+            match sched::poll(&[port], Some(wake_at)) {
+                Ok(sched::PollOutcome::TimedOut) => naps += 1,
+                other => {
+                    println!("nap: error: poll on a port nobody raises: {other:?}");
+                    hypercall::shutdown(ShutdownReason::Crash)
+                }
+            }
+            stretch_end = time::now_ns() + nap_every_us * 1_000;
+        }
+    }
+    println!("spin: {rounds} rounds and {naps} naps until {deadline_ms} ms");
+    hypercall::shutdown(ShutdownReason::Poweroff)
+}
+
 fn bench_main(start: &'static StartInfo) {
     if let Some(deadline) = cmdline_value("spin_until_ms").and_then(|v| v.parse::<u64>().ok()) {
+        let nap = |key| cmdline_value(key).and_then(|v| v.parse::<u64>().ok());
+        if let (Some(nap_us), Some(every)) = (nap("nap_us"), nap("nap_every_us")) {
+            nap_until(deadline, nap_us, every);
+        }
         spin_until(deadline);
     }
     let iterations = match cmdline_value("iterations").map(str::parse::<u64>) {

@@ -121,6 +121,11 @@ fn check_fair_shares(log: &SerialLog) -> std::result::Result<String, String> {
     fair_shares(log, &FAIRNESS_DOMAINS)
 }
 
+/// The napping domain's CPU share beside the spinning one against their weights.
+fn check_napper_share(log: &SerialLog) -> std::result::Result<String, String> {
+    fair_shares(log, &[("spinner", 100), ("napper", 200)])
+}
+
 /// Whether each of `domains` (name, weight) had its weight's share of the CPU time they all
 /// had, within [`FAIRNESS_TOLERANCE`], from the summary's `cpu_ms=`.
 pub(crate) fn fair_shares(
@@ -299,6 +304,27 @@ pub const SCENARIOS: &[Scenario] = &[
         required_lines: &[LinePattern::Contains("(d3) spin: ")],
         forbidden_lines: &[NO_PANIC],
         check: Some(check_fair_shares),
+    },
+    Scenario {
+        // A domain that naps 10 us after every 300 us of work wakes hundreds of times a
+        // second; each wake-up may keep up to a slice of what it was owed, never more
+        // (docs/abi.md 3.3): it gets its weight's share beside a spinning domain, neither
+        // a fraction of it (clamped to the spinner at each wake-up) nor more.
+        name: "fairness-napper",
+        modules: &[
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "spinner weight=100 spin_until_ms=1500 mem=4M",
+            },
+            ModuleSpec {
+                source: ModuleSource::Built(Artifact::Bench),
+                cmdline: "napper weight=200 spin_until_ms=1500 nap_us=10 nap_every_us=300 mem=4M",
+            },
+        ],
+        expect: HvResult::Success,
+        required_lines: &[LinePattern::Contains("(d2) spin: ")],
+        forbidden_lines: &[NO_PANIC],
+        check: Some(check_napper_share),
     },
     Scenario {
         name: "bad-elf-rejected-good-runs",

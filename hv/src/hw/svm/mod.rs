@@ -25,6 +25,8 @@ const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
 const VM_CR_SVMDIS: u64 = 1 << 4;
 /// CPUID 0x8000_000a EDX: TLB_CONTROL can flush one ASID (APM Vol. 2 15.16.1).
 const FEATURE_FLUSH_BY_ASID: u32 = 1 << 6;
+/// CPUID 8000_000A EDX bit 3: NRIP-save (APM Vol. 2 15.7.1).
+const FEATURE_NRIP_SAVE: u32 = 1 << 3;
 
 /// SVM enabled on this CPU.
 pub struct Svm {
@@ -39,6 +41,9 @@ pub struct Svm {
     asids: u32,
     /// TLB_CONTROL 3 (flush this guest's entries) exists; otherwise only 1 (flush all).
     flush_by_asid: bool,
+    /// No NRIP-save (QEMU TCG, AMD CPUs before 2010): interrupts for a guest at CPL 0 are
+    /// injected as software interrupts ([`vcpu::SvmVcpu`]'s `inject_interrupt` says why).
+    soft_interrupts_at_cpl0: bool,
 }
 
 impl Virtualization for Svm {
@@ -83,11 +88,17 @@ impl Virtualization for Svm {
             .svm_host_state
             .store(host_state_vmcb, core::sync::atomic::Ordering::Relaxed);
         let flush_by_asid = svm_features.edx & FEATURE_FLUSH_BY_ASID != 0;
+        let nrip_save = svm_features.edx & FEATURE_NRIP_SAVE != 0;
         log::info!(
-            "SVM on: {} ASIDs, NRIP-save {}, flush by ASID {}",
+            "SVM on: {} ASIDs, NRIP-save {}, flush by ASID {}{}",
             svm_features.ebx,
-            svm_features.edx & (1 << 3) != 0,
-            flush_by_asid
+            nrip_save,
+            flush_by_asid,
+            if nrip_save {
+                ""
+            } else {
+                "; interrupts into CPL 0 injected as software interrupts"
+            }
         );
         Ok(Svm {
             host_state_vmcb,
@@ -95,6 +106,7 @@ impl Virtualization for Svm {
             msr_permission_map,
             asids: svm_features.ebx,
             flush_by_asid,
+            soft_interrupts_at_cpl0: !nrip_save,
         })
     }
 

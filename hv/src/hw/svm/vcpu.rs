@@ -73,10 +73,9 @@ const V_INTR_PRIO_HIGHEST: u64 = 0xf << 16;
 const V_IGN_TPR: u64 = 1 << 20;
 /// Physical interrupts are masked by the host's RFLAGS.IF, not the guest's (APM 15.21.1).
 const V_INTR_MASKING: u64 = 1 << 24;
-/// V_INTR_VECTOR: the vector a virtual interrupt is delivered with (VMCB offset 0x64).
-const V_INTR_VECTOR_SHIFT: u32 = 32;
-const V_INTR_VECTOR_MASK: u64 = 0xff << V_INTR_VECTOR_SHIFT;
 const EVENT_VALID: u64 = 1 << 31;
+/// EVENTINJ TYPE 4: software interrupt (INTn).
+const EVENT_TYPE_SOFTWARE: u64 = 4 << 8;
 // TLB_CONTROL values (APM Vol. 2 15.16.1).
 const TLB_FLUSH_ALL: u8 = 1;
 const TLB_FLUSH_THIS_ASID: u8 = 3;
@@ -92,6 +91,8 @@ pub struct SvmVcpu {
     instruction_len: u64,
     /// TLB_CONTROL can flush this guest's ASID alone.
     flush_by_asid: bool,
+    /// Interrupts into CPL 0 go in as software interrupts (see `inject_interrupt`).
+    soft_interrupts_at_cpl0: bool,
     /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
     xstate: ExtendedState,
 }
@@ -172,6 +173,7 @@ impl SvmVcpu {
             host_cpu: crate::platform::percpu::this_cpu().index,
             instruction_len: 0,
             flush_by_asid: svm.flush_by_asid,
+            soft_interrupts_at_cpl0: svm.soft_interrupts_at_cpl0,
             xstate,
         })
     }
@@ -189,14 +191,6 @@ impl SvmVcpu {
 }
 
 impl SvmVcpu {
-    /// Whether an interrupt [`VirtualCpu::inject_interrupt`] made pending as V_IRQ was not
-    /// taken yet: V_IRQ without the VINTR intercept (with it, V_IRQ is a window request).
-    #[inline]
-    fn virtual_interrupt_waiting(&self) -> bool {
-        let c = &self.vmcb.control;
-        c.v_intr & V_IRQ != 0 && c.intercept_misc1 & MISC1_VINTR == 0
-    }
-
     /// Which consistency check of VMRUN (APM Vol. 2 15.5.1, "Canonicalization and Consistency
     /// Checks") the guest state fails, as far as the VMCB shows it.
     #[cold]
@@ -453,45 +447,28 @@ impl VirtualCpu for SvmVcpu {
         self.interrupt_flag()
             && self.vmcb.control.interrupt_shadow & 1 == 0
             && self.vmcb.control.event_injection & EVENT_VALID == 0
-            && !self.virtual_interrupt_waiting()
     }
 
     fn inject_interrupt(&mut self, vector: u8) {
-        // A virtual interrupt (APM Vol. 2 15.21.4), not EVENTINJ: the guest takes it before
-        // its first instruction, as the window is open, and the CPU clears V_IRQ when it does.
-        // QEMU TCG (7.2) delivers an EVENTINJ external interrupt from VMRUN but leaves the
-        // vector as its pending exception, and delivers it a second time, whatever RFLAGS.IF,
-        // if the vCPU thread is kicked before the next exit (an upcall arrived twice, once
-        // with evtchn_upcall_mask set, in about 1 of 3,000 injections).
-        let c = &mut self.vmcb.control;
-        c.v_intr = (c.v_intr & !V_INTR_VECTOR_MASK)
-            | V_IRQ
-            | V_INTR_PRIO_HIGHEST
-            | V_IGN_TPR
-            | u64::from(vector) << V_INTR_VECTOR_SHIFT;
-        c.intercept_misc1 &= !MISC1_VINTR;
+        // EVENTINJ type 0: external interrupt (APM Vol. 2 15.20). QEMU TCG delivers one from
+        // VMRUN but keeps its vector as the pending exception, and delivers it a second time,
+        // whatever RFLAGS.IF, if its vCPU thread is told to leave the guest before the next
+        // exit (an icount deadline, another CPU's kick): about once in 3,600 injections of
+        // the upcall test, deterministically under -icount. QEMU delivers a type 4 (software
+        // interrupt) through its exception path, which clears it. At CPL 0 the two differ in
+        // nothing a guest sees (the gate's DPL check passes; the return RIP is the VMCB's,
+        // as nothing ran since), so where NRIP-save is missing, as in QEMU TCG, CPL 0 gets
+        // type 4; a CPU without NRIP-save returns to the VMCB's RIP too.
+        let soft = self.soft_interrupts_at_cpl0 && self.vmcb.save.cpl == 0;
+        let kind = if soft { EVENT_TYPE_SOFTWARE } else { 0 };
+        self.vmcb.control.event_injection = u64::from(vector) | kind | EVENT_VALID;
     }
 
     fn set_interrupt_window_exiting(&mut self, enabled: bool) {
         // A virtual interrupt of the highest priority is made pending; the VINTR intercept
         // exits when the guest is about to take it, which is when it could take ours.
-        let window = V_IRQ | V_INTR_PRIO_HIGHEST | V_IGN_TPR;
-        if self.virtual_interrupt_waiting() {
-            if !enabled {
-                // The window is the injected interrupt's now: it stays.
-                return;
-            }
-            // An injected interrupt not taken yet (a host interrupt came first) shares V_IRQ
-            // with the window: it goes to EVENTINJ, delivered at the next entry as the guest
-            // ran nothing since it could take it, and the window exits after its handler.
-            // (EVENTINJ is free: an event the guest was delivering means it took V_IRQ.)
-            if self.vmcb.control.event_injection & EVENT_VALID != 0 {
-                return;
-            }
-            let vector = (self.vmcb.control.v_intr & V_INTR_VECTOR_MASK) >> V_INTR_VECTOR_SHIFT;
-            self.vmcb.control.event_injection = vector | EVENT_VALID;
-        }
         let c = &mut self.vmcb.control;
+        let window = V_IRQ | V_INTR_PRIO_HIGHEST | V_IGN_TPR;
         if enabled {
             c.v_intr |= window;
             c.intercept_misc1 |= MISC1_VINTR;

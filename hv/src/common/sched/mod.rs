@@ -454,7 +454,7 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
             None => vcpu.flush_guest_tlb(),
         }
     }
-    if taken & request::EVENT == 0 {
+    if taken & (request::EVENT | request::EVENT_AFTER_EXIT) == 0 {
         return taken;
     }
     let Some((vector, from_apic)) = deliverable_interrupt(domain, index) else {
@@ -474,8 +474,10 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
             vcpu.set_interrupt_window_exiting(false);
             state.window_requested = false;
         }
-        // Look again at the next entry: more may be due (the upcall handler clears its flag).
-        state.requests.make(request::EVENT);
+        // Look again once the guest ran: more may be due (the upcall handler clears its
+        // flag). Not before this entry: the upcall flag still shows the one just injected,
+        // and a window asked for then would cost an exit per upcall.
+        state.requests.look_again_after_exit();
     } else if !state.window_requested {
         vcpu.set_interrupt_window_exiting(true);
         state.window_requested = true;

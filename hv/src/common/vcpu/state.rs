@@ -63,9 +63,17 @@ pub mod request {
     /// A sibling asked for its guest TLB to be flushed (`memory_op` flush_tlb, docs/abi.md
     /// 11): drop its guest-virtual translations before it next runs guest code.
     pub const TLB_FLUSH: u32 = 1 << 6;
+    /// An interrupt was just injected: look for more at the first entry after the next exit,
+    /// once the guest ran (its handler clears the upcall flag that would otherwise still show
+    /// the upcall just injected). Never holds the entry it was made for up, nor kicks anyone.
+    pub const EVENT_AFTER_EXIT: u32 = 1 << 7;
     /// The requests drained before every entry (`sched::prepare_entry`); the others
     /// (START, WAKE_CHECK) wait for the scheduler's next pass and never hold an entry up.
-    pub const BEFORE_ENTRY: u32 = EVENT | TIMERS | NESTED_FLUSH | RESCHEDULE | TLB_FLUSH;
+    pub const BEFORE_ENTRY: u32 =
+        EVENT | TIMERS | NESTED_FLUSH | RESCHEDULE | TLB_FLUSH | EVENT_AFTER_EXIT;
+    /// The requests that keep a CPU from entering the guest until it drained them: made by
+    /// someone else, possibly after the drain ([`super::Requests::enter_guest`]).
+    pub const HOLD_ENTRY: u32 = BEFORE_ENTRY & !EVENT_AFTER_EXIT;
 }
 
 impl Requests {
@@ -122,11 +130,19 @@ impl Requests {
     pub fn enter_guest(&self, cpu: usize) -> bool {
         self.running_on.store(cpu as u32, Ordering::Relaxed);
         self.in_guest.store(true, Ordering::SeqCst);
-        if self.bits.load(Ordering::SeqCst) & request::BEFORE_ENTRY != 0 {
+        if self.bits.load(Ordering::SeqCst) & request::HOLD_ENTRY != 0 {
             self.in_guest.store(false, Ordering::Release);
             return false;
         }
         true
+    }
+
+    /// Asks the running vCPU's own next drain, after its next exit, to look for interrupts
+    /// again ([`request::EVENT_AFTER_EXIT`]): no kick, no wake-up.
+    #[inline]
+    pub fn look_again_after_exit(&self) {
+        self.bits
+            .fetch_or(request::EVENT_AFTER_EXIT, Ordering::Relaxed);
     }
 
     /// Whether something must be drained before the next entry.

@@ -1400,7 +1400,8 @@ fn pick_in<V, S: Slots<V> + ?Sized>(
 ) -> Option<(usize, usize)> {
     let count = units.len();
     let mut any_boosted = false;
-    let mut least_unboosted: Option<u64> = None;
+    // The least virtual run time of a ready vCPU not woken, and its domain's weight.
+    let mut least_unboosted: Option<(u64, u32)> = None;
     let mut least_boosted: Option<((usize, usize), u64)> = None;
     let mut fairest: Option<((usize, usize), u64)> = None;
     let mut yielder_ready = false;
@@ -1410,10 +1411,15 @@ fn pick_in<V, S: Slots<V> + ?Sized>(
         let ready = slots.with(unit.0, |slot| {
             (slot.domain.affinity & cpu_bit != 0 && is_ready(slot, unit.1)).then(|| {
                 let state = &slot.domain.vcpus[unit.1];
-                (state.boosted, state.vruntime, state.yielded_to)
+                (
+                    state.boosted,
+                    state.vruntime,
+                    state.yielded_to,
+                    slot.domain.weight,
+                )
             })
         });
-        let Some((boosted, vruntime, yielded_to)) = ready else {
+        let Some((boosted, vruntime, yielded_to, weight)) = ready else {
             continue;
         };
         if Some(unit) == yielded {
@@ -1430,24 +1436,30 @@ fn pick_in<V, S: Slots<V> + ?Sized>(
                 least_boosted = Some((unit, vruntime));
             }
         } else {
-            least_unboosted = Some(least_unboosted.map_or(vruntime, |l| l.min(vruntime)));
+            if least_unboosted.is_none_or(|(least, _)| vruntime < least) {
+                least_unboosted = Some((vruntime, weight));
+            }
         }
         if fairest.is_none_or(|(_, least)| vruntime < least) {
             fairest = Some((unit, vruntime));
         }
     }
-    let within = |vruntime: u64| least_unboosted.is_none_or(|least| vruntime <= least);
+    let within = |vruntime: u64| least_unboosted.is_none_or(|(least, _)| vruntime <= least);
     // The woken vCPU that had the least CPU time for its weight: woken vCPUs compete among
     // themselves by fairness too, or one that wakes every few microseconds would run first
     // whenever all the others ready were woken as well.
     let boosted = least_boosted
         .filter(|&(_, vruntime)| within(vruntime))
         .map(|(unit, _)| unit);
-    if any_boosted && let Some(least) = least_unboosted {
+    if any_boosted && let Some((least, weight)) = least_unboosted {
         // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
         // that naps often between its work was owed before the nap (clamped to `least`, it
         // lost that at every nap and got a fraction of its share beside a spinning domain).
-        let floor = least.saturating_sub(WAKE_CREDIT_NS);
+        // One slice of the least-served vCPU's, in virtual run time: how far ahead a slice
+        // of its puts it (a plain slice in ns let a napper beside a spinner of weight 100
+        // keep 10 of the spinner's 25.6 ms and get 29% of the CPU, not half).
+        let credit = WAKE_CREDIT_NS * u64::from(DEFAULT_WEIGHT) / u64::from(weight.max(1));
+        let floor = least.saturating_sub(credit);
         slots.each(|_, slot| {
             for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
                 state.vruntime = state.vruntime.max(floor);
@@ -1799,6 +1811,52 @@ mod tests {
             (0.45..=0.55).contains(&share),
             "the napper's share: {share}"
         );
+    }
+
+    #[test]
+    fn a_napper_gets_its_weights_share_beside_a_spinner_of_any_weight() {
+        // Domain 1 spins; domain 2 works 300 us and naps 10 us, over and over, waking
+        // boosted. The spinner's slice ends at the napper's wake-up while it naps. The wake
+        // credit is one slice of the spinner's in virtual run time (a slice in ns let a
+        // napper beside a spinner of weight 100 keep less than half of what it was owed).
+        for (spinner_weight, napper_weight) in [(256, 256), (100, 100), (100, 200), (400, 100)] {
+            let (_t, mut slots) = ready_pair(0, 0, false);
+            slots[0].domain.weight = spinner_weight;
+            slots[1].domain.weight = napper_weight;
+            let (mut cursor, mut now, mut ran) = (1, 0u64, [0u64; 2]);
+            let mut nap_until: Option<u64> = None;
+            while now < 2000 * MS {
+                if nap_until.is_some_and(|t| t <= now) {
+                    nap_until = None;
+                    slots[1].domain.vcpus[0].boosted = true;
+                }
+                let unit = if nap_until.is_some() {
+                    (0, 0)
+                } else {
+                    pick(&mut slots, &UNITS, cursor, u64::MAX, None).expect("both are ready")
+                };
+                slots[unit.0].domain.vcpus[0].boosted = false;
+                cursor = index_of_unit(&UNITS, cursor, unit);
+                let run = match (unit.0, nap_until) {
+                    (0, Some(wake)) => wake - now,
+                    (0, None) => TIME_SLICE_NS,
+                    _ => 300_000,
+                };
+                ran[unit.0] += run;
+                let weight = u64::from(slots[unit.0].domain.weight);
+                slots[unit.0].domain.vcpus[0].vruntime += run * u64::from(DEFAULT_WEIGHT) / weight;
+                now += run;
+                if unit.0 == 1 {
+                    nap_until = Some(now + 10_000);
+                }
+            }
+            let share = ran[1] as f64 / (ran[0] + ran[1]) as f64;
+            let ideal = f64::from(napper_weight) / f64::from(napper_weight + spinner_weight);
+            assert!(
+                (share - ideal).abs() <= 0.1 * ideal,
+                "weights {spinner_weight}:{napper_weight}: the napper's share {share}, ideal {ideal}"
+            );
+        }
     }
 
     const MEMORY_OP: u64 = 5;

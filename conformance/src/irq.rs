@@ -33,6 +33,8 @@ static ORDER: [AtomicU8; ORDER_SLOTS] = [const { AtomicU8::new(0) }; ORDER_SLOTS
 static ORDER_LEN: AtomicUsize = AtomicUsize::new(0);
 /// Ports the upcall handler found pending and unmasked (and cleared).
 static DELIVERED: [AtomicU64; NR_PORT_WORDS] = [const { AtomicU64::new(0) }; NR_PORT_WORDS];
+/// Ports bound to another vCPU ([`bound_to_another_vcpu`]): the upcall leaves them alone.
+static OTHER_VCPUS_PORTS: [AtomicU64; NR_PORT_WORDS] = [const { AtomicU64::new(0) }; NR_PORT_WORDS];
 static AUTO_EOI: AtomicBool = AtomicBool::new(false);
 static APIC_IN_USE: AtomicBool = AtomicBool::new(false);
 
@@ -75,7 +77,12 @@ fn deliver_events() {
     while selector != 0 {
         let word = selector.trailing_zeros() as usize;
         selector &= selector - 1;
-        let ready = shared::pending_word(word) & !shared::mask_word(word);
+        // The pending bits are shared by every vCPU; the selector is this vCPU's. A port
+        // bound to a sibling may be pending in the same word: it is the sibling's to take
+        // (docs/abi.md 8.8), as a kernel's handler filters by the ports bound to its CPU.
+        let ready = shared::pending_word(word)
+            & !shared::mask_word(word)
+            & !OTHER_VCPUS_PORTS[word].load(Ordering::SeqCst);
         let mut ports = ready;
         while ports != 0 {
             let port = (word * 64) as u64 + u64::from(ports.trailing_zeros());
@@ -84,6 +91,12 @@ fn deliver_events() {
         }
         DELIVERED[word].fetch_or(ready, Ordering::SeqCst);
     }
+}
+
+/// Marks `port` as bound to a vCPU other than the one taking upcalls: the upcall handler
+/// neither clears nor records it.
+pub(crate) fn bound_to_another_vcpu(port: u64) {
+    OTHER_VCPUS_PORTS[(port / 64) as usize].fetch_or(1 << (port % 64), Ordering::SeqCst);
 }
 
 /// How many times `vector` arrived.

@@ -242,6 +242,9 @@ pub(super) fn pv_ipi_wakes_and_kicks() {
         return;
     };
     SECONDARY_PORT.store(other, Ordering::SeqCst);
+    // vCPU 1 takes its own port: vCPU 0's upcalls, which scan a word of pending bits shared by
+    // both, must not (they took it under vCPU 1's poll once, which then found it not pending).
+    irq::bound_to_another_vcpu(other);
     // SAFETY: the area is our static, ours for good.
     let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
     check_eq!("register_runstate of vCPU 1", Status(0), registered);

@@ -61,9 +61,23 @@ pub enum TimerMode {
     TscDeadline = 2 << 17,
 }
 
-/// CPUID.1:ECX bit 21: x2APIC.
+/// CPUID.1:ECX bit 21: x2APIC. Asked once: CPUID is an exit under a hypervisor, and the
+/// native IPI path asks at every send (the bit never changes).
 pub fn available() -> bool {
-    crate::cpuid::cpuid(1, 0).ecx & (1 << 21) != 0
+    use core::sync::atomic::{AtomicU8, Ordering};
+    const UNKNOWN: u8 = 0;
+    const PRESENT: u8 = 1;
+    const ABSENT: u8 = 2;
+    static KNOWN: AtomicU8 = AtomicU8::new(UNKNOWN);
+    match KNOWN.load(Ordering::Relaxed) {
+        PRESENT => true,
+        ABSENT => false,
+        _ => {
+            let present = crate::cpuid::cpuid(1, 0).ecx & (1 << 21) != 0;
+            KNOWN.store(if present { PRESENT } else { ABSENT }, Ordering::Relaxed);
+            present
+        }
+    }
 }
 
 /// CPUID.1:ECX bit 24: TSC-deadline timer mode.

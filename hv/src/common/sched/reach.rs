@@ -5,6 +5,7 @@
 
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
 use lamina_abi::Hypercall;
+use lamina_abi::domctl::DomctlOp;
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp};
 use lamina_abi::grant_table::GrantTableOp;
 use lamina_abi::stats::StatsOp;
@@ -16,6 +17,12 @@ pub enum Reach {
     Own,
     /// At most one other domain, named by [`PeerOf`].
     OnePeer(PeerOf),
+    /// Other domains found only as the call goes (named in guest memory, or every domain in
+    /// turn): grant copy, `multicall`, `list_domains`, `phys_info`. Each is locked when the
+    /// call reaches it, one at a time; one that comes first in the table and is busy stops the
+    /// call before it acts (a batch before the entry), to be finished once the CPU holds it
+    /// (`sched::Machine::handle_locked`).
+    Named,
     /// Possibly any domain: the table exclusive.
     Any,
 }
@@ -83,8 +90,20 @@ pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
                 Reach::OnePeer(PeerOf::Domain(arg))
             }
             Ok(GrantTableOp::Unmap) => Reach::OnePeer(PeerOf::GrantSlot(arg)),
-            // Copy names its domain in guest memory, which may change under the call.
+            // Copy names its domain in guest memory: read once, then locked.
+            Ok(GrantTableOp::Copy) => Reach::Named,
             _ => Reach::Any,
+        },
+        // Each entry is classified as it comes (`DomainTable::admit`).
+        Hypercall::Multicall => Reach::Named,
+        Hypercall::DomctlOp => match DomctlOp::try_from(op) {
+            Ok(DomctlOp::ReadConsole | DomctlOp::Pause | DomctlOp::Unpause) => {
+                Reach::OnePeer(PeerOf::Domain(arg))
+            }
+            Ok(DomctlOp::ListDomains | DomctlOp::PhysInfo) => Reach::Named,
+            // A teardown reaches every domain (`domctl::destroy`).
+            Ok(_) => Reach::Any,
+            Err(_) => Reach::Own,
         },
         _ => Reach::Any,
     }
@@ -228,14 +247,24 @@ mod tests {
         );
         assert_eq!(
             of_hypercall(gt, GrantTableOp::Copy as u64, 0, 1),
-            Reach::Any
+            Reach::Named
         );
         assert_eq!(
             of_hypercall(Hypercall::Multicall as u64, 0, 0, 1),
-            Reach::Any
+            Reach::Named
+        );
+        let domctl = Hypercall::DomctlOp as u64;
+        assert_eq!(
+            of_hypercall(domctl, DomctlOp::ListDomains as u64, 0, 1),
+            Reach::Named
         );
         assert_eq!(
-            of_hypercall(Hypercall::DomctlOp as u64, 0, 0, 1),
+            of_hypercall(domctl, DomctlOp::Pause as u64, 2, 1),
+            Reach::OnePeer(PeerOf::Domain(2))
+        );
+        // Only a teardown needs every domain at once.
+        assert_eq!(
+            of_hypercall(domctl, DomctlOp::Destroy as u64, 2, 1),
             Reach::Any
         );
         let mut vcpu = MockVcpu::default();

@@ -1179,6 +1179,83 @@ mod tests {
         );
     }
 
+    /// No other domains; refuses every entry that is not `version` until told, as a table
+    /// whose peer is busy does, and keeps the batch's copy.
+    struct Refusing {
+        refuse: bool,
+        refused: u32,
+        kept: Option<Box<UnfinishedBatch>>,
+    }
+
+    impl DomainTable for Refusing {
+        fn get_mut(&mut self, _id: u32) -> Option<&mut Domain> {
+            None
+        }
+        fn admit(&mut self, _own: &Domain, nr: u64, _args: &[u64; 5]) -> bool {
+            let refused = self.refuse && nr != 0;
+            self.refused += u32::from(refused);
+            !refused
+        }
+        fn busy(&self) -> bool {
+            self.refused > 0 && self.refuse
+        }
+        fn kept(&mut self) -> Option<&mut Option<Box<UnfinishedBatch>>> {
+            Some(&mut self.kept)
+        }
+    }
+
+    /// A batch stopped before an entry (its peer busy) leaves RAX and RIP alone, and is
+    /// finished from that entry with the copy it made at the start, not the array as the
+    /// guest rewrote it meanwhile (docs/abi.md 2.5, 12); the entries before it ran once.
+    #[test]
+    fn a_stopped_multicall_goes_on_from_its_entry_with_its_copy() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        write_entry(&t, 0x9000, 0, [0; 5]); // version
+        write_entry(&t, 0x9038, 1, [0, 0x9100, 3, 0, 0]); // console write "abc"
+        t.mem.write(0x9100, b"abc").unwrap();
+        v.regs.gpr[reg::RAX] = Hypercall::Multicall as u64;
+        v.regs.gpr[reg::RDI] = 0x9000;
+        v.regs.gpr[reg::RSI] = 2;
+        let mut table = Refusing {
+            refuse: true,
+            refused: 0,
+            kept: None,
+        };
+        assert_eq!(handle(&mut d, 0, &mut v, &mut table), Next::Again);
+        assert_eq!(
+            v.regs.gpr[reg::RAX],
+            Hypercall::Multicall as u64,
+            "RAX alone"
+        );
+        assert_eq!(
+            t.mem.read_u64(0x9000 + 48).unwrap(),
+            u64::from(lamina_abi::abi_version()),
+            "entry 0 ran"
+        );
+        assert_eq!(
+            t.mem.read_u64(0x9038 + 48).unwrap(),
+            0xdead,
+            "entry 1 did not"
+        );
+        assert!(table.kept.is_some());
+        // Rewritten after the copy: entry 0 now undefined, entry 1 a write of "zz".
+        write_entry(&t, 0x9000, 0x7fff, [0; 5]);
+        write_entry(&t, 0x9038, 1, [0, 0x9100, 2, 0, 0]);
+        t.mem.write(0x9100, b"zz").unwrap();
+        table.refuse = false;
+        let _ = take_lines();
+        assert_eq!(finish(&mut d, 0, &mut v, &mut table), Next::Resume);
+        assert_eq!(v.regs.gpr[reg::RAX], 2, "two entries run");
+        assert_eq!(v.skipped, 1, "RIP moved past the call once");
+        assert_eq!(t.mem.read_u64(0x9038 + 48).unwrap(), 3, "entry 1 as copied");
+        assert_eq!(
+            t.mem.read_u64(0x9000 + 48).unwrap(),
+            0xdead,
+            "entry 0 not run again (its result as the rewrite left it)"
+        );
+    }
+
     #[test]
     fn multicall_bounds_and_shutdown_end_the_batch() {
         let (t, mut d) = domain();

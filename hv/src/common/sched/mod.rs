@@ -1033,7 +1033,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 _ => (None, Reach::Own),
             };
             hold = match reach {
-                Reach::Any => Hold::Exclusive(self.table.exclusive()),
+                Reach::Any => {
+                    locking::EXITS_EXCLUSIVE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                    Hold::Exclusive(self.table.exclusive())
+                }
                 Reach::Own | Reach::OnePeer(_) | Reach::Named => Hold::Shared(self.hold_own(index)),
             };
             if any_unmerged {
@@ -1152,14 +1155,23 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let Some(wanted) = wanted else {
                 return (hold, next);
             };
-            locking::BACKED_OFF.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-            backed_off += 1;
             drop(hold);
+            use core::sync::atomic::Ordering::Relaxed;
+            if let Wanted::Peer(_) = wanted {
+                locking::BACKED_OFF.fetch_add(1, Relaxed);
+                backed_off += 1;
+            }
             hold = match wanted {
                 Wanted::Peer(peer) if backed_off <= 2 => {
                     Hold::Shared(self.hold_in_order(index, peer))
                 }
-                _ => Hold::Exclusive(self.table.exclusive()),
+                _ => {
+                    locking::EXITS_EXCLUSIVE.fetch_add(1, Relaxed);
+                    if backed_off > 2 {
+                        locking::EXITS_EXCLUSIVE_AFTER_BACK_OFF.fetch_add(1, Relaxed);
+                    }
+                    Hold::Exclusive(self.table.exclusive())
+                }
             };
         }
     }

@@ -76,7 +76,10 @@ pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
         Hypercall::EventChannelOp => match EventChannelOp::try_from(op) {
             Ok(EventChannelOp::Send) => Reach::OnePeer(PeerOf::Port(arg)),
             Ok(EventChannelOp::BindInterdomain) if is_own(arg) => Reach::Own,
-            Ok(EventChannelOp::BindInterdomain | EventChannelOp::Close) => Reach::Any,
+            // The remote domain, named in a register (a guest retries it until the remote
+            // end is offered: not rare at start).
+            Ok(EventChannelOp::BindInterdomain) => Reach::OnePeer(PeerOf::Domain(arg)),
+            Ok(EventChannelOp::Close) => Reach::Any,
             // Unknown sub-operations are -ENOSYS before anything is reached.
             _ => Reach::Own,
         },
@@ -133,12 +136,14 @@ mod tests {
             self.asked.push(id);
             (id == self.peer.id).then_some(&mut self.peer)
         }
-        fn tear_down(&mut self, _id: u32, _caller: &mut Domain) -> bool {
+        fn tear_down(&mut self, id: u32, _caller: &mut Domain) -> bool {
             self.reached += 1;
+            self.asked.push(id);
             false
         }
-        fn is_parked(&mut self, _id: u32) -> bool {
+        fn is_parked(&mut self, id: u32) -> bool {
             self.reached += 1;
+            self.asked.push(id);
             true
         }
     }
@@ -199,6 +204,8 @@ mod tests {
                     let t1 = test_memory(4 << 20);
                     let t2 = test_memory(4 << 20);
                     let mut caller = domain(1, &t1);
+                    // Privileged, so that domain control gets past its check too.
+                    caller.privileged = true;
                     let mut table = Watching {
                         peer: domain(2, &t2),
                         reached: 0,
@@ -239,6 +246,10 @@ mod tests {
         );
         assert_eq!(
             of_hypercall(ec, EventChannelOp::BindInterdomain as u64, 2, 1),
+            Reach::OnePeer(PeerOf::Domain(2))
+        );
+        assert_eq!(
+            of_hypercall(ec, EventChannelOp::Close as u64, 2, 1),
             Reach::Any
         );
         assert_eq!(

@@ -272,8 +272,8 @@ fn control(
                 state.requests.make_and_wait(request::RESCHEDULE);
             }
             // Out of the guest is not yet off the CPU: the slice that was running ends, and
-            // is added to the domain's CPU time, only once that CPU gets the table lock this
-            // call holds. Returning before would let a caller see the time of a domain it
+            // is added to the domain's CPU time, only once that CPU gets the domain's lock
+            // this call holds. Returning before would let a caller see the time of a domain it
             // paused still advance (docs/abi.md 17).
             if !peers.is_parked(id) {
                 return Ok(None);

@@ -1,7 +1,10 @@
 //! Which domains an exit may reach besides its own, read from the exit and the registers
 //! before any lock is taken: it decides which locks the exit is handled under
-//! ([`crate::common::sched::locking`]). Whatever is not known to stay in the domain is
-//! [`Reach::Any`] (the table exclusive), so a wrong guess can cost time, never safety.
+//! ([`crate::common::sched::locking`]). Whatever is not known to stay in the domain, reach
+//! the one domain a register names, or reach domains only where it can still stop without
+//! having acted ([`Reach::Named`]) is [`Reach::Any`] (the table exclusive). Every domain is
+//! reached under its lock whatever the guess: a wrong one could make a call stop after it
+//! acted, which the tests below rule out.
 
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
 use lamina_abi::Hypercall;
@@ -116,7 +119,7 @@ pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
 mod tests {
     use super::*;
     use crate::common::domain::{Domain, DomainTable};
-    use crate::common::hypercall::handle;
+    use crate::common::hypercall::{Next, handle};
     use crate::common::memory::guest_memory::GuestMemory;
     use crate::common::memory::guest_memory::testing::test_memory;
     use crate::common::testing::MockVcpu;
@@ -230,6 +233,104 @@ mod tests {
             }
         }
         assert!(checked >= 8, "only {checked} combinations looked at");
+    }
+
+    /// A table whose every other domain is busy (it comes first and another CPU holds it).
+    struct AllBusy {
+        asked: u32,
+    }
+
+    impl DomainTable for AllBusy {
+        fn get_mut(&mut self, _id: u32) -> Option<&mut Domain> {
+            self.asked += 1;
+            None
+        }
+        fn busy(&self) -> bool {
+            self.asked > 0
+        }
+    }
+
+    /// A call that reaches domains as it goes ([`Reach::Named`]) and finds one busy has done
+    /// nothing when it stops: RAX as it was (the call is made again) and not a byte of guest
+    /// memory written, whatever its arguments.
+    #[test]
+    fn calls_that_reach_domains_as_they_go_stop_before_acting_when_one_is_busy() {
+        use lamina_abi::grant_table::copy_direction;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(3, core::sync::atomic::Ordering::Relaxed);
+        let mut stopped = 0;
+        for nr in 0..Hypercall::COUNT as u64 {
+            for op in 0..8u64 {
+                for (arg, direction) in [
+                    (0x1000u64, copy_direction::FROM_GRANT),
+                    (0x1000, 1),
+                    (0x3000, 0),
+                    (u64::MAX, 0),
+                ] {
+                    if of_hypercall(nr, op, arg, 1) != Reach::Named {
+                        continue;
+                    }
+                    let t1 = test_memory(4 << 20);
+                    let mut caller = domain(1, &t1);
+                    caller.privileged = true;
+                    // A copy request naming domain 2 at 0x1000, a batch at 0x3000 of a copy.
+                    let mut request = [0u8; 24];
+                    request[0] = 2;
+                    request[2] = direction;
+                    request[12] = 64; // len
+                    request[16..24].copy_from_slice(&0x8000u64.to_le_bytes());
+                    t1.mem.write(0x1000, &request).unwrap();
+                    let entry: [u64; 7] = [
+                        Hypercall::GrantTableOp as u64,
+                        GrantTableOp::Copy as u64,
+                        0x1000,
+                        0,
+                        0,
+                        0,
+                        0,
+                    ];
+                    for (i, word) in entry.iter().enumerate() {
+                        t1.mem
+                            .write(0x3000 + 8 * i as u64, &word.to_le_bytes())
+                            .unwrap();
+                    }
+                    let mut before = vec![0u8; 0x10000];
+                    t1.mem.read(0, &mut before).unwrap();
+                    let mut vcpu = MockVcpu::default();
+                    let regs = &mut vcpu.regs.gpr;
+                    regs[reg::RAX] = nr;
+                    regs[reg::RDI] = op;
+                    regs[reg::RSI] = arg;
+                    regs[reg::RDX] = if nr == Hypercall::Multicall as u64 {
+                        1
+                    } else {
+                        4
+                    };
+                    regs[reg::R10] = 0x2000;
+                    regs[reg::R8] = 64;
+                    if nr == Hypercall::Multicall as u64 {
+                        regs[reg::RDI] = 0x3000;
+                        regs[reg::RSI] = 1;
+                    }
+                    let mut table = AllBusy { asked: 0 };
+                    let next = handle(&mut caller, 0, &mut vcpu, &mut table);
+                    if !table.busy() {
+                        continue; // refused before it reached any domain
+                    }
+                    assert_eq!(next, Next::Again, "hypercall {nr} op {op} arg {arg:#x}");
+                    assert_eq!(
+                        vcpu.regs.gpr[reg::RAX],
+                        nr,
+                        "RAX left for the call made again"
+                    );
+                    let mut after = vec![0u8; 0x10000];
+                    t1.mem.read(0, &mut after).unwrap();
+                    assert!(before == after, "hypercall {nr} op {op} wrote guest memory");
+                    stopped += 1;
+                }
+            }
+        }
+        // Copy both ways, a batch of a copy, list_domains, phys_info.
+        assert!(stopped >= 5, "only {stopped} calls stopped");
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!    - *exclusive*: a teardown (the scheduler's, and `domctl` destroy, which must see it
 //!      done before it returns: it reaches every domain and gives RAM back), the scheduler's
 //!      pass on a machine with one CPU, and the rare exits that may reach any domain
-//!      (another domain's counters, binding and closing inter-domain channels, the other
-//!      vendor's hypercall instruction: `sched::reach`), or that backed off twice (below).
+//!      (another domain's counters, the other vendor's hypercall instruction:
+//!      `sched::reach`), or that backed off twice (below).
 //!      Every domain is reached without its own lock: no one else holds any.
 //!    - *shared*: every other exit, and the scheduler's pass with several CPUs. It keeps each
 //!      domain where it is, as Xen's `rcu_lock_domain` does: teardown needs the table
@@ -27,7 +27,7 @@
 //!    its vCPUs' hypervisor-side state, event channels, grants and console, for a CPU that
 //!    holds the table shared. The scheduler's pass takes one at a time. An exit holds its
 //!    running domain's, and at most one other at a time: the remote end of an event channel
-//!    it sends on, the domain it grants a page to or maps a grant of, the granter of a grant
+//!    it sends on, binds or closes, the domain it grants a page to or maps a grant of, the granter of a grant
 //!    it unmaps, the domain a domain control reads or pauses (named in a register, locked
 //!    before the call runs); the granter a grant copy names in guest memory (locked once the
 //!    request is read), each domain `list_domains` and `phys_info` read in turn, and for a

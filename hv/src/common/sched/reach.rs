@@ -33,8 +33,8 @@ pub enum Reach {
 /// Where the one other domain a call may reach is named.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerOf {
-    /// The remote end of this event-channel port of the caller (`send`), read from its own
-    /// port table under its lock.
+    /// The remote end of this event-channel port of the caller (`send`, `close`), read from
+    /// its own port table under its lock.
     Port(u64),
     /// This domain id, in a register (grant access and map).
     Domain(u64),
@@ -82,7 +82,9 @@ pub fn of_hypercall(nr: u64, op: u64, arg: u64, own_id: u32) -> Reach {
             // The remote domain, named in a register (a guest retries it until the remote
             // end is offered: not rare at start).
             Ok(EventChannelOp::BindInterdomain) => Reach::OnePeer(PeerOf::Domain(arg)),
-            Ok(EventChannelOp::Close) => Reach::Any,
+            // The remote end of the port, as for send (`EventChannels::send_target` answers
+            // for every inter-domain port close unbinds).
+            Ok(EventChannelOp::Close) => Reach::OnePeer(PeerOf::Port(arg)),
             // Unknown sub-operations are -ENOSYS before anything is reached.
             _ => Reach::Own,
         },
@@ -351,7 +353,7 @@ mod tests {
         );
         assert_eq!(
             of_hypercall(ec, EventChannelOp::Close as u64, 2, 1),
-            Reach::Any
+            Reach::OnePeer(PeerOf::Port(2))
         );
         assert_eq!(
             of_hypercall(ec, EventChannelOp::BindInterdomain as u64, DOMID_SELF, 1),

@@ -729,8 +729,13 @@ fn multicall(
         // An empty batch is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
+    // Only a table that keeps batches may refuse an entry: with any other (one CPU, the
+    // table exclusive) the entries cost no look at the table.
+    let Some(kept) = peers.kept() else {
+        return copy_and_run(domain, vcpu, gpa, count, false, peers);
+    };
     // Made again by the scheduler after it stopped before an entry: the copy it kept.
-    if let Some(kept) = peers.kept().and_then(Option::take)
+    if let Some(kept) = kept.take()
         && kept.gpa == gpa
         && kept.count == count
     {
@@ -740,9 +745,22 @@ fn multicall(
             gpa,
             &kept.entries[..count as usize],
             kept.next,
+            true,
             peers,
         );
     }
+    copy_and_run(domain, vcpu, gpa, count, true, peers)
+}
+
+/// Copies the batch of `count` entries at `gpa` and runs it ([`run_batch`]).
+fn copy_and_run(
+    domain: &mut Domain,
+    vcpu: usize,
+    gpa: u64,
+    count: u64,
+    may_refuse: bool,
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
     // The whole array is copied before any entry runs (docs/abi.md 2.5, 12): an entry whose
     // output lands on a later entry, or another vCPU rewriting the array, cannot change what
     // the later entries do. 64 entries are 3.5 KiB of the hypervisor's stack, left
@@ -763,19 +781,20 @@ fn multicall(
     let batch = unsafe {
         core::slice::from_raw_parts(storage.as_ptr().cast::<MulticallEntry>(), count as usize)
     };
-    run_batch(domain, vcpu, gpa, batch, 0, peers)
+    run_batch(domain, vcpu, gpa, batch, 0, may_refuse, peers)
 }
 
-/// Runs the entries of `batch` (the copy of the array at `gpa`) from entry `first` on. Each
-/// entry's peers are taken just before it runs and let go when the next needs others
-/// ([`DomainTable::admit`]); when they cannot be, the batch stops before that entry and
-/// keeps its copy ([`UnfinishedBatch`]).
+/// Runs the entries of `batch` (the copy of the array at `gpa`) from entry `first` on. With a
+/// table that `may_refuse`, each entry's peers are taken just before it runs and let go when
+/// the next needs others ([`DomainTable::admit`]); when they cannot be, the batch stops
+/// before that entry and keeps its copy ([`UnfinishedBatch`]).
 fn run_batch(
     domain: &mut Domain,
     vcpu: usize,
     gpa: u64,
     batch: &[MulticallEntry],
     first: u64,
+    may_refuse: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     let entry_size = size_of::<MulticallEntry>() as u64;
@@ -796,12 +815,12 @@ fn run_batch(
             // (not even the console-ring print of a vCPU leaving the CPU, 13).
             Ok(Done::Return(0))
         } else {
-            if !peers.admit(domain, op, &entry.args) {
+            if may_refuse && !peers.admit(domain, op, &entry.args) {
                 return Ok(keep_unfinished(gpa, batch, i, peers));
             }
             let result = dispatch(domain, vcpu, op, &entry.args, peers);
             // Stopped before it acted (a grant copy whose domain was busy): made again.
-            if peers.busy() || matches!(result, Ok(Done::Unfinished)) {
+            if matches!(result, Ok(Done::Unfinished)) || (may_refuse && peers.busy()) {
                 return Ok(keep_unfinished(gpa, batch, i, peers));
             }
             result

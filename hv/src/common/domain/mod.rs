@@ -835,8 +835,10 @@ pub trait DomainTable {
         false
     }
 
-    /// Where an unfinished `multicall` keeps its copy of the batch until it is finished: only
-    /// tables that can refuse ([`Self::admit`]) keep one.
+    /// Where an unfinished `multicall` keeps its copy of the batch until it is finished: a
+    /// table that can refuse an entry ([`Self::admit`]) has one, and a table that hands a
+    /// kept copy back has it while it holds the copy. `None` from every other table, so a
+    /// batch run with it asks nothing else of it per entry.
     fn kept(&mut self) -> Option<&mut Option<Box<crate::common::hypercall::UnfinishedBatch>>> {
         None
     }

@@ -13,7 +13,7 @@ use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
-use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
+use crate::common::domain::{Domain, DomainState, DomainTable, Ending, NoPeers, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
     OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
@@ -722,7 +722,8 @@ impl<V> DomainTable for Resuming<'_, V> {
         self.peers.is_parked(id)
     }
     fn kept(&mut self) -> Option<&mut Option<Box<crate::common::hypercall::UnfinishedBatch>>> {
-        Some(&mut self.kept)
+        // It never refuses: only the copy it was given.
+        self.kept.is_some().then_some(&mut self.kept)
     }
 }
 
@@ -1082,8 +1083,31 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// every lock is let go and the two are taken in domain order, and the call is made again
     /// from where it stopped; after two such back-offs, or for an entry that may reach any
     /// domain, with the table exclusive. Bounded: each try ends in at most one back-off.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn handle_locked<'m, H: Host>(
+        &'m self,
+        mut hold: Hold<'m, 'a, V>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        exit: VmExit,
+        reach: Reach,
+        host: &mut H,
+    ) -> (Hold<'m, 'a, V>, Next) {
+        // Most exits: nothing beyond their own domain, which is held.
+        if let (Reach::Own, Hold::Shared(held)) = (reach, &mut hold) {
+            let domain = &mut held.own().domain;
+            let next = dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host);
+            return (hold, next);
+        }
+        self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host)
+    }
+
+    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn handle_reaching<'m, H: Host>(
         &'m self,
         mut hold: Hold<'m, 'a, V>,
         index: usize,

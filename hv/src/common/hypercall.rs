@@ -732,33 +732,32 @@ fn multicall(
     // Only a table that keeps batches may refuse an entry: with any other (one CPU, the
     // table exclusive) the entries cost no look at the table.
     let Some(kept) = peers.kept() else {
-        return copy_and_run(domain, vcpu, gpa, count, false, peers);
+        return copy_and_run::<false>(domain, vcpu, gpa, count, peers);
     };
     // Made again by the scheduler after it stopped before an entry: the copy it kept.
     if let Some(kept) = kept.take()
         && kept.gpa == gpa
         && kept.count == count
     {
-        return run_batch(
+        return run_batch::<true>(
             domain,
             vcpu,
             gpa,
             &kept.entries[..count as usize],
             kept.next,
-            true,
             peers,
         );
     }
-    copy_and_run(domain, vcpu, gpa, count, true, peers)
+    copy_and_run::<true>(domain, vcpu, gpa, count, peers)
 }
 
 /// Copies the batch of `count` entries at `gpa` and runs it ([`run_batch`]).
-fn copy_and_run(
+#[inline(always)]
+fn copy_and_run<const MAY_REFUSE: bool>(
     domain: &mut Domain,
     vcpu: usize,
     gpa: u64,
     count: u64,
-    may_refuse: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     // The whole array is copied before any entry runs (docs/abi.md 2.5, 12): an entry whose
@@ -781,25 +780,26 @@ fn copy_and_run(
     let batch = unsafe {
         core::slice::from_raw_parts(storage.as_ptr().cast::<MulticallEntry>(), count as usize)
     };
-    run_batch(domain, vcpu, gpa, batch, 0, may_refuse, peers)
+    run_batch::<MAY_REFUSE>(domain, vcpu, gpa, batch, 0, peers)
 }
 
 /// Runs the entries of `batch` (the copy of the array at `gpa`) from entry `first` on. With a
-/// table that `may_refuse`, each entry's peers are taken just before it runs and let go when
+/// table that may refuse (`MAY_REFUSE`: a copy of the loop without it for the others), each
+/// entry's peers are taken just before it runs and let go when
 /// the next needs others ([`DomainTable::admit`]); when they cannot be, the batch stops
 /// before that entry and keeps its copy ([`UnfinishedBatch`]).
-fn run_batch(
+fn run_batch<const MAY_REFUSE: bool>(
     domain: &mut Domain,
     vcpu: usize,
     gpa: u64,
     batch: &[MulticallEntry],
     first: u64,
-    may_refuse: bool,
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     let entry_size = size_of::<MulticallEntry>() as u64;
     let mut run = first;
-    for (i, entry) in (first..).zip(batch.iter().skip(first as usize)) {
+    for (i, entry) in batch.iter().enumerate().skip(first as usize) {
+        let i = i as u64;
         let at = gpa + i * entry_size;
         let (op, args) = (entry.op, entry.args);
         let waits = (op == Hypercall::SchedOp as u64
@@ -815,12 +815,12 @@ fn run_batch(
             // (not even the console-ring print of a vCPU leaving the CPU, 13).
             Ok(Done::Return(0))
         } else {
-            if may_refuse && !peers.admit(domain, op, &entry.args) {
+            if MAY_REFUSE && !peers.admit(domain, op, &entry.args) {
                 return Ok(keep_unfinished(gpa, batch, i, peers));
             }
             let result = dispatch(domain, vcpu, op, &entry.args, peers);
             // Stopped before it acted (a grant copy whose domain was busy): made again.
-            if matches!(result, Ok(Done::Unfinished)) || (may_refuse && peers.busy()) {
+            if MAY_REFUSE && (peers.busy() || matches!(result, Ok(Done::Unfinished))) {
                 return Ok(keep_unfinished(gpa, batch, i, peers));
             }
             result
@@ -852,6 +852,9 @@ fn run_batch(
 
 /// The batch stops before entry `next`: its copy is kept where the scheduler finds it when it
 /// makes the call again (only a table that can refuse an entry refuses, and it keeps one).
+/// Out of line: its copy of the batch would weigh on every batch's stack frame.
+#[cold]
+#[inline(never)]
 fn keep_unfinished(
     gpa: u64,
     batch: &[MulticallEntry],

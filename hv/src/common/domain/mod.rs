@@ -828,7 +828,8 @@ pub trait DomainTable {
     }
 
     /// Whether a domain asked for could not be handed out (see [`Self::admit`]): `get_mut`
-    /// answered `None` for a domain that exists. A call that sees it stops before it has done
+    /// answered `None` for a domain that exists. Only a table that keeps batches
+    /// ([`Self::kept`]) may ever say so. A call that sees it stops before it has done
     /// anything (grant copy, `list_domains`), or a batch before the entry that saw it; the
     /// scheduler makes it again once it holds that domain.
     fn busy(&self) -> bool {

@@ -240,6 +240,7 @@ mod tests {
     /// A table whose every other domain is busy (it comes first and another CPU holds it).
     struct AllBusy {
         asked: u32,
+        kept: Option<Box<crate::common::hypercall::UnfinishedBatch>>,
     }
 
     impl DomainTable for AllBusy {
@@ -249,6 +250,9 @@ mod tests {
         }
         fn busy(&self) -> bool {
             self.asked > 0
+        }
+        fn kept(&mut self) -> Option<&mut Option<Box<crate::common::hypercall::UnfinishedBatch>>> {
+            Some(&mut self.kept)
         }
     }
 
@@ -313,7 +317,10 @@ mod tests {
                         regs[reg::RDI] = 0x3000;
                         regs[reg::RSI] = 1;
                     }
-                    let mut table = AllBusy { asked: 0 };
+                    let mut table = AllBusy {
+                        asked: 0,
+                        kept: None,
+                    };
                     let next = handle(&mut caller, 0, &mut vcpu, &mut table);
                     if !table.busy() {
                         continue; // refused before it reached any domain

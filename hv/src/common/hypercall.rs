@@ -788,6 +788,7 @@ fn copy_and_run<const MAY_REFUSE: bool>(
 /// entry's peers are taken just before it runs and let go when
 /// the next needs others ([`DomainTable::admit`]); when they cannot be, the batch stops
 /// before that entry and keeps its copy ([`UnfinishedBatch`]).
+#[inline(always)]
 fn run_batch<const MAY_REFUSE: bool>(
     domain: &mut Domain,
     vcpu: usize,

@@ -1056,8 +1056,17 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 continue;
             };
             locking::exit_begins();
-            let next;
-            (hold, next) = self.handle_locked(hold, index, vcpu_index, vcpu, exit, reach, host);
+            // Most exits: nothing beyond their own domain, which is held (in place: no move
+            // of the hold on the hot path).
+            let next = if let (Reach::Own, Hold::Shared(held)) = (reach, &mut hold) {
+                let domain = &mut held.own().domain;
+                dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host)
+            } else {
+                let next;
+                (hold, next) =
+                    self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host);
+                next
+            };
             locking::exit_ends();
             let domain = &mut hold.own(index).domain;
             // Another CPU may have ended or paused the domain, or taken this vCPU down, while
@@ -1083,7 +1092,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// every lock is let go and the two are taken in domain order, and the call is made again
     /// from where it stopped; after two such back-offs, or for an entry that may reach any
     /// domain, with the table exclusive. Bounded: each try ends in at most one back-off.
-    #[inline(always)]
+    /// (The run loop, `run_slice_shared`, does the same with the fast path written in place.)
+    #[cfg(test)]
     #[allow(clippy::too_many_arguments)]
     fn handle_locked<'m, H: Host>(
         &'m self,

@@ -9,6 +9,7 @@ use crate::common::domain::{ConsoleSource, Domain, DomainTable, Ending, domain_e
 use crate::common::events::Binding;
 use crate::common::vcpu::state::{PENDING_TLB_FLUSH_MAX, StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
@@ -44,6 +45,20 @@ enum Done {
     Yield,
     Sleep,
     Ended,
+    /// Stopped before it did anything (or a batch before an entry) because a domain it needs
+    /// was busy ([`DomainTable::busy`]): RAX and RIP are left alone, and the scheduler makes it
+    /// again ([`finish`]) once it holds that domain.
+    Unfinished,
+}
+
+/// A `multicall` stopped before entry `next` ([`DomainTable::admit`]): its copy of the
+/// batch, from which it goes on once the scheduler holds what that entry needs. The batch is
+/// never read from guest memory again (docs/abi.md 2.5, 12).
+pub struct UnfinishedBatch {
+    gpa: u64,
+    count: u64,
+    next: u64,
+    entries: [MulticallEntry; MULTICALL_MAX as usize],
 }
 
 /// Handles the hypercall in the registers of vCPU `vcpu_index`, already counted. RIP is left
@@ -81,11 +96,32 @@ pub fn handle<V: VirtualCpu>(
         }
         Ok(Done::Sleep) => (0, Next::Sleep),
         Ok(Done::Ended) => return Next::Stop,
-        Ok(Done::Again) => return Next::Again,
+        // Made again from the same instruction (RIP stays on it), by the guest or by the
+        // scheduler ([`finish`]).
+        Ok(Done::Again) | Ok(Done::Unfinished) => return Next::Again,
         Err(errno) => (errno.to_return_value(), Next::Resume),
     };
     vcpu.regs().gpr[reg::RAX] = rax;
     next
+}
+
+/// Makes the hypercall in the registers of vCPU `vcpu_index` again after it stopped
+/// unfinished ([`DomainTable::busy`]), already counted, now with `peers` (the domain it
+/// needs locked, or the whole table), and moves RIP past it as `exits::hypercall_exit` does.
+pub fn finish<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
+    match handle(domain, vcpu_index, vcpu, peers) {
+        Next::Stop => Next::Stop,
+        Next::Again => Next::Yield,
+        next => {
+            vcpu.skip_instruction();
+            next
+        }
+    }
 }
 
 /// The hot path (benchmarks' null hypercall): `version` and undefined numbers need no
@@ -124,11 +160,21 @@ fn dispatch(
         Hypercall::MemoryOp => memory_op(domain, *args).map(Done::Return),
         Hypercall::Multicall => multicall(domain, vcpu, *args, peers),
         Hypercall::StatsOp => stats_op(domain, *args, peers).map(Done::Return),
+        // Grant copy and the domain lists reach domains as they go: a busy one stops them
+        // before they act.
         Hypercall::GrantTableOp => {
-            crate::common::grants::grant_table_op(domain, *args, peers).map(Done::Return)
+            let result = crate::common::grants::grant_table_op(domain, *args, peers);
+            if peers.busy() {
+                return Ok(Done::Unfinished);
+            }
+            result.map(Done::Return)
         }
         Hypercall::DomctlOp => {
-            match crate::common::domain::domctl::domctl_op(domain, vcpu, *args, peers)? {
+            let result = crate::common::domain::domctl::domctl_op(domain, vcpu, *args, peers);
+            if peers.busy() {
+                return Ok(Done::Unfinished);
+            }
+            match result? {
                 Some(value) => Ok(Done::Return(value)),
                 None => Ok(Done::Again),
             }
@@ -679,17 +725,47 @@ fn multicall(
     if count > MULTICALL_MAX {
         return Err(Errno::E2BIG);
     }
-    let entry_size = size_of::<MulticallEntry>() as u64;
     if count == 0 {
         // An empty batch is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
+    // Only a table that keeps batches may refuse an entry: with any other (one CPU, the
+    // table exclusive) the entries cost no look at the table.
+    let Some(kept) = peers.kept() else {
+        return copy_and_run::<false>(domain, vcpu, gpa, count, peers);
+    };
+    // Made again by the scheduler after it stopped before an entry: the copy it kept.
+    if let Some(kept) = kept.take()
+        && kept.gpa == gpa
+        && kept.count == count
+    {
+        return run_batch::<true>(
+            domain,
+            vcpu,
+            gpa,
+            &kept.entries[..count as usize],
+            kept.next,
+            peers,
+        );
+    }
+    copy_and_run::<true>(domain, vcpu, gpa, count, peers)
+}
+
+/// Copies the batch of `count` entries at `gpa` and runs it ([`run_batch`]).
+#[inline(always)]
+fn copy_and_run<const MAY_REFUSE: bool>(
+    domain: &mut Domain,
+    vcpu: usize,
+    gpa: u64,
+    count: u64,
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
     // The whole array is copied before any entry runs (docs/abi.md 2.5, 12): an entry whose
     // output lands on a later entry, or another vCPU rewriting the array, cannot change what
     // the later entries do. 64 entries are 3.5 KiB of the hypervisor's stack, left
     // uninitialised: zeroing it would cost more than a short batch.
     let mut storage = core::mem::MaybeUninit::<[MulticallEntry; MULTICALL_MAX as usize]>::uninit();
-    let len = (count * entry_size) as usize;
+    let len = (count * size_of::<MulticallEntry>() as u64) as usize;
     // SAFETY: `len` is at most the size of `storage` (count <= MULTICALL_MAX); viewing its
     // bytes as uninitialised bytes is always sound.
     let bytes = unsafe {
@@ -704,8 +780,27 @@ fn multicall(
     let batch = unsafe {
         core::slice::from_raw_parts(storage.as_ptr().cast::<MulticallEntry>(), count as usize)
     };
-    let mut run = 0;
-    for (i, entry) in (0..count).zip(batch) {
+    run_batch::<MAY_REFUSE>(domain, vcpu, gpa, batch, 0, peers)
+}
+
+/// Runs the entries of `batch` (the copy of the array at `gpa`) from entry `first` on. With a
+/// table that may refuse (`MAY_REFUSE`: a copy of the loop without it for the others), each
+/// entry's peers are taken just before it runs and let go when
+/// the next needs others ([`DomainTable::admit`]); when they cannot be, the batch stops
+/// before that entry and keeps its copy ([`UnfinishedBatch`]).
+#[inline(always)]
+fn run_batch<const MAY_REFUSE: bool>(
+    domain: &mut Domain,
+    vcpu: usize,
+    gpa: u64,
+    batch: &[MulticallEntry],
+    first: u64,
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
+    let entry_size = size_of::<MulticallEntry>() as u64;
+    let mut run = first;
+    for (i, entry) in batch.iter().enumerate().skip(first as usize) {
+        let i = i as u64;
         let at = gpa + i * entry_size;
         let (op, args) = (entry.op, entry.args);
         let waits = (op == Hypercall::SchedOp as u64
@@ -721,7 +816,15 @@ fn multicall(
             // (not even the console-ring print of a vCPU leaving the CPU, 13).
             Ok(Done::Return(0))
         } else {
-            dispatch(domain, vcpu, op, &entry.args, peers)
+            if MAY_REFUSE && !peers.admit(domain, op, &entry.args) {
+                return Ok(keep_unfinished(gpa, batch, i, peers));
+            }
+            let result = dispatch(domain, vcpu, op, &entry.args, peers);
+            // Stopped before it acted (a grant copy whose domain was busy): made again.
+            if MAY_REFUSE && (peers.busy() || matches!(result, Ok(Done::Unfinished))) {
+                return Ok(keep_unfinished(gpa, batch, i, peers));
+            }
+            result
         };
         run += 1;
         let value = match result {
@@ -736,7 +839,7 @@ fn multicall(
             {
                 0
             }
-            Ok(Done::Again) => Errno::EAGAIN.to_return_value(),
+            Ok(Done::Again) | Ok(Done::Unfinished) => Errno::EAGAIN.to_return_value(),
             Ok(Done::Ended) => return Ok(Done::Ended),
             Err(e) => e.to_return_value(),
         };
@@ -746,6 +849,30 @@ fn multicall(
         )?;
     }
     Ok(Done::Return(run))
+}
+
+/// The batch stops before entry `next`: its copy is kept where the scheduler finds it when it
+/// makes the call again (only a table that can refuse an entry refuses, and it keeps one).
+/// Out of line: its copy of the batch would weigh on every batch's stack frame.
+#[cold]
+#[inline(never)]
+fn keep_unfinished(
+    gpa: u64,
+    batch: &[MulticallEntry],
+    next: u64,
+    peers: &mut dyn DomainTable,
+) -> Done {
+    if let Some(kept) = peers.kept() {
+        let mut entries = [MulticallEntry::default(); MULTICALL_MAX as usize];
+        entries[..batch.len()].copy_from_slice(batch);
+        *kept = Some(Box::new(UnfinishedBatch {
+            gpa,
+            count: batch.len() as u64,
+            next,
+            entries,
+        }));
+    }
+    Done::Unfinished
 }
 
 /// Test support: one hypercall's dispatch, without a vCPU.
@@ -1072,6 +1199,83 @@ mod tests {
             t.mem.read_u64(0x9038 + 48).unwrap() as i64,
             -(Errno::ENOSYS as i64),
             "entry 1 ran as copied before the batch, not as rewritten by entry 0"
+        );
+    }
+
+    /// No other domains; refuses every entry that is not `version` until told, as a table
+    /// whose peer is busy does, and keeps the batch's copy.
+    struct Refusing {
+        refuse: bool,
+        refused: u32,
+        kept: Option<Box<UnfinishedBatch>>,
+    }
+
+    impl DomainTable for Refusing {
+        fn get_mut(&mut self, _id: u32) -> Option<&mut Domain> {
+            None
+        }
+        fn admit(&mut self, _own: &Domain, nr: u64, _args: &[u64; 5]) -> bool {
+            let refused = self.refuse && nr != 0;
+            self.refused += u32::from(refused);
+            !refused
+        }
+        fn busy(&self) -> bool {
+            self.refused > 0 && self.refuse
+        }
+        fn kept(&mut self) -> Option<&mut Option<Box<UnfinishedBatch>>> {
+            Some(&mut self.kept)
+        }
+    }
+
+    /// A batch stopped before an entry (its peer busy) leaves RAX and RIP alone, and is
+    /// finished from that entry with the copy it made at the start, not the array as the
+    /// guest rewrote it meanwhile (docs/abi.md 2.5, 12); the entries before it ran once.
+    #[test]
+    fn a_stopped_multicall_goes_on_from_its_entry_with_its_copy() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        write_entry(&t, 0x9000, 0, [0; 5]); // version
+        write_entry(&t, 0x9038, 1, [0, 0x9100, 3, 0, 0]); // console write "abc"
+        t.mem.write(0x9100, b"abc").unwrap();
+        v.regs.gpr[reg::RAX] = Hypercall::Multicall as u64;
+        v.regs.gpr[reg::RDI] = 0x9000;
+        v.regs.gpr[reg::RSI] = 2;
+        let mut table = Refusing {
+            refuse: true,
+            refused: 0,
+            kept: None,
+        };
+        assert_eq!(handle(&mut d, 0, &mut v, &mut table), Next::Again);
+        assert_eq!(
+            v.regs.gpr[reg::RAX],
+            Hypercall::Multicall as u64,
+            "RAX alone"
+        );
+        assert_eq!(
+            t.mem.read_u64(0x9000 + 48).unwrap(),
+            u64::from(lamina_abi::abi_version()),
+            "entry 0 ran"
+        );
+        assert_eq!(
+            t.mem.read_u64(0x9038 + 48).unwrap(),
+            0xdead,
+            "entry 1 did not"
+        );
+        assert!(table.kept.is_some());
+        // Rewritten after the copy: entry 0 now undefined, entry 1 a write of "zz".
+        write_entry(&t, 0x9000, 0x7fff, [0; 5]);
+        write_entry(&t, 0x9038, 1, [0, 0x9100, 2, 0, 0]);
+        t.mem.write(0x9100, b"zz").unwrap();
+        table.refuse = false;
+        let _ = take_lines();
+        assert_eq!(finish(&mut d, 0, &mut v, &mut table), Next::Resume);
+        assert_eq!(v.regs.gpr[reg::RAX], 2, "two entries run");
+        assert_eq!(v.skipped, 1, "RIP moved past the call once");
+        assert_eq!(t.mem.read_u64(0x9038 + 48).unwrap(), 3, "entry 1 as copied");
+        assert_eq!(
+            t.mem.read_u64(0x9000 + 48).unwrap(),
+            0xdead,
+            "entry 0 not run again (its result as the rewrite left it)"
         );
     }
 

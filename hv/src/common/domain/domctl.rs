@@ -119,19 +119,22 @@ pub fn domain_info(domain: &Domain, now: Option<u64>) -> DomainInfo {
     }
 }
 
-/// Every domain's [`DomainInfo`], in id order.
+/// Every domain's [`DomainInfo`], in id order. With the table shared each domain is reached
+/// under its lock, one at a time; when one is busy ([`DomainTable::busy`]) the list stops
+/// there and the caller writes nothing: the scheduler makes the call again.
 fn all_infos(caller: &Domain, peers: &mut dyn DomainTable) -> Vec<DomainInfo> {
-    (1..=DOMAIN_COUNT.load(Ordering::Relaxed))
-        .filter_map(|id| {
-            if id == caller.id {
-                Some(domain_info(caller, None))
-            } else {
-                // A vCPU of it on another CPU: the slice it runs in counts up to now.
-                let now = caller.now();
-                peers.get_mut(id).map(|peer| domain_info(peer, Some(now)))
-            }
-        })
-        .collect()
+    let mut infos = Vec::new();
+    for id in 1..=DOMAIN_COUNT.load(Ordering::Relaxed) {
+        if id == caller.id {
+            infos.push(domain_info(caller, None));
+        } else if let Some(peer) = peers.get_mut(id) {
+            // A vCPU of it on another CPU: the slice it runs in counts up to now.
+            infos.push(domain_info(peer, Some(caller.now())));
+        } else if peers.busy() {
+            break;
+        }
+    }
+    infos
 }
 
 fn list_domains(
@@ -141,6 +144,9 @@ fn list_domains(
     peers: &mut dyn DomainTable,
 ) -> Result<u64, Errno> {
     let infos = all_infos(domain, peers);
+    if peers.busy() {
+        return Err(Errno::EAGAIN); // not seen: made again (`hypercall::finish`)
+    }
     let written = infos.len().min(capacity.try_into().unwrap_or(usize::MAX));
     let entry = size_of::<DomainInfo>();
     // An empty buffer is never out of bounds, wherever it points (docs/abi.md 2.5).
@@ -198,6 +204,12 @@ fn read_console(
 /// torn the domain down meanwhile (once its last vCPU was off its CPU): that is the call's
 /// success, not a destroy of a domain that had ended, once the scheduler's scrubbing gave all
 /// its RAM back.
+///
+/// The one domain control made with the table exclusive (`sched::reach`): the teardown
+/// reaches every domain (the grants the victim gave and the mappings of them in each
+/// grantee, the remote ends of its channels) and gives its RAM back, so no CPU may hold any
+/// domain, or the table shared, meanwhile. The other operations take the domains they read
+/// or change under their locks, one at a time.
 fn destroy(
     domain: &mut Domain,
     target: u64,
@@ -260,8 +272,8 @@ fn control(
                 state.requests.make_and_wait(request::RESCHEDULE);
             }
             // Out of the guest is not yet off the CPU: the slice that was running ends, and
-            // is added to the domain's CPU time, only once that CPU gets the table lock this
-            // call holds. Returning before would let a caller see the time of a domain it
+            // is added to the domain's CPU time, only once that CPU gets the domain's lock
+            // this call holds. Returning before would let a caller see the time of a domain it
             // paused still advance (docs/abi.md 17).
             if !peers.is_parked(id) {
                 return Ok(None);
@@ -285,10 +297,11 @@ fn control(
 fn phys_info(domain: &mut Domain, gpa: u64, peers: &mut dyn DomainTable) -> Result<(), Errno> {
     domain.memory.check(gpa, size_of::<PhysInfo>() as u64)?;
     let (total_bytes, free_bytes) = phys::figures();
-    let domain_bytes = all_infos(domain, peers)
-        .iter()
-        .map(|info| info.memory_bytes)
-        .sum();
+    let infos = all_infos(domain, peers);
+    if peers.busy() {
+        return Err(Errno::EAGAIN); // not seen: made again (`hypercall::finish`)
+    }
+    let domain_bytes = infos.iter().map(|info| info.memory_bytes).sum();
     let info = PhysInfo {
         total_bytes,
         free_bytes,

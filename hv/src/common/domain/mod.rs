@@ -816,6 +816,33 @@ pub trait DomainTable {
         let _ = id;
         true
     }
+
+    /// Before multicall entry `nr` with `args` of the running domain `own`: takes what the
+    /// entry needs (`sched::reach`). False: not without waiting against the lock order, or it
+    /// needs the whole table; the batch stops before the entry, [`Self::busy`] is true, and the
+    /// scheduler finishes it once it holds what was wanted. Always true for a table that holds
+    /// every domain at once.
+    fn admit(&mut self, own: &Domain, nr: u64, args: &[u64; 5]) -> bool {
+        let _ = (own, nr, args);
+        true
+    }
+
+    /// Whether a domain asked for could not be handed out (see [`Self::admit`]): `get_mut`
+    /// answered `None` for a domain that exists. Only a table that keeps batches
+    /// ([`Self::kept`]) may ever say so. A call that sees it stops before it has done
+    /// anything (grant copy, `list_domains`), or a batch before the entry that saw it; the
+    /// scheduler makes it again once it holds that domain.
+    fn busy(&self) -> bool {
+        false
+    }
+
+    /// Where an unfinished `multicall` keeps its copy of the batch until it is finished: a
+    /// table that can refuse an entry ([`Self::admit`]) has one, and a table that hands a
+    /// kept copy back has it while it holds the copy. `None` from every other table, so a
+    /// batch run with it asks nothing else of it per entry.
+    fn kept(&mut self) -> Option<&mut Option<Box<crate::common::hypercall::UnfinishedBatch>>> {
+        None
+    }
 }
 
 /// A domain and its vCPUs.

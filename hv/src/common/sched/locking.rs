@@ -6,11 +6,12 @@
 //!
 //! 1. **The domain table** ([`crate::common::sched::Machine`], a [`TableLock`]), a
 //!    readers-writer lock, taken one of two ways:
-//!    - *exclusive*: a teardown (and the scheduler's pass on a machine with one CPU), and the
-//!      exits that may reach other domains in ways not known before they run (grant copy,
-//!      `multicall`, `domctl`, another domain's counters, binding and closing inter-domain
-//!      channels, the other vendor's hypercall instruction: `sched::reach`). Every domain is
-//!      reached without its own lock: no one else holds any.
+//!    - *exclusive*: a teardown (the scheduler's, and `domctl` destroy, which must see it
+//!      done before it returns: it reaches every domain and gives RAM back), the scheduler's
+//!      pass on a machine with one CPU, and the rare exits that may reach any domain
+//!      (another domain's counters, the other vendor's hypercall instruction:
+//!      `sched::reach`), or that backed off twice (below).
+//!      Every domain is reached without its own lock: no one else holds any.
 //!    - *shared*: every other exit, and the scheduler's pass with several CPUs. It keeps each
 //!      domain where it is, as Xen's `rcu_lock_domain` does: teardown needs the table
 //!      exclusive, so no domain is torn down or freed under a CPU that holds it shared (the
@@ -25,12 +26,20 @@
 //! 3. **A domain** ([`DomainLock`], one per domain, Xen's per-domain `event_lock` in shape):
 //!    its vCPUs' hypervisor-side state, event channels, grants and console, for a CPU that
 //!    holds the table shared. The scheduler's pass takes one at a time. An exit holds its
-//!    running domain's, and at most one other: the remote end of an event channel it sends
-//!    on, the domain it grants a page to or maps a grant of, the granter of a grant it
-//!    unmaps. It waits for that second lock only when the peer comes after its own domain in
-//!    the table (domain-id order); when it comes before, it tries once, and if the lock is
-//!    busy it lets both go and handles the exit with the table exclusive instead (Linux's
-//!    `ww_mutex` back-off, reduced to one step). So no two CPUs ever wait for each other.
+//!    running domain's, and at most one other at a time: the remote end of an event channel
+//!    it sends on, binds or closes, the domain it grants a page to or maps a grant of, the granter of a grant
+//!    it unmaps, the domain a domain control reads or pauses (named in a register, locked
+//!    before the call runs); the granter a grant copy names in guest memory (locked once the
+//!    request is read), each domain `list_domains` and `phys_info` read in turn, and for a
+//!    `multicall` what each entry names, taken before that entry runs and let go when the
+//!    next needs another or none (`sched::LockedPeers`). It waits for that second lock only
+//!    when the peer comes after its own domain in the table (domain-id order); when it comes
+//!    before, it tries once, and if the lock is busy the call stops before it has acted (a
+//!    `multicall` before that entry, keeping its copy of the batch), the CPU lets both go,
+//!    takes the two in domain order, waiting for each, and makes the call again from where
+//!    it stopped (Linux's `ww_mutex` back-off). After two back-offs in one exit, or for an
+//!    entry that may reach any domain, it goes on with the table exclusive. So no CPU waits
+//!    for a lock while it holds one that comes after it, and no two CPUs wait for each other.
 //! 4. **The trace ring of a CPU** (`common::trace`), each CPU its own.
 //! 5. **The physical-page allocator** (`platform::memory::PHYS`): taken when nested page
 //!    tables and teardown give pages back.
@@ -39,8 +48,8 @@
 //!
 //! No lock is held across a VM entry: a CPU lets every lock go before it enters a guest and
 //! takes what the exit needs afterwards. Each hypercall does bounded work under what it holds
-//! (the largest: a `multicall` of `MULTICALL_MAX` entries, a scrub slice), so a guest cannot
-//! make another CPU spin without bound. An exit that waits for a vCPU to leave guest mode
+//! (the largest: a `multicall` of `MULTICALL_MAX` entries, a scrub slice; an exit backs off
+//! at most twice), so a guest cannot make another CPU spin without bound. An exit that waits for a vCPU to leave guest mode
 //! (grant unmap, pause, `down`, `flush_tlb`) may do so under its locks: the kick forces that
 //! exit, and a CPU clears its vCPU's in-guest flag before it takes any lock. With one CPU the
 //! table is taken exclusive for a whole slice (no one else could want it).
@@ -103,10 +112,17 @@ pub static DOMAIN_OWN: LockCounts = LockCounts::new();
 pub static DOMAIN_PASS: LockCounts = LockCounts::new();
 /// The run queue's lock.
 pub static RUN_QUEUE: LockCounts = LockCounts::new();
-/// A second domain's lock (the remote end of a channel).
+/// A second domain's lock (the remote end of a channel, a granter, a multicall entry's peer).
 pub static DOMAIN_PEER: LockCounts = LockCounts::new();
-/// Exits handled with the table exclusive because a peer that comes first was busy.
+/// Calls stopped because a peer that comes first was busy (then made again with the two
+/// locks taken in domain order, or after two with the table exclusive).
 pub static BACKED_OFF: AtomicU64 = AtomicU64::new(0);
+
+/// Exits handled with the table exclusive: those that may reach any domain, and (counted in
+/// both) those that went on that way after backing off twice ([`BACKED_OFF`]).
+pub static EXITS_EXCLUSIVE: AtomicU64 = AtomicU64::new(0);
+/// See [`EXITS_EXCLUSIVE`].
+pub static EXITS_EXCLUSIVE_AFTER_BACK_OFF: AtomicU64 = AtomicU64::new(0);
 
 /// Scheduler passes with the table shared, and those that found a wake-up had come during
 /// the pass and passed again rather than halt.
@@ -147,10 +163,12 @@ pub fn summary_line() -> alloc::string::String {
     let (qt, qw) = RUN_QUEUE.figures();
     let (dt, dw) = DOMAIN_PASS.figures();
     alloc::format!(
-        "lamina: locks: table exclusive {xt} (waited {xw}), shared {st} (waited {sw}); \
-         run queue {qt} (waited {qw}); domain by its exits {ot} (waited {ow}), by the pass \
+        "lamina: locks: table exclusive {xt} (waited {xw}; for {} exits, {} of them after \
+         backing off twice), shared {st} (waited {sw}); run queue {qt} (waited {qw}); domain by its exits {ot} (waited {ow}), by the pass \
          {dt} (waited {dw}), as a peer {pt} (waited {pw}, backed off {}); passes {} (again {}); exits {} \
          ({} while another CPU handled one)",
+        EXITS_EXCLUSIVE.load(Ordering::Relaxed),
+        EXITS_EXCLUSIVE_AFTER_BACK_OFF.load(Ordering::Relaxed),
         BACKED_OFF.load(Ordering::Relaxed),
         PASSES.load(Ordering::Relaxed),
         PASSES_AGAIN.load(Ordering::Relaxed),

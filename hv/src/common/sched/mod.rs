@@ -13,7 +13,7 @@ use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
 use crate::common::domain::stats::{ExitKind, ExitStats};
 use crate::common::domain::teardown::{Scrub, tear_down};
-use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
+use crate::common::domain::{Domain, DomainState, DomainTable, Ending, NoPeers, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
     OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
@@ -542,8 +542,9 @@ impl<V> Table<'_, V> {
     }
 }
 
-/// The table shared, the running domain's lock and at most one peer's: what an exit that
-/// stays in its domain, or sends to one peer, is handled under.
+/// The table shared, the running domain's lock and, after a back-off, one peer's taken
+/// before it in domain order ([`Machine::hold_in_order`]): what an exit that stays in its
+/// domain or reaches others one at a time ([`LockedPeers`]) is handled under.
 struct SharedHold<'m, 'a, V> {
     // Dropped in this order: the domain locks go before the table does.
     peer: Option<(usize, spin::MutexGuard<'m, ()>)>,
@@ -558,22 +559,6 @@ impl<V> SharedHold<'_, '_, V> {
         // SAFETY: the table is held shared (no CPU has it exclusive) and this slot's domain
         // lock is held (no other CPU reaches the slot); the borrow is tied to `self`.
         unsafe { &mut *self.table.cells[self.index].get() }
-    }
-
-    /// The running domain's slot and the locked peer's, if any.
-    fn own_and_peer(&mut self) -> (&mut Slot<V>, Option<&mut Slot<V>>) {
-        let cells = self.table.cells;
-        // SAFETY: as in `own`; the peer's lock is held too, and it is another slot (a peer
-        // is never the running domain), so the two borrows do not alias.
-        let own = unsafe { &mut *cells[self.index].get() };
-        let peer = match &self.peer {
-            Some((peer, _)) if *peer != self.index => {
-                // SAFETY: see above.
-                Some(unsafe { &mut *cells[*peer].get() })
-            }
-            _ => None,
-        };
-        (own, peer)
     }
 }
 
@@ -593,14 +578,154 @@ impl<V> Hold<'_, '_, V> {
     }
 }
 
-/// The one peer a send reaches (the remote end of the channel), locked.
-struct OnePeer<'s> {
-    peer: Option<&'s mut Domain>,
+/// What an exit that reaches other domains could not take without waiting against the lock
+/// order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wanted {
+    /// The lock of the domain in this slot, which comes before the running domain's.
+    Peer(usize),
+    /// The table exclusive (a multicall entry that may reach any domain).
+    Table,
 }
 
-impl DomainTable for OnePeer<'_> {
+/// The other domains as an exit handled with the table shared reaches them: each locked when
+/// first asked for, at most one at a time (the one held before is let go). A domain after
+/// the running one in the table is waited for; one before it is tried once, and when busy
+/// the call stops ([`DomainTable::busy`]) and [`Machine::handle_locked`] takes the two in
+/// domain order and makes the call again. So no CPU waits for a lock while it holds one that
+/// comes after it.
+struct LockedPeers<'h, 'a, V> {
+    table: &'h Table<'a, V>,
+    locks: &'h [DomainLock],
+    /// The running domain's slot (its lock is held: [`SharedHold`]).
+    own: usize,
+    peer: Option<(usize, spin::MutexGuard<'h, ()>)>,
+    wanted: Option<Wanted>,
+    kept: Option<Box<crate::common::hypercall::UnfinishedBatch>>,
+}
+
+impl<V> LockedPeers<'_, '_, V> {
+    /// Locks the domain in slot `index` (not the running one), letting go of the one held
+    /// before. False: it comes first and is busy (`wanted` says so).
+    fn lock_slot(&mut self, index: usize) -> bool {
+        if matches!(self.peer, Some((held, _)) if held == index) {
+            return true;
+        }
+        self.peer = None;
+        let guard = if may_wait_for(self.own, index) {
+            Some(self.locks[index].lock_peer())
+        } else {
+            self.locks[index].try_lock_peer()
+        };
+        match guard {
+            Some(guard) => {
+                self.peer = Some((index, guard));
+                true
+            }
+            None => {
+                self.wanted = Some(Wanted::Peer(index));
+                false
+            }
+        }
+    }
+
+    /// The slot of domain `id` locked, if it is another domain of the table.
+    fn slot(&mut self, id: u32) -> Option<&mut Slot<V>> {
+        let index = self.table.index_of(id)?;
+        if index == self.own || !self.lock_slot(index) {
+            return None;
+        }
+        // SAFETY: the table is held shared (no CPU has it exclusive) and this slot's lock is
+        // held until `self.peer` changes, which needs `&mut self`, so the borrow ends first;
+        // it is not the running domain's slot, which the caller borrows.
+        Some(unsafe { &mut *self.table.cells[index].get() })
+    }
+
+    /// Locks the one other domain `named` for the running domain `own`, if there is one.
+    /// False: it comes first in the table and is busy.
+    fn lock_named(&mut self, own: &Domain, named: PeerOf) -> bool {
+        let remote = match named {
+            PeerOf::Port(port) => match own.events.send_target(port) {
+                Ok((
+                    _,
+                    Binding::Interdomain {
+                        remote,
+                        remote_port: _,
+                    },
+                )) => u32::from(remote),
+                // Nothing beyond the running domain (or an error the call itself returns).
+                _ => return true,
+            },
+            PeerOf::Domain(id) => match u32::try_from(id) {
+                Ok(id) => id,
+                Err(_) => return true,
+            },
+            PeerOf::GrantSlot(gpa) => match own.grants.slot_at(gpa) {
+                Some(WindowSlot::Grant { granter, .. }) => granter,
+                _ => return true,
+            },
+        };
+        match self.table.index_of(remote) {
+            Some(index) if index != self.own => self.lock_slot(index),
+            _ => true,
+        }
+    }
+}
+
+impl<V> DomainTable for LockedPeers<'_, '_, V> {
     fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
-        self.peer.as_deref_mut().filter(|peer| peer.id == id)
+        self.slot(id).map(|slot| &mut slot.domain)
+    }
+
+    fn is_parked(&mut self, id: u32) -> bool {
+        self.slot(id).is_none_or(|slot| slot.is_parked())
+    }
+
+    fn admit(&mut self, own: &Domain, nr: u64, args: &[u64; 5]) -> bool {
+        match reach::of_hypercall(nr, args[0], args[1], own.id) {
+            // Let the last entry's peer go: it may be what another CPU waits for.
+            Reach::Own => {
+                self.peer = None;
+                true
+            }
+            Reach::OnePeer(named) => self.lock_named(own, named),
+            Reach::Named => true,
+            Reach::Any => {
+                self.wanted = Some(Wanted::Table);
+                false
+            }
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.wanted.is_some()
+    }
+
+    fn kept(&mut self) -> Option<&mut Option<Box<crate::common::hypercall::UnfinishedBatch>>> {
+        Some(&mut self.kept)
+    }
+}
+
+/// The peers of the table exclusive ([`Peers`]), with the copy a `multicall` that stopped
+/// with the table shared kept ([`DomainTable::kept`]).
+struct Resuming<'p, V> {
+    peers: Peers<'p, V>,
+    kept: Option<Box<crate::common::hypercall::UnfinishedBatch>>,
+}
+
+impl<V> DomainTable for Resuming<'_, V> {
+    fn get_mut(&mut self, id: u32) -> Option<&mut Domain> {
+        self.peers.get_mut(id)
+    }
+    fn tear_down(&mut self, id: u32, caller: &mut Domain) -> bool {
+        self.peers.tear_down(id, caller)
+    }
+    fn is_parked(&mut self, id: u32) -> bool {
+        self.peers.is_parked(id)
+    }
+    fn kept(&mut self) -> Option<&mut Option<Box<crate::common::hypercall::UnfinishedBatch>>> {
+        // It never refuses: only the copy it was given.
+        self.kept.is_some().then_some(&mut self.kept)
     }
 }
 
@@ -641,6 +766,25 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             index,
             _own: self.locks[index].lock_own(),
             peer: None,
+        }
+    }
+
+    /// The table shared and the locks of slots `index` (the running domain) and `peer`,
+    /// taken in domain order, waiting for each: after a back-off ([`Self::handle_locked`]).
+    fn hold_in_order(&self, index: usize, peer: usize) -> SharedHold<'_, 'a, V> {
+        let table = self.table.shared();
+        let (own, peer) = if peer < index {
+            let peer = (peer, self.locks[peer].lock_peer());
+            (self.locks[index].lock_own(), peer)
+        } else {
+            let own = self.locks[index].lock_own();
+            (own, (peer, self.locks[peer].lock_peer()))
+        };
+        SharedHold {
+            table,
+            index,
+            _own: own,
+            peer: Some(peer),
         }
     }
 
@@ -892,8 +1036,11 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 _ => (None, Reach::Own),
             };
             hold = match reach {
-                Reach::Any => Hold::Exclusive(self.table.exclusive()),
-                Reach::Own | Reach::OnePeer(_) => Hold::Shared(self.hold_own(index)),
+                Reach::Any => {
+                    locking::EXITS_EXCLUSIVE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                    Hold::Exclusive(self.table.exclusive())
+                }
+                Reach::Own | Reach::OnePeer(_) | Reach::Named => Hold::Shared(self.hold_own(index)),
             };
             if any_unmerged {
                 any_unmerged = false;
@@ -910,32 +1057,17 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 continue;
             };
-            if let (Reach::OnePeer(named), Hold::Shared(held)) = (reach, &mut hold)
-                && !self.lock_peer(held, named)
-            {
-                // The peer comes first in the table and is busy: let both go (no waiting
-                // against the lock order) and take the table exclusive.
-                locking::BACKED_OFF.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                drop(hold);
-                hold = Hold::Exclusive(self.table.exclusive());
-            }
             locking::exit_begins();
-            let next = match &mut hold {
-                Hold::Exclusive(table) => {
-                    let (before, rest) = table.slots().split_at_mut(index);
-                    let Some((current, after)) = rest.split_first_mut() else {
-                        return;
-                    };
-                    let peers = &mut Peers::around(before, after);
-                    dispatch_exit(&mut current.domain, vcpu_index, vcpu, exit, peers, host)
-                }
-                Hold::Shared(held) => {
-                    let (own, peer) = held.own_and_peer();
-                    let peers = &mut OnePeer {
-                        peer: peer.map(|slot| &mut slot.domain),
-                    };
-                    dispatch_exit(&mut own.domain, vcpu_index, vcpu, exit, peers, host)
-                }
+            // Most exits: nothing beyond their own domain, which is held (in place: no move
+            // of the hold on the hot path).
+            let next = if let (Reach::Own, Hold::Shared(held)) = (reach, &mut hold) {
+                let domain = &mut held.own().domain;
+                dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host)
+            } else {
+                let next;
+                (hold, next) =
+                    self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host);
+                next
             };
             locking::exit_ends();
             let domain = &mut hold.own(index).domain;
@@ -953,49 +1085,130 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         }
     }
 
-    /// Locks the one other domain `named` for the running domain of `held`, if there is
-    /// one. Waits for it only when it comes after the running domain in the table; tries once
-    /// otherwise. False: it is busy (the caller backs off).
-    fn lock_peer<'m>(&'m self, held: &mut SharedHold<'m, 'a, V>, named: PeerOf) -> bool {
-        let own = &held.own().domain;
-        let remote = match named {
-            PeerOf::Port(port) => match own.events.send_target(port) {
-                Ok((
-                    _,
-                    Binding::Interdomain {
-                        remote,
-                        remote_port: _,
-                    },
-                )) => u32::from(remote),
-                // Nothing beyond the running domain (or an error the call itself returns).
-                _ => return true,
-            },
-            PeerOf::Domain(id) => match u32::try_from(id) {
-                Ok(id) => id,
-                Err(_) => return true,
-            },
-            PeerOf::GrantSlot(gpa) => match own.grants.slot_at(gpa) {
-                Some(WindowSlot::Grant { granter, .. }) => granter,
-                _ => return true,
-            },
-        };
-        if remote == own.id {
-            return true;
+    /// Handles `exit` of vCPU `vcpu_index` of slot `index`, which `reach` says what it may
+    /// reach, under `hold` (the table exclusive for [`Reach::Any`], otherwise shared with the
+    /// domain's lock); returns what it was handled under at the end and what the vCPU does
+    /// next. Other domains are locked one at a time as the call reaches them
+    /// ([`LockedPeers`]). When one that comes before the running domain is busy, the call
+    /// stops before it acts (a `multicall` before the entry, keeping its copy of the batch),
+    /// every lock is let go and the two are taken in domain order, and the call is made again
+    /// from where it stopped; after two such back-offs, or for an entry that may reach any
+    /// domain, with the table exclusive. Bounded: each try ends in at most one back-off.
+    /// (The run loop, `run_slice_shared`, does the same with the fast path written in place.)
+    #[cfg(test)]
+    #[allow(clippy::too_many_arguments)]
+    fn handle_locked<'m, H: Host>(
+        &'m self,
+        mut hold: Hold<'m, 'a, V>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        exit: VmExit,
+        reach: Reach,
+        host: &mut H,
+    ) -> (Hold<'m, 'a, V>, Next) {
+        // Most exits: nothing beyond their own domain, which is held.
+        if let (Reach::Own, Hold::Shared(held)) = (reach, &mut hold) {
+            let domain = &mut held.own().domain;
+            let next = dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host);
+            return (hold, next);
         }
-        let Some(peer) = held.table.index_of(remote) else {
-            return true;
+        self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host)
+    }
+
+    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line.
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    fn handle_reaching<'m, H: Host>(
+        &'m self,
+        mut hold: Hold<'m, 'a, V>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        exit: VmExit,
+        reach: Reach,
+        host: &mut H,
+    ) -> (Hold<'m, 'a, V>, Next) {
+        // Taken when first dispatched; after that the call is made again (`finish`).
+        let mut exit = Some(exit);
+        let named = match reach {
+            Reach::OnePeer(named) => Some(named),
+            _ => None,
         };
-        let guard = if may_wait_for(held.index, peer) {
-            Some(self.locks[peer].lock_peer())
-        } else {
-            self.locks[peer].try_lock_peer()
-        };
-        match guard {
-            Some(guard) => {
-                held.peer = Some((peer, guard));
-                true
+        let mut kept = None;
+        let mut backed_off = 0;
+        loop {
+            let (next, wanted) = match &mut hold {
+                Hold::Exclusive(table) => {
+                    let (before, rest) = table.slots().split_at_mut(index);
+                    let Some((current, after)) = rest.split_first_mut() else {
+                        return (hold, Next::Stop);
+                    };
+                    let peers = &mut Resuming {
+                        peers: Peers::around(before, after),
+                        kept: kept.take(),
+                    };
+                    let domain = &mut current.domain;
+                    let next = match exit.take() {
+                        Some(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
+                        None => crate::common::hypercall::finish(domain, vcpu_index, vcpu, peers),
+                    };
+                    (next, None)
+                }
+                Hold::Shared(held) => {
+                    let peer = held.peer.take();
+                    let table: &Table<'a, V> = &held.table;
+                    // SAFETY: the table is held shared and this slot's lock is held (`held`);
+                    // `peers` hands out only other slots, so the borrows do not alias.
+                    let own = unsafe { &mut *table.cells[index].get() };
+                    let mut peers = LockedPeers {
+                        table,
+                        locks: &self.locks,
+                        own: index,
+                        peer,
+                        wanted: None,
+                        kept: kept.take(),
+                    };
+                    let domain = &mut own.domain;
+                    let next = match named {
+                        // Not yet dispatched, and its one peer busy: nothing done.
+                        Some(named) if exit.is_some() && !peers.lock_named(domain, named) => {
+                            Next::Again
+                        }
+                        _ => match exit.take() {
+                            Some(exit) => {
+                                dispatch_exit(domain, vcpu_index, vcpu, exit, &mut peers, host)
+                            }
+                            None => crate::common::hypercall::finish(
+                                domain, vcpu_index, vcpu, &mut peers,
+                            ),
+                        },
+                    };
+                    kept = peers.kept.take();
+                    (next, peers.wanted)
+                }
+            };
+            let Some(wanted) = wanted else {
+                return (hold, next);
+            };
+            drop(hold);
+            use core::sync::atomic::Ordering::Relaxed;
+            if let Wanted::Peer(_) = wanted {
+                locking::BACKED_OFF.fetch_add(1, Relaxed);
+                backed_off += 1;
             }
-            None => false,
+            hold = match wanted {
+                Wanted::Peer(peer) if backed_off <= 2 => {
+                    Hold::Shared(self.hold_in_order(index, peer))
+                }
+                _ => {
+                    locking::EXITS_EXCLUSIVE.fetch_add(1, Relaxed);
+                    if backed_off > 2 {
+                        locking::EXITS_EXCLUSIVE_AFTER_BACK_OFF.fetch_add(1, Relaxed);
+                    }
+                    Hold::Exclusive(self.table.exclusive())
+                }
+            };
         }
     }
 }
@@ -2817,5 +3030,208 @@ mod tests {
                 .iter()
                 .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
         );
+    }
+
+    /// A reference to the machine that other test threads may use: the machine's locks are
+    /// what make sharing it sound, as on the CPUs (`main.rs` passes its address to the APs).
+    struct SharedRef<'r, T>(&'r T);
+    // SAFETY: see above; the tests reach the machine only through its locking methods.
+    unsafe impl<T> Sync for SharedRef<'_, T> {}
+    // SAFETY: as for `Sync`.
+    unsafe impl<T> Send for SharedRef<'_, T> {}
+
+    const GRANT_OP: u64 = 8;
+    const MULTICALL: u64 = 6;
+
+    /// Exit `exit` of vCPU 0 of slot `index` (a domain whose id is `index + 1`), handled as a
+    /// CPU of a machine with several CPUs handles it: classified from its registers, then
+    /// under the locks that says ([`Machine::handle_locked`]). RAX after it.
+    fn exit_on_shared_path(
+        machine: &Machine<'_, MockVcpu>,
+        index: usize,
+        vcpu: &mut MockVcpu,
+        (exit, regs): (VmExit, crate::common::vcpu::GuestRegisters),
+    ) -> u64 {
+        vcpu.regs = regs;
+        let reach = reach::of_exit(&exit, vcpu, index as u32 + 1);
+        let hold = match reach {
+            Reach::Any => Hold::Exclusive(machine.table.exclusive()),
+            _ => Hold::Shared(machine.hold_own(index)),
+        };
+        let (hold, next) =
+            machine.handle_locked(hold, index, 0, vcpu, exit, reach, &mut fake_host());
+        drop(hold);
+        assert_eq!(next, Next::Resume);
+        vcpu.regs.gpr[reg::RAX]
+    }
+
+    /// A grant copy request (24 bytes) at `at` of `t`.
+    fn put_copy(t: &TestMemory, at: u64, r: lamina_abi::grant_table::GrantCopy) {
+        let mut raw = [0u8; 24];
+        raw[0..2].copy_from_slice(&r.domain.to_le_bytes());
+        raw[2] = r.direction;
+        raw[4..8].copy_from_slice(&r.grant_ref.to_le_bytes());
+        raw[8..12].copy_from_slice(&r.offset.to_le_bytes());
+        raw[12..16].copy_from_slice(&r.len.to_le_bytes());
+        raw[16..24].copy_from_slice(&r.local_gpa.to_le_bytes());
+        t.mem.write(at, &raw).unwrap();
+    }
+
+    /// Multicall entry `i` of the array at `at`: `op` with `args`.
+    fn put_entry(t: &TestMemory, at: u64, i: u64, op: u64, args: [u64; 5]) {
+        let base = at + i * 56;
+        t.mem.write(base, &op.to_le_bytes()).unwrap();
+        for (k, a) in args.iter().enumerate() {
+            t.mem
+                .write(base + 8 + 8 * k as u64, &a.to_le_bytes())
+                .unwrap();
+        }
+        t.mem.write(base + 48, &u64::MAX.to_le_bytes()).unwrap();
+    }
+
+    fn entry_result(t: &TestMemory, at: u64, i: u64) -> u64 {
+        let mut raw = [0u8; 8];
+        t.mem.read(at + i * 56 + 48, &mut raw).unwrap();
+        u64::from_le_bytes(raw)
+    }
+
+    /// Three domains; domain 1 (slot 0) grants its page at 0x20000, filled with `0xa5`, to
+    /// domain 2 (slot 1): grant reference 0.
+    fn three_with_a_grant() -> (Vec<TestMemory>, Vec<Slot<MockVcpu>>) {
+        use core::sync::atomic::Ordering;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(3, Ordering::Relaxed);
+        let (memories, slots): (Vec<_>, Vec<_>) =
+            (1..=3).map(|id| slot_with_id(id, vec![])).unzip();
+        memories[0].mem.write(0x20000, &[0xa5; 4096]).unwrap();
+        (memories, slots)
+    }
+
+    fn copy_from_grant(local_gpa: u64, len: u32) -> lamina_abi::grant_table::GrantCopy {
+        lamina_abi::grant_table::GrantCopy {
+            domain: 1,
+            direction: lamina_abi::grant_table::copy_direction::FROM_GRANT,
+            grant_ref: 0,
+            offset: 0,
+            len,
+            local_gpa,
+            ..Default::default()
+        }
+    }
+
+    /// Issue #12: a grant copy and a multicall of grant copies (domain 2 reaching domain 1) run while another CPU holds the table shared and an unrelated domain's lock
+    /// (domain 3), as it does while it handles an exit of its own: neither takes the table
+    /// exclusive (which would wait for that CPU) nor domain 3's lock.
+    #[test]
+    fn grant_copy_and_multicall_run_while_another_cpu_holds_an_unrelated_domain() {
+        let (t, mut slots) = three_with_a_grant();
+        let machine = Machine::new(&mut slots);
+        machine.set_cpus_online(2);
+        let mut one = MockVcpu::default();
+        let granted =
+            exit_on_shared_path(&machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
+        assert_eq!(granted, 0, "grant reference 0");
+        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 64));
+        put_copy(&t[1], 0x1100, copy_from_grant(0x31000, 4096));
+        put_entry(&t[1], 0x2000, 0, GRANT_OP, [4, 0x1100, 0, 0, 0]);
+        put_entry(&t[1], 0x2000, 1, GRANT_OP, [1, 7, 0, 0, 0]); // end_access: its own
+        put_entry(&t[1], 0x2000, 2, GRANT_OP, [4, 0x1000, 0, 0, 0]);
+        let machine = SharedRef(&machine);
+        let other_cpu = (machine.0.table.shared(), machine.0.locks[2].lock_own());
+        let (finished, results) = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                let machine = &machine;
+                let mut two = MockVcpu::default();
+                let copied = exit_on_shared_path(
+                    machine.0,
+                    1,
+                    &mut two,
+                    hypercall(GRANT_OP, [4, 0x1000, 0]),
+                );
+                let run = exit_on_shared_path(
+                    machine.0,
+                    1,
+                    &mut two,
+                    hypercall(MULTICALL, [0x2000, 3, 0]),
+                );
+                (copied, run)
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !worker.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let finished = worker.is_finished();
+            drop(other_cpu);
+            (finished, worker.join().unwrap())
+        });
+        assert!(
+            finished,
+            "the copy or the multicall waited for the other CPU (table exclusive or domain 3)"
+        );
+        assert_eq!(results, (64, 3));
+        assert_eq!(
+            [0, 1, 2].map(|i| entry_result(&t[1], 0x2000, i)),
+            [4096, Errno::ENOENT.to_return_value(), 64]
+        );
+        let mut copied = [0u8; 4096 + 64];
+        t[1].mem.read(0x30000, &mut copied[..64]).unwrap();
+        t[1].mem.read(0x31000, &mut copied[64..]).unwrap();
+        assert!(copied.iter().all(|&b| b == 0xa5));
+    }
+
+    /// The peer a call names in guest memory comes before it in the table and another CPU
+    /// holds it: the call stops before it acts (a multicall after the entries before),
+    /// waits for that lock in domain order with its own, and is finished from where it
+    /// stopped, with the batch as it was copied when the call began (docs/abi.md 2.5), even
+    /// though the guest rewrote it meanwhile.
+    #[test]
+    fn a_busy_peer_before_the_caller_is_waited_for_in_order_and_the_batch_is_not_read_again() {
+        let (t, mut slots) = three_with_a_grant();
+        let machine = Machine::new(&mut slots);
+        machine.set_cpus_online(2);
+        let mut one = MockVcpu::default();
+        let granted =
+            exit_on_shared_path(&machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
+        assert_eq!(granted, 0);
+        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
+        // A grant to domain 3 (after domain 2: waited for), then the copy from domain 1.
+        put_entry(&t[1], 0x2000, 0, GRANT_OP, [0, 3, 0x40000, 0, 0]);
+        put_entry(&t[1], 0x2000, 1, GRANT_OP, [4, 0x1000, 0, 0, 0]);
+        let machine = SharedRef(&machine);
+        let backed_off = || locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst);
+        let before = backed_off();
+        let other_cpu = (machine.0.table.shared(), machine.0.locks[0].lock_own());
+        let (waited, result) = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                let machine = &machine;
+                let mut two = MockVcpu::default();
+                exit_on_shared_path(machine.0, 1, &mut two, hypercall(MULTICALL, [0x2000, 2, 0]))
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while backed_off() == before && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let waited = !worker.is_finished();
+            // Too late: the batch was copied before the call stopped.
+            put_entry(&t[1], 0x2000, 1, GRANT_OP, [1, 5, 0, 0, 0]);
+            drop(other_cpu);
+            (waited, worker.join().unwrap())
+        });
+        assert!(backed_off() > before, "it backed off");
+        assert!(waited, "it waited for domain 1's lock");
+        assert_eq!(result, 2);
+        assert_eq!(
+            [0, 1].map(|i| entry_result(&t[1], 0x2000, i)),
+            [0, 128],
+            "entry 0 ran once (reference 0), entry 1 as copied"
+        );
+        let grants = &slots[1].domain.grants;
+        assert!(
+            grants.grant(0).is_some() && grants.grant(1).is_none(),
+            "one grant, not two: the batch went on from entry 1"
+        );
+        let mut copied = [0u8; 128];
+        t[1].mem.read(0x30000, &mut copied).unwrap();
+        assert!(copied.iter().all(|&b| b == 0xa5));
     }
 }

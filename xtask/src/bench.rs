@@ -739,7 +739,7 @@ fn measure(
     let record = boot(
         vendor, iterations, run, dir, timeout, streaming, hv_cmdline, groups,
     )
-        .map_err(|err| err.to_string())?;
+    .map_err(|err| err.to_string())?;
     match parse_log(&record.log, vendor) {
         Ok(measurements) => Ok((rows_of(run, measurements), record)),
         Err(why) => Err(run_failure(&record, &why)),

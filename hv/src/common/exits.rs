@@ -296,8 +296,14 @@ pub fn handle_exit<V: VirtualCpu>(
                 let state = &mut domain.vcpus[vcpu_index];
                 match state.vlapic.write_msr(index, value, now, tsc) {
                     Ok(ipi) => {
-                        // A timer, EOI or TPR change may make an interrupt due or deliverable.
-                        state.requests.make(request::EVENT | request::TIMERS);
+                        // A timer, EOI or TPR change may make an interrupt due or deliverable;
+                        // only a timer change needs the host timer armed again.
+                        let timers = if state.vlapic.write_moves_timer(index) {
+                            request::TIMERS
+                        } else {
+                            0
+                        };
+                        state.requests.make(request::EVENT | timers);
                         vcpu.skip_instruction();
                         if let Some(ipi) = ipi {
                             apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);

@@ -310,6 +310,19 @@ impl VirtualLapic {
         matches!(msr, MSR_APIC_BASE | MSR_TSC_DEADLINE | 0x800..=0x8ff)
     }
 
+    /// Whether a write of `msr` may have moved the timer's next expiry
+    /// ([`Self::next_timer_deadline_ns`]), so that the host timer must be armed again: a timer
+    /// register (SVR too: a software disable masks the LVT), or any register while the timer
+    /// counts (an EOI or an injection may have let its vector out of IRR, which hid the
+    /// expiry). An ICR, self-IPI or EOI write with no timer counting changes no deadline.
+    #[inline]
+    pub fn write_moves_timer(&self, msr: u32) -> bool {
+        matches!(
+            msr,
+            MSR_TSC_DEADLINE | REG_SVR | REG_LVT_TIMER | REG_TIMER_INITIAL | REG_TIMER_DIVIDE
+        ) || self.timer_counting()
+    }
+
     /// The x2APIC ID (the vCPU number).
     pub fn apic_id(&self) -> u32 {
         self.apic_id
@@ -1130,6 +1143,29 @@ mod tests {
             .next_timer_deadline_ns()
             .expect("armed, nothing pending");
         assert!(next > 500, "the next expiry {next} is ahead");
+    }
+
+    #[test]
+    fn only_timer_writes_or_a_counting_timer_move_the_host_timer() {
+        let mut apic = timer(LVT_PERIODIC, 0b1011);
+        for msr in [REG_EOI, REG_ICR, REG_SELF_IPI, REG_TPR, REG_ESR] {
+            assert!(
+                !apic.write_moves_timer(msr),
+                "{msr:#x} with the timer stopped"
+            );
+        }
+        for msr in [
+            MSR_TSC_DEADLINE,
+            REG_SVR,
+            REG_LVT_TIMER,
+            REG_TIMER_INITIAL,
+            REG_TIMER_DIVIDE,
+        ] {
+            assert!(apic.write_moves_timer(msr), "{msr:#x}");
+        }
+        // Counting: an EOI may let its vector out of IRR, where it hid the next expiry.
+        apic.write_msr(REG_TIMER_INITIAL, 1000, 0, 0).unwrap();
+        assert!(apic.write_moves_timer(REG_EOI));
     }
 
     #[test]

@@ -397,12 +397,15 @@ fn xsetbv<V: VirtualCpu>(vcpu: &mut V) {
 /// when none ever can (docs/abi.md 7.2).
 fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next {
     let state = &domain.vcpus[index];
-    let upcall_due = state.upcall_vector != 0
-        && matches!(
-            domain.events.upcall_flags(&domain.memory, index),
-            Ok((true, false))
-        );
-    if vcpu.interrupt_flag() && (upcall_due || state.vlapic.deliverable_vector().is_some()) {
+    // The APIC first: a few loads, where the upcall's flags are a read of guest memory.
+    if vcpu.interrupt_flag()
+        && (state.vlapic.deliverable_vector().is_some()
+            || state.upcall_vector != 0
+                && matches!(
+                    domain.events.upcall_flags(&domain.memory, index),
+                    Ok((true, false))
+                ))
+    {
         // An interrupt is already due (it may have come while the vCPU was preempted between
         // STI and HLT): it is injected at the next entry and ends the HLT at once.
         domain.vcpus[index].requests.make(request::EVENT);

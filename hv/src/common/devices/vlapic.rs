@@ -335,6 +335,7 @@ impl VirtualLapic {
     }
 
     /// Whether SVR bit 8 (APIC software enable) is set.
+    #[inline]
     pub fn software_enabled(&self) -> bool {
         self.svr & SVR_ENABLE != 0
     }
@@ -352,6 +353,7 @@ impl VirtualLapic {
 
     /// The processor priority (SDM 12.8.3.1): the TPR if its class is at least that of the
     /// highest in-service vector, else that vector's class with sub-class 0.
+    #[inline]
     pub fn ppr(&self) -> u8 {
         let isrv = self.isr.highest().unwrap_or(0);
         if self.tpr >> 4 >= isrv >> 4 {
@@ -549,6 +551,7 @@ impl VirtualLapic {
     /// date at the next access ([`Self::advance`]). Without this, a vCPU that halts with a
     /// periodic timer of count 1 and its vector held back by the TPR would have the
     /// hypervisor look at it every nanosecond, cutting every other vCPU's slice to nothing.
+    #[inline]
     pub fn next_timer_deadline_ns(&self) -> Option<u64> {
         if !self.timer_armed() || self.irr.contains((self.lvt[LVT_TIMER] & LVT_VECTOR) as u8) {
             return None;
@@ -614,6 +617,7 @@ impl VirtualLapic {
 
     /// The hypervisor injected `vector`: IRR -> ISR. Vectors 0-15 never enter IRR or ISR and
     /// are ignored.
+    #[inline]
     pub fn acknowledge(&mut self, vector: u8) {
         if vector < FIRST_LEGAL_VECTOR {
             return;
@@ -624,6 +628,7 @@ impl VirtualLapic {
 
     /// Whether the timer counts towards an expiry, masked or not: [`Self::advance`] has
     /// work to do.
+    #[inline]
     pub fn timer_counting(&self) -> bool {
         match self.timer_mode() {
             TimerMode::TscDeadline => self.tsc_deadline != 0,
@@ -633,6 +638,7 @@ impl VirtualLapic {
 
     /// Whether the timer is armed (unmasked, counting or deadline set): a HLT with IF=1 can
     /// be woken.
+    #[inline]
     pub fn timer_armed(&self) -> bool {
         self.lvt[LVT_TIMER] & LVT_MASKED == 0 && self.timer_counting()
     }
@@ -752,6 +758,7 @@ impl VirtualLapic {
         }
     }
 
+    #[inline]
     fn timer_mode(&self) -> TimerMode {
         // Mode 11b is refused on write, so the stored entry always has a valid mode.
         timer_mode_of(self.lvt[LVT_TIMER]).unwrap_or(TimerMode::OneShot)

@@ -212,18 +212,6 @@ fn upcall_deliverable(domain: &Domain, index: usize) -> bool {
         )
 }
 
-/// Forgets a possible upcall once the guest's flag shows none is pending.
-fn settle_upcall_flag(domain: &mut Domain, index: usize) {
-    if domain.vcpus[index].requests.upcall_maybe_pending()
-        && matches!(
-            domain.events.upcall_flags(&domain.memory, index),
-            Ok((false, _))
-        )
-    {
-        domain.vcpus[index].requests.set_upcall_maybe_pending(false);
-    }
-}
-
 /// Fires due timers and ends waits that are over, for every vCPU of the slot.
 fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
     if !slot.domain.is_runnable() {
@@ -444,9 +432,28 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
     if taken & request::EVENT == 0 {
         return taken;
     }
-    let Some((vector, from_apic)) = deliverable_interrupt(domain, index) else {
-        settle_upcall_flag(domain, index);
-        return taken;
+    // `deliverable_interrupt`, and forgetting a possible upcall once the guest's flag shows
+    // none is pending, in one: the upcall flags are read from guest memory once, and only
+    // when either needs them.
+    let state = &domain.vcpus[index];
+    let (vector, from_apic) = match state.vlapic.deliverable_vector() {
+        Some(vector) => (vector, true),
+        None => {
+            let maybe_pending = state.requests.upcall_maybe_pending();
+            if state.upcall_vector == 0 && !maybe_pending {
+                return taken;
+            }
+            match domain.events.upcall_flags(&domain.memory, index) {
+                Ok((true, false)) if state.upcall_vector != 0 => (state.upcall_vector, false),
+                flags => {
+                    // Forget a possible upcall once the guest's flag shows none is pending.
+                    if maybe_pending && matches!(flags, Ok((false, _))) {
+                        state.requests.set_upcall_maybe_pending(false);
+                    }
+                    return taken;
+                }
+            }
+        }
     };
     let state = &mut domain.vcpus[index];
     if vcpu.interrupt_window_open() {

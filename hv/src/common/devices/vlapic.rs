@@ -551,7 +551,6 @@ impl VirtualLapic {
     /// date at the next access ([`Self::advance`]). Without this, a vCPU that halts with a
     /// periodic timer of count 1 and its vector held back by the TPR would have the
     /// hypervisor look at it every nanosecond, cutting every other vCPU's slice to nothing.
-    #[inline]
     pub fn next_timer_deadline_ns(&self) -> Option<u64> {
         if !self.timer_armed() || self.irr.contains((self.lvt[LVT_TIMER] & LVT_VECTOR) as u8) {
             return None;

@@ -134,6 +134,9 @@ pub fn run_own_exits<V: VirtualCpu>(
             VmExit::MsrRead => return (OwnExits::MsrRead, exited_at),
             VmExit::MsrWrite => return (OwnExits::MsrWrite, exited_at),
             VmExit::ExternalInterrupt => return (OwnExits::ExternalInterrupt, exited_at),
+            VmExit::Io { port, size, write } => {
+                return (OwnExits::Io { port, size, write }, exited_at);
+            }
             exit => return (OwnExits::Other(exit), exited_at),
         }
         if state.requests.due_before_entry() {
@@ -160,6 +163,9 @@ pub enum OwnExits {
     MsrWrite,
     /// [`VmExit::ExternalInterrupt`].
     ExternalInterrupt,
+    /// [`VmExit::Io`] (the trapped UART's exit, one per byte): to [`port_exit`] directly,
+    /// without a [`VmExit`] built in memory and the general dispatch.
+    Io { port: u16, size: u8, write: bool },
     /// Any other exit for the domain.
     Other(VmExit),
 }
@@ -534,6 +540,19 @@ fn count_port_access(
     (ports, &domain.memory)
 }
 
+/// An IN or OUT exit ([`VmExit::Io`]) of vCPU `vcpu_index`, as [`handle_exit`] handles it.
+pub fn port_exit<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    port: u16,
+    size: u8,
+    write: bool,
+) -> Next {
+    port_io(domain, vcpu_index, vcpu, port, size, write)
+}
+
+#[inline(always)]
 fn port_io<V: VirtualCpu>(
     domain: &mut Domain,
     vcpu_index: usize,

@@ -16,7 +16,7 @@ use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
-    OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
+    OwnExits, handle_exit, handle_without_lock, hypercall_exit, port_exit, run_own_exits,
 };
 use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
@@ -1279,6 +1279,9 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             OwnExits::ExternalInterrupt => {
                 let exit = VmExit::ExternalInterrupt;
                 dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)
+            }
+            OwnExits::Io { port, size, write } => {
+                port_exit(domain, vcpu_index, vcpu, port, size, write)
             }
             OwnExits::Other(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
         };

@@ -226,11 +226,7 @@ pub fn handle_exit<V: VirtualCpu>(
             xsetbv(vcpu);
             Next::Resume
         }
-        VmExit::Hlt => {
-            domain.vcpus[vcpu_index].stats.count(ExitKind::Hlt);
-            vcpu.skip_instruction();
-            halt(domain, vcpu_index, vcpu)
-        }
+        VmExit::Hlt => hlt_exit(domain, vcpu_index, vcpu),
         VmExit::InterruptWindow => {
             domain.vcpus[vcpu_index]
                 .stats
@@ -262,74 +258,8 @@ pub fn handle_exit<V: VirtualCpu>(
                 format!("VM entry refused the vCPU state: {what} ({raw:#x})"),
             )
         }
-        VmExit::MsrRead => {
-            domain.vcpus[vcpu_index].stats.count(ExitKind::MsrRead);
-            let index = vcpu.regs().gpr[reg::RCX] as u32;
-            if VirtualLapic::owns_msr(index) {
-                let tsc = read_tsc();
-                let now = domain.time.ns_at(tsc);
-                match domain.vcpus[vcpu_index].vlapic.read_msr(index, now, tsc) {
-                    Ok(value) => {
-                        let regs = vcpu.regs();
-                        regs.gpr[reg::RAX] = value & 0xffff_ffff;
-                        regs.gpr[reg::RDX] = value >> 32;
-                        vcpu.skip_instruction();
-                    }
-                    Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-                }
-                return Next::Resume;
-            }
-            match ArchMsr::from_index(index) {
-                Some(msr) => {
-                    let value = vcpu.read_msr(msr);
-                    let regs = vcpu.regs();
-                    regs.gpr[reg::RAX] = value & 0xffff_ffff;
-                    regs.gpr[reg::RDX] = value >> 32;
-                    vcpu.skip_instruction();
-                }
-                None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-            }
-            Next::Resume
-        }
-        VmExit::MsrWrite => {
-            domain.vcpus[vcpu_index].stats.count(ExitKind::MsrWrite);
-            let regs = vcpu.regs();
-            let index = regs.gpr[reg::RCX] as u32;
-            let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
-            if VirtualLapic::owns_msr(index) {
-                let tsc = read_tsc();
-                let now = domain.time.ns_at(tsc);
-                let state = &mut domain.vcpus[vcpu_index];
-                match state.vlapic.write_msr(index, value, now, tsc) {
-                    Ok(ipi) => {
-                        // A timer, EOI or TPR change may make an interrupt due or deliverable;
-                        // only a timer change needs the host timer armed again.
-                        let timers = if state.vlapic.write_moves_timer(index) {
-                            request::TIMERS
-                        } else {
-                            0
-                        };
-                        state.requests.make(request::EVENT | timers);
-                        vcpu.skip_instruction();
-                        if let Some(ipi) = ipi {
-                            apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);
-                        }
-                    }
-                    Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-                }
-                return Next::Resume;
-            }
-            match ArchMsr::from_index(index)
-                .filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr)))
-            {
-                Some(msr) => {
-                    vcpu.write_msr(msr, value);
-                    vcpu.skip_instruction();
-                }
-                None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-            }
-            Next::Resume
-        }
+        VmExit::MsrRead => msr_read_exit(domain, vcpu_index, vcpu),
+        VmExit::MsrWrite => msr_write_exit(domain, vcpu_index, vcpu),
         VmExit::NestedPageFault { gpa, write } => {
             domain.vcpus[vcpu_index]
                 .stats
@@ -377,6 +307,86 @@ pub fn handle_exit<V: VirtualCpu>(
             )
         }
     }
+}
+
+/// A HLT exit of vCPU `vcpu_index`: the run loop calls it directly, as it does
+/// [`msr_read_exit`] and [`msr_write_exit`], without the general dispatch of [`handle_exit`].
+pub fn hlt_exit<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    domain.vcpus[vcpu_index].stats.count(ExitKind::Hlt);
+    vcpu.skip_instruction();
+    halt(domain, vcpu_index, vcpu)
+}
+
+/// An RDMSR exit of vCPU `vcpu_index`: the x2APIC's registers, or the architectural MSRs.
+pub fn msr_read_exit<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    domain.vcpus[vcpu_index].stats.count(ExitKind::MsrRead);
+    let index = vcpu.regs().gpr[reg::RCX] as u32;
+    if VirtualLapic::owns_msr(index) {
+        let tsc = read_tsc();
+        let now = domain.time.ns_at(tsc);
+        match domain.vcpus[vcpu_index].vlapic.read_msr(index, now, tsc) {
+            Ok(value) => {
+                let regs = vcpu.regs();
+                regs.gpr[reg::RAX] = value & 0xffff_ffff;
+                regs.gpr[reg::RDX] = value >> 32;
+                vcpu.skip_instruction();
+            }
+            Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+        }
+        return Next::Resume;
+    }
+    match ArchMsr::from_index(index) {
+        Some(msr) => {
+            let value = vcpu.read_msr(msr);
+            let regs = vcpu.regs();
+            regs.gpr[reg::RAX] = value & 0xffff_ffff;
+            regs.gpr[reg::RDX] = value >> 32;
+            vcpu.skip_instruction();
+        }
+        None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+    }
+    Next::Resume
+}
+
+/// A WRMSR exit of vCPU `vcpu_index`: the x2APIC's registers, or the architectural MSRs.
+pub fn msr_write_exit<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    domain.vcpus[vcpu_index].stats.count(ExitKind::MsrWrite);
+    let regs = vcpu.regs();
+    let index = regs.gpr[reg::RCX] as u32;
+    let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
+    if VirtualLapic::owns_msr(index) {
+        let tsc = read_tsc();
+        let now = domain.time.ns_at(tsc);
+        let state = &mut domain.vcpus[vcpu_index];
+        match state.vlapic.write_msr(index, value, now, tsc) {
+            Ok(ipi) => {
+                // A timer, EOI or TPR change may make an interrupt due or deliverable;
+                // only a timer change needs the host timer armed again.
+                let timers = if state.vlapic.write_moves_timer(index) {
+                    request::TIMERS
+                } else {
+                    0
+                };
+                state.requests.make(request::EVENT | timers);
+                vcpu.skip_instruction();
+                if let Some(ipi) = ipi {
+                    apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);
+                }
+            }
+            Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+        }
+        return Next::Resume;
+    }
+    match ArchMsr::from_index(index)
+        .filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr)))
+    {
+        Some(msr) => {
+            vcpu.write_msr(msr, value);
+            vcpu.skip_instruction();
+        }
+        None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+    }
+    Next::Resume
 }
 
 /// XSETBV (docs/abi.md 18.2): XCR0 takes the value, or the guest gets the fault a CPU raises.

@@ -16,7 +16,8 @@ use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
-    OwnExits, handle_exit, handle_without_lock, hypercall_exit, port_exit, run_own_exits,
+    OwnExits, handle_exit, handle_without_lock, hlt_exit, hypercall_exit, msr_read_exit,
+    msr_write_exit, port_exit, run_own_exits,
 };
 use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
@@ -1273,9 +1274,9 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
         let next = match exit {
             OwnExits::Drain => continue,
             OwnExits::Hypercall => hypercall_exit(domain, vcpu_index, vcpu, peers),
-            OwnExits::Hlt => handle_exit(domain, vcpu_index, vcpu, VmExit::Hlt, peers),
-            OwnExits::MsrRead => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrRead, peers),
-            OwnExits::MsrWrite => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrWrite, peers),
+            OwnExits::Hlt => hlt_exit(domain, vcpu_index, vcpu),
+            OwnExits::MsrRead => msr_read_exit(domain, vcpu_index, vcpu),
+            OwnExits::MsrWrite => msr_write_exit(domain, vcpu_index, vcpu),
             OwnExits::ExternalInterrupt => {
                 let exit = VmExit::ExternalInterrupt;
                 dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)

@@ -418,16 +418,32 @@ fn prepare_entry<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V)
     drain_requests(domain, index, vcpu)
 }
 
-/// [`prepare_entry`] when something was requested. The rare requests (a flush, a request
-/// drained elsewhere) are handled out of line, so that the usual one, an event, pays neither
-/// their stack frame nor their tests.
+/// [`prepare_entry`] when something was requested.
 #[inline(never)]
 fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> u32 {
     // RESCHEDULE only kicks: the state it is about is looked at after every exit.
     const HERE: u32 = request::BEFORE_ENTRY;
     let all = domain.vcpus[index].requests.take_all();
+    // One test for the rare ones (a flush, a request drained elsewhere).
     if all & !(request::EVENT | request::TIMERS) != 0 {
-        drain_rare_requests(domain, index, vcpu, all);
+        if all & !HERE != 0 {
+            // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
+            domain.vcpus[index].requests.make(all & !HERE);
+        }
+        if all & request::NESTED_FLUSH != 0 {
+            // A grant mapping went away or changed (docs/abi.md 16): no stale translation
+            // may survive into the guest.
+            vcpu.invalidate_nested_translations();
+        }
+        if all & request::TLB_FLUSH != 0 {
+            // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running
+            // then, or was kicked out; either way nothing it cached before that call
+            // survives: the pages listed, or everything.
+            match domain.vcpus[index].pending_tlb_flush.take() {
+                Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
+                None => vcpu.flush_guest_tlb(),
+            }
+        }
     }
     let taken = all & HERE;
     if taken & request::EVENT == 0 {
@@ -476,31 +492,6 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
         state.window_requested = true;
     }
     taken
-}
-
-/// The requests of [`drain_requests`] other than EVENT and TIMERS (`all` as taken).
-#[cold]
-#[inline(never)]
-fn drain_rare_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V, all: u32) {
-    const HERE: u32 = request::BEFORE_ENTRY;
-    if all & !HERE != 0 {
-        // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
-        domain.vcpus[index].requests.make(all & !HERE);
-    }
-    if all & request::NESTED_FLUSH != 0 {
-        // A grant mapping went away or changed (docs/abi.md 16): no stale translation may
-        // survive into the guest.
-        vcpu.invalidate_nested_translations();
-    }
-    if all & request::TLB_FLUSH != 0 {
-        // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running then,
-        // or was kicked out; either way nothing it cached before that call survives: the
-        // pages listed, or everything.
-        match domain.vcpus[index].pending_tlb_flush.take() {
-            Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
-            None => vcpu.flush_guest_tlb(),
-        }
-    }
 }
 
 /// The domains as every physical CPU's run loop shares them: the table, behind a

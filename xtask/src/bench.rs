@@ -60,6 +60,61 @@ pub struct BenchOptions {
     pub verbose: bool,
     /// The hypervisor's command line, e.g. `spec-ctrl=none` to measure without the defences.
     pub hv_cmdline: String,
+    /// Only these groups (`--filter`); None: all.
+    pub groups: Option<Vec<String>>,
+}
+
+/// The groups the main run measures (`groups=` of the guest; `cpuid` comes with `hypercall`,
+/// `idle` with `events`).
+pub const MAIN_GROUPS: [&str; 9] = [
+    "hypercall",
+    "cpuid",
+    "multicall",
+    "time",
+    "events",
+    "idle",
+    "timer",
+    "console",
+    "pingpong",
+];
+
+/// Every group `--filter` accepts: the main run's, the runs named after theirs, and `scale`
+/// (the runs with idle domains).
+pub const GROUPS: [&str; 13] = [
+    "hypercall",
+    "cpuid",
+    "multicall",
+    "time",
+    "events",
+    "idle",
+    "timer",
+    "console",
+    "pingpong",
+    "smp",
+    "smp2",
+    "smp4",
+    "scale",
+];
+
+impl Run {
+    /// Whether `groups` (`--filter`; None: all) asks for anything of this run, and the
+    /// guest's `groups=` for the main run when only some of its groups are asked for.
+    fn selected(self, groups: Option<&[String]>) -> Option<Option<String>> {
+        let Some(groups) = groups else {
+            return Some(None);
+        };
+        let has = |name: &str| groups.iter().any(|g| g == name);
+        match self {
+            Run::Main => {
+                let main: Vec<&str> = MAIN_GROUPS.into_iter().filter(|g| has(g)).collect();
+                (!main.is_empty()).then(|| Some(main.join(",")))
+            }
+            Run::Smp => has("smp").then_some(None),
+            Run::Smp2 => has("smp2").then_some(None),
+            Run::Smp4 => has("smp4").then_some(None),
+            Run::Idle(_) => has("scale").then_some(None),
+        }
+    }
 }
 
 /// `-` for a figure that is not there.
@@ -287,10 +342,15 @@ const SCALE_OPS: [&str; 3] = ["null_hypercall", "timer_pv", "event_pingpong"];
 /// The boot modules of `run`: for [`Run::Idle`], `n` idle domains (3 to `n + 2`) beside the
 /// pair, which measures only [`SCALE_OPS`]' groups; for [`Run::Smp`], the benchmark domain
 /// alone with two vCPUs, measuring only the `smp` group.
-pub fn boot_modules_for(iterations: u64, run: Run) -> Vec<BootModule> {
+pub fn boot_modules_for(iterations: u64, run: Run, groups: Option<&str>) -> Vec<BootModule> {
     let [mut bench, pong] = boot_modules(iterations);
     match run {
-        Run::Main => vec![bench, pong],
+        Run::Main => {
+            if let Some(groups) = groups {
+                bench.cmdline.push_str(&format!(" groups={groups}"));
+            }
+            vec![bench, pong]
+        }
         Run::Smp => {
             bench.cmdline = format!("{DOMAIN_NAME} iterations={iterations} vcpus=2 groups=smp");
             vec![bench]
@@ -626,12 +686,13 @@ fn boot(
     timeout: Duration,
     streaming: &Streaming,
     hv_cmdline: &str,
+    groups: Option<&str>,
 ) -> Result<RunRecord> {
     emulator::boot(&emulator::Boot {
         vendor,
         dir,
         hv_cmdline,
-        modules: &boot_modules_for(iterations, run),
+        modules: &boot_modules_for(iterations, run, groups),
         timeout,
         streaming,
         // QEMU: the TSC counts instructions (with -smp 2 too). Bochs counts them anyway.
@@ -673,9 +734,12 @@ fn measure(
     timeout: Duration,
     streaming: &Streaming,
     hv_cmdline: &str,
+    groups: Option<&str>,
 ) -> VendorRun {
-    let record = boot(vendor, iterations, run, dir, timeout, streaming, hv_cmdline)
-        .map_err(|err| err.to_string())?;
+    let record = boot(
+        vendor, iterations, run, dir, timeout, streaming, hv_cmdline, groups,
+    )
+    .map_err(|err| err.to_string())?;
     match parse_log(&record.log, vendor) {
         Ok(measurements) => Ok((rows_of(run, measurements), record)),
         Err(why) => Err(run_failure(&record, &why)),
@@ -712,6 +776,9 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                     let timeout = timeout(vendor, iterations, options.timeout);
                     let mut result: VendorRun = Err(String::new());
                     for run in Run::ALL {
+                        let Some(guest_groups) = run.selected(options.groups.as_deref()) else {
+                            continue;
+                        };
                         let dir = RunDir::new(
                             workspace::lamina_dir()
                                 .join("bench")
@@ -732,6 +799,7 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                             timeout,
                             &streaming,
                             &options.hv_cmdline,
+                            guest_groups.as_deref(),
                         );
                         match (measured, &mut result) {
                             (Ok((rows, record)), Ok((found, _))) => {
@@ -742,7 +810,7 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                                 );
                                 found.extend(rows);
                             }
-                            (Ok((rows, record)), result @ Err(_)) if run == Run::Main => {
+                            (Ok((rows, record)), result @ Err(_)) => {
                                 eprintln!(
                                     "xtask: {} done in {:.1} s",
                                     vendor.name(),
@@ -754,7 +822,6 @@ pub fn bench(options: &BenchOptions) -> Result<bool> {
                                 *result = Err(why);
                                 break;
                             }
-                            _ => break,
                         }
                     }
                     (vendor, result)
@@ -850,6 +917,7 @@ pub fn fast_check(
             timeout,
             streaming,
             "",
+            None,
         ) {
             Ok(record) => record,
             Err(err) => return (Judgement::new(Status::Error, err.to_string()), main_record),

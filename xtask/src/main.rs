@@ -172,6 +172,12 @@ struct BenchArgs {
     /// speculative-execution defences.
     #[arg(long, value_name = "STR", default_value = "")]
     hv_cmdline: String,
+    /// Only these groups, separated by commas: hypercall, cpuid, multicall, time, events,
+    /// idle, timer, console, pingpong (the main run; `event_pingpong` and `domain_switch`
+    /// always come with it), smp, smp2, smp4, scale (the runs with idle domains).
+    #[arg(long, value_name = "GROUPS", value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
+    filter: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -353,6 +359,7 @@ fn execute(task: Task) -> Result<ExitCode> {
             timeout: args.timeout.map(Duration::from_secs),
             verbose: args.verbose,
             hv_cmdline: args.hv_cmdline,
+            groups: (!args.filter.is_empty()).then_some(args.filter),
         })?,
     };
     Ok(if passed {

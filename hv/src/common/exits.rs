@@ -134,6 +134,9 @@ pub fn run_own_exits<V: VirtualCpu>(
             VmExit::MsrRead => return (OwnExits::MsrRead, exited_at),
             VmExit::MsrWrite => return (OwnExits::MsrWrite, exited_at),
             VmExit::ExternalInterrupt => return (OwnExits::ExternalInterrupt, exited_at),
+            VmExit::Io { port, size, write } => {
+                return (OwnExits::Io { port, size, write }, exited_at);
+            }
             exit => return (OwnExits::Other(exit), exited_at),
         }
         if state.requests.due_before_entry() {
@@ -160,6 +163,9 @@ pub enum OwnExits {
     MsrWrite,
     /// [`VmExit::ExternalInterrupt`].
     ExternalInterrupt,
+    /// [`VmExit::Io`] (the trapped UART's exit, one per byte): to [`port_exit`] directly,
+    /// without a [`VmExit`] built in memory and the general dispatch.
+    Io { port: u16, size: u8, write: bool },
     /// Any other exit for the domain.
     Other(VmExit),
 }
@@ -220,11 +226,7 @@ pub fn handle_exit<V: VirtualCpu>(
             xsetbv(vcpu);
             Next::Resume
         }
-        VmExit::Hlt => {
-            domain.vcpus[vcpu_index].stats.count(ExitKind::Hlt);
-            vcpu.skip_instruction();
-            halt(domain, vcpu_index, vcpu)
-        }
+        VmExit::Hlt => hlt_exit(domain, vcpu_index, vcpu),
         VmExit::InterruptWindow => {
             domain.vcpus[vcpu_index]
                 .stats
@@ -256,68 +258,8 @@ pub fn handle_exit<V: VirtualCpu>(
                 format!("VM entry refused the vCPU state: {what} ({raw:#x})"),
             )
         }
-        VmExit::MsrRead => {
-            domain.vcpus[vcpu_index].stats.count(ExitKind::MsrRead);
-            let index = vcpu.regs().gpr[reg::RCX] as u32;
-            if VirtualLapic::owns_msr(index) {
-                let tsc = read_tsc();
-                let now = domain.time.ns_at(tsc);
-                match domain.vcpus[vcpu_index].vlapic.read_msr(index, now, tsc) {
-                    Ok(value) => {
-                        let regs = vcpu.regs();
-                        regs.gpr[reg::RAX] = value & 0xffff_ffff;
-                        regs.gpr[reg::RDX] = value >> 32;
-                        vcpu.skip_instruction();
-                    }
-                    Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-                }
-                return Next::Resume;
-            }
-            match ArchMsr::from_index(index) {
-                Some(msr) => {
-                    let value = vcpu.read_msr(msr);
-                    let regs = vcpu.regs();
-                    regs.gpr[reg::RAX] = value & 0xffff_ffff;
-                    regs.gpr[reg::RDX] = value >> 32;
-                    vcpu.skip_instruction();
-                }
-                None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-            }
-            Next::Resume
-        }
-        VmExit::MsrWrite => {
-            domain.vcpus[vcpu_index].stats.count(ExitKind::MsrWrite);
-            let regs = vcpu.regs();
-            let index = regs.gpr[reg::RCX] as u32;
-            let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
-            if VirtualLapic::owns_msr(index) {
-                let tsc = read_tsc();
-                let now = domain.time.ns_at(tsc);
-                let state = &mut domain.vcpus[vcpu_index];
-                match state.vlapic.write_msr(index, value, now, tsc) {
-                    Ok(ipi) => {
-                        // A timer, EOI or TPR change may make an interrupt due or deliverable.
-                        state.requests.make(request::EVENT | request::TIMERS);
-                        vcpu.skip_instruction();
-                        if let Some(ipi) = ipi {
-                            apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);
-                        }
-                    }
-                    Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-                }
-                return Next::Resume;
-            }
-            match ArchMsr::from_index(index)
-                .filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr)))
-            {
-                Some(msr) => {
-                    vcpu.write_msr(msr, value);
-                    vcpu.skip_instruction();
-                }
-                None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
-            }
-            Next::Resume
-        }
+        VmExit::MsrRead => msr_read_exit(domain, vcpu_index, vcpu),
+        VmExit::MsrWrite => msr_write_exit(domain, vcpu_index, vcpu),
         VmExit::NestedPageFault { gpa, write } => {
             domain.vcpus[vcpu_index]
                 .stats
@@ -367,6 +309,86 @@ pub fn handle_exit<V: VirtualCpu>(
     }
 }
 
+/// A HLT exit of vCPU `vcpu_index`: the run loop calls it directly, as it does
+/// [`msr_read_exit`] and [`msr_write_exit`], without the general dispatch of [`handle_exit`].
+pub fn hlt_exit<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    domain.vcpus[vcpu_index].stats.count(ExitKind::Hlt);
+    vcpu.skip_instruction();
+    halt(domain, vcpu_index, vcpu)
+}
+
+/// An RDMSR exit of vCPU `vcpu_index`: the x2APIC's registers, or the architectural MSRs.
+pub fn msr_read_exit<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    domain.vcpus[vcpu_index].stats.count(ExitKind::MsrRead);
+    let index = vcpu.regs().gpr[reg::RCX] as u32;
+    if VirtualLapic::owns_msr(index) {
+        let tsc = read_tsc();
+        let now = domain.time.ns_at(tsc);
+        match domain.vcpus[vcpu_index].vlapic.read_msr(index, now, tsc) {
+            Ok(value) => {
+                let regs = vcpu.regs();
+                regs.gpr[reg::RAX] = value & 0xffff_ffff;
+                regs.gpr[reg::RDX] = value >> 32;
+                vcpu.skip_instruction();
+            }
+            Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+        }
+        return Next::Resume;
+    }
+    match ArchMsr::from_index(index) {
+        Some(msr) => {
+            let value = vcpu.read_msr(msr);
+            let regs = vcpu.regs();
+            regs.gpr[reg::RAX] = value & 0xffff_ffff;
+            regs.gpr[reg::RDX] = value >> 32;
+            vcpu.skip_instruction();
+        }
+        None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+    }
+    Next::Resume
+}
+
+/// A WRMSR exit of vCPU `vcpu_index`: the x2APIC's registers, or the architectural MSRs.
+pub fn msr_write_exit<V: VirtualCpu>(domain: &mut Domain, vcpu_index: usize, vcpu: &mut V) -> Next {
+    domain.vcpus[vcpu_index].stats.count(ExitKind::MsrWrite);
+    let regs = vcpu.regs();
+    let index = regs.gpr[reg::RCX] as u32;
+    let value = (regs.gpr[reg::RDX] << 32) | (regs.gpr[reg::RAX] & 0xffff_ffff);
+    if VirtualLapic::owns_msr(index) {
+        let tsc = read_tsc();
+        let now = domain.time.ns_at(tsc);
+        let state = &mut domain.vcpus[vcpu_index];
+        match state.vlapic.write_msr(index, value, now, tsc) {
+            Ok(ipi) => {
+                // A timer, EOI or TPR change may make an interrupt due or deliverable;
+                // only a timer change needs the host timer armed again.
+                let timers = if state.vlapic.write_moves_timer(index) {
+                    request::TIMERS
+                } else {
+                    0
+                };
+                state.requests.make(request::EVENT | timers);
+                vcpu.skip_instruction();
+                if let Some(ipi) = ipi {
+                    apic_bus::deliver(domain, vcpu_index, ipi, || vcpu.arch_state().cr3);
+                }
+            }
+            Err(_) => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+        }
+        return Next::Resume;
+    }
+    match ArchMsr::from_index(index)
+        .filter(|msr| msr_write_allowed(*msr, value, vcpu.read_msr(*msr)))
+    {
+        Some(msr) => {
+            vcpu.write_msr(msr, value);
+            vcpu.skip_instruction();
+        }
+        None => vcpu.inject_exception(vector::GENERAL_PROTECTION, Some(0)),
+    }
+    Next::Resume
+}
+
 /// XSETBV (docs/abi.md 18.2): XCR0 takes the value, or the guest gets the fault a CPU raises.
 fn xsetbv<V: VirtualCpu>(vcpu: &mut V) {
     let regs = vcpu.regs().gpr;
@@ -391,12 +413,15 @@ fn xsetbv<V: VirtualCpu>(vcpu: &mut V) {
 /// when none ever can (docs/abi.md 7.2).
 fn halt<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V) -> Next {
     let state = &domain.vcpus[index];
-    let upcall_due = state.upcall_vector != 0
-        && matches!(
-            domain.events.upcall_flags(&domain.memory, index),
-            Ok((true, false))
-        );
-    if vcpu.interrupt_flag() && (upcall_due || state.vlapic.deliverable_vector().is_some()) {
+    // The APIC first: a few loads, where the upcall's flags are a read of guest memory.
+    if vcpu.interrupt_flag()
+        && (state.vlapic.deliverable_vector().is_some()
+            || state.upcall_vector != 0
+                && matches!(
+                    domain.events.upcall_flags(&domain.memory, index),
+                    Ok((true, false))
+                ))
+    {
         // An interrupt is already due (it may have come while the vCPU was preempted between
         // STI and HLT): it is injected at the next entry and ends the HLT at once.
         domain.vcpus[index].requests.make(request::EVENT);
@@ -525,6 +550,19 @@ fn count_port_access(
     (ports, &domain.memory)
 }
 
+/// An IN or OUT exit ([`VmExit::Io`]) of vCPU `vcpu_index`, as [`handle_exit`] handles it.
+pub fn port_exit<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    port: u16,
+    size: u8,
+    write: bool,
+) -> Next {
+    port_io(domain, vcpu_index, vcpu, port, size, write)
+}
+
+#[inline(always)]
 fn port_io<V: VirtualCpu>(
     domain: &mut Domain,
     vcpu_index: usize,

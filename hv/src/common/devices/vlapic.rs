@@ -196,31 +196,52 @@ enum TimerMode {
     TscDeadline,
 }
 
-/// A 256-bit vector register (IRR, ISR), readable as eight 32-bit MSRs.
+/// A 256-bit vector register (IRR, ISR), readable as eight 32-bit MSRs. `nonzero` has bit
+/// `i` set exactly when word `i` is not 0, so that the highest vector is found without
+/// scanning the eight words: every interrupt check (each entry, HLT, wake-up) asks for it,
+/// mostly of an empty register.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct VectorSet([u32; 8]);
+struct VectorSet {
+    words: [u32; 8],
+    nonzero: u8,
+}
 
 impl VectorSet {
+    #[inline]
     fn set(&mut self, vector: u8) {
-        self.0[usize::from(vector >> 5)] |= 1 << (vector & 31);
+        let index = vector >> 5;
+        self.words[usize::from(index)] |= 1 << (vector & 31);
+        self.nonzero |= 1 << index;
     }
 
+    #[inline]
     fn clear(&mut self, vector: u8) {
-        self.0[usize::from(vector >> 5)] &= !(1 << (vector & 31));
+        let index = vector >> 5;
+        let word = &mut self.words[usize::from(index)];
+        *word &= !(1 << (vector & 31));
+        if *word == 0 {
+            self.nonzero &= !(1 << index);
+        }
     }
 
+    #[inline]
     fn contains(&self, vector: u8) -> bool {
-        self.0[usize::from(vector >> 5)] & (1 << (vector & 31)) != 0
+        self.words[usize::from(vector >> 5)] & (1 << (vector & 31)) != 0
     }
 
+    #[inline]
     fn highest(&self) -> Option<u8> {
-        let (index, word) = self.0.iter().enumerate().rev().find(|(_, w)| **w != 0)?;
-        // index < 8 and the bit number < 32, so the vector fits in a u8.
-        Some(((index as u8) << 5) | (31 - word.leading_zeros()) as u8)
+        if self.nonzero == 0 {
+            return None;
+        }
+        // nonzero != 0, so its highest bit is 0..=7; that word is not 0.
+        let index = 7 - self.nonzero.leading_zeros() as u8;
+        let word = self.words[usize::from(index & 7)];
+        Some((index << 5) | (31 - word.leading_zeros()) as u8)
     }
 
     fn word(&self, index: u32) -> u32 {
-        self.0.get(index as usize).copied().unwrap_or(0)
+        self.words.get(index as usize).copied().unwrap_or(0)
     }
 }
 
@@ -289,6 +310,19 @@ impl VirtualLapic {
         matches!(msr, MSR_APIC_BASE | MSR_TSC_DEADLINE | 0x800..=0x8ff)
     }
 
+    /// Whether a write of `msr` may have moved the timer's next expiry
+    /// ([`Self::next_timer_deadline_ns`]), so that the host timer must be armed again: a timer
+    /// register (SVR too: a software disable masks the LVT), or any register while the timer
+    /// counts (an EOI or an injection may have let its vector out of IRR, which hid the
+    /// expiry). An ICR, self-IPI or EOI write with no timer counting changes no deadline.
+    #[inline]
+    pub fn write_moves_timer(&self, msr: u32) -> bool {
+        matches!(
+            msr,
+            MSR_TSC_DEADLINE | REG_SVR | REG_LVT_TIMER | REG_TIMER_INITIAL | REG_TIMER_DIVIDE
+        ) || self.timer_counting()
+    }
+
     /// The x2APIC ID (the vCPU number).
     pub fn apic_id(&self) -> u32 {
         self.apic_id
@@ -301,6 +335,7 @@ impl VirtualLapic {
     }
 
     /// Whether SVR bit 8 (APIC software enable) is set.
+    #[inline]
     pub fn software_enabled(&self) -> bool {
         self.svr & SVR_ENABLE != 0
     }
@@ -318,6 +353,7 @@ impl VirtualLapic {
 
     /// The processor priority (SDM 12.8.3.1): the TPR if its class is at least that of the
     /// highest in-service vector, else that vector's class with sub-class 0.
+    #[inline]
     pub fn ppr(&self) -> u8 {
         let isrv = self.isr.highest().unwrap_or(0);
         if self.tpr >> 4 >= isrv >> 4 {
@@ -569,6 +605,7 @@ impl VirtualLapic {
     /// The vector to deliver now: the highest IRR vector whose priority class (vector >> 4)
     /// is above the PPR's class (SDM 12.8.4); None when the APIC is software-disabled (SVR
     /// bit 8 clear) or nothing qualifies.
+    #[inline]
     pub fn deliverable_vector(&self) -> Option<u8> {
         if !self.software_enabled() {
             return None;
@@ -579,6 +616,7 @@ impl VirtualLapic {
 
     /// The hypervisor injected `vector`: IRR -> ISR. Vectors 0-15 never enter IRR or ISR and
     /// are ignored.
+    #[inline]
     pub fn acknowledge(&mut self, vector: u8) {
         if vector < FIRST_LEGAL_VECTOR {
             return;
@@ -589,6 +627,7 @@ impl VirtualLapic {
 
     /// Whether the timer counts towards an expiry, masked or not: [`Self::advance`] has
     /// work to do.
+    #[inline]
     pub fn timer_counting(&self) -> bool {
         match self.timer_mode() {
             TimerMode::TscDeadline => self.tsc_deadline != 0,
@@ -598,6 +637,7 @@ impl VirtualLapic {
 
     /// Whether the timer is armed (unmasked, counting or deadline set): a HLT with IF=1 can
     /// be woken.
+    #[inline]
     pub fn timer_armed(&self) -> bool {
         self.lvt[LVT_TIMER] & LVT_MASKED == 0 && self.timer_counting()
     }
@@ -717,6 +757,7 @@ impl VirtualLapic {
         }
     }
 
+    #[inline]
     fn timer_mode(&self) -> TimerMode {
         // Mode 11b is refused on write, so the stored entry always has a valid mode.
         timer_mode_of(self.lvt[LVT_TIMER]).unwrap_or(TimerMode::OneShot)
@@ -1111,6 +1152,29 @@ mod tests {
     }
 
     #[test]
+    fn only_timer_writes_or_a_counting_timer_move_the_host_timer() {
+        let mut apic = timer(LVT_PERIODIC, 0b1011);
+        for msr in [REG_EOI, REG_ICR, REG_SELF_IPI, REG_TPR, REG_ESR] {
+            assert!(
+                !apic.write_moves_timer(msr),
+                "{msr:#x} with the timer stopped"
+            );
+        }
+        for msr in [
+            MSR_TSC_DEADLINE,
+            REG_SVR,
+            REG_LVT_TIMER,
+            REG_TIMER_INITIAL,
+            REG_TIMER_DIVIDE,
+        ] {
+            assert!(apic.write_moves_timer(msr), "{msr:#x}");
+        }
+        // Counting: an EOI may let its vector out of IRR, where it hid the next expiry.
+        apic.write_msr(REG_TIMER_INITIAL, 1000, 0, 0).unwrap();
+        assert!(apic.write_moves_timer(REG_EOI));
+    }
+
+    #[test]
     fn a_masked_periodic_timer_of_count_one_asks_for_no_host_timer() {
         // Due every nanosecond, but masked: it raises nothing, so nothing need run for it
         // (the resource-hog scenario's hog programs exactly this).
@@ -1440,6 +1504,30 @@ mod tests {
             }
         }
         apic.write_msr(REG_EOI, 0, 0, 0).unwrap(); // empty ISR: nothing happens
+    }
+
+    #[test]
+    fn the_highest_vector_follows_every_set_and_clear() {
+        // The summary of non-empty words must agree with a scan of all 256 bits.
+        let scan = |set: &VectorSet| (0..=255u8).rev().find(|&v| set.contains(v));
+        let mut set = VectorSet::default();
+        let mut state = 0x2545_f491u32;
+        for _ in 0..4000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            let vector = (state >> 8) as u8;
+            if state & 1 == 0 {
+                set.set(vector);
+            } else {
+                set.clear(vector);
+            }
+            assert_eq!(set.highest(), scan(&set), "after vector {vector:#x}");
+        }
+        for vector in 0..=255u8 {
+            set.clear(vector);
+        }
+        assert_eq!((set.highest(), set), (None, VectorSet::default()));
     }
 
     #[test]

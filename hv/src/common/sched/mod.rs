@@ -16,7 +16,8 @@ use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, NoPeers, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
-    OwnExits, handle_exit, handle_without_lock, hypercall_exit, run_own_exits,
+    OwnExits, handle_exit, handle_without_lock, hlt_exit, hypercall_exit, msr_read_exit,
+    msr_write_exit, port_exit, run_own_exits,
 };
 use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
@@ -210,18 +211,6 @@ fn upcall_deliverable(domain: &Domain, index: usize) -> bool {
             domain.events.upcall_flags(&domain.memory, index),
             Ok((true, false))
         )
-}
-
-/// Forgets a possible upcall once the guest's flag shows none is pending.
-fn settle_upcall_flag(domain: &mut Domain, index: usize) {
-    if domain.vcpus[index].requests.upcall_maybe_pending()
-        && matches!(
-            domain.events.upcall_flags(&domain.memory, index),
-            Ok((false, _))
-        )
-    {
-        domain.vcpus[index].requests.set_upcall_maybe_pending(false);
-    }
 }
 
 /// Fires due timers and ends waits that are over, for every vCPU of the slot.
@@ -435,31 +424,53 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
     // RESCHEDULE only kicks: the state it is about is looked at after every exit.
     const HERE: u32 = request::BEFORE_ENTRY;
     let all = domain.vcpus[index].requests.take_all();
-    if all & !HERE != 0 {
-        // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
-        domain.vcpus[index].requests.make(all & !HERE);
-    }
-    let taken = all & HERE;
-    if taken & request::NESTED_FLUSH != 0 {
-        // A grant mapping went away or changed (docs/abi.md 16): no stale translation may
-        // survive into the guest.
-        vcpu.invalidate_nested_translations();
-    }
-    if taken & request::TLB_FLUSH != 0 {
-        // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running then,
-        // or was kicked out; either way nothing it cached before that call survives: the
-        // pages listed, or everything.
-        match domain.vcpus[index].pending_tlb_flush.take() {
-            Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
-            None => vcpu.flush_guest_tlb(),
+    // One test for the rare ones (a flush, a request drained elsewhere).
+    if all & !(request::EVENT | request::TIMERS | request::EVENT_AFTER_EXIT) != 0 {
+        if all & !HERE != 0 {
+            // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
+            domain.vcpus[index].requests.make(all & !HERE);
+        }
+        if all & request::NESTED_FLUSH != 0 {
+            // A grant mapping went away or changed (docs/abi.md 16): no stale translation
+            // may survive into the guest.
+            vcpu.invalidate_nested_translations();
+        }
+        if all & request::TLB_FLUSH != 0 {
+            // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running
+            // then, or was kicked out; either way nothing it cached before that call
+            // survives: the pages listed, or everything.
+            match domain.vcpus[index].pending_tlb_flush.take() {
+                Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
+                None => vcpu.flush_guest_tlb(),
+            }
         }
     }
+    let taken = all & HERE;
     if taken & (request::EVENT | request::EVENT_AFTER_EXIT) == 0 {
         return taken;
     }
-    let Some((vector, from_apic)) = deliverable_interrupt(domain, index) else {
-        settle_upcall_flag(domain, index);
-        return taken;
+    // `deliverable_interrupt`, and forgetting a possible upcall once the guest's flag shows
+    // none is pending, in one: the upcall flags are read from guest memory once, and only
+    // when either needs them.
+    let state = &domain.vcpus[index];
+    let (vector, from_apic) = match state.vlapic.deliverable_vector() {
+        Some(vector) => (vector, true),
+        None => {
+            let maybe_pending = state.requests.upcall_maybe_pending();
+            if state.upcall_vector == 0 && !maybe_pending {
+                return taken;
+            }
+            match domain.events.upcall_flags(&domain.memory, index) {
+                Ok((true, false)) if state.upcall_vector != 0 => (state.upcall_vector, false),
+                flags => {
+                    // Forget a possible upcall once the guest's flag shows none is pending.
+                    if maybe_pending && matches!(flags, Ok((false, _))) {
+                        state.requests.set_upcall_maybe_pending(false);
+                    }
+                    return taken;
+                }
+            }
+        }
     };
     let state = &mut domain.vcpus[index];
     if vcpu.interrupt_window_open() {
@@ -1469,12 +1480,15 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
         let next = match exit {
             OwnExits::Drain => continue,
             OwnExits::Hypercall => hypercall_exit(domain, vcpu_index, vcpu, peers),
-            OwnExits::Hlt => handle_exit(domain, vcpu_index, vcpu, VmExit::Hlt, peers),
-            OwnExits::MsrRead => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrRead, peers),
-            OwnExits::MsrWrite => handle_exit(domain, vcpu_index, vcpu, VmExit::MsrWrite, peers),
+            OwnExits::Hlt => hlt_exit(domain, vcpu_index, vcpu),
+            OwnExits::MsrRead => msr_read_exit(domain, vcpu_index, vcpu),
+            OwnExits::MsrWrite => msr_write_exit(domain, vcpu_index, vcpu),
             OwnExits::ExternalInterrupt => {
                 let exit = VmExit::ExternalInterrupt;
                 dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)
+            }
+            OwnExits::Io { port, size, write } => {
+                port_exit(domain, vcpu_index, vcpu, port, size, write)
             }
             OwnExits::Other(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
         };

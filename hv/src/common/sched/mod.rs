@@ -162,6 +162,10 @@ fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
     if let Wait::Poll { deadline, .. } = &state.wait {
         due = earliest(due, *deadline);
     }
+    // Most vCPUs have no APIC timer counting: no deadline to work out.
+    if !state.vlapic.timer_counting() {
+        return due;
+    }
     earliest(due, state.vlapic.next_timer_deadline_ns())
 }
 
@@ -635,8 +639,8 @@ impl RunQueue {
     }
 }
 
-/// Looks at every vCPU a request was made of since the last pass (`attention`), and every
-/// vCPU with something due by `now`: fires its timers, ends its wait if it is over, and
+/// Looks at the vCPU this CPU put back (`back`), every vCPU a request was made of since the
+/// last pass (`attention`), and every vCPU with something due by `now`: fires its timers, ends its wait if it is over, and
 /// brings the queue up to date with it. What a look makes happen (a wake-up's own request, a
 /// domain ended) is looked at in turn.
 ///
@@ -647,6 +651,7 @@ fn look_at_marked<V: VirtualCpu, S: Slots<V> + ?Sized>(
     slots: &mut S,
     queue: &mut RunQueue,
     attention: &Attention,
+    back: Option<(usize, usize)>,
     shared: bool,
     now: u64,
 ) {
@@ -661,6 +666,9 @@ fn look_at_marked<V: VirtualCpu, S: Slots<V> + ?Sized>(
             }
         }
     };
+    if let Some(unit) = back.and_then(|unit| queue.unit_of(unit)) {
+        look(unit, queue);
+    }
     while let Some((unit, due)) = queue.due.peek()
         && due <= now
     {
@@ -884,6 +892,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             last: None,
             yielded: None,
             named: None,
+            back: None,
         };
         if !shared {
             self.run_alone(&mut me, host);
@@ -1250,8 +1259,9 @@ fn put_back<V>(
     }
     // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
     me.yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
-    // The run queue looks at it again at the next pass.
+    // This CPU's next pass looks at it (`ThisCpu::back`).
     state.requests.set_off_cpu(true);
+    me.back = Some((index, vcpu_index));
     // A sibling its yield_to named runs next (docs/abi.md 3.3).
     me.named = domain
         .vcpus
@@ -1272,6 +1282,8 @@ struct ThisCpu {
     yielded: Option<(usize, usize)>,
     /// The sibling the vCPU this CPU ran last named in a yield_to.
     named: Option<(usize, usize)>,
+    /// The vCPU this CPU put back after its slice, for the next pass to look at.
+    back: Option<(usize, usize)>,
 }
 
 /// What a pass of the scheduler decided.
@@ -1320,7 +1332,7 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         input_wakes = first.domain.console_input_can_wake();
         true
     });
-    look_at_marked(slots, queue, attention, me.shared, now);
+    look_at_marked(slots, queue, attention, me.back.take(), me.shared, now);
     // A teardown can wake other domains, or leave them waiting for nothing (which ends
     // them, to be torn down in turn).
     while !queue.ended.is_empty() {
@@ -1330,7 +1342,7 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
                 if !any {
                     break;
                 }
-                look_at_marked(slots, queue, attention, me.shared, now);
+                look_at_marked(slots, queue, attention, None, me.shared, now);
             }
             None => {
                 let ended = queue.ended.iter().any(|&index| {

@@ -399,6 +399,7 @@ mod tests {
         requests.make(request::EVENT);
         assert!(!set.drain(|_| {}), "running: looked at when it comes back");
         requests.set_off_cpu(true);
+        requests.make(request::EVENT);
         assert!(set.drain(|_| {}), "back: marked");
     }
 

@@ -167,16 +167,14 @@ impl Requests {
             unit,
         });
         self.set_off_cpu(true);
+        self.tell_scheduler();
     }
 
-    /// The vCPU leaves the CPU (marked: the scheduler looks at it again) or is taken onto
-    /// one.
+    /// The vCPU leaves the CPU (the CPU that ran it has its scheduler look at it) or is
+    /// taken onto one.
     #[inline]
     pub fn set_off_cpu(&self, off: bool) {
         self.off_cpu.store(off, Ordering::SeqCst);
-        if off {
-            self.tell_scheduler();
-        }
     }
 
     /// Marks the vCPU for its scheduler, if it is off the CPU (its state changed without a

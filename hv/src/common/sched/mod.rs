@@ -832,9 +832,16 @@ impl DomainTable for OnePeer<'_> {
 impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// The machine of these domains, none of whose vCPUs has run.
     pub fn new(slots: &'a mut [Slot<V>]) -> Self {
-        let attention = Arc::new(Attention::new(
-            slots.iter().map(|s| s.domain.vcpus.len()).sum(),
-        ));
+        // A vCPU's unit number follows from its slot's place, so a machine built again over
+        // the same slots (the fuzz harness restarts `run_all` between checkpoints) keeps the
+        // set its vCPUs report to.
+        let units = slots.iter().map(|s| s.domain.vcpus.len()).sum();
+        let attention = slots
+            .first()
+            .and_then(|s| s.domain.vcpus.first())
+            .and_then(|state| state.requests.watched())
+            .filter(|set| set.capacity() >= units)
+            .unwrap_or_else(|| Arc::new(Attention::new(units)));
         let queue = RunQueue::new(slots, &attention);
         let ids = slots.iter().map(|s| s.domain.id).collect();
         let locks = slots.iter().map(|_| DomainLock::default()).collect();
@@ -2975,6 +2982,37 @@ mod tests {
                 .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
         );
     }
+    #[test]
+    fn a_machine_built_again_over_the_same_domains_still_hears_their_requests() {
+        use core::sync::atomic::Ordering;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, Ordering::Relaxed);
+        let (_t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(EVTCHN, [0, 2, 0]), // alloc_unbound for domain 2 -> port 2
+                hypercall(SCHED, [1, 0, 0]),  // block until domain 2 sends
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let (_t2, two) = slot_with_id(
+            2,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(EVTCHN, [7, 1, 2]), // bind_interdomain(domain 1, port 2) -> port 2
+                hypercall(EVTCHN, [3, 2, 0]), // send on it
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut slots = [one, two];
+        // The fuzz harness unwinds out of `run_all` and calls it again: the second machine
+        // must hear the requests made of vCPUs the first one watched.
+        drop(Machine::new(&mut slots));
+        run_all(&mut slots, &mut fake_host());
+        for s in &slots {
+            assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        }
+    }
+
     /// vCPUs 0 and 1 of a domain with three name each other in yield_to, `SWITCHES` times,
     /// while vCPU 2 is ready too: the cost of a directed yield, for a profiler.
     #[test]

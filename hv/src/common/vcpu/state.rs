@@ -70,6 +70,11 @@ impl Attention {
         }
     }
 
+    /// How many units it holds room for.
+    pub fn capacity(&self) -> usize {
+        self.words.len() * 64
+    }
+
     /// Takes `unit` out of the set.
     #[inline]
     pub fn unmark(&self, unit: usize) {
@@ -159,8 +164,9 @@ impl Requests {
         }
     }
 
-    /// Puts the vCPU in `set` as `unit` (once: a vCPU belongs to one machine), off the CPU
-    /// and marked, so that the scheduler looks at it first.
+    /// Puts the vCPU in `set` as `unit`, off the CPU and marked, so that the scheduler looks
+    /// at it first. Once: a machine built again over the same vCPUs keeps their first set
+    /// ([`Self::watched`]), where each keeps its place.
     pub fn watch(&self, set: &Arc<Attention>, unit: u32) {
         self.watch.call_once(|| Watch {
             set: Arc::clone(set),
@@ -168,6 +174,11 @@ impl Requests {
         });
         self.set_off_cpu(true);
         self.tell_scheduler();
+    }
+
+    /// The set the vCPU reports to, if a machine watches it.
+    pub fn watched(&self) -> Option<Arc<Attention>> {
+        self.watch.get().map(|watch| Arc::clone(&watch.set))
     }
 
     /// The vCPU leaves the CPU (the CPU that ran it has its scheduler look at it) or is

@@ -188,12 +188,6 @@ impl Requests {
         self.off_cpu.store(off, Ordering::SeqCst);
     }
 
-    /// Marks the vCPU for its scheduler, if it is off the CPU (its state changed without a
-    /// request: a sibling's yield_to).
-    pub fn look_again(&self) {
-        self.tell_scheduler();
-    }
-
     /// As [`Self::make`], from the scheduler as it looks at this vCPU: it is not marked in
     /// the [`Attention`] set (the scheduler brings its queue up to date with the vCPU itself).
     #[inline]

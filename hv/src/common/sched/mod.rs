@@ -8,6 +8,7 @@
 
 pub mod locking;
 pub mod reach;
+pub mod ready;
 
 use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
@@ -24,7 +25,7 @@ use crate::common::hypercall::Next;
 use crate::common::time::publish_vcpu_time;
 use crate::common::time::read_tsc;
 use crate::common::trace;
-use crate::common::vcpu::state::{StartState, Wait, request};
+use crate::common::vcpu::state::{Attention, StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, VmExit, reg};
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
@@ -36,6 +37,7 @@ use lamina_abi::Errno;
 use lamina_abi::vcpu::runstate;
 use locking::{DomainLock, TableLock, may_wait_for};
 use reach::{PeerOf, Reach};
+use ready::{Ready, ReadySet, UnitHeap};
 
 /// How long a vCPU runs before others get the CPU.
 pub const TIME_SLICE_NS: u64 = 10_000_000;
@@ -150,25 +152,28 @@ fn is_ready<V>(slot: &Slot<V>, vcpu: usize) -> bool {
 }
 
 /// The earliest time something of vCPU `index` is due.
+#[inline]
 fn vcpu_deadline(domain: &Domain, index: usize) -> Option<u64> {
     let state = &domain.vcpus[index];
-    let poll = match &state.wait {
-        Wait::Poll { deadline, .. } => *deadline,
-        _ => None,
+    let earliest = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     };
-    [
-        state.timers.next_deadline(),
-        poll,
-        state.vlapic.next_timer_deadline_ns(),
-    ]
-    .into_iter()
-    .flatten()
-    .min()
+    let mut due = state.timers.next_deadline();
+    if let Wait::Poll { deadline, .. } = &state.wait {
+        due = earliest(due, *deadline);
+    }
+    // Most vCPUs have no APIC timer counting: no deadline to work out.
+    if !state.vlapic.timer_counting() {
+        return due;
+    }
+    earliest(due, state.vlapic.next_timer_deadline_ns())
 }
 
 /// The earliest time something of this domain is due (nothing while it is paused: what falls
-/// due meanwhile is handled when it is unpaused).
-#[inline]
+/// due meanwhile is handled when it is unpaused). The run queue keeps this per vCPU
+/// (`RunQueue::due`); this checks it.
+#[cfg(test)]
 fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
@@ -181,8 +186,9 @@ fn next_deadline<V>(slot: &Slot<V>) -> Option<u64> {
 /// The earliest time something of this domain is due that can wake one of its vCPUs: only a
 /// waiting vCPU's timers need to interrupt another domain's slice. A vCPU that is ready has
 /// its expiries handled when it is next scheduled in, as every pass handles them, so its
-/// timers (a periodic one at the minimum period, say) cost the running domain nothing.
-#[inline]
+/// timers (a periodic one at the minimum period, say) cost the running domain nothing. The
+/// run queue keeps this per vCPU (`RunQueue::wake_due`); this checks it.
+#[cfg(test)]
 fn next_wake_deadline<V>(slot: &Slot<V>) -> Option<u64> {
     if !slot.domain.is_runnable() || slot.domain.paused {
         return None;
@@ -213,17 +219,16 @@ fn upcall_deliverable(domain: &Domain, index: usize) -> bool {
         )
 }
 
-/// Fires due timers and ends waits that are over, for every vCPU of the slot.
-fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
+/// Fires vCPU `index`'s due timers and ends its wait if it is over; ends the domain if a
+/// teardown left one of its vCPUs waiting for nothing.
+fn update<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
     if !slot.domain.is_runnable() {
         return;
     }
-    let mut check_waits = false;
-    for index in 0..slot.domain.vcpus.len() {
-        update_vcpu(slot, index, now);
-        check_waits |= slot.domain.vcpus[index].requests.take(request::WAKE_CHECK) != 0;
-    }
-    if check_waits && let Some(why) = slot.domain.never_wakes() {
+    update_vcpu(slot, index, now);
+    if slot.domain.vcpus[index].requests.take(request::WAKE_CHECK) != 0
+        && let Some(why) = slot.domain.never_wakes()
+    {
         slot.domain.end(Ending::Fault(String::from(why)));
     }
 }
@@ -286,7 +291,8 @@ fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
         trace::wake(domain.id);
         let state = &mut domain.vcpus[index];
         state.wait = Wait::None;
-        state.requests.make(request::EVENT);
+        // The pass brings the run queue up to date with it right after this.
+        state.requests.make_from_scheduler(request::EVENT);
         state.boosted = true;
         let _ = state
             .runstate
@@ -515,17 +521,239 @@ struct Table<'a, V> {
     ids: Vec<u32>,
     /// The scheduler's state: its lock is the run queue's.
     queue: spin::Mutex<RunQueue>,
+    /// The vCPUs a request was made of while off the CPU (atomic: no lock).
+    attention: Arc<Attention>,
 }
 
-/// The scheduler's state beside the domains (what is ready and its credit is in each
-/// domain's vCPU states).
+/// The scheduler's state beside the domains: what is ready and what is due next, kept up to
+/// date where it changes, so that a pass looks only at the vCPUs something happened to
+/// (a request made of them, a deadline passed) and costs O(log n) in the number of vCPUs,
+/// not a look at every domain. The vCPU states in the domains stay the truth; this mirrors
+/// them (`check_queue` asserts it in the host tests).
 struct RunQueue {
-    /// Every vCPU of every domain, in a fixed round-robin order: (slot, vCPU).
+    /// Every vCPU of every domain by unit number: (slot, vCPU).
     units: Vec<(usize, usize)>,
-    /// Where the round robin is.
-    cursor: usize,
+    /// The unit number of each slot's vCPU 0 (its others follow).
+    first_unit: Vec<usize>,
+    /// The ready vCPUs, by boost class and virtual run time.
+    ready: ReadySet,
+    /// The vCPUs of runnable, unpaused domains with something due, by when.
+    due: UnitHeap<u64>,
+    /// The waiting ones among them: their deadlines end other vCPUs' slices.
+    wake_due: UnitHeap<u64>,
+    /// Slots whose domain was seen ended and is not torn down yet (listed once each).
+    ended: Vec<usize>,
+    listed_ended: Vec<bool>,
+    /// Slots whose domain was seen paused (listed once each; some may be unpaused since).
+    paused: Vec<usize>,
+    listed_paused: Vec<bool>,
+    /// Slots whose domain was seen ended, and how many were not.
+    counted_out: Vec<bool>,
+    live: usize,
     /// RAM of torn-down domains, scrubbed and returned a slice per pass.
     scrubbing: VecDeque<Scrub>,
+}
+
+impl RunQueue {
+    /// The queue of the vCPUs of `slots`, each told to report its requests to it, and each
+    /// marked so that the first pass looks at all of them once.
+    fn new<V>(slots: &[Slot<V>], attention: &Arc<Attention>) -> Self {
+        let units: Vec<(usize, usize)> = slots
+            .iter()
+            .enumerate()
+            .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
+            .collect();
+        let mut first_unit = Vec::with_capacity(slots.len());
+        let mut next = 0;
+        for slot in slots {
+            first_unit.push(next);
+            next += slot.domain.vcpus.len();
+        }
+        for (unit, &(s, v)) in units.iter().enumerate() {
+            slots[s].domain.vcpus[v]
+                .requests
+                .watch(attention, unit as u32);
+        }
+        let count = units.len();
+        RunQueue {
+            first_unit,
+            ready: ReadySet::new(count),
+            due: UnitHeap::new(count),
+            wake_due: UnitHeap::new(count),
+            ended: Vec::with_capacity(slots.len()),
+            listed_ended: alloc::vec![false; slots.len()],
+            paused: Vec::with_capacity(slots.len()),
+            listed_paused: alloc::vec![false; slots.len()],
+            counted_out: alloc::vec![false; slots.len()],
+            live: slots.len(),
+            units,
+            scrubbing: VecDeque::new(),
+        }
+    }
+
+    /// The unit number of vCPU `vcpu` of slot `index`.
+    fn unit_of(&self, (index, vcpu): (usize, usize)) -> Option<usize> {
+        Some(self.first_unit.get(index)? + vcpu)
+    }
+
+    /// Brings what the queue holds of `unit`, vCPU `vcpu` of `slot` (slot number `index`),
+    /// up to date with its state.
+    fn sync<V>(&mut self, unit: usize, index: usize, slot: &Slot<V>, vcpu: usize) {
+        let domain = &slot.domain;
+        let (Some(state), true, false) =
+            (domain.vcpus.get(vcpu), domain.is_runnable(), domain.paused)
+        else {
+            self.sync_stopped(unit, index, slot);
+            return;
+        };
+        let waiting = state.wait != Wait::None;
+        let deadline = vcpu_deadline(domain, vcpu);
+        self.due.set(unit, deadline);
+        self.wake_due.set(unit, deadline.filter(|_| waiting));
+        // `is_ready`, the domain's part known already.
+        if !waiting && state.up && matches!(slot.vcpus.get(vcpu), Some(Some(_))) {
+            let ready = Ready {
+                vruntime: state.vruntime,
+                boosted: state.boosted,
+                affinity: domain.affinity,
+                weight: domain.weight,
+            };
+            self.ready.insert(unit, ready);
+        } else {
+            self.ready.remove(unit);
+        }
+    }
+
+    /// [`Self::sync`] for a vCPU whose domain ended or is paused: in no set; the domain
+    /// listed for teardown or for [`stop_unpausable_in`].
+    #[cold]
+    fn sync_stopped<V>(&mut self, unit: usize, index: usize, slot: &Slot<V>) {
+        let domain = &slot.domain;
+        if !domain.is_runnable() {
+            if !core::mem::replace(&mut self.counted_out[index], true) {
+                self.live -= 1;
+            }
+            if !domain.torn_down && !core::mem::replace(&mut self.listed_ended[index], true) {
+                self.ended.push(index);
+            }
+        } else if domain.paused && !core::mem::replace(&mut self.listed_paused[index], true) {
+            self.paused.push(index);
+        }
+        self.ready.remove(unit);
+        self.due.remove(unit);
+        self.wake_due.remove(unit);
+    }
+
+    /// Lets go of the ended domains listed (they are torn down, or listed again when their
+    /// last vCPU comes back).
+    fn forget_ended(&mut self) {
+        for index in self.ended.drain(..) {
+            self.listed_ended[index] = false;
+        }
+    }
+}
+
+/// Looks at the vCPU this CPU put back (`back`), every vCPU a request was made of since the
+/// last pass (`attention`), and every vCPU with something due by `now`: fires its timers, ends its wait if it is over, and
+/// brings the queue up to date with it. What a look makes happen (a wake-up's own request, a
+/// domain ended) is looked at in turn.
+///
+/// With one CPU (`!shared`) the mark a vCPU got while it was looked at (its timer raised its
+/// VIRQ) is dropped: nothing else can have changed it since. With several, another CPU may
+/// have, after the look read its state: the mark stays.
+fn look_at_marked<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    back: Option<(usize, usize)>,
+    shared: bool,
+    now: u64,
+) {
+    let mut look = |unit: usize, queue: &mut RunQueue| {
+        if let Some(&(index, vcpu)) = queue.units.get(unit) {
+            slots.with(index, |slot| {
+                update(slot, vcpu, now);
+                queue.sync(unit, index, slot, vcpu);
+            });
+            if !shared {
+                attention.unmark(unit);
+            }
+        }
+    };
+    if let Some(unit) = back.and_then(|unit| queue.unit_of(unit)) {
+        look(unit, queue);
+    }
+    while let Some((unit, due)) = queue.due.peek()
+        && due <= now
+    {
+        queue.due.remove(unit);
+        look(unit, queue);
+    }
+    while attention.drain(|unit| look(unit, queue)) {}
+}
+
+/// Whether some listed paused domain is still paused (dropping those that are not): only
+/// then can [`stop_unpausable_in`] have anything to stop.
+fn any_paused<V, S: Slots<V> + ?Sized>(slots: &mut S, queue: &mut RunQueue) -> bool {
+    let RunQueue {
+        paused,
+        listed_paused,
+        ..
+    } = queue;
+    paused.retain(|&index| {
+        let still = slots.with(index, |s| s.domain.is_runnable() && s.domain.paused);
+        if !still {
+            listed_paused[index] = false;
+        }
+        still
+    });
+    !paused.is_empty()
+}
+
+/// Asserts that the queue mirrors the vCPU states: each vCPU is in the ready set exactly
+/// when [`is_ready`] holds, with its state, and has its deadlines in the heaps.
+#[cfg(all(test, debug_assertions))]
+fn check_queue<V, S: Slots<V> + ?Sized>(slots: &mut S, queue: &RunQueue) {
+    for (unit, &(index, vcpu)) in queue.units.iter().enumerate() {
+        slots.with(index, |slot| {
+            let domain = &slot.domain;
+            let ready = queue.ready.get(unit);
+            assert_eq!(
+                ready.is_some(),
+                is_ready(slot, vcpu),
+                "d{} vCPU {vcpu}: in the ready set exactly when ready",
+                domain.id
+            );
+            if let Some(ready) = ready {
+                let state = &domain.vcpus[vcpu];
+                assert_eq!(
+                    (ready.vruntime, ready.boosted),
+                    (state.vruntime, state.boosted),
+                    "d{} vCPU {vcpu}",
+                    domain.id
+                );
+            }
+            if domain.is_runnable() && !domain.paused {
+                let deadline = vcpu_deadline(domain, vcpu);
+                assert_eq!(queue.due.key(unit), deadline, "d{} vCPU {vcpu}", domain.id);
+                let waiting = domain.vcpus[vcpu].wait != Wait::None;
+                assert_eq!(
+                    queue.wake_due.key(unit),
+                    deadline.filter(|_| waiting),
+                    "d{} vCPU {vcpu}",
+                    domain.id
+                );
+            } else {
+                assert_eq!(queue.due.key(unit), None);
+            }
+        });
+    }
+    assert_eq!(
+        queue.live,
+        (0..queue.first_unit.len())
+            .filter(|&i| slots.with(i, |s| s.domain.is_runnable()))
+            .count()
+    );
 }
 
 impl<V> Table<'_, V> {
@@ -540,11 +768,11 @@ impl<V> Table<'_, V> {
     }
 
     /// Every slot and the run queue, for the holder of the table exclusive.
-    fn split(&mut self) -> (&mut [Slot<V>], &mut RunQueue) {
+    fn split(&mut self) -> (&mut [Slot<V>], &mut RunQueue, &Attention) {
         let first = UnsafeCell::raw_get(self.cells.as_ptr());
         // SAFETY: as in `slots`; the slots are borrowed for as long as `self` is.
         let slots = unsafe { core::slice::from_raw_parts_mut(first, self.cells.len()) };
-        (slots, self.queue.get_mut())
+        (slots, self.queue.get_mut(), &self.attention)
     }
 
     /// The slot of domain `id`.
@@ -743,11 +971,17 @@ impl<V> DomainTable for Resuming<'_, V> {
 impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// The machine of these domains, none of whose vCPUs has run.
     pub fn new(slots: &'a mut [Slot<V>]) -> Self {
-        let units: Vec<(usize, usize)> = slots
-            .iter()
-            .enumerate()
-            .flat_map(|(s, slot)| (0..slot.domain.vcpus.len()).map(move |v| (s, v)))
-            .collect();
+        // A vCPU's unit number follows from its slot's place, so a machine built again over
+        // the same slots (the fuzz harness restarts `run_all` between checkpoints) keeps the
+        // set its vCPUs report to.
+        let units = slots.iter().map(|s| s.domain.vcpus.len()).sum();
+        let attention = slots
+            .first()
+            .and_then(|s| s.domain.vcpus.first())
+            .and_then(|state| state.requests.watched())
+            .filter(|set| set.capacity() >= units)
+            .unwrap_or_else(|| Arc::new(Attention::new(units)));
+        let queue = RunQueue::new(slots, &attention);
         let ids = slots.iter().map(|s| s.domain.id).collect();
         let locks = slots.iter().map(|_| DomainLock::default()).collect();
         let slots: *mut [Slot<V>] = slots;
@@ -760,11 +994,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             table: TableLock::new(Table {
                 cells,
                 ids,
-                queue: spin::Mutex::new(RunQueue {
-                    cursor: units.len().saturating_sub(1),
-                    units,
-                    scrubbing: VecDeque::new(),
-                }),
+                queue: spin::Mutex::new(queue),
+                attention,
             }),
         }
     }
@@ -825,6 +1056,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             shared,
             last: None,
             yielded: None,
+            named: None,
+            back: None,
         };
         if !shared {
             self.run_alone(&mut me, host);
@@ -839,8 +1072,8 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 exclusive = false;
                 let mut guard = self.table.exclusive();
                 let now = host.now_ns();
-                let (slots, queue) = guard.split();
-                let outcome = pass(slots, queue, &mut me, host, now);
+                let (slots, queue, attention) = guard.split();
+                let outcome = pass(slots, queue, attention, &mut me, host, now);
                 (Hold::Exclusive(guard), outcome, now)
             } else {
                 let table = self.table.shared();
@@ -851,7 +1084,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     locks: &self.locks,
                 };
                 locking::PASSES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                let outcome = pass(&mut slots, &mut queue, &mut me, host, now);
+                let outcome = pass(&mut slots, &mut queue, &table.attention, &mut me, host, now);
                 drop(queue);
                 let hold = match &outcome {
                     Pass::Run { index, .. } => Hold::Shared(SharedHold {
@@ -909,8 +1142,9 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         loop {
             let now = host.now_ns();
             let mut guard = self.table.exclusive();
-            let (slots, queue) = guard.split();
-            let (index, vcpu_index, mut vcpu, slice_end) = match pass(slots, queue, me, host, now) {
+            let (slots, queue, attention) = guard.split();
+            let picked = pass(slots, queue, attention, me, host, now);
+            let (index, vcpu_index, mut vcpu, slice_end) = match picked {
                 Pass::Run {
                     index,
                     vcpu_index,
@@ -1259,6 +1493,15 @@ fn put_back<V>(
     }
     // A yield (docs/abi.md 3.3) lets the others go first at the next pick.
     me.yielded = core::mem::take(&mut state.yielded).then_some((index, vcpu_index));
+    // This CPU's next pass looks at it (`ThisCpu::back`).
+    state.requests.set_off_cpu(true);
+    me.back = Some((index, vcpu_index));
+    // A sibling its yield_to named runs next (docs/abi.md 3.3).
+    me.named = domain
+        .vcpus
+        .iter()
+        .position(|state| state.yielded_to)
+        .map(|sibling| (index, sibling));
 }
 
 /// What the run loop of one CPU remembers between passes.
@@ -1271,6 +1514,10 @@ struct ThisCpu {
     last: Option<(usize, usize)>,
     /// The vCPU this CPU ran last, if it yielded.
     yielded: Option<(usize, usize)>,
+    /// The sibling the vCPU this CPU ran last named in a yield_to.
+    named: Option<(usize, usize)>,
+    /// The vCPU this CPU put back after its slice, for the next pass to look at.
+    back: Option<(usize, usize)>,
 }
 
 /// What a pass of the scheduler decided.
@@ -1298,6 +1545,7 @@ enum Pass<V> {
 fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     slots: &mut S,
     queue: &mut RunQueue,
+    attention: &Attention,
     me: &mut ThisCpu,
     host: &mut H,
     now: u64,
@@ -1305,7 +1553,9 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     // Whatever a waker does after this is seen below or kicks this CPU out of its halt.
     let wakes = if me.shared { cpus::wake_count() } else { 0 };
     let host_work = host.housekeeping();
-    // Serial input belongs to the first domain, as the console of a PC belongs to its OS.
+    // Serial input belongs to the first domain, as the console of a PC belongs to its OS
+    // (so only that domain can be woken by it).
+    let mut input_wakes = false;
     slots.any(|first| {
         if !first.domain.is_runnable() {
             return false;
@@ -1313,27 +1563,36 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         while let Some(byte) = host.console_input() {
             first.domain.receive_console_input(byte);
         }
+        input_wakes = first.domain.console_input_can_wake();
         true
     });
-    let update_all = |slots: &mut S| slots.each(|_, slot| update(slot, now));
-    update_all(slots);
+    look_at_marked(slots, queue, attention, me.back.take(), me.shared, now);
     // A teardown can wake other domains, or leave them waiting for nothing (which ends
     // them, to be torn down in turn).
-    loop {
+    while !queue.ended.is_empty() {
         match slots.tear_down_ended(&mut queue.scrubbing) {
-            Some(true) => update_all(slots),
-            Some(false) => break,
+            Some(any) => {
+                queue.forget_ended();
+                if !any {
+                    break;
+                }
+                look_at_marked(slots, queue, attention, None, me.shared, now);
+            }
             None => {
-                let ended =
-                    slots.any(|s| !s.domain.is_runnable() && !s.domain.torn_down && s.is_parked());
+                let ended = queue.ended.iter().any(|&index| {
+                    slots.with(index, |s| {
+                        !s.domain.is_runnable() && !s.domain.torn_down && s.is_parked()
+                    })
+                });
                 if ended {
                     return Pass::NeedsExclusive;
                 }
+                queue.forget_ended();
                 break;
             }
         }
     }
-    if !slots.any(|s| s.domain.is_runnable()) {
+    if queue.live == 0 {
         queue.scrubbing.drain(..).for_each(Scrub::finish);
         return Pass::Done;
     }
@@ -1342,24 +1601,28 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     {
         queue.scrubbing.pop_front();
     }
-    let picked = pick_in(
-        slots,
-        &queue.units,
-        queue.cursor,
-        me.idle_bit,
-        me.yielded.take(),
-    );
-    let Some((index, vcpu_index)) = picked else {
-        let input_wakes =
-            slots.any(|s| s.domain.is_runnable() && s.domain.console_input_can_wake());
+    // (Not in release builds of the tests, which profile the pass.)
+    #[cfg(all(test, debug_assertions))]
+    check_queue(slots, queue);
+    let yielder = me.yielded.take().and_then(|unit| queue.unit_of(unit));
+    let named = me.named.take().and_then(|unit| queue.unit_of(unit));
+    let picked = match named {
+        // A sibling's yield_to (docs/abi.md 3.3): next, whatever the others had, if it is
+        // still ready.
+        Some(unit) if queue.ready.may_run(unit, me.idle_bit) => {
+            Some(ready::Picked { unit, floor: None })
+        }
+        _ => queue.ready.pick(me.idle_bit, yielder),
+    };
+    let Some(picked) = picked else {
         let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
-        let mut deadline = poll.into_iter().chain(host_work).min();
-        slots.each(|_, s| {
-            if let Some(due) = next_deadline(s) {
-                deadline = Some(deadline.map_or(due, |d| d.min(due)));
-            }
-        });
-        if stop_unpausable_in(slots, deadline.is_none()) || !queue.scrubbing.is_empty() {
+        let deadline = poll
+            .into_iter()
+            .chain(host_work)
+            .chain(queue.due.peek().map(|(_, due)| due))
+            .min();
+        let stopped = any_paused(slots, queue) && stop_unpausable_in(slots, deadline.is_none());
+        if stopped || !queue.scrubbing.is_empty() {
             // Scrubbing goes on while nothing else runs (a slice per pass, looking at
             // timers in between).
             return Pass::Again;
@@ -1377,16 +1640,24 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         }
         return Pass::Idle(deadline);
     };
+    let Some(&(index, vcpu_index)) = queue.units.get(picked.unit) else {
+        return Pass::Again;
+    };
     let unit = (index, vcpu_index);
-    let boosted = slots.with(index, |s| {
+    slots.with(index, |s| {
         let state = &mut s.domain.vcpus[vcpu_index];
         state.ran_on |= me.idle_bit;
         state.yielded_to = false;
-        core::mem::take(&mut state.boosted)
+        // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
+        // that naps often between its work was owed before the nap (clamped to the least
+        // of the others, it lost that at every nap and got a fraction of its share beside
+        // a spinning domain). Applied as it is picked, to it alone.
+        if core::mem::take(&mut state.boosted)
+            && let Some(floor) = picked.floor
+        {
+            state.vruntime = state.vruntime.max(floor);
+        }
     });
-    if !boosted {
-        queue.cursor = index_of_unit(&queue.units, queue.cursor, unit);
-    }
     if let Some((previous, previous_vcpu)) = me.last.filter(|&p| p != unit) {
         // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
         // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its hardware
@@ -1408,33 +1679,34 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     me.last = Some(unit);
     // Other domains' deadlines that can wake them; the running domain's own are looked at
     // by `run_slice`.
-    let mut others = host_work;
-    slots.each(|i, s| {
-        if i != index
-            && let Some(due) = next_wake_deadline(s)
-        {
-            others = Some(others.map_or(due, |d| d.min(due)));
-        }
-    });
+    // (A waiting sibling's deadline counts too: it may end the slice a little early.)
+    let others = host_work
+        .into_iter()
+        .chain(queue.wake_due.peek().map(|(_, due)| due))
+        .min();
     let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
     // The vCPU's hardware state is this CPU's until the slice ends: no other CPU picks it
     // meanwhile (`is_ready`), and its domain is not torn down under it. An exit on another
     // CPU may have changed its state since it was picked (the table shared): looked at again.
     let taken = slots.with(index, |s| {
         if me.shared && !is_ready(s, vcpu_index) {
+            queue.sync(picked.unit, index, s, vcpu_index);
             return None;
         }
         let vcpu = s.vcpus[vcpu_index].take()?;
-        s.domain.vcpus[vcpu_index].running_since = Some(now);
+        let state = &mut s.domain.vcpus[vcpu_index];
+        state.running_since = Some(now);
+        state.requests.set_off_cpu(false);
         trace::vcpu_in(s.domain.id);
         Some(vcpu)
     });
     let Some(vcpu) = taken else {
         return Pass::Again;
     };
+    queue.ready.remove(picked.unit);
     if me.shared {
         // More may be ready than this CPU takes: an idle CPU that may run it looks.
-        let wanted = ready_cpus(slots, &queue.units);
+        let wanted = queue.ready.wanted_cpus();
         if wanted != 0 {
             cpus::wake_an_idle_cpu(wanted);
         }
@@ -1571,28 +1843,18 @@ pub fn run_all<V: VirtualCpu, H: Host>(slots: &mut [Slot<V>], host: &mut H) {
     Machine::new(slots).run_cpu(0, host);
 }
 
-/// The CPUs (a bit each) that may run some ready vCPU: the union of their domains' affinities.
-fn ready_cpus<V, S: Slots<V> + ?Sized>(slots: &mut S, units: &[(usize, usize)]) -> u64 {
-    units.iter().fold(0, |cpus, &(s, v)| {
-        cpus | slots.with(s, |slot| {
-            if is_ready(slot, v) {
-                slot.domain.affinity
-            } else {
-                0
-            }
-        })
-    })
-}
-
 /// How far behind the least-served ready vCPU (in virtual run time) a woken vCPU may start:
 /// one slice.
 pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 
-/// The vCPU to run next, in round-robin order after `cursor`: the woken vCPU that had the
-/// least CPU time for its weight first (short latency for timers and events), as long as it
-/// had no more than the ready vCPU that had the least, otherwise that vCPU (ties in
-/// round-robin order). Woken vCPUs must not bank the time they slept: they start at most
-/// [`WAKE_CREDIT_NS`] behind the least of the others. A wake-up buys no lead (as Xen's
+/// The scheduler's policy, which [`ReadySet::pick`] implements on the run queue (this is
+/// it on plain slots, for the tests; `cursor` gives the round-robin order of ties). A sibling's
+/// yield_to first; then the woken vCPU that had the least CPU time for its weight first
+/// (short latency for timers and events), as long as it had no more than the ready vCPU that
+/// had the least, otherwise that vCPU (ties to the one that waited longest, round-robin
+/// order). Woken vCPUs must not bank the time they slept: they start at most
+/// [`WAKE_CREDIT_NS`] behind the least of the others (applied to the one picked, as it is
+/// picked: the others get it when their turn comes). A wake-up buys no lead (as Xen's
 /// credit scheduler boosts only vCPUs that are under their share): a domain that sleeps a few
 /// microseconds between long stretches of work, run first at each wake-up, would take the CPU
 /// from the others whatever its weight (1.6 let a woken vCPU run first while up to a slice
@@ -1613,92 +1875,44 @@ fn pick<V>(
     cpu_bit: u64,
     yielded: Option<(usize, usize)>,
 ) -> Option<(usize, usize)> {
-    pick_in(slots, units, cursor, cpu_bit, yielded)
-}
-
-/// `pick` on the slots as the pass reaches them.
-#[inline(always)]
-fn pick_in<V, S: Slots<V> + ?Sized>(
-    slots: &mut S,
-    units: &[(usize, usize)],
-    cursor: usize,
-    cpu_bit: u64,
-    yielded: Option<(usize, usize)>,
-) -> Option<(usize, usize)> {
+    // The ready set, filled in round-robin order after `cursor` (ties go to who came first).
+    let mut ready = ReadySet::new(units.len());
     let count = units.len();
-    let mut any_boosted = false;
-    // The least virtual run time of a ready vCPU not woken, and its domain's weight.
-    let mut least_unboosted: Option<(u64, u32)> = None;
-    let mut least_boosted: Option<((usize, usize), u64)> = None;
-    let mut fairest: Option<((usize, usize), u64)> = None;
-    let mut yielder_ready = false;
     for i in 1..=count {
-        let unit = units[(cursor + i) % count];
-        // (boosted, vruntime, yielded to) of a vCPU that may run here and is ready.
-        let ready = slots.with(unit.0, |slot| {
-            (slot.domain.affinity & cpu_bit != 0 && is_ready(slot, unit.1)).then(|| {
-                let state = &slot.domain.vcpus[unit.1];
-                (
-                    state.boosted,
-                    state.vruntime,
-                    state.yielded_to,
-                    slot.domain.weight,
-                )
-            })
-        });
-        let Some((boosted, vruntime, yielded_to, weight)) = ready else {
-            continue;
-        };
-        if Some(unit) == yielded {
-            yielder_ready = true;
-            continue;
-        }
-        if yielded_to {
-            // A sibling's yield_to (docs/abi.md 3.3): next, whatever the others had.
-            return Some(unit);
-        }
-        if boosted {
-            any_boosted = true;
-            if least_boosted.is_none_or(|(_, least)| vruntime < least) {
-                least_boosted = Some((unit, vruntime));
+        let at = (cursor + i) % count;
+        let (index, vcpu) = units[at];
+        let slot = &slots[index];
+        if is_ready(slot, vcpu) {
+            let state = &slot.domain.vcpus[vcpu];
+            if state.yielded_to
+                && slot.domain.affinity & cpu_bit != 0
+                && yielded != Some((index, vcpu))
+            {
+                return Some((index, vcpu));
             }
-        } else {
-            if least_unboosted.is_none_or(|(least, _)| vruntime < least) {
-                least_unboosted = Some((vruntime, weight));
-            }
-        }
-        if fairest.is_none_or(|(_, least)| vruntime < least) {
-            fairest = Some((unit, vruntime));
+            let entry = Ready {
+                vruntime: state.vruntime,
+                boosted: state.boosted,
+                affinity: slot.domain.affinity,
+                weight: slot.domain.weight,
+            };
+            ready.insert(at, entry);
         }
     }
-    let within = |vruntime: u64| least_unboosted.is_none_or(|(least, _)| vruntime <= least);
-    // The woken vCPU that had the least CPU time for its weight: woken vCPUs compete among
-    // themselves by fairness too, or one that wakes every few microseconds would run first
-    // whenever all the others ready were woken as well.
-    let boosted = least_boosted
-        .filter(|&(_, vruntime)| within(vruntime))
-        .map(|(unit, _)| unit);
-    if any_boosted && let Some((least, weight)) = least_unboosted {
-        // A wake-up banks at most one slice of the time slept: enough to keep what a vCPU
-        // that naps often between its work was owed before the nap (clamped to `least`, it
-        // lost that at every nap and got a fraction of its share beside a spinning domain).
-        // One slice of the least-served vCPU's, in virtual run time: how far ahead a slice
-        // of its puts it (a plain slice in ns let a napper beside a spinner of weight 100
-        // keep 10 of the spinner's 25.6 ms and get 29% of the CPU, not half).
-        let credit = WAKE_CREDIT_NS * u64::from(DEFAULT_WEIGHT) / u64::from(weight.max(1));
-        let floor = least.saturating_sub(credit);
-        slots.each(|_, slot| {
-            for state in slot.domain.vcpus.iter_mut().filter(|v| v.boosted) {
-                state.vruntime = state.vruntime.max(floor);
-            }
-        });
+    let yielder = yielded.and_then(|unit| units.iter().position(|&u| u == unit));
+    let picked = ready.pick(cpu_bit, yielder)?;
+    let (index, vcpu) = units[picked.unit];
+    let state = &mut slots[index].domain.vcpus[vcpu];
+    if state.boosted
+        && let Some(floor) = picked.floor
+    {
+        state.vruntime = state.vruntime.max(floor);
     }
-    boosted
-        .or(fairest.map(|(unit, _)| unit))
-        .or(yielded.filter(|_| yielder_ready))
+    Some((index, vcpu))
 }
 
 /// Where `unit` is in `units`, looking from `hint` (usually right after it).
+#[cfg(test)]
 fn index_of_unit(units: &[(usize, usize)], hint: usize, unit: (usize, usize)) -> usize {
     let count = units.len();
     (0..count)
@@ -3226,5 +3440,67 @@ mod tests {
         let mut copied = [0u8; 128];
         t[1].mem.read(0x30000, &mut copied).unwrap();
         assert!(copied.iter().all(|&b| b == 0xa5));
+    }
+
+    #[test]
+    fn a_machine_built_again_over_the_same_domains_still_hears_their_requests() {
+        use core::sync::atomic::Ordering;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, Ordering::Relaxed);
+        let (_t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(EVTCHN, [0, 2, 0]), // alloc_unbound for domain 2 -> port 2
+                hypercall(SCHED, [1, 0, 0]),  // block until domain 2 sends
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let (_t2, two) = slot_with_id(
+            2,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(EVTCHN, [7, 1, 2]), // bind_interdomain(domain 1, port 2) -> port 2
+                hypercall(EVTCHN, [3, 2, 0]), // send on it
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut slots = [one, two];
+        // The fuzz harness unwinds out of `run_all` and calls it again: the second machine
+        // must hear the requests made of vCPUs the first one watched.
+        drop(Machine::new(&mut slots));
+        run_all(&mut slots, &mut fake_host());
+        for s in &slots {
+            assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        }
+    }
+
+    /// vCPUs 0 and 1 of a domain with three name each other in yield_to, `SWITCHES` times,
+    /// while vCPU 2 is ready too: the cost of a directed yield, for a profiler.
+    #[test]
+    #[ignore]
+    fn profile_yield_to_switches() {
+        const SWITCHES: usize = 20_000;
+        let (_t, mut s) = two_vcpus(vec![], vec![]);
+        let time = s.domain.time;
+        let memory = core::mem::replace(&mut s.domain.memory, GuestMemory::empty());
+        s.domain = Domain::with_vcpus(1, "t".into(), memory, time, 3);
+        let mut first = vec![
+            hypercall(VCPU_OP, [5, 1, 0x10000]),
+            hypercall(VCPU_OP, [5, 2, 0x10000]),
+            hypercall(VCPU_OP, [6, 1, 0]),
+            hypercall(VCPU_OP, [6, 2, 0]),
+        ];
+        first.extend((0..SWITCHES).map(|_| hypercall(SCHED, [4, 1, 0])));
+        first.push(hypercall(SCHED, POWEROFF));
+        s.vcpus[0].as_mut().unwrap().script = first.into();
+        s.vcpus[1].as_mut().unwrap().script =
+            (0..SWITCHES).map(|_| hypercall(SCHED, [4, 0, 0])).collect();
+        s.vcpus.push(Some(Box::new(MockVcpu {
+            script: (0..SWITCHES).map(|_| hypercall(SCHED, YIELD)).collect(),
+            interrupt_flag: true,
+            tag: 3,
+            ..Default::default()
+        })));
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
     }
 }

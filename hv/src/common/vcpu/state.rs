@@ -30,6 +30,76 @@ pub struct Requests {
     /// The CPUs that may run the vCPU (its domain's affinity), a bit each: one of them is
     /// woken when a request makes it ready.
     allowed_cpus: AtomicU64,
+    /// Where the scheduler hears of requests made of the vCPU while it is off the CPU (set
+    /// once, by the machine that schedules it).
+    watch: spin::Once<Watch>,
+    /// The vCPU is off the CPU: a request made now may change whether it is ready or when
+    /// its timers are due, so the scheduler is told ([`Watch`]). A running vCPU is looked
+    /// at when its slice ends anyway, which spares its own requests the mark.
+    off_cpu: AtomicBool,
+}
+
+/// A vCPU's place in its scheduler's [`Attention`] set.
+#[derive(Debug)]
+pub struct Watch {
+    set: Arc<Attention>,
+    unit: u32,
+}
+
+/// The vCPUs (by scheduler unit number, a bit each) that had a request made of them since
+/// the scheduler last looked: all it must look at again, rather than every vCPU of every
+/// domain at every pass.
+#[derive(Debug)]
+pub struct Attention {
+    words: Vec<AtomicU64>,
+}
+
+impl Attention {
+    /// A set for `units` vCPUs, empty.
+    pub fn new(units: usize) -> Self {
+        Attention {
+            words: (0..units.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Adds `unit`.
+    #[inline]
+    pub fn mark(&self, unit: u32) {
+        if let Some(word) = self.words.get(unit as usize / 64) {
+            word.fetch_or(1 << (unit % 64), Ordering::SeqCst);
+        }
+    }
+
+    /// How many units it holds room for.
+    pub fn capacity(&self) -> usize {
+        self.words.len() * 64
+    }
+
+    /// Takes `unit` out of the set.
+    #[inline]
+    pub fn unmark(&self, unit: usize) {
+        if let Some(word) = self.words.get(unit / 64) {
+            word.fetch_and(!(1 << (unit % 64)), Ordering::AcqRel);
+        }
+    }
+
+    /// Empties the set, calling `f` on each unit that was in it; whether there was any.
+    #[inline]
+    pub fn drain(&self, mut f: impl FnMut(usize)) -> bool {
+        let mut any = false;
+        for (at, word) in self.words.iter().enumerate() {
+            if word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            any |= bits != 0;
+            while bits != 0 {
+                f(at * 64 + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+        any
+    }
 }
 
 impl Default for Requests {
@@ -40,6 +110,8 @@ impl Default for Requests {
             running_on: AtomicU32::new(0),
             upcall_maybe_pending: AtomicBool::new(false),
             allowed_cpus: AtomicU64::new(u64::MAX),
+            watch: spin::Once::new(),
+            off_cpu: AtomicBool::new(false),
         }
     }
 }
@@ -83,7 +155,52 @@ impl Requests {
     #[inline]
     pub fn make(&self, bits: u32) {
         self.bits.fetch_or(bits, Ordering::SeqCst);
+        self.tell_scheduler();
         // One CPU: nobody to kick or wake (one load on that path).
+        if crate::common::cpus::several_cpus() {
+            self.kick();
+        }
+    }
+
+    /// Marks the vCPU in its scheduler's [`Attention`] set if it is off the CPU.
+    #[inline]
+    fn tell_scheduler(&self) {
+        if self.off_cpu.load(Ordering::SeqCst)
+            && let Some(watch) = self.watch.get()
+        {
+            watch.set.mark(watch.unit);
+        }
+    }
+
+    /// Puts the vCPU in `set` as `unit`, off the CPU and marked, so that the scheduler looks
+    /// at it first. Once: a machine built again over the same vCPUs keeps their first set
+    /// ([`Self::watched`]), where each keeps its place.
+    pub fn watch(&self, set: &Arc<Attention>, unit: u32) {
+        self.watch.call_once(|| Watch {
+            set: Arc::clone(set),
+            unit,
+        });
+        self.set_off_cpu(true);
+        self.tell_scheduler();
+    }
+
+    /// The set the vCPU reports to, if a machine watches it.
+    pub fn watched(&self) -> Option<Arc<Attention>> {
+        self.watch.get().map(|watch| Arc::clone(&watch.set))
+    }
+
+    /// The vCPU leaves the CPU (the CPU that ran it has its scheduler look at it) or is
+    /// taken onto one.
+    #[inline]
+    pub fn set_off_cpu(&self, off: bool) {
+        self.off_cpu.store(off, Ordering::SeqCst);
+    }
+
+    /// As [`Self::make`], from the scheduler as it looks at this vCPU: it is not marked in
+    /// the [`Attention`] set (the scheduler brings its queue up to date with the vCPU itself).
+    #[inline]
+    pub fn make_from_scheduler(&self, bits: u32) {
+        self.bits.fetch_or(bits, Ordering::SeqCst);
         if crate::common::cpus::several_cpus() {
             self.kick();
         }

@@ -445,6 +445,10 @@ mod start {
                     busy_ns / 1_000_000
                 );
             }
+            hv_println!(
+                "lamina: run queues: one per CPU, {} vCPU migrations between them",
+                crate::common::cpus::migrations()
+            );
             hv_println!("{}", crate::common::sched::locking::summary_line());
         }
         hv_println!(

@@ -50,6 +50,32 @@ pub fn wake_an_idle_cpu(allowed: u64) {
     }
 }
 
+/// As [`wake_an_idle_cpu`], with CPU `home` first if it is idle and allowed: the vCPU made
+/// ready waits in its run queue (`sched::run_queues`); another idle CPU takes it from there.
+pub fn wake_an_idle_cpu_preferring(home: usize, allowed: u64) {
+    WAKES.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    let idle = IDLE_CPUS.load(core::sync::atomic::Ordering::SeqCst) & allowed;
+    let home_bit = 1u64 << home.min(63);
+    if idle & home_bit != 0 {
+        kick_cpu(home.min(63));
+    } else if idle != 0 {
+        kick_cpu(idle.trailing_zeros() as usize);
+    }
+}
+
+/// vCPUs moved from one CPU's run queue to another's.
+static MIGRATIONS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Counts a vCPU moved to another CPU's run queue.
+pub fn count_migration() {
+    MIGRATIONS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many vCPUs moved to another CPU's run queue so far.
+pub fn migrations() -> u64 {
+    MIGRATIONS.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// How many times something asked for an idle CPU to be woken ([`wake_an_idle_cpu`]).
 static WAKES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 

@@ -9,6 +9,7 @@
 pub mod locking;
 pub mod reach;
 pub mod ready;
+mod run_queues;
 
 use crate::common::cpus;
 use crate::common::domain::config::DEFAULT_WEIGHT;
@@ -37,7 +38,8 @@ use lamina_abi::Errno;
 use lamina_abi::vcpu::runstate;
 use locking::{DomainLock, TableLock, may_wait_for};
 use reach::{PeerOf, Reach};
-use ready::{Ready, ReadySet, UnitHeap};
+use ready::{Ready, UnitHeap};
+use run_queues::CpuRunQueues;
 
 /// How long a vCPU runs before others get the CPU.
 pub const TIME_SLICE_NS: u64 = 10_000_000;
@@ -535,8 +537,8 @@ struct RunQueue {
     units: Vec<(usize, usize)>,
     /// The unit number of each slot's vCPU 0 (its others follow).
     first_unit: Vec<usize>,
-    /// The ready vCPUs, by boost class and virtual run time.
-    ready: ReadySet,
+    /// The ready vCPUs, in their home CPU's set by boost class and virtual run time.
+    ready: CpuRunQueues,
     /// The vCPUs of runnable, unpaused domains with something due, by when.
     due: UnitHeap<u64>,
     /// The waiting ones among them: their deadlines end other vCPUs' slices.
@@ -577,7 +579,7 @@ impl RunQueue {
         let count = units.len();
         RunQueue {
             first_unit,
-            ready: ReadySet::new(count),
+            ready: CpuRunQueues::new(count),
             due: UnitHeap::new(count),
             wake_due: UnitHeap::new(count),
             ended: Vec::with_capacity(slots.len()),
@@ -1040,6 +1042,22 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         self.cpus_online
             .store(cpus.max(1), core::sync::atomic::Ordering::Relaxed);
         cpus::set_several(cpus > 1);
+        // A run queue per CPU, each vCPU dealt a home among them.
+        let mut table = self.table.exclusive();
+        let (slots, queue, _) = table.split();
+        let RunQueue { units, ready, .. } = queue;
+        let homes = ready.set_cpus(cpus, |unit| {
+            units
+                .get(unit)
+                .map_or((u64::MAX, DEFAULT_WEIGHT), |&(index, _)| {
+                    (slots[index].domain.affinity, slots[index].domain.weight)
+                })
+        });
+        for (&(index, vcpu), &home) in units.iter().zip(homes) {
+            if let Some(state) = slots[index].domain.vcpus.get(vcpu) {
+                state.requests.set_home_cpu(usize::from(home));
+            }
+        }
     }
 
     /// Runs this CPU's share of the vCPUs until every domain has ended and all their RAM is
@@ -1052,6 +1070,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     pub fn run_cpu<H: Host>(&self, cpu: usize, host: &mut H) {
         let shared = self.cpus_online.load(core::sync::atomic::Ordering::Relaxed) > 1;
         let mut me = ThisCpu {
+            cpu: cpu.min(63),
             idle_bit: 1u64 << cpu.min(63),
             shared,
             last: None,
@@ -1506,6 +1525,8 @@ fn put_back<V>(
 
 /// What the run loop of one CPU remembers between passes.
 struct ThisCpu {
+    /// Its number.
+    cpu: usize,
     /// Its bit (idle CPUs, affinities).
     idle_bit: u64,
     /// Several CPUs run vCPUs.
@@ -1609,10 +1630,11 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     let picked = match named {
         // A sibling's yield_to (docs/abi.md 3.3): next, whatever the others had, if it is
         // still ready.
-        Some(unit) if queue.ready.may_run(unit, me.idle_bit) => {
+        Some(unit) if queue.ready.may_run(unit, me.cpu) => {
+            queue.ready.move_to(unit, me.cpu);
             Some(ready::Picked { unit, floor: None })
         }
-        _ => queue.ready.pick(me.idle_bit, yielder),
+        _ => queue.ready.pick(me.cpu, yielder),
     };
     let Some(picked) = picked else {
         let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
@@ -1706,7 +1728,7 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     queue.ready.remove(picked.unit);
     if me.shared {
         // More may be ready than this CPU takes: an idle CPU that may run it looks.
-        let wanted = queue.ready.wanted_cpus();
+        let wanted = queue.ready.wanted_cpus(me.cpu);
         if wanted != 0 {
             cpus::wake_an_idle_cpu(wanted);
         }
@@ -1876,7 +1898,7 @@ fn pick<V>(
     yielded: Option<(usize, usize)>,
 ) -> Option<(usize, usize)> {
     // The ready set, filled in round-robin order after `cursor` (ties go to who came first).
-    let mut ready = ReadySet::new(units.len());
+    let mut ready = ready::ReadySet::new(units.len());
     let count = units.len();
     for i in 1..=count {
         let at = (cursor + i) % count;

@@ -21,7 +21,8 @@ pub struct Requests {
     /// The vCPU runs guest code on CPU [`Self::running_on`] (or is about to: set before the
     /// last look at the bits, so a request made after that look sees it and kicks).
     in_guest: AtomicBool,
-    /// The CPU that runs the vCPU this slice.
+    /// The CPU that runs the vCPU this slice, or ran it last: its home, whose run queue it
+    /// waits in (`sched::run_queues`), the CPU woken first when a request makes it ready.
     running_on: AtomicU32,
     /// The hypervisor marked an upcall pending and has not yet seen it taken: while set, any
     /// hypercall looks for a deliverable upcall (the guest may have unmasked in memory,
@@ -211,7 +212,10 @@ impl Requests {
         if self.in_guest.load(Ordering::SeqCst) {
             crate::common::cpus::kick_cpu(self.running_on.load(Ordering::Relaxed) as usize);
         } else {
-            crate::common::cpus::wake_an_idle_cpu(self.allowed_cpus.load(Ordering::Relaxed));
+            crate::common::cpus::wake_an_idle_cpu_preferring(
+                self.running_on.load(Ordering::Relaxed) as usize,
+                self.allowed_cpus.load(Ordering::Relaxed),
+            );
         }
     }
 
@@ -272,6 +276,11 @@ impl Requests {
     #[inline]
     pub fn left_guest(&self) {
         self.in_guest.store(false, Ordering::Release);
+    }
+
+    /// Sets the vCPU's home CPU before it first runs (afterwards, the CPU it ran on last).
+    pub fn set_home_cpu(&self, cpu: usize) {
+        self.running_on.store(cpu as u32, Ordering::Relaxed);
     }
 
     /// Sets the CPUs that may run the vCPU (a bit each), which requests wake.

@@ -20,9 +20,10 @@
 //!
 //!    The writer is preferred: once a CPU waits to take it exclusive, no CPU takes it shared
 //!    until that one had it, so a stream of exits on other CPUs cannot hold off the scheduler.
-//! 2. **The run queue** (`sched::RunQueue`: the ready set, the heaps of timer deadlines, the
-//!    RAM being scrubbed), with the table shared: one CPU at a time looks at the vCPUs that
-//!    need it and picks one. While it is held no vCPU leaves its slot. The set of vCPUs a
+//! 2. **The run queue** (`sched::RunQueue`: the ready set of each CPU (`run_queues`), the
+//!    heaps of timer deadlines, the RAM being scrubbed), with the table shared: one CPU at a
+//!    time looks at the vCPUs that need it and picks one (a migration between two CPUs' sets
+//!    happens under it too). While it is held no vCPU leaves its slot. The set of vCPUs a
 //!    request was made of (`vcpu::state::Attention`) is atomic bits beside it, set without
 //!    any lock by whoever makes the request.
 //! 3. **A domain** ([`DomainLock`], one per domain, Xen's per-domain `event_lock` in shape):

@@ -1885,10 +1885,9 @@ pub const WAKE_CREDIT_NS: u64 = TIME_SLICE_NS;
 /// `yielded`, runs only when no other is ready (docs/abi.md 3.3: yield returns after the
 /// others had the CPU), even when a wake-up left it behind the others.
 ///
-/// Only vCPUs whose domain's affinity has the picking CPU (`cpu_bit`) are looked at. One
-/// run queue for the whole machine, as Xen's credit2 shares one among the CPUs of a socket:
-/// a vCPU goes to whichever allowed CPU is free first, so load balances without migration
-/// decisions, and weights hold across CPUs as they do on one.
+/// Only vCPUs whose domain's affinity has the picking CPU (`cpu_bit`) are looked at. With
+/// several CPUs each has its own set of ready vCPUs and applies this policy to it; how vCPUs
+/// move between the sets is `run_queues`'.
 #[cfg(test)]
 fn pick<V>(
     slots: &mut [Slot<V>],

@@ -293,3 +293,79 @@ mod tests {
         assert_eq!(queues.pick(1, None).map(|p| p.unit), Some(1));
     }
 }
+
+#[cfg(test)]
+mod simulation {
+    use super::*;
+
+    /// Shares of CPU time of spinning vCPUs of `weights` on `cpus` CPUs, each CPU passing at
+    /// the end of each slice, for `ms` of time.
+    pub fn shares(weights: &[u32], cpus: usize, ms: u64, jitter_ns: u64) -> (Vec<f64>, u64) {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let units = weights.len();
+        let mut queues = CpuRunQueues::new(units);
+        queues.set_cpus(cpus, |unit| (u64::MAX, weights[unit]));
+        let mut vruntime = vec![0u64; units];
+        let mut ran = vec![0u64; units];
+        let ready = |vr: u64, unit: usize| Ready {
+            vruntime: vr,
+            boosted: false,
+            affinity: u64::MAX,
+            weight: weights[unit],
+        };
+        for unit in 0..units {
+            queues.insert(unit, ready(0, unit));
+        }
+        // (running unit, slice end) per CPU; CPUs start a little apart.
+        let mut running: Vec<Option<(usize, u64)>> = vec![None; cpus];
+        let end = ms * 1_000_000;
+        let mut now_of = vec![0u64; cpus];
+        for (cpu, now) in now_of.iter_mut().enumerate() {
+            *now = cpu as u64 * 3_000_000;
+        }
+        loop {
+            let cpu = (0..cpus).min_by_key(|&c| now_of[c]).unwrap();
+            let now = now_of[cpu];
+            if now >= end {
+                break;
+            }
+            if let Some((unit, started)) = running[cpu].take() {
+                let time = now - started;
+                ran[unit] += time;
+                vruntime[unit] += time * 256 / u64::from(weights[unit]);
+                queues.insert(unit, ready(vruntime[unit], unit));
+            }
+            match queues.pick(cpu, None) {
+                Some(p) => {
+                    queues.remove(p.unit);
+                    running[cpu] = Some((p.unit, now));
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    now_of[cpu] = now + TIME_SLICE_NS + x % (jitter_ns + 1);
+                }
+                None => now_of[cpu] = now + 1_000_000,
+            }
+        }
+        let total: u64 = ran.iter().sum();
+        let shares = ran.iter().map(|&r| r as f64 / total as f64).collect();
+        (shares, queues.migrations())
+    }
+
+    #[test]
+    fn weights_hold_across_two_cpus() {
+        let weights = [100, 200, 400, 400];
+        for jitter in [0, 5_000_000, 20_000_000] {
+            let (shares, migrations) = shares(&weights, 2, 1500, jitter);
+            std::println!("{shares:?} {migrations}");
+            let total: u32 = weights.iter().sum();
+            for (share, &w) in shares.iter().zip(&weights) {
+                let ideal = f64::from(w) / f64::from(total);
+                assert!(
+                    (share / ideal - 1.0).abs() < 0.05,
+                    "{shares:?} ({migrations} migrations)"
+                );
+            }
+        }
+    }
+}

@@ -446,8 +446,10 @@ mod start {
                 );
             }
             hv_println!(
-                "lamina: run queues: one per CPU, {} vCPU migrations between them",
-                crate::common::cpus::migrations()
+                "lamina: run queues: one per CPU, {} vCPU migrations between them; {} slices on \
+                 another CPU than the vCPU's last",
+                crate::common::cpus::migrations(),
+                crate::common::cpus::cpu_changes()
             );
             hv_println!("{}", crate::common::sched::locking::summary_line());
         }

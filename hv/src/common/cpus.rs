@@ -71,6 +71,20 @@ pub fn count_migration() {
     MIGRATIONS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
 }
 
+/// Slices a vCPU ran on another CPU than its last one.
+static CPU_CHANGES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// Counts a slice a vCPU runs on another CPU than its last one (its hardware state loaded
+/// there afresh: a VMPTRLD and host state, or a new ASID's flush).
+pub fn count_cpu_change() {
+    CPU_CHANGES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// How many slices ran on another CPU than their vCPU's last one so far.
+pub fn cpu_changes() -> u64 {
+    CPU_CHANGES.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// How many vCPUs moved to another CPU's run queue so far.
 pub fn migrations() -> u64 {
     MIGRATIONS.load(core::sync::atomic::Ordering::Relaxed)

@@ -1719,6 +1719,9 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         let state = &mut s.domain.vcpus[vcpu_index];
         state.running_since = Some(now);
         state.requests.set_off_cpu(false);
+        if me.shared && state.requests.last_cpu() != me.cpu {
+            cpus::count_cpu_change();
+        }
         trace::vcpu_in(s.domain.id);
         Some(vcpu)
     });

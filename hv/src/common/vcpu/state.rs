@@ -278,6 +278,11 @@ impl Requests {
         self.in_guest.store(false, Ordering::Release);
     }
 
+    /// The CPU that ran the vCPU last (its home), or runs it.
+    pub fn last_cpu(&self) -> usize {
+        self.running_on.load(Ordering::Relaxed) as usize
+    }
+
     /// Sets the vCPU's home CPU before it first runs (afterwards, the CPU it ran on last).
     pub fn set_home_cpu(&self, cpu: usize) {
         self.running_on.store(cpu as u32, Ordering::Relaxed);

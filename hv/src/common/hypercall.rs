@@ -7,11 +7,10 @@
 
 use crate::common::domain::{ConsoleSource, Domain, DomainTable, Ending, domain_exists};
 use crate::common::events::Binding;
-use crate::common::vcpu::state::{PENDING_TLB_FLUSH_MAX, StartState, Wait, request};
+use crate::common::vcpu::state::{PENDING_TLB_FLUSH_MAX, PollPorts, StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
 use alloc::boxed::Box;
 use alloc::string::String;
-use alloc::vec::Vec;
 use lamina_abi::console::{CONSOLE_RING_INPUT_BYTES, CONSOLE_WRITE_MAX, ConsoleOp, ConsoleRing};
 use lamina_abi::event_channel::{DOMID_SELF, EventChannelOp, NR_PORTS};
 use lamina_abi::layout::CONSOLE_RING_GPA;
@@ -319,13 +318,22 @@ fn sched_op(
             if count == 0 || count > POLL_PORTS_MAX {
                 return Err(Errno::EINVAL);
             }
-            let mut raw = [0u8; 4 * POLL_PORTS_MAX as usize];
-            let raw = &mut raw[..4 * count as usize];
-            domain.memory.read(arg, raw)?;
-            let ports: Vec<u32> = raw
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            // Read a chunk at a time into a small buffer: a poll of a port or two (the
+            // common case) neither zeroes the whole 512-byte array nor allocates.
+            const CHUNK: u64 = 16;
+            let mut ports = PollPorts::new();
+            let mut raw = [0u8; 4 * CHUNK as usize];
+            let mut read = 0;
+            while read < count {
+                let take = (count - read).min(CHUNK);
+                let raw = &mut raw[..4 * take as usize];
+                domain.memory.read(arg.wrapping_add(4 * read), raw)?;
+                ports.extend(
+                    raw.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+                read += take;
+            }
             if ports.iter().any(|&p| p >= NR_PORTS) {
                 return Err(Errno::EINVAL);
             }

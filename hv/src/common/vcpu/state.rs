@@ -350,6 +350,10 @@ pub struct StartState {
     pub argument: u64,
 }
 
+/// The ports of a poll: a few inline (a poll is usually of one port), more on the heap (up to
+/// `POLL_PORTS_MAX`), so that the common poll allocates nothing.
+pub type PollPorts = smallvec::SmallVec<[u32; 4]>;
+
 /// Why a vCPU is not runnable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -360,7 +364,7 @@ pub enum Wait {
     /// `sched_op` poll: until one of `ports` is pending, or `deadline` (system time).
     Poll {
         /// The ports polled.
-        ports: Vec<u32>,
+        ports: PollPorts,
         /// Give up then (`None`: never).
         deadline: Option<u64>,
     },

@@ -247,7 +247,14 @@ fn advance_timers(domain: &mut Domain, index: usize, now: u64) {
             state.requests.make(request::EVENT);
         }
     }
-    domain.expire_timers(index, now);
+    // Only when a PV timer is due: most looks find none (an inlined test, not a call).
+    if domain.vcpus[index]
+        .timers
+        .next_deadline()
+        .is_some_and(|deadline| deadline <= now)
+    {
+        domain.expire_timers(index, now);
+    }
 }
 
 fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
@@ -599,7 +606,8 @@ impl RunQueue {
     }
 
     /// Brings what the queue holds of `unit`, vCPU `vcpu` of `slot` (slot number `index`),
-    /// up to date with its state.
+    /// up to date with its state. Inlined: it runs for every vCPU a pass looks at.
+    #[inline(always)]
     fn sync<V>(&mut self, unit: usize, index: usize, slot: &Slot<V>, vcpu: usize) {
         let domain = &slot.domain;
         let (Some(state), true, false) =
@@ -671,27 +679,33 @@ fn look_at_marked<V: VirtualCpu, S: Slots<V> + ?Sized>(
     shared: bool,
     now: u64,
 ) {
-    let mut look = |unit: usize, queue: &mut RunQueue| {
-        if let Some(&(index, vcpu)) = queue.units.get(unit) {
-            slots.with(index, |slot| {
-                update(slot, vcpu, now);
-                queue.sync(unit, index, slot, vcpu);
-            });
-            if !shared {
-                attention.unmark(unit);
-            }
+    let mut look = |unit: usize, (index, vcpu): (usize, usize), queue: &mut RunQueue| {
+        slots.with(index, |slot| {
+            update(slot, vcpu, now);
+            queue.sync(unit, index, slot, vcpu);
+        });
+        if !shared {
+            attention.unmark(unit);
         }
     };
-    if let Some(unit) = back.and_then(|unit| queue.unit_of(unit)) {
-        look(unit, queue);
+    if let Some((index, vcpu)) = back
+        && let Some(unit) = queue.unit_of((index, vcpu))
+    {
+        look(unit, (index, vcpu), queue);
     }
     while let Some((unit, due)) = queue.due.peek()
         && due <= now
     {
         queue.due.remove(unit);
-        look(unit, queue);
+        if let Some(&place) = queue.units.get(unit) {
+            look(unit, place, queue);
+        }
     }
-    while attention.drain(|unit| look(unit, queue)) {}
+    while attention.drain(|unit| {
+        if let Some(&place) = queue.units.get(unit) {
+            look(unit, place, queue);
+        }
+    }) {}
 }
 
 /// Whether some listed paused domain is still paused (dropping those that are not): only
@@ -2001,7 +2015,10 @@ fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
         if let Some(deadline) = state.timers.next_deadline() {
             due = due.min(deadline);
         }
-        if let Some(deadline) = state.vlapic.next_timer_deadline_ns() {
+        // Most vCPUs have no APIC timer counting (an inlined test, not a call).
+        if state.vlapic.timer_counting()
+            && let Some(deadline) = state.vlapic.next_timer_deadline_ns()
+        {
             due = due.min(deadline);
         }
     }

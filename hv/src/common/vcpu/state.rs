@@ -79,7 +79,10 @@ impl Attention {
     /// Takes `unit` out of the set.
     #[inline]
     pub fn unmark(&self, unit: usize) {
-        if let Some(word) = self.words.get(unit / 64) {
+        // Usually not marked: a load, no locked write.
+        if let Some(word) = self.words.get(unit / 64)
+            && word.load(Ordering::Relaxed) & (1 << (unit % 64)) != 0
+        {
             word.fetch_and(!(1 << (unit % 64)), Ordering::AcqRel);
         }
     }

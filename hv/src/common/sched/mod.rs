@@ -1589,18 +1589,19 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
     let wakes = if me.shared { cpus::wake_count() } else { 0 };
     let host_work = host.housekeeping();
     // Serial input belongs to the first domain, as the console of a PC belongs to its OS
-    // (so only that domain can be woken by it).
-    let mut input_wakes = false;
-    slots.any(|first| {
-        if !first.domain.is_runnable() {
-            return false;
-        }
-        while let Some(byte) = host.console_input() {
+    // (so only that domain can be woken by it). Its lock is taken only when a byte came.
+    if let Some(byte) = host.console_input() {
+        slots.any(|first| {
+            if !first.domain.is_runnable() {
+                return false;
+            }
             first.domain.receive_console_input(byte);
-        }
-        input_wakes = first.domain.console_input_can_wake();
-        true
-    });
+            while let Some(byte) = host.console_input() {
+                first.domain.receive_console_input(byte);
+            }
+            true
+        });
+    }
     look_at_marked(slots, queue, attention, me.back.take(), me.shared, now);
     // A teardown can wake other domains, or leave them waiting for nothing (which ends
     // them, to be torn down in turn).
@@ -1651,6 +1652,15 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         _ => queue.ready.pick(me.cpu, yielder),
     };
     let Some(picked) = picked else {
+        // Only an idle CPU polls the UART for the first domain's input.
+        let mut input_wakes = false;
+        slots.any(|first| {
+            if !first.domain.is_runnable() {
+                return false;
+            }
+            input_wakes = first.domain.console_input_can_wake();
+            true
+        });
         let poll = input_wakes.then_some(now + CONSOLE_POLL_NS);
         let deadline = poll
             .into_iter()
@@ -1680,7 +1690,16 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         return Pass::Again;
     };
     let unit = (index, vcpu_index);
-    slots.with(index, |s| {
+    // The vCPU's hardware state is this CPU's until the slice ends: no other CPU picks it
+    // meanwhile (`is_ready`), and its domain is not torn down under it. An exit on another
+    // CPU may have changed its state since it was picked (the table shared): looked at again.
+    // One look at its domain (one lock with several CPUs) for all of it.
+    let taken = slots.with(index, |s| {
+        if me.shared && !is_ready(s, vcpu_index) {
+            queue.sync(picked.unit, index, s, vcpu_index);
+            return None;
+        }
+        let vcpu = s.vcpus[vcpu_index].take()?;
         let state = &mut s.domain.vcpus[vcpu_index];
         state.ran_on |= me.idle_bit;
         state.yielded_to = false;
@@ -1693,7 +1712,17 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         {
             state.vruntime = state.vruntime.max(floor);
         }
+        state.running_since = Some(now);
+        state.requests.set_off_cpu(false);
+        if me.shared && state.requests.last_cpu() != me.cpu {
+            cpus::count_cpu_change();
+        }
+        trace::vcpu_in(s.domain.id);
+        Some(vcpu)
     });
+    let Some(vcpu) = taken else {
+        return Pass::Again;
+    };
     if let Some((previous, previous_vcpu)) = me.last.filter(|&p| p != unit) {
         // Another vCPU takes this CPU: the one it ran last is preempted (RUNNABLE,
         // docs/abi.md 9.2), unless another CPU has taken it up meanwhile (its hardware
@@ -1721,27 +1750,6 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         .chain(queue.wake_due.peek().map(|(_, due)| due))
         .min();
     let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-    // The vCPU's hardware state is this CPU's until the slice ends: no other CPU picks it
-    // meanwhile (`is_ready`), and its domain is not torn down under it. An exit on another
-    // CPU may have changed its state since it was picked (the table shared): looked at again.
-    let taken = slots.with(index, |s| {
-        if me.shared && !is_ready(s, vcpu_index) {
-            queue.sync(picked.unit, index, s, vcpu_index);
-            return None;
-        }
-        let vcpu = s.vcpus[vcpu_index].take()?;
-        let state = &mut s.domain.vcpus[vcpu_index];
-        state.running_since = Some(now);
-        state.requests.set_off_cpu(false);
-        if me.shared && state.requests.last_cpu() != me.cpu {
-            cpus::count_cpu_change();
-        }
-        trace::vcpu_in(s.domain.id);
-        Some(vcpu)
-    });
-    let Some(vcpu) = taken else {
-        return Pass::Again;
-    };
     queue.ready.remove(picked.unit);
     if me.shared {
         // More may be ready than this CPU takes: an idle CPU that may run it looks.

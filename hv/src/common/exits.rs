@@ -104,15 +104,15 @@ pub fn handle_without_lock<V: VirtualCpu>(
 /// at every entry it would cost each hypercall more than the slice can overrun by this way.
 pub const RELOAD_AFTER_TSC: u64 = 2_000;
 
-/// What a slice's VMX-preemption timer has not seen: it counts only while the guest runs,
-/// and it is what ends a slice where host interrupts do not leave a guest that runs with
-/// interrupts off (Bochs). Each exit's time in the hypervisor is added up, and the vCPU's
-/// deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]) once that reaches
-/// [`RELOAD_AFTER_TSC`], and after every exit once the slice is over (the timer then ends the
-/// guest's run at its next entry). Without the second rule a slice ran on by up to
-/// [`RELOAD_AFTER_TSC`] (20 us under Bochs' 100 MHz TSC); without the first, a guest that
-/// makes null hypercalls in a loop kept the CPU until the timer had counted a slice of its
-/// own time, a hundred times the slice under Bochs.
+/// When a slice's VMX-preemption timer is loaded again. That timer counts only while the
+/// guest runs, and it is what ends a slice where host interrupts do not leave a guest that
+/// runs with interrupts off (Bochs): the hypervisor's time would make the slice overrun by as
+/// much. The deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]) once the
+/// exits handled out of [`run_own_exits`] took [`RELOAD_AFTER_TSC`] since the last time, and
+/// at every exit, quick ones included, once the slice is over: the timer then ends the guest's
+/// run at the next entry. Before the second rule a guest making null hypercalls in a loop
+/// (never counted) kept the CPU 200 us past a neighbour's deadline under Bochs. A quick exit
+/// costs one comparison, which backends without the timer compile away.
 pub struct PreemptionClock {
     unreloaded_tsc: u64,
     slice_end_tsc: u64,
@@ -127,12 +127,20 @@ impl PreemptionClock {
         }
     }
 
-    /// An exit at TSC `exited_at` was handled by TSC `now`.
+    /// An exit handled by the domain took the hypervisor `handled` TSC ticks, up to `now`.
     #[inline(always)]
-    pub fn count<V: VirtualCpu>(&mut self, vcpu: &mut V, exited_at: u64, now: u64) {
-        self.unreloaded_tsc += now.wrapping_sub(exited_at);
+    pub fn count<V: VirtualCpu>(&mut self, vcpu: &mut V, handled: u64, now: u64) {
+        self.unreloaded_tsc += handled;
         if self.unreloaded_tsc > RELOAD_AFTER_TSC || now >= self.slice_end_tsc {
             self.unreloaded_tsc = 0;
+            vcpu.reload_preemption_deadline();
+        }
+    }
+
+    /// A quick exit was handled by TSC `now`.
+    #[inline(always)]
+    pub fn count_quick<V: VirtualCpu>(&self, vcpu: &mut V, now: u64) {
+        if now >= self.slice_end_tsc {
             vcpu.reload_preemption_deadline();
         }
     }
@@ -150,7 +158,7 @@ pub fn run_own_exits<V: VirtualCpu>(
     vcpu_index: usize,
     vcpu: &mut V,
     tsc_khz: u32,
-    preemption: &mut PreemptionClock,
+    preemption: &PreemptionClock,
 ) -> (OwnExits, u64) {
     loop {
         let exit = vcpu.run();
@@ -185,7 +193,7 @@ pub fn run_own_exits<V: VirtualCpu>(
         }
         let now = read_tsc();
         state.stats.handling_tsc += now.wrapping_sub(exited_at);
-        preemption.count(vcpu, exited_at, now);
+        preemption.count_quick(vcpu, now);
     }
 }
 

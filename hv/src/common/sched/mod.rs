@@ -1005,7 +1005,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
-        let mut preemption = PreemptionClock::new(slice_end_tsc(domain, host, slice_end));
+        let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
@@ -1013,8 +1013,9 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             }
             if let Some(exited_at) = exited_at.take() {
                 let now = read_tsc();
-                domain.vcpus[vcpu_index].stats.handling_tsc += now.wrapping_sub(exited_at);
-                preemption.count(vcpu, exited_at, now);
+                let handled = now.wrapping_sub(exited_at);
+                domain.vcpus[vcpu_index].stats.handling_tsc += handled;
+                preemption.count(vcpu, handled, now);
             }
             drop(hold);
             // None: a request came before the entry; it is drained under the lock.
@@ -1034,7 +1035,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 let now = read_tsc();
                 unmerged.handling_tsc += now.wrapping_sub(exited_at_tsc);
-                preemption.count(vcpu, exited_at_tsc, now);
+                preemption.count_quick(vcpu, now);
             };
             let (exit, reach) = match exit {
                 Some(exit) if !handled => {
@@ -1456,7 +1457,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     let mut exited_at = None;
-    let mut preemption = PreemptionClock::new(slice_end_tsc(domain, host, slice_end));
+    let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
     let tsc_khz = domain.time.tsc_khz() as u32;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
@@ -1464,8 +1465,9 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
         }
         if let Some(exited_at) = exited_at {
             let now = read_tsc();
-            domain.vcpus[vcpu_index].stats.handling_tsc += now.wrapping_sub(exited_at);
-            preemption.count(vcpu, exited_at, now);
+            let handled = now.wrapping_sub(exited_at);
+            domain.vcpus[vcpu_index].stats.handling_tsc += handled;
+            preemption.count(vcpu, handled, now);
         }
         // The null hypercall, `version` and CPUID loop in here.
         let (exit, at) = run_own_exits(
@@ -1473,7 +1475,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             vcpu_index,
             vcpu,
             tsc_khz,
-            &mut preemption,
+            &preemption,
         );
         exited_at = Some(at);
         let next = match exit {
@@ -1752,13 +1754,6 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
     vcpu.set_preemption_deadline(slice_ticks);
-}
-
-/// The TSC at which a slice that ends at system time `slice_end` ends, as
-/// [`schedule_in`] gave it to the vCPU's preemption timer.
-fn slice_end_tsc<H: Host>(domain: &Domain, host: &H, slice_end: u64) -> u64 {
-    let left = slice_end.saturating_sub(host.now_ns());
-    read_tsc().saturating_add(domain.time.ticks_for(left))
 }
 
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's

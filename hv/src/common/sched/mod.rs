@@ -18,8 +18,8 @@ use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, NoPeers, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
-    OwnExits, handle_exit, handle_without_lock, hlt_exit, hypercall_exit, msr_read_exit,
-    msr_write_exit, port_exit, run_own_exits,
+    OwnExits, PreemptionClock, handle_exit, handle_without_lock, hlt_exit, hypercall_exit,
+    msr_read_exit, msr_write_exit, port_exit, run_own_exits,
 };
 use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
@@ -60,11 +60,6 @@ pub trait Host {
     /// it wants to be called again.
     fn housekeeping(&mut self) -> Option<u64>;
 }
-
-/// Once exits took this many TSC ticks of the hypervisor's time since the last time, the
-/// vCPU's preemption deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]):
-/// at every entry it would cost each hypercall more than the slice can overrun by this way.
-const RELOAD_AFTER_TSC: u64 = 2_000;
 
 /// How often console input is polled while a domain could be woken by it.
 pub const CONSOLE_POLL_NS: u64 = 10_000_000;
@@ -239,7 +234,7 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
 fn advance_timers(domain: &mut Domain, index: usize, now: u64) {
     let state = &mut domain.vcpus[index];
     // Most vCPUs have no APIC timer counting: no TSC conversion, nothing to advance.
-    if state.vlapic.timer_counting() {
+    if state.vlapic.timer_counting() && !state.vlapic.timer_expiry_moot() {
         let tsc = domain.time.tsc_at(now);
         let apic_was_quiet = state.vlapic.deliverable_vector().is_none();
         state.vlapic.advance(now, tsc);
@@ -492,6 +487,10 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
         vcpu.inject_interrupt(vector);
         trace::inject(domain.id, vector);
         if from_apic {
+            if state.vlapic.acknowledge_needs_advance(vector) {
+                let tsc = read_tsc();
+                state.vlapic.advance(domain.time.ns_at(tsc), tsc);
+            }
             state.vlapic.acknowledge(vector);
         }
         // Injected another way (after HLT, say): a window exit asked for earlier would only
@@ -1273,20 +1272,17 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
-        let mut unreloaded_tsc = 0u64;
+        let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
-                let handled = read_tsc().wrapping_sub(exited_at);
+                let now = read_tsc();
+                let handled = now.wrapping_sub(exited_at);
                 domain.vcpus[vcpu_index].stats.handling_tsc += handled;
-                unreloaded_tsc += handled;
-                if unreloaded_tsc > RELOAD_AFTER_TSC {
-                    unreloaded_tsc = 0;
-                    vcpu.reload_preemption_deadline();
-                }
+                preemption.count(vcpu, handled, now);
             }
             drop(hold);
             // None: a request came before the entry; it is drained under the lock.
@@ -1304,7 +1300,9 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 if !handled || requests.due_before_entry() {
                     break (Some(exit), handled);
                 }
-                unmerged.handling_tsc += read_tsc().wrapping_sub(exited_at_tsc);
+                let now = read_tsc();
+                unmerged.handling_tsc += now.wrapping_sub(exited_at_tsc);
+                preemption.count_quick(vcpu, now);
             };
             let (exit, reach) = match exit {
                 Some(exit) if !handled => {
@@ -1778,23 +1776,26 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     let mut exited_at = None;
-    let mut unreloaded_tsc = 0u64;
+    let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
     let tsc_khz = domain.time.tsc_khz() as u32;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
         }
         if let Some(exited_at) = exited_at {
-            let handled = read_tsc().wrapping_sub(exited_at);
+            let now = read_tsc();
+            let handled = now.wrapping_sub(exited_at);
             domain.vcpus[vcpu_index].stats.handling_tsc += handled;
-            unreloaded_tsc += handled;
-            if unreloaded_tsc > RELOAD_AFTER_TSC {
-                unreloaded_tsc = 0;
-                vcpu.reload_preemption_deadline();
-            }
+            preemption.count(vcpu, handled, now);
         }
         // The null hypercall, `version` and CPUID loop in here.
-        let (exit, at) = run_own_exits(&mut domain.vcpus[vcpu_index], vcpu_index, vcpu, tsc_khz);
+        let (exit, at) = run_own_exits(
+            &mut domain.vcpus[vcpu_index],
+            vcpu_index,
+            vcpu,
+            tsc_khz,
+            &preemption,
+        );
         exited_at = Some(at);
         let next = match exit {
             OwnExits::Drain => continue,

@@ -103,13 +103,15 @@ pub fn handle_without_lock<V: VirtualCpu>(
 /// [`handle_without_lock`] finishes and nothing is requested before the next entry: the
 /// inner loop of a slice, which touches nothing of the domain but the vCPU's own state (so
 /// its registers hold only what that needs, and no table is indexed per exit). Returns what
-/// the domain must do next and the TSC at that exit.
+/// the domain must do next and the TSC at that exit; an exit of [`OwnExits::Other`] is put in
+/// `other` (so that the common ones are not moved through its storage on the way out).
 #[inline(always)]
 pub fn run_own_exits<V: VirtualCpu>(
     state: &mut VcpuState,
     vcpu_index: usize,
     vcpu: &mut V,
     tsc_khz: u32,
+    other: &mut VmExit,
 ) -> (OwnExits, u64) {
     loop {
         let exit = vcpu.run();
@@ -137,13 +139,24 @@ pub fn run_own_exits<V: VirtualCpu>(
             VmExit::Io { port, size, write } => {
                 return (OwnExits::Io { port, size, write }, exited_at);
             }
-            exit => return (OwnExits::Other(exit), exited_at),
+            exit => {
+                keep_exit(other, exit);
+                return (OwnExits::Other, exited_at);
+            }
         }
         if state.requests.due_before_entry() {
             return (OwnExits::Drain, exited_at);
         }
         state.stats.handling_tsc += read_tsc().wrapping_sub(exited_at);
     }
+}
+
+/// Puts an exit [`run_own_exits`] does not handle where its caller finds it. Out of line: the
+/// hot loop's registers are not spent on moving it.
+#[cold]
+#[inline(never)]
+fn keep_exit(other: &mut VmExit, exit: VmExit) {
+    *other = exit;
 }
 
 /// How [`run_own_exits`] ended. A tag of its own (`repr(u8)`), not a niche in [`VmExit`]'s:
@@ -166,8 +179,8 @@ pub enum OwnExits {
     /// [`VmExit::Io`] (the trapped UART's exit, one per byte): to [`port_exit`] directly,
     /// without a [`VmExit`] built in memory and the general dispatch.
     Io { port: u16, size: u8, write: bool },
-    /// Any other exit for the domain.
-    Other(VmExit),
+    /// Any other exit for the domain (in [`run_own_exits`]' `other`).
+    Other,
 }
 
 /// Whether hypercall `nr` is one [`hypercall::answer_quickly`] answers: `version` and the

@@ -1473,6 +1473,8 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     let mut exited_at = None;
     let mut unreloaded_tsc = 0u64;
     let tsc_khz = domain.time.tsc_khz() as u32;
+    // Where `run_own_exits` puts an exit it does not handle.
+    let mut other = VmExit::Hlt;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
@@ -1487,7 +1489,8 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             }
         }
         // The null hypercall, `version` and CPUID loop in here.
-        let (exit, at) = run_own_exits(&mut domain.vcpus[vcpu_index], vcpu_index, vcpu, tsc_khz);
+        let state = &mut domain.vcpus[vcpu_index];
+        let (exit, at) = run_own_exits(state, vcpu_index, vcpu, tsc_khz, &mut other);
         exited_at = Some(at);
         let next = match exit {
             OwnExits::Drain => continue,
@@ -1502,7 +1505,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             OwnExits::Io { port, size, write } => {
                 port_exit(domain, vcpu_index, vcpu, port, size, write)
             }
-            OwnExits::Other(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
+            OwnExits::Other => dispatch_exit(domain, vcpu_index, vcpu, other, peers, host),
         };
         if next != Next::Resume {
             end_slice(domain, vcpu_index, vcpu, next, host);

@@ -266,6 +266,17 @@ pub(crate) mod tests {
         unsafe { SharedPage::from_ptr(Box::leak(page)) }
     }
 
+    // The only test that touches the SDK's own statics (vCPU 0's info and its cache).
+    #[test]
+    fn this_vcpu_follows_vcpu_0s_info_when_it_moves() {
+        let (first, second) = (fake_page().vcpu_slot(0), fake_page().vcpu_slot(0));
+        record_moved_vcpu_info(0, first.as_ptr() as u64);
+        assert_eq!(this_vcpu().as_ptr(), first.as_ptr());
+        assert_eq!(this_vcpu().as_ptr(), first.as_ptr(), "found again in the cache");
+        record_moved_vcpu_info(0, second.as_ptr() as u64);
+        assert_eq!(this_vcpu().as_ptr(), second.as_ptr(), "the cache forgot the old place");
+    }
+
     #[test]
     fn time_snapshot_retries_when_the_hypervisor_wrote_meanwhile() {
         let page = fake_page();

@@ -272,9 +272,17 @@ pub(crate) mod tests {
         let (first, second) = (fake_page().vcpu_slot(0), fake_page().vcpu_slot(0));
         record_moved_vcpu_info(0, first.as_ptr() as u64);
         assert_eq!(this_vcpu().as_ptr(), first.as_ptr());
-        assert_eq!(this_vcpu().as_ptr(), first.as_ptr(), "found again in the cache");
+        assert_eq!(
+            this_vcpu().as_ptr(),
+            first.as_ptr(),
+            "found again in the cache"
+        );
         record_moved_vcpu_info(0, second.as_ptr() as u64);
-        assert_eq!(this_vcpu().as_ptr(), second.as_ptr(), "the cache forgot the old place");
+        assert_eq!(
+            this_vcpu().as_ptr(),
+            second.as_ptr(),
+            "the cache forgot the old place"
+        );
     }
 
     #[test]

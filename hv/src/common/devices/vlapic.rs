@@ -440,13 +440,10 @@ impl VirtualLapic {
             MSR_TSC_DEADLINE => {
                 if self.timer_mode() == TimerMode::TscDeadline {
                     self.tsc_deadline = value;
-                    // The system time it falls at, once: TSC and system time advance together,
-                    // so it stays right until the next write (one already passed expires in
-                    // the caller's `advance`).
+                    // The system time it falls at, found once: TSC and system time advance
+                    // together (one already passed expires in the caller's `advance`).
                     if value > now_tsc {
-                        let ticks = u128::from(value - now_tsc);
-                        let ns = mul_div_ceil(ticks, NS_PER_SEC, u128::from(self.tsc_hz));
-                        self.tsc_deadline_ns = now_ns.saturating_add(saturate_u64(ns));
+                        self.find_tsc_deadline_ns(now_ns, now_tsc);
                     }
                 }
                 return Ok(None);
@@ -592,10 +589,17 @@ impl VirtualLapic {
         match self.timer_mode() {
             TimerMode::TscDeadline => {
                 // Fires when the TSC equals or exceeds the deadline, then disarms and clears
-                // the MSR (SDM 12.5.4.1). Its system time was found when it was written.
-                if self.tsc_deadline != 0 && now_tsc >= self.tsc_deadline {
+                // the MSR (SDM 12.5.4.1). Its system time was found when it was written; found
+                // again only when system time reached it before the TSC did (the two clocks'
+                // roundings), so that a pending deadline is always after `now_ns`.
+                if self.tsc_deadline == 0 {
+                    return;
+                }
+                if now_tsc >= self.tsc_deadline {
                     self.tsc_deadline = 0;
                     self.timer_expired();
+                } else if self.tsc_deadline_ns <= now_ns {
+                    self.find_tsc_deadline_ns(now_ns, now_tsc);
                 }
             }
             TimerMode::OneShot | TimerMode::Periodic => {
@@ -604,6 +608,15 @@ impl VirtualLapic {
                 }
             }
         }
+    }
+
+    /// The system time of the TSC deadline (after `now_tsc`), rounded up so that the timer
+    /// never fires early.
+    #[inline(never)]
+    fn find_tsc_deadline_ns(&mut self, now_ns: u64, now_tsc: u64) {
+        let ticks = u128::from(self.tsc_deadline.saturating_sub(now_tsc));
+        let ns = mul_div_ceil(ticks, NS_PER_SEC, u128::from(self.tsc_hz));
+        self.tsc_deadline_ns = now_ns.saturating_add(saturate_u64(ns));
     }
 
     /// [`Self::advance`] of a one-shot or periodic timer that counts.

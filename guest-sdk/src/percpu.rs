@@ -71,6 +71,8 @@ pub fn init_this_vcpu(vcpu: u32) -> Result<(), NotThisVcpu> {
     // GS (module documentation), and the record is 'static.
     unsafe { crate::msr::wrmsr(IA32_GS_BASE, record) };
     IN_USE.store(true, Ordering::Release);
+    // After IN_USE: from here on `this_vcpu` asks `current`, on every vCPU.
+    crate::shared::forget_this_vcpu();
     Ok(())
 }
 

@@ -12,7 +12,7 @@
 //!
 //! [`StartInfo`]: lamina_abi::StartInfo
 
-use core::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU8, AtomicU32, AtomicU64, Ordering};
 
 use lamina_abi::event_channel::NR_PORT_WORDS;
 use lamina_abi::shared_info::{MAX_VCPUS, SharedInfo, VcpuInfo, VcpuTimeInfo};
@@ -201,26 +201,57 @@ pub fn vcpu_shared(vcpu: u32) -> VcpuShared {
     }
 }
 
+/// vCPU 0's `VcpuInfo` while the kernel does not record its vCPUs ([`crate::percpu`]): what
+/// [`this_vcpu`] answers then, found once. Null until then, after `percpu` came into use
+/// (every vCPU looks its own up) and after vCPU 0's info moved (found again).
+static ONLY_VCPU_INFO: AtomicPtr<VcpuInfo> = AtomicPtr::new(core::ptr::null_mut());
+
 /// The current vCPU's `VcpuInfo`. A kernel that never records its vCPUs
-/// ([`crate::percpu`]) pays one load and a branch over the vCPU 0 it always had: the
-/// pvclock read and the upcall mask come through here.
+/// ([`crate::percpu`]) pays one load and a branch: the pvclock read and the upcall mask come
+/// through here.
 #[inline]
 pub fn this_vcpu() -> VcpuShared {
-    if crate::percpu::in_use() {
-        return this_vcpu_of_several();
+    let only = ONLY_VCPU_INFO.load(Ordering::Acquire);
+    if !only.is_null() {
+        // SAFETY: `find_this_vcpu` stored the address of vCPU 0's `VcpuInfo` (the shared
+        // page's slot or a registered area, both valid for the program's life).
+        return unsafe { VcpuShared::from_ptr(only) };
     }
-    vcpu_shared(0)
+    find_this_vcpu()
 }
 
-/// [`this_vcpu`] in a kernel with several vCPUs, out of the one-vCPU path's way.
+/// [`this_vcpu`] the first time, and always in a kernel with several vCPUs.
+#[cold]
 #[inline(never)]
-fn this_vcpu_of_several() -> VcpuShared {
-    vcpu_shared(crate::percpu::current())
+fn find_this_vcpu() -> VcpuShared {
+    if crate::percpu::in_use() {
+        return vcpu_shared(crate::percpu::current());
+    }
+    let moved = MOVED_VCPU_INFO[0].load(Ordering::SeqCst);
+    let info = vcpu_shared(0);
+    ONLY_VCPU_INFO.store(info.as_ptr(), Ordering::SeqCst);
+    // Who moved vCPU 0's info or started `percpu` meanwhile cleared the pointer before this
+    // store, or changed what is read here after it: then it is taken back.
+    if MOVED_VCPU_INFO[0].load(Ordering::SeqCst) != moved || crate::percpu::in_use() {
+        let _ = ONLY_VCPU_INFO.compare_exchange(
+            info.as_ptr(),
+            core::ptr::null_mut(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+    info
+}
+
+/// [`this_vcpu`] must look again: `percpu` came into use, or vCPU 0's info moved.
+pub(crate) fn forget_this_vcpu() {
+    ONLY_VCPU_INFO.store(core::ptr::null_mut(), Ordering::SeqCst);
 }
 
 /// Remembers that vCPU `vcpu`'s info now lives at `gpa`.
 pub(crate) fn record_moved_vcpu_info(vcpu: u32, gpa: u64) {
     MOVED_VCPU_INFO[vcpu as usize].store(gpa, Ordering::Release);
+    forget_this_vcpu();
 }
 
 #[cfg(test)]
@@ -233,6 +264,25 @@ pub(crate) mod tests {
         let page: Box<SharedInfo> = Box::new(unsafe { core::mem::zeroed() });
         // SAFETY: leaked, so valid forever; tests access it through the handle only.
         unsafe { SharedPage::from_ptr(Box::leak(page)) }
+    }
+
+    // The only test that touches the SDK's own statics (vCPU 0's info and its cache).
+    #[test]
+    fn this_vcpu_follows_vcpu_0s_info_when_it_moves() {
+        let (first, second) = (fake_page().vcpu_slot(0), fake_page().vcpu_slot(0));
+        record_moved_vcpu_info(0, first.as_ptr() as u64);
+        assert_eq!(this_vcpu().as_ptr(), first.as_ptr());
+        assert_eq!(
+            this_vcpu().as_ptr(),
+            first.as_ptr(),
+            "found again in the cache"
+        );
+        record_moved_vcpu_info(0, second.as_ptr() as u64);
+        assert_eq!(
+            this_vcpu().as_ptr(),
+            second.as_ptr(),
+            "the cache forgot the old place"
+        );
     }
 
     #[test]

@@ -142,6 +142,9 @@ pub fn answer_quickly<V: VirtualCpu>(nr: u64, vcpu: &mut V) -> bool {
     true
 }
 
+/// Every hypercall's handler by number: a jump to each (its own frame, the size it needs),
+/// so that a cheap call pays for no other's registers and stack (a batch's entries come here
+/// one by one).
 #[inline(never)]
 fn dispatch(
     domain: &mut Domain,
@@ -152,37 +155,76 @@ fn dispatch(
 ) -> Result<Done, Errno> {
     match Hypercall::try_from(nr)? {
         Hypercall::Version => Ok(Done::Return(lamina_abi::abi_version().into())),
-        Hypercall::ConsoleIo => console_io(domain, *args),
-        Hypercall::SchedOp => sched_op(domain, vcpu, *args),
-        Hypercall::EventChannelOp => event_channel_op(domain, *args, peers).map(Done::Return),
-        Hypercall::VcpuOp => vcpu_op(domain, vcpu, *args),
-        Hypercall::MemoryOp => memory_op(domain, *args).map(Done::Return),
-        Hypercall::Multicall => multicall(domain, vcpu, *args, peers),
-        Hypercall::StatsOp => stats_op(domain, *args, peers).map(Done::Return),
-        // Grant copy and the domain lists reach domains as they go: a busy one stops them
-        // before they act.
-        Hypercall::GrantTableOp => {
-            let result = crate::common::grants::grant_table_op(domain, *args, peers);
-            if peers.busy() {
-                return Ok(Done::Unfinished);
-            }
-            result.map(Done::Return)
-        }
-        Hypercall::DomctlOp => {
-            let result = crate::common::domain::domctl::domctl_op(domain, vcpu, *args, peers);
-            if peers.busy() {
-                return Ok(Done::Unfinished);
-            }
-            match result? {
-                Some(value) => Ok(Done::Return(value)),
-                None => Ok(Done::Again),
-            }
-        }
+        Hypercall::ConsoleIo => console_io(domain, args),
+        Hypercall::SchedOp => sched_op(domain, vcpu, args),
+        Hypercall::EventChannelOp => event_channel_call(domain, args, peers),
+        Hypercall::VcpuOp => vcpu_op(domain, vcpu, args),
+        Hypercall::MemoryOp => memory_call(domain, args),
+        Hypercall::Multicall => multicall(domain, vcpu, args, peers),
+        Hypercall::StatsOp => stats_call(domain, args, peers),
+        Hypercall::GrantTableOp => grant_table_call(domain, args, peers),
+        Hypercall::DomctlOp => domctl_call(domain, vcpu, args, peers),
         _ => Err(Errno::ENOSYS),
     }
 }
 
-fn console_io(domain: &mut Domain, [op, gpa, len, ..]: [u64; 5]) -> Result<Done, Errno> {
+#[inline(never)]
+fn event_channel_call(
+    domain: &mut Domain,
+    args: &[u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
+    event_channel_op(domain, args, peers).map(Done::Return)
+}
+
+#[inline(never)]
+fn memory_call(domain: &mut Domain, args: &[u64; 5]) -> Result<Done, Errno> {
+    memory_op(domain, args).map(Done::Return)
+}
+
+#[inline(never)]
+fn stats_call(
+    domain: &mut Domain,
+    args: &[u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
+    stats_op(domain, args, peers).map(Done::Return)
+}
+
+/// Grant copy reaches domains as it goes: a busy one stops it before it acts.
+#[inline(never)]
+fn grant_table_call(
+    domain: &mut Domain,
+    args: &[u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
+    let result = crate::common::grants::grant_table_op(domain, *args, peers);
+    if peers.busy() {
+        return Ok(Done::Unfinished);
+    }
+    result.map(Done::Return)
+}
+
+/// The domain lists reach domains as they go: a busy one stops them before they act.
+#[inline(never)]
+fn domctl_call(
+    domain: &mut Domain,
+    vcpu: usize,
+    args: &[u64; 5],
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
+    let result = crate::common::domain::domctl::domctl_op(domain, vcpu, *args, peers);
+    if peers.busy() {
+        return Ok(Done::Unfinished);
+    }
+    match result? {
+        Some(value) => Ok(Done::Return(value)),
+        None => Ok(Done::Again),
+    }
+}
+
+#[inline(never)]
+fn console_io(domain: &mut Domain, &[op, gpa, len, ..]: &[u64; 5]) -> Result<Done, Errno> {
     let op = ConsoleOp::try_from(op)?;
     if len > CONSOLE_WRITE_MAX {
         return Err(Errno::EINVAL);
@@ -256,10 +298,11 @@ fn read_console_input(domain: &mut Domain, out: &mut [u8]) -> usize {
     waiting
 }
 
+#[inline(never)]
 fn sched_op(
     domain: &mut Domain,
     vcpu: usize,
-    [op, arg, count, deadline, _]: [u64; 5],
+    &[op, arg, count, deadline, _]: &[u64; 5],
 ) -> Result<Done, Errno> {
     let op = SchedOp::try_from(op)?;
     if matches!(
@@ -375,7 +418,7 @@ fn sched_op(
 
 fn event_channel_op(
     domain: &mut Domain,
-    [op, arg, arg2, ..]: [u64; 5],
+    &[op, arg, arg2, ..]: &[u64; 5],
     peers: &mut dyn DomainTable,
 ) -> Result<u64, Errno> {
     let own = domain.id as u16;
@@ -479,10 +522,11 @@ fn event_channel_op(
     }
 }
 
+#[inline(never)]
 fn vcpu_op(
     domain: &mut Domain,
     caller: usize,
-    [op, vcpu, arg, ..]: [u64; 5],
+    &[op, vcpu, arg, ..]: &[u64; 5],
 ) -> Result<Done, Errno> {
     let op = VcpuOp::try_from(op)?;
     let index = domain.events.check_vcpu(vcpu)?;
@@ -595,7 +639,7 @@ fn vcpu_op(
     Ok(Done::Return(0))
 }
 
-fn memory_op(domain: &mut Domain, [op, gpa, capacity, count, _]: [u64; 5]) -> Result<u64, Errno> {
+fn memory_op(domain: &mut Domain, &[op, gpa, capacity, count, _]: &[u64; 5]) -> Result<u64, Errno> {
     let size = domain.memory.size();
     match MemoryOp::try_from(op)? {
         // RSI: the vCPU mask, RDX: the array, R10: its count (docs/abi.md 11).
@@ -681,7 +725,7 @@ fn flush_tlb(domain: &mut Domain, mask: u64, gpa: u64, count: u64) -> Result<u64
 
 fn stats_op(
     domain: &mut Domain,
-    [op, target, vcpu, gpa, _]: [u64; 5],
+    &[op, target, vcpu, gpa, _]: &[u64; 5],
     peers: &mut dyn DomainTable,
 ) -> Result<u64, Errno> {
     match StatsOp::try_from(op)? {
@@ -724,10 +768,13 @@ fn stats_op(
     }
 }
 
+/// Out of line: its copy of the batch (3.5 KiB) would otherwise be in [`dispatch`]'s frame,
+/// whose every call (each entry of a batch too) would then probe the stack for it.
+#[inline(never)]
 fn multicall(
     domain: &mut Domain,
     vcpu: usize,
-    [gpa, count, ..]: [u64; 5],
+    &[gpa, count, ..]: &[u64; 5],
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     if count > MULTICALL_MAX {
@@ -811,18 +858,14 @@ fn run_batch<const MAY_REFUSE: bool>(
         let i = i as u64;
         let at = gpa + i * entry_size;
         let (op, args) = (entry.op, entry.args);
-        let waits = (op == Hypercall::SchedOp as u64
-            && (args[0] == SchedOp::Block as u64 || args[0] == SchedOp::Poll as u64))
-            || (op == Hypercall::VcpuOp as u64
-                && args[0] == VcpuOp::Down as u64
-                && args[1] == vcpu as u64);
-        let yields = op == Hypercall::SchedOp as u64 && args[0] == SchedOp::Yield as u64;
-        let result = if op == Hypercall::Multicall as u64 || waits {
-            Err(Errno::EINVAL)
-        } else if yields {
-            // Gives nothing up inside a batch (docs/abi.md 12), so there is nothing to do
-            // (not even the console-ring print of a vCPU leaving the CPU, 13).
-            Ok(Done::Return(0))
+        // One test for the numbers a batch answers itself (most entries are none of them).
+        let own_answer = if op < 64 && BATCH_SPECIAL_CALLS & (1 << op) != 0 {
+            batch_answer(op, &args, vcpu)
+        } else {
+            None
+        };
+        let result = if let Some(result) = own_answer {
+            result
         } else {
             if MAY_REFUSE && !peers.admit(domain, op, &entry.args) {
                 return Ok(keep_unfinished(gpa, batch, i, peers));
@@ -857,6 +900,32 @@ fn run_batch<const MAY_REFUSE: bool>(
         )?;
     }
     Ok(Done::Return(run))
+}
+
+/// The numbers [`batch_answer`] looks at, a bit each.
+const BATCH_SPECIAL_CALLS: u64 = 1 << Hypercall::SchedOp as u64
+    | 1 << Hypercall::VcpuOp as u64
+    | 1 << Hypercall::Multicall as u64;
+const _: () = assert!((Hypercall::COUNT as u64) <= 64);
+
+/// What a batch answers itself for an entry of vCPU `vcpu` (one of [`BATCH_SPECIAL_CALLS`]):
+/// a nested multicall and the calls that would wait are `-EINVAL`, a yield does nothing (docs/abi.md 12);
+/// `None` for the rest, which are dispatched.
+fn batch_answer(op: u64, args: &[u64; 5], vcpu: usize) -> Option<Result<Done, Errno>> {
+    let waits = (op == Hypercall::SchedOp as u64
+        && (args[0] == SchedOp::Block as u64 || args[0] == SchedOp::Poll as u64))
+        || (op == Hypercall::VcpuOp as u64
+            && args[0] == VcpuOp::Down as u64
+            && args[1] == vcpu as u64);
+    if op == Hypercall::Multicall as u64 || waits {
+        Some(Err(Errno::EINVAL))
+    } else if op == Hypercall::SchedOp as u64 && args[0] == SchedOp::Yield as u64 {
+        // Gives nothing up inside a batch (docs/abi.md 12), so there is nothing to do (not
+        // even the console-ring print of a vCPU leaving the CPU, 13).
+        Some(Ok(Done::Return(0)))
+    } else {
+        None
+    }
 }
 
 /// The batch stops before entry `next`: its copy is kept where the scheduler finds it when it

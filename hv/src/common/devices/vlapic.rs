@@ -419,7 +419,7 @@ impl VirtualLapic {
         now_tsc: u64,
     ) -> Result<Option<Ipi>, ApicFault> {
         self.advance(now_ns, now_tsc);
-        let ipi = self.write_register(msr, value, now_ns)?;
+        let ipi = self.write_register(msr, value, now_ns, now_tsc)?;
         // A deadline already passed, or an error interrupt, takes effect at once.
         self.advance(now_ns, now_tsc);
         Ok(ipi)
@@ -430,6 +430,7 @@ impl VirtualLapic {
         msr: u32,
         value: u64,
         now_ns: u64,
+        now_tsc: u64,
     ) -> Result<Option<Ipi>, ApicFault> {
         match msr {
             // Only x2APIC mode exists here: leaving it, moving the base or disabling #GP.
@@ -439,6 +440,11 @@ impl VirtualLapic {
             MSR_TSC_DEADLINE => {
                 if self.timer_mode() == TimerMode::TscDeadline {
                     self.tsc_deadline = value;
+                    // The system time it falls at, found once: TSC and system time advance
+                    // together (one already passed expires in the caller's `advance`).
+                    if value > now_tsc {
+                        self.find_tsc_deadline_ns(now_ns, now_tsc);
+                    }
                 }
                 return Ok(None);
             }
@@ -551,53 +557,79 @@ impl VirtualLapic {
     /// date at the next access ([`Self::advance`]). Without this, a vCPU that halts with a
     /// periodic timer of count 1 and its vector held back by the TPR would have the
     /// hypervisor look at it every nanosecond, cutting every other vCPU's slice to nothing.
+    ///
+    /// Inlined up to the countdown's arithmetic: the scheduler asks it of every vCPU at each
+    /// pass and slice, mostly of timers that are off.
+    #[inline]
     pub fn next_timer_deadline_ns(&self) -> Option<u64> {
         if !self.timer_armed() || self.irr.contains((self.lvt[LVT_TIMER] & LVT_VECTOR) as u8) {
             return None;
         }
         match self.timer_mode() {
             TimerMode::TscDeadline => Some(self.tsc_deadline_ns),
-            TimerMode::OneShot | TimerMode::Periodic => {
-                Some(self.expiry_ns(self.expiries.saturating_add(1)))
-            }
+            TimerMode::OneShot | TimerMode::Periodic => Some(self.next_expiry_ns()),
         }
+    }
+
+    /// The next expiry of a one-shot or periodic countdown.
+    #[inline(never)]
+    fn next_expiry_ns(&self) -> u64 {
+        self.expiry_ns(self.expiries.saturating_add(1))
     }
 
     /// Brings the model up to `now`: an expired timer sets its vector in IRR (one-shot: once;
     /// periodic: re-armed on a fixed grid from the programming time, never drifting; several
     /// missed periods coalesce into one interrupt); TSC-deadline: once, then the deadline
     /// reads 0. A masked timer expires the same way without setting IRR.
+    ///
+    /// Inlined up to whether the timer counts (every access and every pass brings the model up
+    /// to date, mostly with the timer off).
+    #[inline]
     pub fn advance(&mut self, now_ns: u64, now_tsc: u64) {
         match self.timer_mode() {
             TimerMode::TscDeadline => {
+                // Fires when the TSC equals or exceeds the deadline, then disarms and clears
+                // the MSR (SDM 12.5.4.1). Its system time was found when it was written; found
+                // again only when system time reached it before the TSC did (the two clocks'
+                // roundings), so that a pending deadline is always after `now_ns`.
                 if self.tsc_deadline == 0 {
                     return;
                 }
-                // Fires when the TSC equals or exceeds the deadline, then disarms and clears
-                // the MSR (SDM 12.5.4.1).
                 if now_tsc >= self.tsc_deadline {
                     self.tsc_deadline = 0;
                     self.timer_expired();
-                } else {
-                    let ticks = u128::from(self.tsc_deadline - now_tsc);
-                    let ns = mul_div_ceil(ticks, NS_PER_SEC, u128::from(self.tsc_hz));
-                    self.tsc_deadline_ns = now_ns.saturating_add(saturate_u64(ns));
+                } else if self.tsc_deadline_ns <= now_ns {
+                    self.find_tsc_deadline_ns(now_ns, now_tsc);
                 }
             }
-            mode @ (TimerMode::OneShot | TimerMode::Periodic) => {
-                if self.counting_since_ns.is_none() {
-                    return;
+            TimerMode::OneShot | TimerMode::Periodic => {
+                if self.counting_since_ns.is_some() {
+                    self.advance_countdown(now_ns);
                 }
-                let due = self.expiries_by(now_ns);
-                if due > self.expiries {
-                    self.timer_expired();
-                    if mode == TimerMode::OneShot {
-                        self.counting_since_ns = None;
-                        self.expiries = 0;
-                    } else {
-                        self.expiries = due;
-                    }
-                }
+            }
+        }
+    }
+
+    /// The system time of the TSC deadline (after `now_tsc`), rounded up so that the timer
+    /// never fires early.
+    #[inline(never)]
+    fn find_tsc_deadline_ns(&mut self, now_ns: u64, now_tsc: u64) {
+        let ticks = u128::from(self.tsc_deadline.saturating_sub(now_tsc));
+        let ns = mul_div_ceil(ticks, NS_PER_SEC, u128::from(self.tsc_hz));
+        self.tsc_deadline_ns = now_ns.saturating_add(saturate_u64(ns));
+    }
+
+    /// [`Self::advance`] of a one-shot or periodic timer that counts.
+    #[inline(never)]
+    fn advance_countdown(&mut self, now_ns: u64) {
+        let due = self.expiries_by(now_ns);
+        if due > self.expiries {
+            self.timer_expired();
+            if self.timer_mode() == TimerMode::OneShot {
+                self.counting_since_ns = None;
+                self.expiries = 0;
+            } else {
+                self.expiries = due;
             }
         }
     }
@@ -1464,6 +1496,11 @@ mod tests {
             apic.deliverable_vector(),
             None,
             "not before the TSC reaches the deadline"
+        );
+        assert_eq!(
+            apic.next_timer_deadline_ns(),
+            Some(now_ns + 10_000),
+            "the system time found at the write stands"
         );
         apic.advance(now_ns + 10_000, deadline);
         assert_eq!(apic.deliverable_vector(), Some(TIMER_VECTOR));

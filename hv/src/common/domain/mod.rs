@@ -546,8 +546,10 @@ impl Domain {
         crate::common::trace::event(self.id, port);
         match self.events.raise(&self.memory, port) {
             Ok(Some(vcpu)) => {
-                self.vcpus[vcpu].requests.make(request::EVENT);
-                self.vcpus[vcpu].requests.set_upcall_maybe_pending(true);
+                // Flagged before it is requested: the vCPU that drains the request sees it.
+                let requests = &self.vcpus[vcpu].requests;
+                requests.set_upcall_maybe_pending(true);
+                requests.make(request::EVENT);
             }
             Ok(None) => {}
             Err(_) => return,

@@ -436,24 +436,7 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
     let all = domain.vcpus[index].requests.take_all();
     // One test for the rare ones (a flush, a request drained elsewhere).
     if all & !(request::EVENT | request::TIMERS | request::EVENT_AFTER_EXIT) != 0 {
-        if all & !HERE != 0 {
-            // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
-            domain.vcpus[index].requests.make(all & !HERE);
-        }
-        if all & request::NESTED_FLUSH != 0 {
-            // A grant mapping went away or changed (docs/abi.md 16): no stale translation
-            // may survive into the guest.
-            vcpu.invalidate_nested_translations();
-        }
-        if all & request::TLB_FLUSH != 0 {
-            // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running
-            // then, or was kicked out; either way nothing it cached before that call
-            // survives: the pages listed, or everything.
-            match domain.vcpus[index].pending_tlb_flush.take() {
-                Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
-                None => vcpu.flush_guest_tlb(),
-            }
-        }
+        drain_rare_requests(domain, index, vcpu, all);
     }
     let taken = all & HERE;
     if taken & (request::EVENT | request::EVENT_AFTER_EXIT) == 0 {
@@ -508,6 +491,33 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
         state.window_requested = true;
     }
     taken
+}
+
+/// The rare part of [`drain_requests`] (flushes, requests drained elsewhere), out of line so
+/// that its frame (a page list) is not the common path's.
+#[cold]
+#[inline(never)]
+fn drain_rare_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V, all: u32) {
+    if all & !request::BEFORE_ENTRY != 0 {
+        // Drained elsewhere (START at schedule-in, WAKE_CHECK while it waits): put back.
+        domain.vcpus[index]
+            .requests
+            .make(all & !request::BEFORE_ENTRY);
+    }
+    if all & request::NESTED_FLUSH != 0 {
+        // A grant mapping went away or changed (docs/abi.md 16): no stale translation
+        // may survive into the guest.
+        vcpu.invalidate_nested_translations();
+    }
+    if all & request::TLB_FLUSH != 0 {
+        // A sibling's flush_tlb named this vCPU (docs/abi.md 11): it was not running
+        // then, or was kicked out; either way nothing it cached before that call
+        // survives: the pages listed, or everything.
+        match domain.vcpus[index].pending_tlb_flush.take() {
+            Some((pages, count)) => vcpu.flush_guest_tlb_pages(&pages[..count]),
+            None => vcpu.flush_guest_tlb(),
+        }
+    }
 }
 
 /// The domains as every physical CPU's run loop shares them: the table, behind a
@@ -1778,6 +1788,8 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     let mut exited_at = None;
     let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
     let tsc_khz = domain.time.tsc_khz() as u32;
+    // Where `run_own_exits` puts an exit it does not handle.
+    let mut other = VmExit::Hlt;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
@@ -1789,13 +1801,8 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             preemption.count(vcpu, handled, now);
         }
         // The null hypercall, `version` and CPUID loop in here.
-        let (exit, at) = run_own_exits(
-            &mut domain.vcpus[vcpu_index],
-            vcpu_index,
-            vcpu,
-            tsc_khz,
-            &preemption,
-        );
+        let state = &mut domain.vcpus[vcpu_index];
+        let (exit, at) = run_own_exits(state, vcpu_index, vcpu, tsc_khz, &preemption, &mut other);
         exited_at = Some(at);
         let next = match exit {
             OwnExits::Drain => continue,
@@ -1810,7 +1817,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             OwnExits::Io { port, size, write } => {
                 port_exit(domain, vcpu_index, vcpu, port, size, write)
             }
-            OwnExits::Other(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
+            OwnExits::Other => dispatch_exit(domain, vcpu_index, vcpu, other, peers, host),
         };
         if next != Next::Resume {
             end_slice(domain, vcpu_index, vcpu, next, host);

@@ -391,6 +391,26 @@ impl VmxVcpu {
         Ok(())
     }
 
+    /// [`VirtualCpu::activate`] when another VMCS is current on CPU `cpu` or the vCPU ran on
+    /// another CPU last.
+    #[cold]
+    #[inline(never)]
+    fn switch_in(&mut self, cpu: usize) {
+        if let Err(error) = self.make_current() {
+            log::error!("vmx: {error}");
+        }
+        if self.host_cpu != cpu {
+            // Arrived from another CPU (which VMCLEARed it, `release`): this CPU's TR, GDT,
+            // IDT and GS base are the host state now (SDM Vol. 3C 25.5.1), and what the VPID
+            // and EPTP left here in an earlier stint may be stale.
+            if let Err(error) = self.write_host_state() {
+                log::error!("vmx: {error}");
+            }
+            self.host_cpu = cpu;
+            self.invalidate_nested_translations();
+        }
+    }
+
     /// A CR-access exit (SDM Vol. 3C Table 28-3). CLTS and MOV from CR3 are completed here
     /// (`None`); writes and CR8 reads go to the common checks (docs/abi.md 18.3, 18.4).
     #[inline(never)]
@@ -536,19 +556,10 @@ impl Drop for VmxVcpu {
 impl VirtualCpu for VmxVcpu {
     fn activate(&mut self) {
         // VMREAD and VMWRITE reach the current VMCS only: every accessor below relies on this.
-        if let Err(error) = self.make_current() {
-            log::error!("vmx: {error}");
-        }
-        let cpu = crate::platform::percpu::this_cpu().index;
-        if self.host_cpu != cpu {
-            // Arrived from another CPU (which VMCLEARed it, `release`): this CPU's TR, GDT,
-            // IDT and GS base are the host state now (SDM Vol. 3C 25.5.1), and what the VPID
-            // and EPTP left here in an earlier stint may be stale.
-            if let Err(error) = self.write_host_state() {
-                log::error!("vmx: {error}");
-            }
-            self.host_cpu = cpu;
-            self.invalidate_nested_translations();
+        // The common case, the vCPU that ran last on this CPU coming back, costs two compares.
+        let cpu = crate::platform::percpu::this_cpu();
+        if cpu.guest_control.load(Ordering::Relaxed) != self.vmcs || self.host_cpu != cpu.index {
+            self.switch_in(cpu.index);
         }
         self.xstate.schedule_in();
         self.set_cr2(self.cr2);
@@ -823,9 +834,10 @@ impl VirtualCpu for VmxVcpu {
     }
 
     fn set_preemption_deadline(&mut self, tsc_ticks: u64) {
-        if self.preemption_timer_shift.is_some() {
+        if let Some(shift) = self.preemption_timer_shift {
+            // One TSC reading: the whole slice is left.
             self.preemption_deadline_tsc = rdtsc().saturating_add(tsc_ticks);
-            self.reload_preemption_deadline();
+            write_preemption_timer(tsc_ticks, shift);
         }
     }
 
@@ -836,11 +848,7 @@ impl VirtualCpu for VmxVcpu {
 
     fn reload_preemption_deadline(&mut self) {
         if let Some(shift) = self.preemption_timer_shift {
-            let left = self.preemption_deadline_tsc.saturating_sub(rdtsc());
-            write_unchecked(
-                vmcs::PREEMPTION_TIMER_VALUE,
-                (left >> shift).clamp(1, u64::from(u32::MAX)),
-            );
+            write_preemption_timer(self.preemption_deadline_tsc.saturating_sub(rdtsc()), shift);
         }
     }
 
@@ -1061,6 +1069,16 @@ vmx_exit_entry:
     verw_on_entry = sym crate::platform::spec_ctrl::VERW_ON_ENTRY,
     verw_selector = sym crate::platform::spec_ctrl::VERW_SELECTOR,
 );
+
+/// Loads the VMX-preemption timer with `tsc_ticks` (it counts TSC >> `shift`, SDM Vol. 3C
+/// 26.5.1): at least 1, at most what the 32-bit field holds.
+#[inline(always)]
+fn write_preemption_timer(tsc_ticks: u64, shift: u8) {
+    write_unchecked(
+        vmcs::PREEMPTION_TIMER_VALUE,
+        (tsc_ticks >> shift).clamp(1, u64::from(u32::MAX)),
+    );
+}
 
 fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects.

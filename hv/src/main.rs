@@ -452,6 +452,12 @@ mod start {
                 crate::common::cpus::cpu_changes()
             );
             hv_println!("{}", crate::common::sched::locking::summary_line());
+        } else {
+            log::info!(
+                "directed switches: {}",
+                crate::common::sched::locking::DIRECT_SWITCHES
+                    .load(core::sync::atomic::Ordering::Relaxed)
+            );
         }
         hv_println!(
             "lamina: nmi: {} host NMIs taken by the hypervisor, none given to a guest",

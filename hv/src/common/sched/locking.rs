@@ -132,6 +132,8 @@ pub static EXITS_EXCLUSIVE_AFTER_BACK_OFF: AtomicU64 = AtomicU64::new(0);
 pub static PASSES: AtomicU64 = AtomicU64::new(0);
 /// See [`PASSES`].
 pub static PASSES_AGAIN: AtomicU64 = AtomicU64::new(0);
+/// Switches on one CPU made without the general pass (`sched::switch_directly`).
+pub static DIRECT_SWITCHES: AtomicU64 = AtomicU64::new(0);
 
 /// Exits being handled under a lock right now, on all CPUs.
 static EXITS_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);

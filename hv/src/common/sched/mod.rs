@@ -1610,6 +1610,11 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
             true
         });
     }
+    if !me.shared
+        && let Some(run) = switch_directly(slots, queue, attention, me, host_work, now)
+    {
+        return run;
+    }
     look_at_marked(slots, queue, attention, me.back.take(), me.shared, now);
     // A teardown can wake other domains, or leave them waiting for nothing (which ends
     // them, to be torn down in turn).
@@ -1772,6 +1777,92 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
         vcpu,
         slice_end,
     }
+}
+
+/// The directed switch of a machine with one CPU (issue #15; Xen's and seL4's IPC fast
+/// paths are the model): the vCPU that just ran went to wait (block, poll, HLT) and the one
+/// vCPU a request was made of meanwhile is now ready (the event it sent ended that vCPU's
+/// wait): it runs next without the general pass, which would pick it anyway. Only when the
+/// pass has nothing else to do: no other vCPU ready, no deadline passed, no teardown or
+/// scrub, neither vCPU with a deadline to keep in the heaps, no yield_to; otherwise `None`
+/// and the pass runs (a look made here is made again there, and changes nothing twice).
+/// The fairness accounting is the pass's: `put_back` charged the vCPU that ran, and the one
+/// picked from an empty ready set starts from its own virtual run time.
+#[inline(always)]
+fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+) -> Option<Pass<V>> {
+    let back = me.back?;
+    if me.named.is_some()
+        || me.yielded.is_some()
+        || !queue.ended.is_empty()
+        || !queue.scrubbing.is_empty()
+        || !queue.ready.is_empty()
+        || queue.due.peek().is_some_and(|(_, due)| due <= now)
+    {
+        return None;
+    }
+    let back_unit = queue.unit_of(back)?;
+    let target = attention.single()?;
+    if target == back_unit || queue.due.contains(back_unit) || queue.due.contains(target) {
+        return None;
+    }
+    let &(index, vcpu_index) = queue.units.get(target)?;
+    // The vCPU that ran waits, with no deadline and nothing asked of it since.
+    let back_waits = slots.with(back.0, |s| {
+        let domain = &s.domain;
+        let state = &domain.vcpus[back.1];
+        domain.is_runnable()
+            && !domain.paused
+            && !matches!(state.wait, Wait::None)
+            && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
+            && vcpu_deadline(domain, back.1).is_none()
+    });
+    if !back_waits {
+        return None;
+    }
+    let cpu_bit = me.idle_bit;
+    let vcpu = slots.with(index, |s| {
+        update(s, vcpu_index, now);
+        if !is_ready(s, vcpu_index)
+            || s.domain.affinity & cpu_bit == 0
+            || vcpu_deadline(&s.domain, vcpu_index).is_some()
+        {
+            return None;
+        }
+        let vcpu = s.vcpus[vcpu_index].take()?;
+        let state = &mut s.domain.vcpus[vcpu_index];
+        state.ran_on |= cpu_bit;
+        state.yielded_to = false;
+        // Picked from an empty ready set: no floor (`ReadySet::pick`).
+        state.boosted = false;
+        state.running_since = Some(now);
+        state.requests.set_off_cpu(false);
+        trace::vcpu_in(s.domain.id);
+        Some(vcpu)
+    })?;
+    attention.unmark(target);
+    me.back = None;
+    // The vCPU that ran is BLOCKED (`end_slice`); the one that runs is RUNNING from
+    // `schedule_in`.
+    me.last = Some((index, vcpu_index));
+    locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    let others = host_work
+        .into_iter()
+        .chain(queue.wake_due.peek().map(|(_, due)| due))
+        .min();
+    let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+    Some(Pass::Run {
+        index,
+        vcpu_index,
+        vcpu,
+        slice_end,
+    })
 }
 
 /// The slice of a machine with one CPU: the table stays locked, so the domain and its peers

@@ -273,6 +273,12 @@ impl ReadySet {
         key.map(|(_, arrival)| arrival)
     }
 
+    /// Whether no vCPU is ready.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.boosted.peek().is_none() && self.unboosted.peek().is_none()
+    }
+
     /// The CPUs (a bit each) that may run some ready vCPU.
     pub fn wanted_cpus(&self) -> u64 {
         self.boosted

@@ -87,6 +87,23 @@ impl Attention {
         }
     }
 
+    /// The unit in the set if it holds exactly one (left in it).
+    #[inline]
+    pub fn single(&self) -> Option<usize> {
+        let mut found = None;
+        for (at, word) in self.words.iter().enumerate() {
+            let bits = word.load(Ordering::Relaxed);
+            if bits == 0 {
+                continue;
+            }
+            if found.is_some() || bits & (bits - 1) != 0 {
+                return None;
+            }
+            found = Some(at * 64 + bits.trailing_zeros() as usize);
+        }
+        found
+    }
+
     /// Empties the set, calling `f` on each unit that was in it; whether there was any.
     #[inline]
     pub fn drain(&self, mut f: impl FnMut(usize)) -> bool {

@@ -371,10 +371,11 @@ fn sched_op(
                 let take = (count - read).min(CHUNK);
                 let raw = &mut raw[..4 * take as usize];
                 domain.memory.read(arg.wrapping_add(4 * read), raw)?;
-                ports.extend(
-                    raw.chunks_exact(4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                );
+                // Pushed one by one: `extend` works out size hints first (70 instructions
+                // for one port).
+                for c in raw.chunks_exact(4) {
+                    ports.push(u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
                 read += take;
             }
             if ports.iter().any(|&p| p >= NR_PORTS) {

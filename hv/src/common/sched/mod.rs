@@ -231,6 +231,7 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
 }
 
 /// Fires vCPU `index`'s due timers: its x2APIC timer and its PV timers.
+#[inline(always)]
 fn advance_timers(domain: &mut Domain, index: usize, now: u64) {
     let state = &mut domain.vcpus[index];
     // Most vCPUs have no APIC timer counting: no TSC conversion, nothing to advance.

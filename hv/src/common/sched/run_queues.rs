@@ -119,6 +119,12 @@ impl CpuRunQueues {
         }
     }
 
+    /// Whether no vCPU is ready on any CPU.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.sets.iter().all(ReadySet::is_empty)
+    }
+
     /// Whether `unit` is ready and may run on CPU `cpu`.
     #[inline(always)]
     pub fn may_run(&self, unit: usize, cpu: usize) -> bool {

@@ -1,4 +1,5 @@
-//! A machine of one to three domains run by the real scheduler (`run_all`) on scripted vCPUs
+//! A machine of one to three domains run by the real scheduler (`run_all`, or as CPU 0 of a
+//! machine of two) on scripted vCPUs
 //! (`common::testing::MockVcpu`) and a fake clock: what every hypercall family, multicall,
 //! grant and event-channel operation, domain control, the trapping exits and teardown see
 //! from guests that do anything at all.
@@ -21,7 +22,7 @@ use crate::common::memory::guest_memory::OwnedRam;
 use crate::common::memory::nested_map::testing::fake_nested_map;
 use crate::common::memory::phys;
 use crate::common::output::testing::take_lines;
-use crate::common::sched::{Host, run_all};
+use crate::common::sched::{Host, Machine, run_all};
 use crate::common::testing::{FAKE_TSC, MockVcpu, Traced, take_trace};
 use crate::common::time::TimeBase;
 use crate::common::vcpu::{GuestRegisters, VmExit, reg};
@@ -449,7 +450,12 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
     zero_page_testing::FAIL.with(|f| f.set(input.u8() % 16 == 15));
     let domains = 1 + (1 + input.below(MAX_DOMAINS)) % MAX_DOMAINS; // two unless told
     DOMAIN_COUNT.store(domains, Ordering::Relaxed);
-    let ram_size = if input.u8() % 4 == 3 {
+    let ram_byte = input.u8();
+    // Half the inputs run the machine as a hypervisor on two CPUs would (domain locks taken
+    // per exit, a run queue per CPU, vCPUs taken from the other CPU's queue), on this one
+    // thread as CPU 0.
+    let two_cpus = ram_byte & 0x10 != 0;
+    let ram_size = if ram_byte % 4 == 3 {
         4 << 20
     } else {
         1 << 20
@@ -548,7 +554,7 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
     };
     loop {
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_all(&mut slots, &mut host)
+            run_machine(&mut slots, &mut host, two_cpus)
         }));
         let Err(payload) = outcome else {
             break;
@@ -562,13 +568,26 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
                     slot.domain.end(Ending::Destroyed);
                 }
                 host.checkpoints = false;
-                run_all(&mut slots, &mut host);
+                run_machine(&mut slots, &mut host, two_cpus);
                 break;
             }
             Err(other) => std::panic::resume_unwind(other),
         }
     }
     check_after(&slots, &rams, managed, &scripts);
+}
+
+/// Runs every domain until all ended: on one CPU (`run_all`), or as CPU 0 of two.
+fn run_machine<H: Host>(slots: &mut [Slot<MockVcpu>], host: &mut H, two_cpus: bool) {
+    if two_cpus {
+        let machine = Machine::new(slots);
+        machine.set_cpus_online(2);
+        machine.run_cpu(0, host);
+    } else {
+        // A previous input's two CPUs are not this one's.
+        crate::common::cpus::set_several(false);
+        run_all(slots, host);
+    }
 }
 
 /// Ports and grants agree across the domains still alive.

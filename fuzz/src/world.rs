@@ -67,9 +67,11 @@ struct FuzzHost {
     armed: Option<u64>,
     halts: u32,
     console: VecDeque<u8>,
-    /// Unwind at the next top of the scheduler loop (every other one: the first after a
-    /// checkpoint goes on).
-    checkpoint_due: bool,
+    /// Passes since the last checkpoint: the harness unwinds at every third, an odd period,
+    /// so that a pattern of two passes (a CPU of two finding a domain to tear down, then
+    /// tearing it down with the table exclusive) is not cut at the same place each time the
+    /// machine is started again.
+    passes_since_checkpoint: u8,
     checkpoints: bool,
     /// Passes of the scheduler's loop so far.
     passes: u64,
@@ -122,8 +124,9 @@ impl Host for FuzzHost {
             self.now.get()
         );
         if self.checkpoints {
-            self.checkpoint_due = !self.checkpoint_due;
-            if !self.checkpoint_due {
+            self.passes_since_checkpoint += 1;
+            if self.passes_since_checkpoint == 3 {
+                self.passes_since_checkpoint = 0;
                 std::panic::resume_unwind(Box::new(Unwind::Checkpoint));
             }
         }
@@ -548,7 +551,7 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
         armed: None,
         halts: 0,
         console: [input.u8()].into_iter().filter(|&b| b != 0).collect(),
-        checkpoint_due: false,
+        passes_since_checkpoint: 0,
         checkpoints: true,
         passes: 0,
     };

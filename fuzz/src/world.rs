@@ -454,8 +454,8 @@ pub fn run(data: &[u8], focus: Option<Hypercall>) {
     let domains = 1 + (1 + input.below(MAX_DOMAINS)) % MAX_DOMAINS; // two unless told
     DOMAIN_COUNT.store(domains, Ordering::Relaxed);
     let ram_byte = input.u8();
-    // Half the inputs run the machine as a hypervisor on two CPUs would (domain locks taken
-    // per exit, a run queue per CPU, vCPUs taken from the other CPU's queue), on this one
+    // Half the inputs run the machine as a hypervisor on two CPUs would (the table shared,
+    // domain locks taken per exit, the pass reaching one domain at a time), on this one
     // thread as CPU 0.
     let two_cpus = ram_byte & 0x10 != 0;
     let ram_size = if ram_byte % 4 == 3 {

@@ -3186,6 +3186,45 @@ mod tests {
         assert!(copied.iter().all(|&b| b == 0xa5));
     }
 
+    /// A plain grant copy (not in a multicall) whose granter comes before the caller in the
+    /// table while another CPU holds the granter's lock: the call backs off, waits for the
+    /// lock in domain order and is finished with the request it copied: it copies, as it
+    /// would have without the other CPU (conformance-2cpus saw such copies answer -ENOENT).
+    #[test]
+    fn a_grant_copy_that_backed_off_copies_when_finished() {
+        let (t, mut slots) = three_with_a_grant();
+        let machine = Machine::new(&mut slots);
+        machine.set_cpus_online(2);
+        let mut one = MockVcpu::default();
+        let granted =
+            exit_on_shared_path(&machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
+        assert_eq!(granted, 0);
+        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
+        let machine = SharedRef(&machine);
+        let backed_off = || locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst);
+        let before = backed_off();
+        let other_cpu = (machine.0.table.shared(), machine.0.locks[0].lock_own());
+        let result = std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                let machine = &machine;
+                let mut two = MockVcpu::default();
+                exit_on_shared_path(machine.0, 1, &mut two, hypercall(GRANT_OP, [4, 0x1000, 0]))
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while backed_off() == before && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            drop(other_cpu);
+            worker.join().unwrap()
+        });
+        assert!(backed_off() > before, "it backed off");
+        assert_eq!(result, 128, "the copy's result");
+        let mut copied = [0u8; 128];
+        t[1].mem.read(0x30000, &mut copied).unwrap();
+        assert!(copied.iter().all(|&b| b == 0xa5));
+    }
+
     /// The peer a call names in guest memory comes before it in the table and another CPU
     /// holds it: the call stops before it acts (a multicall after the entries before),
     /// waits for that lock in domain order with its own, and is finished from where it

@@ -3186,6 +3186,24 @@ mod tests {
         assert!(copied.iter().all(|&b| b == 0xa5));
     }
 
+    /// On a machine of two CPUs: domain 1 (slot 0) grants its page at 0x20000 to domain 2
+    /// (reference 0), and domain 2's request to copy 128 bytes of it to 0x30000 is put at
+    /// 0x1000.
+    fn grant_with_a_copy_request(machine: &Machine<'_, MockVcpu>, t: &[TestMemory]) {
+        machine.set_cpus_online(2);
+        let mut one = MockVcpu::default();
+        let granted =
+            exit_on_shared_path(machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
+        assert_eq!(granted, 0);
+        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
+    }
+
+    /// How many calls backed off from a busy peer so far (all tests together: compared
+    /// before and after).
+    fn backed_off() -> u64 {
+        locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst)
+    }
+
     /// A plain grant copy (not in a multicall) whose granter comes before the caller in the
     /// table while another CPU holds the granter's lock: the call backs off, waits for the
     /// lock in domain order and is finished with the request it copied: it copies, as it
@@ -3194,14 +3212,8 @@ mod tests {
     fn a_grant_copy_that_backed_off_copies_when_finished() {
         let (t, mut slots) = three_with_a_grant();
         let machine = Machine::new(&mut slots);
-        machine.set_cpus_online(2);
-        let mut one = MockVcpu::default();
-        let granted =
-            exit_on_shared_path(&machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
-        assert_eq!(granted, 0);
-        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
+        grant_with_a_copy_request(&machine, &t);
         let machine = SharedRef(&machine);
-        let backed_off = || locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst);
         let before = backed_off();
         let other_cpu = (machine.0.table.shared(), machine.0.locks[0].lock_own());
         let result = std::thread::scope(|scope| {
@@ -3234,17 +3246,11 @@ mod tests {
     fn a_busy_peer_before_the_caller_is_waited_for_in_order_and_the_batch_is_not_read_again() {
         let (t, mut slots) = three_with_a_grant();
         let machine = Machine::new(&mut slots);
-        machine.set_cpus_online(2);
-        let mut one = MockVcpu::default();
-        let granted =
-            exit_on_shared_path(&machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
-        assert_eq!(granted, 0);
-        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
+        grant_with_a_copy_request(&machine, &t);
         // A grant to domain 3 (after domain 2: waited for), then the copy from domain 1.
         put_entry(&t[1], 0x2000, 0, GRANT_OP, [0, 3, 0x40000, 0, 0]);
         put_entry(&t[1], 0x2000, 1, GRANT_OP, [4, 0x1000, 0, 0, 0]);
         let machine = SharedRef(&machine);
-        let backed_off = || locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst);
         let before = backed_off();
         let other_cpu = (machine.0.table.shared(), machine.0.locks[0].lock_own());
         let (waited, result) = std::thread::scope(|scope| {

@@ -7,8 +7,8 @@
 //! hostile one, in one run on the same machine. After [`SETTLE_NS`], each phase has three
 //! parts:
 //!
-//! - work (three fifths): rounds of computation finished, and the CPU time it got for them
-//!   (its share);
+//! - work (three fifths, less a rest of [`REST_NS`] at the end): rounds of computation
+//!   finished, and the CPU time it got for them (its share);
 //! - ping-pong (a fifth): event round trips with its partner domain (`role=partner`, which
 //!   answers every event on an inter-domain channel), one every [`ROUND_TRIP_PERIOD_NS`], as
 //!   `event_pingpong` of `cargo xtask bench` measures one: how many, and how long on average;
@@ -182,6 +182,14 @@ struct PhaseFigures {
 /// first. The figures are of the steady state after that.
 const SETTLE_NS: u64 = 20_000_000;
 
+/// How long the neighbour sleeps between its work and its round trips. Computing beside a
+/// competitor of its weight, it ends its work up to a slice ahead of it in CPU time for its
+/// weight (the two take turns of a slice), and a woken vCPU runs first only while it is not
+/// ahead of a ready one (docs/abi.md 3.3): its first wake-ups would wait for the
+/// competitor to catch up, which is what fairness asks, not what the competitor does to it.
+/// Asleep for a slice and a little more, it gives that back before it measures latency.
+const REST_NS: u64 = 12_000_000;
+
 fn measure_phase(from: u64, length: u64, partner: Port, timer_port: Port) -> PhaseFigures {
     work_until(from + SETTLE_NS);
     let (from, length) = (from + SETTLE_NS, length - SETTLE_NS);
@@ -190,8 +198,9 @@ fn measure_phase(from: u64, length: u64, partner: Port, timer_port: Port) -> Pha
     // (the hog takes every port and grant). Then a fifth each for round trips and timers.
     let fifth = length / 5;
     let cpu_before = running_ns();
-    let rounds = work_until(from + 3 * fifth);
+    let rounds = work_until(from + 3 * fifth - REST_NS);
     let work_cpu_ns = running_ns() - cpu_before;
+    sleep_until("neighbour", from + 3 * fifth);
     let (round_trips, round_trip_ns) = ping_pong_until(partner, from + 4 * fifth);
     let (timers, timer_late_ns, timer_latest_ns) = timers_until(timer_port, from + length);
     PhaseFigures {
@@ -328,11 +337,20 @@ pub(crate) fn run_partner(neighbour: u32, phases: Phases) -> ! {
     crate::finish(0)
 }
 
+/// How long after the hog's phase the quiet domain sleeps on: past the neighbour's last
+/// timer, [`TIMER_DELAY_NS`] at most after the phase ends.
+const QUIET_AFTER_HOG_PHASE_NS: u64 = 10 * TIMER_DELAY_NS;
+
 pub(crate) fn run_quiet(phases: Phases) -> ! {
     sleep_until("quiet", phases.quiet_from);
     let rounds = work_until(phases.quiet_from + phases.length);
-    // Asleep while the hog runs: the neighbour's only competitor is then the hog.
-    sleep_until("quiet", phases.hog_from + phases.length);
+    // Asleep while the hog runs: the neighbour's only competitor is then the hog. Until
+    // after the neighbour's last timer (set before the phase ends, due up to a timer delay
+    // after): woken, it would run first, print and end beside that timer.
+    sleep_until(
+        "quiet",
+        phases.hog_from + phases.length + QUIET_AFTER_HOG_PHASE_NS,
+    );
     println!("quiet: result: rounds={rounds}");
     crate::finish(0)
 }

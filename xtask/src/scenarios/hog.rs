@@ -5,8 +5,9 @@
 //! of the same weight that only computes, then beside the hog: its work, its event round
 //! trips with its partner domain and its PV timer wake-ups. Each figure of the second phase
 //! must be within [`TOLERANCE`] of the first: the hog may take its fair share of the CPU and
-//! nothing of the neighbour's. The hog's own line must show every limit it ran into with the documented error
-//! (docs/abi.md 6.1, "Per-domain limits").
+//! nothing of the neighbour's, and its round trips may take no longer within it; its timers
+//! may come later within [`TIMER_LATENESS_FACTOR`]. The hog's own line must show every limit
+//! it ran into with the documented error (docs/abi.md 6.1, "Per-domain limits").
 
 use super::domains::memory_balanced;
 use crate::serial_log::SerialLog;
@@ -17,6 +18,16 @@ const HOG: u32 = 4;
 /// How far the neighbour's work beside the hog may fall short of its work beside the quiet
 /// domain (relative).
 pub const TOLERANCE: f64 = 0.10;
+
+/// How much later the neighbour's timers may come beside the hog than beside the quiet
+/// domain, on average (relative). A deadline that falls in one of the hog's exits waits for
+/// it: its 64-entry multicalls take 10 us under QEMU and 107 us under Bochs, where host
+/// interrupts do not leave a guest running with interrupts off and the VMX-preemption timer
+/// ends the slice some 20 us after the deadline, often after the hog has entered one. Measured
+/// 1.15 to 1.35 on AMD-V and 1.24 to 1.55 on VT-x, depending on where in the hog's loop the
+/// deadlines fall (any change of code moves them); 1.6 and 2.0 before the fixes that came
+/// with this bound.
+pub const TIMER_LATENESS_FACTOR: f64 = 2.0;
 
 /// The hog's limits as its result line reports them (docs/abi.md 6.1): every port but port 0,
 /// the console port and the one it sleeps on; every grant reference; every domain-control
@@ -46,7 +57,9 @@ fn field(log: &SerialLog, id: u32, prefix: &str, key: &str) -> Result<f64, Strin
 
 /// The neighbour (domain 1) did as much work, as many event round trips with its partner (2)
 /// and as many timer wake-ups beside the hog (4) as beside the quiet domain (3), within
-/// [`TOLERANCE`]; the hog hit each limit with its error and the console budget refused it.
+/// [`TOLERANCE`], its round trips took as long within [`TOLERANCE`] and its timers came as
+/// late within [`TIMER_LATENESS_FACTOR`]; the hog hit each limit with its error and the
+/// console budget refused it.
 pub fn check_resource_hog(log: &SerialLog) -> Result<String, String> {
     let quiet = field(log, 1, "neighbour: result: ", "beside_quiet")?;
     let hog = field(log, 1, "neighbour: result: ", "beside_hog")?;
@@ -81,9 +94,8 @@ pub fn check_resource_hog(log: &SerialLog) -> Result<String, String> {
     let late_quiet = field(log, 1, "neighbour: timer: ", "late_ns_quiet")?;
     let late_hog = field(log, 1, "neighbour: timer: ", "late_ns_hog")?;
     // Each figure beside the hog against the same figure beside the quiet domain: the work
-    // (its share of the CPU), the round trips a client that asks every 100 us got answered
-    // and the 1 ms timers (a kernel's tick) it was woken by (how late each came is reported, not held: a
-    // few microseconds on a base of a few).
+    // (its share of the CPU), the round trips a client that asks every 250 us got answered
+    // and the 1 ms timers (a kernel's tick) it was woken by.
     let figures = [
         ("work rounds", quiet, hog),
         ("event round trips", round_trips_quiet, round_trips_hog),
@@ -100,6 +112,19 @@ pub fn check_resource_hog(log: &SerialLog) -> Result<String, String> {
                 TOLERANCE * 100.0
             ));
         }
+    }
+    // And how long each took: a round trip within the tolerance, a timer's lateness within
+    // TIMER_LATENESS_FACTOR (the hog's exit in progress).
+    if rtt_quiet <= 0.0 || rtt_hog > rtt_quiet * (1.0 + TOLERANCE) {
+        problems.push(format!(
+            "the neighbour's round trips took more than {:.0}% longer beside the hog ({rtt_hog:.0} against {rtt_quiet:.0} ns)",
+            TOLERANCE * 100.0
+        ));
+    }
+    if late_hog > late_quiet * TIMER_LATENESS_FACTOR {
+        problems.push(format!(
+            "the neighbour's timers came more than {TIMER_LATENESS_FACTOR} times as late beside the hog ({late_hog:.0} against {late_quiet:.0} ns)"
+        ));
     }
     let percent = |beside_quiet: f64, beside_hog: f64| 100.0 * beside_hog / beside_quiet.max(1.0);
     let report = format!(

@@ -657,6 +657,30 @@ impl VirtualLapic {
         self.isr.set(vector);
     }
 
+    /// Whether an expiry of the timer now would change nothing but the count of expiries:
+    /// a periodic timer (it counts on whatever an expiry does) that is masked (an expiry
+    /// raises nothing) or whose vector already waits in IRR (expiries coalesce). Until that
+    /// changes, [`Self::advance`] may wait: every register access brings the model up to
+    /// date first, and so does an injection of its vector, the only other way it leaves IRR
+    /// ([`Self::acknowledge_needs_advance`]). A vCPU that halts with a periodic timer of count 1 held back by its TPR would
+    /// otherwise cost every pass of the scheduler two 128-bit divisions.
+    #[inline]
+    pub fn timer_expiry_moot(&self) -> bool {
+        let entry = self.lvt[LVT_TIMER];
+        self.timer_mode() == TimerMode::Periodic
+            && (entry & LVT_MASKED != 0 || self.irr.contains((entry & LVT_VECTOR) as u8))
+    }
+
+    /// Whether injecting `vector` takes the timer's vector out of IRR while the timer counts:
+    /// the caller brings the model up to date ([`Self::advance`]) before
+    /// [`Self::acknowledge`], so that only an expiry after that raises it again (those while
+    /// it waited coalesced into this one) even when [`Self::timer_expiry_moot`] let passes
+    /// skip the advance.
+    #[inline]
+    pub fn acknowledge_needs_advance(&self, vector: u8) -> bool {
+        u32::from(vector) == self.lvt[LVT_TIMER] & LVT_VECTOR && self.timer_counting()
+    }
+
     /// Whether the timer counts towards an expiry, masked or not: [`Self::advance`] has
     /// work to do.
     #[inline]
@@ -1254,6 +1278,82 @@ mod tests {
             assert_eq!((next - start) % period, 0, "on the grid");
             assert!(next > now && next - now <= period, "the next grid point");
         }
+    }
+
+    /// What the scheduler does with a periodic timer whose vector waits in IRR: no advance
+    /// while [`VirtualLapic::timer_expiry_moot`], one before the injection that takes the
+    /// vector out: the expiries while it waited coalesce into that interrupt, and the next
+    /// comes at the next grid point after the injection, as when every pass advanced it.
+    #[test]
+    fn a_held_back_periodic_timer_skipped_by_passes_fires_once_then_on_its_grid() {
+        let period = 100 * 2; // count 100, divide by 2
+        let mut apic = timer(LVT_PERIODIC, 0b0000);
+        apic.write_msr(REG_TIMER_INITIAL, 100, 0, 0).unwrap();
+        apic.write_msr(REG_TPR, 0xf0, 0, 0).unwrap();
+        assert!(
+            !apic.timer_expiry_moot(),
+            "counting towards its first expiry"
+        );
+        apic.advance(period, 0);
+        assert!(apic.is_pending(TIMER_VECTOR));
+        assert!(apic.timer_expiry_moot(), "its vector waits in IRR");
+        assert_eq!(apic.next_timer_deadline_ns(), None);
+        assert_eq!(apic.deliverable_vector(), None, "the TPR holds it back");
+        // Passes skip the advance for 50 periods; then the TPR drops and it is injected.
+        let now = 50 * period + 7;
+        apic.write_cr8(0).unwrap();
+        let vector = apic.deliverable_vector().unwrap();
+        assert!(apic.acknowledge_needs_advance(vector));
+        apic.advance(now, 0);
+        apic.acknowledge(vector);
+        apic.write_msr(REG_EOI, 0, now, 0).unwrap();
+        assert!(!apic.timer_expiry_moot());
+        assert_eq!(
+            apic.deliverable_vector(),
+            None,
+            "the waiting expiries coalesced"
+        );
+        assert_eq!(apic.next_timer_deadline_ns(), Some(51 * period));
+        apic.advance(51 * period - 1, 0);
+        assert_eq!(apic.deliverable_vector(), None);
+        apic.advance(51 * period, 0);
+        assert_eq!(apic.deliverable_vector(), Some(TIMER_VECTOR));
+    }
+
+    #[test]
+    fn a_masked_periodic_timer_is_moot_and_catches_up_at_an_access() {
+        let mut apic = timer(LVT_PERIODIC, 0b1011); // divide by 1
+        apic.write_msr(REG_TIMER_INITIAL, 1, 0, 0).unwrap();
+        apic.write_msr(
+            REG_LVT_TIMER,
+            LVT_PERIODIC | u64::from(TIMER_VECTOR) | 1 << 16,
+            0,
+            0,
+        )
+        .unwrap();
+        assert!(apic.timer_expiry_moot());
+        assert_eq!(apic.next_timer_deadline_ns(), None);
+        // Unmasked a million periods later (no advance between): nothing old is raised, the
+        // next expiry is the next nanosecond.
+        apic.write_msr(
+            REG_LVT_TIMER,
+            LVT_PERIODIC | u64::from(TIMER_VECTOR),
+            1_000_000,
+            0,
+        )
+        .unwrap();
+        assert!(!apic.timer_expiry_moot());
+        assert_eq!(apic.deliverable_vector(), None);
+        assert_eq!(apic.next_timer_deadline_ns(), Some(1_000_001));
+        let mut oneshot = timer(0, 0b1011);
+        oneshot
+            .write_msr(REG_LVT_TIMER, u64::from(TIMER_VECTOR) | 1 << 16, 0, 0)
+            .unwrap();
+        oneshot.write_msr(REG_TIMER_INITIAL, 1, 0, 0).unwrap();
+        assert!(
+            !oneshot.timer_expiry_moot(),
+            "a one-shot stops at its expiry"
+        );
     }
 
     #[test]

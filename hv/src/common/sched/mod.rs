@@ -16,8 +16,8 @@ use crate::common::domain::teardown::{Scrub, tear_down};
 use crate::common::domain::{Domain, DomainState, DomainTable, Ending, NoPeers, Slot};
 use crate::common::events::Binding;
 use crate::common::exits::{
-    OwnExits, handle_exit, handle_without_lock, hlt_exit, hypercall_exit, msr_read_exit,
-    msr_write_exit, port_exit, run_own_exits,
+    OwnExits, PreemptionClock, handle_exit, handle_without_lock, hlt_exit, hypercall_exit,
+    msr_read_exit, msr_write_exit, port_exit, run_own_exits,
 };
 use crate::common::grants::WindowSlot;
 use crate::common::hypercall::Next;
@@ -56,13 +56,6 @@ pub trait Host {
     /// it wants to be called again.
     fn housekeeping(&mut self) -> Option<u64>;
 }
-
-/// Once exits took this many TSC ticks of the hypervisor's time since the last time, the
-/// vCPU's preemption deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]):
-/// at every entry it would cost each hypercall more than the slice can overrun by this way
-/// (a few microseconds of a 10 ms slice; a heavy exit, a 32-entry multicall, takes about
-/// 2,500 ticks: it reloads every eighth time rather than every time).
-const RELOAD_AFTER_TSC: u64 = 20_000;
 
 /// How often console input is polled while a domain could be woken by it.
 pub const CONSOLE_POLL_NS: u64 = 10_000_000;
@@ -234,7 +227,7 @@ fn update<V: VirtualCpu>(slot: &mut Slot<V>, now: u64) {
 fn advance_timers(domain: &mut Domain, index: usize, now: u64) {
     let state = &mut domain.vcpus[index];
     // Most vCPUs have no APIC timer counting: no TSC conversion, nothing to advance.
-    if state.vlapic.timer_counting() {
+    if state.vlapic.timer_counting() && !state.vlapic.timer_expiry_moot() {
         let tsc = domain.time.tsc_at(now);
         let apic_was_quiet = state.vlapic.deliverable_vector().is_none();
         state.vlapic.advance(now, tsc);
@@ -462,6 +455,10 @@ fn drain_requests<V: VirtualCpu>(domain: &mut Domain, index: usize, vcpu: &mut V
         vcpu.inject_interrupt(vector);
         trace::inject(domain.id, vector);
         if from_apic {
+            if state.vlapic.acknowledge_needs_advance(vector) {
+                let tsc = read_tsc();
+                state.vlapic.advance(domain.time.ns_at(tsc), tsc);
+            }
             state.vlapic.acknowledge(vector);
         }
         // Injected another way (after HLT, say): a window exit asked for earlier would only
@@ -1018,20 +1015,17 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
-        let mut unreloaded_tsc = 0u64;
+        let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
-                let handled = read_tsc().wrapping_sub(exited_at);
+                let now = read_tsc();
+                let handled = now.wrapping_sub(exited_at);
                 domain.vcpus[vcpu_index].stats.handling_tsc += handled;
-                unreloaded_tsc += handled;
-                if unreloaded_tsc > RELOAD_AFTER_TSC {
-                    unreloaded_tsc = 0;
-                    vcpu.reload_preemption_deadline();
-                }
+                preemption.count(vcpu, handled, now);
             }
             drop(hold);
             // None: a request came before the entry; it is drained under the lock.
@@ -1049,7 +1043,9 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 if !handled || requests.due_before_entry() {
                     break (Some(exit), handled);
                 }
-                unmerged.handling_tsc += read_tsc().wrapping_sub(exited_at_tsc);
+                let now = read_tsc();
+                unmerged.handling_tsc += now.wrapping_sub(exited_at_tsc);
+                preemption.count_quick(vcpu, now);
             };
             let (exit, reach) = match exit {
                 Some(exit) if !handled => {
@@ -1471,7 +1467,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     let mut exited_at = None;
-    let mut unreloaded_tsc = 0u64;
+    let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
     let tsc_khz = domain.time.tsc_khz() as u32;
     // Where `run_own_exits` puts an exit it does not handle.
     let mut other = VmExit::Hlt;
@@ -1480,17 +1476,14 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             arm_host_timer(domain, host, slice_end);
         }
         if let Some(exited_at) = exited_at {
-            let handled = read_tsc().wrapping_sub(exited_at);
+            let now = read_tsc();
+            let handled = now.wrapping_sub(exited_at);
             domain.vcpus[vcpu_index].stats.handling_tsc += handled;
-            unreloaded_tsc += handled;
-            if unreloaded_tsc > RELOAD_AFTER_TSC {
-                unreloaded_tsc = 0;
-                vcpu.reload_preemption_deadline();
-            }
+            preemption.count(vcpu, handled, now);
         }
         // The null hypercall, `version` and CPUID loop in here.
         let state = &mut domain.vcpus[vcpu_index];
-        let (exit, at) = run_own_exits(state, vcpu_index, vcpu, tsc_khz, &mut other);
+        let (exit, at) = run_own_exits(state, vcpu_index, vcpu, tsc_khz, &preemption, &mut other);
         exited_at = Some(at);
         let next = match exit {
             OwnExits::Drain => continue,
@@ -3186,57 +3179,6 @@ mod tests {
         assert!(copied.iter().all(|&b| b == 0xa5));
     }
 
-    /// On a machine of two CPUs: domain 1 (slot 0) grants its page at 0x20000 to domain 2
-    /// (reference 0), and domain 2's request to copy 128 bytes of it to 0x30000 is put at
-    /// 0x1000.
-    fn grant_with_a_copy_request(machine: &Machine<'_, MockVcpu>, t: &[TestMemory]) {
-        machine.set_cpus_online(2);
-        let mut one = MockVcpu::default();
-        let granted =
-            exit_on_shared_path(machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
-        assert_eq!(granted, 0);
-        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
-    }
-
-    /// How many calls backed off from a busy peer so far (all tests together: compared
-    /// before and after).
-    fn backed_off() -> u64 {
-        locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// A plain grant copy (not in a multicall) whose granter comes before the caller in the
-    /// table while another CPU holds the granter's lock: the call backs off, waits for the
-    /// lock in domain order and is finished with the request it copied: it copies, as it
-    /// would have without the other CPU (conformance-2cpus saw such copies answer -ENOENT).
-    #[test]
-    fn a_grant_copy_that_backed_off_copies_when_finished() {
-        let (t, mut slots) = three_with_a_grant();
-        let machine = Machine::new(&mut slots);
-        grant_with_a_copy_request(&machine, &t);
-        let machine = SharedRef(&machine);
-        let before = backed_off();
-        let other_cpu = (machine.0.table.shared(), machine.0.locks[0].lock_own());
-        let result = std::thread::scope(|scope| {
-            let worker = scope.spawn(|| {
-                let machine = &machine;
-                let mut two = MockVcpu::default();
-                exit_on_shared_path(machine.0, 1, &mut two, hypercall(GRANT_OP, [4, 0x1000, 0]))
-            });
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while backed_off() == before && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            drop(other_cpu);
-            worker.join().unwrap()
-        });
-        assert!(backed_off() > before, "it backed off");
-        assert_eq!(result, 128, "the copy's result");
-        let mut copied = [0u8; 128];
-        t[1].mem.read(0x30000, &mut copied).unwrap();
-        assert!(copied.iter().all(|&b| b == 0xa5));
-    }
-
     /// The peer a call names in guest memory comes before it in the table and another CPU
     /// holds it: the call stops before it acts (a multicall after the entries before),
     /// waits for that lock in domain order with its own, and is finished from where it
@@ -3246,11 +3188,17 @@ mod tests {
     fn a_busy_peer_before_the_caller_is_waited_for_in_order_and_the_batch_is_not_read_again() {
         let (t, mut slots) = three_with_a_grant();
         let machine = Machine::new(&mut slots);
-        grant_with_a_copy_request(&machine, &t);
+        machine.set_cpus_online(2);
+        let mut one = MockVcpu::default();
+        let granted =
+            exit_on_shared_path(&machine, 0, &mut one, hypercall(GRANT_OP, [0, 2, 0x20000]));
+        assert_eq!(granted, 0);
+        put_copy(&t[1], 0x1000, copy_from_grant(0x30000, 128));
         // A grant to domain 3 (after domain 2: waited for), then the copy from domain 1.
         put_entry(&t[1], 0x2000, 0, GRANT_OP, [0, 3, 0x40000, 0, 0]);
         put_entry(&t[1], 0x2000, 1, GRANT_OP, [4, 0x1000, 0, 0, 0]);
         let machine = SharedRef(&machine);
+        let backed_off = || locking::BACKED_OFF.load(core::sync::atomic::Ordering::SeqCst);
         let before = backed_off();
         let other_cpu = (machine.0.table.shared(), machine.0.locks[0].lock_own());
         let (waited, result) = std::thread::scope(|scope| {

@@ -271,6 +271,11 @@ pub trait VirtualCpu {
     /// The hypervisor spent long handling an exit: a backend whose preemption deadline counts
     /// only guest time (VMX) takes that time off what is left of it.
     fn reload_preemption_deadline(&mut self) {}
+    /// The TSC at which [`Self::set_preemption_deadline`] said to exit; `u64::MAX` for a
+    /// backend that needs no reload.
+    fn preemption_deadline_tsc(&self) -> u64 {
+        u64::MAX
+    }
     /// Drops the guest-physical translations the TLB may hold for this vCPU's nested page
     /// table, effective before the next entry (VMX: INVEPT; SVM: a VMCB TLB flush). Called
     /// after a nested mapping of its domain went away or lost permissions.

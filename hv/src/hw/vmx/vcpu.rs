@@ -841,6 +841,11 @@ impl VirtualCpu for VmxVcpu {
         }
     }
 
+    fn preemption_deadline_tsc(&self) -> u64 {
+        // u64::MAX when the timer is not in use: never set.
+        self.preemption_deadline_tsc
+    }
+
     fn reload_preemption_deadline(&mut self) {
         if let Some(shift) = self.preemption_timer_shift {
             write_preemption_timer(self.preemption_deadline_tsc.saturating_sub(rdtsc()), shift);

@@ -176,7 +176,7 @@ struct BenchArgs {
     /// idle, timer, console, pingpong (the main run; `event_pingpong` and `domain_switch`
     /// always come with it), smp, smp2, smp4, scale (the runs with idle domains).
     #[arg(long, value_name = "GROUPS", value_delimiter = ',',
-          value_parser = clap::builder::PossibleValuesParser::new(bench::GROUPS))]
+          value_parser = clap::builder::PossibleValuesParser::new(bench::groups()))]
     filter: Vec<String>,
 }
 

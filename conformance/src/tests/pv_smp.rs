@@ -604,8 +604,12 @@ pub(super) fn pv_flush_running_vcpu() {
 const LIST_PAGES: usize = 24;
 /// The generation vCPU 0 published after its last flush: what the list reader must find.
 static LIST_GENERATION: AtomicU64 = AtomicU64::new(0);
-/// The list reader's rounds, per generation it saw (0-3), and its stale reads.
-static LIST_ROUNDS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// The generation vCPU 0 publishes before it remaps window pages: nothing is asserted in it
+/// (a page being remapped may read either frame until its flush returned).
+const LIST_REMAPPING: u64 = 4;
+/// The list reader's rounds, per generation it saw (0-3 and [`LIST_REMAPPING`]), and its
+/// stale reads.
+static LIST_ROUNDS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 static LIST_STALE: AtomicU64 = AtomicU64::new(0);
 
 /// What window page `page` must read in generation `generation` (None: either page).
@@ -639,7 +643,7 @@ extern "C" fn list_reader(_vcpu: u64) -> ! {
                 LIST_STALE.fetch_add(1, Ordering::SeqCst);
             }
         }
-        LIST_ROUNDS[generation.min(3) as usize].fetch_add(1, Ordering::SeqCst);
+        LIST_ROUNDS[generation.min(LIST_REMAPPING) as usize].fetch_add(1, Ordering::SeqCst);
         hv::sched_yield();
     }
 }
@@ -680,6 +684,20 @@ fn check_own_reads(generation: u64) {
     }
 }
 
+/// Publishes [`LIST_REMAPPING`] and waits until vCPU 1 finished a round begun in it: no round
+/// that checks the previous generation's marks is still under way when pages change. (Without
+/// this, rounds of generation 2 still reading while generation 3 remapped every page counted
+/// page A as stale.)
+fn announce_remapping() {
+    let rounds = &LIST_ROUNDS[LIST_REMAPPING as usize];
+    let before = rounds.load(Ordering::SeqCst);
+    LIST_GENERATION.store(LIST_REMAPPING, Ordering::SeqCst);
+    check!(
+        wait_for(|| rounds.load(Ordering::SeqCst) > before),
+        "vCPU 1 did not run while pages were about to be remapped"
+    );
+}
+
 /// Publishes `generation` and waits until vCPU 1 made a few rounds in it.
 fn publish_and_wait(generation: u64) {
     LIST_GENERATION.store(generation, Ordering::SeqCst);
@@ -694,7 +712,8 @@ fn publish_and_wait(generation: u64) {
 /// vCPUs. Generation 2: pages 4-23 remapped, flushed with two lists of 10 (vCPU 1 does not
 /// run between them when pinned: 20 pages pending, more than it keeps). Generation 3: all 24
 /// back to page A, one list of 24 (longer than kept). After each flush returned, neither vCPU
-/// may read a listed page's old frame; unlisted pages may read either.
+/// may read a listed page's old frame; unlisted pages may read either; while pages are being
+/// remapped ([`announce_remapping`]) any page may read either.
 fn flush_lists_and_check(pinned: bool) {
     // SAFETY: the area is our static, ours for good.
     let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
@@ -725,17 +744,20 @@ fn flush_lists_and_check(pinned: bool) {
         );
     }
 
+    announce_remapping();
     map_window_pages(0..4, PAGE_B.get());
     flush_window_pages("pages 0-3 on both vCPUs", 0b11, 0..4);
     check_own_reads(1);
     publish_and_wait(1);
 
+    announce_remapping();
     map_window_pages(4..LIST_PAGES, PAGE_B.get());
     flush_window_pages("pages 4-13 on both vCPUs", 0b11, 4..14);
     flush_window_pages("pages 14-23 on both vCPUs", 0b11, 14..LIST_PAGES);
     check_own_reads(2);
     publish_and_wait(2);
 
+    announce_remapping();
     map_window_pages(0..LIST_PAGES, PAGE_A.get());
     flush_window_pages("all 24 pages on both vCPUs", 0b11, 0..LIST_PAGES);
     check_own_reads(3);

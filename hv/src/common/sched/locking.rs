@@ -52,7 +52,8 @@
 //! No lock is held across a VM entry: a CPU lets every lock go before it enters a guest and
 //! takes what the exit needs afterwards. Each hypercall does bounded work under what it holds
 //! (the largest: a `multicall` of `MULTICALL_MAX` entries, a scrub slice; an exit backs off
-//! at most twice), so a guest cannot make another CPU spin without bound. An exit that waits for a vCPU to leave guest mode
+//! at most twice), and the domain locks are ticket locks (taken in the order CPUs came), so a
+//! guest cannot make another CPU spin without bound. An exit that waits for a vCPU to leave guest mode
 //! (grant unmap, pause, `down`, `flush_tlb`) may do so under its locks: the kick forces that
 //! exit, and a CPU clears its vCPU's in-guest flag before it takes any lock. With one CPU the
 //! table is taken exclusive for a whole slice (no one else could want it).
@@ -245,38 +246,46 @@ pub fn lock_run_queue<T>(lock: &spin::Mutex<T>) -> spin::MutexGuard<'_, T> {
 }
 
 /// A domain's lock (the data it guards is reached through the table: see
-/// `sched::Table::own_slot`).
+/// `sched::Table::own_slot`). A ticket lock: CPUs take it in the order they came. A plain
+/// spin lock let a CPU whose domain's vCPU exits in a tight loop (a `sched_op` yield spin)
+/// release and take it again before a CPU waiting for it as a peer ever saw it free: under
+/// QEMU TCG with two CPUs such a wait lasted 2 s, until the spinning domain ended
+/// (conformance `grant_errors_b`'s copy from `grant_errors_a`, after a back-off). In turn,
+/// a waiter waits for at most one holder per CPU ahead of it.
 pub struct DomainLock {
-    lock: spin::Mutex<()>,
+    lock: spin::mutex::TicketMutex<()>,
 }
+
+/// A held [`DomainLock`].
+pub type DomainGuard<'l> = spin::mutex::TicketMutexGuard<'l, ()>;
 
 impl Default for DomainLock {
     fn default() -> Self {
         DomainLock {
-            lock: spin::Mutex::new(()),
+            lock: spin::mutex::TicketMutex::new(()),
         }
     }
 }
 
 impl DomainLock {
     /// Takes it as the running domain's lock.
-    pub fn lock_own(&self) -> spin::MutexGuard<'_, ()> {
+    pub fn lock_own(&self) -> DomainGuard<'_> {
         Self::take(&self.lock, &DOMAIN_OWN)
     }
 
     /// Takes it in the scheduler's pass (which holds no other domain's lock meanwhile).
-    pub fn lock_for_pass(&self) -> spin::MutexGuard<'_, ()> {
+    pub fn lock_for_pass(&self) -> DomainGuard<'_> {
         Self::take(&self.lock, &DOMAIN_PASS)
     }
 
     /// Takes it as a peer's lock, waiting if busy: only for a peer after the running domain
     /// (see [`may_wait_for`]).
-    pub fn lock_peer(&self) -> spin::MutexGuard<'_, ()> {
+    pub fn lock_peer(&self) -> DomainGuard<'_> {
         Self::take(&self.lock, &DOMAIN_PEER)
     }
 
     /// Takes it as a peer's lock if it is free.
-    pub fn try_lock_peer(&self) -> Option<spin::MutexGuard<'_, ()>> {
+    pub fn try_lock_peer(&self) -> Option<DomainGuard<'_>> {
         let guard = self.lock.try_lock();
         if guard.is_some() {
             DOMAIN_PEER.count(false);
@@ -284,7 +293,7 @@ impl DomainLock {
         guard
     }
 
-    fn take<'l>(lock: &'l spin::Mutex<()>, counts: &LockCounts) -> spin::MutexGuard<'l, ()> {
+    fn take<'l>(lock: &'l spin::mutex::TicketMutex<()>, counts: &LockCounts) -> DomainGuard<'l> {
         if let Some(guard) = lock.try_lock() {
             counts.count(false);
             return guard;

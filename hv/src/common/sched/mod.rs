@@ -812,8 +812,8 @@ impl<V> Table<'_, V> {
 /// domain or reaches others one at a time ([`LockedPeers`]) is handled under.
 struct SharedHold<'m, 'a, V> {
     // Dropped in this order: the domain locks go before the table does.
-    peer: Option<(usize, spin::MutexGuard<'m, ()>)>,
-    _own: spin::MutexGuard<'m, ()>,
+    peer: Option<(usize, locking::DomainGuard<'m>)>,
+    _own: locking::DomainGuard<'m>,
     index: usize,
     table: spin::RwLockReadGuard<'m, Table<'a, V>>,
 }
@@ -864,7 +864,7 @@ struct LockedPeers<'h, 'a, V> {
     locks: &'h [DomainLock],
     /// The running domain's slot (its lock is held: [`SharedHold`]).
     own: usize,
-    peer: Option<(usize, spin::MutexGuard<'h, ()>)>,
+    peer: Option<(usize, locking::DomainGuard<'h>)>,
     wanted: Option<Wanted>,
     kept: Option<Box<crate::common::hypercall::UnfinishedBatch>>,
 }

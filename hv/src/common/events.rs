@@ -239,6 +239,12 @@ impl EventChannels {
             return;
         }
         self.ended_remotes.push(remote);
+        // No port counted as foreign: none names `remote` as a live domain, and none becomes
+        // foreign. Most domains: a teardown tells every domain, and a scan of all their
+        // ports each held the table exclusive for 3.7 ms under Bochs with 35 domains.
+        if self.foreign_ports == 0 {
+            return;
+        }
         let foreign = self
             .ports
             .iter()

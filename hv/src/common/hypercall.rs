@@ -7,6 +7,7 @@
 
 use crate::common::domain::{ConsoleSource, Domain, DomainTable, Ending, domain_exists};
 use crate::common::events::Binding;
+use crate::common::time::read_tsc;
 use crate::common::vcpu::state::{PENDING_TLB_FLUSH_MAX, StartState, Wait, request};
 use crate::common::vcpu::{VirtualCpu, is_canonical, reg};
 use alloc::boxed::Box;
@@ -49,11 +50,21 @@ enum Done {
     /// was busy ([`DomainTable::busy`]): RAX and RIP are left alone, and the scheduler makes it
     /// again ([`finish`]) once it holds that domain.
     Unfinished,
+    /// A batch stopped between entries because its slice is over ([`VcpuState::slice_end_tsc`]):
+    /// RAX and RIP are left alone, and the scheduler finishes it ([`finish_preempted`])
+    /// before the vCPU next runs guest code.
+    ///
+    /// [`VcpuState::slice_end_tsc`]: crate::common::vcpu::state::VcpuState::slice_end_tsc
+    Preempted,
 }
 
 /// A `multicall` stopped before entry `next` ([`DomainTable::admit`]): its copy of the
 /// batch, from which it goes on once the scheduler holds what that entry needs. The batch is
-/// never read from guest memory again (docs/abi.md 2.5, 12).
+/// never read from guest memory again (docs/abi.md 2.5, 12). Also a batch preempted at the end
+/// of its slice ([`VcpuState::preempted_batch`]).
+///
+/// [`VcpuState::preempted_batch`]: crate::common::vcpu::state::VcpuState::preempted_batch
+#[derive(Debug)]
 pub struct UnfinishedBatch {
     gpa: u64,
     count: u64,
@@ -98,7 +109,7 @@ pub fn handle<V: VirtualCpu>(
         Ok(Done::Ended) => return Next::Stop,
         // Made again from the same instruction (RIP stays on it), by the guest or by the
         // scheduler ([`finish`]).
-        Ok(Done::Again) | Ok(Done::Unfinished) => return Next::Again,
+        Ok(Done::Again) | Ok(Done::Unfinished) | Ok(Done::Preempted) => return Next::Again,
         Err(errno) => (errno.to_return_value(), Next::Resume),
     };
     vcpu.regs().gpr[reg::RAX] = rax;
@@ -122,6 +133,42 @@ pub fn finish<V: VirtualCpu>(
             next
         }
     }
+}
+
+/// Whether vCPU `vcpu_index` stopped in a `multicall` at the end of its last slice
+/// ([`Done::Preempted`]) that [`finish_preempted`] must finish before it runs guest code: its
+/// registers still hold that call. A batch they do not hold is dropped, never made from them.
+pub fn has_preempted_batch<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+) -> bool {
+    let Some(batch) = domain.vcpus[vcpu_index].preempted_batch.as_deref() else {
+        return false;
+    };
+    let regs = vcpu.regs();
+    let same_call = regs.gpr[reg::RAX] == Hypercall::Multicall as u64
+        && regs.gpr[reg::RDI] == batch.gpa
+        && regs.gpr[reg::RSI] == batch.count;
+    if !same_call {
+        // Cannot happen: nothing runs the guest in between, and a new start state drops it.
+        domain.vcpus[vcpu_index].preempted_batch = None;
+    }
+    same_call
+}
+
+/// Finishes the `multicall` vCPU `vcpu_index` was preempted in, before it runs guest code
+/// again, under the locks the call's exit would take (`peers`): from the entry after the last
+/// that ran, with the copy made when the call began; not counted again. Returns what the vCPU
+/// does next, as [`finish`] (preempted again: [`Next::Yield`], RIP still on the call), or
+/// `None` when it has no such batch ([`has_preempted_batch`]).
+pub fn finish_preempted<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Option<Next> {
+    has_preempted_batch(domain, vcpu_index, vcpu).then(|| finish(domain, vcpu_index, vcpu, peers))
 }
 
 /// The hot path (benchmarks' null hypercall): `version` and undefined numbers need no
@@ -776,6 +823,10 @@ fn multicall(
         // An empty batch is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
+    // Finished by the scheduler after it was preempted ([`finish_preempted`]).
+    if let Some(preempted) = domain.vcpus[vcpu].preempted_batch.take() {
+        return go_on_preempted(domain, vcpu, gpa, count, preempted, peers);
+    }
     // Only a table that keeps batches may refuse an entry: with any other (one CPU, the
     // table exclusive) the entries cost no look at the table.
     let Some(kept) = peers.kept() else {
@@ -796,6 +847,28 @@ fn multicall(
         );
     }
     copy_and_run::<true>(domain, vcpu, gpa, count, peers)
+}
+
+/// Goes on with the batch `preempted` (the call `multicall(gpa, count)`, [`finish_preempted`]
+/// checked) from the entry after the last that ran. Out of line: rare, and its copy of the
+/// batch is on the heap.
+#[cold]
+#[inline(never)]
+fn go_on_preempted(
+    domain: &mut Domain,
+    vcpu: usize,
+    gpa: u64,
+    count: u64,
+    preempted: Box<UnfinishedBatch>,
+    peers: &mut dyn DomainTable,
+) -> Result<Done, Errno> {
+    let count = count.min(preempted.count) as usize;
+    let batch = &preempted.entries[..count];
+    if peers.kept().is_some() {
+        run_batch::<true>(domain, vcpu, gpa, batch, preempted.next, peers)
+    } else {
+        run_batch::<false>(domain, vcpu, gpa, batch, preempted.next, peers)
+    }
 }
 
 /// Copies the batch of `count` entries at `gpa` and runs it ([`run_batch`]).
@@ -834,7 +907,12 @@ fn copy_and_run<const MAY_REFUSE: bool>(
 /// table that may refuse (`MAY_REFUSE`: a copy of the loop without it for the others), each
 /// entry's peers are taken just before it runs and let go when
 /// the next needs others ([`DomainTable::admit`]); when they cannot be, the batch stops
-/// before that entry and keeps its copy ([`UnfinishedBatch`]).
+/// before that entry and keeps its copy ([`UnfinishedBatch`]). Between entries, once the
+/// vCPU's slice is over ([`VcpuState::slice_end_tsc`]: one TSC read and compare an entry), the
+/// batch stops and is kept in the vCPU's state ([`Done::Preempted`]); the entry it starts
+/// from always runs, so a batch finishes however short its slices.
+///
+/// [`VcpuState::slice_end_tsc`]: crate::common::vcpu::state::VcpuState::slice_end_tsc
 #[inline(always)]
 fn run_batch<const MAY_REFUSE: bool>(
     domain: &mut Domain,
@@ -845,9 +923,13 @@ fn run_batch<const MAY_REFUSE: bool>(
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     let entry_size = size_of::<MulticallEntry>() as u64;
+    let slice_end_tsc = domain.vcpus[vcpu].slice_end_tsc;
     let mut run = first;
     for (i, entry) in batch.iter().enumerate().skip(first as usize) {
         let i = i as u64;
+        if i > first && read_tsc() >= slice_end_tsc {
+            return Ok(keep_preempted(domain, vcpu, gpa, batch, i));
+        }
         let at = gpa + i * entry_size;
         let (op, args) = (entry.op, entry.args);
         // One test for the numbers a batch answers itself (most entries are none of them).
@@ -882,7 +964,9 @@ fn run_batch<const MAY_REFUSE: bool>(
             {
                 0
             }
-            Ok(Done::Again) | Ok(Done::Unfinished) => Errno::EAGAIN.to_return_value(),
+            Ok(Done::Again) | Ok(Done::Unfinished) | Ok(Done::Preempted) => {
+                Errno::EAGAIN.to_return_value()
+            }
             Ok(Done::Ended) => return Ok(Done::Ended),
             Err(e) => e.to_return_value(),
         };
@@ -942,6 +1026,29 @@ fn keep_unfinished(
         }));
     }
     Done::Unfinished
+}
+
+/// The batch stops before entry `next` because the slice of vCPU `vcpu` is over: its copy is
+/// kept in the vCPU's state, where [`finish_preempted`] finds it. Out of line, as
+/// [`keep_unfinished`].
+#[cold]
+#[inline(never)]
+fn keep_preempted(
+    domain: &mut Domain,
+    vcpu: usize,
+    gpa: u64,
+    batch: &[MulticallEntry],
+    next: u64,
+) -> Done {
+    let mut entries = [MulticallEntry::default(); MULTICALL_MAX as usize];
+    entries[..batch.len()].copy_from_slice(batch);
+    domain.vcpus[vcpu].preempted_batch = Some(Box::new(UnfinishedBatch {
+        gpa,
+        count: batch.len() as u64,
+        next,
+        entries,
+    }));
+    Done::Preempted
 }
 
 /// Test support: one hypercall's dispatch, without a vCPU.
@@ -1346,6 +1453,103 @@ mod tests {
             0xdead,
             "entry 0 not run again (its result as the rewrite left it)"
         );
+    }
+
+    /// A batch whose slice is over stops between entries: RAX and RIP are left alone and its
+    /// copy is kept in the vCPU's state. Each time it is finished it runs at least the entry
+    /// it stopped before (one a time while the slice stays over), from the copy made when the
+    /// call began, and the last time it returns as a batch does and moves RIP past the call.
+    #[test]
+    fn a_preempted_multicall_goes_on_one_entry_at_a_time_from_its_copy() {
+        const EVTCHN: u64 = 3;
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        for i in 0..4 {
+            write_entry(&t, 0x9000 + 56 * i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]); // alloc_unbound
+        }
+        v.regs.gpr[reg::RAX] = Hypercall::Multicall as u64;
+        v.regs.gpr[reg::RDI] = 0x9000;
+        v.regs.gpr[reg::RSI] = 4;
+        v.regs.gpr[reg::RBX] = 0x1234;
+        let regs_at_the_call = v.regs;
+        crate::common::testing::FAKE_TSC.with(|tsc| tsc.set(Some(1_000)));
+        d.vcpus[0].slice_end_tsc = 1_000;
+        let results = |t: &TestMemory| -> Vec<i64> {
+            (0..4)
+                .map(|i| t.mem.read_u64(0x9000 + 56 * i + 48).unwrap() as i64)
+                .collect()
+        };
+        assert_eq!(
+            handle(&mut d, 0, &mut v, &mut crate::common::domain::NoPeers),
+            Next::Again
+        );
+        assert_eq!(v.regs.gpr, regs_at_the_call.gpr, "no register changed");
+        assert_eq!(v.skipped, 0, "RIP still on the call");
+        assert_eq!(
+            results(&t),
+            [2, 0xdead, 0xdead, 0xdead],
+            "entry 0 ran alone"
+        );
+        assert_eq!(d.vcpus[0].preempted_batch.as_ref().map(|b| b.next), Some(1));
+        // Rewritten while it waits: the rest runs as copied.
+        write_entry(&t, 0x9000 + 56 * 3, 0x7fff, [0; 5]);
+        let peers = &mut crate::common::domain::NoPeers;
+        assert_eq!(
+            finish_preempted(&mut d, 0, &mut v, peers),
+            Some(Next::Yield)
+        );
+        assert_eq!((v.regs.gpr, v.skipped), (regs_at_the_call.gpr, 0));
+        assert_eq!(results(&t), [2, 3, 0xdead, 0xdead], "then entry 1 alone");
+        // The slice is not over any more: the rest at once.
+        d.vcpus[0].slice_end_tsc = u64::MAX;
+        assert_eq!(
+            finish_preempted(&mut d, 0, &mut v, peers),
+            Some(Next::Resume)
+        );
+        assert_eq!(v.regs.gpr[reg::RAX], 4, "the number of entries run");
+        assert_eq!(v.regs.gpr[reg::RBX], 0x1234);
+        assert_eq!(v.skipped, 1, "RIP moved past the call once");
+        assert_eq!(
+            results(&t),
+            [2, 3, 4, 5],
+            "every entry once, in order, as copied"
+        );
+        assert!(d.vcpus[0].preempted_batch.is_none());
+        assert_eq!(
+            finish_preempted(&mut d, 0, &mut v, peers),
+            None,
+            "nothing left to finish"
+        );
+        assert_eq!(
+            d.vcpus[0].stats.to_counters().by_hypercall[Hypercall::Multicall as usize],
+            0,
+            "finishing it counts nothing (the exit counts the call)"
+        );
+        crate::common::testing::FAKE_TSC.with(|tsc| tsc.set(None));
+    }
+
+    /// A batch kept for registers that no longer hold its call is dropped, never run.
+    #[test]
+    fn a_preempted_batch_is_finished_only_from_its_own_call() {
+        let (t, mut d) = domain();
+        let mut v = MockVcpu::default();
+        write_entry(&t, 0x9000, 0, [0; 5]);
+        write_entry(&t, 0x9038, 0, [0; 5]);
+        v.regs.gpr[reg::RAX] = Hypercall::Multicall as u64;
+        v.regs.gpr[reg::RDI] = 0x9000;
+        v.regs.gpr[reg::RSI] = 2;
+        d.vcpus[0].slice_end_tsc = 0;
+        let peers = &mut crate::common::domain::NoPeers;
+        assert_eq!(handle(&mut d, 0, &mut v, peers), Next::Again);
+        v.regs.gpr[reg::RSI] = 1;
+        assert_eq!(finish_preempted(&mut d, 0, &mut v, peers), None);
+        assert!(d.vcpus[0].preempted_batch.is_none(), "dropped");
+        assert_eq!(
+            t.mem.read_u64(0x9038 + 48).unwrap(),
+            0xdead,
+            "entry 1 never ran"
+        );
+        assert_eq!(v.skipped, 0);
     }
 
     #[test]

@@ -7,6 +7,10 @@ use core::fmt;
 std::thread_local! {
     /// When set, `time::read_tsc` returns this instead of the real TSC.
     pub(crate) static FAKE_TSC: core::cell::Cell<Option<u64>> = const { core::cell::Cell::new(None) };
+    /// How far each read of the fake TSC moves it on (0: it stands still): time the
+    /// hypervisor's own work takes, for tests of what happens when a deadline passes inside
+    /// an exit.
+    pub(crate) static FAKE_TSC_STEP: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
     /// What the mock vCPUs of this thread did, in order, by their `tag`: it outlives them
     /// (a domain's teardown drops its vCPU).
     static TRACE: core::cell::RefCell<Vec<Traced>> = const { core::cell::RefCell::new(Vec::new()) };

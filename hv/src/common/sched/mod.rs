@@ -1016,6 +1016,25 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut any_unmerged = false;
         let mut exited_at = None;
         let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
+        if hold.own(index).domain.vcpus[vcpu_index]
+            .preempted_batch
+            .is_some()
+        {
+            let began = read_tsc();
+            let next;
+            (hold, next) = self.finish_preempted(hold, index, vcpu_index, vcpu, host);
+            let domain = &mut hold.own(index).domain;
+            match next.map(|next| match next {
+                Next::Resume => stopped_elsewhere(domain, vcpu_index),
+                next => Some(next),
+            }) {
+                None | Some(None) => exited_at = Some(began),
+                Some(Some(next)) => {
+                    end_slice(domain, vcpu_index, vcpu, next, host);
+                    return;
+                }
+            }
+        }
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
@@ -1085,7 +1104,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             } else {
                 let next;
                 (hold, next) =
-                    self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host);
+                    self.handle_reaching(hold, index, vcpu_index, vcpu, Some(exit), reach, host);
                 next
             };
             locking::exit_ends();
@@ -1132,10 +1151,44 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let next = dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host);
             return (hold, next);
         }
-        self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host)
+        self.handle_reaching(hold, index, vcpu_index, vcpu, Some(exit), reach, host)
     }
 
-    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line.
+    /// Finishes the `multicall` vCPU `vcpu_index` of slot `index` was preempted in
+    /// ([`crate::common::hypercall::finish_preempted`]) under the locks its exit would be
+    /// handled under (classified from its registers, which still hold the call, as
+    /// `run_slice_shared` classifies an exit), before the vCPU runs guest code. `hold`: what
+    /// the slice began under. `None`: it had no such batch.
+    #[cold]
+    #[inline(never)]
+    fn finish_preempted<'m, H: Host>(
+        &'m self,
+        mut hold: Hold<'m, 'a, V>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        host: &mut H,
+    ) -> (Hold<'m, 'a, V>, Option<Next>) {
+        let own_id = hold.own(index).domain.id;
+        let reach = reach::of_exit(&VmExit::Hypercall, vcpu, own_id);
+        let domain = &mut hold.own(index).domain;
+        if !crate::common::hypercall::has_preempted_batch(domain, vcpu_index, vcpu) {
+            return (hold, None);
+        }
+        if let (Reach::Any, Hold::Shared(_)) = (reach, &hold) {
+            drop(hold);
+            locking::EXITS_EXCLUSIVE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            hold = Hold::Exclusive(self.table.exclusive());
+        }
+        locking::exit_begins();
+        let (hold, next) = self.handle_reaching(hold, index, vcpu_index, vcpu, None, reach, host);
+        locking::exit_ends();
+        (hold, Some(next))
+    }
+
+    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line. `exit`
+    /// `None`: a hypercall already counted and begun, made again (`hypercall::finish`): a
+    /// preempted batch ([`Self::finish_preempted`]).
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn handle_reaching<'m, H: Host>(
@@ -1144,12 +1197,11 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         index: usize,
         vcpu_index: usize,
         vcpu: &mut V,
-        exit: VmExit,
+        mut exit: Option<VmExit>,
         reach: Reach,
         host: &mut H,
     ) -> (Hold<'m, 'a, V>, Next) {
         // Taken when first dispatched; after that the call is made again (`finish`).
-        let mut exit = Some(exit);
         let named = match reach {
             Reach::OnePeer(named) => Some(named),
             _ => None,
@@ -1471,6 +1523,17 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     let tsc_khz = domain.time.tsc_khz() as u32;
     // Where `run_own_exits` puts an exit it does not handle.
     let mut other = VmExit::Hlt;
+    if domain.vcpus[vcpu_index].preempted_batch.is_some() {
+        // A batch preempted at the end of its last slice is finished before the guest runs.
+        let began = read_tsc();
+        match crate::common::hypercall::finish_preempted(domain, vcpu_index, vcpu, peers) {
+            None | Some(Next::Resume) => exited_at = Some(began),
+            Some(next) => {
+                end_slice(domain, vcpu_index, vcpu, next, host);
+                return;
+            }
+        }
+    }
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
@@ -1761,6 +1824,8 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
     vcpu.set_preemption_deadline(slice_ticks);
+    // A batch stops between entries from then on (`hypercall::run_batch`).
+    domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);
 }
 
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's
@@ -1798,6 +1863,11 @@ mod tests {
 
     impl Host for FakeHost {
         fn now_ns(&self) -> u64 {
+            // The fake TSC may have moved on by itself (`FAKE_TSC_STEP`): never back.
+            let tsc = crate::common::testing::FAKE_TSC
+                .with(|t| t.get())
+                .unwrap_or(0);
+            self.now.set(self.now.get().max(tsc));
             crate::common::testing::FAKE_TSC.with(|t| t.set(Some(self.now.get())));
             self.now.get()
         }
@@ -1826,6 +1896,7 @@ mod tests {
             armed: None,
             halts: 0,
         };
+        crate::common::testing::FAKE_TSC.with(|t| t.set(None));
         host.now_ns();
         host
     }
@@ -3031,6 +3102,97 @@ mod tests {
                 .iter()
                 .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
         );
+    }
+
+    /// Issue #11: domain 1's 64-entry batch runs past domain 2's timer (the end of its slice):
+    /// it stops between entries, domain 2 runs, and the batch is finished before domain 1's
+    /// guest runs again, every entry once and in order (each allocates the next port), the
+    /// call counted once, and it returns as a batch does. `shared`: the loop of a machine with
+    /// several CPUs, else the one-CPU loop.
+    fn a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(shared: bool) {
+        use lamina_abi::event_channel::DOMID_SELF;
+        const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let (t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(MULTICALL, [0x9000, 64, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        for i in 0..64 {
+            put_entry(&t1, 0x9000, i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]); // alloc_unbound
+        }
+        // Domain 2 sleeps until its periodic timer, due PERIOD after it is set.
+        let (_t2, two) = slot_with_id(
+            2,
+            vec![
+                hypercall(EVTCHN, [1, 0, 0]), // bind VIRQ_TIMER
+                hypercall(VCPU_OP, [VcpuOp::SetPeriodicTimer as u64, 0, PERIOD]),
+                hypercall(SCHED, [1, 0, 0]), // block
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut slots = [one, two];
+        let mut host = fake_host();
+        // The hypervisor's work takes time: 2 us a TSC read, so that the batch (a read an
+        // entry) runs past the timer (about entry 20).
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(2_000));
+        take_trace();
+        if shared {
+            run_shared(&mut slots, &mut host);
+        } else {
+            run_all(&mut slots, &mut host);
+        }
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(0));
+        let trace = take_trace();
+        assert!(
+            slots
+                .iter()
+                .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
+        );
+        let runs_of_one: Vec<usize> = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(1, _)))
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(
+            results_of(&trace, 1),
+            [0, 64],
+            "domain 1 ran three times (never inside its batch), the batch returned 64: {trace:?}"
+        );
+        // Its fourth run: after its block returned.
+        let woken_two = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(2, _)))
+            .nth(3)
+            .map(|(at, _)| at)
+            .expect("domain 2 woke from its block");
+        assert!(
+            runs_of_one[1] < woken_two && woken_two < runs_of_one[2],
+            "domain 2 ran while the batch was stopped: {trace:?}"
+        );
+        let results: Vec<u64> = (0..64).map(|i| entry_result(&t1, 0x9000, i)).collect();
+        let first = results[0];
+        assert!(
+            results.iter().zip(first..).all(|(&r, port)| r == port),
+            "every entry ran once, in order: {results:?}"
+        );
+        let counters = slots[0].domain.vcpus[0].stats.to_counters();
+        assert_eq!(counters.by_hypercall[MULTICALL as usize], 1, "counted once");
+    }
+
+    #[test]
+    fn a_batch_stops_at_another_domains_deadline_on_one_cpu() {
+        a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(false);
+    }
+
+    #[test]
+    fn a_batch_stops_at_another_domains_deadline_on_the_shared_path() {
+        a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(true);
     }
 
     /// A reference to the machine that other test threads may use: the machine's locks are

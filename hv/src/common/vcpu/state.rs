@@ -3,7 +3,9 @@
 
 use crate::common::devices::vlapic::VirtualLapic;
 use crate::common::domain::stats::ExitStats;
+use crate::common::hypercall::UnfinishedBatch;
 use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
+use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -382,6 +384,14 @@ pub struct VcpuState {
     pub domctl_waits_for: Option<u64>,
     /// What its TLB_FLUSH request is to drop (docs/abi.md 11).
     pub pending_tlb_flush: PendingTlbFlush,
+    /// The TSC at which the slice it runs in ends (another domain's deadline or the slice's
+    /// length, whichever comes first), set when it is scheduled in: a `multicall` stops
+    /// between entries once it has passed (`u64::MAX`: never).
+    pub slice_end_tsc: u64,
+    /// A `multicall` that stopped between entries at the end of its slice, with RIP still on
+    /// the call: the scheduler finishes it before the vCPU next runs guest code
+    /// (docs/abi.md 12). Allocated only while there is one.
+    pub preempted_batch: Option<Box<UnfinishedBatch>>,
 }
 
 /// The most addresses a vCPU's pending flush keeps; beyond them it flushes everything.
@@ -462,6 +472,8 @@ impl VcpuState {
             running_since: None,
             domctl_waits_for: None,
             pending_tlb_flush: PendingTlbFlush::default(),
+            slice_end_tsc: u64::MAX,
+            preempted_batch: None,
             runstate: Runstate::new(
                 now,
                 if index == 0 {
@@ -481,6 +493,9 @@ impl VcpuState {
     /// Gives the vCPU the state it starts in, loaded when it is next scheduled in
     /// (`vcpu_op` initialise, a STARTUP IPI).
     pub fn set_start(&mut self, start: StartState) {
+        // A batch it was stopped in is abandoned with the rest of where it was (the entries
+        // that ran stay done): it starts afresh.
+        self.preempted_batch = None;
         self.start = Some(start);
         self.requests.make(request::START);
     }

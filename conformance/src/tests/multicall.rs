@@ -413,6 +413,12 @@ static SEEN_HALF_RUN: core::sync::atomic::AtomicU64 = core::sync::atomic::Atomic
 /// Times vCPU 1 found a state a batch never has (a result out of order or wrong).
 static SEEN_WRONG: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
+/// A `memory_op` current_reservation entry.
+fn reservation_call() -> MulticallEntry {
+    let op = lamina_abi::memory::MemoryOp::CurrentReservation as u64;
+    call(Hypercall::MemoryOp, [op, 0, 0, 0, 0])
+}
+
 /// The result of entry `index` of [`WATCHED`], as it is now.
 fn watched_result(index: usize) -> u64 {
     // SAFETY: a read of our static's field, volatile: the hypervisor writes it for vCPU 0.
@@ -424,11 +430,11 @@ fn watched_result(index: usize) -> u64 {
 /// CPU (`affinity=0`), so it runs only while vCPU 0 does not.
 extern "C" fn watch_batch(_vcpu: u64) -> ! {
     use core::sync::atomic::Ordering::SeqCst;
-    let version = u64::from(abi_version());
+    let reservation = start_info().mem_bytes;
     loop {
         if IN_CALL.load(SeqCst) {
             let run = (0..MULTICALL_MAX as usize)
-                .take_while(|&i| watched_result(i) == version)
+                .take_while(|&i| watched_result(i) == reservation)
                 .count();
             let rest_not_run = (run..MULTICALL_MAX as usize).all(|i| watched_result(i) == NOT_RUN);
             if !rest_not_run {
@@ -452,27 +458,28 @@ pub(super) fn multicall_preempted() {
     if !super::pv_smp::start_secondary(1, watch_batch) {
         return;
     }
-    let version = u64::from(abi_version());
+    let reservation = start_info().mem_bytes;
     let give_up = shared::now() + crate::timing::GIVE_UP_NS;
     let mut batches = 0u64;
-    // 64 version entries again and again: most of vCPU 0's time is in its batches, so the end
-    // of one of its slices soon falls in one.
+    // 64 current_reservation entries again and again (cheap, and not `version`, before which a
+    // batch never stops): most of vCPU 0's time is in its batches, so the end of one of its
+    // slices soon falls in one.
     while SEEN_HALF_RUN.load(SeqCst) == 0 && shared::now() < give_up {
         // SAFETY: only vCPU 0 writes the batch; vCPU 1 only reads results.
         let entries = unsafe { &mut *WATCHED.get() };
         for entry in entries.iter_mut() {
             // SAFETY: a store to our static, volatile: vCPU 1 reads it.
-            unsafe { (&raw mut *entry).write_volatile(call(Hypercall::Version, [0; 5])) };
+            unsafe { (&raw mut *entry).write_volatile(reservation_call()) };
         }
         IN_CALL.store(true, SeqCst);
         let status = run(entries);
         IN_CALL.store(false, SeqCst);
         batches += 1;
         let whole = status == Status(MULTICALL_MAX)
-            && (0..MULTICALL_MAX as usize).all(|i| watched_result(i) == version);
+            && (0..MULTICALL_MAX as usize).all(|i| watched_result(i) == reservation);
         if !check!(
             whole,
-            "batch {batches}: returned {status:?}, results not all the version"
+            "batch {batches}: returned {status:?}, results not all the reservation"
         ) {
             return;
         }

@@ -162,13 +162,36 @@ pub fn has_preempted_batch<V: VirtualCpu>(
 /// that ran, with the copy made when the call began; not counted again. Returns what the vCPU
 /// does next, as [`finish`] (preempted again: [`Next::Yield`], RIP still on the call), or
 /// `None` when it has no such batch ([`has_preempted_batch`]).
+///
+/// Not through [`dispatch`]: a look for a preempted batch in [`multicall`] made every batch
+/// dearer (12 instructions a call and 2 an entry of `multicall_32`, registers spent on it).
+/// Stopped before an entry whose domain is busy ([`DomainTable::busy`]), it keeps its copy
+/// in `peers` and returns [`Next::Again`]: the caller makes it again with [`finish`].
+#[cold]
+#[inline(never)]
 pub fn finish_preempted<V: VirtualCpu>(
     domain: &mut Domain,
     vcpu_index: usize,
     vcpu: &mut V,
     peers: &mut dyn DomainTable,
 ) -> Option<Next> {
-    has_preempted_batch(domain, vcpu_index, vcpu).then(|| finish(domain, vcpu_index, vcpu, peers))
+    if !has_preempted_batch(domain, vcpu_index, vcpu) {
+        return None;
+    }
+    let batch = domain.vcpus[vcpu_index].preempted_batch.take()?;
+    let rax = match go_on_preempted(domain, vcpu_index, batch, peers) {
+        Ok(Done::Return(run)) => run,
+        Ok(Done::Ended) => return Some(Next::Stop),
+        Ok(Done::Preempted) => return Some(Next::Yield),
+        Ok(Done::Unfinished) => return Some(Next::Again),
+        // A batch returns nothing else; as `handle` would.
+        Ok(Done::Again) => return Some(Next::Yield),
+        Ok(Done::Yield) | Ok(Done::Sleep) => 0,
+        Err(errno) => errno.to_return_value(),
+    };
+    vcpu.regs().gpr[reg::RAX] = rax;
+    vcpu.skip_instruction();
+    Some(Next::Resume)
 }
 
 /// The hot path (benchmarks' null hypercall): `version` and undefined numbers need no
@@ -823,10 +846,6 @@ fn multicall(
         // An empty batch is never out of bounds, wherever it points (docs/abi.md 2.5).
         return Ok(Done::Return(0));
     }
-    // Finished by the scheduler after it was preempted ([`finish_preempted`]).
-    if let Some(preempted) = domain.vcpus[vcpu].preempted_batch.take() {
-        return go_on_preempted(domain, vcpu, gpa, count, preempted, peers);
-    }
     // Only a table that keeps batches may refuse an entry: with any other (one CPU, the
     // table exclusive) the entries cost no look at the table.
     let Some(kept) = peers.kept() else {
@@ -849,25 +868,23 @@ fn multicall(
     copy_and_run::<true>(domain, vcpu, gpa, count, peers)
 }
 
-/// Goes on with the batch `preempted` (the call `multicall(gpa, count)`, [`finish_preempted`]
-/// checked) from the entry after the last that ran. Out of line: rare, and its copy of the
-/// batch is on the heap.
+/// Goes on with the batch `preempted` of vCPU `vcpu` from the entry after the last that ran.
+/// Out of line: rare, and its copy of the batch is on the heap.
 #[cold]
 #[inline(never)]
 fn go_on_preempted(
     domain: &mut Domain,
     vcpu: usize,
-    gpa: u64,
-    count: u64,
     preempted: Box<UnfinishedBatch>,
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
-    let count = count.min(preempted.count) as usize;
+    let count = (preempted.count as usize).min(preempted.entries.len());
     let batch = &preempted.entries[..count];
+    let (gpa, next) = (preempted.gpa, preempted.next);
     if peers.kept().is_some() {
-        run_batch::<true>(domain, vcpu, gpa, batch, preempted.next, peers)
+        run_batch::<true>(domain, vcpu, gpa, batch, next, peers)
     } else {
-        run_batch::<false>(domain, vcpu, gpa, batch, preempted.next, peers)
+        run_batch::<false>(domain, vcpu, gpa, batch, next, peers)
     }
 }
 
@@ -923,22 +940,21 @@ fn run_batch<const MAY_REFUSE: bool>(
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     let entry_size = size_of::<MulticallEntry>() as u64;
-    let mut run = first;
-    for (i, entry) in batch.iter().enumerate().skip(first as usize) {
-        let i = i as u64;
-        let at = gpa + i * entry_size;
+    // Where entry `i` lies, and `i` from it (no index kept: the loop's registers go to the
+    // entries that are neither answered here nor looked at, see below).
+    let mut at = gpa.wrapping_add(first.wrapping_mul(entry_size));
+    let index = |at: u64| at.wrapping_sub(gpa) / entry_size;
+    for entry in batch.get(first as usize..).unwrap_or_default() {
         let (op, args) = (entry.op, entry.args);
-        // One test for the numbers a batch answers itself and those worth a look at the clock
-        // first (a cheap batch's entries are neither: no cost added to them).
-        let own_answer = if op < 64 && BATCH_LOOKED_AT & (1 << op) != 0 {
-            if i > first && read_tsc() >= domain.vcpus[vcpu].slice_end_tsc {
-                return Ok(keep_preempted(domain, vcpu, gpa, batch, i));
+        // One bit test for the numbers a batch answers itself and those worth a look at the
+        // clock first (a cheap batch's entries are neither: no cost added to them).
+        let own_answer = if op < 64 && (BATCH_LOOKED_AT >> op) & 1 != 0 {
+            if read_tsc() >= domain.vcpus[vcpu].slice_end_tsc
+                && let Some(preempted) = keep_preempted(domain, vcpu, gpa, batch, first, at)
+            {
+                return Ok(preempted);
             }
-            if BATCH_SPECIAL_CALLS & (1 << op) != 0 {
-                batch_answer(op, &args, vcpu)
-            } else {
-                None
-            }
+            batch_answer(op, &args, vcpu)
         } else {
             None
         };
@@ -946,16 +962,15 @@ fn run_batch<const MAY_REFUSE: bool>(
             result
         } else {
             if MAY_REFUSE && !peers.admit(domain, op, &entry.args) {
-                return Ok(keep_unfinished(gpa, batch, i, peers));
+                return Ok(keep_unfinished(gpa, batch, index(at), peers));
             }
             let result = dispatch(domain, vcpu, op, &entry.args, peers);
             // Stopped before it acted (a grant copy whose domain was busy): made again.
             if MAY_REFUSE && (peers.busy() || matches!(result, Ok(Done::Unfinished))) {
-                return Ok(keep_unfinished(gpa, batch, i, peers));
+                return Ok(keep_unfinished(gpa, batch, index(at), peers));
             }
             result
         };
-        run += 1;
         let value = match result {
             Ok(Done::Return(v)) => v,
             Ok(Done::Yield) | Ok(Done::Sleep) => 0,
@@ -975,11 +990,13 @@ fn run_batch<const MAY_REFUSE: bool>(
             Err(e) => e.to_return_value(),
         };
         domain.memory.write_u64(
-            at + core::mem::offset_of!(MulticallEntry, result) as u64,
+            at.wrapping_add(core::mem::offset_of!(MulticallEntry, result) as u64),
             value,
         )?;
+        at = at.wrapping_add(entry_size);
     }
-    Ok(Done::Return(run))
+    // Every entry ran (the call returns the number run, docs/abi.md 12).
+    Ok(Done::Return(batch.len() as u64))
 }
 
 /// The numbers [`batch_answer`] looks at, a bit each.
@@ -1042,9 +1059,11 @@ fn keep_unfinished(
     Done::Unfinished
 }
 
-/// The batch stops before entry `next` because the slice of vCPU `vcpu` is over: its copy is
-/// kept in the vCPU's state, where [`finish_preempted`] finds it. Out of line, as
-/// [`keep_unfinished`].
+/// The slice of vCPU `vcpu` is over before the entry at `at` of `batch` (the array at `gpa`,
+/// run from entry `first`): unless that is `first` (each run makes progress), the batch stops
+/// and its copy is kept in the vCPU's state, where [`finish_preempted`] finds it. Out of
+/// line, as [`keep_unfinished`], and the entry's number worked out here: nothing of this is
+/// kept in the loop's registers.
 #[cold]
 #[inline(never)]
 fn keep_preempted(
@@ -1052,8 +1071,13 @@ fn keep_preempted(
     vcpu: usize,
     gpa: u64,
     batch: &[MulticallEntry],
-    next: u64,
-) -> Done {
+    first: u64,
+    at: u64,
+) -> Option<Done> {
+    let next = at.wrapping_sub(gpa) / size_of::<MulticallEntry>() as u64;
+    if next <= first {
+        return None;
+    }
     let mut entries = [MulticallEntry::default(); MULTICALL_MAX as usize];
     entries[..batch.len()].copy_from_slice(batch);
     domain.vcpus[vcpu].preempted_batch = Some(Box::new(UnfinishedBatch {
@@ -1062,7 +1086,7 @@ fn keep_preempted(
         next,
         entries,
     }));
-    Done::Preempted
+    Some(Done::Preempted)
 }
 
 /// Test support: one hypercall's dispatch, without a vCPU.

@@ -941,7 +941,18 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let domain = &mut current.domain;
             schedule_in(domain, vcpu_index, &mut *vcpu, host, now, slice_end);
             let peers = &mut Peers::around(before, after);
-            run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            // A batch preempted at the end of its last slice is finished before the guest
+            // runs (out of the slice's loop, which stays as it was).
+            let next = if domain.vcpus[vcpu_index].preempted_batch.is_some() {
+                finish_preempted_alone(domain, vcpu_index, &mut *vcpu, peers)
+            } else {
+                Next::Resume
+            };
+            if next == Next::Resume {
+                run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            } else {
+                end_slice(domain, vcpu_index, &mut *vcpu, next, host);
+            }
             let ran = host.now_ns().saturating_sub(now);
             put_back(current, index, vcpu_index, vcpu, now, ran, me);
         }
@@ -987,6 +998,21 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     ) {
         let domain = &mut hold.own(index).domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
+        if domain.vcpus[vcpu_index].preempted_batch.is_some() {
+            // A batch preempted at the end of its last slice is finished before the guest
+            // runs (out of the slice's loop, which stays as it was).
+            let next;
+            (hold, next) = self.finish_preempted(hold, index, vcpu_index, vcpu, host);
+            let domain = &mut hold.own(index).domain;
+            let next = match next {
+                None | Some(Next::Resume) => stopped_elsewhere(domain, vcpu_index),
+                Some(next) => Some(next),
+            };
+            if let Some(next) = next {
+                end_slice(domain, vcpu_index, vcpu, next, host);
+                return;
+            }
+        }
         self.run_slice_shared(hold, cpu, index, vcpu_index, vcpu, host, slice_end);
     }
 
@@ -1016,25 +1042,6 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut any_unmerged = false;
         let mut exited_at = None;
         let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
-        if hold.own(index).domain.vcpus[vcpu_index]
-            .preempted_batch
-            .is_some()
-        {
-            let began = read_tsc();
-            let next;
-            (hold, next) = self.finish_preempted(hold, index, vcpu_index, vcpu, host);
-            let domain = &mut hold.own(index).domain;
-            match next.map(|next| match next {
-                Next::Resume => stopped_elsewhere(domain, vcpu_index),
-                next => Some(next),
-            }) {
-                None | Some(None) => exited_at = Some(began),
-                Some(Some(next)) => {
-                    end_slice(domain, vcpu_index, vcpu, next, host);
-                    return;
-                }
-            }
-        }
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
@@ -1103,8 +1110,15 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host)
             } else {
                 let next;
-                (hold, next) =
-                    self.handle_reaching(hold, index, vcpu_index, vcpu, Some(exit), reach, host);
+                (hold, next) = self.handle_reaching(
+                    hold,
+                    index,
+                    vcpu_index,
+                    vcpu,
+                    Pending::Exit(exit),
+                    reach,
+                    host,
+                );
                 next
             };
             locking::exit_ends();
@@ -1151,7 +1165,15 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let next = dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host);
             return (hold, next);
         }
-        self.handle_reaching(hold, index, vcpu_index, vcpu, Some(exit), reach, host)
+        self.handle_reaching(
+            hold,
+            index,
+            vcpu_index,
+            vcpu,
+            Pending::Exit(exit),
+            reach,
+            host,
+        )
     }
 
     /// Finishes the `multicall` vCPU `vcpu_index` of slot `index` was preempted in
@@ -1180,15 +1202,25 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             locking::EXITS_EXCLUSIVE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
             hold = Hold::Exclusive(self.table.exclusive());
         }
+        let began = read_tsc();
         locking::exit_begins();
-        let (hold, next) = self.handle_reaching(hold, index, vcpu_index, vcpu, None, reach, host);
+        let (mut hold, next) = self.handle_reaching(
+            hold,
+            index,
+            vcpu_index,
+            vcpu,
+            Pending::Preempted,
+            reach,
+            host,
+        );
         locking::exit_ends();
+        preempted_batch_took(&mut hold.own(index).domain, vcpu_index, vcpu, began);
         (hold, Some(next))
     }
 
-    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line. `exit`
-    /// `None`: a hypercall already counted and begun, made again (`hypercall::finish`): a
-    /// preempted batch ([`Self::finish_preempted`]).
+    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line, or
+    /// for a batch preempted at the end of its last slice ([`Pending::Preempted`],
+    /// [`Self::finish_preempted`]).
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn handle_reaching<'m, H: Host>(
@@ -1197,11 +1229,11 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         index: usize,
         vcpu_index: usize,
         vcpu: &mut V,
-        mut exit: Option<VmExit>,
+        mut pending: Pending,
         reach: Reach,
         host: &mut H,
     ) -> (Hold<'m, 'a, V>, Next) {
-        // Taken when first dispatched; after that the call is made again (`finish`).
+        // Taken when first handled; after that the call is made again (`finish`).
         let named = match reach {
             Reach::OnePeer(named) => Some(named),
             _ => None,
@@ -1220,9 +1252,14 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                         kept: kept.take(),
                     };
                     let domain = &mut current.domain;
-                    let next = match exit.take() {
-                        Some(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
-                        None => crate::common::hypercall::finish(domain, vcpu_index, vcpu, peers),
+                    let next = match core::mem::replace(&mut pending, Pending::Again) {
+                        Pending::Exit(exit) => {
+                            dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)
+                        }
+                        Pending::Preempted => preempted(domain, vcpu_index, vcpu, peers),
+                        Pending::Again => {
+                            crate::common::hypercall::finish(domain, vcpu_index, vcpu, peers)
+                        }
                     };
                     (next, None)
                 }
@@ -1243,14 +1280,18 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     let domain = &mut own.domain;
                     let next = match named {
                         // Not yet dispatched, and its one peer busy: nothing done.
-                        Some(named) if exit.is_some() && !peers.lock_named(domain, named) => {
+                        Some(named)
+                            if matches!(pending, Pending::Exit(_))
+                                && !peers.lock_named(domain, named) =>
+                        {
                             Next::Again
                         }
-                        _ => match exit.take() {
-                            Some(exit) => {
+                        _ => match core::mem::replace(&mut pending, Pending::Again) {
+                            Pending::Exit(exit) => {
                                 dispatch_exit(domain, vcpu_index, vcpu, exit, &mut peers, host)
                             }
-                            None => crate::common::hypercall::finish(
+                            Pending::Preempted => preempted(domain, vcpu_index, vcpu, &mut peers),
+                            Pending::Again => crate::common::hypercall::finish(
                                 domain, vcpu_index, vcpu, &mut peers,
                             ),
                         },
@@ -1282,6 +1323,57 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             };
         }
     }
+}
+
+/// What [`Machine::handle_reaching`] is to handle.
+enum Pending {
+    /// An exit, not yet handled.
+    Exit(VmExit),
+    /// The batch the vCPU was preempted in ([`crate::common::hypercall::finish_preempted`]).
+    Preempted,
+    /// A call that stopped before it acted, made again ([`crate::common::hypercall::finish`]).
+    Again,
+}
+
+/// Finishes the batch vCPU `vcpu_index` was preempted in, on a machine with one CPU (`peers`:
+/// the table exclusive); what the vCPU does next.
+#[cold]
+#[inline(never)]
+fn finish_preempted_alone<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut Peers<'_, V>,
+) -> Next {
+    let began = read_tsc();
+    let next = preempted(domain, vcpu_index, vcpu, peers);
+    preempted_batch_took(domain, vcpu_index, vcpu, began);
+    next
+}
+
+/// Finishing a preempted batch took the hypervisor from TSC `began` to now: counted as the
+/// handling of an exit, and taken off the slice's VMX-preemption timer (which counts guest
+/// time only, `PreemptionClock`).
+fn preempted_batch_took<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    began: u64,
+) {
+    domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(began);
+    vcpu.reload_preemption_deadline();
+}
+
+/// Finishes the batch vCPU `vcpu_index` was preempted in; a batch gone meanwhile leaves the
+/// vCPU to run on.
+fn preempted<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
+    crate::common::hypercall::finish_preempted(domain, vcpu_index, vcpu, peers)
+        .unwrap_or(Next::Resume)
 }
 
 /// vCPU `vcpu_index` of slot `index` comes back into `slot` (its hardware state, `vcpu`)
@@ -1523,17 +1615,6 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     let tsc_khz = domain.time.tsc_khz() as u32;
     // Where `run_own_exits` puts an exit it does not handle.
     let mut other = VmExit::Hlt;
-    if domain.vcpus[vcpu_index].preempted_batch.is_some() {
-        // A batch preempted at the end of its last slice is finished before the guest runs.
-        let began = read_tsc();
-        match crate::common::hypercall::finish_preempted(domain, vcpu_index, vcpu, peers) {
-            None | Some(Next::Resume) => exited_at = Some(began),
-            Some(next) => {
-                end_slice(domain, vcpu_index, vcpu, next, host);
-                return;
-            }
-        }
-    }
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
@@ -3175,12 +3256,13 @@ mod tests {
             runs_of_one[1] < woken_two && woken_two < runs_of_one[2],
             "domain 2 ran while the batch was stopped: {trace:?}"
         );
+        // Port 0 is never allocated and port 1 is the console's: 2 to 65.
         let results: Vec<u64> = (0..64).map(|i| entry_result(&t1, 0x9000, i)).collect();
-        let first = results[0];
         assert!(
-            results.iter().zip(first..).all(|(&r, port)| r == port),
+            results.iter().zip(2..).all(|(&r, port)| r == port),
             "every entry ran once, in order: {results:?}"
         );
+        assert!(slots[0].domain.vcpus[0].preempted_batch.is_none());
         let counters = slots[0].domain.vcpus[0].stats.to_counters();
         assert_eq!(counters.by_hypercall[MULTICALL as usize], 1, "counted once");
     }

@@ -113,7 +113,10 @@ pub const RELOAD_AFTER_TSC: u64 = 20_000;
 /// much. The deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]) once the
 /// exits handled out of [`run_own_exits`] took [`RELOAD_AFTER_TSC`] since the last time, and
 /// at every exit, quick ones included, once the slice is over: the timer then ends the guest's
-/// run at the next entry. Before the second rule a guest making null hypercalls in a loop
+/// run at the next entry. Within [`RELOAD_AFTER_TSC`] of the slice's end every counted exit
+/// reloads it too: time the hypervisor took before would otherwise move the end of the slice
+/// past another domain's deadline by as much when the guest runs on without an exit (a
+/// neighbour's timer beside `resource-hog`'s storm under Bochs). Before the second rule a guest making null hypercalls in a loop
 /// (never counted) kept the CPU 200 us past a neighbour's deadline under Bochs. A quick exit
 /// costs one comparison, which backends without the timer compile away.
 pub struct PreemptionClock {
@@ -134,7 +137,9 @@ impl PreemptionClock {
     #[inline(always)]
     pub fn count<V: VirtualCpu>(&mut self, vcpu: &mut V, handled: u64, now: u64) {
         self.unreloaded_tsc += handled;
-        if self.unreloaded_tsc > RELOAD_AFTER_TSC || now >= self.slice_end_tsc {
+        if self.unreloaded_tsc > RELOAD_AFTER_TSC
+            || now.saturating_add(RELOAD_AFTER_TSC) >= self.slice_end_tsc
+        {
             self.unreloaded_tsc = 0;
             vcpu.reload_preemption_deadline();
         }
@@ -1349,6 +1354,23 @@ mod tests {
         assert_eq!((v.xcr0(), v.skipped), (1, 1), "upper RAX ignored");
         v.cpl = 3;
         assert_eq!(try_xsetbv(&mut v, &mut d, 0, 3), gp, "CPL 3");
+    }
+
+    #[test]
+    fn the_preemption_deadline_is_reloaded_after_long_handling_and_near_the_slices_end() {
+        let mut v = MockVcpu::default();
+        let mut clock = PreemptionClock::new(1_000_000);
+        clock.count(&mut v, 1_000, 100_000);
+        clock.count(&mut v, RELOAD_AFTER_TSC / 2, 200_000);
+        assert_eq!(v.preemption_reloads, 0, "little handling, far from the end");
+        clock.count(&mut v, RELOAD_AFTER_TSC, 300_000);
+        assert_eq!(v.preemption_reloads, 1, "handling added up");
+        clock.count(&mut v, 10, 1_000_000 - RELOAD_AFTER_TSC);
+        assert_eq!(v.preemption_reloads, 2, "any exit near the end");
+        clock.count_quick(&mut v, 999_999);
+        assert_eq!(v.preemption_reloads, 2, "quick exits: only once it is over");
+        clock.count_quick(&mut v, 1_000_000);
+        assert_eq!(v.preemption_reloads, 3);
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub(crate) struct MockVcpu {
     pub(crate) state: ArchState,
     /// Paging as `paging_mode` reports it (`None`: paging off).
     pub(crate) paging_cr3: Option<u64>,
+    /// Times the preemption deadline was loaded again.
+    pub(crate) preemption_reloads: u32,
 }
 
 impl VirtualCpu for MockVcpu {
@@ -187,6 +189,9 @@ impl VirtualCpu for MockVcpu {
     }
     fn set_xcr0(&mut self, value: u64) {
         self.xcr0 = value;
+    }
+    fn reload_preemption_deadline(&mut self) {
+        self.preemption_reloads += 1;
     }
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
         write!(out, "mock")

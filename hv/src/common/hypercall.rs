@@ -875,17 +875,29 @@ fn multicall(
 fn go_on_preempted(
     domain: &mut Domain,
     vcpu: usize,
-    preempted: Box<UnfinishedBatch>,
+    mut preempted: Box<UnfinishedBatch>,
     peers: &mut dyn DomainTable,
 ) -> Result<Done, Errno> {
     let count = (preempted.count as usize).min(preempted.entries.len());
     let batch = &preempted.entries[..count];
     let (gpa, next) = (preempted.gpa, preempted.next);
-    if peers.kept().is_some() {
+    // Preempted again, it keeps this copy ([`keep_preempted`] notes where it stopped).
+    domain.vcpus[vcpu].resuming_batch = true;
+    let result = if peers.kept().is_some() {
         run_batch::<true>(domain, vcpu, gpa, batch, next, peers)
     } else {
         run_batch::<false>(domain, vcpu, gpa, batch, next, peers)
+    };
+    let state = &mut domain.vcpus[vcpu];
+    state.resuming_batch = false;
+    if matches!(result, Ok(Done::Preempted)) {
+        preempted.next = state.resume_next;
+        state.preempted_batch = Some(preempted);
+    } else {
+        // Kept for the next preemption: no allocation then.
+        state.spare_batch = Some(preempted);
     }
+    result
 }
 
 /// Copies the batch of `count` entries at `gpa` and runs it ([`run_batch`]).
@@ -1078,14 +1090,29 @@ fn keep_preempted(
     if next <= first {
         return None;
     }
-    let mut entries = [MulticallEntry::default(); MULTICALL_MAX as usize];
-    entries[..batch.len()].copy_from_slice(batch);
-    domain.vcpus[vcpu].preempted_batch = Some(Box::new(UnfinishedBatch {
-        gpa,
-        count: batch.len() as u64,
-        next,
-        entries,
-    }));
+    let state = &mut domain.vcpus[vcpu];
+    if state.resuming_batch {
+        // Its entries are already kept ([`go_on_preempted`]): only where it stopped.
+        state.resume_next = next;
+        return Some(Done::Preempted);
+    }
+    // The storage of an earlier preemption of this vCPU, or new (once): only the entries not
+    // run yet are copied, the rest is never read. (An allocation and a copy of the whole
+    // batch each time took 16 us under Bochs.)
+    let mut kept = state.spare_batch.take().unwrap_or_else(|| {
+        Box::new(UnfinishedBatch {
+            gpa: 0,
+            count: 0,
+            next: 0,
+            entries: [MulticallEntry::default(); MULTICALL_MAX as usize],
+        })
+    });
+    let from = (next as usize).min(batch.len());
+    kept.entries[from..batch.len()].copy_from_slice(&batch[from..]);
+    kept.gpa = gpa;
+    kept.count = batch.len() as u64;
+    kept.next = next;
+    state.preempted_batch = Some(kept);
     Some(Done::Preempted)
 }
 
@@ -1517,6 +1544,7 @@ mod tests {
                 .map(|i| t.mem.read_u64(0x9000 + 56 * i + 48).unwrap() as i64)
                 .collect()
         };
+        // The slice is over: entry 0 runs (each call makes progress), then it stops.
         assert_eq!(
             handle(&mut d, 0, &mut v, &mut crate::common::domain::NoPeers),
             Next::Again
@@ -1553,6 +1581,10 @@ mod tests {
             "every entry once, in order, as copied"
         );
         assert!(d.vcpus[0].preempted_batch.is_none());
+        assert!(
+            d.vcpus[0].spare_batch.is_some(),
+            "its storage kept for the next"
+        );
         assert_eq!(
             finish_preempted(&mut d, 0, &mut v, peers),
             None,
@@ -1579,10 +1611,12 @@ mod tests {
         v.regs.gpr[reg::RSI] = 2;
         d.vcpus[0].slice_end_tsc = 0;
         let peers = &mut crate::common::domain::NoPeers;
-        assert_eq!(handle(&mut d, 0, &mut v, peers), Next::Again);
+        assert_eq!(handle(&mut d, 0, &mut v, peers), Next::Again, "stopped");
+        assert!(d.vcpus[0].preempted_batch.is_some());
         v.regs.gpr[reg::RSI] = 1;
         assert_eq!(finish_preempted(&mut d, 0, &mut v, peers), None);
         assert!(d.vcpus[0].preempted_batch.is_none(), "dropped");
+        assert_eq!(t.mem.read_u64(0x9000 + 48).unwrap(), 1, "entry 0 ran");
         assert_eq!(
             t.mem.read_u64(0x9038 + 48).unwrap(),
             0xdead,

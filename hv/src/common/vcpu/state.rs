@@ -392,6 +392,14 @@ pub struct VcpuState {
     /// the call: the scheduler finishes it before the vCPU next runs guest code
     /// (docs/abi.md 12). Allocated only while there is one.
     pub preempted_batch: Option<Box<UnfinishedBatch>>,
+    /// The storage of a preempted batch once it was finished, kept for the next (a vCPU that
+    /// was never preempted in a batch has none).
+    pub spare_batch: Option<Box<UnfinishedBatch>>,
+    /// [`Self::preempted_batch`] is being finished: a new preemption keeps its storage and
+    /// notes only [`Self::resume_next`].
+    pub resuming_batch: bool,
+    /// Where a batch being finished stopped again.
+    pub resume_next: u64,
 }
 
 /// The most addresses a vCPU's pending flush keeps; beyond them it flushes everything.
@@ -474,6 +482,9 @@ impl VcpuState {
             pending_tlb_flush: PendingTlbFlush::default(),
             slice_end_tsc: u64::MAX,
             preempted_batch: None,
+            spare_batch: None,
+            resuming_batch: false,
+            resume_next: 0,
             runstate: Runstate::new(
                 now,
                 if index == 0 {

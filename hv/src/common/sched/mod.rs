@@ -3269,6 +3269,63 @@ mod tests {
         assert_eq!(counters.by_hypercall[MULTICALL as usize], 1, "counted once");
     }
 
+    /// A domain destroyed while one of its vCPUs waits to finish a batch: the rest of the
+    /// batch never runs, its vCPU never runs guest code again, and the kept copy goes with the
+    /// teardown.
+    #[test]
+    fn a_batch_waiting_to_be_finished_goes_with_its_destroyed_domain() {
+        use lamina_abi::event_channel::DOMID_SELF;
+        const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
+        const DOMCTL_OP: u64 = lamina_abi::Hypercall::DomctlOp as u64;
+        let destroy = lamina_abi::domctl::DomctlOp::Destroy as u64;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let (t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(MULTICALL, [0x9000, 64, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        for i in 0..64 {
+            put_entry(&t1, 0x9000, i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]);
+        }
+        let (_t2, mut two) = slot_with_id(
+            2,
+            vec![
+                hypercall(EVTCHN, [1, 0, 0]),
+                hypercall(VCPU_OP, [VcpuOp::SetPeriodicTimer as u64, 0, PERIOD]),
+                hypercall(SCHED, [1, 0, 0]),
+                hypercall(DOMCTL_OP, [destroy, 1, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        two.domain.privileged = true;
+        let mut slots = [one, two];
+        let mut host = fake_host();
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(2_000));
+        take_trace();
+        run_all(&mut slots, &mut host);
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(0));
+        let trace = take_trace();
+        let [one, two] = &slots;
+        assert_eq!(one.domain.state, DomainState::Ended(Ending::Destroyed));
+        assert_eq!(two.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(
+            results_of(&trace, 1),
+            [0],
+            "never ran after its batch began: {trace:?}"
+        );
+        assert_eq!(entry_result(&t1, 0x9000, 0), 2, "the batch had begun");
+        assert_eq!(
+            entry_result(&t1, 0x9000, 63),
+            u64::MAX,
+            "and was never finished"
+        );
+        let state = &one.domain.vcpus[0];
+        assert!(state.preempted_batch.is_none() && state.spare_batch.is_none());
+    }
+
     #[test]
     fn a_batch_stops_at_another_domains_deadline_on_one_cpu() {
         a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(false);

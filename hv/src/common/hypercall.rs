@@ -938,8 +938,9 @@ fn copy_and_run<const MAY_REFUSE: bool>(
 /// the next needs others ([`DomainTable::admit`]); when they cannot be, the batch stops
 /// before that entry and keeps its copy ([`UnfinishedBatch`]). Between entries, once the
 /// vCPU's slice is over ([`VcpuState::slice_end_tsc`]: one TSC read and compare before each
-/// entry of [`BATCH_LOOKED_AT`]), the batch stops and is kept in the vCPU's state ([`Done::Preempted`]); the entry it starts
-/// from always runs, so a batch finishes however short its slices.
+/// entry of [`BATCH_LOOKED_AT`]), the batch stops and is kept in the vCPU's state
+/// ([`Done::Preempted`]); the entry it starts from always runs, so a batch finishes however
+/// short its slices.
 ///
 /// [`VcpuState::slice_end_tsc`]: crate::common::vcpu::state::VcpuState::slice_end_tsc
 #[inline(always)]
@@ -1019,10 +1020,10 @@ const _: () = assert!((Hypercall::COUNT as u64) <= 64);
 
 /// The numbers before whose entries a batch looks whether its slice is over (a TSC read and
 /// compare, [`run_batch`]), a bit each, [`BATCH_SPECIAL_CALLS`] among them: every call but
-/// `version`. A `version` entry (and an undefined number's `-ENOSYS`) costs about as much as
-/// that look (some 60 instructions against 7 for the look), so a batch of them would pay
-/// 10% for it; 64 of them in a row delay the end of a slice by less than one dear entry
-/// takes under the emulators.
+/// `version`. A `version` entry (and an undefined number's `-ENOSYS`) costs little more than
+/// that look (some 60 instructions against 7), so a batch of them would pay 10% for it
+/// (`multicall_32`); the price is that 64 of them in a row hold the CPU past the end of a
+/// slice for up to some 4,000 instructions (about 1 us on hardware, 40 us under Bochs).
 const BATCH_LOOKED_AT: u64 =
     ((1 << Hypercall::COUNT as u64) - 1) & !(1 << Hypercall::Version as u64);
 const _: () = assert!(BATCH_LOOKED_AT & BATCH_SPECIAL_CALLS == BATCH_SPECIAL_CALLS);

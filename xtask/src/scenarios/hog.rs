@@ -24,14 +24,14 @@ pub const TOLERANCE: f64 = 0.10;
 /// the end of that exit; since ABI 1.8 a multicall stops between entries once a deadline has
 /// passed (docs/abi.md 12), so a 64-entry batch no longer holds one for 10 us under QEMU and
 /// 107 us under Bochs. What is left (measured with counters added to the hypervisor for the
-/// purpose, December 2026): under Bochs the hog's slices end 6 us after the deadline on
-/// average against 4 us for the quiet domain's (the VMX-preemption timer ends them, host
-/// interrupts do not leave a guest that runs with interrupts off) and each pass of the
-/// scheduler takes 3 us longer (the hog's two vCPUs and their timers); under QEMU a fraction
-/// of a microsecond each. Measured 1.16 to 1.24 on AMD-V and 1.16 to 1.21 on VT-x (before
-/// 1.8, on the same machine: 3.3 against 2.8 us on AMD-V, 1.18; 87 against 49 us on VT-x,
-/// 1.78), depending on where in the hog's loop the deadlines fall (any change of code moves
-/// them): not yet within [`TOLERANCE`].
+/// purpose, December 2026): under Bochs the hog's slices end later after the deadline than
+/// the quiet domain's (the VMX-preemption timer ends them, host interrupts do not leave a
+/// guest that runs with interrupts off) and each pass of the scheduler takes 3 us longer
+/// (the hog's two vCPUs and their timers; a pass is some 19 us, most of the lateness on both
+/// sides); under QEMU a fraction of a microsecond each. Measured 1.16 to 1.24 on AMD-V and
+/// 1.16 to 1.21 on VT-x (before 1.8, on the same machine: 3.3 against 2.8 us on AMD-V, 1.18;
+/// 87 against 49 us on VT-x, 1.78), depending on where in the hog's loop the deadlines fall
+/// (any change of code moves them): not yet within [`TOLERANCE`].
 pub const TIMER_LATENESS_FACTOR: f64 = 1.5;
 
 /// The hog's limits as its result line reports them (docs/abi.md 6.1): every port but port 0,

@@ -1902,13 +1902,11 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     domain.vcpus[index].requests.make(request::EVENT);
     domain.vcpus[index].requests.set_upcall_maybe_pending(true);
     arm_host_timer(domain, host, slice_end);
-    // Where host interrupts may not preempt the guest, the hardware ends the slice itself, at
-    // the TSC of `slice_end` (counted from `now`, the pass's time, it ended the slice as much
-    // later as the pass took since).
-    let slice_end_tsc = domain.time.tsc_at(slice_end);
-    vcpu.set_preemption_deadline(slice_end_tsc.saturating_sub(crate::common::time::read_tsc()));
-    // A batch stops between entries from then on (`hypercall::run_batch`).
-    domain.vcpus[index].slice_end_tsc = slice_end_tsc;
+    // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
+    let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
+    vcpu.set_preemption_deadline(slice_ticks);
+    // A batch stops between entries from then on (`hypercall::run_batch`), at the same time.
+    domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);
 }
 
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's

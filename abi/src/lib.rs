@@ -31,7 +31,7 @@ pub use status::Errno;
 /// ABI major version: incremented on incompatible changes.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// ABI minor version: incremented when calls or fields are added compatibly.
-pub const ABI_VERSION_MINOR: u16 = 7;
+pub const ABI_VERSION_MINOR: u16 = 8;
 
 /// The ABI version as one word, `major << 16 | minor`, as returned by the version hypercall and
 /// CPUID leaf [`cpuid::LEAF_VERSION`].

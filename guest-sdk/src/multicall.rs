@@ -4,7 +4,8 @@
 //! typed constructor that knows its hypercall's registers; one that names a buffer borrows it
 //! for the batch's lifetime, so the buffer outlives the submission. [`Batch::submit`] makes
 //! one `multicall` hypercall; then [`Batch::result`] decodes each entry's result as the
-//! single call would have returned it.
+//! single call would have returned it. A batch may be preempted between calls (ABI 1.8):
+//! other vCPUs may run, never the caller, before it is finished.
 //!
 //! ```ignore
 //! let mut batch = Batch::<4>::new();
@@ -262,6 +263,10 @@ impl<'a, const N: usize> Batch<'a, N> {
 
     /// Makes the calls with one hypercall. Returns how many ran (all of them unless one shut
     /// the domain down, in which case this never returns); an error means none ran.
+    ///
+    /// Since ABI 1.8 the hypervisor may let other vCPUs run between two calls of the batch
+    /// (the end of this vCPU's slice); this vCPU runs no code of its own until the batch is
+    /// done, so only another vCPU can see it half made.
     pub fn submit(&mut self) -> Result<usize, HypercallError> {
         self.ran = 0;
         // SAFETY: every entry came from a `Call` whose buffers live for `'a`, which outlives

@@ -395,3 +395,106 @@ pub(super) fn multicall_array_copied_first() {
         Status(after[1].result)
     );
 }
+
+/// The batch of [`multicall_preempted`]: vCPU 0 runs it, vCPU 1 reads its
+/// results.
+static WATCHED: crate::x86::RacyCell<[MulticallEntry; MULTICALL_MAX as usize]> =
+    crate::x86::RacyCell::new(
+        [MulticallEntry {
+            op: 0,
+            args: [0; 5],
+            result: NOT_RUN,
+        }; MULTICALL_MAX as usize],
+    );
+/// vCPU 0 is between the stores around its `multicall` of [`WATCHED`].
+static IN_CALL: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+/// Times vCPU 1 found [`WATCHED`] half run while vCPU 0 was in its call.
+static SEEN_HALF_RUN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Times vCPU 1 found a state a batch never has (a result out of order or wrong).
+static SEEN_WRONG: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// A `memory_op` current_reservation entry.
+fn reservation_call() -> MulticallEntry {
+    let op = lamina_abi::memory::MemoryOp::CurrentReservation as u64;
+    call(Hypercall::MemoryOp, [op, 0, 0, 0, 0])
+}
+
+/// The result of entry `index` of [`WATCHED`], as it is now.
+fn watched_result(index: usize) -> u64 {
+    // SAFETY: a read of our static's field, volatile: the hypervisor writes it for vCPU 0.
+    unsafe { (&raw const (*WATCHED.get())[index].result).read_volatile() }
+}
+
+/// vCPU 1: while vCPU 0 is in its call, counts the times the batch's results are a run prefix
+/// and a not-run rest with both parts non-empty, and yields, forever. Both vCPUs share one
+/// CPU (`affinity=0`), so it runs only while vCPU 0 does not.
+extern "C" fn watch_batch(_vcpu: u64) -> ! {
+    use core::sync::atomic::Ordering::SeqCst;
+    let reservation = start_info().mem_bytes;
+    loop {
+        if IN_CALL.load(SeqCst) {
+            let run = (0..MULTICALL_MAX as usize)
+                .take_while(|&i| watched_result(i) == reservation)
+                .count();
+            let rest_not_run = (run..MULTICALL_MAX as usize).all(|i| watched_result(i) == NOT_RUN);
+            if !rest_not_run {
+                SEEN_WRONG.fetch_add(1, SeqCst);
+            } else if run > 0 && run < MULTICALL_MAX as usize {
+                SEEN_HALF_RUN.fetch_add(1, SeqCst);
+            }
+        }
+        hv::sched_yield();
+    }
+}
+
+conformance_test! {
+    title: "a multicall preempted between entries is finished before its vCPU runs guest code again: a sibling on the same CPU may find it half run, the caller always gets it whole",
+    section: "12 multicall",
+    expect: Success,
+    cmdline: "vcpus=2 affinity=0",
+}
+pub(super) fn multicall_preempted() {
+    use core::sync::atomic::Ordering::SeqCst;
+    if !super::pv_smp::start_secondary(1, watch_batch) {
+        return;
+    }
+    let reservation = start_info().mem_bytes;
+    let give_up = shared::now() + crate::timing::GIVE_UP_NS;
+    let mut batches = 0u64;
+    // 64 current_reservation entries again and again (cheap, and not `version`, before which a
+    // batch never stops): most of vCPU 0's time is in its batches, so the end of one of its
+    // slices soon falls in one.
+    while SEEN_HALF_RUN.load(SeqCst) == 0 && shared::now() < give_up {
+        // SAFETY: only vCPU 0 writes the batch; vCPU 1 only reads results.
+        let entries = unsafe { &mut *WATCHED.get() };
+        for entry in entries.iter_mut() {
+            // SAFETY: a store to our static, volatile: vCPU 1 reads it.
+            unsafe { (&raw mut *entry).write_volatile(reservation_call()) };
+        }
+        IN_CALL.store(true, SeqCst);
+        let status = run(entries);
+        IN_CALL.store(false, SeqCst);
+        batches += 1;
+        let whole = status == Status(MULTICALL_MAX)
+            && (0..MULTICALL_MAX as usize).all(|i| watched_result(i) == reservation);
+        if !check!(
+            whole,
+            "batch {batches}: returned {status:?}, results not all the reservation"
+        ) {
+            return;
+        }
+    }
+    check_eq!(
+        "states of the batch vCPU 1 found that no batch has",
+        0,
+        SEEN_WRONG.load(SeqCst)
+    );
+    check!(
+        SEEN_HALF_RUN.load(SeqCst) > 0,
+        "vCPU 1 never found a batch half run in {batches} batches (none was preempted)"
+    );
+    println!(
+        "multicall_preempted: {batches} batches, found half run {} times",
+        SEEN_HALF_RUN.load(SeqCst)
+    );
+}

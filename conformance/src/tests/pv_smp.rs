@@ -44,7 +44,7 @@ static START_AREA: RacyCell<StartArea> = RacyCell::new(StartArea(VcpuStartState 
 }));
 
 /// Initialises vCPU `vcpu` (1 or 2) to run `main(vcpu)` on its stack, and brings it up.
-fn start_secondary(vcpu: u64, main: extern "C" fn(u64) -> !) -> bool {
+pub(super) fn start_secondary(vcpu: u64, main: extern "C" fn(u64) -> !) -> bool {
     let stack = STACKS[vcpu as usize - 1].get() as u64 + size_of::<Stack>() as u64;
     let start = VcpuStartState {
         rip: main as *const () as usize as u64,

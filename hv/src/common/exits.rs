@@ -112,13 +112,18 @@ pub const RELOAD_AFTER_TSC: u64 = 20_000;
 /// runs with interrupts off (Bochs): the hypervisor's time would make the slice overrun by as
 /// much. The deadline is loaded again ([`VirtualCpu::reload_preemption_deadline`]) once the
 /// exits handled out of [`run_own_exits`] took [`RELOAD_AFTER_TSC`] since the last time, and
-/// at every exit, quick ones included, once the slice is over: the timer then ends the guest's
-/// run at the next entry. Before the second rule a guest making null hypercalls in a loop
+/// at every exit, quick ones included, within [`RELOAD_AFTER_TSC`] of the slice's end and
+/// after it: time the hypervisor took before (quick exits' time is not counted at all) would
+/// otherwise move the end of the slice past another domain's deadline by as much when the
+/// guest runs on without an exit (a neighbour's timer beside `resource-hog`'s storm under
+/// Bochs), and once it is over the timer ends the guest's run at the next entry. Before the
+/// second rule a guest making null hypercalls in a loop
 /// (never counted) kept the CPU 200 us past a neighbour's deadline under Bochs. A quick exit
 /// costs one comparison, which backends without the timer compile away.
 pub struct PreemptionClock {
     unreloaded_tsc: u64,
-    slice_end_tsc: u64,
+    /// [`RELOAD_AFTER_TSC`] before the slice's end: from then on every exit reloads.
+    reload_from_tsc: u64,
 }
 
 impl PreemptionClock {
@@ -126,7 +131,7 @@ impl PreemptionClock {
     pub fn new(slice_end_tsc: u64) -> Self {
         PreemptionClock {
             unreloaded_tsc: 0,
-            slice_end_tsc,
+            reload_from_tsc: slice_end_tsc.saturating_sub(RELOAD_AFTER_TSC),
         }
     }
 
@@ -134,7 +139,7 @@ impl PreemptionClock {
     #[inline(always)]
     pub fn count<V: VirtualCpu>(&mut self, vcpu: &mut V, handled: u64, now: u64) {
         self.unreloaded_tsc += handled;
-        if self.unreloaded_tsc > RELOAD_AFTER_TSC || now >= self.slice_end_tsc {
+        if self.unreloaded_tsc > RELOAD_AFTER_TSC || now >= self.reload_from_tsc {
             self.unreloaded_tsc = 0;
             vcpu.reload_preemption_deadline();
         }
@@ -143,7 +148,7 @@ impl PreemptionClock {
     /// A quick exit was handled by TSC `now`.
     #[inline(always)]
     pub fn count_quick<V: VirtualCpu>(&self, vcpu: &mut V, now: u64) {
-        if now >= self.slice_end_tsc {
+        if now >= self.reload_from_tsc {
             vcpu.reload_preemption_deadline();
         }
     }
@@ -1349,6 +1354,24 @@ mod tests {
         assert_eq!((v.xcr0(), v.skipped), (1, 1), "upper RAX ignored");
         v.cpl = 3;
         assert_eq!(try_xsetbv(&mut v, &mut d, 0, 3), gp, "CPL 3");
+    }
+
+    #[test]
+    fn the_preemption_deadline_is_reloaded_after_long_handling_and_near_the_slices_end() {
+        let mut v = MockVcpu::default();
+        let mut clock = PreemptionClock::new(1_000_000);
+        clock.count(&mut v, 1_000, 100_000);
+        clock.count(&mut v, RELOAD_AFTER_TSC / 2, 200_000);
+        assert_eq!(v.preemption_reloads, 0, "little handling, far from the end");
+        clock.count(&mut v, RELOAD_AFTER_TSC, 300_000);
+        assert_eq!(v.preemption_reloads, 1, "handling added up");
+        clock.count(&mut v, 10, 1_000_000 - RELOAD_AFTER_TSC);
+        assert_eq!(v.preemption_reloads, 2, "any exit near the end");
+        clock.count_quick(&mut v, 1_000_000 - RELOAD_AFTER_TSC - 1);
+        assert_eq!(v.preemption_reloads, 2, "quick exits: only near the end");
+        clock.count_quick(&mut v, 1_000_000 - RELOAD_AFTER_TSC);
+        clock.count_quick(&mut v, 1_000_000);
+        assert_eq!(v.preemption_reloads, 4);
     }
 
     #[test]

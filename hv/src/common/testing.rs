@@ -7,6 +7,10 @@ use core::fmt;
 std::thread_local! {
     /// When set, `time::read_tsc` returns this instead of the real TSC.
     pub(crate) static FAKE_TSC: core::cell::Cell<Option<u64>> = const { core::cell::Cell::new(None) };
+    /// How far each read of the fake TSC moves it on (0: it stands still): time the
+    /// hypervisor's own work takes, for tests of what happens when a deadline passes inside
+    /// an exit.
+    pub(crate) static FAKE_TSC_STEP: core::cell::Cell<u64> = const { core::cell::Cell::new(0) };
     /// What the mock vCPUs of this thread did, in order, by their `tag`: it outlives them
     /// (a domain's teardown drops its vCPU).
     static TRACE: core::cell::RefCell<Vec<Traced>> = const { core::cell::RefCell::new(Vec::new()) };
@@ -75,6 +79,8 @@ pub(crate) struct MockVcpu {
     pub(crate) state: ArchState,
     /// Paging as `paging_mode` reports it (`None`: paging off).
     pub(crate) paging_cr3: Option<u64>,
+    /// Times the preemption deadline was loaded again.
+    pub(crate) preemption_reloads: u32,
 }
 
 impl VirtualCpu for MockVcpu {
@@ -183,6 +189,9 @@ impl VirtualCpu for MockVcpu {
     }
     fn set_xcr0(&mut self, value: u64) {
         self.xcr0 = value;
+    }
+    fn reload_preemption_deadline(&mut self) {
+        self.preemption_reloads += 1;
     }
     fn dump(&self, out: &mut dyn fmt::Write) -> fmt::Result {
         write!(out, "mock")

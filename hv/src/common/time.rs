@@ -12,6 +12,10 @@ use lamina_abi::shared_info::{
 pub fn read_tsc() -> u64 {
     #[cfg(any(test, fuzzing))]
     if let Some(tsc) = crate::common::testing::FAKE_TSC.with(|t| t.get()) {
+        let step = crate::common::testing::FAKE_TSC_STEP.with(|s| s.get());
+        if step != 0 {
+            crate::common::testing::FAKE_TSC.with(|t| t.set(Some(tsc + step)));
+        }
         return tsc;
     }
     // SAFETY: RDTSC has no side effects and is available on every x86-64 CPU.

@@ -95,6 +95,12 @@ pub fn tear_down<V>(slot: &mut Slot<V>, peers: &mut dyn DomainTable) -> Option<S
     close_event_channels(&mut slot.domain, peers);
     // The vCPUs own their control structures (VMCS or VMCB).
     drop(core::mem::take(&mut slot.vcpus));
+    // A batch a vCPU was preempted in is never finished: its copy goes with the storage kept
+    // for the next (docs/abi.md 12).
+    for state in &mut slot.domain.vcpus {
+        state.preempted_batch = None;
+        state.spare_batch = None;
+    }
     let structures = phys::figures().1.saturating_sub(free_at_start);
     let domain = &mut slot.domain;
     // Nothing may reach the RAM once it is handed back: the domain keeps an empty view.

@@ -1209,7 +1209,18 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let domain = &mut current.domain;
             schedule_in(domain, vcpu_index, &mut *vcpu, host, now, slice_end);
             let peers = &mut Peers::around(before, after);
-            run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            // A batch preempted at the end of its last slice is finished before the guest
+            // runs (out of the slice's loop, which stays as it was).
+            let next = if domain.vcpus[vcpu_index].preempted_batch.is_some() {
+                finish_preempted_alone(domain, vcpu_index, &mut *vcpu, peers)
+            } else {
+                Next::Resume
+            };
+            if next == Next::Resume {
+                run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            } else {
+                end_slice(domain, vcpu_index, &mut *vcpu, next, host);
+            }
             let ran = host.now_ns().saturating_sub(now);
             put_back(current, index, vcpu_index, vcpu, now, ran, me);
         }
@@ -1255,6 +1266,21 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     ) {
         let domain = &mut hold.own(index).domain;
         schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
+        if domain.vcpus[vcpu_index].preempted_batch.is_some() {
+            // A batch preempted at the end of its last slice is finished before the guest
+            // runs (out of the slice's loop, which stays as it was).
+            let next;
+            (hold, next) = self.finish_preempted(hold, index, vcpu_index, vcpu, host);
+            let domain = &mut hold.own(index).domain;
+            let next = match next {
+                None | Some(Next::Resume) => stopped_elsewhere(domain, vcpu_index),
+                Some(next) => Some(next),
+            };
+            if let Some(next) = next {
+                end_slice(domain, vcpu_index, vcpu, next, host);
+                return;
+            }
+        }
         self.run_slice_shared(hold, cpu, index, vcpu_index, vcpu, host, slice_end);
     }
 
@@ -1352,8 +1378,15 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host)
             } else {
                 let next;
-                (hold, next) =
-                    self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host);
+                (hold, next) = self.handle_reaching(
+                    hold,
+                    index,
+                    vcpu_index,
+                    vcpu,
+                    Pending::Exit(exit),
+                    reach,
+                    host,
+                );
                 next
             };
             locking::exit_ends();
@@ -1400,10 +1433,62 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             let next = dispatch_exit(domain, vcpu_index, vcpu, exit, &mut NoPeers, host);
             return (hold, next);
         }
-        self.handle_reaching(hold, index, vcpu_index, vcpu, exit, reach, host)
+        self.handle_reaching(
+            hold,
+            index,
+            vcpu_index,
+            vcpu,
+            Pending::Exit(exit),
+            reach,
+            host,
+        )
     }
 
-    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line.
+    /// Finishes the `multicall` vCPU `vcpu_index` of slot `index` was preempted in
+    /// ([`crate::common::hypercall::finish_preempted`]) under the locks its exit would be
+    /// handled under (classified from its registers, which still hold the call, as
+    /// `run_slice_shared` classifies an exit), before the vCPU runs guest code. `hold`: what
+    /// the slice began under. `None`: it had no such batch.
+    #[cold]
+    #[inline(never)]
+    fn finish_preempted<'m, H: Host>(
+        &'m self,
+        mut hold: Hold<'m, 'a, V>,
+        index: usize,
+        vcpu_index: usize,
+        vcpu: &mut V,
+        host: &mut H,
+    ) -> (Hold<'m, 'a, V>, Option<Next>) {
+        let own_id = hold.own(index).domain.id;
+        let reach = reach::of_exit(&VmExit::Hypercall, vcpu, own_id);
+        let domain = &mut hold.own(index).domain;
+        if !crate::common::hypercall::has_preempted_batch(domain, vcpu_index, vcpu) {
+            return (hold, None);
+        }
+        if let (Reach::Any, Hold::Shared(_)) = (reach, &hold) {
+            drop(hold);
+            locking::EXITS_EXCLUSIVE.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            hold = Hold::Exclusive(self.table.exclusive());
+        }
+        let began = read_tsc();
+        locking::exit_begins();
+        let (mut hold, next) = self.handle_reaching(
+            hold,
+            index,
+            vcpu_index,
+            vcpu,
+            Pending::Preempted,
+            reach,
+            host,
+        );
+        locking::exit_ends();
+        preempted_batch_took(&mut hold.own(index).domain, vcpu_index, vcpu, began);
+        (hold, Some(next))
+    }
+
+    /// [`Self::handle_locked`] for an exit that may reach other domains, out of line, or
+    /// for a batch preempted at the end of its last slice ([`Pending::Preempted`],
+    /// [`Self::finish_preempted`]).
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
     fn handle_reaching<'m, H: Host>(
@@ -1412,12 +1497,11 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         index: usize,
         vcpu_index: usize,
         vcpu: &mut V,
-        exit: VmExit,
+        mut pending: Pending,
         reach: Reach,
         host: &mut H,
     ) -> (Hold<'m, 'a, V>, Next) {
-        // Taken when first dispatched; after that the call is made again (`finish`).
-        let mut exit = Some(exit);
+        // Taken when first handled; after that the call is made again (`finish`).
         let named = match reach {
             Reach::OnePeer(named) => Some(named),
             _ => None,
@@ -1436,9 +1520,14 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                         kept: kept.take(),
                     };
                     let domain = &mut current.domain;
-                    let next = match exit.take() {
-                        Some(exit) => dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host),
-                        None => crate::common::hypercall::finish(domain, vcpu_index, vcpu, peers),
+                    let next = match core::mem::replace(&mut pending, Pending::Again) {
+                        Pending::Exit(exit) => {
+                            dispatch_exit(domain, vcpu_index, vcpu, exit, peers, host)
+                        }
+                        Pending::Preempted => preempted(domain, vcpu_index, vcpu, peers),
+                        Pending::Again => {
+                            crate::common::hypercall::finish(domain, vcpu_index, vcpu, peers)
+                        }
                     };
                     (next, None)
                 }
@@ -1459,14 +1548,18 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                     let domain = &mut own.domain;
                     let next = match named {
                         // Not yet dispatched, and its one peer busy: nothing done.
-                        Some(named) if exit.is_some() && !peers.lock_named(domain, named) => {
+                        Some(named)
+                            if matches!(pending, Pending::Exit(_))
+                                && !peers.lock_named(domain, named) =>
+                        {
                             Next::Again
                         }
-                        _ => match exit.take() {
-                            Some(exit) => {
+                        _ => match core::mem::replace(&mut pending, Pending::Again) {
+                            Pending::Exit(exit) => {
                                 dispatch_exit(domain, vcpu_index, vcpu, exit, &mut peers, host)
                             }
-                            None => crate::common::hypercall::finish(
+                            Pending::Preempted => preempted(domain, vcpu_index, vcpu, &mut peers),
+                            Pending::Again => crate::common::hypercall::finish(
                                 domain, vcpu_index, vcpu, &mut peers,
                             ),
                         },
@@ -1498,6 +1591,57 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             };
         }
     }
+}
+
+/// What [`Machine::handle_reaching`] is to handle.
+enum Pending {
+    /// An exit, not yet handled.
+    Exit(VmExit),
+    /// The batch the vCPU was preempted in ([`crate::common::hypercall::finish_preempted`]).
+    Preempted,
+    /// A call that stopped before it acted, made again ([`crate::common::hypercall::finish`]).
+    Again,
+}
+
+/// Finishes the batch vCPU `vcpu_index` was preempted in, on a machine with one CPU (`peers`:
+/// the table exclusive); what the vCPU does next.
+#[cold]
+#[inline(never)]
+fn finish_preempted_alone<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut Peers<'_, V>,
+) -> Next {
+    let began = read_tsc();
+    let next = preempted(domain, vcpu_index, vcpu, peers);
+    preempted_batch_took(domain, vcpu_index, vcpu, began);
+    next
+}
+
+/// Finishing a preempted batch took the hypervisor from TSC `began` to now: counted as the
+/// handling of an exit, and taken off the slice's VMX-preemption timer (which counts guest
+/// time only, `PreemptionClock`).
+fn preempted_batch_took<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    began: u64,
+) {
+    domain.vcpus[vcpu_index].stats.handling_tsc += read_tsc().wrapping_sub(began);
+    vcpu.reload_preemption_deadline();
+}
+
+/// Finishes the batch vCPU `vcpu_index` was preempted in; a batch gone meanwhile leaves the
+/// vCPU to run on.
+fn preempted<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    peers: &mut dyn DomainTable,
+) -> Next {
+    crate::common::hypercall::finish_preempted(domain, vcpu_index, vcpu, peers)
+        .unwrap_or(Next::Resume)
 }
 
 /// vCPU `vcpu_index` of slot `index` comes back into `slot` (its hardware state, `vcpu`)
@@ -2113,6 +2257,8 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
     vcpu.set_preemption_deadline(slice_ticks);
+    // A batch stops between entries from then on (`hypercall::run_batch`), at the same time.
+    domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);
 }
 
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's
@@ -2153,6 +2299,11 @@ mod tests {
 
     impl Host for FakeHost {
         fn now_ns(&self) -> u64 {
+            // The fake TSC may have moved on by itself (`FAKE_TSC_STEP`): never back.
+            let tsc = crate::common::testing::FAKE_TSC
+                .with(|t| t.get())
+                .unwrap_or(0);
+            self.now.set(self.now.get().max(tsc));
             crate::common::testing::FAKE_TSC.with(|t| t.set(Some(self.now.get())));
             self.now.get()
         }
@@ -2181,6 +2332,7 @@ mod tests {
             armed: None,
             halts: 0,
         };
+        crate::common::testing::FAKE_TSC.with(|t| t.set(None));
         host.now_ns();
         host
     }
@@ -3386,6 +3538,155 @@ mod tests {
                 .iter()
                 .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
         );
+    }
+
+    /// Issue #11: domain 1's 64-entry batch runs past domain 2's timer (the end of its slice):
+    /// it stops between entries, domain 2 runs, and the batch is finished before domain 1's
+    /// guest runs again, every entry once and in order (each allocates the next port), the
+    /// call counted once, and it returns as a batch does. `shared`: the loop of a machine with
+    /// several CPUs, else the one-CPU loop.
+    fn a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(shared: bool) {
+        use lamina_abi::event_channel::DOMID_SELF;
+        const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let (t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(MULTICALL, [0x9000, 64, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        for i in 0..64 {
+            put_entry(&t1, 0x9000, i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]); // alloc_unbound
+        }
+        // Domain 2 sleeps until its periodic timer, due PERIOD after it is set.
+        let (_t2, two) = slot_with_id(
+            2,
+            vec![
+                hypercall(EVTCHN, [1, 0, 0]), // bind VIRQ_TIMER
+                hypercall(VCPU_OP, [VcpuOp::SetPeriodicTimer as u64, 0, PERIOD]),
+                hypercall(SCHED, [1, 0, 0]), // block
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        let mut slots = [one, two];
+        let mut host = fake_host();
+        // The hypervisor's work takes time: 2 us a TSC read, so that the batch (a read an
+        // entry) runs past the timer (about entry 20).
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(2_000));
+        take_trace();
+        if shared {
+            run_shared(&mut slots, &mut host);
+        } else {
+            run_all(&mut slots, &mut host);
+        }
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(0));
+        let trace = take_trace();
+        assert!(
+            slots
+                .iter()
+                .all(|s| s.domain.state == DomainState::Ended(Ending::Poweroff))
+        );
+        let runs_of_one: Vec<usize> = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(1, _)))
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(
+            results_of(&trace, 1),
+            [0, 64],
+            "domain 1 ran three times (never inside its batch), the batch returned 64: {trace:?}"
+        );
+        // Its fourth run: after its block returned.
+        let woken_two = trace
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| matches!(t, Traced::Ran(2, _)))
+            .nth(3)
+            .map(|(at, _)| at)
+            .expect("domain 2 woke from its block");
+        assert!(
+            runs_of_one[1] < woken_two && woken_two < runs_of_one[2],
+            "domain 2 ran while the batch was stopped: {trace:?}"
+        );
+        // Port 0 is never allocated and port 1 is the console's: 2 to 65.
+        let results: Vec<u64> = (0..64).map(|i| entry_result(&t1, 0x9000, i)).collect();
+        assert!(
+            results.iter().zip(2..).all(|(&r, port)| r == port),
+            "every entry ran once, in order: {results:?}"
+        );
+        assert!(slots[0].domain.vcpus[0].preempted_batch.is_none());
+        let counters = slots[0].domain.vcpus[0].stats.to_counters();
+        assert_eq!(counters.by_hypercall[MULTICALL as usize], 1, "counted once");
+    }
+
+    /// A domain destroyed while one of its vCPUs waits to finish a batch: the rest of the
+    /// batch never runs, its vCPU never runs guest code again, and the kept copy goes with the
+    /// teardown.
+    #[test]
+    fn a_batch_waiting_to_be_finished_goes_with_its_destroyed_domain() {
+        use lamina_abi::event_channel::DOMID_SELF;
+        const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
+        const DOMCTL_OP: u64 = lamina_abi::Hypercall::DomctlOp as u64;
+        let destroy = lamina_abi::domctl::DomctlOp::Destroy as u64;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let (t1, one) = slot_with_id(
+            1,
+            vec![
+                hypercall(SCHED, YIELD),
+                hypercall(MULTICALL, [0x9000, 64, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        for i in 0..64 {
+            put_entry(&t1, 0x9000, i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]);
+        }
+        let (_t2, mut two) = slot_with_id(
+            2,
+            vec![
+                hypercall(EVTCHN, [1, 0, 0]),
+                hypercall(VCPU_OP, [VcpuOp::SetPeriodicTimer as u64, 0, PERIOD]),
+                hypercall(SCHED, [1, 0, 0]),
+                hypercall(DOMCTL_OP, [destroy, 1, 0]),
+                hypercall(SCHED, POWEROFF),
+            ],
+        );
+        two.domain.privileged = true;
+        let mut slots = [one, two];
+        let mut host = fake_host();
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(2_000));
+        take_trace();
+        run_all(&mut slots, &mut host);
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(0));
+        let trace = take_trace();
+        let [one, two] = &slots;
+        assert_eq!(one.domain.state, DomainState::Ended(Ending::Destroyed));
+        assert_eq!(two.domain.state, DomainState::Ended(Ending::Poweroff));
+        assert_eq!(
+            results_of(&trace, 1),
+            [0],
+            "never ran after its batch began: {trace:?}"
+        );
+        assert_eq!(entry_result(&t1, 0x9000, 0), 2, "the batch had begun");
+        assert_eq!(
+            entry_result(&t1, 0x9000, 63),
+            u64::MAX,
+            "and was never finished"
+        );
+        let state = &one.domain.vcpus[0];
+        assert!(state.preempted_batch.is_none() && state.spare_batch.is_none());
+    }
+
+    #[test]
+    fn a_batch_stops_at_another_domains_deadline_on_one_cpu() {
+        a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(false);
+    }
+
+    #[test]
+    fn a_batch_stops_at_another_domains_deadline_on_the_shared_path() {
+        a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(true);
     }
 
     /// A reference to the machine that other test threads may use: the machine's locks are

@@ -3,7 +3,9 @@
 
 use crate::common::devices::vlapic::VirtualLapic;
 use crate::common::domain::stats::ExitStats;
+use crate::common::hypercall::UnfinishedBatch;
 use crate::common::memory::guest_memory::{GuestMemory, OutOfBounds};
+use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -537,6 +539,22 @@ pub struct VcpuState {
     pub domctl_waits_for: Option<u64>,
     /// What its TLB_FLUSH request is to drop (docs/abi.md 11).
     pub pending_tlb_flush: PendingTlbFlush,
+    /// The TSC at which the slice it runs in ends (another domain's deadline or the slice's
+    /// length, whichever comes first), set when it is scheduled in: a `multicall` stops
+    /// between entries once it has passed (`u64::MAX`: never).
+    pub slice_end_tsc: u64,
+    /// A `multicall` that stopped between entries at the end of its slice, with RIP still on
+    /// the call: the scheduler finishes it before the vCPU next runs guest code
+    /// (docs/abi.md 12). Allocated only while there is one.
+    pub preempted_batch: Option<Box<UnfinishedBatch>>,
+    /// The storage of a preempted batch once it was finished, kept for the next (a vCPU that
+    /// was never preempted in a batch has none).
+    pub spare_batch: Option<Box<UnfinishedBatch>>,
+    /// [`Self::preempted_batch`] is being finished: a new preemption keeps its storage and
+    /// notes only [`Self::resume_next`].
+    pub resuming_batch: bool,
+    /// Where a batch being finished stopped again.
+    pub resume_next: u64,
 }
 
 /// The most addresses a vCPU's pending flush keeps; beyond them it flushes everything.
@@ -617,6 +635,11 @@ impl VcpuState {
             running_since: None,
             domctl_waits_for: None,
             pending_tlb_flush: PendingTlbFlush::default(),
+            slice_end_tsc: u64::MAX,
+            preempted_batch: None,
+            spare_batch: None,
+            resuming_batch: false,
+            resume_next: 0,
             runstate: Runstate::new(
                 now,
                 if index == 0 {
@@ -636,6 +659,9 @@ impl VcpuState {
     /// Gives the vCPU the state it starts in, loaded when it is next scheduled in
     /// (`vcpu_op` initialise, a STARTUP IPI).
     pub fn set_start(&mut self, start: StartState) {
+        // A batch it was stopped in is abandoned with the rest of where it was (the entries
+        // that ran stay done): it starts afresh.
+        self.preempted_batch = None;
         self.start = Some(start);
         self.requests.make(request::START);
     }

@@ -507,6 +507,20 @@ static RUNSTATE: RacyCell<RunstateArea> = RacyCell::new(RunstateArea(RunstateInf
     time: [0; 4],
 }));
 
+/// vCPU 0's run-state area (the pinned flush test: whether it was preempted).
+static RUNSTATE_0: RacyCell<RunstateArea> = RacyCell::new(RunstateArea(RunstateInfo {
+    state: u32::MAX,
+    reserved: 0,
+    state_entry_time: 0,
+    time: [0; 4],
+}));
+
+/// When vCPU 0 last entered its run state: it changes when another vCPU took its CPU.
+fn vcpu0_entry_time() -> u64 {
+    // SAFETY: aligned, ours; the hypervisor writes it, we take a volatile copy.
+    unsafe { core::ptr::read_volatile(&raw const (*RUNSTATE_0.get()).0.state_entry_time) }
+}
+
 fn vcpu1_runstate() -> u32 {
     // SAFETY: aligned, ours; the hypervisor writes it, we take a volatile copy.
     unsafe { core::ptr::read_volatile(&raw const (*RUNSTATE.get()).0.state) }
@@ -545,25 +559,44 @@ fn flush_and_check(pinned: bool) {
             "vCPU 1's run state {state} is neither running nor runnable"
         );
     }
-    let Some(before) = counters_of(1) else { return };
     map_window(PAGE_B.get());
     let window = [WINDOW];
-    check_eq!(
-        "flush_tlb of the window on vCPU 1",
-        Status(0),
-        hv::flush_tlb(0b10, window.as_ptr() as u64, 1)
-    );
-    FLUSHED.store(true, Ordering::SeqCst);
     if pinned {
-        // Not running, so not interrupted: its counters did not move during the call.
-        if let Some(after) = counters_of(1) {
+        // SAFETY: the area is our static, ours for good.
+        let registered = unsafe { hv::register_runstate(0, RUNSTATE_0.get() as u64) };
+        check_eq!("register_runstate of vCPU 0", Status(0), registered);
+    }
+    // Pinned: vCPU 1 is not running, so the flush must not interrupt it: its counters do not
+    // move during the call. Measured again when vCPU 0 itself lost the CPU meanwhile (another
+    // domain's timer, the slice's end): vCPU 1 may then run, for its own reasons.
+    let mut measured = !pinned;
+    for _ in 0..8 {
+        let entered = vcpu0_entry_time();
+        let Some(before) = counters_of(1) else { return };
+        check_eq!(
+            "flush_tlb of the window on vCPU 1",
+            Status(0),
+            hv::flush_tlb(0b10, window.as_ptr() as u64, 1)
+        );
+        let Some(after) = counters_of(1) else { return };
+        if !pinned {
+            break;
+        }
+        if vcpu0_entry_time() == entered {
             check_eq!(
                 "vCPU 1's exits during the flush of it while preempted",
                 before.total,
                 after.total
             );
+            measured = true;
+            break;
         }
     }
+    check!(
+        measured,
+        "vCPU 0 lost its CPU during each of 8 flushes: the flush of a preempted vCPU not measured"
+    );
+    FLUSHED.store(true, Ordering::SeqCst);
     check!(
         wait_for(|| ROUNDS_AFTER_FLUSH.load(Ordering::SeqCst) > 5),
         "vCPU 1 did not run again after the flush"

@@ -823,6 +823,87 @@ pub(super) fn pv_flush_list_running() {
     flush_lists_and_check(false);
 }
 
+/// [`ready_vcpu_timer_at_run`]: vCPU 1's VIRQ_TIMER port, its one-shot
+/// deadline (0 until armed), the rounds it ran again after the deadline with the port seen
+/// pending / not pending at its first look.
+static READY_TIMER_PORT: AtomicU64 = AtomicU64::new(0);
+static READY_TIMER_DEADLINE: AtomicU64 = AtomicU64::new(0);
+static READY_TIMER_SEEN: AtomicU64 = AtomicU64::new(0);
+static READY_TIMER_MISSED: AtomicU64 = AtomicU64::new(0);
+
+/// Reads vCPU 1's run-state entry time (when it last started running).
+fn vcpu1_entry_time() -> u64 {
+    // SAFETY: aligned, ours; the hypervisor writes it, we take a volatile copy.
+    unsafe { core::ptr::read_volatile(&raw const (*RUNSTATE.get()).0.state_entry_time) }
+}
+
+/// vCPU 1 of [`ready_vcpu_timer_at_run`]: arms its one-shot timer 2 ms ahead,
+/// then yields in a loop; each time it runs again having been scheduled in at or after the
+/// deadline, the first thing it looks at is its timer port.
+extern "C" fn ready_timer_vcpu(_vcpu: u64) -> ! {
+    let port = READY_TIMER_PORT.load(Ordering::SeqCst);
+    let deadline = shared::now() + 2_000_000;
+    if hv::set_singleshot_timer(1, deadline) != Status(0) {
+        READY_TIMER_MISSED.store(u64::MAX, Ordering::SeqCst);
+    }
+    READY_TIMER_DEADLINE.store(deadline, Ordering::SeqCst);
+    loop {
+        hv::sched_yield();
+        let pending = shared::is_pending(port);
+        if vcpu1_entry_time() >= deadline {
+            let counter = if pending {
+                &READY_TIMER_SEEN
+            } else {
+                &READY_TIMER_MISSED
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+conformance_test! {
+    title: "a ready vCPU that is not running gets a timer expiry that fell due meanwhile before its first instruction when it runs",
+    section: "9.3 Timers",
+    expect: Success,
+    cmdline: "vcpus=2 affinity=0",
+}
+pub(super) fn ready_vcpu_timer_at_run() {
+    // SAFETY: the area is our static, ours for good.
+    let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
+    check_eq!("register_runstate of vCPU 1", Status(0), registered);
+    let bound = hv::bind_virq(lamina_abi::event_channel::Virq::Timer as u64, 1);
+    let Some(port) = expect_ok("BindVirq(VIRQ_TIMER, vCPU 1)", bound) else {
+        return;
+    };
+    // Polled by looking at it only: masked, no upcall takes it.
+    shared::set_masked(port, true);
+    READY_TIMER_PORT.store(port, Ordering::SeqCst);
+    if !start_secondary(1, ready_timer_vcpu) {
+        return;
+    }
+    check!(
+        wait_for(|| READY_TIMER_DEADLINE.load(Ordering::SeqCst) != 0),
+        "vCPU 1 never armed its timer"
+    );
+    let deadline = READY_TIMER_DEADLINE.load(Ordering::SeqCst);
+    // Keep the CPU, without an exit that could hand it over, until well past the deadline:
+    // vCPU 1 waits ready (it yielded) while its timer falls due.
+    while shared::now() < deadline + 1_000_000 {
+        core::hint::spin_loop();
+    }
+    check!(
+        wait_for(|| READY_TIMER_SEEN.load(Ordering::SeqCst)
+            + READY_TIMER_MISSED.load(Ordering::SeqCst)
+            > 2),
+        "vCPU 1 did not run again after its deadline"
+    );
+    check_eq!(
+        "vCPU 1's runs begun after its deadline that did not find VIRQ_TIMER pending at once",
+        0,
+        READY_TIMER_MISSED.load(Ordering::SeqCst)
+    );
+}
+
 /// How many rounds each sibling made in [`pv_yield_to`].
 static ROUNDS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 

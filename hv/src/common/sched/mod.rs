@@ -1869,6 +1869,9 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
             return None;
         }
         let vcpu = s.vcpus[vcpu_index].take()?;
+        // Its expiries that fell due while it waited ready, before its first instruction
+        // (docs/abi.md 9.3): passes leave a ready vCPU's timers alone (`RunQueue::sync`).
+        advance_timers(&mut s.domain, vcpu_index, now);
         let state = &mut s.domain.vcpus[vcpu_index];
         state.ran_on |= me.idle_bit;
         state.yielded_to = false;

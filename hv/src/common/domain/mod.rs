@@ -456,10 +456,6 @@ pub struct Domain {
     pub grants: GrantTable,
     /// Not scheduled until unpaused (`domctl_op` pause); its timers and events go on.
     pub paused: bool,
-    /// Its console ring is drained when it is next scheduled in: a slice ended with it
-    /// still ready (preempted, yielding), and its output waits for its own time rather
-    /// than delaying the vCPU that takes the CPU (`sched::end_slice`).
-    pub console_drain_deferred: bool,
     /// The host memory behind [`Self::memory`] (`None` in host tests, and once returned).
     pub ram: Option<OwnedRam>,
     /// Ended and its resources returned (docs/abi.md 17, Teardown).
@@ -509,7 +505,6 @@ impl Domain {
             nested: None,
             grants: GrantTable::default(),
             paused: false,
-            console_drain_deferred: false,
             ram: None,
             torn_down: false,
             ram_unreturned: Arc::new(AtomicU64::new(0)),

@@ -2137,14 +2137,9 @@ fn end_slice<V: VirtualCpu, H: Host>(
             };
             let _ = state.runstate.enter(to, now, &domain.memory);
         }
-        // Preempted or yielding: still RUNNING until another vCPU takes the CPU; its
-        // console ring waits for its next slice (the CPU goes to whoever was due).
-        Next::Yield | Next::Resume | Next::Again => {
-            domain.console_drain_deferred = true;
-            return;
-        }
+        // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
+        Next::Yield | Next::Resume | Next::Again => {}
     }
-    domain.console_drain_deferred = false;
     domain.drain_console_ring();
 }
 
@@ -2252,9 +2247,6 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     crate::platform::spec_ctrl::on_schedule_in(domain.id);
-    if core::mem::take(&mut domain.console_drain_deferred) {
-        domain.drain_console_ring();
-    }
     vcpu.activate();
     if domain.vcpus[index].requests.take(request::START) != 0
         && let Some(start) = domain.vcpus[index].start

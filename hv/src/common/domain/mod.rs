@@ -192,6 +192,10 @@ pub struct ConsoleBudget {
     bytes: u64,
     /// System time up to which refills were counted.
     refilled_ns: u64,
+    /// The earliest system time the budget can be full again (from the last refill; takes
+    /// since only make it later): before it a take needs no refill, since no earning can have
+    /// been lost to the cap.
+    full_at_ns: u64,
 }
 
 impl Default for ConsoleBudget {
@@ -199,6 +203,7 @@ impl Default for ConsoleBudget {
         ConsoleBudget {
             bytes: CONSOLE_BUDGET_BYTES,
             refilled_ns: 0,
+            full_at_ns: 0,
         }
     }
 }
@@ -218,6 +223,9 @@ impl ConsoleBudget {
             // Only the time the whole bytes took: fractions carry over to the next refill.
             self.refilled_ns += earned * NS_PER_S / CONSOLE_BUDGET_BYTES_PER_S;
         }
+        self.full_at_ns = self.refilled_ns.saturating_add(
+            (CONSOLE_BUDGET_BYTES - self.bytes) * NS_PER_S / CONSOLE_BUDGET_BYTES_PER_S,
+        );
     }
 
     /// An empty budget that never refills (host tests of what happens beyond it).
@@ -226,18 +234,22 @@ impl ConsoleBudget {
         ConsoleBudget {
             bytes: 0,
             refilled_ns: u64::MAX,
+            full_at_ns: u64::MAX,
         }
     }
 
-    /// Brings the budget up to date before taking `want` bytes. The clock is read when the
-    /// budget is full (a full budget earns nothing, so its earning starts now) or too short
-    /// for `want` (what the time since the last refill earned), never in between: printing
-    /// within the budget costs no clock read per byte.
+    /// Brings the budget up to date before taking `want` bytes. A full budget earns nothing,
+    /// so its earning starts now. Otherwise the refill (a 128-bit division) is made when the
+    /// budget is too short for `want`, or when it may have been full since the last refill:
+    /// a refill made later would credit what that time earned beyond the cap (a take without
+    /// one let 32,806 bytes through where the burst and 36 earned bytes may go).
     fn settle(&mut self, want: u64, now_ns: impl FnOnce() -> u64) {
+        let now = now_ns();
         if self.bytes == CONSOLE_BUDGET_BYTES {
-            self.refilled_ns = now_ns();
-        } else if self.bytes < want {
-            self.refill(now_ns());
+            self.refilled_ns = now;
+            self.full_at_ns = now;
+        } else if self.bytes < want || now >= self.full_at_ns {
+            self.refill(now);
         }
     }
 
@@ -920,8 +932,7 @@ mod tests {
         let mut budget = ConsoleBudget::default();
         // Full for the first ten seconds: that time earns nothing.
         assert!(budget.take(CONSOLE_BUDGET_BYTES - 100, || 10 * SECOND));
-        let no_clock = || panic!("the clock is read only when the budget is full or short");
-        assert!(budget.take(50, no_clock));
+        assert!(budget.take(50, || 10 * SECOND));
         assert!(
             !budget.take(51, || 10 * SECOND),
             "one byte more than the burst"
@@ -942,6 +953,26 @@ mod tests {
         assert_eq!(
             budget.take_up_to(u64::MAX, || 1000 * SECOND),
             CONSOLE_BUDGET_BYTES
+        );
+    }
+
+    /// A take the budget covers, made once the budget would have been full again: what the
+    /// time before it earned beyond the cap is not credited by a later refill.
+    #[test]
+    fn console_budget_never_credits_time_it_spent_full() {
+        let mut budget = ConsoleBudget::default();
+        assert!(budget.take(CONSOLE_BUDGET_BYTES - 100, || 0));
+        // Ten seconds later the budget is full again (it was 100 short, 12 ms of earning).
+        assert!(budget.take(50, || 10 * SECOND));
+        assert_eq!(
+            budget.take_up_to(u64::MAX, || 10 * SECOND),
+            CONSOLE_BUDGET_BYTES - 50,
+            "the burst, less the 50 bytes just taken, not the ten seconds' earning on top"
+        );
+        // Before it can be full, a take needs no refill and loses nothing.
+        assert!(
+            budget.take_up_to(u64::MAX, || 10 * SECOND + SECOND / 2)
+                <= CONSOLE_BUDGET_BYTES_PER_S / 2
         );
     }
 

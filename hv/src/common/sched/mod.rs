@@ -3554,15 +3554,10 @@ mod tests {
         );
     }
 
-    /// Issue #11: domain 1's 64-entry batch runs past domain 2's timer (the end of its slice):
-    /// it stops between entries, domain 2 runs, and the batch is finished before domain 1's
-    /// guest runs again, every entry once and in order (each allocates the next port), the
-    /// call counted once, and it returns as a batch does. `shared`: the loop of a machine with
-    /// several CPUs, else the one-CPU loop.
-    fn a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(shared: bool) {
+    /// Domain 1 of the batch preemption tests: a yield, then a multicall at 0x9000 of 64
+    /// alloc_unbound entries (each allocates the next port: 2 to 65), then poweroff.
+    fn domain_with_a_long_batch() -> (TestMemory, Slot<MockVcpu>) {
         use lamina_abi::event_channel::DOMID_SELF;
-        const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
-        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
         let (t1, one) = slot_with_id(
             1,
             vec![
@@ -3574,6 +3569,18 @@ mod tests {
         for i in 0..64 {
             put_entry(&t1, 0x9000, i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]); // alloc_unbound
         }
+        (t1, one)
+    }
+
+    /// Issue #11: domain 1's 64-entry batch runs past domain 2's timer (the end of its slice):
+    /// it stops between entries, domain 2 runs, and the batch is finished before domain 1's
+    /// guest runs again, every entry once and in order (each allocates the next port), the
+    /// call counted once, and it returns as a batch does. `shared`: the loop of a machine with
+    /// several CPUs, else the one-CPU loop.
+    fn a_batch_stops_at_another_domains_deadline_and_finishes_before_its_guest_runs(shared: bool) {
+        const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
+        crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
+        let (t1, one) = domain_with_a_long_batch();
         // Domain 2 sleeps until its periodic timer, due PERIOD after it is set.
         let (_t2, two) = slot_with_id(
             2,
@@ -3641,22 +3648,11 @@ mod tests {
     /// teardown.
     #[test]
     fn a_batch_waiting_to_be_finished_goes_with_its_destroyed_domain() {
-        use lamina_abi::event_channel::DOMID_SELF;
         const PERIOD: u64 = lamina_abi::vcpu::PERIOD_MIN_NS;
         const DOMCTL_OP: u64 = lamina_abi::Hypercall::DomctlOp as u64;
         let destroy = lamina_abi::domctl::DomctlOp::Destroy as u64;
         crate::common::domain::DOMAIN_COUNT.fetch_max(2, core::sync::atomic::Ordering::Relaxed);
-        let (t1, one) = slot_with_id(
-            1,
-            vec![
-                hypercall(SCHED, YIELD),
-                hypercall(MULTICALL, [0x9000, 64, 0]),
-                hypercall(SCHED, POWEROFF),
-            ],
-        );
-        for i in 0..64 {
-            put_entry(&t1, 0x9000, i, EVTCHN, [0, DOMID_SELF, 0, 0, 0]);
-        }
+        let (t1, one) = domain_with_a_long_batch();
         let (_t2, mut two) = slot_with_id(
             2,
             vec![

@@ -71,6 +71,18 @@ impl Host for MachineHost {
         apic::arm_one_shot(ticks.clamp(1, u128::from(u32::MAX)) as u32);
     }
 
+    fn arm_timer_within(&mut self, earliest: u64, deadline: u64) {
+        // Armed and not fired (`after_interrupts` forgets a deadline once its interrupt came;
+        // one pending meanwhile exits the guest at once, and the next pass arms again).
+        if self
+            .armed
+            .is_some_and(|armed| (earliest..=deadline).contains(&armed))
+        {
+            return;
+        }
+        self.arm_timer(Some(deadline));
+    }
+
     fn wait_for_interrupt(&mut self) {
         // STI's one-instruction shadow makes `sti; hlt` wait without missing a wake-up.
         // SAFETY: the IDT handles every vector the APIC can deliver; interrupts go off again

@@ -50,6 +50,13 @@ pub trait Host {
     fn now_ns(&self) -> u64;
     /// Have a host interrupt at system time `deadline` (`None`: no timer needed).
     fn arm_timer(&mut self, deadline: Option<u64>);
+    /// Have a host interrupt at some time from `earliest` to `deadline`: a timer armed for
+    /// that window that has not fired yet is kept (writing the timer again costs more than
+    /// the rest of a switch's timer work).
+    fn arm_timer_within(&mut self, earliest: u64, deadline: u64) {
+        let _ = earliest;
+        self.arm_timer(Some(deadline));
+    }
     /// Halts the CPU until a host interrupt arrives (and handles it).
     fn wait_for_interrupt(&mut self);
     /// Lets host interrupts that arrived while a guest ran be handled.
@@ -1939,14 +1946,21 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
 }
 
 /// The directed switch of a machine with one CPU (issue #15; Xen's and seL4's IPC fast
-/// paths are the model): the vCPU that just ran went to wait (block, poll, HLT) and the one
-/// vCPU a request was made of meanwhile is now ready (the event it sent ended that vCPU's
-/// wait): it runs next without the general pass, which would pick it anyway. Only when the
-/// pass has nothing else to do: no other vCPU ready, no deadline passed, no teardown or
-/// scrub, neither vCPU with a deadline to keep in the heaps, no yield_to; otherwise `None`
-/// and the pass runs (a look made here is made again there, and changes nothing twice).
-/// The fairness accounting is the pass's: `put_back` charged the vCPU that ran, and the one
-/// picked from an empty ready set starts from its own virtual run time.
+/// paths are the model): the general pass would pick the one vCPU that can run next anyway,
+/// so it runs without the pass. Two ways to get there:
+///
+/// - the vCPU that just ran went to wait (block, poll, HLT) or yielded, and the one vCPU a
+///   request was made of meanwhile is now ready (the event it sent ended that vCPU's wait)
+///   while no other is;
+/// - it went to wait or yielded, no request was made of any vCPU, and exactly one other is
+///   ready (a yielder waiting for the vCPU that now waits; the other of two that yield).
+///
+/// A yielder goes into the ready set behind it (docs/abi.md 3.3: its yield returns after the
+/// other had the CPU; the pass's pick would give the other no floor either). Only when the
+/// pass has nothing else to do: no deadline passed, no teardown or scrub, no yield_to, a
+/// woken vCPU with no deadline to keep in the heaps; otherwise `None` and the pass runs (a
+/// look made here is made again there, and changes nothing twice). The fairness accounting is the pass's: `put_back`
+/// charged the vCPU that ran, and the one picked starts from its own virtual run time.
 #[inline(always)]
 fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     slots: &mut S,
@@ -1958,59 +1972,107 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
 ) -> Option<Pass<V>> {
     let back = me.back?;
     if me.named.is_some()
-        || me.yielded.is_some()
         || !queue.ended.is_empty()
         || !queue.scrubbing.is_empty()
-        || !queue.ready.is_empty()
         || queue.due.peek().is_some_and(|(_, due)| due <= now)
     {
         return None;
     }
+    let yielded = match me.yielded {
+        None => false,
+        Some(unit) if unit == back => true,
+        Some(_) => return None,
+    };
     let back_unit = queue.unit_of(back)?;
-    let target = attention.single()?;
-    if target == back_unit || queue.due.contains(back_unit) || queue.due.contains(target) {
+    // Looked for before the yielder joins the ready set.
+    let (target, from_ready) = match attention.single() {
+        Some(target) if queue.ready.is_empty() && !queue.due.contains(target) => (target, false),
+        Some(_) => return None,
+        None if attention.is_empty() => (queue.ready.only(me.cpu)?, true),
+        None => return None,
+    };
+    if target == back_unit {
         return None;
     }
     let &(index, vcpu_index) = queue.units.get(target)?;
-    // The vCPU that ran waits, with no deadline and nothing asked of it since.
-    let back_waits = slots.with(back.0, |s| {
-        let domain = &s.domain;
-        let state = &domain.vcpus[back.1];
-        domain.is_runnable()
-            && !domain.paused
-            && !matches!(state.wait, Wait::None)
-            && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
-            && vcpu_deadline(domain, back.1).is_none()
-    });
-    if !back_waits {
-        return None;
+    // A vCPU that went to wait with no deadline and nothing asked of it since: the pass's
+    // look would change nothing (`poll`). Otherwise the look is made here (`block` asks for
+    // an upcall check; a yielder joins the ready set, its timers and wait as `update`).
+    let quietly_waits = !yielded
+        && !queue.due.contains(back_unit)
+        && slots.with(back.0, |s| {
+            let domain = &s.domain;
+            let state = &domain.vcpus[back.1];
+            domain.is_runnable()
+                && !domain.paused
+                && !matches!(state.wait, Wait::None)
+                && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
+                && vcpu_deadline(domain, back.1).is_none()
+        });
+    if !quietly_waits {
+        slots.with(back.0, |s| {
+            update(s, back.1, now);
+            queue.sync(back_unit, back.0, s, back.1);
+        });
+        // Its domain ended (a teardown first), or it is ready and did not yield (the pick
+        // weighs it against the other).
+        if !queue.ended.is_empty() || (!yielded && queue.ready.contains(back_unit)) {
+            return None;
+        }
     }
     let cpu_bit = me.idle_bit;
     let vcpu = slots.with(index, |s| {
-        update(s, vcpu_index, now);
-        if !is_ready(s, vcpu_index)
-            || s.domain.affinity & cpu_bit == 0
-            || vcpu_deadline(&s.domain, vcpu_index).is_some()
-        {
+        if !from_ready {
+            // Its wait ends here, as in the pass's look.
+            update(s, vcpu_index, now);
+            if vcpu_deadline(&s.domain, vcpu_index).is_some() {
+                return None;
+            }
+        }
+        if !is_ready(s, vcpu_index) || s.domain.affinity & cpu_bit == 0 {
             return None;
         }
         let vcpu = s.vcpus[vcpu_index].take()?;
+        if from_ready {
+            // Expiries that fell due while it waited ready, as the pass's pick.
+            advance_timers(&mut s.domain, vcpu_index, now);
+        }
         let state = &mut s.domain.vcpus[vcpu_index];
         state.ran_on |= cpu_bit;
         state.yielded_to = false;
-        // Picked from an empty ready set: no floor (`ReadySet::pick`).
+        // The only one the pick could take: no floor (`ReadySet::pick`).
         state.boosted = false;
         state.running_since = Some(now);
         state.requests.set_off_cpu(false);
         trace::vcpu_in(s.domain.id);
         Some(vcpu)
     })?;
-    attention.unmark(target);
+    if from_ready {
+        queue.ready.remove(target);
+    } else {
+        attention.unmark(target);
+    }
+    if yielded {
+        // Preempted by its yield (docs/abi.md 9.2); the pass does this for `last`.
+        slots.with(back.0, |s| {
+            let domain = &mut s.domain;
+            let state = &mut domain.vcpus[back.1];
+            if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING
+            {
+                let _ = state
+                    .runstate
+                    .enter(runstate::RUNNABLE, now, &domain.memory);
+            }
+        });
+        me.yielded = None;
+    }
     me.back = None;
-    // The vCPU that ran is BLOCKED (`end_slice`); the one that runs is RUNNING from
+    // A vCPU that went to wait is BLOCKED (`end_slice`); the one that runs is RUNNING from
     // `schedule_in`.
     me.last = Some((index, vcpu_index));
     locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(test)]
+    tests::DIRECT_SWITCHES_HERE.with(|n| n.set(n.get() + 1));
     let others = host_work
         .into_iter()
         .chain(queue.wake_due.peek().map(|(_, due)| due))
@@ -2275,22 +2337,40 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);
 }
 
+/// How much earlier than its end a slice may be ended by the host timer, which is then not
+/// written again at every switch (issue #15: re-arming it cost 193 instructions of an event
+/// ping-pong's round trip). A slice ended early is charged what it ran, and the next pass arms
+/// the timer exactly again (a timer that fired is no longer armed), so at most one early end
+/// per exact arming.
+pub const SLICE_END_SLACK_NS: u64 = TIME_SLICE_NS / 8;
+
+/// The window the host timer may fire in for a slice that ends at `slice_end`, whose
+/// domain's first timer is due at `due` (or later): a slice end may come up to
+/// [`SLICE_END_SLACK_NS`] early, a guest timer's deadline is kept exactly.
+fn host_timer_window(slice_end: u64, due: Option<u64>) -> (u64, u64) {
+    match due {
+        Some(due) if due <= slice_end => (due, due),
+        _ => (slice_end.saturating_sub(SLICE_END_SLACK_NS), slice_end),
+    }
+}
+
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's
 /// vCPUs due before it (a vCPU may set a sibling's timer).
 fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
-    let mut due = slice_end;
+    let mut due = None::<u64>;
     for state in &domain.vcpus {
         if let Some(deadline) = state.timers.next_deadline() {
-            due = due.min(deadline);
+            due = Some(due.map_or(deadline, |d| d.min(deadline)));
         }
         // Most vCPUs have no APIC timer counting (an inlined test, not a call).
         if state.vlapic.timer_counting()
             && let Some(deadline) = state.vlapic.next_timer_deadline_ns()
         {
-            due = due.min(deadline);
+            due = Some(due.map_or(deadline, |d| d.min(deadline)));
         }
     }
-    host.arm_timer(Some(due));
+    let (earliest, deadline) = host_timer_window(slice_end, due);
+    host.arm_timer_within(earliest, deadline);
 }
 
 #[cfg(test)]
@@ -2302,6 +2382,11 @@ mod tests {
     use crate::common::testing::{MockVcpu, Traced, hypercall, results_of, take_trace};
     use crate::common::time::TimeBase;
     use std::cell::Cell;
+
+    std::thread_local! {
+        /// The directed switches this test's thread made (`switch_directly`).
+        pub(super) static DIRECT_SWITCHES_HERE: Cell<u32> = const { Cell::new(0) };
+    }
 
     /// A clock that jumps to the armed deadline when the CPU halts. With a 1 GHz TimeBase
     /// starting at TSC 0, system time and the (fake) TSC are the same number.
@@ -2431,6 +2516,23 @@ mod tests {
 
     const UNITS: [(usize, usize); 2] = [(0, 0), (1, 0)];
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn the_host_timer_may_end_a_slice_a_little_early_but_keeps_guest_timers_exact() {
+        let end = 50 * MS;
+        assert_eq!(
+            host_timer_window(end, None),
+            (end - SLICE_END_SLACK_NS, end),
+            "a slice end"
+        );
+        assert_eq!(
+            host_timer_window(end, Some(end + 1)),
+            (end - SLICE_END_SLACK_NS, end),
+            "a timer after the slice"
+        );
+        assert_eq!(host_timer_window(end, Some(end - 1)), (end - 1, end - 1));
+        assert_eq!(host_timer_window(end, Some(end)), (end, end));
+    }
 
     #[test]
     fn a_woken_vcpu_runs_first_only_while_no_ready_vcpu_had_less() {
@@ -2674,6 +2776,73 @@ mod tests {
                     .position(|t| matches!(t, Traced::Ran(2, _)))
             });
         assert!(woken.is_some(), "vCPU 1 ran again after the IPI: {trace:?}");
+    }
+
+    /// The IPI shootdown of bench/src/smp.rs on one CPU: vCPU 0 sends an IPI to its blocked
+    /// sibling and yields until the sibling ran; the sibling blocks, then yields. Every switch
+    /// is a directed one, and each is the one the general pass would make.
+    #[test]
+    fn a_yield_or_a_block_with_one_other_vcpu_ready_switches_to_it_directly() {
+        let mut first: Vec<_> = bring_up_second().into();
+        first.extend([
+            hypercall(EVTCHN, [8, 1, 0]),    // slot 0 of vCPU 1 -> port 2
+            hypercall(SCHED, YIELD),         // vCPU 1 (marked by its start) runs and blocks
+            hypercall(EVTCHN, [9, 0b10, 0]), // its wait ends
+            hypercall(SCHED, YIELD),         // vCPU 1 runs: block returns, it yields
+            hypercall(SCHED, YIELD),         // vCPU 1 runs and takes itself down
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let second = vec![
+            hypercall(SCHED, [1, 0, 0]),
+            hypercall(SCHED, YIELD),
+            hypercall(VCPU_OP, [7, 1, 0]),
+        ];
+        let (_t, mut s) = two_vcpus(first, second);
+        let runstates = [0x20000, 0x20100];
+        for (vcpu, gpa) in runstates.into_iter().enumerate() {
+            s.domain.vcpus[vcpu].runstate.gpa = Some(gpa);
+        }
+        take_trace();
+        DIRECT_SWITCHES_HERE.with(|n| n.set(0));
+        // Time moves on as the hypervisor reads the clock.
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(1_000));
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(0));
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let order: Vec<u32> = trace
+            .iter()
+            .filter_map(|t| match *t {
+                Traced::Ran(tag, _) => Some(tag),
+                _ => None,
+            })
+            .collect();
+        // One exit each time a vCPU runs, but vCPU 0's first four and its send_ipi.
+        assert_eq!(order, [1, 1, 1, 1, 2, 1, 1, 2, 1, 2, 1], "{trace:?}");
+        assert_eq!(results_of(&trace, 2), [0, 0], "block and yield returned 0");
+        let switches = DIRECT_SWITCHES_HERE.with(Cell::get);
+        // vCPU 0's three yields, vCPU 1's block, its yield and its going down.
+        assert_eq!(switches, 6, "{trace:?}");
+        // Both were charged for their slices; the run-state areas show the waits: vCPU 0
+        // preempted by its yields (RUNNABLE while vCPU 1 ran), vCPU 1 blocked.
+        use lamina_abi::vcpu::runstate::{BLOCKED, RUNNABLE, RUNNING};
+        let mut times = [[0u64; 4]; 2];
+        for (vcpu, gpa) in runstates.into_iter().enumerate() {
+            assert!(s.domain.vcpus[vcpu].cpu_ns > 0, "vCPU {vcpu} charged");
+            let mut area = [0u8; 48];
+            _t.mem.read(gpa, &mut area).unwrap();
+            let word = |i: usize| u64::from_le_bytes(area[8 * i..8 * i + 8].try_into().unwrap());
+            times[vcpu] = [word(2), word(3), word(4), word(5)];
+            assert!(
+                times[vcpu].iter().sum::<u64>() <= word(1),
+                "vCPU {vcpu}: {:?} before {}",
+                times[vcpu],
+                word(1)
+            );
+        }
+        assert!(times.iter().all(|t| t[RUNNING as usize] > 0), "{times:?}");
+        assert!(times[0][RUNNABLE as usize] > 0, "{times:?}");
+        assert!(times[1][BLOCKED as usize] > 0, "{times:?}");
     }
 
     /// flush_tlb of the `count` addresses at guest-physical `array` on the vCPUs of `mask`.

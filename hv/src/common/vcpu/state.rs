@@ -89,6 +89,14 @@ impl Attention {
         }
     }
 
+    /// Whether no unit is in the set.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.words
+            .iter()
+            .all(|word| word.load(Ordering::Relaxed) == 0)
+    }
+
     /// The unit in the set if it holds exactly one (left in it).
     #[inline]
     pub fn single(&self) -> Option<usize> {

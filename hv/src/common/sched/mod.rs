@@ -1959,8 +1959,13 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
 /// other had the CPU; the pass's pick would give the other no floor either). Only when the
 /// pass has nothing else to do: no deadline passed, no teardown or scrub, no yield_to, a
 /// woken vCPU with no deadline to keep in the heaps; otherwise `None` and the pass runs (a
-/// look made here is made again there, and changes nothing twice). The fairness accounting is the pass's: `put_back`
-/// charged the vCPU that ran, and the one picked starts from its own virtual run time.
+/// look made here is made again there, and changes nothing twice). The fairness accounting
+/// is the pass's: `put_back` charged the vCPU that ran, and the one picked starts from its
+/// own virtual run time.
+///
+/// Inlined is only the event ping-pong's case (a `poll` with no deadline and nothing asked
+/// of the poller since, whose send woke the other: the pass's look at the poller would
+/// change nothing); the others look at the vCPU that ran first, out of line.
 #[inline(always)]
 fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     slots: &mut S,
@@ -1978,12 +1983,46 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     {
         return None;
     }
+    let back_unit = queue.unit_of(back)?;
+    if me.yielded.is_none()
+        && queue.ready.is_empty()
+        && let Some(target) = attention.single()
+        && target != back_unit
+        && !queue.due.contains(back_unit)
+        && !queue.due.contains(target)
+        && slots.with(back.0, |s| {
+            let domain = &s.domain;
+            let state = &domain.vcpus[back.1];
+            domain.is_runnable()
+                && !domain.paused
+                && !matches!(state.wait, Wait::None)
+                && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
+                && vcpu_deadline(domain, back.1).is_none()
+        })
+    {
+        return take_directly(slots, queue, attention, me, host_work, now, target, false);
+    }
+    switch_after_look(slots, queue, attention, me, host_work, now, back_unit)
+}
+
+/// [`switch_directly`] for a vCPU that yielded or that the pass must look at (`block` asks
+/// for an upcall check; a yielder joins the ready set, its timers and wait as `update`).
+#[inline(never)]
+fn switch_after_look<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+    back_unit: usize,
+) -> Option<Pass<V>> {
+    let back = me.back?;
     let yielded = match me.yielded {
         None => false,
         Some(unit) if unit == back => true,
         Some(_) => return None,
     };
-    let back_unit = queue.unit_of(back)?;
     // Looked for before the yielder joins the ready set.
     let (target, from_ready) = match attention.single() {
         Some(target) if queue.ready.is_empty() && !queue.due.contains(target) => (target, false),
@@ -1994,32 +2033,50 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     if target == back_unit {
         return None;
     }
-    let &(index, vcpu_index) = queue.units.get(target)?;
-    // A vCPU that went to wait with no deadline and nothing asked of it since: the pass's
-    // look would change nothing (`poll`). Otherwise the look is made here (`block` asks for
-    // an upcall check; a yielder joins the ready set, its timers and wait as `update`).
-    let quietly_waits = !yielded
-        && !queue.due.contains(back_unit)
-        && slots.with(back.0, |s| {
-            let domain = &s.domain;
-            let state = &domain.vcpus[back.1];
-            domain.is_runnable()
-                && !domain.paused
-                && !matches!(state.wait, Wait::None)
-                && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
-                && vcpu_deadline(domain, back.1).is_none()
-        });
-    if !quietly_waits {
-        slots.with(back.0, |s| {
-            update(s, back.1, now);
-            queue.sync(back_unit, back.0, s, back.1);
-        });
-        // Its domain ended (a teardown first), or it is ready and did not yield (the pick
-        // weighs it against the other).
-        if !queue.ended.is_empty() || (!yielded && queue.ready.contains(back_unit)) {
-            return None;
-        }
+    slots.with(back.0, |s| {
+        update(s, back.1, now);
+        queue.sync(back_unit, back.0, s, back.1);
+    });
+    // Its domain ended (a teardown first), or it is ready and did not yield (the pick weighs
+    // it against the other).
+    if !queue.ended.is_empty() || (!yielded && queue.ready.contains(back_unit)) {
+        return None;
     }
+    let run = take_directly(
+        slots, queue, attention, me, host_work, now, target, from_ready,
+    )?;
+    if yielded {
+        // Preempted by its yield (docs/abi.md 9.2); the pass does this for `last`.
+        slots.with(back.0, |s| {
+            let domain = &mut s.domain;
+            let state = &mut domain.vcpus[back.1];
+            if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING
+            {
+                let _ = state
+                    .runstate
+                    .enter(runstate::RUNNABLE, now, &domain.memory);
+            }
+        });
+        me.yielded = None;
+    }
+    Some(run)
+}
+
+/// The end of [`switch_directly`]: `target` runs next if it can, woken (a request was made
+/// of it) or `from_ready` (the one in the ready set).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn take_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+    target: usize,
+    from_ready: bool,
+) -> Option<Pass<V>> {
+    let &(index, vcpu_index) = queue.units.get(target)?;
     let cpu_bit = me.idle_bit;
     let vcpu = slots.with(index, |s| {
         if !from_ready {
@@ -2051,20 +2108,6 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
         queue.ready.remove(target);
     } else {
         attention.unmark(target);
-    }
-    if yielded {
-        // Preempted by its yield (docs/abi.md 9.2); the pass does this for `last`.
-        slots.with(back.0, |s| {
-            let domain = &mut s.domain;
-            let state = &mut domain.vcpus[back.1];
-            if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING
-            {
-                let _ = state
-                    .runstate
-                    .enter(runstate::RUNNABLE, now, &domain.memory);
-            }
-        });
-        me.yielded = None;
     }
     me.back = None;
     // A vCPU that went to wait is BLOCKED (`end_slice`); the one that runs is RUNNING from

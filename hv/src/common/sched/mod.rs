@@ -1200,8 +1200,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// pass to the end of the slice (no other CPU wants it), so an exit costs what it did
     /// before SMP.
     fn run_alone<H: Host>(&self, me: &mut ThisCpu, host: &mut H) {
+        // When the last slice ended: the next pass's time (one clock read per switch).
+        let mut ended = None;
         loop {
-            let now = host.now_ns();
+            let now = ended.take().unwrap_or_else(|| host.now_ns());
             let mut guard = self.table.exclusive();
             let (slots, queue, attention) = guard.split();
             let picked = pass(slots, queue, attention, me, host, now);
@@ -1234,13 +1236,23 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             } else {
                 Next::Resume
             };
-            if next == Next::Resume {
-                run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            let next = if next == Next::Resume {
+                run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end)
             } else {
-                end_slice(domain, vcpu_index, &mut *vcpu, next, host);
-            }
-            let ran = host.now_ns().saturating_sub(now);
-            put_back(current, index, vcpu_index, vcpu, now, ran, me);
+                next
+            };
+            let end = host.now_ns();
+            end_slice_at(domain, vcpu_index, &mut *vcpu, next, end);
+            put_back(
+                current,
+                index,
+                vcpu_index,
+                vcpu,
+                now,
+                end.saturating_sub(now),
+                me,
+            );
+            ended = Some(end);
         }
     }
 
@@ -2130,7 +2142,8 @@ fn take_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
 }
 
 /// The slice of a machine with one CPU: the table stays locked, so the domain and its peers
-/// are reached once for the whole slice.
+/// are reached once for the whole slice. Returns how it ends (not [`Next::Resume`]), for
+/// [`end_slice_at`].
 #[inline(never)]
 fn run_slice_alone<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
@@ -2139,7 +2152,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     peers: &mut Peers<'_, V>,
     host: &mut H,
     slice_end: u64,
-) {
+) -> Next {
     let mut exited_at = None;
     let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
     let tsc_khz = domain.time.tsc_khz() as u32;
@@ -2175,8 +2188,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             OwnExits::Other => dispatch_exit(domain, vcpu_index, vcpu, other, peers, host),
         };
         if next != Next::Resume {
-            end_slice(domain, vcpu_index, vcpu, next, host);
-            return;
+            return next;
         }
     }
 }
@@ -2227,12 +2239,28 @@ fn end_slice<V: VirtualCpu, H: Host>(
     next: Next,
     host: &mut H,
 ) {
+    let now = if next == Next::Sleep {
+        host.now_ns()
+    } else {
+        0
+    };
+    end_slice_at(domain, vcpu_index, vcpu, next, now);
+}
+
+/// [`end_slice`] at system time `now` (read by the caller, who charges the slice up to it).
+#[inline(always)]
+fn end_slice_at<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    next: Next,
+    now: u64,
+) {
     vcpu.deactivate();
     match next {
         Next::Stop => return,
         Next::Sleep => {
             trace::block(domain.id);
-            let now = host.now_ns();
             let state = &mut domain.vcpus[vcpu_index];
             // A vCPU that took itself down is offline, not blocked (docs/abi.md 9.2).
             let to = if state.up {

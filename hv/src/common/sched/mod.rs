@@ -2904,6 +2904,12 @@ mod tests {
             _t.mem.read(gpa, &mut area).unwrap();
             let word = |i: usize| u64::from_le_bytes(area[8 * i..8 * i + 8].try_into().unwrap());
             times[vcpu] = [word(2), word(3), word(4), word(5)];
+            let info = s.domain.vcpus[vcpu].runstate.info();
+            assert_eq!(
+                (word(0) as u32, word(1), times[vcpu]),
+                (info.state, info.state_entry_time, info.time),
+                "vCPU {vcpu}: the guest's copy is the hypervisor's"
+            );
             assert!(
                 times[vcpu].iter().sum::<u64>() <= word(1),
                 "vCPU {vcpu}: {:?} before {}",

@@ -492,6 +492,12 @@ impl Runstate {
     pub fn state(&self) -> u32 {
         self.info.state
     }
+
+    /// What the guest's copy should hold.
+    #[cfg(test)]
+    pub fn info(&self) -> RunstateInfo {
+        self.info
+    }
 }
 
 /// One vCPU's hypervisor-side state.

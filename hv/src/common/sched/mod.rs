@@ -1995,26 +1995,85 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     {
         return None;
     }
-    let back_unit = queue.unit_of(back)?;
-    if me.yielded.is_none()
-        && queue.ready.is_empty()
-        && let Some(target) = attention.single()
-        && target != back_unit
-        && !queue.due.contains(back_unit)
-        && !queue.due.contains(target)
-        && slots.with(back.0, |s| {
-            let domain = &s.domain;
-            let state = &domain.vcpus[back.1];
-            domain.is_runnable()
-                && !domain.paused
-                && !matches!(state.wait, Wait::None)
-                && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
-                && vcpu_deadline(domain, back.1).is_none()
-        })
-    {
-        return take_directly(slots, queue, attention, me, host_work, now, target, false);
+    if let Some(run) = switch_to_woken(slots, queue, attention, me, host_work, now, back) {
+        return Some(run);
     }
+    let back_unit = queue.unit_of(back)?;
     switch_after_look(slots, queue, attention, me, host_work, now, back_unit)
+}
+
+/// [`switch_directly`]'s inlined case: the vCPU that ran (`back`) waits with no deadline and
+/// nothing asked of it since, no vCPU is ready, and the one a request was made of is woken.
+#[inline(always)]
+fn switch_to_woken<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+    back: (usize, usize),
+) -> Option<Pass<V>> {
+    if me.yielded.is_some() || !queue.ready.is_empty() {
+        return None;
+    }
+    let back_unit = queue.unit_of(back)?;
+    let target = attention.single()?;
+    if target == back_unit || queue.due.contains(back_unit) || queue.due.contains(target) {
+        return None;
+    }
+    let &(index, vcpu_index) = queue.units.get(target)?;
+    let back_waits = slots.with(back.0, |s| {
+        let domain = &s.domain;
+        let state = &domain.vcpus[back.1];
+        domain.is_runnable()
+            && !domain.paused
+            && !matches!(state.wait, Wait::None)
+            && !state.requests.peek(request::EVENT | request::WAKE_CHECK)
+            && vcpu_deadline(domain, back.1).is_none()
+    });
+    if !back_waits {
+        return None;
+    }
+    let cpu_bit = me.idle_bit;
+    let vcpu = slots.with(index, |s| {
+        update(s, vcpu_index, now);
+        if !is_ready(s, vcpu_index)
+            || s.domain.affinity & cpu_bit == 0
+            || vcpu_deadline(&s.domain, vcpu_index).is_some()
+        {
+            return None;
+        }
+        let vcpu = s.vcpus[vcpu_index].take()?;
+        let state = &mut s.domain.vcpus[vcpu_index];
+        state.ran_on |= cpu_bit;
+        state.yielded_to = false;
+        // Picked from an empty ready set: no floor (`ReadySet::pick`).
+        state.boosted = false;
+        state.running_since = Some(now);
+        state.requests.set_off_cpu(false);
+        trace::vcpu_in(s.domain.id);
+        Some(vcpu)
+    })?;
+    attention.unmark(target);
+    me.back = None;
+    // The vCPU that ran is BLOCKED (`end_slice`); the one that runs is RUNNING from
+    // `schedule_in`.
+    me.last = Some((index, vcpu_index));
+    locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(test)]
+    tests::DIRECT_SWITCHES_HERE.with(|n| n.set(n.get() + 1));
+    let others = host_work
+        .into_iter()
+        .chain(queue.wake_due.peek().map(|(_, due)| due))
+        .min();
+    let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+    Some(Pass::Run {
+        index,
+        vcpu_index,
+        vcpu,
+        slice_end,
+    })
 }
 
 /// [`switch_directly`] for a vCPU that yielded or that the pass must look at (`block` asks

@@ -1343,7 +1343,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
-                arm_host_timer(domain, host, slice_end);
+                arm_host_timer(domain, host, slice_end, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
                 let now = read_tsc();
@@ -2219,7 +2219,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     let mut other = VmExit::Hlt;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
-            arm_host_timer(domain, host, slice_end);
+            arm_host_timer(domain, host, slice_end, slice_end);
         }
         if let Some(exited_at) = exited_at {
             let now = read_tsc();
@@ -2459,7 +2459,7 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     );
     domain.vcpus[index].requests.make(request::EVENT);
     domain.vcpus[index].requests.set_upcall_maybe_pending(true);
-    arm_host_timer(domain, host, slice_end);
+    arm_host_timer(domain, host, now, slice_end);
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
     vcpu.set_preemption_deadline(slice_ticks);
@@ -2467,26 +2467,31 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);
 }
 
-/// How much earlier than its end a slice may be ended by the host timer, which is then not
-/// written again at every switch (issue #15: re-arming it cost 193 instructions of an event
-/// ping-pong's round trip). A slice ended early is charged what it ran, and the next pass arms
-/// the timer exactly again (a timer that fired is no longer armed), so at most one early end
-/// per exact arming.
+/// How much earlier than its end a whole slice may be ended by the host timer, which is then
+/// not written again at every switch (issue #15: re-arming it cost 193 instructions of an
+/// event ping-pong's round trip). A slice ended early is charged what it ran, and the next
+/// pass arms the timer exactly again (a timer that fired is not kept), so at most one early
+/// end per exact arming. A slice shorter than [`TIME_SLICE_NS`] (another domain's deadline,
+/// the console's) is not ended early.
 pub const SLICE_END_SLACK_NS: u64 = TIME_SLICE_NS / 8;
 
-/// The window the host timer may fire in for a slice that ends at `slice_end`, whose
-/// domain's first timer is due at `due` (or later): a slice end may come up to
-/// [`SLICE_END_SLACK_NS`] early, a guest timer's deadline is kept exactly.
-fn host_timer_window(slice_end: u64, due: Option<u64>) -> (u64, u64) {
+/// The window the host timer may fire in for a slice that begins at `now` and ends at
+/// `slice_end`, whose domain's first timer is due at `due` (or later): the end of a whole
+/// slice may come up to [`SLICE_END_SLACK_NS`] early; anything else is kept exactly.
+fn host_timer_window(now: u64, slice_end: u64, due: Option<u64>) -> (u64, u64) {
     match due {
         Some(due) if due <= slice_end => (due, due),
-        _ => (slice_end.saturating_sub(SLICE_END_SLACK_NS), slice_end),
+        _ if slice_end >= now.saturating_add(TIME_SLICE_NS) => {
+            (slice_end.saturating_sub(SLICE_END_SLACK_NS), slice_end)
+        }
+        _ => (slice_end, slice_end),
     }
 }
 
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's
-/// vCPUs due before it (a vCPU may set a sibling's timer).
-fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
+/// vCPUs due before it (a vCPU may set a sibling's timer). `now`: when the slice began, or
+/// `slice_end` when the timer must fire exactly at it.
+fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, now: u64, slice_end: u64) {
     let mut due = None::<u64>;
     for state in &domain.vcpus {
         if let Some(deadline) = state.timers.next_deadline() {
@@ -2499,7 +2504,7 @@ fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
             due = Some(due.map_or(deadline, |d| d.min(deadline)));
         }
     }
-    let (earliest, deadline) = host_timer_window(slice_end, due);
+    let (earliest, deadline) = host_timer_window(now, slice_end, due);
     host.arm_timer_within(earliest, deadline);
 }
 
@@ -2648,20 +2653,34 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     #[test]
-    fn the_host_timer_may_end_a_slice_a_little_early_but_keeps_guest_timers_exact() {
-        let end = 50 * MS;
+    fn the_host_timer_may_end_a_whole_slice_a_little_early_but_nothing_else() {
+        let now = 40 * MS;
+        let end = now + TIME_SLICE_NS;
         assert_eq!(
-            host_timer_window(end, None),
+            host_timer_window(now, end, None),
             (end - SLICE_END_SLACK_NS, end),
             "a slice end"
         );
         assert_eq!(
-            host_timer_window(end, Some(end + 1)),
+            host_timer_window(now, end, Some(end + 1)),
             (end - SLICE_END_SLACK_NS, end),
             "a timer after the slice"
         );
-        assert_eq!(host_timer_window(end, Some(end - 1)), (end - 1, end - 1));
-        assert_eq!(host_timer_window(end, Some(end)), (end, end));
+        assert_eq!(
+            host_timer_window(now, end, Some(end - 1)),
+            (end - 1, end - 1)
+        );
+        assert_eq!(host_timer_window(now, end, Some(end)), (end, end));
+        assert_eq!(
+            host_timer_window(now, now + MS, None),
+            (now + MS, now + MS),
+            "a slice cut short by another deadline"
+        );
+        assert_eq!(
+            host_timer_window(end, end, Some(end + 1)),
+            (end, end),
+            "exactly"
+        );
     }
 
     #[test]

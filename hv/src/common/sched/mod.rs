@@ -1998,6 +1998,10 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     if let Some(run) = switch_to_woken(slots, queue, attention, me, host_work, now, back) {
         return Some(run);
     }
+    // Nothing ready and nothing woken (a vCPU went to wait alone): no call.
+    if queue.ready.is_empty() && attention.is_empty() {
+        return None;
+    }
     let back_unit = queue.unit_of(back)?;
     switch_after_look(slots, queue, attention, me, host_work, now, back_unit)
 }

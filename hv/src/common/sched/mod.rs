@@ -2120,20 +2120,18 @@ fn switch_after_look<V: VirtualCpu, S: Slots<V> + ?Sized>(
     let run = take_directly(
         slots, queue, attention, me, host_work, now, target, from_ready,
     )?;
-    if yielded {
-        // Preempted by its yield (docs/abi.md 9.2); the pass does this for `last`.
-        slots.with(back.0, |s| {
-            let domain = &mut s.domain;
-            let state = &mut domain.vcpus[back.1];
-            if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING
-            {
-                let _ = state
-                    .runstate
-                    .enter(runstate::RUNNABLE, now, &domain.memory);
-            }
-        });
-        me.yielded = None;
-    }
+    // Preempted (docs/abi.md 9.2) if it is still RUNNING: it yielded, or its domain was
+    // paused; one that went to wait is BLOCKED already. The pass does this for `last`.
+    slots.with(back.0, |s| {
+        let domain = &mut s.domain;
+        let state = &mut domain.vcpus[back.1];
+        if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING {
+            let _ = state
+                .runstate
+                .enter(runstate::RUNNABLE, now, &domain.memory);
+        }
+    });
+    me.yielded = None;
     Some(run)
 }
 

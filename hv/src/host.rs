@@ -44,6 +44,26 @@ impl MachineHost {
         self.apic_timer_hz
     }
 
+    /// Whether the armed timer has yet to fire: a one-shot APIC timer's count stays at 0 once
+    /// it fired (Intel SDM Vol. 3A 12.5.4), whether or not its interrupt was taken yet (one
+    /// that fired while interrupts were off is still pending, and `armed` still set).
+    fn still_counting(&self) -> bool {
+        apic::timer_count() != 0
+    }
+
+    /// Programs the APIC timer for `deadline` (`None`: stops it).
+    fn program(&mut self, deadline: Option<u64>) {
+        self.armed = deadline;
+        let Some(deadline) = deadline else {
+            apic::arm_one_shot(0);
+            return;
+        };
+        let delay = u128::from(deadline.saturating_sub(self.now_ns()));
+        let ticks = (delay * u128::from(self.apic_timer_hz)).div_ceil(1_000_000_000);
+        // A due deadline fires at once; a far one fires early and the scheduler re-arms.
+        apic::arm_one_shot(ticks.clamp(1, u128::from(u32::MAX)) as u32);
+    }
+
     fn after_interrupts(&mut self) {
         if apic::take_timer_fired() {
             self.armed = None;
@@ -57,18 +77,21 @@ impl Host for MachineHost {
     }
 
     fn arm_timer(&mut self, deadline: Option<u64>) {
-        if deadline == self.armed {
+        if deadline == self.armed && (deadline.is_none() || self.still_counting()) {
             return;
         }
-        self.armed = deadline;
-        let Some(deadline) = deadline else {
-            apic::arm_one_shot(0);
+        self.program(deadline);
+    }
+
+    fn arm_timer_within(&mut self, earliest: u64, deadline: u64) {
+        if self
+            .armed
+            .is_some_and(|armed| (earliest..=deadline).contains(&armed))
+            && self.still_counting()
+        {
             return;
-        };
-        let delay = u128::from(deadline.saturating_sub(self.now_ns()));
-        let ticks = (delay * u128::from(self.apic_timer_hz)).div_ceil(1_000_000_000);
-        // A due deadline fires at once; a far one fires early and the scheduler re-arms.
-        apic::arm_one_shot(ticks.clamp(1, u128::from(u32::MAX)) as u32);
+        }
+        self.program(Some(deadline));
     }
 
     fn wait_for_interrupt(&mut self) {

@@ -50,6 +50,13 @@ pub trait Host {
     fn now_ns(&self) -> u64;
     /// Have a host interrupt at system time `deadline` (`None`: no timer needed).
     fn arm_timer(&mut self, deadline: Option<u64>);
+    /// Have a host interrupt at some time from `earliest` to `deadline`: a timer armed for
+    /// that window that has not fired yet is kept (writing the timer again costs more than
+    /// the rest of a switch's timer work).
+    fn arm_timer_within(&mut self, earliest: u64, deadline: u64) {
+        let _ = earliest;
+        self.arm_timer(Some(deadline));
+    }
     /// Halts the CPU until a host interrupt arrives (and handles it).
     fn wait_for_interrupt(&mut self);
     /// Lets host interrupts that arrived while a guest ran be handled.
@@ -1193,8 +1200,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
     /// pass to the end of the slice (no other CPU wants it), so an exit costs what it did
     /// before SMP.
     fn run_alone<H: Host>(&self, me: &mut ThisCpu, host: &mut H) {
+        // When the last slice ended: the next pass's time (one clock read per switch).
+        let mut ended = None;
         loop {
-            let now = host.now_ns();
+            let now = ended.take().unwrap_or_else(|| host.now_ns());
             let mut guard = self.table.exclusive();
             let (slots, queue, attention) = guard.split();
             let picked = pass(slots, queue, attention, me, host, now);
@@ -1218,7 +1227,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 continue;
             };
             let domain = &mut current.domain;
-            schedule_in(domain, vcpu_index, &mut *vcpu, host, now, slice_end);
+            schedule_in(domain, vcpu_index, &mut *vcpu, host, now, slice_end, false);
             let peers = &mut Peers::around(before, after);
             // A batch preempted at the end of its last slice is finished before the guest
             // runs (out of the slice's loop, which stays as it was).
@@ -1227,13 +1236,23 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
             } else {
                 Next::Resume
             };
-            if next == Next::Resume {
-                run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end);
+            let next = if next == Next::Resume {
+                run_slice_alone(domain, vcpu_index, &mut *vcpu, peers, host, slice_end)
             } else {
-                end_slice(domain, vcpu_index, &mut *vcpu, next, host);
-            }
-            let ran = host.now_ns().saturating_sub(now);
-            put_back(current, index, vcpu_index, vcpu, now, ran, me);
+                next
+            };
+            let end = host.now_ns();
+            end_slice_at(domain, vcpu_index, &mut *vcpu, next, end);
+            put_back(
+                current,
+                index,
+                vcpu_index,
+                vcpu,
+                now,
+                end.saturating_sub(now),
+                me,
+            );
+            ended = Some(end);
         }
     }
 
@@ -1276,7 +1295,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         slice_end: u64,
     ) {
         let domain = &mut hold.own(index).domain;
-        schedule_in(domain, vcpu_index, vcpu, host, now, slice_end);
+        schedule_in(domain, vcpu_index, vcpu, host, now, slice_end, true);
         if domain.vcpus[vcpu_index].preempted_batch.is_some() {
             // A batch preempted at the end of its last slice is finished before the guest
             // runs (out of the slice's loop, which stays as it was).
@@ -1324,7 +1343,7 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         loop {
             let domain = &mut hold.own(index).domain;
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
-                arm_host_timer(domain, host, slice_end);
+                arm_host_timer(domain, host, slice_end, slice_end);
             }
             if let Some(exited_at) = exited_at.take() {
                 let now = read_tsc();
@@ -1939,14 +1958,26 @@ fn pass<V: VirtualCpu, S: Slots<V> + ?Sized, H: Host>(
 }
 
 /// The directed switch of a machine with one CPU (issue #15; Xen's and seL4's IPC fast
-/// paths are the model): the vCPU that just ran went to wait (block, poll, HLT) and the one
-/// vCPU a request was made of meanwhile is now ready (the event it sent ended that vCPU's
-/// wait): it runs next without the general pass, which would pick it anyway. Only when the
-/// pass has nothing else to do: no other vCPU ready, no deadline passed, no teardown or
-/// scrub, neither vCPU with a deadline to keep in the heaps, no yield_to; otherwise `None`
-/// and the pass runs (a look made here is made again there, and changes nothing twice).
-/// The fairness accounting is the pass's: `put_back` charged the vCPU that ran, and the one
-/// picked from an empty ready set starts from its own virtual run time.
+/// paths are the model): the general pass would pick the one vCPU that can run next anyway,
+/// so it runs without the pass. Two ways to get there:
+///
+/// - the vCPU that just ran went to wait (block, poll, HLT) or yielded, and the one vCPU a
+///   request was made of meanwhile is now ready (the event it sent ended that vCPU's wait)
+///   while no other is;
+/// - it went to wait or yielded, no request was made of any vCPU, and exactly one other is
+///   ready (a yielder waiting for the vCPU that now waits; the other of two that yield).
+///
+/// A yielder goes into the ready set behind it (docs/abi.md 3.3: its yield returns after the
+/// other had the CPU; the pass's pick would give the other no floor either). Only when the
+/// pass has nothing else to do: no deadline passed, no teardown or scrub, no yield_to, a
+/// woken vCPU with no deadline to keep in the heaps; otherwise `None` and the pass runs (a
+/// look made here is made again there, and changes nothing twice). The fairness accounting
+/// is the pass's: `put_back` charged the vCPU that ran, and the one picked starts from its
+/// own virtual run time.
+///
+/// Inlined is only the event ping-pong's case (a `poll` with no deadline and nothing asked
+/// of the poller since, whose send woke the other: the pass's look at the poller would
+/// change nothing); the others look at the vCPU that ran first, out of line.
 #[inline(always)]
 fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     slots: &mut S,
@@ -1958,12 +1989,36 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
 ) -> Option<Pass<V>> {
     let back = me.back?;
     if me.named.is_some()
-        || me.yielded.is_some()
         || !queue.ended.is_empty()
         || !queue.scrubbing.is_empty()
-        || !queue.ready.is_empty()
         || queue.due.peek().is_some_and(|(_, due)| due <= now)
     {
+        return None;
+    }
+    if let Some(run) = switch_to_woken(slots, queue, attention, me, host_work, now, back) {
+        return Some(run);
+    }
+    // Nothing ready and nothing woken (a vCPU went to wait alone): no call.
+    if queue.ready.is_empty() && attention.is_empty() {
+        return None;
+    }
+    let back_unit = queue.unit_of(back)?;
+    switch_after_look(slots, queue, attention, me, host_work, now, back_unit)
+}
+
+/// [`switch_directly`]'s inlined case: the vCPU that ran (`back`) waits with no deadline and
+/// nothing asked of it since, no vCPU is ready, and the one a request was made of is woken.
+#[inline(always)]
+fn switch_to_woken<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+    back: (usize, usize),
+) -> Option<Pass<V>> {
+    if me.yielded.is_some() || !queue.ready.is_empty() {
         return None;
     }
     let back_unit = queue.unit_of(back)?;
@@ -1972,7 +2027,6 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
         return None;
     }
     let &(index, vcpu_index) = queue.units.get(target)?;
-    // The vCPU that ran waits, with no deadline and nothing asked of it since.
     let back_waits = slots.with(back.0, |s| {
         let domain = &s.domain;
         let state = &domain.vcpus[back.1];
@@ -2011,6 +2065,130 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     // `schedule_in`.
     me.last = Some((index, vcpu_index));
     locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(test)]
+    tests::DIRECT_SWITCHES_HERE.with(|n| n.set(n.get() + 1));
+    let others = host_work
+        .into_iter()
+        .chain(queue.wake_due.peek().map(|(_, due)| due))
+        .min();
+    let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
+    Some(Pass::Run {
+        index,
+        vcpu_index,
+        vcpu,
+        slice_end,
+    })
+}
+
+/// [`switch_directly`] for a vCPU that yielded or that the pass must look at (`block` asks
+/// for an upcall check; a yielder joins the ready set, its timers and wait as `update`).
+#[inline(never)]
+fn switch_after_look<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+    back_unit: usize,
+) -> Option<Pass<V>> {
+    let back = me.back?;
+    let yielded = match me.yielded {
+        None => false,
+        Some(unit) if unit == back => true,
+        Some(_) => return None,
+    };
+    // Looked for before the yielder joins the ready set.
+    let (target, from_ready) = match attention.single() {
+        Some(target) if queue.ready.is_empty() && !queue.due.contains(target) => (target, false),
+        Some(_) => return None,
+        None if attention.is_empty() => (queue.ready.only(me.cpu)?, true),
+        None => return None,
+    };
+    if target == back_unit {
+        return None;
+    }
+    slots.with(back.0, |s| {
+        update(s, back.1, now);
+        queue.sync(back_unit, back.0, s, back.1);
+    });
+    // Its domain ended (a teardown first), or it is ready and did not yield (the pick weighs
+    // it against the other).
+    if !queue.ended.is_empty() || (!yielded && queue.ready.contains(back_unit)) {
+        return None;
+    }
+    let run = take_directly(
+        slots, queue, attention, me, host_work, now, target, from_ready,
+    )?;
+    // Preempted (docs/abi.md 9.2) if it is still RUNNING: it yielded, or its domain was
+    // paused; one that went to wait is BLOCKED already. The pass does this for `last`.
+    slots.with(back.0, |s| {
+        let domain = &mut s.domain;
+        let state = &mut domain.vcpus[back.1];
+        if domain.state == DomainState::Runnable && state.runstate.state() == runstate::RUNNING {
+            let _ = state
+                .runstate
+                .enter(runstate::RUNNABLE, now, &domain.memory);
+        }
+    });
+    me.yielded = None;
+    Some(run)
+}
+
+/// The end of [`switch_directly`]: `target` runs next if it can, woken (a request was made
+/// of it) or `from_ready` (the one in the ready set).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn take_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
+    slots: &mut S,
+    queue: &mut RunQueue,
+    attention: &Attention,
+    me: &mut ThisCpu,
+    host_work: Option<u64>,
+    now: u64,
+    target: usize,
+    from_ready: bool,
+) -> Option<Pass<V>> {
+    let &(index, vcpu_index) = queue.units.get(target)?;
+    let cpu_bit = me.idle_bit;
+    let vcpu = slots.with(index, |s| {
+        if !from_ready {
+            // Its wait ends here, as in the pass's look.
+            update(s, vcpu_index, now);
+            if vcpu_deadline(&s.domain, vcpu_index).is_some() {
+                return None;
+            }
+        }
+        if !is_ready(s, vcpu_index) || s.domain.affinity & cpu_bit == 0 {
+            return None;
+        }
+        let vcpu = s.vcpus[vcpu_index].take()?;
+        if from_ready {
+            // Expiries that fell due while it waited ready, as the pass's pick.
+            advance_timers(&mut s.domain, vcpu_index, now);
+        }
+        let state = &mut s.domain.vcpus[vcpu_index];
+        state.ran_on |= cpu_bit;
+        state.yielded_to = false;
+        // The only one the pick could take: no floor (`ReadySet::pick`).
+        state.boosted = false;
+        state.running_since = Some(now);
+        state.requests.set_off_cpu(false);
+        trace::vcpu_in(s.domain.id);
+        Some(vcpu)
+    })?;
+    if from_ready {
+        queue.ready.remove(target);
+    } else {
+        attention.unmark(target);
+    }
+    me.back = None;
+    // A vCPU that went to wait is BLOCKED (`end_slice`); the one that runs is RUNNING from
+    // `schedule_in`.
+    me.last = Some((index, vcpu_index));
+    locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    #[cfg(test)]
+    tests::DIRECT_SWITCHES_HERE.with(|n| n.set(n.get() + 1));
     let others = host_work
         .into_iter()
         .chain(queue.wake_due.peek().map(|(_, due)| due))
@@ -2025,7 +2203,8 @@ fn switch_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
 }
 
 /// The slice of a machine with one CPU: the table stays locked, so the domain and its peers
-/// are reached once for the whole slice.
+/// are reached once for the whole slice. Returns how it ends (not [`Next::Resume`]), for
+/// [`end_slice_at`].
 #[inline(never)]
 fn run_slice_alone<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
@@ -2034,7 +2213,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     peers: &mut Peers<'_, V>,
     host: &mut H,
     slice_end: u64,
-) {
+) -> Next {
     let mut exited_at = None;
     let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
     let tsc_khz = domain.time.tsc_khz() as u32;
@@ -2042,7 +2221,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     let mut other = VmExit::Hlt;
     loop {
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
-            arm_host_timer(domain, host, slice_end);
+            arm_host_timer(domain, host, slice_end, slice_end);
         }
         if let Some(exited_at) = exited_at {
             let now = read_tsc();
@@ -2070,8 +2249,7 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             OwnExits::Other => dispatch_exit(domain, vcpu_index, vcpu, other, peers, host),
         };
         if next != Next::Resume {
-            end_slice(domain, vcpu_index, vcpu, next, host);
-            return;
+            return next;
         }
     }
 }
@@ -2122,12 +2300,28 @@ fn end_slice<V: VirtualCpu, H: Host>(
     next: Next,
     host: &mut H,
 ) {
+    let now = if next == Next::Sleep {
+        host.now_ns()
+    } else {
+        0
+    };
+    end_slice_at(domain, vcpu_index, vcpu, next, now);
+}
+
+/// [`end_slice`] at system time `now` (read by the caller, who charges the slice up to it).
+#[inline(always)]
+fn end_slice_at<V: VirtualCpu>(
+    domain: &mut Domain,
+    vcpu_index: usize,
+    vcpu: &mut V,
+    next: Next,
+    now: u64,
+) {
     vcpu.deactivate();
     match next {
         Next::Stop => return,
         Next::Sleep => {
             trace::block(domain.id);
-            let now = host.now_ns();
             let state = &mut domain.vcpus[vcpu_index];
             // A vCPU that took itself down is offline, not blocked (docs/abi.md 9.2).
             let to = if state.up {
@@ -2238,6 +2432,7 @@ fn load_start_state<V: VirtualCpu>(vcpu: &mut V, start: &StartState) {
 /// initialise is loaded, its run state becomes RUNNING, its pvclock is refreshed, interrupts
 /// the guest made deliverable while it was out are looked for, and the host timer is armed.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn schedule_in<V: VirtualCpu, H: Host>(
     domain: &mut Domain,
     index: usize,
@@ -2245,6 +2440,7 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     host: &mut H,
     now: u64,
     slice_end: u64,
+    shared: bool,
 ) {
     crate::platform::spec_ctrl::on_schedule_in(domain.id);
     vcpu.activate();
@@ -2267,7 +2463,15 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     );
     domain.vcpus[index].requests.make(request::EVENT);
     domain.vcpus[index].requests.set_upcall_maybe_pending(true);
-    arm_host_timer(domain, host, slice_end);
+    // Several CPUs: only a whole slice's end has a window (shorter ones are armed exactly:
+    // with a window, apic_periodic_timer_ticks saw its ticks late on two CPUs, a cause not
+    // found yet).
+    let begun = if shared && slice_end < now.saturating_add(TIME_SLICE_NS) {
+        slice_end
+    } else {
+        now
+    };
+    arm_host_timer(domain, host, begun, slice_end);
     // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
     let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
     vcpu.set_preemption_deadline(slice_ticks);
@@ -2275,22 +2479,47 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);
 }
 
+/// The part of a slice by which the host timer may end it early (an eighth: 1.25 ms of a
+/// whole slice), so that the timer is not written again at every switch (issue #15:
+/// re-arming it cost 193 instructions of an event ping-pong's round trip). A slice ended
+/// early is charged what it ran, and the next pass arms the timer exactly again (a timer
+/// that fired is not kept), so at most one early end per exact arming; the slice runs at
+/// least seven eighths of its length.
+pub const SLICE_END_SLACK_DIVISOR: u64 = 8;
+
+/// The window the host timer may fire in for a slice that begins at `now` and ends at
+/// `slice_end` (the end of a time slice, or the first deadline another domain or the host
+/// has), whose domain's first timer is due at `due` (or later): the slice's end may come up
+/// to [`SLICE_END_SLACK_DIVISOR`] of its length early, the running domain's timers are kept
+/// exactly.
+fn host_timer_window(now: u64, slice_end: u64, due: Option<u64>) -> (u64, u64) {
+    match due {
+        Some(due) if due <= slice_end => (due, due),
+        _ => (
+            slice_end - slice_end.saturating_sub(now) / SLICE_END_SLACK_DIVISOR,
+            slice_end,
+        ),
+    }
+}
+
 /// Arms the host timer for the end of the slice, or the first timer of the running domain's
-/// vCPUs due before it (a vCPU may set a sibling's timer).
-fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, slice_end: u64) {
-    let mut due = slice_end;
+/// vCPUs due before it (a vCPU may set a sibling's timer). `now`: when the slice began, or
+/// `slice_end` when the timer must fire exactly at it.
+fn arm_host_timer<H: Host>(domain: &Domain, host: &mut H, now: u64, slice_end: u64) {
+    let mut due = None::<u64>;
     for state in &domain.vcpus {
         if let Some(deadline) = state.timers.next_deadline() {
-            due = due.min(deadline);
+            due = Some(due.map_or(deadline, |d| d.min(deadline)));
         }
         // Most vCPUs have no APIC timer counting (an inlined test, not a call).
         if state.vlapic.timer_counting()
             && let Some(deadline) = state.vlapic.next_timer_deadline_ns()
         {
-            due = due.min(deadline);
+            due = Some(due.map_or(deadline, |d| d.min(deadline)));
         }
     }
-    host.arm_timer(Some(due));
+    let (earliest, deadline) = host_timer_window(now, slice_end, due);
+    host.arm_timer_within(earliest, deadline);
 }
 
 #[cfg(test)]
@@ -2302,6 +2531,11 @@ mod tests {
     use crate::common::testing::{MockVcpu, Traced, hypercall, results_of, take_trace};
     use crate::common::time::TimeBase;
     use std::cell::Cell;
+
+    std::thread_local! {
+        /// The directed switches this test's thread made (`switch_directly`).
+        pub(super) static DIRECT_SWITCHES_HERE: Cell<u32> = const { Cell::new(0) };
+    }
 
     /// A clock that jumps to the armed deadline when the CPU halts. With a 1 GHz TimeBase
     /// starting at TSC 0, system time and the (fake) TSC are the same number.
@@ -2431,6 +2665,34 @@ mod tests {
 
     const UNITS: [(usize, usize); 2] = [(0, 0), (1, 0)];
     const MS: u64 = 1_000_000;
+
+    #[test]
+    fn the_host_timer_may_end_a_slice_an_eighth_early_but_keeps_guest_timers_exact() {
+        let now = 40 * MS;
+        let end = now + TIME_SLICE_NS;
+        let slack = TIME_SLICE_NS / SLICE_END_SLACK_DIVISOR;
+        assert_eq!(host_timer_window(now, end, None), (end - slack, end));
+        assert_eq!(
+            host_timer_window(now, end, Some(end + 1)),
+            (end - slack, end),
+            "a timer after the slice"
+        );
+        assert_eq!(
+            host_timer_window(now, end, Some(end - 1)),
+            (end - 1, end - 1)
+        );
+        assert_eq!(host_timer_window(now, end, Some(end)), (end, end));
+        assert_eq!(
+            host_timer_window(now, now + 8 * 1000, None),
+            (now + 7 * 1000, now + 8 * 1000),
+            "a slice cut short by another deadline keeps seven eighths"
+        );
+        assert_eq!(
+            host_timer_window(end, end, Some(end + 1)),
+            (end, end),
+            "exactly"
+        );
+    }
 
     #[test]
     fn a_woken_vcpu_runs_first_only_while_no_ready_vcpu_had_less() {
@@ -2674,6 +2936,79 @@ mod tests {
                     .position(|t| matches!(t, Traced::Ran(2, _)))
             });
         assert!(woken.is_some(), "vCPU 1 ran again after the IPI: {trace:?}");
+    }
+
+    /// The IPI shootdown of bench/src/smp.rs on one CPU: vCPU 0 sends an IPI to its blocked
+    /// sibling and yields until the sibling ran; the sibling blocks, then yields. Every switch
+    /// is a directed one, and each is the one the general pass would make.
+    #[test]
+    fn a_yield_or_a_block_with_one_other_vcpu_ready_switches_to_it_directly() {
+        let mut first: Vec<_> = bring_up_second().into();
+        first.extend([
+            hypercall(EVTCHN, [8, 1, 0]),    // slot 0 of vCPU 1 -> port 2
+            hypercall(SCHED, YIELD),         // vCPU 1 (marked by its start) runs and blocks
+            hypercall(EVTCHN, [9, 0b10, 0]), // its wait ends
+            hypercall(SCHED, YIELD),         // vCPU 1 runs: block returns, it yields
+            hypercall(SCHED, YIELD),         // vCPU 1 runs and takes itself down
+            hypercall(SCHED, POWEROFF),
+        ]);
+        let second = vec![
+            hypercall(SCHED, [1, 0, 0]),
+            hypercall(SCHED, YIELD),
+            hypercall(VCPU_OP, [7, 1, 0]),
+        ];
+        let (_t, mut s) = two_vcpus(first, second);
+        let runstates = [0x20000, 0x20100];
+        for (vcpu, gpa) in runstates.into_iter().enumerate() {
+            s.domain.vcpus[vcpu].runstate.gpa = Some(gpa);
+        }
+        take_trace();
+        DIRECT_SWITCHES_HERE.with(|n| n.set(0));
+        // Time moves on as the hypervisor reads the clock.
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(1_000));
+        run_all(std::slice::from_mut(&mut s), &mut fake_host());
+        crate::common::testing::FAKE_TSC_STEP.with(|s| s.set(0));
+        let trace = take_trace();
+        assert_eq!(s.domain.state, DomainState::Ended(Ending::Poweroff));
+        let order: Vec<u32> = trace
+            .iter()
+            .filter_map(|t| match *t {
+                Traced::Ran(tag, _) => Some(tag),
+                _ => None,
+            })
+            .collect();
+        // One exit each time a vCPU runs, but vCPU 0's first four and its send_ipi.
+        assert_eq!(order, [1, 1, 1, 1, 2, 1, 1, 2, 1, 2, 1], "{trace:?}");
+        assert_eq!(results_of(&trace, 2), [0, 0], "block and yield returned 0");
+        let switches = DIRECT_SWITCHES_HERE.with(Cell::get);
+        // vCPU 0's three yields, vCPU 1's block, its yield and its going down.
+        assert_eq!(switches, 6, "{trace:?}");
+        // Both were charged for their slices; the run-state areas show the waits: vCPU 0
+        // preempted by its yields (RUNNABLE while vCPU 1 ran), vCPU 1 blocked.
+        use lamina_abi::vcpu::runstate::{BLOCKED, RUNNABLE, RUNNING};
+        let mut times = [[0u64; 4]; 2];
+        for (vcpu, gpa) in runstates.into_iter().enumerate() {
+            assert!(s.domain.vcpus[vcpu].cpu_ns > 0, "vCPU {vcpu} charged");
+            let mut area = [0u8; 48];
+            _t.mem.read(gpa, &mut area).unwrap();
+            let word = |i: usize| u64::from_le_bytes(area[8 * i..8 * i + 8].try_into().unwrap());
+            times[vcpu] = [word(2), word(3), word(4), word(5)];
+            let info = s.domain.vcpus[vcpu].runstate.info();
+            assert_eq!(
+                (word(0) as u32, word(1), times[vcpu]),
+                (info.state, info.state_entry_time, info.time),
+                "vCPU {vcpu}: the guest's copy is the hypervisor's"
+            );
+            assert!(
+                times[vcpu].iter().sum::<u64>() <= word(1),
+                "vCPU {vcpu}: {:?} before {}",
+                times[vcpu],
+                word(1)
+            );
+        }
+        assert!(times.iter().all(|t| t[RUNNING as usize] > 0), "{times:?}");
+        assert!(times[0][RUNNABLE as usize] > 0, "{times:?}");
+        assert!(times[1][BLOCKED as usize] > 0, "{times:?}");
     }
 
     /// flush_tlb of the `count` addresses at guest-physical `array` on the vCPUs of `mask`.

@@ -40,6 +40,18 @@ impl<K: Ord + Copy> UnitHeap<K> {
         self.heap.get(at as usize).map(|&(key, _)| key)
     }
 
+    /// How many units are in the heap.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Whether no unit is in the heap.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+
     /// The unit with the least key.
     #[inline(always)]
     pub fn peek(&self) -> Option<(usize, K)> {
@@ -276,7 +288,19 @@ impl ReadySet {
     /// Whether no vCPU is ready.
     #[inline(always)]
     pub fn is_empty(&self) -> bool {
-        self.boosted.peek().is_none() && self.unboosted.peek().is_none()
+        self.boosted.is_empty() && self.unboosted.is_empty()
+    }
+
+    /// The one vCPU in the set, if it holds exactly one and it may run on the CPU
+    /// `cpu_bit`: what [`Self::pick`] would take then, with no floor.
+    #[inline(always)]
+    pub fn only(&self, cpu_bit: u64) -> Option<usize> {
+        let (unit, _) = match (self.boosted.len(), self.unboosted.len()) {
+            (1, 0) => self.boosted.peek()?,
+            (0, 1) => self.unboosted.peek()?,
+            _ => return None,
+        };
+        (self.affinity[unit] & cpu_bit != 0).then_some(unit)
     }
 
     /// The CPUs (a bit each) that may run some ready vCPU.
@@ -465,6 +489,34 @@ mod tests {
         );
         set.insert(1, ready(100 * WAKE_CREDIT_NS + 1, true));
         assert_eq!(set.pick(1, None).map(|p| p.unit), Some(0));
+    }
+
+    #[test]
+    fn only_the_one_ready_vcpu_that_may_run_here_is_the_only_one() {
+        let mut set = ReadySet::new(3);
+        assert_eq!(set.only(1), None, "empty");
+        set.insert(2, ready(7, true));
+        assert_eq!(set.only(1), Some(2));
+        assert_eq!(
+            set.pick(1, None),
+            Some(Picked {
+                unit: 2,
+                floor: None
+            })
+        );
+        set.insert(0, ready(9, false));
+        assert_eq!(set.only(1), None, "two");
+        set.remove(2);
+        assert_eq!(set.only(1), Some(0));
+        set.insert(
+            0,
+            Ready {
+                affinity: 0b10,
+                ..ready(9, false)
+            },
+        );
+        assert_eq!(set.only(0b01), None, "not here");
+        assert_eq!(set.only(0b10), Some(0));
     }
 
     #[test]

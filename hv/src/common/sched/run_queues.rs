@@ -125,6 +125,22 @@ impl CpuRunQueues {
         self.sets.iter().all(ReadySet::is_empty)
     }
 
+    /// The one ready vCPU of a machine with one CPU, if exactly one is ready and it may run
+    /// on CPU `cpu` ([`ReadySet::only`]).
+    #[inline(always)]
+    pub fn only(&self, cpu: usize) -> Option<usize> {
+        match self.sets.as_slice() {
+            [set] => set.only(1 << cpu),
+            _ => None,
+        }
+    }
+
+    /// Whether `unit` is ready (in its home's set).
+    #[inline(always)]
+    pub fn contains(&self, unit: usize) -> bool {
+        self.set_of(unit).is_some_and(|set| set.contains(unit))
+    }
+
     /// Whether `unit` is ready and may run on CPU `cpu`.
     #[inline(always)]
     pub fn may_run(&self, unit: usize, cpu: usize) -> bool {

@@ -89,6 +89,14 @@ impl Attention {
         }
     }
 
+    /// Whether no unit is in the set.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.words
+            .iter()
+            .all(|word| word.load(Ordering::Relaxed) == 0)
+    }
+
     /// The unit in the set if it holds exactly one (left in it).
     #[inline]
     pub fn single(&self) -> Option<usize> {
@@ -483,6 +491,12 @@ impl Runstate {
     /// The current state.
     pub fn state(&self) -> u32 {
         self.info.state
+    }
+
+    /// What the guest's copy should hold.
+    #[cfg(test)]
+    pub fn info(&self) -> RunstateInfo {
+        self.info
     }
 }
 

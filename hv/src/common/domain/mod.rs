@@ -213,8 +213,21 @@ impl ConsoleBudget {
     fn refill(&mut self, now_ns: u64) {
         const NS_PER_S: u64 = 1_000_000_000;
         let elapsed = now_ns.saturating_sub(self.refilled_ns);
-        let earned = (u128::from(elapsed) * u128::from(CONSOLE_BUDGET_BYTES_PER_S)
-            / u128::from(NS_PER_S)) as u64;
+        // Not a byte earned yet: nothing changes (a ring waiting on an empty budget is looked
+        // at again at the end of every slice of its domain, at the next domain's expense).
+        if elapsed < NS_PER_S / CONSOLE_BUDGET_BYTES_PER_S {
+            return;
+        }
+        // In 64 bits below 2^51 ns (26 days), where a division by a constant is a
+        // multiplication: a 128-bit one is a library call, and a domain whose ring waits on
+        // an empty budget pays one at the end of every slice (the next domain's latency).
+        let earned = match elapsed.checked_mul(CONSOLE_BUDGET_BYTES_PER_S) {
+            Some(product) => product / NS_PER_S,
+            None => {
+                (u128::from(elapsed) * u128::from(CONSOLE_BUDGET_BYTES_PER_S)
+                    / u128::from(NS_PER_S)) as u64
+            }
+        };
         if self.bytes.saturating_add(earned) >= CONSOLE_BUDGET_BYTES {
             self.bytes = CONSOLE_BUDGET_BYTES;
             self.refilled_ns = now_ns;
@@ -472,6 +485,9 @@ pub struct Domain {
     pub ram: Option<OwnedRam>,
     /// Ended and its resources returned (docs/abi.md 17, Teardown).
     pub torn_down: bool,
+    /// A slice of it was preempted with its console ring not looked at: printed when one of
+    /// its vCPUs is next scheduled in, before it runs guest code again (docs/abi.md 13).
+    pub console_ring_deferred: bool,
     /// Once torn down: the bytes of its RAM not yet scrubbed and returned, counted down by
     /// the scrub that owns the RAM (`DomainInfo::memory_bytes`).
     pub ram_unreturned: Arc<AtomicU64>,
@@ -519,6 +535,7 @@ impl Domain {
             paused: false,
             ram: None,
             torn_down: false,
+            console_ring_deferred: false,
             ram_unreturned: Arc::new(AtomicU64::new(0)),
         }
     }

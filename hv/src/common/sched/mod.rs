@@ -254,6 +254,13 @@ fn advance_timers(domain: &mut Domain, index: usize, now: u64) {
 }
 
 fn update_vcpu<V: VirtualCpu>(slot: &mut Slot<V>, index: usize, now: u64) {
+    if is_ready(slot, index) {
+        // Its timers run when it is scheduled in (docs/abi.md 9.3), on its own time: fired
+        // here, as the vCPU a slice just ended for is looked at, they cost the vCPU picked
+        // next (beside `resource-hog`, whose PV timers are due at every look, 1.9 us of the
+        // neighbour's timer lateness under Bochs).
+        return;
+    }
     let domain = &mut slot.domain;
     advance_timers(domain, index, now);
     let state = &domain.vcpus[index];
@@ -1320,9 +1327,14 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
         let mut unmerged = ExitStats::default();
         let mut any_unmerged = false;
         let mut exited_at = None;
-        let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
+        let mut preemption =
+            PreemptionClock::new(hold.own(index).domain.vcpus[vcpu_index].slice_end_tsc);
         loop {
             let domain = &mut hold.own(index).domain;
+            if exited_at.is_some() && preemption.over(read_tsc()) {
+                end_slice(domain, vcpu_index, vcpu, Next::Yield, host);
+                return;
+            }
             if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
                 arm_host_timer(domain, host, slice_end);
             }
@@ -1331,6 +1343,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 let handled = now.wrapping_sub(exited_at);
                 domain.vcpus[vcpu_index].stats.handling_tsc += handled;
                 preemption.count(vcpu, handled, now);
+            } else {
+                // The slice's first entry (or one after a request's drain): what the
+                // hypervisor did since the deadline was set is not the guest's time.
+                vcpu.reload_preemption_deadline();
             }
             drop(hold);
             // None: a request came before the entry; it is drained under the lock.
@@ -1350,7 +1366,10 @@ impl<'a, V: VirtualCpu> Machine<'a, V> {
                 }
                 let now = read_tsc();
                 unmerged.handling_tsc += now.wrapping_sub(exited_at_tsc);
-                preemption.count_quick(vcpu, now);
+                if preemption.count_quick(vcpu, now) {
+                    // The slice is over: ended at the top of the loop.
+                    break (None, true);
+                }
             };
             let (exit, reach) = match exit {
                 Some(exit) if !handled => {
@@ -2036,11 +2055,15 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     let mut exited_at = None;
-    let mut preemption = PreemptionClock::new(vcpu.preemption_deadline_tsc());
+    let mut preemption = PreemptionClock::new(domain.vcpus[vcpu_index].slice_end_tsc);
     let tsc_khz = domain.time.tsc_khz() as u32;
     // Where `run_own_exits` puts an exit it does not handle.
     let mut other = VmExit::Hlt;
     loop {
+        if exited_at.is_some() && preemption.over(read_tsc()) {
+            end_slice(domain, vcpu_index, vcpu, Next::Yield, host);
+            return;
+        }
         if prepare_entry(domain, vcpu_index, vcpu) & request::TIMERS != 0 {
             arm_host_timer(domain, host, slice_end);
         }
@@ -2049,6 +2072,10 @@ fn run_slice_alone<V: VirtualCpu, H: Host>(
             let handled = now.wrapping_sub(exited_at);
             domain.vcpus[vcpu_index].stats.handling_tsc += handled;
             preemption.count(vcpu, handled, now);
+        } else {
+            // The slice's first entry: what the hypervisor did since the deadline was set
+            // (the vCPU's pending events, a preempted batch) is not the guest's time.
+            vcpu.reload_preemption_deadline();
         }
         // The null hypercall, `version` and CPUID loop in here.
         let state = &mut domain.vcpus[vcpu_index];
@@ -2137,8 +2164,15 @@ fn end_slice<V: VirtualCpu, H: Host>(
             };
             let _ = state.runstate.enter(to, now, &domain.memory);
         }
-        // Preempted or yielding: still RUNNING until another vCPU takes the CPU.
-        Next::Yield | Next::Resume | Next::Again => {}
+        // Preempted or yielding: still RUNNING until another vCPU takes the CPU. Its ring
+        // is printed as it is next scheduled in, on its own time: printed here it made the
+        // vCPU picked next wait (a domain whose ring waits on its console budget gets a few
+        // bytes out at every preemption: 1.3 us of the neighbour's timer lateness beside
+        // `resource-hog` under Bochs). A yield printed it already (`sched_op`).
+        Next::Yield | Next::Resume | Next::Again => {
+            domain.console_ring_deferred = true;
+            return;
+        }
     }
     domain.drain_console_ring();
 }
@@ -2247,6 +2281,9 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     crate::platform::spec_ctrl::on_schedule_in(domain.id);
+    if core::mem::take(&mut domain.console_ring_deferred) {
+        domain.drain_console_ring();
+    }
     vcpu.activate();
     if domain.vcpus[index].requests.take(request::START) != 0
         && let Some(start) = domain.vcpus[index].start
@@ -2268,8 +2305,12 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     domain.vcpus[index].requests.make(request::EVENT);
     domain.vcpus[index].requests.set_upcall_maybe_pending(true);
     arm_host_timer(domain, host, slice_end);
-    // Where host interrupts may not preempt the guest, the hardware ends the slice itself.
-    let slice_ticks = domain.time.ticks_for(slice_end.saturating_sub(now));
+    // Where host interrupts may not preempt the guest, the hardware ends the slice itself:
+    // at `slice_end`, counted from now rather than from the pass (its time and this
+    // function's made every such slice overrun by as much: 15 us under Bochs).
+    let slice_ticks = domain
+        .time
+        .ticks_for(slice_end.saturating_sub(domain.time.ns_at(tsc)));
     vcpu.set_preemption_deadline(slice_ticks);
     // A batch stops between entries from then on (`hypercall::run_batch`), at the same time.
     domain.vcpus[index].slice_end_tsc = tsc.saturating_add(slice_ticks);

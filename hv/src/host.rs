@@ -106,6 +106,10 @@ impl Host for MachineHost {
         self.work_due
     }
 
+    fn work_in_slice(&mut self) {
+        let _ = self.housekeeping();
+    }
+
     fn service_interrupts(&mut self) {
         // SAFETY: as above; the NOP gives a pending interrupt its chance after STI's shadow.
         unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };

@@ -21,9 +21,10 @@ pub const TOLERANCE: f64 = 0.10;
 
 /// How much later the neighbour's timers may come beside the hog than beside the quiet
 /// domain, on average (relative): the 10%, as for the other figures. Measured
-/// (December 2026, one CPU) 105.1% on AMD-V and 103.5% on VT-x, and 103.0 to 105.4% and 98.9
-/// to 100.1% with the hog started 1 to 5 ms earlier (which moves where in its loop the
-/// deadlines fall). What the hog cost before (a timeline of each wake-up, taken with counters
+/// (December 2026, one CPU) 107.3% on AMD-V and 99.9% on VT-x, and 102.0 to 103.3% and 99.3
+/// to 102.2% with the hog started 1 to 5 ms earlier (which moves where in its loop the
+/// deadlines fall); builds along the way gave 103-111% and 99-104% (a change of code moves
+/// them too). What the hog cost before (a timeline of each wake-up, taken with counters
 /// added to the hypervisor for the purpose): the pass fired its PV timers as it looked at the
 /// vCPU just put back, its console ring was printed a few bytes at a time at the end of each
 /// of its slices, an exit handled after the slice's end went back into its guest to be taken

@@ -485,9 +485,6 @@ pub struct Domain {
     pub ram: Option<OwnedRam>,
     /// Ended and its resources returned (docs/abi.md 17, Teardown).
     pub torn_down: bool,
-    /// A slice of it was preempted with its console ring not looked at: printed when one of
-    /// its vCPUs is next scheduled in, before it runs guest code again (docs/abi.md 13).
-    pub console_ring_deferred: bool,
     /// Once torn down: the bytes of its RAM not yet scrubbed and returned, counted down by
     /// the scrub that owns the RAM (`DomainInfo::memory_bytes`).
     pub ram_unreturned: Arc<AtomicU64>,
@@ -535,7 +532,6 @@ impl Domain {
             paused: false,
             ram: None,
             torn_down: false,
-            console_ring_deferred: false,
             ram_unreturned: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -693,6 +689,15 @@ impl Domain {
     /// is treated as empty (the guest only garbles its own output).
     pub fn drain_console_ring(&mut self) {
         self.drain_console_ring_within(true);
+    }
+
+    /// Whether the guest put bytes in its console ring that are not printed yet (or garbled
+    /// its indices, which a drain sets right).
+    pub fn console_ring_waiting(&self) -> bool {
+        const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
+        self.memory
+            .read_u64(CONSOLE_RING_GPA + CONS)
+            .is_ok_and(|indices| indices as u32 != (indices >> 32) as u32)
     }
 
     fn drain_console_ring_within(&mut self, budgeted: bool) {

@@ -2171,13 +2171,14 @@ fn end_slice<V: VirtualCpu, H: Host>(
             };
             let _ = state.runstate.enter(to, now, &domain.memory);
         }
-        // Preempted or yielding: still RUNNING until another vCPU takes the CPU. Its ring
-        // is printed as it is next scheduled in, on its own time: printed here it made the
-        // vCPU picked next wait (a domain whose ring waits on its console budget gets a few
-        // bytes out at every preemption: 1.3 us of the neighbour's timer lateness beside
-        // `resource-hog` under Bochs). A yield printed it already (`sched_op`).
+        // Preempted or yielding: still RUNNING until another vCPU takes the CPU. What its
+        // ring holds is printed as it is next scheduled in, on its own time: printed here it
+        // made the vCPU picked next wait (a domain whose ring waits on its console budget
+        // gets a few bytes out at every preemption: 1.3 us of the neighbour's timer lateness
+        // beside `resource-hog` under Bochs). A yield printed it already (`sched_op`).
         Next::Yield | Next::Resume | Next::Again => {
-            domain.console_ring_deferred = true;
+            let waiting = domain.console_ring_waiting();
+            domain.vcpus[vcpu_index].console_ring_deferred |= waiting;
             return;
         }
     }
@@ -2288,7 +2289,7 @@ fn schedule_in<V: VirtualCpu, H: Host>(
     slice_end: u64,
 ) {
     crate::platform::spec_ctrl::on_schedule_in(domain.id);
-    if core::mem::take(&mut domain.console_ring_deferred) {
+    if core::mem::take(&mut domain.vcpus[index].console_ring_deferred) {
         domain.drain_console_ring();
     }
     vcpu.activate();

@@ -18,6 +18,8 @@ pub struct MachineHost {
     armed: Option<u64>,
     /// This CPU serves the serial console (the boot CPU).
     console: bool,
+    /// When [`Host::housekeeping`] last wanted to be called again.
+    work_due: Option<u64>,
 }
 
 impl MachineHost {
@@ -28,6 +30,7 @@ impl MachineHost {
             apic_timer_hz,
             armed: None,
             console: true,
+            work_due: None,
         }
     }
 
@@ -116,9 +119,18 @@ impl Host for MachineHost {
         let mut serial = crate::platform::serial::SERIAL.lock();
         serial.pump();
         // 16 bytes leave the FIFO in 1.4 ms at 115200 baud: come back in 1 ms to refill it.
-        serial
+        self.work_due = serial
             .has_pending_output()
-            .then(|| self.now_ns() + OUTPUT_PUMP_NS)
+            .then(|| self.now_ns() + OUTPUT_PUMP_NS);
+        self.work_due
+    }
+
+    fn work_due(&self) -> Option<u64> {
+        self.work_due
+    }
+
+    fn work_in_slice(&mut self) {
+        let _ = self.housekeeping();
     }
 
     fn service_interrupts(&mut self) {

@@ -213,8 +213,21 @@ impl ConsoleBudget {
     fn refill(&mut self, now_ns: u64) {
         const NS_PER_S: u64 = 1_000_000_000;
         let elapsed = now_ns.saturating_sub(self.refilled_ns);
-        let earned = (u128::from(elapsed) * u128::from(CONSOLE_BUDGET_BYTES_PER_S)
-            / u128::from(NS_PER_S)) as u64;
+        // Not a byte earned yet: nothing changes (a ring waiting on an empty budget is looked
+        // at again at the end of every slice of its domain, at the next domain's expense).
+        if elapsed < NS_PER_S / CONSOLE_BUDGET_BYTES_PER_S {
+            return;
+        }
+        // In 64 bits below 2^51 ns (26 days), where a division by a constant is a
+        // multiplication: a 128-bit one is a library call, and a domain whose ring waits on
+        // an empty budget pays one at the end of every slice (the next domain's latency).
+        let earned = match elapsed.checked_mul(CONSOLE_BUDGET_BYTES_PER_S) {
+            Some(product) => product / NS_PER_S,
+            None => {
+                (u128::from(elapsed) * u128::from(CONSOLE_BUDGET_BYTES_PER_S)
+                    / u128::from(NS_PER_S)) as u64
+            }
+        };
         if self.bytes.saturating_add(earned) >= CONSOLE_BUDGET_BYTES {
             self.bytes = CONSOLE_BUDGET_BYTES;
             self.refilled_ns = now_ns;
@@ -676,6 +689,15 @@ impl Domain {
     /// is treated as empty (the guest only garbles its own output).
     pub fn drain_console_ring(&mut self) {
         self.drain_console_ring_within(true);
+    }
+
+    /// Whether the guest put bytes in its console ring that are not printed yet (or garbled
+    /// its indices, which a drain sets right).
+    pub fn console_ring_waiting(&self) -> bool {
+        const CONS: u64 = core::mem::offset_of!(ConsoleRing, out_cons) as u64;
+        self.memory
+            .read_u64(CONSOLE_RING_GPA + CONS)
+            .is_ok_and(|indices| indices as u32 != (indices >> 32) as u32)
     }
 
     fn drain_console_ring_within(&mut self, budgeted: bool) {

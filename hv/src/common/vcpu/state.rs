@@ -557,6 +557,9 @@ pub struct VcpuState {
     /// length, whichever comes first), set when it is scheduled in: a `multicall` stops
     /// between entries once it has passed (`u64::MAX`: never).
     pub slice_end_tsc: u64,
+    /// Its slice was preempted with bytes in the domain's console ring: printed when it is
+    /// next scheduled in, before it runs guest code again (docs/abi.md 13).
+    pub console_ring_deferred: bool,
     /// A `multicall` that stopped between entries at the end of its slice, with RIP still on
     /// the call: the scheduler finishes it before the vCPU next runs guest code
     /// (docs/abi.md 12). Allocated only while there is one.
@@ -650,6 +653,7 @@ impl VcpuState {
             domctl_waits_for: None,
             pending_tlb_flush: PendingTlbFlush::default(),
             slice_end_tsc: u64::MAX,
+            console_ring_deferred: false,
             preempted_batch: None,
             spare_batch: None,
             resuming_batch: false,

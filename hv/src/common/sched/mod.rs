@@ -2072,33 +2072,53 @@ fn switch_to_woken<V: VirtualCpu, S: Slots<V> + ?Sized>(
             return None;
         }
         let vcpu = s.vcpus[vcpu_index].take()?;
-        let state = &mut s.domain.vcpus[vcpu_index];
-        state.ran_on |= cpu_bit;
-        state.yielded_to = false;
-        // Picked from an empty ready set: no floor (`ReadySet::pick`).
-        state.boosted = false;
-        state.running_since = Some(now);
-        state.requests.set_off_cpu(false);
-        trace::vcpu_in(s.domain.id);
+        begin_direct_run(s, vcpu_index, cpu_bit, now);
         Some(vcpu)
     })?;
     attention.unmark(target);
+    Some(direct_run(queue, me, now, (index, vcpu_index), vcpu))
+}
+
+/// vCPU `vcpu_index` of `slot`, taken out of its slot by a directed switch, runs on the CPU
+/// of bit `cpu_bit` from `now`, as the pass's pick would have it (picked from one candidate:
+/// no floor, `ReadySet::pick`).
+#[inline(always)]
+fn begin_direct_run<V>(slot: &mut Slot<V>, vcpu_index: usize, cpu_bit: u64, now: u64) {
+    let state = &mut slot.domain.vcpus[vcpu_index];
+    state.ran_on |= cpu_bit;
+    state.yielded_to = false;
+    state.boosted = false;
+    state.running_since = Some(now);
+    state.requests.set_off_cpu(false);
+    trace::vcpu_in(slot.domain.id);
+}
+
+/// The end of a directed switch to `unit`, whose hardware state is `vcpu`: what the pass
+/// would return for it.
+#[inline(always)]
+fn direct_run<V>(
+    queue: &RunQueue,
+    me: &mut ThisCpu,
+    now: u64,
+    unit: (usize, usize),
+    vcpu: Box<V>,
+) -> Pass<V> {
     me.back = None;
-    // The vCPU that ran is BLOCKED (`end_slice`); the one that runs is RUNNING from
+    // A vCPU that went to wait is BLOCKED (`end_slice`); the one that runs is RUNNING from
     // `schedule_in`.
-    me.last = Some((index, vcpu_index));
+    me.last = Some(unit);
     locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
     #[cfg(test)]
     tests::DIRECT_SWITCHES_HERE.with(|n| n.set(n.get() + 1));
     // Not the host's work: answered inside the slice (`host_work_in_slice`).
     let others = queue.wake_due.peek().map(|(_, due)| due);
     let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-    Some(Pass::Run {
-        index,
-        vcpu_index,
+    Pass::Run {
+        index: unit.0,
+        vcpu_index: unit.1,
         vcpu,
         slice_end,
-    })
+    }
 }
 
 /// [`switch_directly`] for a vCPU that yielded or that the pass must look at (`block` asks
@@ -2184,14 +2204,7 @@ fn take_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
             // Expiries that fell due while it waited ready, as the pass's pick.
             advance_timers(&mut s.domain, vcpu_index, now);
         }
-        let state = &mut s.domain.vcpus[vcpu_index];
-        state.ran_on |= cpu_bit;
-        state.yielded_to = false;
-        // The only one the pick could take: no floor (`ReadySet::pick`).
-        state.boosted = false;
-        state.running_since = Some(now);
-        state.requests.set_off_cpu(false);
-        trace::vcpu_in(s.domain.id);
+        begin_direct_run(s, vcpu_index, cpu_bit, now);
         Some(vcpu)
     })?;
     if from_ready {
@@ -2199,22 +2212,7 @@ fn take_directly<V: VirtualCpu, S: Slots<V> + ?Sized>(
     } else {
         attention.unmark(target);
     }
-    me.back = None;
-    // A vCPU that went to wait is BLOCKED (`end_slice`); the one that runs is RUNNING from
-    // `schedule_in`.
-    me.last = Some((index, vcpu_index));
-    locking::DIRECT_SWITCHES.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-    #[cfg(test)]
-    tests::DIRECT_SWITCHES_HERE.with(|n| n.set(n.get() + 1));
-    // Not the host's work: answered inside the slice (`host_work_in_slice`).
-    let others = queue.wake_due.peek().map(|(_, due)| due);
-    let slice_end = others.map_or(now + TIME_SLICE_NS, |d| d.min(now + TIME_SLICE_NS));
-    Some(Pass::Run {
-        index,
-        vcpu_index,
-        vcpu,
-        slice_end,
-    })
+    Some(direct_run(queue, me, now, (index, vcpu_index), vcpu))
 }
 
 /// The slice of a machine with one CPU: the table stays locked, so the domain and its peers

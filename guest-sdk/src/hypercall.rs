@@ -302,7 +302,7 @@ pub fn console_write(bytes: &[u8]) -> Result<u64, HypercallError> {
     Ok(written)
 }
 
-/// Gives the CPU to other runnable vCPUs (docs/abi.md 3.3).
+/// Gives the CPU to another ready vCPU for one turn, if one is ready (docs/abi.md 3.3).
 pub fn sched_yield() -> Result<(), HypercallError> {
     // SAFETY: yield takes no buffer.
     decode(unsafe { hypercall1(Hypercall::SchedOp as u64, SchedOp::Yield as u64) }).map(|_| ())

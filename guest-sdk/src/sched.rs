@@ -7,7 +7,9 @@ use crate::events::Port;
 use crate::hypercall::{self, HypercallError};
 use lamina_abi::Errno;
 
-/// Gives the CPU to other runnable vCPUs.
+/// Gives the CPU to another ready vCPU of this physical CPU for one turn, if one is ready;
+/// after it the caller competes by CPU time for its weight as usual, so the ready vCPUs that
+/// have had less than it run first too (docs/abi.md 3.3). Returns at once if none is ready.
 pub fn yield_now() -> Result<(), HypercallError> {
     hypercall::sched_yield()
 }

@@ -967,3 +967,35 @@ pub(super) fn pv_yield_to() {
         hv::sched_op(5, [1, 0, 0, 0])
     );
 }
+
+conformance_test! {
+    title: "yield with a sibling ready on the same CPU gives the CPU up: another vCPU runs before it returns, every time",
+    section: "3.3 sched_op",
+    expect: Success,
+    cmdline: "vcpus=2 affinity=0",
+}
+pub(super) fn yield_gives_the_cpu_up() {
+    // SAFETY: the area is our static, ours for good.
+    let registered = unsafe { hv::register_runstate(0, RUNSTATE_0.get() as u64) };
+    check_eq!("register_runstate of vCPU 0", Status(0), registered);
+    if !start_secondary(1, counting_sibling) {
+        return;
+    }
+    check!(
+        wait_for(|| ROUNDS[1].load(Ordering::SeqCst) > 2),
+        "vCPU 1 did not run"
+    );
+    // vCPU 1 counts and yields, so it is ready whenever vCPU 0 runs on their one CPU: each
+    // of vCPU 0's yields must let another vCPU (vCPU 1, or another domain's on that CPU) take
+    // the CPU, whatever CPU time vCPU 0 is owed, which its own run-state area shows (9.2: a
+    // vCPU that yielded stays running until another vCPU takes its CPU).
+    let mut kept = 0;
+    for _ in 0..40 {
+        let entered = vcpu0_entry_time();
+        check_eq!("yield", Ok(()), lamina_guest_sdk::sched::yield_now());
+        if vcpu0_entry_time() == entered {
+            kept += 1;
+        }
+    }
+    check_eq!("yields that returned with no other vCPU run", 0, kept);
+}

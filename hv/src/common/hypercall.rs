@@ -457,8 +457,11 @@ fn sched_op(
                 }
             }
             let deadline = (deadline != 0).then_some(deadline);
-            let now = domain.now();
-            if deadline.is_some_and(|d| d <= now) {
+            // The clock only for a deadline (a poll without one, as the event ping-pong's,
+            // saves its read and conversion).
+            if let Some(now) = deadline.map(|_| domain.now())
+                && deadline.is_some_and(|d| d <= now)
+            {
                 // Timing out at once: first what fell due before now, as a pass would.
                 if domain.expire_timers(vcpu, now) {
                     for &port in &ports {

@@ -2481,15 +2481,15 @@ fn schedule_in<V: VirtualCpu, H: Host>(
         domain.drain_console_ring();
     }
     vcpu.activate();
-    if domain.vcpus[index].requests.take(request::START) != 0
-        && let Some(start) = domain.vcpus[index].start
+    // The vCPU's state looked up once (each index is a bounds check and a reload).
+    let state = &mut domain.vcpus[index];
+    if state.requests.take(request::START) != 0
+        && let Some(start) = state.start
     {
         load_start_state(vcpu, &start);
     }
-    if domain.vcpus[index].runstate.state() != runstate::RUNNING {
-        let _ = domain.vcpus[index]
-            .runstate
-            .enter(runstate::RUNNING, now, &domain.memory);
+    if state.runstate.state() != runstate::RUNNING {
+        let _ = state.runstate.enter(runstate::RUNNING, now, &domain.memory);
     }
     let tsc = crate::common::time::read_tsc();
     let _ = publish_vcpu_time(
@@ -2498,8 +2498,8 @@ fn schedule_in<V: VirtualCpu, H: Host>(
         &domain.time,
         tsc,
     );
-    domain.vcpus[index].requests.make(request::EVENT);
-    domain.vcpus[index].requests.set_upcall_maybe_pending(true);
+    state.requests.make(request::EVENT);
+    state.requests.set_upcall_maybe_pending(true);
     // Several CPUs: only a whole slice's end has a window (shorter ones are armed exactly:
     // with a window, apic_periodic_timer_ticks saw its ticks late on two CPUs, a cause not
     // found yet).

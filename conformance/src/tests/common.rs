@@ -116,3 +116,17 @@ pub(super) fn check_gp0(what: impl core::fmt::Display, record: &crate::x86::idt:
         Hex(record.error_code)
     );
 }
+
+/// Room for a vCPU's run-state area (docs/abi.md 9.2), 8-byte aligned as the call wants.
+#[repr(C, align(8))]
+pub(super) struct RunstateArea(pub(super) lamina_abi::vcpu::RunstateInfo);
+
+impl RunstateArea {
+    /// Not written yet: a state no vCPU has.
+    pub(super) const UNSET: RunstateArea = RunstateArea(lamina_abi::vcpu::RunstateInfo {
+        state: u32::MAX,
+        reserved: 0,
+        state_entry_time: 0,
+        time: [0; 4],
+    });
+}

@@ -13,11 +13,13 @@ use lamina_abi::event_channel::{EventChannelOp, IPI_SLOTS, PortState};
 use lamina_abi::memory::{FLUSH_ADDRESSES_MAX, MemoryOp};
 use lamina_abi::shared_info::VcpuInfo;
 use lamina_abi::stats::{ExitCounters, exit_kind};
-use lamina_abi::vcpu::{RunstateInfo, VcpuOp, VcpuStartState, runstate};
+use lamina_abi::vcpu::{VcpuOp, VcpuStartState, runstate};
 use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::start_info;
 
-use super::common::{bad_vcpus, port_status, register_upcall_vector, unmask_upcalls, wait_for};
+use super::common::{
+    RunstateArea, bad_vcpus, port_status, register_upcall_vector, unmask_upcalls, wait_for,
+};
 use crate::framework::{Hex, Status, check, check_eq, expect_ok};
 use crate::irq::{self, UPCALL_VECTOR};
 use crate::x86::{self, RacyCell};
@@ -497,23 +499,10 @@ extern "C" fn window_reader(_vcpu: u64) -> ! {
 }
 
 /// vCPU 1's run-state area.
-#[repr(C, align(8))]
-struct RunstateArea(RunstateInfo);
-
-static RUNSTATE: RacyCell<RunstateArea> = RacyCell::new(RunstateArea(RunstateInfo {
-    state: u32::MAX,
-    reserved: 0,
-    state_entry_time: 0,
-    time: [0; 4],
-}));
+static RUNSTATE: RacyCell<RunstateArea> = RacyCell::new(RunstateArea::UNSET);
 
 /// vCPU 0's run-state area (the pinned flush test: whether it was preempted).
-static RUNSTATE_0: RacyCell<RunstateArea> = RacyCell::new(RunstateArea(RunstateInfo {
-    state: u32::MAX,
-    reserved: 0,
-    state_entry_time: 0,
-    time: [0; 4],
-}));
+static RUNSTATE_0: RacyCell<RunstateArea> = RacyCell::new(RunstateArea::UNSET);
 
 /// When vCPU 0 last entered its run state: it changes when another vCPU took its CPU.
 fn vcpu0_entry_time() -> u64 {
@@ -908,16 +897,7 @@ pub(super) fn ready_vcpu_timer_at_run() {
 static ROUNDS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 
 /// The run-state areas of vCPUs 1 and 2 of [`pv_yield_to`].
-static SIBLING_RUNSTATES: RacyCell<[RunstateArea; 2]> = RacyCell::new(
-    [const {
-        RunstateArea(RunstateInfo {
-            state: u32::MAX,
-            reserved: 0,
-            state_entry_time: 0,
-            time: [0; 4],
-        })
-    }; 2],
-);
+static SIBLING_RUNSTATES: RacyCell<[RunstateArea; 2]> = RacyCell::new([RunstateArea::UNSET; 2]);
 
 /// When vCPU `vcpu` (1 or 2) last changed run state: it changes when the vCPU takes the CPU.
 fn sibling_entry_time(vcpu: usize) -> u64 {

@@ -13,7 +13,7 @@ use lamina_abi::vcpu::{RunstateInfo, VcpuOp, VcpuStartState, runstate};
 use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::start_info;
 
-use super::common::bad_vcpus;
+use super::common::{RunstateArea, bad_vcpus};
 use crate::framework::{Hex, Status, check, check_eq, expect_ok};
 use crate::hv;
 use crate::x86::{self, RacyCell};
@@ -196,15 +196,7 @@ pub(super) fn smp_vcpu_ops_check_args() {
 }
 
 /// Room for vCPU 1's runstate area.
-#[repr(C, align(8))]
-struct RunstateArea(RunstateInfo);
-
-static SECONDARY_RUNSTATE: RacyCell<RunstateArea> = RacyCell::new(RunstateArea(RunstateInfo {
-    state: u32::MAX,
-    reserved: 0,
-    state_entry_time: 0,
-    time: [0; 4],
-}));
+static SECONDARY_RUNSTATE: RacyCell<RunstateArea> = RacyCell::new(RunstateArea::UNSET);
 
 fn secondary_runstate() -> u32 {
     // SAFETY: aligned, ours; the hypervisor writes it only while vCPU 0 is out of the guest.
@@ -442,16 +434,7 @@ extern "C" fn spinner(index: u64) -> ! {
 }
 
 /// vCPUs 1 and 2's runstate areas.
-static SPINNER_RUNSTATES: RacyCell<[RunstateArea; 2]> = RacyCell::new(
-    [const {
-        RunstateArea(RunstateInfo {
-            state: u32::MAX,
-            reserved: 0,
-            state_entry_time: 0,
-            time: [0; 4],
-        })
-    }; 2],
-);
+static SPINNER_RUNSTATES: RacyCell<[RunstateArea; 2]> = RacyCell::new([RunstateArea::UNSET; 2]);
 
 /// A copy of the runstate area of spinner `i` (vCPU `i + 1`).
 fn spinner_runstate(i: usize) -> RunstateInfo {

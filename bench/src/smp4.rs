@@ -152,8 +152,9 @@ extern "C" fn sibling(this: u64) -> ! {
 }
 
 /// Binds the wake slot on each sibling, sets the handlers and starts the siblings (blocked:
-/// started spinning, each took a whole slice before the first row, and the first, 14 ms of CPU
-/// time ahead of vCPU 0, was then rightly run after vCPU 0's yields in `ipi_all_pv`).
+/// started spinning, each took a whole 10 ms slice before the first row, and vCPU 1, still
+/// 4 ms of CPU time ahead of vCPU 0 midway through `ipi_all_pv`, was rightly run after vCPU 0
+/// at each of its yields there).
 fn setup() -> Result<(), &'static str> {
     percpu::init_this_vcpu(0).map_err(|_| "percpu")?;
     for v in 1..VCPUS as u32 {

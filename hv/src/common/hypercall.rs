@@ -459,18 +459,19 @@ fn sched_op(
             let deadline = (deadline != 0).then_some(deadline);
             // The clock only for a deadline (a poll without one, as the event ping-pong's,
             // saves its read and conversion).
-            if let Some(now) = deadline.map(|_| domain.now())
-                && deadline.is_some_and(|d| d <= now)
-            {
-                // Timing out at once: first what fell due before now, as a pass would.
-                if domain.expire_timers(vcpu, now) {
-                    for &port in &ports {
-                        if domain.events.is_pending(&domain.memory, port)? {
-                            return Ok(Done::Return(0));
+            if let Some(due) = deadline {
+                let now = domain.now();
+                if due <= now {
+                    // Timing out at once: first what fell due before now, as a pass would.
+                    if domain.expire_timers(vcpu, now) {
+                        for &port in &ports {
+                            if domain.events.is_pending(&domain.memory, port)? {
+                                return Ok(Done::Return(0));
+                            }
                         }
                     }
+                    return Err(Errno::ETIMEDOUT);
                 }
-                return Err(Errno::ETIMEDOUT);
             }
             if deadline.is_none()
                 && !domain

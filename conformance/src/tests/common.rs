@@ -6,10 +6,11 @@ use core::sync::atomic::Ordering;
 use lamina_abi::event_channel::{DOMID_SELF, PortStatus, Virq};
 use lamina_guest_sdk::start_info;
 
-use crate::framework::expect_ok;
+use crate::framework::{Status, check_eq, expect_ok};
 use crate::irq::{self, UPCALL_VECTOR};
 use crate::shared;
 use crate::timing::GIVE_UP_NS;
+use crate::x86::RacyCell;
 use crate::{hv, x86};
 
 /// A loopback port (AllocUnbound for DOMID_SELF), or `None` after recording why not.
@@ -129,4 +130,16 @@ impl RunstateArea {
         state_entry_time: 0,
         time: [0; 4],
     });
+}
+
+/// Registers `area` as vCPU `vcpu`'s run-state area (docs/abi.md 9.2); records a failure if
+/// the call does not return 0. Returns whether it did.
+pub(super) fn register_runstate_area(vcpu: u64, area: &'static RacyCell<RunstateArea>) -> bool {
+    // SAFETY: a static, ours for good: the hypervisor may write it whenever it likes.
+    let status = unsafe { hv::register_runstate(vcpu, area.get() as u64) };
+    check_eq!(
+        format_args!("register_runstate of vCPU {vcpu}"),
+        Status(0),
+        status
+    )
 }

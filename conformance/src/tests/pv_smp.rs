@@ -18,7 +18,8 @@ use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::start_info;
 
 use super::common::{
-    RunstateArea, bad_vcpus, port_status, register_upcall_vector, unmask_upcalls, wait_for,
+    RunstateArea, bad_vcpus, port_status, register_runstate_area, register_upcall_vector,
+    unmask_upcalls, wait_for,
 };
 use crate::framework::{Hex, Status, check, check_eq, expect_ok};
 use crate::irq::{self, UPCALL_VECTOR};
@@ -247,9 +248,7 @@ pub(super) fn pv_ipi_wakes_and_kicks() {
     // vCPU 1 takes its own port: vCPU 0's upcalls, which scan a word of pending bits shared by
     // both, must not (they took it under vCPU 1's poll once, which then found it not pending).
     irq::bound_to_another_vcpu(other);
-    // SAFETY: the area is our static, ours for good.
-    let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
-    check_eq!("register_runstate of vCPU 1", Status(0), registered);
+    register_runstate_area(1, &RUNSTATE);
     if !register_upcall_vector() || !start_secondary(1, ipi_secondary) {
         return;
     }
@@ -520,9 +519,7 @@ fn vcpu1_runstate() -> u32 {
 /// again. `pinned`: both vCPUs share one CPU, so vCPU 1 is preempted (runnable) whenever
 /// vCPU 0 runs.
 fn flush_and_check(pinned: bool) {
-    // SAFETY: the area is our static, ours for good.
-    let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
-    check_eq!("register_runstate of vCPU 1", Status(0), registered);
+    register_runstate_area(1, &RUNSTATE);
     set_up_window();
     if !start_secondary(1, window_reader) {
         return;
@@ -551,9 +548,7 @@ fn flush_and_check(pinned: bool) {
     map_window(PAGE_B.get());
     let window = [WINDOW];
     if pinned {
-        // SAFETY: the area is our static, ours for good.
-        let registered = unsafe { hv::register_runstate(0, RUNSTATE_0.get() as u64) };
-        check_eq!("register_runstate of vCPU 0", Status(0), registered);
+        register_runstate_area(0, &RUNSTATE_0);
     }
     // Pinned: vCPU 1 is not running, so the flush must not interrupt it: its counters do not
     // move during the call. Measured again when vCPU 0 itself lost the CPU meanwhile (another
@@ -737,9 +732,7 @@ fn publish_and_wait(generation: u64) {
 /// may read a listed page's old frame; unlisted pages may read either; while pages are being
 /// remapped ([`announce_remapping`]) any page may read either.
 fn flush_lists_and_check(pinned: bool) {
-    // SAFETY: the area is our static, ours for good.
-    let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
-    check_eq!("register_runstate of vCPU 1", Status(0), registered);
+    register_runstate_area(1, &RUNSTATE);
     set_up_window();
     map_window_pages(0..LIST_PAGES, PAGE_A.get());
     for page in 0..LIST_PAGES {
@@ -857,9 +850,7 @@ conformance_test! {
     cmdline: "vcpus=2 affinity=0",
 }
 pub(super) fn ready_vcpu_timer_at_run() {
-    // SAFETY: the area is our static, ours for good.
-    let registered = unsafe { hv::register_runstate(1, RUNSTATE.get() as u64) };
-    check_eq!("register_runstate of vCPU 1", Status(0), registered);
+    register_runstate_area(1, &RUNSTATE);
     let bound = hv::bind_virq(lamina_abi::event_channel::Virq::Timer as u64, 1);
     let Some(port) = expect_ok("BindVirq(VIRQ_TIMER, vCPU 1)", bound) else {
         return;
@@ -991,9 +982,7 @@ conformance_test! {
     cmdline: "vcpus=2 affinity=0",
 }
 pub(super) fn yield_gives_the_cpu_up() {
-    // SAFETY: the area is our static, ours for good.
-    let registered = unsafe { hv::register_runstate(0, RUNSTATE_0.get() as u64) };
-    check_eq!("register_runstate of vCPU 0", Status(0), registered);
+    register_runstate_area(0, &RUNSTATE_0);
     if !start_secondary(1, counting_sibling) {
         return;
     }

@@ -13,7 +13,7 @@ use lamina_abi::vcpu::{RunstateInfo, VcpuOp, VcpuStartState, runstate};
 use lamina_abi::{Errno, Hypercall};
 use lamina_guest_sdk::start_info;
 
-use super::common::{RunstateArea, bad_vcpus};
+use super::common::{RunstateArea, bad_vcpus, register_runstate_area};
 use crate::framework::{Hex, Status, check, check_eq, expect_ok};
 use crate::hv;
 use crate::x86::{self, RacyCell};
@@ -210,9 +210,7 @@ conformance_test! {
     cmdline: "vcpus=2",
 }
 pub(super) fn smp_secondary_stops_resumes() {
-    // SAFETY: the area is our static, ours for good.
-    let status = unsafe { hv::register_runstate(1, SECONDARY_RUNSTATE.get() as u64) };
-    check_eq!("register_runstate of vCPU 1", Status(0), status);
+    register_runstate_area(1, &SECONDARY_RUNSTATE);
     check_eq!(
         "vCPU 1's run state before up",
         runstate::OFFLINE,

@@ -254,8 +254,12 @@ pub fn lock_run_queue<T>(lock: &spin::Mutex<T>) -> spin::MutexGuard<'_, T> {
 /// lock ended that, but under QEMU's one-CPU-at-a-time `-icount` every contended take then
 /// waited for the other CPU's turn (bench-fast `shootdown_cpu1_pv` 715 to 1,171
 /// instructions on AMD-V): here the lock is taken as before unless a waiter spun
-/// [`STARVING_SPINS`] times; that one then claims it, and no other CPU takes it (nor
-/// tries it) until the claimer has had it.
+/// [`STARVING_SPINS`] times or for [`STARVING_TSC_TICKS`]; that one then claims it, and no
+/// other CPU takes it (nor tries it) until the claimer has had it. The time bound is needed
+/// where a spin is slow: under QEMU's multi-threaded TCG each PAUSE leaves the translated
+/// code, and 65,536 of them took the 2 s of a whole test while the other CPU's domain
+/// yielded in a loop (conformance `grant_ro_write_b`'s first grant call, once the debug
+/// registers' switch made each of `grant_ro_write_a`'s yields a few instructions longer).
 pub struct DomainLock {
     lock: spin::Mutex<()>,
     /// A waiter that spun [`STARVING_SPINS`] times takes the lock next.
@@ -266,6 +270,11 @@ pub struct DomainLock {
 /// exit's work under the lock takes (about 10 instructions a try), so that only a CPU that
 /// others keep overtaking claims it.
 pub const STARVING_SPINS: u32 = 1 << 16;
+
+/// How long, in TSC ticks, a CPU tries a busy domain lock before it claims it: about 0.3 to
+/// 1 ms at the TSC rates of today's CPUs and of QEMU, 10 ms under Bochs (100 MHz); far longer
+/// than any exit holds a lock.
+pub const STARVING_TSC_TICKS: u64 = 1 << 20;
 
 /// A held [`DomainLock`].
 pub type DomainGuard<'l> = spin::MutexGuard<'l, ()>;
@@ -323,10 +332,12 @@ impl DomainLock {
         guard
     }
 
-    /// Spins until it has the lock; after [`STARVING_SPINS`] tries, claims it.
+    /// Spins until it has the lock; after [`STARVING_SPINS`] tries or [`STARVING_TSC_TICKS`],
+    /// claims it.
     #[cold]
     fn wait(&self) -> DomainGuard<'_> {
         let mut spins = 0u32;
+        let since = crate::common::time::read_tsc();
         loop {
             if !self.lock.is_locked()
                 && let Some(guard) = self.try_take()
@@ -334,7 +345,8 @@ impl DomainLock {
                 return guard;
             }
             spins += 1;
-            if spins >= STARVING_SPINS
+            let waited = crate::common::time::read_tsc().wrapping_sub(since);
+            if starving(spins, waited)
                 && self
                     .claimed
                     .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -355,6 +367,12 @@ impl DomainLock {
     }
 }
 
+/// Whether a waiter that tried a busy domain lock `spins` times over `waited` TSC ticks claims
+/// it ([`DomainLock`]).
+fn starving(spins: u32, waited: u64) -> bool {
+    spins >= STARVING_SPINS || waited >= STARVING_TSC_TICKS
+}
+
 /// Whether a CPU holding the lock of the domain in table slot `held` may wait for the lock
 /// of the one in slot `wanted`: only in table order, so no two CPUs wait for each other.
 pub fn may_wait_for(held: usize, wanted: usize) -> bool {
@@ -366,6 +384,17 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn a_waiter_claims_after_many_tries_or_a_long_wait_whichever_comes_first() {
+        assert!(!starving(1, 0));
+        assert!(!starving(STARVING_SPINS - 1, STARVING_TSC_TICKS - 1));
+        // Fast spins (hardware): the count.
+        assert!(starving(STARVING_SPINS, 10));
+        // Slow spins (QEMU's multi-threaded TCG, where PAUSE leaves the translated code):
+        // the time, after a few tries.
+        assert!(starving(3, STARVING_TSC_TICKS));
+    }
 
     #[test]
     fn shared_holders_keep_the_table_from_a_writer_and_share_it() {

@@ -1,7 +1,10 @@
 //! `role=canary`: the domain beside the hostile one in `cargo xtask fuzz`. It fills 1 MiB of
 //! its RAM with a pattern and, for `ms=` milliseconds of system time, checks the pattern (a
-//! 16 KiB slice per pass) and that time advances between its yields. It ends with `canary: ok, <n> checks` or
-//! `canary: error: ...` and powers off (crash on an error).
+//! 16 KiB slice per pass), that its debug registers DR0-DR3 keep its values (the fuzzer writes
+//! its own: docs/abi.md 18.8) and that time advances between its yields. It ends with
+//! `canary: ok, <n> checks` or `canary: error: ...` and powers off (crash on an error).
+
+use core::arch::asm;
 
 use lamina_guest_sdk::{println, sched, time};
 
@@ -14,7 +17,40 @@ fn pattern(i: usize) -> u64 {
     (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xc0ff_ee00_dead_beef
 }
 
+/// What the canary keeps in DR0-DR3: canonical addresses no other domain writes. DR7 stays
+/// 0x400, so they enable nothing.
+const DEBUG_ADDRESSES: [u64; 4] = [
+    0x7fca_0000_0000,
+    0x7fca_0000_1008,
+    0x7fca_0000_2010,
+    0x7fca_0000_3018,
+];
+
+fn write_debug_addresses() {
+    let [dr0, dr1, dr2, dr3] = DEBUG_ADDRESSES;
+    // SAFETY: CPL 0; canonical addresses; DR7 enables no breakpoint, so nothing traps.
+    unsafe {
+        asm!("mov dr0, {}", in(reg) dr0, options(nomem, nostack, preserves_flags));
+        asm!("mov dr1, {}", in(reg) dr1, options(nomem, nostack, preserves_flags));
+        asm!("mov dr2, {}", in(reg) dr2, options(nomem, nostack, preserves_flags));
+        asm!("mov dr3, {}", in(reg) dr3, options(nomem, nostack, preserves_flags));
+    }
+}
+
+fn read_debug_addresses() -> [u64; 4] {
+    let (dr0, dr1, dr2, dr3);
+    // SAFETY: reading a debug register at CPL 0 has no effect.
+    unsafe {
+        asm!("mov {}, dr0", out(reg) dr0, options(nomem, nostack, preserves_flags));
+        asm!("mov {}, dr1", out(reg) dr1, options(nomem, nostack, preserves_flags));
+        asm!("mov {}, dr2", out(reg) dr2, options(nomem, nostack, preserves_flags));
+        asm!("mov {}, dr3", out(reg) dr3, options(nomem, nostack, preserves_flags));
+    }
+    [dr0, dr1, dr2, dr3]
+}
+
 pub(crate) fn run(ms: u64) -> ! {
+    write_debug_addresses();
     let area = core::ptr::addr_of_mut!(AREA).cast::<u64>();
     for i in 0..WORDS {
         // SAFETY: inside AREA; only this vCPU touches it.
@@ -36,6 +72,13 @@ pub(crate) fn run(ms: u64) -> ! {
         }
         checks += 1;
         let _ = sched::yield_now();
+        let debug = read_debug_addresses();
+        if debug != DEBUG_ADDRESSES {
+            fail(
+                "canary",
+                format_args!("debug registers DR0-DR3 changed: {debug:#x?}"),
+            );
+        }
         let now = time::now_ns();
         if now <= last {
             fail(

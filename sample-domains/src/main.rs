@@ -16,7 +16,7 @@
 //! | `partner` | answers every event from the neighbour on an inter-domain channel until the neighbour closes it | `partner role=partner peer=<neighbour's id>` and the same phase keys |
 //! | `quiet` | spins through the neighbour's first phase, sleeps through the second | `quiet role=quiet` and the same phase keys |
 //! | `hog` | sleeps through the first phase, then takes every port and grant it may and storms the hypervisor with its dearest calls | `hog role=hog peer=<neighbour's id>` and the same phase keys |
-//! | `canary` | fills 1 MiB with a pattern and checks it and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
+//! | `canary` | fills 1 MiB with a pattern and checks it, its debug registers and the clock while the fuzzer runs | `canary role=canary [ms=300]` |
 //!
 //! # How ping and pong find each other
 //!

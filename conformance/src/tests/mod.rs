@@ -22,6 +22,7 @@ mod common;
 mod console;
 mod cpu_state;
 mod cpuid;
+mod debug_regs;
 mod domctl;
 mod event_channel;
 mod grant;

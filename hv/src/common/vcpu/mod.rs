@@ -229,7 +229,8 @@ pub trait VirtualCpu {
     /// its VMCS). Called when the vCPU is scheduled in, before anything else touches it.
     fn activate(&mut self);
     /// The vCPU stops running on this CPU for now (end of its slice, or it stopped): the
-    /// backend saves what the CPU holds of it and no world switch saves (VMX: CR2).
+    /// backend saves what the CPU holds of it and no world switch saves (VMX: CR2; both: the
+    /// debug registers the world switch leaves alone).
     fn deactivate(&mut self) {}
     /// The vCPU may next run on another CPU: this CPU writes back everything it holds of it
     /// (VMX: VMCLEAR; both: the extended state). [`Self::activate`] on the next CPU takes it

@@ -12,6 +12,7 @@ use crate::common::vcpu::{
 use crate::hw::{
     EntryState, GUEST_BOOT_CR0, GUEST_BOOT_CR4, GUEST_BOOT_EFER, GUEST_BOOT_RFLAGS, HwError,
 };
+use crate::platform::debug_regs::DebugRegisters;
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
 use core::arch::{asm, global_asm};
@@ -95,6 +96,8 @@ pub struct SvmVcpu {
     soft_interrupts_at_cpl0: bool,
     /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
     xstate: ExtendedState,
+    /// DR0-DR3 (docs/abi.md 18.8); DR6 and DR7 are in the VMCB.
+    debug_regs: DebugRegisters,
 }
 
 unsafe extern "C" {
@@ -175,6 +178,7 @@ impl SvmVcpu {
             flush_by_asid: svm.flush_by_asid,
             soft_interrupts_at_cpl0: svm.soft_interrupts_at_cpl0,
             xstate,
+            debug_regs: DebugRegisters::new(false),
         })
     }
 
@@ -247,6 +251,11 @@ impl VirtualCpu for SvmVcpu {
             self.vmcb.control.tlb_control = TLB_FLUSH_ALL;
         }
         self.xstate.schedule_in();
+        self.debug_regs.restore();
+    }
+
+    fn deactivate(&mut self) {
+        self.debug_regs.save();
     }
 
     fn release(&mut self) {

@@ -18,6 +18,7 @@ use crate::hw::{
     EntryState, GUEST_BOOT_CR0, GUEST_BOOT_CR4, GUEST_BOOT_EFER, GUEST_BOOT_RFLAGS, HwError, rdmsr,
     wrmsr,
 };
+use crate::platform::debug_regs::DebugRegisters;
 use crate::platform::memory;
 use crate::platform::xstate::ExtendedState;
 use core::arch::{asm, global_asm};
@@ -68,6 +69,10 @@ const PRIMARY_ACTIVATE_SECONDARY: u32 = 1 << 31;
 const SECONDARY_ENABLE_EPT: u32 = 1 << 1;
 const SECONDARY_ENABLE_RDTSCP: u32 = 1 << 3;
 const SECONDARY_ENABLE_VPID: u32 = 1 << 5;
+/// DR7 and IA32_DEBUGCTL are saved at exit and loaded at entry: the guest's own (docs/abi.md
+/// 18.8). Without them a VM exit leaves the guest's DR7 at 0x400 (SDM Vol. 3C 28.5.1).
+const EXIT_SAVE_DEBUG_CONTROLS: u32 = 1 << 2;
+const ENTRY_LOAD_DEBUG_CONTROLS: u32 = 1 << 2;
 const EXIT_HOST_64BIT: u32 = 1 << 9;
 const EXIT_SAVE_EFER: u32 = 1 << 20;
 const EXIT_LOAD_EFER: u32 = 1 << 21;
@@ -119,6 +124,8 @@ pub struct VmxVcpu {
     vpid: u16,
     /// x87/SSE/AVX registers and XCR0 (docs/abi.md 18).
     xstate: ExtendedState,
+    /// DR0-DR3 and DR6 (docs/abi.md 18.8); DR7 is in the VMCS.
+    debug_regs: DebugRegisters,
     /// The CPU reports INS/OUTS address size and segment (IA32_VMX_BASIC bit 54).
     string_io_info: bool,
     /// The guest's CR2 while the vCPU does not run: VMX does not switch CR2, so it is saved
@@ -183,6 +190,7 @@ impl VmxVcpu {
             invvpid_address: caps.invvpid_address,
             vpid: entry.tlb_tag,
             xstate,
+            debug_regs: DebugRegisters::new(true),
             string_io_info: caps.string_io_info,
             cr2: 0,
             host_cpu: crate::platform::percpu::this_cpu().index,
@@ -233,12 +241,16 @@ impl VmxVcpu {
             vmcs::SECONDARY_PROCESSOR_CONTROLS,
             adjust(caps.secondary, secondary, "EPT and VPID")?.into(),
         )?;
-        let exit = EXIT_HOST_64BIT | EXIT_SAVE_EFER | EXIT_LOAD_EFER | wanted_exit;
+        let exit = EXIT_HOST_64BIT
+            | EXIT_SAVE_DEBUG_CONTROLS
+            | EXIT_SAVE_EFER
+            | EXIT_LOAD_EFER
+            | wanted_exit;
         write(
             vmcs::EXIT_CONTROLS,
             adjust(caps.exit, exit, "64-bit host exit controls")?.into(),
         )?;
-        let entry_controls = ENTRY_IA32E_GUEST | ENTRY_LOAD_EFER;
+        let entry_controls = ENTRY_IA32E_GUEST | ENTRY_LOAD_DEBUG_CONTROLS | ENTRY_LOAD_EFER;
         write(
             vmcs::ENTRY_CONTROLS,
             adjust(caps.entry, entry_controls, "IA-32e guest entry")?.into(),
@@ -361,6 +373,7 @@ impl VmxVcpu {
         write(vmcs::GUEST_CR3, entry.cr3)?;
         write(vmcs::GUEST_IA32_EFER, GUEST_BOOT_EFER.bits())?;
         write(vmcs::GUEST_DR7, 0x400)?;
+        write(vmcs::GUEST_IA32_DEBUGCTL, 0)?;
         write(vmcs::GUEST_RFLAGS, GUEST_BOOT_RFLAGS)?;
         write(vmcs::GUEST_RIP, entry.rip)?;
         write(vmcs::GUEST_RSP, entry.rsp)?;
@@ -562,11 +575,13 @@ impl VirtualCpu for VmxVcpu {
             self.switch_in(cpu.index);
         }
         self.xstate.schedule_in();
+        self.debug_regs.restore();
         self.set_cr2(self.cr2);
     }
 
     fn deactivate(&mut self) {
         self.cr2 = x86_64::registers::control::Cr2::read_raw();
+        self.debug_regs.save();
     }
 
     fn release(&mut self) {

@@ -63,6 +63,7 @@ pub const HOST_TR_SELECTOR: HostField = HostField(0x0c0c);
 pub const EPT_POINTER: HostField = HostField(0x201a);
 pub const GUEST_PHYSICAL_ADDRESS: Field = Field::new(0x2400);
 pub const VMCS_LINK_POINTER: HostField = HostField(0x2800);
+pub const GUEST_IA32_DEBUGCTL: Field = Field::new(0x2802);
 pub const GUEST_IA32_EFER: Field = Field::new(0x2806);
 pub const HOST_IA32_EFER: HostField = HostField(0x2c02);
 
